@@ -1,0 +1,76 @@
+//! Messages between the gRPC layer, the supervisor and the volume actors. Each is validated
+//! before it is built: an actor never sees an unchecked id or an unsupported capability.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+
+use super::state::PublishRequest;
+use super::volume::VolumeActor;
+use crate::ids::{NodeId, VolumeId};
+use crate::Error;
+
+/// ControllerPublishVolume for one volume (rules, Publish steps 2 to 6).
+///
+/// Idempotent: the same node, capability and readonly answer OK with the same publish_context.
+/// Errors: `VolumeNotFound`/`NodeNotFound` (NOT_FOUND), `AlreadyExists`, `Conflict` and
+/// `MigrationLimit` (FAILED_PRECONDITION), `Unavailable` when a cluster check fails.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Published, Error>")]
+pub struct Publish(pub PublishRequest);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Published {
+    pub publish_context: HashMap<String, String>,
+}
+
+/// ControllerUnpublishVolume. `None` detaches from every node. Detaching a node that does not
+/// hold the volume succeeds with no side effects.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct Unpublish {
+    pub node: Option<NodeId>,
+}
+
+/// DeleteVolume, serialized with the volume's publishes. FAILED_PRECONDITION (`StillPublished`)
+/// while any node holds it; deleting a missing volume succeeds.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct Delete;
+
+/// The migration timer of the current migration fired.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct MigrationTimeout;
+
+/// The detach grace timer fired.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct GraceExpired;
+
+/// The volume's attachment state as JSON (`None` when idle).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Option<serde_json::Value>, Error>")]
+pub struct Describe;
+
+/// Supervisor: the actor for `volume`, started if needed. `stale` is an address the caller
+/// found stopped; the supervisor replaces it instead of handing it out again.
+#[derive(Message)]
+#[rtype(result = "Addr<VolumeActor>")]
+pub struct Route {
+    pub volume: VolumeId,
+    pub stale: Option<Addr<VolumeActor>>,
+}
+
+/// Supervisor: a volume actor retired itself (grace expired, idle, or deleted).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reaped {
+    pub volume: VolumeId,
+    pub addr: Addr<VolumeActor>,
+}
+
+/// Supervisor: every live volume actor, for the debug view.
+#[derive(Message)]
+#[rtype(result = "Vec<(VolumeId, Addr<VolumeActor>)>")]
+pub struct ListActors;

@@ -1,0 +1,85 @@
+//! Attachment state: one [`volume::VolumeActor`] per volume owns it, the
+//! [`supervisor::Supervisor`] starts, seeds and reaps them, and [`Router`] is how callers reach
+//! a volume without ever touching its state.
+
+pub mod messages;
+pub mod state;
+pub mod supervisor;
+pub mod volume;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::dev::ToEnvelope;
+use actix::prelude::*;
+
+use crate::backend::VolumeBackend;
+use crate::ids::VolumeId;
+use crate::kube::{AttachmentAuthority, ClusterSink, NodeDirectory};
+use crate::metrics::Metrics;
+use crate::Error;
+use messages::Route;
+use supervisor::Supervisor;
+use volume::VolumeActor;
+
+/// What every volume actor needs from the outside world.
+pub struct VolumeDeps {
+    pub backend: Arc<dyn VolumeBackend>,
+    pub nodes: Arc<dyn NodeDirectory>,
+    pub authority: Arc<dyn AttachmentAuthority>,
+    pub sink: Arc<dyn ClusterSink>,
+    pub metrics: Arc<Metrics>,
+    pub grace_period: Duration,
+}
+
+/// How many times a message is re-routed after finding its actor stopping.
+const MAX_ROUTE_ATTEMPTS: usize = 16;
+
+/// Sends messages to volume actors through the supervisor. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    supervisor: Addr<Supervisor>,
+    mailbox_timeout: Duration,
+}
+
+impl Router {
+    pub fn new(supervisor: Addr<Supervisor>, mailbox_timeout: Duration) -> Self {
+        Self { supervisor, mailbox_timeout }
+    }
+
+    pub fn supervisor(&self) -> &Addr<Supervisor> {
+        &self.supervisor
+    }
+
+    /// Delivers `msg` to the volume's actor and returns its answer. A message that meets an
+    /// actor being reaped (mailbox closed, or `Error::Retired`) is retried through the
+    /// supervisor, which starts a fresh actor: it is never lost. Errors: `Unavailable` if the
+    /// supervisor is gone, `DeadlineExceeded` if the actor does not answer in time.
+    pub async fn send<M, T>(&self, volume: &VolumeId, msg: M) -> Result<T, Error>
+    where
+        M: Message<Result = Result<T, Error>> + Clone + Send + 'static,
+        T: Send + 'static,
+        VolumeActor: Handler<M>,
+        <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, M>,
+    {
+        let mut stale = None;
+        for _ in 0..MAX_ROUTE_ATTEMPTS {
+            let addr = self
+                .supervisor
+                .send(Route { volume: volume.clone(), stale: stale.take() })
+                .await
+                .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))?;
+            match addr.send(msg.clone()).timeout(self.mailbox_timeout).await {
+                Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => stale = Some(addr),
+                Ok(answer) => return answer,
+                Err(MailboxError::Timeout) => {
+                    return Err(Error::DeadlineExceeded(format!(
+                        "volume {volume} did not answer within {:?}",
+                        self.mailbox_timeout
+                    )))
+                }
+            }
+        }
+        Err(Error::Unavailable(format!("volume {volume} actor kept stopping; retry")))
+    }
+}

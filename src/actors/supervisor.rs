@@ -1,0 +1,117 @@
+//! Owns the map from volume id to volume actor, and nothing of any volume's state.
+//!
+//! Starts an actor on first use, on the arbiter chosen by the volume id's hash so one slow
+//! volume never stalls the others; seeds actors at boot; forgets an actor once it retired. A
+//! caller that found an actor stopping hands back its address as `stale`, and gets a new actor:
+//! that is how no message is lost to a reap.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::messages::{ListActors, Reaped, Route};
+use super::state::{Effect, VolumeState};
+use super::volume::VolumeActor;
+use super::VolumeDeps;
+use crate::ids::VolumeId;
+
+pub struct Supervisor {
+    actors: HashMap<VolumeId, Addr<VolumeActor>>,
+    /// One arbiter per core. Empty: actors run on the supervisor's own arbiter (tests).
+    arbiters: Vec<ArbiterHandle>,
+    hasher: std::collections::hash_map::RandomState,
+    deps: Arc<VolumeDeps>,
+}
+
+impl Supervisor {
+    pub fn new(deps: Arc<VolumeDeps>, arbiters: Vec<ArbiterHandle>) -> Self {
+        Self { actors: HashMap::new(), arbiters, hasher: Default::default(), deps }
+    }
+
+    fn arbiter_for(&self, volume: &VolumeId) -> Option<&ArbiterHandle> {
+        if self.arbiters.is_empty() {
+            return None;
+        }
+        let mut h = self.hasher.build_hasher();
+        volume.hash(&mut h);
+        Some(&self.arbiters[(h.finish() % self.arbiters.len() as u64) as usize])
+    }
+
+    fn spawn(&self, actor: VolumeActor, volume: &VolumeId) -> Addr<VolumeActor> {
+        match self.arbiter_for(volume) {
+            Some(arbiter) => VolumeActor::start_in_arbiter(arbiter, move |_| actor),
+            None => actor.start(),
+        }
+    }
+
+    fn start_fresh(&mut self, volume: &VolumeId, ctx: &mut Context<Self>) -> Addr<VolumeActor> {
+        let actor = VolumeActor::new(
+            volume.clone(),
+            VolumeState::new(self.deps.grace_period),
+            self.deps.clone(),
+            ctx.address().recipient(),
+        );
+        let addr = self.spawn(actor, volume);
+        self.actors.insert(volume.clone(), addr.clone());
+        addr
+    }
+
+    /// Starts an actor holding rebuilt state (boot seeding). Replaces nothing: seeding runs
+    /// before any RPC is served.
+    pub fn seed(&mut self, volume: VolumeId, state: VolumeState, effects: Vec<Effect>, ctx: &mut Context<Self>) {
+        let actor = VolumeActor::seeded(volume.clone(), state, effects, self.deps.clone(), ctx.address().recipient());
+        let addr = self.spawn(actor, &volume);
+        self.actors.insert(volume, addr);
+    }
+
+    pub fn len(&self) -> usize {
+        self.actors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.actors.is_empty()
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Routing is on every RPC's path; never let the mailbox cap stall it.
+        ctx.set_mailbox_capacity(1 << 16);
+    }
+}
+
+impl Handler<Route> for Supervisor {
+    type Result = MessageResult<Route>;
+
+    fn handle(&mut self, msg: Route, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(addr) = self.actors.get(&msg.volume) {
+            let stale = msg.stale.as_ref() == Some(addr);
+            if !stale && addr.connected() {
+                return MessageResult(addr.clone());
+            }
+        }
+        MessageResult(self.start_fresh(&msg.volume, ctx))
+    }
+}
+
+impl Handler<Reaped> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reaped, _ctx: &mut Context<Self>) {
+        if self.actors.get(&msg.volume) == Some(&msg.addr) {
+            self.actors.remove(&msg.volume);
+        }
+    }
+}
+
+impl Handler<ListActors> for Supervisor {
+    type Result = MessageResult<ListActors>;
+
+    fn handle(&mut self, _: ListActors, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.actors.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}

@@ -1,0 +1,404 @@
+//! Owns the attachment state of one volume; nothing else mutates it.
+//!
+//! The actor is glue: it runs the cluster and backend checks a message needs, calls the pure
+//! rules in [`super::state`], arms or cancels its two timers, and hands side effects to metrics
+//! and the cluster sink. Handlers that await I/O use `AtomicResponse`, so the mailbox stays
+//! blocked and operations on one volume never interleave.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix::prelude::*;
+use tokio::time::Instant;
+
+use super::messages::{Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Unpublish};
+use super::state::{DropReason, Effect, MigrationResult, VolumeState};
+use super::VolumeDeps;
+use crate::ids::VolumeId;
+use crate::kube::{ClusterEvent, HolderStatus};
+use crate::Error;
+
+/// At most one AttachmentConflict event per volume per this interval.
+const CONFLICT_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub struct VolumeActor {
+    id: VolumeId,
+    state: VolumeState,
+    deps: Arc<VolumeDeps>,
+    supervisor: Recipient<Reaped>,
+    migration_timer: Option<(Instant, SpawnHandle)>,
+    grace_timer: Option<(Instant, SpawnHandle)>,
+    /// Set once the actor decided to stop; every later message answers `Error::Retired`.
+    retired: bool,
+    last_conflict_event: Option<Instant>,
+    /// Effects found while seeding, applied once the actor runs.
+    pending: Vec<Effect>,
+}
+
+impl VolumeActor {
+    pub fn new(id: VolumeId, state: VolumeState, deps: Arc<VolumeDeps>, supervisor: Recipient<Reaped>) -> Self {
+        Self {
+            id,
+            state,
+            deps,
+            supervisor,
+            migration_timer: None,
+            grace_timer: None,
+            retired: false,
+            last_conflict_event: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// An actor rebuilt from VolumeAttachments; `effects` are what seeding found (migrations in
+    /// flight, over-attachment) and are applied when it starts.
+    pub fn seeded(
+        id: VolumeId,
+        state: VolumeState,
+        effects: Vec<Effect>,
+        deps: Arc<VolumeDeps>,
+        supervisor: Recipient<Reaped>,
+    ) -> Self {
+        let mut actor = Self::new(id, state, deps, supervisor);
+        actor.pending = effects;
+        actor
+    }
+
+    fn class_label(&self) -> &'static str {
+        match (self.state.nodes().len(), self.state.migration().is_some()) {
+            (0, _) if self.state.grace().is_some() => "grace",
+            (0, _) => "idle",
+            (_, true) => "migrating",
+            _ => "attached",
+        }
+    }
+
+    /// Re-labels this actor in the volume_actors gauge and the attached-volumes gauge.
+    fn track(&self, before: &'static str, was_attached: bool) {
+        let after = if self.retired { "stopped" } else { self.class_label() };
+        if before != after {
+            let gauge = &self.deps.metrics.volume_actors;
+            if before != "stopped" {
+                gauge.with_label_values(&[before]).dec();
+            }
+            if after != "stopped" {
+                gauge.with_label_values(&[after]).inc();
+            }
+        }
+        let attached = !self.state.nodes().is_empty();
+        match (was_attached, attached) {
+            (false, true) => self.deps.metrics.nvme_connections_active.inc(),
+            (true, false) => self.deps.metrics.nvme_connections_active.dec(),
+            _ => {}
+        }
+    }
+
+    /// Arms, re-arms or cancels the timers so they match the state's deadlines.
+    fn sync_timers(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let want = self.state.migration_deadline();
+        if self.migration_timer.as_ref().map(|(at, _)| *at) != want {
+            if let Some((_, handle)) = self.migration_timer.take() {
+                ctx.cancel_future(handle);
+            }
+            if let Some(at) = want {
+                let handle = ctx.notify_later(MigrationTimeout, at.saturating_duration_since(now));
+                self.migration_timer = Some((at, handle));
+            }
+        }
+        let want = self.state.grace_deadline();
+        if self.grace_timer.as_ref().map(|(at, _)| *at) != want {
+            if let Some((_, handle)) = self.grace_timer.take() {
+                ctx.cancel_future(handle);
+            }
+            if let Some(at) = want {
+                let handle = ctx.notify_later(GraceExpired, at.saturating_duration_since(now));
+                self.grace_timer = Some((at, handle));
+            }
+        }
+    }
+
+    /// Stops the actor for good and tells the supervisor, which forgets this address.
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
+        let before = self.class_label();
+        self.retired = true;
+        self.track(before, !self.state.nodes().is_empty());
+        self.supervisor.do_send(Reaped { volume: self.id.clone(), addr: ctx.address() });
+        ctx.stop();
+    }
+
+    /// After a message: re-arm timers, and retire if nothing is left worth keeping.
+    fn settle(&mut self, ctx: &mut Context<Self>) {
+        self.sync_timers(ctx);
+        if self.state.is_idle() {
+            self.retire(ctx);
+        }
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let m = &self.deps.metrics;
+        let sink = &self.deps.sink;
+        let id = &self.id;
+        let mut membership_changed = false;
+        for effect in effects {
+            match effect {
+                Effect::Attached { node } => {
+                    membership_changed = true;
+                    m.attach_total.with_label_values(&["success"]).inc();
+                    tracing::info!(volume_id = %id, node_id = %node, "attached");
+                    sink.event(id, ClusterEvent::VolumeAttached { node });
+                }
+                Effect::Handoff { from } => {
+                    m.grace_period_used_total.inc();
+                    tracing::info!(volume_id = %id, from = %from, "handoff from a released node");
+                }
+                Effect::StaleCleared { node } => {
+                    membership_changed = true;
+                    m.stale_cleared_total.inc();
+                    tracing::warn!(volume_id = %id, node_id = %node, "cleared attachment to deleted node");
+                    sink.event(id, ClusterEvent::StaleAttachmentCleared { node });
+                }
+                Effect::Detached { node, remaining } => {
+                    membership_changed = true;
+                    m.detach_total.with_label_values(&["success"]).inc();
+                    tracing::info!(volume_id = %id, node_id = %node, remaining = remaining.len(), "detached");
+                    if remaining.is_empty() {
+                        sink.event(id, ClusterEvent::VolumeDetached { node });
+                    }
+                }
+                Effect::MigrationStarted { source, target, timeout } => {
+                    m.active_migrations.inc();
+                    tracing::info!(volume_id = %id, %source, %target, timeout_s = timeout.as_secs(), "migration started");
+                    sink.event(id, ClusterEvent::MigrationStarted { source, target });
+                }
+                Effect::MigrationEnded { source, target, result, elapsed, counted } => {
+                    m.active_migrations.dec();
+                    tracing::info!(volume_id = %id, %source, %target, result = result.label(), counted,
+                        elapsed_s = elapsed.as_secs_f64(), "migration ended");
+                    if counted {
+                        m.migrations_total.with_label_values(&[result.label()]).inc();
+                        match result {
+                            MigrationResult::Success => {
+                                m.migration_duration.observe(elapsed.as_secs_f64());
+                                sink.event(id, ClusterEvent::MigrationCompleted { source, target });
+                            }
+                            MigrationResult::Failed | MigrationResult::Timeout => {
+                                sink.event(id, ClusterEvent::MigrationFailed { source, target, timed_out: false });
+                            }
+                        }
+                    }
+                }
+                Effect::MigrationTimedOut { source, target } => {
+                    m.migrations_total.with_label_values(&[MigrationResult::Timeout.label()]).inc();
+                    tracing::warn!(volume_id = %id, %source, %target, "migration timed out; both nodes stay attached until one detaches");
+                    sink.event(id, ClusterEvent::MigrationFailed { source, target, timed_out: true });
+                }
+                Effect::OverAttached { nodes } => {
+                    m.over_attached_total.inc();
+                    tracing::warn!(volume_id = %id, nodes = ?nodes, "volume is attached to more nodes than its access class allows; keeping all and refusing more");
+                    sink.event(id, ClusterEvent::OverAttached { nodes });
+                }
+            }
+        }
+        if membership_changed {
+            match self.state.nodes().first() {
+                Some(primary) => sink.annotate(id, Some((&primary.node, primary.attached_wall))),
+                None => sink.annotate(id, None),
+            }
+        }
+    }
+
+    fn refused(&mut self, err: &Error) {
+        if let Error::Conflict { .. } | Error::MigrationLimit { .. } = err {
+            self.deps.metrics.conflicts_total.inc();
+            tracing::info!(volume_id = %self.id, error = %err, "publish refused");
+            let now = Instant::now();
+            let due = self
+                .last_conflict_event
+                .is_none_or(|last| now.saturating_duration_since(last) >= CONFLICT_EVENT_INTERVAL);
+            if due {
+                self.last_conflict_event = Some(now);
+                self.deps.sink.event(&self.id, ClusterEvent::AttachmentConflict { message: err.to_string() });
+            }
+        }
+    }
+}
+
+impl Actor for VolumeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.deps.metrics.volume_actors.with_label_values(&[self.class_label()]).inc();
+        if !self.state.nodes().is_empty() {
+            self.deps.metrics.nvme_connections_active.inc();
+        }
+        if self.state.migration().is_some() {
+            self.deps.metrics.active_migrations.inc();
+        }
+        let pending = std::mem::take(&mut self.pending);
+        self.apply(pending);
+        self.sync_timers(ctx);
+    }
+}
+
+fn retired<T: 'static>() -> AtomicResponse<VolumeActor, Result<T, Error>> {
+    AtomicResponse::new(Box::pin(actix::fut::ready(Err(Error::Retired))))
+}
+
+impl Handler<Publish> for VolumeActor {
+    type Result = AtomicResponse<Self, Result<Published, Error>>;
+
+    fn handle(&mut self, Publish(req): Publish, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return retired();
+        }
+        let deps = self.deps.clone();
+        let id = self.id.clone();
+        let node = req.node.clone();
+        let blockers = self.state.blockers(&node);
+        let checks = async move {
+            let volume = deps.backend.get(&id).await?.ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+            let known = deps.nodes.exists(&node).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+            if !known {
+                return Err(Error::NodeNotFound(node));
+            }
+            let mut verdicts = Vec::with_capacity(blockers.len());
+            for holder in blockers {
+                let status = deps
+                    .authority
+                    .check(&id, &holder)
+                    .await
+                    .map_err(|e| Error::Unavailable(format!("cannot confirm node {holder} still holds volume {id}: {e}")))?;
+                verdicts.push((holder, status));
+            }
+            Ok((deps.backend.publish_context(&volume), verdicts))
+        };
+        AtomicResponse::new(Box::pin(checks.into_actor(self).map(move |checked, act, ctx| {
+            let before = act.class_label();
+            let was_attached = !act.state.nodes().is_empty();
+            let result = checked.and_then(|(mut publish_context, verdicts)| {
+                let now = Instant::now();
+                let mut effects = Vec::new();
+                for (holder, status) in verdicts {
+                    let reason = match status {
+                        HolderStatus::Live => continue,
+                        HolderStatus::NodeGone => DropReason::Stale,
+                        HolderStatus::Released => DropReason::Released,
+                    };
+                    effects.extend(act.state.drop_holder(&holder, reason, now));
+                }
+                let outcome = act.state.publish(&req, now, SystemTime::now());
+                act.apply(effects);
+                let published = outcome.inspect_err(|e| act.refused(e))?;
+                act.apply(published.effects);
+                if req.readonly {
+                    publish_context.insert("readonly".into(), "true".into());
+                }
+                Ok(Published { publish_context })
+            });
+            if result.is_err() {
+                act.deps.metrics.attach_total.with_label_values(&["failed"]).inc();
+            }
+            act.track(before, was_attached);
+            act.settle(ctx);
+            result
+        })))
+    }
+}
+
+impl Handler<Unpublish> for VolumeActor {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, msg: Unpublish, ctx: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return Err(Error::Retired);
+        }
+        let before = self.class_label();
+        let was_attached = !self.state.nodes().is_empty();
+        let effects = self.state.unpublish(msg.node.as_ref(), Instant::now());
+        self.apply(effects);
+        self.track(before, was_attached);
+        self.settle(ctx);
+        Ok(())
+    }
+}
+
+impl Handler<Delete> for VolumeActor {
+    type Result = AtomicResponse<Self, Result<(), Error>>;
+
+    fn handle(&mut self, _: Delete, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return retired();
+        }
+        if !self.state.nodes().is_empty() {
+            let nodes = self.state.nodes().iter().map(|a| a.node.clone()).collect();
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(Error::StillPublished {
+                volume: self.id.clone(),
+                nodes,
+            }))));
+        }
+        let deps = self.deps.clone();
+        let id = self.id.clone();
+        let delete = async move { deps.backend.delete(&id).await.map_err(Error::from) };
+        AtomicResponse::new(Box::pin(delete.into_actor(self).map(|result, act, ctx| {
+            if result.is_ok() {
+                act.retire(ctx);
+            } else {
+                act.settle(ctx);
+            }
+            result
+        })))
+    }
+}
+
+impl Handler<MigrationTimeout> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: MigrationTimeout, ctx: &mut Context<Self>) {
+        self.migration_timer = None;
+        if self.retired {
+            return;
+        }
+        let effects = self.state.migration_timeout(Instant::now());
+        self.apply(effects);
+        self.sync_timers(ctx);
+    }
+}
+
+impl Handler<GraceExpired> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: GraceExpired, ctx: &mut Context<Self>) {
+        self.grace_timer = None;
+        if self.retired {
+            return;
+        }
+        let before = self.class_label();
+        if self.state.grace_expired(Instant::now()) {
+            self.track(before, false);
+            self.retire(ctx);
+        } else {
+            self.sync_timers(ctx);
+        }
+    }
+}
+
+impl Handler<Describe> for VolumeActor {
+    type Result = Result<Option<serde_json::Value>, Error>;
+
+    fn handle(&mut self, _: Describe, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return Err(Error::Retired);
+        }
+        if self.state.is_idle() {
+            return Ok(None);
+        }
+        Ok(Some(self.state.describe(Instant::now(), SystemTime::now())))
+    }
+}

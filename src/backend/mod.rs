@@ -1,0 +1,150 @@
+//! Where volumes live. The [`VolumeBackend`] trait is everything the controller needs from
+//! storage; [`file`] is the embedded default (sparse files on local disk), and the RDS backend
+//! will implement the same trait. Backends know nothing about attachments.
+
+pub mod file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::actors::state::Capability;
+use crate::ids::VolumeId;
+
+/// Size given to a volume whose request names no capacity.
+pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub capacity_bytes: u64,
+    /// The capabilities it was created for; a repeated CreateVolume must ask for the same set.
+    pub capabilities: Vec<Capability>,
+    pub parameters: BTreeMap<String, String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub created_at: SystemTime,
+}
+
+/// A validated CreateVolume. `limit_bytes == 0` means no limit.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    pub id: VolumeId,
+    pub required_bytes: u64,
+    pub limit_bytes: u64,
+    pub capabilities: Vec<Capability>,
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl CreateRequest {
+    /// The size to allocate: the required size, or the default clamped to the limit.
+    pub fn size(&self) -> Result<u64, BackendError> {
+        if self.limit_bytes != 0 && self.required_bytes > self.limit_bytes {
+            return Err(BackendError::OutOfRange(format!(
+                "capacity_range.required_bytes ({}) exceeds limit_bytes ({})",
+                self.required_bytes, self.limit_bytes
+            )));
+        }
+        Ok(match (self.required_bytes, self.limit_bytes) {
+            (0, 0) => DEFAULT_VOLUME_BYTES,
+            (0, limit) => DEFAULT_VOLUME_BYTES.min(limit),
+            (required, _) => required,
+        })
+    }
+
+    /// Whether an existing volume satisfies this request (CreateVolume idempotency).
+    pub fn check_compatible(&self, existing: &VolumeInfo) -> Result<(), BackendError> {
+        let fits = existing.capacity_bytes >= self.required_bytes
+            && (self.limit_bytes == 0 || existing.capacity_bytes <= self.limit_bytes);
+        if !fits {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists with {} bytes, outside the requested capacity_range [{}, {}]",
+                self.id,
+                existing.capacity_bytes,
+                self.required_bytes,
+                if self.limit_bytes == 0 { "unlimited".to_string() } else { self.limit_bytes.to_string() }
+            )));
+        }
+        let mut wanted = self.capabilities.clone();
+        let mut have = existing.capabilities.clone();
+        wanted.sort();
+        wanted.dedup();
+        have.sort();
+        have.dedup();
+        if wanted != have {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists with capabilities {have:?}, not {wanted:?}",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("volume {0} does not exist")]
+    NotFound(VolumeId),
+    #[error("backend storage is corrupt: {0}")]
+    Corrupt(String),
+    #[error("backend I/O error while {action}: {source}")]
+    Io { action: String, source: std::io::Error },
+}
+
+impl BackendError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::AlreadyExists(_) => "already_exists",
+            Self::OutOfRange(_) => "out_of_range",
+            Self::NotFound(_) => "not_found",
+            Self::Corrupt(_) => "backend_corrupt",
+            Self::Io { .. } => "backend_io",
+        }
+    }
+
+    pub(crate) fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let action = action.into();
+        move |source| Self::Io { action, source }
+    }
+}
+
+/// Storage operations. Every method is idempotent where CSI requires it: `create` by id,
+/// `delete` of a missing volume succeeds.
+#[async_trait]
+pub trait VolumeBackend: Send + Sync + 'static {
+    /// A short name for logs ("file", "rds").
+    fn kind(&self) -> &'static str;
+    /// Creates the volume, or returns the existing one when compatible (else `AlreadyExists`).
+    async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError>;
+    /// Deletes the volume; a missing volume is success.
+    async fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;
+    async fn get(&self, id: &VolumeId) -> Result<Option<VolumeInfo>, BackendError>;
+    /// Every volume, sorted by id.
+    async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError>;
+    /// Bytes available for new volumes.
+    async fn capacity(&self) -> Result<u64, BackendError>;
+    /// Grows a volume to at least `bytes`; returns the new size. Never shrinks.
+    async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError>;
+    /// What the node plugin needs to reach the volume (ControllerPublishVolume's publish_context).
+    fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String>;
+}
+
+/// Serializes `SystemTime` as RFC 3339 text so metadata files stay readable.
+mod humantime_serde_compat {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_rfc3339_nanos(*t).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,251 @@
+//! `rds-csi ctl`: a small CSI client over the unix socket, for trying the driver from a shell and
+//! for tests. Prints plain text, or JSON with `--json`. Exits 1 on a gRPC error, printing its code.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::csi::controller_client::ControllerClient;
+use crate::csi::identity_client::IdentityClient;
+use crate::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+use crate::csi::*;
+use crate::grpc::server::parse_endpoint;
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// CSI endpoint of the running driver.
+    #[arg(long, env = "RDS_CSI_ENDPOINT", default_value = "unix://./csi.sock")]
+    pub endpoint: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Args, Clone)]
+pub struct CapabilityArgs {
+    /// RWX block (MULTI_NODE_MULTI_WRITER): migratable between two nodes.
+    #[arg(long, conflicts_with_all = ["block", "fs_type"])]
+    pub rwx_block: bool,
+    /// RWO raw block (SINGLE_NODE_WRITER, block).
+    #[arg(long)]
+    pub block: bool,
+    /// Filesystem for an RWO mount volume.
+    #[arg(long, default_value = "ext4")]
+    pub fs_type: String,
+}
+
+#[derive(Subcommand)]
+pub enum CtlCommand {
+    /// Plugin name, version and readiness.
+    Probe,
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10GiB, 512MiB or bytes.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        cap: CapabilityArgs,
+    },
+    /// Delete a volume.
+    Delete { volume: String },
+    /// ControllerPublishVolume.
+    Publish {
+        volume: String,
+        node: String,
+        #[command(flatten)]
+        cap: CapabilityArgs,
+        #[arg(long)]
+        readonly: bool,
+        /// volume_context migrationTimeoutSeconds.
+        #[arg(long)]
+        migration_timeout: Option<String>,
+    },
+    /// ControllerUnpublishVolume; without NODE, from every node.
+    Unpublish { volume: String, node: Option<String> },
+    /// List volumes.
+    List,
+}
+
+/// Parses "10GiB", "512MiB", "1G", "4096".
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let num: u64 = num.parse().map_err(|_| format!("{text:?} is not a size like 10GiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    num.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+impl CapabilityArgs {
+    pub fn to_proto(&self) -> VolumeCapability {
+        let (mode, access_type) = if self.rwx_block {
+            (Mode::MultiNodeMultiWriter, AccessType::Block(BlockVolume {}))
+        } else if self.block {
+            (Mode::SingleNodeWriter, AccessType::Block(BlockVolume {}))
+        } else {
+            (
+                Mode::SingleNodeWriter,
+                AccessType::Mount(MountVolume {
+                    fs_type: self.fs_type.clone(),
+                    mount_flags: Vec::new(),
+                    volume_mount_group: String::new(),
+                }),
+            )
+        };
+        VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(access_type) }
+    }
+}
+
+/// Connects to a CSI unix socket.
+pub async fn connect(endpoint: &str) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
+    let path: PathBuf = parse_endpoint(endpoint)?;
+    let channel = Endpoint::try_from("http://[::1]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// Runs one ctl command and returns the process exit code.
+pub async fn run(args: CtlArgs) -> i32 {
+    let channel = match connect(&args.endpoint).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot connect to {}: {e}", args.endpoint);
+            return 2;
+        }
+    };
+    match execute(channel, &args.command).await {
+        Ok(value) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            } else {
+                print_text(&value);
+            }
+            0
+        }
+        Err(status) => {
+            if args.json {
+                println!("{}", serde_json::json!({"error": {"code": format!("{:?}", status.code()), "message": status.message()}}));
+            } else {
+                eprintln!("error: {:?}: {}", status.code(), status.message());
+            }
+            1
+        }
+    }
+}
+
+fn print_text(value: &serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::String(s) => println!("{k}: {s}"),
+                    serde_json::Value::Array(items) => {
+                        println!("{k}:");
+                        for item in items {
+                            println!("  {}", item.as_str().map(str::to_string).unwrap_or_else(|| item.to_string()));
+                        }
+                    }
+                    other => println!("{k}: {other}"),
+                }
+            }
+        }
+        other => println!("{other}"),
+    }
+}
+
+async fn execute(channel: Channel, command: &CtlCommand) -> Result<serde_json::Value, tonic::Status> {
+    use serde_json::json;
+    let mut identity = IdentityClient::new(channel.clone());
+    let mut controller = ControllerClient::new(channel);
+    Ok(match command {
+        CtlCommand::Probe => {
+            let info = identity.get_plugin_info(GetPluginInfoRequest {}).await?.into_inner();
+            let probe = identity.probe(ProbeRequest {}).await?.into_inner();
+            json!({"name": info.name, "version": info.vendor_version, "ready": probe.ready.unwrap_or(false)})
+        }
+        CtlCommand::Create { name, size, cap } => {
+            let volume = controller
+                .create_volume(CreateVolumeRequest {
+                    name: name.clone(),
+                    capacity_range: Some(CapacityRange { required_bytes: *size as i64, limit_bytes: 0 }),
+                    volume_capabilities: vec![cap.to_proto()],
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            json!({"volume_id": volume.volume_id, "capacity_bytes": volume.capacity_bytes})
+        }
+        CtlCommand::Delete { volume } => {
+            controller.delete_volume(DeleteVolumeRequest { volume_id: volume.clone(), secrets: HashMap::new() }).await?;
+            json!({"deleted": volume})
+        }
+        CtlCommand::Publish { volume, node, cap, readonly, migration_timeout } => {
+            let mut volume_context = HashMap::new();
+            if let Some(t) = migration_timeout {
+                volume_context.insert("migrationTimeoutSeconds".to_string(), t.clone());
+            }
+            let resp = controller
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: volume.clone(),
+                    node_id: node.clone(),
+                    volume_capability: Some(cap.to_proto()),
+                    readonly: *readonly,
+                    secrets: HashMap::new(),
+                    volume_context,
+                })
+                .await?
+                .into_inner();
+            let context: std::collections::BTreeMap<_, _> = resp.publish_context.into_iter().collect();
+            json!({"published": volume, "node": node, "publish_context": context})
+        }
+        CtlCommand::Unpublish { volume, node } => {
+            controller
+                .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                    volume_id: volume.clone(),
+                    node_id: node.clone().unwrap_or_default(),
+                    secrets: HashMap::new(),
+                })
+                .await?;
+            json!({"unpublished": volume, "node": node.clone().unwrap_or_else(|| "(every node)".into())})
+        }
+        CtlCommand::List => {
+            let mut volumes = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = controller
+                    .list_volumes(ListVolumesRequest { max_entries: 100, starting_token: token })
+                    .await?
+                    .into_inner();
+                for e in page.entries {
+                    let v = e.volume.unwrap_or_default();
+                    volumes.push(format!("{} {} bytes", v.volume_id, v.capacity_bytes));
+                }
+                if page.next_token.is_empty() {
+                    break;
+                }
+                token = page.next_token;
+            }
+            json!({"volumes": volumes})
+        }
+    })
+}

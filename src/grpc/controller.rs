@@ -1,0 +1,345 @@
+//! CSI Controller service. Each handler validates its request into a typed message, sends it to
+//! the volume's actor (attachments, delete) or the backend (create, list, capacity), and maps the
+//! answer. Until seeding is done every RPC answers UNAVAILABLE.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::{capability, to_proto};
+use crate::actors::messages::{Delete, Publish, Unpublish};
+use crate::actors::state::{migration_timeout, Capability, PublishRequest};
+use crate::actors::Router;
+use crate::backend::{CreateRequest, VolumeBackend};
+use crate::csi::controller_server::Controller;
+use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::*;
+use crate::ids::{NodeId, VolumeId};
+use crate::metrics::Metrics;
+use crate::Error;
+
+/// The volume_context key that sets a live migration's timeout (a StorageClass parameter).
+pub const MIGRATION_TIMEOUT_KEY: &str = "migrationTimeoutSeconds";
+const TOKEN_PREFIX: &str = "v1:";
+
+pub struct ControllerService {
+    pub router: Router,
+    pub backend: Arc<dyn VolumeBackend>,
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A validated ControllerPublishVolumeRequest.
+pub struct PublishCall {
+    pub volume: VolumeId,
+    pub msg: Publish,
+}
+
+impl TryFrom<ControllerPublishVolumeRequest> for PublishCall {
+    type Error = Error;
+
+    fn try_from(req: ControllerPublishVolumeRequest) -> Result<Self, Error> {
+        let volume = VolumeId::try_from(req.volume_id.as_str())?;
+        let node = NodeId::try_from(req.node_id.as_str())?;
+        let capability = capability(req.volume_capability.as_ref(), "volume_capability")?;
+        let raw_timeout = req.volume_context.get(MIGRATION_TIMEOUT_KEY).map(String::as_str);
+        let (migration_timeout, unparsable) = migration_timeout(raw_timeout);
+        if let Some(raw) = unparsable {
+            tracing::warn!(volume_id = %volume, value = %raw, "unparsable {MIGRATION_TIMEOUT_KEY}; using the default");
+        }
+        Ok(Self {
+            volume,
+            msg: Publish(PublishRequest { node, capability, readonly: req.readonly, migration_timeout }),
+        })
+    }
+}
+
+/// A validated ControllerUnpublishVolumeRequest; an empty node_id means every node.
+pub struct UnpublishCall {
+    pub volume: VolumeId,
+    pub msg: Unpublish,
+}
+
+impl TryFrom<ControllerUnpublishVolumeRequest> for UnpublishCall {
+    type Error = Error;
+
+    fn try_from(req: ControllerUnpublishVolumeRequest) -> Result<Self, Error> {
+        let volume = VolumeId::try_from(req.volume_id.as_str())?;
+        let node = match req.node_id.as_str() {
+            "" => None,
+            raw => Some(NodeId::try_from(raw)?),
+        };
+        Ok(Self { volume, msg: Unpublish { node } })
+    }
+}
+
+impl TryFrom<CreateVolumeRequest> for CreateRequest {
+    type Error = Error;
+
+    fn try_from(req: CreateVolumeRequest) -> Result<Self, Error> {
+        let id = VolumeId::parse_field(&req.name, "name")?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::InvalidArgument { field: "volume_capabilities", reason: "must not be empty".into() });
+        }
+        let capabilities = req
+            .volume_capabilities
+            .iter()
+            .map(|c| capability(Some(c), "volume_capabilities"))
+            .collect::<Result<Vec<Capability>, Error>>()?;
+        if req.volume_content_source.is_some() {
+            return Err(Error::InvalidArgument {
+                field: "volume_content_source",
+                reason: "is not supported: this driver cannot clone or restore volumes".into(),
+            });
+        }
+        let range = req.capacity_range.unwrap_or_default();
+        let non_negative = |v: i64, field| {
+            u64::try_from(v).map_err(|_| Error::InvalidArgument { field, reason: format!("{v} is negative") })
+        };
+        Ok(CreateRequest {
+            id,
+            required_bytes: non_negative(range.required_bytes, "capacity_range.required_bytes")?,
+            limit_bytes: non_negative(range.limit_bytes, "capacity_range.limit_bytes")?,
+            capabilities,
+            parameters: req.parameters.into_iter().collect::<BTreeMap<_, _>>(),
+        })
+    }
+}
+
+impl ControllerService {
+    fn ready(&self) -> Result<(), Status> {
+        if self.ready.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Error::NotReady.into())
+        }
+    }
+
+    /// Counts and times one operation, then turns its error into a status.
+    fn record<T>(&self, operation: &str, started: Instant, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        let elapsed = started.elapsed().as_secs_f64();
+        let status = match &result {
+            Ok(_) => "success",
+            Err(e) => e.metric_label(),
+        };
+        self.metrics.volume_operations_total.with_label_values(&[operation, status]).inc();
+        self.metrics.volume_operation_duration.with_label_values(&[operation]).observe(elapsed);
+        if matches!(operation, "publish" | "unpublish") {
+            self.metrics.attachment_operation_duration.with_label_values(&[operation]).observe(elapsed);
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+fn capabilities(types: &[rpc::Type]) -> Vec<ControllerServiceCapability> {
+    types
+        .iter()
+        .map(|t| ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })) })
+        .collect()
+}
+
+fn parse_token(token: &str) -> Result<Option<VolumeId>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(TOKEN_PREFIX)
+        .and_then(|id| VolumeId::try_from(id).ok())
+        .map(Some)
+        .ok_or_else(|| Error::Aborted(format!("starting_token {token:?} was not issued by this driver")))
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    /// CSI §4.3 CreateVolume: idempotent by name; ALREADY_EXISTS on an incompatible repeat.
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        self.ready()?;
+        let started = Instant::now();
+        let result = async {
+            let create = CreateRequest::try_from(req.into_inner())?;
+            let context = create.parameters.clone();
+            let info = self.backend.create(create).await?;
+            Ok(CreateVolumeResponse {
+                volume: Some(Volume {
+                    capacity_bytes: info.capacity_bytes as i64,
+                    volume_id: info.id.to_string(),
+                    volume_context: context.into_iter().collect(),
+                    content_source: None,
+                    accessible_topology: Vec::new(),
+                }),
+            })
+        }
+        .await;
+        self.record("create", started, result)
+    }
+
+    /// CSI §4.3 DeleteVolume: idempotent; FAILED_PRECONDITION while published.
+    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        self.ready()?;
+        let started = Instant::now();
+        let result = async {
+            let volume = VolumeId::try_from(req.get_ref().volume_id.as_str())?;
+            self.router.send(&volume, Delete).await?;
+            Ok(DeleteVolumeResponse {})
+        }
+        .await;
+        self.record("delete", started, result)
+    }
+
+    /// CSI §4.3 ControllerPublishVolume, per ATTACHMENT_RULES.md "Publish".
+    async fn controller_publish_volume(
+        &self,
+        req: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        self.ready()?;
+        let started = Instant::now();
+        let result = async {
+            let call = PublishCall::try_from(req.into_inner())?;
+            let published = self.router.send(&call.volume, call.msg).await?;
+            Ok(ControllerPublishVolumeResponse { publish_context: published.publish_context })
+        }
+        .await;
+        self.record("publish", started, result)
+    }
+
+    /// CSI §4.3 ControllerUnpublishVolume, per ATTACHMENT_RULES.md "Unpublish".
+    async fn controller_unpublish_volume(
+        &self,
+        req: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        self.ready()?;
+        let started = Instant::now();
+        let result = async {
+            let call = UnpublishCall::try_from(req.into_inner())?;
+            self.router.send(&call.volume, call.msg).await?;
+            Ok(ControllerUnpublishVolumeResponse {})
+        }
+        .await;
+        self.record("unpublish", started, result)
+    }
+
+    /// Confirms only supported capabilities; NOT_FOUND for an unknown volume.
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        self.ready()?;
+        let req = req.into_inner();
+        let volume = VolumeId::try_from(req.volume_id.as_str())?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::InvalidArgument { field: "volume_capabilities", reason: "must not be empty".into() }.into());
+        }
+        self.backend.get(&volume).await.map_err(Error::from)?.ok_or(Error::VolumeNotFound(volume))?;
+        let checked: Result<Vec<_>, Error> =
+            req.volume_capabilities.iter().map(|c| capability(Some(c), "volume_capabilities")).collect();
+        Ok(Response::new(match checked {
+            Ok(caps) => ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: caps.iter().map(to_proto).collect(),
+                    parameters: req.parameters,
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            },
+            Err(e) => ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() },
+        }))
+    }
+
+    /// Pages through volumes in id order; a token this driver did not issue is ABORTED.
+    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        self.ready()?;
+        let req = req.into_inner();
+        let max = usize::try_from(req.max_entries)
+            .map_err(|_| Error::InvalidArgument { field: "max_entries", reason: "must not be negative".into() })?;
+        let start = parse_token(&req.starting_token)?;
+        let all = self.backend.list().await.map_err(Error::from)?;
+        let from = start.map_or(0, |id| all.partition_point(|v| v.id < id));
+        let take = if max == 0 { usize::MAX } else { max };
+        let page: Vec<_> = all[from..].iter().take(take).collect();
+        let next_token = all
+            .get(from + page.len())
+            .filter(|_| page.len() == take)
+            .map(|v| format!("{TOKEN_PREFIX}{}", v.id))
+            .unwrap_or_default();
+        let entries = page
+            .into_iter()
+            .map(|v| list_volumes_response::Entry {
+                volume: Some(Volume {
+                    capacity_bytes: v.capacity_bytes as i64,
+                    volume_id: v.id.to_string(),
+                    volume_context: v.parameters.clone().into_iter().collect(),
+                    content_source: None,
+                    accessible_topology: Vec::new(),
+                }),
+                status: None,
+            })
+            .collect();
+        Ok(Response::new(ListVolumesResponse { entries, next_token }))
+    }
+
+    async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
+        self.ready()?;
+        for c in &req.get_ref().volume_capabilities {
+            capability(Some(c), "volume_capabilities")?;
+        }
+        let available = self.backend.capacity().await.map_err(Error::from)?;
+        Ok(Response::new(GetCapacityResponse {
+            available_capacity: i64::try_from(available).unwrap_or(i64::MAX),
+            maximum_volume_size: None,
+            minimum_volume_size: None,
+        }))
+    }
+
+    /// Advertises only what works end to end in this controller.
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        use rpc::Type::*;
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: capabilities(&[
+                CreateDeleteVolume,
+                PublishUnpublishVolume,
+                ListVolumes,
+                GetCapacity,
+                PublishReadonly,
+                SingleNodeMultiWriter,
+            ]),
+        }))
+    }
+
+    async fn create_snapshot(&self, _: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+    async fn delete_snapshot(&self, _: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+    async fn list_snapshots(&self, _: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not supported"))
+    }
+    async fn controller_expand_volume(
+        &self,
+        _: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented("volume expansion is not advertised yet"))
+    }
+    async fn controller_get_volume(
+        &self,
+        _: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        Err(Status::unimplemented("ControllerGetVolume is not supported"))
+    }
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("ControllerModifyVolume is not supported"))
+    }
+}

@@ -1,0 +1,49 @@
+//! CSI Identity service: who we are, what we offer, and whether we are ready (seeding done).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::csi::identity_server::Identity;
+use crate::csi::plugin_capability::{service, Service, Type};
+use crate::csi::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
+    PluginCapability, ProbeRequest, ProbeResponse,
+};
+
+pub struct IdentityService {
+    pub driver_name: String,
+    pub controller: bool,
+    pub ready: Arc<AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: self.driver_name.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        let capabilities = self
+            .controller
+            .then(|| PluginCapability {
+                r#type: Some(Type::Service(Service { r#type: service::Type::ControllerService as i32 })),
+            })
+            .into_iter()
+            .collect();
+        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+    }
+
+    /// Ready once the attachment state is rebuilt; never fails.
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse { ready: Some(self.ready.load(Ordering::Acquire)) }))
+    }
+}

@@ -1,0 +1,29 @@
+//! The one place errors become gRPC statuses. Both matches are exhaustive with no `_` arm, so a
+//! new error variant cannot reach a client without a deliberate code choice.
+
+use tonic::{Code, Status};
+
+use crate::{BackendError, Error};
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = match &err {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::VolumeNotFound(_) | Error::NodeNotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Conflict { .. } | Error::MigrationLimit { .. } | Error::StillPublished { .. } => {
+                Code::FailedPrecondition
+            }
+            Error::NotReady | Error::Unavailable(_) | Error::Retired => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Backend(b) => match b {
+                BackendError::AlreadyExists(_) => Code::AlreadyExists,
+                BackendError::OutOfRange(_) => Code::OutOfRange,
+                BackendError::NotFound(_) => Code::NotFound,
+                BackendError::Corrupt(_) | BackendError::Io { .. } => Code::Internal,
+            },
+        };
+        Status::new(code, err.to_string())
+    }
+}

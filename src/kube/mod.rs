@@ -1,0 +1,100 @@
+//! The cluster, behind small traits. Actors and the supervisor depend on these traits only;
+//! the kube-rs implementations live beside them, and [`Standalone`] serves a laptop with no
+//! cluster: a fixed list of known nodes, no VolumeAttachment authority, no annotations, no events.
+//!
+//! Writes (annotations, events) are queued by their implementations and never awaited by callers.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::ids::{NodeId, VolumeId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes API error while {action}: {message}")]
+    Api { action: String, message: String },
+}
+
+impl KubeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Api { .. } => "api_error",
+        }
+    }
+}
+
+/// Whether a node exists (rules, Publish step 2).
+#[async_trait]
+pub trait NodeDirectory: Send + Sync + 'static {
+    async fn exists(&self, node: &NodeId) -> Result<bool, KubeError>;
+}
+
+/// What the cluster says about a node that holds a volume (rules, Publish 5.1 and 5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HolderStatus {
+    /// The node exists and its VolumeAttachment stands: a real conflict.
+    Live,
+    /// The Node object is deleted: the attachment is stale.
+    NodeGone,
+    /// The VolumeAttachment is absent or being deleted: the node is being released.
+    Released,
+}
+
+/// Live checks on a blocking holder. Implementations must ask the API, not a cache: a lagging
+/// cache must never cause a handoff. Any error fails the publish closed.
+#[async_trait]
+pub trait AttachmentAuthority: Send + Sync + 'static {
+    async fn check(&self, volume: &VolumeId, node: &NodeId) -> Result<HolderStatus, KubeError>;
+}
+
+/// Events posted on the volume's PVC.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClusterEvent {
+    VolumeAttached { node: NodeId },
+    VolumeDetached { node: NodeId },
+    MigrationStarted { source: NodeId, target: NodeId },
+    MigrationCompleted { source: NodeId, target: NodeId },
+    MigrationFailed { source: NodeId, target: NodeId, timed_out: bool },
+    AttachmentConflict { message: String },
+    StaleAttachmentCleared { node: NodeId },
+    OverAttached { nodes: Vec<NodeId> },
+}
+
+/// Queues informational writes. Never blocks, never fails the caller.
+pub trait ClusterSink: Send + Sync + 'static {
+    /// Sets `<driver>/attached-node` and `<driver>/attached-at`, or clears them with `None`.
+    fn annotate(&self, volume: &VolumeId, attached: Option<(&NodeId, SystemTime)>);
+    fn event(&self, volume: &VolumeId, event: ClusterEvent);
+}
+
+/// No cluster: the known nodes are `--node-id` plus `--known-node` extras.
+pub struct Standalone {
+    known: HashSet<NodeId>,
+}
+
+impl Standalone {
+    pub fn new(known: impl IntoIterator<Item = NodeId>) -> Self {
+        Self { known: known.into_iter().collect() }
+    }
+}
+
+#[async_trait]
+impl NodeDirectory for Standalone {
+    async fn exists(&self, node: &NodeId) -> Result<bool, KubeError> {
+        Ok(self.known.contains(node))
+    }
+}
+
+#[async_trait]
+impl AttachmentAuthority for Standalone {
+    async fn check(&self, _volume: &VolumeId, _node: &NodeId) -> Result<HolderStatus, KubeError> {
+        Ok(HolderStatus::Live)
+    }
+}
+
+impl ClusterSink for Standalone {
+    fn annotate(&self, _volume: &VolumeId, _attached: Option<(&NodeId, SystemTime)>) {}
+    fn event(&self, _volume: &VolumeId, _event: ClusterEvent) {}
+}

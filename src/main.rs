@@ -1,0 +1,241 @@
+//! The `rds-csi` binary: parses flags, wires the driver together and runs it until SIGINT or
+//! SIGTERM. `rds-csi ctl ...` is a small CSI client for humans.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use rds_csi::actors::supervisor::Supervisor;
+use rds_csi::actors::{Router, VolumeDeps};
+use rds_csi::backend::file::FileBackend;
+use rds_csi::backend::VolumeBackend;
+use rds_csi::grpc::controller::ControllerService;
+use rds_csi::grpc::identity::IdentityService;
+use rds_csi::grpc::node::NodeService;
+use rds_csi::grpc::server::{self, Services};
+use rds_csi::kube::Standalone;
+use rds_csi::metrics::Metrics;
+use rds_csi::telemetry::{self, LogFormat};
+use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
+
+#[derive(Parser)]
+#[command(name = "rds-csi", version, about = "CSI driver for KubeVirt VMs on MikroTik ROSE Data Server NVMe/TCP volumes")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Talk to a running driver over its CSI socket.
+    Ctl(ctl::CtlArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Controller,
+    Node,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    File,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KubernetesMode {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Parser)]
+struct Args {
+    /// CSI endpoint to listen on.
+    #[arg(long, env = "RDS_CSI_ENDPOINT", default_value = "unix://./csi.sock")]
+    endpoint: String,
+    /// This node's id [default: the hostname].
+    #[arg(long, env = "RDS_CSI_NODE_ID")]
+    node_id: Option<String>,
+    /// Extra node ids known in standalone mode (repeatable; comma-separated in the env var).
+    #[arg(long = "known-node", env = "RDS_CSI_KNOWN_NODES", value_delimiter = ',')]
+    known_nodes: Vec<String>,
+    /// CSI driver name.
+    #[arg(long, env = "RDS_CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    driver_name: String,
+    /// Which CSI services to run.
+    #[arg(long, env = "RDS_CSI_MODE", value_enum, default_value = "all")]
+    mode: Mode,
+    /// Where volumes live.
+    #[arg(long, env = "RDS_CSI_BACKEND", value_enum, default_value = "file")]
+    backend: BackendKind,
+    /// Directory of the file backend.
+    #[arg(long, env = "RDS_CSI_FILE_ROOT", default_value = "./volumes")]
+    file_root: PathBuf,
+    /// How long a detached volume keeps its grace record (e.g. 30s, 2m).
+    #[arg(long, env = "RDS_CSI_ATTACHMENT_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    attachment_grace_period: Duration,
+    /// Address for /metrics, /healthz and /readyz; empty disables it.
+    #[arg(long, env = "RDS_CSI_METRICS_ADDRESS", default_value = "127.0.0.1:9809")]
+    metrics_address: String,
+    /// Use the Kubernetes API: auto (when a config is found), on, or off (standalone).
+    #[arg(long, env = "RDS_CSI_KUBERNETES", value_enum, default_value = "auto")]
+    kubernetes: KubernetesMode,
+    /// Log format.
+    #[arg(long, env = "RDS_CSI_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Arbiter threads for volume actors [default: one per core].
+    #[arg(long, env = "RDS_CSI_ARBITERS")]
+    arbiters: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Ctl(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let code = rt.block_on(ctl::run(args));
+            std::process::exit(code);
+        }
+        None => run(cli.args),
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let Args {
+        endpoint,
+        node_id,
+        known_nodes,
+        driver_name,
+        mode,
+        backend,
+        file_root,
+        attachment_grace_period,
+        metrics_address,
+        kubernetes,
+        log_format,
+        arbiters,
+    } = args;
+    telemetry::init(log_format);
+
+    let node_id = match node_id {
+        Some(id) => id,
+        None => gethostname::gethostname().into_string().map_err(|h| anyhow::anyhow!("hostname {h:?} is not UTF-8; pass --node-id"))?,
+    };
+    let node_id = NodeId::try_from(node_id.as_str()).context("--node-id")?;
+    let known: Vec<NodeId> = std::iter::once(Ok(node_id.clone()))
+        .chain(known_nodes.iter().map(|n| NodeId::try_from(n.as_str())))
+        .collect::<Result<_, _>>()
+        .context("--known-node")?;
+    if driver_name.is_empty() {
+        bail!("--driver-name must not be empty");
+    }
+    match kubernetes {
+        KubernetesMode::On => bail!("--kubernetes on: Kubernetes mode is not available in this build yet; use off or auto"),
+        KubernetesMode::Auto | KubernetesMode::Off => {}
+    }
+    let socket = server::parse_endpoint(&endpoint)?;
+    let arbiter_count = arbiters
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+    });
+    system.block_on(async move {
+        let metrics = Arc::new(Metrics::new());
+        let ready = Arc::new(AtomicBool::new(false));
+        let controller = matches!(mode, Mode::Controller | Mode::All);
+        tracing::info!(
+            driver = %driver_name, node_id = %node_id, mode = ?mode, known_nodes = known.len(),
+            "standalone: no Kubernetes cluster; known nodes come from --node-id and --known-node, no seeding, annotations or events"
+        );
+
+        let mut arbiter_threads = Vec::new();
+        let controller_service = if controller {
+            let backend: Arc<dyn VolumeBackend> = match backend {
+                BackendKind::File => Arc::new(
+                    FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
+                ),
+            };
+            let cluster = Arc::new(Standalone::new(known));
+            let deps = Arc::new(VolumeDeps {
+                backend: backend.clone(),
+                nodes: cluster.clone(),
+                authority: cluster.clone(),
+                sink: cluster,
+                metrics: metrics.clone(),
+                grace_period: attachment_grace_period,
+            });
+            arbiter_threads = (0..arbiter_count).map(|_| Arbiter::new()).collect();
+            let handles = arbiter_threads.iter().map(|a| a.handle()).collect();
+            let supervisor = Supervisor::new(deps, handles).start();
+            tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
+            Some(ControllerService {
+                router: Router::new(supervisor, Duration::from_secs(30)),
+                backend,
+                ready: ready.clone(),
+                metrics: metrics.clone(),
+            })
+        } else {
+            None
+        };
+        // Standalone has nothing to seed.
+        ready.store(true, std::sync::atomic::Ordering::Release);
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        if !metrics_address.is_empty() {
+            let listener = tokio::net::TcpListener::bind(&metrics_address)
+                .await
+                .with_context(|| format!("--metrics-address {metrics_address}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+            let (metrics, ready, stop) = (metrics.clone(), ready.clone(), stopped(stop_rx.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = rds_csi::metrics::serve_http(listener, metrics, ready, stop).await {
+                    tracing::error!(error = %e, "metrics server failed");
+                }
+            });
+        }
+
+        let listener = server::bind(&socket).await?;
+        tracing::info!(endpoint = %socket.display(), "serving CSI");
+        let services = Services {
+            identity: IdentityService { driver_name: driver_name.clone(), controller, ready: ready.clone() },
+            controller: controller_service,
+            node: matches!(mode, Mode::Node | Mode::All).then(|| NodeService { node_id: node_id.to_string() }),
+        };
+        server::serve(listener, &socket, services, stopped(stop_rx)).await?;
+        tracing::info!("shut down cleanly");
+        for arbiter in arbiter_threads {
+            arbiter.stop();
+        }
+        System::current().stop();
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+}

@@ -1,0 +1,224 @@
+//! The driver's Prometheus metrics, in one private registry (never the global default).
+//!
+//! Names match the Go driver (`rds_csi_` namespace, `attachment_*` and `migration_*` subsystems)
+//! so existing dashboards keep working. Only this module defines metrics; everyone else records.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+const NAMESPACE: &str = "rds_csi";
+
+pub struct Metrics {
+    registry: Registry,
+    pub attach_total: IntCounterVec,
+    pub detach_total: IntCounterVec,
+    pub conflicts_total: IntCounter,
+    pub grace_period_used_total: IntCounter,
+    pub stale_cleared_total: IntCounter,
+    pub over_attached_total: IntCounter,
+    pub attachment_operation_duration: HistogramVec,
+    pub migrations_total: IntCounterVec,
+    pub migration_duration: Histogram,
+    pub active_migrations: IntGauge,
+    pub volume_operations_total: IntCounterVec,
+    pub volume_operation_duration: HistogramVec,
+    pub nvme_connections_active: IntGauge,
+    pub volume_actors: IntGaugeVec,
+}
+
+fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NAMESPACE).subsystem(subsystem)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let attach_total = IntCounterVec::new(
+            opts("attachment", "attach_total", "ControllerPublishVolume outcomes."),
+            &["status"],
+        )
+        .expect("valid metric");
+        let detach_total = IntCounterVec::new(
+            opts("attachment", "detach_total", "Detaches of a volume from a node."),
+            &["status"],
+        )
+        .expect("valid metric");
+        let conflicts_total = IntCounter::with_opts(opts(
+            "attachment",
+            "conflicts_total",
+            "Publishes refused because another node holds the volume.",
+        ))
+        .expect("valid metric");
+        let grace_period_used_total = IntCounter::with_opts(opts(
+            "attachment",
+            "grace_period_used_total",
+            "Handoffs to another node inside the detach grace period or after its VolumeAttachment was released.",
+        ))
+        .expect("valid metric");
+        let stale_cleared_total = IntCounter::with_opts(opts(
+            "attachment",
+            "stale_cleared_total",
+            "Attachments dropped because their node was deleted.",
+        ))
+        .expect("valid metric");
+        let over_attached_total = IntCounter::with_opts(opts(
+            "attachment",
+            "over_attached_total",
+            "Volumes found on more nodes than their access class allows.",
+        ))
+        .expect("valid metric");
+        let attachment_operation_duration = HistogramVec::new(
+            HistogramOpts::from(opts(
+                "attachment",
+                "operation_duration_seconds",
+                "Time to answer ControllerPublishVolume and ControllerUnpublishVolume.",
+            ))
+            .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            &["operation"],
+        )
+        .expect("valid metric");
+        let migrations_total = IntCounterVec::new(
+            opts("migration", "migrations_total", "KubeVirt live migrations by result, each counted once."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let migration_duration = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "migration",
+                "duration_seconds",
+                "Duration of successful live migrations, from the target attach to the source detach.",
+            ))
+            .buckets(vec![15.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0]),
+        )
+        .expect("valid metric");
+        let active_migrations = IntGauge::with_opts(opts(
+            "migration",
+            "active_migrations",
+            "Volumes attached to two nodes for a live migration right now.",
+        ))
+        .expect("valid metric");
+        let volume_operations_total = IntCounterVec::new(
+            opts("volume", "operations_total", "Volume operations by kind and outcome."),
+            &["operation", "status"],
+        )
+        .expect("valid metric");
+        let volume_operation_duration = HistogramVec::new(
+            HistogramOpts::from(opts("volume", "operation_duration_seconds", "Duration of volume operations."))
+                .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
+            &["operation"],
+        )
+        .expect("valid metric");
+        let nvme_connections_active = IntGauge::with_opts(opts(
+            "nvme",
+            "connections_active",
+            "Volumes currently attached to at least one node.",
+        ))
+        .expect("valid metric");
+        let volume_actors = IntGaugeVec::new(
+            opts("attachment", "volume_actors", "Live volume actors by attachment state."),
+            &["state"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(attach_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(detach_total.clone()),
+            Box::new(conflicts_total.clone()),
+            Box::new(grace_period_used_total.clone()),
+            Box::new(stale_cleared_total.clone()),
+            Box::new(over_attached_total.clone()),
+            Box::new(attachment_operation_duration.clone()),
+            Box::new(migrations_total.clone()),
+            Box::new(migration_duration.clone()),
+            Box::new(active_migrations.clone()),
+            Box::new(volume_operations_total.clone()),
+            Box::new(volume_operation_duration.clone()),
+            Box::new(nvme_connections_active.clone()),
+            Box::new(volume_actors.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        // Pre-create the label values dashboards expect, so series exist at zero.
+        for status in ["success", "failed"] {
+            attach_total.with_label_values(&[status]);
+            detach_total.with_label_values(&[status]);
+        }
+        for result in ["success", "failed", "timeout"] {
+            migrations_total.with_label_values(&[result]);
+        }
+        Self {
+            registry,
+            attach_total,
+            detach_total,
+            conflicts_total,
+            grace_period_used_total,
+            stale_cleared_total,
+            over_attached_total,
+            attachment_operation_duration,
+            migrations_total,
+            migration_duration,
+            active_migrations,
+            volume_operations_total,
+            volume_operation_duration,
+            nvme_connections_active,
+            volume_actors,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails on valid metrics");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (seeding is done) until
+/// `shutdown` resolves.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    use std::sync::atomic::Ordering;
+
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Acquire);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "attachment state is still being rebuilt\n")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
