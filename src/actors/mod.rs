@@ -7,7 +7,8 @@ pub mod state;
 pub mod supervisor;
 pub mod volume;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::dev::ToEnvelope;
@@ -35,16 +36,32 @@ pub struct VolumeDeps {
 /// How many times a message is re-routed after finding its actor stopping.
 const MAX_ROUTE_ATTEMPTS: usize = 16;
 
-/// Sends messages to volume actors through the supervisor. Cheap to clone.
+/// Sends messages to volume actors. Remembers the address the supervisor gave for each volume,
+/// so the supervisor is asked again only on first use or after an actor stopped. Cheap to clone.
 #[derive(Clone)]
 pub struct Router {
     supervisor: Addr<Supervisor>,
     mailbox_timeout: Duration,
+    known: Arc<RwLock<HashMap<VolumeId, Addr<VolumeActor>>>>,
 }
 
 impl Router {
     pub fn new(supervisor: Addr<Supervisor>, mailbox_timeout: Duration) -> Self {
-        Self { supervisor, mailbox_timeout }
+        Self { supervisor, mailbox_timeout, known: Default::default() }
+    }
+
+    fn remembered(&self, volume: &VolumeId) -> Option<Addr<VolumeActor>> {
+        self.known.read().unwrap_or_else(|p| p.into_inner()).get(volume).cloned()
+    }
+
+    async fn route(&self, volume: &VolumeId, stale: Option<Addr<VolumeActor>>) -> Result<Addr<VolumeActor>, Error> {
+        let addr = self
+            .supervisor
+            .send(Route { volume: volume.clone(), stale })
+            .await
+            .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))?;
+        self.known.write().unwrap_or_else(|p| p.into_inner()).insert(volume.clone(), addr.clone());
+        Ok(addr)
     }
 
     pub fn supervisor(&self) -> &Addr<Supervisor> {
@@ -62,13 +79,13 @@ impl Router {
         VolumeActor: Handler<M>,
         <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, M>,
     {
+        let mut next = self.remembered(volume);
         let mut stale = None;
         for _ in 0..MAX_ROUTE_ATTEMPTS {
-            let addr = self
-                .supervisor
-                .send(Route { volume: volume.clone(), stale: stale.take() })
-                .await
-                .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))?;
+            let addr = match next.take() {
+                Some(addr) => addr,
+                None => self.route(volume, stale.take()).await?,
+            };
             match addr.send(msg.clone()).timeout(self.mailbox_timeout).await {
                 Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => stale = Some(addr),
                 Ok(answer) => return answer,

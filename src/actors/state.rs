@@ -480,3 +480,7 @@ impl VolumeState {
         serde_json::to_value(out).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;
