@@ -93,6 +93,9 @@ struct Args {
     /// Log format.
     #[arg(long, env = "RDS_CSI_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// On SIGTERM, how long in-flight RPCs may take to finish.
+    #[arg(long, env = "RDS_CSI_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
     /// Arbiter threads for volume actors [default: one per core].
     #[arg(long, env = "RDS_CSI_ARBITERS")]
     arbiters: Option<usize>,
@@ -123,6 +126,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         metrics_address,
         kubernetes,
         log_format,
+        shutdown_timeout,
         arbiters,
     } = args;
     telemetry::init(log_format);
@@ -133,7 +137,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let node_id = NodeId::try_from(node_id.as_str()).context("--node-id")?;
     let known: Vec<NodeId> = std::iter::once(Ok(node_id.clone()))
-        .chain(known_nodes.iter().map(|n| NodeId::try_from(n.as_str())))
+        .chain(known_nodes.iter().filter(|n| !n.is_empty()).map(|n| NodeId::try_from(n.as_str())))
         .collect::<Result<_, _>>()
         .context("--known-node")?;
     if driver_name.is_empty() {
@@ -221,7 +225,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             controller: controller_service,
             node: matches!(mode, Mode::Node | Mode::All).then(|| NodeService { node_id: node_id.to_string() }),
         };
-        server::serve(listener, &socket, services, stopped(stop_rx)).await?;
+        server::serve(listener, &socket, services, stopped(stop_rx), shutdown_timeout).await?;
         tracing::info!("shut down cleanly");
         for arbiter in arbiter_threads {
             arbiter.stop();

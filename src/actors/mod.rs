@@ -100,3 +100,6 @@ impl Router {
         Err(Error::Unavailable(format!("volume {volume} actor kept stopping; retry")))
     }
 }
+
+#[cfg(test)]
+mod actor_tests;

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -75,19 +76,39 @@ pub struct Services {
     pub node: Option<NodeService>,
 }
 
-/// Serves until `shutdown` resolves, lets in-flight RPCs finish, then removes the socket file.
+/// Serves until `shutdown` resolves, lets in-flight RPCs finish (for at most `drain`: a client
+/// that keeps an idle connection open must not hold the process hostage), then removes the
+/// socket file.
 pub async fn serve(
     listener: UnixListener,
     path: &Path,
     services: Services,
     shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) -> Result<(), ServeError> {
-    let result = Server::builder()
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
         .add_service(IdentityServer::new(services.identity))
         .add_optional_service(services.controller.map(ControllerServer::new))
         .add_optional_service(services.node.map(NodeServer::new))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        });
+    let drained = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(drain).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        result = server => result,
+        () = drained => {
+            tracing::warn!(drain_s = drain.as_secs_f64(), "connections still open after the drain timeout; exiting anyway");
+            Ok(())
+        }
+    };
     if let Err(e) = std::fs::remove_file(path) {
         tracing::warn!(path = %path.display(), error = %e, "could not remove socket");
     }

@@ -1,0 +1,224 @@
+//! Volume actors and the supervisor on tokio's paused clock: timers fire by advancing virtual
+//! time, never by sleeping for real.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::messages::{Describe, ListActors, Publish, Unpublish};
+use super::state::{AccessMode, Capability, PublishRequest};
+use super::supervisor::Supervisor;
+use super::{Router, VolumeDeps};
+use crate::backend::file::FileBackend;
+use crate::backend::{CreateRequest, VolumeBackend};
+use crate::ids::{NodeId, VolumeId};
+use crate::kube::Standalone;
+use crate::metrics::Metrics;
+use crate::Error;
+
+const GRACE: Duration = Duration::from_secs(30);
+
+fn paused<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap()
+    });
+    system.block_on(test());
+}
+
+struct Harness {
+    router: Router,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(volumes: &[&str]) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
+    for v in volumes {
+        backend
+            .create(CreateRequest {
+                id: VolumeId::try_from(*v).unwrap(),
+                required_bytes: 1 << 20,
+                limit_bytes: 0,
+                capabilities: vec![rwx()],
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let cluster = Arc::new(Standalone::new(["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap())));
+    let metrics = Arc::new(Metrics::new());
+    let deps = Arc::new(VolumeDeps {
+        backend,
+        nodes: cluster.clone(),
+        authority: cluster.clone(),
+        sink: cluster,
+        metrics: metrics.clone(),
+        grace_period: GRACE,
+    });
+    let supervisor = Supervisor::new(deps, Vec::new()).start();
+    Harness { router: Router::new(supervisor, Duration::from_secs(5)), metrics, _dir: dir }
+}
+
+fn rwx() -> Capability {
+    Capability::block(AccessMode::MultiNodeMultiWriter)
+}
+
+fn publish(node: &str, capability: Capability) -> Publish {
+    Publish(PublishRequest {
+        node: NodeId::try_from(node).unwrap(),
+        capability,
+        readonly: false,
+        migration_timeout: Duration::from_secs(60),
+    })
+}
+
+fn unpublish(node: &str) -> Unpublish {
+    Unpublish { node: Some(NodeId::try_from(node).unwrap()) }
+}
+
+fn vol(v: &str) -> VolumeId {
+    VolumeId::try_from(v).unwrap()
+}
+
+impl Harness {
+    fn migrations(&self, result: &str) -> u64 {
+        self.metrics.migrations_total.with_label_values(&[result]).get()
+    }
+
+    async fn actors(&self) -> usize {
+        self.router.supervisor().send(ListActors).await.unwrap().len()
+    }
+}
+
+#[test]
+fn migration_timeout_fires_once() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), publish("b", rwx())).await.unwrap();
+        assert_eq!(h.metrics.active_migrations.get(), 1);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(h.migrations("timeout"), 0, "not before the deadline");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(h.migrations("timeout"), 1);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(h.migrations("timeout"), 1, "fires once");
+        let view = h.router.send(&vol("v"), Describe).await.unwrap().unwrap();
+        assert_eq!(view["nodes"].as_array().unwrap().len(), 2, "stays dual-attached");
+        assert_eq!(view["migration"]["timed_out"], true);
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        assert_eq!((h.migrations("success"), h.migrations("failed"), h.migrations("timeout")), (0, 0, 1));
+        assert_eq!(h.metrics.active_migrations.get(), 0);
+    });
+}
+
+#[test]
+fn resolved_migration_cancels_its_timer() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), publish("b", rwx())).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!((h.migrations("success"), h.migrations("timeout")), (1, 0));
+        assert_eq!(h.metrics.migration_duration.get_sample_count(), 1);
+        assert_eq!(h.metrics.migration_duration.get_sample_sum(), 10.0);
+    });
+}
+
+#[test]
+fn grace_expiry_reaps_the_actor() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        assert_eq!(h.actors().await, 1);
+        tokio::time::sleep(GRACE - Duration::from_secs(1)).await;
+        assert_eq!(h.actors().await, 1, "kept inside the grace window");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(h.actors().await, 0, "reaped after the grace period");
+        assert_eq!(h.metrics.volume_actors.with_label_values(&["grace"]).get(), 0);
+    });
+}
+
+#[test]
+fn handoff_inside_the_grace_window_is_counted() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        h.router.send(&vol("v"), publish("b", rwx())).await.unwrap();
+        assert_eq!(h.metrics.grace_period_used_total.get(), 1);
+    });
+}
+
+#[test]
+fn a_publish_that_races_the_reap_still_succeeds() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        // The router now remembers the actor's address; let the grace timer reap that actor.
+        let doomed = h
+            .router
+            .supervisor()
+            .send(super::messages::Route { volume: vol("v"), stale: None })
+            .await
+            .unwrap();
+        tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
+        assert_eq!(h.actors().await, 0);
+        // Sent straight to the reaped actor, the message would be lost...
+        let direct = doomed.send(publish("b", rwx())).await;
+        assert!(
+            matches!(direct, Err(MailboxError::Closed) | Ok(Err(Error::Retired))),
+            "the reaped actor must not accept work: {direct:?}"
+        );
+        // ...through the router it is retried on a fresh actor and succeeds.
+        h.router.send(&vol("v"), publish("b", rwx())).await.unwrap();
+        let view = h.router.send(&vol("v"), Describe).await.unwrap().unwrap();
+        assert_eq!(view["nodes"][0]["node"], "b");
+        assert_eq!(h.actors().await, 1);
+    });
+}
+
+#[test]
+fn publishes_at_the_reap_instant_are_never_lost() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        for round in 0..50u64 {
+            h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+            h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+            // Land the publish exactly when the grace timer fires, give or take a few ms.
+            let skew = Duration::from_millis(round % 5);
+            let router = h.router.clone();
+            let racer = actix_rt::spawn(async move {
+                tokio::time::sleep(GRACE - Duration::from_millis(2) + skew).await;
+                router.send(&vol("v"), publish("b", rwx())).await
+            });
+            racer.await.unwrap().unwrap();
+            let view = h.router.send(&vol("v"), Describe).await.unwrap().expect("b holds the volume");
+            assert_eq!(view["nodes"][0]["node"], "b", "round {round}");
+            h.router.send(&vol("v"), unpublish("b")).await.unwrap();
+            tokio::time::sleep(GRACE * 2).await;
+        }
+    });
+}
+
+#[test]
+fn publish_to_a_missing_volume_or_unknown_node_is_not_found_and_leaves_no_actor() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        let err = h.router.send(&vol("nope"), publish("a", rwx())).await.unwrap_err();
+        assert!(matches!(err, Error::VolumeNotFound(_)), "{err}");
+        let err = h.router.send(&vol("v"), publish("zz", rwx())).await.unwrap_err();
+        assert!(matches!(err, Error::NodeNotFound(_)), "{err}");
+        tokio::task::yield_now().await;
+        assert_eq!(h.actors().await, 0, "idle actors retire at once");
+    });
+}

@@ -1,0 +1,52 @@
+//! Many publishes of one volume at once over the real socket: the actor serializes them, so an
+//! exclusive volume gets exactly one holder and a migratable one exactly two.
+
+use tonic::Code;
+
+use crate::support::*;
+
+const NODES: usize = 200;
+
+async fn race(d: &Driver, volume: &str, capability: rds_csi::csi::VolumeCapability) -> (usize, usize, Vec<String>) {
+    let mut tasks = Vec::with_capacity(NODES);
+    for i in 0..NODES {
+        let mut client = d.controller();
+        let req = rds_csi::csi::ControllerPublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: format!("node-{i}"),
+            volume_capability: Some(capability.clone()),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move { client.controller_publish_volume(req).await.map(drop) }));
+    }
+    let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(s) if s.code() == Code::FailedPrecondition => refused += 1,
+            Err(s) => other.push(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+    (ok, refused, other)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_publishes() {
+    let known: Vec<String> = (0..NODES).map(|i| format!("node-{i}")).collect();
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+    let d = Driver::start(&known, &[]).await;
+    d.create("exclusive", rwo()).await;
+    d.create("migratable", rwx()).await;
+
+    let (ok, refused, other) = race(&d, "exclusive", rwo()).await;
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+    assert_eq!((ok, refused), (1, NODES - 1), "exclusive: exactly one holder");
+
+    let (ok, refused, other) = race(&d, "migratable", rwx()).await;
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+    assert_eq!((ok, refused), (2, NODES - 2), "migratable: exactly two holders");
+
+    let m = d.scrape().await;
+    assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 1.0);
+    assert_eq!(sample(&m, "rds_csi_attachment_conflicts_total"), (2 * NODES - 3) as f64);
+}

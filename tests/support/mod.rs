@@ -1,0 +1,249 @@
+//! Test support: runs the real `rds-csi` binary on a temporary unix socket and talks to it with
+//! the generated CSI client.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rds_csi::csi::controller_client::ControllerClient;
+use rds_csi::csi::identity_client::IdentityClient;
+use rds_csi::csi::node_client::NodeClient;
+use rds_csi::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+use rds_csi::csi::*;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rds-csi");
+
+pub struct Driver {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub channel: Channel,
+}
+
+/// How long to wait for the driver to come up. A wait, not a timing assertion.
+const STARTUP: Duration = Duration::from_secs(60);
+
+impl Driver {
+    /// Starts the driver with `--node-id n1`, extra known nodes and extra flags.
+    pub async fn start(known: &[&str], extra: &[&str]) -> Driver {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, known, extra).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, known: &[&str], extra: &[&str]) -> Driver {
+        let socket = dir.path().join("csi.sock");
+        let mut child = Self::spawn(dir.path(), &socket, known, extra);
+        let channel = tokio::select! {
+            channel = wait_for(&socket) => channel,
+            status = exited(&mut child) => panic!(
+                "rds-csi exited during start-up ({status:?}):\n{}",
+                std::fs::read_to_string(dir.path().join("driver.log")).unwrap_or_default()
+            ),
+        };
+        Driver { child: Some(child), dir, socket, channel }
+    }
+
+    pub fn spawn(dir: &Path, socket: &Path, known: &[&str], extra: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("driver.log")).unwrap();
+        Command::new(BIN)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--node-id")
+            .arg("n1")
+            .arg("--file-root")
+            .arg(dir.join("volumes"))
+            .arg("--kubernetes")
+            .arg("off")
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(extra)
+            .env("RDS_CSI_KNOWN_NODES", known.join(","))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn rds-csi")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default()
+    }
+
+    /// The metrics address the driver logged at start.
+    pub fn metrics_url(&self) -> String {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("serving /metrics")).expect("metrics address logged");
+        let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+        format!("http://{addr}")
+    }
+
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel.clone())
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends SIGTERM and waits for the exit status, keeping the runtime free so our client's
+    /// connection can close.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        // Close our connection first, as a sidecar going away would.
+        self.channel = tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy();
+        let mut child = self.child.take().unwrap();
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        exited(&mut child).await
+    }
+
+    pub async fn create(&self, name: &str, cap: VolumeCapability) -> Volume {
+        self.controller()
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange { required_bytes: 1 << 20, limit_bytes: 0 }),
+                volume_capabilities: vec![cap],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    pub async fn publish(&self, volume: &str, node: &str, cap: VolumeCapability) -> Result<HashMap<String, String>, tonic::Status> {
+        self.publish_full(volume, node, cap, false, HashMap::new()).await
+    }
+
+    pub async fn publish_full(
+        &self,
+        volume: &str,
+        node: &str,
+        cap: VolumeCapability,
+        readonly: bool,
+        volume_context: HashMap<String, String>,
+    ) -> Result<HashMap<String, String>, tonic::Status> {
+        self.controller()
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: node.into(),
+                volume_capability: Some(cap),
+                readonly,
+                secrets: HashMap::new(),
+                volume_context,
+            })
+            .await
+            .map(|r| r.into_inner().publish_context)
+    }
+
+    pub async fn unpublish(&self, volume: &str, node: &str) -> Result<(), tonic::Status> {
+        self.controller()
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: node.into(),
+                secrets: HashMap::new(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn scrape(&self) -> String {
+        http_get(&format!("{}/metrics", self.metrics_url())).await
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Resolves when the child process has exited.
+async fn exited(child: &mut Child) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls until the socket accepts a CSI connection that answers GetPluginInfo.
+pub async fn wait_for(socket: &Path) -> Channel {
+    let endpoint = format!("unix://{}", socket.display());
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        if let Ok(channel) = rds_csi::ctl::connect(&endpoint).await {
+            if IdentityClient::new(channel.clone()).get_plugin_info(GetPluginInfoRequest {}).await.is_ok() {
+                return channel;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "driver did not come up on {}", socket.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET over loopback.
+pub async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(body)
+}
+
+/// The value of one sample in a Prometheus text scrape (0 when absent).
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+pub fn cap(mode: Mode, block: bool) -> VolumeCapability {
+    let access_type = if block {
+        AccessType::Block(BlockVolume {})
+    } else {
+        AccessType::Mount(MountVolume { fs_type: "ext4".into(), mount_flags: vec![], volume_mount_group: String::new() })
+    };
+    VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(access_type) }
+}
+
+/// RWO filesystem: exclusive.
+pub fn rwo() -> VolumeCapability {
+    cap(Mode::SingleNodeWriter, false)
+}
+
+/// RWO raw block: exclusive.
+pub fn rwo_block() -> VolumeCapability {
+    cap(Mode::SingleNodeWriter, true)
+}
+
+/// RWX block: migratable.
+pub fn rwx() -> VolumeCapability {
+    cap(Mode::MultiNodeMultiWriter, true)
+}
+
+/// RWX filesystem: always refused.
+pub fn rwx_mount() -> VolumeCapability {
+    cap(Mode::MultiNodeMultiWriter, false)
+}
