@@ -6,7 +6,7 @@
 //! that is how no message is lost to a reap.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -34,9 +34,8 @@ impl Supervisor {
         if self.arbiters.is_empty() {
             return None;
         }
-        let mut h = self.hasher.build_hasher();
-        volume.hash(&mut h);
-        Some(&self.arbiters[(h.finish() % self.arbiters.len() as u64) as usize])
+        let slot = self.hasher.hash_one(volume) % self.arbiters.len() as u64;
+        Some(&self.arbiters[slot as usize])
     }
 
     fn spawn(&self, actor: VolumeActor, volume: &VolumeId) -> Addr<VolumeActor> {

@@ -144,10 +144,7 @@ async fn validate_capacity_capabilities_identity_and_node() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.map(|controller_service_capability::Type::Rpc(r)| r.r#type))
         .collect();
     for want in [Rpc::CreateDeleteVolume, Rpc::PublishUnpublishVolume, Rpc::ListVolumes, Rpc::GetCapacity, Rpc::PublishReadonly] {
         assert!(caps.contains(&(want as i32)), "{want:?} advertised");
