@@ -7,12 +7,14 @@
 //! - [`backend`]: where volumes live (`file` is the embedded default);
 //! - [`kube`]: the cluster behind small traits (standalone implementations included);
 //! - [`metrics`], [`telemetry`]: Prometheus registry and logs;
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/debug/attachments`;
 //! - [`ctl`]: a small CSI client over the socket for humans.
 
 pub mod actors;
 pub mod backend;
 pub mod ctl;
 pub mod grpc;
+pub mod http;
 pub mod ids;
 pub mod kube;
 pub mod metrics;

@@ -18,6 +18,7 @@ use rds_csi::grpc::controller::ControllerService;
 use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
+use rds_csi::http::HttpState;
 use rds_csi::kube::Standalone;
 use rds_csi::metrics::Metrics;
 use rds_csi::telemetry::{self, LogFormat};
@@ -152,6 +153,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
 
+    let started = std::time::Instant::now();
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
     });
@@ -165,6 +167,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
 
         let mut arbiter_threads = Vec::new();
+        let mut supervisor_addr = None;
         let controller_service = if controller {
             let backend: Arc<dyn VolumeBackend> = match backend {
                 BackendKind::File => Arc::new(
@@ -183,6 +186,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             arbiter_threads = (0..arbiter_count).map(|_| Arbiter::new()).collect();
             let handles = arbiter_threads.iter().map(|a| a.handle()).collect();
             let supervisor = Supervisor::new(deps, handles).start();
+            supervisor_addr = Some(supervisor.clone());
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
                 router: Router::new(supervisor, Duration::from_secs(30)),
@@ -195,6 +199,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         // Standalone has nothing to seed.
         ready.store(true, std::sync::atomic::Ordering::Release);
+        metrics.seeding_seconds_to_ready.set(started.elapsed().as_secs_f64());
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -210,9 +215,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("--metrics-address {metrics_address}"))?;
             tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-            let (metrics, ready, stop) = (metrics.clone(), ready.clone(), stopped(stop_rx.clone()));
+            let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), supervisor: supervisor_addr };
+            let stop = stopped(stop_rx.clone());
             tokio::spawn(async move {
-                if let Err(e) = rds_csi::metrics::serve_http(listener, metrics, ready, stop).await {
+                if let Err(e) = rds_csi::http::serve(listener, state, stop).await {
                     tracing::error!(error = %e, "metrics server failed");
                 }
             });
@@ -221,6 +227,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let listener = server::bind(&socket).await?;
         tracing::info!(endpoint = %socket.display(), "serving CSI");
         let services = Services {
+            metrics: metrics.clone(),
             identity: IdentityService { driver_name: driver_name.clone(), controller, ready: ready.clone() },
             controller: controller_service,
             node: matches!(mode, Mode::Node | Mode::All).then(|| NodeService { node_id: node_id.to_string() }),

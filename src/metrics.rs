@@ -26,6 +26,14 @@ pub struct Metrics {
     pub volume_operation_duration: HistogramVec,
     pub nvme_connections_active: IntGauge,
     pub volume_actors: IntGaugeVec,
+    pub grpc_started: IntCounterVec,
+    pub grpc_handled: IntCounterVec,
+    pub grpc_in_flight: IntGaugeVec,
+    pub seeding_seen: IntCounter,
+    pub seeding_skipped: IntCounterVec,
+    pub seeding_seconds_to_ready: prometheus::Gauge,
+    pub annotation_write_failures: IntCounterVec,
+    pub event_write_failures: IntCounterVec,
 }
 
 fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
@@ -121,6 +129,48 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let grpc_started = IntCounterVec::new(
+            opts("grpc", "server_started_total", "gRPC requests started, by service and method."),
+            &["grpc_service", "grpc_method"],
+        )
+        .expect("valid metric");
+        let grpc_handled = IntCounterVec::new(
+            opts("grpc", "server_handled_total", "gRPC requests completed, by service, method and status code."),
+            &["grpc_service", "grpc_method", "grpc_code"],
+        )
+        .expect("valid metric");
+        let grpc_in_flight = IntGaugeVec::new(
+            opts("grpc", "server_in_flight_requests", "gRPC requests being handled now, by service and method."),
+            &["grpc_service", "grpc_method"],
+        )
+        .expect("valid metric");
+        let seeding_seen = IntCounter::with_opts(opts(
+            "seeding",
+            "volumeattachments_seen_total",
+            "VolumeAttachments of this driver read while rebuilding attachment state at boot.",
+        ))
+        .expect("valid metric");
+        let seeding_skipped = IntCounterVec::new(
+            opts("seeding", "volumeattachments_skipped_total", "VolumeAttachments ignored at boot, by reason."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let seeding_seconds_to_ready = prometheus::Gauge::with_opts(opts(
+            "seeding",
+            "seconds_to_ready",
+            "Seconds from process start until attachment state was rebuilt and the driver became ready.",
+        ))
+        .expect("valid metric");
+        let annotation_write_failures = IntCounterVec::new(
+            opts("kube", "annotation_write_failures_total", "Failed PV annotation writes (each is retried), by reason."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let event_write_failures = IntCounterVec::new(
+            opts("kube", "event_write_failures_total", "Failed Kubernetes event posts (each is retried), by reason."),
+            &["reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(attach_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(detach_total.clone()),
@@ -136,6 +186,14 @@ impl Metrics {
             Box::new(volume_operation_duration.clone()),
             Box::new(nvme_connections_active.clone()),
             Box::new(volume_actors.clone()),
+            Box::new(grpc_started.clone()),
+            Box::new(grpc_handled.clone()),
+            Box::new(grpc_in_flight.clone()),
+            Box::new(seeding_seen.clone()),
+            Box::new(seeding_skipped.clone()),
+            Box::new(seeding_seconds_to_ready.clone()),
+            Box::new(annotation_write_failures.clone()),
+            Box::new(event_write_failures.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -146,6 +204,9 @@ impl Metrics {
         }
         for result in ["success", "failed", "timeout"] {
             migrations_total.with_label_values(&[result]);
+        }
+        for state in ["attached", "migrating", "grace"] {
+            volume_actors.with_label_values(&[state]);
         }
         Self {
             registry,
@@ -163,6 +224,14 @@ impl Metrics {
             volume_operation_duration,
             nvme_connections_active,
             volume_actors,
+            grpc_started,
+            grpc_handled,
+            grpc_in_flight,
+            seeding_seen,
+            seeding_skipped,
+            seeding_seconds_to_ready,
+            annotation_write_failures,
+            event_write_failures,
         }
     }
 
@@ -186,39 +255,3 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (seeding is done) until
-/// `shutdown` resolves.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<Metrics>,
-    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::http::{header, StatusCode};
-    use axum::routing::get;
-    use std::sync::atomic::Ordering;
-
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.load(Ordering::Acquire);
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "attachment state is still being rebuilt\n")
-                    }
-                }
-            }),
-        );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-}

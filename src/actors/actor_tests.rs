@@ -222,3 +222,37 @@ fn publish_to_a_missing_volume_or_unknown_node_is_not_found_and_leaves_no_actor(
         assert_eq!(h.actors().await, 0, "idle actors retire at once");
     });
 }
+
+/// The value of one series in the Prometheus text that `/metrics` serves.
+fn scraped(metrics: &Metrics, series: &str) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_timed_out_migration_is_counted_once_in_the_exposition() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        let timeout = r#"rds_csi_migration_migrations_total{result="timeout"}"#;
+        let success = r#"rds_csi_migration_migrations_total{result="success"}"#;
+        let failed = r#"rds_csi_migration_migrations_total{result="failed"}"#;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), publish("b", rwx())).await.unwrap();
+        assert_eq!(scraped(&h.metrics, "rds_csi_migration_active_migrations"), 1.0);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(scraped(&h.metrics, timeout), 1.0);
+        assert_eq!(scraped(&h.metrics, "rds_csi_migration_active_migrations"), 1.0, "still dual-attached");
+        h.router.send(&vol("v"), unpublish("b")).await.unwrap();
+        assert_eq!(
+            (scraped(&h.metrics, timeout), scraped(&h.metrics, success), scraped(&h.metrics, failed)),
+            (1.0, 0.0, 0.0),
+            "the later rollback does not count again"
+        );
+        assert_eq!(scraped(&h.metrics, "rds_csi_migration_active_migrations"), 0.0);
+        assert_eq!(scraped(&h.metrics, "rds_csi_migration_duration_seconds_count"), 0.0);
+    });
+}

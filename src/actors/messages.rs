@@ -74,3 +74,19 @@ pub struct Reaped {
 #[derive(Message)]
 #[rtype(result = "Vec<(VolumeId, Addr<VolumeActor>)>")]
 pub struct ListActors;
+
+/// Supervisor: the live actor for `volume`, if any. Never starts one.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<VolumeActor>>")]
+pub struct Lookup(pub VolumeId);
+
+/// A message with the caller's tracing span, so what the actor logs carries the RPC's span
+/// (volume_id, node_id) although it runs on another thread.
+pub struct Traced<M> {
+    pub msg: M,
+    pub span: tracing::Span,
+}
+
+impl<M: Message> Message for Traced<M> {
+    type Result = M::Result;
+}

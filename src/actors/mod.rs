@@ -19,7 +19,7 @@ use crate::ids::VolumeId;
 use crate::kube::{AttachmentAuthority, ClusterSink, NodeDirectory};
 use crate::metrics::Metrics;
 use crate::Error;
-use messages::Route;
+use messages::{Route, Traced};
 use supervisor::Supervisor;
 use volume::VolumeActor;
 
@@ -76,8 +76,8 @@ impl Router {
     where
         M: Message<Result = Result<T, Error>> + Clone + Send + 'static,
         T: Send + 'static,
-        VolumeActor: Handler<M>,
-        <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, M>,
+        VolumeActor: Handler<M> + Handler<Traced<M>>,
+        <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, Traced<M>>,
     {
         let mut next = self.remembered(volume);
         let mut stale = None;
@@ -86,7 +86,8 @@ impl Router {
                 Some(addr) => addr,
                 None => self.route(volume, stale.take()).await?,
             };
-            match addr.send(msg.clone()).timeout(self.mailbox_timeout).await {
+            let traced = Traced { msg: msg.clone(), span: tracing::Span::current() };
+            match addr.send(traced).timeout(self.mailbox_timeout).await {
                 Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => stale = Some(addr),
                 Ok(answer) => return answer,
                 Err(MailboxError::Timeout) => {

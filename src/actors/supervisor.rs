@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::{ListActors, Reaped, Route};
+use super::messages::{ListActors, Lookup, Reaped, Route};
 use super::state::{Effect, VolumeState};
 use super::volume::VolumeActor;
 use super::VolumeDeps;
@@ -112,5 +112,13 @@ impl Handler<ListActors> for Supervisor {
 
     fn handle(&mut self, _: ListActors, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.actors.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
+impl Handler<Lookup> for Supervisor {
+    type Result = Option<Addr<VolumeActor>>;
+
+    fn handle(&mut self, Lookup(volume): Lookup, _ctx: &mut Context<Self>) -> Self::Result {
+        self.actors.get(&volume).filter(|a| a.connected()).cloned()
     }
 }

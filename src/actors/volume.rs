@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use actix::prelude::*;
 use tokio::time::Instant;
 
-use super::messages::{Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Unpublish};
+use super::messages::{Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Traced, Unpublish};
 use super::state::{DropReason, Effect, MigrationResult, VolumeState};
 use super::VolumeDeps;
 use crate::ids::VolumeId;
@@ -251,6 +251,21 @@ fn retired<T: 'static>() -> AtomicResponse<VolumeActor, Result<T, Error>> {
     AtomicResponse::new(Box::pin(actix::fut::ready(Err(Error::Retired))))
 }
 
+/// Runs the inner message's handler inside the caller's span.
+macro_rules! traced {
+    ($($msg:ty),*) => {$(
+        impl Handler<Traced<$msg>> for VolumeActor {
+            type Result = <VolumeActor as Handler<$msg>>::Result;
+
+            fn handle(&mut self, traced: Traced<$msg>, ctx: &mut Context<Self>) -> Self::Result {
+                let _entered = traced.span.enter();
+                <Self as Handler<$msg>>::handle(self, traced.msg, ctx)
+            }
+        }
+    )*};
+}
+traced!(Publish, Unpublish, Delete, Describe);
+
 impl Handler<Publish> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
@@ -279,7 +294,9 @@ impl Handler<Publish> for VolumeActor {
             }
             Ok((deps.backend.publish_context(&volume), verdicts))
         };
+        let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(move |checked, act, ctx| {
+            let _entered = span.enter();
             let before = act.class_label();
             let was_attached = !act.state.nodes().is_empty();
             let result = checked.and_then(|(mut publish_context, verdicts)| {

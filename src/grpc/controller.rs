@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{capability, to_proto};
 use crate::actors::messages::{Delete, Publish, Unpublish};
@@ -134,6 +135,12 @@ impl ControllerService {
     }
 }
 
+/// The span every volume RPC runs in. Raw request strings are logged escaped (`?`), as they
+/// are not validated yet.
+fn rpc_span(rpc: &'static str, volume_id: &str, node_id: &str) -> tracing::Span {
+    tracing::info_span!("rpc", rpc, volume_id = ?volume_id, node_id = ?node_id)
+}
+
 fn capabilities(types: &[rpc::Type]) -> Vec<ControllerServiceCapability> {
     types
         .iter()
@@ -158,6 +165,7 @@ impl Controller for ControllerService {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
+        let span = rpc_span("CreateVolume", &req.get_ref().name, "");
         let result = async {
             let create = CreateRequest::try_from(req.into_inner())?;
             let context = create.parameters.clone();
@@ -172,6 +180,7 @@ impl Controller for ControllerService {
                 }),
             })
         }
+        .instrument(span)
         .await;
         self.record("create", started, result)
     }
@@ -180,11 +189,13 @@ impl Controller for ControllerService {
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
+        let span = rpc_span("DeleteVolume", &req.get_ref().volume_id, "");
         let result = async {
             let volume = VolumeId::try_from(req.get_ref().volume_id.as_str())?;
             self.router.send(&volume, Delete).await?;
             Ok(DeleteVolumeResponse {})
         }
+        .instrument(span)
         .await;
         self.record("delete", started, result)
     }
@@ -196,11 +207,13 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
+        let span = rpc_span("ControllerPublishVolume", &req.get_ref().volume_id, &req.get_ref().node_id);
         let result = async {
             let call = PublishCall::try_from(req.into_inner())?;
             let published = self.router.send(&call.volume, call.msg).await?;
             Ok(ControllerPublishVolumeResponse { publish_context: published.publish_context })
         }
+        .instrument(span)
         .await;
         self.record("publish", started, result)
     }
@@ -212,11 +225,13 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
+        let span = rpc_span("ControllerUnpublishVolume", &req.get_ref().volume_id, &req.get_ref().node_id);
         let result = async {
             let call = UnpublishCall::try_from(req.into_inner())?;
             self.router.send(&call.volume, call.msg).await?;
             Ok(ControllerUnpublishVolumeResponse {})
         }
+        .instrument(span)
         .await;
         self.record("unpublish", started, result)
     }

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod identity;
 pub mod node;
+pub mod observe;
 pub mod server;
 pub mod status;
 

@@ -71,6 +71,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 }
 
 pub struct Services {
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     pub identity: IdentityService,
     pub controller: Option<ControllerService>,
     pub node: Option<NodeService>,
@@ -88,6 +89,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
+        .layer(super::observe::GrpcMetricsLayer::new(services.metrics))
         .add_service(IdentityServer::new(services.identity))
         .add_optional_service(services.controller.map(ControllerServer::new))
         .add_optional_service(services.node.map(NodeServer::new))

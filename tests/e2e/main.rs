@@ -6,5 +6,6 @@ mod support;
 mod bad_input;
 mod concurrency;
 mod controller;
+mod observability;
 mod rules;
 mod socket;

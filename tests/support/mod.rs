@@ -58,7 +58,7 @@ impl Driver {
             .arg(dir.join("volumes"))
             .arg("--kubernetes")
             .arg("off")
-            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(if extra.contains(&"--metrics-address") { &[][..] } else { &["--metrics-address", "127.0.0.1:0"][..] })
             .args(extra)
             .env("RDS_CSI_KNOWN_NODES", known.join(","))
             .env("RUST_LOG", "info")
@@ -77,7 +77,10 @@ impl Driver {
     pub fn metrics_url(&self) -> String {
         let log = self.log();
         let line = log.lines().find(|l| l.contains("serving /metrics")).expect("metrics address logged");
-        let addr = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap();
+        let addr = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(json) => json["fields"]["address"].as_str().unwrap().to_string(),
+            Err(_) => line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_string(),
+        };
         format!("http://{addr}")
     }
 

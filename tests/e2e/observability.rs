@@ -1,0 +1,130 @@
+//! What operators see: /metrics counts each migration once, /debug/attachments shows live state,
+//! health endpoints, gRPC metrics, and structured logs with RPC spans.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+fn migrations(m: &str) -> (f64, f64, f64) {
+    (
+        sample(m, r#"rds_csi_migration_migrations_total{result="success"}"#),
+        sample(m, r#"rds_csi_migration_migrations_total{result="failed"}"#),
+        sample(m, r#"rds_csi_migration_migrations_total{result="timeout"}"#),
+    )
+}
+
+#[tokio::test]
+async fn each_migration_is_counted_exactly_once() {
+    let d = Driver::start(&["n2"], &[]).await;
+    d.create("v", rwx()).await;
+    d.publish("v", "n1", rwx()).await.unwrap();
+    d.publish("v", "n2", rwx()).await.unwrap();
+    let during = d.scrape().await;
+    assert_eq!(sample(&during, "rds_csi_migration_active_migrations"), 1.0);
+    assert_eq!(migrations(&during), (0.0, 0.0, 0.0));
+
+    d.unpublish("v", "n1").await.unwrap();
+    d.unpublish("v", "n1").await.unwrap(); // a repeated detach changes nothing
+    let done = d.scrape().await;
+    assert_eq!(migrations(&done), (1.0, 0.0, 0.0));
+    assert_eq!(sample(&done, "rds_csi_migration_duration_seconds_count"), 1.0);
+    assert_eq!(sample(&done, "rds_csi_migration_active_migrations"), 0.0);
+
+    d.publish("v", "n1", rwx()).await.unwrap();
+    d.unpublish("v", "n1").await.unwrap();
+    let rolled_back = d.scrape().await;
+    assert_eq!(migrations(&rolled_back), (1.0, 1.0, 0.0));
+    assert_eq!(sample(&rolled_back, "rds_csi_migration_duration_seconds_count"), 1.0, "failures are not timed");
+    assert_eq!(sample(&rolled_back, "rds_csi_migration_active_migrations"), 0.0);
+}
+
+async fn debug(d: &Driver, query: &str) -> serde_json::Value {
+    let body = http_get(&format!("{}/debug/attachments{query}", d.metrics_url())).await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test]
+async fn debug_attachments_shows_a_migration_counting_down() {
+    let d = Driver::start(&["n2"], &[]).await;
+    d.create("vm", rwx()).await;
+    d.create("idle", rwo()).await;
+    d.publish("vm", "n1", rwx()).await.unwrap();
+    let ctx = [("migrationTimeoutSeconds".to_string(), "120".to_string())].into();
+    d.publish_full("vm", "n2", rwx(), false, ctx).await.unwrap();
+
+    let all = debug(&d, "").await;
+    assert_eq!(all["count"], 1, "only volumes with attachments or grace records: {all}");
+    let first = debug(&d, "?volume=vm").await;
+    assert_eq!(first["volume_id"], "vm");
+    assert_eq!(first["access_class"], "migratable");
+    let nodes: Vec<&str> = first["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["n1", "n2"]);
+    assert_eq!(first["migration"]["source"], "n1");
+    assert_eq!(first["migration"]["target"], "n2");
+    assert_eq!(first["migration"]["timeout_seconds"], 120);
+    let left1 = first["migration"]["time_left_seconds"].as_f64().unwrap();
+    assert!(left1 <= 120.0 && left1 > 0.0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = debug(&d, "?volume=vm").await;
+    let left2 = second["migration"]["time_left_seconds"].as_f64().unwrap();
+    assert!(left2 < left1, "time left must decrease: {left1} then {left2}");
+
+    d.unpublish("vm", "n1").await.unwrap();
+    d.unpublish("vm", "n2").await.unwrap();
+    let grace = debug(&d, "?volume=vm").await;
+    assert_eq!(grace["nodes"].as_array().unwrap().len(), 0);
+    assert_eq!(grace["grace"]["last_node"], "n2");
+
+    let missing = debug(&d, "?volume=idle").await;
+    assert!(missing["error"].as_str().unwrap().contains("not attached"));
+    let bad = debug(&d, "?volume=..%2Fetc").await;
+    assert!(bad["error"].as_str().unwrap().contains("volume_id"));
+}
+
+#[tokio::test]
+async fn health_grpc_metrics_and_json_logs() {
+    let d = Driver::start(&["n2"], &["--log-format", "json"]).await;
+    let base = d.metrics_url();
+    assert_eq!(http_get(&format!("{base}/healthz")).await, "ok\n");
+    assert_eq!(http_get(&format!("{base}/readyz")).await, "ready\n");
+    d.create("v", rwo()).await;
+    d.publish("v", "n1", rwo()).await.unwrap();
+    assert!(d.publish("v", "n2", rwo()).await.is_err());
+    let m = d.scrape().await;
+    let handled = |code: &str| {
+        sample(
+            &m,
+            &format!(
+                r#"rds_csi_grpc_server_handled_total{{grpc_code="{code}",grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}}"#
+            ),
+        )
+    };
+    assert_eq!((handled("OK"), handled("FailedPrecondition")), (1.0, 1.0));
+    assert_eq!(
+        sample(&m, r#"rds_csi_grpc_server_in_flight_requests{grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}"#),
+        0.0
+    );
+    assert_eq!(sample(&m, r#"rds_csi_attachment_volume_actors{state="attached"}"#), 1.0);
+    assert!(sample(&m, "rds_csi_seeding_seconds_to_ready") > 0.0);
+
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let attached = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "attached")
+        .expect("an 'attached' log line");
+    assert_eq!(attached["fields"]["volume_id"], "v");
+    let refused = lines.iter().find(|l| l["fields"]["message"] == "publish refused").expect("a conflict line");
+    assert_eq!(refused["span"]["rpc"], "ControllerPublishVolume");
+    assert_eq!(refused["span"]["node_id"], "\"n2\"");
+}
+
+#[tokio::test]
+async fn an_empty_metrics_address_disables_the_endpoint() {
+    let d = Driver::start(&[], &["--metrics-address", ""]).await;
+    d.identity().probe(rds_csi::csi::ProbeRequest {}).await.unwrap();
+    assert!(!d.log().contains("serving /metrics"));
+}
