@@ -19,7 +19,11 @@ use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
-use rds_csi::kube::Standalone;
+use rds_csi::actors::messages::Seed;
+use rds_csi::kube::cluster::{self as kube_cluster, KubeCluster, KubernetesMode};
+use rds_csi::kube::seed as seed_plan;
+use rds_csi::kube::sink::KubeSink;
+use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
 use rds_csi::telemetry::{self, LogFormat};
 use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
@@ -50,13 +54,6 @@ enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
     File,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum KubernetesMode {
-    Auto,
-    On,
-    Off,
 }
 
 #[derive(Parser)]
@@ -144,10 +141,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     if driver_name.is_empty() {
         bail!("--driver-name must not be empty");
     }
-    match kubernetes {
-        KubernetesMode::On => bail!("--kubernetes on: Kubernetes mode is not available in this build yet; use off or auto"),
-        KubernetesMode::Auto | KubernetesMode::Off => {}
-    }
     let socket = server::parse_endpoint(&endpoint)?;
     let arbiter_count = arbiters
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -161,10 +154,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let controller = matches!(mode, Mode::Controller | Mode::All);
-        tracing::info!(
-            driver = %driver_name, node_id = %node_id, mode = ?mode, known_nodes = known.len(),
-            "standalone: no Kubernetes cluster; known nodes come from --node-id and --known-node, no seeding, annotations or events"
-        );
+        let client = kube_cluster::connect(kubernetes).await.context("--kubernetes")?;
+        match &client {
+            Some(_) => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode,
+                "Kubernetes mode: attachment state is rebuilt from VolumeAttachments before serving"),
+            None => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode, known_nodes = known.len(),
+                "standalone: no Kubernetes cluster; known nodes come from --node-id and --known-node, no seeding, annotations or events"),
+        }
 
         let mut arbiter_threads = Vec::new();
         let mut supervisor_addr = None;
@@ -174,12 +170,23 @@ fn run(args: Args) -> anyhow::Result<()> {
                     FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
                 ),
             };
-            let cluster = Arc::new(Standalone::new(known));
+            let (nodes, authority, sink, cluster): (Arc<dyn NodeDirectory>, Arc<dyn AttachmentAuthority>, Arc<dyn ClusterSink>, _) =
+                match &client {
+                    Some(client) => {
+                        let cluster = KubeCluster::start(client.clone(), driver_name.clone());
+                        let sink = KubeSink::start(cluster.clone(), metrics.clone());
+                        (cluster.clone(), cluster.clone(), sink, Some(cluster))
+                    }
+                    None => {
+                        let standalone = Arc::new(Standalone::new(known));
+                        (standalone.clone(), standalone.clone(), standalone, None)
+                    }
+                };
             let deps = Arc::new(VolumeDeps {
                 backend: backend.clone(),
-                nodes: cluster.clone(),
-                authority: cluster.clone(),
-                sink: cluster,
+                nodes,
+                authority,
+                sink,
                 metrics: metrics.clone(),
                 grace_period: attachment_grace_period,
             });
@@ -187,6 +194,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             let handles = arbiter_threads.iter().map(|a| a.handle()).collect();
             let supervisor = Supervisor::new(deps, handles).start();
             supervisor_addr = Some(supervisor.clone());
+            match cluster {
+                Some(cluster) => {
+                    tokio::spawn(seed(cluster, supervisor.clone(), metrics.clone(), ready.clone(), started));
+                }
+                None => {
+                    ready.store(true, std::sync::atomic::Ordering::Release);
+                    metrics.seeding_seconds_to_ready.set(started.elapsed().as_secs_f64());
+                }
+            }
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
                 router: Router::new(supervisor, Duration::from_secs(30)),
@@ -197,9 +213,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             None
         };
-        // Standalone has nothing to seed.
-        ready.store(true, std::sync::atomic::Ordering::Release);
-        metrics.seeding_seconds_to_ready.set(started.elapsed().as_secs_f64());
+        if !controller {
+            // A node plugin has no attachment state to rebuild.
+            ready.store(true, std::sync::atomic::Ordering::Release);
+        }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -240,6 +257,39 @@ fn run(args: Args) -> anyhow::Result<()> {
         System::current().stop();
         Ok(())
     })
+}
+
+/// Rebuilds attachment state from VolumeAttachments, then marks the driver ready. Until then
+/// Probe says not ready and Controller RPCs answer UNAVAILABLE.
+async fn seed(
+    cluster: Arc<KubeCluster>,
+    supervisor: Addr<Supervisor>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    started: std::time::Instant,
+) {
+    cluster.pvs_ready().await;
+    let (vas, seen) = cluster.list_attachments(|_| {}).await;
+    metrics.seeding_seen.inc_by(seen as u64);
+    let plan = seed_plan::plan(&vas, &cluster.pv_views());
+    for (va, reason) in &plan.skipped {
+        metrics.seeding_skipped.with_label_values(&[reason.label()]).inc();
+        tracing::warn!(volume_attachment = %va, reason = reason.label(), "VolumeAttachment skipped while seeding");
+    }
+    let holders: usize = plan.volumes.iter().map(|v| v.holders.len()).sum();
+    let skipped = plan.skipped.len();
+    let volumes = match supervisor.send(Seed(plan.volumes)).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "the supervisor stopped while seeding");
+            return;
+        }
+    };
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    let secs = started.elapsed().as_secs_f64();
+    metrics.seeding_seconds_to_ready.set(secs);
+    tracing::info!(volume_attachments = seen, volumes, attachments = holders, skipped, seconds = secs,
+        "attachment state rebuilt from VolumeAttachments; ready");
 }
 
 async fn shutdown_signal() {

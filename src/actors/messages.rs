@@ -90,3 +90,9 @@ pub struct Traced<M> {
 impl<M: Message> Message for Traced<M> {
     type Result = M::Result;
 }
+
+/// Supervisor: rebuild volume actors from VolumeAttachments at boot. Answers how many volumes
+/// were seeded.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Seed(pub Vec<crate::kube::seed::SeedVolume>);

@@ -107,7 +107,10 @@ pub struct Attachment {
     pub node: NodeId,
     pub attached_at: Instant,
     pub attached_wall: SystemTime,
-    pub capability: Capability,
+    pub class: AccessClass,
+    /// `None` for an attachment rebuilt from a VolumeAttachment, which does not record the
+    /// capability: the first re-publish from the same node supplies it (rules, Publish 3).
+    pub capability: Option<Capability>,
     pub readonly: bool,
 }
 
@@ -212,7 +215,7 @@ impl VolumeState {
     ) -> (Self, Vec<Effect>) {
         let mut state = Self::new(grace_period);
         let mut effects = Vec::new();
-        let all_migratable = holders.iter().all(|a| a.capability.class() == AccessClass::Migratable);
+        let all_migratable = holders.iter().all(|a| a.class == AccessClass::Migratable);
         if holders.len() == 2 && all_migratable {
             state.migration = Some(Migration {
                 source: holders[0].node.clone(),
@@ -241,7 +244,7 @@ impl VolumeState {
     }
 
     pub fn class(&self) -> Option<AccessClass> {
-        self.nodes.first().map(|a| a.capability.class())
+        self.nodes.first().map(|a| a.class)
     }
 
     /// No holders and no grace record: nothing would be lost if this state were dropped.
@@ -308,8 +311,12 @@ impl VolumeState {
     /// (exclusive, or another access class) and `MigrationLimit` (two nodes already).
     pub fn publish(&mut self, req: &PublishRequest, now: Instant, wall: SystemTime) -> Result<Published, Error> {
         // Step 3: already on this node.
-        if let Some(existing) = self.nodes.iter().find(|a| a.node == req.node) {
-            if existing.capability == req.capability && existing.readonly == req.readonly {
+        if let Some(existing) = self.nodes.iter_mut().find(|a| a.node == req.node) {
+            if existing.capability.is_none() && existing.class == req.capability.class() {
+                existing.capability = Some(req.capability.clone());
+                existing.readonly = req.readonly;
+            }
+            if existing.capability.as_ref() == Some(&req.capability) && existing.readonly == req.readonly {
                 return Ok(Published { effects: Vec::new(), idempotent: true });
             }
             return Err(Error::AlreadyExists(format!(
@@ -322,7 +329,8 @@ impl VolumeState {
             node: req.node.clone(),
             attached_at: now,
             attached_wall: wall,
-            capability: req.capability.clone(),
+            class: req.capability.class(),
+            capability: Some(req.capability.clone()),
             readonly: req.readonly,
         };
         // Step 4: on no node.
@@ -339,7 +347,7 @@ impl VolumeState {
             return Ok(Published { effects, idempotent: false });
         }
         // Step 5.3: exclusive, or a different access class.
-        let held_class = self.nodes[0].capability.class();
+        let held_class = self.nodes[0].class;
         let overfull = self.nodes.len() > 2 || (self.nodes.len() == 2 && self.migration.is_none());
         if held_class == AccessClass::Exclusive || req.capability.class() != held_class || overfull {
             return Err(Error::Conflict {
@@ -449,7 +457,7 @@ impl VolumeState {
                     "node": a.node.as_str(),
                     "attached_at": crate::rfc3339(a.attached_wall),
                     "readonly": a.readonly,
-                    "access_mode": format!("{:?}", a.capability.mode()),
+                    "access_mode": a.capability.as_ref().map_or("unknown (rebuilt from a VolumeAttachment)".to_string(), |c| format!("{:?}", c.mode())),
                 })
             })
             .collect();

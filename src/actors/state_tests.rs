@@ -225,7 +225,8 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
         node: node(n),
         attached_at: at,
         attached_wall: SystemTime::now(),
-        capability: rwx(),
+        class: AccessClass::Migratable,
+        capability: None,
         readonly: false,
     };
     let (state, effects) = VolumeState::seeded(
@@ -246,6 +247,25 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
     assert!(state.migration().is_none());
     let mut state = state;
     assert!(state.publish(&req("d", rwx()), t0, SystemTime::now()).is_err());
+}
+
+#[test]
+fn a_seeded_holder_adopts_the_capability_of_its_first_republish() {
+    let t0 = Instant::now();
+    let holder = Attachment {
+        node: node("a"),
+        attached_at: t0,
+        attached_wall: SystemTime::now(),
+        class: AccessClass::Exclusive,
+        capability: None,
+        readonly: false,
+    };
+    let (mut state, _) = VolumeState::seeded(GRACE, vec![holder], DEFAULT_MIGRATION_TIMEOUT);
+    let p = state.publish(&req("a", rwo()), t0, SystemTime::now()).unwrap();
+    assert!(p.idempotent && p.effects.is_empty());
+    let block = req("a", Capability::block(AccessMode::SingleNodeWriter));
+    assert!(matches!(state.publish(&block, t0, SystemTime::now()), Err(Error::AlreadyExists(_))));
+    assert!(matches!(state.publish(&req("b", rwo()), t0, SystemTime::now()), Err(Error::Conflict { .. })));
 }
 
 #[test]

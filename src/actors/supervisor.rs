@@ -11,11 +11,14 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::messages::{ListActors, Lookup, Reaped, Route};
-use super::state::{Effect, VolumeState};
+use super::messages::{ListActors, Lookup, Reaped, Route, Seed};
+use super::state::{Attachment, Effect, VolumeState};
 use super::volume::VolumeActor;
 use super::VolumeDeps;
 use crate::ids::VolumeId;
+
+/// Longer than any migration timeout or grace period.
+const SEED_AGE_CAP: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
 
 pub struct Supervisor {
     actors: HashMap<VolumeId, Addr<VolumeActor>>,
@@ -120,5 +123,38 @@ impl Handler<Lookup> for Supervisor {
 
     fn handle(&mut self, Lookup(volume): Lookup, _ctx: &mut Context<Self>) -> Self::Result {
         self.actors.get(&volume).filter(|a| a.connected()).cloned()
+    }
+}
+
+impl Handler<Seed> for Supervisor {
+    type Result = usize;
+
+    /// Holder times are wall-clock creation times; they map onto the monotonic clock so a
+    /// migration's deadline keeps counting from the newer VolumeAttachment's creation.
+    fn handle(&mut self, Seed(volumes): Seed, ctx: &mut Context<Self>) -> usize {
+        let now = tokio::time::Instant::now();
+        let wall = std::time::SystemTime::now();
+        let count = volumes.len();
+        for v in volumes {
+            let holders = v
+                .holders
+                .into_iter()
+                .map(|(node, created)| Attachment {
+                    node,
+                    // Ages beyond two hours all mean "every deadline has passed"; clamping keeps
+                    // the subtraction inside the monotonic clock's range.
+                    attached_at: now
+                        .checked_sub(wall.duration_since(created).unwrap_or_default().min(SEED_AGE_CAP))
+                        .unwrap_or(now),
+                    attached_wall: created,
+                    class: v.class,
+                    capability: None,
+                    readonly: false,
+                })
+                .collect();
+            let (state, effects) = VolumeState::seeded(self.deps.grace_period, holders, v.migration_timeout);
+            self.seed(v.volume, state, effects, ctx);
+        }
+        count
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! Writes (annotations, events) are queued by their implementations and never awaited by callers.
 
+pub mod cluster;
+pub mod seed;
+pub mod sink;
+
 use std::collections::HashSet;
 use std::time::SystemTime;
 

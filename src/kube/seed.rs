@@ -1,0 +1,209 @@
+//! Boot seeding as a pure function: from this driver's VolumeAttachments and the PVs they name,
+//! the attachment state to rebuild (rules, "Boot seeding"). VolumeAttachments are the only
+//! source of truth; PV annotations are never read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use crate::actors::state::{migration_timeout, AccessClass};
+use crate::ids::{NodeId, VolumeId};
+
+/// What seeding needs of a VolumeAttachment (already filtered to `spec.attacher == driver`).
+#[derive(Clone, Debug)]
+pub struct VaView {
+    pub name: String,
+    pub pv_name: Option<String>,
+    pub inline_handle: Option<String>,
+    pub node: String,
+    pub attached: bool,
+    pub created: SystemTime,
+}
+
+/// What seeding needs of a PersistentVolume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PvView {
+    pub name: String,
+    pub handle: Option<String>,
+    pub class: AccessClass,
+    pub migration_timeout: Option<String>,
+}
+
+/// One volume to rebuild: its holders oldest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeedVolume {
+    pub volume: VolumeId,
+    pub holders: Vec<(NodeId, SystemTime)>,
+    pub class: AccessClass,
+    pub migration_timeout: Duration,
+}
+
+/// Why a VolumeAttachment was not used. Labels for `seeding_volumeattachments_skipped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    NotAttached,
+    NoHandle,
+    UnknownPv,
+    NoNode,
+    InvalidHandle,
+    InvalidNode,
+}
+
+impl SkipReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NotAttached => "not_attached",
+            Self::NoHandle => "no_volume_handle",
+            Self::UnknownPv => "unknown_pv",
+            Self::NoNode => "empty_node_name",
+            Self::InvalidHandle => "invalid_volume_handle",
+            Self::InvalidNode => "invalid_node_name",
+        }
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct SeedPlan {
+    pub volumes: Vec<SeedVolume>,
+    pub skipped: Vec<(String, SkipReason)>,
+}
+
+/// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
+/// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
+pub fn plan(vas: &[VaView], pvs: &HashMap<String, PvView>) -> SeedPlan {
+    let mut plan = SeedPlan::default();
+    let mut groups: BTreeMap<VolumeId, (Option<&PvView>, Vec<(NodeId, SystemTime, &str)>)> = BTreeMap::new();
+    for va in vas {
+        let pv = va.pv_name.as_ref().and_then(|n| pvs.get(n));
+        let handle = match (&va.pv_name, pv, &va.inline_handle) {
+            (Some(_), None, _) => Err(SkipReason::UnknownPv),
+            (Some(_), Some(pv), _) => pv.handle.clone().ok_or(SkipReason::NoHandle),
+            (None, _, Some(inline)) => Ok(inline.clone()),
+            (None, _, None) => Err(SkipReason::NoHandle),
+        };
+        let checked = handle
+            .and_then(|h| VolumeId::try_from(h.as_str()).map_err(|_| SkipReason::InvalidHandle))
+            .and_then(|volume| match va.node.as_str() {
+                "" => Err(SkipReason::NoNode),
+                node => NodeId::try_from(node).map(|n| (volume, n)).map_err(|_| SkipReason::InvalidNode),
+            })
+            .and_then(|ids| if va.attached { Ok(ids) } else { Err(SkipReason::NotAttached) });
+        match checked {
+            Ok((volume, node)) => {
+                let entry = groups.entry(volume).or_insert((pv, Vec::new()));
+                entry.0 = entry.0.or(pv);
+                entry.1.push((node, va.created, &va.name));
+            }
+            Err(reason) => plan.skipped.push((va.name.clone(), reason)),
+        }
+    }
+    for (volume, (pv, mut holders)) in groups {
+        // Oldest first; equal timestamps fall back to the VA name so the order is stable.
+        holders.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.cmp(b.2)));
+        plan.volumes.push(SeedVolume {
+            volume,
+            class: pv.map_or(AccessClass::Exclusive, |p| p.class),
+            migration_timeout: migration_timeout(pv.and_then(|p| p.migration_timeout.as_deref())).0,
+            holders: holders.into_iter().map(|(n, t, _)| (n, t)).collect(),
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn va(name: &str, pv: &str, node: &str, attached: bool, created: u64) -> VaView {
+        VaView {
+            name: name.into(),
+            pv_name: Some(pv.into()),
+            inline_handle: None,
+            node: node.into(),
+            attached,
+            created: at(created),
+        }
+    }
+
+    fn pv(name: &str, handle: &str, class: AccessClass, timeout: Option<&str>) -> (String, PvView) {
+        (
+            name.into(),
+            PvView {
+                name: name.into(),
+                handle: Some(handle.into()),
+                class,
+                migration_timeout: timeout.map(Into::into),
+            },
+        )
+    }
+
+    #[test]
+    fn keyed_by_handle_ordered_by_creation_with_pv_class_and_timeout() {
+        let pvs = HashMap::from([
+            pv("pv-static", "handle-x", AccessClass::Migratable, Some("90")),
+            pv("pv-rwo", "handle-y", AccessClass::Exclusive, None),
+        ]);
+        let vas = vec![
+            va("va-new", "pv-static", "node-b", true, 20),
+            va("va-old", "pv-static", "node-a", true, 10),
+            va("va-rwo", "pv-rwo", "node-c", true, 5),
+        ];
+        let p = plan(&vas, &pvs);
+        assert!(p.skipped.is_empty());
+        assert_eq!(p.volumes.len(), 2);
+        let x = &p.volumes[0];
+        assert_eq!(x.volume.as_str(), "handle-x", "keyed by volumeHandle, not PV name");
+        let nodes: Vec<&str> = x.holders.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(nodes, ["node-a", "node-b"], "oldest first");
+        assert_eq!(x.holders[1].1, at(20));
+        assert_eq!((x.class, x.migration_timeout), (AccessClass::Migratable, Duration::from_secs(90)));
+        assert_eq!(p.volumes[1].class, AccessClass::Exclusive);
+        assert_eq!(p.volumes[1].migration_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn pending_and_invalid_vas_are_skipped_with_a_reason() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Exclusive, None)]);
+        let mut inline = va("va-inline", "x", "node-a", true, 1);
+        inline.pv_name = None;
+        inline.inline_handle = Some("inline-h".into());
+        let mut nothing = va("va-nothing", "x", "node-a", true, 1);
+        nothing.pv_name = None;
+        let vas = vec![
+            va("va-pending", "pv", "node-b", false, 2),
+            va("va-unknown-pv", "gone", "node-a", true, 1),
+            va("va-no-node", "pv", "", true, 1),
+            va("va-attached", "pv", "node-a", true, 1),
+            inline,
+            nothing,
+        ];
+        let p = plan(&vas, &pvs);
+        let mut skipped = p.skipped.clone();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            vec![
+                ("va-no-node".to_string(), SkipReason::NoNode),
+                ("va-nothing".to_string(), SkipReason::NoHandle),
+                ("va-pending".to_string(), SkipReason::NotAttached),
+                ("va-unknown-pv".to_string(), SkipReason::UnknownPv),
+            ]
+        );
+        let h = p.volumes.iter().find(|v| v.volume.as_str() == "h").unwrap();
+        assert_eq!(h.holders.len(), 1, "the pending VA is not a holder");
+        let inline = p.volumes.iter().find(|v| v.volume.as_str() == "inline-h").unwrap();
+        assert_eq!(inline.class, AccessClass::Exclusive, "no PV: exclusive");
+    }
+
+    #[test]
+    fn more_than_two_are_all_kept() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
+        let vas: Vec<_> = (0..3).map(|i| va(&format!("va-{i}"), "pv", &format!("n{i}"), true, 10 - i)).collect();
+        let p = plan(&vas, &pvs);
+        let nodes: Vec<&str> = p.volumes[0].holders.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(nodes, ["n2", "n1", "n0"]);
+    }
+}
