@@ -49,6 +49,10 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<Client>, KubeError> 
         },
         KubernetesMode::On => kube::Config::infer().await.map_err(|e| api("loading the Kubernetes config", &e))?,
     };
+    let mut config = config;
+    // Retries are ours to decide: watchers back off on their own, writes are requeued, and the
+    // live checks on the publish path must fail closed promptly instead of retrying for minutes.
+    config.default_retry = false;
     let client = Client::try_from(config).map_err(|e| api("building the Kubernetes client", &e))?;
     if mode == KubernetesMode::On {
         let version = client.apiserver_version().await.map_err(|e| api("reaching the API server", &e))?;
@@ -305,6 +309,23 @@ fn api_error(action: String) -> impl FnOnce(kube::Error) -> KubeError {
     move |e| KubeError::Api { action, message: e.to_string() }
 }
 
+/// Longest a live check may take before the publish fails closed with UNAVAILABLE.
+pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A live GET bounded by [`CHECK_TIMEOUT`].
+async fn live_get<K>(api: Api<K>, name: &str, what: &str) -> Result<Option<K>, KubeError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match tokio::time::timeout(CHECK_TIMEOUT, api.get_opt(name)).await {
+        Ok(result) => result.map_err(api_error(format!("getting {what} {name}"))),
+        Err(_) => Err(KubeError::Api {
+            action: format!("getting {what} {name}"),
+            message: format!("no answer within {CHECK_TIMEOUT:?}"),
+        }),
+    }
+}
+
 #[async_trait]
 impl NodeDirectory for KubeCluster {
     /// From the Node projection; a miss asks the API, so a node added a moment ago is known.
@@ -312,11 +333,7 @@ impl NodeDirectory for KubeCluster {
         if read(&self.nodes).contains(node.as_str()) {
             return Ok(true);
         }
-        let found = Api::<Node>::all(self.client.clone())
-            .get_opt(node.as_str())
-            .await
-            .map_err(api_error(format!("getting Node {node}")))?;
-        Ok(found.is_some())
+        Ok(live_get(Api::<Node>::all(self.client.clone()), node.as_str(), "Node").await?.is_some())
     }
 }
 
@@ -324,18 +341,12 @@ impl NodeDirectory for KubeCluster {
 impl AttachmentAuthority for KubeCluster {
     /// Live GETs, never the cache: the Node (5.1), then the node's VolumeAttachment (5.2).
     async fn check(&self, volume: &VolumeId, node: &NodeId) -> Result<HolderStatus, KubeError> {
-        let found = Api::<Node>::all(self.client.clone())
-            .get_opt(node.as_str())
-            .await
-            .map_err(api_error(format!("getting Node {node}")))?;
+        let found = live_get(Api::<Node>::all(self.client.clone()), node.as_str(), "Node").await?;
         if found.is_none() {
             return Ok(HolderStatus::NodeGone);
         }
         let name = va_name(volume.as_str(), &self.driver, node.as_str());
-        let va = Api::<VolumeAttachment>::all(self.client.clone())
-            .get_opt(&name)
-            .await
-            .map_err(api_error(format!("getting VolumeAttachment {name}")))?;
+        let va = live_get(Api::<VolumeAttachment>::all(self.client.clone()), &name, "VolumeAttachment").await?;
         Ok(match va {
             Some(va) if va.metadata.deletion_timestamp.is_none() => HolderStatus::Live,
             _ => HolderStatus::Released,

@@ -23,6 +23,18 @@ use crate::metrics::Metrics;
 /// Most PVs with an annotation write pending, and most events waiting to be posted.
 pub const MAX_PENDING: usize = 65_536;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A write with no answer after this long is abandoned and retried: a hung API call must not
+/// stall the queue behind it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs one API write under [`WRITE_TIMEOUT`]; a timeout counts as reason `timeout`.
+async fn bounded<T>(write: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, &'static str> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(kube_reason(&e)),
+        Err(_) => Err("timeout"),
+    }
+}
 /// An event still failing after this many attempts is dropped (and counted).
 const EVENT_ATTEMPTS: u32 = 8;
 
@@ -125,16 +137,15 @@ impl KubeSink {
                     format!("{prefix}/attached-node"): node,
                     format!("{prefix}/attached-at"): at,
                 }}});
-                match api.patch(&pv, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                match bounded(api.patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))).await {
                     Ok(_) => {
                         let mut a = lock(&self.annotations);
                         let w = a.written.entry(pv).or_default();
                         *w = (*w).max(generation);
                     }
-                    Err(e) => {
-                        let reason = kube_reason(&e);
+                    Err(reason) => {
                         self.metrics.annotation_write_failures.with_label_values(&[reason]).inc();
-                        tracing::debug!(pv = %pv, error = %e, attempt, "annotation write failed; will retry");
+                        tracing::debug!(pv = %pv, reason, attempt, "annotation write failed; will retry");
                         let sink = self.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(backoff(attempt)).await;
@@ -190,10 +201,10 @@ impl KubeSink {
                 ..Default::default()
             };
             let api = Api::<Event>::namespaced(self.cluster.client().clone(), &e.claim.namespace);
-            if let Err(err) = api.create(&PostParams::default(), &event).await {
-                self.metrics.event_write_failures.with_label_values(&[kube_reason(&err)]).inc();
+            if let Err(failure) = bounded(api.create(&PostParams::default(), &event)).await {
+                self.metrics.event_write_failures.with_label_values(&[failure]).inc();
                 if e.attempt + 1 >= EVENT_ATTEMPTS {
-                    tracing::warn!(reason = e.reason, error = %err, "giving up on an event after {EVENT_ATTEMPTS} attempts");
+                    tracing::warn!(reason = e.reason, failure, "giving up on an event after {EVENT_ATTEMPTS} attempts");
                     continue;
                 }
                 let sink = self.clone();

@@ -3,9 +3,13 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[path = "../support/fake_apiserver.rs"]
+mod fake_apiserver;
+
 mod bad_input;
 mod concurrency;
 mod controller;
+mod kubernetes;
 mod observability;
 mod rules;
 mod socket;

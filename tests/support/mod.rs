@@ -35,8 +35,12 @@ impl Driver {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, known: &[&str], extra: &[&str]) -> Driver {
+        Self::start_with(dir, known, extra, None).await
+    }
+
+    async fn start_with(dir: tempfile::TempDir, known: &[&str], extra: &[&str], kubeconfig: Option<&Path>) -> Driver {
         let socket = dir.path().join("csi.sock");
-        let mut child = Self::spawn(dir.path(), &socket, known, extra);
+        let mut child = Self::spawn_with(dir.path(), &socket, known, extra, kubeconfig);
         let channel = tokio::select! {
             channel = wait_for(&socket) => channel,
             status = exited(&mut child) => panic!(
@@ -47,17 +51,54 @@ impl Driver {
         Driver { child: Some(child), dir, socket, channel }
     }
 
+    /// Starts the driver in Kubernetes mode against the fake API server whose kubeconfig is
+    /// `kubeconfig`.
+    pub async fn start_kube(kubeconfig: &Path, extra: &[&str]) -> Driver {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_kube_in(dir, kubeconfig, extra).await
+    }
+
+    pub async fn start_kube_in(dir: tempfile::TempDir, kubeconfig: &Path, extra: &[&str]) -> Driver {
+        let mut args = vec!["--kubernetes", "on"];
+        args.extend_from_slice(extra);
+        Self::start_with(dir, &[], &args, Some(kubeconfig)).await
+    }
+
+    /// SIGKILLs this driver and starts a new one in the same directory (same volumes, socket
+    /// path and log file), as a crashed pod restarting would.
+    pub async fn crash_and_restart(mut self, kubeconfig: &Path, extra: &[&str]) -> Driver {
+        self.kill9();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Self::start_kube_in(dir, kubeconfig, extra).await
+    }
+
+    /// Kills the process with SIGKILL: no cleanup runs.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     pub fn spawn(dir: &Path, socket: &Path, known: &[&str], extra: &[&str]) -> Child {
+        Self::spawn_with(dir, socket, known, extra, None)
+    }
+
+    pub fn spawn_with(dir: &Path, socket: &Path, known: &[&str], extra: &[&str], kubeconfig: Option<&Path>) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("driver.log")).unwrap();
-        Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        match kubeconfig {
+            Some(path) => cmd.env("KUBECONFIG", path),
+            // Never let a developer's own cluster leak into a test.
+            None => cmd.env("KUBECONFIG", dir.join("no-such-kubeconfig")),
+        };
+        cmd
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .arg("--node-id")
             .arg("n1")
             .arg("--file-root")
             .arg(dir.join("volumes"))
-            .arg("--kubernetes")
-            .arg("off")
+            .args(if extra.contains(&"--kubernetes") { &[][..] } else { &["--kubernetes", "off"][..] })
             .args(if extra.contains(&"--metrics-address") { &[][..] } else { &["--metrics-address", "127.0.0.1:0"][..] })
             .args(extra)
             .env("RDS_CSI_KNOWN_NODES", known.join(","))
@@ -76,7 +117,8 @@ impl Driver {
     /// The metrics address the driver logged at start.
     pub fn metrics_url(&self) -> String {
         let log = self.log();
-        let line = log.lines().find(|l| l.contains("serving /metrics")).expect("metrics address logged");
+        // The newest process's line: a restarted driver appends to the same log.
+        let line = log.lines().rev().find(|l| l.contains("serving /metrics")).expect("metrics address logged");
         let addr = match serde_json::from_str::<serde_json::Value>(line) {
             Ok(json) => json["fields"]["address"].as_str().unwrap().to_string(),
             Err(_) => line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_string(),
@@ -162,6 +204,20 @@ impl Driver {
             .map(|_| ())
     }
 
+    pub async fn ready(&self) -> bool {
+        self.identity().probe(ProbeRequest {}).await.unwrap().into_inner().ready == Some(true)
+    }
+
+    /// Polls Probe until ready.
+    pub async fn wait_ready(&self) {
+        eventually("driver ready", || async { self.ready().await }).await;
+    }
+
+    pub async fn debug(&self, volume: &str) -> serde_json::Value {
+        let body = http_get(&format!("{}/debug/attachments?volume={volume}", self.metrics_url())).await;
+        serde_json::from_str(&body).unwrap()
+    }
+
     pub async fn scrape(&self) -> String {
         http_get(&format!("{}/metrics", self.metrics_url())).await
     }
@@ -197,6 +253,39 @@ pub async fn wait_for(socket: &Path) -> Channel {
             }
         }
         assert!(tokio::time::Instant::now() < deadline, "driver did not come up on {}", socket.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates volumes in a file backend under `dir/volumes` before a driver starts there.
+pub async fn precreate(dir: &Path, volumes: &[&str]) {
+    use rds_csi::actors::state::{AccessMode, Capability};
+    use rds_csi::backend::{file::FileBackend, CreateRequest, VolumeBackend};
+    let backend = FileBackend::open(dir.join("volumes")).unwrap();
+    for v in volumes {
+        backend
+            .create(CreateRequest {
+                id: rds_csi::VolumeId::try_from(*v).unwrap(),
+                required_bytes: 1 << 20,
+                limit_bytes: 0,
+                capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],
+                parameters: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; fails after a generous deadline. A wait for
+/// something asynchronous to happen, not a timing assertion.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,488 @@
+//! Kubernetes mode: the real binary against the fake API server. The tests play the
+//! external-attacher: they create the VolumeAttachments (and Nodes and PVs) first, then call the
+//! driver, exactly as Kubernetes would.
+
+use std::time::{Duration, SystemTime};
+
+use rds_csi::kube::cluster::va_name;
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::fake_apiserver::FakeApiServer;
+use crate::support::*;
+
+const DRIVER: &str = "rds.csi.srvlab.io";
+
+fn ts(age: Duration) -> String {
+    rds_csi::rfc3339(SystemTime::now() - age)
+}
+
+struct Cluster {
+    api: FakeApiServer,
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Cluster {
+    async fn new(nodes: &[&str]) -> Cluster {
+        let api = FakeApiServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
+        for n in nodes {
+            api.create("nodes", json!({"metadata": {"name": n}})).unwrap();
+        }
+        Cluster { api, dir, kubeconfig }
+    }
+
+    /// A PV of this driver, bound to PVC default/claim-NAME.
+    fn pv(&self, name: &str, handle: &str, rwx_block: bool, timeout: Option<&str>, annotations: Value) {
+        let mut attrs = serde_json::Map::new();
+        if let Some(t) = timeout {
+            attrs.insert("migrationTimeoutSeconds".into(), t.into());
+        }
+        self.api
+            .create(
+                "persistentvolumes",
+                json!({
+                    "metadata": {"name": name, "annotations": annotations},
+                    "spec": {
+                        "accessModes": [if rwx_block { "ReadWriteMany" } else { "ReadWriteOnce" }],
+                        "volumeMode": if rwx_block { "Block" } else { "Filesystem" },
+                        "capacity": {"storage": "1Mi"},
+                        "csi": {"driver": DRIVER, "volumeHandle": handle, "volumeAttributes": attrs},
+                        "claimRef": {"namespace": "default", "name": format!("claim-{name}"), "uid": format!("uid-{name}")},
+                    },
+                }),
+            )
+            .unwrap();
+    }
+
+    /// The VolumeAttachment the external-attacher would create, named as Kubernetes names it.
+    fn va(&self, pv: &str, handle: &str, node: &str, attached: bool, age: Duration) -> String {
+        let name = va_name(handle, DRIVER, node);
+        self.api
+            .create(
+                "volumeattachments",
+                json!({
+                    "metadata": {"name": name, "creationTimestamp": ts(age), "finalizers": ["external-attacher/rds-csi-srvlab-io"]},
+                    "spec": {"attacher": DRIVER, "nodeName": node, "source": {"persistentVolumeName": pv}},
+                    "status": {"attached": attached},
+                }),
+            )
+            .unwrap();
+        name
+    }
+
+    async fn start(&self) -> Driver {
+        let dir = tempfile::tempdir().unwrap();
+        Driver::start_kube_in(dir, &self.kubeconfig, &[]).await
+    }
+
+    async fn start_with_volumes(&self, volumes: &[&str]) -> Driver {
+        let dir = tempfile::tempdir().unwrap();
+        precreate(dir.path(), volumes).await;
+        Driver::start_kube_in(dir, &self.kubeconfig, &[]).await
+    }
+}
+
+fn holders(view: &Value) -> Vec<String> {
+    view["nodes"].as_array().map_or(vec![], |n| n.iter().map(|n| n["node"].as_str().unwrap().to_string()).collect())
+}
+
+// ---- 1. The seed's success criteria ---------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_after_restart_equals_the_va_truth() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    c.pv("pv-rwo", "vol-rwo", false, None, json!({}));
+    c.pv("pv-rwx", "vol-rwx", true, None, json!({}));
+    c.pv("pv-free", "vol-free", false, None, json!({}));
+    c.va("pv-rwo", "vol-rwo", "n2", true, Duration::from_secs(600));
+    c.va("pv-rwx", "vol-rwx", "n1", true, Duration::from_secs(300));
+    c.va("pv-rwx", "vol-rwx", "n3", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol-rwo", "vol-rwx", "vol-free"]).await;
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol-rwo").await), ["n2"]);
+    let rwx = d.debug("vol-rwx").await;
+    assert_eq!(holders(&rwx), ["n1", "n3"]);
+    assert_eq!(rwx["migration"]["source"], "n1");
+    assert!(d.debug("vol-free").await["error"].is_string(), "no VA: not attached");
+    let err = d.publish("vol-rwo", "n1", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("n2"), "{}", err.message());
+    let m = d.scrape().await;
+    assert_eq!(sample(&m, "rds_csi_seeding_volumeattachments_seen_total"), 3.0);
+    assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vas_rebuild_a_migration_whose_timeout_is_enforced() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    // Started (by the newer VA) 45 s ago with a 30 s timeout: it fires at once after boot.
+    c.pv("pv-late", "vol-late", true, Some("30"), json!({}));
+    c.va("pv-late", "vol-late", "n1", true, Duration::from_secs(3000));
+    c.va("pv-late", "vol-late", "n2", true, Duration::from_secs(45));
+    let d = c.start_with_volumes(&["vol-late"]).await;
+    d.wait_ready().await;
+    eventually("the overdue migration times out", || async {
+        sample(&d.scrape().await, r#"rds_csi_migration_migrations_total{result="timeout"}"#) == 1.0
+    })
+    .await;
+    let view = d.debug("vol-late").await;
+    assert_eq!(view["migration"]["timed_out"], true);
+    assert_eq!(holders(&view), ["n1", "n2"], "a timed-out migration stays dual-attached");
+    c.va("pv-late", "vol-late", "n3", false, Duration::ZERO);
+    let err = d.publish("vol-late", "n3", rwx()).await.unwrap_err();
+    assert!(err.message().contains("migration limit: attached to n1 and n2"), "{}", err.message());
+    d.unpublish("vol-late", "n1").await.unwrap();
+    let m = d.scrape().await;
+    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="timeout"}"#), 1.0);
+    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="success"}"#), 0.0, "counted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_annotations_without_a_va_leave_the_volume_detached_and_are_never_read() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    let stale = json!({format!("{DRIVER}/attached-node"): "n1", format!("{DRIVER}/attached-at"): "2020-01-01T00:00:00Z"});
+    c.pv("pv", "vol", false, None, stale);
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    assert!(d.debug("vol").await["error"].is_string(), "detached despite the annotation");
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    d.publish("vol", "n2", rwo()).await.expect("n1 in the annotation must not block n2");
+    let pv_reads: Vec<_> = c.api.calls().into_iter().filter(|c| c.resource == "persistentvolumes" && c.verb == "get").collect();
+    assert!(pv_reads.is_empty(), "PVs must never be read one by one: {pv_reads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_volumes_with_stale_annotations_work() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    let stale = json!({format!("{DRIVER}/attached-node"): "n2", format!("{DRIVER}/attached-at"): "2020-01-01T00:00:00Z"});
+    c.pv("pv", "vol", false, None, stale);
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol").await), ["n1"], "the VA, not the annotation");
+    d.publish("vol", "n1", rwo()).await.expect("idempotent re-publish of the seeded holder");
+    d.unpublish("vol", "n1").await.unwrap();
+    eventually("annotations cleared", || async {
+        let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
+        pv["metadata"]["annotations"].get(format!("{DRIVER}/attached-node")).is_none()
+    })
+    .await;
+}
+
+// ---- 2. The Go driver's bugs ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_pv_whose_handle_differs_from_its_name() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-static-legacy", "vol-abc", false, None, json!({}));
+    c.va("pv-static-legacy", "vol-abc", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol-abc"]).await;
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol-abc").await), ["n1"], "keyed by volumeHandle");
+    assert!(d.debug("pv-static-legacy").await["error"].is_string(), "never by PV name");
+    c.va("pv-static-legacy", "vol-abc", "n2", false, Duration::ZERO);
+    let err = d.publish("vol-abc", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newer_va_time_is_the_migration_start() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", true, Some("600"), json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(3000));
+    c.va("pv", "vol", "n2", true, Duration::from_secs(100));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let view = d.debug("vol").await;
+    let left = view["migration"]["time_left_seconds"].as_f64().unwrap();
+    // Started 100 s ago (the newer VA) with 600 s: about 500 s left. From the older VA it would
+    // already have timed out.
+    assert!(left > 400.0 && left <= 500.0, "time left {left}");
+    assert_eq!(view["migration"]["timed_out"], false);
+    assert_eq!(view["migration"]["timeout_seconds"], 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_order_follows_creation_time() {
+    let c = Cluster::new(&["aaa", "zzz"]).await;
+    c.pv("pv", "vol", true, None, json!({}));
+    // Alphabetical and VA-name order would put "aaa" first; creation time puts "zzz" first.
+    c.va("pv", "vol", "aaa", true, Duration::from_secs(10));
+    c.va("pv", "vol", "zzz", true, Duration::from_secs(200));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let view = d.debug("vol").await;
+    assert_eq!(holders(&view), ["zzz", "aaa"]);
+    assert_eq!((view["migration"]["source"].as_str(), view["migration"]["target"].as_str()), (Some("zzz"), Some("aaa")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_two_vas_are_kept_and_further_nodes_refused() {
+    let c = Cluster::new(&["n1", "n2", "n3", "n4"]).await;
+    c.pv("pv", "vol", true, None, json!({}));
+    for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
+        c.va("pv", "vol", n, true, Duration::from_secs(100 - i as u64));
+    }
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol").await), ["n1", "n2", "n3"]);
+    c.va("pv", "vol", "n4", false, Duration::ZERO);
+    assert_eq!(d.publish("vol", "n4", rwx()).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_over_attached_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_va_is_not_counted() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n2", false, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    assert!(d.debug("vol").await["error"].is_string());
+    assert_eq!(
+        sample(&d.scrape().await, r#"rds_csi_seeding_volumeattachments_skipped_total{reason="not_attached"}"#),
+        1.0
+    );
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    d.publish("vol", "n1", rwo()).await.expect("the pending VA on n2 invents no holder");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_node_inside_a_grace_window_is_refused_on_an_exclusive_volume() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let va1 = c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    d.unpublish("vol", "n1").await.unwrap();
+    c.api.remove_finalizers("volumeattachments", None, &va1).ok();
+    c.api.delete("volumeattachments", None, &va1).unwrap();
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    d.publish("vol", "n2", rwo()).await.expect("handoff inside the grace window");
+    c.va("pv", "vol", "n3", false, Duration::ZERO);
+    let err = d.publish("vol", "n3", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("n2"), "{}", err.message());
+    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_grace_period_used_total"), 1.0);
+}
+
+// ---- 3. Self-heal ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_clears_the_stale_attachment() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.api.delete("nodes", None, "n1").unwrap();
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    d.publish("vol", "n2", rwo()).await.expect("n1 is gone: its attachment is stale");
+    assert_eq!(holders(&d.debug("vol").await), ["n2"]);
+    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_stale_cleared_total"), 1.0);
+    eventually("a StaleAttachmentCleared event on the PVC", || async {
+        c.api.list("events", Some("default")).iter().any(|e| {
+            e["reason"] == "StaleAttachmentCleared" && e["involvedObject"]["name"] == "claim-pv"
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_va_being_deleted_allows_the_handoff() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let va1 = c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.api.delete("volumeattachments", None, &va1).unwrap();
+    assert!(c.api.get("volumeattachments", None, &va1).unwrap()["metadata"]["deletionTimestamp"].is_string());
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    d.publish("vol", "n2", rwo()).await.expect("n1's VA is being deleted: handoff");
+    assert_eq!(holders(&d.debug("vol").await), ["n2"]);
+    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_grace_period_used_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_cache_never_causes_a_handoff() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let va1 = c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    // Freeze every watch, then make the world look released only to a cache: the Node and VA
+    // are still there when asked live.
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    c.api.clear_calls();
+    let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let live: Vec<(String, Option<String>)> = c
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb == "get")
+        .map(|c| (c.resource, c.name))
+        .collect();
+    assert!(live.contains(&("nodes".into(), Some("n1".into()))), "{live:?}");
+    assert!(live.contains(&("volumeattachments".into(), Some(va1))), "{live:?}");
+    c.api.clear_faults();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_error_during_the_checks_is_unavailable_and_changes_nothing() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let va1 = c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.api.delete("volumeattachments", None, &va1).unwrap(); // would allow a handoff...
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    let fault = c.api.fail("get", "volumeattachments", 500); // ...but the API fails
+    let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert_eq!(holders(&d.debug("vol").await), ["n1"], "state unchanged");
+    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_grace_period_used_total"), 0.0);
+    c.api.remove_fault(fault);
+    let fault = c.api.fail("get", "nodes", 503);
+    assert_eq!(d.publish("vol", "n2", rwo()).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(holders(&d.debug("vol").await), ["n1"]);
+    c.api.remove_fault(fault);
+    d.publish("vol", "n2", rwo()).await.expect("once the API answers, the handoff goes ahead");
+}
+
+// ---- 4. Crash and restart -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", true, Some("900"), json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    // The attacher creates each VA, calls Publish, and marks it attached.
+    let ctx: std::collections::HashMap<String, String> = [("migrationTimeoutSeconds".to_string(), "900".to_string())].into();
+    for n in ["n1", "n2"] {
+        let va = c.va("pv", "vol", n, false, Duration::ZERO);
+        d.publish_full("vol", n, rwx(), false, ctx.clone()).await.unwrap();
+        c.api.patch_status("volumeattachments", None, &va, json!({"status": {"attached": true}})).unwrap();
+    }
+    let before = d.debug("vol").await;
+    assert_eq!(before["migration"]["target"], "n2");
+    let d = d.crash_and_restart(&c.kubeconfig, &[]).await;
+    d.wait_ready().await;
+    let after = d.debug("vol").await;
+    assert_eq!(holders(&after), ["n1", "n2"]);
+    assert_eq!(after["migration"]["source"], "n1");
+    assert_eq!(after["migration"]["target"], "n2");
+    assert_eq!(after["migration"]["timeout_seconds"], 900);
+    let start = |v: &Value| humantime::parse_rfc3339(v["migration"]["started_at"].as_str().unwrap()).unwrap();
+    let drift = start(&after).duration_since(start(&before)).or_else(|e| Ok::<_, ()>(e.duration())).unwrap();
+    assert!(drift <= Duration::from_secs(1), "start time intact (the VA's creation second): {drift:?}");
+    let (b, a) = (
+        before["migration"]["time_left_seconds"].as_f64().unwrap(),
+        after["migration"]["time_left_seconds"].as_f64().unwrap(),
+    );
+    assert!(a <= b && a > b - 60.0, "the deadline did not move: {b} then {a}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_list_failure_keeps_it_not_ready_until_the_api_recovers() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let fault = c.api.fail("list", "volumeattachments", 500);
+    let d = c.start_with_volumes(&["vol"]).await;
+    eventually("the driver tried to list", || async { c.api.count_calls("list", "volumeattachments") >= 2 }).await;
+    assert!(!d.ready().await);
+    assert_eq!(d.publish("vol", "n1", rwo()).await.unwrap_err().code(), Code::Unavailable);
+    let readyz = http_get(&format!("{}/readyz", d.metrics_url())).await;
+    assert!(readyz.contains("still being rebuilt"), "{readyz}");
+    c.api.remove_fault(fault);
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol").await), ["n1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_with_no_reachable_api_is_an_error_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: x\n  user: {{}}\ncontexts:\n- name: x\n  context:\n    cluster: x\n    user: x\ncurrent-context: x\n"),
+    )
+    .unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = Driver::spawn_with(dir.path(), &socket, &[], &["--kubernetes", "on"], Some(&kubeconfig));
+    assert!(!child.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+    assert!(log.contains("reaching the API server"), "{log}");
+    assert!(!socket.exists(), "never served in standalone instead");
+}
+
+// ---- 5. No API call on the publish path -----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_publish_makes_no_synchronous_api_call() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    eventually("node cache filled", || async { c.api.count_calls("watch", "nodes") >= 1 }).await;
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    // Every write hangs: if Publish waited for one, it would never return.
+    let hung = [c.api.hang("patch", "*"), c.api.hang("create", "*")];
+    c.api.clear_calls();
+    d.publish("vol", "n1", rwo()).await.unwrap();
+    let answered: Vec<_> = c
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb != "watch" && c.verb != "list" && c.status.is_some())
+        .collect();
+    assert!(answered.is_empty(), "publish waited on API calls: {answered:?}");
+    assert_eq!(c.api.count_calls("get", "*"), 0, "no live GET on the success path");
+    for fault in hung {
+        c.api.remove_fault(fault);
+    }
+    eventually("the annotation arrives afterwards", || async {
+        let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
+        pv["metadata"]["annotations"][format!("{DRIVER}/attached-node")] == "n1"
+    })
+    .await;
+    eventually("the event arrives afterwards", || async {
+        c.api.list("events", Some("default")).iter().any(|e| e["reason"] == "VolumeAttached")
+    })
+    .await;
+    let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
+    assert!(pv["metadata"]["annotations"][format!("{DRIVER}/attached-at")].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_succeeds_while_every_write_fails_and_failures_are_counted() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.api.fail_writes(500);
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    d.publish("vol", "n1", rwo()).await.expect("writes failing never fail a publish");
+    eventually("annotation and event failures counted", || async {
+        let m = d.scrape().await;
+        sample(&m, r#"rds_csi_kube_annotation_write_failures_total{reason="server_error"}"#) >= 1.0
+            && sample(&m, r#"rds_csi_kube_event_write_failures_total{reason="server_error"}"#) >= 1.0
+    })
+    .await;
+    c.api.clear_faults();
+    eventually("the annotation lands once the API recovers", || async {
+        let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
+        pv["metadata"]["annotations"][format!("{DRIVER}/attached-node")] == "n1"
+    })
+    .await;
+}
