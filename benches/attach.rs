@@ -28,7 +28,9 @@ fn state_machine(c: &mut Criterion) {
     c.bench_function("state/publish+unpublish exclusive", |bench| {
         let mut state = VolumeState::new(Duration::from_secs(30));
         bench.iter(|| {
-            state.publish(std::hint::black_box(&rwo), now, wall).unwrap();
+            state
+                .publish(std::hint::black_box(&rwo), now, wall)
+                .unwrap();
             state.unpublish(Some(&a), now)
         })
     });

@@ -11,7 +11,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::csi::controller_client::ControllerClient;
 use crate::csi::identity_client::IdentityClient;
-use crate::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+use crate::csi::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
 use crate::csi::*;
 use crate::grpc::server::parse_endpoint;
 
@@ -68,7 +70,10 @@ pub enum CtlCommand {
         migration_timeout: Option<String>,
     },
     /// ControllerUnpublishVolume; without NODE, from every node.
-    Unpublish { volume: String, node: Option<String> },
+    Unpublish {
+        volume: String,
+        node: Option<String>,
+    },
     /// List volumes.
     List,
 }
@@ -76,9 +81,13 @@ pub enum CtlCommand {
 /// Parses "10GiB", "512MiB", "1G", "4096".
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (num, unit) = text.split_at(split);
-    let num: u64 = num.parse().map_err(|_| format!("{text:?} is not a size like 10GiB"))?;
+    let num: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 10GiB"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" => 1 << 10,
@@ -87,13 +96,17 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "T" | "TiB" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    num.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
+    num.checked_mul(mult)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 impl CapabilityArgs {
     pub fn to_proto(&self) -> VolumeCapability {
         let (mode, access_type) = if self.rwx_block {
-            (Mode::MultiNodeMultiWriter, AccessType::Block(BlockVolume {}))
+            (
+                Mode::MultiNodeMultiWriter,
+                AccessType::Block(BlockVolume {}),
+            )
         } else if self.block {
             (Mode::SingleNodeWriter, AccessType::Block(BlockVolume {}))
         } else {
@@ -106,7 +119,10 @@ impl CapabilityArgs {
                 }),
             )
         };
-        VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(access_type) }
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(access_type),
+        }
     }
 }
 
@@ -134,7 +150,10 @@ pub async fn run(args: CtlArgs) -> i32 {
     match execute(channel, &args.command).await {
         Ok(value) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
             } else {
                 print_text(&value);
             }
@@ -142,7 +161,10 @@ pub async fn run(args: CtlArgs) -> i32 {
         }
         Err(status) => {
             if args.json {
-                println!("{}", serde_json::json!({"error": {"code": format!("{:?}", status.code()), "message": status.message()}}));
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {"code": format!("{:?}", status.code()), "message": status.message()}})
+                );
             } else {
                 eprintln!("error: {:?}: {}", status.code(), status.message());
             }
@@ -160,7 +182,12 @@ fn print_text(value: &serde_json::Value) {
                     serde_json::Value::Array(items) => {
                         println!("{k}:");
                         for item in items {
-                            println!("  {}", item.as_str().map(str::to_string).unwrap_or_else(|| item.to_string()));
+                            println!(
+                                "  {}",
+                                item.as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| item.to_string())
+                            );
                         }
                     }
                     other => println!("{k}: {other}"),
@@ -171,13 +198,19 @@ fn print_text(value: &serde_json::Value) {
     }
 }
 
-async fn execute(channel: Channel, command: &CtlCommand) -> Result<serde_json::Value, tonic::Status> {
+async fn execute(
+    channel: Channel,
+    command: &CtlCommand,
+) -> Result<serde_json::Value, tonic::Status> {
     use serde_json::json;
     let mut identity = IdentityClient::new(channel.clone());
     let mut controller = ControllerClient::new(channel);
     Ok(match command {
         CtlCommand::Probe => {
-            let info = identity.get_plugin_info(GetPluginInfoRequest {}).await?.into_inner();
+            let info = identity
+                .get_plugin_info(GetPluginInfoRequest {})
+                .await?
+                .into_inner();
             let probe = identity.probe(ProbeRequest {}).await?.into_inner();
             json!({"name": info.name, "version": info.vendor_version, "ready": probe.ready.unwrap_or(false)})
         }
@@ -185,7 +218,10 @@ async fn execute(channel: Channel, command: &CtlCommand) -> Result<serde_json::V
             let volume = controller
                 .create_volume(CreateVolumeRequest {
                     name: name.clone(),
-                    capacity_range: Some(CapacityRange { required_bytes: *size as i64, limit_bytes: 0 }),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: *size as i64,
+                        limit_bytes: 0,
+                    }),
                     volume_capabilities: vec![cap.to_proto()],
                     ..Default::default()
                 })
@@ -196,10 +232,21 @@ async fn execute(channel: Channel, command: &CtlCommand) -> Result<serde_json::V
             json!({"volume_id": volume.volume_id, "capacity_bytes": volume.capacity_bytes})
         }
         CtlCommand::Delete { volume } => {
-            controller.delete_volume(DeleteVolumeRequest { volume_id: volume.clone(), secrets: HashMap::new() }).await?;
+            controller
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: volume.clone(),
+                    secrets: HashMap::new(),
+                })
+                .await?;
             json!({"deleted": volume})
         }
-        CtlCommand::Publish { volume, node, cap, readonly, migration_timeout } => {
+        CtlCommand::Publish {
+            volume,
+            node,
+            cap,
+            readonly,
+            migration_timeout,
+        } => {
             let mut volume_context = HashMap::new();
             if let Some(t) = migration_timeout {
                 volume_context.insert("migrationTimeoutSeconds".to_string(), t.clone());
@@ -215,7 +262,8 @@ async fn execute(channel: Channel, command: &CtlCommand) -> Result<serde_json::V
                 })
                 .await?
                 .into_inner();
-            let context: std::collections::BTreeMap<_, _> = resp.publish_context.into_iter().collect();
+            let context: std::collections::BTreeMap<_, _> =
+                resp.publish_context.into_iter().collect();
             json!({"published": volume, "node": node, "publish_context": context})
         }
         CtlCommand::Unpublish { volume, node } => {
@@ -233,7 +281,10 @@ async fn execute(channel: Channel, command: &CtlCommand) -> Result<serde_json::V
             let mut token = String::new();
             loop {
                 let page = controller
-                    .list_volumes(ListVolumesRequest { max_entries: 100, starting_token: token })
+                    .list_volumes(ListVolumesRequest {
+                        max_entries: 100,
+                        starting_token: token,
+                    })
                     .await?
                     .into_inner();
                 for e in page.entries {

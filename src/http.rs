@@ -36,18 +36,31 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/debug/attachments", get(attachments))
         .with_state(Arc::new(state));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
     if s.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "attachment state is still being rebuilt\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "attachment state is still being rebuilt\n",
+        )
+            .into_response()
     }
 }
 
@@ -61,9 +74,15 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 /// Every volume with an attachment or a grace record, sorted by id; or one with `?volume=ID`.
-async fn attachments(State(s): State<Arc<HttpState>>, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn attachments(
+    State(s): State<Arc<HttpState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let Some(supervisor) = &s.supervisor else {
-        return error(StatusCode::NOT_FOUND, "this process runs no controller".into());
+        return error(
+            StatusCode::NOT_FOUND,
+            "this process runs no controller".into(),
+        );
     };
     if let Some(raw) = query.get("volume") {
         let volume = match VolumeId::try_from(raw.as_str()) {
@@ -71,20 +90,33 @@ async fn attachments(State(s): State<Arc<HttpState>>, Query(query): Query<HashMa
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         };
         let view = match supervisor.send(Lookup(volume.clone())).await {
-            Ok(Some(addr)) => addr.send(Describe).await.ok().and_then(Result::ok).flatten(),
+            Ok(Some(addr)) => addr
+                .send(Describe)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten(),
             Ok(None) => None,
             Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into()),
         };
         return match view {
             Some(v) => json(StatusCode::OK, with_id(&volume, v)),
-            None => error(StatusCode::NOT_FOUND, format!("volume {volume} is not attached and has no grace record")),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("volume {volume} is not attached and has no grace record"),
+            ),
         };
     }
     let Ok(actors) = supervisor.send(ListActors).await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into());
     };
     let views = futures::future::join_all(actors.into_iter().map(|(volume, addr)| async move {
-        let view = addr.send(Describe).await.ok().and_then(Result::ok).flatten();
+        let view = addr
+            .send(Describe)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
         view.map(|v| (volume, v))
     }))
     .await;
@@ -92,7 +124,10 @@ async fn attachments(State(s): State<Arc<HttpState>>, Query(query): Query<HashMa
     volumes.sort_by(|a, b| a.0.cmp(&b.0));
     let count = volumes.len();
     let volumes: Vec<_> = volumes.into_iter().map(|(id, v)| with_id(&id, v)).collect();
-    json(StatusCode::OK, serde_json::json!({ "count": count, "volumes": volumes }))
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "count": count, "volumes": volumes }),
+    )
 }
 
 fn with_id(volume: &VolumeId, mut view: serde_json::Value) -> serde_json::Value {

@@ -151,7 +151,13 @@ mod tests {
         for raw in bad {
             let err = VolumeId::try_from(raw).unwrap_err();
             assert!(
-                matches!(err, Error::InvalidArgument { field: "volume_id", .. }),
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        field: "volume_id",
+                        ..
+                    }
+                ),
                 "{raw:?}: {err}"
             );
         }

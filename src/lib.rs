@@ -46,11 +46,18 @@ pub enum Error {
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{}", conflict_message(holders, requested, *exclusive))]
-    Conflict { holders: Vec<NodeId>, requested: NodeId, exclusive: bool },
+    Conflict {
+        holders: Vec<NodeId>,
+        requested: NodeId,
+        exclusive: bool,
+    },
     #[error("migration limit: attached to {}", join_and(nodes))]
     MigrationLimit { nodes: Vec<NodeId> },
     #[error("volume {volume} is still published to {}", join_and(nodes))]
-    StillPublished { volume: VolumeId, nodes: Vec<NodeId> },
+    StillPublished {
+        volume: VolumeId,
+        nodes: Vec<NodeId>,
+    },
     #[error("the driver is not ready yet: attachment state is still being rebuilt")]
     NotReady,
     #[error("{0}")]
@@ -112,6 +119,9 @@ fn join_and(nodes: &[NodeId]) -> String {
 
 /// RFC 3339 with second precision in UTC, as the PV annotations and the debug view use.
 pub fn rfc3339(at: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(at).replace_nanosecond(0).unwrap_or_else(|_| time::OffsetDateTime::from(at));
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let t = time::OffsetDateTime::from(at)
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::from(at));
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

@@ -10,6 +10,7 @@ use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use rds_csi::actors::messages::Seed;
 use rds_csi::actors::supervisor::Supervisor;
 use rds_csi::actors::{Router, VolumeDeps};
 use rds_csi::backend::file::FileBackend;
@@ -19,7 +20,6 @@ use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
-use rds_csi::actors::messages::Seed;
 use rds_csi::kube::cluster::{self as kube_cluster, KubeCluster, KubernetesMode};
 use rds_csi::kube::seed as seed_plan;
 use rds_csi::kube::sink::KubeSink;
@@ -29,7 +29,11 @@ use rds_csi::telemetry::{self, LogFormat};
 use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
 
 #[derive(Parser)]
-#[command(name = "rds-csi", version, about = "CSI driver for KubeVirt VMs on MikroTik ROSE Data Server NVMe/TCP volumes")]
+#[command(
+    name = "rds-csi",
+    version,
+    about = "CSI driver for KubeVirt VMs on MikroTik ROSE Data Server NVMe/TCP volumes"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -65,7 +69,11 @@ struct Args {
     #[arg(long, env = "RDS_CSI_NODE_ID")]
     node_id: Option<String>,
     /// Extra node ids known in standalone mode (repeatable; comma-separated in the env var).
-    #[arg(long = "known-node", env = "RDS_CSI_KNOWN_NODES", value_delimiter = ',')]
+    #[arg(
+        long = "known-node",
+        env = "RDS_CSI_KNOWN_NODES",
+        value_delimiter = ','
+    )]
     known_nodes: Vec<String>,
     /// CSI driver name.
     #[arg(long, env = "RDS_CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
@@ -83,7 +91,11 @@ struct Args {
     #[arg(long, env = "RDS_CSI_ATTACHMENT_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
     attachment_grace_period: Duration,
     /// Address for /metrics, /healthz and /readyz; empty disables it.
-    #[arg(long, env = "RDS_CSI_METRICS_ADDRESS", default_value = "127.0.0.1:9809")]
+    #[arg(
+        long,
+        env = "RDS_CSI_METRICS_ADDRESS",
+        default_value = "127.0.0.1:9809"
+    )]
     metrics_address: String,
     /// Use the Kubernetes API: auto (when a config is found), on, or off (standalone).
     #[arg(long, env = "RDS_CSI_KUBERNETES", value_enum, default_value = "auto")]
@@ -103,7 +115,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Ctl(args)) => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let code = rt.block_on(ctl::run(args));
             std::process::exit(code);
         }
@@ -131,11 +145,18 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let node_id = match node_id {
         Some(id) => id,
-        None => gethostname::gethostname().into_string().map_err(|h| anyhow::anyhow!("hostname {h:?} is not UTF-8; pass --node-id"))?,
+        None => gethostname::gethostname()
+            .into_string()
+            .map_err(|h| anyhow::anyhow!("hostname {h:?} is not UTF-8; pass --node-id"))?,
     };
     let node_id = NodeId::try_from(node_id.as_str()).context("--node-id")?;
     let known: Vec<NodeId> = std::iter::once(Ok(node_id.clone()))
-        .chain(known_nodes.iter().filter(|n| !n.is_empty()).map(|n| NodeId::try_from(n.as_str())))
+        .chain(
+            known_nodes
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| NodeId::try_from(n.as_str())),
+        )
         .collect::<Result<_, _>>()
         .context("--known-node")?;
     if driver_name.is_empty() {
@@ -148,7 +169,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let started = std::time::Instant::now();
     let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
     });
     system.block_on(async move {
         let metrics = Arc::new(Metrics::new());
@@ -170,8 +194,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
                 ),
             };
-            let (nodes, authority, sink, cluster): (Arc<dyn NodeDirectory>, Arc<dyn AttachmentAuthority>, Arc<dyn ClusterSink>, _) =
-                match &client {
+            let (nodes, authority, sink, cluster): Adapters = match &client {
                     Some(client) => {
                         let cluster = KubeCluster::start(client.clone(), driver_name.clone());
                         let sink = KubeSink::start(cluster.clone(), metrics.clone());
@@ -273,7 +296,10 @@ async fn seed(
     metrics.seeding_seen.inc_by(seen as u64);
     let plan = seed_plan::plan(&vas, &cluster.pv_views());
     for (va, reason) in &plan.skipped {
-        metrics.seeding_skipped.with_label_values(&[reason.label()]).inc();
+        metrics
+            .seeding_skipped
+            .with_label_values(&[reason.label()])
+            .inc();
         tracing::warn!(volume_attachment = %va, reason = reason.label(), "VolumeAttachment skipped while seeding");
     }
     let holders: usize = plan.volumes.iter().map(|v| v.holders.len()).sum();
@@ -288,9 +314,23 @@ async fn seed(
     ready.store(true, std::sync::atomic::Ordering::Release);
     let secs = started.elapsed().as_secs_f64();
     metrics.seeding_seconds_to_ready.set(secs);
-    tracing::info!(volume_attachments = seen, volumes, attachments = holders, skipped, seconds = secs,
-        "attachment state rebuilt from VolumeAttachments; ready");
+    tracing::info!(
+        volume_attachments = seen,
+        volumes,
+        attachments = holders,
+        skipped,
+        seconds = secs,
+        "attachment state rebuilt from VolumeAttachments; ready"
+    );
 }
+
+/// The cluster behind the actors' traits, and the kube-rs cluster when there is one.
+type Adapters = (
+    Arc<dyn NodeDirectory>,
+    Arc<dyn AttachmentAuthority>,
+    Arc<dyn ClusterSink>,
+    Option<Arc<KubeCluster>>,
+);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -4,8 +4,8 @@
 //! so existing dashboards keep working. Only this module defines metrics; everyone else records.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const NAMESPACE: &str = "rds_csi";
@@ -37,19 +37,29 @@ pub struct Metrics {
 }
 
 fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(NAMESPACE).subsystem(subsystem)
+    Opts::new(name, help)
+        .namespace(NAMESPACE)
+        .subsystem(subsystem)
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let attach_total = IntCounterVec::new(
-            opts("attachment", "attach_total", "ControllerPublishVolume outcomes."),
+            opts(
+                "attachment",
+                "attach_total",
+                "ControllerPublishVolume outcomes.",
+            ),
             &["status"],
         )
         .expect("valid metric");
         let detach_total = IntCounterVec::new(
-            opts("attachment", "detach_total", "Detaches of a volume from a node."),
+            opts(
+                "attachment",
+                "detach_total",
+                "Detaches of a volume from a node.",
+            ),
             &["status"],
         )
         .expect("valid metric");
@@ -83,12 +93,18 @@ impl Metrics {
                 "operation_duration_seconds",
                 "Time to answer ControllerPublishVolume and ControllerUnpublishVolume.",
             ))
-            .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
             &["operation"],
         )
         .expect("valid metric");
         let migrations_total = IntCounterVec::new(
-            opts("migration", "migrations_total", "KubeVirt live migrations by result, each counted once."),
+            opts(
+                "migration",
+                "migrations_total",
+                "KubeVirt live migrations by result, each counted once.",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -108,13 +124,21 @@ impl Metrics {
         ))
         .expect("valid metric");
         let volume_operations_total = IntCounterVec::new(
-            opts("volume", "operations_total", "Volume operations by kind and outcome."),
+            opts(
+                "volume",
+                "operations_total",
+                "Volume operations by kind and outcome.",
+            ),
             &["operation", "status"],
         )
         .expect("valid metric");
         let volume_operation_duration = HistogramVec::new(
-            HistogramOpts::from(opts("volume", "operation_duration_seconds", "Duration of volume operations."))
-                .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
+            HistogramOpts::from(opts(
+                "volume",
+                "operation_duration_seconds",
+                "Duration of volume operations.",
+            ))
+            .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
             &["operation"],
         )
         .expect("valid metric");
@@ -125,22 +149,38 @@ impl Metrics {
         ))
         .expect("valid metric");
         let volume_actors = IntGaugeVec::new(
-            opts("attachment", "volume_actors", "Live volume actors by attachment state."),
+            opts(
+                "attachment",
+                "volume_actors",
+                "Live volume actors by attachment state.",
+            ),
             &["state"],
         )
         .expect("valid metric");
         let grpc_started = IntCounterVec::new(
-            opts("grpc", "server_started_total", "gRPC requests started, by service and method."),
+            opts(
+                "grpc",
+                "server_started_total",
+                "gRPC requests started, by service and method.",
+            ),
             &["grpc_service", "grpc_method"],
         )
         .expect("valid metric");
         let grpc_handled = IntCounterVec::new(
-            opts("grpc", "server_handled_total", "gRPC requests completed, by service, method and status code."),
+            opts(
+                "grpc",
+                "server_handled_total",
+                "gRPC requests completed, by service, method and status code.",
+            ),
             &["grpc_service", "grpc_method", "grpc_code"],
         )
         .expect("valid metric");
         let grpc_in_flight = IntGaugeVec::new(
-            opts("grpc", "server_in_flight_requests", "gRPC requests being handled now, by service and method."),
+            opts(
+                "grpc",
+                "server_in_flight_requests",
+                "gRPC requests being handled now, by service and method.",
+            ),
             &["grpc_service", "grpc_method"],
         )
         .expect("valid metric");
@@ -151,7 +191,11 @@ impl Metrics {
         ))
         .expect("valid metric");
         let seeding_skipped = IntCounterVec::new(
-            opts("seeding", "volumeattachments_skipped_total", "VolumeAttachments ignored at boot, by reason."),
+            opts(
+                "seeding",
+                "volumeattachments_skipped_total",
+                "VolumeAttachments ignored at boot, by reason.",
+            ),
             &["reason"],
         )
         .expect("valid metric");
@@ -162,12 +206,20 @@ impl Metrics {
         ))
         .expect("valid metric");
         let annotation_write_failures = IntCounterVec::new(
-            opts("kube", "annotation_write_failures_total", "Failed PV annotation writes (each is retried), by reason."),
+            opts(
+                "kube",
+                "annotation_write_failures_total",
+                "Failed PV annotation writes (each is retried), by reason.",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let event_write_failures = IntCounterVec::new(
-            opts("kube", "event_write_failures_total", "Failed Kubernetes event posts (each is retried), by reason."),
+            opts(
+                "kube",
+                "event_write_failures_total",
+                "Failed Kubernetes event posts (each is retried), by reason.",
+            ),
             &["reason"],
         )
         .expect("valid metric");
@@ -254,4 +306,3 @@ impl Default for Metrics {
         Self::new()
     }
 }
-

@@ -23,7 +23,11 @@ const GRACE: Duration = Duration::from_secs(30);
 
 fn paused<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
     let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
     });
     system.block_on(test());
 }
@@ -49,7 +53,9 @@ async fn harness(volumes: &[&str]) -> Harness {
             .await
             .unwrap();
     }
-    let cluster = Arc::new(Standalone::new(["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap())));
+    let cluster = Arc::new(Standalone::new(
+        ["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap()),
+    ));
     let metrics = Arc::new(Metrics::new());
     let deps = Arc::new(VolumeDeps {
         backend,
@@ -60,7 +66,11 @@ async fn harness(volumes: &[&str]) -> Harness {
         grace_period: GRACE,
     });
     let supervisor = Supervisor::new(deps, Vec::new()).start();
-    Harness { router: Router::new(supervisor, Duration::from_secs(5)), metrics, _dir: dir }
+    Harness {
+        router: Router::new(supervisor, Duration::from_secs(5)),
+        metrics,
+        _dir: dir,
+    }
 }
 
 fn rwx() -> Capability {
@@ -77,7 +87,9 @@ fn publish(node: &str, capability: Capability) -> Publish {
 }
 
 fn unpublish(node: &str) -> Unpublish {
-    Unpublish { node: Some(NodeId::try_from(node).unwrap()) }
+    Unpublish {
+        node: Some(NodeId::try_from(node).unwrap()),
+    }
 }
 
 fn vol(v: &str) -> VolumeId {
@@ -86,11 +98,19 @@ fn vol(v: &str) -> VolumeId {
 
 impl Harness {
     fn migrations(&self, result: &str) -> u64 {
-        self.metrics.migrations_total.with_label_values(&[result]).get()
+        self.metrics
+            .migrations_total
+            .with_label_values(&[result])
+            .get()
     }
 
     async fn actors(&self) -> usize {
-        self.router.supervisor().send(ListActors).await.unwrap().len()
+        self.router
+            .supervisor()
+            .send(ListActors)
+            .await
+            .unwrap()
+            .len()
     }
 }
 
@@ -108,10 +128,21 @@ fn migration_timeout_fires_once() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert_eq!(h.migrations("timeout"), 1, "fires once");
         let view = h.router.send(&vol("v"), Describe).await.unwrap().unwrap();
-        assert_eq!(view["nodes"].as_array().unwrap().len(), 2, "stays dual-attached");
+        assert_eq!(
+            view["nodes"].as_array().unwrap().len(),
+            2,
+            "stays dual-attached"
+        );
         assert_eq!(view["migration"]["timed_out"], true);
         h.router.send(&vol("v"), unpublish("a")).await.unwrap();
-        assert_eq!((h.migrations("success"), h.migrations("failed"), h.migrations("timeout")), (0, 0, 1));
+        assert_eq!(
+            (
+                h.migrations("success"),
+                h.migrations("failed"),
+                h.migrations("timeout")
+            ),
+            (0, 0, 1)
+        );
         assert_eq!(h.metrics.active_migrations.get(), 0);
     });
 }
@@ -142,7 +173,10 @@ fn grace_expiry_reaps_the_actor() {
         assert_eq!(h.actors().await, 1, "kept inside the grace window");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(h.actors().await, 0, "reaped after the grace period");
-        assert_eq!(h.metrics.volume_actors.with_label_values(&["grace"]).get(), 0);
+        assert_eq!(
+            h.metrics.volume_actors.with_label_values(&["grace"]).get(),
+            0
+        );
     });
 }
 
@@ -168,7 +202,10 @@ fn a_publish_that_races_the_reap_still_succeeds() {
         let doomed = h
             .router
             .supervisor()
-            .send(super::messages::Route { volume: vol("v"), stale: None })
+            .send(super::messages::Route {
+                volume: vol("v"),
+                stale: None,
+            })
             .await
             .unwrap();
         tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
@@ -202,7 +239,12 @@ fn publishes_at_the_reap_instant_are_never_lost() {
                 router.send(&vol("v"), publish("b", rwx())).await
             });
             racer.await.unwrap().unwrap();
-            let view = h.router.send(&vol("v"), Describe).await.unwrap().expect("b holds the volume");
+            let view = h
+                .router
+                .send(&vol("v"), Describe)
+                .await
+                .unwrap()
+                .expect("b holds the volume");
             assert_eq!(view["nodes"][0]["node"], "b", "round {round}");
             h.router.send(&vol("v"), unpublish("b")).await.unwrap();
             tokio::time::sleep(GRACE * 2).await;
@@ -214,9 +256,17 @@ fn publishes_at_the_reap_instant_are_never_lost() {
 fn publish_to_a_missing_volume_or_unknown_node_is_not_found_and_leaves_no_actor() {
     paused(|| async {
         let h = harness(&["v"]).await;
-        let err = h.router.send(&vol("nope"), publish("a", rwx())).await.unwrap_err();
+        let err = h
+            .router
+            .send(&vol("nope"), publish("a", rwx()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::VolumeNotFound(_)), "{err}");
-        let err = h.router.send(&vol("v"), publish("zz", rwx())).await.unwrap_err();
+        let err = h
+            .router
+            .send(&vol("v"), publish("zz", rwx()))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::NodeNotFound(_)), "{err}");
         tokio::task::yield_now().await;
         assert_eq!(h.actors().await, 0, "idle actors retire at once");
@@ -242,17 +292,34 @@ fn a_timed_out_migration_is_counted_once_in_the_exposition() {
         let failed = r#"rds_csi_migration_migrations_total{result="failed"}"#;
         h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
         h.router.send(&vol("v"), publish("b", rwx())).await.unwrap();
-        assert_eq!(scraped(&h.metrics, "rds_csi_migration_active_migrations"), 1.0);
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_migration_active_migrations"),
+            1.0
+        );
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(scraped(&h.metrics, timeout), 1.0);
-        assert_eq!(scraped(&h.metrics, "rds_csi_migration_active_migrations"), 1.0, "still dual-attached");
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_migration_active_migrations"),
+            1.0,
+            "still dual-attached"
+        );
         h.router.send(&vol("v"), unpublish("b")).await.unwrap();
         assert_eq!(
-            (scraped(&h.metrics, timeout), scraped(&h.metrics, success), scraped(&h.metrics, failed)),
+            (
+                scraped(&h.metrics, timeout),
+                scraped(&h.metrics, success),
+                scraped(&h.metrics, failed)
+            ),
             (1.0, 0.0, 0.0),
             "the later rollback does not count again"
         );
-        assert_eq!(scraped(&h.metrics, "rds_csi_migration_active_migrations"), 0.0);
-        assert_eq!(scraped(&h.metrics, "rds_csi_migration_duration_seconds_count"), 0.0);
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_migration_active_migrations"),
+            0.0
+        );
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_migration_duration_seconds_count"),
+            0.0
+        );
     });
 }

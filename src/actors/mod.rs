@@ -47,20 +47,38 @@ pub struct Router {
 
 impl Router {
     pub fn new(supervisor: Addr<Supervisor>, mailbox_timeout: Duration) -> Self {
-        Self { supervisor, mailbox_timeout, known: Default::default() }
+        Self {
+            supervisor,
+            mailbox_timeout,
+            known: Default::default(),
+        }
     }
 
     fn remembered(&self, volume: &VolumeId) -> Option<Addr<VolumeActor>> {
-        self.known.read().unwrap_or_else(|p| p.into_inner()).get(volume).cloned()
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .cloned()
     }
 
-    async fn route(&self, volume: &VolumeId, stale: Option<Addr<VolumeActor>>) -> Result<Addr<VolumeActor>, Error> {
+    async fn route(
+        &self,
+        volume: &VolumeId,
+        stale: Option<Addr<VolumeActor>>,
+    ) -> Result<Addr<VolumeActor>, Error> {
         let addr = self
             .supervisor
-            .send(Route { volume: volume.clone(), stale })
+            .send(Route {
+                volume: volume.clone(),
+                stale,
+            })
             .await
             .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))?;
-        self.known.write().unwrap_or_else(|p| p.into_inner()).insert(volume.clone(), addr.clone());
+        self.known
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.clone(), addr.clone());
         Ok(addr)
     }
 
@@ -86,7 +104,10 @@ impl Router {
                 Some(addr) => addr,
                 None => self.route(volume, stale.take()).await?,
             };
-            let traced = Traced { msg: msg.clone(), span: tracing::Span::current() };
+            let traced = Traced {
+                msg: msg.clone(),
+                span: tracing::Span::current(),
+            };
             match addr.send(traced).timeout(self.mailbox_timeout).await {
                 Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => stale = Some(addr),
                 Ok(answer) => return answer,
@@ -98,7 +119,9 @@ impl Router {
                 }
             }
         }
-        Err(Error::Unavailable(format!("volume {volume} actor kept stopping; retry")))
+        Err(Error::Unavailable(format!(
+            "volume {volume} actor kept stopping; retry"
+        )))
     }
 }
 

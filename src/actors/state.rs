@@ -19,7 +19,9 @@ pub const MIN_MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// CSI access modes this driver supports. The unsupported ones never get past validation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum AccessMode {
     SingleNodeWriter,
     SingleNodeReaderOnly,
@@ -28,15 +30,22 @@ pub enum AccessMode {
     MultiNodeMultiWriter,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum AccessType {
     Block,
-    Mount { fs_type: String, mount_flags: Vec<String> },
+    Mount {
+        fs_type: String,
+        mount_flags: Vec<String>,
+    },
 }
 
 /// A validated volume capability. Construct it through `Capability::new`, which enforces
 /// "RWX requires volumeMode: Block".
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Capability {
     mode: AccessMode,
     access_type: AccessType,
@@ -64,7 +73,10 @@ impl Capability {
     }
 
     pub fn block(mode: AccessMode) -> Self {
-        Self { mode, access_type: AccessType::Block }
+        Self {
+            mode,
+            access_type: AccessType::Block,
+        }
     }
 
     pub fn mode(&self) -> AccessMode {
@@ -167,20 +179,44 @@ pub enum DropReason {
 /// Something the outside world must learn about. Applying effects never changes the state.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
-    Attached { node: NodeId },
+    Attached {
+        node: NodeId,
+    },
     /// Another node takes over from `from`, inside its grace window or because its
     /// VolumeAttachment was released (counts grace_period_used).
-    Handoff { from: NodeId },
-    StaleCleared { node: NodeId },
+    Handoff {
+        from: NodeId,
+    },
+    StaleCleared {
+        node: NodeId,
+    },
     /// `node` detached. `remaining` is who still holds the volume; empty means fully detached.
-    Detached { node: NodeId, remaining: Vec<NodeId> },
-    MigrationStarted { source: NodeId, target: NodeId, timeout: Duration },
+    Detached {
+        node: NodeId,
+        remaining: Vec<NodeId>,
+    },
+    MigrationStarted {
+        source: NodeId,
+        target: NodeId,
+        timeout: Duration,
+    },
     /// A migration ended. `counted` is false when its timeout already counted it.
-    MigrationEnded { source: NodeId, target: NodeId, result: MigrationResult, elapsed: Duration, counted: bool },
+    MigrationEnded {
+        source: NodeId,
+        target: NodeId,
+        result: MigrationResult,
+        elapsed: Duration,
+        counted: bool,
+    },
     /// The migration timer fired: counted once as `timeout`; the volume stays dual-attached.
-    MigrationTimedOut { source: NodeId, target: NodeId },
+    MigrationTimedOut {
+        source: NodeId,
+        target: NodeId,
+    },
     /// Seeding found more holders than the access class allows; kept because it is reality.
-    OverAttached { nodes: Vec<NodeId> },
+    OverAttached {
+        nodes: Vec<NodeId>,
+    },
 }
 
 /// What a successful publish returns.
@@ -202,7 +238,12 @@ pub struct VolumeState {
 
 impl VolumeState {
     pub fn new(grace_period: Duration) -> Self {
-        Self { nodes: Vec::new(), migration: None, grace: None, grace_period }
+        Self {
+            nodes: Vec::new(),
+            migration: None,
+            grace: None,
+            grace_period,
+        }
     }
 
     /// Rebuilds state from attached VolumeAttachments (rules, Boot seeding 3). `holders` must be
@@ -225,7 +266,9 @@ impl VolumeState {
                 timed_out: false,
             });
         } else if holders.len() > 2 || (holders.len() == 2 && !all_migratable) {
-            effects.push(Effect::OverAttached { nodes: holders.iter().map(|a| a.node.clone()).collect() });
+            effects.push(Effect::OverAttached {
+                nodes: holders.iter().map(|a| a.node.clone()).collect(),
+            });
         }
         state.nodes = holders;
         (state, effects)
@@ -262,7 +305,9 @@ impl VolumeState {
 
     /// When the grace timer must fire, if one must be armed.
     pub fn grace_deadline(&self) -> Option<Instant> {
-        self.grace.as_ref().map(|g| g.detached_at + self.grace_period)
+        self.grace
+            .as_ref()
+            .map(|g| g.detached_at + self.grace_period)
     }
 
     pub fn holds(&self, node: &NodeId) -> bool {
@@ -290,7 +335,11 @@ impl VolumeState {
         let mut effects = Vec::new();
         if let Some(m) = self.migration.take() {
             effects.push(Effect::MigrationEnded {
-                result: if &m.source == node { MigrationResult::Success } else { MigrationResult::Failed },
+                result: if &m.source == node {
+                    MigrationResult::Success
+                } else {
+                    MigrationResult::Failed
+                },
                 elapsed: now.saturating_duration_since(m.started_at),
                 counted: !m.timed_out,
                 source: m.source,
@@ -309,20 +358,34 @@ impl VolumeState {
     ///
     /// Errors: `AlreadyExists` (same node, other capability or readonly), `Conflict`
     /// (exclusive, or another access class) and `MigrationLimit` (two nodes already).
-    pub fn publish(&mut self, req: &PublishRequest, now: Instant, wall: SystemTime) -> Result<Published, Error> {
+    pub fn publish(
+        &mut self,
+        req: &PublishRequest,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Published, Error> {
         // Step 3: already on this node.
         if let Some(existing) = self.nodes.iter_mut().find(|a| a.node == req.node) {
             if existing.capability.is_none() && existing.class == req.capability.class() {
                 existing.capability = Some(req.capability.clone());
                 existing.readonly = req.readonly;
             }
-            if existing.capability.as_ref() == Some(&req.capability) && existing.readonly == req.readonly {
-                return Ok(Published { effects: Vec::new(), idempotent: true });
+            if existing.capability.as_ref() == Some(&req.capability)
+                && existing.readonly == req.readonly
+            {
+                return Ok(Published {
+                    effects: Vec::new(),
+                    idempotent: true,
+                });
             }
             return Err(Error::AlreadyExists(format!(
                 "already published to node {} with a different {}",
                 req.node,
-                if existing.readonly != req.readonly { "readonly flag" } else { "volume capability" }
+                if existing.readonly != req.readonly {
+                    "readonly flag"
+                } else {
+                    "volume capability"
+                }
             )));
         }
         let attachment = Attachment {
@@ -339,17 +402,25 @@ impl VolumeState {
             if let Some(grace) = self.grace.take() {
                 let inside = now.saturating_duration_since(grace.detached_at) < self.grace_period;
                 if inside && grace.last_node != req.node {
-                    effects.push(Effect::Handoff { from: grace.last_node });
+                    effects.push(Effect::Handoff {
+                        from: grace.last_node,
+                    });
                 }
             }
             self.nodes.push(attachment);
-            effects.push(Effect::Attached { node: req.node.clone() });
-            return Ok(Published { effects, idempotent: false });
+            effects.push(Effect::Attached {
+                node: req.node.clone(),
+            });
+            return Ok(Published {
+                effects,
+                idempotent: false,
+            });
         }
         // Step 5.3: exclusive, or a different access class.
         let held_class = self.nodes[0].class;
         let overfull = self.nodes.len() > 2 || (self.nodes.len() == 2 && self.migration.is_none());
-        if held_class == AccessClass::Exclusive || req.capability.class() != held_class || overfull {
+        if held_class == AccessClass::Exclusive || req.capability.class() != held_class || overfull
+        {
             return Err(Error::Conflict {
                 holders: self.nodes.iter().map(|a| a.node.clone()).collect(),
                 requested: req.node.clone(),
@@ -374,8 +445,14 @@ impl VolumeState {
         });
         Ok(Published {
             effects: vec![
-                Effect::Attached { node: req.node.clone() },
-                Effect::MigrationStarted { source, target: req.node.clone(), timeout: req.migration_timeout },
+                Effect::Attached {
+                    node: req.node.clone(),
+                },
+                Effect::MigrationStarted {
+                    source,
+                    target: req.node.clone(),
+                    timeout: req.migration_timeout,
+                },
             ],
             idempotent: false,
         })
@@ -389,7 +466,10 @@ impl VolumeState {
             Some(node) => self.unpublish_one(node, now),
             None => {
                 let order: Vec<NodeId> = self.nodes.iter().rev().map(|a| a.node.clone()).collect();
-                order.iter().flat_map(|n| self.unpublish_one(n, now)).collect()
+                order
+                    .iter()
+                    .flat_map(|n| self.unpublish_one(n, now))
+                    .collect()
             }
         }
     }
@@ -400,9 +480,16 @@ impl VolumeState {
         };
         self.nodes.remove(pos);
         let mut effects = Vec::new();
-        if let Some(m) = self.migration.take_if(|m| &m.source == node || &m.target == node) {
+        if let Some(m) = self
+            .migration
+            .take_if(|m| &m.source == node || &m.target == node)
+        {
             effects.push(Effect::MigrationEnded {
-                result: if &m.source == node { MigrationResult::Success } else { MigrationResult::Failed },
+                result: if &m.source == node {
+                    MigrationResult::Success
+                } else {
+                    MigrationResult::Failed
+                },
                 elapsed: now.saturating_duration_since(m.started_at),
                 counted: !m.timed_out,
                 source: m.source,
@@ -410,7 +497,10 @@ impl VolumeState {
             });
         }
         if self.nodes.is_empty() {
-            self.grace = Some(Grace { last_node: node.clone(), detached_at: now });
+            self.grace = Some(Grace {
+                last_node: node.clone(),
+                detached_at: now,
+            });
         }
         effects.push(Effect::Detached {
             node: node.clone(),
@@ -425,7 +515,10 @@ impl VolumeState {
         match self.migration.as_mut() {
             Some(m) if !m.timed_out && now >= m.started_at + m.timeout => {
                 m.timed_out = true;
-                vec![Effect::MigrationTimedOut { source: m.source.clone(), target: m.target.clone() }]
+                vec![Effect::MigrationTimedOut {
+                    source: m.source.clone(),
+                    target: m.target.clone(),
+                }]
             }
             _ => Vec::new(),
         }
@@ -448,7 +541,10 @@ impl VolumeState {
 
     /// A JSON view for `/debug/attachments` and `ctl`.
     pub fn describe(&self, now: Instant, wall: SystemTime) -> serde_json::Value {
-        let to_wall = |at: Instant| wall.checked_sub(now.saturating_duration_since(at)).unwrap_or(wall);
+        let to_wall = |at: Instant| {
+            wall.checked_sub(now.saturating_duration_since(at))
+                .unwrap_or(wall)
+        };
         let nodes: Vec<_> = self
             .nodes
             .iter()
@@ -482,7 +578,10 @@ impl VolumeState {
         });
         let mut out = BTreeMap::new();
         out.insert("nodes", serde_json::Value::Array(nodes));
-        out.insert("access_class", serde_json::to_value(self.class()).unwrap_or_default());
+        out.insert(
+            "access_class",
+            serde_json::to_value(self.class()).unwrap_or_default(),
+        );
         out.insert("migration", migration.unwrap_or_default());
         out.insert("grace", grace.unwrap_or_default());
         serde_json::to_value(out).unwrap_or_default()

@@ -15,8 +15,14 @@ fn node(n: &str) -> NodeId {
 }
 
 fn rwo() -> Capability {
-    Capability::new(AccessMode::SingleNodeWriter, AccessType::Mount { fs_type: "ext4".into(), mount_flags: vec![] })
-        .unwrap()
+    Capability::new(
+        AccessMode::SingleNodeWriter,
+        AccessType::Mount {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+        },
+    )
+    .unwrap()
 }
 
 fn rwx() -> Capability {
@@ -24,7 +30,12 @@ fn rwx() -> Capability {
 }
 
 fn req(n: &str, capability: Capability) -> PublishRequest {
-    PublishRequest { node: node(n), capability, readonly: false, migration_timeout: Duration::from_secs(60) }
+    PublishRequest {
+        node: node(n),
+        capability,
+        readonly: false,
+        migration_timeout: Duration::from_secs(60),
+    }
 }
 
 struct Fixture {
@@ -36,7 +47,11 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let t0 = Instant::now();
-        Self { state: VolumeState::new(GRACE), t0, now: t0 }
+        Self {
+            state: VolumeState::new(GRACE),
+            t0,
+            now: t0,
+        }
     }
 
     fn publish(&mut self, r: &PublishRequest) -> Result<Published, Error> {
@@ -48,15 +63,28 @@ impl Fixture {
     }
 
     fn holders(&self) -> Vec<String> {
-        self.state.nodes().iter().map(|a| a.node.to_string()).collect()
+        self.state
+            .nodes()
+            .iter()
+            .map(|a| a.node.to_string())
+            .collect()
     }
 }
 
 #[test]
 fn rwx_mount_is_refused_at_construction() {
-    let err = Capability::new(AccessMode::MultiNodeMultiWriter, AccessType::Mount { fs_type: "xfs".into(), mount_flags: vec![] })
-        .unwrap_err();
-    assert!(err.to_string().contains("RWX requires volumeMode: Block"), "{err}");
+    let err = Capability::new(
+        AccessMode::MultiNodeMultiWriter,
+        AccessType::Mount {
+            fs_type: "xfs".into(),
+            mount_flags: vec![],
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("RWX requires volumeMode: Block"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,7 +92,13 @@ fn republish_same_capability_is_idempotent_without_effects() {
     let mut f = Fixture::new();
     f.publish(&req("a", rwo())).unwrap();
     let again = f.publish(&req("a", rwo())).unwrap();
-    assert_eq!(again, Published { effects: vec![], idempotent: true });
+    assert_eq!(
+        again,
+        Published {
+            effects: vec![],
+            idempotent: true
+        }
+    );
 }
 
 #[test]
@@ -102,9 +136,14 @@ fn migratable_second_node_starts_migration_third_is_refused() {
     let mut f = Fixture::new();
     f.publish(&req("a", rwx())).unwrap();
     let started = f.publish(&req("b", rwx())).unwrap();
-    assert!(started.effects.iter().any(|e| matches!(e, Effect::MigrationStarted { source, target, .. }
-        if source.as_str() == "a" && target.as_str() == "b")));
-    assert_eq!(f.state.migration_deadline(), Some(f.t0 + Duration::from_secs(60)));
+    assert!(started.effects.iter().any(
+        |e| matches!(e, Effect::MigrationStarted { source, target, .. }
+        if source.as_str() == "a" && target.as_str() == "b")
+    ));
+    assert_eq!(
+        f.state.migration_deadline(),
+        Some(f.t0 + Duration::from_secs(60))
+    );
     let err = f.publish(&req("c", rwx())).unwrap_err();
     assert_eq!(err.to_string(), "migration limit: attached to a and b");
 }
@@ -118,11 +157,17 @@ fn grace_window_handoff_is_counted_and_never_allows_two_exclusive_holders() {
     let p = f.publish(&req("b", rwo())).unwrap();
     assert!(p.effects.contains(&Effect::Handoff { from: node("a") }));
     // Inside a fresh grace window of nobody: a third node is still refused while b holds it.
-    assert!(matches!(f.publish(&req("c", rwo())), Err(Error::Conflict { .. })));
+    assert!(matches!(
+        f.publish(&req("c", rwo())),
+        Err(Error::Conflict { .. })
+    ));
     // Re-attach to the same node inside the window is not a handoff.
     f.state.unpublish(Some(&node("b")), f.now);
     let p = f.publish(&req("b", rwo())).unwrap();
-    assert!(!p.effects.iter().any(|e| matches!(e, Effect::Handoff { .. })));
+    assert!(!p
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Handoff { .. })));
 }
 
 #[test]
@@ -171,7 +216,14 @@ fn target_detach_is_failed_rollback() {
     f.publish(&req("a", rwx())).unwrap();
     f.publish(&req("b", rwx())).unwrap();
     let effects = f.state.unpublish(Some(&node("b")), f.now);
-    assert!(effects.iter().any(|e| matches!(e, Effect::MigrationEnded { result: MigrationResult::Failed, counted: true, .. })));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::MigrationEnded {
+            result: MigrationResult::Failed,
+            counted: true,
+            ..
+        }
+    )));
     assert_eq!(f.holders(), ["a"]);
 }
 
@@ -181,15 +233,27 @@ fn timeout_counts_once_and_later_resolution_does_not_count_again() {
     f.publish(&req("a", rwx())).unwrap();
     f.publish(&req("b", rwx())).unwrap();
     f.advance(Duration::from_secs(59));
-    assert!(f.state.migration_timeout(f.now).is_empty(), "early timer does nothing");
+    assert!(
+        f.state.migration_timeout(f.now).is_empty(),
+        "early timer does nothing"
+    );
     f.advance(Duration::from_secs(1));
     assert_eq!(f.state.migration_timeout(f.now).len(), 1);
     assert!(f.state.migration_timeout(f.now).is_empty(), "fires once");
-    assert_eq!(f.state.migration_deadline(), None, "no timer after timing out");
+    assert_eq!(
+        f.state.migration_deadline(),
+        None,
+        "no timer after timing out"
+    );
     assert_eq!(f.holders(), ["a", "b"], "stays dual-attached");
-    assert!(matches!(f.publish(&req("c", rwx())), Err(Error::MigrationLimit { .. })));
+    assert!(matches!(
+        f.publish(&req("c", rwx())),
+        Err(Error::MigrationLimit { .. })
+    ));
     let effects = f.state.unpublish(Some(&node("a")), f.now);
-    assert!(effects.iter().any(|e| matches!(e, Effect::MigrationEnded { counted: false, .. })));
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::MigrationEnded { counted: false, .. })));
 }
 
 #[test]
@@ -198,9 +262,18 @@ fn empty_node_detaches_everything_rolling_back_first() {
     f.publish(&req("a", rwx())).unwrap();
     f.publish(&req("b", rwx())).unwrap();
     let effects = f.state.unpublish(None, f.now);
-    assert!(effects.iter().any(|e| matches!(e, Effect::MigrationEnded { result: MigrationResult::Failed, .. })));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::MigrationEnded {
+            result: MigrationResult::Failed,
+            ..
+        }
+    )));
     assert!(f.state.nodes().is_empty());
-    assert_eq!(f.state.grace().map(|g| g.last_node.to_string()), Some("a".into()));
+    assert_eq!(
+        f.state.grace().map(|g| g.last_node.to_string()),
+        Some("a".into())
+    );
 }
 
 #[test]
@@ -215,7 +288,12 @@ fn stale_and_released_holders_are_dropped_before_publish() {
     let effects = f.state.drop_holder(&node("b"), DropReason::Released, f.now);
     assert_eq!(effects, vec![Effect::Handoff { from: node("b") }]);
     let p = f.publish(&req("c", rwo())).unwrap();
-    assert!(!p.effects.iter().any(|e| matches!(e, Effect::Handoff { .. })), "handoff counted once, at the drop");
+    assert!(
+        !p.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Handoff { .. })),
+        "handoff counted once, at the drop"
+    );
 }
 
 #[test]
@@ -231,13 +309,19 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
     };
     let (state, effects) = VolumeState::seeded(
         GRACE,
-        vec![holder("old", t0), holder("new", t0 + Duration::from_secs(10))],
+        vec![
+            holder("old", t0),
+            holder("new", t0 + Duration::from_secs(10)),
+        ],
         Duration::from_secs(100),
     );
     assert!(effects.is_empty());
     let m = state.migration().unwrap();
     assert_eq!((m.source.as_str(), m.target.as_str()), ("old", "new"));
-    assert_eq!(state.migration_deadline(), Some(t0 + Duration::from_secs(110)));
+    assert_eq!(
+        state.migration_deadline(),
+        Some(t0 + Duration::from_secs(110))
+    );
     let (state, effects) = VolumeState::seeded(
         GRACE,
         vec![holder("a", t0), holder("b", t0), holder("c", t0)],
@@ -246,7 +330,9 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
     assert_eq!(effects.len(), 1);
     assert!(state.migration().is_none());
     let mut state = state;
-    assert!(state.publish(&req("d", rwx()), t0, SystemTime::now()).is_err());
+    assert!(state
+        .publish(&req("d", rwx()), t0, SystemTime::now())
+        .is_err());
 }
 
 #[test]
@@ -261,11 +347,19 @@ fn a_seeded_holder_adopts_the_capability_of_its_first_republish() {
         readonly: false,
     };
     let (mut state, _) = VolumeState::seeded(GRACE, vec![holder], DEFAULT_MIGRATION_TIMEOUT);
-    let p = state.publish(&req("a", rwo()), t0, SystemTime::now()).unwrap();
+    let p = state
+        .publish(&req("a", rwo()), t0, SystemTime::now())
+        .unwrap();
     assert!(p.idempotent && p.effects.is_empty());
     let block = req("a", Capability::block(AccessMode::SingleNodeWriter));
-    assert!(matches!(state.publish(&block, t0, SystemTime::now()), Err(Error::AlreadyExists(_))));
-    assert!(matches!(state.publish(&req("b", rwo()), t0, SystemTime::now()), Err(Error::Conflict { .. })));
+    assert!(matches!(
+        state.publish(&block, t0, SystemTime::now()),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        state.publish(&req("b", rwo()), t0, SystemTime::now()),
+        Err(Error::Conflict { .. })
+    ));
 }
 
 #[test]
@@ -274,7 +368,10 @@ fn migration_timeout_parsing_defaults_and_clamps() {
     assert_eq!(migration_timeout(Some("120")).0, Duration::from_secs(120));
     assert_eq!(migration_timeout(Some("1")).0, MIN_MIGRATION_TIMEOUT);
     assert_eq!(migration_timeout(Some("99999")).0, MAX_MIGRATION_TIMEOUT);
-    assert_eq!(migration_timeout(Some("soon")), (DEFAULT_MIGRATION_TIMEOUT, Some("soon".into())));
+    assert_eq!(
+        migration_timeout(Some("soon")),
+        (DEFAULT_MIGRATION_TIMEOUT, Some("soon".into()))
+    );
     assert_eq!(migration_timeout(Some("-5")).0, DEFAULT_MIGRATION_TIMEOUT);
 }
 
@@ -282,11 +379,24 @@ fn migration_timeout_parsing_defaults_and_clamps() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Publish { vol: usize, node: usize, migratable: bool },
-    Unpublish { vol: usize, node: Option<usize> },
-    Advance { secs: u64 },
-    MigrationTimer { vol: usize },
-    GraceTimer { vol: usize },
+    Publish {
+        vol: usize,
+        node: usize,
+        migratable: bool,
+    },
+    Unpublish {
+        vol: usize,
+        node: Option<usize>,
+    },
+    Advance {
+        secs: u64,
+    },
+    MigrationTimer {
+        vol: usize,
+    },
+    GraceTimer {
+        vol: usize,
+    },
 }
 
 const VOLS: usize = 3;
@@ -319,7 +429,11 @@ enum Expect {
 impl Model {
     fn publish(&mut self, node: usize, migratable: bool, now: Duration) -> Expect {
         if let Some(&(_, m)) = self.nodes.iter().find(|(n, _)| *n == node) {
-            return if m == migratable { Expect::Ok } else { Expect::AlreadyExists };
+            return if m == migratable {
+                Expect::Ok
+            } else {
+                Expect::AlreadyExists
+            };
         }
         match self.nodes.as_slice() {
             [] => {
@@ -337,7 +451,9 @@ impl Model {
 
     /// Returns how many migrations this detach counted.
     fn unpublish(&mut self, node: usize) -> u32 {
-        let Some(pos) = self.nodes.iter().position(|(n, _)| *n == node) else { return 0 };
+        let Some(pos) = self.nodes.iter().position(|(n, _)| *n == node) else {
+            return 0;
+        };
         self.nodes.remove(pos);
         match self.migration.take() {
             Some((_, false)) => 1,
@@ -458,7 +574,12 @@ fn op_name(vol: usize, node: usize) -> String {
 fn count_resolutions(effects: &[Effect]) -> u32 {
     effects
         .iter()
-        .filter(|e| matches!(e, Effect::MigrationEnded { counted: true, .. } | Effect::MigrationTimedOut { .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                Effect::MigrationEnded { counted: true, .. } | Effect::MigrationTimedOut { .. }
+            )
+        })
         .count() as u32
 }
 

@@ -30,7 +30,12 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(deps: Arc<VolumeDeps>, arbiters: Vec<ArbiterHandle>) -> Self {
-        Self { actors: HashMap::new(), arbiters, hasher: Default::default(), deps }
+        Self {
+            actors: HashMap::new(),
+            arbiters,
+            hasher: Default::default(),
+            deps,
+        }
     }
 
     fn arbiter_for(&self, volume: &VolumeId) -> Option<&ArbiterHandle> {
@@ -62,8 +67,20 @@ impl Supervisor {
 
     /// Starts an actor holding rebuilt state (boot seeding). Replaces nothing: seeding runs
     /// before any RPC is served.
-    pub fn seed(&mut self, volume: VolumeId, state: VolumeState, effects: Vec<Effect>, ctx: &mut Context<Self>) {
-        let actor = VolumeActor::seeded(volume.clone(), state, effects, self.deps.clone(), ctx.address().recipient());
+    pub fn seed(
+        &mut self,
+        volume: VolumeId,
+        state: VolumeState,
+        effects: Vec<Effect>,
+        ctx: &mut Context<Self>,
+    ) {
+        let actor = VolumeActor::seeded(
+            volume.clone(),
+            state,
+            effects,
+            self.deps.clone(),
+            ctx.address().recipient(),
+        );
         let addr = self.spawn(actor, &volume);
         self.actors.insert(volume, addr);
     }
@@ -114,7 +131,12 @@ impl Handler<ListActors> for Supervisor {
     type Result = MessageResult<ListActors>;
 
     fn handle(&mut self, _: ListActors, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.actors.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        MessageResult(
+            self.actors
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     }
 }
 
@@ -144,7 +166,11 @@ impl Handler<Seed> for Supervisor {
                     // Ages beyond two hours all mean "every deadline has passed"; clamping keeps
                     // the subtraction inside the monotonic clock's range.
                     attached_at: now
-                        .checked_sub(wall.duration_since(created).unwrap_or_default().min(SEED_AGE_CAP))
+                        .checked_sub(
+                            wall.duration_since(created)
+                                .unwrap_or_default()
+                                .min(SEED_AGE_CAP),
+                        )
                         .unwrap_or(now),
                     attached_wall: created,
                     class: v.class,
@@ -152,7 +178,8 @@ impl Handler<Seed> for Supervisor {
                     readonly: false,
                 })
                 .collect();
-            let (state, effects) = VolumeState::seeded(self.deps.grace_period, holders, v.migration_timeout);
+            let (state, effects) =
+                VolumeState::seeded(self.deps.grace_period, holders, v.migration_timeout);
             self.seed(v.volume, state, effects, ctx);
         }
         count

@@ -11,7 +11,9 @@ use std::time::SystemTime;
 use actix::prelude::*;
 use tokio::time::Instant;
 
-use super::messages::{Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Traced, Unpublish};
+use super::messages::{
+    Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Traced, Unpublish,
+};
 use super::state::{DropReason, Effect, MigrationResult, VolumeState};
 use super::VolumeDeps;
 use crate::ids::VolumeId;
@@ -36,7 +38,12 @@ pub struct VolumeActor {
 }
 
 impl VolumeActor {
-    pub fn new(id: VolumeId, state: VolumeState, deps: Arc<VolumeDeps>, supervisor: Recipient<Reaped>) -> Self {
+    pub fn new(
+        id: VolumeId,
+        state: VolumeState,
+        deps: Arc<VolumeDeps>,
+        supervisor: Recipient<Reaped>,
+    ) -> Self {
         Self {
             id,
             state,
@@ -75,7 +82,11 @@ impl VolumeActor {
 
     /// Re-labels this actor in the volume_actors gauge and the attached-volumes gauge.
     fn track(&self, before: &'static str, was_attached: bool) {
-        let after = if self.retired { "stopped" } else { self.class_label() };
+        let after = if self.retired {
+            "stopped"
+        } else {
+            self.class_label()
+        };
         if before != after {
             let gauge = &self.deps.metrics.volume_actors;
             if before != "stopped" {
@@ -126,7 +137,10 @@ impl VolumeActor {
         let before = self.class_label();
         self.retired = true;
         self.track(before, !self.state.nodes().is_empty());
-        self.supervisor.do_send(Reaped { volume: self.id.clone(), addr: ctx.address() });
+        self.supervisor.do_send(Reaped {
+            volume: self.id.clone(),
+            addr: ctx.address(),
+        });
         ctx.stop();
     }
 
@@ -172,32 +186,60 @@ impl VolumeActor {
                         sink.event(id, ClusterEvent::VolumeDetached { node });
                     }
                 }
-                Effect::MigrationStarted { source, target, timeout } => {
+                Effect::MigrationStarted {
+                    source,
+                    target,
+                    timeout,
+                } => {
                     m.active_migrations.inc();
                     tracing::info!(volume_id = %id, %source, %target, timeout_s = timeout.as_secs(), "migration started");
                     sink.event(id, ClusterEvent::MigrationStarted { source, target });
                 }
-                Effect::MigrationEnded { source, target, result, elapsed, counted } => {
+                Effect::MigrationEnded {
+                    source,
+                    target,
+                    result,
+                    elapsed,
+                    counted,
+                } => {
                     m.active_migrations.dec();
                     tracing::info!(volume_id = %id, %source, %target, result = result.label(), counted,
                         elapsed_s = elapsed.as_secs_f64(), "migration ended");
                     if counted {
-                        m.migrations_total.with_label_values(&[result.label()]).inc();
+                        m.migrations_total
+                            .with_label_values(&[result.label()])
+                            .inc();
                         match result {
                             MigrationResult::Success => {
                                 m.migration_duration.observe(elapsed.as_secs_f64());
                                 sink.event(id, ClusterEvent::MigrationCompleted { source, target });
                             }
                             MigrationResult::Failed | MigrationResult::Timeout => {
-                                sink.event(id, ClusterEvent::MigrationFailed { source, target, timed_out: false });
+                                sink.event(
+                                    id,
+                                    ClusterEvent::MigrationFailed {
+                                        source,
+                                        target,
+                                        timed_out: false,
+                                    },
+                                );
                             }
                         }
                     }
                 }
                 Effect::MigrationTimedOut { source, target } => {
-                    m.migrations_total.with_label_values(&[MigrationResult::Timeout.label()]).inc();
+                    m.migrations_total
+                        .with_label_values(&[MigrationResult::Timeout.label()])
+                        .inc();
                     tracing::warn!(volume_id = %id, %source, %target, "migration timed out; both nodes stay attached until one detaches");
-                    sink.event(id, ClusterEvent::MigrationFailed { source, target, timed_out: true });
+                    sink.event(
+                        id,
+                        ClusterEvent::MigrationFailed {
+                            source,
+                            target,
+                            timed_out: true,
+                        },
+                    );
                 }
                 Effect::OverAttached { nodes } => {
                     m.over_attached_total.inc();
@@ -224,7 +266,12 @@ impl VolumeActor {
                 .is_none_or(|last| now.saturating_duration_since(last) >= CONFLICT_EVENT_INTERVAL);
             if due {
                 self.last_conflict_event = Some(now);
-                self.deps.sink.event(&self.id, ClusterEvent::AttachmentConflict { message: err.to_string() });
+                self.deps.sink.event(
+                    &self.id,
+                    ClusterEvent::AttachmentConflict {
+                        message: err.to_string(),
+                    },
+                );
             }
         }
     }
@@ -234,7 +281,11 @@ impl Actor for VolumeActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.deps.metrics.volume_actors.with_label_values(&[self.class_label()]).inc();
+        self.deps
+            .metrics
+            .volume_actors
+            .with_label_values(&[self.class_label()])
+            .inc();
         if !self.state.nodes().is_empty() {
             self.deps.metrics.nvme_connections_active.inc();
         }
@@ -278,54 +329,68 @@ impl Handler<Publish> for VolumeActor {
         let node = req.node.clone();
         let blockers = self.state.blockers(&node);
         let checks = async move {
-            let volume = deps.backend.get(&id).await?.ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
-            let known = deps.nodes.exists(&node).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+            let volume = deps
+                .backend
+                .get(&id)
+                .await?
+                .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+            let known = deps
+                .nodes
+                .exists(&node)
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
             if !known {
                 return Err(Error::NodeNotFound(node));
             }
             let mut verdicts = Vec::with_capacity(blockers.len());
             for holder in blockers {
-                let status = deps
-                    .authority
-                    .check(&id, &holder)
-                    .await
-                    .map_err(|e| Error::Unavailable(format!("cannot confirm node {holder} still holds volume {id}: {e}")))?;
+                let status = deps.authority.check(&id, &holder).await.map_err(|e| {
+                    Error::Unavailable(format!(
+                        "cannot confirm node {holder} still holds volume {id}: {e}"
+                    ))
+                })?;
                 verdicts.push((holder, status));
             }
             Ok((deps.backend.publish_context(&volume), verdicts))
         };
         let span = tracing::Span::current();
-        AtomicResponse::new(Box::pin(checks.into_actor(self).map(move |checked, act, ctx| {
-            let _entered = span.enter();
-            let before = act.class_label();
-            let was_attached = !act.state.nodes().is_empty();
-            let result = checked.and_then(|(mut publish_context, verdicts)| {
-                let now = Instant::now();
-                let mut effects = Vec::new();
-                for (holder, status) in verdicts {
-                    let reason = match status {
-                        HolderStatus::Live => continue,
-                        HolderStatus::NodeGone => DropReason::Stale,
-                        HolderStatus::Released => DropReason::Released,
-                    };
-                    effects.extend(act.state.drop_holder(&holder, reason, now));
+        AtomicResponse::new(Box::pin(checks.into_actor(self).map(
+            move |checked, act, ctx| {
+                let _entered = span.enter();
+                let before = act.class_label();
+                let was_attached = !act.state.nodes().is_empty();
+                let result = checked.and_then(|(mut publish_context, verdicts)| {
+                    let now = Instant::now();
+                    let mut effects = Vec::new();
+                    for (holder, status) in verdicts {
+                        let reason = match status {
+                            HolderStatus::Live => continue,
+                            HolderStatus::NodeGone => DropReason::Stale,
+                            HolderStatus::Released => DropReason::Released,
+                        };
+                        effects.extend(act.state.drop_holder(&holder, reason, now));
+                    }
+                    let outcome = act.state.publish(&req, now, SystemTime::now());
+                    act.apply(effects);
+                    let published = outcome.inspect_err(|e| act.refused(e))?;
+                    act.apply(published.effects);
+                    if req.readonly {
+                        publish_context.insert("readonly".into(), "true".into());
+                    }
+                    Ok(Published { publish_context })
+                });
+                if result.is_err() {
+                    act.deps
+                        .metrics
+                        .attach_total
+                        .with_label_values(&["failed"])
+                        .inc();
                 }
-                let outcome = act.state.publish(&req, now, SystemTime::now());
-                act.apply(effects);
-                let published = outcome.inspect_err(|e| act.refused(e))?;
-                act.apply(published.effects);
-                if req.readonly {
-                    publish_context.insert("readonly".into(), "true".into());
-                }
-                Ok(Published { publish_context })
-            });
-            if result.is_err() {
-                act.deps.metrics.attach_total.with_label_values(&["failed"]).inc();
-            }
-            act.track(before, was_attached);
-            act.settle(ctx);
-            result
-        })))
+                act.track(before, was_attached);
+                act.settle(ctx);
+                result
+            },
+        )))
     }
 }
 

@@ -44,11 +44,15 @@ impl FileBackend {
     /// the index. Metadata that cannot be read is reported, not deleted.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, BackendError> {
         let root = root.into();
-        std::fs::create_dir_all(&root)
-            .map_err(BackendError::io(format!("creating file root {}", root.display())))?;
+        std::fs::create_dir_all(&root).map_err(BackendError::io(format!(
+            "creating file root {}",
+            root.display()
+        )))?;
         let mut index = BTreeMap::new();
-        let entries = std::fs::read_dir(&root)
-            .map_err(BackendError::io(format!("reading file root {}", root.display())))?;
+        let entries = std::fs::read_dir(&root).map_err(BackendError::io(format!(
+            "reading file root {}",
+            root.display()
+        )))?;
         let mut images = Vec::new();
         for entry in entries {
             let entry = entry.map_err(BackendError::io("reading file root"))?;
@@ -56,7 +60,8 @@ impl FileBackend {
             match path.extension().and_then(|e| e.to_str()) {
                 Some(PARTIAL_EXT) => {
                     tracing::info!(path = %path.display(), "removing leftover of an interrupted create");
-                    std::fs::remove_file(&path).map_err(BackendError::io("removing partial file"))?;
+                    std::fs::remove_file(&path)
+                        .map_err(BackendError::io("removing partial file"))?;
                 }
                 Some(META_EXT) => {
                     let info = read_meta(&path)?;
@@ -104,7 +109,9 @@ impl FileBackend {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<VolumeId, VolumeInfo>> {
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     #[cfg(test)]
@@ -115,7 +122,9 @@ impl FileBackend {
     #[cfg(test)]
     fn crash_here(&self, point: CrashPoint) -> Result<(), BackendError> {
         if *self.crash_at.lock().unwrap() == Some(point) {
-            return Err(BackendError::Corrupt(format!("simulated crash at {point:?}")));
+            return Err(BackendError::Corrupt(format!(
+                "simulated crash at {point:?}"
+            )));
         }
         Ok(())
     }
@@ -125,8 +134,10 @@ impl FileBackend {
         let meta = self.path(&info.id, META_EXT);
         let image_partial = self.path(&info.id, &format!("{IMAGE_EXT}.{PARTIAL_EXT}"));
         let meta_partial = self.path(&info.id, &format!("{META_EXT}.{PARTIAL_EXT}"));
-        let file = std::fs::File::create(&image_partial).map_err(BackendError::io("creating image"))?;
-        file.set_len(info.capacity_bytes).map_err(BackendError::io("sizing image"))?;
+        let file =
+            std::fs::File::create(&image_partial).map_err(BackendError::io("creating image"))?;
+        file.set_len(info.capacity_bytes)
+            .map_err(BackendError::io("sizing image"))?;
         file.sync_all().map_err(BackendError::io("syncing image"))?;
         write_meta(&meta_partial, info)?;
         #[cfg(test)]
@@ -140,17 +151,21 @@ impl FileBackend {
 }
 
 fn read_meta(path: &Path) -> Result<VolumeInfo, BackendError> {
-    let bytes = std::fs::read(path).map_err(BackendError::io(format!("reading {}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(BackendError::io(format!("reading {}", path.display())))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| BackendError::Corrupt(format!("{}: {e}", path.display())))
 }
 
 fn write_meta(path: &Path, info: &VolumeInfo) -> Result<(), BackendError> {
     use std::io::Write;
-    let bytes = serde_json::to_vec_pretty(info).map_err(|e| BackendError::Corrupt(e.to_string()))?;
+    let bytes =
+        serde_json::to_vec_pretty(info).map_err(|e| BackendError::Corrupt(e.to_string()))?;
     let mut file = std::fs::File::create(path).map_err(BackendError::io("writing metadata"))?;
-    file.write_all(&bytes).map_err(BackendError::io("writing metadata"))?;
-    file.sync_all().map_err(BackendError::io("syncing metadata"))
+    file.write_all(&bytes)
+        .map_err(BackendError::io("writing metadata"))?;
+    file.sync_all()
+        .map_err(BackendError::io("syncing metadata"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), BackendError> {
@@ -191,7 +206,11 @@ impl VolumeBackend for FileBackend {
             if matches!(e, BackendError::Corrupt(ref m) if m.starts_with("simulated crash")) {
                 return Err(e);
             }
-            for ext in [format!("{IMAGE_EXT}.{PARTIAL_EXT}"), format!("{META_EXT}.{PARTIAL_EXT}"), IMAGE_EXT.to_string()] {
+            for ext in [
+                format!("{IMAGE_EXT}.{PARTIAL_EXT}"),
+                format!("{META_EXT}.{PARTIAL_EXT}"),
+                IMAGE_EXT.to_string(),
+            ] {
                 let _ = std::fs::remove_file(self.path(&info.id, &ext));
             }
             return Err(e);
@@ -205,7 +224,8 @@ impl VolumeBackend for FileBackend {
         if index.remove(id).is_none() {
             return Ok(());
         }
-        std::fs::remove_file(self.path(id, META_EXT)).map_err(BackendError::io("removing metadata"))?;
+        std::fs::remove_file(self.path(id, META_EXT))
+            .map_err(BackendError::io("removing metadata"))?;
         sync_dir(&self.root)?;
         match std::fs::remove_file(self.path(id, IMAGE_EXT)) {
             Ok(()) => Ok(()),
@@ -228,7 +248,9 @@ impl VolumeBackend for FileBackend {
 
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
         let mut index = self.lock();
-        let info = index.get_mut(id).ok_or_else(|| BackendError::NotFound(id.clone()))?;
+        let info = index
+            .get_mut(id)
+            .ok_or_else(|| BackendError::NotFound(id.clone()))?;
         if bytes <= info.capacity_bytes {
             return Ok(info.capacity_bytes);
         }
@@ -236,13 +258,15 @@ impl VolumeBackend for FileBackend {
             .write(true)
             .open(self.path(id, IMAGE_EXT))
             .map_err(BackendError::io("opening image"))?;
-        file.set_len(bytes).map_err(BackendError::io("growing image"))?;
+        file.set_len(bytes)
+            .map_err(BackendError::io("growing image"))?;
         file.sync_all().map_err(BackendError::io("syncing image"))?;
         let mut grown = info.clone();
         grown.capacity_bytes = bytes;
         let partial = self.path(id, &format!("{META_EXT}.{PARTIAL_EXT}"));
         write_meta(&partial, &grown)?;
-        std::fs::rename(&partial, self.path(id, META_EXT)).map_err(BackendError::io("committing metadata"))?;
+        std::fs::rename(&partial, self.path(id, META_EXT))
+            .map_err(BackendError::io("committing metadata"))?;
         *info = grown;
         Ok(bytes)
     }
@@ -250,7 +274,10 @@ impl VolumeBackend for FileBackend {
     fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String> {
         HashMap::from([
             ("backend".to_string(), "file".to_string()),
-            ("imagePath".to_string(), self.path(&volume.id, IMAGE_EXT).display().to_string()),
+            (
+                "imagePath".to_string(),
+                self.path(&volume.id, IMAGE_EXT).display().to_string(),
+            ),
         ])
     }
 }
@@ -262,7 +289,9 @@ fn free_bytes(root: &Path) -> Result<u64, BackendError> {
     // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-pointer.
     let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
     if rc != 0 {
-        return Err(BackendError::io("reading free space")(std::io::Error::last_os_error()));
+        return Err(BackendError::io("reading free space")(
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
@@ -305,13 +334,22 @@ mod tests {
         let backend = FileBackend::open(dir.path()).unwrap();
         backend.create(req("v", 1 << 20)).await.unwrap();
         let mut bigger = req("v", 2 << 20);
-        assert!(matches!(backend.create(bigger.clone()).await, Err(BackendError::AlreadyExists(_))));
+        assert!(matches!(
+            backend.create(bigger.clone()).await,
+            Err(BackendError::AlreadyExists(_))
+        ));
         bigger.required_bytes = 1 << 20;
         bigger.capabilities = vec![Capability::block(AccessMode::MultiNodeMultiWriter)];
-        assert!(matches!(backend.create(bigger).await, Err(BackendError::AlreadyExists(_))));
+        assert!(matches!(
+            backend.create(bigger).await,
+            Err(BackendError::AlreadyExists(_))
+        ));
         let mut limited = req("v", 0);
         limited.limit_bytes = 1 << 19;
-        assert!(matches!(backend.create(limited).await, Err(BackendError::AlreadyExists(_))));
+        assert!(matches!(
+            backend.create(limited).await,
+            Err(BackendError::AlreadyExists(_))
+        ));
     }
 
     #[tokio::test]
@@ -320,7 +358,10 @@ mod tests {
         let backend = FileBackend::open(dir.path()).unwrap();
         let mut r = req("v", 2 << 20);
         r.limit_bytes = 1 << 20;
-        assert!(matches!(backend.create(r).await, Err(BackendError::OutOfRange(_))));
+        assert!(matches!(
+            backend.create(r).await,
+            Err(BackendError::OutOfRange(_))
+        ));
         assert!(backend.list().await.unwrap().is_empty());
     }
 
@@ -334,16 +375,29 @@ mod tests {
             assert!(backend.create(req("half", 1 << 20)).await.is_err());
             drop(backend);
             let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
-            assert!(leftovers > 2, "{point:?}: the simulated crash must leave files behind");
+            assert!(
+                leftovers > 2,
+                "{point:?}: the simulated crash must leave files behind"
+            );
             let reopened = FileBackend::open(dir.path()).unwrap();
-            let ids: Vec<String> = reopened.list().await.unwrap().iter().map(|v| v.id.to_string()).collect();
+            let ids: Vec<String> = reopened
+                .list()
+                .await
+                .unwrap()
+                .iter()
+                .map(|v| v.id.to_string())
+                .collect();
             assert_eq!(ids, vec!["keep"], "{point:?}");
             let mut files: Vec<String> = std::fs::read_dir(dir.path())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect();
             files.sort();
-            assert_eq!(files, vec!["keep.img", "keep.json"], "{point:?}: leftovers cleaned");
+            assert_eq!(
+                files,
+                vec!["keep.img", "keep.json"],
+                "{point:?}: leftovers cleaned"
+            );
             assert!(reopened.create(req("half", 1 << 20)).await.is_ok());
         }
     }
@@ -355,13 +409,23 @@ mod tests {
         let id = VolumeId::try_from("v").unwrap();
         backend.create(req("v", 1 << 20)).await.unwrap();
         assert_eq!(backend.expand(&id, 4 << 20).await.unwrap(), 4 << 20);
-        assert_eq!(backend.expand(&id, 2 << 20).await.unwrap(), 4 << 20, "never shrinks");
-        assert_eq!(std::fs::metadata(dir.path().join("v.img")).unwrap().len(), 4 << 20);
+        assert_eq!(
+            backend.expand(&id, 2 << 20).await.unwrap(),
+            4 << 20,
+            "never shrinks"
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("v.img")).unwrap().len(),
+            4 << 20
+        );
         backend.delete(&id).await.unwrap();
         backend.delete(&id).await.unwrap();
         assert!(backend.get(&id).await.unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(matches!(backend.expand(&id, 1).await, Err(BackendError::NotFound(_))));
+        assert!(matches!(
+            backend.expand(&id, 1).await,
+            Err(BackendError::NotFound(_))
+        ));
     }
 
     #[tokio::test]

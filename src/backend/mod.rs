@@ -62,7 +62,11 @@ impl CreateRequest {
                 self.id,
                 existing.capacity_bytes,
                 self.required_bytes,
-                if self.limit_bytes == 0 { "unlimited".to_string() } else { self.limit_bytes.to_string() }
+                if self.limit_bytes == 0 {
+                    "unlimited".to_string()
+                } else {
+                    self.limit_bytes.to_string()
+                }
             )));
         }
         let mut wanted = self.capabilities.clone();
@@ -92,7 +96,10 @@ pub enum BackendError {
     #[error("backend storage is corrupt: {0}")]
     Corrupt(String),
     #[error("backend I/O error while {action}: {source}")]
-    Io { action: String, source: std::io::Error },
+    Io {
+        action: String,
+        source: std::io::Error,
+    },
 }
 
 impl BackendError {

@@ -46,14 +46,22 @@ impl TryFrom<ControllerPublishVolumeRequest> for PublishCall {
         let volume = VolumeId::try_from(req.volume_id.as_str())?;
         let node = NodeId::try_from(req.node_id.as_str())?;
         let capability = capability(req.volume_capability.as_ref(), "volume_capability")?;
-        let raw_timeout = req.volume_context.get(MIGRATION_TIMEOUT_KEY).map(String::as_str);
+        let raw_timeout = req
+            .volume_context
+            .get(MIGRATION_TIMEOUT_KEY)
+            .map(String::as_str);
         let (migration_timeout, unparsable) = migration_timeout(raw_timeout);
         if let Some(raw) = unparsable {
             tracing::warn!(volume_id = %volume, value = %raw, "unparsable {MIGRATION_TIMEOUT_KEY}; using the default");
         }
         Ok(Self {
             volume,
-            msg: Publish(PublishRequest { node, capability, readonly: req.readonly, migration_timeout }),
+            msg: Publish(PublishRequest {
+                node,
+                capability,
+                readonly: req.readonly,
+                migration_timeout,
+            }),
         })
     }
 }
@@ -73,7 +81,10 @@ impl TryFrom<ControllerUnpublishVolumeRequest> for UnpublishCall {
             "" => None,
             raw => Some(NodeId::try_from(raw)?),
         };
-        Ok(Self { volume, msg: Unpublish { node } })
+        Ok(Self {
+            volume,
+            msg: Unpublish { node },
+        })
     }
 }
 
@@ -83,7 +94,10 @@ impl TryFrom<CreateVolumeRequest> for CreateRequest {
     fn try_from(req: CreateVolumeRequest) -> Result<Self, Error> {
         let id = VolumeId::parse_field(&req.name, "name")?;
         if req.volume_capabilities.is_empty() {
-            return Err(Error::InvalidArgument { field: "volume_capabilities", reason: "must not be empty".into() });
+            return Err(Error::InvalidArgument {
+                field: "volume_capabilities",
+                reason: "must not be empty".into(),
+            });
         }
         let capabilities = req
             .volume_capabilities
@@ -98,7 +112,10 @@ impl TryFrom<CreateVolumeRequest> for CreateRequest {
         }
         let range = req.capacity_range.unwrap_or_default();
         let non_negative = |v: i64, field| {
-            u64::try_from(v).map_err(|_| Error::InvalidArgument { field, reason: format!("{v} is negative") })
+            u64::try_from(v).map_err(|_| Error::InvalidArgument {
+                field,
+                reason: format!("{v} is negative"),
+            })
         };
         Ok(CreateRequest {
             id,
@@ -120,16 +137,30 @@ impl ControllerService {
     }
 
     /// Counts and times one operation, then turns its error into a status.
-    fn record<T>(&self, operation: &str, started: Instant, result: Result<T, Error>) -> Result<Response<T>, Status> {
+    fn record<T>(
+        &self,
+        operation: &str,
+        started: Instant,
+        result: Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
         let elapsed = started.elapsed().as_secs_f64();
         let status = match &result {
             Ok(_) => "success",
             Err(e) => e.metric_label(),
         };
-        self.metrics.volume_operations_total.with_label_values(&[operation, status]).inc();
-        self.metrics.volume_operation_duration.with_label_values(&[operation]).observe(elapsed);
+        self.metrics
+            .volume_operations_total
+            .with_label_values(&[operation, status])
+            .inc();
+        self.metrics
+            .volume_operation_duration
+            .with_label_values(&[operation])
+            .observe(elapsed);
         if matches!(operation, "publish" | "unpublish") {
-            self.metrics.attachment_operation_duration.with_label_values(&[operation]).observe(elapsed);
+            self.metrics
+                .attachment_operation_duration
+                .with_label_values(&[operation])
+                .observe(elapsed);
         }
         result.map(Response::new).map_err(Status::from)
     }
@@ -144,7 +175,9 @@ fn rpc_span(rpc: &'static str, volume_id: &str, node_id: &str) -> tracing::Span 
 fn capabilities(types: &[rpc::Type]) -> Vec<ControllerServiceCapability> {
     types
         .iter()
-        .map(|t| ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })) })
+        .map(|t| ControllerServiceCapability {
+            r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+        })
         .collect()
 }
 
@@ -156,13 +189,20 @@ fn parse_token(token: &str) -> Result<Option<VolumeId>, Error> {
         .strip_prefix(TOKEN_PREFIX)
         .and_then(|id| VolumeId::try_from(id).ok())
         .map(Some)
-        .ok_or_else(|| Error::Aborted(format!("starting_token {token:?} was not issued by this driver")))
+        .ok_or_else(|| {
+            Error::Aborted(format!(
+                "starting_token {token:?} was not issued by this driver"
+            ))
+        })
 }
 
 #[tonic::async_trait]
 impl Controller for ControllerService {
     /// CSI §4.3 CreateVolume: idempotent by name; ALREADY_EXISTS on an incompatible repeat.
-    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
         let span = rpc_span("CreateVolume", &req.get_ref().name, "");
@@ -186,7 +226,10 @@ impl Controller for ControllerService {
     }
 
     /// CSI §4.3 DeleteVolume: idempotent; FAILED_PRECONDITION while published.
-    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
         let span = rpc_span("DeleteVolume", &req.get_ref().volume_id, "");
@@ -207,11 +250,17 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
-        let span = rpc_span("ControllerPublishVolume", &req.get_ref().volume_id, &req.get_ref().node_id);
+        let span = rpc_span(
+            "ControllerPublishVolume",
+            &req.get_ref().volume_id,
+            &req.get_ref().node_id,
+        );
         let result = async {
             let call = PublishCall::try_from(req.into_inner())?;
             let published = self.router.send(&call.volume, call.msg).await?;
-            Ok(ControllerPublishVolumeResponse { publish_context: published.publish_context })
+            Ok(ControllerPublishVolumeResponse {
+                publish_context: published.publish_context,
+            })
         }
         .instrument(span)
         .await;
@@ -225,7 +274,11 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         self.ready()?;
         let started = Instant::now();
-        let span = rpc_span("ControllerUnpublishVolume", &req.get_ref().volume_id, &req.get_ref().node_id);
+        let span = rpc_span(
+            "ControllerUnpublishVolume",
+            &req.get_ref().volume_id,
+            &req.get_ref().node_id,
+        );
         let result = async {
             let call = UnpublishCall::try_from(req.into_inner())?;
             self.router.send(&call.volume, call.msg).await?;
@@ -245,11 +298,22 @@ impl Controller for ControllerService {
         let req = req.into_inner();
         let volume = VolumeId::try_from(req.volume_id.as_str())?;
         if req.volume_capabilities.is_empty() {
-            return Err(Error::InvalidArgument { field: "volume_capabilities", reason: "must not be empty".into() }.into());
+            return Err(Error::InvalidArgument {
+                field: "volume_capabilities",
+                reason: "must not be empty".into(),
+            }
+            .into());
         }
-        self.backend.get(&volume).await.map_err(Error::from)?.ok_or(Error::VolumeNotFound(volume))?;
-        let checked: Result<Vec<_>, Error> =
-            req.volume_capabilities.iter().map(|c| capability(Some(c), "volume_capabilities")).collect();
+        self.backend
+            .get(&volume)
+            .await
+            .map_err(Error::from)?
+            .ok_or(Error::VolumeNotFound(volume))?;
+        let checked: Result<Vec<_>, Error> = req
+            .volume_capabilities
+            .iter()
+            .map(|c| capability(Some(c), "volume_capabilities"))
+            .collect();
         Ok(Response::new(match checked {
             Ok(caps) => ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(validate_volume_capabilities_response::Confirmed {
@@ -260,16 +324,24 @@ impl Controller for ControllerService {
                 }),
                 message: String::new(),
             },
-            Err(e) => ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() },
+            Err(e) => ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.to_string(),
+            },
         }))
     }
 
     /// Pages through volumes in id order; a token this driver did not issue is ABORTED.
-    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
         self.ready()?;
         let req = req.into_inner();
-        let max = usize::try_from(req.max_entries)
-            .map_err(|_| Error::InvalidArgument { field: "max_entries", reason: "must not be negative".into() })?;
+        let max = usize::try_from(req.max_entries).map_err(|_| Error::InvalidArgument {
+            field: "max_entries",
+            reason: "must not be negative".into(),
+        })?;
         let start = parse_token(&req.starting_token)?;
         let all = self.backend.list().await.map_err(Error::from)?;
         let from = start.map_or(0, |id| all.partition_point(|v| v.id < id));
@@ -293,10 +365,16 @@ impl Controller for ControllerService {
                 status: None,
             })
             .collect();
-        Ok(Response::new(ListVolumesResponse { entries, next_token }))
+        Ok(Response::new(ListVolumesResponse {
+            entries,
+            next_token,
+        }))
     }
 
-    async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
+    async fn get_capacity(
+        &self,
+        req: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
         self.ready()?;
         for c in &req.get_ref().volume_capabilities {
             capability(Some(c), "volume_capabilities")?;
@@ -327,34 +405,52 @@ impl Controller for ControllerService {
         }))
     }
 
-    async fn create_snapshot(&self, _: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
         Err(Status::unimplemented("snapshots are not supported"))
     }
-    async fn delete_snapshot(&self, _: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
         Err(Status::unimplemented("snapshots are not supported"))
     }
-    async fn list_snapshots(&self, _: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
         Err(Status::unimplemented("snapshots are not supported"))
     }
-    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
         Err(Status::unimplemented("snapshots are not supported"))
     }
     async fn controller_expand_volume(
         &self,
         _: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("volume expansion is not advertised yet"))
+        Err(Status::unimplemented(
+            "volume expansion is not advertised yet",
+        ))
     }
     async fn controller_get_volume(
         &self,
         _: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerGetVolume is not supported"))
+        Err(Status::unimplemented(
+            "ControllerGetVolume is not supported",
+        ))
     }
     async fn controller_modify_volume(
         &self,
         _: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerModifyVolume is not supported"))
+        Err(Status::unimplemented(
+            "ControllerModifyVolume is not supported",
+        ))
     }
 }

@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 use crate::csi::identity_server::Identity;
 use crate::csi::plugin_capability::{service, Service, Type};
 use crate::csi::{
-    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
-    PluginCapability, ProbeRequest, ProbeResponse,
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
 };
 
 pub struct IdentityService {
@@ -20,7 +20,10 @@ pub struct IdentityService {
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
             name: self.driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -35,15 +38,21 @@ impl Identity for IdentityService {
         let capabilities = self
             .controller
             .then(|| PluginCapability {
-                r#type: Some(Type::Service(Service { r#type: service::Type::ControllerService as i32 })),
+                r#type: Some(Type::Service(Service {
+                    r#type: service::Type::ControllerService as i32,
+                })),
             })
             .into_iter()
             .collect();
-        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     /// Ready once the attachment state is rebuilt; never fails.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        Ok(Response::new(ProbeResponse { ready: Some(self.ready.load(Ordering::Acquire)) }))
+        Ok(Response::new(ProbeResponse {
+            ready: Some(self.ready.load(Ordering::Acquire)),
+        }))
     }
 }

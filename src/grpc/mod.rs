@@ -17,7 +17,10 @@ use crate::Error;
 pub const SUPPORTED_FS_TYPES: &[&str] = &["", "ext4", "xfs"];
 
 /// Validates one CSI capability (rules, Publish step 1). `field` names it in errors.
-pub fn capability(raw: Option<&VolumeCapability>, field: &'static str) -> Result<Capability, Error> {
+pub fn capability(
+    raw: Option<&VolumeCapability>,
+    field: &'static str,
+) -> Result<Capability, Error> {
     let invalid = |reason: String| Error::InvalidArgument { field, reason };
     let raw = raw.ok_or_else(|| invalid("is required".into()))?;
     let mode = raw
@@ -31,10 +34,18 @@ pub fn capability(raw: Option<&VolumeCapability>, field: &'static str) -> Result
         Ok(Mode::SingleNodeMultiWriter) => AccessMode::SingleNodeMultiWriter,
         Ok(Mode::MultiNodeMultiWriter) => AccessMode::MultiNodeMultiWriter,
         Ok(m @ (Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter)) => {
-            return Err(invalid(format!("access mode {} is not supported", m.as_str_name())))
+            return Err(invalid(format!(
+                "access mode {} is not supported",
+                m.as_str_name()
+            )))
         }
         Ok(Mode::Unknown) => return Err(invalid("access mode is UNKNOWN".into())),
-        Err(_) => return Err(invalid(format!("access mode {} is not a CSI access mode", mode.mode))),
+        Err(_) => {
+            return Err(invalid(format!(
+                "access mode {} is not a CSI access mode",
+                mode.mode
+            )))
+        }
     };
     let access_type = match raw.access_type.as_ref() {
         Some(ProtoAccessType::Block(_)) => AccessType::Block,
@@ -45,7 +56,10 @@ pub fn capability(raw: Option<&VolumeCapability>, field: &'static str) -> Result
                     m.fs_type
                 )));
             }
-            AccessType::Mount { fs_type: m.fs_type.clone(), mount_flags: m.mount_flags.clone() }
+            AccessType::Mount {
+                fs_type: m.fs_type.clone(),
+                mount_flags: m.mount_flags.clone(),
+            }
         }
         None => return Err(invalid("has no access_type (block or mount)".into())),
     };
@@ -67,11 +81,17 @@ pub fn to_proto(cap: &Capability) -> VolumeCapability {
     };
     let access_type = match cap.access_type() {
         AccessType::Block => ProtoAccessType::Block(BlockVolume {}),
-        AccessType::Mount { fs_type, mount_flags } => ProtoAccessType::Mount(MountVolume {
+        AccessType::Mount {
+            fs_type,
+            mount_flags,
+        } => ProtoAccessType::Mount(MountVolume {
             fs_type: fs_type.clone(),
             mount_flags: mount_flags.clone(),
             volume_mount_group: String::new(),
         }),
     };
-    VolumeCapability { access_mode: Some(ProtoMode { mode: mode as i32 }), access_type: Some(access_type) }
+    VolumeCapability {
+        access_mode: Some(ProtoMode { mode: mode as i32 }),
+        access_type: Some(access_type),
+    }
 }

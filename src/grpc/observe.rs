@@ -27,7 +27,10 @@ impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner, metrics: self.metrics.clone() }
+        GrpcMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -71,8 +74,13 @@ where
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let (service, method) = labels(req.uri().path());
         let metrics = self.metrics.clone();
-        metrics.grpc_started.with_label_values(&[&service, &method]).inc();
-        let in_flight = metrics.grpc_in_flight.with_label_values(&[&service, &method]);
+        metrics
+            .grpc_started
+            .with_label_values(&[&service, &method])
+            .inc();
+        let in_flight = metrics
+            .grpc_in_flight
+            .with_label_values(&[&service, &method]);
         in_flight.inc();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -90,7 +98,10 @@ where
                     .unwrap_or(tonic::Code::Ok),
                 Err(_) => tonic::Code::Unknown,
             };
-            metrics.grpc_handled.with_label_values(&[&service, &method, &code_name(code)]).inc();
+            metrics
+                .grpc_handled
+                .with_label_values(&[&service, &method, &code_name(code)])
+                .inc();
             result
         })
     }
@@ -112,9 +123,18 @@ mod tests {
 
     #[test]
     fn only_csi_paths_become_labels() {
-        assert_eq!(labels("/csi.v1.Identity/Probe"), ("csi.v1.Identity".into(), "Probe".into()));
-        assert_eq!(labels("/evil.Service/x"), ("unknown".into(), "unknown".into()));
-        assert_eq!(labels("/csi.v1.Controller/a-b"), ("unknown".into(), "unknown".into()));
+        assert_eq!(
+            labels("/csi.v1.Identity/Probe"),
+            ("csi.v1.Identity".into(), "Probe".into())
+        );
+        assert_eq!(
+            labels("/evil.Service/x"),
+            ("unknown".into(), "unknown".into())
+        );
+        assert_eq!(
+            labels("/csi.v1.Controller/a-b"),
+            ("unknown".into(), "unknown".into())
+        );
         assert_eq!(labels("nonsense"), ("unknown".into(), "unknown".into()));
     }
 }

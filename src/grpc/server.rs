@@ -30,7 +30,10 @@ pub enum ServeError {
     #[error("{0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
     #[error("socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -48,11 +51,16 @@ pub fn parse_endpoint(endpoint: &str) -> Result<PathBuf, ServeError> {
 /// Binds the socket. A leftover socket nobody answers on is removed; one that answers is
 /// refused, as is any path that is not a socket.
 pub async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
-    let io = |source| ServeError::Io { path: path.to_path_buf(), source };
+    let io = |source| ServeError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
             Ok(_) => return Err(ServeError::InUse(path.to_path_buf())),
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound => {
+            Err(e)
+                if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound =>
+            {
                 tracing::info!(path = %path.display(), "removing stale socket");
                 std::fs::remove_file(path).map_err(io)?;
             }

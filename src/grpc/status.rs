@@ -11,9 +11,9 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::VolumeNotFound(_) | Error::NodeNotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::Conflict { .. } | Error::MigrationLimit { .. } | Error::StillPublished { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::Conflict { .. }
+            | Error::MigrationLimit { .. }
+            | Error::StillPublished { .. } => Code::FailedPrecondition,
             Error::NotReady | Error::Unavailable(_) | Error::Retired => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Aborted(_) => Code::Aborted,

@@ -37,7 +37,10 @@ pub enum KubernetesMode {
 /// A client per `mode`: `Off` gives none; `Auto` one when a kubeconfig or in-cluster config is
 /// found; `On` requires a config and an API server that answers, or fails.
 pub async fn connect(mode: KubernetesMode) -> Result<Option<Client>, KubeError> {
-    let api = |action: &str, e: &dyn std::fmt::Display| KubeError::Api { action: action.into(), message: e.to_string() };
+    let api = |action: &str, e: &dyn std::fmt::Display| KubeError::Api {
+        action: action.into(),
+        message: e.to_string(),
+    };
     let config = match mode {
         KubernetesMode::Off => return Ok(None),
         KubernetesMode::Auto => match kube::Config::infer().await {
@@ -47,7 +50,9 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<Client>, KubeError> 
                 return Ok(None);
             }
         },
-        KubernetesMode::On => kube::Config::infer().await.map_err(|e| api("loading the Kubernetes config", &e))?,
+        KubernetesMode::On => kube::Config::infer()
+            .await
+            .map_err(|e| api("loading the Kubernetes config", &e))?,
     };
     let mut config = config;
     // Retries are ours to decide: watchers back off on their own, writes are requeued, and the
@@ -55,7 +60,10 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<Client>, KubeError> 
     config.default_retry = false;
     let client = Client::try_from(config).map_err(|e| api("building the Kubernetes client", &e))?;
     if mode == KubernetesMode::On {
-        let version = client.apiserver_version().await.map_err(|e| api("reaching the API server", &e))?;
+        let version = client
+            .apiserver_version()
+            .await
+            .map_err(|e| api("reaching the API server", &e))?;
         tracing::info!(version = %version.git_version, "Kubernetes API reachable");
     }
     Ok(Some(client))
@@ -94,7 +102,8 @@ impl PvIndex {
     fn insert(&mut self, record: PvRecord) {
         self.remove(&record.view.name);
         if let Some(handle) = &record.view.handle {
-            self.by_handle.insert(handle.clone(), record.view.name.clone());
+            self.by_handle
+                .insert(handle.clone(), record.view.name.clone());
         }
         self.by_name.insert(record.view.name.clone(), record);
     }
@@ -115,20 +124,32 @@ fn project_pv(pv: &PersistentVolume, driver: &str) -> Option<PvRecord> {
     let name = pv.metadata.name.clone()?;
     let spec = pv.spec.as_ref()?;
     let csi = spec.csi.as_ref().filter(|c| c.driver == driver)?;
-    let rwx = spec.access_modes.iter().flatten().any(|m| m == "ReadWriteMany");
+    let rwx = spec
+        .access_modes
+        .iter()
+        .flatten()
+        .any(|m| m == "ReadWriteMany");
     let block = spec.volume_mode.as_deref() == Some("Block");
     let claim = spec.claim_ref.as_ref().and_then(|c| {
-        Some(Claim { namespace: c.namespace.clone()?, name: c.name.clone()?, uid: c.uid.clone() })
+        Some(Claim {
+            namespace: c.namespace.clone()?,
+            name: c.name.clone()?,
+            uid: c.uid.clone(),
+        })
     });
     Some(PvRecord {
         view: PvView {
             name,
             handle: Some(csi.volume_handle.clone()),
-            class: if rwx && block { AccessClass::Migratable } else { AccessClass::Exclusive },
-            migration_timeout: csi
-                .volume_attributes
-                .as_ref()
-                .and_then(|a| a.get(crate::grpc::controller::MIGRATION_TIMEOUT_KEY).cloned()),
+            class: if rwx && block {
+                AccessClass::Migratable
+            } else {
+                AccessClass::Exclusive
+            },
+            migration_timeout: csi.volume_attributes.as_ref().and_then(|a| {
+                a.get(crate::grpc::controller::MIGRATION_TIMEOUT_KEY)
+                    .cloned()
+            }),
         },
         claim,
     })
@@ -183,7 +204,9 @@ where
     K::DynamicType: Default,
     F: FnMut(Event<K>),
 {
-    let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE)).default_backoff().boxed();
+    let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE))
+        .default_backoff()
+        .boxed();
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => apply(event),
@@ -206,44 +229,54 @@ impl KubeCluster {
         let pvs = cluster.pvs.clone();
         tokio::spawn(async move {
             let mut buffer: Option<PvIndex> = None;
-            follow(Api::<PersistentVolume>::all(client.clone()), "PersistentVolumes", |event| match event {
-                Event::Init => buffer = Some(PvIndex::default()),
-                Event::InitApply(pv) => {
-                    if let (Some(b), Some(r)) = (buffer.as_mut(), project_pv(&pv, &driver)) {
-                        b.insert(r);
+            follow(
+                Api::<PersistentVolume>::all(client.clone()),
+                "PersistentVolumes",
+                |event| match event {
+                    Event::Init => buffer = Some(PvIndex::default()),
+                    Event::InitApply(pv) => {
+                        if let (Some(b), Some(r)) = (buffer.as_mut(), project_pv(&pv, &driver)) {
+                            b.insert(r);
+                        }
                     }
-                }
-                Event::InitDone => {
-                    *write(&pvs) = buffer.take().unwrap_or_default();
-                    let _ = ready_tx.send(true);
-                }
-                Event::Apply(pv) => match project_pv(&pv, &driver) {
-                    Some(r) => write(&pvs).insert(r),
-                    None => write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default()),
+                    Event::InitDone => {
+                        *write(&pvs) = buffer.take().unwrap_or_default();
+                        let _ = ready_tx.send(true);
+                    }
+                    Event::Apply(pv) => match project_pv(&pv, &driver) {
+                        Some(r) => write(&pvs).insert(r),
+                        None => write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default()),
+                    },
+                    Event::Delete(pv) => {
+                        write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default())
+                    }
                 },
-                Event::Delete(pv) => write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default()),
-            })
+            )
             .await;
         });
         let nodes = cluster.nodes.clone();
         let node_client = cluster.client.clone();
         tokio::spawn(async move {
             let mut buffer: Option<HashSet<String>> = None;
-            follow(Api::<Node>::all(node_client), "Nodes", |event| match event {
-                Event::Init => buffer = Some(HashSet::new()),
-                Event::InitApply(n) => {
-                    if let (Some(b), Some(name)) = (buffer.as_mut(), n.metadata.name) {
-                        b.insert(name);
+            follow(
+                Api::<Node>::all(node_client),
+                "Nodes",
+                |event| match event {
+                    Event::Init => buffer = Some(HashSet::new()),
+                    Event::InitApply(n) => {
+                        if let (Some(b), Some(name)) = (buffer.as_mut(), n.metadata.name) {
+                            b.insert(name);
+                        }
                     }
-                }
-                Event::InitDone => *write(&nodes) = buffer.take().unwrap_or_default(),
-                Event::Apply(n) => {
-                    write(&nodes).extend(n.metadata.name);
-                }
-                Event::Delete(n) => {
-                    write(&nodes).remove(n.metadata.name.as_deref().unwrap_or_default());
-                }
-            })
+                    Event::InitDone => *write(&nodes) = buffer.take().unwrap_or_default(),
+                    Event::Apply(n) => {
+                        write(&nodes).extend(n.metadata.name);
+                    }
+                    Event::Delete(n) => {
+                        write(&nodes).remove(n.metadata.name.as_deref().unwrap_or_default());
+                    }
+                },
+            )
             .await;
         });
         cluster
@@ -267,19 +300,28 @@ impl KubeCluster {
     pub fn pv_for_handle(&self, handle: &str) -> Option<(String, Option<Claim>)> {
         let index = read(&self.pvs);
         let name = index.by_handle.get(handle)?;
-        index.by_name.get(name).map(|r| (name.clone(), r.claim.clone()))
+        index
+            .by_name
+            .get(name)
+            .map(|r| (name.clone(), r.claim.clone()))
     }
 
     /// Every PV view, by PV name, for seeding.
     pub fn pv_views(&self) -> HashMap<String, PvView> {
-        read(&self.pvs).by_name.iter().map(|(k, r)| (k.clone(), r.view.clone())).collect()
+        read(&self.pvs)
+            .by_name
+            .iter()
+            .map(|(k, r)| (k.clone(), r.view.clone()))
+            .collect()
     }
 
     /// The first complete list of this driver's VolumeAttachments, paginated. Failures are
     /// logged and retried with capped backoff; this returns only with a complete list.
     pub async fn list_attachments(&self, mut on_error: impl FnMut(&str)) -> (Vec<VaView>, usize) {
         let api = Api::<VolumeAttachment>::all(self.client.clone());
-        let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE)).default_backoff().boxed();
+        let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE))
+            .default_backoff()
+            .boxed();
         let mut buffer = Vec::new();
         let mut seen = 0;
         while let Some(event) = stream.next().await {
@@ -306,7 +348,10 @@ impl KubeCluster {
 }
 
 fn api_error(action: String) -> impl FnOnce(kube::Error) -> KubeError {
-    move |e| KubeError::Api { action, message: e.to_string() }
+    move |e| KubeError::Api {
+        action,
+        message: e.to_string(),
+    }
 }
 
 /// Longest a live check may take before the publish fails closed with UNAVAILABLE.
@@ -333,7 +378,11 @@ impl NodeDirectory for KubeCluster {
         if read(&self.nodes).contains(node.as_str()) {
             return Ok(true);
         }
-        Ok(live_get(Api::<Node>::all(self.client.clone()), node.as_str(), "Node").await?.is_some())
+        Ok(
+            live_get(Api::<Node>::all(self.client.clone()), node.as_str(), "Node")
+                .await?
+                .is_some(),
+        )
     }
 }
 
@@ -346,7 +395,12 @@ impl AttachmentAuthority for KubeCluster {
             return Ok(HolderStatus::NodeGone);
         }
         let name = va_name(volume.as_str(), &self.driver, node.as_str());
-        let va = live_get(Api::<VolumeAttachment>::all(self.client.clone()), &name, "VolumeAttachment").await?;
+        let va = live_get(
+            Api::<VolumeAttachment>::all(self.client.clone()),
+            &name,
+            "VolumeAttachment",
+        )
+        .await?;
         Ok(match va {
             Some(va) if va.metadata.deletion_timestamp.is_none() => HolderStatus::Live,
             _ => HolderStatus::Released,

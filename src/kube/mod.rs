@@ -56,14 +56,34 @@ pub trait AttachmentAuthority: Send + Sync + 'static {
 /// Events posted on the volume's PVC.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClusterEvent {
-    VolumeAttached { node: NodeId },
-    VolumeDetached { node: NodeId },
-    MigrationStarted { source: NodeId, target: NodeId },
-    MigrationCompleted { source: NodeId, target: NodeId },
-    MigrationFailed { source: NodeId, target: NodeId, timed_out: bool },
-    AttachmentConflict { message: String },
-    StaleAttachmentCleared { node: NodeId },
-    OverAttached { nodes: Vec<NodeId> },
+    VolumeAttached {
+        node: NodeId,
+    },
+    VolumeDetached {
+        node: NodeId,
+    },
+    MigrationStarted {
+        source: NodeId,
+        target: NodeId,
+    },
+    MigrationCompleted {
+        source: NodeId,
+        target: NodeId,
+    },
+    MigrationFailed {
+        source: NodeId,
+        target: NodeId,
+        timed_out: bool,
+    },
+    AttachmentConflict {
+        message: String,
+    },
+    StaleAttachmentCleared {
+        node: NodeId,
+    },
+    OverAttached {
+        nodes: Vec<NodeId>,
+    },
 }
 
 /// Queues informational writes. Never blocks, never fails the caller.
@@ -80,7 +100,9 @@ pub struct Standalone {
 
 impl Standalone {
     pub fn new(known: impl IntoIterator<Item = NodeId>) -> Self {
-        Self { known: known.into_iter().collect() }
+        Self {
+            known: known.into_iter().collect(),
+        }
     }
 }
 

@@ -67,11 +67,14 @@ pub struct SeedPlan {
     pub skipped: Vec<(String, SkipReason)>,
 }
 
+/// A volume's PV (if known) and its holders with creation time and VA name.
+type Group<'a> = (Option<&'a PvView>, Vec<(NodeId, SystemTime, &'a str)>);
+
 /// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
 /// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
 pub fn plan(vas: &[VaView], pvs: &HashMap<String, PvView>) -> SeedPlan {
     let mut plan = SeedPlan::default();
-    let mut groups: BTreeMap<VolumeId, (Option<&PvView>, Vec<(NodeId, SystemTime, &str)>)> = BTreeMap::new();
+    let mut groups: BTreeMap<VolumeId, Group<'_>> = BTreeMap::new();
     for va in vas {
         let pv = va.pv_name.as_ref().and_then(|n| pvs.get(n));
         let handle = match (&va.pv_name, pv, &va.inline_handle) {
@@ -84,9 +87,17 @@ pub fn plan(vas: &[VaView], pvs: &HashMap<String, PvView>) -> SeedPlan {
             .and_then(|h| VolumeId::try_from(h.as_str()).map_err(|_| SkipReason::InvalidHandle))
             .and_then(|volume| match va.node.as_str() {
                 "" => Err(SkipReason::NoNode),
-                node => NodeId::try_from(node).map(|n| (volume, n)).map_err(|_| SkipReason::InvalidNode),
+                node => NodeId::try_from(node)
+                    .map(|n| (volume, n))
+                    .map_err(|_| SkipReason::InvalidNode),
             })
-            .and_then(|ids| if va.attached { Ok(ids) } else { Err(SkipReason::NotAttached) });
+            .and_then(|ids| {
+                if va.attached {
+                    Ok(ids)
+                } else {
+                    Err(SkipReason::NotAttached)
+                }
+            });
         match checked {
             Ok((volume, node)) => {
                 let entry = groups.entry(volume).or_insert((pv, Vec::new()));
@@ -155,11 +166,18 @@ mod tests {
         assert!(p.skipped.is_empty());
         assert_eq!(p.volumes.len(), 2);
         let x = &p.volumes[0];
-        assert_eq!(x.volume.as_str(), "handle-x", "keyed by volumeHandle, not PV name");
+        assert_eq!(
+            x.volume.as_str(),
+            "handle-x",
+            "keyed by volumeHandle, not PV name"
+        );
         let nodes: Vec<&str> = x.holders.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(nodes, ["node-a", "node-b"], "oldest first");
         assert_eq!(x.holders[1].1, at(20));
-        assert_eq!((x.class, x.migration_timeout), (AccessClass::Migratable, Duration::from_secs(90)));
+        assert_eq!(
+            (x.class, x.migration_timeout),
+            (AccessClass::Migratable, Duration::from_secs(90))
+        );
         assert_eq!(p.volumes[1].class, AccessClass::Exclusive);
         assert_eq!(p.volumes[1].migration_timeout, Duration::from_secs(300));
     }
@@ -194,16 +212,26 @@ mod tests {
         );
         let h = p.volumes.iter().find(|v| v.volume.as_str() == "h").unwrap();
         assert_eq!(h.holders.len(), 1, "the pending VA is not a holder");
-        let inline = p.volumes.iter().find(|v| v.volume.as_str() == "inline-h").unwrap();
+        let inline = p
+            .volumes
+            .iter()
+            .find(|v| v.volume.as_str() == "inline-h")
+            .unwrap();
         assert_eq!(inline.class, AccessClass::Exclusive, "no PV: exclusive");
     }
 
     #[test]
     fn more_than_two_are_all_kept() {
         let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
-        let vas: Vec<_> = (0..3).map(|i| va(&format!("va-{i}"), "pv", &format!("n{i}"), true, 10 - i)).collect();
+        let vas: Vec<_> = (0..3)
+            .map(|i| va(&format!("va-{i}"), "pv", &format!("n{i}"), true, 10 - i))
+            .collect();
         let p = plan(&vas, &pvs);
-        let nodes: Vec<&str> = p.volumes[0].holders.iter().map(|(n, _)| n.as_str()).collect();
+        let nodes: Vec<&str> = p.volumes[0]
+            .holders
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
         assert_eq!(nodes, ["n2", "n1", "n0"]);
     }
 }

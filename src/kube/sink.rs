@@ -28,7 +28,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs one API write under [`WRITE_TIMEOUT`]; a timeout counts as reason `timeout`.
-async fn bounded<T>(write: impl std::future::Future<Output = Result<T, kube::Error>>) -> Result<T, &'static str> {
+async fn bounded<T>(
+    write: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, &'static str> {
     match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(kube_reason(&e)),
@@ -91,7 +93,13 @@ impl KubeSink {
         sink
     }
 
-    fn queue_annotation(&self, pv: String, value: AnnotationValue, attempt: u32, generation: Option<u64>) {
+    fn queue_annotation(
+        &self,
+        pv: String,
+        value: AnnotationValue,
+        attempt: u32,
+        generation: Option<u64>,
+    ) {
         let mut a = lock(&self.annotations);
         let generation = match generation {
             // A retry: only if nothing newer was queued or written meanwhile.
@@ -110,7 +118,10 @@ impl KubeSink {
         };
         if a.pending.len() >= MAX_PENDING && !a.pending.contains_key(&pv) {
             drop(a);
-            self.metrics.annotation_write_failures.with_label_values(&["queue_full"]).inc();
+            self.metrics
+                .annotation_write_failures
+                .with_label_values(&["queue_full"])
+                .inc();
             tracing::warn!(pv = %pv, "annotation queue full; dropping this write");
             return;
         }
@@ -130,21 +141,28 @@ impl KubeSink {
             }
             for (pv, (generation, value, attempt)) in batch {
                 let (node, at) = match &value {
-                    Some((n, t)) => (serde_json::Value::from(n.as_str()), serde_json::Value::from(t.as_str())),
+                    Some((n, t)) => (
+                        serde_json::Value::from(n.as_str()),
+                        serde_json::Value::from(t.as_str()),
+                    ),
                     None => (serde_json::Value::Null, serde_json::Value::Null),
                 };
                 let patch = serde_json::json!({"metadata": {"annotations": {
                     format!("{prefix}/attached-node"): node,
                     format!("{prefix}/attached-at"): at,
                 }}});
-                match bounded(api.patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))).await {
+                match bounded(api.patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))).await
+                {
                     Ok(_) => {
                         let mut a = lock(&self.annotations);
                         let w = a.written.entry(pv).or_default();
                         *w = (*w).max(generation);
                     }
                     Err(reason) => {
-                        self.metrics.annotation_write_failures.with_label_values(&[reason]).inc();
+                        self.metrics
+                            .annotation_write_failures
+                            .with_label_values(&[reason])
+                            .inc();
                         tracing::debug!(pv = %pv, reason, attempt, "annotation write failed; will retry");
                         let sink = self.clone();
                         tokio::spawn(async move {
@@ -161,7 +179,10 @@ impl KubeSink {
         let mut q = lock(&self.events);
         if q.len() >= MAX_PENDING {
             q.pop_front();
-            self.metrics.event_write_failures.with_label_values(&["queue_full"]).inc();
+            self.metrics
+                .event_write_failures
+                .with_label_values(&["queue_full"])
+                .inc();
         }
         q.push_back(event);
         drop(q);
@@ -175,7 +196,10 @@ impl KubeSink {
                 self.events_ready.notified().await;
                 continue;
             };
-            let now = Time(k8s_openapi::jiff::Timestamp::try_from(SystemTime::now()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+            let now = Time(
+                k8s_openapi::jiff::Timestamp::try_from(SystemTime::now())
+                    .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            );
             let event = Event {
                 metadata: ObjectMeta {
                     generate_name: Some(format!("{}.", e.claim.name)),
@@ -193,7 +217,10 @@ impl KubeSink {
                 reason: Some(e.reason.into()),
                 message: Some(e.message.clone()),
                 type_: Some(e.kind.into()),
-                source: Some(EventSource { component: Some(self.cluster.driver().to_string()), host: None }),
+                source: Some(EventSource {
+                    component: Some(self.cluster.driver().to_string()),
+                    host: None,
+                }),
                 reporting_component: Some(self.cluster.driver().to_string()),
                 first_timestamp: Some(now.clone()),
                 last_timestamp: Some(now),
@@ -202,15 +229,25 @@ impl KubeSink {
             };
             let api = Api::<Event>::namespaced(self.cluster.client().clone(), &e.claim.namespace);
             if let Err(failure) = bounded(api.create(&PostParams::default(), &event)).await {
-                self.metrics.event_write_failures.with_label_values(&[failure]).inc();
+                self.metrics
+                    .event_write_failures
+                    .with_label_values(&[failure])
+                    .inc();
                 if e.attempt + 1 >= EVENT_ATTEMPTS {
-                    tracing::warn!(reason = e.reason, failure, "giving up on an event after {EVENT_ATTEMPTS} attempts");
+                    tracing::warn!(
+                        reason = e.reason,
+                        failure,
+                        "giving up on an event after {EVENT_ATTEMPTS} attempts"
+                    );
                     continue;
                 }
                 let sink = self.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(backoff(e.attempt)).await;
-                    sink.queue_event(PendingEvent { attempt: e.attempt + 1, ..e });
+                    sink.queue_event(PendingEvent {
+                        attempt: e.attempt + 1,
+                        ..e
+                    });
                 });
             }
         }
@@ -281,6 +318,12 @@ impl ClusterSink for KubeSink {
             return;
         };
         let (reason, kind, message) = describe(&event);
-        self.queue_event(PendingEvent { claim, reason, kind, message, attempt: 0 });
+        self.queue_event(PendingEvent {
+            claim,
+            reason,
+            kind,
+            message,
+            attempt: 0,
+        });
     }
 }

@@ -12,15 +12,69 @@ async fn documented_codes_for_bad_ids_capabilities_and_nodes() {
     let d = Driver::start(&[], &[]).await;
     d.create("real", rwo()).await;
     let cases: Vec<(&str, String, String, Option<VolumeCapability>, Code)> = vec![
-        ("empty volume id", "".into(), "n1".into(), Some(rwo()), Code::InvalidArgument),
-        ("oversized volume id", "a".repeat(4096), "n1".into(), Some(rwo()), Code::InvalidArgument),
-        ("traversal ../", "../../etc/passwd".into(), "n1".into(), Some(rwo()), Code::InvalidArgument),
-        ("traversal /", "a/b".into(), "n1".into(), Some(rwo()), Code::InvalidArgument),
-        ("dot-dot", "..".into(), "n1".into(), Some(rwo()), Code::InvalidArgument),
-        ("NUL", "a\0b".into(), "n1".into(), Some(rwo()), Code::InvalidArgument),
-        ("missing capability", "real".into(), "n1".into(), None, Code::InvalidArgument),
-        ("unknown node", "real".into(), "stranger".into(), Some(rwo()), Code::NotFound),
-        ("empty node", "real".into(), "".into(), Some(rwo()), Code::InvalidArgument),
+        (
+            "empty volume id",
+            "".into(),
+            "n1".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
+        (
+            "oversized volume id",
+            "a".repeat(4096),
+            "n1".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
+        (
+            "traversal ../",
+            "../../etc/passwd".into(),
+            "n1".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
+        (
+            "traversal /",
+            "a/b".into(),
+            "n1".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
+        (
+            "dot-dot",
+            "..".into(),
+            "n1".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
+        (
+            "NUL",
+            "a\0b".into(),
+            "n1".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
+        (
+            "missing capability",
+            "real".into(),
+            "n1".into(),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown node",
+            "real".into(),
+            "stranger".into(),
+            Some(rwo()),
+            Code::NotFound,
+        ),
+        (
+            "empty node",
+            "real".into(),
+            "".into(),
+            Some(rwo()),
+            Code::InvalidArgument,
+        ),
     ];
     for (what, volume_id, node_id, volume_capability, want) in cases {
         let got = d
@@ -39,15 +93,34 @@ async fn documented_codes_for_bad_ids_capabilities_and_nodes() {
     for name in ["../escape", "/abs", "a/../../b", ".hidden"] {
         let err = d
             .controller()
-            .create_volume(CreateVolumeRequest { name: name.into(), volume_capabilities: vec![rwo()], ..Default::default() })
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                volume_capabilities: vec![rwo()],
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "create {name:?}");
-        let err = d.controller().delete_volume(DeleteVolumeRequest { volume_id: name.into(), ..Default::default() }).await.unwrap_err();
+        let err = d
+            .controller()
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: name.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "delete {name:?}");
     }
-    let outside: Vec<_> = std::fs::read_dir(d.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(outside.iter().all(|n| n == "volumes" || n == "csi.sock" || n == "driver.log"), "{outside:?}");
+    let outside: Vec<_> = std::fs::read_dir(d.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        outside
+            .iter()
+            .all(|n| n == "volumes" || n == "csi.sock" || n == "driver.log"),
+        "{outside:?}"
+    );
 }
 
 /// xorshift64*: deterministic random bytes without another dependency.
@@ -76,7 +149,11 @@ async fn thousands_of_random_ids_never_panic_the_server() {
     let mut seen: HashMap<Code, usize> = HashMap::new();
     for i in 0..3000 {
         let id = rng.string();
-        let node = if i % 3 == 0 { "n1".to_string() } else { rng.string() };
+        let node = if i % 3 == 0 {
+            "n1".to_string()
+        } else {
+            rng.string()
+        };
         let mut c = d.controller();
         let codes = [
             c.controller_publish_volume(ControllerPublishVolumeRequest {
@@ -87,10 +164,19 @@ async fn thousands_of_random_ids_never_panic_the_server() {
             })
             .await
             .map(drop),
-            c.controller_unpublish_volume(ControllerUnpublishVolumeRequest { volume_id: id.clone(), node_id: node, ..Default::default() })
-                .await
-                .map(drop),
-            c.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.map(drop),
+            c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+            c.delete_volume(DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
             c.validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
                 volume_id: id,
                 volume_capabilities: vec![rwo()],
@@ -110,7 +196,13 @@ async fn thousands_of_random_ids_never_panic_the_server() {
     }
     assert!(seen[&Code::InvalidArgument] > 1000, "{seen:?}");
     // Still alive and still correct.
-    let ready = d.identity().probe(ProbeRequest {}).await.unwrap().into_inner().ready;
+    let ready = d
+        .identity()
+        .probe(ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ready;
     assert_eq!(ready, Some(true));
     d.publish("real", "n1", rwx()).await.unwrap();
     assert!(!d.log().contains("panicked"), "server log shows a panic");

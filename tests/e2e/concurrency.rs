@@ -7,7 +7,11 @@ use crate::support::*;
 
 const NODES: usize = 200;
 
-async fn race(d: &Driver, volume: &str, capability: rds_csi::csi::VolumeCapability) -> (usize, usize, Vec<String>) {
+async fn race(
+    d: &Driver,
+    volume: &str,
+    capability: rds_csi::csi::VolumeCapability,
+) -> (usize, usize, Vec<String>) {
     let mut tasks = Vec::with_capacity(NODES);
     for i in 0..NODES {
         let mut client = d.controller();
@@ -17,7 +21,9 @@ async fn race(d: &Driver, volume: &str, capability: rds_csi::csi::VolumeCapabili
             volume_capability: Some(capability.clone()),
             ..Default::default()
         };
-        tasks.push(tokio::spawn(async move { client.controller_publish_volume(req).await.map(drop) }));
+        tasks.push(tokio::spawn(async move {
+            client.controller_publish_volume(req).await.map(drop)
+        }));
     }
     let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
     for t in tasks {
@@ -40,13 +46,24 @@ async fn two_hundred_concurrent_publishes() {
 
     let (ok, refused, other) = race(&d, "exclusive", rwo()).await;
     assert!(other.is_empty(), "unexpected answers: {other:?}");
-    assert_eq!((ok, refused), (1, NODES - 1), "exclusive: exactly one holder");
+    assert_eq!(
+        (ok, refused),
+        (1, NODES - 1),
+        "exclusive: exactly one holder"
+    );
 
     let (ok, refused, other) = race(&d, "migratable", rwx()).await;
     assert!(other.is_empty(), "unexpected answers: {other:?}");
-    assert_eq!((ok, refused), (2, NODES - 2), "migratable: exactly two holders");
+    assert_eq!(
+        (ok, refused),
+        (2, NODES - 2),
+        "migratable: exactly two holders"
+    );
 
     let m = d.scrape().await;
     assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 1.0);
-    assert_eq!(sample(&m, "rds_csi_attachment_conflicts_total"), (2 * NODES - 3) as f64);
+    assert_eq!(
+        sample(&m, "rds_csi_attachment_conflicts_total"),
+        (2 * NODES - 3) as f64
+    );
 }

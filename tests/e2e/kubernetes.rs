@@ -19,7 +19,8 @@ fn ts(age: Duration) -> String {
 
 struct Cluster {
     api: FakeApiServer,
-    dir: tempfile::TempDir,
+    /// Holds the kubeconfig.
+    _dir: tempfile::TempDir,
     kubeconfig: std::path::PathBuf,
 }
 
@@ -29,13 +30,25 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
         for n in nodes {
-            api.create("nodes", json!({"metadata": {"name": n}})).unwrap();
+            api.create("nodes", json!({"metadata": {"name": n}}))
+                .unwrap();
         }
-        Cluster { api, dir, kubeconfig }
+        Cluster {
+            api,
+            _dir: dir,
+            kubeconfig,
+        }
     }
 
     /// A PV of this driver, bound to PVC default/claim-NAME.
-    fn pv(&self, name: &str, handle: &str, rwx_block: bool, timeout: Option<&str>, annotations: Value) {
+    fn pv(
+        &self,
+        name: &str,
+        handle: &str,
+        rwx_block: bool,
+        timeout: Option<&str>,
+        annotations: Value,
+    ) {
         let mut attrs = serde_json::Map::new();
         if let Some(t) = timeout {
             attrs.insert("migrationTimeoutSeconds".into(), t.into());
@@ -73,11 +86,6 @@ impl Cluster {
         name
     }
 
-    async fn start(&self) -> Driver {
-        let dir = tempfile::tempdir().unwrap();
-        Driver::start_kube_in(dir, &self.kubeconfig, &[]).await
-    }
-
     async fn start_with_volumes(&self, volumes: &[&str]) -> Driver {
         let dir = tempfile::tempdir().unwrap();
         precreate(dir.path(), volumes).await;
@@ -86,7 +94,11 @@ impl Cluster {
 }
 
 fn holders(view: &Value) -> Vec<String> {
-    view["nodes"].as_array().map_or(vec![], |n| n.iter().map(|n| n["node"].as_str().unwrap().to_string()).collect())
+    view["nodes"].as_array().map_or(vec![], |n| {
+        n.iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect()
+    })
 }
 
 // ---- 1. The seed's success criteria ---------------------------------------------------------
@@ -100,18 +112,26 @@ async fn state_after_restart_equals_the_va_truth() {
     c.va("pv-rwo", "vol-rwo", "n2", true, Duration::from_secs(600));
     c.va("pv-rwx", "vol-rwx", "n1", true, Duration::from_secs(300));
     c.va("pv-rwx", "vol-rwx", "n3", true, Duration::from_secs(60));
-    let d = c.start_with_volumes(&["vol-rwo", "vol-rwx", "vol-free"]).await;
+    let d = c
+        .start_with_volumes(&["vol-rwo", "vol-rwx", "vol-free"])
+        .await;
     d.wait_ready().await;
     assert_eq!(holders(&d.debug("vol-rwo").await), ["n2"]);
     let rwx = d.debug("vol-rwx").await;
     assert_eq!(holders(&rwx), ["n1", "n3"]);
     assert_eq!(rwx["migration"]["source"], "n1");
-    assert!(d.debug("vol-free").await["error"].is_string(), "no VA: not attached");
+    assert!(
+        d.debug("vol-free").await["error"].is_string(),
+        "no VA: not attached"
+    );
     let err = d.publish("vol-rwo", "n1", rwo()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("n2"), "{}", err.message());
     let m = d.scrape().await;
-    assert_eq!(sample(&m, "rds_csi_seeding_volumeattachments_seen_total"), 3.0);
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        3.0
+    );
     assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 1.0);
 }
 
@@ -125,19 +145,44 @@ async fn two_vas_rebuild_a_migration_whose_timeout_is_enforced() {
     let d = c.start_with_volumes(&["vol-late"]).await;
     d.wait_ready().await;
     eventually("the overdue migration times out", || async {
-        sample(&d.scrape().await, r#"rds_csi_migration_migrations_total{result="timeout"}"#) == 1.0
+        sample(
+            &d.scrape().await,
+            r#"rds_csi_migration_migrations_total{result="timeout"}"#,
+        ) == 1.0
     })
     .await;
     let view = d.debug("vol-late").await;
     assert_eq!(view["migration"]["timed_out"], true);
-    assert_eq!(holders(&view), ["n1", "n2"], "a timed-out migration stays dual-attached");
+    assert_eq!(
+        holders(&view),
+        ["n1", "n2"],
+        "a timed-out migration stays dual-attached"
+    );
     c.va("pv-late", "vol-late", "n3", false, Duration::ZERO);
     let err = d.publish("vol-late", "n3", rwx()).await.unwrap_err();
-    assert!(err.message().contains("migration limit: attached to n1 and n2"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("migration limit: attached to n1 and n2"),
+        "{}",
+        err.message()
+    );
     d.unpublish("vol-late", "n1").await.unwrap();
     let m = d.scrape().await;
-    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="timeout"}"#), 1.0);
-    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="success"}"#), 0.0, "counted once");
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_migration_migrations_total{result="timeout"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_migration_migrations_total{result="success"}"#
+        ),
+        0.0,
+        "counted once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,11 +192,24 @@ async fn stale_annotations_without_a_va_leave_the_volume_detached_and_are_never_
     c.pv("pv", "vol", false, None, stale);
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
-    assert!(d.debug("vol").await["error"].is_string(), "detached despite the annotation");
+    assert!(
+        d.debug("vol").await["error"].is_string(),
+        "detached despite the annotation"
+    );
     c.va("pv", "vol", "n2", false, Duration::ZERO);
-    d.publish("vol", "n2", rwo()).await.expect("n1 in the annotation must not block n2");
-    let pv_reads: Vec<_> = c.api.calls().into_iter().filter(|c| c.resource == "persistentvolumes" && c.verb == "get").collect();
-    assert!(pv_reads.is_empty(), "PVs must never be read one by one: {pv_reads:?}");
+    d.publish("vol", "n2", rwo())
+        .await
+        .expect("n1 in the annotation must not block n2");
+    let pv_reads: Vec<_> = c
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.resource == "persistentvolumes" && c.verb == "get")
+        .collect();
+    assert!(
+        pv_reads.is_empty(),
+        "PVs must never be read one by one: {pv_reads:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,12 +220,20 @@ async fn existing_volumes_with_stale_annotations_work() {
     c.va("pv", "vol", "n1", true, Duration::from_secs(60));
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
-    assert_eq!(holders(&d.debug("vol").await), ["n1"], "the VA, not the annotation");
-    d.publish("vol", "n1", rwo()).await.expect("idempotent re-publish of the seeded holder");
+    assert_eq!(
+        holders(&d.debug("vol").await),
+        ["n1"],
+        "the VA, not the annotation"
+    );
+    d.publish("vol", "n1", rwo())
+        .await
+        .expect("idempotent re-publish of the seeded holder");
     d.unpublish("vol", "n1").await.unwrap();
     eventually("annotations cleared", || async {
         let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
-        pv["metadata"]["annotations"].get(format!("{DRIVER}/attached-node")).is_none()
+        pv["metadata"]["annotations"]
+            .get(format!("{DRIVER}/attached-node"))
+            .is_none()
     })
     .await;
 }
@@ -178,11 +244,24 @@ async fn existing_volumes_with_stale_annotations_work() {
 async fn a_static_pv_whose_handle_differs_from_its_name() {
     let c = Cluster::new(&["n1", "n2"]).await;
     c.pv("pv-static-legacy", "vol-abc", false, None, json!({}));
-    c.va("pv-static-legacy", "vol-abc", "n1", true, Duration::from_secs(60));
+    c.va(
+        "pv-static-legacy",
+        "vol-abc",
+        "n1",
+        true,
+        Duration::from_secs(60),
+    );
     let d = c.start_with_volumes(&["vol-abc"]).await;
     d.wait_ready().await;
-    assert_eq!(holders(&d.debug("vol-abc").await), ["n1"], "keyed by volumeHandle");
-    assert!(d.debug("pv-static-legacy").await["error"].is_string(), "never by PV name");
+    assert_eq!(
+        holders(&d.debug("vol-abc").await),
+        ["n1"],
+        "keyed by volumeHandle"
+    );
+    assert!(
+        d.debug("pv-static-legacy").await["error"].is_string(),
+        "never by PV name"
+    );
     c.va("pv-static-legacy", "vol-abc", "n2", false, Duration::ZERO);
     let err = d.publish("vol-abc", "n2", rwo()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -216,7 +295,13 @@ async fn node_order_follows_creation_time() {
     d.wait_ready().await;
     let view = d.debug("vol").await;
     assert_eq!(holders(&view), ["zzz", "aaa"]);
-    assert_eq!((view["migration"]["source"].as_str(), view["migration"]["target"].as_str()), (Some("zzz"), Some("aaa")));
+    assert_eq!(
+        (
+            view["migration"]["source"].as_str(),
+            view["migration"]["target"].as_str()
+        ),
+        (Some("zzz"), Some("aaa"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,8 +315,14 @@ async fn more_than_two_vas_are_kept_and_further_nodes_refused() {
     d.wait_ready().await;
     assert_eq!(holders(&d.debug("vol").await), ["n1", "n2", "n3"]);
     c.va("pv", "vol", "n4", false, Duration::ZERO);
-    assert_eq!(d.publish("vol", "n4", rwx()).await.unwrap_err().code(), Code::FailedPrecondition);
-    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_over_attached_total"), 1.0);
+    assert_eq!(
+        d.publish("vol", "n4", rwx()).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        sample(&d.scrape().await, "rds_csi_attachment_over_attached_total"),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,11 +334,16 @@ async fn a_pending_va_is_not_counted() {
     d.wait_ready().await;
     assert!(d.debug("vol").await["error"].is_string());
     assert_eq!(
-        sample(&d.scrape().await, r#"rds_csi_seeding_volumeattachments_skipped_total{reason="not_attached"}"#),
+        sample(
+            &d.scrape().await,
+            r#"rds_csi_seeding_volumeattachments_skipped_total{reason="not_attached"}"#
+        ),
         1.0
     );
     c.va("pv", "vol", "n1", false, Duration::ZERO);
-    d.publish("vol", "n1", rwo()).await.expect("the pending VA on n2 invents no holder");
+    d.publish("vol", "n1", rwo())
+        .await
+        .expect("the pending VA on n2 invents no holder");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,15 +354,25 @@ async fn a_third_node_inside_a_grace_window_is_refused_on_an_exclusive_volume() 
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
     d.unpublish("vol", "n1").await.unwrap();
-    c.api.remove_finalizers("volumeattachments", None, &va1).ok();
+    c.api
+        .remove_finalizers("volumeattachments", None, &va1)
+        .ok();
     c.api.delete("volumeattachments", None, &va1).unwrap();
     c.va("pv", "vol", "n2", false, Duration::ZERO);
-    d.publish("vol", "n2", rwo()).await.expect("handoff inside the grace window");
+    d.publish("vol", "n2", rwo())
+        .await
+        .expect("handoff inside the grace window");
     c.va("pv", "vol", "n3", false, Duration::ZERO);
     let err = d.publish("vol", "n3", rwo()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("n2"), "{}", err.message());
-    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_grace_period_used_total"), 1.0);
+    assert_eq!(
+        sample(
+            &d.scrape().await,
+            "rds_csi_attachment_grace_period_used_total"
+        ),
+        1.0
+    );
 }
 
 // ---- 3. Self-heal ---------------------------------------------------------------------------
@@ -280,9 +386,14 @@ async fn a_deleted_node_clears_the_stale_attachment() {
     d.wait_ready().await;
     c.api.delete("nodes", None, "n1").unwrap();
     c.va("pv", "vol", "n2", false, Duration::ZERO);
-    d.publish("vol", "n2", rwo()).await.expect("n1 is gone: its attachment is stale");
+    d.publish("vol", "n2", rwo())
+        .await
+        .expect("n1 is gone: its attachment is stale");
     assert_eq!(holders(&d.debug("vol").await), ["n2"]);
-    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_stale_cleared_total"), 1.0);
+    assert_eq!(
+        sample(&d.scrape().await, "rds_csi_attachment_stale_cleared_total"),
+        1.0
+    );
     eventually("a StaleAttachmentCleared event on the PVC", || async {
         c.api.list("events", Some("default")).iter().any(|e| {
             e["reason"] == "StaleAttachmentCleared" && e["involvedObject"]["name"] == "claim-pv"
@@ -299,11 +410,22 @@ async fn a_va_being_deleted_allows_the_handoff() {
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
     c.api.delete("volumeattachments", None, &va1).unwrap();
-    assert!(c.api.get("volumeattachments", None, &va1).unwrap()["metadata"]["deletionTimestamp"].is_string());
+    assert!(
+        c.api.get("volumeattachments", None, &va1).unwrap()["metadata"]["deletionTimestamp"]
+            .is_string()
+    );
     c.va("pv", "vol", "n2", false, Duration::ZERO);
-    d.publish("vol", "n2", rwo()).await.expect("n1's VA is being deleted: handoff");
+    d.publish("vol", "n2", rwo())
+        .await
+        .expect("n1's VA is being deleted: handoff");
     assert_eq!(holders(&d.debug("vol").await), ["n2"]);
-    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_grace_period_used_total"), 1.0);
+    assert_eq!(
+        sample(
+            &d.scrape().await,
+            "rds_csi_attachment_grace_period_used_total"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,8 +450,14 @@ async fn a_lagging_cache_never_causes_a_handoff() {
         .filter(|c| c.verb == "get")
         .map(|c| (c.resource, c.name))
         .collect();
-    assert!(live.contains(&("nodes".into(), Some("n1".into()))), "{live:?}");
-    assert!(live.contains(&("volumeattachments".into(), Some(va1))), "{live:?}");
+    assert!(
+        live.contains(&("nodes".into(), Some("n1".into()))),
+        "{live:?}"
+    );
+    assert!(
+        live.contains(&("volumeattachments".into(), Some(va1))),
+        "{live:?}"
+    );
     c.api.clear_faults();
 }
 
@@ -346,13 +474,24 @@ async fn an_api_error_during_the_checks_is_unavailable_and_changes_nothing() {
     let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert_eq!(holders(&d.debug("vol").await), ["n1"], "state unchanged");
-    assert_eq!(sample(&d.scrape().await, "rds_csi_attachment_grace_period_used_total"), 0.0);
+    assert_eq!(
+        sample(
+            &d.scrape().await,
+            "rds_csi_attachment_grace_period_used_total"
+        ),
+        0.0
+    );
     c.api.remove_fault(fault);
     let fault = c.api.fail("get", "nodes", 503);
-    assert_eq!(d.publish("vol", "n2", rwo()).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        d.publish("vol", "n2", rwo()).await.unwrap_err().code(),
+        Code::Unavailable
+    );
     assert_eq!(holders(&d.debug("vol").await), ["n1"]);
     c.api.remove_fault(fault);
-    d.publish("vol", "n2", rwo()).await.expect("once the API answers, the handoff goes ahead");
+    d.publish("vol", "n2", rwo())
+        .await
+        .expect("once the API answers, the handoff goes ahead");
 }
 
 // ---- 4. Crash and restart -------------------------------------------------------------------
@@ -364,11 +503,21 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
     // The attacher creates each VA, calls Publish, and marks it attached.
-    let ctx: std::collections::HashMap<String, String> = [("migrationTimeoutSeconds".to_string(), "900".to_string())].into();
+    let ctx: std::collections::HashMap<String, String> =
+        [("migrationTimeoutSeconds".to_string(), "900".to_string())].into();
     for n in ["n1", "n2"] {
         let va = c.va("pv", "vol", n, false, Duration::ZERO);
-        d.publish_full("vol", n, rwx(), false, ctx.clone()).await.unwrap();
-        c.api.patch_status("volumeattachments", None, &va, json!({"status": {"attached": true}})).unwrap();
+        d.publish_full("vol", n, rwx(), false, ctx.clone())
+            .await
+            .unwrap();
+        c.api
+            .patch_status(
+                "volumeattachments",
+                None,
+                &va,
+                json!({"status": {"attached": true}}),
+            )
+            .unwrap();
     }
     let before = d.debug("vol").await;
     assert_eq!(before["migration"]["target"], "n2");
@@ -379,14 +528,25 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
     assert_eq!(after["migration"]["source"], "n1");
     assert_eq!(after["migration"]["target"], "n2");
     assert_eq!(after["migration"]["timeout_seconds"], 900);
-    let start = |v: &Value| humantime::parse_rfc3339(v["migration"]["started_at"].as_str().unwrap()).unwrap();
-    let drift = start(&after).duration_since(start(&before)).or_else(|e| Ok::<_, ()>(e.duration())).unwrap();
-    assert!(drift <= Duration::from_secs(1), "start time intact (the VA's creation second): {drift:?}");
+    let start = |v: &Value| {
+        humantime::parse_rfc3339(v["migration"]["started_at"].as_str().unwrap()).unwrap()
+    };
+    let drift = start(&after)
+        .duration_since(start(&before))
+        .or_else(|e| Ok::<_, ()>(e.duration()))
+        .unwrap();
+    assert!(
+        drift <= Duration::from_secs(1),
+        "start time intact (the VA's creation second): {drift:?}"
+    );
     let (b, a) = (
         before["migration"]["time_left_seconds"].as_f64().unwrap(),
         after["migration"]["time_left_seconds"].as_f64().unwrap(),
     );
-    assert!(a <= b && a > b - 60.0, "the deadline did not move: {b} then {a}");
+    assert!(
+        a <= b && a > b - 60.0,
+        "the deadline did not move: {b} then {a}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,9 +556,15 @@ async fn a_boot_list_failure_keeps_it_not_ready_until_the_api_recovers() {
     c.va("pv", "vol", "n1", true, Duration::from_secs(60));
     let fault = c.api.fail("list", "volumeattachments", 500);
     let d = c.start_with_volumes(&["vol"]).await;
-    eventually("the driver tried to list", || async { c.api.count_calls("list", "volumeattachments") >= 2 }).await;
+    eventually("the driver tried to list", || async {
+        c.api.count_calls("list", "volumeattachments") >= 2
+    })
+    .await;
     assert!(!d.ready().await);
-    assert_eq!(d.publish("vol", "n1", rwo()).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        d.publish("vol", "n1", rwo()).await.unwrap_err().code(),
+        Code::Unavailable
+    );
     let readyz = http_get(&format!("{}/readyz", d.metrics_url())).await;
     assert!(readyz.contains("still being rebuilt"), "{readyz}");
     c.api.remove_fault(fault);
@@ -419,7 +585,13 @@ async fn on_with_no_reachable_api_is_an_error_at_start() {
     )
     .unwrap();
     let socket = dir.path().join("csi.sock");
-    let mut child = Driver::spawn_with(dir.path(), &socket, &[], &["--kubernetes", "on"], Some(&kubeconfig));
+    let mut child = Driver::spawn_with(
+        dir.path(),
+        &socket,
+        &[],
+        &["--kubernetes", "on"],
+        Some(&kubeconfig),
+    );
     assert!(!child.wait().unwrap().success());
     let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
     assert!(log.contains("reaching the API server"), "{log}");
@@ -434,7 +606,10 @@ async fn a_successful_publish_makes_no_synchronous_api_call() {
     c.pv("pv", "vol", false, None, json!({}));
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
-    eventually("node cache filled", || async { c.api.count_calls("watch", "nodes") >= 1 }).await;
+    eventually("node cache filled", || async {
+        c.api.count_calls("watch", "nodes") >= 1
+    })
+    .await;
     c.va("pv", "vol", "n1", false, Duration::ZERO);
     // Every write hangs: if Publish waited for one, it would never return.
     let hung = [c.api.hang("patch", "*"), c.api.hang("create", "*")];
@@ -446,8 +621,15 @@ async fn a_successful_publish_makes_no_synchronous_api_call() {
         .into_iter()
         .filter(|c| c.verb != "watch" && c.verb != "list" && c.status.is_some())
         .collect();
-    assert!(answered.is_empty(), "publish waited on API calls: {answered:?}");
-    assert_eq!(c.api.count_calls("get", "*"), 0, "no live GET on the success path");
+    assert!(
+        answered.is_empty(),
+        "publish waited on API calls: {answered:?}"
+    );
+    assert_eq!(
+        c.api.count_calls("get", "*"),
+        0,
+        "no live GET on the success path"
+    );
     for fault in hung {
         c.api.remove_fault(fault);
     }
@@ -457,11 +639,19 @@ async fn a_successful_publish_makes_no_synchronous_api_call() {
     })
     .await;
     eventually("the event arrives afterwards", || async {
-        c.api.list("events", Some("default")).iter().any(|e| e["reason"] == "VolumeAttached")
+        c.api
+            .list("events", Some("default"))
+            .iter()
+            .any(|e| e["reason"] == "VolumeAttached")
     })
     .await;
     let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
-    assert!(pv["metadata"]["annotations"][format!("{DRIVER}/attached-at")].as_str().unwrap().ends_with('Z'));
+    assert!(
+        pv["metadata"]["annotations"][format!("{DRIVER}/attached-at")]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,11 +662,19 @@ async fn publish_succeeds_while_every_write_fails_and_failures_are_counted() {
     d.wait_ready().await;
     c.api.fail_writes(500);
     c.va("pv", "vol", "n1", false, Duration::ZERO);
-    d.publish("vol", "n1", rwo()).await.expect("writes failing never fail a publish");
+    d.publish("vol", "n1", rwo())
+        .await
+        .expect("writes failing never fail a publish");
     eventually("annotation and event failures counted", || async {
         let m = d.scrape().await;
-        sample(&m, r#"rds_csi_kube_annotation_write_failures_total{reason="server_error"}"#) >= 1.0
-            && sample(&m, r#"rds_csi_kube_event_write_failures_total{reason="server_error"}"#) >= 1.0
+        sample(
+            &m,
+            r#"rds_csi_kube_annotation_write_failures_total{reason="server_error"}"#,
+        ) >= 1.0
+            && sample(
+                &m,
+                r#"rds_csi_kube_event_write_failures_total{reason="server_error"}"#,
+            ) >= 1.0
     })
     .await;
     c.api.clear_faults();
@@ -485,4 +683,86 @@ async fn publish_succeeds_while_every_write_fails_and_failures_are_counted() {
         pv["metadata"]["annotations"][format!("{DRIVER}/attached-node")] == "n1"
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeding_pages_through_many_volume_attachments() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    const VOLUMES: usize = 700;
+    for i in 0..VOLUMES {
+        let (pv, handle) = (format!("pv-{i}"), format!("vol-{i}"));
+        c.pv(&pv, &handle, true, None, json!({}));
+        c.va(&pv, &handle, "n1", true, Duration::from_secs(100));
+        if i % 7 == 0 {
+            c.va(&pv, &handle, "n2", true, Duration::from_secs(50));
+        }
+    }
+    let d = c.start_with_volumes(&[]).await;
+    d.wait_ready().await;
+    let vas = VOLUMES + VOLUMES.div_ceil(7);
+    let m = d.scrape().await;
+    assert_eq!(sample(&m, "rds_csi_seeding_volumeattachments_seen_total"), vas as f64);
+    assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), VOLUMES.div_ceil(7) as f64);
+    let pages: Vec<_> = c
+        .api
+        .calls_matching("list", "volumeattachments")
+        .into_iter()
+        .map(|call| call.params())
+        .collect();
+    assert!(pages.len() >= vas.div_ceil(500), "{} list calls for {vas} VAs", pages.len());
+    assert!(pages.iter().all(|p| p.get("limit").map(String::as_str) == Some("500")), "{pages:?}");
+    let all = http_get(&format!("{}/debug/attachments", d.metrics_url())).await;
+    let all: Value = serde_json::from_str(&all).unwrap();
+    assert_eq!(all["count"], VOLUMES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflict_events_are_posted_at_most_once_a_minute_per_volume() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    for _ in 0..5 {
+        assert_eq!(
+            d.publish("vol", "n2", rwo()).await.unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+    }
+    assert_eq!(
+        sample(&d.scrape().await, "rds_csi_attachment_conflicts_total"),
+        5.0
+    );
+    eventually("one AttachmentConflict event", || async {
+        c.api
+            .list("events", Some("default"))
+            .iter()
+            .any(|e| e["reason"] == "AttachmentConflict")
+    })
+    .await;
+    // Events are posted in order: once a later event (the detach) has arrived, any extra
+    // conflict event would have arrived too.
+    d.unpublish("vol", "n1").await.unwrap();
+    eventually("the later VolumeDetached event", || async {
+        c.api
+            .list("events", Some("default"))
+            .iter()
+            .any(|e| e["reason"] == "VolumeDetached")
+    })
+    .await;
+    let conflicts = c
+        .api
+        .list("events", Some("default"))
+        .iter()
+        .filter(|e| e["reason"] == "AttachmentConflict")
+        .count();
+    assert_eq!(conflicts, 1);
+    let message = &c
+        .api
+        .list("events", Some("default"))
+        .into_iter()
+        .find(|e| e["reason"] == "AttachmentConflict")
+        .unwrap()["message"];
+    assert!(message.as_str().unwrap().contains("n1"), "{message}");
 }

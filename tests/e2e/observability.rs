@@ -27,15 +27,25 @@ async fn each_migration_is_counted_exactly_once() {
     d.unpublish("v", "n1").await.unwrap(); // a repeated detach changes nothing
     let done = d.scrape().await;
     assert_eq!(migrations(&done), (1.0, 0.0, 0.0));
-    assert_eq!(sample(&done, "rds_csi_migration_duration_seconds_count"), 1.0);
+    assert_eq!(
+        sample(&done, "rds_csi_migration_duration_seconds_count"),
+        1.0
+    );
     assert_eq!(sample(&done, "rds_csi_migration_active_migrations"), 0.0);
 
     d.publish("v", "n1", rwx()).await.unwrap();
     d.unpublish("v", "n1").await.unwrap();
     let rolled_back = d.scrape().await;
     assert_eq!(migrations(&rolled_back), (1.0, 1.0, 0.0));
-    assert_eq!(sample(&rolled_back, "rds_csi_migration_duration_seconds_count"), 1.0, "failures are not timed");
-    assert_eq!(sample(&rolled_back, "rds_csi_migration_active_migrations"), 0.0);
+    assert_eq!(
+        sample(&rolled_back, "rds_csi_migration_duration_seconds_count"),
+        1.0,
+        "failures are not timed"
+    );
+    assert_eq!(
+        sample(&rolled_back, "rds_csi_migration_active_migrations"),
+        0.0
+    );
 }
 
 async fn debug(d: &Driver, query: &str) -> serde_json::Value {
@@ -53,11 +63,19 @@ async fn debug_attachments_shows_a_migration_counting_down() {
     d.publish_full("vm", "n2", rwx(), false, ctx).await.unwrap();
 
     let all = debug(&d, "").await;
-    assert_eq!(all["count"], 1, "only volumes with attachments or grace records: {all}");
+    assert_eq!(
+        all["count"], 1,
+        "only volumes with attachments or grace records: {all}"
+    );
     let first = debug(&d, "?volume=vm").await;
     assert_eq!(first["volume_id"], "vm");
     assert_eq!(first["access_class"], "migratable");
-    let nodes: Vec<&str> = first["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    let nodes: Vec<&str> = first["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
     assert_eq!(nodes, ["n1", "n2"]);
     assert_eq!(first["migration"]["source"], "n1");
     assert_eq!(first["migration"]["target"], "n2");
@@ -67,7 +85,10 @@ async fn debug_attachments_shows_a_migration_counting_down() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let second = debug(&d, "?volume=vm").await;
     let left2 = second["migration"]["time_left_seconds"].as_f64().unwrap();
-    assert!(left2 < left1, "time left must decrease: {left1} then {left2}");
+    assert!(
+        left2 < left1,
+        "time left must decrease: {left1} then {left2}"
+    );
 
     d.unpublish("vm", "n1").await.unwrap();
     d.unpublish("vm", "n2").await.unwrap();
@@ -101,10 +122,16 @@ async fn health_grpc_metrics_and_json_logs() {
     };
     assert_eq!((handled("OK"), handled("FailedPrecondition")), (1.0, 1.0));
     assert_eq!(
-        sample(&m, r#"rds_csi_grpc_server_in_flight_requests{grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}"#),
+        sample(
+            &m,
+            r#"rds_csi_grpc_server_in_flight_requests{grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}"#
+        ),
         0.0
     );
-    assert_eq!(sample(&m, r#"rds_csi_attachment_volume_actors{state="attached"}"#), 1.0);
+    assert_eq!(
+        sample(&m, r#"rds_csi_attachment_volume_actors{state="attached"}"#),
+        1.0
+    );
     assert!(sample(&m, "rds_csi_seeding_seconds_to_ready") > 0.0);
 
     let log = d.log();
@@ -117,7 +144,10 @@ async fn health_grpc_metrics_and_json_logs() {
         .find(|l| l["fields"]["message"] == "attached")
         .expect("an 'attached' log line");
     assert_eq!(attached["fields"]["volume_id"], "v");
-    let refused = lines.iter().find(|l| l["fields"]["message"] == "publish refused").expect("a conflict line");
+    let refused = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "publish refused")
+        .expect("a conflict line");
     assert_eq!(refused["span"]["rpc"], "ControllerPublishVolume");
     assert_eq!(refused["span"]["node_id"], "\"n2\"");
 }
@@ -125,6 +155,9 @@ async fn health_grpc_metrics_and_json_logs() {
 #[tokio::test]
 async fn an_empty_metrics_address_disables_the_endpoint() {
     let d = Driver::start(&[], &["--metrics-address", ""]).await;
-    d.identity().probe(rds_csi::csi::ProbeRequest {}).await.unwrap();
+    d.identity()
+        .probe(rds_csi::csi::ProbeRequest {})
+        .await
+        .unwrap();
     assert!(!d.log().contains("serving /metrics"));
 }

@@ -33,7 +33,14 @@ struct Row {
 }
 
 fn row(rule: &'static str, setup: Vec<Step>, act: Step, code: Code, names: &'static str) -> Row {
-    Row { rule, setup, act, code, names, then: vec![] }
+    Row {
+        rule,
+        setup,
+        act,
+        code,
+        names,
+        then: vec![],
+    }
 }
 
 use Step::*;
@@ -43,64 +50,235 @@ fn rows() -> Vec<Row> {
     let long_node = "n".repeat(254);
     vec![
         // Publish 1: validation.
-        row("1 volume_id empty", vec![], Raw("".into(), "n1".into(), Some(rwo())), Code::InvalidArgument, "volume_id"),
-        row("1 volume_id longer than 128 bytes", vec![], Raw(long_vol, "n1".into(), Some(rwo())), Code::InvalidArgument, "volume_id"),
-        row("1 volume_id bad characters", vec![], Raw("../etc/passwd".into(), "n1".into(), Some(rwo())), Code::InvalidArgument, "volume_id"),
-        row("1 node_id empty", vec![], Raw("VOL".into(), "".into(), Some(rwo())), Code::InvalidArgument, "node_id"),
-        row("1 node_id longer than 253 bytes", vec![], Raw("VOL".into(), long_node, Some(rwo())), Code::InvalidArgument, "node_id"),
-        row("1 capability missing", vec![], Raw("VOL".into(), "n1".into(), None), Code::InvalidArgument, "volume_capability"),
-        row("1 capability unsupported (MULTI_NODE_READER_ONLY)", vec![], Pub("n1", cap(Mode::MultiNodeReaderOnly, true)), Code::InvalidArgument, "MULTI_NODE_READER_ONLY"),
-        row("1 capability unsupported (MULTI_NODE_SINGLE_WRITER)", vec![], Pub("n1", cap(Mode::MultiNodeSingleWriter, true)), Code::InvalidArgument, "MULTI_NODE_SINGLE_WRITER"),
-        row("1 RWX with mount access type", vec![], Pub("n1", rwx_mount()), Code::InvalidArgument, "RWX requires volumeMode: Block"),
+        row(
+            "1 volume_id empty",
+            vec![],
+            Raw("".into(), "n1".into(), Some(rwo())),
+            Code::InvalidArgument,
+            "volume_id",
+        ),
+        row(
+            "1 volume_id longer than 128 bytes",
+            vec![],
+            Raw(long_vol, "n1".into(), Some(rwo())),
+            Code::InvalidArgument,
+            "volume_id",
+        ),
+        row(
+            "1 volume_id bad characters",
+            vec![],
+            Raw("../etc/passwd".into(), "n1".into(), Some(rwo())),
+            Code::InvalidArgument,
+            "volume_id",
+        ),
+        row(
+            "1 node_id empty",
+            vec![],
+            Raw("VOL".into(), "".into(), Some(rwo())),
+            Code::InvalidArgument,
+            "node_id",
+        ),
+        row(
+            "1 node_id longer than 253 bytes",
+            vec![],
+            Raw("VOL".into(), long_node, Some(rwo())),
+            Code::InvalidArgument,
+            "node_id",
+        ),
+        row(
+            "1 capability missing",
+            vec![],
+            Raw("VOL".into(), "n1".into(), None),
+            Code::InvalidArgument,
+            "volume_capability",
+        ),
+        row(
+            "1 capability unsupported (MULTI_NODE_READER_ONLY)",
+            vec![],
+            Pub("n1", cap(Mode::MultiNodeReaderOnly, true)),
+            Code::InvalidArgument,
+            "MULTI_NODE_READER_ONLY",
+        ),
+        row(
+            "1 capability unsupported (MULTI_NODE_SINGLE_WRITER)",
+            vec![],
+            Pub("n1", cap(Mode::MultiNodeSingleWriter, true)),
+            Code::InvalidArgument,
+            "MULTI_NODE_SINGLE_WRITER",
+        ),
+        row(
+            "1 RWX with mount access type",
+            vec![],
+            Pub("n1", rwx_mount()),
+            Code::InvalidArgument,
+            "RWX requires volumeMode: Block",
+        ),
         // Publish 2: existence.
-        row("2 volume unknown to the backend", vec![], Raw("no-such-volume".into(), "n1".into(), Some(rwo())), Code::NotFound, "no-such-volume"),
-        row("2 node unknown", vec![], Pub("ghost", rwo()), Code::NotFound, "ghost"),
+        row(
+            "2 volume unknown to the backend",
+            vec![],
+            Raw("no-such-volume".into(), "n1".into(), Some(rwo())),
+            Code::NotFound,
+            "no-such-volume",
+        ),
+        row(
+            "2 node unknown",
+            vec![],
+            Pub("ghost", rwo()),
+            Code::NotFound,
+            "ghost",
+        ),
         // Publish 3: already on node_id.
-        row("3 same capability and readonly: idempotent", vec![Pub("n1", rwo())], Pub("n1", rwo()), Code::Ok, ""),
-        row("3 other capability: ALREADY_EXISTS", vec![Pub("n1", rwo())], Pub("n1", rwo_block()), Code::AlreadyExists, "n1"),
-        row("3 other readonly: ALREADY_EXISTS", vec![Pub("n1", rwo())], PubRo("n1", rwo()), Code::AlreadyExists, "readonly"),
+        row(
+            "3 same capability and readonly: idempotent",
+            vec![Pub("n1", rwo())],
+            Pub("n1", rwo()),
+            Code::Ok,
+            "",
+        ),
+        row(
+            "3 other capability: ALREADY_EXISTS",
+            vec![Pub("n1", rwo())],
+            Pub("n1", rwo_block()),
+            Code::AlreadyExists,
+            "n1",
+        ),
+        row(
+            "3 other readonly: ALREADY_EXISTS",
+            vec![Pub("n1", rwo())],
+            PubRo("n1", rwo()),
+            Code::AlreadyExists,
+            "readonly",
+        ),
         // Publish 4: on no node.
-        row("4 never attached: attach as primary", vec![], Pub("n1", rwo()), Code::Ok, ""),
+        row(
+            "4 never attached: attach as primary",
+            vec![],
+            Pub("n1", rwo()),
+            Code::Ok,
+            "",
+        ),
         Row {
             then: vec![(Pub("n3", rwo()), Code::FailedPrecondition)],
-            ..row("4 detached inside the grace window, other node: handoff", vec![Pub("n1", rwo()), Unpub("n1")], Pub("n2", rwo()), Code::Ok, "")
+            ..row(
+                "4 detached inside the grace window, other node: handoff",
+                vec![Pub("n1", rwo()), Unpub("n1")],
+                Pub("n2", rwo()),
+                Code::Ok,
+                "",
+            )
         },
         // Publish 5.3: exclusive, or another access class.
         Row {
             then: vec![(Pub("n1", rwo()), Code::Ok)],
-            ..row("5.3 exclusive volume on another node", vec![Pub("n1", rwo())], Pub("n2", rwo()), Code::FailedPrecondition, "n1")
+            ..row(
+                "5.3 exclusive volume on another node",
+                vec![Pub("n1", rwo())],
+                Pub("n2", rwo()),
+                Code::FailedPrecondition,
+                "n1",
+            )
         },
-        row("5.3 request of a different access class", vec![Pub("n1", rwx())], Pub("n2", rwo_block()), Code::FailedPrecondition, "n1"),
+        row(
+            "5.3 request of a different access class",
+            vec![Pub("n1", rwx())],
+            Pub("n2", rwo_block()),
+            Code::FailedPrecondition,
+            "n1",
+        ),
         // Publish 5.4 and 5.5: migratable.
-        row("5.4 migratable already on two nodes", vec![Pub("n1", rwx()), Pub("n2", rwx())], Pub("n3", rwx()), Code::FailedPrecondition, "migration limit: attached to n1 and n2"),
+        row(
+            "5.4 migratable already on two nodes",
+            vec![Pub("n1", rwx()), Pub("n2", rwx())],
+            Pub("n3", rwx()),
+            Code::FailedPrecondition,
+            "migration limit: attached to n1 and n2",
+        ),
         Row {
             then: vec![(Pub("n3", rwx()), Code::FailedPrecondition)],
-            ..row("5.5 migratable on one node: second node allowed", vec![Pub("n1", rwx())], Pub("n2", rwx()), Code::Ok, "")
+            ..row(
+                "5.5 migratable on one node: second node allowed",
+                vec![Pub("n1", rwx())],
+                Pub("n2", rwx()),
+                Code::Ok,
+                "",
+            )
         },
-        row("5.5 unparsable migrationTimeoutSeconds takes the default", vec![Pub("n1", rwx())], PubWith("n2", rwx(), "soon"), Code::Ok, ""),
+        row(
+            "5.5 unparsable migrationTimeoutSeconds takes the default",
+            vec![Pub("n1", rwx())],
+            PubWith("n2", rwx(), "soon"),
+            Code::Ok,
+            "",
+        ),
         // Unpublish.
-        row("U validate volume_id", vec![], UnpubRaw("bad/id".into(), "n1"), Code::InvalidArgument, "volume_id"),
+        row(
+            "U validate volume_id",
+            vec![],
+            UnpubRaw("bad/id".into(), "n1"),
+            Code::InvalidArgument,
+            "volume_id",
+        ),
         Row {
             then: vec![(Pub("n3", rwo_block()), Code::Ok)],
-            ..row("U empty node_id detaches every node", vec![Pub("n1", rwx()), Pub("n2", rwx())], Unpub(""), Code::Ok, "")
+            ..row(
+                "U empty node_id detaches every node",
+                vec![Pub("n1", rwx()), Pub("n2", rwx())],
+                Unpub(""),
+                Code::Ok,
+                "",
+            )
         },
         Row {
             then: vec![(Pub("n2", rwo()), Code::FailedPrecondition)],
-            ..row("U not attached to node_id: OK, no side effects", vec![Pub("n1", rwo())], Unpub("n2"), Code::Ok, "")
+            ..row(
+                "U not attached to node_id: OK, no side effects",
+                vec![Pub("n1", rwo())],
+                Unpub("n2"),
+                Code::Ok,
+                "",
+            )
         },
-        row("U volume never published: OK", vec![], Unpub("n1"), Code::Ok, ""),
+        row(
+            "U volume never published: OK",
+            vec![],
+            Unpub("n1"),
+            Code::Ok,
+            "",
+        ),
         Row {
             then: vec![(Pub("n2", rwo()), Code::Ok)],
-            ..row("U attached only to node_id: detached", vec![Pub("n1", rwo())], Unpub("n1"), Code::Ok, "")
+            ..row(
+                "U attached only to node_id: detached",
+                vec![Pub("n1", rwo())],
+                Unpub("n1"),
+                Code::Ok,
+                "",
+            )
         },
         Row {
             // The target n2 is now primary: a new migration to n3 may start, n1 is gone.
-            then: vec![(Pub("n3", rwx()), Code::Ok), (Pub("n1", rwx()), Code::FailedPrecondition)],
-            ..row("U migrating, node_id is the source: success", vec![Pub("n1", rwx()), Pub("n2", rwx())], Unpub("n1"), Code::Ok, "")
+            then: vec![
+                (Pub("n3", rwx()), Code::Ok),
+                (Pub("n1", rwx()), Code::FailedPrecondition),
+            ],
+            ..row(
+                "U migrating, node_id is the source: success",
+                vec![Pub("n1", rwx()), Pub("n2", rwx())],
+                Unpub("n1"),
+                Code::Ok,
+                "",
+            )
         },
         Row {
             then: vec![(Pub("n1", rwx()), Code::Ok), (Pub("n3", rwx()), Code::Ok)],
-            ..row("U migrating, node_id is the target: rolled back", vec![Pub("n1", rwx()), Pub("n2", rwx())], Unpub("n2"), Code::Ok, "")
+            ..row(
+                "U migrating, node_id is the target: rolled back",
+                vec![Pub("n1", rwx()), Pub("n2", rwx())],
+                Unpub("n2"),
+                Code::Ok,
+                "",
+            )
         },
     ]
 }
@@ -108,14 +286,23 @@ fn rows() -> Vec<Row> {
 async fn run(d: &Driver, volume: &str, step: &Step) -> Result<(), tonic::Status> {
     match step {
         Pub(node, c) => d.publish(volume, node, c.clone()).await.map(drop),
-        PubRo(node, c) => d.publish_full(volume, node, c.clone(), true, HashMap::new()).await.map(drop),
+        PubRo(node, c) => d
+            .publish_full(volume, node, c.clone(), true, HashMap::new())
+            .await
+            .map(drop),
         PubWith(node, c, timeout) => {
             let ctx = HashMap::from([("migrationTimeoutSeconds".to_string(), timeout.to_string())]);
-            d.publish_full(volume, node, c.clone(), false, ctx).await.map(drop)
+            d.publish_full(volume, node, c.clone(), false, ctx)
+                .await
+                .map(drop)
         }
         Unpub(node) => d.unpublish(volume, node).await,
         Raw(v, n, c) => {
-            let v = if v == "VOL" { volume.to_string() } else { v.clone() };
+            let v = if v == "VOL" {
+                volume.to_string()
+            } else {
+                v.clone()
+            };
             d.controller()
                 .controller_publish_volume(ControllerPublishVolumeRequest {
                     volume_id: v,
@@ -145,21 +332,33 @@ async fn every_publish_and_unpublish_rule() {
         let volume = format!("rule-{i}");
         d.create(&volume, rwo()).await;
         for step in &row.setup {
-            run(&d, &volume, step).await.unwrap_or_else(|e| panic!("{}: setup failed: {e:?}", row.rule));
+            run(&d, &volume, step)
+                .await
+                .unwrap_or_else(|e| panic!("{}: setup failed: {e:?}", row.rule));
         }
         let (code, message) = code_of(&run(&d, &volume, &row.act).await);
         if code != row.code || !message.contains(row.names) {
-            failures.push(format!("{}: got {code:?} {message:?}, want {:?} naming {:?}", row.rule, row.code, row.names));
+            failures.push(format!(
+                "{}: got {code:?} {message:?}, want {:?} naming {:?}",
+                row.rule, row.code, row.names
+            ));
             continue;
         }
         for (step, want) in &row.then {
             let (got, message) = code_of(&run(&d, &volume, step).await);
             if got != *want {
-                failures.push(format!("{}: follow-up got {got:?} {message:?}, want {want:?}", row.rule));
+                failures.push(format!(
+                    "{}: follow-up got {got:?} {message:?}, want {want:?}",
+                    row.rule
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "rule violations:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "rule violations:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[tokio::test]
@@ -173,14 +372,21 @@ async fn idempotent_republish_returns_the_same_context_and_counts_nothing() {
     assert_eq!(first, again);
     let series = r#"rds_csi_attachment_attach_total{status="success"}"#;
     assert_eq!(sample(&before, series), 1.0);
-    assert_eq!(sample(&after, series), 1.0, "an idempotent re-publish has no side effects");
+    assert_eq!(
+        sample(&after, series),
+        1.0,
+        "an idempotent re-publish has no side effects"
+    );
 }
 
 #[tokio::test]
 async fn readonly_publish_is_recorded_in_the_publish_context() {
     let d = Driver::start(&[], &[]).await;
     d.create("v", rwo()).await;
-    let ctx = d.publish_full("v", "n1", rwo(), true, HashMap::new()).await.unwrap();
+    let ctx = d
+        .publish_full("v", "n1", rwo(), true, HashMap::new())
+        .await
+        .unwrap();
     assert_eq!(ctx.get("readonly").map(String::as_str), Some("true"));
 }
 
@@ -197,16 +403,37 @@ async fn migrations_and_conflicts_are_counted_once_in_metrics() {
     d.publish("back", "n2", rwx()).await.unwrap();
     d.unpublish("back", "n2").await.unwrap();
     d.publish("rwo", "n1", rwo()).await.unwrap();
-    assert_eq!(d.publish("rwo", "n2", rwo()).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(
+        d.publish("rwo", "n2", rwo()).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
     d.unpublish("rwo", "n1").await.unwrap();
     d.publish("rwo", "n3", rwo()).await.unwrap();
     let m = d.scrape().await;
-    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="success"}"#), 1.0);
-    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="failed"}"#), 1.0);
-    assert_eq!(sample(&m, r#"rds_csi_migration_migrations_total{result="timeout"}"#), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_migration_migrations_total{result="success"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, r#"rds_csi_migration_migrations_total{result="failed"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_migration_migrations_total{result="timeout"}"#
+        ),
+        0.0
+    );
     assert_eq!(sample(&m, "rds_csi_migration_duration_seconds_count"), 1.0);
     assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 0.0);
     assert_eq!(sample(&m, "rds_csi_attachment_conflicts_total"), 1.0);
-    assert_eq!(sample(&m, "rds_csi_attachment_grace_period_used_total"), 1.0);
+    assert_eq!(
+        sample(&m, "rds_csi_attachment_grace_period_used_total"),
+        1.0
+    );
     assert_eq!(sample(&m, "rds_csi_nvme_connections_active"), 3.0);
 }

@@ -14,7 +14,10 @@ async fn socket_is_0660_and_removed_on_sigterm() {
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     assert!(!d.socket.exists(), "socket removed at shutdown");
     assert!(d.log().contains("shut down cleanly"));
-    assert!(!d.log().contains("drain timeout"), "an idle client must not hold shutdown up");
+    assert!(
+        !d.log().contains("drain timeout"),
+        "an idle client must not hold shutdown up"
+    );
 }
 
 #[tokio::test]
@@ -37,7 +40,10 @@ async fn socket_in_use_is_refused_with_a_clear_error() {
     let log = std::fs::read_to_string(second_dir.path().join("driver.log")).unwrap();
     assert!(log.contains("in use by another process"), "{log}");
     // The first driver is untouched.
-    d.identity().probe(rds_csi::csi::ProbeRequest {}).await.unwrap();
+    d.identity()
+        .probe(rds_csi::csi::ProbeRequest {})
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use std::time::Duration;
 use rds_csi::csi::controller_client::ControllerClient;
 use rds_csi::csi::identity_client::IdentityClient;
 use rds_csi::csi::node_client::NodeClient;
-use rds_csi::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+use rds_csi::csi::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
 use rds_csi::csi::*;
 use tonic::transport::Channel;
 
@@ -38,7 +40,12 @@ impl Driver {
         Self::start_with(dir, known, extra, None).await
     }
 
-    async fn start_with(dir: tempfile::TempDir, known: &[&str], extra: &[&str], kubeconfig: Option<&Path>) -> Driver {
+    async fn start_with(
+        dir: tempfile::TempDir,
+        known: &[&str],
+        extra: &[&str],
+        kubeconfig: Option<&Path>,
+    ) -> Driver {
         let socket = dir.path().join("csi.sock");
         let mut child = Self::spawn_with(dir.path(), &socket, known, extra, kubeconfig);
         let channel = tokio::select! {
@@ -48,7 +55,12 @@ impl Driver {
                 std::fs::read_to_string(dir.path().join("driver.log")).unwrap_or_default()
             ),
         };
-        Driver { child: Some(child), dir, socket, channel }
+        Driver {
+            child: Some(child),
+            dir,
+            socket,
+            channel,
+        }
     }
 
     /// Starts the driver in Kubernetes mode against the fake API server whose kubeconfig is
@@ -58,7 +70,11 @@ impl Driver {
         Self::start_kube_in(dir, kubeconfig, extra).await
     }
 
-    pub async fn start_kube_in(dir: tempfile::TempDir, kubeconfig: &Path, extra: &[&str]) -> Driver {
+    pub async fn start_kube_in(
+        dir: tempfile::TempDir,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Driver {
         let mut args = vec!["--kubernetes", "on"];
         args.extend_from_slice(extra);
         Self::start_with(dir, &[], &args, Some(kubeconfig)).await
@@ -83,23 +99,40 @@ impl Driver {
         Self::spawn_with(dir, socket, known, extra, None)
     }
 
-    pub fn spawn_with(dir: &Path, socket: &Path, known: &[&str], extra: &[&str], kubeconfig: Option<&Path>) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("driver.log")).unwrap();
+    pub fn spawn_with(
+        dir: &Path,
+        socket: &Path,
+        known: &[&str],
+        extra: &[&str],
+        kubeconfig: Option<&Path>,
+    ) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("driver.log"))
+            .unwrap();
         let mut cmd = Command::new(BIN);
         match kubeconfig {
             Some(path) => cmd.env("KUBECONFIG", path),
             // Never let a developer's own cluster leak into a test.
             None => cmd.env("KUBECONFIG", dir.join("no-such-kubeconfig")),
         };
-        cmd
-            .arg("--endpoint")
+        cmd.arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .arg("--node-id")
             .arg("n1")
             .arg("--file-root")
             .arg(dir.join("volumes"))
-            .args(if extra.contains(&"--kubernetes") { &[][..] } else { &["--kubernetes", "off"][..] })
-            .args(if extra.contains(&"--metrics-address") { &[][..] } else { &["--metrics-address", "127.0.0.1:0"][..] })
+            .args(if extra.contains(&"--kubernetes") {
+                &[][..]
+            } else {
+                &["--kubernetes", "off"][..]
+            })
+            .args(if extra.contains(&"--metrics-address") {
+                &[][..]
+            } else {
+                &["--metrics-address", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("RDS_CSI_KNOWN_NODES", known.join(","))
             .env("RUST_LOG", "info")
@@ -118,10 +151,21 @@ impl Driver {
     pub fn metrics_url(&self) -> String {
         let log = self.log();
         // The newest process's line: a restarted driver appends to the same log.
-        let line = log.lines().rev().find(|l| l.contains("serving /metrics")).expect("metrics address logged");
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("serving /metrics"))
+            .expect("metrics address logged");
         let addr = match serde_json::from_str::<serde_json::Value>(line) {
             Ok(json) => json["fields"]["address"].as_str().unwrap().to_string(),
-            Err(_) => line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_string(),
+            Err(_) => line
+                .split("address=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
         };
         format!("http://{addr}")
     }
@@ -157,7 +201,10 @@ impl Driver {
         self.controller()
             .create_volume(CreateVolumeRequest {
                 name: name.into(),
-                capacity_range: Some(CapacityRange { required_bytes: 1 << 20, limit_bytes: 0 }),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
                 volume_capabilities: vec![cap],
                 ..Default::default()
             })
@@ -168,8 +215,14 @@ impl Driver {
             .unwrap()
     }
 
-    pub async fn publish(&self, volume: &str, node: &str, cap: VolumeCapability) -> Result<HashMap<String, String>, tonic::Status> {
-        self.publish_full(volume, node, cap, false, HashMap::new()).await
+    pub async fn publish(
+        &self,
+        volume: &str,
+        node: &str,
+        cap: VolumeCapability,
+    ) -> Result<HashMap<String, String>, tonic::Status> {
+        self.publish_full(volume, node, cap, false, HashMap::new())
+            .await
     }
 
     pub async fn publish_full(
@@ -205,7 +258,13 @@ impl Driver {
     }
 
     pub async fn ready(&self) -> bool {
-        self.identity().probe(ProbeRequest {}).await.unwrap().into_inner().ready == Some(true)
+        self.identity()
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+            == Some(true)
     }
 
     /// Polls Probe until ready.
@@ -214,7 +273,11 @@ impl Driver {
     }
 
     pub async fn debug(&self, volume: &str) -> serde_json::Value {
-        let body = http_get(&format!("{}/debug/attachments?volume={volume}", self.metrics_url())).await;
+        let body = http_get(&format!(
+            "{}/debug/attachments?volume={volume}",
+            self.metrics_url()
+        ))
+        .await;
         serde_json::from_str(&body).unwrap()
     }
 
@@ -248,11 +311,19 @@ pub async fn wait_for(socket: &Path) -> Channel {
     let deadline = tokio::time::Instant::now() + STARTUP;
     loop {
         if let Ok(channel) = rds_csi::ctl::connect(&endpoint).await {
-            if IdentityClient::new(channel.clone()).get_plugin_info(GetPluginInfoRequest {}).await.is_ok() {
+            if IdentityClient::new(channel.clone())
+                .get_plugin_info(GetPluginInfoRequest {})
+                .await
+                .is_ok()
+            {
                 return channel;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "driver did not come up on {}", socket.display());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "driver did not come up on {}",
+            socket.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -285,7 +356,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -294,12 +368,20 @@ where
 pub async fn http_get(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).await.unwrap();
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(body)
+    body.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(body)
 }
 
 /// The value of one sample in a Prometheus text scrape (0 when absent).
@@ -315,9 +397,16 @@ pub fn cap(mode: Mode, block: bool) -> VolumeCapability {
     let access_type = if block {
         AccessType::Block(BlockVolume {})
     } else {
-        AccessType::Mount(MountVolume { fs_type: "ext4".into(), mount_flags: vec![], volume_mount_group: String::new() })
+        AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })
     };
-    VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(access_type) }
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(access_type),
+    }
 }
 
 /// RWO filesystem: exclusive.
