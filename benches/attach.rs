@@ -1,4 +1,5 @@
-//! The cost of the pure attachment rules per publish/unpublish, with no actors or I/O.
+//! The cost of the pure attachment rules per publish/unpublish, with no actors or I/O, and of
+//! the gRPC layer's translation of a ControllerPublishVolumeRequest into a validated message.
 
 use std::time::{Duration, SystemTime};
 
@@ -47,5 +48,31 @@ fn state_machine(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, state_machine);
+fn translation(c: &mut Criterion) {
+    use rds_csi::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
+    use rds_csi::csi::{ControllerPublishVolumeRequest, VolumeCapability};
+    use rds_csi::grpc::controller::PublishCall;
+    let request = ControllerPublishVolumeRequest {
+        volume_id: "pvc-0a1b2c3d-4e5f-6789-abcd-ef0123456789".into(),
+        node_id: "worker-node-17".into(),
+        volume_capability: Some(VolumeCapability {
+            access_mode: Some(AccessMode {
+                mode: Mode::MultiNodeMultiWriter as i32,
+            }),
+            access_type: Some(AccessType::Block(BlockVolume {})),
+        }),
+        readonly: false,
+        secrets: Default::default(),
+        volume_context: [("migrationTimeoutSeconds".to_string(), "120".to_string())].into(),
+    };
+    c.bench_function("grpc/validate ControllerPublishVolumeRequest", |bench| {
+        bench.iter_batched(
+            || request.clone(),
+            |req| PublishCall::try_from(req).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, state_machine, translation);
 criterion_main!(benches);

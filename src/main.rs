@@ -106,7 +106,8 @@ struct Args {
     /// On SIGTERM, how long in-flight RPCs may take to finish.
     #[arg(long, env = "RDS_CSI_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
-    /// Arbiter threads for volume actors [default: one per core].
+    /// Arbiter threads for volume actors [default: one per core]. 0 runs everything (the gRPC
+    /// server, the supervisor and every volume actor) on one thread, so no RPC crosses threads.
     #[arg(long, env = "RDS_CSI_ARBITERS")]
     arbiters: Option<usize>,
 }
@@ -163,16 +164,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("--driver-name must not be empty");
     }
     let socket = server::parse_endpoint(&endpoint)?;
-    let arbiter_count = arbiters
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let arbiter_count =
+        arbiters.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
     let started = std::time::Instant::now();
-    let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
+    let system = actix_rt::System::with_tokio_rt(move || {
+        let mut runtime = match arbiter_count {
+            0 => tokio::runtime::Builder::new_current_thread(),
+            _ => tokio::runtime::Builder::new_multi_thread(),
+        };
+        runtime.enable_all().build().expect("tokio runtime")
     });
     system.block_on(async move {
         let metrics = Arc::new(Metrics::new());

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
@@ -18,6 +18,7 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use super::lean;
 use super::seed::{PvView, VaView};
 use super::{AttachmentAuthority, HolderStatus, KubeError, NodeDirectory};
 use crate::actors::state::AccessClass;
@@ -120,7 +121,7 @@ impl PvIndex {
 }
 
 /// This driver's PVs, projected: handle, access class, migration timeout, claim.
-fn project_pv(pv: &PersistentVolume, driver: &str) -> Option<PvRecord> {
+fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<PvRecord> {
     let name = pv.metadata.name.clone()?;
     let spec = pv.spec.as_ref()?;
     let csi = spec.csi.as_ref().filter(|c| c.driver == driver)?;
@@ -156,7 +157,7 @@ fn project_pv(pv: &PersistentVolume, driver: &str) -> Option<PvRecord> {
 }
 
 /// This driver's VolumeAttachments, projected for seeding.
-pub fn project_va(va: &VolumeAttachment, driver: &str) -> Option<VaView> {
+pub fn project_va(va: &lean::VolumeAttachment, driver: &str) -> Option<VaView> {
     if va.spec.attacher != driver {
         return None;
     }
@@ -230,7 +231,7 @@ impl KubeCluster {
         tokio::spawn(async move {
             let mut buffer: Option<PvIndex> = None;
             follow(
-                Api::<PersistentVolume>::all(client.clone()),
+                Api::<lean::PersistentVolume>::all(client.clone()),
                 "PersistentVolumes",
                 |event| match event {
                     Event::Init => buffer = Some(PvIndex::default()),
@@ -318,7 +319,7 @@ impl KubeCluster {
     /// The first complete list of this driver's VolumeAttachments, paginated. Failures are
     /// logged and retried with capped backoff; this returns only with a complete list.
     pub async fn list_attachments(&self, mut on_error: impl FnMut(&str)) -> (Vec<VaView>, usize) {
-        let api = Api::<VolumeAttachment>::all(self.client.clone());
+        let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
         let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE))
             .default_backoff()
             .boxed();

@@ -5,6 +5,7 @@
 //! Writes (annotations, events) are queued by their implementations and never awaited by callers.
 
 pub mod cluster;
+mod lean;
 pub mod seed;
 pub mod sink;
 

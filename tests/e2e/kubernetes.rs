@@ -701,16 +701,31 @@ async fn seeding_pages_through_many_volume_attachments() {
     d.wait_ready().await;
     let vas = VOLUMES + VOLUMES.div_ceil(7);
     let m = d.scrape().await;
-    assert_eq!(sample(&m, "rds_csi_seeding_volumeattachments_seen_total"), vas as f64);
-    assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), VOLUMES.div_ceil(7) as f64);
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        vas as f64
+    );
+    assert_eq!(
+        sample(&m, "rds_csi_migration_active_migrations"),
+        VOLUMES.div_ceil(7) as f64
+    );
     let pages: Vec<_> = c
         .api
         .calls_matching("list", "volumeattachments")
         .into_iter()
         .map(|call| call.params())
         .collect();
-    assert!(pages.len() >= vas.div_ceil(500), "{} list calls for {vas} VAs", pages.len());
-    assert!(pages.iter().all(|p| p.get("limit").map(String::as_str) == Some("500")), "{pages:?}");
+    assert!(
+        pages.len() >= vas.div_ceil(500),
+        "{} list calls for {vas} VAs",
+        pages.len()
+    );
+    assert!(
+        pages
+            .iter()
+            .all(|p| p.get("limit").map(String::as_str) == Some("500")),
+        "{pages:?}"
+    );
     let all = http_get(&format!("{}/debug/attachments", d.metrics_url())).await;
     let all: Value = serde_json::from_str(&all).unwrap();
     assert_eq!(all["count"], VOLUMES);

@@ -1,0 +1,332 @@
+//! Boot seeding against the fake API server: N PersistentVolumes of this driver, each with one
+//! attached VolumeAttachment (every tenth RWX block), shaped like real objects (labels,
+//! annotations, finalizers, managedFields). Starts the real `rds-csi` binary with
+//! `--kubernetes on`, and measures the wall time from spawning it to Probe answering ready, and
+//! its peak RSS (VmHWM) once ready.
+//!
+//! Not criterion: each sample is a process start. `cargo bench --bench boot_seeding` runs it;
+//! `BOOT_SEED_VOLUMES` (comma-separated sizes, default 100000) and `BOOT_SEED_RUNS` (default 3)
+//! choose what; `BOOT_SEED_DRIVER` runs another build of the driver (e.g. one for profiling). The fake API server runs in this process on one tokio thread, on the same two
+//! cores as the driver, so its own list cost is measured too and printed as the "list floor":
+//! kube-rs paging through the same objects, 500 per page, with no driver running.
+
+#[path = "../tests/support/fake_apiserver.rs"]
+mod fake_apiserver;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::api::ListParams;
+use kube::Api;
+use rds_csi::csi::identity_client::IdentityClient;
+use rds_csi::csi::ProbeRequest;
+use serde_json::json;
+
+const DRIVER: &str = rds_csi::DEFAULT_DRIVER_NAME;
+const BIN: &str = env!("CARGO_BIN_EXE_rds-csi");
+const NODES: usize = 100;
+
+fn rfc3339_ago(age: Duration) -> String {
+    rds_csi::rfc3339(std::time::SystemTime::now() - age)
+}
+
+/// The objects a real cluster would hold for `n` attached volumes.
+fn load(api: &FakeApiServer, n: usize) {
+    let ts = rfc3339_ago(Duration::from_secs(3600));
+    for i in 0..NODES {
+        api.create("nodes", json!({"metadata": {"name": format!("node-{i}")}}))
+            .expect("node");
+    }
+    for i in 0..n {
+        let pv = format!("pvc-{i:08x}-0000-4000-8000-000000000000");
+        let handle = format!("vol-{i:08}");
+        let node = format!("node-{}", i % NODES);
+        let rwx = i % 10 == 0;
+        api.create(
+            "persistentvolumes",
+            json!({
+                "metadata": {
+                    "name": pv,
+                    "creationTimestamp": ts,
+                    "annotations": {"pv.kubernetes.io/provisioned-by": DRIVER, "volume.kubernetes.io/provisioner-deletion-secret-name": ""},
+                    "finalizers": ["kubernetes.io/pv-protection", "external-provisioner.volume.kubernetes.io/finalizer"],
+                    "managedFields": [
+                        {"manager": "csi-provisioner", "operation": "Update", "apiVersion": "v1", "time": ts, "fieldsType": "FieldsV1",
+                         "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:pv.kubernetes.io/provisioned-by": {}}, "f:finalizers": {".": {}, "v:\"external-provisioner.volume.kubernetes.io/finalizer\"": {}}},
+                                      "f:spec": {"f:accessModes": {}, "f:capacity": {".": {}, "f:storage": {}}, "f:claimRef": {".": {}, "f:name": {}, "f:namespace": {}, "f:uid": {}},
+                                                 "f:csi": {".": {}, "f:driver": {}, "f:volumeAttributes": {".": {}, "f:storage.kubernetes.io/csiProvisionerIdentity": {}}, "f:volumeHandle": {}},
+                                                 "f:persistentVolumeReclaimPolicy": {}, "f:storageClassName": {}, "f:volumeMode": {}}}},
+                        {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "time": ts, "fieldsType": "FieldsV1", "subresource": "status",
+                         "fieldsV1": {"f:status": {"f:phase": {}}}}
+                    ]
+                },
+                "spec": {
+                    "accessModes": [if rwx { "ReadWriteMany" } else { "ReadWriteOnce" }],
+                    "volumeMode": if rwx { "Block" } else { "Filesystem" },
+                    "capacity": {"storage": "10Gi"},
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "storageClassName": "rds-nvme",
+                    "csi": {"driver": DRIVER, "volumeHandle": handle,
+                            "volumeAttributes": {"storage.kubernetes.io/csiProvisionerIdentity": "1700000000000-8081-rds.csi.srvlab.io", "migrationTimeoutSeconds": "300"}},
+                    "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": "vms", "name": format!("vm-{i}-disk"),
+                                 "uid": format!("{i:08x}-1111-4000-8000-000000000000"), "resourceVersion": "12345"},
+                },
+                "status": {"phase": "Bound"},
+            }),
+        )
+        .expect("pv");
+        api.create(
+            "volumeattachments",
+            json!({
+                "metadata": {
+                    "name": rds_csi::kube::cluster::va_name(&handle, DRIVER, &node),
+                    "creationTimestamp": ts,
+                    "annotations": {"csi.alpha.kubernetes.io/node-id": node},
+                    "finalizers": ["external-attacher/rds-csi-srvlab-io"],
+                    "managedFields": [
+                        {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "storage.k8s.io/v1", "time": ts, "fieldsType": "FieldsV1",
+                         "fieldsV1": {"f:spec": {"f:attacher": {}, "f:nodeName": {}, "f:source": {"f:persistentVolumeName": {}}}}},
+                        {"manager": "csi-attacher", "operation": "Update", "apiVersion": "storage.k8s.io/v1", "time": ts, "fieldsType": "FieldsV1",
+                         "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:csi.alpha.kubernetes.io/node-id": {}}, "f:finalizers": {".": {}, "v:\"external-attacher/rds-csi-srvlab-io\"": {}}}}},
+                        {"manager": "csi-attacher", "operation": "Update", "apiVersion": "storage.k8s.io/v1", "time": ts, "fieldsType": "FieldsV1", "subresource": "status",
+                         "fieldsV1": {"f:status": {"f:attached": {}, "f:attachmentMetadata": {".": {}, "f:backend": {}}}}}
+                    ]
+                },
+                "spec": {"attacher": DRIVER, "nodeName": node, "source": {"persistentVolumeName": pv}},
+                "status": {"attached": true, "attachmentMetadata": {"backend": "rds"}},
+            }),
+        )
+        .expect("va");
+    }
+}
+
+/// Pages through `path` 500 at a time as raw text: what serving the list costs, with no
+/// deserialization on the client side. Returns the bytes received.
+async fn page_raw(client: &kube::Client, path: &str) -> usize {
+    let mut token = String::new();
+    let mut bytes = 0;
+    loop {
+        let uri = format!("{path}?limit=500&continue={token}");
+        let req = tonic::codegen::http::Request::get(uri)
+            .body(Vec::new())
+            .expect("request");
+        let text = client.request_text(req).await.expect("list");
+        bytes += text.len();
+        match text
+            .split("\"continue\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        {
+            Some(next) if !next.is_empty() => token = next.to_string(),
+            _ => return bytes,
+        }
+    }
+}
+
+/// Pages through every object of `api` as typed objects, 500 per page.
+async fn page_typed<K>(api: &Api<K>) -> usize
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = ListParams::default().limit(500);
+    let mut n = 0;
+    loop {
+        let page = api.list(&params).await.expect("list");
+        n += page.items.len();
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => params = params.continue_token(&c),
+            None => return n,
+        }
+    }
+}
+
+/// What the API side costs alone, PVs and VAs paged in parallel as the driver does: as raw
+/// text, then deserialized into k8s-openapi types (as kube-rs watchers do).
+async fn list_floor(kubeconfig: &Path) -> (Duration, usize, Duration) {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig"),
+        &Default::default(),
+    )
+    .await
+    .expect("config");
+    let client = kube::Client::try_from(config).expect("client");
+    let start = Instant::now();
+    let (a, b) = tokio::join!(
+        page_raw(&client, "/api/v1/persistentvolumes"),
+        page_raw(&client, "/apis/storage.k8s.io/v1/volumeattachments"),
+    );
+    let raw = start.elapsed();
+    let start = Instant::now();
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let vas: Api<VolumeAttachment> = Api::all(client);
+    let (n_pvs, n_vas) = tokio::join!(page_typed(&pvs), page_typed(&vas));
+    assert_eq!(n_pvs, n_vas);
+    (raw, a + b, start.elapsed())
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    Some(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+struct Sample {
+    to_socket: Duration,
+    to_ready: Duration,
+    driver_reported_s: Option<f64>,
+    hwm_mib: f64,
+    rss_mib: f64,
+    cpu_s: f64,
+}
+
+async fn boot_once(kubeconfig: &Path, dir: &Path) -> Sample {
+    let socket = dir.join("csi.sock");
+    let log = std::fs::File::create(dir.join("driver.log")).expect("log");
+    let start = Instant::now();
+    let bin = std::env::var("BOOT_SEED_DRIVER").unwrap_or_else(|_| BIN.to_string());
+    let mut child = Command::new(bin)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["--node-id", "node-0", "--metrics-address", "127.0.0.1:0"])
+        .args(["--kubernetes", "on"])
+        .arg("--file-root")
+        .arg(dir.join("volumes"))
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn rds-csi");
+    let pid = child.id();
+    let endpoint = format!("unix://{}", socket.display());
+    let mut to_socket = None;
+    let deadline = start + Duration::from_secs(300);
+    let to_ready = loop {
+        assert!(Instant::now() < deadline, "driver not ready after 300 s");
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!(
+                "rds-csi exited ({status}):\n{}",
+                std::fs::read_to_string(dir.join("driver.log")).unwrap_or_default()
+            );
+        }
+        if let Ok(channel) = rds_csi::ctl::connect(&endpoint).await {
+            to_socket.get_or_insert_with(|| start.elapsed());
+            let mut identity = IdentityClient::new(channel);
+            let ready = loop {
+                match identity.probe(ProbeRequest {}).await {
+                    Ok(r) if r.get_ref().ready == Some(true) => break true,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    Err(_) => break false,
+                }
+            };
+            if ready {
+                break start.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let cpu_s = cpu_seconds(pid).unwrap_or(f64::NAN);
+    let hwm = status_kib(pid, "VmHWM:").unwrap_or(0);
+    let rss = status_kib(pid, "VmRSS:").unwrap_or(0);
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.join("driver.log")).unwrap_or_default();
+    let driver_reported_s = log
+        .lines()
+        .find(|l| l.contains("ready") && l.contains("seconds="))
+        .and_then(|l| l.split("seconds=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok());
+    Sample {
+        to_socket: to_socket.unwrap_or(to_ready),
+        to_ready,
+        driver_reported_s,
+        hwm_mib: hwm as f64 / 1024.0,
+        rss_mib: rss as f64 / 1024.0,
+        cpu_s,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("BOOT_SEED_VOLUMES")
+        .unwrap_or_else(|_| "100000".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("BOOT_SEED_VOLUMES: comma-separated counts")
+        })
+        .collect();
+    let runs: usize = std::env::var("BOOT_SEED_RUNS")
+        .ok()
+        .map(|s| s.parse().expect("BOOT_SEED_RUNS"))
+        .unwrap_or(3);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for n in sizes {
+            let api = FakeApiServer::start().await;
+            let loaded = Instant::now();
+            load(&api, n);
+            let loaded = loaded.elapsed();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
+            let (raw, bytes, typed) = list_floor(&kubeconfig).await;
+            println!(
+                "boot_seeding: {n} PVs + {n} VolumeAttachments loaded in {loaded:.2?}; list floor, 500/page, PVs and VAs in parallel: raw text {raw:.2?} ({:.0} MiB), typed (k8s-openapi) {typed:.2?}",
+                bytes as f64 / (1 << 20) as f64
+            );
+            let mut samples = Vec::new();
+            for run in 0..runs {
+                let run_dir = tempfile::tempdir().expect("tempdir");
+                let s = boot_once(&kubeconfig, run_dir.path()).await;
+                println!(
+                    "  run {}: socket up {:.3?}, Ready {:.3?} (driver's own seconds_to_ready {}), driver CPU {:.2} s, peak RSS {:.1} MiB, RSS at ready {:.1} MiB",
+                    run + 1,
+                    s.to_socket,
+                    s.to_ready,
+                    s.driver_reported_s.map_or("-".into(), |v| format!("{v:.3} s")),
+                    s.cpu_s,
+                    s.hwm_mib,
+                    s.rss_mib
+                );
+                samples.push(s);
+            }
+            println!(
+                "boot_seeding {n}: median Ready {:.3} s, median peak RSS {:.1} MiB (targets: <= 2 s, <= 150 MB)",
+                median(samples.iter().map(|s| s.to_ready.as_secs_f64()).collect()),
+                median(samples.iter().map(|s| s.hwm_mib).collect())
+            );
+        }
+    });
+}

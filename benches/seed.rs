@@ -1,0 +1,136 @@
+//! Boot seeding without the API server: from an in-memory list of N attached VolumeAttachments
+//! (one per PV; every tenth PV RWX block) to N started volume actors. Timed from the start of
+//! `kube::seed::plan` until every arbiter has run the actor starts the supervisor queued on it.
+//! The list and PV map are built before timing; a fresh supervisor and arbiters are made for
+//! each iteration and torn down outside it.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rds_csi::actors::messages::Seed;
+use rds_csi::actors::state::AccessClass;
+use rds_csi::actors::volume::VolumeActor;
+use rds_csi::kube::seed::{plan, PvView, VaView};
+use support::{cores, system, Actors};
+
+/// N VolumeAttachments on N PVs, spread over 100 nodes, created an hour ago.
+pub fn fixture(n: usize) -> (Vec<VaView>, HashMap<String, PvView>) {
+    let created = SystemTime::now() - Duration::from_secs(3600);
+    let vas = (0..n)
+        .map(|i| VaView {
+            name: format!("csi-{i:064x}"),
+            pv_name: Some(format!("pvc-{i:08}")),
+            inline_handle: None,
+            node: format!("node-{}", i % 100),
+            attached: true,
+            created,
+        })
+        .collect();
+    let pvs = (0..n)
+        .map(|i| {
+            let name = format!("pvc-{i:08}");
+            let view = PvView {
+                name: name.clone(),
+                handle: Some(format!("vol-{i:08}")),
+                class: if i % 10 == 0 {
+                    AccessClass::Migratable
+                } else {
+                    AccessClass::Exclusive
+                },
+                migration_timeout: None,
+            };
+            (name, view)
+        })
+        .collect();
+    (vas, pvs)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Memory, not time: how much resident memory 100k seeded actors add (printed, not asserted).
+fn actor_memory() {
+    const N: usize = 100_000;
+    let (vas, pvs) = fixture(N);
+    let system = system();
+    let before = rss_kib();
+    let actors = system.block_on(async {
+        let actors = Actors::start(cores());
+        let plan = plan(&vas, &pvs);
+        let seeded = actors
+            .supervisor
+            .send(Seed(plan.volumes))
+            .await
+            .expect("seed");
+        actors.drain_arbiters().await;
+        assert_eq!(seeded, N);
+        actors
+    });
+    let after = rss_kib();
+    eprintln!(
+        "seed: {N} started volume actors (and the supervisor's map) add {:.1} MiB resident, {} bytes per volume",
+        (after.saturating_sub(before)) as f64 / 1024.0,
+        after.saturating_sub(before) * 1024 / N as u64
+    );
+    eprintln!(
+        "seed: size_of VolumeActor {} B, of its ContextFut (actor + context + mailbox, boxed in its task) {} B, of one Attachment {} B",
+        std::mem::size_of::<VolumeActor>(),
+        std::mem::size_of::<actix::dev::ContextFut<VolumeActor, actix::Context<VolumeActor>>>(),
+        std::mem::size_of::<rds_csi::actors::state::Attachment>(),
+    );
+    actors.stop();
+}
+
+fn seeding(c: &mut Criterion) {
+    actor_memory();
+    let mut group = c.benchmark_group("seed");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    for n in [1_000usize, 10_000, 100_000] {
+        group.measurement_time(Duration::from_secs(if n >= 100_000 { 15 } else { 5 }));
+        group.throughput(Throughput::Elements(n as u64));
+        let (vas, pvs) = fixture(n);
+        group.bench_function(BenchmarkId::new("plan", n), |b| {
+            b.iter(|| plan(std::hint::black_box(&vas), &pvs))
+        });
+        group.bench_function(BenchmarkId::new("plan+Seed to actors started", n), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let system = system();
+                    let (elapsed, actors) = system.block_on(async {
+                        let actors = Actors::start(cores());
+                        let start = Instant::now();
+                        let seeded = actors
+                            .supervisor
+                            .send(Seed(plan(&vas, &pvs).volumes))
+                            .await
+                            .expect("seed");
+                        actors.drain_arbiters().await;
+                        let elapsed = start.elapsed();
+                        assert_eq!(seeded, n);
+                        (elapsed, actors)
+                    });
+                    total += elapsed;
+                    actors.stop();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, seeding);
+criterion_main!(benches);
