@@ -332,20 +332,7 @@ impl VolumeState {
             return Vec::new();
         };
         self.nodes.remove(pos);
-        let mut effects = Vec::new();
-        if let Some(m) = self.migration.take() {
-            effects.push(Effect::MigrationEnded {
-                result: if &m.source == node {
-                    MigrationResult::Success
-                } else {
-                    MigrationResult::Failed
-                },
-                elapsed: now.saturating_duration_since(m.started_at),
-                counted: !m.timed_out,
-                source: m.source,
-                target: m.target,
-            });
-        }
+        let mut effects: Vec<Effect> = self.end_migration(node, now).into_iter().collect();
         match reason {
             DropReason::Stale => effects.push(Effect::StaleCleared { node: node.clone() }),
             DropReason::Released => effects.push(Effect::Handoff { from: node.clone() }),
@@ -479,23 +466,7 @@ impl VolumeState {
             return Vec::new();
         };
         self.nodes.remove(pos);
-        let mut effects = Vec::new();
-        if let Some(m) = self
-            .migration
-            .take_if(|m| &m.source == node || &m.target == node)
-        {
-            effects.push(Effect::MigrationEnded {
-                result: if &m.source == node {
-                    MigrationResult::Success
-                } else {
-                    MigrationResult::Failed
-                },
-                elapsed: now.saturating_duration_since(m.started_at),
-                counted: !m.timed_out,
-                source: m.source,
-                target: m.target,
-            });
-        }
+        let mut effects: Vec<Effect> = self.end_migration(node, now).into_iter().collect();
         if self.nodes.is_empty() {
             self.grace = Some(Grace {
                 last_node: node.clone(),
@@ -507,6 +478,25 @@ impl VolumeState {
             remaining: self.nodes.iter().map(|a| a.node.clone()).collect(),
         });
         effects
+    }
+
+    /// Ends the migration `node` takes part in, if any: its source leaving is a success, its
+    /// target leaving a rollback. Counted unless its timeout already counted it.
+    fn end_migration(&mut self, node: &NodeId, now: Instant) -> Option<Effect> {
+        let m = self
+            .migration
+            .take_if(|m| &m.source == node || &m.target == node)?;
+        Some(Effect::MigrationEnded {
+            result: if &m.source == node {
+                MigrationResult::Success
+            } else {
+                MigrationResult::Failed
+            },
+            elapsed: now.saturating_duration_since(m.started_at),
+            counted: !m.timed_out,
+            source: m.source,
+            target: m.target,
+        })
     }
 
     /// The migration timer fired. Counts the migration once as `timeout`; it stays dual-attached
