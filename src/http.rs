@@ -107,10 +107,10 @@ async fn attachments(
             ),
         };
     }
-    let Ok(actors) = supervisor.send(ListActors).await else {
+    let Ok(listing) = supervisor.send(ListActors).await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into());
     };
-    let views = futures::future::join_all(actors.into_iter().map(|(volume, addr)| async move {
+    let views = futures::future::join_all(listing.actors.into_iter().map(|(volume, addr)| async move {
         let view = addr
             .send(Describe)
             .await
@@ -120,7 +120,7 @@ async fn attachments(
         view.map(|v| (volume, v))
     }))
     .await;
-    let mut volumes: Vec<_> = views.into_iter().flatten().collect();
+    let mut volumes: Vec<_> = views.into_iter().flatten().chain(listing.parked).collect();
     volumes.sort_by(|a, b| a.0.cmp(&b.0));
     let count = volumes.len();
     let volumes: Vec<_> = volumes.into_iter().map(|(id, v)| with_id(&id, v)).collect();

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub volume_operation_duration: HistogramVec,
     pub nvme_connections_active: IntGauge,
     pub volume_actors: IntGaugeVec,
+    pub parked_volumes: IntGauge,
     pub grpc_started: IntCounterVec,
     pub grpc_handled: IntCounterVec,
     pub grpc_in_flight: IntGaugeVec,
@@ -157,6 +158,12 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let parked_volumes = IntGauge::with_opts(opts(
+            "attachment",
+            "parked_volumes",
+            "Volumes seeded at boot with one settled attachment and no actor yet; each gets its actor on its first message.",
+        ))
+        .expect("valid metric");
         let grpc_started = IntCounterVec::new(
             opts(
                 "grpc",
@@ -238,6 +245,7 @@ impl Metrics {
             Box::new(volume_operation_duration.clone()),
             Box::new(nvme_connections_active.clone()),
             Box::new(volume_actors.clone()),
+            Box::new(parked_volumes.clone()),
             Box::new(grpc_started.clone()),
             Box::new(grpc_handled.clone()),
             Box::new(grpc_in_flight.clone()),
@@ -276,6 +284,7 @@ impl Metrics {
             volume_operation_duration,
             nvme_connections_active,
             volume_actors,
+            parked_volumes,
             grpc_started,
             grpc_handled,
             grpc_in_flight,

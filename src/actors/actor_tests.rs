@@ -110,6 +110,7 @@ impl Harness {
             .send(ListActors)
             .await
             .unwrap()
+            .actors
             .len()
     }
 }
@@ -321,5 +322,97 @@ fn a_timed_out_migration_is_counted_once_in_the_exposition() {
             scraped(&h.metrics, "rds_csi_migration_duration_seconds_count"),
             0.0
         );
+    });
+}
+
+fn seed_volume(
+    volume: &str,
+    holders: &[(&str, u64)],
+    class: super::state::AccessClass,
+) -> crate::kube::seed::SeedVolume {
+    let now = std::time::SystemTime::now();
+    crate::kube::seed::SeedVolume {
+        volume: vol(volume),
+        holders: holders
+            .iter()
+            .map(|(n, age)| {
+                (
+                    NodeId::try_from(*n).unwrap(),
+                    now - Duration::from_secs(*age),
+                )
+            })
+            .collect(),
+        class,
+        migration_timeout: Duration::from_secs(600),
+    }
+}
+
+impl Harness {
+    fn actors_in(&self, state: &str) -> i64 {
+        self.metrics.volume_actors.with_label_values(&[state]).get()
+    }
+}
+
+#[test]
+fn seeded_settled_volumes_are_parked_until_their_first_message() {
+    use super::messages::Seed;
+    use super::state::AccessClass::{Exclusive, Migratable};
+    paused(|| async {
+        let h = harness(&["x", "m", "d"]).await;
+        let seeded = h
+            .router
+            .supervisor()
+            .send(Seed(vec![
+                seed_volume("x", &[("a", 100)], Exclusive),
+                seed_volume("m", &[("a", 100)], Migratable),
+                seed_volume("d", &[("a", 100), ("b", 10)], Migratable),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(seeded, 3);
+        tokio::task::yield_now().await;
+        // Only the migration needs an actor (it has a timer); the two settled volumes are
+        // compact records, but still count as attached.
+        assert_eq!(h.actors().await, 1);
+        assert_eq!(h.metrics.parked_volumes.get(), 2);
+        assert_eq!(h.metrics.nvme_connections_active.get(), 3);
+        assert_eq!((h.actors_in("attached"), h.actors_in("migrating")), (0, 1));
+        let listing = h.router.supervisor().send(ListActors).await.unwrap();
+        let mut parked: Vec<_> = listing
+            .parked
+            .iter()
+            .map(|(v, view)| (v.as_str(), view["nodes"][0]["node"].as_str().unwrap()))
+            .collect();
+        parked.sort();
+        assert_eq!(parked, vec![("m", "a"), ("x", "a")]);
+
+        // A parked exclusive volume refuses a second node exactly as an actor would.
+        let exclusive = Capability::block(AccessMode::SingleNodeWriter);
+        let err = h
+            .router
+            .send(&vol("x"), publish("b", exclusive.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Conflict { holders, .. } if holders[0].as_str() == "a"),
+            "{err}"
+        );
+        assert_eq!(h.actors().await, 2, "the first message started its actor");
+        assert_eq!(h.metrics.parked_volumes.get(), 1);
+        assert_eq!(h.metrics.nvme_connections_active.get(), 3);
+        assert_eq!(h.actors_in("attached"), 1);
+
+        // The holder's re-publish is idempotent; a second node on the migratable one migrates.
+        h.router.send(&vol("m"), publish("a", rwx())).await.unwrap();
+        assert_eq!(h.metrics.parked_volumes.get(), 0);
+        h.router.send(&vol("m"), publish("b", rwx())).await.unwrap();
+        assert_eq!(h.metrics.active_migrations.get(), 2);
+        let view = h.router.send(&vol("m"), Describe).await.unwrap().unwrap();
+        assert_eq!(view["nodes"].as_array().unwrap().len(), 2);
+
+        // The woken exclusive volume detaches normally.
+        h.router.send(&vol("x"), unpublish("a")).await.unwrap();
+        assert_eq!(h.metrics.nvme_connections_active.get(), 2);
+        assert_eq!(h.actors_in("grace"), 1);
     });
 }

@@ -70,12 +70,21 @@ pub struct Reaped {
     pub addr: Addr<VolumeActor>,
 }
 
-/// Supervisor: every live volume actor, for the debug view.
+/// Supervisor: every live volume actor, and a description of every parked volume, for the
+/// debug view.
 #[derive(Message)]
-#[rtype(result = "Vec<(VolumeId, Addr<VolumeActor>)>")]
+#[rtype(result = "Listing")]
 pub struct ListActors;
 
-/// Supervisor: the live actor for `volume`, if any. Never starts one.
+pub struct Listing {
+    pub actors: Vec<(VolumeId, Addr<VolumeActor>)>,
+    /// Parked volumes (seeded, one settled attachment, no actor yet), described as an actor
+    /// would describe them.
+    pub parked: Vec<(VolumeId, serde_json::Value)>,
+}
+
+/// Supervisor: the live actor for `volume`, if any. Starts one only for a parked volume, which
+/// has state to show; never for an unknown one.
 #[derive(Message)]
 #[rtype(result = "Option<Addr<VolumeActor>>")]
 pub struct Lookup(pub VolumeId);

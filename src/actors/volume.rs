@@ -35,6 +35,8 @@ pub struct VolumeActor {
     last_conflict_event: Option<Instant>,
     /// Effects found while seeding, applied once the actor runs.
     pending: Vec<Effect>,
+    /// Woken from a parked record, whose attachment the connections gauge already counts.
+    unparked: bool,
 }
 
 impl VolumeActor {
@@ -54,6 +56,7 @@ impl VolumeActor {
             retired: false,
             last_conflict_event: None,
             pending: Vec::new(),
+            unparked: false,
         }
     }
 
@@ -68,6 +71,19 @@ impl VolumeActor {
     ) -> Self {
         let mut actor = Self::new(id, state, deps, supervisor);
         actor.pending = effects;
+        actor
+    }
+
+    /// The actor of a volume the supervisor parked at seeding (one settled attachment), started
+    /// by the first message for it.
+    pub fn unparked(
+        id: VolumeId,
+        state: VolumeState,
+        deps: Arc<VolumeDeps>,
+        supervisor: Recipient<Reaped>,
+    ) -> Self {
+        let mut actor = Self::new(id, state, deps, supervisor);
+        actor.unparked = true;
         actor
     }
 
@@ -286,7 +302,7 @@ impl Actor for VolumeActor {
             .volume_actors
             .with_label_values(&[self.class_label()])
             .inc();
-        if !self.state.nodes().is_empty() {
+        if !self.state.nodes().is_empty() && !self.unparked {
             self.deps.metrics.nvme_connections_active.inc();
         }
         if self.state.migration().is_some() {

@@ -2140,6 +2140,17 @@ struct Inner {
     fault_gen: watch::Sender<u64>,
     /// Bumped by `drop_watches`.
     drop_gen: watch::Sender<u64>,
+    /// Serialized list answers by (resource, namespace, query), valid while the store's
+    /// resourceVersion is unchanged. Off unless `cache_lists(true)`: benchmarks use it so the
+    /// fake's own serializing does not hide the client's time.
+    list_cache: Mutex<Option<ListCache>>,
+}
+
+#[derive(Default)]
+struct ListCache {
+    /// The store's (resourceVersion, compacted resourceVersion) the pages were served at.
+    rv: (u64, u64),
+    pages: HashMap<(usize, Option<String>, String), Bytes>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -2198,6 +2209,7 @@ impl FakeApiServer {
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             fault_gen: watch::channel(0).0,
             drop_gen: watch::channel(0).0,
+            list_cache: Mutex::new(None),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -2351,6 +2363,13 @@ impl FakeApiServer {
     }
 
     /// The current (global) resourceVersion.
+    /// Turns the list-answer cache on or off. On, a list repeated while nothing was written is
+    /// answered with the bytes served the first time (faults still apply first), so a benchmark
+    /// can measure its client rather than this server's serializing.
+    pub fn cache_lists(&self, on: bool) {
+        *lock(&self.inner.list_cache) = on.then(ListCache::default);
+    }
+
     pub fn resource_version(&self) -> u64 {
         lock(&self.inner.store).rv
     }
@@ -2578,6 +2597,26 @@ impl FakeApiServer {
 // ---------------------------------------------------------------------------------------------
 // HTTP
 // ---------------------------------------------------------------------------------------------
+
+/// The query with its parameters sorted, so equal requests share a cache entry.
+fn canonical_query(q: &HashMap<String, String>) -> String {
+    let mut pairs: Vec<_> = q.iter().collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn bytes_response(bytes: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(bytes));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
 
 fn json_response(code: u16, body: &Value) -> Response {
     let mut resp = Response::new(Body::from(serde_json::to_vec(body).expect("serializable")));
@@ -2958,8 +2997,23 @@ fn resource_request(
         "list" => {
             let filter = Filter::from_query(def, ns, q)?;
             let opts = ListOpts::from_query(q)?;
-            let list = lock(&inner.store).list(r.ty, &filter, &opts)?;
-            Ok(json_response(200, &list))
+            let store = lock(&inner.store);
+            let key = (r.ty, r.namespace.clone(), canonical_query(q));
+            if let Some(cache) = lock(&inner.list_cache).as_mut() {
+                if cache.rv != (store.rv, store.compacted_rv) {
+                    cache.pages.clear();
+                    cache.rv = (store.rv, store.compacted_rv);
+                }
+                if let Some(bytes) = cache.pages.get(&key) {
+                    return Ok(bytes_response(bytes.clone()));
+                }
+            }
+            let list = store.list(r.ty, &filter, &opts)?;
+            let bytes = Bytes::from(serde_json::to_vec(&list).expect("serializable"));
+            if let Some(cache) = lock(&inner.list_cache).as_mut() {
+                cache.pages.insert(key, bytes.clone());
+            }
+            Ok(bytes_response(bytes))
         }
         "watch" => {
             let filter = Filter::from_query(def, ns, q)?;
