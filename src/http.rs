@@ -110,16 +110,17 @@ async fn attachments(
     let Ok(listing) = supervisor.send(ListActors).await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into());
     };
-    let views = futures::future::join_all(listing.actors.into_iter().map(|(volume, addr)| async move {
-        let view = addr
-            .send(Describe)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
-        view.map(|v| (volume, v))
-    }))
-    .await;
+    let views =
+        futures::future::join_all(listing.actors.into_iter().map(|(volume, addr)| async move {
+            let view = addr
+                .send(Describe)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+            view.map(|v| (volume, v))
+        }))
+        .await;
     let mut volumes: Vec<_> = views.into_iter().flatten().chain(listing.parked).collect();
     volumes.sort_by(|a, b| a.0.cmp(&b.0));
     let count = volumes.len();

@@ -21,7 +21,6 @@ use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
 use rds_csi::kube::cluster::{self as kube_cluster, KubeCluster, KubernetesMode};
-use rds_csi::kube::seed as seed_plan;
 use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
@@ -295,7 +294,10 @@ async fn seed(
     cluster.pvs_ready().await;
     let (vas, seen) = cluster.list_attachments(|_| {}).await;
     metrics.seeding_seen.inc_by(seen as u64);
-    let plan = seed_plan::plan(&vas, &cluster.pv_views());
+    let plan = cluster.plan_seed(&vas);
+    // The VolumeAttachment views are not needed past the plan; free them before the actors'
+    // state is built, so the two never peak together.
+    drop(vas);
     for (va, reason) in &plan.skipped {
         metrics
             .seeding_skipped

@@ -87,42 +87,128 @@ pub struct Claim {
     pub uid: Option<String>,
 }
 
-#[derive(Clone, Debug)]
-struct PvRecord {
-    view: PvView,
-    claim: Option<Claim>,
+/// One PV of this driver, keyed elsewhere by its volume handle: the PV name, the claim and the
+/// migration timeout attribute in a single allocation, because 100k of them stay resident.
+#[derive(Clone, Debug, PartialEq)]
+struct PvEntry {
+    /// PV name, claim namespace, claim name, claim uid and `migrationTimeoutSeconds`, back to
+    /// back; `ends[i]` is where part `i` stops.
+    text: Box<str>,
+    ends: [u32; 5],
+    /// Which optional parts exist (`HAS_*`).
+    has: u8,
+    class: AccessClass,
 }
 
+const HAS_CLAIM: u8 = 1;
+const HAS_UID: u8 = 2;
+const HAS_TIMEOUT: u8 = 4;
+
+impl PvEntry {
+    fn new(
+        name: &str,
+        claim: Option<(&str, &str, Option<&str>)>,
+        timeout: Option<&str>,
+        class: AccessClass,
+    ) -> Self {
+        let (namespace, claim_name, uid) = claim.unwrap_or_default();
+        let parts = [
+            name,
+            namespace,
+            claim_name,
+            uid.unwrap_or_default(),
+            timeout.unwrap_or_default(),
+        ];
+        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut ends = [0u32; 5];
+        for (end, part) in ends.iter_mut().zip(parts) {
+            text.push_str(part);
+            *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        }
+        let flag = |present: bool, bit: u8| if present { bit } else { 0 };
+        Self {
+            text: text.into_boxed_str(),
+            ends,
+            has: flag(claim.is_some(), HAS_CLAIM)
+                | flag(uid.is_some(), HAS_UID)
+                | flag(timeout.is_some(), HAS_TIMEOUT),
+            class,
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text
+            .get(start..self.ends[i] as usize)
+            .unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.part(0)
+    }
+
+    fn claim(&self) -> Option<Claim> {
+        (self.has & HAS_CLAIM != 0).then(|| Claim {
+            namespace: self.part(1).into(),
+            name: self.part(2).into(),
+            uid: (self.has & HAS_UID != 0).then(|| self.part(3).into()),
+        })
+    }
+
+    fn migration_timeout(&self) -> Option<&str> {
+        (self.has & HAS_TIMEOUT != 0).then(|| self.part(4))
+    }
+}
+
+/// This driver's PVs by volume handle.
 #[derive(Default)]
 struct PvIndex {
-    by_name: HashMap<String, PvRecord>,
-    by_handle: HashMap<String, String>,
+    by_handle: HashMap<Box<str>, PvEntry>,
 }
 
 impl PvIndex {
-    fn insert(&mut self, record: PvRecord) {
-        self.remove(&record.view.name);
-        if let Some(handle) = &record.view.handle {
-            self.by_handle
-                .insert(handle.clone(), record.view.name.clone());
-        }
-        self.by_name.insert(record.view.name.clone(), record);
+    fn insert(&mut self, (handle, entry): (Box<str>, PvEntry)) {
+        self.by_handle.insert(handle, entry);
     }
 
-    fn remove(&mut self, name: &str) {
-        if let Some(old) = self.by_name.remove(name) {
-            if let Some(handle) = old.view.handle {
-                if self.by_handle.get(&handle).map(String::as_str) == Some(name) {
-                    self.by_handle.remove(&handle);
+    /// Forgets PV `name`. Its handle is known when the object still has its spec; otherwise
+    /// (never seen in practice: `spec.csi` is immutable) every entry is checked.
+    fn remove(&mut self, name: &str, handle: Option<&str>) {
+        match handle {
+            Some(h) => {
+                if self.by_handle.get(h).is_some_and(|e| e.name() == name) {
+                    self.by_handle.remove(h);
                 }
             }
+            None => self.by_handle.retain(|_, e| e.name() != name),
         }
+    }
+
+    /// Seeding's view of every PV, by PV name, borrowed from the index.
+    fn views(&self) -> HashMap<&str, PvView<'_>> {
+        self.by_handle
+            .iter()
+            .map(|(handle, e)| {
+                let view = PvView {
+                    handle: Some(handle),
+                    class: e.class,
+                    migration_timeout: e.migration_timeout(),
+                };
+                (e.name(), view)
+            })
+            .collect()
     }
 }
 
+/// The volume handle a PV names, if it has a CSI source.
+fn pv_handle(pv: &lean::PersistentVolume) -> Option<&str> {
+    let csi = pv.spec.as_ref()?.csi.as_ref()?;
+    Some(csi.volume_handle.as_str())
+}
+
 /// This driver's PVs, projected: handle, access class, migration timeout, claim.
-fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<PvRecord> {
-    let name = pv.metadata.name.clone()?;
+fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, PvEntry)> {
+    let name = pv.metadata.name.as_deref()?;
     let spec = pv.spec.as_ref()?;
     let csi = spec.csi.as_ref().filter(|c| c.driver == driver)?;
     let rwx = spec
@@ -132,28 +218,25 @@ fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<PvRecord> {
         .any(|m| m == "ReadWriteMany");
     let block = spec.volume_mode.as_deref() == Some("Block");
     let claim = spec.claim_ref.as_ref().and_then(|c| {
-        Some(Claim {
-            namespace: c.namespace.clone()?,
-            name: c.name.clone()?,
-            uid: c.uid.clone(),
-        })
+        Some((
+            c.namespace.as_deref()?,
+            c.name.as_deref()?,
+            c.uid.as_deref(),
+        ))
     });
-    Some(PvRecord {
-        view: PvView {
-            name,
-            handle: Some(csi.volume_handle.clone()),
-            class: if rwx && block {
-                AccessClass::Migratable
-            } else {
-                AccessClass::Exclusive
-            },
-            migration_timeout: csi.volume_attributes.as_ref().and_then(|a| {
-                a.get(crate::grpc::controller::MIGRATION_TIMEOUT_KEY)
-                    .cloned()
-            }),
-        },
-        claim,
-    })
+    let timeout = csi.volume_attributes.as_ref().and_then(|a| {
+        a.get(crate::grpc::controller::MIGRATION_TIMEOUT_KEY)
+            .map(String::as_str)
+    });
+    let class = if rwx && block {
+        AccessClass::Migratable
+    } else {
+        AccessClass::Exclusive
+    };
+    Some((
+        csi.volume_handle.as_str().into(),
+        PvEntry::new(name, claim, timeout, class),
+    ))
 }
 
 /// This driver's VolumeAttachments, projected for seeding.
@@ -246,11 +329,15 @@ impl KubeCluster {
                     }
                     Event::Apply(pv) => match project_pv(&pv, &driver) {
                         Some(r) => write(&pvs).insert(r),
-                        None => write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default()),
+                        None => write(&pvs).remove(
+                            pv.metadata.name.as_deref().unwrap_or_default(),
+                            pv_handle(&pv),
+                        ),
                     },
-                    Event::Delete(pv) => {
-                        write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default())
-                    }
+                    Event::Delete(pv) => write(&pvs).remove(
+                        pv.metadata.name.as_deref().unwrap_or_default(),
+                        pv_handle(&pv),
+                    ),
                 },
             )
             .await;
@@ -300,20 +387,15 @@ impl KubeCluster {
     /// PV name and claim of a volume handle, from the PV projection.
     pub fn pv_for_handle(&self, handle: &str) -> Option<(String, Option<Claim>)> {
         let index = read(&self.pvs);
-        let name = index.by_handle.get(handle)?;
-        index
-            .by_name
-            .get(name)
-            .map(|r| (name.clone(), r.claim.clone()))
+        let entry = index.by_handle.get(handle)?;
+        Some((entry.name().to_string(), entry.claim()))
     }
 
-    /// Every PV view, by PV name, for seeding.
-    pub fn pv_views(&self) -> HashMap<String, PvView> {
-        read(&self.pvs)
-            .by_name
-            .iter()
-            .map(|(k, r)| (k.clone(), r.view.clone()))
-            .collect()
+    /// The seed plan for `vas`, against the PV projection (read in place, not copied).
+    pub fn plan_seed(&self, vas: &[VaView]) -> super::seed::SeedPlan {
+        let index = read(&self.pvs);
+        let views = index.views();
+        super::seed::plan(vas, |name| views.get(name).copied())
     }
 
     /// The first complete list of this driver's VolumeAttachments, paginated. Failures are
@@ -411,7 +493,76 @@ impl AttachmentAuthority for KubeCluster {
 
 #[cfg(test)]
 mod tests {
-    use super::va_name;
+    use super::*;
+
+    fn lean_pv(value: serde_json::Value) -> lean::PersistentVolume {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn pv_json(name: &str, handle: &str, driver: &str) -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block",
+                     "csi": {"driver": driver, "volumeHandle": handle,
+                             "volumeAttributes": {"migrationTimeoutSeconds": "900"}},
+                     "claimRef": {"namespace": "vms", "name": "disk", "uid": "u-1"}}
+        })
+    }
+
+    #[test]
+    fn the_pv_projection_keeps_name_claim_class_and_timeout() {
+        let (handle, entry) = project_pv(&lean_pv(pv_json("pv-1", "h-1", "d")), "d").unwrap();
+        assert_eq!(&*handle, "h-1");
+        assert_eq!(entry.name(), "pv-1");
+        assert_eq!(entry.class, AccessClass::Migratable);
+        assert_eq!(entry.migration_timeout(), Some("900"));
+        assert_eq!(
+            entry.claim(),
+            Some(Claim {
+                namespace: "vms".into(),
+                name: "disk".into(),
+                uid: Some("u-1".into())
+            })
+        );
+        assert!(project_pv(&lean_pv(pv_json("pv-1", "h-1", "other")), "d").is_none());
+
+        // Absent parts stay absent, and empty ones stay present.
+        let bare = lean_pv(serde_json::json!({
+            "metadata": {"name": "pv-2"},
+            "spec": {"accessModes": ["ReadWriteOnce"],
+                     "csi": {"driver": "d", "volumeHandle": "h-2", "volumeAttributes": {"migrationTimeoutSeconds": ""}},
+                     "claimRef": {"namespace": "vms", "name": "disk"}}
+        }));
+        let (_, entry) = project_pv(&bare, "d").unwrap();
+        assert_eq!(entry.class, AccessClass::Exclusive);
+        assert_eq!(entry.migration_timeout(), Some(""));
+        assert_eq!(entry.claim().unwrap().uid, None);
+        let entry = PvEntry::new("pv-3", None, None, AccessClass::Exclusive);
+        assert_eq!(
+            (entry.name(), entry.claim(), entry.migration_timeout()),
+            ("pv-3", None, None)
+        );
+    }
+
+    #[test]
+    fn the_pv_index_serves_lookups_by_handle_and_seeding_by_name() {
+        let mut index = PvIndex::default();
+        for (name, handle) in [("pv-a", "h-a"), ("pv-b", "h-b")] {
+            index.insert(project_pv(&lean_pv(pv_json(name, handle, "d")), "d").unwrap());
+        }
+        let views = index.views();
+        assert_eq!(views["pv-a"].handle, Some("h-a"));
+        assert_eq!(views["pv-b"].migration_timeout, Some("900"));
+        drop(views);
+        // Two PVs naming one handle: the later wins, and deleting the earlier keeps it.
+        index.insert(project_pv(&lean_pv(pv_json("pv-c", "h-a", "d")), "d").unwrap());
+        index.remove("pv-a", Some("h-a"));
+        assert_eq!(index.by_handle["h-a"].name(), "pv-c");
+        index.remove("pv-c", Some("h-a"));
+        assert!(!index.by_handle.contains_key("h-a"));
+        index.remove("pv-b", None);
+        assert!(index.by_handle.is_empty());
+    }
 
     #[test]
     fn va_names_follow_kubernetes() {

@@ -2,7 +2,7 @@
 //! the attachment state to rebuild (rules, "Boot seeding"). VolumeAttachments are the only
 //! source of truth; PV annotations are never read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use crate::actors::state::{migration_timeout, AccessClass};
@@ -19,13 +19,12 @@ pub struct VaView {
     pub created: SystemTime,
 }
 
-/// What seeding needs of a PersistentVolume.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PvView {
-    pub name: String,
-    pub handle: Option<String>,
+/// What seeding needs of a PersistentVolume, borrowed from wherever the PVs are kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PvView<'a> {
+    pub handle: Option<&'a str>,
     pub class: AccessClass,
-    pub migration_timeout: Option<String>,
+    pub migration_timeout: Option<&'a str>,
 }
 
 /// One volume to rebuild: its holders oldest first.
@@ -68,23 +67,24 @@ pub struct SeedPlan {
 }
 
 /// A volume's PV (if known) and its holders with creation time and VA name.
-type Group<'a> = (Option<&'a PvView>, Vec<(NodeId, SystemTime, &'a str)>);
+type Group<'a, 'p> = (Option<PvView<'p>>, Vec<(NodeId, SystemTime, &'a str)>);
 
 /// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
 /// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
-pub fn plan(vas: &[VaView], pvs: &HashMap<String, PvView>) -> SeedPlan {
+/// `pvs` looks a PV up by name.
+pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> SeedPlan {
     let mut plan = SeedPlan::default();
-    let mut groups: BTreeMap<VolumeId, Group<'_>> = BTreeMap::new();
+    let mut groups: BTreeMap<VolumeId, Group<'_, 'p>> = BTreeMap::new();
     for va in vas {
-        let pv = va.pv_name.as_ref().and_then(|n| pvs.get(n));
+        let pv = va.pv_name.as_deref().and_then(&pvs);
         let handle = match (&va.pv_name, pv, &va.inline_handle) {
             (Some(_), None, _) => Err(SkipReason::UnknownPv),
-            (Some(_), Some(pv), _) => pv.handle.clone().ok_or(SkipReason::NoHandle),
-            (None, _, Some(inline)) => Ok(inline.clone()),
+            (Some(_), Some(pv), _) => pv.handle.ok_or(SkipReason::NoHandle),
+            (None, _, Some(inline)) => Ok(inline.as_str()),
             (None, _, None) => Err(SkipReason::NoHandle),
         };
         let checked = handle
-            .and_then(|h| VolumeId::try_from(h.as_str()).map_err(|_| SkipReason::InvalidHandle))
+            .and_then(|h| VolumeId::try_from(h).map_err(|_| SkipReason::InvalidHandle))
             .and_then(|volume| match va.node.as_str() {
                 "" => Err(SkipReason::NoNode),
                 node => NodeId::try_from(node)
@@ -113,7 +113,7 @@ pub fn plan(vas: &[VaView], pvs: &HashMap<String, PvView>) -> SeedPlan {
         plan.volumes.push(SeedVolume {
             volume,
             class: pv.map_or(AccessClass::Exclusive, |p| p.class),
-            migration_timeout: migration_timeout(pv.and_then(|p| p.migration_timeout.as_deref())).0,
+            migration_timeout: migration_timeout(pv.and_then(|p| p.migration_timeout)).0,
             holders: holders.into_iter().map(|(n, t, _)| (n, t)).collect(),
         });
     }
@@ -123,6 +123,7 @@ pub fn plan(vas: &[VaView], pvs: &HashMap<String, PvView>) -> SeedPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
@@ -139,14 +140,18 @@ mod tests {
         }
     }
 
-    fn pv(name: &str, handle: &str, class: AccessClass, timeout: Option<&str>) -> (String, PvView) {
+    fn pv(
+        name: &'static str,
+        handle: &'static str,
+        class: AccessClass,
+        timeout: Option<&'static str>,
+    ) -> (&'static str, PvView<'static>) {
         (
-            name.into(),
+            name,
             PvView {
-                name: name.into(),
-                handle: Some(handle.into()),
+                handle: Some(handle),
                 class,
-                migration_timeout: timeout.map(Into::into),
+                migration_timeout: timeout,
             },
         )
     }
@@ -162,7 +167,7 @@ mod tests {
             va("va-old", "pv-static", "node-a", true, 10),
             va("va-rwo", "pv-rwo", "node-c", true, 5),
         ];
-        let p = plan(&vas, &pvs);
+        let p = plan(&vas, |n| pvs.get(n).copied());
         assert!(p.skipped.is_empty());
         assert_eq!(p.volumes.len(), 2);
         let x = &p.volumes[0];
@@ -198,7 +203,7 @@ mod tests {
             inline,
             nothing,
         ];
-        let p = plan(&vas, &pvs);
+        let p = plan(&vas, |n| pvs.get(n).copied());
         let mut skipped = p.skipped.clone();
         skipped.sort();
         assert_eq!(
@@ -226,7 +231,7 @@ mod tests {
         let vas: Vec<_> = (0..3)
             .map(|i| va(&format!("va-{i}"), "pv", &format!("n{i}"), true, 10 - i))
             .collect();
-        let p = plan(&vas, &pvs);
+        let p = plan(&vas, |n| pvs.get(n).copied());
         let nodes: Vec<&str> = p.volumes[0]
             .holders
             .iter()
