@@ -37,8 +37,8 @@ struct Args {
     /// CSI endpoint of the driver under test.
     #[arg(long, default_value = "unix://./csi.sock")]
     endpoint: String,
-    /// Volumes to create (CreateVolume, idempotent) and cycle through. At least --workers
-    /// unless --contention is set.
+    /// Volumes to create (CreateVolume, idempotent; the volume ids it answers with are used) and
+    /// cycle through. At least --workers unless --contention is set.
     #[arg(long, default_value_t = 64)]
     volumes: usize,
     /// Use these existing volume ids (comma-separated) instead of creating --volumes.
@@ -644,19 +644,21 @@ async fn wait_ready(channel: Channel) -> Result<(), String> {
     }
 }
 
-/// Creates the volumes, `parallel` at a time. CreateVolume is idempotent, so reruns reuse them.
+/// Creates the volumes, a few at a time, and returns the volume ids the driver answered with
+/// (a driver may choose ids unlike the names, as hostpath does). CreateVolume is idempotent, so
+/// reruns reuse them.
 async fn create_volumes(args: &Args, channel: Channel) -> Result<Vec<String>, String> {
     use futures::StreamExt;
     let names: Vec<String> = (0..args.volumes)
         .map(|i| format!("{}-{i}", args.prefix))
         .collect();
     let cap = args.capability.proto();
-    let results: Vec<Result<(), String>> = futures::stream::iter(names.clone())
+    let results: Vec<Result<String, String>> = futures::stream::iter(names)
         .map(|name| {
             let mut controller = ControllerClient::new(channel.clone());
             let cap = cap.clone();
             async move {
-                controller
+                let created = controller
                     .create_volume(CreateVolumeRequest {
                         name: name.clone(),
                         capacity_range: Some(CapacityRange {
@@ -667,15 +669,17 @@ async fn create_volumes(args: &Args, channel: Channel) -> Result<Vec<String>, St
                         ..Default::default()
                     })
                     .await
-                    .map(|_| ())
-                    .map_err(|e| format!("CreateVolume {name}: {:?}: {}", e.code(), e.message()))
+                    .map_err(|e| format!("CreateVolume {name}: {:?}: {}", e.code(), e.message()))?;
+                match created.into_inner().volume.map(|v| v.volume_id) {
+                    Some(id) if !id.is_empty() => Ok(id),
+                    _ => Err(format!("CreateVolume {name}: the answer has no volume_id")),
+                }
             }
         })
         .buffer_unordered(args.workers.clamp(1, 16))
         .collect()
         .await;
-    results.into_iter().collect::<Result<(), String>>()?;
-    Ok(names)
+    results.into_iter().collect()
 }
 
 async fn delete_volumes(names: &[String], channel: Channel) -> Vec<String> {
