@@ -697,7 +697,7 @@ async fn seeding_pages_through_many_volume_attachments() {
             c.va(&pv, &handle, "n2", true, Duration::from_secs(50));
         }
     }
-    let d = c.start_with_volumes(&[]).await;
+    let d = c.start_with_volumes(&["vol-1"]).await;
     d.wait_ready().await;
     let vas = VOLUMES + VOLUMES.div_ceil(7);
     let m = d.scrape().await;
@@ -708,6 +708,24 @@ async fn seeding_pages_through_many_volume_attachments() {
     assert_eq!(
         sample(&m, "rds_csi_migration_active_migrations"),
         VOLUMES.div_ceil(7) as f64
+    );
+    // Only the migrations need actors; the settled volumes are parked, and all are attached.
+    let migrating = VOLUMES.div_ceil(7) as f64;
+    assert_eq!(
+        sample(&m, r#"rds_csi_attachment_volume_actors{state="migrating"}"#),
+        migrating
+    );
+    assert_eq!(
+        sample(&m, r#"rds_csi_attachment_volume_actors{state="attached"}"#),
+        0.0
+    );
+    assert_eq!(
+        sample(&m, "rds_csi_attachment_parked_volumes"),
+        VOLUMES as f64 - migrating
+    );
+    assert_eq!(
+        sample(&m, "rds_csi_nvme_connections_active"),
+        VOLUMES as f64
     );
     let pages: Vec<_> = c
         .api
@@ -729,6 +747,25 @@ async fn seeding_pages_through_many_volume_attachments() {
     let all = http_get(&format!("{}/debug/attachments", d.metrics_url())).await;
     let all: Value = serde_json::from_str(&all).unwrap();
     assert_eq!(all["count"], VOLUMES);
+    assert_eq!(
+        holders(&all["volumes"][1]),
+        ["n1"],
+        "a parked volume is listed"
+    );
+
+    // The first RPC for a parked volume starts its actor with the seeded holder.
+    let err = d.publish("vol-1", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("n1"), "{}", err.message());
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(&m, "rds_csi_attachment_parked_volumes"),
+        VOLUMES as f64 - migrating - 1.0
+    );
+    assert_eq!(
+        sample(&m, r#"rds_csi_attachment_volume_actors{state="attached"}"#),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
