@@ -38,9 +38,20 @@ async fn race(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_publishes() {
+    concurrent_publishes(&[]).await;
+}
+
+/// `--arbiters 0`: the gRPC server, the supervisor and every actor on one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_publishes_on_one_thread() {
+    let d = concurrent_publishes(&["--arbiters", "0"]).await;
+    assert!(d.log().contains("arbiters=0"), "{}", d.log());
+}
+
+async fn concurrent_publishes(args: &[&str]) -> Driver {
     let known: Vec<String> = (0..NODES).map(|i| format!("node-{i}")).collect();
     let known: Vec<&str> = known.iter().map(String::as_str).collect();
-    let d = Driver::start(&known, &[]).await;
+    let d = Driver::start(&known, args).await;
     d.create("exclusive", rwo()).await;
     d.create("migratable", rwx()).await;
 
@@ -66,4 +77,5 @@ async fn two_hundred_concurrent_publishes() {
         sample(&m, "rds_csi_attachment_conflicts_total"),
         (2 * NODES - 3) as f64
     );
+    d
 }
