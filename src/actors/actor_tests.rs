@@ -172,8 +172,14 @@ fn grace_expiry_reaps_the_actor() {
         assert_eq!(h.actors().await, 1);
         tokio::time::sleep(GRACE - Duration::from_secs(1)).await;
         assert_eq!(h.actors().await, 1, "kept inside the grace window");
+        assert_eq!(h.router.remembered_len(), 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(h.actors().await, 0, "reaped after the grace period");
+        assert_eq!(
+            h.router.remembered_len(),
+            0,
+            "the router forgets a reaped actor"
+        );
         assert_eq!(
             h.metrics.volume_actors.with_label_values(&["grace"]).get(),
             0

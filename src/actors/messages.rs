@@ -70,6 +70,11 @@ pub struct Reaped {
     pub addr: Addr<VolumeActor>,
 }
 
+/// Supervisor: a router's address cache, so reaped actors are dropped from it too.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShareAddresses(pub std::sync::Weak<super::AddressCache>);
+
 /// Supervisor: every live volume actor, and a description of every parked volume, for the
 /// debug view.
 #[derive(Message)]

@@ -19,7 +19,7 @@ use crate::ids::VolumeId;
 use crate::kube::{AttachmentAuthority, ClusterSink, NodeDirectory};
 use crate::metrics::Metrics;
 use crate::Error;
-use messages::{Route, Traced};
+use messages::{Route, ShareAddresses, Traced};
 use supervisor::Supervisor;
 use volume::VolumeActor;
 
@@ -36,22 +36,35 @@ pub struct VolumeDeps {
 /// How many times a message is re-routed after finding its actor stopping.
 const MAX_ROUTE_ATTEMPTS: usize = 16;
 
+/// A router's remembered actor addresses, by volume.
+pub type AddressCache = RwLock<HashMap<VolumeId, Addr<VolumeActor>>>;
+
 /// Sends messages to volume actors. Remembers the address the supervisor gave for each volume,
-/// so the supervisor is asked again only on first use or after an actor stopped. Cheap to clone.
+/// so the supervisor is asked again only on first use or after an actor stopped. The supervisor
+/// forgets a volume here when it reaps its actor, so the cache does not grow with every volume
+/// ever touched; a reap that races a route can leave one stale entry, which the next message for
+/// that volume replaces. Cheap to clone.
 #[derive(Clone)]
 pub struct Router {
     supervisor: Addr<Supervisor>,
     mailbox_timeout: Duration,
-    known: Arc<RwLock<HashMap<VolumeId, Addr<VolumeActor>>>>,
+    known: Arc<AddressCache>,
 }
 
 impl Router {
     pub fn new(supervisor: Addr<Supervisor>, mailbox_timeout: Duration) -> Self {
+        let known: Arc<AddressCache> = Default::default();
+        supervisor.do_send(ShareAddresses(Arc::downgrade(&known)));
         Self {
             supervisor,
             mailbox_timeout,
-            known: Default::default(),
+            known,
         }
+    }
+
+    /// How many volumes have a remembered address.
+    pub fn remembered_len(&self) -> usize {
+        self.known.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn remembered(&self, volume: &VolumeId) -> Option<Addr<VolumeActor>> {

@@ -18,10 +18,10 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
-use super::messages::{ListActors, Listing, Lookup, Reaped, Route, Seed};
+use super::messages::{ListActors, Listing, Lookup, Reaped, Route, Seed, ShareAddresses};
 use super::state::{AccessClass, Attachment, Effect, VolumeState};
 use super::volume::VolumeActor;
-use super::VolumeDeps;
+use super::{AddressCache, VolumeDeps};
 use crate::ids::{NodeId, VolumeId};
 
 /// Longer than any migration timeout or grace period.
@@ -58,6 +58,8 @@ pub struct Supervisor {
     actors: HashMap<VolumeId, Addr<VolumeActor>>,
     /// Never holds a volume that is also in `actors`.
     parked: HashMap<VolumeId, Parked>,
+    /// The routers' address caches, cleaned when an actor is reaped.
+    routers: Vec<std::sync::Weak<AddressCache>>,
     /// One arbiter per core. Empty: actors run on the supervisor's own arbiter (tests).
     arbiters: Vec<ArbiterHandle>,
     hasher: std::collections::hash_map::RandomState,
@@ -69,6 +71,7 @@ impl Supervisor {
         Self {
             actors: HashMap::new(),
             parked: HashMap::new(),
+            routers: Vec::new(),
             arbiters,
             hasher: Default::default(),
             deps,
@@ -194,6 +197,24 @@ impl Handler<Reaped> for Supervisor {
         if self.actors.get(&msg.volume) == Some(&msg.addr) {
             self.actors.remove(&msg.volume);
         }
+        self.routers.retain(|router| {
+            let Some(cache) = router.upgrade() else {
+                return false;
+            };
+            let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.get(&msg.volume) == Some(&msg.addr) {
+                cache.remove(&msg.volume);
+            }
+            true
+        });
+    }
+}
+
+impl Handler<ShareAddresses> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, ShareAddresses(cache): ShareAddresses, _ctx: &mut Context<Self>) {
+        self.routers.push(cache);
     }
 }
 
