@@ -157,11 +157,6 @@ impl Supervisor {
     pub fn is_empty(&self) -> bool {
         self.actors.is_empty()
     }
-
-    /// Parked volumes.
-    pub fn parked_len(&self) -> usize {
-        self.parked.len()
-    }
 }
 
 impl Actor for Supervisor {

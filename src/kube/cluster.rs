@@ -87,12 +87,12 @@ pub struct Claim {
     pub uid: Option<String>,
 }
 
-/// One PV of this driver, keyed elsewhere by its volume handle: the PV name, the claim and the
+/// One PV of this driver, keyed elsewhere by its name: the volume handle, the claim and the
 /// migration timeout attribute in a single allocation, because 100k of them stay resident.
 #[derive(Clone, Debug, PartialEq)]
 struct PvEntry {
-    /// PV name, claim namespace, claim name, claim uid and `migrationTimeoutSeconds`, back to
-    /// back; `ends[i]` is where part `i` stops.
+    /// Volume handle, claim namespace, claim name, claim uid and `migrationTimeoutSeconds`, back
+    /// to back; `ends[i]` is where part `i` stops.
     text: Box<str>,
     ends: [u32; 5],
     /// Which optional parts exist (`HAS_*`).
@@ -106,14 +106,14 @@ const HAS_TIMEOUT: u8 = 4;
 
 impl PvEntry {
     fn new(
-        name: &str,
+        handle: &str,
         claim: Option<(&str, &str, Option<&str>)>,
         timeout: Option<&str>,
         class: AccessClass,
     ) -> Self {
         let (namespace, claim_name, uid) = claim.unwrap_or_default();
         let parts = [
-            name,
+            handle,
             namespace,
             claim_name,
             uid.unwrap_or_default(),
@@ -143,7 +143,7 @@ impl PvEntry {
             .unwrap_or_default()
     }
 
-    fn name(&self) -> &str {
+    fn handle(&self) -> &str {
         self.part(0)
     }
 
@@ -160,53 +160,48 @@ impl PvEntry {
     }
 }
 
-/// This driver's PVs by volume handle.
+/// This driver's PVs by name, and which PV each volume handle was last seen on. Every PV stays
+/// resolvable by name even when two name the same handle, so seeding never skips a
+/// VolumeAttachment because another PV shares its volume.
 #[derive(Default)]
 struct PvIndex {
-    by_handle: HashMap<Box<str>, PvEntry>,
+    by_name: HashMap<Box<str>, PvEntry>,
+    by_handle: HashMap<Box<str>, Box<str>>,
 }
 
 impl PvIndex {
-    fn insert(&mut self, (handle, entry): (Box<str>, PvEntry)) {
-        self.by_handle.insert(handle, entry);
+    fn insert(&mut self, (name, entry): (Box<str>, PvEntry)) {
+        self.remove(&name);
+        self.by_handle.insert(entry.handle().into(), name.clone());
+        self.by_name.insert(name, entry);
     }
 
-    /// Forgets PV `name`. Its handle is known when the object still has its spec; otherwise
-    /// (never seen in practice: `spec.csi` is immutable) every entry is checked.
-    fn remove(&mut self, name: &str, handle: Option<&str>) {
-        match handle {
-            Some(h) => {
-                if self.by_handle.get(h).is_some_and(|e| e.name() == name) {
-                    self.by_handle.remove(h);
-                }
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.by_name.remove(name) {
+            if self.by_handle.get(old.handle()).map(|n| &**n) == Some(name) {
+                self.by_handle.remove(old.handle());
             }
-            None => self.by_handle.retain(|_, e| e.name() != name),
         }
     }
 
-    /// Seeding's view of every PV, by PV name, borrowed from the index.
-    fn views(&self) -> HashMap<&str, PvView<'_>> {
-        self.by_handle
-            .iter()
-            .map(|(handle, e)| {
-                let view = PvView {
-                    handle: Some(handle),
-                    class: e.class,
-                    migration_timeout: e.migration_timeout(),
-                };
-                (e.name(), view)
-            })
-            .collect()
+    /// Seeding's view of PV `name`, borrowed from the index.
+    fn view(&self, name: &str) -> Option<PvView<'_>> {
+        self.by_name.get(name).map(|e| PvView {
+            handle: Some(e.handle()),
+            class: e.class,
+            migration_timeout: e.migration_timeout(),
+        })
+    }
+
+    /// The PV name and entry of a volume handle.
+    fn for_handle(&self, handle: &str) -> Option<(&str, &PvEntry)> {
+        let name = self.by_handle.get(handle)?;
+        Some((name, self.by_name.get(name)?))
     }
 }
 
-/// The volume handle a PV names, if it has a CSI source.
-fn pv_handle(pv: &lean::PersistentVolume) -> Option<&str> {
-    let csi = pv.spec.as_ref()?.csi.as_ref()?;
-    Some(csi.volume_handle.as_str())
-}
-
 /// This driver's PVs, projected: handle, access class, migration timeout, claim.
+/// Keyed by PV name.
 fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, PvEntry)> {
     let name = pv.metadata.name.as_deref()?;
     let spec = pv.spec.as_ref()?;
@@ -234,8 +229,8 @@ fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, Pv
         AccessClass::Exclusive
     };
     Some((
-        csi.volume_handle.as_str().into(),
-        PvEntry::new(name, claim, timeout, class),
+        name.into(),
+        PvEntry::new(&csi.volume_handle, claim, timeout, class),
     ))
 }
 
@@ -329,15 +324,11 @@ impl KubeCluster {
                     }
                     Event::Apply(pv) => match project_pv(&pv, &driver) {
                         Some(r) => write(&pvs).insert(r),
-                        None => write(&pvs).remove(
-                            pv.metadata.name.as_deref().unwrap_or_default(),
-                            pv_handle(&pv),
-                        ),
+                        None => write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default()),
                     },
-                    Event::Delete(pv) => write(&pvs).remove(
-                        pv.metadata.name.as_deref().unwrap_or_default(),
-                        pv_handle(&pv),
-                    ),
+                    Event::Delete(pv) => {
+                        write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default())
+                    }
                 },
             )
             .await;
@@ -387,15 +378,14 @@ impl KubeCluster {
     /// PV name and claim of a volume handle, from the PV projection.
     pub fn pv_for_handle(&self, handle: &str) -> Option<(String, Option<Claim>)> {
         let index = read(&self.pvs);
-        let entry = index.by_handle.get(handle)?;
-        Some((entry.name().to_string(), entry.claim()))
+        let (name, entry) = index.for_handle(handle)?;
+        Some((name.to_string(), entry.claim()))
     }
 
     /// The seed plan for `vas`, against the PV projection (read in place, not copied).
     pub fn plan_seed(&self, vas: &[VaView]) -> super::seed::SeedPlan {
         let index = read(&self.pvs);
-        let views = index.views();
-        super::seed::plan(vas, |name| views.get(name).copied())
+        super::seed::plan(vas, |name| index.view(name))
     }
 
     /// The first complete list of this driver's VolumeAttachments, paginated. Failures are
@@ -511,9 +501,9 @@ mod tests {
 
     #[test]
     fn the_pv_projection_keeps_name_claim_class_and_timeout() {
-        let (handle, entry) = project_pv(&lean_pv(pv_json("pv-1", "h-1", "d")), "d").unwrap();
-        assert_eq!(&*handle, "h-1");
-        assert_eq!(entry.name(), "pv-1");
+        let (name, entry) = project_pv(&lean_pv(pv_json("pv-1", "h-1", "d")), "d").unwrap();
+        assert_eq!(&*name, "pv-1");
+        assert_eq!(entry.handle(), "h-1");
         assert_eq!(entry.class, AccessClass::Migratable);
         assert_eq!(entry.migration_timeout(), Some("900"));
         assert_eq!(
@@ -537,10 +527,10 @@ mod tests {
         assert_eq!(entry.class, AccessClass::Exclusive);
         assert_eq!(entry.migration_timeout(), Some(""));
         assert_eq!(entry.claim().unwrap().uid, None);
-        let entry = PvEntry::new("pv-3", None, None, AccessClass::Exclusive);
+        let entry = PvEntry::new("h-3", None, None, AccessClass::Exclusive);
         assert_eq!(
-            (entry.name(), entry.claim(), entry.migration_timeout()),
-            ("pv-3", None, None)
+            (entry.handle(), entry.claim(), entry.migration_timeout()),
+            ("h-3", None, None)
         );
     }
 
@@ -550,18 +540,23 @@ mod tests {
         for (name, handle) in [("pv-a", "h-a"), ("pv-b", "h-b")] {
             index.insert(project_pv(&lean_pv(pv_json(name, handle, "d")), "d").unwrap());
         }
-        let views = index.views();
-        assert_eq!(views["pv-a"].handle, Some("h-a"));
-        assert_eq!(views["pv-b"].migration_timeout, Some("900"));
-        drop(views);
-        // Two PVs naming one handle: the later wins, and deleting the earlier keeps it.
+        assert_eq!(index.view("pv-a").unwrap().handle, Some("h-a"));
+        assert_eq!(index.view("pv-b").unwrap().migration_timeout, Some("900"));
+        assert_eq!(index.for_handle("h-b").unwrap().0, "pv-b");
+
+        // Two PVs naming one handle (a volume re-bound by hand while its old PV lingers): both
+        // still resolve for seeding, so a VolumeAttachment of either is never skipped; the
+        // later one answers lookups by handle, and deleting the earlier keeps it.
         index.insert(project_pv(&lean_pv(pv_json("pv-c", "h-a", "d")), "d").unwrap());
-        index.remove("pv-a", Some("h-a"));
-        assert_eq!(index.by_handle["h-a"].name(), "pv-c");
-        index.remove("pv-c", Some("h-a"));
-        assert!(!index.by_handle.contains_key("h-a"));
-        index.remove("pv-b", None);
-        assert!(index.by_handle.is_empty());
+        assert_eq!(index.view("pv-a").unwrap().handle, Some("h-a"));
+        assert_eq!(index.view("pv-c").unwrap().handle, Some("h-a"));
+        assert_eq!(index.for_handle("h-a").unwrap().0, "pv-c");
+        index.remove("pv-a");
+        assert_eq!(index.for_handle("h-a").unwrap().0, "pv-c");
+        index.remove("pv-c");
+        assert!(index.for_handle("h-a").is_none());
+        index.remove("pv-b");
+        assert!(index.by_name.is_empty() && index.by_handle.is_empty());
     }
 
     #[test]
