@@ -12,19 +12,19 @@ mod fake_apiserver;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rds_csi::csi::controller_service_capability::rpc::Type as Rpc;
 use rds_csi::csi::controller_service_capability::Type as CapType;
 use rds_csi::csi::{ControllerGetCapabilitiesRequest, NodeGetInfoRequest};
-use rds_csi::kube::cluster::va_name;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use fake_apiserver::FakeApiServer;
+use support::cluster::{Cluster, DRIVER};
 use support::*;
 
-const DRIVER: &str = "rds.csi.srvlab.io";
+/// How old the test's VolumeAttachments are.
+const MINUTE: Duration = Duration::from_secs(60);
 const NAMESPACE: &str = "rds-csi";
 const DRIVER_ROLE: &str = "rds-csi-driver";
 const CONTROLLER: &str = "rds-csi-controller";
@@ -184,64 +184,8 @@ fn show(a: &Access) -> String {
 
 // ---- 1. The driver's ClusterRole covers every API call it makes ---------------------------
 
-struct Cluster {
-    api: FakeApiServer,
-    _dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
+/// What the deployment tests read back from the cluster.
 impl Cluster {
-    async fn new(nodes: &[&str]) -> Cluster {
-        let api = FakeApiServer::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
-        for n in nodes {
-            api.create("nodes", json!({"metadata": {"name": n}}))
-                .unwrap();
-        }
-        Cluster {
-            api,
-            _dir: dir,
-            kubeconfig,
-        }
-    }
-
-    /// An RWO PV of this driver, bound to PVC default/claim-NAME.
-    fn pv(&self, name: &str, handle: &str) {
-        self.api
-            .create(
-                "persistentvolumes",
-                json!({
-                    "metadata": {"name": name},
-                    "spec": {
-                        "accessModes": ["ReadWriteOnce"],
-                        "volumeMode": "Filesystem",
-                        "capacity": {"storage": "1Mi"},
-                        "csi": {"driver": DRIVER, "volumeHandle": handle},
-                        "claimRef": {"namespace": "default", "name": format!("claim-{name}"), "uid": format!("uid-{name}")},
-                    },
-                }),
-            )
-            .unwrap();
-    }
-
-    /// The VolumeAttachment the external-attacher creates before it calls the driver.
-    fn va(&self, pv: &str, handle: &str, node: &str, attached: bool) -> String {
-        let name = va_name(handle, DRIVER, node);
-        let created = rds_csi::rfc3339(SystemTime::now() - Duration::from_secs(60));
-        self.api
-            .create(
-                "volumeattachments",
-                json!({
-                    "metadata": {"name": name, "creationTimestamp": created},
-                    "spec": {"attacher": DRIVER, "nodeName": node, "source": {"persistentVolumeName": pv}},
-                    "status": {"attached": attached},
-                }),
-            )
-            .unwrap();
-        name
-    }
-
     fn event_reasons(&self) -> BTreeSet<String> {
         self.api
             .list("events", Some("default"))
@@ -271,9 +215,9 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     let c = Cluster::new(&["n1", "n2", "n3"]).await;
-    c.pv("pv-a", "vol-a");
-    c.pv("pv-b", "vol-b");
-    let va_a_n1 = c.va("pv-a", "vol-a", "n1", true);
+    c.pv("pv-a", "vol-a", false, None, json!({}));
+    c.pv("pv-b", "vol-b", false, None, json!({}));
+    let va_a_n1 = c.va("pv-a", "vol-a", "n1", true, MINUTE);
     let dir = tempfile::tempdir().unwrap();
     precreate(dir.path(), &["vol-a", "vol-b"]).await;
     let d = Driver::start_kube_in(dir, &c.kubeconfig, &args).await;
@@ -292,12 +236,12 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     .await;
 
     // A publish: the annotation and the VolumeAttached event follow.
-    c.va("pv-b", "vol-b", "n2", false);
+    c.va("pv-b", "vol-b", "n2", false, MINUTE);
     d.publish("vol-b", "n2", rwo()).await.unwrap();
     eventually("pv-b annotated", || async { c.annotation("pv-b") == "n2" }).await;
 
     // A refused publish: n1 holds vol-a, and the live checks find its Node and VA standing.
-    c.va("pv-a", "vol-a", "n2", false);
+    c.va("pv-a", "vol-a", "n2", false, MINUTE);
     let err = d.publish("vol-a", "n2", rwo()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     let gets: Vec<(String, Option<String>)> = c

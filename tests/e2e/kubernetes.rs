@@ -2,96 +2,13 @@
 //! external-attacher: they create the VolumeAttachments (and Nodes and PVs) first, then call the
 //! driver, exactly as Kubernetes would.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use rds_csi::kube::cluster::va_name;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::fake_apiserver::FakeApiServer;
+use crate::support::cluster::{Cluster, DRIVER};
 use crate::support::*;
-
-const DRIVER: &str = "rds.csi.srvlab.io";
-
-fn ts(age: Duration) -> String {
-    rds_csi::rfc3339(SystemTime::now() - age)
-}
-
-struct Cluster {
-    api: FakeApiServer,
-    /// Holds the kubeconfig.
-    _dir: tempfile::TempDir,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Cluster {
-    async fn new(nodes: &[&str]) -> Cluster {
-        let api = FakeApiServer::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
-        for n in nodes {
-            api.create("nodes", json!({"metadata": {"name": n}}))
-                .unwrap();
-        }
-        Cluster {
-            api,
-            _dir: dir,
-            kubeconfig,
-        }
-    }
-
-    /// A PV of this driver, bound to PVC default/claim-NAME.
-    fn pv(
-        &self,
-        name: &str,
-        handle: &str,
-        rwx_block: bool,
-        timeout: Option<&str>,
-        annotations: Value,
-    ) {
-        let mut attrs = serde_json::Map::new();
-        if let Some(t) = timeout {
-            attrs.insert("migrationTimeoutSeconds".into(), t.into());
-        }
-        self.api
-            .create(
-                "persistentvolumes",
-                json!({
-                    "metadata": {"name": name, "annotations": annotations},
-                    "spec": {
-                        "accessModes": [if rwx_block { "ReadWriteMany" } else { "ReadWriteOnce" }],
-                        "volumeMode": if rwx_block { "Block" } else { "Filesystem" },
-                        "capacity": {"storage": "1Mi"},
-                        "csi": {"driver": DRIVER, "volumeHandle": handle, "volumeAttributes": attrs},
-                        "claimRef": {"namespace": "default", "name": format!("claim-{name}"), "uid": format!("uid-{name}")},
-                    },
-                }),
-            )
-            .unwrap();
-    }
-
-    /// The VolumeAttachment the external-attacher would create, named as Kubernetes names it.
-    fn va(&self, pv: &str, handle: &str, node: &str, attached: bool, age: Duration) -> String {
-        let name = va_name(handle, DRIVER, node);
-        self.api
-            .create(
-                "volumeattachments",
-                json!({
-                    "metadata": {"name": name, "creationTimestamp": ts(age), "finalizers": ["external-attacher/rds-csi-srvlab-io"]},
-                    "spec": {"attacher": DRIVER, "nodeName": node, "source": {"persistentVolumeName": pv}},
-                    "status": {"attached": attached},
-                }),
-            )
-            .unwrap();
-        name
-    }
-
-    async fn start_with_volumes(&self, volumes: &[&str]) -> Driver {
-        let dir = tempfile::tempdir().unwrap();
-        precreate(dir.path(), volumes).await;
-        Driver::start_kube_in(dir, &self.kubeconfig, &[]).await
-    }
-}
 
 fn holders(view: &Value) -> Vec<String> {
     view["nodes"].as_array().map_or(vec![], |n| {
