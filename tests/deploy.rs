@@ -50,6 +50,7 @@ const LOCAL_FLAGS: &[&str] = &[
     "node-id",         // n1
     "file-root",       // a temporary directory
     "metrics-address", // 127.0.0.1, an ephemeral port
+    "node-state-dir",  // a temporary directory
 ];
 
 // ---- Reading the manifests ----------------------------------------------------------------
@@ -513,11 +514,7 @@ fn the_csidriver_object_has_what_the_driver_needs() {
 /// nobody.
 #[test]
 fn every_manifest_file_is_in_its_kustomization() {
-    for dir in [
-        "deploy/kubernetes",
-        "deploy/examples",
-        "deploy/components/resizer",
-    ] {
+    for dir in ["deploy/kubernetes", "deploy/examples"] {
         let kustomization = read_yaml(&path(dir).join("kustomization.yaml")).remove(0);
         let mut listed: BTreeSet<String> =
             strings(&kustomization["resources"]).into_iter().collect();
@@ -536,7 +533,7 @@ fn every_manifest_file_is_in_its_kustomization() {
     }
 }
 
-/// Every YAML document under deploy/ (base, components, overlays, examples).
+/// Every YAML document under deploy/ (base, overlays, examples).
 fn every_deploy_object() -> Vec<(PathBuf, Value)> {
     fn walk(dir: &Path, out: &mut Vec<(PathBuf, Value)>) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -800,6 +797,26 @@ fn the_workloads_are_wired_together() {
             .unwrap()
             .to_string()
     };
+    // The node only reads sysfs (loop devices' backing files, numbers and sizes).
+    let sys = mounts.iter().find(|m| m["mountPath"] == "/sys").unwrap();
+    assert_eq!(sys["readOnly"], true, "/sys");
+    // The records of staged volumes outlive the pod: they are on a host directory.
+    let state_dir = flag(driver, "node-state-dir");
+    let state_mount = mounts
+        .iter()
+        .find(|m| {
+            let dir = m["mountPath"].as_str().unwrap();
+            state_dir == dir || state_dir.starts_with(&format!("{dir}/"))
+        })
+        .unwrap_or_else(|| panic!("--node-state-dir {state_dir} is not on a mounted volume"));
+    let state_volume = volumes
+        .iter()
+        .find(|v| v["name"] == state_mount["name"])
+        .unwrap();
+    assert!(
+        state_volume["hostPath"]["path"].is_string(),
+        "--node-state-dir {state_dir} must be on a hostPath to survive restarts"
+    );
     let registrar = container(node, "node-driver-registrar");
     assert_eq!(
         flag(registrar, "kubelet-registration-path"),
@@ -842,9 +859,8 @@ fn the_workloads_are_wired_together() {
 
 /// The sidecars in the controller pod are the ones the driver's capabilities call for:
 /// csi-attacher with PUBLISH_UNPUBLISH_VOLUME (and attachRequired), csi-provisioner with
-/// CREATE_DELETE_VOLUME, and csi-resizer only with EXPAND_VOLUME (it exits at start against a
-/// driver that cannot resize). When the driver learns to expand volumes, this test says to
-/// move the resizer component into the base.
+/// CREATE_DELETE_VOLUME, and csi-resizer exactly with EXPAND_VOLUME (it exits at start against
+/// a driver that cannot resize, and without it no PVC ever grows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecars_match_the_driver_capabilities() {
     let d = Driver::start(&[], &["--mode", "controller"]).await;
@@ -882,8 +898,7 @@ async fn the_sidecars_match_the_driver_capabilities() {
     assert_eq!(
         sidecar("csi-resizer"),
         has(Rpc::ExpandVolume),
-        "csi-resizer belongs in the base exactly when the driver advertises EXPAND_VOLUME \
-         (deploy/components/resizer)"
+        "csi-resizer belongs in the base exactly when the driver advertises EXPAND_VOLUME"
     );
     assert!(sidecar("livenessprobe"));
 
@@ -897,23 +912,29 @@ async fn the_sidecars_match_the_driver_capabilities() {
         );
     }
 
-    // The component adds the resizer to the same pod, on the same socket, with its role bound.
-    let component = path("deploy/components/resizer");
-    let patch = read_yaml(&component.join("container.yaml")).remove(0);
-    let resizer = &patch[0]["value"];
-    assert_eq!(patch[0]["path"], "/spec/template/spec/containers/-");
+    // The resizer runs in the controller pod, on the same socket, with its role bound.
+    let resizer = container(controller, "csi-resizer");
     assert_eq!(
         flag(resizer, "csi-address"),
         flag(container(controller, "csi-attacher"), "csi-address")
     );
+    assert_eq!(
+        format!("unix://{}", flag(resizer, "csi-address")),
+        flag(container(controller, DRIVER_CONTAINER), "endpoint"),
+        "csi-resizer talks to the driver's socket"
+    );
     assert!(flags(resizer).contains_key("leader-election"));
-    let rbac = read_yaml(&component.join("rbac.yaml"));
-    let binding = rbac
-        .iter()
-        .find(|o| o["kind"] == "ClusterRoleBinding")
-        .unwrap();
+    base.get("ClusterRole", "rds-csi-external-resizer");
+    let binding = base
+        .of_kind("ClusterRoleBinding")
+        .find(|b| b["roleRef"]["name"] == "rds-csi-external-resizer")
+        .expect("a ClusterRoleBinding of rds-csi-external-resizer");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
     assert_eq!(binding["subjects"][0]["name"], CONTROLLER);
-    assert_eq!(binding["roleRef"]["name"], "rds-csi-external-resizer");
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        controller["spec"]["template"]["spec"]["serviceAccountName"]
+    );
 }
 
 /// The examples use this driver, the migration class is RWX-ready, and the VM live-migrates on
