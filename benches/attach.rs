@@ -4,7 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use rds_csi::actors::state::{AccessMode, Capability, PublishRequest, VolumeState};
+use rds_csi::actors::state::{PublishRequest, VolumeState};
+use rds_csi::domain::{AccessMode, Capability};
 use rds_csi::NodeId;
 use tokio::time::Instant;
 

@@ -11,6 +11,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::csi::controller_client::ControllerClient;
 use crate::csi::identity_client::IdentityClient;
+use crate::csi::node_client::NodeClient;
 use crate::csi::volume_capability::{
     access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
 };
@@ -76,6 +77,42 @@ pub enum CtlCommand {
     },
     /// List volumes.
     List,
+    /// Attach to this node and stage: ControllerPublishVolume to the driver's own node, then
+    /// NodeStageVolume at STAGING (created if missing). A mount volume is formatted only if
+    /// empty, then mounted there.
+    Stage {
+        volume: String,
+        staging: PathBuf,
+        #[command(flatten)]
+        cap: CapabilityArgs,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// NodePublishVolume: bind-mount the staged volume at TARGET (a device node for block).
+    PublishNode {
+        volume: String,
+        staging: PathBuf,
+        target: PathBuf,
+        #[command(flatten)]
+        cap: CapabilityArgs,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// NodeUnpublishVolume: unmount TARGET (or remove the device node) and delete it.
+    UnpublishNode { volume: String, target: PathBuf },
+    /// NodeUnstageVolume at STAGING, then ControllerUnpublishVolume from the driver's node.
+    Unstage { volume: String, staging: PathBuf },
+    /// NodeGetVolumeStats of a staged or published PATH.
+    Stats { volume: String, path: PathBuf },
+    /// ControllerExpandVolume to SIZE; with --path, also NodeExpandVolume there.
+    Expand {
+        volume: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// A staged or published path of the volume on this node.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
 }
 
 /// Parses "10GiB", "512MiB", "1G", "4096".
@@ -204,7 +241,8 @@ async fn execute(
 ) -> Result<serde_json::Value, tonic::Status> {
     use serde_json::json;
     let mut identity = IdentityClient::new(channel.clone());
-    let mut controller = ControllerClient::new(channel);
+    let mut controller = ControllerClient::new(channel.clone());
+    let mut node = NodeClient::new(channel);
     Ok(match command {
         CtlCommand::Probe => {
             let info = identity
@@ -298,5 +336,172 @@ async fn execute(
             }
             json!({"volumes": volumes})
         }
+        CtlCommand::Stage {
+            volume,
+            staging,
+            cap,
+            readonly,
+        } => {
+            let node_id = node
+                .node_get_info(NodeGetInfoRequest {})
+                .await?
+                .into_inner()
+                .node_id;
+            let publish_context = controller
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: volume.clone(),
+                    node_id: node_id.clone(),
+                    volume_capability: Some(cap.to_proto()),
+                    readonly: *readonly,
+                    secrets: HashMap::new(),
+                    volume_context: HashMap::new(),
+                })
+                .await?
+                .into_inner()
+                .publish_context;
+            // The CO creates the staging directory; here ctl is the CO.
+            std::fs::create_dir_all(staging).map_err(|e| {
+                tonic::Status::failed_precondition(format!("creating {}: {e}", staging.display()))
+            })?;
+            let staging = absolute(staging)?;
+            node.node_stage_volume(NodeStageVolumeRequest {
+                volume_id: volume.clone(),
+                publish_context,
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.to_proto()),
+                secrets: HashMap::new(),
+                volume_context: HashMap::new(),
+            })
+            .await?;
+            json!({"staged": volume, "node": node_id, "staging": staging})
+        }
+        CtlCommand::PublishNode {
+            volume,
+            staging,
+            target,
+            cap,
+            readonly,
+        } => {
+            let (staging, target) = (absolute(staging)?, absolute(target)?);
+            node.node_publish_volume(NodePublishVolumeRequest {
+                volume_id: volume.clone(),
+                publish_context: HashMap::new(),
+                staging_target_path: staging,
+                target_path: target.clone(),
+                volume_capability: Some(cap.to_proto()),
+                readonly: *readonly,
+                secrets: HashMap::new(),
+                volume_context: HashMap::new(),
+            })
+            .await?;
+            json!({"published": volume, "target": target})
+        }
+        CtlCommand::UnpublishNode { volume, target } => {
+            let target = absolute(target)?;
+            node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: volume.clone(),
+                target_path: target.clone(),
+            })
+            .await?;
+            json!({"unpublished": volume, "target": target})
+        }
+        CtlCommand::Unstage { volume, staging } => {
+            let staging = absolute(staging)?;
+            let node_id = node
+                .node_get_info(NodeGetInfoRequest {})
+                .await?
+                .into_inner()
+                .node_id;
+            node.node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: volume.clone(),
+                staging_target_path: staging.clone(),
+            })
+            .await?;
+            controller
+                .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                    volume_id: volume.clone(),
+                    node_id: node_id.clone(),
+                    secrets: HashMap::new(),
+                })
+                .await?;
+            json!({"unstaged": volume, "node": node_id, "staging": staging})
+        }
+        CtlCommand::Stats { volume, path } => {
+            let path = absolute(path)?;
+            let stats = node
+                .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                    volume_id: volume.clone(),
+                    volume_path: path.clone(),
+                    staging_target_path: String::new(),
+                })
+                .await?
+                .into_inner();
+            let mut out = serde_json::Map::new();
+            out.insert("volume_id".into(), json!(volume));
+            out.insert("path".into(), json!(path));
+            for u in stats.usage {
+                let unit = match volume_usage::Unit::try_from(u.unit) {
+                    Ok(volume_usage::Unit::Inodes) => "inodes",
+                    _ => "bytes",
+                };
+                out.insert(
+                    unit.into(),
+                    json!({"total": u.total, "used": u.used, "available": u.available}),
+                );
+            }
+            if let Some(c) = stats.volume_condition {
+                out.insert(
+                    "condition".into(),
+                    json!(if c.abnormal {
+                        format!("abnormal: {}", c.message)
+                    } else {
+                        "normal".to_string()
+                    }),
+                );
+            }
+            serde_json::Value::Object(out)
+        }
+        CtlCommand::Expand { volume, size, path } => {
+            let grown = controller
+                .controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: volume.clone(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: *size as i64,
+                        limit_bytes: 0,
+                    }),
+                    secrets: HashMap::new(),
+                    volume_capability: None,
+                })
+                .await?
+                .into_inner();
+            let mut out = json!({"expanded": volume, "capacity_bytes": grown.capacity_bytes});
+            if let Some(path) = path {
+                let path = absolute(path)?;
+                let node_bytes = node
+                    .node_expand_volume(NodeExpandVolumeRequest {
+                        volume_id: volume.clone(),
+                        volume_path: path,
+                        capacity_range: Some(CapacityRange {
+                            required_bytes: *size as i64,
+                            limit_bytes: 0,
+                        }),
+                        staging_target_path: String::new(),
+                        volume_capability: None,
+                        secrets: HashMap::new(),
+                    })
+                    .await?
+                    .into_inner()
+                    .capacity_bytes;
+                out["node_capacity_bytes"] = json!(node_bytes);
+            }
+            out
+        }
     })
+}
+
+/// CSI paths are absolute: a relative path given to ctl is taken from the working directory.
+fn absolute(path: &std::path::Path) -> Result<String, tonic::Status> {
+    std::path::absolute(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| tonic::Status::invalid_argument(format!("{}: {e}", path.display())))
 }

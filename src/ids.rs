@@ -56,6 +56,47 @@ impl VolumeId {
     }
 }
 
+/// Longest CreateVolume name the CSI spec allows.
+pub const MAX_NAME_LEN: usize = 128;
+
+impl VolumeId {
+    /// The id of the volume CreateVolume `name` asks for. The CSI spec allows any name of at
+    /// most 128 bytes without control characters; a name that is already a valid id is used as
+    /// it is (Kubernetes' `pvc-<uuid>`, the Go driver's ids), any other becomes `vol-` and 32
+    /// hex digits of its SHA-256, so it never reaches a path as written. The same name always
+    /// gives the same id, which keeps CreateVolume idempotent.
+    pub fn for_name(name: &str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            field: "name",
+            reason,
+        };
+        if name.is_empty() {
+            return Err(invalid("must not be empty".into()));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(invalid(format!(
+                "is {} bytes, longer than the limit of {MAX_NAME_LEN}",
+                name.len()
+            )));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| matches!(*c as u32, 0..=8 | 0x0B | 0x0C | 0x0E..=0x1F | 0x7F..=0x9F))
+        {
+            return Err(invalid(format!(
+                "{:?} contains the control character {c:?}, which CSI names must not",
+                name.escape_debug().to_string()
+            )));
+        }
+        if let Ok(id) = Self::try_from(name) {
+            return Ok(id);
+        }
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(name.as_bytes()));
+        Ok(Self(Arc::from(format!("vol-{}", &digest[..32]))))
+    }
+}
+
 impl NodeId {
     pub fn as_str(&self) -> &str {
         &self.0
@@ -159,6 +200,34 @@ mod tests {
                     }
                 ),
                 "{raw:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_map_to_ids_deterministically_and_safely() {
+        for same in ["pvc-1b2c", "vm-disk", "a.b_c-d"] {
+            assert_eq!(VolumeId::for_name(same).unwrap().as_str(), same);
+        }
+        for odd in ["../escape", "/abs", "sanity-vol+1", "é", ".hidden", "a b"] {
+            let id = VolumeId::for_name(odd).unwrap();
+            assert!(
+                id.as_str().starts_with("vol-") && id.as_str().len() == 36,
+                "{odd:?} -> {id}"
+            );
+            assert_eq!(VolumeId::for_name(odd).unwrap(), id, "deterministic");
+            assert!(VolumeId::try_from(id.as_str()).is_ok());
+        }
+        assert_ne!(
+            VolumeId::for_name("a+b").unwrap(),
+            VolumeId::for_name("a+c").unwrap()
+        );
+        assert!(VolumeId::for_name("tab\tand\nnewline are allowed").is_ok());
+        for bad in ["", "a\u{1}b", "del\u{7f}", &"x".repeat(129)] {
+            let err = VolumeId::for_name(&bad).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { field: "name", .. }),
+                "{bad:?}: {err}"
             );
         }
     }

@@ -4,6 +4,8 @@
 //! - [`actors`]: the attachment state (pure rules in `state`, one `VolumeActor` per volume, the
 //!   `Supervisor` that starts, seeds and reaps them);
 //! - [`grpc`]: CSI Identity, Controller and Node services, translation only;
+//! - [`node`]: the node plugin's volumes (devices, filesystems, mounts) behind small seams;
+//! - [`domain`]: the shared vocabulary (capabilities, access classes, context keys);
 //! - [`backend`]: where volumes live (`file` is the embedded default);
 //! - [`kube`]: the cluster behind small traits (standalone implementations included);
 //! - [`metrics`], [`telemetry`]: Prometheus registry and logs;
@@ -13,11 +15,13 @@
 pub mod actors;
 pub mod backend;
 pub mod ctl;
+pub mod domain;
 pub mod grpc;
 pub mod http;
 pub mod ids;
 pub mod kube;
 pub mod metrics;
+pub mod node;
 pub mod telemetry;
 
 use std::time::SystemTime;
@@ -58,6 +62,10 @@ pub enum Error {
         volume: VolumeId,
         nodes: Vec<NodeId>,
     },
+    #[error(
+        "node {node} already holds {held} volumes, the most --max-volumes-per-node ({max}) allows"
+    )]
+    NodeFull { node: NodeId, held: u64, max: u64 },
     #[error("the driver is not ready yet: attachment state is still being rebuilt")]
     NotReady,
     #[error("{0}")]
@@ -83,6 +91,7 @@ impl Error {
             Self::Conflict { .. } => "conflict",
             Self::MigrationLimit { .. } => "migration_limit",
             Self::StillPublished { .. } => "still_published",
+            Self::NodeFull { .. } => "node_full",
             Self::NotReady => "not_ready",
             Self::Unavailable(_) | Self::Retired => "unavailable",
             Self::DeadlineExceeded(_) => "deadline_exceeded",

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use rds_csi::actors::messages::Seed;
 use rds_csi::actors::supervisor::Supervisor;
-use rds_csi::actors::{Router, VolumeDeps};
+use rds_csi::actors::{NodeLimit, Router, VolumeDeps};
 use rds_csi::backend::file::FileBackend;
 use rds_csi::backend::VolumeBackend;
 use rds_csi::grpc::controller::ControllerService;
@@ -24,6 +24,12 @@ use rds_csi::kube::cluster::{self as kube_cluster, KubeCluster, KubernetesMode};
 use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
+use rds_csi::node::command::SystemRunner;
+use rds_csi::node::device::{DeviceSource, LoopDevices};
+use rds_csi::node::mounter::SystemMounter;
+use rds_csi::node::plugin::NodeDeps;
+use rds_csi::node::records::Records;
+use rds_csi::node::NodePlugin;
 use rds_csi::telemetry::{self, LogFormat};
 use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
 
@@ -105,6 +111,12 @@ struct Args {
     /// On SIGTERM, how long in-flight RPCs may take to finish.
     #[arg(long, env = "RDS_CSI_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+    /// Where the node plugin keeps its records of staged volumes (survives restarts).
+    #[arg(long, env = "RDS_CSI_NODE_STATE_DIR", default_value = "./node-state")]
+    node_state_dir: PathBuf,
+    /// Volumes one node may hold (NodeGetInfo's max_volumes_per_node; 0 = unlimited).
+    #[arg(long, env = "RDS_CSI_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
+    max_volumes_per_node: u64,
     /// Arbiter threads for volume actors [default: one per core]. 0 runs everything (the gRPC
     /// server, the supervisor and every volume actor) on one thread, so no RPC crosses threads.
     #[arg(long, env = "RDS_CSI_ARBITERS")]
@@ -140,6 +152,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         log_format,
         shutdown_timeout,
         arbiters,
+        node_state_dir,
+        max_volumes_per_node,
     } = args;
     telemetry::init(log_format);
 
@@ -212,6 +226,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 sink,
                 metrics: metrics.clone(),
                 grace_period: attachment_grace_period,
+                node_limit: NodeLimit::new(max_volumes_per_node),
             });
             arbiter_threads = (0..arbiter_count).map(|_| Arbiter::new()).collect();
             let handles = arbiter_threads.iter().map(|a| a.handle()).collect();
@@ -240,6 +255,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             // A node plugin has no attachment state to rebuild.
             ready.store(true, std::sync::atomic::Ordering::Release);
         }
+
+        let node_service = match mode {
+            Mode::Node | Mode::All => {
+                let plugin = node_plugin(backend, &file_root, &node_state_dir)?;
+                let adopted = plugin.survey().await.context("surveying staged volumes")?;
+                tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
+                Some(NodeService {
+                    node_id: node_id.to_string(),
+                    max_volumes_per_node,
+                    plugin: Arc::new(plugin),
+                })
+            }
+            Mode::Controller => None,
+        };
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -270,7 +299,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             identity: IdentityService { driver_name: driver_name.clone(), controller, ready: ready.clone() },
             controller: controller_service,
-            node: matches!(mode, Mode::Node | Mode::All).then(|| NodeService { node_id: node_id.to_string() }),
+            node: node_service,
         };
         server::serve(listener, &socket, services, stopped(stop_rx), shutdown_timeout).await?;
         tracing::info!("shut down cleanly");
@@ -325,6 +354,28 @@ async fn seed(
         seconds = secs,
         "attachment state rebuilt from VolumeAttachments; ready"
     );
+}
+
+/// The node plugin on the real seams: loop devices for the file backend's images, the
+/// kernel's mounts, external tools on `PATH`.
+fn node_plugin(
+    backend: BackendKind,
+    file_root: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<NodePlugin> {
+    let source: Arc<dyn DeviceSource> = match backend {
+        BackendKind::File => {
+            std::fs::create_dir_all(file_root)
+                .with_context(|| format!("--file-root {}", file_root.display()))?;
+            Arc::new(LoopDevices::new(SystemRunner, file_root, "/sys").context("--file-root")?)
+        }
+    };
+    Ok(NodePlugin::new(NodeDeps {
+        source,
+        mounter: Arc::new(SystemMounter::default()),
+        runner: Arc::new(SystemRunner),
+        records: Records::open(state_dir).context("--node-state-dir")?,
+    }))
 }
 
 /// The cluster behind the actors' traits, and the kube-rs cluster when there is one.

@@ -11,10 +11,11 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 use async_trait::async_trait;
 use rds_csi::actors::messages::{Publish, Unpublish};
-use rds_csi::actors::state::{AccessMode, Capability, PublishRequest};
+use rds_csi::actors::state::PublishRequest;
 use rds_csi::actors::supervisor::Supervisor;
 use rds_csi::actors::{Router, VolumeDeps};
 use rds_csi::backend::{BackendError, CreateRequest, VolumeBackend, VolumeInfo};
+use rds_csi::domain::{AccessMode, Capability};
 use rds_csi::kube::Standalone;
 use rds_csi::metrics::Metrics;
 use rds_csi::{NodeId, VolumeId};
@@ -32,6 +33,7 @@ impl MemBackend {
         Self {
             template: VolumeInfo {
                 id: VolumeId::try_from("template").unwrap(),
+                name: String::new(),
                 capacity_bytes: 1 << 30,
                 capabilities: vec![
                     Capability::block(AccessMode::SingleNodeWriter),
@@ -52,6 +54,7 @@ impl VolumeBackend for MemBackend {
     async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError> {
         Ok(VolumeInfo {
             id: req.id,
+            name: req.name,
             ..self.template.clone()
         })
     }
@@ -98,6 +101,7 @@ pub fn deps() -> Arc<VolumeDeps> {
         sink: cluster,
         metrics: Arc::new(Metrics::new()),
         grace_period: GRACE,
+        node_limit: rds_csi::actors::NodeLimit::new(0),
     })
 }
 

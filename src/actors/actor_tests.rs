@@ -9,11 +9,12 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::messages::{Describe, ListActors, Publish, Unpublish};
-use super::state::{AccessMode, Capability, PublishRequest};
+use super::state::PublishRequest;
 use super::supervisor::Supervisor;
 use super::{Router, VolumeDeps};
 use crate::backend::file::FileBackend;
 use crate::backend::{CreateRequest, VolumeBackend};
+use crate::domain::{AccessMode, Capability};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::Standalone;
 use crate::metrics::Metrics;
@@ -39,12 +40,17 @@ struct Harness {
 }
 
 async fn harness(volumes: &[&str]) -> Harness {
+    harness_limited(volumes, 0).await
+}
+
+async fn harness_limited(volumes: &[&str], max_per_node: u64) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
     for v in volumes {
         backend
             .create(CreateRequest {
                 id: VolumeId::try_from(*v).unwrap(),
+                name: v.to_string(),
                 required_bytes: 1 << 20,
                 limit_bytes: 0,
                 capabilities: vec![rwx()],
@@ -64,6 +70,7 @@ async fn harness(volumes: &[&str]) -> Harness {
         sink: cluster,
         metrics: metrics.clone(),
         grace_period: GRACE,
+        node_limit: super::NodeLimit::new(max_per_node),
     });
     let supervisor = Supervisor::new(deps, Vec::new()).start();
     Harness {
@@ -334,7 +341,7 @@ fn a_timed_out_migration_is_counted_once_in_the_exposition() {
 fn seed_volume(
     volume: &str,
     holders: &[(&str, u64)],
-    class: super::state::AccessClass,
+    class: crate::domain::AccessClass,
 ) -> crate::kube::seed::SeedVolume {
     let now = std::time::SystemTime::now();
     crate::kube::seed::SeedVolume {
@@ -362,7 +369,7 @@ impl Harness {
 #[test]
 fn seeded_settled_volumes_are_parked_until_their_first_message() {
     use super::messages::Seed;
-    use super::state::AccessClass::{Exclusive, Migratable};
+    use crate::domain::AccessClass::{Exclusive, Migratable};
     paused(|| async {
         let h = harness(&["x", "m", "d"]).await;
         let seeded = h
@@ -420,5 +427,75 @@ fn seeded_settled_volumes_are_parked_until_their_first_message() {
         h.router.send(&vol("x"), unpublish("a")).await.unwrap();
         assert_eq!(h.metrics.nvme_connections_active.get(), 2);
         assert_eq!(h.actors_in("grace"), 1);
+    });
+}
+
+fn exclusive() -> Capability {
+    Capability::block(AccessMode::SingleNodeWriter)
+}
+
+#[test]
+fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
+    paused(|| async {
+        let h = harness_limited(&["v1", "v2", "v3", "held"], 2).await;
+        let publish = |v: &str, n: &str, cap: Capability| {
+            let (router, id, node) = (
+                h.router.clone(),
+                VolumeId::try_from(v).unwrap(),
+                NodeId::try_from(n).unwrap(),
+            );
+            async move {
+                router
+                    .send(
+                        &id,
+                        Publish(PublishRequest {
+                            node,
+                            capability: cap,
+                            readonly: false,
+                            migration_timeout: Duration::from_secs(60),
+                        }),
+                    )
+                    .await
+            }
+        };
+        publish("held", "b", exclusive()).await.unwrap();
+        publish("v1", "a", exclusive()).await.unwrap();
+        publish("v2", "a", exclusive()).await.unwrap();
+        publish("v2", "a", exclusive())
+            .await
+            .expect("an idempotent repeat at the limit is OK");
+        let full = publish("v3", "a", exclusive()).await.unwrap_err();
+        assert!(
+            matches!(
+                &full,
+                Error::NodeFull {
+                    held: 2,
+                    max: 2,
+                    ..
+                }
+            ),
+            "{full}"
+        );
+        // The rules' own refusal keeps its precedence over the limit.
+        let conflict = publish("held", "a", exclusive()).await.unwrap_err();
+        assert!(matches!(conflict, Error::Conflict { .. }), "{conflict}");
+        // The refused publish changed nothing: v3 is on no node, so b can take it.
+        publish("v3", "b", exclusive()).await.unwrap();
+        h.router
+            .send(&VolumeId::try_from("v1").unwrap(), Unpublish { node: None })
+            .await
+            .unwrap();
+        publish("v3", "b", exclusive()).await.unwrap();
+        h.router
+            .send(&VolumeId::try_from("v3").unwrap(), Unpublish { node: None })
+            .await
+            .unwrap();
+        publish("v3", "a", exclusive())
+            .await
+            .expect("a slot freed by the detach");
+        assert!(matches!(
+            publish("v1", "a", exclusive()).await,
+            Err(Error::NodeFull { .. })
+        ));
     });
 }

@@ -8,14 +8,14 @@ pub mod supervisor;
 pub mod volume;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
 
 use crate::backend::VolumeBackend;
-use crate::ids::VolumeId;
+use crate::ids::{NodeId, VolumeId};
 use crate::kube::{AttachmentAuthority, ClusterSink, NodeDirectory};
 use crate::metrics::Metrics;
 use crate::Error;
@@ -31,6 +31,74 @@ pub struct VolumeDeps {
     pub sink: Arc<dyn ClusterSink>,
     pub metrics: Arc<Metrics>,
     pub grace_period: Duration,
+    pub node_limit: NodeLimit,
+}
+
+/// How many volumes each node holds, against `--max-volumes-per-node` (0: no limit, and no
+/// counting at all). A node gains a volume only through a publish that reserved it here first,
+/// so two volumes racing for a node's last slot cannot both get it; it loses one whenever a
+/// volume actor drops it as a holder. Seeding counts what the VolumeAttachments show.
+#[derive(Debug, Default)]
+pub struct NodeLimit {
+    max: u64,
+    held: Mutex<HashMap<NodeId, u64>>,
+}
+
+impl NodeLimit {
+    pub fn new(max: u64) -> Self {
+        Self {
+            max,
+            held: Mutex::default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, u64>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one of `node`'s slots, or refuses with `NodeFull` (RESOURCE_EXHAUSTED).
+    pub fn reserve(&self, node: &NodeId) -> Result<(), Error> {
+        let mut held = self.lock();
+        let count = held.entry(node.clone()).or_insert(0);
+        if *count >= self.max {
+            return Err(Error::NodeFull {
+                node: node.clone(),
+                held: *count,
+                max: self.max,
+            });
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Counts a holder found at seeding, even beyond the limit (that is reality).
+    pub fn add(&self, node: &NodeId) {
+        if self.enabled() {
+            *self.lock().entry(node.clone()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn release(&self, node: &NodeId) {
+        if !self.enabled() {
+            return;
+        }
+        let mut held = self.lock();
+        if let Some(count) = held.get_mut(node) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(node);
+            }
+        }
+    }
+
+    /// Volumes `node` holds (0 when the limit is off).
+    pub fn held(&self, node: &NodeId) -> u64 {
+        self.lock().get(node).copied().unwrap_or(0)
+    }
 }
 
 /// How many times a message is re-routed after finding its actor stopping.

@@ -7,6 +7,10 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 
 use super::*;
+use crate::domain::{
+    migration_timeout, AccessMode, AccessType, DEFAULT_MIGRATION_TIMEOUT, MAX_MIGRATION_TIMEOUT,
+    MIN_MIGRATION_TIMEOUT,
+};
 
 const GRACE: Duration = Duration::from_secs(30);
 

@@ -19,9 +19,10 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 
 use super::messages::{ListActors, Listing, Lookup, Reaped, Route, Seed, ShareAddresses};
-use super::state::{AccessClass, Attachment, Effect, VolumeState};
+use super::state::{Attachment, Effect, VolumeState};
 use super::volume::VolumeActor;
 use super::{AddressCache, VolumeDeps};
+use crate::domain::AccessClass;
 use crate::ids::{NodeId, VolumeId};
 
 /// Longer than any migration timeout or grace period.
@@ -270,6 +271,9 @@ impl Handler<Seed> for Supervisor {
         let count = volumes.len();
         self.parked.reserve(count);
         for v in volumes {
+            for (node, _) in &v.holders {
+                self.deps.node_limit.add(node);
+            }
             if let [(node, created)] = &v.holders[..] {
                 let parked = Parked {
                     node: node.clone(),

@@ -272,6 +272,43 @@ impl VolumeActor {
         }
     }
 
+    /// The nodes holding the volume, when the per-node limit needs them.
+    fn holders(&self) -> Vec<crate::ids::NodeId> {
+        if !self.deps.node_limit.enabled() {
+            return Vec::new();
+        }
+        self.state.nodes().iter().map(|a| a.node.clone()).collect()
+    }
+
+    /// Gives back the per-node slots of holders that are gone since `before`.
+    fn release_dropped(&self, before: &[crate::ids::NodeId]) {
+        for node in before {
+            if !self.state.nodes().iter().any(|a| a.node == *node) {
+                self.deps.node_limit.release(node);
+            }
+        }
+    }
+
+    /// Runs the publish rule; with a per-node limit, a publish that would add a holder first
+    /// runs on a copy of the state and is committed only once the node's slot is reserved, so
+    /// the rules' own refusals keep their precedence and a refused publish changes nothing.
+    fn publish_within_limit(
+        &mut self,
+        req: &super::state::PublishRequest,
+        now: Instant,
+    ) -> Result<super::state::Published, Error> {
+        let limit = &self.deps.node_limit;
+        let adds = limit.enabled() && !self.state.nodes().iter().any(|a| a.node == req.node);
+        if !adds {
+            return self.state.publish(req, now, SystemTime::now());
+        }
+        let mut trial = self.state.clone();
+        let outcome = trial.publish(req, now, SystemTime::now())?;
+        limit.reserve(&req.node)?;
+        self.state = trial;
+        Ok(outcome)
+    }
+
     fn refused(&mut self, err: &Error) {
         if let Error::Conflict { .. } | Error::MigrationLimit { .. } = err {
             self.deps.metrics.conflicts_total.inc();
@@ -375,6 +412,7 @@ impl Handler<Publish> for VolumeActor {
                 let _entered = span.enter();
                 let before = act.class_label();
                 let was_attached = !act.state.nodes().is_empty();
+                let holders_before = act.holders();
                 let result = checked.and_then(|(mut publish_context, verdicts)| {
                     let now = Instant::now();
                     let mut effects = Vec::new();
@@ -386,7 +424,7 @@ impl Handler<Publish> for VolumeActor {
                         };
                         effects.extend(act.state.drop_holder(&holder, reason, now));
                     }
-                    let outcome = act.state.publish(&req, now, SystemTime::now());
+                    let outcome = act.publish_within_limit(&req, now);
                     act.apply(effects);
                     let published = outcome.inspect_err(|e| act.refused(e))?;
                     act.apply(published.effects);
@@ -402,6 +440,7 @@ impl Handler<Publish> for VolumeActor {
                         .with_label_values(&["failed"])
                         .inc();
                 }
+                act.release_dropped(&holders_before);
                 act.track(before, was_attached);
                 act.settle(ctx);
                 result
@@ -419,8 +458,10 @@ impl Handler<Unpublish> for VolumeActor {
         }
         let before = self.class_label();
         let was_attached = !self.state.nodes().is_empty();
+        let holders_before = self.holders();
         let effects = self.state.unpublish(msg.node.as_ref(), Instant::now());
         self.apply(effects);
+        self.release_dropped(&holders_before);
         self.track(before, was_attached);
         self.settle(ctx);
         Ok(())

@@ -48,6 +48,11 @@ impl FileBackend {
             "creating file root {}",
             root.display()
         )))?;
+        // Absolute, so the image paths in publish contexts mean the same thing to any process.
+        let root = std::fs::canonicalize(&root).map_err(BackendError::io(format!(
+            "resolving file root {}",
+            root.display()
+        )))?;
         let mut index = BTreeMap::new();
         let entries = std::fs::read_dir(&root).map_err(BackendError::io(format!(
             "reading file root {}",
@@ -196,6 +201,7 @@ impl VolumeBackend for FileBackend {
         }
         let info = VolumeInfo {
             id: req.id.clone(),
+            name: req.name.clone(),
             capacity_bytes: size,
             capabilities: req.capabilities.clone(),
             parameters: req.parameters.clone(),
@@ -251,8 +257,14 @@ impl VolumeBackend for FileBackend {
         let info = index
             .get_mut(id)
             .ok_or_else(|| BackendError::NotFound(id.clone()))?;
-        if bytes <= info.capacity_bytes {
-            return Ok(info.capacity_bytes);
+        if bytes < info.capacity_bytes {
+            return Err(BackendError::OutOfRange(format!(
+                "volume {id} is {} bytes; shrinking it to {bytes} is not supported",
+                info.capacity_bytes
+            )));
+        }
+        if bytes == info.capacity_bytes {
+            return Ok(bytes);
         }
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -299,11 +311,12 @@ fn free_bytes(root: &Path) -> Result<u64, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::state::{AccessMode, Capability};
+    use crate::domain::{AccessMode, Capability};
 
     fn req(id: &str, bytes: u64) -> CreateRequest {
         CreateRequest {
             id: VolumeId::try_from(id).unwrap(),
+            name: id.to_string(),
             required_bytes: bytes,
             limit_bytes: 0,
             capabilities: vec![Capability::block(AccessMode::SingleNodeWriter)],
@@ -410,8 +423,12 @@ mod tests {
         backend.create(req("v", 1 << 20)).await.unwrap();
         assert_eq!(backend.expand(&id, 4 << 20).await.unwrap(), 4 << 20);
         assert_eq!(
-            backend.expand(&id, 2 << 20).await.unwrap(),
+            backend.expand(&id, 4 << 20).await.unwrap(),
             4 << 20,
+            "the same size again is OK"
+        );
+        assert!(
+            matches!(backend.expand(&id, 2 << 20).await, Err(BackendError::OutOfRange(m)) if m.contains("shrinking")),
             "never shrinks"
         );
         assert_eq!(

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::actors::state::Capability;
+use crate::domain::Capability;
 use crate::ids::VolumeId;
 
 /// Size given to a volume whose request names no capacity.
@@ -18,6 +18,10 @@ pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VolumeInfo {
     pub id: VolumeId,
+    /// The CreateVolume name it was made for (empty in metadata older than the field: the
+    /// id then).
+    #[serde(default)]
+    pub name: String,
     pub capacity_bytes: u64,
     /// The capabilities it was created for; a repeated CreateVolume must ask for the same set.
     pub capabilities: Vec<Capability>,
@@ -30,6 +34,8 @@ pub struct VolumeInfo {
 #[derive(Clone, Debug)]
 pub struct CreateRequest {
     pub id: VolumeId,
+    /// The CSI name; `id` is derived from it (`VolumeId::for_name`).
+    pub name: String,
     pub required_bytes: u64,
     pub limit_bytes: u64,
     pub capabilities: Vec<Capability>,
@@ -52,8 +58,26 @@ impl CreateRequest {
         })
     }
 
-    /// Whether an existing volume satisfies this request (CreateVolume idempotency).
+    /// Whether an existing volume satisfies this request (CreateVolume idempotency): the same
+    /// name, a size inside the range, the same capabilities and the same parameters.
     pub fn check_compatible(&self, existing: &VolumeInfo) -> Result<(), BackendError> {
+        let existing_name = if existing.name.is_empty() {
+            existing.id.as_str()
+        } else {
+            existing.name.as_str()
+        };
+        if existing_name != self.name {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists for the name {existing_name:?}, not {:?}",
+                self.id, self.name
+            )));
+        }
+        if existing.parameters != self.parameters {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists with parameters {:?}, not {:?}",
+                self.id, existing.parameters, self.parameters
+            )));
+        }
         let fits = existing.capacity_bytes >= self.required_bytes
             && (self.limit_bytes == 0 || existing.capacity_bytes <= self.limit_bytes);
         if !fits {
@@ -134,7 +158,8 @@ pub trait VolumeBackend: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError>;
     /// Bytes available for new volumes.
     async fn capacity(&self) -> Result<u64, BackendError>;
-    /// Grows a volume to at least `bytes`; returns the new size. Never shrinks.
+    /// Grows a volume to `bytes`; returns the new size. The current size again is success;
+    /// less is `OutOfRange` (volumes never shrink).
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError>;
     /// What the node plugin needs to reach the volume (ControllerPublishVolume's publish_context).
     fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String>;

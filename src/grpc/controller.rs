@@ -12,18 +12,17 @@ use tracing::Instrument;
 
 use super::{capability, to_proto};
 use crate::actors::messages::{Delete, Publish, Unpublish};
-use crate::actors::state::{migration_timeout, Capability, PublishRequest};
+use crate::actors::state::PublishRequest;
 use crate::actors::Router;
 use crate::backend::{CreateRequest, VolumeBackend};
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
+use crate::domain::{migration_timeout, Capability, MIGRATION_TIMEOUT_KEY};
 use crate::ids::{NodeId, VolumeId};
 use crate::metrics::Metrics;
 use crate::Error;
 
-/// The volume_context key that sets a live migration's timeout (a StorageClass parameter).
-pub const MIGRATION_TIMEOUT_KEY: &str = "migrationTimeoutSeconds";
 const TOKEN_PREFIX: &str = "v1:";
 
 pub struct ControllerService {
@@ -92,7 +91,7 @@ impl TryFrom<CreateVolumeRequest> for CreateRequest {
     type Error = Error;
 
     fn try_from(req: CreateVolumeRequest) -> Result<Self, Error> {
-        let id = VolumeId::parse_field(&req.name, "name")?;
+        let id = VolumeId::for_name(&req.name)?;
         if req.volume_capabilities.is_empty() {
             return Err(Error::InvalidArgument {
                 field: "volume_capabilities",
@@ -110,21 +109,31 @@ impl TryFrom<CreateVolumeRequest> for CreateRequest {
                 reason: "is not supported: this driver cannot clone or restore volumes".into(),
             });
         }
-        let range = req.capacity_range.unwrap_or_default();
-        let non_negative = |v: i64, field| {
-            u64::try_from(v).map_err(|_| Error::InvalidArgument {
-                field,
-                reason: format!("{v} is negative"),
-            })
-        };
+        let (required_bytes, limit_bytes) = capacity_range(req.capacity_range)?;
         Ok(CreateRequest {
             id,
-            required_bytes: non_negative(range.required_bytes, "capacity_range.required_bytes")?,
-            limit_bytes: non_negative(range.limit_bytes, "capacity_range.limit_bytes")?,
+            name: req.name,
+            required_bytes,
+            limit_bytes,
             capabilities,
             parameters: req.parameters.into_iter().collect::<BTreeMap<_, _>>(),
         })
     }
+}
+
+/// `(required_bytes, limit_bytes)` of an optional CapacityRange; negative values are invalid.
+fn capacity_range(range: Option<CapacityRange>) -> Result<(u64, u64), Error> {
+    let range = range.unwrap_or_default();
+    let non_negative = |v: i64, field| {
+        u64::try_from(v).map_err(|_| Error::InvalidArgument {
+            field,
+            reason: format!("{v} is negative"),
+        })
+    };
+    Ok((
+        non_negative(range.required_bytes, "capacity_range.required_bytes")?,
+        non_negative(range.limit_bytes, "capacity_range.limit_bytes")?,
+    ))
 }
 
 impl ControllerService {
@@ -208,13 +217,13 @@ impl Controller for ControllerService {
         let span = rpc_span("CreateVolume", &req.get_ref().name, "");
         let result = async {
             let create = CreateRequest::try_from(req.into_inner())?;
-            let context = create.parameters.clone();
             let info = self.backend.create(create).await?;
             Ok(CreateVolumeResponse {
                 volume: Some(Volume {
                     capacity_bytes: info.capacity_bytes as i64,
                     volume_id: info.id.to_string(),
-                    volume_context: context.into_iter().collect(),
+                    // What exists, which on a repeat is what the first call stored.
+                    volume_context: info.parameters.into_iter().collect(),
                     content_source: None,
                     accessible_topology: Vec::new(),
                 }),
@@ -401,6 +410,7 @@ impl Controller for ControllerService {
                 GetCapacity,
                 PublishReadonly,
                 SingleNodeMultiWriter,
+                ExpandVolume,
             ]),
         }))
     }
@@ -429,13 +439,42 @@ impl Controller for ControllerService {
     ) -> Result<Response<GetSnapshotResponse>, Status> {
         Err(Status::unimplemented("snapshots are not supported"))
     }
+    /// CSI §4.3 ControllerExpandVolume: grows the backing volume (online: it may be
+    /// published); the node then refreshes the device and grows the filesystem, so
+    /// `node_expansion_required` is always true. Shrinking is OUT_OF_RANGE; asking for the
+    /// current size again is OK.
     async fn controller_expand_volume(
         &self,
-        _: Request<ControllerExpandVolumeRequest>,
+        req: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "volume expansion is not advertised yet",
-        ))
+        self.ready()?;
+        let started = Instant::now();
+        let span = rpc_span("ControllerExpandVolume", &req.get_ref().volume_id, "");
+        let result = async {
+            let req = req.into_inner();
+            let volume = VolumeId::try_from(req.volume_id.as_str())?;
+            let (required, limit) = capacity_range(req.capacity_range)?;
+            if required == 0 {
+                return Err(Error::InvalidArgument {
+                    field: "capacity_range.required_bytes",
+                    reason: "must be greater than zero".into(),
+                });
+            }
+            if limit != 0 && required > limit {
+                return Err(Error::Backend(crate::BackendError::OutOfRange(format!(
+                    "capacity_range.required_bytes ({required}) exceeds limit_bytes ({limit})"
+                ))));
+            }
+            let bytes = self.backend.expand(&volume, required).await?;
+            tracing::info!(bytes, "volume expanded");
+            Ok(ControllerExpandVolumeResponse {
+                capacity_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+                node_expansion_required: true,
+            })
+        }
+        .instrument(span)
+        .await;
+        self.record("expand", started, result)
     }
     async fn controller_get_volume(
         &self,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::csi::identity_server::Identity;
-use crate::csi::plugin_capability::{service, Service, Type};
+use crate::csi::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
 use crate::csi::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
@@ -35,15 +35,19 @@ impl Identity for IdentityService {
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        let capabilities = self
-            .controller
-            .then(|| PluginCapability {
-                r#type: Some(Type::Service(Service {
-                    r#type: service::Type::ControllerService as i32,
-                })),
-            })
-            .into_iter()
-            .collect();
+        let controller = self.controller.then(|| PluginCapability {
+            r#type: Some(Type::Service(Service {
+                r#type: service::Type::ControllerService as i32,
+            })),
+        });
+        // Volumes grow while in use: the backend grows, then the node refreshes the device
+        // and grows the filesystem on the live mount.
+        let online_expansion = PluginCapability {
+            r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                r#type: volume_expansion::Type::Online as i32,
+            })),
+        };
+        let capabilities = controller.into_iter().chain([online_expansion]).collect();
         Ok(Response::new(GetPluginCapabilitiesResponse {
             capabilities,
         }))

@@ -8,13 +8,10 @@ pub mod observe;
 pub mod server;
 pub mod status;
 
-use crate::actors::state::{AccessMode, AccessType, Capability};
 use crate::csi::volume_capability::{access_mode::Mode, AccessType as ProtoAccessType};
 use crate::csi::VolumeCapability;
+use crate::domain::{AccessMode, AccessType, Capability, SUPPORTED_FS_TYPES};
 use crate::Error;
-
-/// Filesystems the node plugin can format and mount.
-pub const SUPPORTED_FS_TYPES: &[&str] = &["", "ext4", "xfs"];
 
 /// Validates one CSI capability (rules, Publish step 1). `field` names it in errors.
 pub fn capability(

@@ -1,72 +1,265 @@
-//! CSI Node service, minimal for now: NodeGetInfo and NodeGetCapabilities. Staging and
-//! publishing on the node answer UNIMPLEMENTED until the node issue lands.
+//! CSI Node service: validates each request into the node layer's types, asks
+//! [`crate::node::NodePlugin`], and maps the answer. Owns no state and touches no device.
+
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
+use super::capability;
 use crate::csi::node_server::Node;
+use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
+use crate::ids::VolumeId;
+use crate::node::paths::AbsPath;
+use crate::node::plugin::{self, VolumePath};
+use crate::node::{NodeError, NodePlugin};
 
 pub struct NodeService {
     pub node_id: String,
+    /// NodeGetInfo's `max_volumes_per_node`; 0 is unlimited.
+    pub max_volumes_per_node: u64,
+    pub plugin: Arc<NodePlugin>,
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not implemented by this node plugin yet"))
+fn volume(raw: &str) -> Result<VolumeId, NodeError> {
+    Ok(VolumeId::try_from(raw)?)
+}
+
+fn path(raw: &str, field: &'static str) -> Result<AbsPath, NodeError> {
+    Ok(AbsPath::parse_field(raw, field)?)
+}
+
+impl TryFrom<NodeStageVolumeRequest> for plugin::Stage {
+    type Error = NodeError;
+    fn try_from(r: NodeStageVolumeRequest) -> Result<Self, NodeError> {
+        Ok(Self {
+            volume: volume(&r.volume_id)?,
+            staging: path(&r.staging_target_path, "staging_target_path")?,
+            capability: capability(r.volume_capability.as_ref(), "volume_capability")?,
+            publish_context: r.publish_context,
+            volume_context: r.volume_context,
+        })
+    }
+}
+
+impl TryFrom<NodeUnstageVolumeRequest> for plugin::Unstage {
+    type Error = NodeError;
+    fn try_from(r: NodeUnstageVolumeRequest) -> Result<Self, NodeError> {
+        Ok(Self {
+            volume: volume(&r.volume_id)?,
+            staging: path(&r.staging_target_path, "staging_target_path")?,
+        })
+    }
+}
+
+impl TryFrom<NodePublishVolumeRequest> for plugin::Publish {
+    type Error = NodeError;
+    fn try_from(r: NodePublishVolumeRequest) -> Result<Self, NodeError> {
+        let volume = volume(&r.volume_id)?;
+        let target = path(&r.target_path, "target_path")?;
+        let capability = capability(r.volume_capability.as_ref(), "volume_capability")?;
+        // This plugin advertises STAGE_UNSTAGE_VOLUME, so the CO always names the stage.
+        let staging = path(&r.staging_target_path, "staging_target_path")?;
+        Ok(Self {
+            volume,
+            staging,
+            target,
+            capability,
+            readonly: r.readonly,
+            publish_context: r.publish_context,
+        })
+    }
+}
+
+impl TryFrom<NodeUnpublishVolumeRequest> for plugin::Unpublish {
+    type Error = NodeError;
+    fn try_from(r: NodeUnpublishVolumeRequest) -> Result<Self, NodeError> {
+        Ok(Self {
+            volume: volume(&r.volume_id)?,
+            target: path(&r.target_path, "target_path")?,
+        })
+    }
+}
+
+impl TryFrom<NodeGetVolumeStatsRequest> for plugin::Stats {
+    type Error = NodeError;
+    fn try_from(r: NodeGetVolumeStatsRequest) -> Result<Self, NodeError> {
+        Ok(Self {
+            volume: volume(&r.volume_id)?,
+            path: VolumePath::parse(&r.volume_path, "volume_path")?,
+        })
+    }
+}
+
+impl TryFrom<NodeExpandVolumeRequest> for plugin::Expand {
+    type Error = NodeError;
+    fn try_from(r: NodeExpandVolumeRequest) -> Result<Self, NodeError> {
+        let volume = volume(&r.volume_id)?;
+        let path = VolumePath::parse(&r.volume_path, "volume_path")?;
+        let range = r.capacity_range.unwrap_or_default();
+        let bytes = |v: i64, field| {
+            u64::try_from(v).map_err(|_| NodeError::invalid(field, format!("{v} is negative")))
+        };
+        Ok(Self {
+            volume,
+            path,
+            required_bytes: bytes(range.required_bytes, "capacity_range.required_bytes")?,
+            limit_bytes: bytes(range.limit_bytes, "capacity_range.limit_bytes")?,
+        })
+    }
+}
+
+/// The span every node volume RPC runs in; raw strings are logged escaped.
+fn span(rpc: &'static str, volume_id: &str, path: &str) -> tracing::Span {
+    tracing::info_span!("rpc", rpc, volume_id = ?volume_id, path = ?path)
+}
+
+fn usage(available: u64, total: u64, used: u64, unit: volume_usage::Unit) -> VolumeUsage {
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    VolumeUsage {
+        available: int(available),
+        total: int(total),
+        used: int(used),
+        unit: unit as i32,
+    }
 }
 
 #[tonic::async_trait]
 impl Node for NodeService {
+    /// CSI §4.5 NodeStageVolume; idempotent, ALREADY_EXISTS for another capability.
     async fn node_stage_volume(
         &self,
-        _: Request<NodeStageVolumeRequest>,
+        req: Request<NodeStageVolumeRequest>,
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        Err(not_yet("NodeStageVolume"))
+        let r = req.get_ref();
+        let span = span("NodeStageVolume", &r.volume_id, &r.staging_target_path);
+        async {
+            let stage = plugin::Stage::try_from(req.into_inner())?;
+            self.plugin.stage(stage).await?;
+            Ok(Response::new(NodeStageVolumeResponse {}))
+        }
+        .instrument(span)
+        .await
     }
+
+    /// CSI §4.5 NodeUnstageVolume; nothing staged is OK.
     async fn node_unstage_volume(
         &self,
-        _: Request<NodeUnstageVolumeRequest>,
+        req: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        Err(not_yet("NodeUnstageVolume"))
+        let r = req.get_ref();
+        let span = span("NodeUnstageVolume", &r.volume_id, &r.staging_target_path);
+        async {
+            let unstage = plugin::Unstage::try_from(req.into_inner())?;
+            self.plugin.unstage(unstage).await?;
+            Ok(Response::new(NodeUnstageVolumeResponse {}))
+        }
+        .instrument(span)
+        .await
     }
+
+    /// CSI §4.5 NodePublishVolume; FAILED_PRECONDITION when not staged.
     async fn node_publish_volume(
         &self,
-        _: Request<NodePublishVolumeRequest>,
+        req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        Err(not_yet("NodePublishVolume"))
+        let r = req.get_ref();
+        let span = span("NodePublishVolume", &r.volume_id, &r.target_path);
+        async {
+            let publish = plugin::Publish::try_from(req.into_inner())?;
+            self.plugin.publish(publish).await?;
+            Ok(Response::new(NodePublishVolumeResponse {}))
+        }
+        .instrument(span)
+        .await
     }
+
+    /// CSI §4.5 NodeUnpublishVolume; a target already gone is OK.
     async fn node_unpublish_volume(
         &self,
-        _: Request<NodeUnpublishVolumeRequest>,
+        req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        Err(not_yet("NodeUnpublishVolume"))
+        let r = req.get_ref();
+        let span = span("NodeUnpublishVolume", &r.volume_id, &r.target_path);
+        async {
+            let unpublish = plugin::Unpublish::try_from(req.into_inner())?;
+            self.plugin.unpublish(unpublish).await?;
+            Ok(Response::new(NodeUnpublishVolumeResponse {}))
+        }
+        .instrument(span)
+        .await
     }
+
+    /// CSI §4.5 NodeGetVolumeStats, with VolumeCondition.
     async fn node_get_volume_stats(
         &self,
-        _: Request<NodeGetVolumeStatsRequest>,
+        req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
-        Err(not_yet("NodeGetVolumeStats"))
+        let stats = plugin::Stats::try_from(req.into_inner())?;
+        let s = self.plugin.stats(stats).await?;
+        let mut out = vec![usage(
+            s.available_bytes.unwrap_or(0),
+            s.total_bytes,
+            s.used_bytes.unwrap_or(0),
+            volume_usage::Unit::Bytes,
+        )];
+        if let Some((total, free, used)) = s.inodes {
+            out.push(usage(free, total, used, volume_usage::Unit::Inodes));
+        }
+        Ok(Response::new(NodeGetVolumeStatsResponse {
+            usage: out,
+            volume_condition: Some(VolumeCondition {
+                abnormal: s.abnormal.is_some(),
+                message: s.abnormal.unwrap_or_else(|| "volume is healthy".into()),
+            }),
+        }))
     }
+
+    /// CSI §4.5 NodeExpandVolume: refresh the device, grow the filesystem online.
     async fn node_expand_volume(
         &self,
-        _: Request<NodeExpandVolumeRequest>,
+        req: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(not_yet("NodeExpandVolume"))
+        let r = req.get_ref();
+        let span = span("NodeExpandVolume", &r.volume_id, &r.volume_path);
+        async {
+            let expand = plugin::Expand::try_from(req.into_inner())?;
+            let bytes = self.plugin.expand(expand).await?;
+            Ok(Response::new(NodeExpandVolumeResponse {
+                capacity_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+            }))
+        }
+        .instrument(span)
+        .await
     }
+
     async fn node_get_capabilities(
         &self,
         _: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(NodeGetCapabilitiesResponse {
-            capabilities: Vec::new(),
-        }))
+        use rpc::Type::*;
+        let capabilities = [
+            StageUnstageVolume,
+            GetVolumeStats,
+            VolumeCondition,
+            ExpandVolume,
+        ]
+        .iter()
+        .map(|t| NodeServiceCapability {
+            r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
+
     async fn node_get_info(
         &self,
         _: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
-            max_volumes_per_node: 0,
+            max_volumes_per_node: i64::try_from(self.max_volumes_per_node).unwrap_or(i64::MAX),
             accessible_topology: None,
         }))
     }

@@ -3,6 +3,7 @@
 
 use tonic::{Code, Status};
 
+use crate::node::NodeError;
 use crate::{BackendError, Error};
 
 impl From<Error> for Status {
@@ -14,6 +15,7 @@ impl From<Error> for Status {
             Error::Conflict { .. }
             | Error::MigrationLimit { .. }
             | Error::StillPublished { .. } => Code::FailedPrecondition,
+            Error::NodeFull { .. } => Code::ResourceExhausted,
             Error::NotReady | Error::Unavailable(_) | Error::Retired => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Aborted(_) => Code::Aborted,
@@ -23,6 +25,23 @@ impl From<Error> for Status {
                 BackendError::NotFound(_) => Code::NotFound,
                 BackendError::Corrupt(_) | BackendError::Io { .. } => Code::Internal,
             },
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(err: NodeError) -> Self {
+        let code = match &err {
+            NodeError::InvalidArgument { .. } => Code::InvalidArgument,
+            NodeError::NotFound(_) => Code::NotFound,
+            NodeError::AlreadyExists(_) => Code::AlreadyExists,
+            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            NodeError::OutOfRange(_) => Code::OutOfRange,
+            NodeError::Command(_)
+            | NodeError::Tool { .. }
+            | NodeError::Mount(_)
+            | NodeError::Io { .. } => Code::Internal,
         };
         Status::new(code, err.to_string())
     }

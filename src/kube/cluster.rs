@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::lean;
 use super::seed::{PvView, VaView};
 use super::{AttachmentAuthority, HolderStatus, KubeError, NodeDirectory};
-use crate::actors::state::AccessClass;
+use crate::domain::AccessClass;
 use crate::ids::{NodeId, VolumeId};
 
 /// Objects per list page: a 100k-object list arrives in bounded pieces.
@@ -220,7 +220,7 @@ fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, Pv
         ))
     });
     let timeout = csi.volume_attributes.as_ref().and_then(|a| {
-        a.get(crate::grpc::controller::MIGRATION_TIMEOUT_KEY)
+        a.get(crate::domain::MIGRATION_TIMEOUT_KEY)
             .map(String::as_str)
     });
     let class = if rwx && block {

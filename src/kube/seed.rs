@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use crate::actors::state::{migration_timeout, AccessClass};
+use crate::domain::{migration_timeout, AccessClass};
 use crate::ids::{NodeId, VolumeId};
 
 /// What seeding needs of a VolumeAttachment (already filtered to `spec.attacher == driver`).

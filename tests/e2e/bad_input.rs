@@ -89,9 +89,11 @@ async fn documented_codes_for_bad_ids_capabilities_and_nodes() {
             .unwrap_err();
         assert_eq!(got.code(), want, "{what}: {}", got.message());
     }
-    // Create and delete refuse traversal names before any path is built.
+    // CSI allows any name without control characters; one that is not a valid id becomes a
+    // hashed id, so a traversal name never reaches a path as written. Delete takes ids, which
+    // are validated before any path is built.
     for name in ["../escape", "/abs", "a/../../b", ".hidden"] {
-        let err = d
+        let created = d
             .controller()
             .create_volume(CreateVolumeRequest {
                 name: name.into(),
@@ -99,8 +101,35 @@ async fn documented_codes_for_bad_ids_capabilities_and_nodes() {
                 ..Default::default()
             })
             .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "create {name:?}");
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert!(
+            created.volume_id.starts_with("vol-") && !created.volume_id.contains(['/', '.']),
+            "create {name:?} -> {}",
+            created.volume_id
+        );
+        assert!(
+            d.dir
+                .path()
+                .join(format!("volumes/{}.img", created.volume_id))
+                .exists(),
+            "{name:?}: the image is inside the file root, under its hashed id"
+        );
+        for bad in [format!("{name}\u{1}"), "x".repeat(129)] {
+            let err = d
+                .controller()
+                .create_volume(CreateVolumeRequest {
+                    name: bad.clone(),
+                    volume_capabilities: vec![rwo()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "create {bad:?}");
+            assert!(err.message().starts_with("name "), "{}", err.message());
+        }
         let err = d
             .controller()
             .delete_volume(DeleteVolumeRequest {
@@ -118,8 +147,15 @@ async fn documented_codes_for_bad_ids_capabilities_and_nodes() {
     assert!(
         outside
             .iter()
-            .all(|n| n == "volumes" || n == "csi.sock" || n == "driver.log"),
+            .all(|n| n == "volumes" || n == "csi.sock" || n == "driver.log" || n == "node-state"),
         "{outside:?}"
+    );
+    let records: Vec<_> = std::fs::read_dir(d.dir.path().join("node-state"))
+        .unwrap()
+        .collect();
+    assert!(
+        records.is_empty(),
+        "bad ids never became node records: {records:?}"
     );
 }
 

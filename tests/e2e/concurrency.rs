@@ -79,3 +79,61 @@ async fn concurrent_publishes(args: &[&str]) -> Driver {
     );
     d
 }
+
+/// `--max-volumes-per-node 5`: forty different volumes race for one node's five slots;
+/// exactly five win, the rest get RESOURCE_EXHAUSTED, and a detach frees a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_at_most_max_volumes_per_node_under_a_race() {
+    const VOLUMES: usize = 40;
+    let d = Driver::start(&[], &["--max-volumes-per-node", "5"]).await;
+    let info = d
+        .node()
+        .node_get_info(rds_csi::csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.max_volumes_per_node, 5);
+    for i in 0..VOLUMES {
+        d.create(&format!("v{i}"), rwo()).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..VOLUMES {
+        let mut client = d.controller();
+        let req = rds_csi::csi::ControllerPublishVolumeRequest {
+            volume_id: format!("v{i}"),
+            node_id: "n1".into(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            client.controller_publish_volume(req).await.map(drop)
+        }));
+    }
+    let (mut won, mut full, mut other) = (Vec::new(), 0, Vec::new());
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(()) => won.push(i),
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                assert!(
+                    s.message().contains("--max-volumes-per-node"),
+                    "{}",
+                    s.message()
+                );
+                full += 1
+            }
+            Err(s) => other.push(format!("{:?}: {}", s.code(), s.message())),
+        }
+    }
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+    assert_eq!((won.len(), full), (5, VOLUMES - 5));
+    let loser = (0..VOLUMES).find(|i| !won.contains(i)).unwrap();
+    let err = d
+        .publish(&format!("v{loser}"), "n1", rwo())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    d.unpublish(&format!("v{}", won[0]), "n1").await.unwrap();
+    d.publish(&format!("v{loser}"), "n1", rwo())
+        .await
+        .expect("the detach freed a slot");
+}

@@ -67,6 +67,17 @@ async fn create_volume_is_idempotent_and_honours_capacity() {
         "{}",
         other_caps.message()
     );
+    let mut other_params = create_req("pvc-1", 5 << 20, 0, vec![rwx()]);
+    other_params
+        .parameters
+        .insert("migrationTimeoutSeconds".into(), "900".into());
+    let other_params = c.create_volume(other_params).await.unwrap_err();
+    assert_eq!(other_params.code(), Code::AlreadyExists);
+    assert!(
+        other_params.message().contains("parameters"),
+        "{}",
+        other_params.message()
+    );
     let rwx_mount = c
         .create_volume(create_req("pvc-2", 1 << 20, 0, vec![rwx_mount()]))
         .await
@@ -249,12 +260,12 @@ async fn validate_capacity_capabilities_identity_and_node() {
         Rpc::ListVolumes,
         Rpc::GetCapacity,
         Rpc::PublishReadonly,
+        Rpc::ExpandVolume,
     ] {
         assert!(caps.contains(&(want as i32)), "{want:?} advertised");
     }
     for not in [
         Rpc::CreateDeleteSnapshot,
-        Rpc::ExpandVolume,
         Rpc::CloneVolume,
         Rpc::ListVolumesPublishedNodes,
     ] {
@@ -281,7 +292,22 @@ async fn validate_capacity_capabilities_identity_and_node() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(plugin_caps.capabilities.len(), 1);
+    use plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
+    assert_eq!(
+        plugin_caps.capabilities,
+        vec![
+            PluginCapability {
+                r#type: Some(Type::Service(Service {
+                    r#type: service::Type::ControllerService as i32
+                }))
+            },
+            PluginCapability {
+                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32
+                }))
+            },
+        ]
+    );
 
     let node = d
         .node()
@@ -295,7 +321,32 @@ async fn validate_capacity_capabilities_identity_and_node() {
         .node_stage_volume(NodeStageVolumeRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(stage.code(), Code::Unimplemented);
+    assert_eq!(stage.code(), Code::InvalidArgument);
+    assert!(stage.message().contains("volume_id"), "{}", stage.message());
+    let node_caps: Vec<i32> = d
+        .node()
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| {
+            c.r#type
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    use node_service_capability::rpc::Type as NodeRpc;
+    assert_eq!(
+        node_caps,
+        [
+            NodeRpc::StageUnstageVolume,
+            NodeRpc::GetVolumeStats,
+            NodeRpc::VolumeCondition,
+            NodeRpc::ExpandVolume
+        ]
+        .map(|r| r as i32)
+    );
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod host;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,8 @@ impl Driver {
             .arg("n1")
             .arg("--file-root")
             .arg(dir.join("volumes"))
+            .arg("--node-state-dir")
+            .arg(dir.join("node-state"))
             .args(if extra.contains(&"--kubernetes") {
                 &[][..]
             } else {
@@ -332,13 +335,14 @@ pub async fn wait_for(socket: &Path) -> Channel {
 
 /// Creates volumes in a file backend under `dir/volumes` before a driver starts there.
 pub async fn precreate(dir: &Path, volumes: &[&str]) {
-    use rds_csi::actors::state::{AccessMode, Capability};
     use rds_csi::backend::{file::FileBackend, CreateRequest, VolumeBackend};
+    use rds_csi::domain::{AccessMode, Capability};
     let backend = FileBackend::open(dir.join("volumes")).unwrap();
     for v in volumes {
         backend
             .create(CreateRequest {
                 id: rds_csi::VolumeId::try_from(*v).unwrap(),
+                name: v.to_string(),
                 required_bytes: 1 << 20,
                 limit_bytes: 0,
                 capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],

@@ -1,0 +1,213 @@
+//! The driver's shared vocabulary: CSI access modes and capabilities, access classes, and the
+//! keys of volume contexts (StorageClass parameters) and publish contexts.
+//!
+//! Owns only definitions and pure parsing. Controller, node, kube adapters and backends all
+//! depend on this module; it depends on nothing of theirs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::Error;
+
+/// volume_context key (a StorageClass parameter) that sets a live migration's timeout.
+pub const MIGRATION_TIMEOUT_KEY: &str = "migrationTimeoutSeconds";
+/// volume_context key for the filesystem, as the Go driver's StorageClasses spell it.
+pub const FS_TYPE_KEY: &str = "fsType";
+/// volume_context key for the filesystem, as Kubernetes' external-provisioner passes it.
+pub const CSI_FS_TYPE_KEY: &str = "csi.storage.k8s.io/fstype";
+
+/// publish_context key naming the backend that published the volume ("file", later "rds").
+pub const PUBLISH_BACKEND_KEY: &str = "backend";
+/// publish_context key of the file backend: the absolute path of the volume's image.
+pub const PUBLISH_IMAGE_PATH_KEY: &str = "imagePath";
+/// publish_context key carrying readonly, so the node honours ControllerPublish's flag.
+pub const PUBLISH_READONLY_KEY: &str = "readonly";
+
+/// Default migration timeout when the volume context names none (rules, Publish 5.5).
+pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+pub const MIN_MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MAX_MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// CSI access modes this driver supports. The unsupported ones never get past validation.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+    MultiNodeMultiWriter,
+}
+
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum AccessType {
+    Block,
+    Mount {
+        fs_type: String,
+        mount_flags: Vec<String>,
+    },
+}
+
+/// A validated volume capability. Construct it through `Capability::new`, which enforces
+/// "RWX requires volumeMode: Block".
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Capability {
+    mode: AccessMode,
+    access_type: AccessType,
+}
+
+/// Exclusive: at most one node. Migratable: RWX block, at most two nodes during a live migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessClass {
+    Exclusive,
+    Migratable,
+}
+
+impl Capability {
+    pub fn new(mode: AccessMode, access_type: AccessType) -> Result<Self, Error> {
+        if mode == AccessMode::MultiNodeMultiWriter && access_type != AccessType::Block {
+            return Err(Error::InvalidArgument {
+                field: "volume_capability",
+                reason: "RWX requires volumeMode: Block (MULTI_NODE_MULTI_WRITER with a mount \
+                         access type would let two nodes mount one filesystem)"
+                    .into(),
+            });
+        }
+        Ok(Self { mode, access_type })
+    }
+
+    pub fn block(mode: AccessMode) -> Self {
+        Self {
+            mode,
+            access_type: AccessType::Block,
+        }
+    }
+
+    pub fn mode(&self) -> AccessMode {
+        self.mode
+    }
+
+    pub fn access_type(&self) -> &AccessType {
+        &self.access_type
+    }
+
+    pub fn class(&self) -> AccessClass {
+        match self.mode {
+            AccessMode::MultiNodeMultiWriter => AccessClass::Migratable,
+            AccessMode::SingleNodeWriter
+            | AccessMode::SingleNodeReaderOnly
+            | AccessMode::SingleNodeSingleWriter
+            | AccessMode::SingleNodeMultiWriter => AccessClass::Exclusive,
+        }
+    }
+}
+
+/// Parses `volume_context["migrationTimeoutSeconds"]`: default 300 s, clamped to [30 s, 3600 s].
+/// An unparsable value yields the default and `Err(raw)` so the caller can warn.
+pub fn migration_timeout(raw: Option<&str>) -> (Duration, Option<String>) {
+    match raw {
+        None => (DEFAULT_MIGRATION_TIMEOUT, None),
+        Some(text) => match text.trim().parse::<u64>() {
+            Ok(secs) => (
+                Duration::from_secs(secs).clamp(MIN_MIGRATION_TIMEOUT, MAX_MIGRATION_TIMEOUT),
+                None,
+            ),
+            Err(_) => (DEFAULT_MIGRATION_TIMEOUT, Some(text.to_string())),
+        },
+    }
+}
+
+/// Filesystems the node plugin formats and mounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+/// The `fs_type` values a mount capability may name; empty means "the volume context's, or ext4".
+pub const SUPPORTED_FS_TYPES: &[&str] = &["", "ext4", "xfs"];
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ext4 => "ext4",
+            Self::Xfs => "xfs",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "ext4" => Some(Self::Ext4),
+            "xfs" => Some(Self::Xfs),
+            _ => None,
+        }
+    }
+
+    /// The filesystem a mount volume gets: the capability's `fs_type`, else the volume
+    /// context's `csi.storage.k8s.io/fstype` or `fsType`, else ext4. An unsupported name is
+    /// INVALID_ARGUMENT naming where it came from.
+    pub fn resolve(capability: &str, context: &HashMap<String, String>) -> Result<Self, Error> {
+        let (field, raw) = if !capability.is_empty() {
+            ("volume_capability.mount.fs_type", capability)
+        } else if let Some(v) = context.get(CSI_FS_TYPE_KEY).filter(|v| !v.is_empty()) {
+            ("volume_context[csi.storage.k8s.io/fstype]", v.as_str())
+        } else if let Some(v) = context.get(FS_TYPE_KEY).filter(|v| !v.is_empty()) {
+            ("volume_context[fsType]", v.as_str())
+        } else {
+            return Ok(Self::Ext4);
+        };
+        Self::parse(raw).ok_or_else(|| Error::InvalidArgument {
+            field,
+            reason: format!("{raw:?} is not a supported filesystem (use ext4 or xfs)"),
+        })
+    }
+}
+
+impl std::fmt::Display for FsType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fs_type_comes_from_the_capability_then_the_context_then_ext4() {
+        let ctx = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        assert_eq!(FsType::resolve("", &HashMap::new()).unwrap(), FsType::Ext4);
+        assert_eq!(
+            FsType::resolve("xfs", &ctx(FS_TYPE_KEY, "ext4")).unwrap(),
+            FsType::Xfs
+        );
+        assert_eq!(
+            FsType::resolve("", &ctx(FS_TYPE_KEY, "xfs")).unwrap(),
+            FsType::Xfs
+        );
+        assert_eq!(
+            FsType::resolve("", &ctx(CSI_FS_TYPE_KEY, "xfs")).unwrap(),
+            FsType::Xfs
+        );
+        let err = FsType::resolve("", &ctx(FS_TYPE_KEY, "btrfs")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    field: "volume_context[fsType]",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = FsType::resolve("vfat", &HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("vfat"), "{err}");
+    }
+}

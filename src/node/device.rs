@@ -1,0 +1,521 @@
+//! Where a volume's block device comes from on this node. [`DeviceSource`] is the seam: the
+//! file backend's images become loop devices here ([`LoopDevices`]); the RDS backend's
+//! NVMe/TCP namespaces plug in beside it.
+//!
+//! Owns attaching and detaching devices, and finding the ones an earlier process attached (the
+//! kernel is the record: a loop device's backing file is read from sysfs). Never detaches a
+//! device it cannot prove belongs to the volume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use super::command::{Cmd, CommandRunner};
+use super::paths::{AbsPath, BlockDevice};
+use super::NodeError;
+use crate::domain::{PUBLISH_BACKEND_KEY, PUBLISH_IMAGE_PATH_KEY};
+use crate::ids::VolumeId;
+
+/// What backs a volume on this node, recorded with its stage so an unstage after a restart
+/// knows what to detach.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Backing {
+    /// An image file of the file backend, attached as a loop device.
+    File { image: AbsPath },
+}
+
+impl std::fmt::Display for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File { image } => write!(f, "image {image}"),
+        }
+    }
+}
+
+#[async_trait]
+pub trait DeviceSource: Send + Sync + 'static {
+    /// The backend this source serves, as `publish_context["backend"]` names it.
+    fn kind(&self) -> &'static str;
+    /// Where `volume` lives, checked against what the controller put in `publish_context`.
+    /// Keys this source does not use are ignored.
+    fn locate(
+        &self,
+        volume: &VolumeId,
+        publish_context: &HashMap<String, String>,
+    ) -> Result<Backing, NodeError>;
+    /// Whether the volume's storage exists (false: NOT_FOUND for RPCs that need it).
+    async fn exists(&self, backing: &Backing) -> Result<bool, NodeError>;
+    /// The device already attached for `backing`, if any (after a restart too).
+    async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError>;
+    /// Attaches `backing`, or returns the device already attached for it. Idempotent.
+    async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError>;
+    /// Detaches the device attached for `backing`; nothing attached is success.
+    async fn detach(&self, backing: &Backing) -> Result<(), NodeError>;
+    /// Makes an attached device see its backing's current size; returns the size in bytes.
+    async fn refresh_size(&self, backing: &Backing, device: &BlockDevice)
+        -> Result<u64, NodeError>;
+    /// Whether `device` is still attached to `backing` (for VolumeCondition).
+    async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError>;
+}
+
+/// How long a detach waits for the kernel to release a device still open elsewhere.
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The file backend's images as loop devices, through `losetup` (argument vectors) and sysfs.
+pub struct LoopDevices<R> {
+    runner: R,
+    /// The canonical `--file-root`: only images directly inside it are attached.
+    file_root: PathBuf,
+    /// `/sys` normally; a directory a test builds otherwise.
+    sysfs: PathBuf,
+}
+
+/// One loop device as sysfs shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoopInfo {
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+    pub backing_file: PathBuf,
+    /// The backing file was deleted while attached (sysfs appends " (deleted)").
+    pub backing_deleted: bool,
+    /// Detached while still open: the kernel frees it when its last user closes it.
+    pub autoclear: bool,
+    pub size_bytes: u64,
+}
+
+impl<R: CommandRunner> LoopDevices<R> {
+    /// `file_root` must exist; it is canonicalized so the images' paths match what sysfs
+    /// reports.
+    pub fn new(runner: R, file_root: &Path, sysfs: impl Into<PathBuf>) -> Result<Self, NodeError> {
+        let file_root = std::fs::canonicalize(file_root).map_err(|source| NodeError::Io {
+            action: format!("resolving --file-root {}", file_root.display()),
+            source,
+        })?;
+        Ok(Self {
+            runner,
+            file_root,
+            sysfs: sysfs.into(),
+        })
+    }
+
+    fn image_of(&self, volume: &VolumeId) -> Result<AbsPath, NodeError> {
+        AbsPath::try_from(self.file_root.join(format!("{volume}.img"))).map_err(|reason| {
+            NodeError::Io {
+                action: format!("building the image path of {volume}"),
+                source: std::io::Error::other(reason),
+            }
+        })
+    }
+
+    /// Every loop device that has a backing file.
+    pub fn loops(&self) -> Result<Vec<LoopInfo>, NodeError> {
+        let block = self.sysfs.join("block");
+        let entries = match std::fs::read_dir(&block) {
+            Ok(e) => e,
+            Err(source) => {
+                return Err(NodeError::Io {
+                    action: format!("listing {}", block.display()),
+                    source,
+                })
+            }
+        };
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                continue;
+            }
+            let dir = block.join(&name);
+            let Ok(backing) = std::fs::read_to_string(dir.join("loop/backing_file")) else {
+                continue;
+            };
+            let Ok(dev) = std::fs::read_to_string(dir.join("dev")) else {
+                continue;
+            };
+            let size = std::fs::read_to_string(dir.join("size")).unwrap_or_default();
+            if let Some(mut info) = parse_loop(&name, &backing, &dev, &size) {
+                info.autoclear = std::fs::read_to_string(dir.join("loop/autoclear"))
+                    .is_ok_and(|a| a.trim() == "1");
+                found.push(info);
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    /// The live loop device of `image`: not one whose image was deleted, and not one already
+    /// detached and waiting for its last user to close it.
+    fn loop_for(&self, image: &AbsPath) -> Result<Option<LoopInfo>, NodeError> {
+        Ok(self
+            .loops()?
+            .into_iter()
+            .find(|l| l.backing_file == image.as_path() && !l.backing_deleted && !l.autoclear))
+    }
+
+    fn bound(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
+        Ok(self
+            .loops()?
+            .iter()
+            .any(|l| l.name == name && l.backing_file == image.as_path()))
+    }
+
+    fn device(info: &LoopInfo) -> Result<BlockDevice, NodeError> {
+        Ok(BlockDevice {
+            path: AbsPath::try_from(PathBuf::from(format!("/dev/{}", info.name))).map_err(
+                |reason| NodeError::Io {
+                    action: format!("naming loop device {}", info.name),
+                    source: std::io::Error::other(reason),
+                },
+            )?,
+            major: info.major,
+            minor: info.minor,
+        })
+    }
+}
+
+/// Parses the sysfs attributes of one loop device; `None` when they are not a loop device's.
+pub fn parse_loop(name: &str, backing_file: &str, dev: &str, size: &str) -> Option<LoopInfo> {
+    let backing = backing_file.trim_end_matches('\n');
+    if backing.is_empty() {
+        return None;
+    }
+    let (path, deleted) = match backing.strip_suffix(" (deleted)") {
+        Some(p) => (p, true),
+        None => (backing, false),
+    };
+    let (major, minor) = dev.trim().split_once(':')?;
+    Some(LoopInfo {
+        name: name.to_string(),
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        backing_file: PathBuf::from(path),
+        backing_deleted: deleted,
+        autoclear: false,
+        size_bytes: size.trim().parse::<u64>().unwrap_or(0).saturating_mul(512),
+    })
+}
+
+/// Parses `losetup --find --show` output: one `/dev/loopN` line.
+pub fn parse_losetup_show(stdout: &str) -> Option<String> {
+    let line = stdout.trim();
+    let name = line.strip_prefix("/dev/")?;
+    let digits = name.strip_prefix("loop")?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| name.to_string())
+}
+
+fn tool_failed(cmd: &Cmd, out: &super::command::Output) -> NodeError {
+    NodeError::Tool {
+        command: cmd.to_string(),
+        code: out.code,
+        message: out.message(),
+    }
+}
+
+#[async_trait]
+impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn locate(
+        &self,
+        volume: &VolumeId,
+        publish_context: &HashMap<String, String>,
+    ) -> Result<Backing, NodeError> {
+        let image = self.image_of(volume)?;
+        if let Some(backend) = publish_context.get(PUBLISH_BACKEND_KEY) {
+            if backend != self.kind() {
+                return Err(NodeError::invalid(
+                    "publish_context",
+                    format!(
+                        "names backend {backend:?}, but this node serves the {:?} backend",
+                        self.kind()
+                    ),
+                ));
+            }
+        }
+        if let Some(named) = publish_context.get(PUBLISH_IMAGE_PATH_KEY) {
+            let same = std::fs::canonicalize(named)
+                .map(|p| p == image.as_path())
+                .unwrap_or(Path::new(named) == image.as_path());
+            if !same {
+                return Err(NodeError::invalid(
+                    "publish_context",
+                    format!(
+                        "imagePath {named:?} is not volume {volume}'s image on this node ({image})"
+                    ),
+                ));
+            }
+        }
+        Ok(Backing::File { image })
+    }
+
+    async fn exists(&self, backing: &Backing) -> Result<bool, NodeError> {
+        let Backing::File { image } = backing;
+        match std::fs::symlink_metadata(image.as_path()) {
+            Ok(meta) => Ok(meta.file_type().is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(NodeError::Io {
+                action: format!("looking at {image}"),
+                source,
+            }),
+        }
+    }
+
+    async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
+        let Backing::File { image } = backing;
+        self.loop_for(image)?.as_ref().map(Self::device).transpose()
+    }
+
+    async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
+        let Backing::File { image } = backing;
+        if let Some(existing) = self.loop_for(image)? {
+            tracing::debug!(image = %image, device = %existing.name, "reusing the loop device already attached");
+            return Self::device(&existing);
+        }
+        if !self.exists(backing).await? {
+            return Err(NodeError::NotFound(format!(
+                "the volume's image {image} does not exist"
+            )));
+        }
+        let cmd = Cmd::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg("--")
+            .arg(image.clone());
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() {
+            return Err(tool_failed(&cmd, &out));
+        }
+        let name = parse_losetup_show(&out.stdout).ok_or_else(|| NodeError::Tool {
+            command: cmd.to_string(),
+            code: out.code,
+            message: format!("unexpected output {:?}", out.stdout.trim()),
+        })?;
+        let info = self
+            .loops()?
+            .into_iter()
+            .find(|l| l.name == name && l.backing_file == image.as_path())
+            .ok_or_else(|| NodeError::Tool {
+                command: cmd.to_string(),
+                code: out.code,
+                message: format!("{name} is not bound to {image} after attaching"),
+            })?;
+        tracing::info!(image = %image, device = %info.name, "attached loop device");
+        Self::device(&info)
+    }
+
+    async fn detach(&self, backing: &Backing) -> Result<(), NodeError> {
+        let Backing::File { image } = backing;
+        // A deleted image's loop device is still ours to release.
+        let owned: Vec<LoopInfo> = self
+            .loops()?
+            .into_iter()
+            .filter(|l| l.backing_file == image.as_path())
+            .collect();
+        for info in owned {
+            let device = Self::device(&info)?;
+            let cmd = Cmd::new("losetup").arg("--detach").arg(device.clone());
+            let out = self.runner.run(&cmd).await?;
+            if !out.success() && self.bound(&info.name, image)? && !info.autoclear {
+                return Err(tool_failed(&cmd, &out));
+            }
+            // A device someone still has open (another process's probe, say) is freed by
+            // the kernel when they close it; wait a moment for that, so an unstage that
+            // returns has really let go.
+            let deadline = tokio::time::Instant::now() + DETACH_WAIT;
+            while self.bound(&info.name, image)? {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(image = %image, device = %info.name,
+                        "loop device still open elsewhere; the kernel frees it when the last user closes it");
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            tracing::info!(image = %image, device = %info.name, "detached loop device");
+        }
+        Ok(())
+    }
+
+    async fn refresh_size(
+        &self,
+        backing: &Backing,
+        device: &BlockDevice,
+    ) -> Result<u64, NodeError> {
+        let Backing::File { image } = backing;
+        if !self.healthy(backing, device).await? {
+            return Err(NodeError::FailedPrecondition(format!(
+                "{device} is no longer attached to {image}"
+            )));
+        }
+        let cmd = Cmd::new("losetup")
+            .arg("--set-capacity")
+            .arg(device.clone());
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() {
+            return Err(tool_failed(&cmd, &out));
+        }
+        let info = self.loop_for(image)?.ok_or_else(|| {
+            NodeError::FailedPrecondition(format!("{device} vanished while being resized"))
+        })?;
+        Ok(info.size_bytes)
+    }
+
+    async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError> {
+        let Backing::File { image } = backing;
+        Ok(self
+            .loop_for(image)?
+            .is_some_and(|l| l.major == device.major && l.minor == device.minor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::fakes::RecordingRunner;
+
+    fn fake_loop(sys: &Path, n: u32, backing: &str, sectors: u64) {
+        let dir = sys.join(format!("block/loop{n}"));
+        std::fs::create_dir_all(dir.join("loop")).unwrap();
+        std::fs::write(dir.join("loop/backing_file"), format!("{backing}\n")).unwrap();
+        std::fs::write(dir.join("dev"), format!("7:{n}\n")).unwrap();
+        std::fs::write(dir.join("size"), format!("{sectors}\n")).unwrap();
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("volumes");
+        let sys = dir.path().join("sys");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(sys.join("block/vda")).unwrap();
+        (dir, std::fs::canonicalize(root).unwrap(), sys)
+    }
+
+    fn vol(id: &str) -> VolumeId {
+        VolumeId::try_from(id).unwrap()
+    }
+
+    #[test]
+    fn parsers() {
+        let info = parse_loop("loop3", "/v/a.img (deleted)\n", "7:3\n", "2048\n").unwrap();
+        assert!(info.backing_deleted);
+        assert_eq!(info.backing_file, PathBuf::from("/v/a.img"));
+        assert_eq!((info.major, info.minor, info.size_bytes), (7, 3, 1 << 20));
+        assert!(parse_loop("loop3", "\n", "7:3", "0").is_none());
+        assert!(parse_loop("loop3", "/a", "junk", "0").is_none());
+        assert_eq!(
+            parse_losetup_show("/dev/loop12\n").as_deref(),
+            Some("loop12")
+        );
+        for bad in ["", "/dev/sda", "/dev/loop", "/dev/loop1; rm -rf /", "loop1"] {
+            assert_eq!(parse_losetup_show(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attached_image_is_found_and_reused_without_losetup() {
+        let (_dir, root, sys) = setup();
+        let image = root.join("v1.img");
+        std::fs::write(&image, b"").unwrap();
+        fake_loop(&sys, 4, image.to_str().unwrap(), 2048);
+        fake_loop(&sys, 5, "/elsewhere/v1.img", 2048);
+        let runner = RecordingRunner::default();
+        let loops = LoopDevices::new(runner.clone(), &root, &sys).unwrap();
+        let backing = loops.locate(&vol("v1"), &HashMap::new()).unwrap();
+        let dev = loops.attach(&backing).await.unwrap();
+        assert_eq!(
+            (dev.path.to_string(), dev.major, dev.minor),
+            ("/dev/loop4".into(), 7, 4)
+        );
+        assert!(
+            runner.calls().is_empty(),
+            "no losetup for a device already attached"
+        );
+    }
+
+    #[tokio::test]
+    async fn attach_runs_losetup_with_an_argument_vector_and_verifies_the_binding() {
+        let (_dir, root, sys) = setup();
+        let image = root.join("v1.img");
+        std::fs::write(&image, b"").unwrap();
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        let img = image.to_str().unwrap().to_string();
+        runner.on("losetup --find", move |_| {
+            fake_loop(&sys2, 9, &img, 8);
+            Ok(crate::node::command::Output {
+                code: Some(0),
+                stdout: "/dev/loop9\n".into(),
+                stderr: String::new(),
+            })
+        });
+        let loops = LoopDevices::new(runner.clone(), &root, &sys).unwrap();
+        let backing = loops.locate(&vol("v1"), &HashMap::new()).unwrap();
+        let dev = loops.attach(&backing).await.unwrap();
+        assert_eq!(dev.name(), "loop9");
+        assert_eq!(
+            runner.calls(),
+            vec![format!("losetup --find --show -- {}", image.display())]
+        );
+    }
+
+    #[tokio::test]
+    async fn detach_touches_only_the_volumes_own_loop_devices() {
+        let (_dir, root, sys) = setup();
+        let image = root.join("v1.img");
+        fake_loop(&sys, 1, "/other/v1.img", 8);
+        fake_loop(&sys, 2, &format!("{} (deleted)", image.display()), 8);
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        runner.on("losetup --detach /dev/loop2", move |_| {
+            std::fs::remove_dir_all(sys2.join("block/loop2/loop")).unwrap();
+            Ok(crate::node::command::Output {
+                code: Some(0),
+                ..Default::default()
+            })
+        });
+        let loops = LoopDevices::new(runner.clone(), &root, &sys).unwrap();
+        let backing = Backing::File {
+            image: AbsPath::try_from(image).unwrap(),
+        };
+        loops.detach(&backing).await.unwrap();
+        assert_eq!(
+            runner.calls(),
+            vec!["losetup --detach /dev/loop2".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_context_naming_another_image_or_backend_is_refused() {
+        let (_dir, root, sys) = setup();
+        let loops = LoopDevices::new(RecordingRunner::default(), &root, &sys).unwrap();
+        let ctx = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        let err = loops
+            .locate(&vol("v1"), &ctx(PUBLISH_IMAGE_PATH_KEY, "/etc/shadow"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NodeError::InvalidArgument {
+                    field: "publish_context",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = loops
+            .locate(&vol("v1"), &ctx(PUBLISH_BACKEND_KEY, "rds"))
+            .unwrap_err();
+        assert!(err.to_string().contains("rds"), "{err}");
+        let own = root.join("v1.img").display().to_string();
+        let mut ok = ctx(PUBLISH_IMAGE_PATH_KEY, &own);
+        ok.insert("somethingElse".into(), "ignored".into());
+        assert!(
+            loops.locate(&vol("v1"), &ok).is_ok(),
+            "unknown keys are ignored"
+        );
+    }
+}

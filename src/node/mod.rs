@@ -1,0 +1,102 @@
+//! The node plugin's volumes: staging, publishing, stats and expansion on this machine.
+//!
+//! Owns what happens on the node: block devices (through [`device::DeviceSource`]), mounts and
+//! device nodes (through [`mounter::Mounter`]), external tools (through
+//! [`command::CommandRunner`]) and the node's records of what it staged. It never touches
+//! attachment state (that is the controller's) and knows nothing of gRPC: `grpc::node`
+//! validates requests into the types here and maps [`NodeError`] to status codes.
+//!
+//! **Serialization.** Node RPCs for one volume never interleave; RPCs for different volumes run
+//! in parallel. This uses a per-volume async lock ([`locks::VolumeLocks`]) rather than an actor
+//! per volume: the node holds no in-memory state worth owning (the kernel and the record files
+//! are the state), its work is a sequence of blocking tools and syscalls, and the kubelet's
+//! overlapping retries only need to wait their turn. An actor would add a mailbox and a thread
+//! hop and own nothing.
+//!
+//! **Blocking work** (syscalls, record files, device reads) runs on tokio's blocking pool;
+//! external tools run as child processes with a timeout. No RPC blocks an async worker.
+
+pub mod command;
+pub mod device;
+pub mod filesystem;
+pub mod locks;
+pub mod mounter;
+pub mod mountinfo;
+pub mod paths;
+pub mod plugin;
+pub mod records;
+
+#[cfg(test)]
+pub(crate) mod fakes;
+
+pub use plugin::NodePlugin;
+
+use command::CommandError;
+use mounter::MountError;
+
+/// Every way a node operation can fail. `grpc::status` maps each variant to a CSI code.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{field} {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("`{command}` failed (exit {}): {message}", code.map_or("by a signal".to_string(), |c| c.to_string()))]
+    Tool {
+        command: String,
+        code: Option<i32>,
+        message: String,
+    },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        source: std::io::Error,
+    },
+}
+
+impl NodeError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// A short, stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::NotFound(_) => "not_found",
+            Self::AlreadyExists(_) => "already_exists",
+            Self::FailedPrecondition(_) => "failed_precondition",
+            Self::OutOfRange(_) => "out_of_range",
+            Self::Command(_) | Self::Tool { .. } => "tool_failed",
+            Self::Mount(_) => "mount_failed",
+            Self::Io { .. } => "io",
+        }
+    }
+}
+
+/// Validation errors from the shared parsers (ids, capabilities) keep their field and code.
+impl From<crate::Error> for NodeError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::InvalidArgument { field, reason } => {
+                Self::InvalidArgument { field, reason }
+            }
+            crate::Error::VolumeNotFound(v) => Self::NotFound(format!("volume {v} does not exist")),
+            crate::Error::AlreadyExists(m) => Self::AlreadyExists(m),
+            other => Self::FailedPrecondition(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! How mounts and device nodes are made and read on this node. [`Mounter`] is the seam;
+//! [`SystemMounter`] makes the syscalls (mount(2), umount2(2), mknod(2)) and reads
+//! `/proc/self/mountinfo` through the pure parser in [`super::mountinfo`].
+//!
+//! Owns the kernel calls and nothing else: it never decides whether something should be
+//! mounted. A target is opened with `O_PATH | O_NOFOLLOW` and mounted through its
+//! `/proc/self/fd` link, so a symlink planted at a target is never followed; unmounts use
+//! `UMOUNT_NOFOLLOW` and are never lazy.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use super::mountinfo::{self, MountEntry};
+use super::paths::{AbsPath, BlockDevice};
+use crate::domain::FsType;
+
+/// Mount flags parsed from a capability's `mount_flags`: the kernel flags plus the
+/// filesystem-specific rest, passed to the filesystem as its data string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub flags: MountFlags,
+    pub data: Vec<String>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            flags: MountFlags::empty(),
+            data: Vec::new(),
+        }
+    }
+}
+
+impl MountOptions {
+    /// Parses CSI `mount_flags`. Each item may itself hold comma-separated options. Options
+    /// that would undo the node's safety (`suid`, `dev`) or change the kind of mount (`bind`,
+    /// `remount`, ...) are refused.
+    pub fn parse(items: &[String]) -> Result<Self, String> {
+        let mut opts = Self::default();
+        for option in items.iter().flat_map(|i| i.split(',')).map(str::trim) {
+            if option.is_empty() || option == "defaults" {
+                continue;
+            }
+            if option.contains('\0') {
+                return Err("a mount flag contains NUL".into());
+            }
+            let set = |f: MountFlags| (f, true);
+            let clear = |f: MountFlags| (f, false);
+            let (flag, on) = match option {
+                "ro" => set(MountFlags::RDONLY),
+                "rw" => clear(MountFlags::RDONLY),
+                "nosuid" => set(MountFlags::NOSUID),
+                "nodev" => set(MountFlags::NODEV),
+                "noexec" => set(MountFlags::NOEXEC),
+                "exec" => clear(MountFlags::NOEXEC),
+                "sync" => set(MountFlags::SYNCHRONOUS),
+                "async" => clear(MountFlags::SYNCHRONOUS),
+                "dirsync" => set(MountFlags::DIRSYNC),
+                "noatime" => set(MountFlags::NOATIME),
+                "atime" => clear(MountFlags::NOATIME),
+                "nodiratime" => set(MountFlags::NODIRATIME),
+                "diratime" => clear(MountFlags::NODIRATIME),
+                "relatime" => set(MountFlags::RELATIME),
+                "norelatime" => clear(MountFlags::RELATIME),
+                "strictatime" => set(MountFlags::STRICTATIME),
+                "lazytime" => set(MountFlags::LAZYTIME),
+                "nolazytime" => clear(MountFlags::LAZYTIME),
+                "silent" => set(MountFlags::SILENT),
+                "loud" => clear(MountFlags::SILENT),
+                "suid" | "dev" => {
+                    return Err(format!(
+                        "mount flag {option:?} is not allowed: volumes are always mounted nosuid,nodev"
+                    ))
+                }
+                "bind" | "rbind" | "remount" | "move" | "make-shared" | "make-private"
+                | "make-slave" | "shared" | "private" | "slave" | "unbindable" => {
+                    return Err(format!(
+                        "mount flag {option:?} is not allowed: it changes the kind of mount, not its options"
+                    ))
+                }
+                other => {
+                    opts.data.push(other.to_string());
+                    continue;
+                }
+            };
+            if on {
+                opts.flags |= flag;
+            } else {
+                opts.flags -= flag;
+            }
+        }
+        Ok(opts)
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.flags.contains(MountFlags::RDONLY)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {path}: {source}")]
+pub struct MountError {
+    pub action: &'static str,
+    pub path: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl MountError {
+    fn new(action: &'static str, path: impl std::fmt::Display, source: std::io::Error) -> Self {
+        Self {
+            action,
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    /// The target is in use (EBUSY).
+    pub fn busy(&self) -> bool {
+        self.source.raw_os_error() == Some(libc::EBUSY)
+    }
+
+    /// The target is not a mount point (EINVAL from umount2).
+    pub fn not_mounted(&self) -> bool {
+        self.source.raw_os_error() == Some(libc::EINVAL)
+    }
+}
+
+/// Blocking calls: the node layer runs them on the blocking pool.
+pub trait Mounter: Send + Sync + 'static {
+    /// The mount table, parsed.
+    fn mounts(&self) -> Result<Vec<MountEntry>, MountError>;
+    /// Mounts `device`'s filesystem at the directory `target`, always `nosuid,nodev`.
+    fn mount_device(
+        &self,
+        device: &BlockDevice,
+        target: &AbsPath,
+        fs: FsType,
+        options: &MountOptions,
+    ) -> Result<(), MountError>;
+    /// Bind-mounts the directory `source` at the directory `target`, `nosuid,nodev`, and
+    /// read-only when asked.
+    fn bind(&self, source: &AbsPath, target: &AbsPath, readonly: bool) -> Result<(), MountError>;
+    /// Unmounts `target` (never lazily, never through a symlink).
+    fn unmount(&self, target: &AbsPath) -> Result<(), MountError>;
+    /// Creates a block device node for `device` at `target`, mode 0660 (0440 read-only).
+    fn make_device_node(
+        &self,
+        target: &AbsPath,
+        device: &BlockDevice,
+        readonly: bool,
+    ) -> Result<(), MountError>;
+}
+
+/// The real thing.
+#[derive(Clone, Debug)]
+pub struct SystemMounter {
+    mountinfo: PathBuf,
+}
+
+impl Default for SystemMounter {
+    fn default() -> Self {
+        Self {
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+        }
+    }
+}
+
+/// Opens the directory `target` without following a symlink at it, for mounting through
+/// `/proc/self/fd/N`.
+fn open_dir_nofollow(target: &AbsPath) -> Result<rustix::fd::OwnedFd, MountError> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        target.as_path(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| MountError::new("opening mount target", target, e.into()))
+}
+
+fn fd_path(fd: &rustix::fd::OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+impl Mounter for SystemMounter {
+    fn mounts(&self) -> Result<Vec<MountEntry>, MountError> {
+        let text = std::fs::read_to_string(&self.mountinfo)
+            .map_err(|e| MountError::new("reading", self.mountinfo.display(), e))?;
+        mountinfo::parse(&text).map_err(|e| {
+            MountError::new(
+                "parsing",
+                self.mountinfo.display(),
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })
+    }
+
+    fn mount_device(
+        &self,
+        device: &BlockDevice,
+        target: &AbsPath,
+        fs: FsType,
+        options: &MountOptions,
+    ) -> Result<(), MountError> {
+        let dir = open_dir_nofollow(target)?;
+        let data = std::ffi::CString::new(options.data.join(","))
+            .map_err(|e| MountError::new("mounting", target, std::io::Error::other(e)))?;
+        let flags = options.flags | MountFlags::NOSUID | MountFlags::NODEV;
+        rustix::mount::mount(
+            device.path.as_path(),
+            fd_path(&dir),
+            fs.as_str(),
+            flags,
+            Some(data.as_c_str()),
+        )
+        .map_err(|e| MountError::new("mounting", format!("{device} at {target}"), e.into()))
+    }
+
+    fn bind(&self, source: &AbsPath, target: &AbsPath, readonly: bool) -> Result<(), MountError> {
+        let from = open_dir_nofollow(source)?;
+        let to = open_dir_nofollow(target)?;
+        rustix::mount::mount_bind(fd_path(&from), fd_path(&to)).map_err(|e| {
+            MountError::new("bind-mounting", format!("{source} at {target}"), e.into())
+        })?;
+        // A bind mount takes its flags only from a remount of the new mount.
+        let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
+        if readonly {
+            flags |= MountFlags::RDONLY;
+        }
+        let remounted = open_dir_nofollow(target).and_then(|fd| {
+            rustix::mount::mount_remount(fd_path(&fd), flags, c"")
+                .map_err(|e| MountError::new("remounting", target, e.into()))
+        });
+        if let Err(e) = remounted {
+            // Never leave a bind mount without the flags it was asked for.
+            let _ = self.unmount(target);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &AbsPath) -> Result<(), MountError> {
+        rustix::mount::unmount(target.as_path(), UnmountFlags::NOFOLLOW)
+            .map_err(|e| MountError::new("unmounting", target, e.into()))
+    }
+
+    fn make_device_node(
+        &self,
+        target: &AbsPath,
+        device: &BlockDevice,
+        readonly: bool,
+    ) -> Result<(), MountError> {
+        use rustix::fs::{FileType, Mode};
+        let mode = if readonly { 0o440 } else { 0o660 };
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            target.as_path(),
+            FileType::BlockDevice,
+            Mode::from_raw_mode(mode),
+            rustix::fs::makedev(device.major, device.minor),
+        )
+        .map_err(|e| MountError::new("creating device node", target, e.into()))?;
+        // mknod applies the umask; the node's mode is part of the contract.
+        rustix::fs::chmodat(
+            rustix::fs::CWD,
+            target.as_path(),
+            Mode::from_raw_mode(mode),
+            rustix::fs::AtFlags::empty(),
+        )
+        .map_err(|e| MountError::new("setting the mode of", target, e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(items: &[&str]) -> Result<MountOptions, String> {
+        MountOptions::parse(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn flags_become_kernel_flags_and_the_rest_is_data() {
+        let o = parse(&["noatime", "discard,errors=remount-ro", "ro", "defaults"]).unwrap();
+        assert!(o.flags.contains(MountFlags::NOATIME | MountFlags::RDONLY));
+        assert_eq!(o.data, vec!["discard", "errors=remount-ro"]);
+        assert!(o.read_only());
+        let o = parse(&["ro", "rw"]).unwrap();
+        assert!(!o.read_only(), "the last word wins, as mount(8) does");
+        assert_eq!(parse(&[]).unwrap(), MountOptions::default());
+    }
+
+    #[test]
+    fn unsafe_or_structural_flags_are_refused() {
+        for bad in ["suid", "dev", "bind", "rbind", "remount", "a\0b"] {
+            assert!(parse(&[bad]).is_err(), "{bad:?}");
+        }
+    }
+}

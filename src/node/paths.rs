@@ -1,0 +1,275 @@
+//! Validated paths and device names: everything the node layer puts on a command line or
+//! hands to a syscall passes through one of these first.
+//!
+//! Owns path validation and the symlink-safe file operations the node uses on paths a CO
+//! names (create a directory, create a device node, remove what was created). Never resolves
+//! a symlink at the final component of such a path.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::Error;
+
+/// Longest path accepted (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// An absolute path with no `.` or `..` component, no NUL and at most 4096 bytes.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "PathBuf", into = "PathBuf")]
+pub struct AbsPath(PathBuf);
+
+impl AbsPath {
+    /// Validates `raw` as the request field `field`, so the error names what the caller sent.
+    pub fn parse_field(raw: &str, field: &'static str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidArgument { field, reason };
+        if raw.is_empty() {
+            return Err(invalid("must not be empty".into()));
+        }
+        if raw.len() > MAX_PATH_LEN {
+            return Err(invalid(format!(
+                "is {} bytes, longer than the limit of {MAX_PATH_LEN}",
+                raw.len()
+            )));
+        }
+        if raw.contains('\0') {
+            return Err(invalid("must not contain NUL".into()));
+        }
+        Self::from_path(Path::new(raw)).map_err(|reason| invalid(format!("{raw:?} {reason}")))
+    }
+
+    fn from_path(path: &Path) -> Result<Self, String> {
+        if !path.is_absolute() {
+            return Err("must be an absolute path".into());
+        }
+        // `Path::components` drops inner `.` components; look at the raw segments.
+        for segment in path.as_os_str().as_bytes().split(|b| *b == b'/') {
+            match segment {
+                b".." => return Err("must not contain '..'".into()),
+                b"." => return Err("must not contain '.' components".into()),
+                _ => {}
+            }
+        }
+        let mut clean = PathBuf::from("/");
+        for component in path.components() {
+            match component {
+                Component::RootDir => {}
+                Component::Normal(part) => clean.push(part),
+                Component::ParentDir => return Err("must not contain '..'".into()),
+                Component::CurDir | Component::Prefix(_) => {
+                    return Err("must not contain '.' components".into())
+                }
+            }
+        }
+        if clean.as_os_str().as_bytes().contains(&0) {
+            return Err("must not contain NUL".into());
+        }
+        Ok(Self(clean))
+    }
+
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The last component; `None` only for `/`.
+    pub fn file_name(&self) -> Option<&OsStr> {
+        self.0.file_name()
+    }
+
+    pub fn parent(&self) -> Option<AbsPath> {
+        self.0.parent().map(|p| Self(p.to_path_buf()))
+    }
+
+    pub fn join(&self, name: &str) -> Result<AbsPath, String> {
+        Self::from_path(&self.0.join(name))
+    }
+
+    /// The path as the kernel reports it in mountinfo: the parent with its symlinks resolved,
+    /// plus this path's own last component (which is never resolved).
+    pub fn kernel_view(&self) -> PathBuf {
+        match (self.0.parent(), self.0.file_name()) {
+            (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+                .unwrap_or_else(|_| parent.to_path_buf())
+                .join(name),
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl TryFrom<PathBuf> for AbsPath {
+    type Error = String;
+    fn try_from(path: PathBuf) -> Result<Self, String> {
+        Self::from_path(&path)
+    }
+}
+
+impl From<AbsPath> for PathBuf {
+    fn from(p: AbsPath) -> PathBuf {
+        p.0
+    }
+}
+
+impl fmt::Display for AbsPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.display(), f)
+    }
+}
+
+impl fmt::Debug for AbsPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A block device the node made or found: its `/dev` path and its device number.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockDevice {
+    pub path: AbsPath,
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl BlockDevice {
+    /// The kernel's name for it (`loop3`, `nvme1n1`): the last component of its path.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for BlockDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}:{})", self.path, self.major, self.minor)
+    }
+}
+
+/// One command-line argument. Implemented only for validated values and static text, so a
+/// command cannot be built from an unchecked string.
+pub trait CommandArg {
+    fn to_arg(&self) -> OsString;
+}
+
+impl CommandArg for &'static str {
+    fn to_arg(&self) -> OsString {
+        OsString::from(*self)
+    }
+}
+
+impl CommandArg for AbsPath {
+    fn to_arg(&self) -> OsString {
+        self.0.clone().into_os_string()
+    }
+}
+
+impl CommandArg for BlockDevice {
+    fn to_arg(&self) -> OsString {
+        self.path.to_arg()
+    }
+}
+
+/// What is at a path, looked at without following a symlink there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    Nothing,
+    Directory,
+    /// A block device node with this device number.
+    BlockDevice {
+        major: u32,
+        minor: u32,
+        mode: u32,
+    },
+    RegularFile {
+        len: u64,
+    },
+    Symlink,
+    Other,
+}
+
+/// Looks at `path` without following a symlink at its last component.
+pub fn inspect(path: &AbsPath) -> std::io::Result<Found> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path.as_path()) {
+        Ok(meta) => {
+            let ft = meta.file_type();
+            Ok(if ft.is_symlink() {
+                Found::Symlink
+            } else if ft.is_dir() {
+                Found::Directory
+            } else if ft.is_block_device() {
+                let rdev = meta.rdev();
+                Found::BlockDevice {
+                    major: libc::major(rdev),
+                    minor: libc::minor(rdev),
+                    mode: meta.mode() & 0o7777,
+                }
+            } else if ft.is_file() {
+                Found::RegularFile { len: meta.len() }
+            } else {
+                Found::Other
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Found::Nothing),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_clean_paths_only() {
+        for ok in ["/a", "/var/lib/kubelet/pods/x/volumes/y", "/a/b/", "//a//b"] {
+            let p = AbsPath::parse_field(ok, "target_path").unwrap();
+            assert!(!p.to_string().contains("//"), "{p}");
+        }
+        assert_eq!(
+            AbsPath::parse_field("/a/b/", "f").unwrap().to_string(),
+            "/a/b"
+        );
+        for bad in [
+            "", "a/b", "./a", "/a/../b", "/a/./b", "/a\0b", "..", "relative",
+        ] {
+            let err = AbsPath::parse_field(bad, "target_path").unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        field: "target_path",
+                        ..
+                    }
+                ),
+                "{bad:?}: {err}"
+            );
+        }
+        let long = format!("/{}", "x".repeat(MAX_PATH_LEN));
+        assert!(AbsPath::parse_field(&long, "p").is_err());
+    }
+
+    #[test]
+    fn serde_refuses_unclean_paths() {
+        let ok: AbsPath = serde_json::from_str("\"/a/b\"").unwrap();
+        assert_eq!(ok.to_string(), "/a/b");
+        assert!(serde_json::from_str::<AbsPath>("\"/a/../b\"").is_err());
+        assert!(serde_json::from_str::<AbsPath>("\"a\"").is_err());
+    }
+
+    #[test]
+    fn inspect_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let p = |p: &Path| AbsPath::try_from(p.to_path_buf()).unwrap();
+        assert_eq!(inspect(&p(&link)).unwrap(), Found::Symlink);
+        assert_eq!(inspect(&p(&real)).unwrap(), Found::Directory);
+        assert_eq!(
+            inspect(&p(&dir.path().join("none"))).unwrap(),
+            Found::Nothing
+        );
+    }
+}

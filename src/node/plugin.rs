@@ -1,0 +1,1025 @@
+//! [`NodePlugin`]: the node's volume operations, CSI §4.5 (NodeStage/Unstage/Publish/Unpublish,
+//! NodeGetVolumeStats, NodeExpandVolume), on top of the device source, the mounter, the command
+//! runner and the records.
+//!
+//! Every operation is idempotent as the spec requires: a repeat with the same arguments is OK
+//! and changes nothing; a repeat with another capability is ALREADY_EXISTS. An operation that
+//! fails undoes what it did itself (a loop device it attached, a directory it created, a
+//! record it wrote), so nothing is left half-done. What an earlier process made is found in
+//! the kernel (sysfs, mountinfo) and adopted, never made twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::command::CommandRunner;
+use super::device::{Backing, DeviceSource};
+use super::filesystem::{self, Content};
+use super::locks::VolumeLocks;
+use super::mounter::{MountOptions, Mounter};
+use super::mountinfo::MountEntry;
+use super::paths::{inspect, AbsPath, BlockDevice, Found};
+use super::records::{PublishRecord, Records, StageRecord};
+use super::NodeError;
+use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
+use crate::ids::VolumeId;
+
+/// A validated NodeStageVolumeRequest.
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub volume: VolumeId,
+    pub staging: AbsPath,
+    pub capability: Capability,
+    pub publish_context: HashMap<String, String>,
+    pub volume_context: HashMap<String, String>,
+}
+
+/// A validated NodeUnstageVolumeRequest.
+#[derive(Clone, Debug)]
+pub struct Unstage {
+    pub volume: VolumeId,
+    pub staging: AbsPath,
+}
+
+/// A validated NodePublishVolumeRequest.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    pub volume: VolumeId,
+    pub staging: AbsPath,
+    pub target: AbsPath,
+    pub capability: Capability,
+    pub readonly: bool,
+    pub publish_context: HashMap<String, String>,
+}
+
+/// A validated NodeUnpublishVolumeRequest.
+#[derive(Clone, Debug)]
+pub struct Unpublish {
+    pub volume: VolumeId,
+    pub target: AbsPath,
+}
+
+/// A volume path from NodeGetVolumeStats or NodeExpandVolume. A path that is not absolute
+/// and clean cannot name anything the node made, so it is NOT_FOUND, as the spec answers for
+/// a volume path that does not exist.
+#[derive(Clone, Debug)]
+pub enum VolumePath {
+    Valid(AbsPath),
+    Invalid { raw: String, reason: String },
+}
+
+impl VolumePath {
+    pub fn parse(raw: &str, field: &'static str) -> Result<Self, NodeError> {
+        if raw.is_empty() {
+            return Err(NodeError::invalid(field, "must not be empty"));
+        }
+        Ok(match AbsPath::parse_field(raw, field) {
+            Ok(p) => Self::Valid(p),
+            Err(e) => Self::Invalid {
+                raw: raw.chars().take(256).collect(),
+                reason: e.to_string(),
+            },
+        })
+    }
+
+    fn valid(&self, volume: &VolumeId) -> Result<&AbsPath, NodeError> {
+        match self {
+            Self::Valid(p) => Ok(p),
+            Self::Invalid { raw, reason } => Err(NodeError::NotFound(format!(
+                "volume {volume} is not at {raw:?}: {reason}"
+            ))),
+        }
+    }
+}
+
+/// A validated NodeGetVolumeStatsRequest.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub volume: VolumeId,
+    pub path: VolumePath,
+}
+
+/// What NodeGetVolumeStats reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeStats {
+    pub total_bytes: u64,
+    pub available_bytes: Option<u64>,
+    pub used_bytes: Option<u64>,
+    /// (total, available, used) inodes, for filesystems.
+    pub inodes: Option<(u64, u64, u64)>,
+    /// `None`: healthy; `Some(why)`: abnormal.
+    pub abnormal: Option<String>,
+}
+
+/// A validated NodeExpandVolumeRequest.
+#[derive(Clone, Debug)]
+pub struct Expand {
+    pub volume: VolumeId,
+    pub path: VolumePath,
+    pub required_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+/// The seams the plugin works through.
+pub struct NodeDeps {
+    pub source: Arc<dyn DeviceSource>,
+    pub mounter: Arc<dyn Mounter>,
+    pub runner: Arc<dyn CommandRunner>,
+    pub records: Records,
+}
+
+pub struct NodePlugin {
+    source: Arc<dyn DeviceSource>,
+    mounter: Arc<dyn Mounter>,
+    runner: Arc<dyn CommandRunner>,
+    records: Arc<Records>,
+    locks: VolumeLocks,
+}
+
+/// Runs blocking work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NodeError::Io {
+            action: "running blocking node work".into(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+fn same_device(entry: &MountEntry, device: &BlockDevice) -> bool {
+    entry.major == device.major && entry.minor == device.minor
+}
+
+/// The mounts stacked at `path`, oldest first.
+fn mounts_at<'a>(mounts: &'a [MountEntry], path: &AbsPath) -> Vec<&'a MountEntry> {
+    let view = path.kernel_view();
+    mounts.iter().filter(|m| m.mount_point == view).collect()
+}
+
+fn is_block(cap: &Capability) -> bool {
+    matches!(cap.access_type(), AccessType::Block)
+}
+
+fn describe(cap: &Capability) -> String {
+    match cap.access_type() {
+        AccessType::Block => format!("{:?} block", cap.mode()),
+        AccessType::Mount {
+            fs_type,
+            mount_flags,
+        } => format!(
+            "{:?} mount (fs_type {:?}, mount_flags {:?})",
+            cap.mode(),
+            fs_type,
+            mount_flags
+        ),
+    }
+}
+
+impl NodePlugin {
+    pub fn new(deps: NodeDeps) -> Self {
+        Self {
+            source: deps.source,
+            mounter: deps.mounter,
+            runner: deps.runner,
+            records: Arc::new(deps.records),
+            locks: VolumeLocks::default(),
+        }
+    }
+
+    async fn load(&self, volume: &VolumeId) -> Result<Option<StageRecord>, NodeError> {
+        let records = self.records.clone();
+        let volume = volume.clone();
+        blocking(move || records.load(&volume)).await
+    }
+
+    async fn save(&self, record: &StageRecord) -> Result<(), NodeError> {
+        let records = self.records.clone();
+        let record = record.clone();
+        blocking(move || records.save(&record)).await
+    }
+
+    async fn forget(&self, volume: &VolumeId) -> Result<(), NodeError> {
+        let records = self.records.clone();
+        let volume = volume.clone();
+        blocking(move || records.remove(&volume)).await
+    }
+
+    async fn mounts(&self) -> Result<Vec<MountEntry>, NodeError> {
+        let mounter = self.mounter.clone();
+        blocking(move || mounter.mounts().map_err(NodeError::from)).await
+    }
+
+    async fn look(&self, path: &AbsPath) -> Result<Found, NodeError> {
+        let p = path.clone();
+        blocking(move || {
+            inspect(&p).map_err(|source| NodeError::Io {
+                action: format!("looking at {p}"),
+                source,
+            })
+        })
+        .await
+    }
+
+    /// NOT_FOUND unless the volume's storage exists.
+    async fn require_volume(&self, volume: &VolumeId, backing: &Backing) -> Result<(), NodeError> {
+        if self.source.exists(backing).await? {
+            Ok(())
+        } else {
+            Err(NodeError::NotFound(format!(
+                "volume {volume} does not exist on this node ({backing} is missing)"
+            )))
+        }
+    }
+
+    /// Logs what the node finds at start: every recorded stage, checked against the kernel.
+    /// Nothing is changed; the next RPC for a volume adopts or repairs what is there.
+    pub async fn survey(&self) -> Result<usize, NodeError> {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if !filesystem::has_capability(&status, filesystem::CAP_SYS_RESOURCE) {
+            tracing::warn!("this process lacks CAP_SYS_RESOURCE: growing an ext4 filesystem online will fail (xfs and block volumes are not affected)");
+        }
+        let records = self.records.clone();
+        let all = blocking(move || records.all()).await?;
+        let mounts = self.mounts().await?;
+        let mut count = 0;
+        for record in all {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable node record left as it is");
+                    continue;
+                }
+            };
+            count += 1;
+            let device = self.source.find(&record.backing).await?;
+            let staged_mount = device.as_ref().map(|d| {
+                mounts_at(&mounts, &record.staging)
+                    .iter()
+                    .any(|m| same_device(m, d))
+            });
+            tracing::info!(
+                volume_id = %record.volume,
+                staging = %record.staging,
+                device = device.as_ref().map(|d| d.path.to_string()).unwrap_or_else(|| "none".into()),
+                staging_mounted = ?staged_mount,
+                publishes = record.publishes.len(),
+                "found a volume staged by an earlier process; adopting it"
+            );
+        }
+        Ok(count)
+    }
+
+    /// CSI NodeStageVolume. Mount access: attach, probe, format only an empty device, check an
+    /// existing filesystem read-only, mount `nosuid,nodev` at the staging path. Block access:
+    /// attach only.
+    pub async fn stage(&self, req: Stage) -> Result<(), NodeError> {
+        let _turn = self.locks.lock(&req.volume).await;
+        let readonly = req.capability.mode() == AccessMode::SingleNodeReaderOnly
+            || req
+                .publish_context
+                .get(PUBLISH_READONLY_KEY)
+                .map(String::as_str)
+                == Some("true");
+        let (fs, options) = match req.capability.access_type() {
+            AccessType::Block => (None, MountOptions::default()),
+            AccessType::Mount {
+                fs_type,
+                mount_flags,
+            } => {
+                let fs = FsType::resolve(fs_type, &req.volume_context)?;
+                let mut options = MountOptions::parse(mount_flags).map_err(|reason| {
+                    NodeError::invalid("volume_capability.mount.mount_flags", reason)
+                })?;
+                if readonly {
+                    options.flags |= rustix::mount::MountFlags::RDONLY;
+                }
+                (Some(fs), options)
+            }
+        };
+        let backing = self.source.locate(&req.volume, &req.publish_context)?;
+        let existing = self.load(&req.volume).await?;
+        match &existing {
+            Some(rec) if rec.staging != req.staging => {
+                return Err(NodeError::AlreadyExists(format!(
+                    "volume {} is already staged at {}; unstage it there first",
+                    req.volume, rec.staging
+                )))
+            }
+            Some(rec)
+                if rec.capability != req.capability || rec.readonly != readonly || rec.fs != fs =>
+            {
+                return Err(NodeError::AlreadyExists(format!(
+                    "volume {} is already staged at {} as {}{}, not as {}{}",
+                    req.volume,
+                    rec.staging,
+                    describe(&rec.capability),
+                    if rec.readonly { " (read-only)" } else { "" },
+                    describe(&req.capability),
+                    if readonly { " (read-only)" } else { "" },
+                )))
+            }
+            Some(rec) if rec.backing != backing => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {} is staged from {}, but now names {}",
+                    req.volume, rec.backing, backing
+                )))
+            }
+            Some(_) => {}
+            None => self.require_volume(&req.volume, &backing).await?,
+        }
+        match self.look(&req.staging).await? {
+            Found::Directory => {}
+            Found::Symlink => {
+                return Err(NodeError::invalid(
+                    "staging_target_path",
+                    format!("{} is a symbolic link; refusing to follow it", req.staging),
+                ))
+            }
+            Found::Nothing => {
+                return Err(NodeError::NotFound(format!(
+                    "staging_target_path {} does not exist; the CO creates it",
+                    req.staging
+                )))
+            }
+            other => {
+                return Err(NodeError::invalid(
+                    "staging_target_path",
+                    format!("{} is not a directory ({other:?})", req.staging),
+                ))
+            }
+        }
+
+        let was_attached = self.source.find(&backing).await?;
+        let mut record = existing.clone().unwrap_or_else(|| StageRecord {
+            volume: req.volume.clone(),
+            staging: req.staging.clone(),
+            capability: req.capability.clone(),
+            fs,
+            readonly,
+            backing: backing.clone(),
+            device: None,
+            publishes: BTreeMap::new(),
+        });
+        let result = async {
+            if existing.is_none() {
+                self.save(&record).await?;
+            }
+            let device = self.source.attach(&backing).await?;
+            if record.device.as_ref() != Some(&device) {
+                record.device = Some(device.clone());
+                self.save(&record).await?;
+            }
+            if let Some(fs) = fs {
+                self.mount_staged(&req, &device, fs, &options, readonly)
+                    .await?;
+            }
+            Ok::<_, NodeError>(device)
+        }
+        .await;
+        match result {
+            Ok(device) => {
+                tracing::info!(volume_id = %req.volume, staging = %req.staging, device = %device, "staged");
+                Ok(())
+            }
+            Err(e) => {
+                // Undo what this call did; what an earlier call made stays.
+                if was_attached.is_none() && existing.is_none() {
+                    if let Err(undo) = self.source.detach(&backing).await {
+                        tracing::warn!(volume_id = %req.volume, error = %undo, "could not detach after a failed stage");
+                    }
+                }
+                if existing.is_none() {
+                    self.forget(&req.volume).await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn mount_staged(
+        &self,
+        req: &Stage,
+        device: &BlockDevice,
+        fs: FsType,
+        options: &MountOptions,
+        readonly: bool,
+    ) -> Result<(), NodeError> {
+        let mounts = self.mounts().await?;
+        if let Some(top) = mounts_at(&mounts, &req.staging).last() {
+            if same_device(top, device) {
+                return Ok(());
+            }
+            return Err(NodeError::FailedPrecondition(format!(
+                "staging_target_path {} is already a mount point of {} ({}:{}), not of {device}",
+                req.staging, top.source, top.major, top.minor
+            )));
+        }
+        match filesystem::probe(self.runner.as_ref(), device).await? {
+            Content::Empty if readonly => {
+                return Err(NodeError::FailedPrecondition(format!(
+                "volume {} holds no filesystem and is staged read-only, so it cannot be formatted",
+                req.volume
+            )))
+            }
+            Content::Empty => filesystem::format(self.runner.as_ref(), device, fs).await?,
+            Content::Filesystem(found) if FsType::parse(&found) == Some(fs) => {
+                filesystem::check(self.runner.as_ref(), device, fs).await?
+            }
+            Content::Filesystem(found) => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {} holds a {found} filesystem, but {fs} was asked for; it is neither \
+                     formatted nor mounted",
+                    req.volume
+                )))
+            }
+            Content::Other(what) => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {} holds {what}; refusing to format or mount it",
+                    req.volume
+                )))
+            }
+        }
+        let (mounter, device, staging, options) = (
+            self.mounter.clone(),
+            device.clone(),
+            req.staging.clone(),
+            options.clone(),
+        );
+        blocking(move || {
+            mounter
+                .mount_device(&device, &staging, fs, &options)
+                .map_err(NodeError::from)
+        })
+        .await
+    }
+
+    /// CSI NodeUnstageVolume: unmount the staging path, detach the device, forget the record.
+    /// Nothing staged there is OK; a volume still published is FAILED_PRECONDITION.
+    pub async fn unstage(&self, req: Unstage) -> Result<(), NodeError> {
+        let _turn = self.locks.lock(&req.volume).await;
+        let record = self.load(&req.volume).await?;
+        let backing = match &record {
+            Some(r) => r.backing.clone(),
+            None => self.source.locate(&req.volume, &HashMap::new())?,
+        };
+        if let Some(r) = &record {
+            if r.staging != req.staging {
+                tracing::info!(volume_id = %req.volume, staged_at = %r.staging, asked = %req.staging,
+                    "unstage of a path the volume is not staged at: nothing to do");
+                return Ok(());
+            }
+            let mut live = Vec::new();
+            for target in r.publishes.keys() {
+                if self.look(target).await? != Found::Nothing {
+                    live.push(target.to_string());
+                }
+            }
+            if !live.is_empty() {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {} is still published at {}; NodeUnpublishVolume it first",
+                    req.volume,
+                    live.join(", ")
+                )));
+            }
+        }
+        let device = self.source.find(&backing).await?;
+        if record.is_none() && device.is_none() && !self.source.exists(&backing).await? {
+            return Err(NodeError::NotFound(format!(
+                "volume {} does not exist on this node",
+                req.volume
+            )));
+        }
+        if let Some(device) = &device {
+            let mounts = self.mounts().await?;
+            for top in mounts_at(&mounts, &req.staging).into_iter().rev() {
+                if !same_device(top, device) {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "staging_target_path {} is a mount point of {} ({}:{}), not of volume {}; \
+                         not unmounting it",
+                        req.staging, top.source, top.major, top.minor, req.volume
+                    )));
+                }
+                self.unmount(&req.staging, "staging_target_path").await?;
+            }
+            let mounts = self.mounts().await?;
+            if let Some(elsewhere) = mounts.iter().find(|m| same_device(m, device)) {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "{device} is still mounted at {}; not detaching it",
+                    elsewhere.mount_point.display()
+                )));
+            }
+        }
+        self.source.detach(&backing).await?;
+        self.forget(&req.volume).await?;
+        tracing::info!(volume_id = %req.volume, staging = %req.staging, "unstaged");
+        Ok(())
+    }
+
+    async fn unmount(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
+        let (mounter, p) = (self.mounter.clone(), path.clone());
+        blocking(move || {
+            mounter.unmount(&p).map_err(|e| {
+                if e.busy() {
+                    NodeError::FailedPrecondition(format!(
+                        "{field} {p} is busy (a process still uses it); not unmounting it lazily, \
+                         retry once it is released"
+                    ))
+                } else {
+                    NodeError::from(e)
+                }
+            })
+        })
+        .await
+    }
+
+    /// CSI NodePublishVolume. Mount: bind mount staging → target (read-only when asked).
+    /// Block: a device node at the target file (0660, or 0440 read-only).
+    pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
+        let _turn = self.locks.lock(&req.volume).await;
+        let backing = self.source.locate(&req.volume, &req.publish_context)?;
+        let Some(mut record) = self.load(&req.volume).await? else {
+            self.require_volume(&req.volume, &backing).await?;
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is not staged at {}; NodeStageVolume it first",
+                req.volume, req.staging
+            )));
+        };
+        if record.staging != req.staging {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is staged at {}, not at {}",
+                req.volume, record.staging, req.staging
+            )));
+        }
+        if is_block(&record.capability) != is_block(&req.capability)
+            || record.capability.mode() != req.capability.mode()
+        {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is staged as {}; it cannot be published as {}",
+                req.volume,
+                describe(&record.capability),
+                describe(&req.capability)
+            )));
+        }
+        let readonly = req.readonly || record.readonly;
+        let wanted = PublishRecord {
+            capability: req.capability.clone(),
+            readonly,
+        };
+        if let Some(existing) = record.publishes.get(&req.target) {
+            if *existing != wanted {
+                return Err(NodeError::AlreadyExists(format!(
+                    "volume {} is already published at {} as {}{}; the request asks for {}{}",
+                    req.volume,
+                    req.target,
+                    describe(&existing.capability),
+                    if existing.readonly { " read-only" } else { "" },
+                    describe(&req.capability),
+                    if readonly { " read-only" } else { "" },
+                )));
+            }
+        }
+        let device = self.source.find(&backing).await?.ok_or_else(|| {
+            NodeError::FailedPrecondition(format!(
+                "volume {}'s device is no longer attached; stage it again",
+                req.volume
+            ))
+        })?;
+        if is_block(&req.capability) {
+            self.publish_block(&req, &device, readonly, &mut record, wanted)
+                .await
+        } else {
+            self.publish_mount(&req, &device, readonly, &mut record, wanted)
+                .await
+        }
+    }
+
+    async fn publish_mount(
+        &self,
+        req: &Publish,
+        device: &BlockDevice,
+        readonly: bool,
+        record: &mut StageRecord,
+        wanted: PublishRecord,
+    ) -> Result<(), NodeError> {
+        let mounts = self.mounts().await?;
+        let staged = mounts_at(&mounts, &req.staging)
+            .last()
+            .is_some_and(|m| same_device(m, device));
+        if !staged {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is not mounted at its staging path {}; stage it again",
+                req.volume, req.staging
+            )));
+        }
+        let created = match self.look(&req.target).await? {
+            Found::Directory => false,
+            Found::Nothing => {
+                let t = req.target.clone();
+                blocking(move || {
+                    std::fs::create_dir(t.as_path()).map_err(|source| NodeError::Io {
+                        action: format!("creating target_path {t}"),
+                        source,
+                    })
+                })
+                .await?;
+                true
+            }
+            Found::Symlink => {
+                return Err(NodeError::invalid(
+                    "target_path",
+                    format!("{} is a symbolic link; refusing to follow it", req.target),
+                ))
+            }
+            other => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "target_path {} exists and is not a directory ({other:?})",
+                    req.target
+                )))
+            }
+        };
+        if let Some(top) = mounts_at(&mounts, &req.target).last() {
+            if !same_device(top, device) {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "target_path {} is already a mount point of {} ({}:{})",
+                    req.target, top.source, top.major, top.minor
+                )));
+            }
+            if top.read_only() != readonly {
+                return Err(NodeError::AlreadyExists(format!(
+                    "volume {} is already mounted at {} {}",
+                    req.volume,
+                    req.target,
+                    if top.read_only() {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+            return self.remember_publish(req, record, wanted).await;
+        }
+        self.remember_publish(req, record, wanted).await?;
+        let (mounter, staging, target) = (
+            self.mounter.clone(),
+            req.staging.clone(),
+            req.target.clone(),
+        );
+        let bound = blocking(move || {
+            mounter
+                .bind(&staging, &target, readonly)
+                .map_err(NodeError::from)
+        })
+        .await;
+        if let Err(e) = bound {
+            record.publishes.remove(&req.target);
+            self.save(record).await?;
+            if created {
+                let _ = std::fs::remove_dir(req.target.as_path());
+            }
+            return Err(e);
+        }
+        tracing::info!(volume_id = %req.volume, target = %req.target, readonly, "published (bind mount)");
+        Ok(())
+    }
+
+    async fn remember_publish(
+        &self,
+        req: &Publish,
+        record: &mut StageRecord,
+        wanted: PublishRecord,
+    ) -> Result<(), NodeError> {
+        if record.publishes.get(&req.target) != Some(&wanted) {
+            record.publishes.insert(req.target.clone(), wanted);
+            self.save(record).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_block(
+        &self,
+        req: &Publish,
+        device: &BlockDevice,
+        readonly: bool,
+        record: &mut StageRecord,
+        wanted: PublishRecord,
+    ) -> Result<(), NodeError> {
+        let mode = if readonly { 0o440 } else { 0o660 };
+        match self.look(&req.target).await? {
+            Found::Nothing => {}
+            Found::BlockDevice {
+                major,
+                minor,
+                mode: have,
+            } if (major, minor) == (device.major, device.minor) => {
+                if have != mode {
+                    return Err(NodeError::AlreadyExists(format!(
+                        "volume {} is already published at {} with mode {have:o}, not {mode:o}",
+                        req.volume, req.target
+                    )));
+                }
+                return self.remember_publish(req, record, wanted).await;
+            }
+            Found::BlockDevice { major, minor, .. } => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "target_path {} is the device node of another device ({major}:{minor})",
+                    req.target
+                )))
+            }
+            Found::Symlink => {
+                return Err(NodeError::invalid(
+                    "target_path",
+                    format!("{} is a symbolic link; refusing to follow it", req.target),
+                ))
+            }
+            other => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "target_path {} exists ({other:?}); a block volume is published as a device \
+                     node the plugin creates",
+                    req.target
+                )))
+            }
+        }
+        self.remember_publish(req, record, wanted).await?;
+        let (mounter, target, dev) = (self.mounter.clone(), req.target.clone(), device.clone());
+        let made = blocking(move || {
+            mounter
+                .make_device_node(&target, &dev, readonly)
+                .map_err(NodeError::from)
+        })
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(req.target.as_path());
+            record.publishes.remove(&req.target);
+            self.save(record).await?;
+            return Err(e);
+        }
+        tracing::info!(volume_id = %req.volume, target = %req.target, device = %device, readonly, "published (device node)");
+        Ok(())
+    }
+
+    /// CSI NodeUnpublishVolume: unmount and remove the target directory, or remove the device
+    /// node. A target that is already gone is OK.
+    pub async fn unpublish(&self, req: Unpublish) -> Result<(), NodeError> {
+        let _turn = self.locks.lock(&req.volume).await;
+        let mut record = self.load(&req.volume).await?;
+        let backing = match &record {
+            Some(r) => r.backing.clone(),
+            None => self.source.locate(&req.volume, &HashMap::new())?,
+        };
+        let device = self.source.find(&backing).await?;
+        let recorded = record
+            .as_ref()
+            .is_some_and(|r| r.publishes.contains_key(&req.target));
+        match self.look(&req.target).await? {
+            Found::Nothing => {
+                if record.is_none() && device.is_none() && !self.source.exists(&backing).await? {
+                    return Err(NodeError::NotFound(format!(
+                        "volume {} does not exist on this node",
+                        req.volume
+                    )));
+                }
+            }
+            Found::Symlink => {
+                return Err(NodeError::invalid(
+                    "target_path",
+                    format!("{} is a symbolic link; refusing to follow it", req.target),
+                ))
+            }
+            Found::Directory => {
+                let mounts = self.mounts().await?;
+                for top in mounts_at(&mounts, &req.target).into_iter().rev() {
+                    let ours = device.as_ref().is_some_and(|d| same_device(top, d));
+                    if !ours {
+                        return Err(NodeError::FailedPrecondition(format!(
+                            "target_path {} is a mount point of {} ({}:{}), not of volume {}; not \
+                             unmounting it",
+                            req.target, top.source, top.major, top.minor, req.volume
+                        )));
+                    }
+                    self.unmount(&req.target, "target_path").await?;
+                }
+                let t = req.target.clone();
+                blocking(move || match std::fs::remove_dir(t.as_path()) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                        Err(NodeError::FailedPrecondition(format!(
+                            "target_path {t} is not a mount point and is not empty; refusing to \
+                             delete it"
+                        )))
+                    }
+                    Err(source) => Err(NodeError::Io {
+                        action: format!("removing target_path {t}"),
+                        source,
+                    }),
+                })
+                .await?;
+            }
+            Found::BlockDevice { major, minor, .. } => {
+                let ours = device
+                    .as_ref()
+                    .is_some_and(|d| (d.major, d.minor) == (major, minor))
+                    || recorded;
+                if !ours {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "target_path {} is the device node of {major}:{minor}, not of volume {}; \
+                         not removing it",
+                        req.target, req.volume
+                    )));
+                }
+                remove_file(&req.target).await?;
+            }
+            Found::RegularFile { len: 0 } if recorded => remove_file(&req.target).await?,
+            other => {
+                return Err(NodeError::FailedPrecondition(format!(
+                "target_path {} is {other:?}, which this plugin did not create; not removing it",
+                req.target
+            )))
+            }
+        }
+        if let Some(r) = record.as_mut() {
+            if r.publishes.remove(&req.target).is_some() {
+                self.save(r).await?;
+            }
+        }
+        tracing::info!(volume_id = %req.volume, target = %req.target, "unpublished");
+        Ok(())
+    }
+
+    /// CSI NodeGetVolumeStats: bytes and inodes of a mounted filesystem, bytes of a block
+    /// device; abnormal when the mount or the device is gone.
+    pub async fn stats(&self, req: Stats) -> Result<VolumeStats, NodeError> {
+        let _turn = self.locks.lock(&req.volume).await;
+        let path = req.path.valid(&req.volume)?.clone();
+        let record = self.known_path(&req.volume, &path).await?;
+        let device = self.source.find(&record.backing).await?;
+        let healthy = match &device {
+            Some(d) => self.source.healthy(&record.backing, d).await?,
+            None => false,
+        };
+        match self.look(&path).await? {
+            Found::Nothing => Err(NodeError::NotFound(format!(
+                "volume_path {path} does not exist"
+            ))),
+            Found::Directory => {
+                let mounts = self.mounts().await?;
+                let mounted = match (&device, mounts_at(&mounts, &path).last()) {
+                    (Some(d), Some(top)) => same_device(top, d),
+                    _ => false,
+                };
+                let abnormal = if !healthy {
+                    Some(format!("volume {}'s device is gone", req.volume))
+                } else if !mounted {
+                    Some(format!(
+                        "volume {} is no longer mounted at {path}",
+                        req.volume
+                    ))
+                } else {
+                    None
+                };
+                if abnormal.is_some() {
+                    return Ok(VolumeStats {
+                        total_bytes: 0,
+                        available_bytes: None,
+                        used_bytes: None,
+                        inodes: None,
+                        abnormal,
+                    });
+                }
+                let p = path.clone();
+                let st = blocking(move || {
+                    rustix::fs::statvfs(p.as_path()).map_err(|e| NodeError::Io {
+                        action: format!("statvfs {p}"),
+                        source: e.into(),
+                    })
+                })
+                .await?;
+                let frsize = st.f_frsize;
+                Ok(VolumeStats {
+                    total_bytes: st.f_blocks * frsize,
+                    available_bytes: Some(st.f_bavail * frsize),
+                    used_bytes: Some((st.f_blocks - st.f_bfree) * frsize),
+                    inodes: Some((st.f_files, st.f_ffree, st.f_files - st.f_ffree)),
+                    abnormal: None,
+                })
+            }
+            Found::BlockDevice { major, minor, .. } => {
+                let ours = device
+                    .as_ref()
+                    .is_some_and(|d| (d.major, d.minor) == (major, minor));
+                let size = if ours && healthy {
+                    let p = path.clone();
+                    blocking(move || device_size(&p)).await?
+                } else {
+                    0
+                };
+                Ok(VolumeStats {
+                    total_bytes: size,
+                    available_bytes: None,
+                    used_bytes: None,
+                    inodes: None,
+                    abnormal: (!(ours && healthy))
+                        .then(|| format!("volume {}'s device is gone", req.volume)),
+                })
+            }
+            other => Err(NodeError::NotFound(format!(
+                "volume_path {path} is {other:?}, not a volume"
+            ))),
+        }
+    }
+
+    /// The record of a volume staged or published at `path`; NOT_FOUND otherwise.
+    async fn known_path(
+        &self,
+        volume: &VolumeId,
+        path: &AbsPath,
+    ) -> Result<StageRecord, NodeError> {
+        let Some(record) = self.load(volume).await? else {
+            let backing = self.source.locate(volume, &HashMap::new())?;
+            self.require_volume(volume, &backing).await?;
+            return Err(NodeError::NotFound(format!(
+                "volume {volume} is not staged or published on this node"
+            )));
+        };
+        if record.staging != *path && !record.publishes.contains_key(path) {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume} is not staged or published at {path}"
+            )));
+        }
+        Ok(record)
+    }
+
+    /// CSI NodeExpandVolume: the device learns its new size, then a filesystem grows online.
+    /// Returns the size the volume now has.
+    pub async fn expand(&self, req: Expand) -> Result<u64, NodeError> {
+        let _turn = self.locks.lock(&req.volume).await;
+        let path = req.path.valid(&req.volume)?.clone();
+        let record = self.known_path(&req.volume, &path).await?;
+        if self.look(&path).await? == Found::Nothing {
+            return Err(NodeError::NotFound(format!(
+                "volume_path {path} does not exist"
+            )));
+        }
+        let device = self.source.find(&record.backing).await?.ok_or_else(|| {
+            NodeError::FailedPrecondition(format!(
+                "volume {}'s device is no longer attached",
+                req.volume
+            ))
+        })?;
+        let size = self.source.refresh_size(&record.backing, &device).await?;
+        if size < req.required_bytes {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is {size} bytes, less than the {} asked for; ControllerExpandVolume \
+                 must grow it first",
+                req.volume, req.required_bytes
+            )));
+        }
+        if req.limit_bytes != 0 && size > req.limit_bytes {
+            return Err(NodeError::OutOfRange(format!(
+                "volume {} is {size} bytes, more than limit_bytes {}",
+                req.volume, req.limit_bytes
+            )));
+        }
+        if let Some(fs) = record.fs {
+            let mounts = self.mounts().await?;
+            let mounted = mounts_at(&mounts, &record.staging)
+                .last()
+                .is_some_and(|m| same_device(m, &device));
+            if !mounted {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {}'s filesystem is not mounted at {}; it grows online only",
+                    req.volume, record.staging
+                )));
+            }
+            filesystem::grow(self.runner.as_ref(), &device, &record.staging, fs).await?;
+        }
+        tracing::info!(volume_id = %req.volume, bytes = size, "expanded on the node");
+        Ok(size)
+    }
+}
+
+async fn remove_file(path: &AbsPath) -> Result<(), NodeError> {
+    let p = path.clone();
+    blocking(move || match std::fs::remove_file(p.as_path()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(NodeError::Io {
+            action: format!("removing {p}"),
+            source,
+        }),
+    })
+    .await
+}
+
+/// The size of the block device at `path` (its end, found by seeking).
+fn device_size(path: &AbsPath) -> Result<u64, NodeError> {
+    use std::io::{Seek, SeekFrom};
+    let io = |source| NodeError::Io {
+        action: format!("reading the size of {path}"),
+        source,
+    };
+    let mut f = std::fs::File::open(PathBuf::from(path.as_path())).map_err(io)?;
+    f.seek(SeekFrom::End(0)).map_err(io)
+}

@@ -1,0 +1,184 @@
+//! What the node remembers about each staged volume, across restarts: one small JSON file per
+//! volume under `--node-state-dir`.
+//!
+//! The kernel is the truth about devices and mounts (sysfs, mountinfo); a record holds only what
+//! the kernel cannot say: the capability a volume was staged and published with (for the
+//! spec's ALREADY_EXISTS checks), and what backs it (so an unstage after a restart knows what to
+//! detach). A record is written before the work it describes and removed after it is undone,
+//! each write atomic (temporary file, fsync, rename, directory fsync).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::device::Backing;
+use super::paths::{AbsPath, BlockDevice};
+use super::NodeError;
+use crate::domain::{Capability, FsType};
+use crate::ids::VolumeId;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StageRecord {
+    pub volume: VolumeId,
+    pub staging: AbsPath,
+    pub capability: Capability,
+    /// The filesystem, for mount access.
+    pub fs: Option<FsType>,
+    pub readonly: bool,
+    pub backing: Backing,
+    /// The device last seen for it; a hint, always checked against the kernel.
+    pub device: Option<BlockDevice>,
+    pub publishes: BTreeMap<AbsPath, PublishRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishRecord {
+    pub capability: Capability,
+    pub readonly: bool,
+}
+
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
+            action: format!("creating --node-state-dir {}", dir.display()),
+            source,
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, volume: &VolumeId) -> PathBuf {
+        // VolumeId admits no '/', NUL or leading '.': the name stays inside the directory.
+        self.dir.join(format!("{volume}.json"))
+    }
+
+    pub fn load(&self, volume: &VolumeId) -> Result<Option<StageRecord>, NodeError> {
+        let path = self.path(volume);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| NodeError::Io {
+                    action: format!("reading node record {}", path.display()),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(NodeError::Io {
+                action: format!("reading node record {}", path.display()),
+                source,
+            }),
+        }
+    }
+
+    pub fn save(&self, record: &StageRecord) -> Result<(), NodeError> {
+        use std::io::Write;
+        let path = self.path(&record.volume);
+        let tmp = path.with_extension("json.partial");
+        let io = |action: &str| {
+            let action = format!("{action} node record {}", path.display());
+            move |source| NodeError::Io { action, source }
+        };
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| NodeError::Io {
+            action: "encoding a node record".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut file = std::fs::File::create(&tmp).map_err(io("writing"))?;
+        file.write_all(&bytes).map_err(io("writing"))?;
+        file.sync_all().map_err(io("syncing"))?;
+        std::fs::rename(&tmp, &path).map_err(io("committing"))?;
+        self.sync_dir()
+    }
+
+    pub fn remove(&self, volume: &VolumeId) -> Result<(), NodeError> {
+        let path = self.path(volume);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(NodeError::Io {
+                action: format!("removing node record {}", path.display()),
+                source,
+            }),
+        }
+    }
+
+    /// Every record, for the start-up survey. Unreadable files are reported, not deleted.
+    pub fn all(&self) -> Result<Vec<Result<StageRecord, NodeError>>, NodeError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| NodeError::Io {
+            action: format!("listing {}", self.dir.display()),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".json") else {
+                continue;
+            };
+            match VolumeId::try_from(stem) {
+                Ok(id) => {
+                    if let Some(r) = self.load(&id).transpose() {
+                        out.push(r);
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(file = %name, "ignoring a file in --node-state-dir that is not a node record")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn sync_dir(&self) -> Result<(), NodeError> {
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| NodeError::Io {
+                action: format!("syncing {}", self.dir.display()),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::AccessMode;
+
+    #[test]
+    fn records_round_trip_and_removal_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open(&dir.path().join("state")).unwrap();
+        let volume = VolumeId::try_from("pvc-1").unwrap();
+        assert_eq!(records.load(&volume).unwrap(), None);
+        let mut record = StageRecord {
+            volume: volume.clone(),
+            staging: AbsPath::try_from(PathBuf::from("/stage/pvc-1")).unwrap(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            fs: None,
+            readonly: false,
+            backing: Backing::File {
+                image: AbsPath::try_from(PathBuf::from("/v/pvc-1.img")).unwrap(),
+            },
+            device: None,
+            publishes: BTreeMap::new(),
+        };
+        record.publishes.insert(
+            AbsPath::try_from(PathBuf::from("/t/1")).unwrap(),
+            PublishRecord {
+                capability: record.capability.clone(),
+                readonly: true,
+            },
+        );
+        records.save(&record).unwrap();
+        assert_eq!(records.load(&volume).unwrap(), Some(record.clone()));
+        assert_eq!(records.all().unwrap().len(), 1);
+        records.remove(&volume).unwrap();
+        records.remove(&volume).unwrap();
+        assert_eq!(records.load(&volume).unwrap(), None);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary file left behind");
+    }
+}

@@ -1,0 +1,1183 @@
+//! The node service for real, through the binary's socket: loop devices, mkfs, mounts and
+//! device nodes, as root. Every test ends by asserting it left no mount and no loop device
+//! under its own directory; its [`Host`] guard cleans up even when it fails.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+use rds_csi::csi::volume_capability::access_mode::Mode;
+use rds_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use rds_csi::csi::*;
+use tonic::Code;
+
+use crate::support::host::{root_or_skip, Host};
+use crate::support::*;
+
+const MIB: i64 = 1 << 20;
+
+pub fn mount_cap(mode: Mode, fs: &str, flags: &[&str]) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+            volume_mount_group: String::new(),
+        })),
+    }
+}
+
+/// A driver (node id n1, all services) whose files and mount points live under one [`Host`].
+pub struct Node {
+    pub d: Driver,
+    // Dropped after the driver: the guard unmounts and detaches once the driver is gone.
+    pub host: Host,
+}
+
+impl Node {
+    pub async fn start(extra: &[&str]) -> Node {
+        let host = Host::new();
+        let d = Driver::start_in(host.driver_dir(), &[], extra).await;
+        Node { d, host }
+    }
+
+    /// Kills the driver with SIGKILL and starts a new one in the same directory.
+    pub async fn crash_and_restart(self, extra: &[&str]) -> Node {
+        let Node { mut d, host } = self;
+        d.kill9();
+        let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+        let d = Driver::start_in(dir, &[], extra).await;
+        Node { d, host }
+    }
+
+    pub async fn create(&self, name: &str, bytes: i64, cap: VolumeCapability) {
+        self.d
+            .controller()
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// ControllerPublishVolume to n1: the publish_context the node then receives.
+    pub async fn attach(&self, volume: &str, cap: VolumeCapability) -> HashMap<String, String> {
+        self.d.publish(volume, "n1", cap).await.unwrap()
+    }
+
+    /// NodeStageVolume at `staging` under the host dir, created first as the CO does.
+    pub async fn stage(
+        &self,
+        volume: &str,
+        staging: &str,
+        cap: VolumeCapability,
+        publish_context: HashMap<String, String>,
+    ) -> Result<(), tonic::Status> {
+        let path = self.host.at(staging);
+        std::fs::create_dir_all(&path).unwrap();
+        self.stage_raw(volume, &path, cap, publish_context).await
+    }
+
+    pub async fn stage_raw(
+        &self,
+        volume: &str,
+        staging: &str,
+        cap: VolumeCapability,
+        publish_context: HashMap<String, String>,
+    ) -> Result<(), tonic::Status> {
+        self.d
+            .node()
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: volume.into(),
+                publish_context,
+                staging_target_path: staging.into(),
+                volume_capability: Some(cap),
+                secrets: HashMap::new(),
+                volume_context: HashMap::new(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn publish(
+        &self,
+        volume: &str,
+        staging: &str,
+        target: &str,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.publish_raw(
+            volume,
+            &self.host.at(staging),
+            &self.host.at(target),
+            cap,
+            readonly,
+        )
+        .await
+    }
+
+    pub async fn publish_raw(
+        &self,
+        volume: &str,
+        staging: &str,
+        target: &str,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.d
+            .node()
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: volume.into(),
+                publish_context: HashMap::new(),
+                staging_target_path: staging.into(),
+                target_path: target.into(),
+                volume_capability: Some(cap),
+                readonly,
+                secrets: HashMap::new(),
+                volume_context: HashMap::new(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn unpublish(&self, volume: &str, target: &str) -> Result<(), tonic::Status> {
+        self.d
+            .node()
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                target_path: self.host.at(target),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn unstage(&self, volume: &str, staging: &str) -> Result<(), tonic::Status> {
+        self.d
+            .node()
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: volume.into(),
+                staging_target_path: self.host.at(staging),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn stats(
+        &self,
+        volume: &str,
+        path: &str,
+    ) -> Result<NodeGetVolumeStatsResponse, tonic::Status> {
+        self.d
+            .node()
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: volume.into(),
+                volume_path: path.into(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn expand(&self, volume: &str, bytes: i64, path: &str) -> Result<i64, tonic::Status> {
+        let controller = self
+            .d
+            .controller()
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: volume.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert_eq!(controller.capacity_bytes, bytes);
+        assert!(controller.node_expansion_required);
+        self.d
+            .node()
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: volume.into(),
+                volume_path: path.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().capacity_bytes)
+    }
+
+    /// The loop devices backing this test's images.
+    pub fn loops(&self) -> Vec<String> {
+        self.host.loops()
+    }
+
+    /// Mount points under this test's directory.
+    pub fn mount_count(&self, rel: &str) -> usize {
+        let p = self.host.path().join(rel);
+        self.host.mounts().iter().filter(|m| **m == p).count()
+    }
+}
+
+fn bytes_of(stats: &NodeGetVolumeStatsResponse, unit: volume_usage::Unit) -> &VolumeUsage {
+    stats
+        .usage
+        .iter()
+        .find(|u| u.unit == unit as i32)
+        .unwrap_or_else(|| panic!("no {unit:?} usage in {stats:?}"))
+}
+
+fn condition(stats: &NodeGetVolumeStatsResponse) -> (bool, String) {
+    let c = stats.volume_condition.clone().expect("volume_condition");
+    (c.abnormal, c.message)
+}
+
+fn expect_code(result: Result<(), tonic::Status>, code: Code, needle: &str) {
+    let err = result.expect_err("expected an error");
+    assert_eq!(err.code(), code, "{}", err.message());
+    assert!(
+        err.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        err.message()
+    );
+}
+
+/// The full mount lifecycle twice over: data written in the first round is read back after
+/// unstage and a fresh stage (the second stage must not format).
+async fn mount_lifecycle(fs: &str, size: i64) {
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, fs, &["noatime"]);
+    n.create("data", size, cap.clone()).await;
+    let ctx = n.attach("data", cap.clone()).await;
+    n.stage("data", "stage", cap.clone(), ctx.clone())
+        .await
+        .unwrap();
+    n.publish("data", "stage", "target", cap.clone(), false)
+        .await
+        .unwrap();
+    let file = n.host.path().join("target/hello.txt");
+    std::fs::write(&file, b"written before unstage").unwrap();
+    let stats = n.stats("data", &n.host.at("target")).await.unwrap();
+    assert!(bytes_of(&stats, volume_usage::Unit::Bytes).total > 0);
+    assert!(bytes_of(&stats, volume_usage::Unit::Inodes).used > 0);
+    assert_eq!(condition(&stats), (false, "volume is healthy".into()));
+
+    n.unpublish("data", "target").await.unwrap();
+    assert!(
+        !n.host.path().join("target").exists(),
+        "unpublish removes the target"
+    );
+    n.unstage("data", "stage").await.unwrap();
+    assert!(
+        n.loops().is_empty() && n.host.mounts().is_empty(),
+        "unstage undoes everything"
+    );
+
+    n.stage("data", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("data", "stage", "target", cap, false)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"written before unstage");
+    n.unpublish("data", "target").await.unwrap();
+    n.unstage("data", "stage").await.unwrap();
+    n.d.unpublish("data", "n1").await.unwrap();
+    n.host.assert_clean();
+    let log = n.d.log();
+    assert_eq!(
+        log.matches("formatting an empty device").count(),
+        1,
+        "formatted exactly once"
+    );
+}
+
+#[tokio::test]
+async fn ext4_lifecycle_keeps_data_across_unstage_and_stage() {
+    if root_or_skip("ext4_lifecycle") {
+        mount_lifecycle("ext4", 64 * MIB).await;
+    }
+}
+
+#[tokio::test]
+async fn xfs_lifecycle_keeps_data_across_unstage_and_stage() {
+    if root_or_skip("xfs_lifecycle") {
+        mount_lifecycle("xfs", 512 * MIB).await;
+    }
+}
+
+#[tokio::test]
+async fn block_lifecycle_exposes_a_device_node_and_keeps_data() {
+    if !root_or_skip("block_lifecycle") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = rwo_block();
+    n.create("raw", 16 * MIB, cap.clone()).await;
+    let ctx = n.attach("raw", cap.clone()).await;
+    n.stage("raw", "stage", cap.clone(), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        n.host.mounts(),
+        Vec::<std::path::PathBuf>::new(),
+        "block staging mounts nothing"
+    );
+    std::fs::create_dir_all(n.host.path().join("pod")).unwrap();
+    n.publish("raw", "stage", "pod/dev", cap.clone(), false)
+        .await
+        .unwrap();
+    let node = n.host.path().join("pod/dev");
+    let meta = std::fs::symlink_metadata(&node).unwrap();
+    assert!(meta.file_type().is_block_device());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let loops = n.loops();
+    assert_eq!(loops.len(), 1);
+    let dev = std::fs::read_to_string(format!("/sys/block/{}/dev", loops[0])).unwrap();
+    assert_eq!(
+        format!("{}:{}", libc::major(meta.rdev()), libc::minor(meta.rdev())),
+        dev.trim(),
+        "the node is the loop device's"
+    );
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&node).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(b"raw block data").unwrap();
+        f.sync_all().unwrap();
+    }
+    let stats = n.stats("raw", &node.display().to_string()).await.unwrap();
+    assert_eq!(bytes_of(&stats, volume_usage::Unit::Bytes).total, 16 * MIB);
+    assert!(!condition(&stats).0);
+
+    n.unpublish("raw", "pod/dev").await.unwrap();
+    assert!(!node.exists(), "unpublish removes the device node");
+    n.unstage("raw", "stage").await.unwrap();
+    assert!(n.loops().is_empty());
+
+    n.stage("raw", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("raw", "stage", "pod/dev", cap, true)
+        .await
+        .unwrap();
+    let meta = std::fs::symlink_metadata(&node).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o440,
+        "read-only publish: 0440"
+    );
+    let mut buf = [0u8; 14];
+    let mut f = std::fs::File::open(&node).unwrap();
+    f.seek(SeekFrom::Start(4096)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"raw block data");
+    drop(f);
+    n.unpublish("raw", "pod/dev").await.unwrap();
+    n.unstage("raw", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn xfs_grows_online_while_mounted() {
+    if !root_or_skip("xfs_grows_online") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    n.create("grow", 512 * MIB, cap.clone()).await;
+    let ctx = n.attach("grow", cap.clone()).await;
+    n.stage("grow", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("grow", "stage", "target", cap, false)
+        .await
+        .unwrap();
+    let target = n.host.at("target");
+    let before = bytes_of(
+        &n.stats("grow", &target).await.unwrap(),
+        volume_usage::Unit::Bytes,
+    )
+    .total;
+    std::fs::write(n.host.path().join("target/keep"), b"still here").unwrap();
+    let node_bytes = n.expand("grow", 1024 * MIB, &target).await.unwrap();
+    assert_eq!(node_bytes, 1024 * MIB);
+    let after = bytes_of(
+        &n.stats("grow", &target).await.unwrap(),
+        volume_usage::Unit::Bytes,
+    )
+    .total;
+    assert!(
+        after > before + 400 * MIB,
+        "the mounted filesystem sees the new size: {before} -> {after}"
+    );
+    assert_eq!(
+        std::fs::read(n.host.path().join("target/keep")).unwrap(),
+        b"still here"
+    );
+    let shrink =
+        n.d.controller()
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: "grow".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 512 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(shrink.code(), Code::OutOfRange, "{}", shrink.message());
+    n.unpublish("grow", "target").await.unwrap();
+    n.unstage("grow", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// ext4's online resize needs CAP_SYS_RESOURCE. Where the process has it, the filesystem
+/// grows; where it does not (some sandboxes), the answer says exactly that, and the device has
+/// grown all the same.
+#[tokio::test]
+async fn ext4_grows_online_or_names_the_missing_capability() {
+    if !root_or_skip("ext4_grows_online") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("grow", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("grow", cap.clone()).await;
+    n.stage("grow", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("grow", "stage", "target", cap, false)
+        .await
+        .unwrap();
+    let target = n.host.at("target");
+    let before = bytes_of(
+        &n.stats("grow", &target).await.unwrap(),
+        volume_usage::Unit::Bytes,
+    )
+    .total;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let can = rds_csi::node::filesystem::has_capability(
+        &status,
+        rds_csi::node::filesystem::CAP_SYS_RESOURCE,
+    );
+    match n.expand("grow", 128 * MIB, &target).await {
+        Ok(bytes) => {
+            assert!(can, "grew without CAP_SYS_RESOURCE?");
+            assert_eq!(bytes, 128 * MIB);
+            let after = bytes_of(
+                &n.stats("grow", &target).await.unwrap(),
+                volume_usage::Unit::Bytes,
+            )
+            .total;
+            assert!(after > before + 50 * MIB, "{before} -> {after}");
+        }
+        Err(e) => {
+            assert!(!can, "failed with CAP_SYS_RESOURCE: {}", e.message());
+            assert_eq!(e.code(), Code::FailedPrecondition);
+            assert!(e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message());
+            let loops = n.loops();
+            let sectors: i64 = std::fs::read_to_string(format!("/sys/block/{}/size", loops[0]))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_eq!(sectors * 512, 128 * MIB, "the device has grown");
+        }
+    }
+    n.unpublish("grow", "target").await.unwrap();
+    n.unstage("grow", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn block_expansion_refreshes_the_device_size() {
+    if !root_or_skip("block_expansion") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = rwo_block();
+    n.create("raw", 16 * MIB, cap.clone()).await;
+    let ctx = n.attach("raw", cap.clone()).await;
+    n.stage("raw", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("raw", "stage", "dev", cap, false).await.unwrap();
+    let dev = n.host.at("dev");
+    assert_eq!(n.expand("raw", 48 * MIB, &dev).await.unwrap(), 48 * MIB);
+    let stats = n.stats("raw", &dev).await.unwrap();
+    assert_eq!(bytes_of(&stats, volume_usage::Unit::Bytes).total, 48 * MIB);
+    n.unpublish("raw", "dev").await.unwrap();
+    n.unstage("raw", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn repeats_are_idempotent_and_other_capabilities_already_exist() {
+    if !root_or_skip("repeats_are_idempotent") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    for _ in 0..3 {
+        n.stage("v", "stage", cap.clone(), ctx.clone())
+            .await
+            .unwrap();
+        n.publish("v", "stage", "t", cap.clone(), false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(n.loops().len(), 1, "one loop device");
+    assert_eq!(n.mount_count("stage"), 1, "one staging mount");
+    assert_eq!(n.mount_count("t"), 1, "one publish mount");
+
+    let xfs = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    expect_code(
+        n.stage("v", "stage", xfs, ctx.clone()).await,
+        Code::AlreadyExists,
+        "already staged",
+    );
+    let reader = mount_cap(Mode::SingleNodeReaderOnly, "ext4", &[]);
+    expect_code(
+        n.stage("v", "stage", reader, ctx.clone()).await,
+        Code::AlreadyExists,
+        "already staged",
+    );
+    expect_code(
+        n.stage("v", "stage2", cap.clone(), ctx.clone()).await,
+        Code::AlreadyExists,
+        "already staged at",
+    );
+    expect_code(
+        n.publish("v", "stage", "t", cap.clone(), true).await,
+        Code::AlreadyExists,
+        "already published",
+    );
+
+    // A second, read-only target of the same stage.
+    n.publish("v", "stage", "ro", cap.clone(), true)
+        .await
+        .unwrap();
+    let err = std::fs::write(n.host.path().join("ro/x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "read-only publish");
+    std::fs::write(n.host.path().join("t/x"), b"x").unwrap();
+
+    expect_code(
+        n.unstage("v", "stage").await,
+        Code::FailedPrecondition,
+        "still published",
+    );
+    assert_eq!(
+        n.mount_count("stage"),
+        1,
+        "a refused unstage changes nothing"
+    );
+    for target in ["t", "ro"] {
+        n.unpublish("v", target).await.unwrap();
+        n.unpublish("v", target).await.unwrap();
+    }
+    n.unstage("v", "stage").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_specs_codes_and_leave_nothing_behind() {
+    if !root_or_skip("bad_requests") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    let staging = n.host.at("stage");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut node = n.d.node();
+
+    let long_id = "v".repeat(129);
+    let cases: Vec<(&str, NodeStageVolumeRequest, &str)> = vec![
+        (
+            "no volume id",
+            NodeStageVolumeRequest {
+                volume_id: "".into(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            },
+            "volume_id",
+        ),
+        (
+            "huge volume id",
+            NodeStageVolumeRequest {
+                volume_id: long_id.clone(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            },
+            "volume_id",
+        ),
+        (
+            "odd volume id",
+            NodeStageVolumeRequest {
+                volume_id: "../../etc".into(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            },
+            "volume_id",
+        ),
+        (
+            "no staging path",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            },
+            "staging_target_path",
+        ),
+        (
+            "relative staging path",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: "stage".into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            },
+            "staging_target_path",
+        ),
+        (
+            "dot-dot staging path",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: format!("{staging}/../stage"),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            },
+            "staging_target_path",
+        ),
+        (
+            "no capability",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: staging.clone(),
+                ..Default::default()
+            },
+            "volume_capability",
+        ),
+        (
+            "RWX mount",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(rwx_mount()),
+                ..Default::default()
+            },
+            "RWX requires volumeMode: Block",
+        ),
+        (
+            "unsupported fs",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(mount_cap(Mode::SingleNodeWriter, "btrfs", &[])),
+                ..Default::default()
+            },
+            "fs_type",
+        ),
+        (
+            "unsafe mount flag",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(mount_cap(Mode::SingleNodeWriter, "ext4", &["suid"])),
+                ..Default::default()
+            },
+            "mount_flags",
+        ),
+        (
+            "foreign image",
+            NodeStageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(cap.clone()),
+                publish_context: [("imagePath".to_string(), "/etc/passwd".to_string())].into(),
+                ..Default::default()
+            },
+            "publish_context",
+        ),
+    ];
+    for (what, req, field) in cases {
+        let err = node.node_stage_volume(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(field),
+            "{what}: {:?} should name {field}",
+            err.message()
+        );
+    }
+    let unknown = n
+        .stage("nope", "stage", cap.clone(), HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{}", unknown.message());
+    assert!(
+        n.loops().is_empty() && n.host.mounts().is_empty(),
+        "no stage left half-done"
+    );
+
+    // Publish before stage; then bad publish input on a staged volume.
+    expect_code(
+        n.publish("v", "stage", "t", cap.clone(), false).await,
+        Code::FailedPrecondition,
+        "not staged",
+    );
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    let t = n.host.at("t");
+    let bad_publish: Vec<(&str, &str, &str, Option<VolumeCapability>, &str)> = vec![
+        ("no target", "v", "", Some(cap.clone()), "target_path"),
+        (
+            "relative target",
+            "v",
+            "t",
+            Some(cap.clone()),
+            "target_path",
+        ),
+        ("no capability", "v", &t, None, "volume_capability"),
+        ("no volume id", "", &t, Some(cap.clone()), "volume_id"),
+    ];
+    for (what, vol, target, c, field) in bad_publish {
+        let err = node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.clone(),
+                target_path: target.into(),
+                volume_capability: c,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            err.message()
+        );
+        assert!(err.message().contains(field), "{what}: {:?}", err.message());
+    }
+    let err = n
+        .publish("v", "elsewhere", "t", cap.clone(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    expect_code(
+        n.publish("v", "stage", "t", rwo_block(), false).await,
+        Code::FailedPrecondition,
+        "staged as",
+    );
+    assert!(
+        !n.host.path().join("t").exists(),
+        "a refused publish creates nothing"
+    );
+
+    // Unpublish / unstage / stats / expand input.
+    for (what, vol, target, code) in [
+        ("no volume id", "", t.as_str(), Code::InvalidArgument),
+        ("no target", "v", "", Code::InvalidArgument),
+        ("relative target", "v", "t", Code::InvalidArgument),
+        ("unknown volume", "nope", t.as_str(), Code::NotFound),
+    ] {
+        let err = node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: target.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "unpublish {what}: {}", err.message());
+    }
+    for (what, vol, path, code) in [
+        ("no volume id", "", staging.as_str(), Code::InvalidArgument),
+        ("no staging path", "v", "", Code::InvalidArgument),
+        ("unknown volume", "nope", staging.as_str(), Code::NotFound),
+    ] {
+        let err = node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: path.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "unstage {what}: {}", err.message());
+    }
+    for (what, vol, path, code) in [
+        ("no volume id", "", staging.as_str(), Code::InvalidArgument),
+        ("no path", "v", "", Code::InvalidArgument),
+        ("relative path", "v", "some/path", Code::NotFound),
+        ("unknown volume", "nope", "some/path", Code::NotFound),
+        ("not its path", "v", "/tmp", Code::NotFound),
+    ] {
+        let err = n.stats(vol, path).await.unwrap_err();
+        assert_eq!(err.code(), code, "stats {what}: {}", err.message());
+        let err = node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: vol.into(),
+                volume_path: path.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "expand {what}: {}", err.message());
+    }
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn a_symlink_planted_at_a_target_is_never_followed() {
+    if !root_or_skip("symlink_target") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    let victim = n.host.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), b"keep").unwrap();
+    std::os::unix::fs::symlink(&victim, n.host.path().join("t")).unwrap();
+    expect_code(
+        n.publish("v", "stage", "t", cap.clone(), false).await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    expect_code(
+        n.unpublish("v", "t").await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert_eq!(
+        n.mount_count("victim"),
+        0,
+        "nothing mounted through the link"
+    );
+    assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep");
+    // The same for a block publish and for a staging path.
+    let block = rwo_block();
+    n.create("b", 16 * MIB, block.clone()).await;
+    let bctx = n.attach("b", block.clone()).await;
+    n.stage("b", "bstage", block.clone(), bctx.clone())
+        .await
+        .unwrap();
+    expect_code(
+        n.publish("b", "bstage", "t", block.clone(), false).await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    std::os::unix::fs::symlink(&victim, n.host.path().join("lstage")).unwrap();
+    n.create("c", 64 * MIB, cap.clone()).await;
+    let cctx = n.attach("c", cap.clone()).await;
+    expect_code(
+        n.stage_raw("c", &n.host.at("lstage"), cap.clone(), cctx)
+            .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert!(std::fs::symlink_metadata(n.host.path().join("t"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    n.unstage("b", "bstage").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn a_busy_target_is_refused_clearly_and_never_lazily_unmounted() {
+    if !root_or_skip("busy_target") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("v", "stage", "t", cap, false).await.unwrap();
+    // A process working inside the volume keeps it busy.
+    let mut holder = std::process::Command::new("sleep")
+        .arg("600")
+        .current_dir(n.host.path().join("t"))
+        .spawn()
+        .unwrap();
+    expect_code(
+        n.unpublish("v", "t").await,
+        Code::FailedPrecondition,
+        "busy",
+    );
+    assert_eq!(n.mount_count("t"), 1, "still mounted: no lazy unmount");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    n.unpublish("v", "t").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// Formats the image of `volume` by hand (as if an earlier user had), through a loop device
+/// the test makes and removes itself.
+fn prepare_image(n: &Node, volume: &str, prepare: impl FnOnce(&str)) {
+    let image = n.d.dir.path().join(format!("volumes/{volume}.img"));
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    prepare(&dev);
+    assert!(std::process::Command::new("losetup")
+        .args(["--detach", &dev])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_or_foreign_device_is_never_formatted_or_mounted() {
+    if !root_or_skip("damaged_or_foreign") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let ext4 = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    // Damaged: the root inode cleared and the superblock marked as having errors.
+    n.create("damaged", 64 * MIB, ext4.clone()).await;
+    prepare_image(&n, "damaged", |dev| {
+        run("mkfs.ext4", &["-F", "-q", dev]);
+        run("debugfs", &["-w", "-R", "clri <2>", dev]);
+        run("debugfs", &["-w", "-R", "ssv state 2", dev]);
+    });
+    let ctx = n.attach("damaged", ext4.clone()).await;
+    expect_code(
+        n.stage("damaged", "s1", ext4.clone(), ctx).await,
+        Code::FailedPrecondition,
+        "damaged",
+    );
+    // Another filesystem than the one asked for.
+    n.create("xfsvol", 512 * MIB, ext4.clone()).await;
+    prepare_image(&n, "xfsvol", |dev| run("mkfs.xfs", &["-q", dev]));
+    let ctx = n.attach("xfsvol", ext4.clone()).await;
+    expect_code(
+        n.stage("xfsvol", "s2", ext4.clone(), ctx).await,
+        Code::FailedPrecondition,
+        "holds a xfs filesystem",
+    );
+    // Bytes no tool recognises.
+    n.create("noise", 64 * MIB, ext4.clone()).await;
+    {
+        let image = n.d.dir.path().join("volumes/noise.img");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all(&[0x5a; 8192]).unwrap();
+    }
+    let ctx = n.attach("noise", ext4.clone()).await;
+    expect_code(
+        n.stage("noise", "s3", ext4.clone(), ctx).await,
+        Code::FailedPrecondition,
+        "refusing to format",
+    );
+    // Nothing was changed: the xfs is still there and the noise is intact.
+    let blkid = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(n.d.dir.path().join("volumes/xfsvol.img"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&blkid.stdout).trim(), "xfs");
+    let mut head = [0u8; 8192];
+    std::fs::File::open(n.d.dir.path().join("volumes/noise.img"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(head.iter().all(|b| *b == 0x5a));
+    assert!(!n.d.log().contains("formatting an empty device"));
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn stats_report_abnormal_when_the_mount_is_gone() {
+    if !root_or_skip("stats_abnormal") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("v", "stage", "t", cap, false).await.unwrap();
+    let t = n.host.at("t");
+    assert!(!condition(&n.stats("v", &t).await.unwrap()).0);
+    // Someone unmounts the target behind the plugin's back.
+    rustix::mount::unmount(t.as_str(), rustix::mount::UnmountFlags::empty()).unwrap();
+    let (abnormal, message) = condition(&n.stats("v", &t).await.unwrap());
+    assert!(abnormal, "{message}");
+    assert!(message.contains("no longer mounted"), "{message}");
+    std::fs::remove_dir(&t).unwrap();
+    let gone = n.stats("v", &t).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{}", gone.message());
+    n.unpublish("v", "t").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+#[tokio::test]
+async fn concurrent_stages_of_one_volume_make_one_device_and_one_mount() {
+    if !root_or_skip("concurrent_stages") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    let mut ctxs = Vec::new();
+    for v in ["a", "b", "c"] {
+        n.create(v, 64 * MIB, cap.clone()).await;
+        ctxs.push((v, n.attach(v, cap.clone()).await));
+    }
+    let stagings: Vec<String> = ctxs.iter().map(|(v, _)| format!("stage-{v}")).collect();
+    let mut calls = Vec::new();
+    for ((v, ctx), staging) in ctxs.iter().zip(&stagings) {
+        for _ in 0..8 {
+            calls.push(n.stage(v, staging, cap.clone(), ctx.clone()));
+        }
+    }
+    for r in futures::future::join_all(calls).await {
+        r.unwrap();
+    }
+    assert_eq!(n.loops().len(), 3, "one loop device per volume");
+    for v in ["a", "b", "c"] {
+        assert_eq!(n.mount_count(&format!("stage-{v}")), 1, "{v}: one mount");
+    }
+    assert_eq!(n.d.log().matches("formatting an empty device").count(), 3);
+    let unstages: Vec<_> = ctxs
+        .iter()
+        .zip(&stagings)
+        .flat_map(|((v, _), s)| (0..4).map(move |_| (*v, s.as_str())))
+        .map(|(v, s)| n.unstage(v, s))
+        .collect();
+    for r in futures::future::join_all(unstages).await {
+        r.unwrap();
+    }
+    n.host.assert_clean();
+}
+
+/// kill -9 with volumes staged and published (mount and block); the restarted plugin adopts
+/// what is there: a repeat stage reuses the loop device, and unpublish + unstage leave nothing.
+#[tokio::test]
+async fn after_kill_9_the_restarted_plugin_adopts_and_cleans_up() {
+    if !root_or_skip("kill_9") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let fs = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    let block = rwo_block();
+    n.create("m", 64 * MIB, fs.clone()).await;
+    n.create("b", 16 * MIB, block.clone()).await;
+    let mctx = n.attach("m", fs.clone()).await;
+    let bctx = n.attach("b", block.clone()).await;
+    n.stage("m", "ms", fs.clone(), mctx.clone()).await.unwrap();
+    n.publish("m", "ms", "mt", fs.clone(), false).await.unwrap();
+    std::fs::write(n.host.path().join("mt/f"), b"before the crash").unwrap();
+    n.stage("b", "bs", block.clone(), bctx.clone())
+        .await
+        .unwrap();
+    n.publish("b", "bs", "bt", block.clone(), false)
+        .await
+        .unwrap();
+    let loops_before = n.loops();
+    assert_eq!(loops_before.len(), 2);
+
+    let n = n.crash_and_restart(&[]).await;
+    assert!(n
+        .d
+        .log()
+        .contains("found a volume staged by an earlier process"));
+    n.stage("m", "ms", fs.clone(), mctx).await.unwrap();
+    n.stage("b", "bs", block.clone(), bctx).await.unwrap();
+    n.publish("m", "ms", "mt", fs, false).await.unwrap();
+    n.publish("b", "bs", "bt", block, false).await.unwrap();
+    assert_eq!(n.loops(), loops_before, "the same loop devices, none added");
+    assert_eq!(
+        n.mount_count("ms") + n.mount_count("mt"),
+        2,
+        "no mount doubled"
+    );
+    assert_eq!(
+        std::fs::read(n.host.path().join("mt/f")).unwrap(),
+        b"before the crash"
+    );
+
+    // A second crash, then only cleanup from the fresh process.
+    let n = n.crash_and_restart(&[]).await;
+    n.unpublish("m", "mt").await.unwrap();
+    n.unpublish("b", "bt").await.unwrap();
+    n.unstage("m", "ms").await.unwrap();
+    n.unstage("b", "bs").await.unwrap();
+    n.host.assert_clean();
+    assert!(!n.host.path().join("bt").exists() && !n.host.path().join("mt").exists());
+}
+
+/// The README's laptop walk-through, through `rds-csi ctl`: stage + publish-node, write,
+/// unpublish-node + unstage, again, read back.
+#[tokio::test]
+async fn ctl_mounts_a_volume_in_two_commands() {
+    if !root_or_skip("ctl_node") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let endpoint = format!("unix://{}", n.d.socket.display());
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("ctl")
+            .arg("--endpoint")
+            .arg(&endpoint)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (stage, target) = (n.host.at("stage"), n.host.at("mnt"));
+    ctl(&["create", "laptop", "--size", "64MiB"]);
+    ctl(&["stage", "laptop", &stage]);
+    ctl(&["publish-node", "laptop", &stage, &target]);
+    std::fs::write(format!("{target}/note"), b"hello").unwrap();
+    let stats = ctl(&["stats", "laptop", &target, "--json"]);
+    assert!(stats.contains("\"condition\": \"normal\""), "{stats}");
+    ctl(&["unpublish-node", "laptop", &target]);
+    ctl(&["unstage", "laptop", &stage]);
+    n.host.assert_clean();
+    ctl(&["stage", "laptop", &stage]);
+    ctl(&["publish-node", "laptop", &stage, &target]);
+    assert_eq!(std::fs::read(format!("{target}/note")).unwrap(), b"hello");
+    ctl(&["unpublish-node", "laptop", &target]);
+    ctl(&["unstage", "laptop", &stage]);
+    ctl(&["delete", "laptop"]);
+    n.host.assert_clean();
+}

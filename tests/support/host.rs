@@ -1,0 +1,150 @@
+//! A test's own corner of the host for node tests, which make real loop devices and mounts as
+//! root. Everything a test makes lives under one temporary directory; [`Host`] finds what is
+//! left there (mounts from mountinfo, loop devices whose backing file is inside it), asserts
+//! that nothing is, and on drop unmounts and detaches it even when the test failed. It never
+//! touches a mount or device outside its directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rds_csi::node::mountinfo;
+
+pub struct Host {
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+}
+
+/// Node tests need root (CI runs them as root). Without root they fail, unless
+/// `RDS_CSI_SKIP_ROOT_TESTS=1` says the skip is deliberate.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("RDS_CSI_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        eprintln!("{test}: skipped (not root, RDS_CSI_SKIP_ROOT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{test} makes loop devices and mounts and needs root (CI runs as root); \
+         set RDS_CSI_SKIP_ROOT_TESTS=1 to skip node tests knowingly"
+    );
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let dir = tempfile::Builder::new()
+            .prefix("rds-csi-node-")
+            .tempdir()
+            .unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        Host {
+            dir: Some(dir),
+            root,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// `name` under this test's directory, as the absolute string CSI requests carry.
+    pub fn at(&self, name: &str) -> String {
+        self.root.join(name).display().to_string()
+    }
+
+    /// A fresh directory for a driver's files (socket, images, records, log).
+    pub fn driver_dir(&self) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("driver-")
+            .tempdir_in(&self.root)
+            .unwrap()
+    }
+
+    /// Mount points under this directory, deepest first.
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mut found: Vec<PathBuf> = mountinfo::parse(&text)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(&self.root))
+            .collect();
+        found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        found
+    }
+
+    /// Loop devices (`loopN`) whose backing file is under this directory, deleted or not.
+    pub fn loops(&self) -> Vec<String> {
+        loops_backed_by(|backing| backing.starts_with(&self.root))
+    }
+
+    /// Fails the test if a mount or a loop device is left under this directory.
+    pub fn assert_clean(&self) {
+        let (mounts, loops) = (self.mounts(), self.loops());
+        assert!(
+            mounts.is_empty() && loops.is_empty(),
+            "left behind: mounts {mounts:?}, loop devices {loops:?}"
+        );
+    }
+
+    fn cleanup(&self) {
+        for _ in 0..5 {
+            let mounts = self.mounts();
+            if mounts.is_empty() {
+                break;
+            }
+            for m in mounts {
+                if rustix::mount::unmount(&m, rustix::mount::UnmountFlags::NOFOLLOW).is_err() {
+                    // The guard's last resort, so nothing outlives the test; the driver never
+                    // unmounts lazily.
+                    let _ = rustix::mount::unmount(
+                        &m,
+                        rustix::mount::UnmountFlags::NOFOLLOW | rustix::mount::UnmountFlags::DETACH,
+                    );
+                }
+            }
+        }
+        for name in self.loops() {
+            let _ = Command::new("losetup")
+                .arg("--detach")
+                .arg(format!("/dev/{name}"))
+                .status();
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.cleanup();
+        let leftovers = (self.mounts(), self.loops());
+        if leftovers.0.is_empty() && leftovers.1.is_empty() {
+            drop(self.dir.take());
+        } else {
+            // Keep the directory: removing files under a live mount would reach into it.
+            let kept = self.dir.take().unwrap().keep();
+            eprintln!("could not clean {}: {leftovers:?}", kept.display());
+        }
+    }
+}
+
+/// Loop devices whose backing file (without sysfs's " (deleted)" suffix) satisfies `keep`.
+pub fn loops_backed_by(keep: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = backing.trim_end_matches('\n');
+        let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
+        if !backing.is_empty() && keep(Path::new(backing)) {
+            found.push(name);
+        }
+    }
+    found.sort();
+    found
+}
