@@ -215,7 +215,7 @@ pub async fn grow(
     }
     if fs == FsType::Ext4 && out.stderr.contains("Permission denied to resize") {
         return Err(NodeError::FailedPrecondition(format!(
-            "growing ext4 online on {device} needs CAP_SYS_RESOURCE, which this node plugin              does not have; run it privileged (the DaemonSet does). The volume itself has grown"
+            "growing ext4 online on {device} needs CAP_SYS_RESOURCE, which this node plugin does not have; run it privileged (the DaemonSet does). The volume itself has grown"
         )));
     }
     Err(tool_error(&cmd, &out))
