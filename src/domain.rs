@@ -16,7 +16,32 @@ pub const FS_TYPE_KEY: &str = "fsType";
 /// volume_context key for the filesystem, as Kubernetes' external-provisioner passes it.
 pub const CSI_FS_TYPE_KEY: &str = "csi.storage.k8s.io/fstype";
 
-/// publish_context key naming the backend that published the volume ("file", later "rds").
+/// StorageClass parameters and volume_context keys of the RDS backend, spelled as the Go driver
+/// spells them, so its StorageClasses and PVs work unchanged.
+pub mod rds_keys {
+    /// The RDS's management address (must name the one this controller drives).
+    pub const RDS_ADDRESS: &str = "rdsAddress";
+    /// The address `nvme connect` dials (the RDS's storage network address).
+    pub const NVME_ADDRESS: &str = "nvmeAddress";
+    pub const NVME_PORT: &str = "nvmePort";
+    pub const SSH_PORT: &str = "sshPort";
+    /// In StorageClass parameters: the directory for images. In a volume context (as the Go
+    /// driver writes it): the image's full path.
+    pub const VOLUME_PATH: &str = "volumePath";
+    pub const NQN_PREFIX: &str = "nqnPrefix";
+    /// In a volume context: the volume's NQN.
+    pub const NQN: &str = "nqn";
+    pub const CTRL_LOSS_TMO: &str = "ctrlLossTmo";
+    pub const RECONNECT_DELAY: &str = "reconnectDelay";
+    pub const KEEP_ALIVE_TMO: &str = "keepAliveTmo";
+    /// publish_context keys the Go driver returns (kept for tools that read them).
+    pub const PUBLISH_NVME_ADDRESS: &str = "nvme_address";
+    pub const PUBLISH_NVME_PORT: &str = "nvme_port";
+    pub const PUBLISH_NVME_NQN: &str = "nvme_nqn";
+    pub const PUBLISH_FS_TYPE: &str = "fs_type";
+}
+
+/// publish_context key naming the backend that published the volume ("file" or "rds").
 pub const PUBLISH_BACKEND_KEY: &str = "backend";
 /// publish_context key of the file backend: the absolute path of the volume's image.
 pub const PUBLISH_IMAGE_PATH_KEY: &str = "imagePath";

@@ -23,6 +23,8 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// Absent in node mode: there is no attachment state to show.
     pub supervisor: Option<Addr<Supervisor>>,
+    /// The controller's storage: `/readyz` is 503 while it cannot be reached.
+    pub backend: Option<Arc<dyn crate::backend::VolumeBackend>>,
 }
 
 pub async fn serve(
@@ -53,6 +55,13 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
+    if s.backend.as_ref().is_some_and(|b| !b.ready()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the storage backend cannot be reached\n",
+        )
+            .into_response();
+    }
     if s.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n").into_response()
     } else {

@@ -14,6 +14,11 @@ use rds_csi::actors::messages::Seed;
 use rds_csi::actors::supervisor::Supervisor;
 use rds_csi::actors::{NodeLimit, Router, VolumeDeps};
 use rds_csi::backend::file::FileBackend;
+use rds_csi::backend::rds::ssh::{HostKeys, SshConfig, SshPool};
+use rds_csi::backend::rds::values::{
+    NqnPrefix, RosPath, DEFAULT_NQN_PREFIX, DEFAULT_NVME_PORT, DEFAULT_VOLUME_PATH,
+};
+use rds_csi::backend::rds::{RdsBackend, RdsDefaults};
 use rds_csi::backend::VolumeBackend;
 use rds_csi::grpc::controller::ControllerService;
 use rds_csi::grpc::identity::IdentityService;
@@ -27,6 +32,7 @@ use rds_csi::metrics::Metrics;
 use rds_csi::node::command::SystemRunner;
 use rds_csi::node::device::{DeviceSource, LoopDevices};
 use rds_csi::node::mounter::SystemMounter;
+use rds_csi::node::nvme::NvmeDevices;
 use rds_csi::node::plugin::NodeDeps;
 use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
@@ -62,7 +68,10 @@ enum Mode {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
+    /// Sparse files under --file-root, attached as loop devices on the node.
     File,
+    /// A MikroTik ROSE Data Server over SSH, attached over NVMe/TCP on the node.
+    Rds,
 }
 
 #[derive(Parser)]
@@ -117,6 +126,44 @@ struct Args {
     /// Volumes one node may hold (NodeGetInfo's max_volumes_per_node; 0 = unlimited).
     #[arg(long, env = "RDS_CSI_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     max_volumes_per_node: u64,
+    /// The RDS to drive (--backend rds): HOST[:PORT], port 22 by default.
+    #[arg(long, env = "RDS_CSI_RDS_ADDRESS")]
+    rds_address: Option<String>,
+    /// SSH user on the RDS.
+    #[arg(long, env = "RDS_CSI_RDS_USER", default_value = "admin")]
+    rds_user: String,
+    /// OpenSSH private key (unencrypted) for the RDS.
+    #[arg(long, env = "RDS_CSI_RDS_KEY_FILE")]
+    rds_key_file: Option<PathBuf>,
+    /// The RDS's host key: a file of public key lines, or a known_hosts file.
+    #[arg(long, env = "RDS_CSI_RDS_HOST_KEY")]
+    rds_host_key: Option<PathBuf>,
+    /// Accept any RDS host key (testing only: logged as a warning and shown in a metric).
+    #[arg(long, env = "RDS_CSI_RDS_INSECURE_SKIP_VERIFY")]
+    rds_insecure_skip_verify: bool,
+    /// The address nodes dial over NVMe/TCP when a StorageClass names no nvmeAddress
+    /// [default: --rds-address's host, when it is an IP address].
+    #[arg(long, env = "RDS_CSI_RDS_NVME_ADDRESS")]
+    rds_nvme_address: Option<std::net::IpAddr>,
+    /// NVMe/TCP port for new volumes when a StorageClass names no nvmePort.
+    #[arg(long, env = "RDS_CSI_RDS_NVME_PORT", default_value_t = DEFAULT_NVME_PORT)]
+    rds_nvme_port: u16,
+    /// Directory on the RDS for volume images when a StorageClass names no volumePath.
+    #[arg(long, env = "RDS_CSI_RDS_VOLUME_PATH", default_value = DEFAULT_VOLUME_PATH)]
+    rds_volume_path: String,
+    /// NQN prefix of this driver's volumes: new volumes get `<prefix>:<id>`, and nodes connect
+    /// and disconnect only NQNs under it.
+    #[arg(long, env = "RDS_CSI_RDS_NQN_PREFIX", default_value = DEFAULT_NQN_PREFIX)]
+    rds_nqn_prefix: String,
+    /// SSH connections to the RDS.
+    #[arg(long, env = "RDS_CSI_RDS_POOL_SIZE", default_value_t = 4)]
+    rds_pool_size: usize,
+    /// Commands one SSH connection carries at once (RouterOS opens its sessions one by one).
+    #[arg(long, env = "RDS_CSI_RDS_SESSIONS_PER_CONNECTION", default_value_t = 2)]
+    rds_sessions_per_connection: usize,
+    /// How long one RouterOS command may take, connecting included.
+    #[arg(long, env = "RDS_CSI_RDS_COMMAND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    rds_command_timeout: Duration,
     /// Arbiter threads for volume actors [default: one per core]. 0 runs everything (the gRPC
     /// server, the supervisor and every volume actor) on one thread, so no RPC crosses threads.
     #[arg(long, env = "RDS_CSI_ARBITERS")]
@@ -154,7 +201,33 @@ fn run(args: Args) -> anyhow::Result<()> {
         arbiters,
         node_state_dir,
         max_volumes_per_node,
+        rds_address,
+        rds_user,
+        rds_key_file,
+        rds_host_key,
+        rds_insecure_skip_verify,
+        rds_nvme_address,
+        rds_nvme_port,
+        rds_volume_path,
+        rds_nqn_prefix,
+        rds_pool_size,
+        rds_sessions_per_connection,
+        rds_command_timeout,
     } = args;
+    let rds = RdsArgs {
+        address: rds_address,
+        user: rds_user,
+        key_file: rds_key_file,
+        host_key: rds_host_key,
+        insecure: rds_insecure_skip_verify,
+        nvme_address: rds_nvme_address,
+        nvme_port: rds_nvme_port,
+        volume_path: rds_volume_path,
+        nqn_prefix: rds_nqn_prefix,
+        pool_size: rds_pool_size,
+        sessions_per_connection: rds_sessions_per_connection,
+        command_timeout: rds_command_timeout,
+    };
     telemetry::init(log_format);
 
     let node_id = match node_id {
@@ -202,12 +275,15 @@ fn run(args: Args) -> anyhow::Result<()> {
 
         let mut arbiter_threads = Vec::new();
         let mut supervisor_addr = None;
+        let mut storage: Option<Arc<dyn VolumeBackend>> = None;
         let controller_service = if controller {
             let backend: Arc<dyn VolumeBackend> = match backend {
                 BackendKind::File => Arc::new(
                     FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
                 ),
+                BackendKind::Rds => Arc::new(rds_backend(&rds, metrics.clone())?),
             };
+            storage = Some(backend.clone());
             let (nodes, authority, sink, cluster): Adapters = match &client {
                     Some(client) => {
                         let cluster = KubeCluster::start(client.clone(), driver_name.clone());
@@ -258,7 +334,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
         let node_service = match mode {
             Mode::Node | Mode::All => {
-                let plugin = node_plugin(backend, &file_root, &node_state_dir)?;
+                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir)?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
                 Some(NodeService {
@@ -284,7 +360,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("--metrics-address {metrics_address}"))?;
             tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-            let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), supervisor: supervisor_addr };
+            let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), supervisor: supervisor_addr, backend: storage.clone() };
             let stop = stopped(stop_rx.clone());
             tokio::spawn(async move {
                 if let Err(e) = rds_csi::http::serve(listener, state, stop).await {
@@ -297,7 +373,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(endpoint = %socket.display(), "serving CSI");
         let services = Services {
             metrics: metrics.clone(),
-            identity: IdentityService { driver_name: driver_name.clone(), controller, ready: ready.clone() },
+            identity: IdentityService { driver_name: driver_name.clone(), controller, ready: ready.clone(), backend: storage },
             controller: controller_service,
             node: node_service,
         };
@@ -361,6 +437,7 @@ async fn seed(
 fn node_plugin(
     backend: BackendKind,
     file_root: &std::path::Path,
+    nqn_prefix: &str,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<NodePlugin> {
     let source: Arc<dyn DeviceSource> = match backend {
@@ -369,6 +446,11 @@ fn node_plugin(
                 .with_context(|| format!("--file-root {}", file_root.display()))?;
             Arc::new(LoopDevices::new(SystemRunner, file_root, "/sys").context("--file-root")?)
         }
+        BackendKind::Rds => {
+            let prefix = NqnPrefix::parse(nqn_prefix, "--rds-nqn-prefix")
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Arc::new(NvmeDevices::new(SystemRunner, "/sys", prefix))
+        }
     };
     Ok(NodePlugin::new(NodeDeps {
         source,
@@ -376,6 +458,124 @@ fn node_plugin(
         runner: Arc::new(SystemRunner),
         records: Records::open(state_dir).context("--node-state-dir")?,
     }))
+}
+
+/// The `--rds-*` flags.
+struct RdsArgs {
+    address: Option<String>,
+    user: String,
+    key_file: Option<PathBuf>,
+    host_key: Option<PathBuf>,
+    insecure: bool,
+    nvme_address: Option<std::net::IpAddr>,
+    nvme_port: u16,
+    volume_path: String,
+    nqn_prefix: String,
+    pool_size: usize,
+    sessions_per_connection: usize,
+    command_timeout: Duration,
+}
+
+/// `HOST[:PORT]`, `[v6]:PORT` or a bare IPv6 address; port 22 by default.
+fn host_port(raw: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
+        let (h, tail) = rest
+            .split_once(']')
+            .context("--rds-address: unclosed '['")?;
+        (h, tail.strip_prefix(':'))
+    } else if raw.matches(':').count() == 1 {
+        let (h, p) = raw.split_once(':').expect("one colon");
+        (h, Some(p))
+    } else {
+        (raw, None)
+    };
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("--rds-address {raw:?}: bad port"))?,
+        None => 22,
+    };
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    if !valid {
+        bail!("--rds-address {raw:?}: not a host name or IP address");
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The RDS backend from the `--rds-*` flags, with a loop that keeps trying to reach the RDS
+/// while it is down (Probe and /readyz follow it).
+fn rds_backend(args: &RdsArgs, metrics: Arc<Metrics>) -> anyhow::Result<RdsBackend> {
+    let address = args
+        .address
+        .as_deref()
+        .context("--backend rds needs --rds-address")?;
+    let (host, port) = host_port(address)?;
+    let key_file = args
+        .key_file
+        .as_ref()
+        .context("--backend rds needs --rds-key-file")?;
+    let key = russh::keys::load_secret_key(key_file, None)
+        .with_context(|| format!("--rds-key-file {}", key_file.display()))?;
+    let host_keys = match (&args.host_key, args.insecure) {
+        (_, true) => {
+            tracing::warn!(rds = %address, "--rds-insecure-skip-verify: the RDS's host key is NOT verified; anyone who can intercept the connection can impersonate the RDS. Use --rds-host-key in production");
+            HostKeys::Insecure
+        }
+        (Some(path), false) => HostKeys::load(path, &host, port).map_err(|e| anyhow::anyhow!(e))?,
+        (None, false) => bail!(
+            "--backend rds needs --rds-host-key (the RDS's public host key, or a known_hosts file); \
+             --rds-insecure-skip-verify is for testing only"
+        ),
+    };
+    let defaults = RdsDefaults {
+        nvme_address: args.nvme_address.or_else(|| host.parse().ok()),
+        nvme_port: args.nvme_port,
+        volume_path: RosPath::parse(&args.volume_path, "--rds-volume-path")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        nqn_prefix: NqnPrefix::parse(&args.nqn_prefix, "--rds-nqn-prefix")
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let pool = SshPool::new(
+        SshConfig {
+            host,
+            port,
+            user: args.user.clone(),
+            key: Arc::new(key),
+            host_keys,
+            pool_size: args.pool_size,
+            sessions_per_connection: args.sessions_per_connection,
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: args.command_timeout,
+        },
+        metrics,
+    );
+    let watch = pool.clone();
+    tokio::spawn(async move {
+        let mut last_error = None;
+        loop {
+            if !watch.connected() {
+                match watch.probe().await {
+                    Ok(()) => last_error = None,
+                    Err(e) => {
+                        let text = e.to_string();
+                        if last_error.as_deref() != Some(text.as_str()) {
+                            tracing::warn!(error = %text, "the RDS cannot be reached; not ready until it can");
+                            last_error = Some(text);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    tracing::info!(rds = %address, pool = args.pool_size, sessions_per_connection = args.sessions_per_connection, "RDS backend");
+    Ok(RdsBackend::new(pool, defaults))
 }
 
 /// The cluster behind the actors' traits, and the kube-rs cluster when there is one.

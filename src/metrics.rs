@@ -35,6 +35,7 @@ pub struct Metrics {
     pub seeding_seconds_to_ready: prometheus::Gauge,
     pub annotation_write_failures: IntCounterVec,
     pub event_write_failures: IntCounterVec,
+    pub rds: RdsMetrics,
 }
 
 fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
@@ -268,8 +269,10 @@ impl Metrics {
         for state in ["attached", "migrating", "grace"] {
             volume_actors.with_label_values(&[state]);
         }
+        let rds = RdsMetrics::new(&registry);
         Self {
             registry,
+            rds,
             attach_total,
             detach_total,
             conflicts_total,
@@ -307,6 +310,73 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding never fails on valid metrics");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+/// The SSH link to the RDS (`rds_csi_rds_*`), registered with the rest. The connection-state
+/// and reconnect names are the Go driver's.
+pub struct RdsMetrics {
+    pub connection_state: IntGaugeVec,
+    pub reconnect_total: IntCounterVec,
+    pub commands_total: IntCounterVec,
+    pub command_duration: HistogramVec,
+}
+
+impl RdsMetrics {
+    fn new(registry: &Registry) -> Self {
+        let connection_state = IntGaugeVec::new(
+            opts(
+                "rds",
+                "connection_state",
+                "RDS SSH connection state (1=connected, 0=disconnected); host_key says whether the RDS's host key is verified.",
+            ),
+            &["address", "host_key"],
+        )
+        .expect("valid metric");
+        let reconnect_total = IntCounterVec::new(
+            opts(
+                "rds",
+                "reconnect_total",
+                "RDS SSH connection attempts by status.",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let commands_total = IntCounterVec::new(
+            opts(
+                "rds",
+                "commands_total",
+                "RouterOS commands sent to the RDS, by command and result.",
+            ),
+            &["command", "result"],
+        )
+        .expect("valid metric");
+        let command_duration = HistogramVec::new(
+            HistogramOpts::from(opts(
+                "rds",
+                "command_duration_seconds",
+                "Time from sending a RouterOS command to its answer.",
+            ))
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["command"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(connection_state.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconnect_total.clone()),
+            Box::new(commands_total.clone()),
+            Box::new(command_duration.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Self {
+            connection_state,
+            reconnect_total,
+            commands_total,
+            command_duration,
+        }
     }
 }
 

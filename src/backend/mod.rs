@@ -3,6 +3,7 @@
 //! will implement the same trait. Backends know nothing about attachments.
 
 pub mod file;
+pub mod rds;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
@@ -124,6 +125,29 @@ pub enum BackendError {
         action: String,
         source: std::io::Error,
     },
+    #[error("{field} {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    /// The storage cannot be reached now (the RDS link is down or did not answer in time).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The storage refused or failed an operation, and said why.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Request validation inside a backend (e.g. a StorageClass parameter) keeps its field.
+impl From<crate::Error> for BackendError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::InvalidArgument { field, reason } => {
+                Self::InvalidArgument { field, reason }
+            }
+            crate::Error::Backend(b) => b,
+            other => Self::Rejected(other.to_string()),
+        }
+    }
 }
 
 impl BackendError {
@@ -134,6 +158,10 @@ impl BackendError {
             Self::NotFound(_) => "not_found",
             Self::Corrupt(_) => "backend_corrupt",
             Self::Io { .. } => "backend_io",
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::Unavailable(_) => "backend_unavailable",
+            Self::ResourceExhausted(_) => "resource_exhausted",
+            Self::Rejected(_) => "backend_rejected",
         }
     }
 
@@ -149,6 +177,15 @@ impl BackendError {
 pub trait VolumeBackend: Send + Sync + 'static {
     /// A short name for logs ("file", "rds").
     fn kind(&self) -> &'static str;
+    /// The volume id of a CreateVolume `name` (the same name always gives the same id). By
+    /// default [`VolumeId::for_name`].
+    fn volume_id_for(&self, name: &str) -> Result<VolumeId, crate::Error> {
+        VolumeId::for_name(name)
+    }
+    /// Whether the storage can be reached now; Probe and `/readyz` follow it.
+    fn ready(&self) -> bool {
+        true
+    }
     /// Creates the volume, or returns the existing one when compatible (else `AlreadyExists`).
     async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError>;
     /// Deletes the volume; a missing volume is success.

@@ -216,7 +216,8 @@ impl Controller for ControllerService {
         let started = Instant::now();
         let span = rpc_span("CreateVolume", &req.get_ref().name, "");
         let result = async {
-            let create = CreateRequest::try_from(req.into_inner())?;
+            let mut create = CreateRequest::try_from(req.into_inner())?;
+            create.id = self.backend.volume_id_for(&create.name)?;
             let info = self.backend.create(create).await?;
             Ok(CreateVolumeResponse {
                 volume: Some(Volume {

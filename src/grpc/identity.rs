@@ -16,6 +16,8 @@ pub struct IdentityService {
     pub driver_name: String,
     pub controller: bool,
     pub ready: Arc<AtomicBool>,
+    /// The controller's storage: not ready while it cannot be reached.
+    pub backend: Option<Arc<dyn crate::backend::VolumeBackend>>,
 }
 
 #[tonic::async_trait]
@@ -53,10 +55,11 @@ impl Identity for IdentityService {
         }))
     }
 
-    /// Ready once the attachment state is rebuilt; never fails.
+    /// Ready once the attachment state is rebuilt and the storage can be reached; never fails.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let storage = self.backend.as_ref().is_none_or(|b| b.ready());
         Ok(Response::new(ProbeResponse {
-            ready: Some(self.ready.load(Ordering::Acquire)),
+            ready: Some(self.ready.load(Ordering::Acquire) && storage),
         }))
     }
 }

@@ -68,6 +68,7 @@ impl TryFrom<NodePublishVolumeRequest> for plugin::Publish {
             capability,
             readonly: r.readonly,
             publish_context: r.publish_context,
+            volume_context: r.volume_context,
         })
     }
 }

@@ -23,7 +23,12 @@ impl From<Error> for Status {
                 BackendError::AlreadyExists(_) => Code::AlreadyExists,
                 BackendError::OutOfRange(_) => Code::OutOfRange,
                 BackendError::NotFound(_) => Code::NotFound,
-                BackendError::Corrupt(_) | BackendError::Io { .. } => Code::Internal,
+                BackendError::Corrupt(_) | BackendError::Io { .. } | BackendError::Rejected(_) => {
+                    Code::Internal
+                }
+                BackendError::InvalidArgument { .. } => Code::InvalidArgument,
+                BackendError::Unavailable(_) => Code::Unavailable,
+                BackendError::ResourceExhausted(_) => Code::ResourceExhausted,
             },
         };
         Status::new(code, err.to_string())

@@ -24,12 +24,15 @@ use crate::ids::VolumeId;
 pub enum Backing {
     /// An image file of the file backend, attached as a loop device.
     File { image: AbsPath },
+    /// A namespace of the RDS, reached over NVMe/TCP.
+    Nvme(crate::backend::rds::values::NvmeTarget),
 }
 
 impl std::fmt::Display for Backing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File { image } => write!(f, "image {image}"),
+            Self::Nvme(t) => write!(f, "NVMe/TCP subsystem {}", t.nqn),
         }
     }
 }
@@ -38,12 +41,14 @@ impl std::fmt::Display for Backing {
 pub trait DeviceSource: Send + Sync + 'static {
     /// The backend this source serves, as `publish_context["backend"]` names it.
     fn kind(&self) -> &'static str;
-    /// Where `volume` lives, checked against what the controller put in `publish_context`.
-    /// Keys this source does not use are ignored.
+    /// Where `volume` lives, from what the controller put in `publish_context` and the
+    /// provisioner in `volume_context` (both empty after a restart: the id must then suffice
+    /// to find and release it). Keys this source does not use are ignored.
     fn locate(
         &self,
         volume: &VolumeId,
         publish_context: &HashMap<String, String>,
+        volume_context: &HashMap<String, String>,
     ) -> Result<Backing, NodeError>;
     /// Whether the volume's storage exists (false: NOT_FOUND for RPCs that need it).
     async fn exists(&self, backing: &Backing) -> Result<bool, NodeError>;
@@ -176,6 +181,15 @@ impl<R: CommandRunner> LoopDevices<R> {
     }
 }
 
+fn file_image(backing: &Backing) -> Result<&AbsPath, NodeError> {
+    match backing {
+        Backing::File { image } => Ok(image),
+        other => Err(NodeError::FailedPrecondition(format!(
+            "{other} is not a file-backend volume; this node serves the file backend"
+        ))),
+    }
+}
+
 /// Parses the sysfs attributes of one loop device; `None` when they are not a loop device's.
 pub fn parse_loop(name: &str, backing_file: &str, dev: &str, size: &str) -> Option<LoopInfo> {
     let backing = backing_file.trim_end_matches('\n');
@@ -224,6 +238,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
         &self,
         volume: &VolumeId,
         publish_context: &HashMap<String, String>,
+        _volume_context: &HashMap<String, String>,
     ) -> Result<Backing, NodeError> {
         let image = self.image_of(volume)?;
         if let Some(backend) = publish_context.get(PUBLISH_BACKEND_KEY) {
@@ -254,7 +269,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
     }
 
     async fn exists(&self, backing: &Backing) -> Result<bool, NodeError> {
-        let Backing::File { image } = backing;
+        let image = file_image(backing)?;
         match std::fs::symlink_metadata(image.as_path()) {
             Ok(meta) => Ok(meta.file_type().is_file()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -266,12 +281,12 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
     }
 
     async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
-        let Backing::File { image } = backing;
+        let image = file_image(backing)?;
         self.loop_for(image)?.as_ref().map(Self::device).transpose()
     }
 
     async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
-        let Backing::File { image } = backing;
+        let image = file_image(backing)?;
         if let Some(existing) = self.loop_for(image)? {
             tracing::debug!(image = %image, device = %existing.name, "reusing the loop device already attached");
             return Self::device(&existing);
@@ -309,7 +324,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
     }
 
     async fn detach(&self, backing: &Backing) -> Result<(), NodeError> {
-        let Backing::File { image } = backing;
+        let image = file_image(backing)?;
         // A deleted image's loop device is still ours to release.
         let owned: Vec<LoopInfo> = self
             .loops()?
@@ -345,7 +360,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
         backing: &Backing,
         device: &BlockDevice,
     ) -> Result<u64, NodeError> {
-        let Backing::File { image } = backing;
+        let image = file_image(backing)?;
         if !self.healthy(backing, device).await? {
             return Err(NodeError::FailedPrecondition(format!(
                 "{device} is no longer attached to {image}"
@@ -365,7 +380,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
     }
 
     async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError> {
-        let Backing::File { image } = backing;
+        let image = file_image(backing)?;
         Ok(self
             .loop_for(image)?
             .is_some_and(|l| l.major == device.major && l.minor == device.minor))
@@ -424,7 +439,9 @@ mod tests {
         fake_loop(&sys, 5, "/elsewhere/v1.img", 2048);
         let runner = RecordingRunner::default();
         let loops = LoopDevices::new(runner.clone(), &root, &sys).unwrap();
-        let backing = loops.locate(&vol("v1"), &HashMap::new()).unwrap();
+        let backing = loops
+            .locate(&vol("v1"), &HashMap::new(), &HashMap::new())
+            .unwrap();
         let dev = loops.attach(&backing).await.unwrap();
         assert_eq!(
             (dev.path.to_string(), dev.major, dev.minor),
@@ -453,7 +470,9 @@ mod tests {
             })
         });
         let loops = LoopDevices::new(runner.clone(), &root, &sys).unwrap();
-        let backing = loops.locate(&vol("v1"), &HashMap::new()).unwrap();
+        let backing = loops
+            .locate(&vol("v1"), &HashMap::new(), &HashMap::new())
+            .unwrap();
         let dev = loops.attach(&backing).await.unwrap();
         assert_eq!(dev.name(), "loop9");
         assert_eq!(
@@ -494,7 +513,11 @@ mod tests {
         let loops = LoopDevices::new(RecordingRunner::default(), &root, &sys).unwrap();
         let ctx = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
         let err = loops
-            .locate(&vol("v1"), &ctx(PUBLISH_IMAGE_PATH_KEY, "/etc/shadow"))
+            .locate(
+                &vol("v1"),
+                &ctx(PUBLISH_IMAGE_PATH_KEY, "/etc/shadow"),
+                &HashMap::new(),
+            )
             .unwrap_err();
         assert!(
             matches!(
@@ -507,14 +530,18 @@ mod tests {
             "{err}"
         );
         let err = loops
-            .locate(&vol("v1"), &ctx(PUBLISH_BACKEND_KEY, "rds"))
+            .locate(
+                &vol("v1"),
+                &ctx(PUBLISH_BACKEND_KEY, "rds"),
+                &HashMap::new(),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("rds"), "{err}");
         let own = root.join("v1.img").display().to_string();
         let mut ok = ctx(PUBLISH_IMAGE_PATH_KEY, &own);
         ok.insert("somethingElse".into(), "ignored".into());
         assert!(
-            loops.locate(&vol("v1"), &ok).is_ok(),
+            loops.locate(&vol("v1"), &ok, &HashMap::new()).is_ok(),
             "unknown keys are ignored"
         );
     }

@@ -22,6 +22,7 @@ pub mod filesystem;
 pub mod locks;
 pub mod mounter;
 pub mod mountinfo;
+pub mod nvme;
 pub mod paths;
 pub mod plugin;
 pub mod records;

@@ -50,6 +50,7 @@ pub struct Publish {
     pub capability: Capability,
     pub readonly: bool,
     pub publish_context: HashMap<String, String>,
+    pub volume_context: HashMap<String, String>,
 }
 
 /// A validated NodeUnpublishVolumeRequest.
@@ -298,7 +299,9 @@ impl NodePlugin {
                 (Some(fs), options)
             }
         };
-        let backing = self.source.locate(&req.volume, &req.publish_context)?;
+        let backing = self
+            .source
+            .locate(&req.volume, &req.publish_context, &req.volume_context)?;
         let existing = self.load(&req.volume).await?;
         match &existing {
             Some(rec) if rec.staging != req.staging => {
@@ -462,7 +465,9 @@ impl NodePlugin {
         let record = self.load(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self.source.locate(&req.volume, &HashMap::new())?,
+            None => self
+                .source
+                .locate(&req.volume, &HashMap::new(), &HashMap::new())?,
         };
         if let Some(r) = &record {
             if r.staging != req.staging {
@@ -538,7 +543,9 @@ impl NodePlugin {
     /// Block: a device node at the target file (0660, or 0440 read-only).
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
-        let backing = self.source.locate(&req.volume, &req.publish_context)?;
+        let backing = self
+            .source
+            .locate(&req.volume, &req.publish_context, &req.volume_context)?;
         let Some(mut record) = self.load(&req.volume).await? else {
             self.require_volume(&req.volume, &backing).await?;
             return Err(NodeError::FailedPrecondition(format!(
@@ -766,7 +773,9 @@ impl NodePlugin {
         let mut record = self.load(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self.source.locate(&req.volume, &HashMap::new())?,
+            None => self
+                .source
+                .locate(&req.volume, &HashMap::new(), &HashMap::new())?,
         };
         let device = self.source.find(&backing).await?;
         let recorded = record
@@ -937,7 +946,9 @@ impl NodePlugin {
         path: &AbsPath,
     ) -> Result<StageRecord, NodeError> {
         let Some(record) = self.load(volume).await? else {
-            let backing = self.source.locate(volume, &HashMap::new())?;
+            let backing = self
+                .source
+                .locate(volume, &HashMap::new(), &HashMap::new())?;
             self.require_volume(volume, &backing).await?;
             return Err(NodeError::NotFound(format!(
                 "volume {volume} is not staged or published on this node"

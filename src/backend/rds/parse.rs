@@ -1,0 +1,701 @@
+//! RouterOS CLI output, parsed into values. Pure functions: text in, typed entries or a typed
+//! error out, no I/O, never a panic (property-tested with random input).
+//!
+//! `print detail` output looks like this (RouterOS 7):
+//!
+//! ```text
+//! Flags: X - disabled; B - block-device; M - mounted
+//!  0 B  type=file slot="pvc-1" slot-default="" parent="" fs=-
+//!       model="/storage-pool/metal-csi/pvc-1.img" size=10 737 418 240
+//!       nvme-tcp-export=yes nvme-tcp-server-port=4420
+//!       nvme-tcp-server-nqn="nqn.2000-02.com.mikrotik:pvc-1"
+//!       file-path=/storage-pool/metal-csi/pvc-1.img file-size=10.0GiB
+//! ```
+//!
+//! A `Flags:` header (and its wrapped lines), numbered entries with flag letters, `key=value`
+//! and `key="quoted value"` pairs, continuation lines, numbers grouped by spaces
+//! (`7 681 574 174 720`), human sizes (`50.0GiB`), keys with a space (`file size=` in `/file
+//! print`), `;;;` comments and free text. Unknown keys are kept and ignored by callers.
+
+use std::collections::BTreeMap;
+
+/// One entry of a `print detail` listing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub number: Option<u32>,
+    /// Flag letters printed after the number (`X` disabled, `B`, `M`, ...).
+    pub flags: String,
+    pub comment: Option<String>,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Entry {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected RouterOS output (line {line}): {reason}")]
+pub struct ParseError {
+    pub line: usize,
+    pub reason: String,
+}
+
+/// How RouterOS said a command failed. It says so in text, often with exit status 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// `no such item`: what the command names does not exist.
+    NoSuchItem(String),
+    /// `not enough space`.
+    NoSpace(String),
+    /// The command was refused as written: `input does not match any value`, `bad command
+    /// name`, `syntax error`, `expected end of command`, `invalid value`, ...
+    Rejected(String),
+    /// Any other `failure: ...` line.
+    Other(String),
+}
+
+impl Failure {
+    pub fn message(&self) -> &str {
+        match self {
+            Self::NoSuchItem(m) | Self::NoSpace(m) | Self::Rejected(m) | Self::Other(m) => m,
+        }
+    }
+}
+
+/// Finds RouterOS's failure text in a command's output (stdout and stderr together).
+pub fn failure(output: &str) -> Option<Failure> {
+    for line in output.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let lower = line.to_ascii_lowercase();
+        let text = line.to_string();
+        if lower.contains("no such item") {
+            return Some(Failure::NoSuchItem(text));
+        }
+        if lower.contains("not enough space") {
+            return Some(Failure::NoSpace(text));
+        }
+        const REJECTED: [&str; 8] = [
+            "input does not match any value",
+            "bad command name",
+            "syntax error",
+            "expected end of command",
+            "invalid value",
+            "ambiguous value",
+            "missing value",
+            "expected command name",
+        ];
+        if REJECTED.iter().any(|r| lower.contains(r)) {
+            return Some(Failure::Rejected(text));
+        }
+        if lower.starts_with("failure:") || lower.starts_with("error:") {
+            return Some(Failure::Other(text));
+        }
+    }
+    None
+}
+
+/// Parses a `print detail` listing. An output that is only a `Flags:` header (or nothing) is
+/// an empty list: what `where` prints when nothing matches.
+///
+/// RouterOS wraps long values across lines, cutting them before a `-`: a continuation line
+/// that starts with `-`, or that continues a quoted value still open, is joined to the line
+/// before without a space; any other continuation line starts new `key=value` pairs.
+pub fn print_detail(text: &str) -> Result<Vec<Entry>, ParseError> {
+    let mut entries: Vec<Entry> = Vec::new();
+    // The entry being read, its first line number, and its logical text so far.
+    let mut current: Option<(Entry, usize, String)> = None;
+    let mut in_header = false;
+    let finish = |current: Option<(Entry, usize, String)>, entries: &mut Vec<Entry>| {
+        if let Some((mut entry, line, logical)) = current {
+            fields(&logical, &mut entry, line)?;
+            entries.push(entry);
+        }
+        Ok::<(), ParseError>(())
+    };
+    for (index, raw) in text.lines().enumerate() {
+        let line_no = index + 1;
+        let line = raw.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let trimmed = line.trim_start();
+        if indent == 0 && (trimmed.starts_with("Flags:") || trimmed.starts_with("Columns:")) {
+            in_header = true;
+            continue;
+        }
+        if let Some((number, rest)) = numbered(line) {
+            in_header = false;
+            finish(current.take(), &mut entries)?;
+            let mut entry = Entry {
+                number: Some(number),
+                ..Entry::default()
+            };
+            let rest = take_flags(rest, &mut entry.flags);
+            let logical = match rest.trim().strip_prefix(";;;") {
+                Some(comment) => {
+                    entry.comment = Some(comment.trim().to_string());
+                    String::new()
+                }
+                None => rest.trim().to_string(),
+            };
+            current = Some((entry, line_no, logical));
+            continue;
+        }
+        if indent == 0 {
+            in_header = false;
+            if !trimmed.contains('=') && !trimmed.starts_with(";;;") {
+                // Free text outside an entry (a wrapped legend, a note): nothing to keep.
+                continue;
+            }
+            finish(current.take(), &mut entries)?;
+            current = Some((Entry::default(), line_no, trimmed.trim_end().to_string()));
+            continue;
+        }
+        if in_header {
+            continue;
+        }
+        match current.as_mut() {
+            Some((entry, _, logical)) => {
+                let piece = trimmed.trim_end();
+                if let Some(comment) = piece.strip_prefix(";;;") {
+                    entry.comment = Some(comment.trim().to_string());
+                } else if piece.starts_with('-') || quote_open(logical) {
+                    logical.push_str(piece);
+                } else {
+                    if !logical.is_empty() {
+                        logical.push(' ');
+                    }
+                    logical.push_str(piece);
+                }
+            }
+            None => {
+                return Err(ParseError {
+                    line: line_no,
+                    reason: format!("an indented line before any entry: {:?}", clip(trimmed)),
+                })
+            }
+        }
+    }
+    finish(current, &mut entries)?;
+    Ok(entries)
+}
+
+/// Whether `text` ends inside a double-quoted value (escaped quotes do not count).
+fn quote_open(text: &str) -> bool {
+    let mut open = false;
+    let mut escaped = false;
+    for b in text.bytes() {
+        match (escaped, b) {
+            (true, _) => escaped = false,
+            (false, b'\\') if open => escaped = true,
+            (false, b'"') => open = !open,
+            _ => {}
+        }
+    }
+    open
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// ` 12 XB  type=...` → (12, "XB  type=..."): a number at the start of a line, indented by at
+/// most four spaces (continuation lines are indented further).
+fn numbered(line: &str) -> Option<(u32, &str)> {
+    let trimmed = line.trim_start();
+    if line.len() - trimmed.len() > 4 {
+        return None;
+    }
+    let digits = trimmed.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 || digits > 9 {
+        return None;
+    }
+    let rest = &trimmed[digits..];
+    if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    Some((trimmed[..digits].parse().ok()?, rest))
+}
+
+/// Flag letters right after an entry's number (`B`, `t`, `XBM`, `*`), before the first `key=`.
+fn take_flags<'a>(rest: &'a str, flags: &mut String) -> &'a str {
+    let mut rest = rest.trim_start();
+    while let Some(word) = rest.split_whitespace().next() {
+        if word.contains('=') || word.starts_with(";;;") {
+            break;
+        }
+        if word.len() <= 8 && word.chars().all(|c| c.is_ascii_alphabetic() || c == '*') {
+            flags.push_str(word);
+            rest = rest[word.len()..].trim_start();
+        } else {
+            break;
+        }
+    }
+    rest
+}
+
+/// Reads the `key=value` pairs of one line into `entry`.
+fn fields(line: &str, entry: &mut Entry, line_no: usize) -> Result<(), ParseError> {
+    let err = |reason: String| ParseError {
+        line: line_no,
+        reason,
+    };
+    let text = line.trim();
+    if let Some(comment) = text.strip_prefix(";;;") {
+        entry.comment = Some(comment.trim().to_string());
+        return Ok(());
+    }
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let mut bare: Vec<&str> = Vec::new();
+    while i < bytes.len() {
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= bytes.len() {
+            break;
+        }
+        let start = i;
+        while i < bytes.len() && !bytes[i].is_ascii_whitespace() && bytes[i] != b'=' {
+            i += 1;
+        }
+        let word = &text[start..i];
+        if i >= bytes.len() || bytes[i] != b'=' {
+            // A word without '=': free text, or the first half of a key with a space in it.
+            bare.push(word);
+            continue;
+        }
+        if word.is_empty() {
+            return Err(err(format!("'=' without a key in {:?}", clip(text))));
+        }
+        i += 1;
+        let value = if i < bytes.len() && bytes[i] == b'"' {
+            let (value, end) = quoted(text, i)
+                .ok_or_else(|| err(format!("an unterminated quoted value in {:?}", clip(text))))?;
+            i = end;
+            value
+        } else {
+            let vstart = i;
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            let mut value = text[vstart..i].to_string();
+            // Numbers grouped by spaces: `7 681 574 174 720`.
+            if is_digit_group(&value, 1) {
+                loop {
+                    let mut j = i;
+                    while j < bytes.len() && bytes[j] == b' ' {
+                        j += 1;
+                    }
+                    let group_end = j + 3;
+                    let is_group = j > i
+                        && group_end <= bytes.len()
+                        && bytes[j..group_end].iter().all(u8::is_ascii_digit)
+                        && (group_end == bytes.len() || bytes[group_end].is_ascii_whitespace());
+                    if !is_group {
+                        break;
+                    }
+                    value.push(' ');
+                    value.push_str(&text[j..group_end]);
+                    i = group_end;
+                }
+            }
+            value
+        };
+        // "file size=10.0GiB": lowercase words right before a key belong to it.
+        let key = match bare.last() {
+            Some(w) if w.bytes().all(|b| b.is_ascii_lowercase()) && !w.is_empty() => {
+                format!("{w} {word}")
+            }
+            _ => word.to_string(),
+        };
+        bare.clear();
+        entry.fields.insert(key, value);
+    }
+    Ok(())
+}
+
+fn is_digit_group(s: &str, min: usize) -> bool {
+    (min..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A double-quoted value starting at `start` (the quote): its text with `\"`, `\\` and `\xx`
+/// escapes undone, and the index after the closing quote.
+fn quoted(text: &str, start: usize) -> Option<(String, usize)> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = start + 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => return Some((String::from_utf8_lossy(&out).into_owned(), i + 1)),
+            b'\\' if i + 1 < bytes.len() => {
+                let next = bytes[i + 1];
+                let hex = text
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(byte) if !matches!(next, b'"' | b'\\') => {
+                        out.push(byte);
+                        i += 3;
+                    }
+                    _ => {
+                        out.push(next);
+                        i += 2;
+                    }
+                }
+            }
+            other => {
+                out.push(other);
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+/// A RouterOS size: raw bytes, possibly grouped by spaces (`53 687 091 200`), or a number with
+/// a unit (`50.0GiB`, `1024.0MiB`, `512.0KiB`, `5.5TiB`, `50GB`, `10G`). Decimal units are
+/// read as binary ones, as RouterOS prints binary sizes.
+pub fn size(raw: &str) -> Option<u64> {
+    let compact: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+    if compact.is_empty() {
+        return None;
+    }
+    if compact.bytes().all(|b| b.is_ascii_digit()) {
+        return compact.parse().ok();
+    }
+    let split = compact
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(compact.len());
+    let (number, unit) = compact.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let shift = match unit {
+        "B" => 0,
+        "K" | "KB" | "KiB" | "k" | "kB" | "kiB" => 10,
+        "M" | "MB" | "MiB" => 20,
+        "G" | "GB" | "GiB" => 30,
+        "T" | "TB" | "TiB" => 40,
+        "P" | "PB" | "PiB" => 50,
+        _ => return None,
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then(|| bytes.round() as u64)
+}
+
+/// A file disk as `/disk print detail` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub slot: String,
+    pub kind: String,
+    pub file_path: Option<String>,
+    /// Exact bytes from `size=`, else from the rounded `file-size=`.
+    pub size: Option<u64>,
+    pub nvme_export: bool,
+    pub nvme_port: Option<u16>,
+    pub nqn: Option<String>,
+    pub disabled: bool,
+}
+
+impl Disk {
+    pub fn from_entry(entry: &Entry) -> Option<Disk> {
+        let slot = entry.get("slot")?.to_string();
+        Some(Disk {
+            slot,
+            kind: entry.get("type").unwrap_or_default().to_string(),
+            file_path: entry.get("file-path").map(str::to_string),
+            size: entry
+                .get("size")
+                .and_then(size)
+                .or_else(|| entry.get("file-size").and_then(size)),
+            nvme_export: entry.get("nvme-tcp-export") == Some("yes"),
+            nvme_port: entry
+                .get("nvme-tcp-server-port")
+                .and_then(|p| p.parse().ok()),
+            nqn: entry.get("nvme-tcp-server-nqn").map(str::to_string),
+            disabled: entry.flags.contains('X'),
+        })
+    }
+}
+
+/// Every disk of a `/disk print detail` listing (entries without a slot are skipped).
+pub fn disks(text: &str) -> Result<Vec<Disk>, ParseError> {
+    Ok(print_detail(text)?
+        .iter()
+        .filter_map(Disk::from_entry)
+        .collect())
+}
+
+/// `(total, free)` bytes of the storage pool from `/disk print detail where mount-point=...`.
+pub fn capacity(text: &str) -> Result<Option<(u64, u64)>, ParseError> {
+    Ok(print_detail(text)?.iter().find_map(|e| {
+        let total = e.get("size").and_then(size)?;
+        let free = e.get("free").and_then(size)?;
+        Some((total, free))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    // The Go driver's test sample of one disk, described there as real RouterOS output.
+    const ONE_DISK: &str = "type=file slot=\"pvc-test-123\" slot-default=\"\" parent=\"\" fs=-
+               model=\"/storage-pool/test.img\"
+               size=53 687 091 200 mount-filesystem=yes mount-read-only=no
+               compress=no sector-size=512 raid-master=none
+               nvme-tcp-export=yes nvme-tcp-server-port=4420
+               nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-test-123\"
+               nvme-tcp-server-allow-host-name=\"\" iscsi-export=no
+               nfs-sharing=no smb-sharing=no media-sharing=no
+               media-interface=none swap=no
+               file-path=/storage-pool/test.img
+               file-size=50.0GiB file-offset=0
+";
+
+    const LISTING: &str = "Flags: X - disabled; B - block-device; M - mounted
+ 0 B  type=file slot=\"pvc-test-1\" size=53 687 091 200
+               file-path=/storage-pool/test1.img file-size=50.0GiB
+               nvme-tcp-export=yes nvme-tcp-server-port=4420
+               nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-test-1\"
+
+ 1 XB ;;; kept for later
+      type=file slot=\"pvc-test-2\" size=107 374 182 400
+               file-path=/storage-pool/test2.img file-size=100.0GiB
+               nvme-tcp-export=no
+";
+
+    #[test]
+    fn one_disk_in_the_go_drivers_sample() {
+        let d = disks(ONE_DISK).unwrap();
+        assert_eq!(d.len(), 1);
+        let d = &d[0];
+        assert_eq!(d.slot, "pvc-test-123");
+        assert_eq!(d.kind, "file");
+        assert_eq!(d.file_path.as_deref(), Some("/storage-pool/test.img"));
+        assert_eq!(d.size, Some(53_687_091_200));
+        assert!(d.nvme_export);
+        assert_eq!(d.nvme_port, Some(4420));
+        assert_eq!(
+            d.nqn.as_deref(),
+            Some("nqn.2000-02.com.mikrotik:pvc-test-123")
+        );
+        let e = &print_detail(ONE_DISK).unwrap()[0];
+        assert_eq!(e.get("slot-default"), Some(""));
+        assert_eq!(e.get("model"), Some("/storage-pool/test.img"));
+        assert_eq!(e.get("sector-size"), Some("512"));
+    }
+
+    #[test]
+    fn a_listing_with_header_flags_comments_and_continuations() {
+        let entries = print_detail(LISTING).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(
+            (entries[0].number, entries[0].flags.as_str()),
+            (Some(0), "B")
+        );
+        assert_eq!(
+            (entries[1].number, entries[1].flags.as_str()),
+            (Some(1), "XB")
+        );
+        assert_eq!(entries[1].comment.as_deref(), Some("kept for later"));
+        let d = disks(LISTING).unwrap();
+        assert_eq!(d[1].slot, "pvc-test-2");
+        assert_eq!(d[1].size, Some(107_374_182_400));
+        assert!(d[1].disabled && !d[1].nvme_export);
+    }
+
+    /// RouterOS 7's layout at 78 columns: a legend wrapped over several lines, flag letters
+    /// in columns, long values cut before a '-' onto the next line, quoted ones included.
+    const WRAPPED: &str = "Flags: X - DISABLED; A - ACQUIRED, E - EMPTY, B - BLOCK-DEVICE;\r
+M - MOUNTED, F - FORMATTING, S - SWAP-ENABLED; p - PARTITION;\r
+f - RAID-MEMBER-FAILED, r - RAID-MEMBER; c - ENCRYPTED;\r
+g - GUID-PARTITION-TABLE; t - NVME-TCP-EXPORT; i - ISCSI-EXPORT;\r
+s - SMB-EXPORT, n - NFS-EXPORT;\r
+ 0  B     t    type=file slot=\"pvc-ccdecfad-a8bf-572e-9120-464c4d99f12f\"\r
+               slot-default=\"\" parent=\"\" fs=-\r
+               model=\"/storage-pool/metal-csi/pvc-ccdecfad-a8bf-572e-9120\r
+               -464c4d99f12f.img\"\r
+               size=10 737 418 240 mount-filesystem=yes mount-read-only=no\r
+               nvme-tcp-export=yes nvme-tcp-server-port=4420\r
+               nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-ccdecfad-a8bf\r
+               -572e-9120-464c4d99f12f\"\r
+               file-path=/storage-pool/metal-csi/pvc-ccdecfad-a8bf-572e-9120\r
+               -464c4d99f12f.img\r
+               file-size=10.0GiB file-offset=0\r
+\r
+";
+
+    #[test]
+    fn wrapped_values_and_lowercase_flags() {
+        let entries = print_detail(WRAPPED).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].flags, "Bt");
+        assert_eq!(entries[0].get("slot-default"), Some(""));
+        let d = Disk::from_entry(&entries[0]).unwrap();
+        assert_eq!(d.slot, "pvc-ccdecfad-a8bf-572e-9120-464c4d99f12f");
+        assert_eq!(
+            d.file_path.as_deref(),
+            Some("/storage-pool/metal-csi/pvc-ccdecfad-a8bf-572e-9120-464c4d99f12f.img")
+        );
+        assert_eq!(
+            d.nqn.as_deref(),
+            Some("nqn.2000-02.com.mikrotik:pvc-ccdecfad-a8bf-572e-9120-464c4d99f12f")
+        );
+        assert_eq!(
+            entries[0].get("model"),
+            Some("/storage-pool/metal-csi/pvc-ccdecfad-a8bf-572e-9120-464c4d99f12f.img")
+        );
+        assert_eq!(
+            (d.size, d.nvme_port, d.nvme_export),
+            (Some(10 << 30), Some(4420), true)
+        );
+    }
+
+    #[test]
+    fn nothing_after_the_header_is_an_empty_listing() {
+        assert!(print_detail("Flags: X - disabled; B - block-device\n")
+            .unwrap()
+            .is_empty());
+        assert!(
+            print_detail("Flags: X - DISABLED, I - INVALID\n   B - BLOCK-DEVICE\n\n")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(print_detail("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn capacity_and_file_listings() {
+        let pool = "Flags: M - mounted\n 0 M  type=partition slot=\"storage-pool\" mount-point=\"storage-pool\" file-system=btrfs\n      size=7 949 127 950 336 free=5 963 595 964 416 use=25%\n";
+        assert_eq!(
+            capacity(pool).unwrap(),
+            Some((7_949_127_950_336, 5_963_595_964_416))
+        );
+        let go_sample = "name=/storage-pool type=directory size=7 681 574 174 720\n               free=5 632 440 000 000 use=27%\n               creation-time=jan/01/2025 00:00:00\n";
+        assert_eq!(
+            capacity(go_sample).unwrap(),
+            Some((7_681_574_174_720, 5_632_440_000_000))
+        );
+        let files = " 0   name=storage-pool/metal-csi type=directory\n     last-modified=2025-11-11 16:47:07\n\n 1   name=storage-pool/metal-csi/pvc-1.img\n     type=.img file size=10.0GiB last-modified=2025-11-11 14:32:41\n";
+        let e = print_detail(files).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[1].get("file size").and_then(size), Some(10 << 30));
+        assert_eq!(
+            e[1].get("last-modified"),
+            Some("2025-11-11"),
+            "free text after a value is ignored"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        for (raw, want) in [
+            ("53 687 091 200", Some(53_687_091_200)),
+            ("50.0GiB", Some(50 << 30)),
+            ("1024.0MiB", Some(1 << 30)),
+            ("5.5TiB", Some(11 << 39)),
+            ("512.0KiB", Some(512 << 10)),
+            ("50GB", Some(50 << 30)),
+            ("10G", Some(10 << 30)),
+            ("0", Some(0)),
+            ("", None),
+            ("-1", None),
+            ("12XB", None),
+            ("1e400GiB", None),
+        ] {
+            assert_eq!(size(raw), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn quoted_values_keep_spaces_and_escapes() {
+        let e = print_detail("slot=\"a b\" model=\"say \\\"hi\\\" \\\\ \\41\" x=1\n").unwrap();
+        assert_eq!(e[0].get("slot"), Some("a b"));
+        assert_eq!(e[0].get("model"), Some("say \"hi\" \\ A"));
+        assert_eq!(e[0].get("x"), Some("1"));
+    }
+
+    #[test]
+    fn malformed_output_is_an_error_not_a_guess() {
+        assert!(print_detail("slot=\"unterminated\n").is_err());
+        assert!(
+            print_detail("      model=x\n").is_err(),
+            "a continuation with no entry"
+        );
+        assert!(print_detail("type=file =oops\n").is_err());
+    }
+
+    #[test]
+    fn failures_are_recognised_in_text() {
+        assert!(matches!(
+            failure("failure: not enough space\n"),
+            Some(Failure::NoSpace(_))
+        ));
+        assert!(matches!(
+            failure("no such item\n"),
+            Some(Failure::NoSuchItem(_))
+        ));
+        assert!(matches!(
+            failure("input does not match any value of file-size\n"),
+            Some(Failure::Rejected(_))
+        ));
+        assert!(matches!(
+            failure("bad command name dsk (line 1 column 2)"),
+            Some(Failure::Rejected(_))
+        ));
+        assert!(matches!(
+            failure("expected end of command (line 1 column 40)"),
+            Some(Failure::Rejected(_))
+        ));
+        assert!(matches!(
+            failure("failure: item with such slot already exists"),
+            Some(Failure::Other(_))
+        ));
+        assert_eq!(failure(LISTING), None);
+        assert_eq!(failure(""), None);
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z-]{1,12}=[a-zA-Z0-9/._:-]{0,20}",
+            "[a-z-]{1,12}=\"[ -~]{0,20}\"",
+            "size=[0-9]{1,3}( [0-9]{3}){0,4}",
+            "file-size=[0-9]{1,4}\\.[0-9](KiB|MiB|GiB|TiB)",
+            Just("\n".to_string()),
+            Just("\n      ".to_string()),
+            Just("\n 0 XB ".to_string()),
+            Just("Flags: X - disabled\n".to_string()),
+            Just(";;; note".to_string()),
+            Just("\"".to_string()),
+            Just("=".to_string()),
+            "[ -~]{0,8}",
+            "\\PC{0,4}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PARSER_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
+        ))]
+        #[test]
+        fn random_text_never_panics(text in "\\PC{0,300}") {
+            let _ = print_detail(&text);
+            let _ = disks(&text);
+            let _ = capacity(&text);
+            let _ = failure(&text);
+            let _ = size(&text);
+        }
+
+        #[test]
+        fn routeros_shaped_noise_never_panics(tokens in proptest::collection::vec(token(), 0..40)) {
+            let text = tokens.join(" ");
+            let _ = print_detail(&text);
+            let _ = disks(&text);
+            let _ = capacity(&text);
+        }
+    }
+}

@@ -1,0 +1,658 @@
+//! The RDS backend's volumes as NVMe/TCP namespaces: a [`DeviceSource`] beside the loop
+//! devices, on the same seams (external `nvme` by argument vector, sysfs read from an
+//! injectable root).
+//!
+//! Owns connecting, finding and disconnecting NVMe-oF subsystems of this driver's NQN prefix,
+//! and nothing else: it never disconnects an NQN outside `--rds-nqn-prefix` (a host's own
+//! NVMe-oF root disk, say). The kernel is the record: a subsystem is found by its NQN under
+//! `class/nvme/*/subsysnqn`, its block device by the namespaces under that controller
+//! (`nvmeXcYnZ` is the multipath hidden path of `nvmeXnZ`), never by a guessed `/dev` name.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::command::{Cmd, CommandRunner, LONG_TIMEOUT};
+use super::device::{Backing, DeviceSource};
+use super::paths::{AbsPath, BlockDevice, CommandArg};
+use super::NodeError;
+use crate::backend::rds::values::{Nqn, NqnPrefix, NvmeTarget, Slot};
+use crate::domain::PUBLISH_BACKEND_KEY;
+use crate::ids::VolumeId;
+
+/// How long a connected namespace may take to appear as a block device.
+pub const DEVICE_WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+impl CommandArg for Nqn {
+    fn to_arg(&self) -> OsString {
+        OsString::from(self.as_str())
+    }
+}
+
+/// A number or an address: formatted by Rust, never text from a request.
+struct Num(String);
+
+impl CommandArg for Num {
+    fn to_arg(&self) -> OsString {
+        OsString::from(&self.0)
+    }
+}
+
+fn num(v: impl std::fmt::Display) -> Num {
+    Num(v.to_string())
+}
+
+fn addr(a: IpAddr) -> Num {
+    Num(a.to_string())
+}
+
+pub struct NvmeDevices<R> {
+    runner: R,
+    sysfs: PathBuf,
+    prefix: NqnPrefix,
+    device_wait: Duration,
+}
+
+/// An NVMe-oF controller as sysfs shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controller {
+    pub name: String,
+    pub nqn: String,
+    pub state: String,
+    /// Block devices of its namespaces (`nvme3n1`), resolved from the entries under it.
+    pub namespaces: Vec<String>,
+}
+
+/// `nvme3c3n1` → `nvme3n1`; `nvme3n1` stays; anything else is not a namespace.
+pub fn namespace_device(entry: &str) -> Option<String> {
+    let rest = entry.strip_prefix("nvme")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (subsys, tail) = rest.split_at(rest.find(|c: char| !c.is_ascii_digit())?);
+    if !digits(subsys) {
+        return None;
+    }
+    let ns = if let Some(t) = tail.strip_prefix('c') {
+        let (ctrl, n) = t.split_once('n')?;
+        if !digits(ctrl) {
+            return None;
+        }
+        n
+    } else {
+        tail.strip_prefix('n')?
+    };
+    digits(ns).then(|| format!("nvme{subsys}n{ns}"))
+}
+
+impl<R: CommandRunner> NvmeDevices<R> {
+    pub fn new(runner: R, sysfs: impl Into<PathBuf>, prefix: NqnPrefix) -> Self {
+        Self {
+            runner,
+            sysfs: sysfs.into(),
+            prefix,
+            device_wait: DEVICE_WAIT,
+        }
+    }
+
+    pub fn with_device_wait(mut self, wait: Duration) -> Self {
+        self.device_wait = wait;
+        self
+    }
+
+    /// Every NVMe controller sysfs lists.
+    pub fn controllers(&self) -> Vec<Controller> {
+        let dir = self.sysfs.join("class/nvme");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = dir.join(&name);
+            let read = |f: &str| {
+                std::fs::read_to_string(path.join(f))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let nqn = read("subsysnqn");
+            if nqn.is_empty() {
+                continue;
+            }
+            let mut namespaces: Vec<String> = std::fs::read_dir(&path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| namespace_device(&e.file_name().to_string_lossy()))
+                .filter(|dev| {
+                    self.sysfs
+                        .join("class/block")
+                        .join(dev)
+                        .join("dev")
+                        .exists()
+                })
+                .collect();
+            namespaces.sort();
+            namespaces.dedup();
+            out.push(Controller {
+                name,
+                nqn,
+                state: read("state"),
+                namespaces,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn controllers_of(&self, nqn: &Nqn) -> Vec<Controller> {
+        self.controllers()
+            .into_iter()
+            .filter(|c| c.nqn == nqn.as_str())
+            .collect()
+    }
+
+    fn block_device(&self, name: &str) -> Result<BlockDevice, NodeError> {
+        let dev = std::fs::read_to_string(self.sysfs.join("class/block").join(name).join("dev"))
+            .map_err(|source| NodeError::Io {
+                action: format!("reading the device number of {name}"),
+                source,
+            })?;
+        let (major, minor) = dev
+            .trim()
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .ok_or_else(|| NodeError::Io {
+                action: format!("reading the device number of {name}"),
+                source: std::io::Error::other(format!("{:?} is not major:minor", dev.trim())),
+            })?;
+        let path = AbsPath::try_from(PathBuf::from(format!("/dev/{name}"))).map_err(|reason| {
+            NodeError::Io {
+                action: format!("naming {name}"),
+                source: std::io::Error::other(reason),
+            }
+        })?;
+        Ok(BlockDevice { path, major, minor })
+    }
+
+    fn resolve(&self, nqn: &Nqn) -> Result<Option<BlockDevice>, NodeError> {
+        for c in self.controllers_of(nqn) {
+            if let Some(ns) = c.namespaces.first() {
+                return self.block_device(ns).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    fn target<'a>(&self, backing: &'a Backing) -> Result<&'a NvmeTarget, NodeError> {
+        match backing {
+            Backing::Nvme(t) => Ok(t),
+            other => Err(NodeError::FailedPrecondition(format!(
+                "{other} is not an NVMe/TCP volume; this node serves the RDS backend"
+            ))),
+        }
+    }
+
+    fn guard(&self, nqn: &Nqn) -> Result<(), NodeError> {
+        if self.prefix.owns(nqn) {
+            Ok(())
+        } else {
+            Err(NodeError::FailedPrecondition(format!(
+                "NQN {nqn} is not under --rds-nqn-prefix {}; this node never connects or \
+                 disconnects a subsystem it does not manage",
+                self.prefix
+            )))
+        }
+    }
+
+    async fn disconnect(&self, nqn: &Nqn) -> Result<(), NodeError> {
+        self.guard(nqn)?;
+        let cmd = Cmd::new("nvme")
+            .arg("disconnect")
+            .arg("-n")
+            .arg(nqn.clone());
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() && !self.controllers_of(nqn).is_empty() {
+            return Err(NodeError::Tool {
+                command: cmd.to_string(),
+                code: out.code,
+                message: out.message(),
+            });
+        }
+        tracing::info!(nqn = %nqn, "disconnected NVMe/TCP subsystem");
+        Ok(())
+    }
+
+    async fn connect(&self, t: &NvmeTarget) -> Result<(), NodeError> {
+        let address = t.address.ok_or_else(|| {
+            NodeError::invalid(
+                "volume_context",
+                format!("names no nvmeAddress (or rdsAddress) for {}", t.nqn),
+            )
+        })?;
+        let mut cmd = Cmd::new("nvme")
+            .arg("connect")
+            .arg("-t")
+            .arg("tcp")
+            .arg("-a")
+            .arg(addr(address))
+            .arg("-s")
+            .arg(num(t.port))
+            .arg("-n")
+            .arg(t.nqn.clone());
+        if t.ctrl_loss_tmo != 0 {
+            cmd = cmd.arg("-l").arg(num(t.ctrl_loss_tmo));
+        }
+        if t.reconnect_delay > 0 {
+            cmd = cmd.arg("-c").arg(num(t.reconnect_delay));
+        }
+        if t.keep_alive_tmo > 0 {
+            cmd = cmd.arg("-k").arg(num(t.keep_alive_tmo));
+        }
+        let cmd = cmd.timeout(LONG_TIMEOUT.min(Duration::from_secs(60)));
+        tracing::info!(nqn = %t.nqn, address = %address, port = t.port, "connecting NVMe/TCP");
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() && !out.message().contains("already connected") {
+            return Err(NodeError::Tool {
+                command: cmd.to_string(),
+                code: out.code,
+                message: out.message(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Polls sysfs until the namespace appears (a reconnect may renumber the controller:
+    /// each poll resolves afresh), showing progress every few seconds.
+    async fn wait_for_device(&self, nqn: &Nqn) -> Result<Option<BlockDevice>, NodeError> {
+        let started = tokio::time::Instant::now();
+        let mut next_note = started + Duration::from_secs(5);
+        loop {
+            if let Some(dev) = self.resolve(nqn)? {
+                return Ok(Some(dev));
+            }
+            let now = tokio::time::Instant::now();
+            if now.duration_since(started) >= self.device_wait {
+                return Ok(None);
+            }
+            if now >= next_note {
+                tracing::info!(nqn = %nqn, waited_s = now.duration_since(started).as_secs(), "waiting for the NVMe namespace to appear");
+                next_note = now + Duration::from_secs(5);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+#[async_trait]
+impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
+    fn kind(&self) -> &'static str {
+        "rds"
+    }
+
+    fn locate(
+        &self,
+        volume: &VolumeId,
+        publish_context: &HashMap<String, String>,
+        volume_context: &HashMap<String, String>,
+    ) -> Result<Backing, NodeError> {
+        if let Some(backend) = publish_context.get(PUBLISH_BACKEND_KEY) {
+            if backend != self.kind() {
+                return Err(NodeError::invalid(
+                    "publish_context",
+                    format!("names backend {backend:?}, but this node serves the \"rds\" backend"),
+                ));
+            }
+        }
+        let target =
+            NvmeTarget::from_context(volume_context, || self.prefix.nqn(&Slot::of(volume)?))?;
+        self.guard(&target.nqn)
+            .map_err(|e| NodeError::invalid("volume_context", e.to_string()))?;
+        Ok(Backing::Nvme(target))
+    }
+
+    /// The node cannot see the RDS's disks; whether the volume exists shows when it connects.
+    async fn exists(&self, _: &Backing) -> Result<bool, NodeError> {
+        Ok(true)
+    }
+
+    async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
+        self.resolve(&self.target(backing)?.nqn)
+    }
+
+    async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
+        let t = self.target(backing)?;
+        self.guard(&t.nqn)?;
+        if let Some(dev) = self.resolve(&t.nqn)? {
+            tracing::debug!(nqn = %t.nqn, device = %dev, "already connected");
+            return Ok(dev);
+        }
+        if !self.controllers_of(&t.nqn).is_empty() {
+            // Connected, but no namespace device: reconnect rather than wait on a dead path.
+            tracing::warn!(nqn = %t.nqn, "subsystem connected without a namespace device; reconnecting");
+            self.disconnect(&t.nqn).await?;
+        }
+        self.connect(t).await?;
+        match self.wait_for_device(&t.nqn).await? {
+            Some(dev) => {
+                tracing::info!(nqn = %t.nqn, device = %dev, "NVMe/TCP namespace attached");
+                Ok(dev)
+            }
+            None => {
+                let _ = self.disconnect(&t.nqn).await;
+                Err(NodeError::FailedPrecondition(format!(
+                    "connected to {} but no namespace appeared within {}s; disconnected again",
+                    t.nqn,
+                    self.device_wait.as_secs()
+                )))
+            }
+        }
+    }
+
+    async fn detach(&self, backing: &Backing) -> Result<(), NodeError> {
+        let t = self.target(backing)?;
+        self.guard(&t.nqn)?;
+        if self.controllers_of(&t.nqn).is_empty() {
+            return Ok(());
+        }
+        self.disconnect(&t.nqn).await
+    }
+
+    async fn refresh_size(
+        &self,
+        backing: &Backing,
+        device: &BlockDevice,
+    ) -> Result<u64, NodeError> {
+        let t = self.target(backing)?;
+        for c in self.controllers_of(&t.nqn) {
+            let ctrl = AbsPath::try_from(PathBuf::from(format!("/dev/{}", c.name)))
+                .map_err(|reason| NodeError::invalid("controller", reason))?;
+            let cmd = Cmd::new("nvme").arg("ns-rescan").arg(ctrl);
+            let out = self.runner.run(&cmd).await?;
+            if !out.success() {
+                return Err(NodeError::Tool {
+                    command: cmd.to_string(),
+                    code: out.code,
+                    message: out.message(),
+                });
+            }
+        }
+        let sectors = std::fs::read_to_string(
+            self.sysfs
+                .join("class/block")
+                .join(device.name())
+                .join("size"),
+        )
+        .map_err(|source| NodeError::Io {
+            action: format!("reading the size of {device}"),
+            source,
+        })?;
+        Ok(sectors
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            .saturating_mul(512))
+    }
+
+    async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError> {
+        let t = self.target(backing)?;
+        Ok(self
+            .controllers_of(&t.nqn)
+            .iter()
+            .any(|c| c.state == "live" && c.namespaces.iter().any(|n| *n == device.name())))
+    }
+}
+
+/// Builds a fake sysfs tree for tests: controllers with an NQN and namespaces.
+#[cfg(test)]
+pub(crate) fn fake_controller(
+    sys: &std::path::Path,
+    ctrl: u32,
+    nqn: &str,
+    ns: Option<(&str, &str)>,
+) {
+    let dir = sys.join(format!("class/nvme/nvme{ctrl}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("subsysnqn"), format!("{nqn}\n")).unwrap();
+    std::fs::write(dir.join("state"), "live\n").unwrap();
+    if let Some((entry, dev)) = ns {
+        std::fs::create_dir_all(dir.join(entry)).unwrap();
+        let block = sys
+            .join("class/block")
+            .join(namespace_device(entry).unwrap());
+        std::fs::create_dir_all(&block).unwrap();
+        std::fs::write(block.join("dev"), format!("{dev}\n")).unwrap();
+        std::fs::write(block.join("size"), "20971520\n").unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::command::Output;
+    use crate::node::fakes::RecordingRunner;
+
+    const NQN: &str = "nqn.2000-02.com.mikrotik:pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8";
+
+    fn ctx() -> HashMap<String, String> {
+        HashMap::from([
+            ("nqn".to_string(), NQN.to_string()),
+            ("nvmeAddress".to_string(), "10.42.68.1".to_string()),
+            ("nvmePort".to_string(), "4420".to_string()),
+            ("ctrlLossTmo".to_string(), "-1".to_string()),
+            ("reconnectDelay".to_string(), "5".to_string()),
+            ("keepAliveTmo".to_string(), "0".to_string()),
+            (
+                "volumePath".to_string(),
+                "/storage-pool/metal-csi/x.img".to_string(),
+            ),
+            ("rdsAddress".to_string(), "10.42.241.3".to_string()),
+        ])
+    }
+
+    fn vol() -> VolumeId {
+        VolumeId::try_from("pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8").unwrap()
+    }
+
+    fn ok() -> Result<Output, crate::node::command::CommandError> {
+        Ok(Output {
+            code: Some(0),
+            ..Output::default()
+        })
+    }
+
+    #[test]
+    fn namespace_names() {
+        assert_eq!(namespace_device("nvme3c3n1").as_deref(), Some("nvme3n1"));
+        assert_eq!(namespace_device("nvme0n12").as_deref(), Some("nvme0n12"));
+        for not in [
+            "nvme3",
+            "nvme3c3",
+            "nvmeXn1",
+            "nvme3n",
+            "power",
+            "subsysnqn",
+            "nvme3c3n1p1",
+        ] {
+            assert_eq!(namespace_device(not), None, "{not}");
+        }
+    }
+
+    #[tokio::test]
+    async fn stage_connects_with_the_go_drivers_argument_vector_and_finds_the_device_by_nqn() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        fake_controller(
+            &sys,
+            0,
+            "nqn.2014-08.org.nvmexpress:uuid:host-root",
+            Some(("nvme0n1", "259:0")),
+        );
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        runner.on("nvme connect", move |_| {
+            // The kernel numbers the new controller 4; the namespace shows as a hidden path.
+            fake_controller(&sys2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            ok()
+        });
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        let dev = nvme.attach(&backing).await.unwrap();
+        assert_eq!(
+            (dev.path.to_string(), dev.major, dev.minor),
+            ("/dev/nvme4n1".into(), 259, 7)
+        );
+        assert_eq!(
+            runner.calls(),
+            vec![format!(
+                "nvme connect -t tcp -a 10.42.68.1 -s 4420 -n {NQN} -l -1 -c 5"
+            )]
+        );
+        // A repeated stage is a no-op: found in sysfs, nothing run.
+        nvme.attach(&backing).await.unwrap();
+        assert_eq!(runner.calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_renumbered_controller_is_resolved_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        fake_controller(&sys, 2, NQN, Some(("nvme2n1", "259:3")));
+        let nvme = NvmeDevices::new(RecordingRunner::default(), &sys, NqnPrefix::default());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert_eq!(
+            nvme.find(&backing).await.unwrap().unwrap().name(),
+            "nvme2n1"
+        );
+        std::fs::remove_dir_all(sys.join("class/nvme/nvme2")).unwrap();
+        std::fs::remove_dir_all(sys.join("class/block/nvme2n1")).unwrap();
+        fake_controller(&sys, 5, NQN, Some(("nvme5c5n1", "259:9")));
+        let dev = nvme.find(&backing).await.unwrap().unwrap();
+        assert_eq!((dev.name(), dev.minor), ("nvme5n1".to_string(), 9));
+    }
+
+    #[tokio::test]
+    async fn an_orphaned_subsystem_is_reconnected() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        fake_controller(&sys, 1, NQN, None);
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        runner.on("nvme disconnect", move |_| {
+            std::fs::remove_dir_all(sys2.join("class/nvme/nvme1")).unwrap();
+            ok()
+        });
+        let sys3 = sys.clone();
+        runner.on("nvme connect", move |_| {
+            fake_controller(&sys3, 1, NQN, Some(("nvme1c1n1", "259:1")));
+            ok()
+        });
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert_eq!(nvme.attach(&backing).await.unwrap().name(), "nvme1n1");
+        let calls = runner.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0], format!("nvme disconnect -n {NQN}"));
+        assert!(calls[1].starts_with("nvme connect "));
+    }
+
+    #[tokio::test]
+    async fn a_foreign_nqn_is_never_connected_or_disconnected() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        let foreign = "nqn.2014-08.org.nvmexpress:uuid:host-root";
+        fake_controller(&sys, 0, foreign, Some(("nvme0n1", "259:0")));
+        let runner = RecordingRunner::default();
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
+        let mut c = ctx();
+        c.insert("nqn".into(), foreign.into());
+        let err = nvme.locate(&vol(), &HashMap::new(), &c).unwrap_err();
+        assert!(matches!(err, NodeError::InvalidArgument { .. }), "{err}");
+        let backing = Backing::Nvme(NvmeTarget::from_context(&c, || unreachable!()).unwrap());
+        assert!(matches!(
+            nvme.detach(&backing).await,
+            Err(NodeError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            nvme.attach(&backing).await,
+            Err(NodeError::FailedPrecondition(_))
+        ));
+        assert!(
+            runner.calls().is_empty(),
+            "nothing was run: {:?}",
+            runner.calls()
+        );
+        assert!(sys.join("class/nvme/nvme0").exists());
+    }
+
+    #[tokio::test]
+    async fn unstage_disconnects_only_what_is_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        let runner = RecordingRunner::default();
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
+        // After a restart the node knows only the volume id: the NQN is derived from it.
+        let backing = nvme
+            .locate(&vol(), &HashMap::new(), &HashMap::new())
+            .unwrap();
+        nvme.detach(&backing).await.unwrap();
+        assert!(runner.calls().is_empty());
+        fake_controller(&sys, 3, NQN, Some(("nvme3n1", "259:4")));
+        let sys2 = sys.clone();
+        runner.on("nvme disconnect", move |_| {
+            std::fs::remove_dir_all(sys2.join("class/nvme/nvme3")).unwrap();
+            ok()
+        });
+        nvme.detach(&backing).await.unwrap();
+        assert_eq!(runner.calls(), vec![format!("nvme disconnect -n {NQN}")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_namespace_that_never_appears_is_an_error_and_is_disconnected() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        runner.on("nvme connect", move |_| {
+            fake_controller(&sys2, 6, NQN, None);
+            ok()
+        });
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        let err = nvme.attach(&backing).await.unwrap_err();
+        assert!(
+            matches!(&err, NodeError::FailedPrecondition(m) if m.contains("no namespace appeared")),
+            "{err}"
+        );
+        assert_eq!(
+            runner.calls().last().unwrap(),
+            &format!("nvme disconnect -n {NQN}")
+        );
+    }
+
+    #[test]
+    fn context_values_are_validated_before_any_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let nvme = NvmeDevices::new(RecordingRunner::default(), dir.path(), NqnPrefix::default());
+        for (key, bad) in [
+            ("nvmeAddress", "10.0.0.1; reboot"),
+            ("nvmeAddress", "rds.example"),
+            ("nvmePort", "99999"),
+            ("nqn", "nqn.2000-02.com.mikrotik:PVC\n"),
+            ("ctrlLossTmo", "-2"),
+            ("reconnectDelay", "0"),
+            ("keepAliveTmo", "x"),
+        ] {
+            let mut c = ctx();
+            c.insert(key.into(), bad.into());
+            let err = nvme.locate(&vol(), &HashMap::new(), &c).unwrap_err();
+            assert!(
+                matches!(err, NodeError::InvalidArgument { .. }),
+                "{key}={bad:?}: {err}"
+            );
+        }
+    }
+}
