@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::messages::{Describe, ListActors, Publish, Unpublish};
+use super::messages::{Describe, ListActors, Lookup, Publish, Unpublish};
 use super::state::PublishRequest;
 use super::supervisor::Supervisor;
 use super::{Router, VolumeDeps};
@@ -109,6 +109,16 @@ impl Harness {
             .migrations_total
             .with_label_values(&[result])
             .get()
+    }
+
+    /// The volume's actor, as the supervisor routes to it (started if it has none).
+    async fn actor_of(&self, volume: &str) -> Addr<super::volume::VolumeActor> {
+        self.router
+            .supervisor()
+            .send(super::messages::Route(vol(volume)))
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     async fn actors(&self) -> usize {
@@ -213,15 +223,7 @@ fn a_publish_that_races_the_reap_still_succeeds() {
         h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
         h.router.send(&vol("v"), unpublish("a")).await.unwrap();
         // The router now remembers the actor's address; let the grace timer reap that actor.
-        let doomed = h
-            .router
-            .supervisor()
-            .send(super::messages::Route {
-                volume: vol("v"),
-                stale: None,
-            })
-            .await
-            .unwrap();
+        let doomed = h.actor_of("v").await;
         tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
         assert_eq!(h.actors().await, 0);
         // Sent straight to the reaped actor, the message would be lost...
@@ -497,5 +499,102 @@ fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
             publish("v1", "a", exclusive()).await,
             Err(Error::NodeFull { .. })
         ));
+    });
+}
+
+/// Test only: a handler bug. The panic stops the actor without retiring it, as any panic in a
+/// real handler would in a build that unwinds.
+struct Explode;
+
+impl Message for Explode {
+    type Result = ();
+}
+
+impl Handler<Explode> for super::volume::VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Explode, _: &mut Context<Self>) {
+        panic!("test: a bug in a volume actor's handler");
+    }
+}
+
+#[test]
+fn a_volume_whose_actor_died_is_unavailable_never_served_from_empty_state() {
+    paused(|| async {
+        let h = harness(&["v", "other"]).await;
+        h.router
+            .send(&vol("v"), publish("a", exclusive()))
+            .await
+            .unwrap();
+        let addr = h.actor_of("v").await;
+        assert!(
+            addr.send(Explode).await.is_err(),
+            "the actor dies answering nothing"
+        );
+        tokio::task::yield_now().await;
+        assert!(!addr.connected());
+
+        // Node a still holds v in reality; the state that said so died with the actor.
+        let err = h
+            .router
+            .send(&vol("v"), publish("b", exclusive()))
+            .await
+            .expect_err("an exclusive volume held by a must never be given to b");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("stopped unexpectedly")),
+            "{err}"
+        );
+        for attempt in 0..3 {
+            let err = h.router.send(&vol("v"), unpublish("a")).await.unwrap_err();
+            assert!(matches!(err, Error::Unavailable(_)), "{attempt}: {err}");
+        }
+        let lookup = h.router.supervisor().send(Lookup(vol("v"))).await.unwrap();
+        assert!(
+            matches!(&lookup, Err(Error::Unavailable(m)) if m.contains("re-seeds")),
+            "the debug view says so too: {lookup:?}"
+        );
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_attachment_poisoned_volumes"),
+            1.0,
+            "counted once"
+        );
+        // Every other volume is served as before.
+        h.router
+            .send(&vol("other"), publish("b", exclusive()))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn an_actor_that_retires_while_a_lookup_is_queued_is_not_taken_for_dead() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        for round in 0..2 {
+            // A fresh actor with nothing to keep: the no-op detach below makes it retire.
+            let addr = h.actor_of("v").await;
+            // Queued in this order, the actor retires and stops before the supervisor reads the
+            // Lookup, whose turn comes before the actor's Reaped.
+            let detach = addr.send(unpublish("a"));
+            let lookup = h.router.supervisor().send(Lookup(vol("v")));
+            let (detach, lookup) = futures::join!(detach, lookup);
+            assert!(
+                matches!(detach, Ok(Ok(()))),
+                "round {round}: the actor answered, then retired: {detach:?}"
+            );
+            assert!(
+                matches!(lookup, Ok(Ok(None))),
+                "round {round}: a retired actor is no actor, not a dead one: {lookup:?}"
+            );
+            assert!(!addr.connected(), "round {round}: the actor stopped");
+        }
+        h.router
+            .send(&vol("v"), publish("a", exclusive()))
+            .await
+            .unwrap();
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_attachment_poisoned_volumes"),
+            0.0
+        );
     });
 }

@@ -5,6 +5,7 @@
 //! and the cluster sink. Handlers that await I/O use `AtomicResponse`, so the mailbox stays
 //! blocked and operations on one volume never interleave.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,6 +24,22 @@ use crate::Error;
 /// At most one AttachmentConflict event per volume per this interval.
 const CONFLICT_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Whether a volume actor retired (stopped on purpose with nothing left to keep). The actor sets
+/// it before it stops; the supervisor reads it when it finds the actor's address disconnected, to
+/// tell a retirement from a death (see the supervisor's module docs). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Retirement(Arc<AtomicBool>);
+
+impl Retirement {
+    pub fn is_retired(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn mark(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 pub struct VolumeActor {
     id: VolumeId,
     state: VolumeState,
@@ -32,6 +49,8 @@ pub struct VolumeActor {
     grace_timer: Option<(Instant, SpawnHandle)>,
     /// Set once the actor decided to stop; every later message answers `Error::Retired`.
     retired: bool,
+    /// `retired`, as the supervisor sees it.
+    retirement: Retirement,
     last_conflict_event: Option<Instant>,
     /// Effects found while seeding, applied once the actor runs.
     pending: Vec<Effect>,
@@ -54,6 +73,7 @@ impl VolumeActor {
             migration_timer: None,
             grace_timer: None,
             retired: false,
+            retirement: Retirement::default(),
             last_conflict_event: None,
             pending: Vec::new(),
             unparked: false,
@@ -85,6 +105,11 @@ impl VolumeActor {
         let mut actor = Self::new(id, state, deps, supervisor);
         actor.unparked = true;
         actor
+    }
+
+    /// What the supervisor keeps to tell, once this actor stopped, whether it retired.
+    pub fn retirement(&self) -> Retirement {
+        self.retirement.clone()
     }
 
     fn class_label(&self) -> &'static str {
@@ -145,13 +170,15 @@ impl VolumeActor {
         }
     }
 
-    /// Stops the actor for good and tells the supervisor, which forgets this address.
+    /// Stops the actor for good and tells the supervisor, which forgets this address. Marks the
+    /// retirement first, so whoever sees this address disconnected knows it retired.
     fn retire(&mut self, ctx: &mut Context<Self>) {
         if self.retired {
             return;
         }
         let before = self.class_label();
         self.retired = true;
+        self.retirement.mark();
         self.track(before, !self.state.nodes().is_empty());
         self.supervisor.do_send(Reaped {
             volume: self.id.clone(),
