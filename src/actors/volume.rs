@@ -4,7 +4,11 @@
 //! rules in [`super::state`], arms or cancels its two timers, and hands side effects to metrics
 //! and the cluster sink. Handlers that await I/O use `AtomicResponse`, so the mailbox stays
 //! blocked and operations on one volume never interleave.
+//!
+//! Publish asks the backend about its volume once, then answers from what it kept: the volume
+//! is deleted only through this actor, so what it kept is true until its own Delete.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -56,6 +60,10 @@ pub struct VolumeActor {
     pending: Vec<Effect>,
     /// Woken from a parked record, whose attachment the connections gauge already counts.
     unparked: bool,
+    /// The volume's publish_context, once the backend has confirmed the volume exists. Dropped
+    /// when a Delete fails (the volume may be half gone); a Delete that succeeds retires the
+    /// actor.
+    publish_context: Option<HashMap<String, String>>,
 }
 
 impl VolumeActor {
@@ -77,6 +85,7 @@ impl VolumeActor {
             last_conflict_event: None,
             pending: Vec::new(),
             unparked: false,
+            publish_context: None,
         }
     }
 
@@ -408,12 +417,19 @@ impl Handler<Publish> for VolumeActor {
         let id = self.id.clone();
         let node = req.node.clone();
         let blockers = self.state.blockers(&node);
+        let kept = self.publish_context.clone();
         let checks = async move {
-            let volume = deps
-                .backend
-                .get(&id)
-                .await?
-                .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+            let publish_context = match kept {
+                Some(context) => context,
+                None => {
+                    let volume = deps
+                        .backend
+                        .get(&id)
+                        .await?
+                        .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+                    deps.backend.publish_context(&volume)
+                }
+            };
             let known = deps
                 .nodes
                 .exists(&node)
@@ -431,7 +447,7 @@ impl Handler<Publish> for VolumeActor {
                 })?;
                 verdicts.push((holder, status));
             }
-            Ok((deps.backend.publish_context(&volume), verdicts))
+            Ok((publish_context, verdicts))
         };
         let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(
@@ -441,6 +457,9 @@ impl Handler<Publish> for VolumeActor {
                 let was_attached = !act.state.nodes().is_empty();
                 let holders_before = act.holders();
                 let result = checked.and_then(|(mut publish_context, verdicts)| {
+                    if act.publish_context.is_none() {
+                        act.publish_context = Some(publish_context.clone());
+                    }
                     let now = Instant::now();
                     let mut effects = Vec::new();
                     for (holder, status) in verdicts {
@@ -516,6 +535,7 @@ impl Handler<Delete> for VolumeActor {
             if result.is_ok() {
                 act.retire(ctx);
             } else {
+                act.publish_context = None;
                 act.settle(ctx);
             }
             result

@@ -6,12 +6,18 @@
 //! renames the image and finally the metadata (the commit point). Delete removes the metadata
 //! first. At open, leftovers of an interrupted create or delete (`*.partial`, images without
 //! metadata) are removed, so a crash never leaves a half-made volume visible.
+//!
+//! Never blocks an async thread. File I/O runs on tokio's blocking pool. Changes (create,
+//! delete, expand) take turns on one async lock, held until their I/O is done even if the caller
+//! gave up waiting, so two changes never interleave in the directory. Reads (`get`, `list`,
+//! `publish_context`) copy from an in-memory index that is locked only to read or swap an entry,
+//! never across I/O, so a read never waits for a disk.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -23,26 +29,89 @@ const IMAGE_EXT: &str = "img";
 const META_EXT: &str = "json";
 const PARTIAL_EXT: &str = "partial";
 
-/// Where a test asks create to stop, as if the process had died there.
-#[cfg(test)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum CrashPoint {
-    AfterPartialFiles,
-    AfterImageRename,
+/// A step of a file operation, named for the action about to happen. Tests stop or stall an
+/// operation just before one through [`Faults`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Create: both partial files are written and synced; the image is renamed next.
+    CreateRenameImage,
+    /// Create: the image is in place; the metadata is renamed next (the commit point).
+    CreateRenameMetadata,
+}
+
+/// What a test makes happen at a [`Step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The process dies here: the operation stops at once, cleans nothing up and changes no
+    /// in-memory state. Use the backend no more; open the root again, as a restart would.
+    Crash,
+}
+
+/// The test seam of the file backend: consulted just before each [`Step`], on the thread doing
+/// the operation's I/O. Production uses [`NoFaults`]. A test may also block in `before` to stall
+/// an operation in the middle of its I/O.
+pub trait Faults: Send + Sync + 'static {
+    fn before(&self, step: Step, volume: &VolumeId) -> Option<Fault>;
+}
+
+/// Every step runs.
+pub struct NoFaults;
+
+impl Faults for NoFaults {
+    fn before(&self, _: Step, _: &VolumeId) -> Option<Fault> {
+        None
+    }
+}
+
+/// How an operation that met a fault ends.
+enum Stop {
+    Crashed(Step),
+    Failed(BackendError),
+}
+
+impl From<BackendError> for Stop {
+    fn from(e: BackendError) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl From<Stop> for BackendError {
+    fn from(stop: Stop) -> Self {
+        match stop {
+            Stop::Crashed(step) => Self::Corrupt(format!("simulated crash before {step:?}")),
+            Stop::Failed(e) => e,
+        }
+    }
 }
 
 pub struct FileBackend {
+    files: Arc<Files>,
+    /// Whose turn it is to change the directory. Held across the change's I/O, and moved into
+    /// the blocking task so it is released only when that I/O is over.
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The root and the index; what the blocking tasks work on.
+struct Files {
     root: PathBuf,
-    /// The visible volumes. The mutex also serializes every change to the directory.
-    index: Mutex<BTreeMap<VolumeId, VolumeInfo>>,
-    #[cfg(test)]
-    crash_at: Mutex<Option<CrashPoint>>,
+    /// The visible volumes. Locked only to copy or swap entries, never across I/O.
+    index: RwLock<BTreeMap<VolumeId, VolumeInfo>>,
+    faults: Arc<dyn Faults>,
 }
 
 impl FileBackend {
     /// Opens (creating if needed) the root, cleans up after interrupted operations and loads
-    /// the index. Metadata that cannot be read is reported, not deleted.
+    /// the index. Metadata that cannot be read is reported, not deleted. Blocking: call it at
+    /// start-up, before serving.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, BackendError> {
+        Self::open_with_faults(root, Arc::new(NoFaults))
+    }
+
+    /// [`FileBackend::open`] with a test seam.
+    pub fn open_with_faults(
+        root: impl Into<PathBuf>,
+        faults: Arc<dyn Faults>,
+    ) -> Result<Self, BackendError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(BackendError::io(format!(
             "creating file root {}",
@@ -96,45 +165,100 @@ impl FileBackend {
                 )));
             }
         }
-        Ok(Self {
+        let files = Files {
             root,
-            index: Mutex::new(index),
-            #[cfg(test)]
-            crash_at: Mutex::new(None),
+            index: RwLock::new(index),
+            faults,
+        };
+        Ok(Self {
+            files: Arc::new(files),
+            turn: Arc::default(),
         })
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.files.root
     }
 
+    /// Runs one change to the directory on the blocking pool, after the changes before it.
+    async fn change<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Files) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let turn = self.turn.clone().lock_owned().await;
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            op(&files)
+        })
+        .await
+        .map_err(|e| BackendError::io("running a file operation")(std::io::Error::other(e)))?
+    }
+}
+
+impl Files {
     fn path(&self, id: &VolumeId, ext: &str) -> PathBuf {
         // VolumeId admits no '/', NUL or leading '.', so this stays inside the root.
         self.root.join(format!("{id}.{ext}"))
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<VolumeId, VolumeInfo>> {
-        self.index
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<VolumeId, VolumeInfo>> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    #[cfg(test)]
-    pub(crate) fn crash_at(&self, point: CrashPoint) {
-        *self.crash_at.lock().unwrap() = Some(point);
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<VolumeId, VolumeInfo>> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    #[cfg(test)]
-    fn crash_here(&self, point: CrashPoint) -> Result<(), BackendError> {
-        if *self.crash_at.lock().unwrap() == Some(point) {
-            return Err(BackendError::Corrupt(format!(
-                "simulated crash at {point:?}"
+    fn get(&self, id: &VolumeId) -> Option<VolumeInfo> {
+        self.read().get(id).cloned()
+    }
+
+    fn before(&self, step: Step, volume: &VolumeId) -> Result<(), Stop> {
+        match self.faults.before(step, volume) {
+            None => Ok(()),
+            Some(Fault::Crash) => Err(Stop::Crashed(step)),
+        }
+    }
+
+    fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError> {
+        let size = req.size()?;
+        if let Some(existing) = self.get(&req.id) {
+            req.check_compatible(&existing)?;
+            return Ok(existing);
+        }
+        let available = free_bytes(&self.root)?;
+        if size > available {
+            return Err(BackendError::OutOfRange(format!(
+                "requested {size} bytes but only {available} are free under {}",
+                self.root.display()
             )));
         }
-        Ok(())
+        let info = VolumeInfo {
+            id: req.id,
+            name: req.name,
+            capacity_bytes: size,
+            capabilities: req.capabilities,
+            parameters: req.parameters,
+            created_at: SystemTime::now(),
+        };
+        if let Err(stop) = self.create_files(&info) {
+            if let Stop::Failed(_) = stop {
+                for ext in [
+                    format!("{IMAGE_EXT}.{PARTIAL_EXT}"),
+                    format!("{META_EXT}.{PARTIAL_EXT}"),
+                    IMAGE_EXT.to_string(),
+                ] {
+                    let _ = std::fs::remove_file(self.path(&info.id, &ext));
+                }
+            }
+            return Err(stop.into());
+        }
+        self.write().insert(info.id.clone(), info.clone());
+        Ok(info)
     }
 
-    fn create_files(&self, info: &VolumeInfo) -> Result<(), BackendError> {
+    fn create_files(&self, info: &VolumeInfo) -> Result<(), Stop> {
         let image = self.path(&info.id, IMAGE_EXT);
         let meta = self.path(&info.id, META_EXT);
         let image_partial = self.path(&info.id, &format!("{IMAGE_EXT}.{PARTIAL_EXT}"));
@@ -145,13 +269,55 @@ impl FileBackend {
             .map_err(BackendError::io("sizing image"))?;
         file.sync_all().map_err(BackendError::io("syncing image"))?;
         write_meta(&meta_partial, info)?;
-        #[cfg(test)]
-        self.crash_here(CrashPoint::AfterPartialFiles)?;
+        self.before(Step::CreateRenameImage, &info.id)?;
         std::fs::rename(&image_partial, &image).map_err(BackendError::io("committing image"))?;
-        #[cfg(test)]
-        self.crash_here(CrashPoint::AfterImageRename)?;
+        self.before(Step::CreateRenameMetadata, &info.id)?;
         std::fs::rename(&meta_partial, &meta).map_err(BackendError::io("committing metadata"))?;
-        sync_dir(&self.root)
+        Ok(sync_dir(&self.root)?)
+    }
+
+    fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
+        if self.write().remove(id).is_none() {
+            return Ok(());
+        }
+        std::fs::remove_file(self.path(id, META_EXT))
+            .map_err(BackendError::io("removing metadata"))?;
+        sync_dir(&self.root)?;
+        match std::fs::remove_file(self.path(id, IMAGE_EXT)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io("removing image")(e)),
+        }
+    }
+
+    fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
+        let info = self
+            .get(id)
+            .ok_or_else(|| BackendError::NotFound(id.clone()))?;
+        if bytes < info.capacity_bytes {
+            return Err(BackendError::OutOfRange(format!(
+                "volume {id} is {} bytes; shrinking it to {bytes} is not supported",
+                info.capacity_bytes
+            )));
+        }
+        if bytes == info.capacity_bytes {
+            return Ok(bytes);
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path(id, IMAGE_EXT))
+            .map_err(BackendError::io("opening image"))?;
+        file.set_len(bytes)
+            .map_err(BackendError::io("growing image"))?;
+        file.sync_all().map_err(BackendError::io("syncing image"))?;
+        let mut grown = info;
+        grown.capacity_bytes = bytes;
+        let partial = self.path(id, &format!("{META_EXT}.{PARTIAL_EXT}"));
+        write_meta(&partial, &grown)?;
+        std::fs::rename(&partial, self.path(id, META_EXT))
+            .map_err(BackendError::io("committing metadata"))?;
+        self.write().insert(id.clone(), grown);
+        Ok(bytes)
     }
 }
 
@@ -186,101 +352,32 @@ impl VolumeBackend for FileBackend {
     }
 
     async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError> {
-        let size = req.size()?;
-        let mut index = self.lock();
-        if let Some(existing) = index.get(&req.id) {
-            req.check_compatible(existing)?;
-            return Ok(existing.clone());
-        }
-        let available = free_bytes(&self.root)?;
-        if size > available {
-            return Err(BackendError::OutOfRange(format!(
-                "requested {size} bytes but only {available} are free under {}",
-                self.root.display()
-            )));
-        }
-        let info = VolumeInfo {
-            id: req.id.clone(),
-            name: req.name.clone(),
-            capacity_bytes: size,
-            capabilities: req.capabilities.clone(),
-            parameters: req.parameters.clone(),
-            created_at: SystemTime::now(),
-        };
-        if let Err(e) = self.create_files(&info) {
-            #[cfg(test)]
-            if matches!(e, BackendError::Corrupt(ref m) if m.starts_with("simulated crash")) {
-                return Err(e);
-            }
-            for ext in [
-                format!("{IMAGE_EXT}.{PARTIAL_EXT}"),
-                format!("{META_EXT}.{PARTIAL_EXT}"),
-                IMAGE_EXT.to_string(),
-            ] {
-                let _ = std::fs::remove_file(self.path(&info.id, &ext));
-            }
-            return Err(e);
-        }
-        index.insert(info.id.clone(), info.clone());
-        Ok(info)
+        self.change(move |files| files.create(req)).await
     }
 
     async fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
-        let mut index = self.lock();
-        if index.remove(id).is_none() {
-            return Ok(());
-        }
-        std::fs::remove_file(self.path(id, META_EXT))
-            .map_err(BackendError::io("removing metadata"))?;
-        sync_dir(&self.root)?;
-        match std::fs::remove_file(self.path(id, IMAGE_EXT)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackendError::io("removing image")(e)),
-        }
+        let id = id.clone();
+        self.change(move |files| files.delete(&id)).await
     }
 
     async fn get(&self, id: &VolumeId) -> Result<Option<VolumeInfo>, BackendError> {
-        Ok(self.lock().get(id).cloned())
+        Ok(self.files.get(id))
     }
 
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
-        Ok(self.lock().values().cloned().collect())
+        Ok(self.files.read().values().cloned().collect())
     }
 
     async fn capacity(&self) -> Result<u64, BackendError> {
-        free_bytes(&self.root)
+        let root = self.files.root.clone();
+        tokio::task::spawn_blocking(move || free_bytes(&root))
+            .await
+            .map_err(|e| BackendError::io("reading free space")(std::io::Error::other(e)))?
     }
 
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
-        let mut index = self.lock();
-        let info = index
-            .get_mut(id)
-            .ok_or_else(|| BackendError::NotFound(id.clone()))?;
-        if bytes < info.capacity_bytes {
-            return Err(BackendError::OutOfRange(format!(
-                "volume {id} is {} bytes; shrinking it to {bytes} is not supported",
-                info.capacity_bytes
-            )));
-        }
-        if bytes == info.capacity_bytes {
-            return Ok(bytes);
-        }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.path(id, IMAGE_EXT))
-            .map_err(BackendError::io("opening image"))?;
-        file.set_len(bytes)
-            .map_err(BackendError::io("growing image"))?;
-        file.sync_all().map_err(BackendError::io("syncing image"))?;
-        let mut grown = info.clone();
-        grown.capacity_bytes = bytes;
-        let partial = self.path(id, &format!("{META_EXT}.{PARTIAL_EXT}"));
-        write_meta(&partial, &grown)?;
-        std::fs::rename(&partial, self.path(id, META_EXT))
-            .map_err(BackendError::io("committing metadata"))?;
-        *info = grown;
-        Ok(bytes)
+        let id = id.clone();
+        self.change(move |files| files.expand(&id, bytes)).await
     }
 
     fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String> {
@@ -288,7 +385,7 @@ impl VolumeBackend for FileBackend {
             ("backend".to_string(), "file".to_string()),
             (
                 "imagePath".to_string(),
-                self.path(&volume.id, IMAGE_EXT).display().to_string(),
+                self.files.path(&volume.id, IMAGE_EXT).display().to_string(),
             ),
         ])
     }
@@ -306,6 +403,66 @@ fn free_bytes(root: &Path) -> Result<u64, BackendError> {
         ));
     }
     Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+/// Test seams built on [`Faults`].
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::{Fault, Faults, Step};
+    use crate::ids::VolumeId;
+
+    /// Stalls one volume's operation just before `step`, as a disk that stops answering would,
+    /// until the test releases it. It blocks the thread doing the I/O, for real.
+    pub(crate) struct Stall {
+        step: Step,
+        volume: &'static str,
+        entered: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    /// Sending on it (or dropping it) lets the stalled operation go on.
+    pub(crate) type Release = mpsc::Sender<()>;
+
+    impl Stall {
+        /// The seam, the release, and a future that resolves once the operation is stalled.
+        pub(crate) fn new(
+            step: Step,
+            volume: &'static str,
+        ) -> (Self, Release, tokio::sync::oneshot::Receiver<()>) {
+            let (release, waiting) = mpsc::channel();
+            let (entered, stalled) = tokio::sync::oneshot::channel();
+            let stall = Self {
+                step,
+                volume,
+                entered: Mutex::new(Some(entered)),
+                release: Mutex::new(waiting),
+            };
+            (stall, release, stalled)
+        }
+    }
+
+    impl Faults for Stall {
+        fn before(&self, step: Step, volume: &VolumeId) -> Option<Fault> {
+            if step == self.step && volume.as_str() == self.volume {
+                if let Some(entered) = self.entered.lock().unwrap().take() {
+                    let _ = entered.send(());
+                }
+                // Bounded only so that a backend that stalls its caller's thread fails the test
+                // (by completing in the wrong order) instead of hanging it; a correct backend
+                // is released long before.
+                let _ = self
+                    .release
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(20));
+            }
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -378,13 +535,24 @@ mod tests {
         assert!(backend.list().await.unwrap().is_empty());
     }
 
+    /// Crashes the process at one step of one volume's operations.
+    struct CrashAt(Step, &'static str);
+
+    impl Faults for CrashAt {
+        fn before(&self, step: Step, volume: &VolumeId) -> Option<Fault> {
+            (step == self.0 && volume.as_str() == self.1).then_some(Fault::Crash)
+        }
+    }
+
     #[tokio::test]
     async fn crash_during_create_leaves_nothing_visible() {
-        for point in [CrashPoint::AfterPartialFiles, CrashPoint::AfterImageRename] {
+        for point in [Step::CreateRenameImage, Step::CreateRenameMetadata] {
             let dir = tempfile::tempdir().unwrap();
             let backend = FileBackend::open(dir.path()).unwrap();
             backend.create(req("keep", 1 << 20)).await.unwrap();
-            backend.crash_at(point);
+            drop(backend);
+            let faults = std::sync::Arc::new(CrashAt(point, "half"));
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
             assert!(backend.create(req("half", 1 << 20)).await.is_err());
             drop(backend);
             let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
@@ -443,6 +611,64 @@ mod tests {
             backend.expand(&id, 1).await,
             Err(BackendError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn reads_answer_while_a_create_is_stuck_in_its_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = FileBackend::open(dir.path()).unwrap();
+        let a = backend.create(req("a", 1 << 20)).await.unwrap();
+        drop(backend);
+        let (stall, release, stalled) = testing::Stall::new(Step::CreateRenameImage, "slow");
+        let backend = std::sync::Arc::new(
+            FileBackend::open_with_faults(dir.path(), std::sync::Arc::new(stall)).unwrap(),
+        );
+        let create = tokio::spawn({
+            let backend = backend.clone();
+            async move { backend.create(req("slow", 1 << 20)).await }
+        });
+        stalled.await.unwrap();
+        let id = VolumeId::try_from("a").unwrap();
+        assert_eq!(backend.get(&id).await.unwrap().as_ref(), Some(&a));
+        assert_eq!(backend.list().await.unwrap(), vec![a.clone()]);
+        assert!(
+            !create.is_finished(),
+            "the reads answered while the create was still in its I/O"
+        );
+        release.send(()).unwrap();
+        create.await.unwrap().unwrap();
+        assert_eq!(backend.list().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_create_whose_caller_gave_up_still_completes_before_the_next_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stall, release, stalled) = testing::Stall::new(Step::CreateRenameImage, "slow");
+        let backend = std::sync::Arc::new(
+            FileBackend::open_with_faults(dir.path(), std::sync::Arc::new(stall)).unwrap(),
+        );
+        let create = tokio::spawn({
+            let backend = backend.clone();
+            async move { backend.create(req("slow", 1 << 20)).await }
+        });
+        stalled.await.unwrap();
+        create.abort();
+        assert!(create.await.unwrap_err().is_cancelled());
+        let next = tokio::spawn({
+            let backend = backend.clone();
+            async move { backend.create(req("next", 1 << 20)).await }
+        });
+        release.send(()).unwrap();
+        next.await.unwrap().unwrap();
+        let ids: Vec<String> = backend
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.id.to_string())
+            .collect();
+        assert_eq!(ids, ["next", "slow"], "the index says what the disk has");
+        assert!(dir.path().join("slow.json").exists());
     }
 
     #[tokio::test]
