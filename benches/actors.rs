@@ -143,12 +143,10 @@ fn routing(c: &mut Criterion) {
                     for _ in 0..iters {
                         actors
                             .supervisor
-                            .send(Route {
-                                volume: pick().clone(),
-                                stale: None,
-                            })
+                            .send(Route(pick().clone()))
                             .await
-                            .expect("route");
+                            .expect("route")
+                            .expect("a live volume");
                     }
                     start.elapsed()
                 })

@@ -99,13 +99,14 @@ async fn attachments(
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         };
         let view = match supervisor.send(Lookup(volume.clone())).await {
-            Ok(Some(addr)) => addr
+            Ok(Ok(Some(addr))) => addr
                 .send(Describe)
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .flatten(),
-            Ok(None) => None,
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into()),
         };
         return match view {

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub nvme_connections_active: IntGauge,
     pub volume_actors: IntGaugeVec,
     pub parked_volumes: IntGauge,
+    pub poisoned_volumes: IntGauge,
     pub grpc_started: IntCounterVec,
     pub grpc_handled: IntCounterVec,
     pub grpc_in_flight: IntGaugeVec,
@@ -165,6 +166,12 @@ impl Metrics {
             "Volumes seeded at boot with one settled attachment and no actor yet; each gets its actor on its first message.",
         ))
         .expect("valid metric");
+        let poisoned_volumes = IntGauge::with_opts(opts(
+            "attachment",
+            "poisoned_volumes",
+            "Volumes whose actor stopped without retiring (a panic); each answers UNAVAILABLE until the controller restarts and re-seeds from VolumeAttachments.",
+        ))
+        .expect("valid metric");
         let grpc_started = IntCounterVec::new(
             opts(
                 "grpc",
@@ -247,6 +254,7 @@ impl Metrics {
             Box::new(nvme_connections_active.clone()),
             Box::new(volume_actors.clone()),
             Box::new(parked_volumes.clone()),
+            Box::new(poisoned_volumes.clone()),
             Box::new(grpc_started.clone()),
             Box::new(grpc_handled.clone()),
             Box::new(grpc_in_flight.clone()),
@@ -288,6 +296,7 @@ impl Metrics {
             nvme_connections_active,
             volume_actors,
             parked_volumes,
+            poisoned_volumes,
             grpc_started,
             grpc_handled,
             grpc_in_flight,

@@ -1,19 +1,19 @@
 //! Volume actors and the supervisor on tokio's paused clock: timers fire by advancing virtual
 //! time, never by sleeping for real.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::messages::{Describe, ListActors, Publish, Unpublish};
+use super::messages::{Describe, ListActors, Lookup, Publish, Unpublish};
 use super::state::PublishRequest;
 use super::supervisor::Supervisor;
 use super::{Router, VolumeDeps};
-use crate::backend::file::FileBackend;
-use crate::backend::{CreateRequest, VolumeBackend};
+use crate::backend::file::{testing::Stall, FileBackend, Step};
+use crate::backend::{BackendError, CreateRequest, VolumeBackend, VolumeInfo};
 use crate::domain::{AccessMode, Capability};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::Standalone;
@@ -43,22 +43,32 @@ async fn harness(volumes: &[&str]) -> Harness {
     harness_limited(volumes, 0).await
 }
 
+fn create_request(volume: &str) -> CreateRequest {
+    CreateRequest {
+        id: VolumeId::try_from(volume).unwrap(),
+        name: volume.to_string(),
+        required_bytes: 1 << 20,
+        limit_bytes: 0,
+        capabilities: vec![rwx()],
+        parameters: BTreeMap::new(),
+    }
+}
+
 async fn harness_limited(volumes: &[&str], max_per_node: u64) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
     for v in volumes {
-        backend
-            .create(CreateRequest {
-                id: VolumeId::try_from(*v).unwrap(),
-                name: v.to_string(),
-                required_bytes: 1 << 20,
-                limit_bytes: 0,
-                capabilities: vec![rwx()],
-                parameters: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
+        backend.create(create_request(v)).await.unwrap();
     }
+    harness_on(backend, dir, max_per_node)
+}
+
+/// Actors over `backend`, on nodes a, b and c.
+fn harness_on(
+    backend: Arc<dyn VolumeBackend>,
+    dir: tempfile::TempDir,
+    max_per_node: u64,
+) -> Harness {
     let cluster = Arc::new(Standalone::new(
         ["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap()),
     ));
@@ -109,6 +119,16 @@ impl Harness {
             .migrations_total
             .with_label_values(&[result])
             .get()
+    }
+
+    /// The volume's actor, as the supervisor routes to it (started if it has none).
+    async fn actor_of(&self, volume: &str) -> Addr<super::volume::VolumeActor> {
+        self.router
+            .supervisor()
+            .send(super::messages::Route(vol(volume)))
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     async fn actors(&self) -> usize {
@@ -213,15 +233,7 @@ fn a_publish_that_races_the_reap_still_succeeds() {
         h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
         h.router.send(&vol("v"), unpublish("a")).await.unwrap();
         // The router now remembers the actor's address; let the grace timer reap that actor.
-        let doomed = h
-            .router
-            .supervisor()
-            .send(super::messages::Route {
-                volume: vol("v"),
-                stale: None,
-            })
-            .await
-            .unwrap();
+        let doomed = h.actor_of("v").await;
         tokio::time::sleep(GRACE + Duration::from_secs(1)).await;
         assert_eq!(h.actors().await, 0);
         // Sent straight to the reaped actor, the message would be lost...
@@ -497,5 +509,225 @@ fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
             publish("v1", "a", exclusive()).await,
             Err(Error::NodeFull { .. })
         ));
+    });
+}
+
+/// Test only: a handler bug. The panic stops the actor without retiring it, as any panic in a
+/// real handler would in a build that unwinds.
+struct Explode;
+
+impl Message for Explode {
+    type Result = ();
+}
+
+impl Handler<Explode> for super::volume::VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Explode, _: &mut Context<Self>) {
+        panic!("test: a bug in a volume actor's handler");
+    }
+}
+
+#[test]
+fn a_volume_whose_actor_died_is_unavailable_never_served_from_empty_state() {
+    paused(|| async {
+        let h = harness(&["v", "other"]).await;
+        h.router
+            .send(&vol("v"), publish("a", exclusive()))
+            .await
+            .unwrap();
+        let addr = h.actor_of("v").await;
+        assert!(
+            addr.send(Explode).await.is_err(),
+            "the actor dies answering nothing"
+        );
+        tokio::task::yield_now().await;
+        assert!(!addr.connected());
+
+        // Node a still holds v in reality; the state that said so died with the actor.
+        let err = h
+            .router
+            .send(&vol("v"), publish("b", exclusive()))
+            .await
+            .expect_err("an exclusive volume held by a must never be given to b");
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("stopped unexpectedly")),
+            "{err}"
+        );
+        for attempt in 0..3 {
+            let err = h.router.send(&vol("v"), unpublish("a")).await.unwrap_err();
+            assert!(matches!(err, Error::Unavailable(_)), "{attempt}: {err}");
+        }
+        let lookup = h.router.supervisor().send(Lookup(vol("v"))).await.unwrap();
+        assert!(
+            matches!(&lookup, Err(Error::Unavailable(m)) if m.contains("re-seeds")),
+            "the debug view says so too: {lookup:?}"
+        );
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_attachment_poisoned_volumes"),
+            1.0,
+            "counted once"
+        );
+        // Every other volume is served as before.
+        h.router
+            .send(&vol("other"), publish("b", exclusive()))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn an_actor_that_retires_while_a_lookup_is_queued_is_not_taken_for_dead() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        for round in 0..2 {
+            // A fresh actor with nothing to keep: the no-op detach below makes it retire.
+            let addr = h.actor_of("v").await;
+            // Queued in this order, the actor retires and stops before the supervisor reads the
+            // Lookup, whose turn comes before the actor's Reaped.
+            let detach = addr.send(unpublish("a"));
+            let lookup = h.router.supervisor().send(Lookup(vol("v")));
+            let (detach, lookup) = futures::join!(detach, lookup);
+            assert!(
+                matches!(detach, Ok(Ok(()))),
+                "round {round}: the actor answered, then retired: {detach:?}"
+            );
+            assert!(
+                matches!(lookup, Ok(Ok(None))),
+                "round {round}: a retired actor is no actor, not a dead one: {lookup:?}"
+            );
+            assert!(!addr.connected(), "round {round}: the actor stopped");
+        }
+        h.router
+            .send(&vol("v"), publish("a", exclusive()))
+            .await
+            .unwrap();
+        assert_eq!(
+            scraped(&h.metrics, "rds_csi_attachment_poisoned_volumes"),
+            0.0
+        );
+    });
+}
+
+/// A backend whose reads wait for a write in progress (one lock held across the write, as a
+/// backend that guards its index and its I/O with one lock does), and whose `create` stays in
+/// progress until the test releases it.
+#[derive(Default)]
+struct StallingBackend {
+    volumes: tokio::sync::RwLock<BTreeMap<VolumeId, VolumeInfo>>,
+    creating: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl StallingBackend {
+    fn info(req: CreateRequest) -> VolumeInfo {
+        VolumeInfo {
+            id: req.id,
+            name: req.name,
+            capacity_bytes: req.required_bytes,
+            capabilities: req.capabilities,
+            parameters: req.parameters,
+            created_at: std::time::SystemTime::UNIX_EPOCH,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VolumeBackend for StallingBackend {
+    fn kind(&self) -> &'static str {
+        "stalling"
+    }
+    async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError> {
+        let mut volumes = self.volumes.write().await;
+        self.creating.notify_one();
+        self.release.notified().await;
+        let info = Self::info(req);
+        volumes.insert(info.id.clone(), info.clone());
+        Ok(info)
+    }
+    async fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
+        self.volumes.write().await.remove(id);
+        Ok(())
+    }
+    async fn get(&self, id: &VolumeId) -> Result<Option<VolumeInfo>, BackendError> {
+        Ok(self.volumes.read().await.get(id).cloned())
+    }
+    async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        Ok(self.volumes.read().await.values().cloned().collect())
+    }
+    async fn capacity(&self) -> Result<u64, BackendError> {
+        Ok(u64::MAX)
+    }
+    async fn expand(&self, _: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
+        Ok(bytes)
+    }
+    fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String> {
+        HashMap::from([("volume".to_string(), volume.id.to_string())])
+    }
+}
+
+#[test]
+fn an_attached_volume_publishes_without_waiting_for_a_create_in_the_backend() {
+    paused(|| async {
+        let backend = Arc::new(StallingBackend::default());
+        let v = StallingBackend::info(create_request("v"));
+        backend.volumes.write().await.insert(v.id.clone(), v);
+        let h = harness_on(backend.clone(), tempfile::tempdir().unwrap(), 0);
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let create = actix_rt::spawn({
+            let (backend, done) = (backend.clone(), done.clone());
+            async move {
+                backend.create(create_request("new")).await.unwrap();
+                done.lock().unwrap().push("create");
+            }
+        });
+        backend.creating.notified().await;
+        // v's next attach (a live migration to b) while the create holds the backend.
+        let migrate = actix_rt::spawn({
+            let (router, done) = (h.router.clone(), done.clone());
+            async move {
+                let published = router.send(&vol("v"), publish("b", rwx())).await;
+                done.lock().unwrap().push("publish");
+                published
+            }
+        });
+        // On the paused clock this sleep ends only once every other task waits: the create is
+        // released when nothing else can make progress.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        backend.release.notify_one();
+        let context = migrate.await.unwrap().unwrap().publish_context;
+        create.await.unwrap();
+        assert_eq!(context["volume"], "v");
+        assert_eq!(*done.lock().unwrap(), ["publish", "create"]);
+    });
+}
+
+#[test]
+fn a_file_backend_create_stuck_in_its_io_does_not_delay_a_publish() {
+    paused(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let (stall, release, stalled) = Stall::new(Step::CreateRenameImage, "new");
+        let backend = Arc::new(FileBackend::open_with_faults(dir.path(), Arc::new(stall)).unwrap());
+        backend.create(create_request("v")).await.unwrap();
+        let h = harness_on(backend.clone(), dir, 0);
+
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let create = actix_rt::spawn({
+            let (backend, done) = (backend.clone(), done.clone());
+            async move {
+                backend.create(create_request("new")).await.unwrap();
+                done.lock().unwrap().push("create");
+            }
+        });
+        stalled.await.unwrap();
+        // v's first publish: its actor starts and asks the backend about v.
+        let published = h.router.send(&vol("v"), publish("a", rwx())).await;
+        done.lock().unwrap().push("publish");
+        release.send(()).unwrap_or_default();
+        create.await.unwrap();
+        assert!(published.unwrap().publish_context["imagePath"].ends_with("/v.img"));
+        assert_eq!(*done.lock().unwrap(), ["publish", "create"]);
     });
 }

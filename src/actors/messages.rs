@@ -53,16 +53,16 @@ pub struct GraceExpired;
 #[rtype(result = "Result<Option<serde_json::Value>, Error>")]
 pub struct Describe;
 
-/// Supervisor: the actor for `volume`, started if needed. `stale` is an address the caller
-/// found stopped; the supervisor replaces it instead of handing it out again.
+/// Supervisor: the live actor for the volume, started (or woken from its parked record) if it
+/// has none or its actor retired. A caller that found its actor stopping simply asks again.
+/// `Unavailable` if the volume's actor died without retiring (poisoned): that answer is final
+/// until the process restarts.
 #[derive(Message)]
-#[rtype(result = "Addr<VolumeActor>")]
-pub struct Route {
-    pub volume: VolumeId,
-    pub stale: Option<Addr<VolumeActor>>,
-}
+#[rtype(result = "Result<Addr<VolumeActor>, Error>")]
+pub struct Route(pub VolumeId);
 
-/// Supervisor: a volume actor retired itself (grace expired, idle, or deleted).
+/// Supervisor: a volume actor retired itself (grace expired, idle, or deleted). Sent before the
+/// actor stops.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reaped {
@@ -89,9 +89,9 @@ pub struct Listing {
 }
 
 /// Supervisor: the live actor for `volume`, if any. Starts one only for a parked volume, which
-/// has state to show; never for an unknown one.
+/// has state to show; never for an unknown one. `Unavailable` for a poisoned volume, as `Route`.
 #[derive(Message)]
-#[rtype(result = "Option<Addr<VolumeActor>>")]
+#[rtype(result = "Result<Option<Addr<VolumeActor>>, Error>")]
 pub struct Lookup(pub VolumeId);
 
 /// A message with the caller's tracing span, so what the actor logs carries the RPC's span

@@ -143,19 +143,12 @@ impl Router {
             .cloned()
     }
 
-    async fn route(
-        &self,
-        volume: &VolumeId,
-        stale: Option<Addr<VolumeActor>>,
-    ) -> Result<Addr<VolumeActor>, Error> {
+    async fn route(&self, volume: &VolumeId) -> Result<Addr<VolumeActor>, Error> {
         let addr = self
             .supervisor
-            .send(Route {
-                volume: volume.clone(),
-                stale,
-            })
+            .send(Route(volume.clone()))
             .await
-            .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))?;
+            .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))??;
         self.known
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -170,7 +163,8 @@ impl Router {
     /// Delivers `msg` to the volume's actor and returns its answer. A message that meets an
     /// actor being reaped (mailbox closed, or `Error::Retired`) is retried through the
     /// supervisor, which starts a fresh actor: it is never lost. Errors: `Unavailable` if the
-    /// supervisor is gone, `DeadlineExceeded` if the actor does not answer in time.
+    /// supervisor is gone or the volume is poisoned (its actor died; final, not retried),
+    /// `DeadlineExceeded` if the actor does not answer in time.
     pub async fn send<M, T>(&self, volume: &VolumeId, msg: M) -> Result<T, Error>
     where
         M: Message<Result = Result<T, Error>> + Clone + Send + 'static,
@@ -179,18 +173,17 @@ impl Router {
         <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, Traced<M>>,
     {
         let mut next = self.remembered(volume);
-        let mut stale = None;
         for _ in 0..MAX_ROUTE_ATTEMPTS {
             let addr = match next.take() {
                 Some(addr) => addr,
-                None => self.route(volume, stale.take()).await?,
+                None => self.route(volume).await?,
             };
             let traced = Traced {
                 msg: msg.clone(),
                 span: tracing::Span::current(),
             };
             match addr.send(traced).timeout(self.mailbox_timeout).await {
-                Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => stale = Some(addr),
+                Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => {}
                 Ok(answer) => return answer,
                 Err(MailboxError::Timeout) => {
                     return Err(Error::DeadlineExceeded(format!(

@@ -2,8 +2,32 @@
 //!
 //! Starts an actor on first use, on the arbiter chosen by the volume id's hash so one slow
 //! volume never stalls the others; seeds actors at boot; forgets an actor once it retired. A
-//! caller that found an actor stopping hands back its address as `stale`, and gets a new actor:
-//! that is how no message is lost to a reap.
+//! caller that found an actor stopping asks again, and gets a new actor: that is how no message
+//! is lost to a reap.
+//!
+//! Fail closed when an actor dies. A volume actor stops in one planned way only: it retires (idle,
+//! grace expired, or deleted, so no node holds the volume), marking its [`Retirement`] and sending
+//! [`Reaped`] before it stops. Only such an actor is replaced by a fresh one. Any other stop is a
+//! panic in one of its handlers, and the holders it knew died with it: serving that volume from
+//! empty state would give an exclusive volume to a second node. Two layers keep that from
+//! happening:
+//! - release builds abort on a panic (`panic = "abort"` in Cargo.toml's release profile): a
+//!   production controller dies with the bug, and its restart re-seeds every volume from the
+//!   VolumeAttachments, which is the only source of truth;
+//! - builds that unwind (tests, debug builds, any profile that overrides the abort) keep running.
+//!   There the supervisor finds the dead actor's address disconnected and not retired, and marks
+//!   the volume poisoned: logged at error once, counted in `rds_csi_attachment_poisoned_volumes`,
+//!   and every later Route or Lookup for it answers `Error::Unavailable` (UNAVAILABLE) until the
+//!   process restarts. The Router treats that answer as final. Other volumes are unaffected.
+//!
+//! Aborting alone would leave unwinding builds serving empty state; poisoning alone would leave a
+//! production controller running with a volume that only a restart can heal, and a panic can
+//! leave shared state (the per-node counts) half updated. Hence both.
+//!
+//! Why the [`Retirement`] flag and not `Reaped` alone: `Reaped` is queued before any retry by a
+//! caller that met the retired actor, but a Route or Lookup from someone else can be queued ahead
+//! of it and find the address already disconnected. The flag is set before the actor stops, so a
+//! disconnected address without it is a death, never a retirement whose `Reaped` is still queued.
 //!
 //! Parking: a volume seeded with one settled attachment (no migration, no over-attachment, so
 //! no timer and no pending effect) has nothing to do until a message arrives. It is kept as a
@@ -11,7 +35,7 @@
 //! its actor with exactly the state seeding rebuilt. The record is never changed or consulted for
 //! a decision: every change to a volume's state still happens in its one actor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,10 +44,11 @@ use actix::prelude::*;
 
 use super::messages::{ListActors, Listing, Lookup, Reaped, Route, Seed, ShareAddresses};
 use super::state::{Attachment, Effect, VolumeState};
-use super::volume::VolumeActor;
+use super::volume::{Retirement, VolumeActor};
 use super::{AddressCache, VolumeDeps};
 use crate::domain::AccessClass;
 use crate::ids::{NodeId, VolumeId};
+use crate::Error;
 
 /// Longer than any migration timeout or grace period.
 const SEED_AGE_CAP: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
@@ -55,10 +80,25 @@ impl Parked {
     }
 }
 
+/// A started actor: its address, and whether it retired.
+struct Slot {
+    addr: Addr<VolumeActor>,
+    retirement: Retirement,
+}
+
+/// What the supervisor knows of a volume's actor.
+enum Found {
+    Live(Addr<VolumeActor>),
+    /// No actor, or one that retired: a fresh (or woken) actor may take over.
+    Vacant,
+}
+
 pub struct Supervisor {
-    actors: HashMap<VolumeId, Addr<VolumeActor>>,
+    actors: HashMap<VolumeId, Slot>,
     /// Never holds a volume that is also in `actors`.
     parked: HashMap<VolumeId, Parked>,
+    /// Volumes whose actor died without retiring; never in `actors` or `parked`.
+    poisoned: HashSet<VolumeId>,
     /// The routers' address caches, cleaned when an actor is reaped.
     routers: Vec<std::sync::Weak<AddressCache>>,
     /// One arbiter per core. Empty: actors run on the supervisor's own arbiter (tests).
@@ -72,6 +112,7 @@ impl Supervisor {
         Self {
             actors: HashMap::new(),
             parked: HashMap::new(),
+            poisoned: HashSet::new(),
             routers: Vec::new(),
             arbiters,
             hasher: Default::default(),
@@ -87,11 +128,68 @@ impl Supervisor {
         Some(&self.arbiters[slot as usize])
     }
 
-    fn spawn(&self, actor: VolumeActor, volume: &VolumeId) -> Addr<VolumeActor> {
-        match self.arbiter_for(volume) {
+    /// Starts `actor` and records it as `volume`'s actor.
+    fn spawn(&mut self, actor: VolumeActor, volume: &VolumeId) -> Addr<VolumeActor> {
+        let retirement = actor.retirement();
+        let addr = match self.arbiter_for(volume) {
             Some(arbiter) => VolumeActor::start_in_arbiter(arbiter, move |_| actor),
             None => actor.start(),
+        };
+        let slot = Slot {
+            addr: addr.clone(),
+            retirement,
+        };
+        self.actors.insert(volume.clone(), slot);
+        addr
+    }
+
+    /// The volume's actor if it is live; `Vacant` if there is none or it retired (forgotten
+    /// here); `Unavailable` if the volume is poisoned, including when this call finds its actor
+    /// dead.
+    fn find(&mut self, volume: &VolumeId) -> Result<Found, Error> {
+        if self.poisoned.contains(volume) {
+            return Err(poisoned(volume));
         }
+        let Some(slot) = self.actors.get(volume) else {
+            return Ok(Found::Vacant);
+        };
+        if slot.retirement.is_retired() {
+            self.actors.remove(volume);
+            return Ok(Found::Vacant);
+        }
+        if slot.addr.connected() {
+            return Ok(Found::Live(slot.addr.clone()));
+        }
+        self.poison(volume);
+        Err(poisoned(volume))
+    }
+
+    /// Marks a volume whose actor stopped without retiring: its state is lost, so the volume is
+    /// refused until the process restarts and re-seeds.
+    fn poison(&mut self, volume: &VolumeId) {
+        let Some(slot) = self.actors.remove(volume) else {
+            return;
+        };
+        self.poisoned.insert(volume.clone());
+        self.deps.metrics.poisoned_volumes.inc();
+        tracing::error!(volume_id = %volume,
+            "volume actor stopped unexpectedly (a panic); its attachment state is lost, so the volume \
+             answers UNAVAILABLE until the controller restarts and re-seeds from VolumeAttachments");
+        self.forget(volume, &slot.addr);
+    }
+
+    /// Drops `addr` from the routers' caches.
+    fn forget(&mut self, volume: &VolumeId, addr: &Addr<VolumeActor>) {
+        self.routers.retain(|router| {
+            let Some(cache) = router.upgrade() else {
+                return false;
+            };
+            let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.get(volume) == Some(addr) {
+                cache.remove(volume);
+            }
+            true
+        });
     }
 
     fn start_fresh(&mut self, volume: &VolumeId, ctx: &mut Context<Self>) -> Addr<VolumeActor> {
@@ -101,9 +199,7 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        let addr = self.spawn(actor, volume);
-        self.actors.insert(volume.clone(), addr.clone());
-        addr
+        self.spawn(actor, volume)
     }
 
     /// Starts an actor holding rebuilt state (boot seeding). Replaces nothing: seeding runs
@@ -122,8 +218,7 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        let addr = self.spawn(actor, &volume);
-        self.actors.insert(volume, addr);
+        self.spawn(actor, &volume);
     }
 
     /// Starts the actor of a parked volume, handing it the seeded state.
@@ -136,9 +231,7 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        let addr = self.spawn(actor, volume);
-        self.actors.insert(volume.clone(), addr.clone());
-        Some(addr)
+        Some(self.spawn(actor, volume))
     }
 
     fn park(&mut self, volume: VolumeId, parked: Parked) {
@@ -169,20 +262,25 @@ impl Actor for Supervisor {
     }
 }
 
-impl Handler<Route> for Supervisor {
-    type Result = MessageResult<Route>;
+/// The answer for a volume whose actor died.
+fn poisoned(volume: &VolumeId) -> Error {
+    Error::Unavailable(format!(
+        "volume {volume}'s actor stopped unexpectedly; its attachment state is unknown until the \
+         controller restarts and re-seeds from VolumeAttachments"
+    ))
+}
 
-    fn handle(&mut self, msg: Route, ctx: &mut Context<Self>) -> Self::Result {
-        if let Some(addr) = self.actors.get(&msg.volume) {
-            let stale = msg.stale.as_ref() == Some(addr);
-            if !stale && addr.connected() {
-                return MessageResult(addr.clone());
-            }
+impl Handler<Route> for Supervisor {
+    type Result = Result<Addr<VolumeActor>, Error>;
+
+    fn handle(&mut self, Route(volume): Route, ctx: &mut Context<Self>) -> Self::Result {
+        if let Found::Live(addr) = self.find(&volume)? {
+            return Ok(addr);
         }
-        if let Some(addr) = self.wake(&msg.volume, ctx) {
-            return MessageResult(addr);
+        if let Some(addr) = self.wake(&volume, ctx) {
+            return Ok(addr);
         }
-        MessageResult(self.start_fresh(&msg.volume, ctx))
+        Ok(self.start_fresh(&volume, ctx))
     }
 }
 
@@ -190,19 +288,10 @@ impl Handler<Reaped> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: Reaped, _ctx: &mut Context<Self>) {
-        if self.actors.get(&msg.volume) == Some(&msg.addr) {
+        if self.actors.get(&msg.volume).map(|s| &s.addr) == Some(&msg.addr) {
             self.actors.remove(&msg.volume);
         }
-        self.routers.retain(|router| {
-            let Some(cache) = router.upgrade() else {
-                return false;
-            };
-            let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
-            if cache.get(&msg.volume) == Some(&msg.addr) {
-                cache.remove(&msg.volume);
-            }
-            true
-        });
+        self.forget(&msg.volume, &msg.addr);
     }
 }
 
@@ -219,12 +308,16 @@ impl Handler<ListActors> for Supervisor {
 
     fn handle(&mut self, _: ListActors, _ctx: &mut Context<Self>) -> Self::Result {
         let (now, wall) = (tokio::time::Instant::now(), SystemTime::now());
+        let volumes: Vec<VolumeId> = self.actors.keys().cloned().collect();
+        let actors = volumes
+            .into_iter()
+            .filter_map(|volume| match self.find(&volume) {
+                Ok(Found::Live(addr)) => Some((volume, addr)),
+                Ok(Found::Vacant) | Err(_) => None,
+            })
+            .collect();
         MessageResult(Listing {
-            actors: self
-                .actors
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            actors,
             parked: self
                 .parked
                 .iter()
@@ -238,12 +331,12 @@ impl Handler<ListActors> for Supervisor {
 }
 
 impl Handler<Lookup> for Supervisor {
-    type Result = Option<Addr<VolumeActor>>;
+    type Result = Result<Option<Addr<VolumeActor>>, Error>;
 
     fn handle(&mut self, Lookup(volume): Lookup, ctx: &mut Context<Self>) -> Self::Result {
-        match self.actors.get(&volume).filter(|a| a.connected()) {
-            Some(addr) => Some(addr.clone()),
-            None => self.wake(&volume, ctx),
+        match self.find(&volume)? {
+            Found::Live(addr) => Ok(Some(addr)),
+            Found::Vacant => Ok(self.wake(&volume, ctx)),
         }
     }
 }

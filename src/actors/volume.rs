@@ -4,7 +4,12 @@
 //! rules in [`super::state`], arms or cancels its two timers, and hands side effects to metrics
 //! and the cluster sink. Handlers that await I/O use `AtomicResponse`, so the mailbox stays
 //! blocked and operations on one volume never interleave.
+//!
+//! Publish asks the backend about its volume once, then answers from what it kept: the volume
+//! is deleted only through this actor, so what it kept is true until its own Delete.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -23,6 +28,22 @@ use crate::Error;
 /// At most one AttachmentConflict event per volume per this interval.
 const CONFLICT_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Whether a volume actor retired (stopped on purpose with nothing left to keep). The actor sets
+/// it before it stops; the supervisor reads it when it finds the actor's address disconnected, to
+/// tell a retirement from a death (see the supervisor's module docs). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Retirement(Arc<AtomicBool>);
+
+impl Retirement {
+    pub fn is_retired(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn mark(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 pub struct VolumeActor {
     id: VolumeId,
     state: VolumeState,
@@ -32,11 +53,17 @@ pub struct VolumeActor {
     grace_timer: Option<(Instant, SpawnHandle)>,
     /// Set once the actor decided to stop; every later message answers `Error::Retired`.
     retired: bool,
+    /// `retired`, as the supervisor sees it.
+    retirement: Retirement,
     last_conflict_event: Option<Instant>,
     /// Effects found while seeding, applied once the actor runs.
     pending: Vec<Effect>,
     /// Woken from a parked record, whose attachment the connections gauge already counts.
     unparked: bool,
+    /// The volume's publish_context, once the backend has confirmed the volume exists. Dropped
+    /// when a Delete fails (the volume may be half gone); a Delete that succeeds retires the
+    /// actor.
+    publish_context: Option<HashMap<String, String>>,
 }
 
 impl VolumeActor {
@@ -54,9 +81,11 @@ impl VolumeActor {
             migration_timer: None,
             grace_timer: None,
             retired: false,
+            retirement: Retirement::default(),
             last_conflict_event: None,
             pending: Vec::new(),
             unparked: false,
+            publish_context: None,
         }
     }
 
@@ -85,6 +114,11 @@ impl VolumeActor {
         let mut actor = Self::new(id, state, deps, supervisor);
         actor.unparked = true;
         actor
+    }
+
+    /// What the supervisor keeps to tell, once this actor stopped, whether it retired.
+    pub fn retirement(&self) -> Retirement {
+        self.retirement.clone()
     }
 
     fn class_label(&self) -> &'static str {
@@ -145,13 +179,15 @@ impl VolumeActor {
         }
     }
 
-    /// Stops the actor for good and tells the supervisor, which forgets this address.
+    /// Stops the actor for good and tells the supervisor, which forgets this address. Marks the
+    /// retirement first, so whoever sees this address disconnected knows it retired.
     fn retire(&mut self, ctx: &mut Context<Self>) {
         if self.retired {
             return;
         }
         let before = self.class_label();
         self.retired = true;
+        self.retirement.mark();
         self.track(before, !self.state.nodes().is_empty());
         self.supervisor.do_send(Reaped {
             volume: self.id.clone(),
@@ -381,12 +417,19 @@ impl Handler<Publish> for VolumeActor {
         let id = self.id.clone();
         let node = req.node.clone();
         let blockers = self.state.blockers(&node);
+        let kept = self.publish_context.clone();
         let checks = async move {
-            let volume = deps
-                .backend
-                .get(&id)
-                .await?
-                .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+            let publish_context = match kept {
+                Some(context) => context,
+                None => {
+                    let volume = deps
+                        .backend
+                        .get(&id)
+                        .await?
+                        .ok_or_else(|| Error::VolumeNotFound(id.clone()))?;
+                    deps.backend.publish_context(&volume)
+                }
+            };
             let known = deps
                 .nodes
                 .exists(&node)
@@ -404,7 +447,7 @@ impl Handler<Publish> for VolumeActor {
                 })?;
                 verdicts.push((holder, status));
             }
-            Ok((deps.backend.publish_context(&volume), verdicts))
+            Ok((publish_context, verdicts))
         };
         let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(
@@ -414,6 +457,9 @@ impl Handler<Publish> for VolumeActor {
                 let was_attached = !act.state.nodes().is_empty();
                 let holders_before = act.holders();
                 let result = checked.and_then(|(mut publish_context, verdicts)| {
+                    if act.publish_context.is_none() {
+                        act.publish_context = Some(publish_context.clone());
+                    }
                     let now = Instant::now();
                     let mut effects = Vec::new();
                     for (holder, status) in verdicts {
@@ -489,6 +535,7 @@ impl Handler<Delete> for VolumeActor {
             if result.is_ok() {
                 act.retire(ctx);
             } else {
+                act.publish_context = None;
                 act.settle(ctx);
             }
             result

@@ -173,6 +173,10 @@ impl BackendError {
 
 /// Storage operations. Every method is idempotent where CSI requires it: `create` by id,
 /// `delete` of a missing volume succeeds.
+///
+/// Callers are async threads shared by every volume: an implementation must not block them (do
+/// blocking I/O on the blocking pool), and `get` and `list` should not wait for a slow change
+/// of another volume.
 #[async_trait]
 pub trait VolumeBackend: Send + Sync + 'static {
     /// A short name for logs ("file", "rds").
@@ -199,6 +203,8 @@ pub trait VolumeBackend: Send + Sync + 'static {
     /// less is `OutOfRange` (volumes never shrink).
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError>;
     /// What the node plugin needs to reach the volume (ControllerPublishVolume's publish_context).
+    /// A function of the volume's identity only, never of its size: a volume actor keeps it from
+    /// its first publish until the volume is deleted (through that actor).
     fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String>;
 }
 
