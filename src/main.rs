@@ -20,7 +20,7 @@ use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
-use rds_csi::kube::cluster::{self as kube_cluster, KubeCluster, KubernetesMode};
+use rds_csi::kube::cluster::{self as kube_cluster, InClusterSigns, KubeCluster, KubernetesMode};
 use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
@@ -102,9 +102,14 @@ struct Args {
         default_value = "127.0.0.1:9809"
     )]
     metrics_address: String,
-    /// Use the Kubernetes API: auto (when a config is found), on, or off (standalone).
+    /// Use the Kubernetes API: auto (when a config is found; an error when none is but this runs
+    /// in a pod), on, or off (standalone).
     #[arg(long, env = "RDS_CSI_KUBERNETES", value_enum, default_value = "auto")]
     kubernetes: KubernetesMode,
+    /// Where a pod's service account is mounted; its presence is a sign of running in a cluster
+    /// for `--kubernetes auto`. Tests point it elsewhere.
+    #[arg(long, env = "RDS_CSI_SERVICE_ACCOUNT_DIR", default_value = kube_cluster::SERVICE_ACCOUNT_DIR, hide = true)]
+    service_account_dir: PathBuf,
     /// Log format.
     #[arg(long, env = "RDS_CSI_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -149,6 +154,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         attachment_grace_period,
         metrics_address,
         kubernetes,
+        service_account_dir,
         log_format,
         shutdown_timeout,
         arbiters,
@@ -192,7 +198,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let controller = matches!(mode, Mode::Controller | Mode::All);
-        let client = kube_cluster::connect(kubernetes).await.context("--kubernetes")?;
+        // The node plugin makes no API call: `auto` looks for no cluster it would not use.
+        let kubernetes = match kubernetes {
+            KubernetesMode::Auto if !controller => KubernetesMode::Off,
+            other => other,
+        };
+        let signs = InClusterSigns::detect(&service_account_dir);
+        let client = kube_cluster::connect(kubernetes, &signs).await.context("--kubernetes")?;
         match &client {
             Some(_) => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode,
                 "Kubernetes mode: attachment state is rebuilt from VolumeAttachments before serving"),

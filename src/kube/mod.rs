@@ -20,12 +20,16 @@ use crate::ids::{NodeId, VolumeId};
 pub enum KubeError {
     #[error("Kubernetes API error while {action}: {message}")]
     Api { action: String, message: String },
+    /// Signs of running inside a cluster, but no configuration to reach it.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl KubeError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Api { .. } => "api_error",
+            Self::Config(_) => "config",
         }
     }
 }
