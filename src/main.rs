@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use rds_csi::actors::messages::Seed;
 use rds_csi::actors::supervisor::Supervisor;
-use rds_csi::actors::{NodeLimit, Router, VolumeDeps};
+use rds_csi::actors::{NodeLimit, Router, VolumeDeps, MAILBOX_TIMEOUT};
 use rds_csi::backend::file::FileBackend;
 use rds_csi::backend::VolumeBackend;
 use rds_csi::grpc::controller::ControllerService;
@@ -255,7 +255,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
-                router: Router::new(supervisor, Duration::from_secs(30)),
+                router: Router::new(supervisor, MAILBOX_TIMEOUT),
                 backend,
                 ready: ready.clone(),
                 metrics: metrics.clone(),
@@ -323,7 +323,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Rebuilds attachment state from VolumeAttachments, then marks the driver ready. Until then
+/// Rebuilds attachment state from VolumeAttachments, then marks the driver ready once the Node
+/// projection has synced too (so no Publish needs a live Node GET to know a node). Until then
 /// Probe says not ready and Controller RPCs answer UNAVAILABLE.
 async fn seed(
     cluster: Arc<KubeCluster>,
@@ -355,6 +356,10 @@ async fn seed(
             return;
         }
     };
+    if !cluster.nodes_synced() {
+        tracing::info!("attachment state rebuilt; waiting for the first complete Node list before becoming ready");
+    }
+    cluster.nodes_ready().await;
     ready.store(true, std::sync::atomic::Ordering::Release);
     let secs = started.elapsed().as_secs_f64();
     metrics.seeding_seconds_to_ready.set(secs);

@@ -335,6 +335,7 @@ pub struct KubeCluster {
     pvs: Arc<RwLock<PvIndex>>,
     nodes: Arc<RwLock<HashSet<String>>>,
     pvs_ready: watch::Receiver<bool>,
+    nodes_ready: watch::Receiver<bool>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -367,12 +368,14 @@ impl KubeCluster {
     /// Starts the PV and Node watchers.
     pub fn start(client: Client, driver: String) -> Arc<Self> {
         let (ready_tx, pvs_ready) = watch::channel(false);
+        let (nodes_ready_tx, nodes_ready) = watch::channel(false);
         let cluster = Arc::new(Self {
             client: client.clone(),
             driver: driver.clone(),
             pvs: Default::default(),
             nodes: Default::default(),
             pvs_ready,
+            nodes_ready,
         });
         let pvs = cluster.pvs.clone();
         tokio::spawn(async move {
@@ -416,7 +419,10 @@ impl KubeCluster {
                             b.insert(name);
                         }
                     }
-                    Event::InitDone => *write(&nodes) = buffer.take().unwrap_or_default(),
+                    Event::InitDone => {
+                        *write(&nodes) = buffer.take().unwrap_or_default();
+                        let _ = nodes_ready_tx.send(true);
+                    }
                     Event::Apply(n) => {
                         write(&nodes).extend(n.metadata.name);
                     }
@@ -442,6 +448,18 @@ impl KubeCluster {
     pub async fn pvs_ready(&self) {
         let mut rx = self.pvs_ready.clone();
         let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Waits for the first complete Node list. Until then a node's existence (Publish step 2)
+    /// would cost a live GET on every Publish.
+    pub async fn nodes_ready(&self) {
+        let mut rx = self.nodes_ready.clone();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Whether the first complete Node list has arrived.
+    pub fn nodes_synced(&self) -> bool {
+        *self.nodes_ready.borrow()
     }
 
     /// PV name and claim of a volume handle, from the PV projection.
@@ -496,21 +514,15 @@ fn api_error(action: String) -> impl FnOnce(kube::Error) -> KubeError {
     }
 }
 
-/// Longest a live check may take before the publish fails closed with UNAVAILABLE.
-pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A live GET bounded by [`CHECK_TIMEOUT`].
+/// A live GET; `None` for a 404. Unbounded here: the publish path bounds all of its live GETs
+/// together with [`crate::actors::LIVE_CHECK_BUDGET`].
 async fn live_get<K>(api: Api<K>, name: &str, what: &str) -> Result<Option<K>, KubeError>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match tokio::time::timeout(CHECK_TIMEOUT, api.get_opt(name)).await {
-        Ok(result) => result.map_err(api_error(format!("getting {what} {name}"))),
-        Err(_) => Err(KubeError::Api {
-            action: format!("getting {what} {name}"),
-            message: format!("no answer within {CHECK_TIMEOUT:?}"),
-        }),
-    }
+    api.get_opt(name)
+        .await
+        .map_err(api_error(format!("getting {what} {name}")))
 }
 
 #[async_trait]

@@ -7,7 +7,19 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::support::cluster::Cluster;
 use crate::support::*;
+
+fn holders(view: &Value) -> Vec<String> {
+    view["nodes"].as_array().map_or(vec![], |n| {
+        n.iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect()
+    })
+}
 
 // ---- `--kubernetes auto` ------------------------------------------------------------------
 
@@ -122,6 +134,127 @@ async fn auto_with_no_cluster_signs_runs_standalone_and_warns_why() {
     assert!(
         warning.contains("no-such-kubeconfig"),
         "the warning gives the reason: {warning}"
+    );
+}
+
+// ---- Readiness waits for the Node projection ----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_node_list_has_synced() {
+    for hang in [false, true] {
+        let c = Cluster::new(&["n1", "n2"]).await;
+        c.pv("pv", "vol", false, None, json!({}));
+        c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+        let fault = if hang {
+            c.api.hang("list", "nodes")
+        } else {
+            c.api.fail("list", "nodes", 500)
+        };
+        let d = c.start_with_volumes(&["vol"]).await;
+        // VolumeAttachments and PVs are served: the attachment state is rebuilt...
+        eventually("the VolumeAttachments were read", || async {
+            sample(
+                &d.scrape().await,
+                "rds_csi_seeding_volumeattachments_seen_total",
+            ) == 1.0
+        })
+        .await;
+        eventually("the seeded holder", || async {
+            holders(&d.debug("vol").await) == ["n1"]
+        })
+        .await;
+        assert!(c.api.count_calls("list", "nodes") >= 1);
+        // ...but the Node projection is not, so the driver is not ready.
+        assert!(!d.ready().await, "hang={hang}: ready without the Node list");
+        let readyz = http_get(&format!("{}/readyz", d.metrics_url())).await;
+        assert!(readyz.contains("still being rebuilt"), "{readyz}");
+        c.va("pv", "vol", "n2", false, Duration::ZERO);
+        assert_eq!(
+            d.publish("vol", "n2", rwo()).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+        c.api.remove_fault(fault);
+        d.wait_ready().await;
+        let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    }
+}
+
+// ---- One live-check budget per Publish ----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_live_checks_answer_unavailable_before_the_routers_timeout() {
+    let c = Cluster::new(&["n1", "n2", "n3", "n4"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    // Freeze the caches, add a node they cannot see, then let no Node or VolumeAttachment GET
+    // ever answer.
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.api
+        .create("nodes", json!({"metadata": {"name": "n9"}}))
+        .unwrap();
+    c.api.hang("get", "nodes");
+    c.api.hang("get", "volumeattachments");
+    // Four nodes ask for the exclusive volume n1 holds at once, as the attacher's workers
+    // would: each needs live checks (n9 also the Node GET a cache miss falls back to), and
+    // they queue behind each other in the volume's mailbox.
+    let asks = ["n2", "n3", "n4", "n9"].map(|n| {
+        c.va("pv", "vol", n, false, Duration::ZERO);
+        let d = &d;
+        async move { (n, d.publish("vol", n, rwo()).await) }
+    });
+    for (node, answer) in futures::future::join_all(asks).await {
+        let err = answer.expect_err(node);
+        assert_eq!(
+            err.code(),
+            Code::Unavailable,
+            "{node}: {} (not the Router's DEADLINE_EXCEEDED)",
+            err.message()
+        );
+        assert!(
+            err.message().contains("budget"),
+            "{node}: {}",
+            err.message()
+        );
+    }
+    c.api.clear_faults();
+    assert_eq!(holders(&d.debug("vol").await), ["n1"], "nothing changed");
+    let m = d.scrape().await;
+    assert_eq!(sample(&m, "rds_csi_attachment_stale_cleared_total"), 0.0);
+    assert_eq!(
+        sample(&m, "rds_csi_attachment_grace_period_used_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_api_cannot_stretch_one_publish_past_the_routers_timeout() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", true, Some("600"), json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(600));
+    c.va("pv", "vol", "n2", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.api
+        .create("nodes", json!({"metadata": {"name": "n3"}}))
+        .unwrap();
+    c.va("pv", "vol", "n3", false, Duration::ZERO);
+    // Every GET answers, but slowly: n3's Node (a cache miss), then n1's and n2's Node and
+    // VolumeAttachment. One by one each is quick enough; together they are not.
+    c.api.delay("get", "*", Duration::from_secs(9));
+    let err = d.publish("vol", "n3", rwx()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains("budget"), "{}", err.message());
+    c.api.clear_faults();
+    assert_eq!(
+        holders(&d.debug("vol").await),
+        ["n1", "n2"],
+        "nothing changed"
     );
 }
 
