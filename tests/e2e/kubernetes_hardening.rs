@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::support::cluster::Cluster;
+use crate::support::cluster::{Cluster, DRIVER};
 use crate::support::*;
 
 fn holders(view: &Value) -> Vec<String> {
@@ -256,5 +256,125 @@ async fn a_slow_api_cannot_stretch_one_publish_past_the_routers_timeout() {
         ["n1", "n2"],
         "nothing changed"
     );
+}
+
+// ---- The PV annotation queue ----------------------------------------------------------------
+
+fn annotation(c: &Cluster, pv: &str) -> Value {
+    c.api.get("persistentvolumes", None, pv).unwrap()["metadata"]["annotations"]
+        [format!("{DRIVER}/attached-node")]
+    .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_annotation_never_overwrites_a_newer_one() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    // The first write (attached to n1) fails; the next one (cleared) is held in flight.
+    c.api.fail_times("patch", "persistentvolumes", 500, 1);
+    let held = c.api.hang("patch", "persistentvolumes");
+    d.publish("vol", "n1", rwo()).await.unwrap();
+    eventually("the first write failed", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status == Some(500))
+    })
+    .await;
+    d.unpublish("vol", "n1").await.unwrap();
+    eventually("the newer write is in flight", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status.is_none())
+    })
+    .await;
+    let in_flight = c
+        .api
+        .calls_matching("patch", "persistentvolumes")
+        .into_iter()
+        .find(|p| p.status.is_none())
+        .unwrap();
+    assert!(
+        in_flight.body.as_ref().unwrap()["metadata"]["annotations"]
+            [format!("{DRIVER}/attached-node")]
+        .is_null(),
+        "the clearing write is the one held: {:?}",
+        in_flight.body
+    );
+    // Long enough for the failed write's retry to come due while the newer one is in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.api.remove_fault(held);
+    eventually("the newer write landed", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.id == in_flight.id && p.status == Some(200))
+    })
+    .await;
+    // Give a stale retry every chance to land after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        annotation(&c, "pv").is_null(),
+        "the detached volume's PV says attached to {}",
+        annotation(&c, "pv")
+    );
+    let last = c
+        .api
+        .calls_matching("patch", "persistentvolumes")
+        .pop()
+        .unwrap();
+    assert_eq!(last.id, in_flight.id, "a write followed the newest one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_pv_ends_its_annotation_queue() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    // The PV goes while the driver's projection still has it (its watch lags).
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.api.delete("persistentvolumes", None, "pv").unwrap();
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    d.publish("vol", "n1", rwo()).await.unwrap();
+    eventually("the write found the PV gone", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status == Some(404))
+    })
+    .await;
+    // Long enough for several retries, had there been any.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        c.api.count_calls("patch", "persistentvolumes"),
+        1,
+        "a deleted PV is not written again"
+    );
+    assert_eq!(
+        sample(
+            &d.scrape().await,
+            r#"rds_csi_kube_annotation_write_failures_total{reason="pv_deleted"}"#
+        ),
+        1.0
+    );
+    let log = d.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("PV is gone") && l.contains("pv"))
+        .count();
+    assert_eq!(lines, 1, "logged once:\n{log}");
+    // The next change of the volume is attempted afresh (and ends the same way).
+    d.unpublish("vol", "n1").await.unwrap();
+    eventually("the next write was tried", || async {
+        c.api.count_calls("patch", "persistentvolumes") == 2
+    })
+    .await;
+    c.api.clear_faults();
 }
 
