@@ -20,6 +20,7 @@ use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
+use rds_csi::ids::NodeIdRules;
 use rds_csi::kube::cluster::{self as kube_cluster, InClusterSigns, KubeCluster, KubernetesMode};
 use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
@@ -205,6 +206,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let signs = InClusterSigns::detect(&service_account_dir);
         let client = kube_cluster::connect(kubernetes, &signs).await.context("--kubernetes")?;
+        let node_ids = match client {
+            Some(_) => NodeIdRules::Kubernetes,
+            None => NodeIdRules::Standalone,
+        };
         match &client {
             Some(_) => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode,
                 "Kubernetes mode: attachment state is rebuilt from VolumeAttachments before serving"),
@@ -259,6 +264,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 backend,
                 ready: ready.clone(),
                 metrics: metrics.clone(),
+                node_ids,
             })
         } else {
             None

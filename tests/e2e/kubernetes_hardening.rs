@@ -258,6 +258,86 @@ async fn a_slow_api_cannot_stretch_one_publish_past_the_routers_timeout() {
     );
 }
 
+// ---- Node ids in Kubernetes mode ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ids_that_are_not_dns_subdomains_are_refused_before_any_api_call() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let too_long_label = format!("{}.example", "a".repeat(64));
+    let bad = [
+        "Node-A",
+        "n1/../../api/v1/secrets",
+        "n1%2F..",
+        "a..b",
+        "-a",
+        "a-",
+        ".a",
+        "n_1",
+        "n1 ",
+        "n1?watch=true",
+    ];
+    c.api.clear_calls();
+    for node in bad {
+        let err = d.publish("vol", node, rwo()).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{node:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with("node_id"),
+            "{node:?}: {}",
+            err.message()
+        );
+        let err = d.unpublish("vol", node).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{node:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with("node_id"),
+            "{node:?}: {}",
+            err.message()
+        );
+    }
+    let calls: Vec<String> = c
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb != "watch" && c.verb != "list")
+        .map(|c| format!("{} {}", c.verb, c.path))
+        .collect();
+    assert!(
+        calls.is_empty(),
+        "API calls for invalid node ids: {calls:?}"
+    );
+
+    // A DNS subdomain's labels may be longer than a DNS label's 63 characters.
+    c.api
+        .create("nodes", json!({"metadata": {"name": too_long_label}}))
+        .unwrap();
+    c.va("pv", "vol", &too_long_label, false, Duration::ZERO);
+    d.publish("vol", &too_long_label, rwo())
+        .await
+        .expect("a valid node name");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_keeps_the_looser_node_id_rules() {
+    let d = Driver::start(&["Node_A"], &[]).await;
+    d.create("vol", rwo()).await;
+    d.publish("vol", "Node_A", rwo())
+        .await
+        .expect("standalone node ids are not Kubernetes names");
+    d.unpublish("vol", "Node_A").await.unwrap();
+}
+
 // ---- The PV annotation queue ----------------------------------------------------------------
 
 fn annotation(c: &Cluster, pv: &str) -> Value {
