@@ -15,6 +15,7 @@ use rds_csi::actors::supervisor::Supervisor;
 use rds_csi::actors::{NodeLimit, Router, VolumeDeps, MAILBOX_TIMEOUT};
 use rds_csi::backend::file::FileBackend;
 use rds_csi::backend::VolumeBackend;
+use rds_csi::domain::{DEFAULT_MIGRATION_TIMEOUT, MIGRATION_TIMEOUT_KEY};
 use rds_csi::grpc::controller::ControllerService;
 use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
@@ -340,7 +341,8 @@ async fn seed(
     started: std::time::Instant,
 ) {
     cluster.pvs_ready().await;
-    let (vas, seen) = cluster.list_attachments(|_| {}).await;
+    let vas = cluster.list_attachments(|_| {}).await;
+    let seen = vas.len();
     metrics.seeding_seen.inc_by(seen as u64);
     let plan = cluster.plan_seed(&vas);
     // The VolumeAttachment views are not needed past the plan; free them before the actors'
@@ -352,6 +354,9 @@ async fn seed(
             .with_label_values(&[reason.label()])
             .inc();
         tracing::warn!(volume_attachment = %va, reason = reason.label(), "VolumeAttachment skipped while seeding");
+    }
+    for (pv, raw) in &plan.unparsable_timeouts {
+        tracing::warn!(pv = %pv, value = ?raw, "unparsable {MIGRATION_TIMEOUT_KEY} on the PV; seeding takes the default ({DEFAULT_MIGRATION_TIMEOUT:?}) for its volume");
     }
     let holders: usize = plan.volumes.iter().map(|v| v.holders.len()).sum();
     let skipped = plan.skipped.len();

@@ -475,25 +475,19 @@ impl KubeCluster {
         super::seed::plan(vas, |name| index.view(name))
     }
 
-    /// The first complete list of this driver's VolumeAttachments, paginated. Failures are
-    /// logged and retried with capped backoff; this returns only with a complete list.
-    pub async fn list_attachments(&self, mut on_error: impl FnMut(&str)) -> (Vec<VaView>, usize) {
+    /// The first complete list of this driver's VolumeAttachments (those of other drivers are
+    /// dropped as they arrive), paginated. Failures are logged and retried with capped backoff;
+    /// this returns only with a complete list.
+    pub async fn list_attachments(&self, mut on_error: impl FnMut(&str)) -> Vec<VaView> {
         let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
         let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE))
             .default_backoff()
             .boxed();
         let mut buffer = Vec::new();
-        let mut seen = 0;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(Event::Init) => {
-                    buffer.clear();
-                    seen = 0;
-                }
-                Ok(Event::InitApply(va)) => {
-                    seen += 1;
-                    buffer.extend(project_va(&va, &self.driver));
-                }
+                Ok(Event::Init) => buffer.clear(),
+                Ok(Event::InitApply(va)) => buffer.extend(project_va(&va, &self.driver)),
                 Ok(Event::InitDone) => break,
                 Ok(Event::Apply(_) | Event::Delete(_)) => {}
                 Err(e) => {
@@ -503,7 +497,7 @@ impl KubeCluster {
                 }
             }
         }
-        (buffer, seen)
+        buffer
     }
 }
 

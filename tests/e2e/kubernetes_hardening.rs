@@ -458,3 +458,65 @@ async fn a_deleted_pv_ends_its_annotation_queue() {
     c.api.clear_faults();
 }
 
+// ---- What seeding reports -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_pv_migration_timeout_at_seeding_warns_once() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-odd", "vol", true, Some("ten minutes"), json!({}));
+    c.va("pv-odd", "vol", "n1", true, Duration::from_secs(600));
+    c.va("pv-odd", "vol", "n2", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    assert_eq!(
+        d.debug("vol").await["migration"]["timeout_seconds"],
+        300,
+        "the default"
+    );
+    let log = d.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("ten minutes"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "warned once:\n{log}");
+    assert!(warnings[0].contains("pv-odd"), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("migrationTimeoutSeconds"),
+        "{}",
+        warnings[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seen_counts_only_this_drivers_volume_attachments() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    c.va("pv", "vol", "n2", false, Duration::from_secs(30));
+    c.api
+        .create(
+            "volumeattachments",
+            json!({
+                "metadata": {"name": "csi-other"},
+                "spec": {"attacher": "other.csi.example.com", "nodeName": "n2",
+                         "source": {"persistentVolumeName": "pv-other"}},
+                "status": {"attached": true},
+            }),
+        )
+        .unwrap();
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        2.0,
+        "this driver's two, not the other driver's"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_seeding_volumeattachments_skipped_total{reason="not_attached"}"#
+        ),
+        1.0
+    );
+}
