@@ -120,6 +120,65 @@ impl NodeId {
     }
 }
 
+/// Which node ids a controller accepts beyond [`NodeId`]'s own rules.
+///
+/// In Kubernetes mode a node id is a Node's name and becomes part of API URLs (the Node GET of
+/// Publish step 2 and 5.1, the VolumeAttachment name of 5.2), so it must be what Kubernetes
+/// allows a Node to be named: a DNS-1123 subdomain. Standalone, node ids never leave the
+/// process and keep [`NodeId`]'s looser rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeIdRules {
+    Standalone,
+    Kubernetes,
+}
+
+impl NodeIdRules {
+    /// Validates `raw` as the request field `field`: INVALID_ARGUMENT naming it, before anything
+    /// else sees the id.
+    pub fn parse(self, raw: &str, field: &'static str) -> Result<NodeId, Error> {
+        let node = NodeId::parse_field(raw, field)?;
+        if self == Self::Kubernetes {
+            if let Err(reason) = dns1123_subdomain(raw) {
+                return Err(Error::InvalidArgument {
+                    field,
+                    reason: format!(
+                        "{:?} is not a Kubernetes node name (a DNS-1123 subdomain): {reason}",
+                        raw.escape_debug().to_string()
+                    ),
+                });
+            }
+        }
+        Ok(node)
+    }
+}
+
+/// Checks Kubernetes' `IsDNS1123Subdomain`: at most 253 bytes of dot-separated labels, each of
+/// lowercase letters, digits and '-', starting and ending with a letter or digit.
+pub fn dns1123_subdomain(raw: &str) -> Result<(), &'static str> {
+    if raw.is_empty() {
+        return Err("it is empty");
+    }
+    if raw.len() > MAX_NODE_ID_LEN {
+        return Err("it is longer than 253 bytes");
+    }
+    for label in raw.split('.') {
+        let bytes = label.as_bytes();
+        let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+            return Err("it has an empty label (a leading, trailing or doubled '.')");
+        };
+        if !bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        {
+            return Err("only lowercase letters, digits, '-' and '.' are allowed");
+        }
+        if *first == b'-' || *last == b'-' {
+            return Err("each label must start and end with a letter or digit");
+        }
+    }
+    Ok(())
+}
+
 impl TryFrom<&str> for VolumeId {
     type Error = Error;
     fn try_from(raw: &str) -> Result<Self, Error> {
@@ -228,6 +287,62 @@ mod tests {
             assert!(
                 matches!(err, Error::InvalidArgument { field: "name", .. }),
                 "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn kubernetes_node_ids_are_dns_subdomains() {
+        let long_label = "a".repeat(64);
+        let longest = format!("{}.b", "a".repeat(251));
+        let ok = [
+            "n1",
+            "worker-1.example.com",
+            "0",
+            "a-b",
+            long_label.as_str(),
+            longest.as_str(),
+        ];
+        for raw in ok {
+            assert_eq!(dns1123_subdomain(raw), Ok(()), "{raw}");
+            assert!(NodeIdRules::Kubernetes.parse(raw, "node_id").is_ok());
+        }
+        let too_long = format!("{}.b", "a".repeat(252));
+        let bad = [
+            "",
+            "Node-A",
+            "n_1",
+            "a..b",
+            ".a",
+            "a.",
+            "-a",
+            "a-",
+            "a.-b",
+            "a b",
+            "n1/../x",
+            "n1?x",
+            "é",
+            too_long.as_str(),
+        ];
+        for raw in bad {
+            assert!(dns1123_subdomain(raw).is_err(), "{raw:?}");
+            let err = NodeIdRules::Kubernetes.parse(raw, "node_id").unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        field: "node_id",
+                        ..
+                    }
+                ),
+                "{raw:?}: {err}"
+            );
+        }
+        // Standalone keeps the looser rules.
+        for raw in ["Node-A", "n_1", "a..b", "-a", "é"] {
+            assert!(
+                NodeIdRules::Standalone.parse(raw, "node_id").is_ok(),
+                "{raw:?}"
             );
         }
     }

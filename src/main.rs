@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use rds_csi::actors::messages::Seed;
 use rds_csi::actors::supervisor::Supervisor;
-use rds_csi::actors::{NodeLimit, Router, VolumeDeps};
+use rds_csi::actors::{NodeLimit, Router, VolumeDeps, MAILBOX_TIMEOUT};
 use rds_csi::backend::file::FileBackend;
 use rds_csi::backend::rds::ssh::{HostKeys, SshConfig, SshPool};
 use rds_csi::backend::rds::values::{
@@ -20,12 +20,14 @@ use rds_csi::backend::rds::values::{
 };
 use rds_csi::backend::rds::{RdsBackend, RdsDefaults};
 use rds_csi::backend::VolumeBackend;
+use rds_csi::domain::{DEFAULT_MIGRATION_TIMEOUT, MIGRATION_TIMEOUT_KEY};
 use rds_csi::grpc::controller::ControllerService;
 use rds_csi::grpc::identity::IdentityService;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
-use rds_csi::kube::cluster::{self as kube_cluster, KubeCluster, KubernetesMode};
+use rds_csi::ids::NodeIdRules;
+use rds_csi::kube::cluster::{self as kube_cluster, InClusterSigns, KubeCluster, KubernetesMode};
 use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
@@ -111,9 +113,14 @@ struct Args {
         default_value = "127.0.0.1:9809"
     )]
     metrics_address: String,
-    /// Use the Kubernetes API: auto (when a config is found), on, or off (standalone).
+    /// Use the Kubernetes API: auto (when a config is found; an error when none is but this runs
+    /// in a pod), on, or off (standalone).
     #[arg(long, env = "RDS_CSI_KUBERNETES", value_enum, default_value = "auto")]
     kubernetes: KubernetesMode,
+    /// Where a pod's service account is mounted; its presence is a sign of running in a cluster
+    /// for `--kubernetes auto`. Tests point it elsewhere.
+    #[arg(long, env = "RDS_CSI_SERVICE_ACCOUNT_DIR", default_value = kube_cluster::SERVICE_ACCOUNT_DIR, hide = true)]
+    service_account_dir: PathBuf,
     /// Log format.
     #[arg(long, env = "RDS_CSI_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -196,6 +203,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         attachment_grace_period,
         metrics_address,
         kubernetes,
+        service_account_dir,
         log_format,
         shutdown_timeout,
         arbiters,
@@ -265,7 +273,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let controller = matches!(mode, Mode::Controller | Mode::All);
-        let client = kube_cluster::connect(kubernetes).await.context("--kubernetes")?;
+        // The node plugin makes no API call: `auto` looks for no cluster it would not use.
+        let kubernetes = match kubernetes {
+            KubernetesMode::Auto if !controller => KubernetesMode::Off,
+            other => other,
+        };
+        let signs = InClusterSigns::detect(&service_account_dir);
+        let client = kube_cluster::connect(kubernetes, &signs).await.context("--kubernetes")?;
+        let node_ids = match client {
+            Some(_) => NodeIdRules::Kubernetes,
+            None => NodeIdRules::Standalone,
+        };
         match &client {
             Some(_) => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode,
                 "Kubernetes mode: attachment state is rebuilt from VolumeAttachments before serving"),
@@ -319,10 +337,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
-                router: Router::new(supervisor, Duration::from_secs(30)),
+                router: Router::new(supervisor, MAILBOX_TIMEOUT),
                 backend,
                 ready: ready.clone(),
                 metrics: metrics.clone(),
+                node_ids,
             })
         } else {
             None
@@ -387,7 +406,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Rebuilds attachment state from VolumeAttachments, then marks the driver ready. Until then
+/// Rebuilds attachment state from VolumeAttachments, then marks the driver ready once the Node
+/// projection has synced too (so no Publish needs a live Node GET to know a node). Until then
 /// Probe says not ready and Controller RPCs answer UNAVAILABLE.
 async fn seed(
     cluster: Arc<KubeCluster>,
@@ -397,7 +417,8 @@ async fn seed(
     started: std::time::Instant,
 ) {
     cluster.pvs_ready().await;
-    let (vas, seen) = cluster.list_attachments(|_| {}).await;
+    let vas = cluster.list_attachments(|_| {}).await;
+    let seen = vas.len();
     metrics.seeding_seen.inc_by(seen as u64);
     let plan = cluster.plan_seed(&vas);
     // The VolumeAttachment views are not needed past the plan; free them before the actors'
@@ -410,6 +431,9 @@ async fn seed(
             .inc();
         tracing::warn!(volume_attachment = %va, reason = reason.label(), "VolumeAttachment skipped while seeding");
     }
+    for (pv, raw) in &plan.unparsable_timeouts {
+        tracing::warn!(pv = %pv, value = ?raw, "unparsable {MIGRATION_TIMEOUT_KEY} on the PV; seeding takes the default ({DEFAULT_MIGRATION_TIMEOUT:?}) for its volume");
+    }
     let holders: usize = plan.volumes.iter().map(|v| v.holders.len()).sum();
     let skipped = plan.skipped.len();
     let volumes = match supervisor.send(Seed(plan.volumes)).await {
@@ -419,6 +443,10 @@ async fn seed(
             return;
         }
     };
+    if !cluster.nodes_synced() {
+        tracing::info!("attachment state rebuilt; waiting for the first complete Node list before becoming ready");
+    }
+    cluster.nodes_ready().await;
     ready.store(true, std::sync::atomic::Ordering::Release);
     let secs = started.elapsed().as_secs_f64();
     metrics.seeding_seconds_to_ready.set(secs);

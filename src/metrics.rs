@@ -224,7 +224,7 @@ impl Metrics {
             opts(
                 "kube",
                 "annotation_write_failures_total",
-                "Failed PV annotation writes (each is retried), by reason.",
+                "Failed PV annotation writes, by reason; each is retried, except reason pv_deleted (the PV is gone: its writes end).",
             ),
             &["reason"],
         )

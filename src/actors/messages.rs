@@ -14,7 +14,8 @@ use crate::Error;
 ///
 /// Idempotent: the same node, capability and readonly answer OK with the same publish_context.
 /// Errors: `VolumeNotFound`/`NodeNotFound` (NOT_FOUND), `AlreadyExists`, `Conflict` and
-/// `MigrationLimit` (FAILED_PRECONDITION), `Unavailable` when a cluster check fails.
+/// `MigrationLimit` (FAILED_PRECONDITION), `Unavailable` when a cluster check fails or the
+/// checks outrun [`super::LIVE_CHECK_BUDGET`].
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<Published, Error>")]
 pub struct Publish(pub PublishRequest);
@@ -95,10 +96,12 @@ pub struct Listing {
 pub struct Lookup(pub VolumeId);
 
 /// A message with the caller's tracing span, so what the actor logs carries the RPC's span
-/// (volume_id, node_id) although it runs on another thread.
+/// (volume_id, node_id) although it runs on another thread, and the time the caller first sent
+/// it, from which a Publish's [`super::LIVE_CHECK_BUDGET`] runs.
 pub struct Traced<M> {
     pub msg: M,
     pub span: tracing::Span,
+    pub sent: tokio::time::Instant,
 }
 
 impl<M: Message> Message for Traced<M> {

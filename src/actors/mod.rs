@@ -101,6 +101,28 @@ impl NodeLimit {
     }
 }
 
+/// How long the [`Router`] waits for a volume actor's answer before DEADLINE_EXCEEDED.
+pub const MAILBOX_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The live-check budget of one Publish: how long it may spend waiting on the Kubernetes API
+/// for the Node existence check (step 2: a GET when the Node projection misses) and for every
+/// live check of rules 5.1 and 5.2 on every holder, all together.
+///
+/// It is a deadline counted from when the [`Router`] sent the Publish, so time spent queued
+/// behind other messages of the same volume counts too. Past it, the checks still waiting are
+/// abandoned and the Publish fails closed: UNAVAILABLE, nothing changed; the external-attacher
+/// retries. A Publish that needs no API call (a projection hit and no holder to check) is never
+/// refused by it.
+///
+/// 8 s keeps every Publish answered below the external-attacher's default `--timeout` (15 s),
+/// after which it would give up on the call and retry while the attach could still happen, and
+/// well below [`MAILBOX_TIMEOUT`] (30 s), after which the Router answers DEADLINE_EXCEEDED for
+/// an attach that may still happen. The margin is for the backend and the actor's own work.
+pub const LIVE_CHECK_BUDGET: Duration = Duration::from_secs(8);
+const _: () = assert!(
+    LIVE_CHECK_BUDGET.as_secs() < 15 && LIVE_CHECK_BUDGET.as_secs() * 2 < MAILBOX_TIMEOUT.as_secs()
+);
+
 /// How many times a message is re-routed after finding its actor stopping.
 const MAX_ROUTE_ATTEMPTS: usize = 16;
 
@@ -173,6 +195,7 @@ impl Router {
         <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, Traced<M>>,
     {
         let mut next = self.remembered(volume);
+        let sent = tokio::time::Instant::now();
         for _ in 0..MAX_ROUTE_ATTEMPTS {
             let addr = match next.take() {
                 Some(addr) => addr,
@@ -181,6 +204,7 @@ impl Router {
             let traced = Traced {
                 msg: msg.clone(),
                 span: tracing::Span::current(),
+                sent,
             };
             match addr.send(traced).timeout(self.mailbox_timeout).await {
                 Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => {}

@@ -19,9 +19,9 @@ use tokio::time::Instant;
 use super::messages::{
     Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Traced, Unpublish,
 };
-use super::state::{DropReason, Effect, MigrationResult, VolumeState};
-use super::VolumeDeps;
-use crate::ids::VolumeId;
+use super::state::{DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
+use super::{VolumeDeps, LIVE_CHECK_BUDGET};
+use crate::ids::{NodeId, VolumeId};
 use crate::kube::{ClusterEvent, HolderStatus};
 use crate::Error;
 
@@ -404,12 +404,63 @@ macro_rules! traced {
         }
     )*};
 }
-traced!(Publish, Unpublish, Delete, Describe);
+traced!(Unpublish, Delete, Describe);
 
+/// Publish step 2 (the node exists) and, for each holder in `blockers`, rules 5.1 and 5.2.
+/// Each may be a live API call; the caller bounds them all with one deadline.
+async fn live_checks(
+    deps: &VolumeDeps,
+    id: &VolumeId,
+    node: NodeId,
+    blockers: Vec<NodeId>,
+) -> Result<Vec<(NodeId, HolderStatus)>, Error> {
+    let known = deps
+        .nodes
+        .exists(&node)
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    if !known {
+        return Err(Error::NodeNotFound(node));
+    }
+    let mut verdicts = Vec::with_capacity(blockers.len());
+    for holder in blockers {
+        let status = deps.authority.check(id, &holder).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot confirm node {holder} still holds volume {id}: {e}"
+            ))
+        })?;
+        verdicts.push((holder, status));
+    }
+    Ok(verdicts)
+}
+
+/// Through the Router: the live-check budget runs from when the Router sent it.
+impl Handler<Traced<Publish>> for VolumeActor {
+    type Result = AtomicResponse<Self, Result<Published, Error>>;
+
+    fn handle(&mut self, traced: Traced<Publish>, _ctx: &mut Context<Self>) -> Self::Result {
+        let _entered = traced.span.enter();
+        self.publish(traced.msg.0, traced.sent + LIVE_CHECK_BUDGET)
+    }
+}
+
+/// Sent straight to the actor: the live-check budget runs from now.
 impl Handler<Publish> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
     fn handle(&mut self, Publish(req): Publish, _ctx: &mut Context<Self>) -> Self::Result {
+        self.publish(req, Instant::now() + LIVE_CHECK_BUDGET)
+    }
+}
+
+impl VolumeActor {
+    /// Runs the checks Publish needs (backend, then the live checks until `deadline`), then the
+    /// rules. Past `deadline` the publish fails closed: UNAVAILABLE, nothing changed.
+    fn publish(
+        &mut self,
+        req: PublishRequest,
+        deadline: Instant,
+    ) -> AtomicResponse<Self, Result<Published, Error>> {
         if self.retired {
             return retired();
         }
@@ -430,23 +481,15 @@ impl Handler<Publish> for VolumeActor {
                     deps.backend.publish_context(&volume)
                 }
             };
-            let known = deps
-                .nodes
-                .exists(&node)
+            let live = live_checks(&deps, &id, node, blockers);
+            let verdicts = tokio::time::timeout_at(deadline, live)
                 .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            if !known {
-                return Err(Error::NodeNotFound(node));
-            }
-            let mut verdicts = Vec::with_capacity(blockers.len());
-            for holder in blockers {
-                let status = deps.authority.check(&id, &holder).await.map_err(|e| {
+                .map_err(|_| {
                     Error::Unavailable(format!(
-                        "cannot confirm node {holder} still holds volume {id}: {e}"
+                        "the Kubernetes API did not answer this publish's live checks within \
+                         their {LIVE_CHECK_BUDGET:?} budget; nothing changed, retry"
                     ))
-                })?;
-                verdicts.push((holder, status));
-            }
+                })??;
             Ok((publish_context, verdicts))
         };
         let span = tracing::Span::current();

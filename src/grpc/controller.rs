@@ -19,7 +19,7 @@ use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::domain::{migration_timeout, Capability, MIGRATION_TIMEOUT_KEY};
-use crate::ids::{NodeId, VolumeId};
+use crate::ids::{NodeIdRules, VolumeId};
 use crate::metrics::Metrics;
 use crate::Error;
 
@@ -30,6 +30,8 @@ pub struct ControllerService {
     pub backend: Arc<dyn VolumeBackend>,
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// Kubernetes mode refuses node ids that cannot be Node names, before any API call.
+    pub node_ids: NodeIdRules,
 }
 
 /// A validated ControllerPublishVolumeRequest.
@@ -38,12 +40,23 @@ pub struct PublishCall {
     pub msg: Publish,
 }
 
+/// Standalone rules for node ids; the controller uses [`PublishCall::parse`].
 impl TryFrom<ControllerPublishVolumeRequest> for PublishCall {
     type Error = Error;
 
     fn try_from(req: ControllerPublishVolumeRequest) -> Result<Self, Error> {
+        Self::parse(req, NodeIdRules::Standalone)
+    }
+}
+
+impl PublishCall {
+    /// Validates `req` (rules, Publish step 1) with `node_ids` deciding which node ids pass.
+    pub fn parse(
+        req: ControllerPublishVolumeRequest,
+        node_ids: NodeIdRules,
+    ) -> Result<Self, Error> {
         let volume = VolumeId::try_from(req.volume_id.as_str())?;
-        let node = NodeId::try_from(req.node_id.as_str())?;
+        let node = node_ids.parse(&req.node_id, "node_id")?;
         let capability = capability(req.volume_capability.as_ref(), "volume_capability")?;
         let raw_timeout = req
             .volume_context
@@ -71,14 +84,25 @@ pub struct UnpublishCall {
     pub msg: Unpublish,
 }
 
+/// Standalone rules for node ids; the controller uses [`UnpublishCall::parse`].
 impl TryFrom<ControllerUnpublishVolumeRequest> for UnpublishCall {
     type Error = Error;
 
     fn try_from(req: ControllerUnpublishVolumeRequest) -> Result<Self, Error> {
+        Self::parse(req, NodeIdRules::Standalone)
+    }
+}
+
+impl UnpublishCall {
+    /// Validates `req` with `node_ids` deciding which node ids pass; empty is every node.
+    pub fn parse(
+        req: ControllerUnpublishVolumeRequest,
+        node_ids: NodeIdRules,
+    ) -> Result<Self, Error> {
         let volume = VolumeId::try_from(req.volume_id.as_str())?;
         let node = match req.node_id.as_str() {
             "" => None,
-            raw => Some(NodeId::try_from(raw)?),
+            raw => Some(node_ids.parse(raw, "node_id")?),
         };
         Ok(Self {
             volume,
@@ -266,7 +290,7 @@ impl Controller for ControllerService {
             &req.get_ref().node_id,
         );
         let result = async {
-            let call = PublishCall::try_from(req.into_inner())?;
+            let call = PublishCall::parse(req.into_inner(), self.node_ids)?;
             let published = self.router.send(&call.volume, call.msg).await?;
             Ok(ControllerPublishVolumeResponse {
                 publish_context: published.publish_context,
@@ -290,7 +314,7 @@ impl Controller for ControllerService {
             &req.get_ref().node_id,
         );
         let result = async {
-            let call = UnpublishCall::try_from(req.into_inner())?;
+            let call = UnpublishCall::parse(req.into_inner(), self.node_ids)?;
             self.router.send(&call.volume, call.msg).await?;
             Ok(ControllerUnpublishVolumeResponse {})
         }

@@ -5,6 +5,7 @@
 //! attachment state; it only answers questions.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -35,9 +36,80 @@ pub enum KubernetesMode {
     Off,
 }
 
-/// A client per `mode`: `Off` gives none; `Auto` one when a kubeconfig or in-cluster config is
-/// found; `On` requires a config and an API server that answers, or fails.
-pub async fn connect(mode: KubernetesMode) -> Result<Option<Client>, KubeError> {
+/// Where Kubernetes mounts a pod's service-account token: its presence says this process runs
+/// in a pod.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// What says this process runs inside a Kubernetes cluster, whether or not a config loads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InClusterSigns {
+    /// `KUBERNETES_SERVICE_HOST`, which the kubelet sets in every pod, when set and not empty.
+    pub service_host: Option<String>,
+    /// The service-account directory, when it exists.
+    pub service_account_dir: Option<PathBuf>,
+}
+
+impl InClusterSigns {
+    /// Reads `KUBERNETES_SERVICE_HOST` and looks for `service_account_dir` (normally
+    /// [`SERVICE_ACCOUNT_DIR`]).
+    pub fn detect(service_account_dir: &Path) -> Self {
+        Self {
+            service_host: std::env::var("KUBERNETES_SERVICE_HOST")
+                .ok()
+                .filter(|h| !h.is_empty()),
+            service_account_dir: service_account_dir
+                .exists()
+                .then(|| service_account_dir.to_path_buf()),
+        }
+    }
+
+    /// The signs found, in words; `None` when there are none.
+    fn describe(&self) -> Option<String> {
+        let signs: Vec<String> = [
+            self.service_host
+                .as_ref()
+                .map(|h| format!("KUBERNETES_SERVICE_HOST={h} is set")),
+            self.service_account_dir
+                .as_ref()
+                .map(|d| format!("{} exists", d.display())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!signs.is_empty()).then(|| signs.join(" and "))
+    }
+}
+
+/// `--kubernetes auto` when no config loads. With no sign of a cluster this is a laptop:
+/// standalone, with a warning saying why. Inside a pod (a broken service-account mount, say)
+/// standalone would serve Publish from empty state, without the VolumeAttachments that say who
+/// holds what, so that is an error instead.
+fn standalone_or_refuse(
+    signs: &InClusterSigns,
+    no_config: &dyn std::fmt::Display,
+) -> Result<Option<Client>, KubeError> {
+    match signs.describe() {
+        Some(signs) => Err(KubeError::Config(format!(
+            "this looks like a Kubernetes pod ({signs}) but no usable Kubernetes config was \
+             found ({no_config}); refusing to run standalone, which would serve Publish without \
+             the cluster's VolumeAttachments (fix the service-account mount, or pass \
+             --kubernetes off to run standalone on purpose)"
+        ))),
+        None => {
+            tracing::warn!(reason = %no_config, "no Kubernetes config found and no sign of running in a cluster; running standalone");
+            Ok(None)
+        }
+    }
+}
+
+/// A client per `mode`: `Off` gives none; `On` requires a config and an API server that
+/// answers, or fails; `Auto` gives one when a kubeconfig or in-cluster config loads, none when
+/// nothing loads and `signs` are empty, and fails when nothing loads but `signs` say this runs
+/// in a cluster.
+pub async fn connect(
+    mode: KubernetesMode,
+    signs: &InClusterSigns,
+) -> Result<Option<Client>, KubeError> {
     let api = |action: &str, e: &dyn std::fmt::Display| KubeError::Api {
         action: action.into(),
         message: e.to_string(),
@@ -46,10 +118,7 @@ pub async fn connect(mode: KubernetesMode) -> Result<Option<Client>, KubeError> 
         KubernetesMode::Off => return Ok(None),
         KubernetesMode::Auto => match kube::Config::infer().await {
             Ok(config) => config,
-            Err(e) => {
-                tracing::debug!(error = %e, "no Kubernetes config found");
-                return Ok(None);
-            }
+            Err(e) => return standalone_or_refuse(signs, &e),
         },
         KubernetesMode::On => kube::Config::infer()
             .await
@@ -266,6 +335,7 @@ pub struct KubeCluster {
     pvs: Arc<RwLock<PvIndex>>,
     nodes: Arc<RwLock<HashSet<String>>>,
     pvs_ready: watch::Receiver<bool>,
+    nodes_ready: watch::Receiver<bool>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -298,12 +368,14 @@ impl KubeCluster {
     /// Starts the PV and Node watchers.
     pub fn start(client: Client, driver: String) -> Arc<Self> {
         let (ready_tx, pvs_ready) = watch::channel(false);
+        let (nodes_ready_tx, nodes_ready) = watch::channel(false);
         let cluster = Arc::new(Self {
             client: client.clone(),
             driver: driver.clone(),
             pvs: Default::default(),
             nodes: Default::default(),
             pvs_ready,
+            nodes_ready,
         });
         let pvs = cluster.pvs.clone();
         tokio::spawn(async move {
@@ -347,7 +419,10 @@ impl KubeCluster {
                             b.insert(name);
                         }
                     }
-                    Event::InitDone => *write(&nodes) = buffer.take().unwrap_or_default(),
+                    Event::InitDone => {
+                        *write(&nodes) = buffer.take().unwrap_or_default();
+                        let _ = nodes_ready_tx.send(true);
+                    }
                     Event::Apply(n) => {
                         write(&nodes).extend(n.metadata.name);
                     }
@@ -375,6 +450,18 @@ impl KubeCluster {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// Waits for the first complete Node list. Until then a node's existence (Publish step 2)
+    /// would cost a live GET on every Publish.
+    pub async fn nodes_ready(&self) {
+        let mut rx = self.nodes_ready.clone();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Whether the first complete Node list has arrived.
+    pub fn nodes_synced(&self) -> bool {
+        *self.nodes_ready.borrow()
+    }
+
     /// PV name and claim of a volume handle, from the PV projection.
     pub fn pv_for_handle(&self, handle: &str) -> Option<(String, Option<Claim>)> {
         let index = read(&self.pvs);
@@ -388,25 +475,19 @@ impl KubeCluster {
         super::seed::plan(vas, |name| index.view(name))
     }
 
-    /// The first complete list of this driver's VolumeAttachments, paginated. Failures are
-    /// logged and retried with capped backoff; this returns only with a complete list.
-    pub async fn list_attachments(&self, mut on_error: impl FnMut(&str)) -> (Vec<VaView>, usize) {
+    /// The first complete list of this driver's VolumeAttachments (those of other drivers are
+    /// dropped as they arrive), paginated. Failures are logged and retried with capped backoff;
+    /// this returns only with a complete list.
+    pub async fn list_attachments(&self, mut on_error: impl FnMut(&str)) -> Vec<VaView> {
         let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
         let mut stream = watcher(api, watcher::Config::default().page_size(PAGE_SIZE))
             .default_backoff()
             .boxed();
         let mut buffer = Vec::new();
-        let mut seen = 0;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(Event::Init) => {
-                    buffer.clear();
-                    seen = 0;
-                }
-                Ok(Event::InitApply(va)) => {
-                    seen += 1;
-                    buffer.extend(project_va(&va, &self.driver));
-                }
+                Ok(Event::Init) => buffer.clear(),
+                Ok(Event::InitApply(va)) => buffer.extend(project_va(&va, &self.driver)),
                 Ok(Event::InitDone) => break,
                 Ok(Event::Apply(_) | Event::Delete(_)) => {}
                 Err(e) => {
@@ -416,7 +497,7 @@ impl KubeCluster {
                 }
             }
         }
-        (buffer, seen)
+        buffer
     }
 }
 
@@ -427,21 +508,15 @@ fn api_error(action: String) -> impl FnOnce(kube::Error) -> KubeError {
     }
 }
 
-/// Longest a live check may take before the publish fails closed with UNAVAILABLE.
-pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A live GET bounded by [`CHECK_TIMEOUT`].
+/// A live GET; `None` for a 404. Unbounded here: the publish path bounds all of its live GETs
+/// together with [`crate::actors::LIVE_CHECK_BUDGET`].
 async fn live_get<K>(api: Api<K>, name: &str, what: &str) -> Result<Option<K>, KubeError>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match tokio::time::timeout(CHECK_TIMEOUT, api.get_opt(name)).await {
-        Ok(result) => result.map_err(api_error(format!("getting {what} {name}"))),
-        Err(_) => Err(KubeError::Api {
-            action: format!("getting {what} {name}"),
-            message: format!("no answer within {CHECK_TIMEOUT:?}"),
-        }),
-    }
+    api.get_opt(name)
+        .await
+        .map_err(api_error(format!("getting {what} {name}")))
 }
 
 #[async_trait]
@@ -557,6 +632,47 @@ mod tests {
         assert!(index.for_handle("h-a").is_none());
         index.remove("pv-b");
         assert!(index.by_name.is_empty() && index.by_handle.is_empty());
+    }
+
+    #[test]
+    fn auto_without_config_is_standalone_only_outside_a_cluster() {
+        let none = InClusterSigns::default();
+        assert!(matches!(
+            standalone_or_refuse(&none, &"no kubeconfig"),
+            Ok(None)
+        ));
+        let in_pod = [
+            InClusterSigns {
+                service_host: Some("10.96.0.1".into()),
+                service_account_dir: None,
+            },
+            InClusterSigns {
+                service_host: None,
+                service_account_dir: Some(SERVICE_ACCOUNT_DIR.into()),
+            },
+        ];
+        for signs in in_pod {
+            let Err(err) = standalone_or_refuse(&signs, &"no token") else {
+                panic!("standalone despite {signs:?}");
+            };
+            let message = err.to_string();
+            assert!(message.contains("refusing to run standalone"), "{message}");
+            assert!(message.contains("no token"), "{message}");
+            assert!(
+                message.contains("KUBERNETES_SERVICE_HOST=10.96.0.1")
+                    || message.contains(SERVICE_ACCOUNT_DIR),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn in_cluster_signs_look_for_the_service_account_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let signs = InClusterSigns::detect(dir.path());
+        assert_eq!(signs.service_account_dir.as_deref(), Some(dir.path()));
+        let signs = InClusterSigns::detect(&dir.path().join("absent"));
+        assert_eq!(signs.service_account_dir, None);
     }
 
     #[test]

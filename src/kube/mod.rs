@@ -20,17 +20,22 @@ use crate::ids::{NodeId, VolumeId};
 pub enum KubeError {
     #[error("Kubernetes API error while {action}: {message}")]
     Api { action: String, message: String },
+    /// Signs of running inside a cluster, but no configuration to reach it.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl KubeError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Api { .. } => "api_error",
+            Self::Config(_) => "config",
         }
     }
 }
 
-/// Whether a node exists (rules, Publish step 2).
+/// Whether a node exists (rules, Publish step 2). Callers on the publish path bound it with
+/// [`crate::actors::LIVE_CHECK_BUDGET`].
 #[async_trait]
 pub trait NodeDirectory: Send + Sync + 'static {
     async fn exists(&self, node: &NodeId) -> Result<bool, KubeError>;
@@ -48,7 +53,8 @@ pub enum HolderStatus {
 }
 
 /// Live checks on a blocking holder. Implementations must ask the API, not a cache: a lagging
-/// cache must never cause a handoff. Any error fails the publish closed.
+/// cache must never cause a handoff. Any error fails the publish closed, and so does running
+/// past [`crate::actors::LIVE_CHECK_BUDGET`], which the caller enforces.
 #[async_trait]
 pub trait AttachmentAuthority: Send + Sync + 'static {
     async fn check(&self, volume: &VolumeId, node: &NodeId) -> Result<HolderStatus, KubeError>;

@@ -64,10 +64,16 @@ impl SkipReason {
 pub struct SeedPlan {
     pub volumes: Vec<SeedVolume>,
     pub skipped: Vec<(String, SkipReason)>,
+    /// PVs whose `migrationTimeoutSeconds` does not parse (their volume took the default), once
+    /// each: PV name and the value.
+    pub unparsable_timeouts: Vec<(String, String)>,
 }
 
-/// A volume's PV (if known) and its holders with creation time and VA name.
-type Group<'a, 'p> = (Option<PvView<'p>>, Vec<(NodeId, SystemTime, &'a str)>);
+/// A volume's PV (name and view, if known) and its holders with creation time and VA name.
+type Group<'a, 'p> = (
+    Option<(&'a str, PvView<'p>)>,
+    Vec<(NodeId, SystemTime, &'a str)>,
+);
 
 /// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
 /// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
@@ -98,6 +104,7 @@ pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> See
                     Err(SkipReason::NotAttached)
                 }
             });
+        let pv = va.pv_name.as_deref().zip(pv);
         match checked {
             Ok((volume, node)) => {
                 let entry = groups.entry(volume).or_insert((pv, Vec::new()));
@@ -110,10 +117,14 @@ pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> See
     for (volume, (pv, mut holders)) in groups {
         // Oldest first; equal timestamps fall back to the VA name so the order is stable.
         holders.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.cmp(b.2)));
+        let (timeout, unparsable) = migration_timeout(pv.and_then(|(_, p)| p.migration_timeout));
+        if let (Some((name, _)), Some(raw)) = (pv, unparsable) {
+            plan.unparsable_timeouts.push((name.to_string(), raw));
+        }
         plan.volumes.push(SeedVolume {
             volume,
-            class: pv.map_or(AccessClass::Exclusive, |p| p.class),
-            migration_timeout: migration_timeout(pv.and_then(|p| p.migration_timeout)).0,
+            class: pv.map_or(AccessClass::Exclusive, |(_, p)| p.class),
+            migration_timeout: timeout,
             holders: holders.into_iter().map(|(n, t, _)| (n, t)).collect(),
         });
     }
@@ -223,6 +234,31 @@ mod tests {
             .find(|v| v.volume.as_str() == "inline-h")
             .unwrap();
         assert_eq!(inline.class, AccessClass::Exclusive, "no PV: exclusive");
+    }
+
+    #[test]
+    fn an_unparsable_timeout_takes_the_default_and_is_reported_once_per_pv() {
+        let pvs = HashMap::from([
+            pv(
+                "pv-odd",
+                "h-odd",
+                AccessClass::Migratable,
+                Some("ten minutes"),
+            ),
+            pv("pv-ok", "h-ok", AccessClass::Migratable, Some("90")),
+        ]);
+        let vas = vec![
+            va("va-1", "pv-odd", "n1", true, 10),
+            va("va-2", "pv-odd", "n2", true, 20),
+            va("va-3", "pv-ok", "n1", true, 10),
+        ];
+        let p = plan(&vas, |n| pvs.get(n).copied());
+        assert_eq!(
+            p.unparsable_timeouts,
+            vec![("pv-odd".to_string(), "ten minutes".to_string())]
+        );
+        let odd = p.volumes.iter().find(|v| v.volume.as_str() == "h-odd");
+        assert_eq!(odd.unwrap().migration_timeout, Duration::from_secs(300));
     }
 
     #[test]

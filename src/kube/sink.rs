@@ -1,9 +1,10 @@
 //! Queued, retried, never-awaited writes to the cluster: the informational PV annotations and
 //! the events on each volume's PVC.
 //!
-//! Annotations are coalesced per PV (only the newest value is ever written), events are a
-//! bounded FIFO. A failed write is counted and retried with capped backoff; it never fails or
-//! undoes an attach. Nothing anywhere reads the annotations back.
+//! Annotations are coalesced per PV (only the newest value is ever written, and the last write
+//! to land is always the newest value), events are a bounded FIFO. A failed write is counted and
+//! retried with capped backoff; it never fails or undoes an attach. A PV found deleted ends its
+//! annotation writes. Nothing anywhere reads the annotations back.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -51,13 +52,145 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `Some((node, rfc3339))` sets the annotations; `None` clears them.
 type AnnotationValue = Option<(String, String)>;
 
-#[derive(Default)]
-struct Annotations {
-    /// PV name → (generation, value, attempt).
-    pending: HashMap<String, (u64, AnnotationValue, u32)>,
-    /// PV name → newest generation written successfully.
-    written: HashMap<String, u64>,
+/// How one annotation write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Written,
+    /// 404: the PV is deleted.
+    Gone,
+    Failed,
+}
+
+/// What the writer does after [`AnnotationQueue::finished`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    Nothing,
+    /// The PV is gone and leaves the queue.
+    Ended,
+    /// Try this generation again after the backoff, through [`AnnotationQueue::retry_due`].
+    Retry(Duration),
+}
+
+/// One PV's newest wanted annotation value and where its write stands.
+struct PvWrite {
+    generation: u64,
+    value: AnnotationValue,
+    /// Failed attempts at this generation.
+    attempt: u32,
+    /// In `due`.
+    queued: bool,
+    /// The writer is writing some generation of it now.
+    in_flight: bool,
+}
+
+/// The per-PV coalescing queue of annotation writes, without I/O. Only the newest value of a PV
+/// is kept, and a write always takes the value that is newest when it starts, so the last write
+/// that lands is the newest state: a value that was retried never follows a newer one. A PV
+/// leaves the queue once its newest value is written, or once it turns out to be deleted.
+struct AnnotationQueue {
+    pvs: HashMap<String, PvWrite>,
+    /// PVs whose write is due, in the order they came due; each at most once.
+    due: VecDeque<String>,
     next_generation: u64,
+    capacity: usize,
+}
+
+impl AnnotationQueue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            pvs: HashMap::new(),
+            due: VecDeque::new(),
+            next_generation: 0,
+            capacity,
+        }
+    }
+
+    /// PVs with a write pending, due, in flight or waiting to be retried.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.pvs.len()
+    }
+
+    /// Wants `value` on `pv`, replacing any older value not yet written. `false`: the queue is
+    /// full and `pv` is not in it; the value is dropped.
+    fn set(&mut self, pv: &str, value: AnnotationValue) -> bool {
+        if !self.pvs.contains_key(pv) && self.pvs.len() >= self.capacity {
+            return false;
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let entry = self.pvs.entry(pv.to_string()).or_insert(PvWrite {
+            generation,
+            value: None,
+            attempt: 0,
+            queued: false,
+            in_flight: false,
+        });
+        entry.generation = generation;
+        entry.value = value;
+        entry.attempt = 0;
+        // In flight: queued again when that write finishes. Waiting for a retry: due now.
+        if !entry.in_flight && !entry.queued {
+            entry.queued = true;
+            self.due.push_back(pv.to_string());
+        }
+        true
+    }
+
+    /// The next write to make: PV, generation and its newest value.
+    fn next(&mut self) -> Option<(String, u64, AnnotationValue)> {
+        while let Some(pv) = self.due.pop_front() {
+            if let Some(entry) = self.pvs.get_mut(&pv) {
+                entry.queued = false;
+                entry.in_flight = true;
+                let (generation, value) = (entry.generation, entry.value.clone());
+                return Some((pv, generation, value));
+            }
+        }
+        None
+    }
+
+    /// Records how the write of `generation` on `pv` ended.
+    fn finished(&mut self, pv: &str, generation: u64, outcome: Outcome) -> After {
+        let Some(entry) = self.pvs.get_mut(pv) else {
+            return After::Nothing;
+        };
+        entry.in_flight = false;
+        if entry.generation != generation {
+            // A newer value came meanwhile: it is written next, whatever happened to this one.
+            entry.queued = true;
+            self.due.push_back(pv.to_string());
+            return After::Nothing;
+        }
+        match outcome {
+            Outcome::Written => {
+                self.pvs.remove(pv);
+                After::Nothing
+            }
+            Outcome::Gone => {
+                self.pvs.remove(pv);
+                After::Ended
+            }
+            Outcome::Failed => {
+                let wait = backoff(entry.attempt);
+                entry.attempt += 1;
+                After::Retry(wait)
+            }
+        }
+    }
+
+    /// A retry's backoff passed: `generation` of `pv` is due again, unless something newer
+    /// replaced it (and is written or due already). `true` if it was queued.
+    fn retry_due(&mut self, pv: &str, generation: u64) -> bool {
+        match self.pvs.get_mut(pv) {
+            Some(entry) if entry.generation == generation && !entry.in_flight && !entry.queued => {
+                entry.queued = true;
+                self.due.push_back(pv.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 struct PendingEvent {
@@ -71,7 +204,7 @@ struct PendingEvent {
 pub struct KubeSink {
     cluster: Arc<KubeCluster>,
     metrics: Arc<Metrics>,
-    annotations: Mutex<Annotations>,
+    annotations: Mutex<AnnotationQueue>,
     annotations_ready: Notify,
     events: Mutex<VecDeque<PendingEvent>>,
     events_ready: Notify,
@@ -83,7 +216,7 @@ impl KubeSink {
         let sink = Arc::new(Self {
             cluster,
             metrics,
-            annotations: Default::default(),
+            annotations: Mutex::new(AnnotationQueue::new(MAX_PENDING)),
             annotations_ready: Notify::new(),
             events: Default::default(),
             events_ready: Notify::new(),
@@ -93,31 +226,8 @@ impl KubeSink {
         sink
     }
 
-    fn queue_annotation(
-        &self,
-        pv: String,
-        value: AnnotationValue,
-        attempt: u32,
-        generation: Option<u64>,
-    ) {
-        let mut a = lock(&self.annotations);
-        let generation = match generation {
-            // A retry: only if nothing newer was queued or written meanwhile.
-            Some(g) => {
-                let newer_written = a.written.get(&pv).is_some_and(|w| *w >= g);
-                let newer_pending = a.pending.get(&pv).is_some_and(|(p, _, _)| *p > g);
-                if newer_written || newer_pending {
-                    return;
-                }
-                g
-            }
-            None => {
-                a.next_generation += 1;
-                a.next_generation
-            }
-        };
-        if a.pending.len() >= MAX_PENDING && !a.pending.contains_key(&pv) {
-            drop(a);
+    fn queue_annotation(&self, pv: String, value: AnnotationValue) {
+        if !lock(&self.annotations).set(&pv, value) {
             self.metrics
                 .annotation_write_failures
                 .with_label_values(&["queue_full"])
@@ -125,8 +235,6 @@ impl KubeSink {
             tracing::warn!(pv = %pv, "annotation queue full; dropping this write");
             return;
         }
-        a.pending.insert(pv, (generation, value, attempt));
-        drop(a);
         self.annotations_ready.notify_one();
     }
 
@@ -134,42 +242,54 @@ impl KubeSink {
         let api = Api::<PersistentVolume>::all(self.cluster.client().clone());
         let prefix = self.cluster.driver().to_string();
         loop {
-            let batch: Vec<_> = lock(&self.annotations).pending.drain().collect();
-            if batch.is_empty() {
+            let next = lock(&self.annotations).next();
+            let Some((pv, generation, value)) = next else {
                 self.annotations_ready.notified().await;
                 continue;
-            }
-            for (pv, (generation, value, attempt)) in batch {
-                let (node, at) = match &value {
-                    Some((n, t)) => (
-                        serde_json::Value::from(n.as_str()),
-                        serde_json::Value::from(t.as_str()),
-                    ),
-                    None => (serde_json::Value::Null, serde_json::Value::Null),
-                };
-                let patch = serde_json::json!({"metadata": {"annotations": {
-                    format!("{prefix}/attached-node"): node,
-                    format!("{prefix}/attached-at"): at,
-                }}});
+            };
+            let (node, at) = match &value {
+                Some((n, t)) => (
+                    serde_json::Value::from(n.as_str()),
+                    serde_json::Value::from(t.as_str()),
+                ),
+                None => (serde_json::Value::Null, serde_json::Value::Null),
+            };
+            let patch = serde_json::json!({"metadata": {"annotations": {
+                format!("{prefix}/attached-node"): node,
+                format!("{prefix}/attached-at"): at,
+            }}});
+            let outcome =
                 match bounded(api.patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))).await
                 {
-                    Ok(_) => {
-                        let mut a = lock(&self.annotations);
-                        let w = a.written.entry(pv).or_default();
-                        *w = (*w).max(generation);
-                    }
+                    Ok(_) => Outcome::Written,
+                    Err(NOT_FOUND) => Outcome::Gone,
                     Err(reason) => {
                         self.metrics
                             .annotation_write_failures
                             .with_label_values(&[reason])
                             .inc();
-                        tracing::debug!(pv = %pv, reason, attempt, "annotation write failed; will retry");
-                        let sink = self.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(backoff(attempt)).await;
-                            sink.queue_annotation(pv, value, attempt + 1, Some(generation));
-                        });
+                        tracing::debug!(pv = %pv, reason, "annotation write failed; will retry");
+                        Outcome::Failed
                     }
+                };
+            let after = lock(&self.annotations).finished(&pv, generation, outcome);
+            match after {
+                After::Nothing => {}
+                After::Ended => {
+                    self.metrics
+                        .annotation_write_failures
+                        .with_label_values(&["pv_deleted"])
+                        .inc();
+                    tracing::info!(pv = %pv, "PV is gone; its annotation writes end here");
+                }
+                After::Retry(wait) => {
+                    let sink = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        if lock(&sink.annotations).retry_due(&pv, generation) {
+                            sink.annotations_ready.notify_one();
+                        }
+                    });
                 }
             }
         }
@@ -254,11 +374,14 @@ impl KubeSink {
     }
 }
 
+/// [`kube_reason`] of a 404.
+const NOT_FOUND: &str = "not_found";
+
 /// A short label for a failed API call.
 fn kube_reason(e: &kube::Error) -> &'static str {
     match e {
         kube::Error::Api(s) if s.code == 409 => "conflict",
-        kube::Error::Api(s) if s.code == 404 => "not_found",
+        kube::Error::Api(s) if s.code == 404 => NOT_FOUND,
         kube::Error::Api(s) if s.code >= 500 => "server_error",
         kube::Error::Api(_) => "api_error",
         _ => "transport",
@@ -309,7 +432,7 @@ impl ClusterSink for KubeSink {
             return;
         };
         let value = attached.map(|(n, at)| (n.to_string(), crate::rfc3339(at)));
-        self.queue_annotation(pv, value, 0, None);
+        self.queue_annotation(pv, value);
     }
 
     fn event(&self, volume: &VolumeId, event: ClusterEvent) {
@@ -325,5 +448,98 @@ impl ClusterSink for KubeSink {
             message,
             attempt: 0,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attached(node: &str) -> AnnotationValue {
+        Some((node.into(), "2026-01-01T00:00:00Z".into()))
+    }
+
+    #[test]
+    fn a_failed_write_never_follows_a_newer_value() {
+        let mut q = AnnotationQueue::new(8);
+        assert!(q.set("pv", attached("n1")));
+        let (pv, g1, value) = q.next().unwrap();
+        assert_eq!((pv.as_str(), value), ("pv", attached("n1")));
+        // Detached while the first write is in flight, then the first write fails.
+        assert!(q.set("pv", None));
+        assert!(q.next().is_none(), "one write per PV at a time");
+        assert_eq!(q.finished("pv", g1, Outcome::Failed), After::Nothing);
+        let (_, g2, value) = q.next().unwrap();
+        assert_eq!(
+            value, None,
+            "the newest value is written, not the failed one"
+        );
+        // The failed write's retry comes due while the newer one is in flight: nothing to do.
+        assert!(!q.retry_due("pv", g1));
+        assert_eq!(q.finished("pv", g2, Outcome::Written), After::Nothing);
+        assert!(!q.retry_due("pv", g1));
+        assert!(q.next().is_none());
+        assert_eq!(q.len(), 0, "a written PV leaves the queue");
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_with_its_value_unless_replaced() {
+        let mut q = AnnotationQueue::new(8);
+        q.set("pv", attached("n1"));
+        let (_, g1, _) = q.next().unwrap();
+        assert_eq!(
+            q.finished("pv", g1, Outcome::Failed),
+            After::Retry(backoff(0))
+        );
+        assert!(q.next().is_none(), "waits for its backoff");
+        assert!(q.retry_due("pv", g1));
+        assert!(!q.retry_due("pv", g1), "queued once");
+        let (_, again, value) = q.next().unwrap();
+        assert_eq!((again, value), (g1, attached("n1")));
+        assert_eq!(
+            q.finished("pv", g1, Outcome::Failed),
+            After::Retry(backoff(1))
+        );
+        // A newer value while waiting is due at once; the old retry then finds nothing to do.
+        q.set("pv", attached("n2"));
+        let (_, g2, value) = q.next().unwrap();
+        assert_eq!(value, attached("n2"));
+        assert!(!q.retry_due("pv", g1));
+        assert_eq!(q.finished("pv", g2, Outcome::Written), After::Nothing);
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn a_deleted_pv_ends_its_queue() {
+        let mut q = AnnotationQueue::new(8);
+        q.set("pv", attached("n1"));
+        let (_, g1, _) = q.next().unwrap();
+        assert_eq!(q.finished("pv", g1, Outcome::Gone), After::Ended);
+        assert_eq!(q.len(), 0);
+        assert!(!q.retry_due("pv", g1));
+        assert!(q.next().is_none());
+        // A value that came while the 404 was in flight is still tried.
+        q.set("pv", attached("n1"));
+        let (_, g2, _) = q.next().unwrap();
+        q.set("pv", None);
+        assert_eq!(q.finished("pv", g2, Outcome::Gone), After::Nothing);
+        let (_, g3, value) = q.next().unwrap();
+        assert_eq!(value, None);
+        assert_eq!(q.finished("pv", g3, Outcome::Gone), After::Ended);
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn pvs_are_written_in_the_order_they_came_due_and_the_queue_is_bounded() {
+        let mut q = AnnotationQueue::new(2);
+        assert!(q.set("a", attached("n1")));
+        assert!(q.set("b", attached("n1")));
+        assert!(!q.set("c", attached("n1")), "full");
+        assert!(
+            q.set("a", None),
+            "a PV already queued is replaced, not added"
+        );
+        let order: Vec<String> = std::iter::from_fn(|| q.next().map(|(pv, _, _)| pv)).collect();
+        assert_eq!(order, ["a", "b"]);
     }
 }

@@ -10,6 +10,7 @@ mod bad_input;
 mod concurrency;
 mod controller;
 mod kubernetes;
+mod kubernetes_hardening;
 mod node;
 mod observability;
 mod rules;

@@ -1,0 +1,517 @@
+//! Kubernetes mode, the paths around the attachment rules: how the driver decides it is in a
+//! cluster, when it becomes ready, how long a Publish may wait on the API, which node ids may
+//! reach an API URL, the PV annotation queue, and what seeding reports. The real binary against
+//! the fake API server, as in `kubernetes.rs`.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tonic::Code;
+
+use crate::support::cluster::{Cluster, DRIVER};
+use crate::support::*;
+
+fn holders(view: &Value) -> Vec<String> {
+    view["nodes"].as_array().map_or(vec![], |n| {
+        n.iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect()
+    })
+}
+
+// ---- `--kubernetes auto` ------------------------------------------------------------------
+
+/// The driver with `--kubernetes auto`, no kubeconfig, and only the in-cluster signs in `env`
+/// (the real ones of the machine running the tests are removed). `service_account_dir` is where
+/// it looks for the mounted service account.
+fn spawn_auto(dir: &Path, service_account_dir: &Path, env: &[(&str, &str)]) -> Child {
+    let log = std::fs::File::create(dir.join("driver.log")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
+        .env("HOME", dir)
+        .env("RDS_CSI_SERVICE_ACCOUNT_DIR", service_account_dir)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.join("csi.sock").display()))
+        .args([
+            "--node-id",
+            "n1",
+            "--kubernetes",
+            "auto",
+            "--metrics-address",
+            "",
+        ])
+        .arg("--file-root")
+        .arg(dir.join("volumes"))
+        .arg("--node-state-dir")
+        .arg(dir.join("node-state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    cmd.spawn().expect("spawn rds-csi")
+}
+
+/// Waits for the child to exit, failing if it serves its socket instead.
+async fn exit_without_serving(child: &mut Child, dir: &Path) -> std::process::ExitStatus {
+    let socket = dir.join("csi.sock");
+    let log = || std::fs::read_to_string(dir.join("driver.log")).unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(!socket.exists(), "a socket was created:\n{}", log());
+            return status;
+        }
+        assert!(
+            !socket.exists(),
+            "the driver served its socket (standalone) instead of failing:\n{}",
+            log()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither exited nor served:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_with_in_cluster_signs_but_no_usable_config_refuses_to_start() {
+    // A pod whose service-account mount is broken: the API server's address is in the
+    // environment, but there is no token (and no kubeconfig).
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-service-account");
+    let mut child = spawn_auto(
+        dir.path(),
+        &missing,
+        &[
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "1"),
+        ],
+    );
+    let status = exit_without_serving(&mut child, dir.path()).await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+    assert!(log.contains("KUBERNETES_SERVICE_HOST"), "{log}");
+    assert!(log.contains("refusing to run standalone"), "{log}");
+
+    // The service-account directory alone is a sign too (here without a token in it).
+    let dir = tempfile::tempdir().unwrap();
+    let account = dir.path().join("serviceaccount");
+    std::fs::create_dir(&account).unwrap();
+    let mut child = spawn_auto(dir.path(), &account, &[]);
+    let status = exit_without_serving(&mut child, dir.path()).await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+    assert!(log.contains(&account.display().to_string()), "{log}");
+    assert!(log.contains("refusing to run standalone"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_with_no_cluster_signs_runs_standalone_and_warns_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_auto(dir.path(), &dir.path().join("no-service-account"), &[]);
+    let socket = dir.path().join("csi.sock");
+    let served = tokio::select! {
+        _ = wait_for(&socket) => true,
+        _ = async { while child.try_wait().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        } } => false,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+    assert!(served, "{log}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("standalone"))
+        .unwrap_or_else(|| panic!("no warning about running standalone:\n{log}"));
+    assert!(
+        warning.contains("no-such-kubeconfig"),
+        "the warning gives the reason: {warning}"
+    );
+}
+
+// ---- Readiness waits for the Node projection ----------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_node_list_has_synced() {
+    for hang in [false, true] {
+        let c = Cluster::new(&["n1", "n2"]).await;
+        c.pv("pv", "vol", false, None, json!({}));
+        c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+        let fault = if hang {
+            c.api.hang("list", "nodes")
+        } else {
+            c.api.fail("list", "nodes", 500)
+        };
+        let d = c.start_with_volumes(&["vol"]).await;
+        // VolumeAttachments and PVs are served: the attachment state is rebuilt...
+        eventually("the VolumeAttachments were read", || async {
+            sample(
+                &d.scrape().await,
+                "rds_csi_seeding_volumeattachments_seen_total",
+            ) == 1.0
+        })
+        .await;
+        eventually("the seeded holder", || async {
+            holders(&d.debug("vol").await) == ["n1"]
+        })
+        .await;
+        assert!(c.api.count_calls("list", "nodes") >= 1);
+        // ...but the Node projection is not, so the driver is not ready.
+        assert!(!d.ready().await, "hang={hang}: ready without the Node list");
+        let readyz = http_get(&format!("{}/readyz", d.metrics_url())).await;
+        assert!(readyz.contains("still being rebuilt"), "{readyz}");
+        c.va("pv", "vol", "n2", false, Duration::ZERO);
+        assert_eq!(
+            d.publish("vol", "n2", rwo()).await.unwrap_err().code(),
+            Code::Unavailable
+        );
+        c.api.remove_fault(fault);
+        d.wait_ready().await;
+        let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    }
+}
+
+// ---- One live-check budget per Publish ----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_live_checks_answer_unavailable_before_the_routers_timeout() {
+    let c = Cluster::new(&["n1", "n2", "n3", "n4"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    // Freeze the caches, add a node they cannot see, then let no Node or VolumeAttachment GET
+    // ever answer.
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.api
+        .create("nodes", json!({"metadata": {"name": "n9"}}))
+        .unwrap();
+    c.api.hang("get", "nodes");
+    c.api.hang("get", "volumeattachments");
+    // Four nodes ask for the exclusive volume n1 holds at once, as the attacher's workers
+    // would: each needs live checks (n9 also the Node GET a cache miss falls back to), and
+    // they queue behind each other in the volume's mailbox.
+    let asks = ["n2", "n3", "n4", "n9"].map(|n| {
+        c.va("pv", "vol", n, false, Duration::ZERO);
+        let d = &d;
+        async move { (n, d.publish("vol", n, rwo()).await) }
+    });
+    for (node, answer) in futures::future::join_all(asks).await {
+        let err = answer.expect_err(node);
+        assert_eq!(
+            err.code(),
+            Code::Unavailable,
+            "{node}: {} (not the Router's DEADLINE_EXCEEDED)",
+            err.message()
+        );
+        assert!(
+            err.message().contains("budget"),
+            "{node}: {}",
+            err.message()
+        );
+    }
+    c.api.clear_faults();
+    assert_eq!(holders(&d.debug("vol").await), ["n1"], "nothing changed");
+    let m = d.scrape().await;
+    assert_eq!(sample(&m, "rds_csi_attachment_stale_cleared_total"), 0.0);
+    assert_eq!(
+        sample(&m, "rds_csi_attachment_grace_period_used_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_api_cannot_stretch_one_publish_past_the_routers_timeout() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", true, Some("600"), json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(600));
+    c.va("pv", "vol", "n2", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.api
+        .create("nodes", json!({"metadata": {"name": "n3"}}))
+        .unwrap();
+    c.va("pv", "vol", "n3", false, Duration::ZERO);
+    // Every GET answers, but slowly: n3's Node (a cache miss), then n1's and n2's Node and
+    // VolumeAttachment. One by one each is quick enough; together they are not.
+    c.api.delay("get", "*", Duration::from_secs(9));
+    let err = d.publish("vol", "n3", rwx()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(err.message().contains("budget"), "{}", err.message());
+    c.api.clear_faults();
+    assert_eq!(
+        holders(&d.debug("vol").await),
+        ["n1", "n2"],
+        "nothing changed"
+    );
+}
+
+// ---- Node ids in Kubernetes mode ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_ids_that_are_not_dns_subdomains_are_refused_before_any_api_call() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let too_long_label = format!("{}.example", "a".repeat(64));
+    let bad = [
+        "Node-A",
+        "n1/../../api/v1/secrets",
+        "n1%2F..",
+        "a..b",
+        "-a",
+        "a-",
+        ".a",
+        "n_1",
+        "n1 ",
+        "n1?watch=true",
+    ];
+    c.api.clear_calls();
+    for node in bad {
+        let err = d.publish("vol", node, rwo()).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{node:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with("node_id"),
+            "{node:?}: {}",
+            err.message()
+        );
+        let err = d.unpublish("vol", node).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{node:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with("node_id"),
+            "{node:?}: {}",
+            err.message()
+        );
+    }
+    let calls: Vec<String> = c
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb != "watch" && c.verb != "list")
+        .map(|c| format!("{} {}", c.verb, c.path))
+        .collect();
+    assert!(
+        calls.is_empty(),
+        "API calls for invalid node ids: {calls:?}"
+    );
+
+    // A DNS subdomain's labels may be longer than a DNS label's 63 characters.
+    c.api
+        .create("nodes", json!({"metadata": {"name": too_long_label}}))
+        .unwrap();
+    c.va("pv", "vol", &too_long_label, false, Duration::ZERO);
+    d.publish("vol", &too_long_label, rwo())
+        .await
+        .expect("a valid node name");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_keeps_the_looser_node_id_rules() {
+    let d = Driver::start(&["Node_A"], &[]).await;
+    d.create("vol", rwo()).await;
+    d.publish("vol", "Node_A", rwo())
+        .await
+        .expect("standalone node ids are not Kubernetes names");
+    d.unpublish("vol", "Node_A").await.unwrap();
+}
+
+// ---- The PV annotation queue ----------------------------------------------------------------
+
+fn annotation(c: &Cluster, pv: &str) -> Value {
+    c.api.get("persistentvolumes", None, pv).unwrap()["metadata"]["annotations"]
+        [format!("{DRIVER}/attached-node")]
+    .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_annotation_never_overwrites_a_newer_one() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    // The first write (attached to n1) fails; the next one (cleared) is held in flight.
+    c.api.fail_times("patch", "persistentvolumes", 500, 1);
+    let held = c.api.hang("patch", "persistentvolumes");
+    d.publish("vol", "n1", rwo()).await.unwrap();
+    eventually("the first write failed", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status == Some(500))
+    })
+    .await;
+    d.unpublish("vol", "n1").await.unwrap();
+    eventually("a write is held in flight", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status.is_none())
+    })
+    .await;
+    // Long enough for the failed write's retry to come due while the held write (normally the
+    // detach's) is in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.api.remove_fault(held);
+    let clears = |p: &crate::fake_apiserver::Call| {
+        p.body.as_ref().unwrap()["metadata"]["annotations"][format!("{DRIVER}/attached-node")]
+            .is_null()
+    };
+    eventually("the detach's write landed", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status == Some(200) && clears(p))
+    })
+    .await;
+    // Give a stale retry every chance to land after it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        annotation(&c, "pv").is_null(),
+        "the detached volume's PV says attached to {}",
+        annotation(&c, "pv")
+    );
+    let last = c
+        .api
+        .calls_matching("patch", "persistentvolumes")
+        .pop()
+        .unwrap();
+    assert!(
+        clears(&last) && last.status == Some(200),
+        "the last write is not the newest: {last:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_pv_ends_its_annotation_queue() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    // The PV goes while the driver's projection still has it (its watch lags).
+    c.api.hang("watch", "*");
+    c.api.drop_watches();
+    c.api.delete("persistentvolumes", None, "pv").unwrap();
+    c.va("pv", "vol", "n1", false, Duration::ZERO);
+    d.publish("vol", "n1", rwo()).await.unwrap();
+    eventually("the write found the PV gone", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.status == Some(404))
+    })
+    .await;
+    // Long enough for several retries, had there been any.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        c.api.count_calls("patch", "persistentvolumes"),
+        1,
+        "a deleted PV is not written again"
+    );
+    assert_eq!(
+        sample(
+            &d.scrape().await,
+            r#"rds_csi_kube_annotation_write_failures_total{reason="pv_deleted"}"#
+        ),
+        1.0
+    );
+    let log = d.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("PV is gone") && l.contains("pv"))
+        .count();
+    assert_eq!(lines, 1, "logged once:\n{log}");
+    // The next change of the volume is attempted afresh (and ends the same way).
+    d.unpublish("vol", "n1").await.unwrap();
+    eventually("the next write was tried", || async {
+        c.api.count_calls("patch", "persistentvolumes") == 2
+    })
+    .await;
+    c.api.clear_faults();
+}
+
+// ---- What seeding reports -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_pv_migration_timeout_at_seeding_warns_once() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-odd", "vol", true, Some("ten minutes"), json!({}));
+    c.va("pv-odd", "vol", "n1", true, Duration::from_secs(600));
+    c.va("pv-odd", "vol", "n2", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    assert_eq!(
+        d.debug("vol").await["migration"]["timeout_seconds"],
+        300,
+        "the default"
+    );
+    let log = d.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("ten minutes"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "warned once:\n{log}");
+    assert!(warnings[0].contains("pv-odd"), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("migrationTimeoutSeconds"),
+        "{}",
+        warnings[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seen_counts_only_this_drivers_volume_attachments() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    c.va("pv", "vol", "n2", false, Duration::from_secs(30));
+    c.api
+        .create(
+            "volumeattachments",
+            json!({
+                "metadata": {"name": "csi-other"},
+                "spec": {"attacher": "other.csi.example.com", "nodeName": "n2",
+                         "source": {"persistentVolumeName": "pv-other"}},
+                "status": {"attached": true},
+            }),
+        )
+        .unwrap();
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        2.0,
+        "this driver's two, not the other driver's"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_seeding_volumeattachments_skipped_total{reason="not_attached"}"#
+        ),
+        1.0
+    );
+}
