@@ -587,19 +587,23 @@ fn rds_backend(args: &RdsArgs, metrics: Arc<Metrics>) -> anyhow::Result<RdsBacke
     tokio::spawn(async move {
         let mut last_error = None;
         loop {
-            if !watch.connected() {
-                match watch.probe().await {
-                    Ok(()) => last_error = None,
-                    Err(e) => {
-                        let text = e.to_string();
-                        if last_error.as_deref() != Some(text.as_str()) {
-                            tracing::warn!(error = %text, "the RDS cannot be reached; not ready until it can");
-                            last_error = Some(text);
-                        }
+            match watch.check().await {
+                Ok(()) => last_error = None,
+                Err(e) => {
+                    let text = e.to_string();
+                    // The backoff message changes with its countdown; log each new cause once.
+                    let cause = text
+                        .split("; next attempt")
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    if last_error.as_deref() != Some(cause.as_str()) {
+                        tracing::warn!(error = %text, "the RDS cannot be reached; not ready until it can");
+                        last_error = Some(cause);
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
     tracing::info!(rds = %address, pool = args.pool_size, sessions_per_connection = args.sessions_per_connection, "RDS backend");

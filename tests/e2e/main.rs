@@ -6,6 +6,10 @@ mod support;
 #[path = "../support/fake_apiserver.rs"]
 mod fake_apiserver;
 
+#[path = "../support/fake_rds.rs"]
+#[allow(dead_code)]
+mod fake_rds;
+
 mod bad_input;
 mod concurrency;
 mod controller;
@@ -13,5 +17,6 @@ mod kubernetes;
 mod kubernetes_hardening;
 mod node;
 mod observability;
+mod rds;
 mod rules;
 mod socket;

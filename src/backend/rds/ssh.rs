@@ -246,8 +246,26 @@ impl SshPool {
             .set(i64::from(up));
     }
 
-    /// Dials one connection now (start-up and the health loop), without running a command.
-    pub async fn probe(&self) -> Result<(), SshError> {
+    /// The health check: forgets connections that have closed, and when none is left, dials
+    /// one (within its backoff). Keeps `connected()` true to the link's state, so readiness
+    /// follows the RDS even when no command is running.
+    pub async fn check(&self) -> Result<(), SshError> {
+        let mut up = false;
+        for c in &self.inner.connections {
+            let mut slot = c.handle.lock().await;
+            if slot.as_ref().is_some_and(|h| h.is_closed()) {
+                *slot = None;
+            }
+            up |= slot.is_some();
+        }
+        if up {
+            self.set_connected(true);
+            return Ok(());
+        }
+        if self.connected() {
+            tracing::warn!(rds = %self.inner.config.address(), "every SSH connection to the RDS has closed");
+        }
+        self.set_connected(false);
         self.handle(0).await.map(drop)
     }
 

@@ -1,0 +1,598 @@
+//! `rds-csi --backend rds` against the fake RouterOS over real SSH: the controller's volume
+//! operations with the Go driver's commands, idempotency, error text, host keys, a link that
+//! drops or hangs, hostile values, and a volume the Go driver made.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rds_csi::csi::*;
+use tonic::Code;
+
+use crate::fake_rds::{client_keypair, Disk, FakeRds, FakeRdsConfig};
+use crate::support::*;
+
+const GIB: i64 = 1 << 30;
+const GO_VOLUME: &str = "pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8";
+
+/// The fake RDS and the driver (controller only) pointed at it.
+struct Rds {
+    fake: FakeRds,
+    d: Driver,
+}
+
+impl Rds {
+    async fn start(extra: &[&str]) -> Rds {
+        let keys = tempfile::tempdir().unwrap();
+        let (key, public) = client_keypair(keys.path());
+        let fake = FakeRds::start(FakeRdsConfig::new(public)).await;
+        let host_key = fake.write_host_key(keys.path());
+        let d = Self::driver(&fake, &key, &host_key, extra).await;
+        // The keys live as long as the test process; the directory is removed at exit.
+        std::mem::forget(keys);
+        Rds { fake, d }
+    }
+
+    async fn driver(fake: &FakeRds, key: &PathBuf, host_key: &PathBuf, extra: &[&str]) -> Driver {
+        let address = fake.address().to_string();
+        let mut args: Vec<String> = [
+            "--mode",
+            "controller",
+            "--backend",
+            "rds",
+            "--rds-address",
+            &address,
+            "--rds-key-file",
+            key.to_str().unwrap(),
+            "--rds-command-timeout",
+            "3s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !extra.contains(&"--rds-insecure-skip-verify") && !extra.contains(&"--rds-host-key") {
+            args.push("--rds-host-key".into());
+            args.push(host_key.display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Driver::start(&[], &args).await
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        bytes: i64,
+        params: &[(&str, &str)],
+    ) -> Result<Volume, tonic::Status> {
+        self.d
+            .controller()
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![rwx()],
+                parameters: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), tonic::Status> {
+        self.d
+            .controller()
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn expand(&self, id: &str, bytes: i64) -> Result<i64, tonic::Status> {
+        self.d
+            .controller()
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().capacity_bytes)
+    }
+
+    async fn list(&self, max: i32, token: &str) -> ListVolumesResponse {
+        self.d
+            .controller()
+            .list_volumes(ListVolumesRequest {
+                max_entries: max,
+                starting_token: token.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn wait_ready(&self) {
+        self.d.wait_ready().await;
+    }
+
+    fn commands(&self) -> Vec<String> {
+        self.fake
+            .commands()
+            .into_iter()
+            .map(|c| c.command)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn volumes_are_created_listed_grown_and_deleted_with_the_go_drivers_commands() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    let v = r
+        .create(
+            "pvc-1b2c3d4e-0000-4000-8000-000000000001",
+            10 * GIB,
+            &[
+                ("nvmeAddress", "10.42.68.1"),
+                ("migrationTimeoutSeconds", "600"),
+            ],
+        )
+        .await
+        .unwrap();
+    let id = "pvc-1b2c3d4e-0000-4000-8000-000000000001";
+    assert_eq!((v.volume_id.as_str(), v.capacity_bytes), (id, 10 * GIB));
+    let ctx = &v.volume_context;
+    assert_eq!(ctx["nqn"], format!("nqn.2000-02.com.mikrotik:{id}"));
+    assert_eq!(ctx["nvmeAddress"], "10.42.68.1");
+    assert_eq!(ctx["nvmePort"], "4420");
+    assert_eq!(
+        ctx["volumePath"],
+        format!("/storage-pool/metal-csi/{id}.img")
+    );
+    assert_eq!(
+        (
+            ctx["ctrlLossTmo"].as_str(),
+            ctx["reconnectDelay"].as_str(),
+            ctx["keepAliveTmo"].as_str()
+        ),
+        ("-1", "5", "0")
+    );
+    assert_eq!(ctx["migrationTimeoutSeconds"], "600");
+    let sent = r.commands();
+    assert!(
+        sent.contains(&format!(
+            "/disk add type=file file-path=/storage-pool/metal-csi/{id}.img file-size=10G slot={id} nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{id}"
+        )),
+        "{sent:#?}"
+    );
+    let disk = r.fake.disk(id).unwrap();
+    assert!(disk.nvme_tcp_export && disk.file_size == 10 << 30);
+
+    // Idempotent: the same name and size again answers the existing volume, sends no add.
+    let adds = |r: &Rds| {
+        r.commands()
+            .iter()
+            .filter(|c| c.starts_with("/disk add"))
+            .count()
+    };
+    let again = r
+        .create(id, 10 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .await
+        .unwrap();
+    assert_eq!(again.volume_id, id);
+    assert_eq!(adds(&r), 1);
+    let bigger = r
+        .create(id, 20 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(bigger.code(), Code::AlreadyExists, "{}", bigger.message());
+
+    // A size RouterOS cannot take exactly is rounded up, never down.
+    let odd = r
+        .create(
+            "pvc-1b2c3d4e-0000-4000-8000-000000000002",
+            3 * GIB / 2 + 1,
+            &[("nvmeAddress", "10.42.68.1")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        odd.capacity_bytes >= 3 * GIB / 2 + 1,
+        "{}",
+        odd.capacity_bytes
+    );
+    assert!(r.commands().iter().any(|c| c.contains("file-size=1537M")));
+
+    // Expansion, idempotent, never shrinking.
+    assert_eq!(r.expand(id, 12 * GIB).await.unwrap(), 12 * GIB);
+    assert!(r
+        .commands()
+        .contains(&format!("/disk set [find slot={id}] file-size=12G")));
+    assert_eq!(r.expand(id, 12 * GIB).await.unwrap(), 12 * GIB);
+    assert_eq!(
+        r.expand(id, 11 * GIB).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+    assert_eq!(r.fake.disk(id).unwrap().file_size, 12 << 30);
+
+    // Capacity from the pool's free bytes.
+    let free =
+        r.d.controller()
+            .get_capacity(GetCapacityRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(free.available_capacity as u64, r.fake.pool_free_bytes());
+
+    // Delete: the disk, then its backing file; again is OK.
+    r.delete(id).await.unwrap();
+    assert!(r.fake.disk(id).is_none());
+    assert!(
+        r.fake
+            .file(&format!("storage-pool/metal-csi/{id}.img"))
+            .is_none(),
+        "the backing file is gone too"
+    );
+    assert!(r
+        .commands()
+        .contains(&format!("/disk remove [find slot={id}]")));
+    assert!(r.commands().contains(&format!(
+        "/file remove [find name=\"storage-pool/metal-csi/{id}.img\"]"
+    )));
+    r.delete(id).await.unwrap();
+    assert_eq!(
+        r.expand(id, 20 * GIB).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn list_volumes_pages_through_every_volume() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    let mut want = Vec::new();
+    for i in 0..7 {
+        let v = r
+            .create(
+                &format!("sanity-style name {i}"),
+                GIB,
+                &[("nvmeAddress", "10.0.0.1")],
+            )
+            .await
+            .unwrap();
+        assert!(v.volume_id.starts_with("pvc-"), "{}", v.volume_id);
+        want.push(v.volume_id);
+    }
+    want.sort();
+    let (mut seen, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = r.list(3, &token).await;
+        assert!(page.entries.len() <= 3);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen, want);
+    assert!(
+        r.commands().iter().all(|c| !c.contains("sanity-style")),
+        "names never reach a command"
+    );
+}
+
+#[tokio::test]
+async fn routeros_failure_text_maps_to_csi_codes() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    r.fake
+        .fail_matching("/disk add", "failure: not enough space\r\n", 0, 1);
+    let err = r
+        .create("pvc-full", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    r.fake.fail_matching(
+        "/disk add",
+        "input does not match any value of file-size\r\n",
+        0,
+        1,
+    );
+    let err = r
+        .create("pvc-rejected", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{}", err.message());
+    assert!(
+        err.message().contains("input does not match"),
+        "{}",
+        err.message()
+    );
+    r.fake
+        .fail_matching("/disk set", "failure: something else went wrong\r\n", 0, 1);
+    r.create("pvc-grow", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap();
+    let err = r.expand("pvc-grow", 2 * GIB).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal);
+    assert!(
+        err.message().contains("something else went wrong"),
+        "{}",
+        err.message()
+    );
+    // A non-zero exit status without failure text is a failure too.
+    r.fake.fail_matching("/disk add", "", 1, 1);
+    let err = r
+        .create("pvc-exit", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{}", err.message());
+    // And the volume the failures left nothing of can be made afterwards.
+    r.create("pvc-full", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_host_key_is_refused_and_the_insecure_flag_accepts_it_loudly() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = client_keypair(keys.path());
+    let fake = FakeRds::start(FakeRdsConfig::new(public.clone())).await;
+    let impostor = FakeRds::start(FakeRdsConfig::new(public)).await;
+    let wrong = impostor.write_host_key(&keys.path().join("other").tap_mkdir());
+    let d = Rds::driver(&fake, &key, &wrong, &[]).await;
+    eventually("the host key mismatch is logged", || async {
+        d.log()
+            .contains("is not the one configured in --rds-host-key")
+    })
+    .await;
+    assert!(
+        !d.ready().await,
+        "not ready while the RDS cannot be verified"
+    );
+    let err = d
+        .controller()
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-x".into(),
+            volume_capabilities: vec![rwx()],
+            parameters: [("nvmeAddress".to_string(), "10.0.0.1".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        fake.commands().is_empty(),
+        "no command reached an unverified server"
+    );
+    let m = d.scrape().await;
+    assert!(
+        m.contains("rds_csi_rds_connection_state{address=\"")
+            && m.contains("host_key=\"verified\"} 0"),
+        "{m}"
+    );
+
+    // A known_hosts file naming the real key works.
+    let known = fake.write_known_hosts(keys.path());
+    let d = Rds::driver(&fake, &key, &known, &[]).await;
+    d.wait_ready().await;
+
+    let d = Rds::driver(&fake, &key, &wrong, &["--rds-insecure-skip-verify"]).await;
+    d.wait_ready().await;
+    assert!(d
+        .log()
+        .contains("--rds-insecure-skip-verify: the RDS's host key is NOT verified"));
+    let m = d.scrape().await;
+    assert!(m.contains("host_key=\"insecure-skip-verify\"} 1"), "{m}");
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[tokio::test]
+async fn the_driver_reconnects_after_the_rds_drops_every_connection() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    r.create("pvc-before", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap();
+    let accepted = r.fake.connections_accepted();
+    r.fake.drop_all_connections();
+    // The next RPCs may meet the dead connection once; the driver re-dials and carries on.
+    let mut ok = false;
+    for _ in 0..20 {
+        match r
+            .create("pvc-after", GIB, &[("nvmeAddress", "10.0.0.1")])
+            .await
+        {
+            Ok(_) => {
+                ok = true;
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{}", e.message()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "the driver never reconnected");
+    assert!(
+        r.fake.connections_accepted() > accepted,
+        "a new connection was made"
+    );
+    assert!(r.fake.disk("pvc-after").is_some());
+    r.wait_ready().await;
+}
+
+#[tokio::test]
+async fn rpcs_fail_unavailable_instead_of_hanging_when_the_rds_does() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    // Commands that never answer: the command timeout (3 s here) ends them.
+    r.fake.hang(true);
+    let err = r
+        .create("pvc-hung", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("did not answer"),
+        "{}",
+        err.message()
+    );
+    r.fake.hang(false);
+    // The RDS gone altogether: not ready, and RPCs fail at once rather than wait.
+    r.fake.refuse_connections(true);
+    r.fake.drop_all_connections();
+    eventually("not ready while the RDS is unreachable", || async {
+        !r.d.ready().await
+    })
+    .await;
+    let readyz = http_get(&format!("{}/readyz", r.d.metrics_url())).await;
+    assert!(readyz.contains("cannot be reached"), "{readyz}");
+    let err = r
+        .create("pvc-down", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    r.fake.refuse_connections(false);
+    r.wait_ready().await;
+    r.create("pvc-down", GIB, &[("nvmeAddress", "10.0.0.1")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn hostile_values_are_refused_before_any_command_is_sent() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    r.fake.clear_commands();
+    let corpus = rds_csi::backend::rds::values::hostile_corpus();
+    for bad in &corpus {
+        for (key, value) in [
+            ("volumePath", format!("/storage-pool/{bad}")),
+            ("nvmeAddress", bad.clone()),
+            ("nvmePort", bad.clone()),
+            ("nqnPrefix", bad.clone()),
+            ("rdsAddress", bad.clone()),
+            ("sshPort", bad.clone()),
+            ("ctrlLossTmo", bad.clone()),
+            ("reconnectDelay", bad.clone()),
+            ("keepAliveTmo", bad.clone()),
+        ] {
+            let err = r
+                .create("pvc-hostile", GIB, &[(key, value.as_str())])
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.code(),
+                Code::InvalidArgument,
+                "{key}={bad:?}: {}",
+                err.message()
+            );
+            assert!(err.message().contains(key), "{key}: {}", err.message());
+        }
+        for rpc in ["delete", "expand"] {
+            let result = match rpc {
+                "delete" => r.delete(bad).await.map(drop),
+                _ => r.expand(bad, GIB).await.map(drop),
+            };
+            // Ids are validated before any path or command; a valid id that is no RouterOS
+            // slot names nothing the RDS could hold.
+            match result {
+                Err(e) => assert!(
+                    matches!(e.code(), Code::InvalidArgument | Code::NotFound),
+                    "{rpc} {bad:?}: {:?}",
+                    e.code()
+                ),
+                Ok(()) => assert_eq!(rpc, "delete", "{bad:?}"),
+            }
+        }
+    }
+    let sent = r.commands();
+    assert!(sent.is_empty(), "commands were sent: {sent:#?}");
+}
+
+#[tokio::test]
+async fn a_volume_the_go_driver_made_is_used_unchanged() {
+    let r = Rds::start(&[]).await;
+    r.fake.add_disk(Disk::volume(GO_VOLUME, 5 << 30)).unwrap();
+    r.wait_ready().await;
+    let listed = r.list(0, "").await;
+    let ids: Vec<_> = listed
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(ids, vec![GO_VOLUME.to_string()]);
+    // The external-provisioner's retry of the Go driver's CreateVolume finds it as it is.
+    let v = r
+        .create(GO_VOLUME, 5 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        v.volume_context["nqn"],
+        format!("nqn.2000-02.com.mikrotik:{GO_VOLUME}")
+    );
+    assert_eq!(
+        v.volume_context["volumePath"],
+        format!("/storage-pool/metal-csi/{GO_VOLUME}.img")
+    );
+    assert!(
+        !r.commands().iter().any(|c| c.starts_with("/disk add")),
+        "nothing was re-created"
+    );
+    // It publishes (the controller finds it), grows and is deleted with its file.
+    let ctx = r.d.publish(GO_VOLUME, "n1", rwx()).await.unwrap();
+    assert_eq!(ctx["backend"], "rds");
+    assert_eq!(
+        ctx["nvme_nqn"],
+        format!("nqn.2000-02.com.mikrotik:{GO_VOLUME}")
+    );
+    assert_eq!(r.expand(GO_VOLUME, 6 * GIB).await.unwrap(), 6 * GIB);
+    r.d.unpublish(GO_VOLUME, "n1").await.unwrap();
+    r.delete(GO_VOLUME).await.unwrap();
+    assert!(
+        r.fake.disks().is_empty() && r.fake.files().iter().all(|f| !f.name.contains(GO_VOLUME))
+    );
+}
+
+#[tokio::test]
+async fn a_storage_class_naming_another_rds_is_refused() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    let err = r
+        .create("pvc-elsewhere", GIB, &[("rdsAddress", "10.9.9.9")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("another RDS"), "{}", err.message());
+    // Naming this one is fine.
+    r.create(
+        "pvc-here",
+        GIB,
+        &[("rdsAddress", "127.0.0.1"), ("nvmeAddress", "10.0.0.1")],
+    )
+    .await
+    .unwrap();
+}
