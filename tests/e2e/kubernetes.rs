@@ -591,6 +591,16 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
     }
     let before = d.debug("vol").await;
     assert_eq!(before["migration"]["target"], "n2");
+    let target_va = c
+        .api
+        .get("volumeattachments", None, &va_name("vol", DRIVER, "n2"))
+        .unwrap();
+    let created = rfc3339(&target_va["metadata"]["creationTimestamp"]);
+    // Crash at least two seconds after the VA's creation second, so a start taken from the
+    // restarted process's own clock could not pass for it below. A wait, not a timing claim.
+    while SystemTime::now() < created + Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let d = d.crash_and_restart(&c.kubeconfig, &[]).await;
     d.wait_ready().await;
     let asked = SystemTime::now();
@@ -603,11 +613,6 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
     assert_eq!(after["migration"]["timed_out"], false);
 
     // The rule: the migration started at the newer VA's creationTimestamp (whole seconds).
-    let target_va = c
-        .api
-        .get("volumeattachments", None, &va_name("vol", DRIVER, "n2"))
-        .unwrap();
-    let created = rfc3339(&target_va["metadata"]["creationTimestamp"]);
     let n2 = after["nodes"]
         .as_array()
         .unwrap()
