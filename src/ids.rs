@@ -224,7 +224,7 @@ mod tests {
         );
         assert!(VolumeId::for_name("tab\tand\nnewline are allowed").is_ok());
         for bad in ["", "a\u{1}b", "del\u{7f}", &"x".repeat(129)] {
-            let err = VolumeId::for_name(&bad).unwrap_err();
+            let err = VolumeId::for_name(bad).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidArgument { field: "name", .. }),
                 "{bad:?}: {err}"

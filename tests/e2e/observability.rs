@@ -149,7 +149,7 @@ async fn health_grpc_metrics_and_json_logs() {
             .iter()
             .map(|a| format!("http://{a}"))
             .collect::<Vec<_>>(),
-        [base.clone()]
+        [base.as_str()]
     );
 
     let log = d.log();
