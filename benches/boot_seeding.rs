@@ -7,6 +7,8 @@
 //! Not criterion: each sample is a process start. `cargo bench --bench boot_seeding` runs it;
 //! `BOOT_SEED_VOLUMES` (comma-separated sizes, default 100000) and `BOOT_SEED_RUNS` (default 3)
 //! choose what; `BOOT_SEED_DRIVER` runs another build of the driver (e.g. one for profiling).
+//! `-- --test` (as criterion benches take it) checks that the bench works: 1,000 volumes, one
+//! measured run, unless the variables say otherwise.
 //!
 //! The fake API server runs in this process on one tokio thread, on the same two cores as the
 //! driver. Serializing 300 MiB of lists takes it far longer than the driver needs to read them,
@@ -291,8 +293,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let test_mode = std::env::args().any(|a| a == "--test");
     let sizes: Vec<usize> = std::env::var("BOOT_SEED_VOLUMES")
-        .unwrap_or_else(|_| "100000".into())
+        .unwrap_or_else(|_| if test_mode { "1000" } else { "100000" }.into())
         .split(',')
         .map(|s| {
             s.trim()
@@ -303,7 +306,7 @@ fn main() {
     let runs: usize = std::env::var("BOOT_SEED_RUNS")
         .ok()
         .map(|s| s.parse().expect("BOOT_SEED_RUNS"))
-        .unwrap_or(3);
+        .unwrap_or(if test_mode { 1 } else { 3 });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

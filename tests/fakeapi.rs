@@ -550,7 +550,9 @@ async fn create_sets_server_fields_and_conflicts() {
         1
     );
 
-    // Events, both groups, and the cluster-wide core list.
+    // Events, both groups, and the cluster-wide core list. An old-style event (no eventTime)
+    // about a cluster-scoped object lives in `default`; one about a namespaced object lives in
+    // that object's namespace. Anything else is 422, as the real server answers.
     let ev = json!({"metadata": {"name": "e1"}, "involvedObject": {"kind": "Node", "name": "n1"}, "reason": "Attached", "type": "Normal"});
     assert_eq!(
         post(&s, "/api/v1/namespaces/default/events", &ev)
@@ -558,15 +560,50 @@ async fn create_sets_server_fields_and_conflicts() {
             .status,
         201
     );
+    let r = post(&s, "/api/v1/namespaces/kube-system/events", &ev).await;
+    assert_status(&r, 422, "Invalid");
     assert_eq!(
-        post(&s, "/api/v1/namespaces/kube-system/events", &ev)
+        r.json()["message"],
+        "Event \"e1\" is invalid: involvedObject.namespace: Invalid value: \"\": does not match event.namespace"
+    );
+    let about_pvc = json!({"metadata": {"name": "e3"}, "involvedObject": {"kind": "PersistentVolumeClaim", "name": "disk", "namespace": "ns1"}, "reason": "Attached", "type": "Normal"});
+    let r = post(&s, "/api/v1/namespaces/default/events", &about_pvc).await;
+    assert_status(&r, 422, "Invalid");
+    assert!(r.json()["message"].as_str().unwrap().contains(
+        "involvedObject.namespace: Invalid value: \"ns1\": does not match event.namespace"
+    ));
+    assert_eq!(
+        post(&s, "/api/v1/namespaces/ns1/events", &about_pvc)
             .await
             .status,
         201
     );
+    // An update may not move it either.
+    let moved = merge(
+        &s,
+        "/api/v1/namespaces/ns1/events/e3",
+        &json!({"involvedObject": {"namespace": "ns2"}}),
+    )
+    .await;
+    assert_status(&moved, 422, "Invalid");
+    assert!(s.create("events", json!({"metadata": {"name": "e4", "namespace": "ns2"}, "involvedObject": {"kind": "Pod", "name": "p", "namespace": "ns1"}})).is_err(), "the helper validates too");
+    // With eventTime (a new-style event) a cluster-scoped object's event may be in kube-system.
+    let mut new_style = ev.clone();
+    new_style["eventTime"] = json!("2024-01-01T00:00:00.000000Z");
+    assert_eq!(
+        post(&s, "/api/v1/namespaces/kube-system/events", &new_style)
+            .await
+            .status,
+        201
+    );
+    assert_status(
+        &post(&s, "/api/v1/namespaces/ns2/events", &new_style).await,
+        422,
+        "Invalid",
+    );
     let evs = get(&s, "/api/v1/events").await.json();
     assert_eq!(evs["kind"], "EventList");
-    assert_eq!(names(&evs).len(), 2);
+    assert_eq!(names(&evs).len(), 3);
     let by_obj = get(
         &s,
         "/api/v1/events?fieldSelector=involvedObject.name%3Dn1,reason%3DAttached",
@@ -674,7 +711,8 @@ async fn update_and_patch_semantics() {
     assert_status(&r, 409, "Conflict");
     let ok = merge(&s, &path, &json!({"metadata": {"resourceVersion": p["metadata"]["resourceVersion"], "labels": {"q": "1"}}})).await;
     assert_eq!(ok.status, 200);
-    // Strategic merge patch behaves as a merge patch here.
+    // A strategic merge patch merges maps as a merge patch does (its lists: see
+    // strategic_merge_patch_follows_the_patch_strategies).
     let smp = http(
         &s,
         "PATCH",
@@ -726,18 +764,270 @@ async fn update_and_patch_semantics() {
         404,
         "NotFound",
     );
-    // Server-managed fields cannot be patched away.
+    // The creation time cannot be patched away: the server keeps its own.
     let r = merge(
         &s,
         &path,
-        &json!({"metadata": {"uid": "x", "creationTimestamp": "2000-01-01T00:00:00Z"}}),
+        &json!({"metadata": {"creationTimestamp": "2000-01-01T00:00:00Z"}}),
     )
     .await
     .json();
-    assert_eq!(r["metadata"]["uid"], a["metadata"]["uid"]);
     assert_eq!(
         r["metadata"]["creationTimestamp"],
         a["metadata"]["creationTimestamp"]
+    );
+
+    // A uid is immutable. In a PUT body it is a precondition: 409, as the storage layer says.
+    let before = s.get("volumeattachments", None, "a").unwrap();
+    let mut other = before.clone();
+    other["metadata"]["uid"] = json!("someone-else");
+    other["metadata"]["labels"] = json!({"moved": "yes"});
+    let r = put(&s, &path, &other).await;
+    assert_status(&r, 409, "Conflict");
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.starts_with(
+            "Operation cannot be fulfilled on volumeattachments.storage.k8s.io \"a\": StorageError: invalid object, Code: 4, Key: /registry/volumeattachments/a"
+        ) && message.ends_with(&format!(
+            "Precondition failed: UID in precondition: someone-else, UID in object meta: {}",
+            a["metadata"]["uid"].as_str().unwrap()
+        )),
+        "{message}"
+    );
+    // Through /status too, and a patch of any kind that changes it is invalid (422).
+    assert_status(
+        &put(&s, &format!("{path}/status"), &other).await,
+        409,
+        "Conflict",
+    );
+    let r = merge(
+        &s,
+        &path,
+        &json!({"metadata": {"uid": "x", "labels": {"moved": "yes"}}}),
+    )
+    .await;
+    assert_status(&r, 422, "Invalid");
+    assert_eq!(
+        r.json()["message"],
+        "VolumeAttachment.storage.k8s.io \"a\" is invalid: metadata.uid: Invalid value: \"x\": field is immutable"
+    );
+    for (ct, body) in [
+        (
+            "application/strategic-merge-patch+json",
+            json!({"metadata": {"uid": "x"}}),
+        ),
+        (
+            "application/json-patch+json",
+            json!([{"op": "replace", "path": "/metadata/uid", "value": "x"}]),
+        ),
+    ] {
+        assert_status(
+            &http(&s, "PATCH", &path, Some(ct), Some(&body)).await,
+            422,
+            "Invalid",
+        );
+    }
+    assert_status(
+        &merge(
+            &s,
+            &format!("{path}/status"),
+            &json!({"metadata": {"uid": "x"}}),
+        )
+        .await,
+        422,
+        "Invalid",
+    );
+    assert_eq!(
+        s.get("volumeattachments", None, "a").unwrap(),
+        before,
+        "refused writes change nothing"
+    );
+    // The same uid, or none, is fine.
+    let mut same = before.clone();
+    same["metadata"]["labels"] = json!({"kept": "uid"});
+    assert_eq!(put(&s, &path, &same).await.status, 200);
+    same["metadata"].as_object_mut().unwrap().remove("uid");
+    same["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let r = put(&s, &path, &same).await.json();
+    assert_eq!(r["metadata"]["uid"], a["metadata"]["uid"]);
+}
+
+/// Strategic merge patch as the real server applies it to built-in types: merge lists merge
+/// (finalizers as a set, ownerReferences by uid, conditions by type), other lists are replaced,
+/// and the directives work. A JSON merge patch of the same body replaces lists.
+#[tokio::test]
+async fn strategic_merge_patch_follows_the_patch_strategies() {
+    let s = FakeApiServer::start().await;
+    let smp = |path: String, body: Value| {
+        let s = s.clone();
+        async move {
+            http(
+                &s,
+                "PATCH",
+                &path,
+                Some("application/strategic-merge-patch+json"),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let mut obj = va("a");
+    obj["metadata"]["finalizers"] = json!(["f1", "f2"]);
+    obj["metadata"]["ownerReferences"] = json!([
+        {"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "u1"},
+        {"apiVersion": "v1", "kind": "Node", "name": "n2", "uid": "u2"},
+    ]);
+    post(&s, VA, &obj).await;
+    let path = format!("{VA}/a");
+
+    // finalizers: patchStrategy merge, a set of strings. The patch's order comes first, then
+    // the live list's (apimachinery's normalizeElementOrder).
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"finalizers": ["f3", "f1"]}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["metadata"]["finalizers"],
+        json!(["f3", "f1", "f2"])
+    );
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["f2"]}}),
+    )
+    .await;
+    assert_eq!(r.json()["metadata"]["finalizers"], json!(["f3", "f1"]));
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"$setElementOrder/finalizers": ["f1", "f3"], "finalizers": ["f1"]}}),
+    )
+    .await;
+    assert_eq!(r.json()["metadata"]["finalizers"], json!(["f1", "f3"]));
+
+    // ownerReferences: merged by uid; `$patch: delete` removes one; fields of a match merge.
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"ownerReferences": [
+            {"uid": "u2", "name": "n2-renamed"},
+            {"uid": "u1", "$patch": "delete"},
+            {"apiVersion": "v1", "kind": "Node", "name": "n3", "uid": "u3"},
+        ]}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let refs = r.json()["metadata"]["ownerReferences"].clone();
+    assert_eq!(
+        refs,
+        json!([
+            {"apiVersion": "v1", "kind": "Node", "name": "n2-renamed", "uid": "u2"},
+            {"apiVersion": "v1", "kind": "Node", "name": "n3", "uid": "u3"},
+        ])
+    );
+    // `$patch: replace` in a merge list replaces it; an item without its merge key is refused.
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"ownerReferences": [
+            {"$patch": "replace"},
+            {"apiVersion": "v1", "kind": "Node", "name": "n9", "uid": "u9"},
+        ]}}),
+    )
+    .await;
+    assert_eq!(
+        r.json()["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Node", "name": "n9", "uid": "u9"}])
+    );
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"ownerReferences": [{"name": "no-uid"}]}}),
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(
+        r.body.contains("does not contain declared merge key: uid"),
+        "{}",
+        r.body
+    );
+
+    // Maps merge; `$patch: replace` and `$patch: delete` act on a whole map; null deletes.
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"labels": {"a": "1", "b": "2"}}}),
+    )
+    .await;
+    assert_eq!(r.json()["metadata"]["labels"], json!({"a": "1", "b": "2"}));
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"labels": {"$patch": "replace", "c": "3"}}}),
+    )
+    .await;
+    assert_eq!(r.json()["metadata"]["labels"], json!({"c": "3"}));
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"labels": {"c": null, "d": "4"}}}),
+    )
+    .await;
+    assert_eq!(r.json()["metadata"]["labels"], json!({"d": "4"}));
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"labels": {"$patch": "sideways"}}}),
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    let r = smp(
+        path.clone(),
+        json!({"metadata": {"labels": {"$patch": "delete"}}}),
+    )
+    .await;
+    assert!(r.json()["metadata"].get("labels").is_none(), "{}", r.body);
+    let r = smp(
+        path.clone(),
+        json!({"spec": {"$retainKeys": ["attacher"], "nodeName": "node-z"}}),
+    )
+    .await;
+    assert_status(&r, 400, "BadRequest");
+    assert_eq!(r.json()["message"], "invalid patch format of retainKeys");
+
+    // A JSON merge patch replaces the same lists whole.
+    let r = merge(&s, &path, &json!({"metadata": {"finalizers": ["only"]}})).await;
+    assert_eq!(r.json()["metadata"]["finalizers"], json!(["only"]));
+
+    // Lists without a merge strategy are replaced by a strategic merge patch too (PV access
+    // modes); Node conditions and PVC conditions merge by type.
+    s.create(
+        "persistentvolumes",
+        json!({"metadata": {"name": "pv"}, "spec": {"accessModes": ["ReadWriteOnce", "ReadOnlyMany"]}}),
+    )
+    .unwrap();
+    let r = smp(
+        "/api/v1/persistentvolumes/pv".into(),
+        json!({"spec": {"accessModes": ["ReadWriteMany"]}}),
+    )
+    .await;
+    assert_eq!(r.json()["spec"]["accessModes"], json!(["ReadWriteMany"]));
+    s.create(
+        "nodes",
+        json!({"metadata": {"name": "n1"}, "status": {"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "DiskPressure", "status": "False"},
+        ]}}),
+    )
+    .unwrap();
+    let r = smp(
+        "/api/v1/nodes/n1/status".into(),
+        json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletDown"}]}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["status"]["conditions"],
+        json!([
+            {"type": "Ready", "status": "False", "reason": "KubeletDown"},
+            {"type": "DiskPressure", "status": "False"},
+        ])
     );
 }
 
@@ -1167,10 +1457,43 @@ async fn faults_fail_hang_delay_and_conflict() {
         .unwrap()
         .unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(
-        s.calls_matching("get", "nodes").last().unwrap().status,
-        Some(200)
+    let answered = s.calls_matching("get", "nodes").last().unwrap().clone();
+    assert_eq!(answered.status, Some(200));
+    assert!(answered.answered_at.is_some_and(|t| t >= answered.at) && !answered.abandoned);
+    // A hung request is in flight from the moment it arrives until its client goes away.
+    let id = s.hang("patch", "nodes");
+    let mut client = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let body = r#"{"metadata":{"labels":{"a":"b"}}}"#;
+    client
+        .write_all(
+            format!(
+                "PATCH /api/v1/nodes/n1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/merge-patch+json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let before = s.count_calls("patch", "nodes");
+    assert!(
+        s.wait_for_calls("patch", "nodes", before + 1, DEADLINE)
+            .await
     );
+    let hung = s.calls_matching("patch", "nodes").pop().unwrap();
+    assert!(hung.in_flight(), "{hung:?}");
+    assert_eq!(hung.body, Some(json!({"metadata": {"labels": {"a": "b"}}})));
+    drop(client);
+    eventually("the abandoned request is marked", || {
+        s.calls_matching("patch", "nodes").last().unwrap().abandoned
+    })
+    .await;
+    let gone = s.calls_matching("patch", "nodes").pop().unwrap();
+    assert!(!gone.in_flight() && gone.status.is_none() && gone.answered_at.is_none());
+    assert_eq!(
+        s.calls_json().as_array().unwrap().last().unwrap()["abandoned"],
+        true
+    );
+    s.remove_fault(id);
     // A hang with a count catches only that many requests.
     s.add_fault(FaultRule::hang("list", "persistentvolumes").times(1));
     let s3 = s.clone();
@@ -1232,6 +1555,67 @@ async fn faults_fail_hang_delay_and_conflict() {
         json!({"latency_ms": 0, "rules": []})
     );
     assert!(s.calls().iter().all(|c| !c.path.starts_with("/__fake")));
+}
+
+/// A cache can be made to lag on purpose: a forged event reaches the open watches only, and a
+/// deletion can skip them; live reads always see the store.
+#[tokio::test]
+async fn watches_can_be_told_what_live_reads_deny() {
+    let s = FakeApiServer::start().await;
+    s.create("nodes", json!({"metadata": {"name": "n1"}}))
+        .unwrap();
+    s.create("nodes", json!({"metadata": {"name": "n2"}}))
+        .unwrap();
+    let rv_before = s.resource_version();
+    let s2 = s.clone();
+    let watching = tokio::spawn(async move {
+        watch_events(
+            &s2,
+            &format!("/api/v1/nodes?watch=1&resourceVersion={rv_before}"),
+            2,
+        )
+        .await
+    });
+    eventually("the watch is open", || s.open_watches(Some("nodes")) == 1).await;
+
+    let n1 = s.get("nodes", None, "n1").unwrap();
+    assert_eq!(s.forge_watch_event("nodes", "DELETED", n1.clone()), 1);
+    assert!(s.get("nodes", None, "n1").is_some(), "n1 still exists");
+    assert_eq!(get(&s, "/api/v1/nodes/n1").await.status, 200);
+
+    let gone = s.delete_unwatched("nodes", None, "n2").unwrap();
+    assert_status(&get(&s, "/api/v1/nodes/n2").await, 404, "NotFound");
+    // The next real change is what the open watch sees after the forged event.
+    s.create("nodes", json!({"metadata": {"name": "n3"}}))
+        .unwrap();
+    let seen = tokio::time::timeout(DEADLINE, watching)
+        .await
+        .unwrap()
+        .unwrap();
+    let seen: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["object"]["metadata"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // n2's deletion came before n3's creation, and never reached this watch.
+    assert_eq!(seen, [("DELETED", "n1"), ("ADDED", "n3")]);
+    // A watch resuming from before the silent deletion does learn of it.
+    let resumed = watch_events(
+        &s,
+        &format!("/api/v1/nodes?watch=1&resourceVersion={rv_before}"),
+        2,
+    )
+    .await;
+    assert_eq!(resumed[0]["type"], "DELETED");
+    assert_eq!(resumed[0]["object"]["metadata"]["name"], "n2");
+    assert_eq!(
+        resumed[0]["object"]["metadata"]["resourceVersion"],
+        gone["metadata"]["resourceVersion"]
+    );
 }
 
 #[tokio::test]
@@ -1659,13 +2043,20 @@ async fn kube_client_on_core_resources_and_events() {
         .get("persistentvolumeclaims", Some("default"), "disk")
         .is_some());
 
-    let events: Api<CoreEvent> = Api::namespaced(client.clone(), "kube-system");
     let ev: CoreEvent = serde_json::from_value(json!({
         "metadata": {"generateName": "disk."},
         "involvedObject": {"kind": "PersistentVolumeClaim", "name": "disk", "namespace": "default"},
         "reason": "Provisioned", "message": "ok", "type": "Normal",
     }))
     .unwrap();
+    // Not in another namespace than the claim's.
+    let elsewhere: Api<CoreEvent> = Api::namespaced(client.clone(), "kube-system");
+    let err = elsewhere
+        .create(&PostParams::default(), &ev)
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&err), 422, "{err}");
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
     let ev = events.create(&PostParams::default(), &ev).await.unwrap();
     assert!(ev.name_any().starts_with("disk."));
     let all: Api<CoreEvent> = Api::all(client.clone());
@@ -1690,7 +2081,7 @@ async fn kube_client_on_core_resources_and_events() {
     recorder.create(&PostParams::default(), &ev).await.unwrap();
     assert_eq!(s.list("events.events.k8s.io", None).len(), 1);
     assert_eq!(s.list("events", None).len(), 1);
-    assert_eq!(s.count_calls("create", "events"), 2);
+    assert_eq!(s.count_calls("create", "events"), 3);
 }
 
 #[tokio::test]

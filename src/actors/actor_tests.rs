@@ -299,14 +299,25 @@ fn publish_to_a_missing_volume_or_unknown_node_is_not_found_and_leaves_no_actor(
     });
 }
 
-/// The value of one series in the Prometheus text that `/metrics` serves.
+/// The value of one series in the Prometheus text that `/metrics` serves. An absent series
+/// fails the test: a misspelled name must never read as 0.
 fn scraped(metrics: &Metrics, series: &str) -> f64 {
-    metrics
-        .render()
-        .lines()
+    let text = metrics.render();
+    text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .map(|v| v.parse().unwrap())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("series {series} is absent from:\n{text}"))
+}
+
+#[test]
+#[should_panic(
+    expected = "series rds_csi_migration_migrations_total{result=\"timed_out\"} is absent"
+)]
+fn a_series_missing_from_the_exposition_is_an_error_not_zero() {
+    scraped(
+        &Metrics::new(),
+        r#"rds_csi_migration_migrations_total{result="timed_out"}"#,
+    );
 }
 
 #[test]

@@ -380,13 +380,46 @@ fn migration_timeout_parsing_defaults_and_clamps() {
 }
 
 // ---- property test -------------------------------------------------------------------------
+//
+// Random operation sequences on three volumes and four nodes, checked step by step against a
+// reference model that knows only the rules: its own clock (a Duration since the start), its
+// own migration and grace records, and its own deadlines. It never asks the state under test
+// when anything is due; it predicts every answer, effect and deadline, and the state must match.
+
+const VOLS: usize = 3;
+const NODES: usize = 4;
+
+/// The capabilities a publish may ask for: two exclusive ones (so "same class, other
+/// capability" happens) and the migratable one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cap {
+    RwoMount,
+    RwoBlock,
+    RwxBlock,
+}
+
+impl Cap {
+    fn capability(self) -> Capability {
+        match self {
+            Cap::RwoMount => rwo(),
+            Cap::RwoBlock => Capability::block(AccessMode::SingleNodeWriter),
+            Cap::RwxBlock => rwx(),
+        }
+    }
+
+    fn migratable(self) -> bool {
+        self == Cap::RwxBlock
+    }
+}
 
 #[derive(Clone, Debug)]
 enum Op {
     Publish {
         vol: usize,
         node: usize,
-        migratable: bool,
+        cap: Cap,
+        readonly: bool,
+        timeout_secs: u64,
     },
     Unpublish {
         vol: usize,
@@ -395,74 +428,238 @@ enum Op {
     Advance {
         secs: u64,
     },
+    /// The volume's migration timer fires now (early, on time or late: the state must judge).
     MigrationTimer {
         vol: usize,
     },
+    /// The volume's grace timer fires now.
     GraceTimer {
         vol: usize,
     },
 }
 
-const VOLS: usize = 3;
-const NODES: usize = 4;
-
 fn op() -> impl Strategy<Value = Op> {
+    let cap =
+        prop_oneof![2 => Just(Cap::RwoMount), 1 => Just(Cap::RwoBlock), 3 => Just(Cap::RwxBlock)];
+    let timeout = prop_oneof![Just(30u64), Just(60), Just(90), 30u64..=300];
     prop_oneof![
-        4 => (0..VOLS, 0..NODES, any::<bool>()).prop_map(|(vol, node, migratable)| Op::Publish { vol, node, migratable }),
+        4 => (0..VOLS, 0..NODES, cap, proptest::bool::weighted(0.15), timeout).prop_map(
+            |(vol, node, cap, readonly, timeout_secs)| Op::Publish { vol, node, cap, readonly, timeout_secs }
+        ),
         3 => (0..VOLS, proptest::option::weighted(0.9, 0..NODES)).prop_map(|(vol, node)| Op::Unpublish { vol, node }),
-        1 => (0u64..90).prop_map(|secs| Op::Advance { secs }),
+        2 => prop_oneof![Just(GRACE.as_secs()), 0u64..90].prop_map(|secs| Op::Advance { secs }),
         1 => (0..VOLS).prop_map(|vol| Op::MigrationTimer { vol }),
         1 => (0..VOLS).prop_map(|vol| Op::GraceTimer { vol }),
     ]
 }
 
-/// The reference model: just the node list, the access class and one migration flag.
-#[derive(Default, Clone)]
-struct Model {
-    nodes: Vec<(usize, bool)>,
-    migration: Option<(Duration, bool)>, // (started at, counted)
+#[derive(Clone, Debug)]
+struct ModelHolder {
+    node: usize,
+    cap: Cap,
+    readonly: bool,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug)]
+struct ModelMigration {
+    source: usize,
+    target: usize,
+    started: Duration,
+    timeout: Duration,
+    timed_out: bool,
+}
+
+#[derive(Clone, Debug)]
+struct ModelGrace {
+    last: usize,
+    detached: Duration,
+}
+
+/// One volume as the rules describe it. Times are Durations on the model's own clock.
+#[derive(Default, Clone, Debug)]
+struct Model {
+    holders: Vec<ModelHolder>,
+    migration: Option<ModelMigration>,
+    grace: Option<ModelGrace>,
+    /// Migrations started, and migrations counted (resolved or timed out).
+    started: u32,
+    counted: u32,
+}
+
+/// What the model says a publish answers.
+#[derive(Debug)]
 enum Expect {
-    Ok,
+    Attached(Vec<Effect>),
+    Idempotent,
     AlreadyExists,
-    Refused,
+    /// Refused: exclusive, or another access class (rules 5.3), naming the holders.
+    Conflict(Vec<NodeId>),
+    /// Refused: a migratable volume already on two nodes (rule 5.4).
+    MigrationLimit(Vec<NodeId>),
 }
 
 impl Model {
-    fn publish(&mut self, node: usize, migratable: bool, now: Duration) -> Expect {
-        if let Some(&(_, m)) = self.nodes.iter().find(|(n, _)| *n == node) {
-            return if m == migratable {
-                Expect::Ok
+    fn holder_ids(&self) -> Vec<NodeId> {
+        self.holders.iter().map(|h| label(h.node)).collect()
+    }
+
+    fn publish(
+        &mut self,
+        node: usize,
+        cap: Cap,
+        readonly: bool,
+        timeout: Duration,
+        now: Duration,
+    ) -> Expect {
+        // 3: already on this node.
+        if let Some(h) = self.holders.iter().find(|h| h.node == node) {
+            return if h.cap == cap && h.readonly == readonly {
+                Expect::Idempotent
             } else {
                 Expect::AlreadyExists
             };
         }
-        match self.nodes.as_slice() {
-            [] => {
-                self.nodes.push((node, migratable));
-                Expect::Ok
+        let holder = ModelHolder {
+            node,
+            cap,
+            readonly,
+        };
+        // 4: on no node; a different node inside the grace window is a handoff.
+        if self.holders.is_empty() {
+            let mut effects = Vec::new();
+            if let Some(g) = self.grace.take() {
+                if now - g.detached < GRACE && g.last != node {
+                    effects.push(Effect::Handoff {
+                        from: label(g.last),
+                    });
+                }
             }
-            [(_, true)] if migratable => {
-                self.nodes.push((node, true));
-                self.migration = Some((now, false));
-                Expect::Ok
+            self.holders.push(holder);
+            effects.push(Effect::Attached { node: label(node) });
+            return Expect::Attached(effects);
+        }
+        // 5.3, then 5.4.
+        if !self.holders[0].cap.migratable() || !cap.migratable() {
+            return Expect::Conflict(self.holder_ids());
+        }
+        if self.holders.len() >= 2 {
+            return Expect::MigrationLimit(self.holder_ids());
+        }
+        // 5.5: a migration starts now.
+        let source = self.holders[0].node;
+        self.holders.push(holder);
+        self.migration = Some(ModelMigration {
+            source,
+            target: node,
+            started: now,
+            timeout,
+            timed_out: false,
+        });
+        self.started += 1;
+        Expect::Attached(vec![
+            Effect::Attached { node: label(node) },
+            Effect::MigrationStarted {
+                source: label(source),
+                target: label(node),
+                timeout,
+            },
+        ])
+    }
+
+    fn unpublish(&mut self, node: Option<usize>, now: Duration) -> Vec<Effect> {
+        match node {
+            Some(n) => self.unpublish_one(n, now),
+            // Every node, newest first.
+            None => {
+                let order: Vec<usize> = self.holders.iter().rev().map(|h| h.node).collect();
+                order
+                    .into_iter()
+                    .flat_map(|n| self.unpublish_one(n, now))
+                    .collect()
             }
-            _ => Expect::Refused,
         }
     }
 
-    /// Returns how many migrations this detach counted.
-    fn unpublish(&mut self, node: usize) -> u32 {
-        let Some(pos) = self.nodes.iter().position(|(n, _)| *n == node) else {
-            return 0;
+    fn unpublish_one(&mut self, node: usize, now: Duration) -> Vec<Effect> {
+        let Some(pos) = self.holders.iter().position(|h| h.node == node) else {
+            return Vec::new();
         };
-        self.nodes.remove(pos);
-        match self.migration.take() {
-            Some((_, false)) => 1,
-            _ => 0,
+        self.holders.remove(pos);
+        let mut effects = Vec::new();
+        if let Some(m) = self
+            .migration
+            .take_if(|m| m.source == node || m.target == node)
+        {
+            // The source leaving is a success, the target leaving a rollback; counted once.
+            if !m.timed_out {
+                self.counted += 1;
+            }
+            effects.push(Effect::MigrationEnded {
+                source: label(m.source),
+                target: label(m.target),
+                result: if m.source == node {
+                    MigrationResult::Success
+                } else {
+                    MigrationResult::Failed
+                },
+                elapsed: now - m.started,
+                counted: !m.timed_out,
+            });
         }
+        if self.holders.is_empty() {
+            self.grace = Some(ModelGrace {
+                last: node,
+                detached: now,
+            });
+        }
+        effects.push(Effect::Detached {
+            node: label(node),
+            remaining: self.holder_ids(),
+        });
+        effects
+    }
+
+    /// The migration timer, judged by the model's own clock: it counts a migration once, at or
+    /// after started + timeout, and leaves both nodes attached.
+    fn migration_timer(&mut self, now: Duration) -> Vec<Effect> {
+        match self.migration.as_mut() {
+            Some(m) if !m.timed_out && now >= m.started + m.timeout => {
+                m.timed_out = true;
+                self.counted += 1;
+                vec![Effect::MigrationTimedOut {
+                    source: label(m.source),
+                    target: label(m.target),
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The grace timer: true (reap) when the volume is detached and its window is over.
+    fn grace_timer(&mut self, now: Duration) -> bool {
+        if !self.holders.is_empty() {
+            return false;
+        }
+        if self
+            .grace
+            .as_ref()
+            .is_some_and(|g| now - g.detached < GRACE)
+        {
+            return false;
+        }
+        self.grace = None;
+        true
+    }
+
+    fn migration_deadline(&self) -> Option<Duration> {
+        self.migration
+            .as_ref()
+            .filter(|m| !m.timed_out)
+            .map(|m| m.started + m.timeout)
+    }
+
+    fn grace_deadline(&self) -> Option<Duration> {
+        self.grace.as_ref().map(|g| g.detached + GRACE)
     }
 }
 
@@ -470,109 +667,92 @@ fn label(i: usize) -> NodeId {
     node(&format!("n{i}"))
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(10_000),
-        ..ProptestConfig::default()
-    })]
-
-    #[test]
-    fn random_interleavings_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
-        let t0 = Instant::now();
-        let mut elapsed = Duration::ZERO;
-        let mut states: Vec<VolumeState> = (0..VOLS).map(|_| VolumeState::new(GRACE)).collect();
-        let mut models: Vec<Model> = vec![Model::default(); VOLS];
-        let mut started = [0u32; VOLS];
-        let mut counted = [0u32; VOLS];
-        let mut model_counted = [0u32; VOLS];
-        for op in ops {
-            let now = t0 + elapsed;
-            match op {
-                Op::Publish { vol, node, migratable } => {
-                    let cap = if migratable { rwx() } else { rwo() };
-                    let r = PublishRequest { node: label(node), capability: cap, readonly: false, migration_timeout: Duration::from_secs(60) };
-                    let got = states[vol].publish(&r, now, SystemTime::now());
-                    let want = models[vol].publish(node, migratable, elapsed);
-                    match (&got, &want) {
-                        (Ok(p), Expect::Ok) => {
-                            started[vol] += p.effects.iter().filter(|e| matches!(e, Effect::MigrationStarted { .. })).count() as u32;
-                        }
-                        (Err(Error::AlreadyExists(_)), Expect::AlreadyExists) => {}
-                        (Err(Error::Conflict { holders, .. }), Expect::Refused) => {
-                            prop_assert!(!holders.is_empty());
-                        }
-                        (Err(Error::MigrationLimit { nodes }), Expect::Refused) => prop_assert_eq!(nodes.len(), 2),
-                        _ => prop_assert!(false, "publish {:?}: state said {:?}, model {:?}", op_name(vol, node), got, want),
-                    }
-                }
-                Op::Unpublish { vol, node } => {
-                    let targets: Vec<usize> = match node {
-                        Some(n) => vec![n],
-                        None => models[vol].nodes.iter().rev().map(|(n, _)| *n).collect(),
-                    };
-                    let effects = states[vol].unpublish(node.map(label).as_ref(), now);
-                    counted[vol] += count_resolutions(&effects);
-                    for n in targets {
-                        model_counted[vol] += models[vol].unpublish(n);
-                    }
-                }
-                Op::Advance { secs } => elapsed += Duration::from_secs(secs),
-                Op::MigrationTimer { vol } => {
-                    // A timer only fires at or after its deadline, as the actor arms it.
-                    if let Some(deadline) = states[vol].migration_deadline() {
-                        if deadline <= now {
-                            let effects = states[vol].migration_timeout(now);
-                            counted[vol] += count_resolutions(&effects);
-                            if let Some((_, c)) = models[vol].migration.as_mut() {
-                                prop_assert!(!*c);
-                                *c = true;
-                                model_counted[vol] += 1;
-                            }
-                        }
-                    }
-                    // A timer firing that belongs to nothing must do nothing.
-                    prop_assert!(states[vol].migration_timeout(now).is_empty() || states[vol].migration_deadline().is_some());
-                }
-                Op::GraceTimer { vol } => {
-                    if let Some(deadline) = states[vol].grace_deadline() {
-                        if deadline <= now {
-                            prop_assert!(states[vol].grace_expired(now));
-                            prop_assert!(states[vol].is_idle());
-                        }
-                    }
-                }
-            }
-            for vol in 0..VOLS {
-                let s = &states[vol];
-                let nodes: Vec<NodeId> = s.nodes().iter().map(|a| a.node.clone()).collect();
-                let want: Vec<NodeId> = models[vol].nodes.iter().map(|(n, _)| label(*n)).collect();
-                prop_assert_eq!(&nodes, &want, "holders of volume {}", vol);
-                match s.class() {
-                    Some(AccessClass::Exclusive) => prop_assert!(nodes.len() <= 1, "two nodes on an exclusive volume"),
-                    Some(AccessClass::Migratable) => prop_assert!(nodes.len() <= 2, "three nodes on a migratable volume"),
-                    None => prop_assert!(nodes.is_empty()),
-                }
-                prop_assert_eq!(s.migration().is_some(), nodes.len() == 2);
-                prop_assert!(counted[vol] <= started[vol], "a migration counted twice");
-                prop_assert_eq!(counted[vol], model_counted[vol]);
-            }
-        }
-        // Drain: expire every pending migration timer, then detach everything. Every migration
-        // that ever started is now counted exactly once.
-        let end = t0 + elapsed + MAX_MIGRATION_TIMEOUT;
-        for vol in 0..VOLS {
-            if states[vol].migration_deadline().is_some() {
-                counted[vol] += count_resolutions(&states[vol].migration_timeout(end));
-            }
-            counted[vol] += count_resolutions(&states[vol].unpublish(None, end));
-            prop_assert_eq!(counted[vol], started[vol], "volume {}: every migration counted exactly once", vol);
-            prop_assert!(states[vol].nodes().is_empty());
-        }
+/// The case count: `PROPTEST_CASES` when set (a number, or the test fails), else 10 000.
+fn parse_cases(raw: Option<&str>) -> Result<u32, String> {
+    match raw {
+        None => Ok(10_000),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| format!("PROPTEST_CASES={v:?} is not a case count: {e}")),
     }
 }
 
-fn op_name(vol: usize, node: usize) -> String {
-    format!("v{vol}->n{node}")
+fn cases() -> u32 {
+    let raw = match std::env::var("PROPTEST_CASES") {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(e) => panic!("PROPTEST_CASES: {e}"),
+    };
+    parse_cases(raw.as_deref()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn proptest_cases_default_to_ten_thousand_and_garbage_is_an_error() {
+    assert_eq!(parse_cases(None), Ok(10_000));
+    assert_eq!(parse_cases(Some("250")), Ok(250));
+    assert!(parse_cases(Some("10k")).is_err());
+    assert!(parse_cases(Some("")).is_err());
+}
+
+/// Checks one volume's state against its model: holders with their capability and readonly
+/// flag, the migration and grace records, and the deadlines the actor would arm.
+fn same(s: &VolumeState, m: &Model, t0: Instant, vol: usize) -> Result<(), TestCaseError> {
+    let got: Vec<(NodeId, Option<Capability>, bool)> = s
+        .nodes()
+        .iter()
+        .map(|a| (a.node.clone(), a.capability.clone(), a.readonly))
+        .collect();
+    let want: Vec<(NodeId, Option<Capability>, bool)> = m
+        .holders
+        .iter()
+        .map(|h| (label(h.node), Some(h.cap.capability()), h.readonly))
+        .collect();
+    prop_assert_eq!(got, want, "holders of volume {}", vol);
+    match s.class() {
+        Some(AccessClass::Exclusive) => {
+            prop_assert!(s.nodes().len() <= 1, "two nodes on an exclusive volume")
+        }
+        Some(AccessClass::Migratable) => {
+            prop_assert!(s.nodes().len() <= 2, "three nodes on a migratable volume")
+        }
+        None => prop_assert!(s.nodes().is_empty()),
+    }
+    let got = s.migration().map(|x| {
+        (
+            x.source.clone(),
+            x.target.clone(),
+            x.started_at,
+            x.timeout,
+            x.timed_out,
+        )
+    });
+    let want = m.migration.as_ref().map(|x| {
+        (
+            label(x.source),
+            label(x.target),
+            t0 + x.started,
+            x.timeout,
+            x.timed_out,
+        )
+    });
+    prop_assert_eq!(got, want, "migration of volume {}", vol);
+    let got = s.grace().map(|g| (g.last_node.clone(), g.detached_at));
+    let want = m.grace.as_ref().map(|g| (label(g.last), t0 + g.detached));
+    prop_assert_eq!(got, want, "grace record of volume {}", vol);
+    prop_assert_eq!(
+        s.migration_deadline(),
+        m.migration_deadline().map(|d| t0 + d),
+        "migration deadline of volume {}",
+        vol
+    );
+    prop_assert_eq!(
+        s.grace_deadline(),
+        m.grace_deadline().map(|d| t0 + d),
+        "grace deadline of volume {}",
+        vol
+    );
+    Ok(())
 }
 
 fn count_resolutions(effects: &[Effect]) -> u32 {
@@ -585,6 +765,87 @@ fn count_resolutions(effects: &[Effect]) -> u32 {
             )
         })
         .count() as u32
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_interleavings_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let t0 = Instant::now();
+        let mut elapsed = Duration::ZERO;
+        let mut states: Vec<VolumeState> = (0..VOLS).map(|_| VolumeState::new(GRACE)).collect();
+        let mut models: Vec<Model> = vec![Model::default(); VOLS];
+        let mut counted = [0u32; VOLS];
+        for op in &ops {
+            let now = t0 + elapsed;
+            match *op {
+                Op::Publish { vol, node, cap, readonly, timeout_secs } => {
+                    let timeout = Duration::from_secs(timeout_secs);
+                    let r = PublishRequest { node: label(node), capability: cap.capability(), readonly, migration_timeout: timeout };
+                    let got = states[vol].publish(&r, now, SystemTime::now());
+                    let want = models[vol].publish(node, cap, readonly, timeout, elapsed);
+                    match (&got, &want) {
+                        (Ok(p), Expect::Attached(effects)) => {
+                            prop_assert!(!p.idempotent, "{:?}", op);
+                            prop_assert_eq!(&p.effects, effects, "{:?}", op);
+                        }
+                        (Ok(p), Expect::Idempotent) => prop_assert!(p.idempotent && p.effects.is_empty(), "{:?}: {:?}", op, p),
+                        (Err(Error::AlreadyExists(_)), Expect::AlreadyExists) => {}
+                        (Err(Error::Conflict { holders, requested, .. }), Expect::Conflict(want)) => {
+                            prop_assert_eq!(holders, want, "{:?}", op);
+                            prop_assert_eq!(requested, &label(node));
+                        }
+                        (Err(Error::MigrationLimit { nodes }), Expect::MigrationLimit(want)) => {
+                            prop_assert_eq!(nodes, want, "{:?}", op);
+                        }
+                        _ => prop_assert!(false, "{:?}: state answered {:?}, the model {:?}", op, got, want),
+                    }
+                }
+                Op::Unpublish { vol, node } => {
+                    let effects = states[vol].unpublish(node.map(label).as_ref(), now);
+                    prop_assert_eq!(&effects, &models[vol].unpublish(node, elapsed), "{:?}", op);
+                    counted[vol] += count_resolutions(&effects);
+                }
+                Op::Advance { secs } => elapsed += Duration::from_secs(secs),
+                Op::MigrationTimer { vol } => {
+                    let effects = states[vol].migration_timeout(now);
+                    prop_assert_eq!(&effects, &models[vol].migration_timer(elapsed), "{:?} at {:?}", op, elapsed);
+                    counted[vol] += count_resolutions(&effects);
+                }
+                Op::GraceTimer { vol } => {
+                    let reaped = states[vol].grace_expired(now);
+                    prop_assert_eq!(reaped, models[vol].grace_timer(elapsed), "{:?} at {:?}", op, elapsed);
+                    if reaped {
+                        prop_assert!(states[vol].is_idle());
+                    }
+                }
+            }
+            for vol in 0..VOLS {
+                same(&states[vol], &models[vol], t0, vol)?;
+                prop_assert_eq!(counted[vol], models[vol].counted, "migrations counted on volume {}", vol);
+            }
+        }
+        // Drain: each pending migration timer fires at the deadline the model computed, then
+        // everything detaches. Every migration that ever started is counted exactly once.
+        for vol in 0..VOLS {
+            if let Some(deadline) = models[vol].migration_deadline() {
+                let effects = states[vol].migration_timeout(t0 + deadline);
+                prop_assert_eq!(&effects, &models[vol].migration_timer(deadline));
+                counted[vol] += count_resolutions(&effects);
+            }
+            let end = elapsed.max(models[vol].grace_deadline().unwrap_or_default());
+            let effects = states[vol].unpublish(None, t0 + end);
+            prop_assert_eq!(&effects, &models[vol].unpublish(None, end));
+            counted[vol] += count_resolutions(&effects);
+            prop_assert_eq!(counted[vol], models[vol].started, "volume {}: every migration counted exactly once", vol);
+            prop_assert_eq!(models[vol].counted, models[vol].started);
+            prop_assert!(states[vol].nodes().is_empty());
+        }
+    }
 }
 
 #[test]

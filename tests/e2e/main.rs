@@ -7,7 +7,6 @@ mod support;
 mod fake_apiserver;
 
 #[path = "../support/fake_rds.rs"]
-#[allow(dead_code)]
 mod fake_rds;
 
 mod bad_input;

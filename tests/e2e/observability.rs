@@ -133,6 +133,24 @@ async fn health_grpc_metrics_and_json_logs() {
         1.0
     );
     assert!(sample(&m, "rds_csi_seeding_seconds_to_ready") > 0.0);
+    // Standalone, nothing is written to a cluster: that family has no series at all.
+    assert_eq!(
+        sample_or_absent(
+            &m,
+            r#"rds_csi_kube_annotation_write_failures_total{reason="server_error"}"#
+        ),
+        None
+    );
+    // The one TCP socket the driver listens on is the metrics endpoint it logged (the CSI
+    // endpoint is a unix socket); the disabled case below relies on this way of looking.
+    let listening = tcp_listeners(d.pid());
+    assert_eq!(
+        listening
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>(),
+        [base.as_str()]
+    );
 
     let log = d.log();
     let lines: Vec<serde_json::Value> = log
@@ -160,4 +178,33 @@ async fn an_empty_metrics_address_disables_the_endpoint() {
         .await
         .unwrap();
     assert!(!d.log().contains("serving /metrics"));
+    // Nothing to connect to: the process listens on no TCP port at all...
+    assert_eq!(tcp_listeners(d.pid()), []);
+    // ...and in particular not on the default address: a connection there is refused, or
+    // (should something else own that port) reaches a socket that is not the driver's.
+    let default: std::net::SocketAddr = "127.0.0.1:9809".parse().unwrap();
+    if let Ok(stream) = tokio::net::TcpStream::connect(default).await {
+        drop(stream);
+        assert!(
+            !tcp_listeners(d.pid()).contains(&default),
+            "the driver serves on the default metrics address"
+        );
+    }
+}
+
+#[test]
+fn a_missing_series_is_an_error_not_zero() {
+    let scrape =
+        "# TYPE rds_csi_attachment_conflicts_total counter\nrds_csi_attachment_conflicts_total 0\n";
+    assert_eq!(sample(scrape, "rds_csi_attachment_conflicts_total"), 0.0);
+    assert_eq!(
+        sample_or_absent(scrape, "rds_csi_attachment_conflict_total"),
+        None
+    );
+    let misspelled =
+        std::panic::catch_unwind(|| sample(scrape, "rds_csi_attachment_conflict_total"));
+    assert!(
+        misspelled.is_err(),
+        "a misspelled series must not read as 0"
+    );
 }

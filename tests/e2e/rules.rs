@@ -1,6 +1,8 @@
 //! One row per rule of ATTACHMENT_RULES.md's Publish and Unpublish sections that applies without
 //! a cluster. Every row gets its own volume on one shared driver; it asserts the gRPC code, what
-//! the message must name, and where a rule changes state, a follow-up that proves the change.
+//! the message must name, the side effects the rule promises (counters, the migration timeout
+//! used, a warning in the log), and where a rule changes state, a follow-up that proves the
+//! change.
 
 use std::collections::HashMap;
 
@@ -21,6 +23,17 @@ enum Step {
     UnpubRaw(String, &'static str),
 }
 
+/// A side effect the act must have.
+#[derive(Clone)]
+enum Effect {
+    /// This series moves by exactly this much over the act (it must exist before and after).
+    Counts(&'static str, f64),
+    /// The migration the act started uses this timeout, as `/debug/attachments` shows it.
+    Timeout(u64),
+    /// The act logs a warning containing this text and the row's volume id.
+    Warns(&'static str),
+}
+
 struct Row {
     rule: &'static str,
     setup: Vec<Step>,
@@ -28,6 +41,8 @@ struct Row {
     code: Code,
     /// Text the status message must contain (the field, or the other node).
     names: &'static str,
+    /// What the act must do besides answering.
+    effects: Vec<Effect>,
     /// Follow-up steps and the code each must give, proving the state the rule leaves.
     then: Vec<(Step, Code)>,
 }
@@ -39,9 +54,19 @@ fn row(rule: &'static str, setup: Vec<Step>, act: Step, code: Code, names: &'sta
         act,
         code,
         names,
+        effects: vec![],
         then: vec![],
     }
 }
+
+const ATTACHED: &str = r#"rds_csi_attachment_attach_total{status="success"}"#;
+const DETACHED: &str = r#"rds_csi_attachment_detach_total{status="success"}"#;
+const HANDOFFS: &str = "rds_csi_attachment_grace_period_used_total";
+const CONFLICTS: &str = "rds_csi_attachment_conflicts_total";
+const ACTIVE: &str = "rds_csi_migration_active_migrations";
+const SUCCEEDED: &str = r#"rds_csi_migration_migrations_total{result="success"}"#;
+const FAILED: &str = r#"rds_csi_migration_migrations_total{result="failed"}"#;
+const TIMED: &str = "rds_csi_migration_duration_seconds_count";
 
 use Step::*;
 
@@ -129,13 +154,16 @@ fn rows() -> Vec<Row> {
             "ghost",
         ),
         // Publish 3: already on node_id.
-        row(
-            "3 same capability and readonly: idempotent",
-            vec![Pub("n1", rwo())],
-            Pub("n1", rwo()),
-            Code::Ok,
-            "",
-        ),
+        Row {
+            effects: vec![Effect::Counts(ATTACHED, 0.0), Effect::Counts(HANDOFFS, 0.0)],
+            ..row(
+                "3 same capability and readonly: idempotent, no side effects",
+                vec![Pub("n1", rwo())],
+                Pub("n1", rwo()),
+                Code::Ok,
+                "",
+            )
+        },
         row(
             "3 other capability: ALREADY_EXISTS",
             vec![Pub("n1", rwo())],
@@ -151,14 +179,19 @@ fn rows() -> Vec<Row> {
             "readonly",
         ),
         // Publish 4: on no node.
-        row(
-            "4 never attached: attach as primary",
-            vec![],
-            Pub("n1", rwo()),
-            Code::Ok,
-            "",
-        ),
         Row {
+            effects: vec![Effect::Counts(ATTACHED, 1.0), Effect::Counts(HANDOFFS, 0.0)],
+            then: vec![(Pub("n2", rwo()), Code::FailedPrecondition)],
+            ..row(
+                "4 never attached: attach as primary",
+                vec![],
+                Pub("n1", rwo()),
+                Code::Ok,
+                "",
+            )
+        },
+        Row {
+            effects: vec![Effect::Counts(ATTACHED, 1.0), Effect::Counts(HANDOFFS, 1.0)],
             then: vec![(Pub("n3", rwo()), Code::FailedPrecondition)],
             ..row(
                 "4 detached inside the grace window, other node: handoff",
@@ -170,6 +203,10 @@ fn rows() -> Vec<Row> {
         },
         // Publish 5.3: exclusive, or another access class.
         Row {
+            effects: vec![
+                Effect::Counts(CONFLICTS, 1.0),
+                Effect::Counts(ATTACHED, 0.0),
+            ],
             then: vec![(Pub("n1", rwo()), Code::Ok)],
             ..row(
                 "5.3 exclusive volume on another node",
@@ -179,38 +216,85 @@ fn rows() -> Vec<Row> {
                 "n1",
             )
         },
-        row(
-            "5.3 request of a different access class",
-            vec![Pub("n1", rwx())],
-            Pub("n2", rwo_block()),
-            Code::FailedPrecondition,
-            "n1",
-        ),
-        // Publish 5.4 and 5.5: migratable.
-        row(
-            "5.4 migratable already on two nodes",
-            vec![Pub("n1", rwx()), Pub("n2", rwx())],
-            Pub("n3", rwx()),
-            Code::FailedPrecondition,
-            "migration limit: attached to n1 and n2",
-        ),
         Row {
+            effects: vec![Effect::Counts(CONFLICTS, 1.0)],
+            ..row(
+                "5.3 request of a different access class",
+                vec![Pub("n1", rwx())],
+                Pub("n2", rwo_block()),
+                Code::FailedPrecondition,
+                "n1",
+            )
+        },
+        // Publish 5.4 and 5.5: migratable.
+        Row {
+            effects: vec![Effect::Counts(CONFLICTS, 1.0), Effect::Counts(ACTIVE, 0.0)],
+            ..row(
+                "5.4 migratable already on two nodes",
+                vec![Pub("n1", rwx()), Pub("n2", rwx())],
+                Pub("n3", rwx()),
+                Code::FailedPrecondition,
+                "migration limit: attached to n1 and n2",
+            )
+        },
+        Row {
+            effects: vec![
+                Effect::Counts(ACTIVE, 1.0),
+                Effect::Counts(ATTACHED, 1.0),
+                Effect::Timeout(300),
+            ],
             then: vec![(Pub("n3", rwx()), Code::FailedPrecondition)],
             ..row(
-                "5.5 migratable on one node: second node allowed",
+                "5.5 migratable on one node: second node allowed, default timeout 300 s",
                 vec![Pub("n1", rwx())],
                 Pub("n2", rwx()),
                 Code::Ok,
                 "",
             )
         },
-        row(
-            "5.5 unparsable migrationTimeoutSeconds takes the default",
-            vec![Pub("n1", rwx())],
-            PubWith("n2", rwx(), "soon"),
-            Code::Ok,
-            "",
-        ),
+        Row {
+            effects: vec![
+                Effect::Timeout(300),
+                Effect::Warns("unparsable migrationTimeoutSeconds"),
+            ],
+            ..row(
+                "5.5 unparsable migrationTimeoutSeconds takes the default and warns",
+                vec![Pub("n1", rwx())],
+                PubWith("n2", rwx(), "soon"),
+                Code::Ok,
+                "",
+            )
+        },
+        Row {
+            effects: vec![Effect::Timeout(120)],
+            ..row(
+                "5.5 migrationTimeoutSeconds is used",
+                vec![Pub("n1", rwx())],
+                PubWith("n2", rwx(), "120"),
+                Code::Ok,
+                "",
+            )
+        },
+        Row {
+            effects: vec![Effect::Timeout(30)],
+            ..row(
+                "5.5 migrationTimeoutSeconds below 30 s is clamped to 30 s",
+                vec![Pub("n1", rwx())],
+                PubWith("n2", rwx(), "5"),
+                Code::Ok,
+                "",
+            )
+        },
+        Row {
+            effects: vec![Effect::Timeout(3600)],
+            ..row(
+                "5.5 migrationTimeoutSeconds above 3600 s is clamped to 3600 s",
+                vec![Pub("n1", rwx())],
+                PubWith("n2", rwx(), "99999"),
+                Code::Ok,
+                "",
+            )
+        },
         // Unpublish.
         row(
             "U validate volume_id",
@@ -220,6 +304,11 @@ fn rows() -> Vec<Row> {
             "volume_id",
         ),
         Row {
+            effects: vec![
+                Effect::Counts(DETACHED, 2.0),
+                Effect::Counts(FAILED, 1.0),
+                Effect::Counts(ACTIVE, -1.0),
+            ],
             then: vec![(Pub("n3", rwo_block()), Code::Ok)],
             ..row(
                 "U empty node_id detaches every node",
@@ -230,6 +319,7 @@ fn rows() -> Vec<Row> {
             )
         },
         Row {
+            effects: vec![Effect::Counts(DETACHED, 0.0)],
             then: vec![(Pub("n2", rwo()), Code::FailedPrecondition)],
             ..row(
                 "U not attached to node_id: OK, no side effects",
@@ -247,6 +337,7 @@ fn rows() -> Vec<Row> {
             "",
         ),
         Row {
+            effects: vec![Effect::Counts(DETACHED, 1.0)],
             then: vec![(Pub("n2", rwo()), Code::Ok)],
             ..row(
                 "U attached only to node_id: detached",
@@ -257,6 +348,13 @@ fn rows() -> Vec<Row> {
             )
         },
         Row {
+            effects: vec![
+                Effect::Counts(SUCCEEDED, 1.0),
+                Effect::Counts(FAILED, 0.0),
+                Effect::Counts(TIMED, 1.0),
+                Effect::Counts(ACTIVE, -1.0),
+                Effect::Counts(DETACHED, 1.0),
+            ],
             // The target n2 is now primary: a new migration to n3 may start, n1 is gone.
             then: vec![
                 (Pub("n3", rwx()), Code::Ok),
@@ -271,6 +369,12 @@ fn rows() -> Vec<Row> {
             )
         },
         Row {
+            effects: vec![
+                Effect::Counts(FAILED, 1.0),
+                Effect::Counts(SUCCEEDED, 0.0),
+                Effect::Counts(TIMED, 0.0),
+                Effect::Counts(ACTIVE, -1.0),
+            ],
             then: vec![(Pub("n1", rwx()), Code::Ok), (Pub("n3", rwx()), Code::Ok)],
             ..row(
                 "U migrating, node_id is the target: rolled back",
@@ -317,6 +421,39 @@ async fn run(d: &Driver, volume: &str, step: &Step) -> Result<(), tonic::Status>
     }
 }
 
+/// Checks one side effect of the act; `Some` says what is wrong.
+async fn check(
+    d: &Driver,
+    volume: &str,
+    effect: &Effect,
+    before: &str,
+    after: &str,
+    log_before: usize,
+) -> Option<String> {
+    match effect {
+        Effect::Counts(series, delta) => {
+            let moved = sample(after, series) - sample(before, series);
+            (moved != *delta).then(|| format!("{series} moved by {moved}, want {delta}"))
+        }
+        Effect::Timeout(secs) => {
+            let view = d.debug(volume).await;
+            (view["migration"]["timeout_seconds"] != *secs).then(|| {
+                format!(
+                    "the migration's timeout should be {secs} s: {}",
+                    view["migration"]
+                )
+            })
+        }
+        Effect::Warns(text) => {
+            let log = d.log();
+            let warned = log[log_before..].lines().any(|l| {
+                l.contains("WARN") && l.contains(text) && l.contains(&format!("volume_id={volume}"))
+            });
+            (!warned).then(|| format!("no warning {text:?} for {volume} in the log"))
+        }
+    }
+}
+
 fn code_of(r: &Result<(), tonic::Status>) -> (Code, String) {
     match r {
         Ok(()) => (Code::Ok, String::new()),
@@ -336,6 +473,8 @@ async fn every_publish_and_unpublish_rule() {
                 .await
                 .unwrap_or_else(|e| panic!("{}: setup failed: {e:?}", row.rule));
         }
+        let metrics_before = d.scrape().await;
+        let log_before = d.log().len();
         let (code, message) = code_of(&run(&d, &volume, &row.act).await);
         if code != row.code || !message.contains(row.names) {
             failures.push(format!(
@@ -343,6 +482,21 @@ async fn every_publish_and_unpublish_rule() {
                 row.rule, row.code, row.names
             ));
             continue;
+        }
+        let metrics_after = d.scrape().await;
+        for effect in &row.effects {
+            if let Some(failure) = check(
+                &d,
+                &volume,
+                effect,
+                &metrics_before,
+                &metrics_after,
+                log_before,
+            )
+            .await
+            {
+                failures.push(format!("{}: {failure}", row.rule));
+            }
         }
         for (step, want) in &row.then {
             let (got, message) = code_of(&run(&d, &volume, step).await);

@@ -604,6 +604,450 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Strategic merge patch
+// ---------------------------------------------------------------------------------------------
+
+/// How a list field of a built-in type merges in a strategic merge patch (its Go struct tags
+/// `patchStrategy:"merge"` and `patchMergeKey`). Lists not named here are replaced whole, as in
+/// a JSON merge patch.
+fn smp_list_meta(plural: &str, path: &[&str]) -> Option<Option<&'static str>> {
+    match (plural, path) {
+        (_, ["metadata", "finalizers"]) => Some(None),
+        (_, ["metadata", "ownerReferences"]) => Some(Some("uid")),
+        ("nodes", ["spec", "podCIDRs"]) => Some(None),
+        ("nodes", ["status", "conditions"] | ["status", "addresses"]) => Some(Some("type")),
+        ("persistentvolumeclaims", ["status", "conditions"]) => Some(Some("type")),
+        _ => None,
+    }
+}
+
+/// A strategic merge patch error, mapped to the status the real server answers with.
+fn smp_error(code: u16, message: impl Into<String>) -> ApiError {
+    let e = ApiError::new(code, message);
+    // Errors apimachinery does not turn into a Status are served as 500 with no reason.
+    if code == 500 {
+        e.with_reason("")
+    } else {
+        e
+    }
+}
+
+fn smp_bad_format(what: &str) -> ApiError {
+    smp_error(400, format!("invalid patch format of {what}"))
+}
+
+/// What a value decodes to in a typed object: directive keys and nulls are dropped.
+fn smp_clean(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, v)| !k.starts_with('$') && !v.is_null())
+                .map(|(k, v)| (k.clone(), smp_clean(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(smp_clean).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Applies a strategic merge patch to `target`, an object of resource `plural`, as
+/// apimachinery's `StrategicMergeMapPatch` does for built-in types: maps merge, lists with a
+/// merge strategy merge (primitives as a set, objects by their merge key), other lists are
+/// replaced, `null` deletes; the directives `$patch` (replace, delete), `$retainKeys`,
+/// `$deleteFromPrimitiveList/<field>` and `$setElementOrder/<field>` are honoured.
+pub fn strategic_merge_patch(
+    plural: &str,
+    target: &mut Value,
+    patch: &Value,
+) -> Result<(), ApiError> {
+    let Value::Object(patch) = patch else {
+        return Err(ApiError::bad_request(
+            "a strategic merge patch must be a JSON object",
+        ));
+    };
+    let original = match target.take() {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let merged = smp_map(plural, &mut Vec::new(), original, patch.clone())?;
+    *target = smp_clean(&Value::Object(merged));
+    Ok(())
+}
+
+fn smp_map(
+    plural: &str,
+    path: &mut Vec<String>,
+    mut original: Map<String, Value>,
+    mut patch: Map<String, Value>,
+) -> Result<Map<String, Value>, ApiError> {
+    if let Some(directive) = patch.get("$patch") {
+        return match directive.as_str() {
+            Some("replace") => {
+                patch.remove("$patch");
+                Ok(patch)
+            }
+            Some("delete") => Ok(Map::new()),
+            _ => Err(smp_error(
+                500,
+                format!(
+                    "Unknown patch type: {directive} in map: {}",
+                    Value::Object(patch.clone())
+                ),
+            )),
+        };
+    }
+    if let Some(retain) = patch.remove("$retainKeys") {
+        let keys: Vec<&str> = retain
+            .as_array()
+            .ok_or_else(|| smp_bad_format("retainKeys"))?
+            .iter()
+            .map(|k| k.as_str().ok_or_else(|| smp_bad_format("retainKeys")))
+            .collect::<Result<_, _>>()?;
+        for (k, v) in &patch {
+            let directive =
+                k.starts_with("$deleteFromPrimitiveList/") || k.starts_with("$setElementOrder/");
+            if !v.is_null() && !directive && !keys.contains(&k.as_str()) {
+                return Err(smp_bad_format("retainKeys"));
+            }
+        }
+        original.retain(|k, _| keys.contains(&k.as_str()));
+    }
+    let orders: Vec<(String, Value)> = patch
+        .iter()
+        .filter(|(k, _)| k.starts_with("$setElementOrder/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (key, order) in orders {
+        patch.remove(&key);
+        let field = key
+            .split_once('/')
+            .map(|(_, f)| f.to_string())
+            .filter(|f| !f.is_empty())
+            .ok_or_else(|| smp_bad_format("setElementOrder list"))?;
+        let Value::Array(order) = order else {
+            return Err(smp_bad_format("setElementOrder list"));
+        };
+        path.push(field.clone());
+        let meta = list_meta(plural, path);
+        let original_list = match original.get(&field) {
+            Some(Value::Array(a)) => Some(a.clone()),
+            Some(_) => return Err(smp_error(500, format!("{field} is not a list"))),
+            None => None,
+        };
+        let patch_list = match patch.remove(&field) {
+            Some(Value::Array(a)) => Some(a),
+            Some(_) => return Err(smp_error(500, format!("{field} is not a list"))),
+            None => None,
+        };
+        let merge_key = meta.flatten();
+        if let Some(p) = &patch_list {
+            validate_set_order(p, &order, merge_key)?;
+        }
+        let merged = match (original_list.clone(), patch_list.clone()) {
+            (Some(o), None) => o,
+            (None, Some(p)) => p,
+            (Some(o), Some(p)) => match meta {
+                Some(key) => smp_slice(plural, path, o, p, key, false)?,
+                None => p,
+            },
+            (None, None) => {
+                path.pop();
+                continue;
+            }
+        };
+        let (in_order, server_only) = partition(&merged, &order, merge_key);
+        let server_order = original_list.unwrap_or_default();
+        let both = normalize_order(in_order, server_only, &order, &server_order, merge_key);
+        original.insert(field, Value::Array(both));
+        path.pop();
+    }
+    for (k, v) in patch {
+        let (k, delete_list) = match k.strip_prefix("$deleteFromPrimitiveList/") {
+            Some("") => return Err(smp_bad_format("primitive list")),
+            Some(field) => (field.to_string(), true),
+            None => (k, false),
+        };
+        if v.is_null() {
+            original.remove(&k);
+            continue;
+        }
+        let Some(current) = original.get_mut(&k) else {
+            if !delete_list {
+                original.insert(k, v);
+            }
+            continue;
+        };
+        path.push(k.clone());
+        let merged = match (current.take(), v) {
+            (Value::Object(o), Value::Object(p)) => Value::Object(smp_map(plural, path, o, p)?),
+            (Value::Array(o), Value::Array(p)) => match list_meta(plural, path) {
+                Some(key) => Value::Array(smp_slice(plural, path, o, p, key, delete_list)?),
+                None => Value::Array(p),
+            },
+            (_, p) => p,
+        };
+        path.pop();
+        original.insert(k, merged);
+    }
+    Ok(original)
+}
+
+fn list_meta(plural: &str, path: &[String]) -> Option<Option<&'static str>> {
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    smp_list_meta(plural, &parts)
+}
+
+/// JSON type of a list element, for apimachinery's "identical element types" rule.
+fn element_kind(v: &Value) -> u8 {
+    match v {
+        Value::Null => 0,
+        Value::Bool(_) => 1,
+        Value::Number(_) => 2,
+        Value::String(_) => 3,
+        Value::Array(_) => 4,
+        Value::Object(_) => 5,
+    }
+}
+
+fn smp_slice(
+    plural: &str,
+    path: &mut Vec<String>,
+    original: Vec<Value>,
+    patch: Vec<Value>,
+    merge_key: Option<&str>,
+    delete_list: bool,
+) -> Result<Vec<Value>, ApiError> {
+    if original.is_empty() && patch.is_empty() {
+        return Ok(original);
+    }
+    let mut kinds = original.iter().chain(&patch).map(element_kind);
+    let kind = kinds.next().unwrap_or(0);
+    if kind == 4 {
+        return Err(smp_error(422, "lists of lists are not supported"));
+    }
+    if kinds.any(|k| k != kind) {
+        return Err(smp_error(500, "list element types are not identical"));
+    }
+    if kind != 5 {
+        if delete_list {
+            return Ok(original
+                .into_iter()
+                .filter(|v| !patch.contains(v))
+                .collect());
+        }
+        let merged = dedup_scalars(original.iter().chain(&patch).cloned().collect());
+        let (in_patch, server_only) = partition(&merged, &patch, None);
+        return Ok(normalize_order(
+            in_patch,
+            server_only,
+            &patch,
+            &original,
+            None,
+        ));
+    }
+    let Some(key) = merge_key else {
+        return Err(smp_error(
+            500,
+            "cannot merge lists without merge key for type map",
+        ));
+    };
+    // Special elements first: `$patch: delete` removes by key, `$patch: replace` replaces.
+    let mut original = original;
+    let mut plain = Vec::new();
+    let mut replace = false;
+    for item in patch {
+        let m = item.as_object().expect("all elements are maps");
+        match m.get("$patch") {
+            None => plain.push(item),
+            Some(d) if d == "delete" => {
+                let value = m.get(key).ok_or_else(|| no_merge_key(&item, key))?;
+                original.retain(|o| o.get(key) != Some(value));
+            }
+            Some(d) if d == "replace" => replace = true,
+            Some(d) if d == "merge" => {
+                return Err(smp_error(
+                    500,
+                    "merging lists cannot yet be specified in the patch",
+                ))
+            }
+            Some(d) => {
+                return Err(smp_error(
+                    500,
+                    format!("Unknown patch type: {d} in map: {item}"),
+                ))
+            }
+        }
+    }
+    let (mut merged, patch) = if replace {
+        (plain, Vec::new())
+    } else {
+        (original.clone(), plain)
+    };
+    let server_order = if replace { Vec::new() } else { original };
+    for item in &patch {
+        let value = item.get(key).ok_or_else(|| no_merge_key(item, key))?;
+        match merged.iter().position(|o| o.get(key) == Some(value)) {
+            Some(i) => {
+                let o = match merged[i].take() {
+                    Value::Object(o) => o,
+                    _ => Map::new(),
+                };
+                let p = item.as_object().cloned().unwrap_or_default();
+                merged[i] = Value::Object(smp_map(plural, path, o, p)?);
+            }
+            None => merged.push(item.clone()),
+        }
+    }
+    let server_order = if replace {
+        merged.clone()
+    } else {
+        server_order
+    };
+    let (in_patch, server_only) = partition(&merged, &patch, Some(key));
+    Ok(normalize_order(
+        in_patch,
+        server_only,
+        &patch,
+        &server_order,
+        Some(key),
+    ))
+}
+
+fn no_merge_key(item: &Value, key: &str) -> ApiError {
+    smp_error(
+        500,
+        format!("map: {item} does not contain declared merge key: {key}"),
+    )
+}
+
+/// apimachinery's `deduplicateScalars`: a later duplicate is overwritten by the last element.
+fn dedup_scalars(mut s: Vec<Value>) -> Vec<Value> {
+    let mut i = 0;
+    while i < s.len() {
+        let mut j = i + 1;
+        while j < s.len() {
+            if s[i] == s[j] {
+                let last = s.pop().expect("non-empty");
+                if j < s.len() {
+                    s[j] = last;
+                }
+            } else {
+                j += 1;
+            }
+        }
+        i += 1;
+    }
+    s
+}
+
+/// The merge-key value of a map element, or the element itself.
+fn order_key<'a>(v: &'a Value, key: Option<&str>) -> Option<&'a Value> {
+    match key {
+        Some(k) => v.get(k),
+        None => Some(v),
+    }
+}
+
+fn index_in(list: &[Value], v: &Value, key: Option<&str>) -> Option<usize> {
+    let want = order_key(v, key)?;
+    list.iter().position(|x| order_key(x, key) == Some(want))
+}
+
+/// Splits `items` into those present in `by` and the rest, keeping their order.
+fn partition(items: &[Value], by: &[Value], key: Option<&str>) -> (Vec<Value>, Vec<Value>) {
+    items
+        .iter()
+        .cloned()
+        .partition(|v| index_in(by, v, key).is_some())
+}
+
+/// apimachinery's `normalizeSliceOrder`: Go's stable sort (an insertion sort for short lists)
+/// with its comparator, under which an element missing from `order` sorts before anything.
+/// `$patch: delete` elements go last.
+fn sort_by_order(items: Vec<Value>, order: &[Value], key: Option<&str>) -> Vec<Value> {
+    let (mut keep, deletes): (Vec<Value>, Vec<Value>) = items
+        .into_iter()
+        .partition(|v| !(key.is_some() && v.get("$patch").is_some_and(|d| d == "delete")));
+    let less = |a: &Value, b: &Value| match (index_in(order, a, key), index_in(order, b, key)) {
+        (Some(i), Some(j)) => i < j,
+        _ => true,
+    };
+    for i in 1..keep.len() {
+        let mut j = i;
+        while j > 0 && less(&keep[j], &keep[j - 1]) {
+            keep.swap(j, j - 1);
+            j -= 1;
+        }
+    }
+    keep.extend(deletes);
+    keep
+}
+
+/// apimachinery's `normalizeElementOrder`: patch items in patch order, server-only items in
+/// server order, interleaved by their places in the server's list.
+fn normalize_order(
+    patch_items: Vec<Value>,
+    server_only: Vec<Value>,
+    patch_order: &[Value],
+    server_order: &[Value],
+    key: Option<&str>,
+) -> Vec<Value> {
+    let right = sort_by_order(patch_items, patch_order, key);
+    let left = sort_by_order(server_only, server_order, key);
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::with_capacity(left.len() + right.len());
+    while i < left.len() || j < right.len() {
+        let take_left = if i >= left.len() {
+            false
+        } else if j >= right.len() {
+            true
+        } else {
+            matches!(
+                (index_in(server_order, &left[i], key), index_in(server_order, &right[j], key)),
+                (Some(l), Some(r)) if l < r
+            )
+        };
+        if take_left {
+            out.push(left[i].clone());
+            i += 1;
+        } else {
+            out.push(right[j].clone());
+            j += 1;
+        }
+    }
+    out
+}
+
+/// apimachinery's `validatePatchWithSetOrderList`: the patch's items appear in the
+/// `$setElementOrder` list, in the same relative order.
+fn validate_set_order(patch: &[Value], order: &[Value], key: Option<&str>) -> Result<(), ApiError> {
+    if order.is_empty() || patch.is_empty() {
+        return Ok(());
+    }
+    let items: Vec<&Value> = patch.iter().filter(|v| v.get("$patch").is_none()).collect();
+    let (mut p, mut o) = (0, 0);
+    while p < items.len() && o < order.len() {
+        if order_key(items[p], key).is_some()
+            && order_key(items[p], key) == order_key(&order[o], key)
+        {
+            p += 1;
+        }
+        o += 1;
+    }
+    if p < items.len() {
+        return Err(smp_error(
+            500,
+            format!(
+                "The order in patch list:\n{}\n doesn't match $setElementOrder list:\n{}\n",
+                Value::Array(patch.to_vec()),
+                Value::Array(order.to_vec())
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn pointer_parts(path: &str) -> Result<Vec<String>, String> {
     if path.is_empty() {
         return Ok(vec![]);
@@ -1041,6 +1485,63 @@ fn object_key(def: &ResourceDef, namespace: Option<&str>, name: &str) -> String 
     }
 }
 
+/// Where the real server keeps an object in etcd (as its storage errors name it).
+fn storage_key(def: &ResourceDef, namespace: Option<&str>, name: &str) -> String {
+    // Nodes are still stored under their old name.
+    let resource = if def.plural == "nodes" {
+        "minions"
+    } else {
+        def.plural
+    };
+    match namespace.filter(|_| def.namespaced) {
+        Some(ns) => format!("/registry/{resource}/{ns}/{name}"),
+        None => format!("/registry/{resource}/{name}"),
+    }
+}
+
+/// The namespace rule every Event must pass, create or update (Kubernetes'
+/// `legacyValidateEvent`): without `eventTime` (an old-style event), the event lives in the
+/// namespace of the object it is about, or in `default` (or no namespace) when that object is
+/// cluster-scoped; with `eventTime`, an event about a cluster-scoped object lives in `default`
+/// or `kube-system`. The real server answers 422 otherwise.
+fn validate_event(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
+    if def.plural != "events" {
+        return Ok(());
+    }
+    let about = if def.group.is_empty() {
+        "involvedObject"
+    } else {
+        "regarding"
+    };
+    let namespace = meta_str(obj, "namespace").unwrap_or("");
+    let object_ns = obj
+        .get(about)
+        .and_then(|o| o.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let event_time = obj
+        .get("eventTime")
+        .and_then(Value::as_str)
+        .is_some_and(|t| !t.is_empty());
+    let ok = match (event_time, object_ns.is_empty()) {
+        (false, true) => namespace.is_empty() || namespace == "default",
+        (false, false) => namespace == object_ns,
+        (true, true) => namespace == "default" || namespace == "kube-system",
+        (true, false) => true,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        def,
+        meta_str(obj, "name").unwrap_or(""),
+        &format!(
+            "{about}.namespace: Invalid value: {}: does not match event.namespace",
+            json!(object_ns)
+        ),
+    ))
+}
+
 /// Parsed list/watch/get paging and version parameters.
 struct ListOpts {
     limit: Option<usize>,
@@ -1395,6 +1896,7 @@ impl Store {
         m.remove("deletionTimestamp");
         m.remove("deletionGracePeriodSeconds");
         m.remove("selfLink");
+        validate_event(def, &obj)?;
         let key = object_key(def, ns.as_deref(), &name);
         if self.objects[ty].contains_key(&key) {
             return Err(ApiError::already_exists(def, &name));
@@ -1484,6 +1986,7 @@ impl Store {
             f
         };
         normalize_meta(&mut fin);
+        validate_event(def, &fin)?;
         let mut cmp = fin.clone();
         meta_mut(&mut cmp).insert(
             "resourceVersion".into(),
@@ -1573,6 +2076,21 @@ impl Store {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(def, name))?;
+        // A uid in the body is a precondition (apiserver's `defaultUpdatedObjectInfo`), checked
+        // by the storage layer before anything else: 409.
+        if let Some(uid) = meta_str(&new, "uid").filter(|u| !u.is_empty()) {
+            let have = meta_str(&old, "uid").unwrap_or("");
+            if uid != have {
+                return Err(ApiError::conflict(
+                    def,
+                    name,
+                    &format!(
+                        "StorageError: invalid object, Code: 4, Key: {}, ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: UID in precondition: {uid}, UID in object meta: {have}",
+                        storage_key(def, namespace, name)
+                    ),
+                ));
+            }
+        }
         Self::check_precondition(def, name, &old, &new)?;
         self.commit_update(ty, &key, old, new, status_only)
     }
@@ -1594,11 +2112,14 @@ impl Store {
             .ok_or_else(|| ApiError::not_found(def, name))?;
         let mut new = old.clone();
         match content_type {
-            "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            "application/merge-patch+json" => {
                 if !patch.is_object() {
                     return Err(ApiError::bad_request("a merge patch must be a JSON object"));
                 }
                 merge_patch(&mut new, patch);
+            }
+            "application/strategic-merge-patch+json" => {
+                strategic_merge_patch(def.plural, &mut new, patch)?
             }
             "application/json-patch+json" => json_patch(&mut new, patch).map_err(|e| {
                 ApiError::new(
@@ -1621,6 +2142,20 @@ impl Store {
             ));
         }
         Self::check_identity(def, namespace, name, &new)?;
+        // A patch carries no uid precondition: a patched uid reaches the update validation,
+        // which refuses to change an immutable field.
+        if let Some(uid) = meta_str(&new, "uid").filter(|u| !u.is_empty()) {
+            if Some(uid) != meta_str(&old, "uid") {
+                return Err(ApiError::invalid(
+                    def,
+                    name,
+                    &format!(
+                        "metadata.uid: Invalid value: {}: field is immutable",
+                        json!(uid)
+                    ),
+                ));
+            }
+        }
         Self::check_precondition(def, name, &old, &new)?;
         self.commit_update(ty, &key, old, new, status_only)
     }
@@ -1682,6 +2217,28 @@ impl Store {
         self.objects[ty].remove(&key);
         self.emit(ty, key, EvKind::Deleted, gone.clone(), Some(old));
         Ok(DeleteOutcome::Deleted(gone))
+    }
+
+    /// Removes an object and records its deletion in the history, without sending it to the
+    /// watches open now.
+    fn delete_unwatched(
+        &mut self,
+        ty: usize,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let def = &RESOURCES[ty];
+        let key = object_key(def, namespace, name);
+        let old = self.objects[ty]
+            .remove(&key)
+            .ok_or_else(|| ApiError::not_found(def, name))?;
+        let mut gone = old.clone();
+        let rv = self.next_rv();
+        meta_mut(&mut gone).insert("resourceVersion".into(), json!(rv.to_string()));
+        let watchers = std::mem::take(&mut self.watchers);
+        self.emit(ty, key, EvKind::Deleted, gone.clone(), Some(old));
+        self.watchers = watchers;
+        Ok(gone)
     }
 
     /// Registers a watch and returns the lines to send first (and whether the watch ends there).
@@ -2059,7 +2616,10 @@ impl Faults {
 // Call log
 // ---------------------------------------------------------------------------------------------
 
-/// One request the server received (admin and internal helper calls are not logged).
+/// One request the server received (admin and internal helper calls are not logged). It is
+/// logged when it arrives, before any fault delays or hangs it, so the log shows requests still
+/// in flight: `status` is None until the answer is sent, and `abandoned` says the client went
+/// away (closed the connection) before that.
 #[derive(Debug, Clone)]
 pub struct Call {
     pub id: u64,
@@ -2080,12 +2640,24 @@ pub struct Call {
     pub content_type: Option<String>,
     /// The request body, as JSON (a string if it was not JSON); None when empty.
     pub body: Option<Value>,
+    /// When it arrived.
     pub at: Instant,
-    /// The HTTP status answered; None while the request is still pending (or hung).
+    /// The HTTP status answered; None while the request is still pending (or hung), and for a
+    /// request its client abandoned.
     pub status: Option<u16>,
+    /// When the answer was sent.
+    pub answered_at: Option<Instant>,
+    /// The client closed the connection before an answer was sent (a client-side timeout or a
+    /// cancelled request): the request is over, unanswered.
+    pub abandoned: bool,
 }
 
 impl Call {
+    /// Still waiting for its answer, with its client still waiting too.
+    pub fn in_flight(&self) -> bool {
+        self.status.is_none() && !self.abandoned
+    }
+
     /// The query parameters, decoded.
     pub fn params(&self) -> HashMap<String, String> {
         parse_query(&self.query)
@@ -2120,6 +2692,8 @@ impl Call {
             "body": self.body,
             "at_ms": self.at.saturating_duration_since(since).as_secs_f64() * 1000.0,
             "status": self.status,
+            "answered_at_ms": self.answered_at.map(|t| t.saturating_duration_since(since).as_secs_f64() * 1000.0),
+            "abandoned": self.abandoned,
         })
     }
 }
@@ -2345,6 +2919,36 @@ impl FakeApiServer {
         name: &str,
     ) -> Result<DeleteOutcome, ApiError> {
         lock(&self.inner.store).delete(resource_id(resource), namespace, name, None)
+    }
+
+    /// Deletes an object (ignoring finalizers) without telling the watches open now, as if
+    /// their streams lagged: live reads already see it gone, caches fed by those watches still
+    /// hold it. The deletion is in the history, so a watch started or resumed later sees it.
+    pub fn delete_unwatched(
+        &self,
+        resource: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        lock(&self.inner.store).delete_unwatched(resource_id(resource), namespace, name)
+    }
+
+    /// Sends one watch event of `kind` (`ADDED`, `MODIFIED`, `DELETED`) carrying `object` to every
+    /// open watch of `resource` whose selectors match it, without touching the store or its
+    /// history: a cache fed by those watches believes it, live reads do not. Returns how many
+    /// watches it reached.
+    pub fn forge_watch_event(&self, resource: &str, kind: &str, object: Value) -> usize {
+        let ty = resource_id(resource);
+        let def = &RESOURCES[ty];
+        let mut object = object;
+        Store::set_type_meta(def, &mut object);
+        let line = watch_line(kind, &object);
+        let st = lock(&self.inner.store);
+        st.watchers
+            .iter()
+            .filter(|w| w.ty == ty && w.filter.matches(&object))
+            .filter(|w| w.tx.send(line.clone()).is_ok())
+            .count()
     }
 
     /// Empties `metadata.finalizers` (finishing a pending deletion).
@@ -2897,6 +3501,8 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         },
         at: Instant::now(),
         status: None,
+        answered_at: None,
+        abandoned: false,
     };
     if let Ok(Target::Resource(r)) = &target {
         let def = &RESOURCES[r.ty];
@@ -2914,17 +3520,50 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         lock(&inner.faults).plan(&call)
     };
     lock(&inner.calls).push(call);
-
+    // Dropped unanswered when the client goes away: hyper then drops this future.
+    let mut pending = PendingCall {
+        inner: inner.clone(),
+        id: call_id,
+        answered: false,
+    };
     let resp = respond(&inner, target, plan, &q, content_type.as_deref(), &body).await;
-    let status = resp.status().as_u16();
-    if let Some(c) = lock(&inner.calls)
-        .iter_mut()
-        .rev()
-        .find(|c| c.id == call_id)
-    {
-        c.status = Some(status);
-    }
+    pending.answer(resp.status().as_u16());
     resp
+}
+
+/// A logged call waiting for its answer; dropped unanswered, it marks the call abandoned.
+struct PendingCall {
+    inner: Arc<Inner>,
+    id: u64,
+    answered: bool,
+}
+
+impl PendingCall {
+    fn update(&self, f: impl FnOnce(&mut Call)) {
+        if let Some(c) = lock(&self.inner.calls)
+            .iter_mut()
+            .rev()
+            .find(|c| c.id == self.id)
+        {
+            f(c);
+        }
+    }
+
+    fn answer(&mut self, status: u16) {
+        self.answered = true;
+        self.update(|c| {
+            c.status = Some(status);
+            c.answered_at = Some(Instant::now());
+        });
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.update(|c| c.abandoned = true);
+        }
+    }
 }
 
 async fn respond(

@@ -148,8 +148,12 @@ impl Driver {
             .expect("spawn rds-csi")
     }
 
+    /// The driver's log so far. A log that cannot be read fails the test: an empty string would
+    /// make every "the log does not say X" check pass.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default()
+        let path = self.dir.path().join("driver.log");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading the driver log {}: {e}", path.display()))
     }
 
     /// The metrics address the driver logged at start.
@@ -390,13 +394,68 @@ pub async fn http_get(url: &str) -> String {
         .unwrap_or(body)
 }
 
-/// The value of one sample in a Prometheus text scrape (0 when absent).
+/// The value of one sample in a Prometheus text scrape. A series that is not there fails the
+/// test, so a misspelled or missing metric can never read as 0; a test that expects absence
+/// says so with [`sample_or_absent`].
 pub fn sample(scrape: &str, series: &str) -> f64 {
+    sample_or_absent(scrape, series).unwrap_or_else(|| {
+        let family = series.split('{').next().unwrap_or(series);
+        let known: Vec<&str> = scrape.lines().filter(|l| l.starts_with(family)).collect();
+        panic!("series {series} is absent from the scrape; its family has: {known:#?}")
+    })
+}
+
+/// The value of one sample, or None when the scrape has no such series.
+pub fn sample_or_absent(scrape: &str, series: &str) -> Option<f64> {
     scrape
         .lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{series}: {v:?} is not a number: {e}"))
+        })
+}
+
+/// The TCP addresses process `pid` listens on, from /proc: its socket inodes matched against
+/// the LISTEN entries of its network namespace.
+pub fn tcp_listeners(pid: i32) -> Vec<std::net::SocketAddr> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("listing /proc/{pid}/fd: {e}"))
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/net/{table}: {e}"));
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                continue;
+            }
+            let (ip, port) = f[1].split_once(':').expect("address:port");
+            let port = u16::from_str_radix(port, 16).expect("hex port");
+            // The address is in 32-bit words, each in host (little-endian) order.
+            let bytes: Vec<u8> = (0..ip.len() / 8)
+                .flat_map(|w| {
+                    u32::from_str_radix(&ip[w * 8..w * 8 + 8], 16)
+                        .expect("hex address")
+                        .to_le_bytes()
+                })
+                .collect();
+            let ip: std::net::IpAddr = match bytes.len() {
+                4 => <[u8; 4]>::try_from(bytes).unwrap().into(),
+                _ => <[u8; 16]>::try_from(bytes).unwrap().into(),
+            };
+            out.push(std::net::SocketAddr::new(ip, port));
+        }
+    }
+    out
 }
 
 pub fn cap(mode: Mode, block: bool) -> VolumeCapability {
