@@ -2540,6 +2540,7 @@ impl FakeRds {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
     use super::*;
 
     #[test]
