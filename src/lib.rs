@@ -11,6 +11,7 @@
 //! - [`metrics`], [`telemetry`]: Prometheus registry and logs;
 //! - [`role`]: whether this controller serves attachments (active, standby), following the
 //!   csi-attacher's leader Lease, and the switch between the two;
+//! - [`reconcile`]: the active controller's reconcilers (stale attachments, orphan volumes);
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/debug/attachments`;
 //! - [`ctl`]: a small CSI client over the socket for humans.
 
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod kube;
 pub mod metrics;
 pub mod node;
+pub mod reconcile;
 pub mod role;
 pub mod telemetry;
 
