@@ -181,8 +181,9 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     c.pv("pv-x", "vol-x", false, None, json!({}));
     c.pv("pv-y", "vol-y", false, None, json!({}));
     c.pv("pv-m", "vol-m", true, None, json!({}));
+    c.pv("pv-z", "vol-z", false, None, json!({}));
     c.lease("a", 3600);
-    let volumes = ["vol-x", "vol-y", "vol-m", "vol-free"];
+    let volumes = ["vol-x", "vol-y", "vol-m", "vol-z", "vol-free"];
     let a = start_ha(&c, "a", &volumes, &[]).await;
     let b = start_ha(&c, "b", &volumes, &[]).await;
     eventually("a serves, b stands by", || async {
@@ -201,6 +202,9 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     let m2 = c.va("pv-m", "vol-m", "n2", false, Duration::from_secs(0));
     a.publish("vol-m", "n2", rwx()).await.unwrap();
     c.attach(&m2);
+    let z1 = c.va("pv-z", "vol-z", "n1", false, Duration::ZERO);
+    a.publish("vol-z", "n1", rwo()).await.unwrap();
+    c.attach(&z1);
 
     // b, the standby: attachments are refused, everything else works.
     assert!(not_active(&b.unpublish("vol-x", "n1").await));
@@ -246,6 +250,8 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     c.attach(&y3);
     b.unpublish("vol-m", "n1").await.unwrap();
     c.remove_va(&m1);
+    b.unpublish("vol-z", "n1").await.unwrap();
+    c.remove_va(&z1);
     assert_eq!(
         b.metric(r#"rds_csi_migration_migrations_total{result="success"}"#)
             .await,
@@ -259,6 +265,11 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     let m = a.debug("vol-m").await;
     assert_eq!(holders(&m), ["n2"], "{m}");
     assert!(m["migration"].is_null(), "{m}");
+    let z = a.debug("vol-z").await;
+    assert!(
+        z["error"].is_string(),
+        "z left n1 while b served: a's memory of it is gone: {z}"
+    );
     assert!(not_active(&b.publish("vol-x", "n2", rwo()).await));
     // a serves: y leaves n3.
     a.unpublish("vol-y", "n3").await.unwrap();
@@ -275,14 +286,15 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
         "b: standby at start, active, standby"
     );
     // a seeded twice: nothing at its first term, then the three attached VolumeAttachments b
-    // left (x on n2, y on n3, m on n2); b once, from what a left (x on n1, m on n1 and n2).
+    // left (x on n2, y on n3, m on n2); b once, from what a left (x and z on n1, m on n1 and
+    // n2).
     assert_eq!(
         sample(&ma, "rds_csi_seeding_volumeattachments_seen_total"),
         3.0
     );
     assert_eq!(
         sample(&mb, "rds_csi_seeding_volumeattachments_seen_total"),
-        3.0
+        4.0
     );
     assert_eq!(sample(&ma, "rds_csi_leader_active"), 1.0);
     assert_eq!(sample(&mb, "rds_csi_leader_active"), 0.0);
@@ -296,6 +308,65 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
         })
         .collect();
     assert!(lease_writes.is_empty(), "{lease_writes:?}");
+}
+
+// ---- An answer across a move ------------------------------------------------------------------
+
+/// A publish admitted while a was active is still deciding (its live check of the holder hangs)
+/// when the Lease moves to b. The check then finds the holder released, so a's actor attaches;
+/// but a's term ended before the answer, so a answers UNAVAILABLE, never OK: b, seeded after
+/// the holder's VolumeAttachment went, may give the volume to another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_decided_across_a_lease_move_is_never_ok() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    let x1 = c.va("pv-x", "vol-x", "n1", true, Duration::from_secs(60));
+    c.lease("a", 3600);
+    let a = start_ha(&c, "a", &["vol-x"], &[]).await;
+    let b = start_ha(&c, "b", &["vol-x"], &[]).await;
+    eventually("a serves, b stands by", || async {
+        is_active(&a).await && is_standby(&b).await
+    })
+    .await;
+
+    c.api.clear_calls();
+    let hang = c.api.hang("get", "nodes");
+    c.va("pv-x", "vol-x", "n2", false, Duration::ZERO);
+    let mut client = a.controller();
+    let publish = tokio::spawn(async move {
+        client
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: "vol-x".into(),
+                node_id: "n2".into(),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await
+    });
+    eventually("a's live check of n1 is in flight", || async {
+        c.api
+            .calls_matching("get", "nodes")
+            .iter()
+            .any(|call| call.name.as_deref() == Some("n1") && call.in_flight())
+    })
+    .await;
+    c.remove_va(&x1);
+    c.move_lease("b");
+    eventually("a stood down", || async {
+        a.metric("rds_csi_leader_active").await == 0.0
+    })
+    .await;
+    c.api.remove_fault(hang);
+    let answer = publish.await.unwrap();
+    assert!(
+        matches!(&answer, Err(s) if s.code() == Code::Unavailable && s.message().contains("term ended")),
+        "{answer:?}"
+    );
+    eventually("b serves", || is_active(&b)).await;
+    c.va("pv-x", "vol-x", "n3", false, Duration::ZERO);
+    b.publish("vol-x", "n3", rwo())
+        .await
+        .expect("b, seeded after n1's VolumeAttachment went, sees no holder");
 }
 
 // ---- The expired Lease whose holder did not change ------------------------------------------
@@ -425,10 +496,15 @@ async fn a_lease_event_the_api_does_not_confirm_never_makes_a_driver_active() {
     forged["spec"]["holderIdentity"] = json!("b");
     forged["spec"]["renewTime"] = json!(crate::support::cluster::micro_now());
     assert_eq!(c.api.forge_watch_event("leases", "MODIFIED", forged), 2);
-    eventually("b asked the API whether the Lease names it", || async {
-        c.api.count_calls("get", "leases") >= 1
+    eventually("b reacted to the forged event", || async {
+        c.api.count_calls("get", "leases") >= 1 || transitions(&b.scrape().await, "active") > 0.0
     })
     .await;
+    assert_eq!(
+        transitions(&b.scrape().await, "active"),
+        0.0,
+        "b confirms with a live read before it serves"
+    );
     eventually("a stood down", || is_standby(&a)).await;
     assert!(is_standby(&b).await);
     assert!(not_active(&b.publish("vol-x", "n2", rwo()).await));
