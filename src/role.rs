@@ -465,6 +465,8 @@ impl Follower {
         tokio::select! {
             changed = self.rx.changed() => {
                 if changed.is_err() {
+                    tracing::error!("the Lease watch ended; standing by for good");
+                    self.stand_down(Why::NoLease).await;
                     std::future::pending::<()>().await;
                 }
             }

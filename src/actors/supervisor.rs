@@ -29,6 +29,12 @@
 //! of it and find the address already disconnected. The flag is set before the actor stops, so a
 //! disconnected address without it is a death, never a retirement whose `Reaped` is still queued.
 //!
+//! Standing down: when this controller stops serving attachments (another pod's csi-attacher
+//! holds the leader Lease), [`Dismiss`] stops every actor without any effect, forgets parked and
+//! poisoned volumes, and refuses every route until the next [`Seed`] rebuilds state from the
+//! VolumeAttachments. So a call admitted before the stand-down never starts an actor from empty
+//! state, and a poisoned volume is healed by the next term's seeding.
+//!
 //! Parking: a volume seeded with one settled attachment (no migration, no over-attachment, so
 //! no timer and no pending effect) has nothing to do until a message arrives. It is kept as a
 //! [`Parked`] record, about a tenth of an actor's memory, and the first message for it starts
@@ -208,8 +214,8 @@ impl Supervisor {
         self.spawn(actor, volume)
     }
 
-    /// Starts an actor holding rebuilt state (boot seeding). Replaces nothing: seeding runs
-    /// before any RPC is served.
+    /// Starts an actor holding rebuilt state (seeding). Replaces nothing: seeding runs before
+    /// any RPC is served, at boot or after a [`Dismiss`] emptied the maps.
     pub fn seed(
         &mut self,
         volume: VolumeId,

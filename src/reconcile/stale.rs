@@ -41,13 +41,15 @@ impl StaleAttachments {
         let start = tokio::time::Instant::now() + interval;
         let mut tick = tokio::time::interval_at(start, interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut watching = true;
         loop {
+            let mut closed = false;
             tokio::select! {
                 _ = tick.tick() => {
                     let ok = self.pass().await;
                     count(&self.metrics, STALE, ok);
                 }
-                deleted = deletions.recv() => match deleted {
+                deleted = deletions.recv(), if watching => match deleted {
                     Ok(name) => match NodeId::try_from(name.as_str()) {
                         Ok(node) => {
                             self.clear_if_gone(vec![node]).await;
@@ -59,10 +61,12 @@ impl StaleAttachments {
                         let ok = self.pass().await;
                         count(&self.metrics, STALE, ok);
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        deletions = broadcast::channel(1).1;
-                    }
+                    Err(broadcast::error::RecvError::Closed) => closed = true,
                 },
+            }
+            if closed {
+                tracing::warn!("Node deletions are no longer reported; the interval passes go on");
+                watching = false;
             }
         }
     }
