@@ -11,6 +11,8 @@
 //! 3, the median is reported) choose what. `-- --test` checks the bench and the session bound
 //! quickly (8 operations, 2 ms, one run).
 
+// A bench without the test harness compiles the fake's `cfg(test)` module without its tests.
+#[allow(unused_imports)]
 #[path = "../tests/support/fake_rds.rs"]
 mod fake_rds;
 

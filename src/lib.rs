@@ -9,6 +9,9 @@
 //! - [`backend`]: where volumes live (`file` is the embedded default);
 //! - [`kube`]: the cluster behind small traits (standalone implementations included);
 //! - [`metrics`], [`telemetry`]: Prometheus registry and logs;
+//! - [`role`]: whether this controller serves attachments (active, standby), following the
+//!   csi-attacher's leader Lease, and the switch between the two;
+//! - [`reconcile`]: the active controller's reconcilers (stale attachments, orphan volumes);
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/debug/attachments`;
 //! - [`ctl`]: a small CSI client over the socket for humans.
 
@@ -22,6 +25,8 @@ pub mod ids;
 pub mod kube;
 pub mod metrics;
 pub mod node;
+pub mod reconcile;
+pub mod role;
 pub mod telemetry;
 
 use std::time::SystemTime;
@@ -68,6 +73,10 @@ pub enum Error {
     NodeFull { node: NodeId, held: u64, max: u64 },
     #[error("the driver is not ready yet: attachment state is still being rebuilt")]
     NotReady,
+    /// A standby controller (another pod's csi-attacher holds the leader Lease), or an active
+    /// one whose term ended before it answered.
+    #[error("not the active controller: {0}")]
+    NotActive(String),
     #[error("{0}")]
     Unavailable(String),
     /// The volume actor is being reaped; the caller retries through the supervisor.
@@ -93,6 +102,7 @@ impl Error {
             Self::StillPublished { .. } => "still_published",
             Self::NodeFull { .. } => "node_full",
             Self::NotReady => "not_ready",
+            Self::NotActive(_) => "not_active",
             Self::Unavailable(_) | Self::Retired => "unavailable",
             Self::DeadlineExceeded(_) => "deadline_exceeded",
             Self::Aborted(_) => "aborted",

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use rds_csi::actors::messages::Seed;
+use rds_csi::actors::messages::{Dismiss, Seed};
 use rds_csi::actors::supervisor::Supervisor;
 use rds_csi::actors::{NodeLimit, Router, VolumeDeps, MAILBOX_TIMEOUT};
 use rds_csi::backend::file::FileBackend;
@@ -28,6 +28,7 @@ use rds_csi::grpc::server::{self, Services};
 use rds_csi::http::HttpState;
 use rds_csi::ids::NodeIdRules;
 use rds_csi::kube::cluster::{self as kube_cluster, InClusterSigns, KubeCluster, KubernetesMode};
+use rds_csi::kube::lease::{self, KubeLease};
 use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
@@ -38,6 +39,9 @@ use rds_csi::node::nvme::NvmeDevices;
 use rds_csi::node::plugin::NodeDeps;
 use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
+use rds_csi::reconcile::orphan::{OrphanConfig, OrphanVolumes};
+use rds_csi::reconcile::stale::StaleAttachments;
+use rds_csi::role::{self, Role, Takeover};
 use rds_csi::telemetry::{self, LogFormat};
 use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
 
@@ -175,6 +179,37 @@ struct Args {
     /// server, the supervisor and every volume actor) on one thread, so no RPC crosses threads.
     #[arg(long, env = "RDS_CSI_ARBITERS")]
     arbiters: Option<usize>,
+    /// Follow the csi-attacher's leader Lease (never written): serve ControllerPublish/Unpublish
+    /// only while it names this pod and has not expired, as a standby otherwise; each takeover
+    /// re-seeds from VolumeAttachments first. Kubernetes mode only.
+    #[arg(long, env = "RDS_CSI_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of that Lease [default: POD_NAMESPACE, then the pod's service-account namespace].
+    #[arg(long, env = "RDS_CSI_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of that Lease [default: external-attacher-leader-<driver name, every character
+    /// outside A-Z a-z 0-9 - replaced by ->, as csi-lib-utils names it].
+    #[arg(long, env = "RDS_CSI_LEADER_ELECTION_LEASE")]
+    leader_election_lease: Option<String>,
+    /// The Lease holder that means this pod [default: the hostname, i.e. the pod name, which
+    /// the csi-attacher in the same pod uses].
+    #[arg(long, env = "RDS_CSI_LEADER_ELECTION_IDENTITY")]
+    leader_election_identity: Option<String>,
+    /// How often the active controller checks, live, that every node holding a volume still has
+    /// its Node object (deletions the Node watch reports are checked at once).
+    #[arg(long, env = "RDS_CSI_STALE_ATTACHMENT_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    stale_attachment_interval: Duration,
+    /// How often the active controller looks for backend volumes no PersistentVolume names.
+    #[arg(long, env = "RDS_CSI_ORPHAN_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    orphan_interval: Duration,
+    /// How long a volume must have had no PersistentVolume, counted from when this process first
+    /// saw it so, before it is reported as an orphan (and deleted, with --orphan-delete).
+    #[arg(long, env = "RDS_CSI_ORPHAN_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    orphan_grace: Duration,
+    /// Delete orphan volumes past their grace (after a live PV list, through the volume's actor).
+    /// Without it orphans are only reported.
+    #[arg(long, env = "RDS_CSI_ORPHAN_DELETE")]
+    orphan_delete: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -221,6 +256,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         rds_pool_size,
         rds_sessions_per_connection,
         rds_command_timeout,
+        leader_election,
+        leader_election_namespace,
+        leader_election_lease,
+        leader_election_identity,
+        stale_attachment_interval,
+        orphan_interval,
+        orphan_grace,
+        orphan_delete,
     } = args;
     let rds = RdsArgs {
         address: rds_address,
@@ -257,6 +300,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     if driver_name.is_empty() {
         bail!("--driver-name must not be empty");
     }
+    for (flag, period) in [
+        ("--stale-attachment-interval", stale_attachment_interval),
+        ("--orphan-interval", orphan_interval),
+    ] {
+        if period.is_zero() {
+            bail!("{flag} must be longer than zero");
+        }
+    }
+    let reconcilers = ReconcilerFlags {
+        stale_interval: stale_attachment_interval,
+        orphan: OrphanConfig {
+            interval: orphan_interval,
+            grace: orphan_grace,
+            delete: orphan_delete,
+        },
+    };
     let socket = server::parse_endpoint(&endpoint)?;
     let arbiter_count =
         arbiters.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -283,6 +342,28 @@ fn run(args: Args) -> anyhow::Result<()> {
         let node_ids = match client {
             Some(_) => NodeIdRules::Kubernetes,
             None => NodeIdRules::Standalone,
+        };
+        let leader = match (leader_election, &client) {
+            (false, _) => None,
+            (true, _) if !controller => bail!("--leader-election is for the controller (--mode controller or all)"),
+            (true, None) => bail!("--leader-election needs Kubernetes mode (--kubernetes on, or auto with a cluster): it follows the csi-attacher's Lease"),
+            (true, Some(_)) => {
+                let pod_namespace = std::env::var("POD_NAMESPACE").ok();
+                let namespace = lease::resolve_namespace(
+                    leader_election_namespace.as_deref(),
+                    pod_namespace.as_deref(),
+                    &service_account_dir,
+                )?;
+                let identity = match leader_election_identity {
+                    Some(id) if !id.is_empty() => id,
+                    Some(_) => bail!("--leader-election-identity must not be empty"),
+                    None => gethostname::gethostname().into_string().map_err(|h| {
+                        anyhow::anyhow!("hostname {h:?} is not UTF-8; pass --leader-election-identity")
+                    })?,
+                };
+                let name = leader_election_lease.unwrap_or_else(|| lease::lease_name(&driver_name));
+                Some(LeaderFlags { namespace, name, identity })
+            }
         };
         match &client {
             Some(_) => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode,
@@ -326,20 +407,40 @@ fn run(args: Args) -> anyhow::Result<()> {
             let handles = arbiter_threads.iter().map(|a| a.handle()).collect();
             let supervisor = Supervisor::new(deps, handles).start();
             supervisor_addr = Some(supervisor.clone());
-            match cluster {
-                Some(cluster) => {
-                    tokio::spawn(seed(cluster, supervisor.clone(), metrics.clone(), ready.clone(), started));
+            let role = Role::new(ready.clone(), metrics.clone());
+            let published: Option<Arc<dyn rds_csi::kube::PublishedNodes>> = match (&cluster, &client) {
+                (Some(cluster), Some(client)) => {
+                    let takeover: Arc<dyn Takeover> = Arc::new(Attachments {
+                        cluster: cluster.clone(),
+                        supervisor: supervisor.clone(),
+                        metrics: metrics.clone(),
+                        backend: backend.clone(),
+                        reconcilers,
+                    });
+                    match &leader {
+                        None => {
+                            tokio::spawn(role::serve_always(role.clone(), takeover, started));
+                        }
+                        Some(leader) => {
+                            tracing::info!(namespace = %leader.namespace, lease = %leader.name, identity = %leader.identity,
+                                "leader election: following the csi-attacher's Lease; ControllerPublish/Unpublish are served only while it names this pod");
+                            let lease = KubeLease::start(client.clone(), &leader.namespace, &leader.name);
+                            tokio::spawn(role::follow(role.clone(), lease, takeover, leader.identity.clone(), role::system_clock()));
+                        }
+                    }
+                    Some(cluster.clone())
                 }
-                None => {
-                    ready.store(true, std::sync::atomic::Ordering::Release);
-                    metrics.seeding_seconds_to_ready.set(started.elapsed().as_secs_f64());
+                _ => {
+                    role.serve_standalone(started);
+                    None
                 }
-            }
+            };
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
                 router: Router::new(supervisor, MAILBOX_TIMEOUT),
                 backend,
-                ready: ready.clone(),
+                role,
+                published,
                 metrics: metrics.clone(),
                 node_ids,
             })
@@ -406,16 +507,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// Rebuilds attachment state from VolumeAttachments, then marks the driver ready once the Node
-/// projection has synced too (so no Publish needs a live Node GET to know a node). Until then
-/// Probe says not ready and Controller RPCs answer UNAVAILABLE.
-async fn seed(
-    cluster: Arc<KubeCluster>,
-    supervisor: Addr<Supervisor>,
-    metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-    started: std::time::Instant,
-) {
+/// Rebuilds attachment state from VolumeAttachments, and returns once the Node projection has
+/// synced too (so no Publish needs a live Node GET to know a node). The role serves only after
+/// it returns: until then Probe says not ready and Controller RPCs answer UNAVAILABLE. Runs at
+/// boot, and again at every takeover, into a supervisor that was just dismissed.
+async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics) {
     cluster.pvs_ready().await;
     let vas = cluster.list_attachments(|_| {}).await;
     let seen = vas.len();
@@ -440,24 +536,82 @@ async fn seed(
         Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e, "the supervisor stopped while seeding");
-            return;
+            return std::future::pending().await;
         }
     };
     if !cluster.nodes_synced() {
         tracing::info!("attachment state rebuilt; waiting for the first complete Node list before becoming ready");
     }
     cluster.nodes_ready().await;
-    ready.store(true, std::sync::atomic::Ordering::Release);
-    let secs = started.elapsed().as_secs_f64();
-    metrics.seeding_seconds_to_ready.set(secs);
     tracing::info!(
         volume_attachments = seen,
         volumes,
         attachments = holders,
         skipped,
-        seconds = secs,
-        "attachment state rebuilt from VolumeAttachments; ready"
+        "attachment state rebuilt from VolumeAttachments"
     );
+}
+
+/// `--leader-election*`, resolved.
+struct LeaderFlags {
+    namespace: String,
+    name: String,
+    identity: String,
+}
+
+/// The reconcilers' flags.
+#[derive(Clone, Copy)]
+struct ReconcilerFlags {
+    stale_interval: Duration,
+    orphan: OrphanConfig,
+}
+
+/// What a term's beginning and end do, with a cluster: the supervisor's state dropped or
+/// rebuilt from VolumeAttachments, and the reconcilers of the term.
+struct Attachments {
+    cluster: Arc<KubeCluster>,
+    supervisor: Addr<Supervisor>,
+    metrics: Arc<Metrics>,
+    backend: Arc<dyn VolumeBackend>,
+    reconcilers: ReconcilerFlags,
+}
+
+#[async_trait::async_trait]
+impl Takeover for Attachments {
+    async fn dismiss(&self) {
+        match self.supervisor.send(Dismiss).await {
+            Ok(volumes) => tracing::info!(volumes, "attachment state dropped"),
+            Err(e) => {
+                tracing::error!(error = %e, "the supervisor stopped while dropping attachment state")
+            }
+        }
+    }
+
+    async fn seed(&self) {
+        seed(&self.cluster, &self.supervisor, &self.metrics).await;
+    }
+
+    fn start_reconcilers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let stale = StaleAttachments {
+            supervisor: self.supervisor.clone(),
+            nodes: self.cluster.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let orphans = OrphanVolumes {
+            backend: self.backend.clone(),
+            pvs: self.cluster.clone(),
+            router: Router::new(self.supervisor.clone(), MAILBOX_TIMEOUT),
+            metrics: self.metrics.clone(),
+            config: self.reconcilers.orphan,
+        };
+        vec![
+            tokio::spawn(stale.run(
+                self.reconcilers.stale_interval,
+                self.cluster.node_deletions(),
+            )),
+            tokio::spawn(orphans.run()),
+        ]
+    }
 }
 
 /// The node plugin on the real seams: loop devices for the file backend's images, the

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub seeding_seconds_to_ready: prometheus::Gauge,
     pub annotation_write_failures: IntCounterVec,
     pub event_write_failures: IntCounterVec,
+    pub leader_active: IntGauge,
+    pub leader_transitions: IntCounterVec,
+    pub reconciler_runs: IntCounterVec,
+    pub orphan_volumes: IntGauge,
+    pub orphan_deleted: IntCounter,
     pub rds: RdsMetrics,
 }
 
@@ -238,6 +243,40 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let leader_active = IntGauge::with_opts(opts(
+            "leader",
+            "active",
+            "1 while this controller serves ControllerPublish/Unpublish (it follows the csi-attacher's leader Lease and was seeded, or runs without leader election and was seeded), else 0.",
+        ))
+        .expect("valid metric");
+        let leader_transitions = IntCounterVec::new(
+            opts(
+                "leader",
+                "transitions_total",
+                "Times this controller became active (after re-seeding) or standby, the first decision at start included.",
+            ),
+            &["to"],
+        )
+        .expect("valid metric");
+        let reconciler_runs = IntCounterVec::new(
+            opts(
+                "reconciler",
+                "runs_total",
+                "Reconciler passes of the active controller, by reconciler and result.",
+            ),
+            &["reconciler", "result"],
+        )
+        .expect("valid metric");
+        let orphan_volumes = IntGauge::with_opts(Opts::new(
+            "rds_csi_orphan_volumes",
+            "Backend volumes no PersistentVolume of this driver has named for longer than --orphan-grace (reported; deleted only with --orphan-delete).",
+        ))
+        .expect("valid metric");
+        let orphan_deleted = IntCounter::with_opts(Opts::new(
+            "rds_csi_orphan_volumes_deleted_total",
+            "Orphan volumes deleted by the orphan reconciler (--orphan-delete).",
+        ))
+        .expect("valid metric");
         for c in [
             Box::new(attach_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(detach_total.clone()),
@@ -263,6 +302,11 @@ impl Metrics {
             Box::new(seeding_seconds_to_ready.clone()),
             Box::new(annotation_write_failures.clone()),
             Box::new(event_write_failures.clone()),
+            Box::new(leader_active.clone()),
+            Box::new(leader_transitions.clone()),
+            Box::new(reconciler_runs.clone()),
+            Box::new(orphan_volumes.clone()),
+            Box::new(orphan_deleted.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -276,6 +320,14 @@ impl Metrics {
         }
         for state in ["attached", "migrating", "grace"] {
             volume_actors.with_label_values(&[state]);
+        }
+        for to in ["active", "standby"] {
+            leader_transitions.with_label_values(&[to]);
+        }
+        for reconciler in ["stale_attachments", "orphan_volumes"] {
+            for result in ["success", "error"] {
+                reconciler_runs.with_label_values(&[reconciler, result]);
+            }
         }
         let rds = RdsMetrics::new(&registry);
         Self {
@@ -305,6 +357,11 @@ impl Metrics {
             seeding_seconds_to_ready,
             annotation_write_failures,
             event_write_failures,
+            leader_active,
+            leader_transitions,
+            reconciler_runs,
+            orphan_volumes,
+            orphan_deleted,
         }
     }
 

@@ -27,6 +27,8 @@ use support::*;
 const MINUTE: Duration = Duration::from_secs(60);
 const NAMESPACE: &str = "rds-csi";
 const DRIVER_ROLE: &str = "rds-csi-driver";
+/// The driver's Role in the controller's namespace: reading the csi-attacher's leader Lease.
+const DRIVER_LEASE_ROLE: &str = "rds-csi-driver-leases";
 const CONTROLLER: &str = "rds-csi-controller";
 const NODE: &str = "rds-csi-node";
 /// The driver's container in both workloads.
@@ -51,6 +53,17 @@ const LOCAL_FLAGS: &[&str] = &[
     "file-root",       // a temporary directory
     "metrics-address", // 127.0.0.1, an ephemeral port
     "node-state-dir",  // a temporary directory
+    // The reconcilers' periods, shortened so their passes happen while the test runs.
+    "stale-attachment-interval",
+    "orphan-interval",
+    "orphan-grace",
+];
+
+/// The reconcilers' periods for a local run of the manifest's driver container.
+const SHORT_RECONCILER_FLAGS: &[&str] = &[
+    "--stale-attachment-interval=1s",
+    "--orphan-interval=1s",
+    "--orphan-grace=1s",
 ];
 
 // ---- Reading the manifests ----------------------------------------------------------------
@@ -156,6 +169,23 @@ fn local_args(container: &Value, skip: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The environment the kubelet gives a container from the downward API's `metadata.namespace`,
+/// for a local run in namespace `namespace`. Other `valueFrom` sources are not emulated.
+fn downward_env(container: &Value, namespace: &str) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace")
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                namespace.to_string(),
+            )
+        })
+        .collect()
+}
+
 /// One (apiGroup, resource[/subresource], verb) a role grants or a call needs.
 type Access = (String, String, String);
 
@@ -202,29 +232,54 @@ impl Cluster {
     }
 }
 
-/// Runs the controller's driver container, with the manifest's flags, against the fake API
-/// server through every path that calls the API: boot seeding, a publish (annotation and
-/// event), a refused publish (live checks of the holder's Node and VolumeAttachment), a
-/// deleted holder node (self-heal) and an unpublish. Then every call must be allowed by the
-/// driver's ClusterRole, and every rule of that role must have been used.
+/// Runs the controller's driver container, with the manifest's flags (leader election on, both
+/// reconcilers on, with their periods shortened) and the namespace the downward API would give
+/// it, against the fake API server through every path that calls the API: following the
+/// csi-attacher's leader Lease (list, watch, and the live read that confirms a takeover), boot
+/// seeding, a publish (annotation and event), a refused publish (live checks of the holder's
+/// Node and VolumeAttachment), a deleted holder node (the stale-attachment reconciler and
+/// self-heal), an unpublish, an orphan volume reported, and, once the Lease moved away, a
+/// DeleteVolume answered by the standby from a live list of VolumeAttachments. Then every call
+/// must be allowed by the driver's ClusterRole or, for the Lease, its Role in the controller's
+/// namespace, and every rule of those roles must have been used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     let base = Manifests::base();
     let driver = container(base.get("Deployment", CONTROLLER), DRIVER_CONTAINER);
     assert_eq!(flag(driver, "kubernetes"), "on");
-    let args = local_args(driver, &["kubernetes"]);
+    assert!(
+        flags(driver).contains_key("leader-election"),
+        "the manifest runs the controller with leader election"
+    );
+    assert!(
+        !flags(driver).contains_key("orphan-delete"),
+        "orphans are reported, never deleted, unless an operator asks"
+    );
+    let mut args = local_args(driver, &["kubernetes"]);
+    args.extend(SHORT_RECONCILER_FLAGS.iter().map(|f| f.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = downward_env(driver, NAMESPACE);
+    assert!(
+        env.iter().any(|(name, _)| name == "POD_NAMESPACE"),
+        "the driver learns its namespace (where the Lease is) from POD_NAMESPACE: {env:?}"
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
 
     let c = Cluster::new(&["n1", "n2", "n3"]).await;
     c.pv("pv-a", "vol-a", false, None, json!({}));
     c.pv("pv-b", "vol-b", false, None, json!({}));
     let va_a_n1 = c.va("pv-a", "vol-a", "n1", true, MINUTE);
+    // The csi-attacher of this pod holds the Lease; csi-lib-utils names the holder by the
+    // hostname (the pod name), which is also the driver's default identity.
+    let pod = gethostname::gethostname().into_string().unwrap();
+    c.lease(&pod, 3600);
     let dir = tempfile::tempdir().unwrap();
-    precreate(dir.path(), &["vol-a", "vol-b"]).await;
-    let d = Driver::start_kube_in(dir, &c.kubeconfig, &args).await;
+    precreate(dir.path(), &["vol-a", "vol-b", "vol-orphan"]).await;
+    let d = Driver::start_kube_in_env(dir, &c.kubeconfig, &args, &env).await;
 
-    // Boot: the VolumeAttachment list, then the PV and Node watchers.
+    // The Lease names this pod: seeded from the VolumeAttachments, then active.
     d.wait_ready().await;
+    assert_eq!(d.metric("rds_csi_leader_active").await, 1.0);
     assert_eq!(
         d.debug("vol-a").await["nodes"][0]["node"],
         "n1",
@@ -260,7 +315,8 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         "{gets:?}"
     );
 
-    // Self-heal: n1's Node is deleted, so its attachment is stale and n2 takes over.
+    // n1's Node is deleted: its attachment is stale (the reconciler, or the next publish,
+    // finds out), and n2 takes over.
     c.api.delete("nodes", None, "n1").unwrap();
     d.publish("vol-a", "n2", rwo())
         .await
@@ -284,6 +340,26 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         .all(|r| reasons.contains(*r))
     })
     .await;
+    // Both reconcilers pass; vol-orphan, with no PV, is reported (dry run: kept).
+    eventually("the reconcilers' passes, the orphan reported", || async {
+        let m = d.scrape().await;
+        sample(
+            &m,
+            r#"rds_csi_reconciler_runs_total{reconciler="stale_attachments",result="success"}"#,
+        ) >= 1.0
+            && sample(&m, "rds_csi_orphan_volumes") == 1.0
+    })
+    .await;
+
+    // The Lease moves to the other pod: a standby answers DeleteVolume from a live list of
+    // VolumeAttachments (vol-orphan has none).
+    c.move_lease("rds-csi-controller-other");
+    eventually("a standby", || async {
+        d.ready().await && d.metric("rds_csi_leader_active").await == 0.0
+    })
+    .await;
+    d.delete("vol-orphan").await.unwrap();
+    assert!(!d.volume_ids().await.unwrap().contains(&"vol-orphan".into()));
 
     let calls = c.api.calls();
     let mut observed: BTreeMap<Access, usize> = BTreeMap::new();
@@ -292,6 +368,14 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         if call.resource.is_empty() {
             non_resource.insert(call.path.clone());
             continue;
+        }
+        if call.resource == "leases" {
+            assert_eq!(
+                call.namespace.as_deref(),
+                Some(NAMESPACE),
+                "the Lease is in the controller's namespace: {}",
+                call.path
+            );
         }
         let resource = match &call.subresource {
             Some(sub) => format!("{}/{sub}", call.resource),
@@ -309,8 +393,13 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         println!("  non-resource path {p}");
     }
 
-    let role = base.get("ClusterRole", DRIVER_ROLE);
-    let granted = grants(role);
+    let cluster_wide = grants(base.get("ClusterRole", DRIVER_ROLE));
+    let lease_role = grants(base.get("Role", DRIVER_LEASE_ROLE));
+    assert!(
+        lease_role.iter().all(|(_, r, _)| r == "leases"),
+        "{DRIVER_LEASE_ROLE} is for the Lease only: {lease_role:?}"
+    );
+    let granted: BTreeSet<Access> = cluster_wide.union(&lease_role).cloned().collect();
     let denied: Vec<String> = observed
         .keys()
         .filter(|a| !granted.contains(*a))
@@ -318,7 +407,7 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         .collect();
     assert!(
         denied.is_empty(),
-        "calls the ClusterRole {DRIVER_ROLE} does not allow: {denied:?}"
+        "calls {DRIVER_ROLE} and {DRIVER_LEASE_ROLE} do not allow: {denied:?}"
     );
     let allowed_paths: BTreeSet<String> = NON_RESOURCE_PATHS
         .iter()
@@ -335,7 +424,7 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         .filter(|a| !observed.contains_key(*a))
         .cloned()
         .collect();
-    println!("rules of {DRIVER_ROLE} no call exercised:");
+    println!("rules of {DRIVER_ROLE} and {DRIVER_LEASE_ROLE} no call exercised:");
     if unexercised.is_empty() {
         println!("  none");
     }
@@ -352,7 +441,7 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     assert_eq!(
         unexercised.iter().map(show).collect::<Vec<_>>(),
         expected.iter().map(show).collect::<Vec<_>>(),
-        "rules nothing used: remove them from {DRIVER_ROLE}, or list them with a reason"
+        "rules nothing used: remove them from the driver's roles, or list them with a reason"
     );
 }
 
@@ -597,6 +686,7 @@ fn rbac_objects_reference_each_other() {
         "DaemonSet",
         "Service",
         "ServiceMonitor",
+        "PodDisruptionBudget",
     ];
     for o in &base.0 {
         let kind = o["kind"].as_str().unwrap();
@@ -634,11 +724,17 @@ fn rbac_objects_reference_each_other() {
         );
         assert!(bound.contains(&key), "{key:?} is bound to nobody");
     }
-    // The sidecars' leases: leader election needs the Role in the pod's namespace.
+    // The sidecars' leases: leader election needs the Role in the pod's namespace. The driver
+    // only follows the csi-attacher's Lease: its own Role reads it and never writes.
     let controller = base.get("Deployment", CONTROLLER);
     let leases = grants(base.get("Role", "rds-csi-leader-election"));
+    let follow: BTreeSet<Access> = ["get", "list", "watch"]
+        .into_iter()
+        .map(|v| ("coordination.k8s.io".into(), "leases".into(), v.into()))
+        .collect();
+    assert_eq!(grants(base.get("Role", DRIVER_LEASE_ROLE)), follow);
     for c in containers(controller) {
-        if flags(c).contains_key("leader-election") {
+        if flags(c).contains_key("leader-election") && c["name"] != DRIVER_CONTAINER {
             for verb in ["get", "create", "update"] {
                 assert!(
                     leases.contains(&("coordination.k8s.io".into(), "leases".into(), verb.into())),
@@ -734,9 +830,30 @@ fn the_workloads_are_wired_together() {
         }
     }
 
-    // Controller: one replica, never two at once; non-root; probes on the driver's own port.
-    assert_eq!(controller["spec"]["replicas"], 1);
-    assert_eq!(controller["spec"]["strategy"]["type"], "Recreate");
+    // Controller: two replicas on different nodes, one active (the csi-attacher's leader) and
+    // one standby; a rollout or a drain takes down one at a time; non-root; probes on the
+    // driver's own port.
+    assert_eq!(controller["spec"]["replicas"], 2);
+    assert_eq!(
+        controller["spec"]["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
+    );
+    let pod_labels = &controller["spec"]["template"]["metadata"]["labels"];
+    let anti = &controller["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"];
+    assert_eq!(anti.as_array().map(Vec::len), Some(1), "{anti}");
+    assert_eq!(anti[0]["topologyKey"], "kubernetes.io/hostname");
+    for (k, v) in anti[0]["labelSelector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "anti-affinity selector {k}");
+    }
+    let budget = base.get("PodDisruptionBudget", CONTROLLER);
+    assert_eq!(budget["apiVersion"], "policy/v1");
+    assert_eq!(budget["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        budget["spec"]["selector"]["matchLabels"],
+        controller["spec"]["selector"]["matchLabels"]
+    );
     let pod = &controller["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let driver = container(controller, DRIVER_CONTAINER);

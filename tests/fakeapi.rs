@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use fake_apiserver::{DeleteOutcome, FakeApiServer, FaultRule};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, PersistentVolumeClaim};
 use k8s_openapi::api::events::v1::Event as EventV1;
 use k8s_openapi::api::storage::v1::VolumeAttachment;
@@ -440,7 +441,7 @@ async fn get_missing_is_a_not_found_status() {
     );
     assert_eq!(get(&s, "/api").await.json()["versions"], json!(["v1"]));
     let groups = get(&s, "/apis").await.json();
-    assert_eq!(groups["groups"].as_array().unwrap().len(), 2);
+    assert_eq!(groups["groups"].as_array().unwrap().len(), 3);
     let core = get(&s, "/api/v1").await.json();
     assert!(core["resources"]
         .as_array()
@@ -2082,6 +2083,69 @@ async fn kube_client_on_core_resources_and_events() {
     assert_eq!(s.list("events.events.k8s.io", None).len(), 1);
     assert_eq!(s.list("events", None).len(), 1);
     assert_eq!(s.count_calls("create", "events"), 3);
+}
+
+/// Leases, as csi-lib-utils keeps them and the driver follows them: namespaced, MicroTime fields
+/// kept as written, one object selected by name in a list and a watch.
+#[tokio::test]
+async fn kube_client_follows_one_lease_by_name() {
+    let s = FakeApiServer::start().await;
+    let (client, _dir) = kube_client(&s).await;
+    let lease = |holder: &str| {
+        json!({
+            "metadata": {"name": "external-attacher-leader-x", "namespace": "ns"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "acquireTime": "2025-01-01T00:00:00.000000Z",
+                     "renewTime": "2025-01-01T00:00:05.123456Z", "leaseTransitions": 0},
+        })
+    };
+    s.create("leases", lease("pod-a")).unwrap();
+    s.create(
+        "leases",
+        json!({"metadata": {"name": "another", "namespace": "ns"}, "spec": {}}),
+    )
+    .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "ns");
+    let got = leases.get("external-attacher-leader-x").await.unwrap();
+    let spec = got.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("pod-a"));
+    assert_eq!(spec.lease_duration_seconds, Some(15));
+    assert_eq!(
+        spec.renew_time.unwrap().0.to_string(),
+        "2025-01-01T00:00:05.123456Z"
+    );
+    assert!(Api::<Lease>::namespaced(client.clone(), "other")
+        .get_opt("external-attacher-leader-x")
+        .await
+        .unwrap()
+        .is_none());
+
+    let cfg = watcher::Config::default().fields("metadata.name=external-attacher-leader-x");
+    let mut stream = watcher(leases, cfg).applied_objects().boxed();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        first.spec.unwrap().holder_identity.as_deref(),
+        Some("pod-a")
+    );
+    s.patch(
+        "leases",
+        Some("ns"),
+        "another",
+        json!({"spec": {"holderIdentity": "unrelated"}}),
+    )
+    .unwrap();
+    s.replace("leases", lease("pod-b")).unwrap();
+    let next = stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        next.metadata.name.as_deref(),
+        Some("external-attacher-leader-x")
+    );
+    assert_eq!(next.spec.unwrap().holder_identity.as_deref(), Some("pod-b"));
+    assert_eq!(s.count_calls("list", "leases"), 1);
+    assert!(s.calls_matching("watch", "leases")[0]
+        .params()
+        .get("fieldSelector")
+        .is_some_and(|f| f == "metadata.name=external-attacher-leader-x"));
 }
 
 #[tokio::test]

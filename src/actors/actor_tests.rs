@@ -742,3 +742,100 @@ fn a_file_backend_create_stuck_in_its_io_does_not_delay_a_publish() {
         assert_eq!(*done.lock().unwrap(), ["publish", "create"]);
     });
 }
+
+/// Standing down (Dismiss) drops every volume's state with everything it counted, events
+/// nothing, refuses routes until the next Seed (no call of the old term starts an actor from
+/// empty state), and the next Seed serves exactly what it rebuilt, poisoned volumes included.
+#[test]
+fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
+    use super::messages::{Dismiss, Seed};
+    use crate::domain::AccessClass::{Exclusive, Migratable};
+    paused(|| async {
+        let h = harness_limited(&["x", "m", "v", "p"], 8).await;
+        let supervisor = h.router.supervisor().clone();
+        supervisor
+            .send(Seed(vec![
+                seed_volume("x", &[("a", 100)], Exclusive),
+                seed_volume("m", &[("a", 100), ("b", 10)], Migratable),
+            ]))
+            .await
+            .unwrap();
+        h.router
+            .send(&vol("v"), publish("c", exclusive()))
+            .await
+            .unwrap();
+        h.router
+            .send(&vol("p"), publish("c", exclusive()))
+            .await
+            .unwrap();
+        let dead = h.actor_of("p").await;
+        assert!(dead.send(Explode).await.is_err());
+        tokio::task::yield_now().await;
+        assert!(
+            h.router.send(&vol("p"), Describe).await.is_err(),
+            "poisoned"
+        );
+        let m = &h.metrics;
+        assert_eq!(
+            (
+                m.parked_volumes.get(),
+                m.active_migrations.get(),
+                m.poisoned_volumes.get()
+            ),
+            (1, 1, 1)
+        );
+
+        assert_eq!(supervisor.send(Dismiss).await.unwrap(), 4);
+        tokio::task::yield_now().await;
+        let gauges = || {
+            (
+                m.parked_volumes.get(),
+                m.nvme_connections_active.get(),
+                m.active_migrations.get(),
+                m.poisoned_volumes.get(),
+                h.actors_in("attached") + h.actors_in("migrating") + h.actors_in("grace"),
+            )
+        };
+        // p's actor died with its counts in the attached-volumes and actors gauges (as before
+        // this change, a dead actor gives nothing back); everything live is given back.
+        assert_eq!(gauges(), (0, 1, 0, 0, 1), "all state dropped");
+        assert_eq!(m.detach_total.with_label_values(&["success"]).get(), 0);
+        assert_eq!(m.migrations_total.with_label_values(&["failed"]).get(), 0);
+        let route = supervisor
+            .send(super::messages::Route(vol("x")))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&route, Err(Error::NotActive(m)) if m.contains("stood down")),
+            "no actor starts from empty state: {:?}",
+            route.map(|_| ())
+        );
+        let err = h
+            .router
+            .send(&vol("v"), publish("d", exclusive()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotActive(_)), "{err}");
+
+        // The next term: only what the VolumeAttachments say now.
+        supervisor
+            .send(Seed(vec![seed_volume("v", &[("b", 5)], Exclusive)]))
+            .await
+            .unwrap();
+        let fresh = h.router.send(&vol("x"), publish("b", exclusive())).await;
+        assert!(fresh.is_ok(), "x has no holder now: {fresh:?}");
+        let err = h
+            .router
+            .send(&vol("v"), publish("c", exclusive()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Conflict { holders, .. } if holders[0].as_str() == "b"),
+            "{err}"
+        );
+        h.router
+            .send(&vol("p"), publish("a", exclusive()))
+            .await
+            .expect("re-seeded: no longer poisoned");
+    });
+}

@@ -113,3 +113,47 @@ impl<M: Message> Message for Traced<M> {
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Seed(pub Vec<crate::kube::seed::SeedVolume>);
+
+/// Supervisor: this controller stopped serving attachments (it stood down, or a new term is
+/// about to be seeded). Every volume actor stops without any effect (no event, no annotation:
+/// standing down is not a detach), parked and poisoned volumes are forgotten, and the routers'
+/// caches are emptied. Until the next [`Seed`], `Route` answers `NotActive`, so no call admitted
+/// in the old term starts an actor from empty state. Answers how many volumes were dropped.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Dismiss;
+
+/// Volume actor: stop now, dropping this volume's state (see [`Dismiss`]).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct StandDown;
+
+/// Supervisor: the nodes that hold parked volumes, and every live actor (to ask with
+/// [`Holders`]), for the stale-attachment reconciler.
+#[derive(Message)]
+#[rtype(result = "HolderNodes")]
+pub struct ListHolders;
+
+pub struct HolderNodes {
+    pub parked: std::collections::HashSet<NodeId>,
+    pub actors: Vec<Addr<VolumeActor>>,
+}
+
+/// Volume actor: the nodes holding this volume (empty once retired).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Vec<NodeId>")]
+pub struct Holders;
+
+/// Supervisor: these nodes' Node objects are confirmed deleted (a live GET answered 404). Sends
+/// [`DropStale`] to every live actor and to the parked volumes those nodes hold (woken for it).
+/// Answers how many volumes it was sent to.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "usize")]
+pub struct ClearStale(pub std::sync::Arc<Vec<NodeId>>);
+
+/// Volume actor: drop any of these nodes that holds the volume, as rule 5.1 does (counted once,
+/// StaleAttachmentCleared posted, a migration involving it resolved). A volume none of them
+/// holds is untouched.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct DropStale(pub std::sync::Arc<Vec<NodeId>>);

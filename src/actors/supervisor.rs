@@ -29,6 +29,12 @@
 //! of it and find the address already disconnected. The flag is set before the actor stops, so a
 //! disconnected address without it is a death, never a retirement whose `Reaped` is still queued.
 //!
+//! Standing down: when this controller stops serving attachments (another pod's csi-attacher
+//! holds the leader Lease), [`Dismiss`] stops every actor without any effect, forgets parked and
+//! poisoned volumes, and refuses every route until the next [`Seed`] rebuilds state from the
+//! VolumeAttachments. So a call admitted before the stand-down never starts an actor from empty
+//! state, and a poisoned volume is healed by the next term's seeding.
+//!
 //! Parking: a volume seeded with one settled attachment (no migration, no over-attachment, so
 //! no timer and no pending effect) has nothing to do until a message arrives. It is kept as a
 //! [`Parked`] record, about a tenth of an actor's memory, and the first message for it starts
@@ -42,7 +48,10 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
-use super::messages::{ListActors, Listing, Lookup, Reaped, Route, Seed, ShareAddresses};
+use super::messages::{
+    ClearStale, Dismiss, DropStale, HolderNodes, ListActors, ListHolders, Listing, Lookup, Reaped,
+    Route, Seed, ShareAddresses, StandDown,
+};
 use super::state::{Attachment, Effect, VolumeState};
 use super::volume::{Retirement, VolumeActor};
 use super::{AddressCache, VolumeDeps};
@@ -105,6 +114,8 @@ pub struct Supervisor {
     arbiters: Vec<ArbiterHandle>,
     hasher: std::collections::hash_map::RandomState,
     deps: Arc<VolumeDeps>,
+    /// Set by [`Dismiss`], cleared by [`Seed`]: no term is being served, so no actor starts.
+    dismissed: bool,
 }
 
 impl Supervisor {
@@ -117,6 +128,7 @@ impl Supervisor {
             arbiters,
             hasher: Default::default(),
             deps,
+            dismissed: false,
         }
     }
 
@@ -202,8 +214,8 @@ impl Supervisor {
         self.spawn(actor, volume)
     }
 
-    /// Starts an actor holding rebuilt state (boot seeding). Replaces nothing: seeding runs
-    /// before any RPC is served.
+    /// Starts an actor holding rebuilt state (seeding). Replaces nothing: seeding runs before
+    /// any RPC is served, at boot or after a [`Dismiss`] emptied the maps.
     pub fn seed(
         &mut self,
         volume: VolumeId,
@@ -274,6 +286,11 @@ impl Handler<Route> for Supervisor {
     type Result = Result<Addr<VolumeActor>, Error>;
 
     fn handle(&mut self, Route(volume): Route, ctx: &mut Context<Self>) -> Self::Result {
+        if self.dismissed {
+            return Err(Error::NotActive(
+                "attachment state was dropped when this controller stood down".into(),
+            ));
+        }
         if let Found::Live(addr) = self.find(&volume)? {
             return Ok(addr);
         }
@@ -349,6 +366,7 @@ impl Handler<Seed> for Supervisor {
     /// with one holder is parked; any other starts its actor now (a migration has a timer to
     /// arm, an over-attachment an event to post).
     fn handle(&mut self, Seed(volumes): Seed, ctx: &mut Context<Self>) -> usize {
+        self.dismissed = false;
         let now = tokio::time::Instant::now();
         let wall = std::time::SystemTime::now();
         // Ages beyond two hours all mean "every deadline has passed"; clamping keeps the
@@ -394,5 +412,79 @@ impl Handler<Seed> for Supervisor {
             self.seed(v.volume, state, effects, ctx);
         }
         count
+    }
+}
+
+impl Handler<Dismiss> for Supervisor {
+    type Result = usize;
+
+    /// Every actor is told to stand down (its own gauges and per-node slots go with it), every
+    /// parked record is dropped with what it counted, poisoned volumes get a fresh start at the
+    /// next seeding, and the routers forget every address.
+    fn handle(&mut self, _: Dismiss, _ctx: &mut Context<Self>) -> usize {
+        self.dismissed = true;
+        let metrics = &self.deps.metrics;
+        let dropped = self.actors.len() + self.parked.len() + self.poisoned.len();
+        for (_, slot) in self.actors.drain() {
+            slot.addr.do_send(StandDown);
+        }
+        for (_, parked) in self.parked.drain() {
+            metrics.parked_volumes.dec();
+            metrics.nvme_connections_active.dec();
+            self.deps.node_limit.release(&parked.node);
+        }
+        metrics.poisoned_volumes.sub(self.poisoned.len() as i64);
+        self.poisoned.clear();
+        self.routers.retain(|router| {
+            let Some(cache) = router.upgrade() else {
+                return false;
+            };
+            cache.write().unwrap_or_else(|p| p.into_inner()).clear();
+            true
+        });
+        dropped
+    }
+}
+
+impl Handler<ListHolders> for Supervisor {
+    type Result = MessageResult<ListHolders>;
+
+    fn handle(&mut self, _: ListHolders, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(HolderNodes {
+            parked: self.parked.values().map(|p| p.node.clone()).collect(),
+            actors: self
+                .actors
+                .values()
+                .filter(|s| !s.retirement.is_retired() && s.addr.connected())
+                .map(|s| s.addr.clone())
+                .collect(),
+        })
+    }
+}
+
+impl Handler<ClearStale> for Supervisor {
+    type Result = usize;
+
+    fn handle(&mut self, ClearStale(gone): ClearStale, ctx: &mut Context<Self>) -> usize {
+        if self.dismissed {
+            return 0;
+        }
+        let held: Vec<VolumeId> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| gone.contains(&p.node))
+            .map(|(v, _)| v.clone())
+            .collect();
+        for volume in &held {
+            self.wake(volume, ctx);
+        }
+        let mut sent = 0;
+        for slot in self.actors.values() {
+            if !slot.retirement.is_retired() && slot.addr.connected() {
+                slot.addr.do_send(DropStale(gone.clone()));
+                sent += 1;
+            }
+        }
+        sent
     }
 }

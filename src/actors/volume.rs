@@ -17,7 +17,8 @@ use actix::prelude::*;
 use tokio::time::Instant;
 
 use super::messages::{
-    Delete, Describe, GraceExpired, MigrationTimeout, Publish, Published, Reaped, Traced, Unpublish,
+    Delete, Describe, DropStale, GraceExpired, Holders, MigrationTimeout, Publish, Published,
+    Reaped, StandDown, Traced, Unpublish,
 };
 use super::state::{DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
 use super::{VolumeDeps, LIVE_CHECK_BUDGET};
@@ -629,5 +630,64 @@ impl Handler<Describe> for VolumeActor {
             return Ok(None);
         }
         Ok(Some(self.state.describe(Instant::now(), SystemTime::now())))
+    }
+}
+
+impl Handler<StandDown> for VolumeActor {
+    type Result = ();
+
+    /// The controller stood down: the state goes, with everything it counted (the actor gauge,
+    /// the attached-volumes gauge, an active migration, per-node slots), and nothing is evented
+    /// or annotated. Marked retired first, so nobody takes the stop for a death; the supervisor
+    /// has already forgotten this actor.
+    fn handle(&mut self, _: StandDown, ctx: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
+        let before = self.class_label();
+        let was_attached = !self.state.nodes().is_empty();
+        let holders_before = self.holders();
+        if self.state.migration().is_some() {
+            self.deps.metrics.active_migrations.dec();
+        }
+        self.state = VolumeState::new(self.deps.grace_period);
+        self.release_dropped(&holders_before);
+        self.retired = true;
+        self.retirement.mark();
+        self.track(before, was_attached);
+        ctx.stop();
+    }
+}
+
+impl Handler<Holders> for VolumeActor {
+    type Result = Vec<NodeId>;
+
+    fn handle(&mut self, _: Holders, _ctx: &mut Context<Self>) -> Vec<NodeId> {
+        if self.retired {
+            return Vec::new();
+        }
+        self.state.nodes().iter().map(|a| a.node.clone()).collect()
+    }
+}
+
+impl Handler<DropStale> for VolumeActor {
+    type Result = ();
+
+    fn handle(&mut self, DropStale(gone): DropStale, ctx: &mut Context<Self>) {
+        if self.retired || !gone.iter().any(|n| self.state.holds(n)) {
+            return;
+        }
+        let before = self.class_label();
+        let was_attached = !self.state.nodes().is_empty();
+        let holders_before = self.holders();
+        let now = Instant::now();
+        let effects: Vec<Effect> = gone
+            .iter()
+            .flat_map(|node| self.state.drop_holder(node, DropReason::Stale, now))
+            .collect();
+        self.apply(effects);
+        self.release_dropped(&holders_before);
+        self.track(before, was_attached);
+        self.settle(ctx);
     }
 }

@@ -1,9 +1,11 @@
 //! CSI Controller service. Each handler validates its request into a typed message, sends it to
 //! the volume's actor (attachments, delete) or the backend (create, list, capacity), and maps the
-//! answer. Until seeding is done every RPC answers UNAVAILABLE.
+//! answer. The role decides what is served: until it is first decided (boot seeding, or the
+//! Lease not seen yet) every RPC answers UNAVAILABLE; ControllerPublish/Unpublish are served only
+//! by the active controller, and answered only within the term they were admitted in; a standby
+//! answers DeleteVolume from a live list of VolumeAttachments and everything else as usual.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +22,9 @@ use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::domain::{migration_timeout, Capability, MIGRATION_TIMEOUT_KEY};
 use crate::ids::{NodeIdRules, VolumeId};
+use crate::kube::PublishedNodes;
 use crate::metrics::Metrics;
+use crate::role::{DeletePath, Role};
 use crate::Error;
 
 const TOKEN_PREFIX: &str = "v1:";
@@ -28,7 +32,9 @@ const TOKEN_PREFIX: &str = "v1:";
 pub struct ControllerService {
     pub router: Router,
     pub backend: Arc<dyn VolumeBackend>,
-    pub ready: Arc<AtomicBool>,
+    pub role: Arc<Role>,
+    /// "Still published?" for a standby, which has no attachment state; `None` standalone.
+    pub published: Option<Arc<dyn PublishedNodes>>,
     pub metrics: Arc<Metrics>,
     /// Kubernetes mode refuses node ids that cannot be Node names, before any API call.
     pub node_ids: NodeIdRules,
@@ -161,12 +167,29 @@ fn capacity_range(range: Option<CapacityRange>) -> Result<(u64, u64), Error> {
 }
 
 impl ControllerService {
+    /// The calls that need no attachment state.
     fn ready(&self) -> Result<(), Status> {
-        if self.ready.load(Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(Error::NotReady.into())
+        self.role.volumes().map_err(Status::from)
+    }
+
+    /// DeleteVolume on a standby: refused while any VolumeAttachment of this driver names the
+    /// volume, by a live list (its own state is empty, and says nothing).
+    async fn delete_on_standby(&self, volume: &VolumeId) -> Result<(), Error> {
+        let published = self.published.as_ref().ok_or_else(|| {
+            Error::Unavailable("no cluster to ask whether the volume is published".into())
+        })?;
+        let nodes = published.published_nodes(volume).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot tell whether volume {volume} is still published: {e}"
+            ))
+        })?;
+        if !nodes.is_empty() {
+            return Err(Error::StillPublished {
+                volume: volume.clone(),
+                nodes,
+            });
         }
+        self.backend.delete(volume).await.map_err(Error::from)
     }
 
     /// Counts and times one operation, then turns its error into a status.
@@ -269,7 +292,10 @@ impl Controller for ControllerService {
         let span = rpc_span("DeleteVolume", &req.get_ref().volume_id, "");
         let result = async {
             let volume = VolumeId::try_from(req.get_ref().volume_id.as_str())?;
-            self.router.send(&volume, Delete).await?;
+            match self.role.delete_path()? {
+                DeletePath::Actors(_) => self.router.send(&volume, Delete).await?,
+                DeletePath::Live => self.delete_on_standby(&volume).await?,
+            }
             Ok(DeleteVolumeResponse {})
         }
         .instrument(span)
@@ -291,7 +317,9 @@ impl Controller for ControllerService {
         );
         let result = async {
             let call = PublishCall::parse(req.into_inner(), self.node_ids)?;
+            let term = self.role.admit()?;
             let published = self.router.send(&call.volume, call.msg).await?;
+            self.role.confirm(term)?;
             Ok(ControllerPublishVolumeResponse {
                 publish_context: published.publish_context,
             })
@@ -315,7 +343,9 @@ impl Controller for ControllerService {
         );
         let result = async {
             let call = UnpublishCall::parse(req.into_inner(), self.node_ids)?;
+            let term = self.role.admit()?;
             self.router.send(&call.volume, call.msg).await?;
+            self.role.confirm(term)?;
             Ok(ControllerUnpublishVolumeResponse {})
         }
         .instrument(span)

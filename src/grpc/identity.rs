@@ -1,4 +1,5 @@
-//! CSI Identity service: who we are, what we offer, and whether we are ready (seeding done).
+//! CSI Identity service: who we are, what we offer, and whether we are ready (seeded, or a
+//! standby).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,7 +56,9 @@ impl Identity for IdentityService {
         }))
     }
 
-    /// Ready once the attachment state is rebuilt and the storage can be reached; never fails.
+    /// Ready when the storage can be reached and the controller is either serving attachments
+    /// with its state rebuilt or a standby (a healthy standby must not be restarted); not ready
+    /// while starting or seeding. Never fails.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         let storage = self.backend.as_ref().is_none_or(|b| b.ready());
         Ok(Response::new(ProbeResponse {

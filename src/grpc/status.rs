@@ -16,7 +16,9 @@ impl From<Error> for Status {
             | Error::MigrationLimit { .. }
             | Error::StillPublished { .. } => Code::FailedPrecondition,
             Error::NodeFull { .. } => Code::ResourceExhausted,
-            Error::NotReady | Error::Unavailable(_) | Error::Retired => Code::Unavailable,
+            Error::NotReady | Error::NotActive(_) | Error::Unavailable(_) | Error::Retired => {
+                Code::Unavailable
+            }
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Aborted(_) => Code::Aborted,
             Error::Backend(b) => match b {

@@ -17,11 +17,14 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::lean;
 use super::seed::{PvView, VaView};
-use super::{AttachmentAuthority, HolderStatus, KubeError, NodeDirectory};
+use super::{
+    AttachmentAuthority, HolderStatus, KubeError, NodeDirectory, NodeLiveness, PublishedNodes,
+    PvCatalog,
+};
 use crate::domain::AccessClass;
 use crate::ids::{NodeId, VolumeId};
 
@@ -336,6 +339,8 @@ pub struct KubeCluster {
     nodes: Arc<RwLock<HashSet<String>>>,
     pvs_ready: watch::Receiver<bool>,
     nodes_ready: watch::Receiver<bool>,
+    /// Names of Nodes the watch saw deleted, for the stale-attachment reconciler.
+    node_deletions: broadcast::Sender<String>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -369,6 +374,7 @@ impl KubeCluster {
     pub fn start(client: Client, driver: String) -> Arc<Self> {
         let (ready_tx, pvs_ready) = watch::channel(false);
         let (nodes_ready_tx, nodes_ready) = watch::channel(false);
+        let (node_deletions, _) = broadcast::channel(1024);
         let cluster = Arc::new(Self {
             client: client.clone(),
             driver: driver.clone(),
@@ -376,6 +382,7 @@ impl KubeCluster {
             nodes: Default::default(),
             pvs_ready,
             nodes_ready,
+            node_deletions: node_deletions.clone(),
         });
         let pvs = cluster.pvs.clone();
         tokio::spawn(async move {
@@ -427,7 +434,9 @@ impl KubeCluster {
                         write(&nodes).extend(n.metadata.name);
                     }
                     Event::Delete(n) => {
-                        write(&nodes).remove(n.metadata.name.as_deref().unwrap_or_default());
+                        let name = n.metadata.name.unwrap_or_default();
+                        write(&nodes).remove(&name);
+                        let _ = node_deletions.send(name);
                     }
                 },
             )
@@ -455,6 +464,11 @@ impl KubeCluster {
     pub async fn nodes_ready(&self) {
         let mut rx = self.nodes_ready.clone();
         let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Node deletions as the watch reports them (unconfirmed: a watch can be told wrong).
+    pub fn node_deletions(&self) -> broadcast::Receiver<String> {
+        self.node_deletions.subscribe()
     }
 
     /// Whether the first complete Node list has arrived.
@@ -498,6 +512,26 @@ impl KubeCluster {
             }
         }
         buffer
+    }
+}
+
+/// Every object of `api`, by a live, paged list (500 a page; never the watch cache).
+async fn list_all<K>(api: &Api<K>, what: &str) -> Result<Vec<K>, KubeError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut items = Vec::new();
+    let mut params = kube::api::ListParams::default().limit(PAGE_SIZE);
+    loop {
+        let page = api
+            .list(&params)
+            .await
+            .map_err(api_error(format!("listing {what}")))?;
+        items.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(items),
+        }
     }
 }
 
@@ -553,6 +587,64 @@ impl AttachmentAuthority for KubeCluster {
             Some(va) if va.metadata.deletion_timestamp.is_none() => HolderStatus::Live,
             _ => HolderStatus::Released,
         })
+    }
+}
+
+#[async_trait]
+impl NodeLiveness for KubeCluster {
+    async fn gone(&self, node: &NodeId) -> Result<bool, KubeError> {
+        let found = live_get(Api::<Node>::all(self.client.clone()), node.as_str(), "Node").await?;
+        Ok(found.is_none())
+    }
+}
+
+#[async_trait]
+impl PvCatalog for KubeCluster {
+    fn has_pv(&self, handle: &str) -> bool {
+        read(&self.pvs).for_handle(handle).is_some()
+    }
+
+    async fn live_handles(&self) -> Result<HashSet<String>, KubeError> {
+        let api = Api::<lean::PersistentVolume>::all(self.client.clone());
+        let pvs = list_all(&api, "PersistentVolumes").await?;
+        Ok(pvs
+            .iter()
+            .filter_map(|pv| project_pv(pv, &self.driver))
+            .map(|(_, entry)| entry.handle().to_string())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl PublishedNodes for KubeCluster {
+    /// A VolumeAttachment names the volume by its PV (resolved through the PV projection; the
+    /// external-attacher's finalizer keeps an attached PV from going away) or inline. Refused
+    /// until the PV projection has its first complete list: an unknown PV would hide a VA.
+    async fn published_nodes(&self, volume: &VolumeId) -> Result<Vec<NodeId>, KubeError> {
+        if !*self.pvs_ready.borrow() {
+            return Err(KubeError::Api {
+                action: "resolving VolumeAttachments to volumes".into(),
+                message: "the PersistentVolume list has not synced yet".into(),
+            });
+        }
+        let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
+        let vas = list_all(&api, "VolumeAttachments").await?;
+        let index = read(&self.pvs);
+        let mut nodes: Vec<NodeId> = vas
+            .iter()
+            .filter_map(|va| project_va(va, &self.driver))
+            .filter(|va| {
+                let handle = match (&va.pv_name, &va.inline_handle) {
+                    (Some(pv), _) => index.view(pv).and_then(|v| v.handle),
+                    (None, inline) => inline.as_deref(),
+                };
+                handle == Some(volume.as_str())
+            })
+            .filter_map(|va| NodeId::try_from(va.node.as_str()).ok())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 mod lean;
+pub mod lease;
 pub mod seed;
 pub mod sink;
 
@@ -58,6 +59,32 @@ pub enum HolderStatus {
 #[async_trait]
 pub trait AttachmentAuthority: Send + Sync + 'static {
     async fn check(&self, volume: &VolumeId, node: &NodeId) -> Result<HolderStatus, KubeError>;
+}
+
+/// Whether a Node object is gone, by a live GET (never a cache): the stale-attachment
+/// reconciler drops a node's attachments only on this answer.
+#[async_trait]
+pub trait NodeLiveness: Send + Sync + 'static {
+    async fn gone(&self, node: &NodeId) -> Result<bool, KubeError>;
+}
+
+/// This driver's PersistentVolumes, as the orphan reconciler needs them: the watched projection
+/// for every pass, and a live list before anything is deleted.
+#[async_trait]
+pub trait PvCatalog: Send + Sync + 'static {
+    /// Whether a PV of this driver names `handle`, by the PV projection.
+    fn has_pv(&self, handle: &str) -> bool;
+    /// The volume handles of this driver's PVs, by a live, paged list (never the cache).
+    async fn live_handles(&self) -> Result<HashSet<String>, KubeError>;
+}
+
+/// "Still published?" for a controller without attachment state (a standby): the nodes of the
+/// VolumeAttachments of this driver that name the volume, by a live, paged list. Any of them
+/// counts, attached or not, being deleted or not: the active controller may be attaching or
+/// detaching it right now.
+#[async_trait]
+pub trait PublishedNodes: Send + Sync + 'static {
+    async fn published_nodes(&self, volume: &VolumeId) -> Result<Vec<NodeId>, KubeError>;
 }
 
 /// Events posted on the volume's PVC.

@@ -13,6 +13,23 @@ use crate::fake_apiserver::FakeApiServer;
 
 pub const DRIVER: &str = rds_csi::DEFAULT_DRIVER_NAME;
 
+/// Where the controller pods, and so the csi-attacher's leader Lease, live.
+pub const LEASE_NAMESPACE: &str = "rds-csi";
+
+/// The csi-attacher's leader Lease for [`DRIVER`]: csi-lib-utils names it
+/// `external-attacher-leader-` + the driver name with every character outside `[A-Za-z0-9-]`
+/// replaced by `-`. Written out here, not computed by the driver's code.
+pub const LEASE: &str = "external-attacher-leader-rds-csi-srvlab-io";
+
+/// Now as a Kubernetes MicroTime, as csi-lib-utils writes `acquireTime` and `renewTime`.
+pub fn micro_now() -> String {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap();
+    let whole = rds_csi::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t.as_secs()));
+    format!("{}.{:06}Z", whole.trim_end_matches('Z'), t.subsec_micros())
+}
+
 /// RFC 3339 time `age` ago.
 pub fn ts(age: Duration) -> String {
     rds_csi::rfc3339(SystemTime::now() - age)
@@ -87,10 +104,104 @@ impl Cluster {
         name
     }
 
+    /// Marks a VolumeAttachment attached, as the external-attacher does after a Publish answered OK.
+    pub fn attach(&self, va: &str) {
+        self.api
+            .patch_status(
+                "volumeattachments",
+                None,
+                va,
+                json!({"status": {"attached": true}}),
+            )
+            .unwrap();
+    }
+
+    /// Detaches and removes a VolumeAttachment, as the external-attacher does after an
+    /// Unpublish answered OK.
+    pub fn remove_va(&self, va: &str) {
+        self.api
+            .remove_finalizers("volumeattachments", None, va)
+            .unwrap();
+        let _ = self.api.delete("volumeattachments", None, va);
+    }
+
+    /// The csi-attacher's leader Lease, as csi-lib-utils writes it when `holder` (a pod name)
+    /// acquires it: held for `duration_s` seconds from now unless renewed.
+    pub fn lease(&self, holder: &str, duration_s: u32) {
+        let now = micro_now();
+        self.api
+            .create(
+                "leases",
+                json!({
+                    "metadata": {"name": LEASE, "namespace": LEASE_NAMESPACE},
+                    "spec": {"holderIdentity": holder, "leaseDurationSeconds": duration_s,
+                             "acquireTime": now, "renewTime": now, "leaseTransitions": 0},
+                }),
+            )
+            .unwrap();
+    }
+
+    /// The Lease moves to `holder`, as another csi-attacher acquiring it does: a new holder, a
+    /// new acquireTime, renewed now, one more transition.
+    pub fn move_lease(&self, holder: &str) {
+        let lease = self
+            .api
+            .get("leases", Some(LEASE_NAMESPACE), LEASE)
+            .unwrap();
+        let transitions = lease["spec"]["leaseTransitions"].as_i64().unwrap_or(0);
+        let now = micro_now();
+        self.api
+            .patch(
+                "leases",
+                Some(LEASE_NAMESPACE),
+                LEASE,
+                json!({"spec": {"holderIdentity": holder, "acquireTime": now, "renewTime": now,
+                                "leaseTransitions": transitions + 1}}),
+            )
+            .unwrap();
+    }
+
+    /// The holder's csi-attacher renews the Lease (renewTime now).
+    pub fn renew_lease(&self) {
+        renew(&self.api);
+    }
+
+    /// Renews the Lease every `every` until the returned guard is dropped, as a live csi-attacher
+    /// holding it does. Writes go straight to the store: faults injected for the driver's
+    /// requests do not stop them.
+    pub fn keep_renewing(&self, every: Duration) -> Renewer {
+        let api = self.api.clone();
+        Renewer(tokio::spawn(async move {
+            loop {
+                renew(&api);
+                tokio::time::sleep(every).await;
+            }
+        }))
+    }
+
     /// The driver in Kubernetes mode against this cluster, with `volumes` in its backend.
     pub async fn start_with_volumes(&self, volumes: &[&str]) -> Driver {
         let dir = tempfile::tempdir().unwrap();
         precreate(dir.path(), volumes).await;
         Driver::start_kube_in(dir, &self.kubeconfig, &[]).await
+    }
+}
+
+fn renew(api: &FakeApiServer) {
+    api.patch(
+        "leases",
+        Some(LEASE_NAMESPACE),
+        LEASE,
+        json!({"spec": {"renewTime": micro_now()}}),
+    )
+    .unwrap();
+}
+
+/// A csi-attacher renewing the Lease; it stops (the attacher died) when dropped.
+pub struct Renewer(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -13,6 +13,7 @@
 //! | `persistentvolumeclaims` | `v1` | namespaced | yes |
 //! | `events` | `v1` | namespaced | no |
 //! | `events` | `events.k8s.io/v1` | namespaced | no |
+//! | `leases` | `coordination.k8s.io/v1` | namespaced | no |
 //!
 //! Everything is kept as `serde_json::Value`; one global resourceVersion counts every write, as
 //! etcd's revision does. Resources are named in the helpers by plural, optionally qualified by
@@ -194,6 +195,16 @@ pub static RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         has_status: false,
         fields: EVENTS_V1_FIELDS,
+    },
+    ResourceDef {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        has_status: false,
+        fields: &[],
     },
 ];
 

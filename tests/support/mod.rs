@@ -49,8 +49,18 @@ impl Driver {
         extra: &[&str],
         kubeconfig: Option<&Path>,
     ) -> Driver {
+        Self::start_with_env(dir, known, extra, kubeconfig, &[]).await
+    }
+
+    async fn start_with_env(
+        dir: tempfile::TempDir,
+        known: &[&str],
+        extra: &[&str],
+        kubeconfig: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Driver {
         let socket = dir.path().join("csi.sock");
-        let mut child = Self::spawn_with(dir.path(), &socket, known, extra, kubeconfig);
+        let mut child = Self::spawn_with_env(dir.path(), &socket, known, extra, kubeconfig, env);
         let channel = tokio::select! {
             channel = wait_for(&socket) => channel,
             status = exited(&mut child) => panic!(
@@ -83,6 +93,19 @@ impl Driver {
         Self::start_with(dir, &[], &args, Some(kubeconfig)).await
     }
 
+    /// As [`Self::start_kube_in`], with extra environment variables (what a pod's downward API
+    /// would set).
+    pub async fn start_kube_in_env(
+        dir: tempfile::TempDir,
+        kubeconfig: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Driver {
+        let mut args = vec!["--kubernetes", "on"];
+        args.extend_from_slice(extra);
+        Self::start_with_env(dir, &[], &args, Some(kubeconfig), env).await
+    }
+
     /// SIGKILLs this driver and starts a new one in the same directory (same volumes, socket
     /// path and log file), as a crashed pod restarting would.
     pub async fn crash_and_restart(mut self, kubeconfig: &Path, extra: &[&str]) -> Driver {
@@ -108,6 +131,17 @@ impl Driver {
         known: &[&str],
         extra: &[&str],
         kubeconfig: Option<&Path>,
+    ) -> Child {
+        Self::spawn_with_env(dir, socket, known, extra, kubeconfig, &[])
+    }
+
+    pub fn spawn_with_env(
+        dir: &Path,
+        socket: &Path,
+        known: &[&str],
+        extra: &[&str],
+        kubeconfig: Option<&Path>,
+        env: &[(&str, &str)],
     ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -141,6 +175,9 @@ impl Driver {
             .args(extra)
             .env("RDS_CSI_KNOWN_NODES", known.join(","))
             .env("RUST_LOG", "info")
+            // Never let the machine's own pod namespace leak into a test.
+            .env_remove("POD_NAMESPACE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -264,6 +301,36 @@ impl Driver {
             })
             .await
             .map(|_| ())
+    }
+
+    /// DeleteVolume.
+    pub async fn delete(&self, volume: &str) -> Result<(), tonic::Status> {
+        self.controller()
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: volume.into(),
+                secrets: HashMap::new(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Every volume id ListVolumes returns.
+    pub async fn volume_ids(&self) -> Result<Vec<String>, tonic::Status> {
+        let list = self
+            .controller()
+            .list_volumes(ListVolumesRequest::default())
+            .await?
+            .into_inner();
+        Ok(list
+            .entries
+            .into_iter()
+            .filter_map(|e| e.volume.map(|v| v.volume_id))
+            .collect())
+    }
+
+    /// A sample of this driver's `/metrics` (see [`sample`]).
+    pub async fn metric(&self, series: &str) -> f64 {
+        sample(&self.scrape().await, series)
     }
 
     pub async fn ready(&self) -> bool {

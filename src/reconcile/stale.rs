@@ -1,0 +1,293 @@
+//! Stale attachments: a node whose Node object is deleted will never detach anything, so its
+//! attachments would block other nodes until a publish trips over them (rule 5.1). This
+//! reconciler drops them ahead of that: at once when the Node watch reports a deletion, and
+//! every interval for deletions the watch missed. A node is dropped only once a live GET
+//! confirms its Node is gone (404): a cache or a watch event alone never drops anything, and a
+//! Node that is merely NotReady is not gone.
+//!
+//! It changes only the driver's attachment state, through the volume actors (so each drop is
+//! counted once and evented once, as in a publish). VolumeAttachment objects belong to the
+//! attach-detach controller and the external-attacher; it never touches them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio::time::MissedTickBehavior;
+
+use super::{count, LIVE_READ_TIMEOUT, STALE};
+use crate::actors::messages::{ClearStale, Holders, ListHolders};
+use crate::actors::supervisor::Supervisor;
+use crate::ids::NodeId;
+use crate::kube::NodeLiveness;
+use crate::metrics::Metrics;
+
+/// Actors asked for their holders at once.
+const CONCURRENT_ASKS: usize = 256;
+
+pub struct StaleAttachments {
+    pub supervisor: Addr<Supervisor>,
+    pub nodes: Arc<dyn NodeLiveness>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl StaleAttachments {
+    /// Every interval (the first one interval after the term began, when seeding has just read
+    /// the VolumeAttachments), and for every deletion the Node watch reports.
+    pub async fn run(self, interval: Duration, mut deletions: broadcast::Receiver<String>) {
+        let start = tokio::time::Instant::now() + interval;
+        let mut tick = tokio::time::interval_at(start, interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut watching = true;
+        loop {
+            let mut closed = false;
+            tokio::select! {
+                _ = tick.tick() => {
+                    let ok = self.pass().await;
+                    count(&self.metrics, STALE, ok);
+                }
+                deleted = deletions.recv(), if watching => match deleted {
+                    Ok(name) => match NodeId::try_from(name.as_str()) {
+                        Ok(node) => {
+                            self.clear_if_gone(vec![node]).await;
+                        }
+                        Err(_) => tracing::debug!(node = %name, "a deleted Node whose name is no node id; nothing holds it"),
+                    },
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::info!(missed, "missed Node deletions; checking every holder now");
+                        let ok = self.pass().await;
+                        count(&self.metrics, STALE, ok);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => closed = true,
+                },
+            }
+            if closed {
+                tracing::warn!("Node deletions are no longer reported; the interval passes go on");
+                watching = false;
+            }
+        }
+    }
+
+    /// One pass: every node holding a volume is checked live. Returns false if any check
+    /// failed (those nodes keep their attachments until a later pass confirms).
+    pub async fn pass(&self) -> bool {
+        let Ok(listing) = self.supervisor.send(ListHolders).await else {
+            return false;
+        };
+        let mut holders: HashSet<NodeId> = listing.parked;
+        let mut answers = futures::stream::iter(listing.actors)
+            .map(|actor| async move { actor.send(Holders).await.unwrap_or_default() })
+            .buffer_unordered(CONCURRENT_ASKS);
+        while let Some(nodes) = answers.next().await {
+            holders.extend(nodes);
+        }
+        let mut holders: Vec<NodeId> = holders.into_iter().collect();
+        holders.sort();
+        self.clear_if_gone(holders).await
+    }
+
+    /// Confirms each node's deletion with a live GET and drops the confirmed ones. Returns
+    /// false if any check failed.
+    async fn clear_if_gone(&self, nodes: Vec<NodeId>) -> bool {
+        let mut gone = Vec::new();
+        let mut ok = true;
+        for node in nodes {
+            match tokio::time::timeout(LIVE_READ_TIMEOUT, self.nodes.gone(&node)).await {
+                Ok(Ok(true)) => gone.push(node),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    ok = false;
+                    tracing::warn!(node_id = %node, error = %e, "cannot confirm whether the Node is gone; its attachments stay");
+                }
+                Err(_) => {
+                    ok = false;
+                    tracing::warn!(node_id = %node, "the API did not say in time whether the Node is gone; its attachments stay");
+                }
+            }
+        }
+        if !gone.is_empty() {
+            tracing::info!(nodes = ?gone, "Nodes confirmed deleted: dropping their attachments");
+            if self
+                .supervisor
+                .send(ClearStale(Arc::new(gone)))
+                .await
+                .is_err()
+            {
+                ok = false;
+            }
+        }
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use actix::Actor;
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::actors::messages::{Describe, Seed};
+    use crate::actors::{NodeLimit, Router, VolumeDeps};
+    use crate::backend::file::FileBackend;
+    use crate::domain::AccessClass;
+    use crate::ids::VolumeId;
+    use crate::kube::seed::SeedVolume;
+    use crate::kube::{ClusterEvent, ClusterSink, KubeError, Standalone};
+
+    /// Which Nodes a live GET finds.
+    struct Nodes(Mutex<HashMap<String, bool>>);
+
+    #[async_trait]
+    impl NodeLiveness for Nodes {
+        async fn gone(&self, node: &NodeId) -> Result<bool, KubeError> {
+            let known = self.0.lock().unwrap();
+            match known.get(node.as_str()) {
+                Some(exists) => Ok(!exists),
+                None => Err(KubeError::Api {
+                    action: "get".into(),
+                    message: "unknown to the test".into(),
+                }),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Events(Mutex<Vec<(VolumeId, ClusterEvent)>>);
+
+    impl ClusterSink for Events {
+        fn annotate(&self, _: &VolumeId, _: Option<(&NodeId, SystemTime)>) {}
+        fn event(&self, volume: &VolumeId, event: ClusterEvent) {
+            self.0.lock().unwrap().push((volume.clone(), event));
+        }
+    }
+
+    fn node(n: &str) -> NodeId {
+        NodeId::try_from(n).unwrap()
+    }
+
+    fn vol(v: &str) -> VolumeId {
+        VolumeId::try_from(v).unwrap()
+    }
+
+    const INTERVAL: Duration = Duration::from_secs(300);
+
+    /// On tokio's paused clock: volume a on n1 (parked), b on n2, c migrating from n1 to n3.
+    /// n1's Node is deleted where no watch sees it; n2 is merely NotReady (it exists). The pass
+    /// one interval in clears n1 from a and c, counted and evented once each, and nothing else,
+    /// then and at every later pass.
+    #[test]
+    fn an_interval_pass_clears_a_deleted_node_once_and_nothing_else() {
+        let system = actix_rt::System::with_tokio_rt(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        });
+        system.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let events = Arc::new(Events::default());
+            let standalone = Arc::new(Standalone::new([node("n1"), node("n2"), node("n3")]));
+            let deps = Arc::new(VolumeDeps {
+                backend: Arc::new(FileBackend::open(dir.path()).unwrap()),
+                nodes: standalone.clone(),
+                authority: standalone,
+                sink: events.clone(),
+                metrics: metrics.clone(),
+                grace_period: Duration::from_secs(30),
+                node_limit: NodeLimit::new(0),
+            });
+            let supervisor = Supervisor::new(deps, Vec::new()).start();
+            let now = SystemTime::now();
+            let seed = |v: &str, holders: &[&str], class| SeedVolume {
+                volume: vol(v),
+                holders: holders.iter().map(|n| (node(n), now)).collect(),
+                class,
+                migration_timeout: Duration::from_secs(3600),
+            };
+            supervisor
+                .send(Seed(vec![
+                    seed("a", &["n1"], AccessClass::Exclusive),
+                    seed("b", &["n2"], AccessClass::Exclusive),
+                    seed("c", &["n1", "n3"], AccessClass::Migratable),
+                ]))
+                .await
+                .unwrap();
+            let cluster = Arc::new(Nodes(Mutex::new(HashMap::from([
+                ("n1".to_string(), false),
+                ("n2".to_string(), true),
+                ("n3".to_string(), true),
+            ]))));
+            let (_deleted, deletions) = broadcast::channel(16);
+            let reconciler = StaleAttachments {
+                supervisor: supervisor.clone(),
+                nodes: cluster,
+                metrics: metrics.clone(),
+            };
+            tokio::spawn(reconciler.run(INTERVAL, deletions));
+            let router = Router::new(supervisor, Duration::from_secs(5));
+            let holders = |v: &'static str| {
+                let router = router.clone();
+                async move {
+                    let view = router.send(&vol(v), Describe).await.unwrap();
+                    view.map_or(vec![], |view| {
+                        view["nodes"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|n| n["node"].as_str().unwrap().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                }
+            };
+            let runs = || {
+                metrics
+                    .reconciler_runs
+                    .with_label_values(&[STALE, "success"])
+                    .get()
+            };
+
+            tokio::time::sleep(INTERVAL - Duration::from_secs(1)).await;
+            assert_eq!(runs(), 0);
+            assert_eq!(
+                metrics.stale_cleared_total.get(),
+                0,
+                "not before the interval"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(runs(), 1, "one pass within one interval");
+            assert_eq!(metrics.stale_cleared_total.get(), 2, "n1 from a and from c");
+            tokio::time::sleep(INTERVAL * 3).await;
+            assert_eq!(runs(), 4);
+            assert_eq!(metrics.stale_cleared_total.get(), 2, "counted once");
+
+            assert_eq!(holders("a").await, Vec::<String>::new());
+            assert_eq!(holders("b").await, ["n2"], "NotReady, not deleted");
+            assert_eq!(holders("c").await, ["n3"], "the migration resolved to n3");
+            let events = events.0.lock().unwrap().clone();
+            let mut stale: Vec<(String, String)> = events
+                .iter()
+                .filter_map(|(v, e)| match e {
+                    ClusterEvent::StaleAttachmentCleared { node } => {
+                        Some((v.to_string(), node.to_string()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            stale.sort();
+            assert_eq!(
+                stale,
+                [("a".into(), "n1".into()), ("c".into(), "n1".into())],
+                "evented once each: {events:?}"
+            );
+        });
+    }
+}

@@ -1,0 +1,559 @@
+//! Controller high availability: driver processes follow the csi-attacher's leader Lease in the
+//! fake API server. The tests write that Lease as csi-lib-utils would (acquire, renew, move), and
+//! play the external-attacher as in `kubernetes.rs`: VolumeAttachments first, then the call.
+//!
+//! Nothing here measures time: every wait is `eventually` with a generous deadline, and whether
+//! a driver is active or standby is read from what it answers and what it exports.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rds_csi::csi::controller_client::ControllerClient;
+use rds_csi::csi::{ControllerPublishVolumeRequest, GetCapacityRequest, VolumeCapability};
+use serde_json::{json, Value};
+use tonic::{Code, Status};
+
+use crate::support::cluster::{Cluster, LEASE, LEASE_NAMESPACE};
+use crate::support::*;
+
+/// A controller that follows the Lease as `identity` (its pod name, in a cluster).
+pub async fn start_ha(c: &Cluster, identity: &str, volumes: &[&str], extra: &[&str]) -> Driver {
+    let dir = tempfile::tempdir().unwrap();
+    precreate(dir.path(), volumes).await;
+    let mut args = vec![
+        "--leader-election",
+        "--leader-election-namespace",
+        LEASE_NAMESPACE,
+        "--leader-election-identity",
+        identity,
+    ];
+    args.extend_from_slice(extra);
+    Driver::start_kube_in(dir, &c.kubeconfig, &args).await
+}
+
+pub fn transitions(scrape: &str, to: &str) -> f64 {
+    sample(
+        scrape,
+        &format!("rds_csi_leader_transitions_total{{to=\"{to}\"}}"),
+    )
+}
+
+/// Serving attachments: ready, and the leader gauge says so.
+pub async fn is_active(d: &Driver) -> bool {
+    d.ready().await && d.metric("rds_csi_leader_active").await == 1.0
+}
+
+/// A standby: ready (a healthy standby is never restarted), and not serving attachments.
+pub async fn is_standby(d: &Driver) -> bool {
+    d.ready().await && d.metric("rds_csi_leader_active").await == 0.0
+}
+
+pub fn not_active<T: std::fmt::Debug>(answer: &Result<T, Status>) -> bool {
+    matches!(answer, Err(s) if s.code() == Code::Unavailable
+        && s.message().contains("not the active controller"))
+}
+
+fn refused_by(answer: Result<impl std::fmt::Debug, Status>, holder: &str) {
+    let err = answer.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains(&format!("node {holder}")),
+        "{}",
+        err.message()
+    );
+}
+
+fn holders(view: &Value) -> Vec<String> {
+    view["nodes"].as_array().map_or(vec![], |n| {
+        n.iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect()
+    })
+}
+
+/// What one prober heard.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: usize,
+    not_active: usize,
+    not_ready: usize,
+    refused: usize,
+    other: Vec<String>,
+}
+
+/// Publishes `volume` to `node` on a driver again and again until stopped, as a csi-attacher
+/// retrying would, and tallies the answers.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Tally>,
+}
+
+impl Prober {
+    fn start(d: &Driver, volume: &str, node: &str, cap: VolumeCapability) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut client = ControllerClient::new(d.channel.clone());
+        let req = ControllerPublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: node.into(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        };
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while !stopped.load(Ordering::Relaxed) {
+                let answer = client.controller_publish_volume(req.clone()).await;
+                match &answer {
+                    Ok(_) => tally.ok += 1,
+                    _ if not_active(&answer) => tally.not_active += 1,
+                    Err(s) if s.code() == Code::Unavailable => tally.not_ready += 1,
+                    Err(s) if s.code() == Code::FailedPrecondition => tally.refused += 1,
+                    Err(s) => tally.other.push(format!("{:?}: {}", s.code(), s.message())),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tally
+        });
+        Prober { stop, task }
+    }
+
+    async fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// Moves the Lease from `old` to `new` while `old` is asked, over and over, to publish the
+/// exclusive `volume` to `old_node` (which holds it) and `new` to publish it to `new_node`.
+/// Returns once `new` serves and `old` is a standby; never did both answer OK.
+async fn move_under_fire(
+    c: &Cluster,
+    (old, old_node): (&Driver, &str),
+    (new, new_node): (&Driver, &str),
+    volume: &str,
+    to: &str,
+) {
+    let old_probe = Prober::start(old, volume, old_node, rwo());
+    let new_probe = Prober::start(new, volume, new_node, rwo());
+    // Some answers from both before the move.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.move_lease(to);
+    eventually(
+        "the new holder serves and the old one is a standby",
+        || async { is_active(new).await && is_standby(old).await },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (old_tally, new_tally) = (old_probe.finish().await, new_probe.finish().await);
+    println!("old holder ({old_node}): {old_tally:?}\nnew holder ({new_node}): {new_tally:?}");
+    assert!(
+        old_tally.ok == 0 || new_tally.ok == 0,
+        "both answered OK for {volume} on different nodes: {old_tally:?} / {new_tally:?}"
+    );
+    assert_eq!(
+        new_tally.ok, 0,
+        "{new_node} never gets {volume}: {old_node} holds it"
+    );
+    assert!(old_tally.ok > 0, "the old holder served before the move");
+    assert!(old_tally.not_active > 0, "then stood down: {old_tally:?}");
+    assert!(
+        new_tally.refused > 0,
+        "the new holder refused once seeded: {new_tally:?}"
+    );
+    assert!(
+        old_tally.other.is_empty() && new_tally.other.is_empty(),
+        "{old_tally:?} / {new_tally:?}"
+    );
+}
+
+// ---- Must show 1: a → b → a -----------------------------------------------------------------
+
+/// Two controllers, identities a and b. The test moves the Lease a → b → a, as the csi-attachers
+/// of the two pods would. After each move the new holder re-seeds from VolumeAttachments and
+/// serves what the other one left (including its own stale memory, for a coming back); the
+/// standby answers UNAVAILABLE for attachments and keeps serving everything else; and while the
+/// Lease moves, with both asked again and again for one exclusive volume on different nodes,
+/// never do both answer OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attachments() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    c.pv("pv-y", "vol-y", false, None, json!({}));
+    c.pv("pv-m", "vol-m", true, None, json!({}));
+    c.pv("pv-z", "vol-z", false, None, json!({}));
+    c.lease("a", 3600);
+    let volumes = ["vol-x", "vol-y", "vol-m", "vol-z", "vol-free"];
+    let a = start_ha(&c, "a", &volumes, &[]).await;
+    let b = start_ha(&c, "b", &volumes, &[]).await;
+    eventually("a serves, b stands by", || async {
+        is_active(&a).await && is_standby(&b).await
+    })
+    .await;
+
+    // a serves: x on n1, and a live migration of m from n1 to n2.
+    let x1 = c.va("pv-x", "vol-x", "n1", false, Duration::ZERO);
+    assert!(not_active(&b.publish("vol-x", "n1", rwo()).await));
+    a.publish("vol-x", "n1", rwo()).await.unwrap();
+    c.attach(&x1);
+    let m1 = c.va("pv-m", "vol-m", "n1", false, Duration::ZERO);
+    a.publish("vol-m", "n1", rwx()).await.unwrap();
+    c.attach(&m1);
+    let m2 = c.va("pv-m", "vol-m", "n2", false, Duration::from_secs(0));
+    a.publish("vol-m", "n2", rwx()).await.unwrap();
+    c.attach(&m2);
+    let z1 = c.va("pv-z", "vol-z", "n1", false, Duration::ZERO);
+    a.publish("vol-z", "n1", rwo()).await.unwrap();
+    c.attach(&z1);
+
+    // b, the standby: attachments are refused, everything else works.
+    assert!(not_active(&b.unpublish("vol-x", "n1").await));
+    assert!(b.ready().await, "a healthy standby is ready");
+    let readyz = http_get(&format!("{}/readyz", b.metrics_url())).await;
+    assert_eq!(readyz.trim(), "ready");
+    b.create("made-on-b", rwo()).await;
+    assert!(b.volume_ids().await.unwrap().contains(&"made-on-b".into()));
+    b.controller()
+        .get_capacity(GetCapacityRequest::default())
+        .await
+        .expect("GetCapacity on a standby");
+    // DeleteVolume on a standby asks the API, not its (empty) memory.
+    let err = b.delete("vol-x").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("n1"), "{}", err.message());
+    b.delete("vol-free")
+        .await
+        .expect("no VolumeAttachment names it");
+    assert!(!b.volume_ids().await.unwrap().contains(&"vol-free".into()));
+
+    // a → b.
+    move_under_fire(&c, (&a, "n1"), (&b, "n2"), "vol-x", "b").await;
+    // b serves what a did: x on n1, m migrating from n1 to n2.
+    refused_by(b.publish("vol-x", "n2", rwo()).await, "n1");
+    let err = b.publish("vol-m", "n3", rwx()).await.unwrap_err();
+    assert!(
+        err.message()
+            .contains("migration limit: attached to n1 and n2"),
+        "{}",
+        err.message()
+    );
+    assert!(not_active(&a.publish("vol-x", "n1", rwo()).await));
+    assert!(not_active(&a.unpublish("vol-x", "n1").await));
+    // b moves the world on: x leaves n1 for n2, y attaches to n3, m's migration completes.
+    b.unpublish("vol-x", "n1").await.unwrap();
+    c.remove_va(&x1);
+    let x2 = c.va("pv-x", "vol-x", "n2", false, Duration::ZERO);
+    b.publish("vol-x", "n2", rwo()).await.unwrap();
+    c.attach(&x2);
+    let y3 = c.va("pv-y", "vol-y", "n3", false, Duration::ZERO);
+    b.publish("vol-y", "n3", rwo()).await.unwrap();
+    c.attach(&y3);
+    b.unpublish("vol-m", "n1").await.unwrap();
+    c.remove_va(&m1);
+    b.unpublish("vol-z", "n1").await.unwrap();
+    c.remove_va(&z1);
+    assert_eq!(
+        b.metric(r#"rds_csi_migration_migrations_total{result="success"}"#)
+            .await,
+        1.0
+    );
+
+    // b → a. a's own memory still said x on n1: it must have dropped it.
+    move_under_fire(&c, (&b, "n2"), (&a, "n1"), "vol-x", "a").await;
+    refused_by(a.publish("vol-x", "n1", rwo()).await, "n2");
+    refused_by(a.publish("vol-y", "n1", rwo()).await, "n3");
+    let m = a.debug("vol-m").await;
+    assert_eq!(holders(&m), ["n2"], "{m}");
+    assert!(m["migration"].is_null(), "{m}");
+    let z = a.debug("vol-z").await;
+    assert!(
+        z["error"].is_string(),
+        "z left n1 while b served: a's memory of it is gone: {z}"
+    );
+    assert!(not_active(&b.publish("vol-x", "n2", rwo()).await));
+    // a serves: y leaves n3.
+    a.unpublish("vol-y", "n3").await.unwrap();
+    c.remove_va(&y3);
+
+    let (ma, mb) = (a.scrape().await, b.scrape().await);
+    assert_eq!(
+        (transitions(&ma, "active"), transitions(&ma, "standby")),
+        (2.0, 1.0)
+    );
+    assert_eq!(
+        (transitions(&mb, "active"), transitions(&mb, "standby")),
+        (1.0, 2.0),
+        "b: standby at start, active, standby"
+    );
+    // a seeded twice: nothing at its first term, then the three attached VolumeAttachments b
+    // left (x on n2, y on n3, m on n2); b once, from what a left (x and z on n1, m on n1 and
+    // n2).
+    assert_eq!(
+        sample(&ma, "rds_csi_seeding_volumeattachments_seen_total"),
+        3.0
+    );
+    assert_eq!(
+        sample(&mb, "rds_csi_seeding_volumeattachments_seen_total"),
+        4.0
+    );
+    assert_eq!(sample(&ma, "rds_csi_leader_active"), 1.0);
+    assert_eq!(sample(&mb, "rds_csi_leader_active"), 0.0);
+    // Neither process ever writes the Lease.
+    let lease_writes: Vec<_> = c
+        .api
+        .calls()
+        .into_iter()
+        .filter(|call| {
+            call.resource == "leases" && !["get", "list", "watch"].contains(&call.verb.as_str())
+        })
+        .collect();
+    assert!(lease_writes.is_empty(), "{lease_writes:?}");
+}
+
+// ---- An answer across a move ------------------------------------------------------------------
+
+/// A publish admitted while a was active is still deciding (its live check of the holder hangs)
+/// when the Lease moves to b. The check then finds the holder released, so a's actor attaches;
+/// but a's term ended before the answer, so a answers UNAVAILABLE, never OK: b, seeded after
+/// the holder's VolumeAttachment went, may give the volume to another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_decided_across_a_lease_move_is_never_ok() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    let x1 = c.va("pv-x", "vol-x", "n1", true, Duration::from_secs(60));
+    c.lease("a", 3600);
+    let a = start_ha(&c, "a", &["vol-x"], &[]).await;
+    let b = start_ha(&c, "b", &["vol-x"], &[]).await;
+    eventually("a serves, b stands by", || async {
+        is_active(&a).await && is_standby(&b).await
+    })
+    .await;
+
+    c.api.clear_calls();
+    let hang = c.api.hang("get", "nodes");
+    c.va("pv-x", "vol-x", "n2", false, Duration::ZERO);
+    let mut client = a.controller();
+    let publish = tokio::spawn(async move {
+        client
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: "vol-x".into(),
+                node_id: "n2".into(),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await
+    });
+    eventually("a's live check of n1 is in flight", || async {
+        c.api
+            .calls_matching("get", "nodes")
+            .iter()
+            .any(|call| call.name.as_deref() == Some("n1") && call.in_flight())
+    })
+    .await;
+    c.remove_va(&x1);
+    c.move_lease("b");
+    eventually("a stood down", || async {
+        a.metric("rds_csi_leader_active").await == 0.0
+    })
+    .await;
+    c.api.remove_fault(hang);
+    let answer = publish.await.unwrap();
+    assert!(
+        matches!(&answer, Err(s) if s.code() == Code::Unavailable && s.message().contains("term ended")),
+        "{answer:?}"
+    );
+    eventually("b serves", || is_active(&b)).await;
+    c.va("pv-x", "vol-x", "n3", false, Duration::ZERO);
+    b.publish("vol-x", "n3", rwo())
+        .await
+        .expect("b, seeded after n1's VolumeAttachment went, sees no holder");
+}
+
+// ---- The expired Lease whose holder did not change ------------------------------------------
+
+/// The holder's csi-attacher stops renewing (it died, or cannot reach the API): once the Lease
+/// has expired, its holder is a standby although the Lease still names it, because another
+/// csi-attacher may take it at any moment. When renewals resume, it re-seeds before serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_makes_its_unchanged_holder_a_standby_until_renewed() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    let x1 = c.va("pv-x", "vol-x", "n1", true, Duration::from_secs(60));
+    c.lease("a", 6);
+    let attacher = c.keep_renewing(Duration::from_millis(500));
+    let a = start_ha(&c, "a", &["vol-x"], &[]).await;
+    eventually("a serves", || is_active(&a)).await;
+    a.publish("vol-x", "n1", rwo()).await.unwrap();
+
+    drop(attacher);
+    eventually("the expired Lease makes a a standby", || async {
+        not_active(&a.publish("vol-x", "n1", rwo()).await)
+    })
+    .await;
+    let lease = c.api.get("leases", Some(LEASE_NAMESPACE), LEASE).unwrap();
+    assert_eq!(
+        lease["spec"]["holderIdentity"], "a",
+        "the holder never changed"
+    );
+    assert!(is_standby(&a).await);
+
+    // While nobody served, x moved from n1 to n2 (as if another controller had held it).
+    c.remove_va(&x1);
+    c.va("pv-x", "vol-x", "n2", true, Duration::from_secs(1));
+    let _attacher = c.keep_renewing(Duration::from_millis(500));
+    eventually("renewed: a serves again", || is_active(&a)).await;
+    refused_by(a.publish("vol-x", "n1", rwo()).await, "n2");
+    let m = a.scrape().await;
+    assert_eq!(
+        (transitions(&m, "active"), transitions(&m, "standby")),
+        (2.0, 1.0)
+    );
+}
+
+// ---- Must show 2: the Lease watch lost, the API down ------------------------------------------
+
+/// The active driver loses sight of the Lease (every Lease request fails; then the whole API
+/// is down) while its csi-attacher keeps renewing it: it becomes a standby once what it last saw
+/// expires, and serves again only after re-seeding, from VolumeAttachments that changed while
+/// it could not see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_lease_watch_or_the_api_makes_the_holder_a_standby_until_it_has_reseeded() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    let x1 = c.va("pv-x", "vol-x", "n1", true, Duration::from_secs(60));
+    c.lease("a", 6);
+    let _attacher = c.keep_renewing(Duration::from_millis(500));
+    let a = start_ha(&c, "a", &["vol-x"], &[]).await;
+    eventually("a serves", || is_active(&a)).await;
+    a.publish("vol-x", "n1", rwo()).await.unwrap();
+
+    // 1. The Lease watch is lost: every request for Leases fails, nothing else does.
+    let fault = c.api.fail("*", "leases", 503);
+    c.api.drop_watches();
+    eventually("blind to the Lease: a standby", || async {
+        not_active(&a.publish("vol-x", "n1", rwo()).await)
+    })
+    .await;
+    assert!(is_standby(&a).await);
+    assert_eq!(transitions(&a.scrape().await, "standby"), 1.0);
+    c.remove_va(&x1);
+    let x2 = c.va("pv-x", "vol-x", "n2", true, Duration::from_secs(1));
+    c.api.remove_fault(fault);
+    eventually("the Lease is seen again: a serves", || is_active(&a)).await;
+    refused_by(a.publish("vol-x", "n1", rwo()).await, "n2");
+
+    // 2. The API is down.
+    let fault = c.api.fail("*", "*", 503);
+    c.api.drop_watches();
+    eventually("the API is down: a standby", || async {
+        not_active(&a.publish("vol-x", "n2", rwo()).await)
+    })
+    .await;
+    assert!(is_standby(&a).await);
+    c.remove_va(&x2);
+    c.va("pv-x", "vol-x", "n3", true, Duration::from_secs(1));
+    c.api.remove_fault(fault);
+    eventually("the API is back: a serves", || is_active(&a)).await;
+    refused_by(a.publish("vol-x", "n2", rwo()).await, "n3");
+
+    let m = a.scrape().await;
+    assert_eq!(
+        (transitions(&m, "active"), transitions(&m, "standby")),
+        (3.0, 2.0)
+    );
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        3.0,
+        "seeded three times, one attached VolumeAttachment each"
+    );
+}
+
+// ---- A watch event the API does not confirm ---------------------------------------------------
+
+/// The watch says the Lease moved to b, but a live read says a still holds it (a forged event:
+/// a cache that lies). b confirms before it serves, so it never does; a, told it lost the Lease,
+/// stands down at once (stepping down needs no confirmation) and serves again, after re-seeding,
+/// at the next renewal it sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_event_the_api_does_not_confirm_never_makes_a_driver_active() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    c.va("pv-x", "vol-x", "n1", true, Duration::from_secs(60));
+    c.lease("a", 3600);
+    let a = start_ha(&c, "a", &["vol-x"], &[]).await;
+    let b = start_ha(&c, "b", &["vol-x"], &[]).await;
+    eventually("a serves, b stands by", || async {
+        is_active(&a).await && is_standby(&b).await
+    })
+    .await;
+    eventually("both watch the Lease", || async {
+        c.api.open_watches(Some("leases")) >= 2
+    })
+    .await;
+
+    c.api.clear_calls();
+    let mut forged = c.api.get("leases", Some(LEASE_NAMESPACE), LEASE).unwrap();
+    forged["spec"]["holderIdentity"] = json!("b");
+    forged["spec"]["renewTime"] = json!(crate::support::cluster::micro_now());
+    assert_eq!(c.api.forge_watch_event("leases", "MODIFIED", forged), 2);
+    eventually("b reacted to the forged event", || async {
+        c.api.count_calls("get", "leases") >= 1 || transitions(&b.scrape().await, "active") > 0.0
+    })
+    .await;
+    assert_eq!(
+        transitions(&b.scrape().await, "active"),
+        0.0,
+        "b confirms with a live read before it serves"
+    );
+    eventually("a stood down", || is_standby(&a)).await;
+    assert!(is_standby(&b).await);
+    assert!(not_active(&b.publish("vol-x", "n2", rwo()).await));
+    assert_eq!(transitions(&b.scrape().await, "active"), 0.0);
+
+    c.renew_lease();
+    eventually("a serves again", || is_active(&a)).await;
+    refused_by(a.publish("vol-x", "n2", rwo()).await, "n1");
+    assert_eq!(transitions(&b.scrape().await, "active"), 0.0);
+}
+
+// ---- Flags --------------------------------------------------------------------------------
+
+/// Leader election follows a Lease in a cluster: without Kubernetes it is refused at start, as
+/// is a namespace nobody told the driver (no flag, no POD_NAMESPACE, no service account).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_needs_kubernetes_and_a_namespace() {
+    let c = Cluster::new(&["n1"]).await;
+    let cases: [(&[&str], Option<&std::path::Path>, &str); 2] = [
+        (
+            &["--kubernetes", "off", "--leader-election"],
+            None,
+            "--leader-election needs Kubernetes mode",
+        ),
+        (
+            &["--kubernetes", "on", "--leader-election"],
+            Some(c.kubeconfig.as_path()),
+            "pass --leader-election-namespace",
+        ),
+    ];
+    for (args, kubeconfig, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi.sock");
+        let sa_flag = format!(
+            "--service-account-dir={}",
+            dir.path().join("no-service-account").display()
+        );
+        let mut args = args.to_vec();
+        args.push(&sa_flag);
+        let mut child = Driver::spawn_with(dir.path(), &socket, &[], &args, kubeconfig);
+        let mut status = None;
+        eventually("the driver exits", || {
+            status = child.try_wait().unwrap();
+            std::future::ready(status.is_some())
+        })
+        .await;
+        assert!(!status.unwrap().success(), "{args:?}");
+        let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+        assert!(log.contains(says), "{args:?}: {log}");
+        assert!(!socket.exists(), "{args:?}: served nothing");
+    }
+}
