@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+use rds_csi::csi::ControllerPublishVolumeRequest;
+use serde_json::json;
+
+use crate::support::cluster::Cluster;
 use crate::support::*;
 
 fn migrations(m: &str) -> (f64, f64, f64) {
@@ -207,4 +211,114 @@ fn a_missing_series_is_an_error_not_zero() {
         misspelled.is_err(),
         "a misspelled series must not read as 0"
     );
+}
+
+/// A Kubernetes-mode driver where exclusive `vol-stuck` is held by n1 (seeded from its VA) and
+/// Nodes answer no GET: a publish of `vol-stuck` from n2 then waits inside its volume actor on
+/// the live check of n1 (rule 5.1), its mailbox blocked, until the fault is removed.
+struct StuckPublish {
+    c: Cluster,
+    d: Driver,
+    hang: u64,
+    publish: tokio::task::JoinHandle<
+        Result<tonic::Response<rds_csi::csi::ControllerPublishVolumeResponse>, tonic::Status>,
+    >,
+}
+
+impl StuckPublish {
+    /// `others`: more exclusive volumes, each attached to n1 before the publish hangs.
+    async fn start(others: &[&str]) -> StuckPublish {
+        let c = Cluster::new(&["n1", "n2"]).await;
+        c.pv("pv-stuck", "vol-stuck", false, None, json!({}));
+        c.va("pv-stuck", "vol-stuck", "n1", true, Duration::from_secs(60));
+        for v in others {
+            c.pv(&format!("pv-{v}"), v, false, None, json!({}));
+        }
+        let mut volumes = vec!["vol-stuck"];
+        volumes.extend_from_slice(others);
+        let d = c.start_with_volumes(&volumes).await;
+        d.wait_ready().await;
+        for v in others {
+            c.va(&format!("pv-{v}"), v, "n1", false, Duration::ZERO);
+            d.publish(v, "n1", rwo()).await.unwrap();
+        }
+        c.va("pv-stuck", "vol-stuck", "n2", false, Duration::ZERO);
+        let hang = c.api.hang("get", "nodes");
+        let mut client = d.controller();
+        let publish = tokio::spawn(async move {
+            client
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: "vol-stuck".into(),
+                    node_id: "n2".into(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await
+        });
+        eventually("the publish waits on its live Node check", || async {
+            c.api
+                .calls_matching("get", "nodes")
+                .iter()
+                .any(|call| call.status.is_none())
+        })
+        .await;
+        StuckPublish {
+            c,
+            d,
+            hang,
+            publish,
+        }
+    }
+}
+
+const PUBLISH_IN_FLIGHT: &str = r#"rds_csi_grpc_server_in_flight_requests{grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}"#;
+
+/// ControllerPublishVolume requests handled with `code`; None before the first one.
+fn publish_handled(m: &str, code: &str) -> Option<f64> {
+    sample_or_absent(
+        m,
+        &format!(
+            r#"rds_csi_grpc_server_handled_total{{grpc_code="{code}",grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}}"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_rpc_leaves_no_request_in_flight_and_is_counted_as_canceled() {
+    let s = StuckPublish::start(&[]).await;
+    let before = s.d.scrape().await;
+    assert_eq!(sample(&before, PUBLISH_IN_FLIGHT), 1.0, "the stuck publish");
+    assert_eq!(publish_handled(&before, "Canceled"), None);
+
+    // The client gives up: its call is dropped, which resets the HTTP/2 stream.
+    s.publish.abort();
+    assert!(s.publish.await.unwrap_err().is_cancelled());
+    eventually("the cancelled publish is no longer in flight", || async {
+        sample(&s.d.scrape().await, PUBLISH_IN_FLIGHT) == 0.0
+    })
+    .await;
+    let m = s.d.scrape().await;
+    assert_eq!(
+        publish_handled(&m, "Canceled"),
+        Some(1.0),
+        "counted as handled"
+    );
+    assert_eq!(publish_handled(&m, "OK"), None);
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_volume_operations_total{operation="publish",status="cancelled"}"#
+        ),
+        1.0,
+        "the operation metrics count it too"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_attachment_operation_duration_seconds_count{operation="publish"}"#
+        ),
+        1.0,
+        "and time it, up to the cancellation"
+    );
+    s.c.api.remove_fault(s.hang);
 }

@@ -374,8 +374,13 @@ where
     }
 }
 
-/// A minimal HTTP/1.0 GET over loopback.
+/// A minimal HTTP/1.0 GET over loopback: the body.
 pub async fn http_get(url: &str) -> String {
+    http_get_status(url).await.1
+}
+
+/// A minimal HTTP/1.0 GET over loopback: the status code and the body.
+pub async fn http_get_status(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest
@@ -387,11 +392,18 @@ pub async fn http_get(url: &str) -> String {
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body.split_once("\r\n\r\n")
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
-        .unwrap_or(body)
+        .unwrap_or(response);
+    (status, body)
 }
 
 /// The value of one sample in a Prometheus text scrape. A series that is not there fails the
