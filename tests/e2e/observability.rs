@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rds_csi::csi::ControllerPublishVolumeRequest;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::cluster::Cluster;
 use crate::support::*;
@@ -319,6 +319,46 @@ async fn a_cancelled_rpc_leaves_no_request_in_flight_and_is_counted_as_canceled(
         ),
         1.0,
         "and time it, up to the cancellation"
+    );
+    s.c.api.remove_fault(s.hang);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_attachments_lists_a_volume_stuck_in_a_publish_as_unanswered() {
+    let s = StuckPublish::start(&["vol-a", "vol-b"]).await;
+    let base = s.d.metrics_url();
+    // A guard against hanging forever, not a timing claim: the listing waits for no actor
+    // longer than its own deadline.
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(60),
+        http_get_status(&format!("{base}/debug/attachments")),
+    )
+    .await
+    .expect("/debug/attachments must not wait for a stuck volume");
+    assert_eq!(status, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(all["unanswered"], json!(["vol-stuck"]), "{all}");
+    let listed: Vec<&str> = all["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["volume_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["vol-a", "vol-b"], "the volumes that answered");
+    assert_eq!(all["count"], 2);
+
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(60),
+        http_get_status(&format!("{base}/debug/attachments?volume=vol-stuck")),
+    )
+    .await
+    .expect("?volume= must not wait for a stuck volume");
+    assert_eq!(status, 503, "{body}");
+    let one: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(one["unanswered"], json!(["vol-stuck"]), "{one}");
+    assert!(
+        one["error"].as_str().unwrap().contains("did not answer"),
+        "{one}"
     );
     s.c.api.remove_fault(s.hang);
 }
