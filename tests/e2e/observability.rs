@@ -53,7 +53,11 @@ async fn each_migration_is_counted_exactly_once() {
 }
 
 async fn debug(d: &Driver, query: &str) -> serde_json::Value {
-    let body = http_get(&format!("{}/debug/attachments{query}", d.metrics_url())).await;
+    let body = http_get(&format!(
+        "{}/debug/attachments{query}",
+        d.metrics_url().await
+    ))
+    .await;
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
@@ -109,7 +113,7 @@ async fn debug_attachments_shows_a_migration_counting_down() {
 #[tokio::test]
 async fn health_grpc_metrics_and_json_logs() {
     let d = Driver::start(&["n2"], &["--log-format", "json"]).await;
-    let base = d.metrics_url();
+    let base = d.metrics_url().await;
     assert_eq!(http_get(&format!("{base}/healthz")).await, "ok\n");
     assert_eq!(http_get(&format!("{base}/readyz")).await, "ready\n");
     d.create("v", rwo()).await;
@@ -156,7 +160,7 @@ async fn health_grpc_metrics_and_json_logs() {
         [base.as_str()]
     );
 
-    let log = d.log();
+    let log = d.wait_for_log("publish refused").await;
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -181,7 +185,11 @@ async fn an_empty_metrics_address_disables_the_endpoint() {
         .probe(rds_csi::csi::ProbeRequest {})
         .await
         .unwrap();
-    assert!(!d.log().contains("serving /metrics"));
+    // "serving CSI" is logged after where the metrics address would be.
+    assert!(!d
+        .wait_for_log("serving CSI")
+        .await
+        .contains("serving /metrics"));
     // Nothing to connect to: the process listens on no TCP port at all...
     assert_eq!(tcp_listeners(d.pid()), []);
     // ...and in particular not on the default address: a connection there is refused, or
@@ -326,7 +334,7 @@ async fn a_cancelled_rpc_leaves_no_request_in_flight_and_is_counted_as_canceled(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_attachments_lists_a_volume_stuck_in_a_publish_as_unanswered() {
     let s = StuckPublish::start(&["vol-a", "vol-b"]).await;
-    let base = s.d.metrics_url();
+    let base = s.d.metrics_url().await;
     // A guard against hanging forever, not a timing claim: the listing waits for no actor
     // longer than its own deadline.
     let (status, body) = tokio::time::timeout(
