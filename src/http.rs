@@ -1,20 +1,24 @@
 //! The operator's HTTP endpoint on `--metrics-address`: `/metrics` (Prometheus text), `/healthz`
 //! (the process answers), `/readyz` (attachment state rebuilt) and `/debug/attachments` (live
-//! attachment state as JSON; `?volume=ID` for one volume). Read-only: it never changes state.
+//! attachment state as JSON; `?volume=ID` for one volume). Read-only: it never changes state, and
+//! it never waits on a busy volume actor past [`DESCRIBE_DEADLINE`].
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tokio::time::{timeout_at, Instant};
 
 use crate::actors::messages::{Describe, ListActors, Lookup};
 use crate::actors::supervisor::Supervisor;
+use crate::actors::volume::VolumeActor;
 use crate::ids::VolumeId;
 use crate::metrics::Metrics;
 
@@ -82,7 +86,15 @@ fn error(status: StatusCode, message: String) -> Response {
     json(status, serde_json::json!({ "error": message }))
 }
 
-/// Every volume with an attachment or a grace record, sorted by id; or one with `?volume=ID`.
+/// How long `/debug/attachments` waits for volume actors, all of them asked at once. An actor
+/// busy with a publish whose live checks await the API answers only when that I/O ends, so
+/// the listing does not wait for it: it reports the volume as unanswered instead.
+pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Every volume with an attachment or a grace record, sorted by id, and `unanswered`: the
+/// volumes whose actor did not answer within [`DESCRIBE_DEADLINE`] (busy with an operation),
+/// whose state is therefore not listed. With `?volume=ID`, that volume; 503 if its actor did
+/// not answer in time.
 async fn attachments(
     State(s): State<Arc<HttpState>>,
     Query(query): Query<HashMap<String, String>>,
@@ -93,21 +105,38 @@ async fn attachments(
             "this process runs no controller".into(),
         );
     };
+    let deadline = Instant::now() + DESCRIBE_DEADLINE;
+    let supervisor_late = || {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the supervisor did not answer within {DESCRIBE_DEADLINE:?}"),
+        )
+    };
     if let Some(raw) = query.get("volume") {
         let volume = match VolumeId::try_from(raw.as_str()) {
             Ok(v) => v,
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        let view = match supervisor.send(Lookup(volume.clone())).await {
-            Ok(Ok(Some(addr))) => addr
-                .send(Describe)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten(),
-            Ok(Ok(None)) => None,
-            Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into()),
+        let view = match timeout_at(deadline, supervisor.send(Lookup(volume.clone()))).await {
+            Ok(Ok(Ok(Some(addr)))) => match describe(addr, deadline).await {
+                Answer::View(view) => view,
+                Answer::Gone => None,
+                Answer::Late => {
+                    return json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        serde_json::json!({
+                            "error": format!("volume {volume} did not answer within {DESCRIBE_DEADLINE:?}: an operation on it is in progress"),
+                            "unanswered": [volume.as_str()],
+                        }),
+                    )
+                }
+            },
+            Ok(Ok(Ok(None))) => None,
+            Ok(Ok(Err(e))) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Ok(Err(_)) => {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into())
+            }
+            Err(_) => return supervisor_late(),
         };
         return match view {
             Some(v) => json(StatusCode::OK, with_id(&volume, v)),
@@ -117,28 +146,56 @@ async fn attachments(
             ),
         };
     }
-    let Ok(listing) = supervisor.send(ListActors).await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into());
+    let listing = match timeout_at(deadline, supervisor.send(ListActors)).await {
+        Ok(Ok(listing)) => listing,
+        Ok(Err(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into()),
+        Err(_) => return supervisor_late(),
     };
-    let views =
-        futures::future::join_all(listing.actors.into_iter().map(|(volume, addr)| async move {
-            let view = addr
-                .send(Describe)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
-            view.map(|v| (volume, v))
-        }))
-        .await;
-    let mut volumes: Vec<_> = views.into_iter().flatten().chain(listing.parked).collect();
+    let answers = futures::future::join_all(
+        listing
+            .actors
+            .into_iter()
+            .map(|(volume, addr)| async move { (volume, describe(addr, deadline).await) }),
+    )
+    .await;
+    let mut volumes = listing.parked;
+    let mut unanswered = Vec::new();
+    for (volume, answer) in answers {
+        match answer {
+            Answer::View(Some(view)) => volumes.push((volume, view)),
+            Answer::View(None) | Answer::Gone => {}
+            Answer::Late => unanswered.push(volume),
+        }
+    }
     volumes.sort_by(|a, b| a.0.cmp(&b.0));
+    unanswered.sort();
     let count = volumes.len();
     let volumes: Vec<_> = volumes.into_iter().map(|(id, v)| with_id(&id, v)).collect();
+    let unanswered: Vec<_> = unanswered.iter().map(VolumeId::as_str).collect();
     json(
         StatusCode::OK,
-        serde_json::json!({ "count": count, "volumes": volumes }),
+        serde_json::json!({ "count": count, "volumes": volumes, "unanswered": unanswered }),
     )
+}
+
+/// What a volume actor said when asked to describe itself.
+enum Answer {
+    /// Its view; `None` when it has neither attachment nor grace record.
+    View(Option<serde_json::Value>),
+    /// It retired or stopped between the listing and the question.
+    Gone,
+    /// No answer by the deadline.
+    Late,
+}
+
+async fn describe(addr: Addr<VolumeActor>, deadline: Instant) -> Answer {
+    // Dropping the request at the deadline withdraws the question: actix skips a message
+    // whose asker has gone, so a busy actor does not describe itself to nobody later.
+    match timeout_at(deadline, addr.send(Describe)).await {
+        Ok(Ok(Ok(view))) => Answer::View(view),
+        Ok(Ok(Err(_)) | Err(_)) => Answer::Gone,
+        Err(_) => Answer::Late,
+    }
 }
 
 fn with_id(volume: &VolumeId, mut view: serde_json::Value) -> serde_json::Value {

@@ -279,7 +279,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         sessions_per_connection: rds_sessions_per_connection,
         command_timeout: rds_command_timeout,
     };
-    telemetry::init(log_format);
+    // Dropped when `run` returns, after everything else has logged: that writes out the queue.
+    let _log = telemetry::init(log_format);
 
     let node_id = match node_id {
         Some(id) => id,

@@ -192,33 +192,57 @@ impl ControllerService {
         self.backend.delete(volume).await.map_err(Error::from)
     }
 
-    /// Counts and times one operation, then turns its error into a status.
-    fn record<T>(
-        &self,
-        operation: &str,
-        started: Instant,
-        result: Result<T, Error>,
-    ) -> Result<Response<T>, Status> {
-        let elapsed = started.elapsed().as_secs_f64();
-        let status = match &result {
+    /// Starts counting and timing one operation; see [`Operation`].
+    fn operation(&self, name: &'static str) -> Operation<'_> {
+        Operation {
+            metrics: &self.metrics,
+            name,
+            started: Instant::now(),
+            status: None,
+        }
+    }
+}
+
+/// One counted and timed operation. It is recorded when dropped, so an RPC whose client goes
+/// away before the answer (hyper then drops the handler's future) is still counted, with the
+/// status `cancelled` and timed up to the cancellation. Its effect is unknown at that point:
+/// a publish already inside its volume actor runs to completion without a caller.
+struct Operation<'a> {
+    metrics: &'a Metrics,
+    name: &'static str,
+    started: Instant,
+    status: Option<&'static str>,
+}
+
+impl Operation<'_> {
+    /// Records the outcome and turns an error into a status.
+    fn finish<T>(mut self, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        self.status = Some(match &result {
             Ok(_) => "success",
             Err(e) => e.metric_label(),
-        };
+        });
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+impl Drop for Operation<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let status = self.status.unwrap_or("cancelled");
         self.metrics
             .volume_operations_total
-            .with_label_values(&[operation, status])
+            .with_label_values(&[self.name, status])
             .inc();
         self.metrics
             .volume_operation_duration
-            .with_label_values(&[operation])
+            .with_label_values(&[self.name])
             .observe(elapsed);
-        if matches!(operation, "publish" | "unpublish") {
+        if matches!(self.name, "publish" | "unpublish") {
             self.metrics
                 .attachment_operation_duration
-                .with_label_values(&[operation])
+                .with_label_values(&[self.name])
                 .observe(elapsed);
         }
-        result.map(Response::new).map_err(Status::from)
     }
 }
 
@@ -260,7 +284,7 @@ impl Controller for ControllerService {
         req: Request<CreateVolumeRequest>,
     ) -> Result<Response<CreateVolumeResponse>, Status> {
         self.ready()?;
-        let started = Instant::now();
+        let op = self.operation("create");
         let span = rpc_span("CreateVolume", &req.get_ref().name, "");
         let result = async {
             let mut create = CreateRequest::try_from(req.into_inner())?;
@@ -279,7 +303,7 @@ impl Controller for ControllerService {
         }
         .instrument(span)
         .await;
-        self.record("create", started, result)
+        op.finish(result)
     }
 
     /// CSI §4.3 DeleteVolume: idempotent; FAILED_PRECONDITION while published.
@@ -288,7 +312,7 @@ impl Controller for ControllerService {
         req: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         self.ready()?;
-        let started = Instant::now();
+        let op = self.operation("delete");
         let span = rpc_span("DeleteVolume", &req.get_ref().volume_id, "");
         let result = async {
             let volume = VolumeId::try_from(req.get_ref().volume_id.as_str())?;
@@ -300,7 +324,7 @@ impl Controller for ControllerService {
         }
         .instrument(span)
         .await;
-        self.record("delete", started, result)
+        op.finish(result)
     }
 
     /// CSI §4.3 ControllerPublishVolume, per ATTACHMENT_RULES.md "Publish".
@@ -309,7 +333,7 @@ impl Controller for ControllerService {
         req: Request<ControllerPublishVolumeRequest>,
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
         self.ready()?;
-        let started = Instant::now();
+        let op = self.operation("publish");
         let span = rpc_span(
             "ControllerPublishVolume",
             &req.get_ref().volume_id,
@@ -326,7 +350,7 @@ impl Controller for ControllerService {
         }
         .instrument(span)
         .await;
-        self.record("publish", started, result)
+        op.finish(result)
     }
 
     /// CSI §4.3 ControllerUnpublishVolume, per ATTACHMENT_RULES.md "Unpublish".
@@ -335,7 +359,7 @@ impl Controller for ControllerService {
         req: Request<ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
         self.ready()?;
-        let started = Instant::now();
+        let op = self.operation("unpublish");
         let span = rpc_span(
             "ControllerUnpublishVolume",
             &req.get_ref().volume_id,
@@ -350,7 +374,7 @@ impl Controller for ControllerService {
         }
         .instrument(span)
         .await;
-        self.record("unpublish", started, result)
+        op.finish(result)
     }
 
     /// Confirms only supported capabilities; NOT_FOUND for an unknown volume.
@@ -503,7 +527,7 @@ impl Controller for ControllerService {
         req: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         self.ready()?;
-        let started = Instant::now();
+        let op = self.operation("expand");
         let span = rpc_span("ControllerExpandVolume", &req.get_ref().volume_id, "");
         let result = async {
             let req = req.into_inner();
@@ -529,7 +553,7 @@ impl Controller for ControllerService {
         }
         .instrument(span)
         .await;
-        self.record("expand", started, result)
+        op.finish(result)
     }
     async fn controller_get_volume(
         &self,

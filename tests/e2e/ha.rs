@@ -209,7 +209,7 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     // b, the standby: attachments are refused, everything else works.
     assert!(not_active(&b.unpublish("vol-x", "n1").await));
     assert!(b.ready().await, "a healthy standby is ready");
-    let readyz = http_get(&format!("{}/readyz", b.metrics_url())).await;
+    let readyz = http_get(&format!("{}/readyz", b.metrics_url().await)).await;
     assert_eq!(readyz.trim(), "ready");
     b.create("made-on-b", rwo()).await;
     assert!(b.volume_ids().await.unwrap().contains(&"made-on-b".into()));

@@ -664,7 +664,7 @@ async fn a_boot_list_failure_keeps_it_not_ready_until_the_api_recovers() {
         d.publish("vol", "n1", rwo()).await.unwrap_err().code(),
         Code::Unavailable
     );
-    let readyz = http_get(&format!("{}/readyz", d.metrics_url())).await;
+    let readyz = http_get(&format!("{}/readyz", d.metrics_url().await)).await;
     assert!(readyz.contains("still being rebuilt"), "{readyz}");
     c.api.remove_fault(fault);
     d.wait_ready().await;
@@ -880,7 +880,7 @@ async fn seeding_pages_through_many_volume_attachments() {
             .all(|p| p.get("limit").map(String::as_str) == Some("500")),
         "{pages:?}"
     );
-    let all = http_get(&format!("{}/debug/attachments", d.metrics_url())).await;
+    let all = http_get(&format!("{}/debug/attachments", d.metrics_url().await)).await;
     let all: Value = serde_json::from_str(&all).unwrap();
     assert_eq!(all["count"], VOLUMES);
     assert_eq!(

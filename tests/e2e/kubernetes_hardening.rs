@@ -123,6 +123,16 @@ async fn auto_with_no_cluster_signs_runs_standalone_and_warns_why() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         } } => false,
     };
+    if served {
+        // SIGKILL loses what the log writer still holds: wait for the line first.
+        eventually("the standalone warning is written", || async {
+            std::fs::read_to_string(dir.path().join("driver.log"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("standalone"))
+        })
+        .await;
+    }
     let _ = child.kill();
     let _ = child.wait();
     let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
@@ -166,7 +176,7 @@ async fn not_ready_until_the_node_list_has_synced() {
         assert!(c.api.count_calls("list", "nodes") >= 1);
         // ...but the Node projection is not, so the driver is not ready.
         assert!(!d.ready().await, "hang={hang}: ready without the Node list");
-        let readyz = http_get(&format!("{}/readyz", d.metrics_url())).await;
+        let readyz = http_get(&format!("{}/readyz", d.metrics_url().await)).await;
         assert!(readyz.contains("still being rebuilt"), "{readyz}");
         c.va("pv", "vol", "n2", false, Duration::ZERO);
         assert_eq!(
@@ -438,7 +448,7 @@ async fn a_deleted_pv_ends_its_annotation_queue() {
         ),
         1.0
     );
-    let log = d.log();
+    let log = d.wait_for_log("PV is gone").await;
     let lines = log
         .lines()
         .filter(|l| l.contains("PV is gone") && l.contains("pv"))
@@ -468,7 +478,8 @@ async fn an_unparsable_pv_migration_timeout_at_seeding_warns_once() {
         300,
         "the default"
     );
-    let log = d.log();
+    // Logged while seeding, before ready; the writer thread may still hold it.
+    let log = d.wait_for_log("ten minutes").await;
     let warnings: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("ten minutes"))

@@ -291,7 +291,8 @@ async fn mount_lifecycle(fs: &str, size: i64) {
     n.unstage("data", "stage").await.unwrap();
     n.d.unpublish("data", "n1").await.unwrap();
     n.host.assert_clean();
-    let log = n.d.log();
+    // Logged after any formatting line of this volume's stage.
+    let log = n.d.wait_for_log("unstaged").await;
     assert_eq!(
         log.matches("formatting an empty device").count(),
         1,
@@ -1014,7 +1015,9 @@ async fn a_damaged_or_foreign_device_is_never_formatted_or_mounted() {
         .read_exact(&mut head)
         .unwrap();
     assert!(head.iter().all(|b| *b == 0x5a));
-    assert!(!n.d.log().contains("formatting an empty device"));
+    // Each refused stage detaches its loop device after any formatting it did.
+    let log = n.d.wait_for_log_count("detached loop device", 3).await;
+    assert!(!log.contains("formatting an empty device"));
     n.host.assert_clean();
 }
 
@@ -1070,7 +1073,10 @@ async fn concurrent_stages_of_one_volume_make_one_device_and_one_mount() {
     for v in ["a", "b", "c"] {
         assert_eq!(n.mount_count(&format!("stage-{v}")), 1, "{v}: one mount");
     }
-    assert_eq!(n.d.log().matches("formatting an empty device").count(), 3);
+    let log =
+        n.d.wait_for_log_count("formatting an empty device", 3)
+            .await;
+    assert_eq!(log.matches("formatting an empty device").count(), 3);
     let unstages: Vec<_> = ctxs
         .iter()
         .zip(&stagings)
@@ -1110,10 +1116,8 @@ async fn after_kill_9_the_restarted_plugin_adopts_and_cleans_up() {
     assert_eq!(loops_before.len(), 2);
 
     let n = n.crash_and_restart(&[]).await;
-    assert!(n
-        .d
-        .log()
-        .contains("found a volume staged by an earlier process"));
+    n.d.wait_for_log("found a volume staged by an earlier process")
+        .await;
     n.stage("m", "ms", fs.clone(), mctx).await.unwrap();
     n.stage("b", "bs", block.clone(), bctx).await.unwrap();
     n.publish("m", "ms", "mt", fs, false).await.unwrap();

@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+use rds_csi::csi::ControllerPublishVolumeRequest;
+use serde_json::{json, Value};
+
+use crate::support::cluster::Cluster;
 use crate::support::*;
 
 fn migrations(m: &str) -> (f64, f64, f64) {
@@ -49,7 +53,11 @@ async fn each_migration_is_counted_exactly_once() {
 }
 
 async fn debug(d: &Driver, query: &str) -> serde_json::Value {
-    let body = http_get(&format!("{}/debug/attachments{query}", d.metrics_url())).await;
+    let body = http_get(&format!(
+        "{}/debug/attachments{query}",
+        d.metrics_url().await
+    ))
+    .await;
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
@@ -105,7 +113,7 @@ async fn debug_attachments_shows_a_migration_counting_down() {
 #[tokio::test]
 async fn health_grpc_metrics_and_json_logs() {
     let d = Driver::start(&["n2"], &["--log-format", "json"]).await;
-    let base = d.metrics_url();
+    let base = d.metrics_url().await;
     assert_eq!(http_get(&format!("{base}/healthz")).await, "ok\n");
     assert_eq!(http_get(&format!("{base}/readyz")).await, "ready\n");
     d.create("v", rwo()).await;
@@ -152,7 +160,7 @@ async fn health_grpc_metrics_and_json_logs() {
         [base.as_str()]
     );
 
-    let log = d.log();
+    let log = d.wait_for_log("publish refused").await;
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -177,7 +185,11 @@ async fn an_empty_metrics_address_disables_the_endpoint() {
         .probe(rds_csi::csi::ProbeRequest {})
         .await
         .unwrap();
-    assert!(!d.log().contains("serving /metrics"));
+    // "serving CSI" is logged after where the metrics address would be.
+    assert!(!d
+        .wait_for_log("serving CSI")
+        .await
+        .contains("serving /metrics"));
     // Nothing to connect to: the process listens on no TCP port at all...
     assert_eq!(tcp_listeners(d.pid()), []);
     // ...and in particular not on the default address: a connection there is refused, or
@@ -207,4 +219,154 @@ fn a_missing_series_is_an_error_not_zero() {
         misspelled.is_err(),
         "a misspelled series must not read as 0"
     );
+}
+
+/// A Kubernetes-mode driver where exclusive `vol-stuck` is held by n1 (seeded from its VA) and
+/// Nodes answer no GET: a publish of `vol-stuck` from n2 then waits inside its volume actor on
+/// the live check of n1 (rule 5.1), its mailbox blocked, until the fault is removed.
+struct StuckPublish {
+    c: Cluster,
+    d: Driver,
+    hang: u64,
+    publish: tokio::task::JoinHandle<
+        Result<tonic::Response<rds_csi::csi::ControllerPublishVolumeResponse>, tonic::Status>,
+    >,
+}
+
+impl StuckPublish {
+    /// `others`: more exclusive volumes, each attached to n1 before the publish hangs.
+    async fn start(others: &[&str]) -> StuckPublish {
+        let c = Cluster::new(&["n1", "n2"]).await;
+        c.pv("pv-stuck", "vol-stuck", false, None, json!({}));
+        c.va("pv-stuck", "vol-stuck", "n1", true, Duration::from_secs(60));
+        for v in others {
+            c.pv(&format!("pv-{v}"), v, false, None, json!({}));
+        }
+        let mut volumes = vec!["vol-stuck"];
+        volumes.extend_from_slice(others);
+        let d = c.start_with_volumes(&volumes).await;
+        d.wait_ready().await;
+        for v in others {
+            c.va(&format!("pv-{v}"), v, "n1", false, Duration::ZERO);
+            d.publish(v, "n1", rwo()).await.unwrap();
+        }
+        c.va("pv-stuck", "vol-stuck", "n2", false, Duration::ZERO);
+        let hang = c.api.hang("get", "nodes");
+        let mut client = d.controller();
+        let publish = tokio::spawn(async move {
+            client
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: "vol-stuck".into(),
+                    node_id: "n2".into(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await
+        });
+        eventually("the publish waits on its live Node check", || async {
+            c.api
+                .calls_matching("get", "nodes")
+                .iter()
+                .any(|call| call.status.is_none())
+        })
+        .await;
+        StuckPublish {
+            c,
+            d,
+            hang,
+            publish,
+        }
+    }
+}
+
+const PUBLISH_IN_FLIGHT: &str = r#"rds_csi_grpc_server_in_flight_requests{grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}"#;
+
+/// ControllerPublishVolume requests handled with `code`; None before the first one.
+fn publish_handled(m: &str, code: &str) -> Option<f64> {
+    sample_or_absent(
+        m,
+        &format!(
+            r#"rds_csi_grpc_server_handled_total{{grpc_code="{code}",grpc_method="ControllerPublishVolume",grpc_service="csi.v1.Controller"}}"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_rpc_leaves_no_request_in_flight_and_is_counted_as_canceled() {
+    let s = StuckPublish::start(&[]).await;
+    let before = s.d.scrape().await;
+    assert_eq!(sample(&before, PUBLISH_IN_FLIGHT), 1.0, "the stuck publish");
+    assert_eq!(publish_handled(&before, "Canceled"), None);
+
+    // The client gives up: its call is dropped, which resets the HTTP/2 stream.
+    s.publish.abort();
+    assert!(s.publish.await.unwrap_err().is_cancelled());
+    eventually("the cancelled publish is no longer in flight", || async {
+        sample(&s.d.scrape().await, PUBLISH_IN_FLIGHT) == 0.0
+    })
+    .await;
+    let m = s.d.scrape().await;
+    assert_eq!(
+        publish_handled(&m, "Canceled"),
+        Some(1.0),
+        "counted as handled"
+    );
+    assert_eq!(publish_handled(&m, "OK"), None);
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_volume_operations_total{operation="publish",status="cancelled"}"#
+        ),
+        1.0,
+        "the operation metrics count it too"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_attachment_operation_duration_seconds_count{operation="publish"}"#
+        ),
+        1.0,
+        "and time it, up to the cancellation"
+    );
+    s.c.api.remove_fault(s.hang);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_attachments_lists_a_volume_stuck_in_a_publish_as_unanswered() {
+    let s = StuckPublish::start(&["vol-a", "vol-b"]).await;
+    let base = s.d.metrics_url().await;
+    // A guard against hanging forever, not a timing claim: the listing waits for no actor
+    // longer than its own deadline.
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(60),
+        http_get_status(&format!("{base}/debug/attachments")),
+    )
+    .await
+    .expect("/debug/attachments must not wait for a stuck volume");
+    assert_eq!(status, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(all["unanswered"], json!(["vol-stuck"]), "{all}");
+    let listed: Vec<&str> = all["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["volume_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["vol-a", "vol-b"], "the volumes that answered");
+    assert_eq!(all["count"], 2);
+
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(60),
+        http_get_status(&format!("{base}/debug/attachments?volume=vol-stuck")),
+    )
+    .await
+    .expect("?volume= must not wait for a stuck volume");
+    assert_eq!(status, 503, "{body}");
+    let one: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(one["unanswered"], json!(["vol-stuck"]), "{one}");
+    assert!(
+        one["error"].as_str().unwrap().contains("did not answer"),
+        "{one}"
+    );
+    s.c.api.remove_fault(s.hang);
 }

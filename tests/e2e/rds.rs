@@ -389,9 +389,8 @@ async fn a_wrong_host_key_is_refused_and_the_insecure_flag_accepts_it_loudly() {
 
     let d = Rds::driver(&fake, &key, &wrong, &["--rds-insecure-skip-verify"]).await;
     d.wait_ready().await;
-    assert!(d
-        .log()
-        .contains("--rds-insecure-skip-verify: the RDS's host key is NOT verified"));
+    d.wait_for_log("--rds-insecure-skip-verify: the RDS's host key is NOT verified")
+        .await;
     let m = d.scrape().await;
     assert!(m.contains("host_key=\"insecure-skip-verify\"} 1"), "{m}");
 }
@@ -464,7 +463,7 @@ async fn rpcs_fail_unavailable_instead_of_hanging_when_the_rds_does() {
         !r.d.ready().await
     })
     .await;
-    let readyz = http_get(&format!("{}/readyz", r.d.metrics_url())).await;
+    let readyz = http_get(&format!("{}/readyz", r.d.metrics_url().await)).await;
     assert!(readyz.contains("cannot be reached"), "{readyz}");
     let err = r
         .create("pvc-down", GIB, &[("nvmeAddress", "10.0.0.1")])

@@ -236,7 +236,8 @@ async fn orphan_volumes_are_reported_and_kept_in_dry_run() {
     assert!(ids.contains(&"vol-kept".into()), "{ids:?}");
     assert_eq!(d.metric("rds_csi_orphan_volumes").await, 1.0);
     assert_eq!(d.metric("rds_csi_orphan_volumes_deleted_total").await, 0.0);
-    let log = d.log();
+    // Logs are written by a background thread: wait for the report, then count.
+    let log = d.wait_for_log("dry run").await;
     let reports: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("orphan volume") && l.contains("dry run"))
@@ -309,7 +310,7 @@ async fn orphan_delete_deletes_past_the_grace_and_never_a_volume_with_a_pv() {
     assert!(ids.contains(&"vol-kept".into()), "{ids:?}");
     assert!(ids.contains(&"vol-busy".into()), "{ids:?}");
     assert_eq!(d.metric("rds_csi_orphan_volumes_deleted_total").await, 1.0);
-    let log = d.log();
+    let log = d.wait_for_log("still published to n1").await;
     assert!(
         log.lines()
             .any(|l| l.contains("vol-busy") && l.contains("still published to n1")),
@@ -359,6 +360,14 @@ async fn the_orphan_grace_starts_at_first_sight_and_a_late_pv_keeps_its_volume()
     // CreateVolume answered, as for the external-provisioner; the PV is not written yet.
     d.create("pvc-late", rwo()).await;
     passes(&d, "orphan_volumes", 3.0).await;
+    eventually("both volumes logged without a PV", || async {
+        let log = d.log();
+        ["vol-old", "pvc-late"].iter().all(|v| {
+            log.lines()
+                .any(|l| l.contains(v) && l.contains("no PersistentVolume"))
+        })
+    })
+    .await;
     let log = d.log();
     for v in ["vol-old", "pvc-late"] {
         assert!(

@@ -445,10 +445,15 @@ async fn check(
             })
         }
         Effect::Warns(text) => {
-            let log = d.log();
-            let warned = log[log_before..].lines().any(|l| {
-                l.contains("WARN") && l.contains(text) && l.contains(&format!("volume_id={volume}"))
-            });
+            // The log is written from a background thread: wait for the line, don't race it.
+            let warned = holds_eventually(|| async {
+                d.log()[log_before..].lines().any(|l| {
+                    l.contains("WARN")
+                        && l.contains(text)
+                        && l.contains(&format!("volume_id={volume}"))
+                })
+            })
+            .await;
             (!warned).then(|| format!("no warning {text:?} for {volume} in the log"))
         }
     }

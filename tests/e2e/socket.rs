@@ -13,6 +13,7 @@ async fn socket_is_0660_and_removed_on_sigterm() {
     let status = d.terminate().await;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     assert!(!d.socket.exists(), "socket removed at shutdown");
+    // Read after the exit, with no wait: a SIGTERM exit flushes the log.
     assert!(d.log().contains("shut down cleanly"));
     assert!(
         !d.log().contains("drain timeout"),
@@ -27,7 +28,7 @@ async fn stale_socket_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists(), "a stale socket file is left behind");
     let d = Driver::start_in(dir, &[], &[]).await;
-    assert!(d.log().contains("removing stale socket"));
+    d.wait_for_log("removing stale socket").await;
 }
 
 #[tokio::test]

@@ -27,6 +27,8 @@ pub struct Driver {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub channel: Channel,
+    /// Where this process's lines start in `driver.log`: a restarted driver appends to it.
+    log_start: usize,
 }
 
 /// How long to wait for the driver to come up. A wait, not a timing assertion.
@@ -60,6 +62,8 @@ impl Driver {
         env: &[(&str, &str)],
     ) -> Driver {
         let socket = dir.path().join("csi.sock");
+        let log_start =
+            std::fs::metadata(dir.path().join("driver.log")).map_or(0, |m| m.len() as usize);
         let mut child = Self::spawn_with_env(dir.path(), &socket, known, extra, kubeconfig, env);
         let channel = tokio::select! {
             channel = wait_for(&socket) => channel,
@@ -73,6 +77,7 @@ impl Driver {
             dir,
             socket,
             channel,
+            log_start,
         }
     }
 
@@ -185,21 +190,46 @@ impl Driver {
             .expect("spawn rds-csi")
     }
 
-    /// The driver's log so far. A log that cannot be read fails the test: an empty string would
-    /// make every "the log does not say X" check pass.
+    /// The log as written so far; a log that cannot be read fails the test (an empty string
+    /// would make every "the log does not say X" check pass). The driver writes its log from a
+    /// background thread, so a line logged while an RPC was handled may land just after the
+    /// answer: to see a line, use [`Driver::wait_for_log`]. Once the process has exited,
+    /// everything it logged is here.
     pub fn log(&self) -> String {
         let path = self.dir.path().join("driver.log");
         std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("reading the driver log {}: {e}", path.display()))
     }
 
-    /// The metrics address the driver logged at start.
-    pub fn metrics_url(&self) -> String {
+    /// This process's part of the log (a restarted driver appends to the same file).
+    fn own_log(&self) -> String {
         let log = self.log();
-        // The newest process's line: a restarted driver appends to the same log.
+        log.get(self.log_start..).unwrap_or_default().to_string()
+    }
+
+    /// Waits until this process has logged `needle`, then returns the whole log. Lines land in
+    /// the order they were logged, so every line logged before that one is there too: to
+    /// assert that something was *not* logged, or logged only so often, first wait for a line
+    /// logged after it.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_log_count(needle, 1).await
+    }
+
+    /// Waits until this process has logged `needle` at least `n` times; returns the whole log.
+    pub async fn wait_for_log_count(&self, needle: &str, n: usize) -> String {
+        eventually(&format!("{n} × {needle:?} in the driver's log"), || async {
+            self.own_log().matches(needle).count() >= n
+        })
+        .await;
+        self.log()
+    }
+
+    /// The metrics address the driver logged at start.
+    pub async fn metrics_url(&self) -> String {
+        self.wait_for_log("serving /metrics").await;
+        let log = self.own_log();
         let line = log
             .lines()
-            .rev()
             .find(|l| l.contains("serving /metrics"))
             .expect("metrics address logged");
         let addr = match serde_json::from_str::<serde_json::Value>(line) {
@@ -351,14 +381,14 @@ impl Driver {
     pub async fn debug(&self, volume: &str) -> serde_json::Value {
         let body = http_get(&format!(
             "{}/debug/attachments?volume={volume}",
-            self.metrics_url()
+            self.metrics_url().await
         ))
         .await;
         serde_json::from_str(&body).unwrap()
     }
 
     pub async fn scrape(&self) -> String {
-        http_get(&format!("{}/metrics", self.metrics_url())).await
+        http_get(&format!("{}/metrics", self.metrics_url().await)).await
     }
 }
 
@@ -441,8 +471,32 @@ where
     }
 }
 
-/// A minimal HTTP/1.0 GET over loopback.
+/// Polls `check` like [`eventually`], but answers whether it came to hold by the deadline
+/// instead of failing the test.
+pub async fn holds_eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET over loopback: the body.
 pub async fn http_get(url: &str) -> String {
+    http_get_status(url).await.1
+}
+
+/// A minimal HTTP/1.0 GET over loopback: the status code and the body.
+pub async fn http_get_status(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest
@@ -454,11 +508,18 @@ pub async fn http_get(url: &str) -> String {
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body.split_once("\r\n\r\n")
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
-        .unwrap_or(body)
+        .unwrap_or(response);
+    (status, body)
 }
 
 /// The value of one sample in a Prometheus text scrape. A series that is not there fails the
