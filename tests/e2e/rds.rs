@@ -206,11 +206,7 @@ async fn volumes_are_created_listed_grown_and_deleted_with_the_go_drivers_comman
         )
         .await
         .unwrap();
-    assert!(
-        odd.capacity_bytes > 3 * GIB / 2,
-        "{}",
-        odd.capacity_bytes
-    );
+    assert!(odd.capacity_bytes > 3 * GIB / 2, "{}", odd.capacity_bytes);
     assert!(r.commands().iter().any(|c| c.contains("file-size=1537M")));
 
     // Expansion, idempotent, never shrinking.
