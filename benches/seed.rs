@@ -45,6 +45,7 @@ pub fn fixture(n: usize) -> (Vec<VaView>, Pvs) {
             node: format!("node-{}", i % 100),
             attached: true,
             created,
+            attached_at: None,
         })
         .collect();
     let pvs = (0..n)

@@ -5,7 +5,7 @@
 //! depend on this module; it depends on nothing of theirs.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::Error;
 
@@ -47,6 +47,12 @@ pub const PUBLISH_BACKEND_KEY: &str = "backend";
 pub const PUBLISH_IMAGE_PATH_KEY: &str = "imagePath";
 /// publish_context key carrying readonly, so the node honours ControllerPublish's flag.
 pub const PUBLISH_READONLY_KEY: &str = "readonly";
+/// publish_context key carrying the instant this driver attached the volume to the node, as
+/// [`attach_instant_text`] writes it. The external-attacher stores publish_context verbatim in
+/// the VolumeAttachment's `status.attachmentMetadata`, so boot seeding can order the holders
+/// of a migration exactly: `creationTimestamp` has whole seconds only. The same instant for
+/// every repeat of a publish. Fixed whatever `--driver-name` says; the node ignores it.
+pub const PUBLISH_ATTACHED_AT_KEY: &str = "rds.csi.srvlab.io/attached-at";
 
 /// Default migration timeout when the volume context names none (rules, Publish 5.5).
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
@@ -133,6 +139,18 @@ impl Capability {
     }
 }
 
+/// An attach instant as [`PUBLISH_ATTACHED_AT_KEY`] carries it: RFC 3339 in UTC with nine
+/// fractional digits (`2026-01-02T03:04:05.123456789Z`), exact to the nanosecond.
+pub fn attach_instant_text(at: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(at).to_string()
+}
+
+/// Reads a [`PUBLISH_ATTACHED_AT_KEY`] value: RFC 3339 in UTC, any number of fractional digits.
+/// `None` for anything else, which seeding then ignores.
+pub fn parse_attach_instant(text: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(text).ok()
+}
+
 /// Parses `volume_context["migrationTimeoutSeconds"]`: default 300 s, clamped to [30 s, 3600 s].
 /// An unparsable value yields the default and `Err(raw)` so the caller can warn.
 pub fn migration_timeout(raw: Option<&str>) -> (Duration, Option<String>) {
@@ -204,6 +222,24 @@ impl std::fmt::Display for FsType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_instants_round_trip_to_the_nanosecond() {
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_767_323_045, 123_456_789);
+        let text = attach_instant_text(at);
+        assert_eq!(text, "2026-01-02T03:04:05.123456789Z");
+        assert_eq!(parse_attach_instant(&text), Some(at));
+        let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_323_045);
+        assert_eq!(attach_instant_text(whole), "2026-01-02T03:04:05.000000000Z");
+        assert_eq!(parse_attach_instant("2026-01-02T03:04:05Z"), Some(whole));
+        assert_eq!(
+            parse_attach_instant("2026-01-02T03:04:05.2Z"),
+            Some(whole + Duration::from_millis(200))
+        );
+        for junk in ["", "yesterday", "2026-01-02 03:04:05", "1767323045"] {
+            assert_eq!(parse_attach_instant(junk), None, "{junk:?}");
+        }
+    }
 
     #[test]
     fn fs_type_comes_from_the_capability_then_the_context_then_ext4() {

@@ -315,7 +315,7 @@ impl Metrics {
             attach_total.with_label_values(&[status]);
             detach_total.with_label_values(&[status]);
         }
-        for result in ["success", "failed", "timeout"] {
+        for result in ["success", "failed", "timeout", "unknown"] {
             migrations_total.with_label_values(&[result]);
         }
         for state in ["attached", "migrating", "grace"] {

@@ -371,16 +371,62 @@ fn seed_volume(
         volume: vol(volume),
         holders: holders
             .iter()
-            .map(|(n, age)| {
-                (
-                    NodeId::try_from(*n).unwrap(),
-                    now - Duration::from_secs(*age),
-                )
+            .map(|(n, age)| crate::kube::seed::SeedHolder {
+                node: NodeId::try_from(*n).unwrap(),
+                attached: now - Duration::from_secs(*age),
+                recorded_instant: false,
             })
             .collect(),
         class,
         migration_timeout: Duration::from_secs(600),
+        order_known: true,
     }
+}
+
+/// The attach instant is per holder, never part of the volume's cached publish_context: a
+/// seeded holder whose VolumeAttachment recorded none answers without one even after the other
+/// holder's answer carried its own, and a parked holder answers with the one its VA recorded.
+#[test]
+fn each_holder_answers_with_its_own_attach_instant() {
+    use super::messages::Seed;
+    use crate::domain::{attach_instant_text, AccessClass, PUBLISH_ATTACHED_AT_KEY as KEY};
+    use crate::kube::seed::SeedHolder;
+    paused(|| async {
+        let h = harness(&["m", "p"]).await;
+        let recorded = std::time::SystemTime::UNIX_EPOCH + Duration::new(1_767_323_045, 5);
+        let holder = |n: &str, recorded_instant: bool| SeedHolder {
+            node: NodeId::try_from(n).unwrap(),
+            attached: recorded,
+            recorded_instant,
+        };
+        let mut migration = seed_volume("m", &[], AccessClass::Migratable);
+        migration.holders = vec![holder("a", false), holder("b", true)];
+        let mut parked = seed_volume("p", &[], AccessClass::Migratable);
+        parked.holders = vec![holder("c", true)];
+        h.router
+            .supervisor()
+            .send(Seed(vec![migration, parked]))
+            .await
+            .unwrap();
+        let ctx = |node: &str, volume: &str| {
+            let router = h.router.clone();
+            let (node, volume) = (node.to_string(), vol(volume));
+            async move {
+                router
+                    .send(&volume, publish(&node, rwx()))
+                    .await
+                    .unwrap()
+                    .publish_context
+            }
+        };
+        let b = ctx("b", "m").await;
+        assert_eq!(b[KEY], attach_instant_text(recorded));
+        let a = ctx("a", "m").await;
+        assert_eq!(a.get(KEY), None, "a's VA recorded no instant: {a:?}");
+        assert_eq!(a["imagePath"], b["imagePath"]);
+        assert_eq!(ctx("b", "m").await, b, "a repeat answers the same");
+        assert_eq!(ctx("c", "p").await[KEY], attach_instant_text(recorded));
+    });
 }
 
 impl Harness {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::domain::{AccessClass, Capability};
+use crate::domain::{attach_instant_text, AccessClass, Capability};
 use crate::ids::NodeId;
 use crate::Error;
 
@@ -20,6 +20,11 @@ pub struct Attachment {
     pub node: NodeId,
     pub attached_at: Instant,
     pub attached_wall: SystemTime,
+    /// Whether `attached_wall` is this driver's own attach instant, which publish_context
+    /// carries under [`crate::domain::PUBLISH_ATTACHED_AT_KEY`]. False only for a holder rebuilt
+    /// from a VolumeAttachment that recorded none: `attached_wall` is then the VA's
+    /// creationTimestamp (whole seconds), and no instant is invented for its publish_context.
+    pub recorded_instant: bool,
     pub class: AccessClass,
     /// `None` for an attachment rebuilt from a VolumeAttachment, which does not record the
     /// capability: the first re-publish from the same node supplies it (rules, Publish 3).
@@ -32,8 +37,13 @@ pub struct Migration {
     pub source: NodeId,
     pub target: NodeId,
     pub started_at: Instant,
+    /// `started_at` on the wall clock: the target's attach time.
+    pub started_wall: SystemTime,
     pub timeout: Duration,
     pub timed_out: bool,
+    /// False when seeding could not tell source from target (rules, Boot seeding 3): `source`
+    /// and `target` are then only the two holders, and the end is counted as `Unknown`.
+    pub direction_known: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -56,6 +66,9 @@ pub enum MigrationResult {
     Success,
     Failed,
     Timeout,
+    /// One side of a migration whose direction is unknown detached: a success if it was the
+    /// source, a rollback if it was the target, and nothing says which.
+    Unknown,
 }
 
 impl MigrationResult {
@@ -64,6 +77,7 @@ impl MigrationResult {
             Self::Success => "success",
             Self::Failed => "failed",
             Self::Timeout => "timeout",
+            Self::Unknown => "unknown",
         }
     }
 }
@@ -101,10 +115,12 @@ pub enum Effect {
         target: NodeId,
         timeout: Duration,
     },
-    /// A migration ended. `counted` is false when its timeout already counted it.
+    /// A migration ended because `detached` left it. `counted` is false when its timeout
+    /// already counted it.
     MigrationEnded {
         source: NodeId,
         target: NodeId,
+        detached: NodeId,
         result: MigrationResult,
         elapsed: Duration,
         counted: bool,
@@ -113,6 +129,12 @@ pub enum Effect {
     MigrationTimedOut {
         source: NodeId,
         target: NodeId,
+        direction_known: bool,
+    },
+    /// Seeding rebuilt a migration whose direction it cannot tell: its VolumeAttachments
+    /// share one creationTimestamp second without attach instants on both to order them.
+    MigrationDirectionUnknown {
+        nodes: Vec<NodeId>,
     },
     /// Seeding found more holders than the access class allows; kept because it is reality.
     OverAttached {
@@ -126,6 +148,9 @@ pub struct Published {
     pub effects: Vec<Effect>,
     /// True when the node already held the volume with the same capability: no side effects.
     pub idempotent: bool,
+    /// The node's attach instant, for publish_context: the same for every repeat. `None` for a
+    /// holder rebuilt from a VolumeAttachment that recorded none.
+    pub attached_at: Option<SystemTime>,
 }
 
 /// The attachment state of one volume.
@@ -149,11 +174,14 @@ impl VolumeState {
 
     /// Rebuilds state from attached VolumeAttachments (rules, Boot seeding 3). `holders` must be
     /// sorted oldest first; the oldest is primary. Two holders on a migratable volume are a
-    /// migration that started at the newer one's time.
+    /// migration that started at the newer one's time. `order_known` is false when nothing
+    /// orders the holders (seeding found them tied): a migration is then rebuilt with its
+    /// direction unknown, and its end is counted as [`MigrationResult::Unknown`].
     pub fn seeded(
         grace_period: Duration,
         holders: Vec<Attachment>,
         migration_timeout: Duration,
+        order_known: bool,
     ) -> (Self, Vec<Effect>) {
         let mut state = Self::new(grace_period);
         let mut effects = Vec::new();
@@ -163,9 +191,16 @@ impl VolumeState {
                 source: holders[0].node.clone(),
                 target: holders[1].node.clone(),
                 started_at: holders[1].attached_at,
+                started_wall: holders[1].attached_wall,
                 timeout: migration_timeout,
                 timed_out: false,
+                direction_known: order_known,
             });
+            if !order_known {
+                effects.push(Effect::MigrationDirectionUnknown {
+                    nodes: holders.iter().map(|a| a.node.clone()).collect(),
+                });
+            }
         } else if holders.len() > 2 || (holders.len() == 2 && !all_migratable) {
             effects.push(Effect::OverAttached {
                 nodes: holders.iter().map(|a| a.node.clone()).collect(),
@@ -264,6 +299,7 @@ impl VolumeState {
                 return Ok(Published {
                     effects: Vec::new(),
                     idempotent: true,
+                    attached_at: existing.recorded_instant.then_some(existing.attached_wall),
                 });
             }
             return Err(Error::AlreadyExists(format!(
@@ -280,6 +316,7 @@ impl VolumeState {
             node: req.node.clone(),
             attached_at: now,
             attached_wall: wall,
+            recorded_instant: true,
             class: req.capability.class(),
             capability: Some(req.capability.clone()),
             readonly: req.readonly,
@@ -302,6 +339,7 @@ impl VolumeState {
             return Ok(Published {
                 effects,
                 idempotent: false,
+                attached_at: Some(wall),
             });
         }
         // Step 5.3: exclusive, or a different access class.
@@ -328,8 +366,10 @@ impl VolumeState {
             source: source.clone(),
             target: req.node.clone(),
             started_at: now,
+            started_wall: wall,
             timeout: req.migration_timeout,
             timed_out: false,
+            direction_known: true,
         });
         Ok(Published {
             effects: vec![
@@ -343,6 +383,7 @@ impl VolumeState {
                 },
             ],
             idempotent: false,
+            attached_at: Some(wall),
         })
     }
 
@@ -382,19 +423,23 @@ impl VolumeState {
     }
 
     /// Ends the migration `node` takes part in, if any: its source leaving is a success, its
-    /// target leaving a rollback. Counted unless its timeout already counted it.
+    /// target leaving a rollback, either side of one whose direction is unknown leaving is
+    /// `Unknown`. Counted unless its timeout already counted it.
     fn end_migration(&mut self, node: &NodeId, now: Instant) -> Option<Effect> {
         let m = self
             .migration
             .take_if(|m| &m.source == node || &m.target == node)?;
         Some(Effect::MigrationEnded {
-            result: if &m.source == node {
+            result: if !m.direction_known {
+                MigrationResult::Unknown
+            } else if &m.source == node {
                 MigrationResult::Success
             } else {
                 MigrationResult::Failed
             },
             elapsed: now.saturating_duration_since(m.started_at),
             counted: !m.timed_out,
+            detached: node.clone(),
             source: m.source,
             target: m.target,
         })
@@ -409,6 +454,7 @@ impl VolumeState {
                 vec![Effect::MigrationTimedOut {
                     source: m.source.clone(),
                     target: m.target.clone(),
+                    direction_known: m.direction_known,
                 }]
             }
             _ => Vec::new(),
@@ -442,7 +488,8 @@ impl VolumeState {
             .map(|a| {
                 serde_json::json!({
                     "node": a.node.as_str(),
-                    "attached_at": crate::rfc3339(a.attached_wall),
+                    "attached_at": attach_instant_text(a.attached_wall),
+                    "attached_at_exact": a.recorded_instant,
                     "readonly": a.readonly,
                     "access_mode": a.capability.as_ref().map_or("unknown (rebuilt from a VolumeAttachment)".to_string(), |c| format!("{:?}", c.mode())),
                 })
@@ -453,7 +500,8 @@ impl VolumeState {
             serde_json::json!({
                 "source": m.source.as_str(),
                 "target": m.target.as_str(),
-                "started_at": crate::rfc3339(to_wall(m.started_at)),
+                "direction_known": m.direction_known,
+                "started_at": attach_instant_text(m.started_wall),
                 "timeout_seconds": m.timeout.as_secs(),
                 "time_left_seconds": left.as_secs_f64(),
                 "timed_out": m.timed_out,

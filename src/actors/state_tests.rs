@@ -95,14 +95,161 @@ fn rwx_mount_is_refused_at_construction() {
 fn republish_same_capability_is_idempotent_without_effects() {
     let mut f = Fixture::new();
     f.publish(&req("a", rwo())).unwrap();
+    let first_wall = f.state.nodes()[0].attached_wall;
     let again = f.publish(&req("a", rwo())).unwrap();
     assert_eq!(
         again,
         Published {
             effects: vec![],
-            idempotent: true
+            idempotent: true,
+            attached_at: Some(first_wall),
         }
     );
+}
+
+/// The attach instant publish_context carries is the one recorded at the attach, for every
+/// repeat, whatever the clock says then; a new attach after a detach records a new one.
+#[test]
+fn the_attach_instant_is_stable_across_repeats() {
+    let t0 = Instant::now();
+    let wall = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(1_767_323_045_000 + ms);
+    let mut state = VolumeState::new(GRACE);
+    let first = state.publish(&req("a", rwx()), t0, wall(200)).unwrap();
+    assert_eq!(first.attached_at, Some(wall(200)));
+    let target = state.publish(&req("b", rwx()), t0, wall(700)).unwrap();
+    assert_eq!(target.attached_at, Some(wall(700)));
+    for later in [wall(900), wall(5_000)] {
+        let again = state.publish(&req("a", rwx()), t0, later).unwrap();
+        assert!(again.idempotent);
+        assert_eq!(again.attached_at, Some(wall(200)), "a's repeat");
+        let again = state.publish(&req("b", rwx()), t0, later).unwrap();
+        assert_eq!(again.attached_at, Some(wall(700)), "b's repeat");
+    }
+    assert_eq!(
+        state.migration().map(|m| m.started_wall),
+        Some(wall(700)),
+        "the migration started at the target's attach instant"
+    );
+    state.unpublish(Some(&node("a")), t0);
+    state.unpublish(Some(&node("b")), t0);
+    let anew = state.publish(&req("b", rwx()), t0, wall(9_000)).unwrap();
+    assert_eq!(
+        anew.attached_at,
+        Some(wall(9_000)),
+        "a new attach, a new instant"
+    );
+}
+
+/// A holder rebuilt from a VolumeAttachment answers with the instant that VA recorded, and
+/// with none when it recorded none: seeding never invents one from a creationTimestamp.
+#[test]
+fn a_seeded_holder_answers_with_the_instant_its_va_recorded_or_none() {
+    let t0 = Instant::now();
+    let recorded = SystemTime::UNIX_EPOCH + Duration::new(1_767_323_045, 123_456_789);
+    let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_323_045);
+    let holder = |n: &str, wall: SystemTime, recorded_instant: bool| Attachment {
+        node: node(n),
+        attached_at: t0,
+        attached_wall: wall,
+        recorded_instant,
+        class: AccessClass::Migratable,
+        capability: None,
+        readonly: false,
+    };
+    let (mut state, _) = VolumeState::seeded(
+        GRACE,
+        vec![holder("a", created, false), holder("b", recorded, true)],
+        DEFAULT_MIGRATION_TIMEOUT,
+        true,
+    );
+    let now = SystemTime::now();
+    let a = state.publish(&req("a", rwx()), t0, now).unwrap();
+    assert!(a.idempotent);
+    assert_eq!(a.attached_at, None, "a's VA recorded no instant");
+    let b = state.publish(&req("b", rwx()), t0, now).unwrap();
+    assert_eq!(b.attached_at, Some(recorded));
+    assert_eq!(
+        state.describe(t0, now)["migration"]["started_at"],
+        "2026-01-02T03:04:05.123456789Z",
+        "started exactly at the target's instant"
+    );
+}
+
+/// Seeding that cannot order two holders rebuilds their migration with its direction unknown:
+/// it is kept and limited like any other, and either side detaching ends it, counted once as
+/// `Unknown`, naming the node that left.
+#[test]
+fn a_migration_of_unknown_direction_ends_as_unknown_on_either_side() {
+    let t0 = Instant::now();
+    let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_323_045);
+    let holder = |n: &str| Attachment {
+        node: node(n),
+        attached_at: t0,
+        attached_wall: created,
+        recorded_instant: false,
+        class: AccessClass::Migratable,
+        capability: None,
+        readonly: false,
+    };
+    for leaving in ["a", "b"] {
+        let (mut state, effects) = VolumeState::seeded(
+            GRACE,
+            vec![holder("a"), holder("b")],
+            DEFAULT_MIGRATION_TIMEOUT,
+            false,
+        );
+        assert_eq!(
+            effects,
+            [Effect::MigrationDirectionUnknown {
+                nodes: vec![node("a"), node("b")]
+            }]
+        );
+        assert_eq!(
+            state.describe(t0, created)["migration"]["direction_known"],
+            false
+        );
+        assert!(matches!(
+            state.publish(&req("c", rwx()), t0, created),
+            Err(Error::MigrationLimit { .. })
+        ));
+        let effects = state.unpublish(Some(&node(leaving)), t0 + Duration::from_secs(5));
+        assert!(
+            effects.contains(&Effect::MigrationEnded {
+                source: node("a"),
+                target: node("b"),
+                detached: node(leaving),
+                result: MigrationResult::Unknown,
+                elapsed: Duration::from_secs(5),
+                counted: true,
+            }),
+            "{effects:?}"
+        );
+        assert!(state.migration().is_none());
+    }
+    // Timed out first: the timeout counts it, and names no direction either.
+    let (mut state, _) = VolumeState::seeded(
+        GRACE,
+        vec![holder("a"), holder("b")],
+        Duration::from_secs(30),
+        false,
+    );
+    assert_eq!(
+        state.migration_timeout(t0 + Duration::from_secs(30)),
+        [Effect::MigrationTimedOut {
+            source: node("a"),
+            target: node("b"),
+            direction_known: false,
+        }]
+    );
+    let effects = state.unpublish(Some(&node("b")), t0 + Duration::from_secs(40));
+    assert!(effects.iter().any(|e| matches!(
+        e,
+        Effect::MigrationEnded {
+            result: MigrationResult::Unknown,
+            counted: false,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -206,6 +353,7 @@ fn source_detach_is_success_with_duration() {
     assert!(effects.contains(&Effect::MigrationEnded {
         source: node("a"),
         target: node("b"),
+        detached: node("a"),
         result: MigrationResult::Success,
         elapsed: Duration::from_secs(42),
         counted: true,
@@ -307,6 +455,7 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
         node: node(n),
         attached_at: at,
         attached_wall: SystemTime::now(),
+        recorded_instant: true,
         class: AccessClass::Migratable,
         capability: None,
         readonly: false,
@@ -318,6 +467,7 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
             holder("new", t0 + Duration::from_secs(10)),
         ],
         Duration::from_secs(100),
+        true,
     );
     assert!(effects.is_empty());
     let m = state.migration().unwrap();
@@ -330,6 +480,7 @@ fn seeding_rebuilds_migration_from_the_newer_holder() {
         GRACE,
         vec![holder("a", t0), holder("b", t0), holder("c", t0)],
         Duration::from_secs(100),
+        true,
     );
     assert_eq!(effects.len(), 1);
     assert!(state.migration().is_none());
@@ -346,11 +497,12 @@ fn a_seeded_holder_adopts_the_capability_of_its_first_republish() {
         node: node("a"),
         attached_at: t0,
         attached_wall: SystemTime::now(),
+        recorded_instant: false,
         class: AccessClass::Exclusive,
         capability: None,
         readonly: false,
     };
-    let (mut state, _) = VolumeState::seeded(GRACE, vec![holder], DEFAULT_MIGRATION_TIMEOUT);
+    let (mut state, _) = VolumeState::seeded(GRACE, vec![holder], DEFAULT_MIGRATION_TIMEOUT, true);
     let p = state
         .publish(&req("a", rwo()), t0, SystemTime::now())
         .unwrap();
@@ -458,6 +610,8 @@ struct ModelHolder {
     node: usize,
     cap: Cap,
     readonly: bool,
+    /// The wall time of its attach: what every repeat must answer.
+    wall: SystemTime,
 }
 
 #[derive(Clone, Debug)]
@@ -490,7 +644,8 @@ struct Model {
 #[derive(Debug)]
 enum Expect {
     Attached(Vec<Effect>),
-    Idempotent,
+    /// With the attach instant recorded at the first publish.
+    Idempotent(SystemTime),
     AlreadyExists,
     /// Refused: exclusive, or another access class (rules 5.3), naming the holders.
     Conflict(Vec<NodeId>),
@@ -510,11 +665,12 @@ impl Model {
         readonly: bool,
         timeout: Duration,
         now: Duration,
+        wall: SystemTime,
     ) -> Expect {
         // 3: already on this node.
         if let Some(h) = self.holders.iter().find(|h| h.node == node) {
             return if h.cap == cap && h.readonly == readonly {
-                Expect::Idempotent
+                Expect::Idempotent(h.wall)
             } else {
                 Expect::AlreadyExists
             };
@@ -523,6 +679,7 @@ impl Model {
             node,
             cap,
             readonly,
+            wall,
         };
         // 4: on no node; a different node inside the grace window is a handoff.
         if self.holders.is_empty() {
@@ -597,6 +754,7 @@ impl Model {
             effects.push(Effect::MigrationEnded {
                 source: label(m.source),
                 target: label(m.target),
+                detached: label(node),
                 result: if m.source == node {
                     MigrationResult::Success
                 } else {
@@ -629,6 +787,7 @@ impl Model {
                 vec![Effect::MigrationTimedOut {
                     source: label(m.source),
                     target: label(m.target),
+                    direction_known: true,
                 }]
             }
             _ => Vec::new(),
@@ -780,20 +939,27 @@ proptest! {
         let mut states: Vec<VolumeState> = (0..VOLS).map(|_| VolumeState::new(GRACE)).collect();
         let mut models: Vec<Model> = vec![Model::default(); VOLS];
         let mut counted = [0u32; VOLS];
-        for op in &ops {
+        for (i, op) in ops.iter().enumerate() {
             let now = t0 + elapsed;
             match *op {
                 Op::Publish { vol, node, cap, readonly, timeout_secs } => {
                     let timeout = Duration::from_secs(timeout_secs);
                     let r = PublishRequest { node: label(node), capability: cap.capability(), readonly, migration_timeout: timeout };
-                    let got = states[vol].publish(&r, now, SystemTime::now());
-                    let want = models[vol].publish(node, cap, readonly, timeout, elapsed);
+                    // A wall time of its own for every operation, so a repeat that answered
+                    // the clock's time instead of the recorded one would show.
+                    let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_323_045) + elapsed + Duration::from_nanos(i as u64);
+                    let got = states[vol].publish(&r, now, wall);
+                    let want = models[vol].publish(node, cap, readonly, timeout, elapsed, wall);
                     match (&got, &want) {
                         (Ok(p), Expect::Attached(effects)) => {
                             prop_assert!(!p.idempotent, "{:?}", op);
                             prop_assert_eq!(&p.effects, effects, "{:?}", op);
+                            prop_assert_eq!(p.attached_at, Some(wall), "{:?}", op);
                         }
-                        (Ok(p), Expect::Idempotent) => prop_assert!(p.idempotent && p.effects.is_empty(), "{:?}: {:?}", op, p),
+                        (Ok(p), Expect::Idempotent(recorded)) => {
+                            prop_assert!(p.idempotent && p.effects.is_empty(), "{:?}: {:?}", op, p);
+                            prop_assert_eq!(p.attached_at, Some(*recorded), "{:?}: the instant of the attach", op);
+                        }
                         (Err(Error::AlreadyExists(_)), Expect::AlreadyExists) => {}
                         (Err(Error::Conflict { holders, requested, .. }), Expect::Conflict(want)) => {
                             prop_assert_eq!(holders, want, "{:?}", op);

@@ -67,6 +67,7 @@ struct Parked {
     node: NodeId,
     attached_at: tokio::time::Instant,
     attached_wall: SystemTime,
+    recorded_instant: bool,
     class: AccessClass,
 }
 
@@ -77,13 +78,15 @@ impl Parked {
             node: self.node.clone(),
             attached_at: self.attached_at,
             attached_wall: self.attached_wall,
+            recorded_instant: self.recorded_instant,
             class: self.class,
             capability: None,
             readonly: false,
         };
         // One holder is never a migration and never over-attached, so there are no effects and
         // the timeout is unused.
-        let (state, effects) = VolumeState::seeded(grace_period, vec![holder], Duration::ZERO);
+        let (state, effects) =
+            VolumeState::seeded(grace_period, vec![holder], Duration::ZERO, true);
         debug_assert!(effects.is_empty() && state.migration().is_none());
         state
     }
@@ -361,10 +364,10 @@ impl Handler<Lookup> for Supervisor {
 impl Handler<Seed> for Supervisor {
     type Result = usize;
 
-    /// Holder times are wall-clock creation times; they map onto the monotonic clock so a
-    /// migration's deadline keeps counting from the newer VolumeAttachment's creation. A volume
-    /// with one holder is parked; any other starts its actor now (a migration has a timer to
-    /// arm, an over-attachment an event to post).
+    /// Holder times are wall-clock attach times (a VolumeAttachment's attach instant, or its
+    /// creation); they map onto the monotonic clock so a migration's deadline keeps counting
+    /// from the newer holder's attach. A volume with one holder is parked; any other starts its
+    /// actor now (a migration has a timer to arm, an over-attachment an event to post).
     fn handle(&mut self, Seed(volumes): Seed, ctx: &mut Context<Self>) -> usize {
         self.dismissed = false;
         let now = tokio::time::Instant::now();
@@ -382,14 +385,15 @@ impl Handler<Seed> for Supervisor {
         let count = volumes.len();
         self.parked.reserve(count);
         for v in volumes {
-            for (node, _) in &v.holders {
-                self.deps.node_limit.add(node);
+            for h in &v.holders {
+                self.deps.node_limit.add(&h.node);
             }
-            if let [(node, created)] = &v.holders[..] {
+            if let [h] = &v.holders[..] {
                 let parked = Parked {
-                    node: node.clone(),
-                    attached_at: monotonic(*created),
-                    attached_wall: *created,
+                    node: h.node.clone(),
+                    attached_at: monotonic(h.attached),
+                    attached_wall: h.attached,
+                    recorded_instant: h.recorded_instant,
                     class: v.class,
                 };
                 self.park(v.volume, parked);
@@ -398,17 +402,22 @@ impl Handler<Seed> for Supervisor {
             let holders = v
                 .holders
                 .into_iter()
-                .map(|(node, created)| Attachment {
-                    node,
-                    attached_at: monotonic(created),
-                    attached_wall: created,
+                .map(|h| Attachment {
+                    node: h.node,
+                    attached_at: monotonic(h.attached),
+                    attached_wall: h.attached,
+                    recorded_instant: h.recorded_instant,
                     class: v.class,
                     capability: None,
                     readonly: false,
                 })
                 .collect();
-            let (state, effects) =
-                VolumeState::seeded(self.deps.grace_period, holders, v.migration_timeout);
+            let (state, effects) = VolumeState::seeded(
+                self.deps.grace_period,
+                holders,
+                v.migration_timeout,
+                v.order_known,
+            );
             self.seed(v.volume, state, effects, ctx);
         }
         count

@@ -22,6 +22,7 @@ use super::messages::{
 };
 use super::state::{DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
 use super::{VolumeDeps, LIVE_CHECK_BUDGET};
+use crate::domain::{attach_instant_text, PUBLISH_ATTACHED_AT_KEY, PUBLISH_READONLY_KEY};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::{ClusterEvent, HolderStatus};
 use crate::Error;
@@ -251,12 +252,13 @@ impl VolumeActor {
                 Effect::MigrationEnded {
                     source,
                     target,
+                    detached,
                     result,
                     elapsed,
                     counted,
                 } => {
                     m.active_migrations.dec();
-                    tracing::info!(volume_id = %id, %source, %target, result = result.label(), counted,
+                    tracing::info!(volume_id = %id, %source, %target, %detached, result = result.label(), counted,
                         elapsed_s = elapsed.as_secs_f64(), "migration ended");
                     if counted {
                         m.migrations_total
@@ -274,25 +276,41 @@ impl VolumeActor {
                                         source,
                                         target,
                                         timed_out: false,
+                                        direction_known: true,
                                     },
                                 );
+                            }
+                            MigrationResult::Unknown => {
+                                let stayed = if detached == source { target } else { source };
+                                sink.event(id, ClusterEvent::MigrationEnded { detached, stayed });
                             }
                         }
                     }
                 }
-                Effect::MigrationTimedOut { source, target } => {
+                Effect::MigrationTimedOut {
+                    source,
+                    target,
+                    direction_known,
+                } => {
                     m.migrations_total
                         .with_label_values(&[MigrationResult::Timeout.label()])
                         .inc();
-                    tracing::warn!(volume_id = %id, %source, %target, "migration timed out; both nodes stay attached until one detaches");
+                    tracing::warn!(volume_id = %id, %source, %target, direction_known, "migration timed out; both nodes stay attached until one detaches");
                     sink.event(
                         id,
                         ClusterEvent::MigrationFailed {
                             source,
                             target,
                             timed_out: true,
+                            direction_known,
                         },
                     );
+                }
+                Effect::MigrationDirectionUnknown { nodes } => {
+                    tracing::warn!(volume_id = %id, nodes = ?nodes,
+                        "rebuilt a live migration whose direction is unknown: its VolumeAttachments share one \
+                         creationTimestamp second without attach instants on both to order them; when one \
+                         side detaches it is counted as result \"unknown\"");
                 }
                 Effect::OverAttached { nodes } => {
                     m.over_attached_total.inc();
@@ -519,7 +537,11 @@ impl VolumeActor {
                     let published = outcome.inspect_err(|e| act.refused(e))?;
                     act.apply(published.effects);
                     if req.readonly {
-                        publish_context.insert("readonly".into(), "true".into());
+                        publish_context.insert(PUBLISH_READONLY_KEY.into(), "true".into());
+                    }
+                    if let Some(at) = published.attached_at {
+                        publish_context
+                            .insert(PUBLISH_ATTACHED_AT_KEY.into(), attach_instant_text(at));
                     }
                     Ok(Published { publish_context })
                 });

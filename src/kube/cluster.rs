@@ -329,6 +329,18 @@ pub fn project_va(va: &lean::VolumeAttachment, driver: &str) -> Option<VaView> {
             .as_ref()
             .map(|t| SystemTime::from(t.0))
             .unwrap_or_else(SystemTime::now),
+        attached_at: va
+            .status
+            .as_ref()
+            .and_then(|s| s.attached_at.as_deref())
+            .and_then(|text| {
+                let at = crate::domain::parse_attach_instant(text);
+                if at.is_none() {
+                    tracing::warn!(volume_attachment = ?va.metadata.name, value = ?text,
+                        "unreadable attach instant in status.attachmentMetadata; ordering this VolumeAttachment by its creationTimestamp");
+                }
+                at
+            }),
     })
 }
 

@@ -9,7 +9,10 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+
+use crate::domain::PUBLISH_ATTACHED_AT_KEY;
 
 /// The metadata the watchers need: name and resourceVersion (the watcher resumes from it),
 /// uid, and the creation and deletion times.
@@ -150,9 +153,74 @@ pub struct InlineVolumeSpec {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VolumeAttachmentStatus {
     #[serde(default)]
     pub attached: bool,
+    /// Of `attachmentMetadata` (the publish_context the external-attacher stored), only the
+    /// value under [`PUBLISH_ATTACHED_AT_KEY`]; the other entries are skipped unbuilt.
+    #[serde(
+        default,
+        rename = "attachmentMetadata",
+        deserialize_with = "attach_instant"
+    )]
+    pub attached_at: Option<String>,
+}
+
+/// `attachmentMetadata[PUBLISH_ATTACHED_AT_KEY]`, from a map that may be null or absent.
+fn attach_instant<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<AttachInstant>::deserialize(d)?.and_then(|m| m.0))
+}
+
+struct AttachInstant(Option<String>);
+
+impl<'de> Deserialize<'de> for AttachInstant {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(AttachInstantVisitor)
+    }
+}
+
+struct AttachInstantVisitor;
+
+impl<'de> Visitor<'de> for AttachInstantVisitor {
+    type Value = AttachInstant;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a map of strings")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AttachInstant, A::Error> {
+        let mut found = None;
+        while let Some(IsAttachInstant(ours)) = map.next_key()? {
+            if ours {
+                found = map.next_value::<Option<String>>()?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(AttachInstant(found))
+    }
+}
+
+/// A map key, compared with [`PUBLISH_ATTACHED_AT_KEY`] without being copied.
+struct IsAttachInstant(bool);
+
+impl<'de> Deserialize<'de> for IsAttachInstant {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl Visitor<'_> for Key {
+            type Value = IsAttachInstant;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string key")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<IsAttachInstant, E> {
+                Ok(IsAttachInstant(key == PUBLISH_ATTACHED_AT_KEY))
+            }
+        }
+        d.deserialize_str(Key)
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +269,40 @@ mod tests {
                 .volume_handle,
             "ih"
         );
-        assert!(va.status.unwrap().attached);
+        let status = va.status.unwrap();
+        assert!(status.attached);
+        assert_eq!(
+            status.attached_at, None,
+            "no attach instant among the metadata"
+        );
+    }
+
+    #[test]
+    fn of_the_attachment_metadata_only_the_attach_instant_is_kept() {
+        let status = |metadata: serde_json::Value| {
+            let va: VolumeAttachment = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "va"},
+                "spec": {"attacher": "d", "nodeName": "n"},
+                "status": {"attached": true, "attachmentMetadata": metadata}
+            }))
+            .unwrap();
+            va.status.unwrap().attached_at
+        };
+        let ours = serde_json::json!({
+            "backend": "file", "imagePath": "/v/x.img",
+            PUBLISH_ATTACHED_AT_KEY: "2026-01-02T03:04:05.123456789Z", "readonly": "true"
+        });
+        assert_eq!(
+            status(ours).as_deref(),
+            Some("2026-01-02T03:04:05.123456789Z")
+        );
+        let go_driver = serde_json::json!({"nvme_address": "10.0.0.1", "nvme_port": "4420"});
+        assert_eq!(status(go_driver), None);
+        assert_eq!(status(serde_json::Value::Null), None);
+        // The same bytes through the borrowing parser the API client uses, with an escaped key.
+        let escaped = br#"{"metadata":{"name":"va"},"spec":{"attacher":"d","nodeName":"n"},
+            "status":{"attached":true,"attachmentMetadata":{"rds.csi.srvlab.io\/attached-at":"x","a":"b"}}}"#;
+        let va: VolumeAttachment = serde_json::from_slice(escaped).unwrap();
+        assert_eq!(va.status.unwrap().attached_at.as_deref(), Some("x"));
     }
 }

@@ -108,6 +108,15 @@ pub enum ClusterEvent {
         source: NodeId,
         target: NodeId,
         timed_out: bool,
+        /// False for a migration seeded without a known direction: `source` and `target` are
+        /// then only its two nodes.
+        direction_known: bool,
+    },
+    /// A migration whose direction is unknown ended: `detached` left, `stayed` holds the
+    /// volume. Whether that was its completion or its rollback cannot be told.
+    MigrationEnded {
+        detached: NodeId,
+        stayed: NodeId,
     },
     AttachmentConflict {
         message: String,

@@ -1,6 +1,14 @@
 //! Boot seeding as a pure function: from this driver's VolumeAttachments and the PVs they name,
 //! the attachment state to rebuild (rules, "Boot seeding"). VolumeAttachments are the only
 //! source of truth; PV annotations are never read.
+//!
+//! Holders are ordered by the attach instant each VolumeAttachment recorded (the driver's
+//! publish_context, which the external-attacher stores in `status.attachmentMetadata`), because
+//! `creationTimestamp` has whole seconds and a migration often starts within the second of its
+//! volume's attach. A volume whose VolumeAttachments do not all carry one (made through the Go
+//! driver, or an older version of this one) is ordered by `creationTimestamp` alone: an exact
+//! instant and a whole second cannot be compared. Holders nothing orders are reported as such,
+//! never ordered by their VolumeAttachment names, which are hashes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -17,6 +25,9 @@ pub struct VaView {
     pub node: String,
     pub attached: bool,
     pub created: SystemTime,
+    /// The attach instant the VolumeAttachment recorded (`status.attachmentMetadata` under
+    /// [`crate::domain::PUBLISH_ATTACHED_AT_KEY`]), if it carries a readable one.
+    pub attached_at: Option<SystemTime>,
 }
 
 /// What seeding needs of a PersistentVolume, borrowed from wherever the PVs are kept.
@@ -27,13 +38,28 @@ pub struct PvView<'a> {
     pub migration_timeout: Option<&'a str>,
 }
 
+/// One holder of a volume to rebuild.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeedHolder {
+    pub node: NodeId,
+    /// When it attached: its VolumeAttachment's attach instant, or its creationTimestamp when it
+    /// recorded none.
+    pub attached: SystemTime,
+    /// Whether `attached` is the attach instant the VolumeAttachment recorded.
+    pub recorded_instant: bool,
+}
+
 /// One volume to rebuild: its holders oldest first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeedVolume {
     pub volume: VolumeId,
-    pub holders: Vec<(NodeId, SystemTime)>,
+    pub holders: Vec<SeedHolder>,
     pub class: AccessClass,
     pub migration_timeout: Duration,
+    /// False when two holders tie: the same attach instant and creationTimestamp, or, without
+    /// instants, the same creationTimestamp second. Their order (by VA name, only to be
+    /// stable) then means nothing, and a migration between them has no known direction.
+    pub order_known: bool,
 }
 
 /// Why a VolumeAttachment was not used. Labels for `seeding_volumeattachments_skipped_total`.
@@ -69,11 +95,24 @@ pub struct SeedPlan {
     pub unparsable_timeouts: Vec<(String, String)>,
 }
 
-/// A volume's PV (name and view, if known) and its holders with creation time and VA name.
-type Group<'a, 'p> = (
-    Option<(&'a str, PvView<'p>)>,
-    Vec<(NodeId, SystemTime, &'a str)>,
-);
+/// A volume's PV (name and view, if known) and its holders with their VolumeAttachments.
+type Group<'a, 'p> = (Option<(&'a str, PvView<'p>)>, Vec<(NodeId, &'a VaView)>);
+
+/// Sorts one volume's holders oldest first and says whether that order is known: by attach
+/// instant then creationTimestamp when every VolumeAttachment recorded an instant, else by
+/// creationTimestamp alone. Ties fall back to the VA name, only so the order is stable.
+fn order(holders: &mut [(NodeId, &VaView)]) -> bool {
+    let by_instant = holders.iter().all(|(_, va)| va.attached_at.is_some());
+    let key = |va: &VaView| {
+        if by_instant {
+            (va.attached_at, va.created)
+        } else {
+            (None, va.created)
+        }
+    };
+    holders.sort_by(|(_, a), (_, b)| key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name)));
+    holders.windows(2).all(|w| key(w[0].1) != key(w[1].1))
+}
 
 /// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
 /// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
@@ -109,14 +148,13 @@ pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> See
             Ok((volume, node)) => {
                 let entry = groups.entry(volume).or_insert((pv, Vec::new()));
                 entry.0 = entry.0.or(pv);
-                entry.1.push((node, va.created, &va.name));
+                entry.1.push((node, va));
             }
             Err(reason) => plan.skipped.push((va.name.clone(), reason)),
         }
     }
     for (volume, (pv, mut holders)) in groups {
-        // Oldest first; equal timestamps fall back to the VA name so the order is stable.
-        holders.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.cmp(b.2)));
+        let order_known = order(&mut holders);
         let (timeout, unparsable) = migration_timeout(pv.and_then(|(_, p)| p.migration_timeout));
         if let (Some((name, _)), Some(raw)) = (pv, unparsable) {
             plan.unparsable_timeouts.push((name.to_string(), raw));
@@ -125,7 +163,15 @@ pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> See
             volume,
             class: pv.map_or(AccessClass::Exclusive, |(_, p)| p.class),
             migration_timeout: timeout,
-            holders: holders.into_iter().map(|(n, t, _)| (n, t)).collect(),
+            holders: holders
+                .into_iter()
+                .map(|(node, va)| SeedHolder {
+                    node,
+                    attached: va.attached_at.unwrap_or(va.created),
+                    recorded_instant: va.attached_at.is_some(),
+                })
+                .collect(),
+            order_known,
         });
     }
     plan
@@ -148,7 +194,25 @@ mod tests {
             node: node.into(),
             attached,
             created: at(created),
+            attached_at: None,
         }
+    }
+
+    /// `va` with the attach instant `ms` milliseconds into second `created`, as the attacher
+    /// stores it from this driver's publish_context.
+    fn va_at(name: &str, node: &str, created: u64, ms: u64) -> VaView {
+        VaView {
+            attached_at: Some(at(created) + Duration::from_millis(ms)),
+            ..va(name, "pv", node, true, created)
+        }
+    }
+
+    fn order_of(p: &SeedPlan) -> (Vec<&str>, bool) {
+        let v = &p.volumes[0];
+        (
+            v.holders.iter().map(|h| h.node.as_str()).collect(),
+            v.order_known,
+        )
     }
 
     fn pv(
@@ -187,9 +251,11 @@ mod tests {
             "handle-x",
             "keyed by volumeHandle, not PV name"
         );
-        let nodes: Vec<&str> = x.holders.iter().map(|(n, _)| n.as_str()).collect();
+        let nodes: Vec<&str> = x.holders.iter().map(|h| h.node.as_str()).collect();
         assert_eq!(nodes, ["node-a", "node-b"], "oldest first");
-        assert_eq!(x.holders[1].1, at(20));
+        assert_eq!(x.holders[1].attached, at(20));
+        assert!(!x.holders[1].recorded_instant);
+        assert!(x.order_known);
         assert_eq!(
             (x.class, x.migration_timeout),
             (AccessClass::Migratable, Duration::from_secs(90))
@@ -271,8 +337,98 @@ mod tests {
         let nodes: Vec<&str> = p.volumes[0]
             .holders
             .iter()
-            .map(|(n, _)| n.as_str())
+            .map(|h| h.node.as_str())
             .collect();
         assert_eq!(nodes, ["n2", "n1", "n0"]);
+    }
+
+    /// Two VolumeAttachments created in one second: their attach instants order them, whichever
+    /// VA name sorts first, and each holder keeps its exact instant.
+    #[test]
+    fn one_second_is_ordered_by_the_attach_instants_whatever_the_names() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
+        for (source_va, target_va) in [("va-a", "va-b"), ("va-b", "va-a")] {
+            let vas = vec![
+                va_at(target_va, "target", 10, 700),
+                va_at(source_va, "source", 10, 200),
+            ];
+            let p = plan(&vas, |n| pvs.get(n).copied());
+            assert_eq!(
+                order_of(&p),
+                (vec!["source", "target"], true),
+                "{source_va} is the source"
+            );
+            let target = &p.volumes[0].holders[1];
+            assert_eq!(target.attached, at(10) + Duration::from_millis(700));
+            assert!(target.recorded_instant);
+        }
+    }
+
+    /// When every VolumeAttachment carries an instant, the instants decide even against the
+    /// creation seconds (the attacher may create a VA and publish it later): they are the order
+    /// of the publishes, which is the order the driver held in memory.
+    #[test]
+    fn instants_come_before_creation_seconds() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
+        let vas = vec![
+            va_at("va-1", "published-first", 11, 100),
+            va_at("va-2", "created-first", 10, 1_900),
+        ];
+        let p = plan(&vas, |n| pvs.get(n).copied());
+        assert_eq!(
+            order_of(&p),
+            (vec!["published-first", "created-first"], true)
+        );
+        // Equal instants (never seen from one clock, but possible in data) fall to creation.
+        let vas = vec![
+            va_at("va-1", "later", 11, 0),
+            va_at("va-2", "earlier", 10, 1_000),
+        ];
+        let p = plan(&vas, |n| pvs.get(n).copied());
+        assert_eq!(order_of(&p), (vec!["earlier", "later"], true));
+    }
+
+    /// Without instants (the Go driver, an older version of this one), creationTimestamp
+    /// orders; in one second nothing does, and the plan says so instead of trusting the names.
+    #[test]
+    fn without_instants_creation_orders_and_a_tie_is_unknown() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
+        for (first, second) in [("va-a", "va-b"), ("va-b", "va-a")] {
+            let vas = vec![
+                va(second, "pv", "newer", true, 11),
+                va(first, "pv", "older", true, 10),
+            ];
+            let p = plan(&vas, |n| pvs.get(n).copied());
+            assert_eq!(order_of(&p), (vec!["older", "newer"], true));
+            let vas = vec![
+                va(second, "pv", "x", true, 10),
+                va(first, "pv", "y", true, 10),
+            ];
+            let p = plan(&vas, |n| pvs.get(n).copied());
+            assert!(!p.volumes[0].order_known, "an exact tie");
+            assert_eq!(p.volumes[0].holders[0].attached, at(10));
+        }
+    }
+
+    /// An instant on only some VolumeAttachments (a migration across an upgrade from a version
+    /// without them) is not compared with a whole second: creationTimestamp orders, a tie is
+    /// unknown, and the holder that has an instant keeps it.
+    #[test]
+    fn instants_on_only_some_vas_fall_back_to_creation() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
+        let vas = vec![
+            va_at("va-a", "newer", 12, 100),
+            va("va-b", "pv", "older", true, 10),
+        ];
+        let p = plan(&vas, |n| pvs.get(n).copied());
+        assert_eq!(order_of(&p), (vec!["older", "newer"], true));
+        let newer = &p.volumes[0].holders[1];
+        assert_eq!(
+            (newer.attached, newer.recorded_instant),
+            (at(12) + Duration::from_millis(100), true)
+        );
+        let vas = vec![va_at("va-a", "x", 10, 100), va("va-b", "pv", "y", true, 10)];
+        let p = plan(&vas, |n| pvs.get(n).copied());
+        assert!(!p.volumes[0].order_known, "one second, one instant: a tie");
     }
 }

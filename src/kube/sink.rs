@@ -399,15 +399,29 @@ fn describe(event: &ClusterEvent) -> (&'static str, &'static str, String) {
         MigrationCompleted { source, target } => {
             ("MigrationCompleted", "Normal", format!("live migration from {source} to {target} completed"))
         }
-        MigrationFailed { source, target, timed_out: true } => (
+        MigrationFailed { source, target, timed_out: true, direction_known: true } => (
             "MigrationFailed",
             "Warning",
             format!("live migration from {source} to {target} failed: reason timeout; both nodes stay attached until one detaches"),
         ),
-        MigrationFailed { source, target, timed_out: false } => (
+        MigrationFailed { source, target, timed_out: true, direction_known: false } => (
+            "MigrationFailed",
+            "Warning",
+            format!("live migration between {source} and {target} (direction unknown) failed: reason timeout; both nodes stay attached until one detaches"),
+        ),
+        MigrationFailed { source, target, timed_out: false, .. } => (
             "MigrationFailed",
             "Warning",
             format!("live migration from {source} to {target} failed: reason failed; rolled back to {source}"),
+        ),
+        MigrationEnded { detached, stayed } => (
+            "MigrationEnded",
+            "Normal",
+            format!(
+                "live migration between {detached} and {stayed} ended: {detached} detached, {stayed} holds the volume; \
+                 whether it completed or rolled back is unknown (its VolumeAttachments were created in the same \
+                 second without attach instants to order them)"
+            ),
         ),
         AttachmentConflict { message } => ("AttachmentConflict", "Warning", message.clone()),
         StaleAttachmentCleared { node } => {
@@ -454,6 +468,39 @@ impl ClusterSink for KubeSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events about a migration of unknown direction name its nodes without claiming which was
+    /// the source.
+    #[test]
+    fn events_of_a_migration_of_unknown_direction_claim_no_direction() {
+        let n = |s: &str| NodeId::try_from(s).unwrap();
+        let (reason, kind, message) = describe(&ClusterEvent::MigrationEnded {
+            detached: n("n1"),
+            stayed: n("n2"),
+        });
+        assert_eq!((reason, kind), ("MigrationEnded", "Normal"));
+        assert!(
+            message.contains("n1 detached, n2 holds the volume"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("from n") && !message.contains("completed;"),
+            "{message}"
+        );
+        let (reason, _, message) = describe(&ClusterEvent::MigrationFailed {
+            source: n("n1"),
+            target: n("n2"),
+            timed_out: true,
+            direction_known: false,
+        });
+        assert_eq!(reason, "MigrationFailed");
+        assert!(
+            message.starts_with(
+                "live migration between n1 and n2 (direction unknown) failed: reason timeout"
+            ),
+            "{message}"
+        );
+    }
 
     fn attached(node: &str) -> AnnotationValue {
         Some((node.into(), "2026-01-01T00:00:00Z".into()))

@@ -540,6 +540,10 @@ mod tests {
         let own = root.join("v1.img").display().to_string();
         let mut ok = ctx(PUBLISH_IMAGE_PATH_KEY, &own);
         ok.insert("somethingElse".into(), "ignored".into());
+        ok.insert(
+            crate::domain::PUBLISH_ATTACHED_AT_KEY.into(),
+            "2026-01-02T03:04:05.123456789Z".into(),
+        );
         assert!(
             loops.locate(&vol("v1"), &ok, &HashMap::new()).is_ok(),
             "unknown keys are ignored"

@@ -655,4 +655,28 @@ mod tests {
             );
         }
     }
+
+    /// The controller's publish_context carries keys the node does not use (the attach
+    /// instant, the Go driver's nvme_* keys, readonly): they change nothing about the target.
+    #[test]
+    fn publish_context_keys_the_node_does_not_use_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let nvme = NvmeDevices::new(RecordingRunner::default(), dir.path(), NqnPrefix::default());
+        let bare = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        let publish_context = HashMap::from(
+            [
+                (PUBLISH_BACKEND_KEY, "rds"),
+                (
+                    crate::domain::PUBLISH_ATTACHED_AT_KEY,
+                    "2026-01-02T03:04:05.123456789Z",
+                ),
+                ("nvme_address", "10.42.68.1"),
+                ("readonly", "true"),
+                ("somethingElse", "ignored"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let located = nvme.locate(&vol(), &publish_context, &ctx()).unwrap();
+        assert_eq!(located, bare);
+    }
 }

@@ -138,7 +138,7 @@ mod tests {
     use crate::backend::file::FileBackend;
     use crate::domain::AccessClass;
     use crate::ids::VolumeId;
-    use crate::kube::seed::SeedVolume;
+    use crate::kube::seed::{SeedHolder, SeedVolume};
     use crate::kube::{ClusterEvent, ClusterSink, KubeError, Standalone};
 
     /// Which Nodes a live GET finds.
@@ -209,9 +209,17 @@ mod tests {
             let now = SystemTime::now();
             let seed = |v: &str, holders: &[&str], class| SeedVolume {
                 volume: vol(v),
-                holders: holders.iter().map(|n| (node(n), now)).collect(),
+                holders: holders
+                    .iter()
+                    .map(|n| SeedHolder {
+                        node: node(n),
+                        attached: now,
+                        recorded_instant: true,
+                    })
+                    .collect(),
                 class,
                 migration_timeout: Duration::from_secs(3600),
+                order_known: true,
             };
             supervisor
                 .send(Seed(vec![

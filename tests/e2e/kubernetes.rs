@@ -2,13 +2,14 @@
 //! external-attacher: they create the VolumeAttachments (and Nodes and PVs) first, then call the
 //! driver, exactly as Kubernetes would.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use rds_csi::kube::cluster::va_name;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use crate::support::cluster::{Cluster, DRIVER};
+use crate::support::cluster::{ts, Cluster, DRIVER};
 use crate::support::*;
 
 fn holders(view: &Value) -> Vec<String> {
@@ -572,33 +573,25 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
     c.pv("pv", "vol", true, Some("900"), json!({}));
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
-    // The attacher creates each VA, calls Publish, and marks it attached.
-    let ctx: std::collections::HashMap<String, String> =
+    // The attacher creates each VA, calls Publish, and marks it attached with the answer as
+    // its attachmentMetadata.
+    let ctx: HashMap<String, String> =
         [("migrationTimeoutSeconds".to_string(), "900".to_string())].into();
+    let mut target_context = HashMap::new();
     for n in ["n1", "n2"] {
         let va = c.va("pv", "vol", n, false, Duration::ZERO);
-        d.publish_full("vol", n, rwx(), false, ctx.clone())
+        target_context = d
+            .publish_full("vol", n, rwx(), false, ctx.clone())
             .await
             .unwrap();
-        c.api
-            .patch_status(
-                "volumeattachments",
-                None,
-                &va,
-                json!({"status": {"attached": true}}),
-            )
-            .unwrap();
+        c.mark_attached(&va, &target_context);
     }
     let before = d.debug("vol").await;
     assert_eq!(before["migration"]["target"], "n2");
-    let target_va = c
-        .api
-        .get("volumeattachments", None, &va_name("vol", DRIVER, "n2"))
-        .unwrap();
-    let created = rfc3339(&target_va["metadata"]["creationTimestamp"]);
-    // Crash at least two seconds after the VA's creation second, so a start taken from the
+    let attached = instant(&target_context[ATTACHED_AT]);
+    // Crash at least two seconds after the target's attach, so a start taken from the
     // restarted process's own clock could not pass for it below. A wait, not a timing claim.
-    while SystemTime::now() < created + Duration::from_secs(2) {
+    while SystemTime::now() < attached + Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let d = d.crash_and_restart(&c.kubeconfig, &[]).await;
@@ -612,7 +605,8 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
     assert_eq!(after["migration"]["timeout_seconds"], 900);
     assert_eq!(after["migration"]["timed_out"], false);
 
-    // The rule: the migration started at the newer VA's creationTimestamp (whole seconds).
+    // The rule: the migration started at the newer holder's attach instant, which its VA
+    // recorded, to the nanosecond.
     let n2 = after["nodes"]
         .as_array()
         .unwrap()
@@ -621,20 +615,14 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
         .unwrap();
     assert_eq!(
         rfc3339(&n2["attached_at"]),
-        created,
-        "n2's attach time is its VA's"
+        attached,
+        "n2's attach time is the instant its VA recorded"
     );
-    // The view derives started_at from the monotonic clock and prints whole seconds, so a
-    // conversion error of microseconds can show the second before `created`. That truncation
-    // is the only slack allowed: no other value passes.
-    let started = rfc3339(&after["migration"]["started_at"]);
-    assert!(
-        started == created || started + Duration::from_secs(1) == created,
-        "started_at {started:?} is not the VA's creation second {created:?}"
-    );
-    // The deadline is created + 900 s: time left is what remains of it when the view was
-    // taken, somewhere between `asked` and `answered` (the same clock-conversion slack, 1 s).
-    let deadline = created + Duration::from_secs(900);
+    assert_eq!(rfc3339(&after["migration"]["started_at"]), attached);
+    // The deadline is that instant + 900 s: time left is what remains of it when the view was
+    // taken, somewhere between `asked` and `answered`, give or take the conversion between
+    // the wall clock and the monotonic one the timer runs on (1 s of slack).
+    let deadline = attached + Duration::from_secs(900);
     let left = after["migration"]["time_left_seconds"].as_f64().unwrap();
     let most = deadline.duration_since(asked).unwrap().as_secs_f64();
     let least = deadline.duration_since(answered).unwrap().as_secs_f64();
@@ -646,6 +634,280 @@ async fn kill_9_mid_migration_keeps_the_migration_its_start_and_timeout() {
 
 fn rfc3339(v: &Value) -> SystemTime {
     humantime::parse_rfc3339(v.as_str().unwrap()).unwrap()
+}
+
+// ---- 4b. Migration direction across a restart ----------------------------------------------
+
+/// The publish_context key that carries the driver's attach instant. A literal on purpose: the
+/// external-attacher stores it in every VolumeAttachment's `status.attachmentMetadata`, so a
+/// rename would leave the VolumeAttachments of a running cluster unreadable to seeding.
+const ATTACHED_AT: &str = "rds.csi.srvlab.io/attached-at";
+
+/// Handles whose two VolumeAttachments sort by name in each order: under `vol-a` n1's VA name
+/// sorts first, under `vol-b` n2's. A tie broken by name is right for one and wrong for the
+/// other, whichever way it breaks.
+const NAME_ORDERS: [(&str, &str); 2] = [("vol-a", "n1"), ("vol-b", "n2")];
+
+fn handles_in_both_name_orders() -> [&'static str; 2] {
+    for (handle, first) in NAME_ORDERS {
+        let (n1, n2) = (va_name(handle, DRIVER, "n1"), va_name(handle, DRIVER, "n2"));
+        let sorts_first = if n1 < n2 { "n1" } else { "n2" };
+        assert_eq!(sorts_first, first, "fixture: the VA names of {handle}");
+    }
+    NAME_ORDERS.map(|(handle, _)| handle)
+}
+
+/// Plays the external-attacher through a live migration n1 → n2 of `handle` (on PV
+/// `pv-<handle>`): for each node in turn it creates the VolumeAttachment with the given
+/// creationTimestamp, calls ControllerPublishVolume, and marks the VA attached with the answer
+/// as its `attachmentMetadata`. With `with_instant` false the answer is stored without the attach
+/// instant, as the Go driver or an older version of this one answered. Returns what each VA
+/// recorded, n1's first.
+async fn migrate_as_the_attacher(
+    c: &Cluster,
+    d: &Driver,
+    handle: &str,
+    created: [&str; 2],
+    with_instant: bool,
+) -> [HashMap<String, String>; 2] {
+    let pv = format!("pv-{handle}");
+    let mut recorded = [HashMap::new(), HashMap::new()];
+    for (i, node) in ["n1", "n2"].into_iter().enumerate() {
+        let va = c.va_created(&pv, handle, node, false, created[i]);
+        let mut ctx = d.publish(handle, node, rwx()).await.unwrap();
+        if !with_instant {
+            ctx.remove(ATTACHED_AT);
+        }
+        c.mark_attached(&va, &ctx);
+        recorded[i] = ctx;
+    }
+    recorded
+}
+
+fn instant(text: &str) -> SystemTime {
+    humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
+fn events_of(c: &Cluster, reason: &str) -> Vec<String> {
+    c.api
+        .list("events", Some("default"))
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .map(|e| {
+            e["involvedObject"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Both VolumeAttachments of a migration carry one creationTimestamp second (a VM migrated
+/// within a second of its volume's attach): after a `kill -9`, the attach instants the
+/// attacher stored order them, whichever VA name sorts first, so the source's detach is a
+/// success, counted once, with its MigrationCompleted event and its duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_second_migrations_keep_their_direction_across_kill_9() {
+    let handles = handles_in_both_name_orders();
+    let c = Cluster::new(&["n1", "n2"]).await;
+    for h in handles {
+        c.pv(&format!("pv-{h}"), h, true, None, json!({}));
+    }
+    let d = c.start_with_volumes(&handles).await;
+    d.wait_ready().await;
+    let mut recorded = Vec::new();
+    for h in handles {
+        let second = ts(Duration::ZERO);
+        recorded.push(migrate_as_the_attacher(&c, &d, h, [&second, &second], true).await);
+    }
+
+    let d = d.crash_and_restart(&c.kubeconfig, &[]).await;
+    d.wait_ready().await;
+    let mut views = Vec::new();
+    for (h, [n1, n2]) in handles.iter().zip(&recorded) {
+        views.push(d.debug(h).await);
+        // A seeded holder answers a repeated publish with what its VolumeAttachment recorded.
+        assert_eq!(&d.publish(h, "n1", rwx()).await.unwrap(), n1, "{h}: n1");
+        assert_eq!(&d.publish(h, "n2", rwx()).await.unwrap(), n2, "{h}: n2");
+    }
+    for h in handles {
+        d.unpublish(h, "n1").await.unwrap();
+    }
+    let m = d.scrape().await;
+    let result = |r: &str| {
+        sample(
+            &m,
+            &format!("rds_csi_migration_migrations_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        (result("success"), result("failed"), result("timeout")),
+        (2.0, 0.0, 0.0),
+        "the source detached from each volume: two successes, nothing else"
+    );
+    assert_eq!(sample(&m, "rds_csi_migration_duration_seconds_count"), 2.0);
+    assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 0.0);
+
+    for ((h, [_, n2]), view) in handles.iter().zip(&recorded).zip(&views) {
+        let migration = &view["migration"];
+        assert_eq!(
+            (migration["source"].as_str(), migration["target"].as_str()),
+            (Some("n1"), Some("n2")),
+            "{h}: {view}"
+        );
+        assert_eq!(migration["direction_known"], true, "{h}: {view}");
+        // Started exactly at the target's attach instant, not at its VA's creation second.
+        let target_instant = instant(&n2[ATTACHED_AT]);
+        assert_eq!(
+            instant(migration["started_at"].as_str().unwrap()),
+            target_instant,
+            "{h}: {view}"
+        );
+        assert_eq!(holders(&d.debug(h).await), ["n2"], "{h}");
+    }
+    eventually("a MigrationCompleted event on each PVC", || async {
+        let mut on = events_of(&c, "MigrationCompleted");
+        on.sort();
+        on == ["claim-pv-vol-a", "claim-pv-vol-b"]
+    })
+    .await;
+    assert!(events_of(&c, "MigrationFailed").is_empty());
+}
+
+/// VolumeAttachments without attach instants (made through the Go driver, or an older version
+/// of this one) in different seconds: creationTimestamp still orders them, in both name orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_attach_instants_creation_order_still_decides_across_kill_9() {
+    let handles = handles_in_both_name_orders();
+    let c = Cluster::new(&["n1", "n2"]).await;
+    for h in handles {
+        c.pv(&format!("pv-{h}"), h, true, None, json!({}));
+    }
+    let d = c.start_with_volumes(&handles).await;
+    d.wait_ready().await;
+    let mut recorded = Vec::new();
+    for h in handles {
+        let (older, newer) = (ts(Duration::from_secs(5)), ts(Duration::from_secs(1)));
+        recorded.push(migrate_as_the_attacher(&c, &d, h, [&older, &newer], false).await);
+    }
+
+    let d = d.crash_and_restart(&c.kubeconfig, &[]).await;
+    d.wait_ready().await;
+    for (h, [n1, n2]) in handles.iter().zip(&recorded) {
+        let view = d.debug(h).await;
+        let migration = &view["migration"];
+        assert_eq!(
+            (migration["source"].as_str(), migration["target"].as_str()),
+            (Some("n1"), Some("n2")),
+            "{h}: {view}"
+        );
+        assert_eq!(migration["direction_known"], true, "{h}: {view}");
+        let target_va = c
+            .api
+            .get("volumeattachments", None, &va_name(h, DRIVER, "n2"))
+            .unwrap();
+        assert_eq!(
+            instant(migration["started_at"].as_str().unwrap()),
+            rfc3339(&target_va["metadata"]["creationTimestamp"]),
+            "{h}: started at the newer VA's creation second"
+        );
+        // No instant was recorded, so none is invented: the repeat answers what the VA holds.
+        assert_eq!(&d.publish(h, "n1", rwx()).await.unwrap(), n1, "{h}: n1");
+        assert_eq!(&d.publish(h, "n2", rwx()).await.unwrap(), n2, "{h}: n2");
+        assert!(!n2.contains_key(ATTACHED_AT));
+        d.unpublish(h, "n1").await.unwrap();
+    }
+    let m = d.scrape().await;
+    let result = |r: &str| {
+        sample(
+            &m,
+            &format!("rds_csi_migration_migrations_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        (result("success"), result("failed"), result("timeout")),
+        (2.0, 0.0, 0.0)
+    );
+    assert_eq!(sample(&m, "rds_csi_migration_duration_seconds_count"), 2.0);
+    eventually("a MigrationCompleted event on each PVC", || async {
+        events_of(&c, "MigrationCompleted").len() == 2
+    })
+    .await;
+    assert!(events_of(&c, "MigrationFailed").is_empty());
+}
+
+/// Two VolumeAttachments in one creationTimestamp second and neither with an attach instant:
+/// nothing says which node is the source. The volume is seeded as a migration (both holders
+/// kept, a third node refused, its timeout armed), marked direction unknown, and when one side
+/// detaches the migration is counted once as `unknown` with a MigrationEnded event: neither a
+/// success nor a failure, no duration, no MigrationCompleted or MigrationFailed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_tie_without_attach_instants_is_a_migration_of_unknown_direction() {
+    let handles = handles_in_both_name_orders();
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    for h in handles {
+        c.pv(&format!("pv-{h}"), h, true, None, json!({}));
+    }
+    let d = c.start_with_volumes(&handles).await;
+    d.wait_ready().await;
+    for h in handles {
+        let second = ts(Duration::ZERO);
+        migrate_as_the_attacher(&c, &d, h, [&second, &second], false).await;
+    }
+
+    let d = d.crash_and_restart(&c.kubeconfig, &[]).await;
+    d.wait_ready().await;
+    for h in handles {
+        let view = d.debug(h).await;
+        assert_eq!(view["migration"]["direction_known"], false, "{h}: {view}");
+        let mut on = holders(&view);
+        on.sort();
+        assert_eq!(on, ["n1", "n2"], "{h}: both holders kept");
+        c.va(&format!("pv-{h}"), h, "n3", false, Duration::ZERO);
+        let err = d.publish(h, "n3", rwx()).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::FailedPrecondition,
+            "{h}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        sample(&d.scrape().await, "rds_csi_migration_active_migrations"),
+        2.0
+    );
+    // One side detaches from each volume: n1 from vol-a, n2 from vol-b.
+    d.unpublish("vol-a", "n1").await.unwrap();
+    d.unpublish("vol-b", "n2").await.unwrap();
+    let m = d.scrape().await;
+    let result = |r: &str| {
+        sample(
+            &m,
+            &format!("rds_csi_migration_migrations_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        (
+            result("unknown"),
+            result("success"),
+            result("failed"),
+            result("timeout")
+        ),
+        (2.0, 0.0, 0.0, 0.0),
+        "counted once each, claiming no direction"
+    );
+    assert_eq!(sample(&m, "rds_csi_migration_duration_seconds_count"), 0.0);
+    assert_eq!(sample(&m, "rds_csi_migration_active_migrations"), 0.0);
+    assert_eq!(holders(&d.debug("vol-a").await), ["n2"]);
+    assert_eq!(holders(&d.debug("vol-b").await), ["n1"]);
+    eventually("a MigrationEnded event on each PVC", || async {
+        let mut on = events_of(&c, "MigrationEnded");
+        on.sort();
+        on == ["claim-pv-vol-a", "claim-pv-vol-b"]
+    })
+    .await;
+    assert!(events_of(&c, "MigrationCompleted").is_empty());
+    assert!(events_of(&c, "MigrationFailed").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

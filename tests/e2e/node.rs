@@ -68,7 +68,11 @@ impl Node {
 
     /// ControllerPublishVolume to n1: the publish_context the node then receives.
     pub async fn attach(&self, volume: &str, cap: VolumeCapability) -> HashMap<String, String> {
-        self.d.publish(volume, "n1", cap).await.unwrap()
+        let ctx = self.d.publish(volume, "n1", cap).await.unwrap();
+        // So every stage below also receives the controller's attach instant, a key the node
+        // service does not use and must ignore.
+        assert!(ctx.contains_key("rds.csi.srvlab.io/attached-at"), "{ctx:?}");
+        ctx
     }
 
     /// NodeStageVolume at `staging` under the host dir, created first as the CO does.

@@ -529,6 +529,12 @@ async fn idempotent_republish_returns_the_same_context_and_counts_nothing() {
     let again = d.publish("v", "n1", rwo()).await.unwrap();
     let after = d.scrape().await;
     assert_eq!(first, again);
+    // The attach instant is the attach's, not the repeat's.
+    let instant = &first["rds.csi.srvlab.io/attached-at"];
+    assert!(
+        humantime::parse_rfc3339(instant).is_ok(),
+        "{instant:?} is RFC 3339"
+    );
     let series = r#"rds_csi_attachment_attach_total{status="success"}"#;
     assert_eq!(sample(&before, series), 1.0);
     assert_eq!(

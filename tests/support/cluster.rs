@@ -2,6 +2,7 @@
 //! PVs and VolumeAttachments the tests create as the external-provisioner and external-attacher
 //! would. Shared by the Kubernetes e2e tests and the deployment tests.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -90,12 +91,25 @@ impl Cluster {
 
     /// The VolumeAttachment the external-attacher would create, named as Kubernetes names it.
     pub fn va(&self, pv: &str, handle: &str, node: &str, attached: bool, age: Duration) -> String {
+        self.va_created(pv, handle, node, attached, &ts(age))
+    }
+
+    /// [`Self::va`] with a given `creationTimestamp` (RFC 3339, whole seconds as the API server
+    /// writes it), so two VolumeAttachments can share one second on purpose.
+    pub fn va_created(
+        &self,
+        pv: &str,
+        handle: &str,
+        node: &str,
+        attached: bool,
+        created: &str,
+    ) -> String {
         let name = va_name(handle, DRIVER, node);
         self.api
             .create(
                 "volumeattachments",
                 json!({
-                    "metadata": {"name": name, "creationTimestamp": ts(age), "finalizers": ["external-attacher/rds-csi-srvlab-io"]},
+                    "metadata": {"name": name, "creationTimestamp": created, "finalizers": ["external-attacher/rds-csi-srvlab-io"]},
                     "spec": {"attacher": DRIVER, "nodeName": node, "source": {"persistentVolumeName": pv}},
                     "status": {"attached": attached},
                 }),
@@ -104,14 +118,22 @@ impl Cluster {
         name
     }
 
-    /// Marks a VolumeAttachment attached, as the external-attacher does after a Publish answered OK.
+    /// Marks a VolumeAttachment attached, as the external-attacher does after a Publish answered
+    /// OK (with no publish_context to record).
     pub fn attach(&self, va: &str) {
+        self.mark_attached(va, &HashMap::new());
+    }
+
+    /// What the external-attacher does once ControllerPublishVolume answered: marks the
+    /// VolumeAttachment attached and stores the publish_context verbatim in
+    /// `status.attachmentMetadata`.
+    pub fn mark_attached(&self, va: &str, publish_context: &HashMap<String, String>) {
         self.api
             .patch_status(
                 "volumeattachments",
                 None,
                 va,
-                json!({"status": {"attached": true}}),
+                json!({"status": {"attached": true, "attachmentMetadata": publish_context}}),
             )
             .unwrap();
     }
