@@ -197,11 +197,13 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     a.publish("vol-x", "n1", rwo()).await.unwrap();
     c.attach(&x1);
     let m1 = c.va("pv-m", "vol-m", "n1", false, Duration::ZERO);
-    a.publish("vol-m", "n1", rwx()).await.unwrap();
-    c.attach(&m1);
+    // The attacher records each publish_context (with its attach instant) in the VA: the two
+    // VAs share a creation second, so only the instants tell b the migration's direction.
+    let ctx = a.publish("vol-m", "n1", rwx()).await.unwrap();
+    c.mark_attached(&m1, &ctx);
     let m2 = c.va("pv-m", "vol-m", "n2", false, Duration::from_secs(0));
-    a.publish("vol-m", "n2", rwx()).await.unwrap();
-    c.attach(&m2);
+    let ctx = a.publish("vol-m", "n2", rwx()).await.unwrap();
+    c.mark_attached(&m2, &ctx);
     let z1 = c.va("pv-z", "vol-z", "n1", false, Duration::ZERO);
     a.publish("vol-z", "n1", rwo()).await.unwrap();
     c.attach(&z1);
