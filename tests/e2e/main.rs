@@ -18,4 +18,5 @@ mod node;
 mod observability;
 mod rds;
 mod rules;
+mod snapshots;
 mod socket;
