@@ -166,7 +166,9 @@ fn read_at(d: &Driver, volume: &str, offset: u64, len: usize) -> Vec<u8> {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i % 251) as u8)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
 }
 
 #[tokio::test]
@@ -185,7 +187,11 @@ async fn the_snapshot_and_clone_capabilities_are_advertised() {
             _ => None,
         })
         .collect();
-    for rpc in [Rpc::CreateDeleteSnapshot, Rpc::ListSnapshots, Rpc::CloneVolume] {
+    for rpc in [
+        Rpc::CreateDeleteSnapshot,
+        Rpc::ListSnapshots,
+        Rpc::CloneVolume,
+    ] {
         assert!(caps.contains(&(rpc as i32)), "{rpc:?} in {caps:?}");
     }
 }
@@ -391,6 +397,7 @@ async fn list_snapshots_by_id_by_source_and_paged() {
                 .snapshot_id,
         );
     }
+    let of_a = ids[0].clone();
     ids.sort();
     for max in [0, 1, 2, 5, 6] {
         assert_eq!(s.all_ids(max).await, ids, "max_entries {max}");
@@ -417,7 +424,7 @@ async fn list_snapshots_by_id_by_source_and_paged() {
     assert_eq!(rest.entries.len(), 1);
     assert!(rest.next_token.is_empty());
 
-    for (id, source) in [("snap-none", ""), ("", "nobody"), (&*ids[0], "b")] {
+    for (id, source) in [("snap-none", ""), ("", "nobody"), (&*of_a, "b")] {
         let empty = s.list(id, source, 0, "").await.unwrap();
         assert!(empty.entries.is_empty(), "{id:?} {source:?}");
     }
@@ -442,7 +449,11 @@ async fn deleting_the_source_keeps_its_snapshots_restorable() {
 
     let listed = s.list(&snap.snapshot_id, "", 0, "").await.unwrap();
     assert_eq!(
-        listed.entries[0].snapshot.as_ref().unwrap().source_volume_id,
+        listed.entries[0]
+            .snapshot
+            .as_ref()
+            .unwrap()
+            .source_volume_id,
         "src",
         "the snapshot still names where it came from"
     );
