@@ -17,6 +17,7 @@ mod kubernetes_hardening;
 mod node;
 mod observability;
 mod rds;
+mod rds_snapshots;
 mod rules;
 mod snapshots;
 mod socket;
