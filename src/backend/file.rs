@@ -1640,6 +1640,236 @@ mod tests {
         );
     }
 
+    fn snap_req(name: &str, source: &str) -> SnapshotRequest {
+        SnapshotRequest {
+            id: SnapshotId::for_name(name).unwrap(),
+            name: name.to_string(),
+            source: VolumeId::try_from(source).unwrap(),
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    fn snap_id(name: &str) -> &'static str {
+        Box::leak(
+            SnapshotId::for_name(name)
+                .unwrap()
+                .to_string()
+                .into_boxed_str(),
+        )
+    }
+
+    fn write_image(dir: &Path, volume: &str, at: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(format!("{volume}.img")))
+            .unwrap();
+        f.write_all_at(data, at).unwrap();
+    }
+
+    fn read_file(path: &Path, at: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0; len];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, at)
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_step_of_a_snapshot_leaves_none_that_claims_to_be_ready() {
+        use Step::*;
+        let id = snap_id("s");
+        for (step, committed) in [
+            (SnapshotCopyImage, false),
+            (SnapshotWriteMetadata, false),
+            (SnapshotRenameImage, false),
+            (SnapshotSyncImage, false),
+            (SnapshotRenameMetadata, false),
+            (SnapshotSyncMetadata, true),
+        ] {
+            let dir = root_with(false).await;
+            write_image(dir.path(), "v", 4096, b"the snapshot's moment");
+            let faults = FaultOnce::new(step, id, Fault::Crash);
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
+            assert!(
+                backend.create_snapshot(snap_req("s", "v")).await.is_err(),
+                "{step:?}: the crash happened"
+            );
+            drop(backend);
+
+            let reopened = FileBackend::open(dir.path()).unwrap();
+            let listed = reopened.list_snapshots().await.unwrap();
+            let snapshots = dir.path().join(SNAPSHOT_DIR);
+            if committed {
+                assert_eq!(listed.len(), 1, "{step:?}");
+                assert!(listed[0].ready);
+            } else {
+                assert!(listed.is_empty(), "{step:?}: nothing claims to be ready");
+                assert!(
+                    reopened
+                        .get_snapshot(&snap_req("s", "v").id)
+                        .await
+                        .unwrap()
+                        .is_none(),
+                    "{step:?}"
+                );
+                assert_eq!(names(&snapshots), Vec::<String>::new(), "{step:?}: cleaned");
+            }
+            // The CO retries CreateSnapshot: it completes, with the data of the moment.
+            write_image(dir.path(), "v", 8192, b"later");
+            let made = reopened.create_snapshot(snap_req("s", "v")).await.unwrap();
+            assert!(made.ready && made.size_bytes == 1 << 20, "{step:?}");
+            assert_eq!(
+                names(&snapshots),
+                [format!("{id}.img"), format!("{id}.json")],
+                "{step:?}"
+            );
+            let image = snapshots.join(format!("{id}.img"));
+            assert_eq!(read_file(&image, 4096, 21), b"the snapshot's moment");
+            let expect_later = !committed;
+            assert_eq!(
+                read_file(&image, 8192, 5) == b"later",
+                expect_later,
+                "{step:?}: a committed snapshot keeps its moment; a retried one takes a new one"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_fails_at_any_step_leaves_nothing_and_can_be_retried() {
+        use Step::*;
+        let id = snap_id("s");
+        for step in [
+            SnapshotCopyImage,
+            SnapshotWriteMetadata,
+            SnapshotRenameImage,
+            SnapshotSyncImage,
+            SnapshotRenameMetadata,
+            SnapshotSyncMetadata,
+        ] {
+            let dir = root_with(false).await;
+            let faults = FaultOnce::new(step, id, FAIL);
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
+            let err = backend
+                .create_snapshot(snap_req("s", "v"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, BackendError::Io { .. }), "{step:?}: {err}");
+            assert!(
+                backend.list_snapshots().await.unwrap().is_empty(),
+                "{step:?}"
+            );
+            assert!(names(&dir.path().join(SNAPSHOT_DIR)).is_empty(), "{step:?}");
+            backend.create_snapshot(snap_req("s", "v")).await.unwrap();
+            drop(backend);
+            let reopened = FileBackend::open(dir.path()).unwrap();
+            assert_eq!(
+                reopened.list_snapshots().await.unwrap().len(),
+                1,
+                "{step:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_step_of_a_snapshot_delete_leaves_it_whole_or_gone() {
+        use Step::*;
+        let id = snap_id("s");
+        for (step, gone) in [
+            (SnapshotDeleteMetadata, false),
+            (SnapshotDeleteSync, true),
+            (SnapshotDeleteImage, true),
+        ] {
+            let dir = root_with(false).await;
+            FileBackend::open(dir.path())
+                .unwrap()
+                .create_snapshot(snap_req("s", "v"))
+                .await
+                .unwrap();
+            let faults = FaultOnce::new(step, id, Fault::Crash);
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
+            let sid = snap_req("s", "v").id;
+            assert!(backend.delete_snapshot(&sid).await.is_err(), "{step:?}");
+            drop(backend);
+            let reopened = FileBackend::open(dir.path()).unwrap();
+            assert_eq!(
+                reopened.list_snapshots().await.unwrap().is_empty(),
+                gone,
+                "{step:?}"
+            );
+            reopened.delete_snapshot(&sid).await.unwrap();
+            assert!(names(&dir.path().join(SNAPSHOT_DIR)).is_empty(), "{step:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn deleting_a_snapshot_waits_for_a_restore_from_it() {
+        let dir = root_with(false).await;
+        write_image(dir.path(), "v", 0, b"restored data");
+        FileBackend::open(dir.path())
+            .unwrap()
+            .create_snapshot(snap_req("s", "v"))
+            .await
+            .unwrap();
+        let (stall, release, stalled) = testing::Stall::new(Step::CreateWriteImage, "r");
+        let backend = Arc::new(FileBackend::open_with_faults(dir.path(), Arc::new(stall)).unwrap());
+        let sid = snap_req("s", "v").id;
+        let restore = tokio::spawn({
+            let backend = backend.clone();
+            let mut r = req("r", 2 << 20);
+            r.source = Some(ContentSource::Snapshot(sid.clone()));
+            async move { backend.create(r).await }
+        });
+        stalled.await.unwrap();
+        let delete = tokio::spawn({
+            let backend = backend.clone();
+            let sid = sid.clone();
+            async move { backend.delete_snapshot(&sid).await }
+        });
+        // Other work goes on meanwhile.
+        backend.create(req("other", 1 << 20)).await.unwrap();
+        assert!(backend.get_snapshot(&sid).await.unwrap().is_some());
+        assert!(!delete.is_finished(), "the delete waits for the restore");
+        release.send(()).unwrap();
+        let restored = restore.await.unwrap().unwrap();
+        assert_eq!(restored.capacity_bytes, 2 << 20);
+        delete.await.unwrap().unwrap();
+        assert!(backend.get_snapshot(&sid).await.unwrap().is_none());
+        assert_eq!(
+            read_file(&dir.path().join("r.img"), 0, 13),
+            b"restored data"
+        );
+    }
+
+    #[tokio::test]
+    async fn open_quarantines_snapshots_it_cannot_serve() {
+        let dir = root_with(false).await;
+        let backend = FileBackend::open(dir.path()).unwrap();
+        backend
+            .create_snapshot(snap_req("good", "v"))
+            .await
+            .unwrap();
+        backend
+            .create_snapshot(snap_req("lost", "v"))
+            .await
+            .unwrap();
+        drop(backend);
+        let snapshots = dir.path().join(SNAPSHOT_DIR);
+        std::fs::remove_file(snapshots.join(format!("{}.img", snap_id("lost")))).unwrap();
+        std::fs::write(snapshots.join("snap-x.img"), b"").unwrap();
+        let backend = FileBackend::open(dir.path()).unwrap();
+        let listed = backend.list_snapshots().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id.as_str(), snap_id("good"));
+        assert_eq!(
+            names(&dir.path().join(QUARANTINE_DIR)),
+            [format!("{}.json", snap_id("lost"))]
+        );
+        assert_eq!(names(&snapshots).len(), 2, "the orphan image is removed");
+    }
+
     #[tokio::test]
     async fn capacity_reports_free_space() {
         let dir = tempfile::tempdir().unwrap();
