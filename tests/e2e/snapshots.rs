@@ -481,3 +481,79 @@ async fn deleting_the_source_keeps_its_snapshots_restorable() {
     // The restored volume is independent of the snapshot it came from.
     assert_eq!(read_at(&d, "back", MIB as u64, data.len()), data);
 }
+
+#[tokio::test]
+async fn ctl_takes_lists_restores_clones_and_deletes_snapshots() {
+    let d = Driver::start(&[], &[]).await;
+    let endpoint = format!("unix://{}", d.socket.display());
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .arg("ctl")
+            .arg("--endpoint")
+            .arg(&endpoint)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.code(), json)
+    };
+    assert_eq!(
+        ctl(&["create", "vm", "--size", "4MiB", "--rwx-block"]).0,
+        Some(0)
+    );
+    write_at(&d, "vm", 0, b"golden image");
+    let (code, snap) = ctl(&["snapshot", "create", "golden", "vm"]);
+    assert_eq!(code, Some(0), "{snap}");
+    let id = snap["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        id,
+        rds_csi::SnapshotId::for_name("golden").unwrap().as_str()
+    );
+    assert_eq!(snap["source_volume_id"], "vm");
+    assert_eq!(snap["ready_to_use"], true);
+    assert_eq!(snap["size_bytes"], 4 * MIB);
+    assert!(snap["creation_time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(ctl(&["snapshot", "create", "golden", "vm"]).1, snap);
+
+    let (_, list) = ctl(&["snapshot", "list", "--source", "vm"]);
+    assert_eq!(list["snapshots"][0], format!("{id} of vm 4194304 bytes"));
+    let (_, none) = ctl(&["snapshot", "list", "--source", "other"]);
+    assert_eq!(none["snapshots"], serde_json::json!([]));
+
+    let (code, restored) = ctl(&["create", "vm-2", "--rwx-block", "--from-snapshot", &id]);
+    assert_eq!(code, Some(0), "{restored}");
+    assert_eq!(restored["capacity_bytes"], 4 * MIB, "the source's size");
+    assert_eq!(restored["from_snapshot"], id);
+    assert_eq!(read_at(&d, "vm-2", 0, 12), b"golden image");
+    let (code, clone) = ctl(&[
+        "create",
+        "vm-3",
+        "--size",
+        "8MiB",
+        "--rwx-block",
+        "--from-volume",
+        "vm",
+    ]);
+    assert_eq!(code, Some(0), "{clone}");
+    assert_eq!(clone["from_volume"], "vm");
+    assert_eq!(clone["capacity_bytes"], 8 * MIB);
+    let (code, err) = ctl(&[
+        "create",
+        "vm-4",
+        "--size",
+        "1MiB",
+        "--rwx-block",
+        "--from-volume",
+        "vm",
+    ]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err["error"]["code"], "OutOfRange");
+
+    assert_eq!(ctl(&["snapshot", "delete", &id]).1["deleted_snapshot"], id);
+    assert_eq!(
+        ctl(&["snapshot", "list"]).1["snapshots"],
+        serde_json::json!([])
+    );
+}
