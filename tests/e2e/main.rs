@@ -15,6 +15,7 @@ mod controller;
 mod kubernetes;
 mod kubernetes_hardening;
 mod node;
+mod node_snapshots;
 mod observability;
 mod rds;
 mod rds_snapshots;
