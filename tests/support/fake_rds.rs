@@ -2582,6 +2582,8 @@ impl FakeRds {
 
 #[cfg(test)]
 mod tests {
+    // A bench that includes this file is built with cfg(test) but without its #[test]s.
+    #[allow(unused_imports)]
     use super::*;
 
     #[test]
