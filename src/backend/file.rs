@@ -1242,6 +1242,34 @@ mod tests {
                 ExpandSyncMetadata
             ]
         );
+        let snapshot = SnapshotRequest {
+            id: SnapshotId::for_name("s").unwrap(),
+            name: "s".into(),
+            source: id.clone(),
+            parameters: BTreeMap::new(),
+        };
+        backend.create_snapshot(snapshot.clone()).await.unwrap();
+        assert_eq!(
+            taken(),
+            [
+                SnapshotCopyImage,
+                SnapshotWriteMetadata,
+                SnapshotRenameImage,
+                SnapshotSyncImage,
+                SnapshotRenameMetadata,
+                SnapshotSyncMetadata
+            ],
+            "a snapshot's image is durable before its metadata names it"
+        );
+        backend.delete_snapshot(&snapshot.id).await.unwrap();
+        assert_eq!(
+            taken(),
+            [
+                SnapshotDeleteMetadata,
+                SnapshotDeleteSync,
+                SnapshotDeleteImage
+            ]
+        );
         backend.delete(&id).await.unwrap();
         assert_eq!(
             taken(),

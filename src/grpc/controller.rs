@@ -602,7 +602,6 @@ impl Controller for ControllerService {
         let take = if max == 0 { usize::MAX } else { max };
         let next_token = all
             .get(from.saturating_add(take))
-            .filter(|_| from + take < all.len())
             .map(|s| format!("{SNAPSHOT_TOKEN_PREFIX}{}", s.id))
             .unwrap_or_default();
         let entries = all
