@@ -182,8 +182,8 @@ fn measure(dir: &Path, shape: &Shape, room: u64) -> Vec<Row> {
 }
 
 fn fs_type(path: &Path) -> String {
-    let out = Command::new("stat")
-        .args(["-f", "-c", "%T"])
+    let out = Command::new("findmnt")
+        .args(["--noheadings", "--output", "FSTYPE", "--target"])
         .arg(path)
         .output()
         .unwrap();
