@@ -104,6 +104,7 @@ async fn batch(pool_size: usize, ops: usize, latency: Duration) -> Sample {
                         limit_bytes: 0,
                         capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],
                         parameters: BTreeMap::new(),
+                        source: None,
                     })
                     .await
                     .expect("create");

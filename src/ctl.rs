@@ -47,15 +47,24 @@ pub struct CapabilityArgs {
 pub enum CtlCommand {
     /// Plugin name, version and readiness.
     Probe,
-    /// Create a volume.
+    /// Create a volume: empty, restored from a snapshot, or a clone of a volume.
     Create {
         name: String,
-        /// Size, e.g. 10GiB, 512MiB or bytes.
-        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-        size: u64,
+        /// Size, e.g. 10GiB, 512MiB or bytes (default 1GiB; from a source, the source's size).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
         #[command(flatten)]
         cap: CapabilityArgs,
+        /// Restore this snapshot into the new volume.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone this volume into the new volume.
+        #[arg(long)]
+        from_volume: Option<String>,
     },
+    /// Snapshots: create, list, delete.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Delete a volume.
     Delete { volume: String },
     /// ControllerPublishVolume.
@@ -113,6 +122,19 @@ pub enum CtlCommand {
         #[arg(long)]
         path: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// CreateSnapshot NAME of the volume SOURCE; the same name again gives the same snapshot.
+    Create { name: String, source: String },
+    /// ListSnapshots, every page; --source keeps the snapshots of one volume.
+    List {
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// DeleteSnapshot ID.
+    Delete { id: String },
 }
 
 /// Parses "10GiB", "512MiB", "1G", "4096".
@@ -252,22 +274,103 @@ async fn execute(
             let probe = identity.probe(ProbeRequest {}).await?.into_inner();
             json!({"name": info.name, "version": info.vendor_version, "ready": probe.ready.unwrap_or(false)})
         }
-        CtlCommand::Create { name, size, cap } => {
+        CtlCommand::Create {
+            name,
+            size,
+            cap,
+            from_snapshot,
+            from_volume,
+        } => {
+            use crate::csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+            let source = match (from_snapshot, from_volume) {
+                (Some(id), _) => Some(Type::Snapshot(SnapshotSource {
+                    snapshot_id: id.clone(),
+                })),
+                (None, Some(id)) => Some(Type::Volume(VolumeSource {
+                    volume_id: id.clone(),
+                })),
+                (None, None) => None,
+            };
+            let default_size = if source.is_some() { 0 } else { 1 << 30 };
             let volume = controller
                 .create_volume(CreateVolumeRequest {
                     name: name.clone(),
                     capacity_range: Some(CapacityRange {
-                        required_bytes: *size as i64,
+                        required_bytes: size.unwrap_or(default_size) as i64,
                         limit_bytes: 0,
                     }),
                     volume_capabilities: vec![cap.to_proto()],
+                    volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await?
                 .into_inner()
                 .volume
                 .unwrap_or_default();
-            json!({"volume_id": volume.volume_id, "capacity_bytes": volume.capacity_bytes})
+            let mut out =
+                json!({"volume_id": volume.volume_id, "capacity_bytes": volume.capacity_bytes});
+            match volume.content_source.and_then(|s| s.r#type) {
+                Some(Type::Snapshot(s)) => out["from_snapshot"] = json!(s.snapshot_id),
+                Some(Type::Volume(v)) => out["from_volume"] = json!(v.volume_id),
+                None => {}
+            }
+            out
+        }
+        CtlCommand::Snapshot(SnapshotCommand::Create { name, source }) => {
+            let snap = controller
+                .create_snapshot(CreateSnapshotRequest {
+                    name: name.clone(),
+                    source_volume_id: source.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            snapshot_json(&snap)
+        }
+        CtlCommand::Snapshot(SnapshotCommand::List { source }) => {
+            let mut snapshots = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = controller
+                    .list_snapshots(ListSnapshotsRequest {
+                        max_entries: 100,
+                        starting_token: token,
+                        source_volume_id: source.clone().unwrap_or_default(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                for e in page.entries {
+                    let s = e.snapshot.unwrap_or_default();
+                    snapshots.push(format!(
+                        "{} of {} {} bytes{}",
+                        s.snapshot_id,
+                        if s.source_volume_id.is_empty() {
+                            "(source not recorded)"
+                        } else {
+                            &s.source_volume_id
+                        },
+                        s.size_bytes,
+                        if s.ready_to_use { "" } else { " (not ready)" }
+                    ));
+                }
+                if page.next_token.is_empty() {
+                    break;
+                }
+                token = page.next_token;
+            }
+            json!({"snapshots": snapshots})
+        }
+        CtlCommand::Snapshot(SnapshotCommand::Delete { id }) => {
+            controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                    secrets: HashMap::new(),
+                })
+                .await?;
+            json!({"deleted_snapshot": id})
         }
         CtlCommand::Delete { volume } => {
             controller
@@ -496,6 +599,25 @@ async fn execute(
             }
             out
         }
+    })
+}
+
+fn snapshot_json(s: &Snapshot) -> serde_json::Value {
+    let created = s
+        .creation_time
+        .as_ref()
+        .and_then(|t| {
+            let at = std::time::UNIX_EPOCH
+                + std::time::Duration::new(u64::try_from(t.seconds).ok()?, t.nanos as u32);
+            Some(crate::rfc3339(at))
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "snapshot_id": s.snapshot_id,
+        "source_volume_id": s.source_volume_id,
+        "size_bytes": s.size_bytes,
+        "ready_to_use": s.ready_to_use,
+        "creation_time": created,
     })
 }
 

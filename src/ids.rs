@@ -97,6 +97,40 @@ impl VolumeId {
     }
 }
 
+/// A snapshot id: the same characters as a [`VolumeId`] (so it is safe as a file name and as a
+/// RouterOS slot once `.` and `_` are refused there), at most 128 bytes.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotId(Arc<str>);
+
+/// The DNS namespace of RFC 4122, which the Go driver hashes snapshot names in.
+const UUID_NAMESPACE_DNS: uuid::Uuid = uuid::Uuid::NAMESPACE_DNS;
+
+impl SnapshotId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn parse_field(raw: &str, field: &'static str) -> Result<Self, Error> {
+        VolumeId::parse_field(raw, field).map(|v| Self(v.0))
+    }
+
+    /// The id of the snapshot CreateSnapshot `name` asks for, exactly as the Go driver derives
+    /// it (`pkg/utils/snapshotid.go`): `snap-<u>-at-<the first 10 hex digits of u>`, where `u`
+    /// is the UUIDv5 of the name in the DNS namespace. The same name always gives the same id,
+    /// on any controller and after any restart, and a Go driver's snapshot keeps its id.
+    pub fn for_name(name: &str) -> Result<Self, Error> {
+        // The same rules as a volume name: 1 to 128 bytes, no control characters.
+        VolumeId::for_name(name)?;
+        let u = uuid::Uuid::new_v5(&UUID_NAMESPACE_DNS, name.as_bytes());
+        let simple = u.simple().to_string();
+        Ok(Self(Arc::from(format!(
+            "snap-{}-at-{}",
+            u.hyphenated(),
+            &simple[..10]
+        ))))
+    }
+}
+
 impl NodeId {
     pub fn as_str(&self) -> &str {
         &self.0
@@ -186,6 +220,13 @@ impl TryFrom<&str> for VolumeId {
     }
 }
 
+impl TryFrom<&str> for SnapshotId {
+    type Error = Error;
+    fn try_from(raw: &str) -> Result<Self, Error> {
+        Self::parse_field(raw, "snapshot_id")
+    }
+}
+
 impl TryFrom<&str> for NodeId {
     type Error = Error;
     fn try_from(raw: &str) -> Result<Self, Error> {
@@ -207,7 +248,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(VolumeId, NodeId);
+display_as_str!(VolumeId, NodeId, SnapshotId);
 
 macro_rules! serde_validated {
     ($($t:ty),*) => {$(
@@ -224,7 +265,7 @@ macro_rules! serde_validated {
         }
     )*};
 }
-serde_validated!(VolumeId, NodeId);
+serde_validated!(VolumeId, NodeId, SnapshotId);
 
 #[cfg(test)]
 mod tests {
@@ -345,6 +386,33 @@ mod tests {
                 "{raw:?}"
             );
         }
+    }
+
+    #[test]
+    fn snapshot_ids_are_the_go_drivers() {
+        // uuid.NewSHA1(uuid.NameSpaceDNS, []byte("snapshot-1")) in Go (and uuid5 in Python).
+        let id = SnapshotId::for_name("snapshot-1").unwrap();
+        assert_eq!(
+            id.as_str(),
+            "snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc"
+        );
+        let u = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_DNS, b"snapshot-1");
+        assert_eq!(u.get_version_num(), 5);
+        let hex: String = u.to_string().replace('-', "");
+        assert_eq!(id.as_str(), format!("snap-{u}-at-{}", &hex[..10]));
+        assert_eq!(id.as_str().len(), 5 + 36 + 4 + 10);
+        assert_eq!(SnapshotId::for_name("snapshot-1").unwrap(), id);
+        assert_ne!(SnapshotId::for_name("snapshot-2").unwrap(), id);
+        // Any CSI name, up to 128 bytes, becomes a valid id.
+        let long = "n".repeat(128);
+        for name in ["a b", "../x", long.as_str()] {
+            let id = SnapshotId::for_name(name).unwrap();
+            assert!(SnapshotId::try_from(id.as_str()).is_ok());
+        }
+        for bad in ["", "a\u{1}", &"n".repeat(129)] {
+            assert!(SnapshotId::for_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(SnapshotId::try_from("../x").is_err());
     }
 
     #[test]

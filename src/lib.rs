@@ -32,7 +32,7 @@ pub mod telemetry;
 use std::time::SystemTime;
 
 pub use backend::BackendError;
-pub use ids::{NodeId, VolumeId};
+pub use ids::{NodeId, SnapshotId, VolumeId};
 
 /// The generated CSI v1 types, client and server.
 pub mod csi {

@@ -976,8 +976,11 @@ fn the_workloads_are_wired_together() {
 
 /// The sidecars in the controller pod are the ones the driver's capabilities call for:
 /// csi-attacher with PUBLISH_UNPUBLISH_VOLUME (and attachRequired), csi-provisioner with
-/// CREATE_DELETE_VOLUME, and csi-resizer exactly with EXPAND_VOLUME (it exits at start against
-/// a driver that cannot resize, and without it no PVC ever grows).
+/// CREATE_DELETE_VOLUME, csi-resizer exactly with EXPAND_VOLUME (it exits at start against
+/// a driver that cannot resize, and without it no PVC ever grows), and csi-snapshotter exactly
+/// with CREATE_DELETE_SNAPSHOT (without it no VolumeSnapshot is ever taken; with it and no such
+/// capability it would fail every one), with the provisioner's snapshot rules (restores) and a
+/// VolumeSnapshotClass example alongside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecars_match_the_driver_capabilities() {
     let d = Driver::start(&[], &["--mode", "controller"]).await;
@@ -1017,9 +1020,43 @@ async fn the_sidecars_match_the_driver_capabilities() {
         has(Rpc::ExpandVolume),
         "csi-resizer belongs in the base exactly when the driver advertises EXPAND_VOLUME"
     );
+    assert_eq!(
+        sidecar("csi-snapshotter"),
+        has(Rpc::CreateDeleteSnapshot),
+        "csi-snapshotter belongs in the base exactly when the driver advertises \
+         CREATE_DELETE_SNAPSHOT"
+    );
     assert!(sidecar("livenessprobe"));
 
     let examples = Manifests::load("deploy/examples");
+    let classes: Vec<&Value> = examples.of_kind("VolumeSnapshotClass").collect();
+    assert_eq!(
+        !classes.is_empty(),
+        has(Rpc::CreateDeleteSnapshot),
+        "a VolumeSnapshotClass example exactly when snapshots are offered"
+    );
+    for class in classes {
+        assert_eq!(class["apiVersion"], "snapshot.storage.k8s.io/v1");
+        assert_eq!(class["driver"], DRIVER);
+        assert_eq!(class["deletionPolicy"], "Delete");
+    }
+    // A restore reads the VolumeSnapshot and its content: the provisioner's role allows it
+    // exactly when the driver can restore.
+    let provisioner = grants(base.get("ClusterRole", "rds-csi-external-provisioner"));
+    for (resource, verb) in [
+        ("volumesnapshots", "get"),
+        ("volumesnapshotcontents", "get"),
+    ] {
+        assert_eq!(
+            provisioner.contains(&(
+                "snapshot.storage.k8s.io".into(),
+                resource.into(),
+                verb.into()
+            )),
+            has(Rpc::CreateDeleteSnapshot),
+            "csi-provisioner: {resource} {verb}"
+        );
+    }
     for class in examples.of_kind("StorageClass") {
         assert_eq!(
             class["allowVolumeExpansion"] == true,
@@ -1048,6 +1085,52 @@ async fn the_sidecars_match_the_driver_capabilities() {
         .expect("a ClusterRoleBinding of rds-csi-external-resizer");
     assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
     assert_eq!(binding["subjects"][0]["name"], CONTROLLER);
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        controller["spec"]["template"]["spec"]["serviceAccountName"]
+    );
+
+    // Likewise the snapshotter, with the rules its documentation lists for snapshots.
+    let snapshotter = container(controller, "csi-snapshotter");
+    assert_eq!(
+        format!("unix://{}", flag(snapshotter, "csi-address")),
+        flag(container(controller, DRIVER_CONTAINER), "endpoint"),
+        "csi-snapshotter talks to the driver's socket"
+    );
+    assert!(
+        flags(snapshotter).contains_key("leader-election"),
+        "one snapshotter acts at a time"
+    );
+    let role = grants(base.get("ClusterRole", "rds-csi-external-snapshotter"));
+    for (group, resource, verbs) in [
+        (
+            "snapshot.storage.k8s.io",
+            "volumesnapshotcontents",
+            &["get", "list", "watch", "update", "patch"][..],
+        ),
+        (
+            "snapshot.storage.k8s.io",
+            "volumesnapshotcontents/status",
+            &["update", "patch"][..],
+        ),
+        (
+            "snapshot.storage.k8s.io",
+            "volumesnapshotclasses",
+            &["get", "list", "watch"][..],
+        ),
+        ("", "events", &["create", "patch"][..]),
+    ] {
+        for verb in verbs {
+            assert!(
+                role.contains(&(group.into(), resource.into(), verb.to_string())),
+                "csi-snapshotter: {resource} {verb}"
+            );
+        }
+    }
+    let binding = base
+        .of_kind("ClusterRoleBinding")
+        .find(|b| b["roleRef"]["name"] == "rds-csi-external-snapshotter")
+        .expect("a ClusterRoleBinding of rds-csi-external-snapshotter");
     assert_eq!(
         binding["subjects"][0]["name"],
         controller["spec"]["template"]["spec"]["serviceAccountName"]

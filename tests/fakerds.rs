@@ -372,6 +372,61 @@ async fn snapshots_copy_size_and_content() {
     assert_eq!(s.rds.disks().len(), 3);
 }
 
+/// A disk's comment is kept, printed as RouterOS prints one (`;;; text` after the flags, the
+/// properties from the next line on), matched by `where`, and read back by the driver's parser.
+#[tokio::test]
+async fn comments_are_kept_printed_and_matched() {
+    let s = setup().await;
+    let ssh = connect(&s.rds, &s.key).await;
+    run(&ssh, &add_volume_cmd(V1, "10G")).await;
+    assert_eq!(
+        run(
+            &ssh,
+            &format!("/disk set [find slot={V1}] comment=source-{SNAP}-at-1739800000")
+        )
+        .await,
+        ""
+    );
+    assert_eq!(
+        s.rds.disk(V1).unwrap().comment,
+        format!("source-{SNAP}-at-1739800000")
+    );
+    let text = run(&ssh, &format!("/disk print detail where slot={V1}")).await;
+    let entry: Vec<&str> = text.lines().skip_while(|l| !l.starts_with(" 0")).collect();
+    assert_eq!(
+        entry[0],
+        format!(" 0  B     t    ;;; source-{SNAP}-at-1739800000")
+    );
+    assert!(
+        entry[1].starts_with("               type=file slot="),
+        "{text}"
+    );
+    let disks = rds_csi::backend::rds::parse::disks(&text).unwrap();
+    assert_eq!(disks.len(), 1);
+    assert_eq!(
+        disks[0].comment.as_deref(),
+        Some(format!("source-{SNAP}-at-1739800000").as_str())
+    );
+    assert_eq!(disks[0].slot, V1);
+    assert!(disks[0].nvme_export);
+    let matched = run(
+        &ssh,
+        &format!("/disk print detail where comment=\"source-{SNAP}-at-1739800000\""),
+    )
+    .await;
+    assert_eq!(matched, text);
+    // Given on /disk add too.
+    run(
+        &ssh,
+        &format!(
+            "/disk add type=file copy-from=[find slot={V1}] \
+             file-path=/storage-pool/metal-csi/{SNAP}.img slot={SNAP} comment=note"
+        ),
+    )
+    .await;
+    assert_eq!(s.rds.disk(SNAP).unwrap().comment, "note");
+}
+
 #[tokio::test]
 async fn errors_are_routeros_texts_with_exit_status_zero() {
     let s = setup().await;

@@ -41,6 +41,7 @@ impl MemBackend {
                 ],
                 parameters: BTreeMap::new(),
                 created_at: SystemTime::UNIX_EPOCH,
+                source: None,
             },
         }
     }

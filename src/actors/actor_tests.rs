@@ -51,6 +51,7 @@ fn create_request(volume: &str) -> CreateRequest {
         limit_bytes: 0,
         capabilities: vec![rwx()],
         parameters: BTreeMap::new(),
+        source: None,
     }
 }
 
@@ -685,6 +686,7 @@ impl StallingBackend {
             capabilities: req.capabilities,
             parameters: req.parameters,
             created_at: std::time::SystemTime::UNIX_EPOCH,
+            source: req.source,
         }
     }
 }

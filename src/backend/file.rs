@@ -19,11 +19,26 @@
 //! be read or that names another volume) is moved with its image to `<root>/quarantine/` and
 //! logged at warn; every other volume is served. Quarantined files are never touched again.
 //!
-//! Never blocks an async thread. File I/O runs on tokio's blocking pool. Changes (create,
-//! delete, expand) take turns on one async lock, held until their I/O is done even if the caller
-//! gave up waiting, so two changes never interleave in the directory. Reads (`get`, `list`,
-//! `publish_context`) copy from an in-memory index that is locked only to read or swap an entry,
-//! never across I/O, so a read never waits for a disk.
+//! Snapshots live in `<root>/snapshots/`: `<snapshot id>.img` (a read-only copy of the volume's
+//! image) and `<snapshot id>.json` (its CSI name, source volume, size and time: what makes
+//! CreateSnapshot idempotent by name across restarts). A snapshot exists exactly when its
+//! metadata does, and is made like a volume: `<id>.img.partial` is copied and synced, renamed
+//! into place, the directory synced, then `<id>.json.partial` renamed over (the commit point),
+//! so a half-made snapshot is never listed, never restorable, and is cleaned up at open (a
+//! retried CreateSnapshot then makes it again). A restore or a clone is a create whose image is
+//! such a copy. Copies are reflinks where the filesystem can make them, else sparse copies
+//! ([`super::copy`]); a sparse copy of an image that is open for writing is refused, as it
+//! would not be one point in time.
+//!
+//! Never blocks an async thread. File I/O runs on tokio's blocking pool. Every change of a
+//! volume or snapshot holds its lock ([`super::locks`]: exclusive to create, grow or delete it,
+//! shared to copy from it), so a snapshot is deleted only after the restores from it, and a
+//! volume is not deleted or grown in the middle of its snapshot. Changes that are quick (create
+//! empty, delete, expand) also take turns on one async lock, held until their I/O is done even
+//! if the caller gave up waiting, so two of them never interleave in the directory; copies do
+//! not, so a long copy holds up only what it copies from and to. Reads (`get`, `list`,
+//! `publish_context`, snapshots alike) copy from in-memory indexes that are locked only to read
+//! or swap an entry, never across I/O, so a read never waits for a disk.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
@@ -34,20 +49,28 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use super::{BackendError, CreateRequest, VolumeBackend, VolumeInfo};
-use crate::ids::VolumeId;
+use super::copy::{copy_image, CopyError};
+use super::locks::{Held, Key, Locks, Mode};
+use super::{
+    BackendError, ContentSource, CreateRequest, SnapshotInfo, SnapshotRequest, VolumeBackend,
+    VolumeInfo,
+};
+use crate::ids::{SnapshotId, VolumeId};
 
 const IMAGE_EXT: &str = "img";
 const META_EXT: &str = "json";
 const PARTIAL_EXT: &str = "partial";
 /// Where open moves what it cannot serve.
 const QUARANTINE_DIR: &str = "quarantine";
+/// Where snapshots live, under the root.
+const SNAPSHOT_DIR: &str = "snapshots";
 
 /// A step of a file operation, named for the action about to happen. Tests stop, fail or stall
 /// an operation just before one through [`Faults`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Step {
-    /// Create: `<id>.img.partial` is written (sized and synced) next.
+    /// Create: `<id>.img.partial` is written (sized, or copied from the source, and synced)
+    /// next.
     CreateWriteImage,
     /// Create: `<id>.json.partial` is written (and synced) next.
     CreateWriteMetadata,
@@ -73,6 +96,24 @@ pub enum Step {
     ExpandRenameMetadata,
     /// Expand: committed; the directory is synced next.
     ExpandSyncMetadata,
+    /// Snapshot: `snapshots/<id>.img.partial` is copied from the volume (and synced) next.
+    SnapshotCopyImage,
+    /// Snapshot: `snapshots/<id>.json.partial` is written (and synced) next.
+    SnapshotWriteMetadata,
+    /// Snapshot: the image is renamed into place next.
+    SnapshotRenameImage,
+    /// Snapshot: the image is in place; the directory is synced next.
+    SnapshotSyncImage,
+    /// Snapshot: the metadata is renamed into place next (the commit point: it is ready).
+    SnapshotRenameMetadata,
+    /// Snapshot: committed; the directory is synced next.
+    SnapshotSyncMetadata,
+    /// Snapshot delete: the metadata is removed next (the commit point).
+    SnapshotDeleteMetadata,
+    /// Snapshot delete: the metadata is gone; the directory is synced next.
+    SnapshotDeleteSync,
+    /// Snapshot delete: the snapshot is durably gone; its image is removed next.
+    SnapshotDeleteImage,
 }
 
 /// What a test makes happen at a [`Step`].
@@ -85,18 +126,18 @@ pub enum Fault {
     Fail(std::io::ErrorKind),
 }
 
-/// The test seam of the file backend: consulted just before each [`Step`], on the thread doing
-/// the operation's I/O. Production uses [`NoFaults`]. A test may also block in `before` to stall
-/// an operation in the middle of its I/O.
+/// The test seam of the file backend: consulted just before each [`Step`] of the volume or
+/// snapshot `id`, on the thread doing the operation's I/O. Production uses [`NoFaults`]. A test
+/// may also block in `before` to stall an operation in the middle of its I/O.
 pub trait Faults: Send + Sync + 'static {
-    fn before(&self, step: Step, volume: &VolumeId) -> Option<Fault>;
+    fn before(&self, step: Step, id: &str) -> Option<Fault>;
 }
 
 /// Every step runs.
 pub struct NoFaults;
 
 impl Faults for NoFaults {
-    fn before(&self, _: Step, _: &VolumeId) -> Option<Fault> {
+    fn before(&self, _: Step, _: &str) -> Option<Fault> {
         None
     }
 }
@@ -127,14 +168,42 @@ pub struct FileBackend {
     /// Whose turn it is to change the directory. Held across the change's I/O, and moved into
     /// the blocking task so it is released only when that I/O is over.
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// One lock per volume and per snapshot.
+    locks: Locks,
 }
 
-/// The root and the index; what the blocking tasks work on.
+/// The root and the indexes; what the blocking tasks work on.
 struct Files {
     root: PathBuf,
     /// The visible volumes. Locked only to copy or swap entries, never across I/O.
     index: RwLock<BTreeMap<VolumeId, VolumeInfo>>,
+    /// The visible snapshots, likewise.
+    snapshots: RwLock<BTreeMap<SnapshotId, SnapshotMeta>>,
     faults: Arc<dyn Faults>,
+}
+
+/// A snapshot's metadata file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SnapshotMeta {
+    id: SnapshotId,
+    /// The CreateSnapshot name it was made for.
+    name: String,
+    source: VolumeId,
+    size_bytes: u64,
+    #[serde(with = "super::humantime_serde_compat")]
+    created_at: SystemTime,
+}
+
+impl SnapshotMeta {
+    fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            id: self.id.clone(),
+            source: Some(self.source.clone()),
+            size_bytes: self.size_bytes,
+            created_at: Some(self.created_at),
+            ready: true,
+        }
+    }
 }
 
 impl FileBackend {
@@ -161,14 +230,17 @@ impl FileBackend {
             root.display()
         )))?;
         let index = load(&root)?;
+        let snapshots = load_snapshots(&root)?;
         let files = Files {
             root,
             index: RwLock::new(index),
+            snapshots: RwLock::new(snapshots),
             faults,
         };
         Ok(Self {
             files: Arc::new(files),
             turn: Arc::default(),
+            locks: Locks::default(),
         })
     }
 
@@ -176,19 +248,41 @@ impl FileBackend {
         &self.files.root
     }
 
-    /// Runs one change to the directory on the blocking pool, after the changes before it.
+    /// Runs one quick change to the directory on the blocking pool, holding `held` and after
+    /// the quick changes before it.
     async fn change<T: Send + 'static>(
         &self,
+        held: Held,
         op: impl FnOnce(&Files) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
         let turn = self.turn.clone().lock_owned().await;
+        self.copying(held, move |files| {
+            let _turn = turn;
+            op(files)
+        })
+        .await
+    }
+
+    /// Runs one change that copies on the blocking pool, holding `held` (the locks of what it
+    /// copies from and to) until its I/O is over, but not the turn of quick changes.
+    async fn copying<T: Send + 'static>(
+        &self,
+        held: Held,
+        op: impl FnOnce(&Files) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
         let files = self.files.clone();
         tokio::task::spawn_blocking(move || {
-            let _turn = turn;
+            let _held = held;
             op(&files)
         })
         .await
         .map_err(|e| BackendError::io("running a file operation")(std::io::Error::other(e)))?
+    }
+
+    async fn lock_volume(&self, id: &VolumeId) -> Held {
+        self.locks
+            .acquire([(Key::Volume(id.clone()), Mode::Exclusive)])
+            .await
     }
 }
 
@@ -210,8 +304,29 @@ impl Files {
         self.read().get(id).cloned()
     }
 
-    fn before(&self, step: Step, volume: &VolumeId) -> Result<(), Stop> {
-        match self.faults.before(step, volume) {
+    fn snapshot_dir(&self) -> PathBuf {
+        self.root.join(SNAPSHOT_DIR)
+    }
+
+    fn snapshot_path(&self, id: &SnapshotId, ext: &str) -> PathBuf {
+        // SnapshotId admits no '/', NUL or leading '.', so this stays inside the directory.
+        self.snapshot_dir().join(format!("{id}.{ext}"))
+    }
+
+    fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotMeta> {
+        self.snapshots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn snapshots_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<SnapshotId, SnapshotMeta>> {
+        self.snapshots.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn before(&self, step: Step, id: &str) -> Result<(), Stop> {
+        match self.faults.before(step, id) {
             None => Ok(()),
             Some(Fault::Crash) => Err(Stop::Crashed(step)),
             Some(Fault::Fail(kind)) => Err(Stop::Failed(BackendError::io(format!(
@@ -226,6 +341,26 @@ impl Files {
             req.check_compatible(&existing)?;
             return Ok(existing);
         }
+        let source = match &req.source {
+            None => None,
+            // The image of what it is made from, and that image's size.
+            Some(ContentSource::Snapshot(s)) => {
+                let meta = self
+                    .snapshot(s)
+                    .ok_or_else(|| BackendError::SnapshotNotFound(s.clone()))?;
+                Some((self.snapshot_path(s, IMAGE_EXT), meta.size_bytes))
+            }
+            Some(ContentSource::Volume(v)) => {
+                let info = self
+                    .get(v)
+                    .ok_or_else(|| BackendError::NotFound(v.clone()))?;
+                Some((self.path(v, IMAGE_EXT), info.capacity_bytes))
+            }
+        };
+        let size = match &source {
+            Some((_, bytes)) => req.size_from(*bytes)?,
+            None => size,
+        };
         if let Some(file) = [IMAGE_EXT, META_EXT]
             .map(|ext| self.path(&req.id, ext))
             .into_iter()
@@ -252,8 +387,26 @@ impl Files {
             capabilities: req.capabilities,
             parameters: req.parameters,
             created_at: SystemTime::now(),
+            source: req.source,
         };
-        if let Err(stop) = self.create_files(&info) {
+        let made = match source {
+            None => self.create_files(&info, |image| {
+                image
+                    .set_len(info.capacity_bytes)
+                    .map_err(|e| BackendError::io("sizing image")(e).into())
+            }),
+            Some((from, bytes)) => {
+                let from = std::fs::File::open(&from)
+                    .map_err(BackendError::io(format!("opening {}", from.display())))?;
+                self.create_files(&info, |image| {
+                    copy(&from, image, bytes, info.source.as_ref())?;
+                    image
+                        .set_len(info.capacity_bytes)
+                        .map_err(|e| BackendError::io("sizing image")(e).into())
+                })
+            }
+        };
+        if let Err(stop) = made {
             if let Stop::Failed(_) = stop {
                 self.undo_create(&info.id);
             }
@@ -285,39 +438,170 @@ impl Files {
         let _ = sync_dir(&self.root);
     }
 
-    fn create_files(&self, info: &VolumeInfo) -> Result<(), Stop> {
+    /// Writes a volume's files; `fill` gives the new image its size and content.
+    fn create_files(
+        &self,
+        info: &VolumeInfo,
+        fill: impl FnOnce(&std::fs::File) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        let id = info.id.as_str();
         let image = self.path(&info.id, IMAGE_EXT);
         let meta = self.path(&info.id, META_EXT);
         let image_partial = self.path(&info.id, &format!("{IMAGE_EXT}.{PARTIAL_EXT}"));
         let meta_partial = self.path(&info.id, &format!("{META_EXT}.{PARTIAL_EXT}"));
-        self.before(Step::CreateWriteImage, &info.id)?;
-        let file =
-            std::fs::File::create(&image_partial).map_err(BackendError::io("creating image"))?;
-        file.set_len(info.capacity_bytes)
-            .map_err(BackendError::io("sizing image"))?;
+        self.before(Step::CreateWriteImage, id)?;
+        let file = new_file(&image_partial).map_err(BackendError::io("creating image"))?;
+        fill(&file)?;
         file.sync_all().map_err(BackendError::io("syncing image"))?;
-        self.before(Step::CreateWriteMetadata, &info.id)?;
+        self.before(Step::CreateWriteMetadata, id)?;
         write_meta(&meta_partial, info)?;
-        self.before(Step::CreateRenameImage, &info.id)?;
+        self.before(Step::CreateRenameImage, id)?;
         std::fs::rename(&image_partial, &image).map_err(BackendError::io("committing image"))?;
-        self.before(Step::CreateSyncImage, &info.id)?;
+        self.before(Step::CreateSyncImage, id)?;
         sync_dir(&self.root)?;
-        self.before(Step::CreateRenameMetadata, &info.id)?;
+        self.before(Step::CreateRenameMetadata, id)?;
         std::fs::rename(&meta_partial, &meta).map_err(BackendError::io("committing metadata"))?;
-        self.before(Step::CreateSyncMetadata, &info.id)?;
+        self.before(Step::CreateSyncMetadata, id)?;
         Ok(sync_dir(&self.root)?)
+    }
+
+    fn create_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, BackendError> {
+        if let Some(meta) = self.snapshot(&req.id) {
+            if meta.name != req.name {
+                return Err(BackendError::AlreadyExists(format!(
+                    "snapshot {} exists for the name {:?}, not {:?}",
+                    req.id, meta.name, req.name
+                )));
+            }
+            if meta.source != req.source {
+                return Err(BackendError::AlreadyExists(format!(
+                    "snapshot {:?} exists, of volume {}, not of {}",
+                    req.name, meta.source, req.source
+                )));
+            }
+            return Ok(meta.info());
+        }
+        if let Some(file) = [IMAGE_EXT, META_EXT]
+            .map(|ext| self.snapshot_path(&req.id, ext))
+            .into_iter()
+            .find(|path| path.exists())
+        {
+            return Err(BackendError::Corrupt(format!(
+                "{} belongs to a snapshot that is not served (see the log of the last start); \
+                 move it away before creating {} again",
+                file.display(),
+                req.id
+            )));
+        }
+        let source = self
+            .get(&req.source)
+            .ok_or_else(|| BackendError::NotFound(req.source.clone()))?;
+        let dir = self.snapshot_dir();
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(BackendError::io("creating snapshots/"))?;
+            sync_dir(&self.root)?;
+        }
+        let meta = SnapshotMeta {
+            id: req.id,
+            name: req.name,
+            source: req.source,
+            size_bytes: source.capacity_bytes,
+            created_at: SystemTime::now(),
+        };
+        if let Err(stop) = self.snapshot_files(&meta) {
+            if let Stop::Failed(_) = stop {
+                self.undo_snapshot(&meta.id);
+            }
+            return Err(stop.into());
+        }
+        self.snapshots_mut().insert(meta.id.clone(), meta.clone());
+        tracing::info!(snapshot_id = %meta.id, volume_id = %meta.source, bytes = meta.size_bytes, "snapshot taken");
+        Ok(meta.info())
+    }
+
+    /// Writes a snapshot's files, the same steps as a volume's.
+    fn snapshot_files(&self, meta: &SnapshotMeta) -> Result<(), Stop> {
+        let id = meta.id.as_str();
+        let dir = self.snapshot_dir();
+        let image = self.snapshot_path(&meta.id, IMAGE_EXT);
+        let json = self.snapshot_path(&meta.id, META_EXT);
+        let image_partial = self.snapshot_path(&meta.id, &format!("{IMAGE_EXT}.{PARTIAL_EXT}"));
+        let json_partial = self.snapshot_path(&meta.id, &format!("{META_EXT}.{PARTIAL_EXT}"));
+        let source = self.path(&meta.source, IMAGE_EXT);
+        let from = std::fs::File::open(&source)
+            .map_err(BackendError::io(format!("opening {}", source.display())))?;
+        self.before(Step::SnapshotCopyImage, id)?;
+        let file = new_file(&image_partial).map_err(BackendError::io("creating snapshot image"))?;
+        let copied = copy(
+            &from,
+            &file,
+            meta.size_bytes,
+            Some(&ContentSource::Volume(meta.source.clone())),
+        )?;
+        tracing::debug!(snapshot_id = %meta.id, method = copied.method.name(), bytes_copied = copied.bytes_copied, "snapshot image copied");
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o444))
+            .map_err(BackendError::io("making the snapshot image read-only"))?;
+        file.sync_all()
+            .map_err(BackendError::io("syncing snapshot image"))?;
+        self.before(Step::SnapshotWriteMetadata, id)?;
+        write_json(&json_partial, meta)?;
+        self.before(Step::SnapshotRenameImage, id)?;
+        std::fs::rename(&image_partial, &image)
+            .map_err(BackendError::io("committing snapshot image"))?;
+        self.before(Step::SnapshotSyncImage, id)?;
+        sync_dir(&dir)?;
+        self.before(Step::SnapshotRenameMetadata, id)?;
+        std::fs::rename(&json_partial, &json)
+            .map_err(BackendError::io("committing snapshot metadata"))?;
+        self.before(Step::SnapshotSyncMetadata, id)?;
+        Ok(sync_dir(&dir)?)
+    }
+
+    /// Removes what a failed snapshot left, metadata first.
+    fn undo_snapshot(&self, id: &SnapshotId) {
+        for ext in [
+            META_EXT.to_string(),
+            format!("{META_EXT}.{PARTIAL_EXT}"),
+            IMAGE_EXT.to_string(),
+            format!("{IMAGE_EXT}.{PARTIAL_EXT}"),
+        ] {
+            let path = self.snapshot_path(id, &ext);
+            if let Err(e) = remove_if_present(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot clean up after a failed snapshot");
+            }
+        }
+        let _ = sync_dir(&self.snapshot_dir());
+    }
+
+    fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError> {
+        if self.snapshot(id).is_none() {
+            return Ok(());
+        }
+        let key = id.as_str();
+        self.before(Step::SnapshotDeleteMetadata, key)?;
+        remove_if_present(&self.snapshot_path(id, META_EXT))
+            .map_err(BackendError::io("removing snapshot metadata"))?;
+        self.before(Step::SnapshotDeleteSync, key)?;
+        sync_dir(&self.snapshot_dir())?;
+        self.before(Step::SnapshotDeleteImage, key)?;
+        remove_if_present(&self.snapshot_path(id, IMAGE_EXT))
+            .map_err(BackendError::io("removing snapshot image"))?;
+        self.snapshots_mut().remove(id);
+        tracing::info!(snapshot_id = %id, "snapshot deleted");
+        Ok(())
     }
 
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
         if self.get(id).is_none() {
             return Ok(());
         }
-        self.before(Step::DeleteRemoveMetadata, id)?;
+        self.before(Step::DeleteRemoveMetadata, id.as_str())?;
         remove_if_present(&self.path(id, META_EXT))
             .map_err(BackendError::io("removing metadata"))?;
-        self.before(Step::DeleteSyncMetadata, id)?;
+        self.before(Step::DeleteSyncMetadata, id.as_str())?;
         sync_dir(&self.root)?;
-        self.before(Step::DeleteRemoveImage, id)?;
+        self.before(Step::DeleteRemoveImage, id.as_str())?;
         remove_if_present(&self.path(id, IMAGE_EXT)).map_err(BackendError::io("removing image"))?;
         self.write().remove(id);
         Ok(())
@@ -336,7 +620,7 @@ impl Files {
         if bytes == info.capacity_bytes {
             return Ok(bytes);
         }
-        self.before(Step::ExpandGrowImage, id)?;
+        self.before(Step::ExpandGrowImage, id.as_str())?;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(self.path(id, IMAGE_EXT))
@@ -347,12 +631,12 @@ impl Files {
         let mut grown = info;
         grown.capacity_bytes = bytes;
         let partial = self.path(id, &format!("{META_EXT}.{PARTIAL_EXT}"));
-        self.before(Step::ExpandWriteMetadata, id)?;
+        self.before(Step::ExpandWriteMetadata, id.as_str())?;
         write_meta(&partial, &grown)?;
-        self.before(Step::ExpandRenameMetadata, id)?;
+        self.before(Step::ExpandRenameMetadata, id.as_str())?;
         std::fs::rename(&partial, self.path(id, META_EXT))
             .map_err(BackendError::io("committing metadata"))?;
-        self.before(Step::ExpandSyncMetadata, id)?;
+        self.before(Step::ExpandSyncMetadata, id.as_str())?;
         sync_dir(&self.root)?;
         self.write().insert(id.clone(), grown);
         Ok(bytes)
@@ -485,14 +769,117 @@ fn read_meta(path: &Path) -> Result<VolumeInfo, BackendError> {
 }
 
 fn write_meta(path: &Path, info: &VolumeInfo) -> Result<(), BackendError> {
+    write_json(path, info)
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), BackendError> {
     use std::io::Write;
     let bytes =
-        serde_json::to_vec_pretty(info).map_err(|e| BackendError::Corrupt(e.to_string()))?;
+        serde_json::to_vec_pretty(value).map_err(|e| BackendError::Corrupt(e.to_string()))?;
     let mut file = std::fs::File::create(path).map_err(BackendError::io("writing metadata"))?;
     file.write_all(&bytes)
         .map_err(BackendError::io("writing metadata"))?;
     file.sync_all()
         .map_err(BackendError::io("syncing metadata"))
+}
+
+/// A new, empty file for an image, opened to read and write (a reflink needs that), replacing
+/// a leftover of an interrupted change.
+fn new_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
+/// Copies the first `len` bytes of the image `from` into `to` ([`copy_image`]); an image in use
+/// that cannot be reflinked is [`BackendError::InUse`], naming what was copied.
+fn copy(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    len: u64,
+    source: Option<&ContentSource>,
+) -> Result<super::copy::Copied, Stop> {
+    copy_image(from, to, len).map_err(|e| {
+        let what = source.map_or_else(|| "the source".to_string(), |s| s.to_string());
+        Stop::Failed(match e {
+            CopyError::Io(e) => BackendError::io(format!("copying {what}"))(e),
+            CopyError::Busy(why) => BackendError::InUse(format!(
+                "cannot copy {what} now: {why}; detach it first, or keep --file-root on a \
+                 filesystem with reflinks (XFS with reflink=1, btrfs)"
+            )),
+        })
+    })
+}
+
+/// Reads `<root>/snapshots/` at open, as [`load`] reads the root: leftovers of interrupted
+/// snapshots are removed, what cannot be served is quarantined, the rest is returned.
+fn load_snapshots(root: &Path) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, BackendError> {
+    let dir = root.join(SNAPSHOT_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => {
+            return Err(BackendError::io(format!("reading {}", dir.display()))(e));
+        }
+    };
+    let (mut metas, mut images) = (Vec::new(), Vec::new());
+    let mut changed = false;
+    for entry in entries {
+        let entry = entry.map_err(BackendError::io("reading snapshots/"))?;
+        let path = entry.path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(PARTIAL_EXT) => {
+                tracing::info!(path = %path.display(), "removing leftover of an interrupted snapshot");
+                changed = true;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove leftover");
+                }
+            }
+            Some(META_EXT) => metas.push(path),
+            Some(IMAGE_EXT) => images.push(path),
+            _ => {}
+        }
+    }
+    let mut index = BTreeMap::new();
+    let mut described = std::collections::HashSet::new();
+    for meta in metas {
+        let stem = stem(&meta);
+        described.insert(stem.clone());
+        let image = dir.join(format!("{stem}.{IMAGE_EXT}"));
+        let read = std::fs::read(&meta)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<SnapshotMeta>(&b).map_err(|e| e.to_string()));
+        let problem = match (SnapshotId::try_from(stem.as_str()), read) {
+            (Err(_), _) => format!("{stem:?} is not a snapshot id"),
+            (_, Err(e)) => format!("its metadata cannot be read: {e}"),
+            (Ok(id), Ok(m)) if m.id != id => format!("its metadata names snapshot {}", m.id),
+            (Ok(_), Ok(_)) if !image.is_file() => {
+                format!("its image {stem}.{IMAGE_EXT} is missing")
+            }
+            (Ok(id), Ok(m)) => {
+                index.insert(id, m);
+                continue;
+            }
+        };
+        changed = true;
+        quarantine(root, &meta, &image, &problem);
+    }
+    for image in images {
+        if !described.contains(&stem(&image)) && image.exists() {
+            tracing::info!(path = %image.display(), "removing snapshot image without metadata (an interrupted snapshot or delete)");
+            changed = true;
+            if let Err(e) = std::fs::remove_file(&image) {
+                tracing::warn!(path = %image.display(), error = %e, "cannot remove snapshot image without metadata");
+            }
+        }
+    }
+    if changed {
+        sync_dir(&dir)?;
+    }
+    Ok(index)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), BackendError> {
@@ -508,12 +895,30 @@ impl VolumeBackend for FileBackend {
     }
 
     async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError> {
-        self.change(move |files| files.create(req)).await
+        let mut locks = vec![(Key::Volume(req.id.clone()), Mode::Exclusive)];
+        match &req.source {
+            None => {
+                let held = self.locks.acquire(locks).await;
+                return self.change(held, move |files| files.create(req)).await;
+            }
+            Some(ContentSource::Snapshot(s)) => {
+                locks.push((Key::Snapshot(s.clone()), Mode::Shared))
+            }
+            Some(ContentSource::Volume(v)) => locks.push((Key::Volume(v.clone()), Mode::Shared)),
+        }
+        if req.source == Some(ContentSource::Volume(req.id.clone())) {
+            // A clone of itself: it either exists (and was not made from itself) or has
+            // nothing to be made from.
+            locks.truncate(1);
+        }
+        let held = self.locks.acquire(locks).await;
+        self.copying(held, move |files| files.create(req)).await
     }
 
     async fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
+        let held = self.lock_volume(id).await;
         let id = id.clone();
-        self.change(move |files| files.delete(&id)).await
+        self.change(held, move |files| files.delete(&id)).await
     }
 
     async fn get(&self, id: &VolumeId) -> Result<Option<VolumeInfo>, BackendError> {
@@ -532,8 +937,10 @@ impl VolumeBackend for FileBackend {
     }
 
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
+        let held = self.lock_volume(id).await;
         let id = id.clone();
-        self.change(move |files| files.expand(&id, bytes)).await
+        self.change(held, move |files| files.expand(&id, bytes))
+            .await
     }
 
     fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String> {
@@ -544,6 +951,47 @@ impl VolumeBackend for FileBackend {
                 self.files.path(&volume.id, IMAGE_EXT).display().to_string(),
             ),
         ])
+    }
+
+    /// A copy of the volume's image in `snapshots/`, made while holding the volume's lock
+    /// shared (it is neither grown nor deleted meanwhile) and the snapshot's exclusively (a
+    /// retry of the same CreateSnapshot waits for this one, then finds it made).
+    async fn create_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, BackendError> {
+        let held = self
+            .locks
+            .acquire([
+                (Key::Snapshot(req.id.clone()), Mode::Exclusive),
+                (Key::Volume(req.source.clone()), Mode::Shared),
+            ])
+            .await;
+        self.copying(held, move |files| files.create_snapshot(req))
+            .await
+    }
+
+    /// Waits for the restores from this snapshot to finish, then deletes it.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError> {
+        let held = self
+            .locks
+            .acquire([(Key::Snapshot(id.clone()), Mode::Exclusive)])
+            .await;
+        let id = id.clone();
+        self.change(held, move |files| files.delete_snapshot(&id))
+            .await
+    }
+
+    async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotInfo>, BackendError> {
+        Ok(self.files.snapshot(id).map(|m| m.info()))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, BackendError> {
+        Ok(self
+            .files
+            .snapshots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(SnapshotMeta::info)
+            .collect())
     }
 }
 
@@ -569,7 +1017,6 @@ pub(crate) mod testing {
     use std::time::Duration;
 
     use super::{Fault, Faults, Step};
-    use crate::ids::VolumeId;
 
     /// Stalls one volume's operation just before `step`, as a disk that stops answering would,
     /// until the test releases it. It blocks the thread doing the I/O, for real.
@@ -602,8 +1049,8 @@ pub(crate) mod testing {
     }
 
     impl Faults for Stall {
-        fn before(&self, step: Step, volume: &VolumeId) -> Option<Fault> {
-            if step == self.step && volume.as_str() == self.volume {
+        fn before(&self, step: Step, volume: &str) -> Option<Fault> {
+            if step == self.step && volume == self.volume {
                 if let Some(entered) = self.entered.lock().unwrap().take() {
                     let _ = entered.send(());
                 }
@@ -634,6 +1081,7 @@ mod tests {
             limit_bytes: 0,
             capabilities: vec![Capability::block(AccessMode::SingleNodeWriter)],
             parameters: BTreeMap::new(),
+            source: None,
         }
     }
 
@@ -701,10 +1149,10 @@ mod tests {
     }
 
     impl Faults for FaultOnce {
-        fn before(&self, step: Step, volume: &VolumeId) -> Option<Fault> {
+        fn before(&self, step: Step, volume: &str) -> Option<Fault> {
             let mut armed = self.0.lock().unwrap();
             match *armed {
-                Some((at, v, fault)) if at == step && v == volume.as_str() => {
+                Some((at, v, fault)) if at == step && v == volume => {
                     *armed = None;
                     Some(fault)
                 }
@@ -718,7 +1166,7 @@ mod tests {
     struct Record(std::sync::Mutex<Vec<Step>>);
 
     impl Faults for Record {
-        fn before(&self, step: Step, _: &VolumeId) -> Option<Fault> {
+        fn before(&self, step: Step, _: &str) -> Option<Fault> {
             self.0.lock().unwrap().push(step);
             None
         }
@@ -792,6 +1240,34 @@ mod tests {
                 ExpandWriteMetadata,
                 ExpandRenameMetadata,
                 ExpandSyncMetadata
+            ]
+        );
+        let snapshot = SnapshotRequest {
+            id: SnapshotId::for_name("s").unwrap(),
+            name: "s".into(),
+            source: id.clone(),
+            parameters: BTreeMap::new(),
+        };
+        backend.create_snapshot(snapshot.clone()).await.unwrap();
+        assert_eq!(
+            taken(),
+            [
+                SnapshotCopyImage,
+                SnapshotWriteMetadata,
+                SnapshotRenameImage,
+                SnapshotSyncImage,
+                SnapshotRenameMetadata,
+                SnapshotSyncMetadata
+            ],
+            "a snapshot's image is durable before its metadata names it"
+        );
+        backend.delete_snapshot(&snapshot.id).await.unwrap();
+        assert_eq!(
+            taken(),
+            [
+                SnapshotDeleteMetadata,
+                SnapshotDeleteSync,
+                SnapshotDeleteImage
             ]
         );
         backend.delete(&id).await.unwrap();
@@ -1190,6 +1666,236 @@ mod tests {
             names(root),
             ["bad.img", "bad.json", "keep.img", "keep.json", "quarantine"]
         );
+    }
+
+    fn snap_req(name: &str, source: &str) -> SnapshotRequest {
+        SnapshotRequest {
+            id: SnapshotId::for_name(name).unwrap(),
+            name: name.to_string(),
+            source: VolumeId::try_from(source).unwrap(),
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    fn snap_id(name: &str) -> &'static str {
+        Box::leak(
+            SnapshotId::for_name(name)
+                .unwrap()
+                .to_string()
+                .into_boxed_str(),
+        )
+    }
+
+    fn write_image(dir: &Path, volume: &str, at: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(format!("{volume}.img")))
+            .unwrap();
+        f.write_all_at(data, at).unwrap();
+    }
+
+    fn read_file(path: &Path, at: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0; len];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, at)
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_step_of_a_snapshot_leaves_none_that_claims_to_be_ready() {
+        use Step::*;
+        let id = snap_id("s");
+        for (step, committed) in [
+            (SnapshotCopyImage, false),
+            (SnapshotWriteMetadata, false),
+            (SnapshotRenameImage, false),
+            (SnapshotSyncImage, false),
+            (SnapshotRenameMetadata, false),
+            (SnapshotSyncMetadata, true),
+        ] {
+            let dir = root_with(false).await;
+            write_image(dir.path(), "v", 4096, b"the snapshot's moment");
+            let faults = FaultOnce::new(step, id, Fault::Crash);
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
+            assert!(
+                backend.create_snapshot(snap_req("s", "v")).await.is_err(),
+                "{step:?}: the crash happened"
+            );
+            drop(backend);
+
+            let reopened = FileBackend::open(dir.path()).unwrap();
+            let listed = reopened.list_snapshots().await.unwrap();
+            let snapshots = dir.path().join(SNAPSHOT_DIR);
+            if committed {
+                assert_eq!(listed.len(), 1, "{step:?}");
+                assert!(listed[0].ready);
+            } else {
+                assert!(listed.is_empty(), "{step:?}: nothing claims to be ready");
+                assert!(
+                    reopened
+                        .get_snapshot(&snap_req("s", "v").id)
+                        .await
+                        .unwrap()
+                        .is_none(),
+                    "{step:?}"
+                );
+                assert_eq!(names(&snapshots), Vec::<String>::new(), "{step:?}: cleaned");
+            }
+            // The CO retries CreateSnapshot: it completes, with the data of the moment.
+            write_image(dir.path(), "v", 8192, b"later");
+            let made = reopened.create_snapshot(snap_req("s", "v")).await.unwrap();
+            assert!(made.ready && made.size_bytes == 1 << 20, "{step:?}");
+            assert_eq!(
+                names(&snapshots),
+                [format!("{id}.img"), format!("{id}.json")],
+                "{step:?}"
+            );
+            let image = snapshots.join(format!("{id}.img"));
+            assert_eq!(read_file(&image, 4096, 21), b"the snapshot's moment");
+            let expect_later = !committed;
+            assert_eq!(
+                read_file(&image, 8192, 5) == b"later",
+                expect_later,
+                "{step:?}: a committed snapshot keeps its moment; a retried one takes a new one"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_fails_at_any_step_leaves_nothing_and_can_be_retried() {
+        use Step::*;
+        let id = snap_id("s");
+        for step in [
+            SnapshotCopyImage,
+            SnapshotWriteMetadata,
+            SnapshotRenameImage,
+            SnapshotSyncImage,
+            SnapshotRenameMetadata,
+            SnapshotSyncMetadata,
+        ] {
+            let dir = root_with(false).await;
+            let faults = FaultOnce::new(step, id, FAIL);
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
+            let err = backend
+                .create_snapshot(snap_req("s", "v"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, BackendError::Io { .. }), "{step:?}: {err}");
+            assert!(
+                backend.list_snapshots().await.unwrap().is_empty(),
+                "{step:?}"
+            );
+            assert!(names(&dir.path().join(SNAPSHOT_DIR)).is_empty(), "{step:?}");
+            backend.create_snapshot(snap_req("s", "v")).await.unwrap();
+            drop(backend);
+            let reopened = FileBackend::open(dir.path()).unwrap();
+            assert_eq!(
+                reopened.list_snapshots().await.unwrap().len(),
+                1,
+                "{step:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_step_of_a_snapshot_delete_leaves_it_whole_or_gone() {
+        use Step::*;
+        let id = snap_id("s");
+        for (step, gone) in [
+            (SnapshotDeleteMetadata, false),
+            (SnapshotDeleteSync, true),
+            (SnapshotDeleteImage, true),
+        ] {
+            let dir = root_with(false).await;
+            FileBackend::open(dir.path())
+                .unwrap()
+                .create_snapshot(snap_req("s", "v"))
+                .await
+                .unwrap();
+            let faults = FaultOnce::new(step, id, Fault::Crash);
+            let backend = FileBackend::open_with_faults(dir.path(), faults).unwrap();
+            let sid = snap_req("s", "v").id;
+            assert!(backend.delete_snapshot(&sid).await.is_err(), "{step:?}");
+            drop(backend);
+            let reopened = FileBackend::open(dir.path()).unwrap();
+            assert_eq!(
+                reopened.list_snapshots().await.unwrap().is_empty(),
+                gone,
+                "{step:?}"
+            );
+            reopened.delete_snapshot(&sid).await.unwrap();
+            assert!(names(&dir.path().join(SNAPSHOT_DIR)).is_empty(), "{step:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn deleting_a_snapshot_waits_for_a_restore_from_it() {
+        let dir = root_with(false).await;
+        write_image(dir.path(), "v", 0, b"restored data");
+        FileBackend::open(dir.path())
+            .unwrap()
+            .create_snapshot(snap_req("s", "v"))
+            .await
+            .unwrap();
+        let (stall, release, stalled) = testing::Stall::new(Step::CreateWriteImage, "r");
+        let backend = Arc::new(FileBackend::open_with_faults(dir.path(), Arc::new(stall)).unwrap());
+        let sid = snap_req("s", "v").id;
+        let restore = tokio::spawn({
+            let backend = backend.clone();
+            let mut r = req("r", 2 << 20);
+            r.source = Some(ContentSource::Snapshot(sid.clone()));
+            async move { backend.create(r).await }
+        });
+        stalled.await.unwrap();
+        let delete = tokio::spawn({
+            let backend = backend.clone();
+            let sid = sid.clone();
+            async move { backend.delete_snapshot(&sid).await }
+        });
+        // Other work goes on meanwhile.
+        backend.create(req("other", 1 << 20)).await.unwrap();
+        assert!(backend.get_snapshot(&sid).await.unwrap().is_some());
+        assert!(!delete.is_finished(), "the delete waits for the restore");
+        release.send(()).unwrap();
+        let restored = restore.await.unwrap().unwrap();
+        assert_eq!(restored.capacity_bytes, 2 << 20);
+        delete.await.unwrap().unwrap();
+        assert!(backend.get_snapshot(&sid).await.unwrap().is_none());
+        assert_eq!(
+            read_file(&dir.path().join("r.img"), 0, 13),
+            b"restored data"
+        );
+    }
+
+    #[tokio::test]
+    async fn open_quarantines_snapshots_it_cannot_serve() {
+        let dir = root_with(false).await;
+        let backend = FileBackend::open(dir.path()).unwrap();
+        backend
+            .create_snapshot(snap_req("good", "v"))
+            .await
+            .unwrap();
+        backend
+            .create_snapshot(snap_req("lost", "v"))
+            .await
+            .unwrap();
+        drop(backend);
+        let snapshots = dir.path().join(SNAPSHOT_DIR);
+        std::fs::remove_file(snapshots.join(format!("{}.img", snap_id("lost")))).unwrap();
+        std::fs::write(snapshots.join("snap-x.img"), b"").unwrap();
+        let backend = FileBackend::open(dir.path()).unwrap();
+        let listed = backend.list_snapshots().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id.as_str(), snap_id("good"));
+        assert_eq!(
+            names(&dir.path().join(QUARANTINE_DIR)),
+            [format!("{}.json", snap_id("lost"))]
+        );
+        assert_eq!(names(&snapshots).len(), 2, "the orphan image is removed");
     }
 
     #[tokio::test]

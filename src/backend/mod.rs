@@ -1,8 +1,12 @@
 //! Where volumes live. The [`VolumeBackend`] trait is everything the controller needs from
-//! storage; [`file`] is the embedded default (sparse files on local disk), and the RDS backend
-//! will implement the same trait. Backends know nothing about attachments.
+//! storage: volumes, their snapshots, and volumes made from either; [`file`] is the embedded
+//! default (sparse files on local disk), [`rds`] the ROSE Data Server. Backends know nothing
+//! about attachments. [`copy`] is how the file backend copies an image, [`locks`] how a
+//! backend keeps a copy and a delete of the same volume or snapshot apart.
 
+pub mod copy;
 pub mod file;
+pub mod locks;
 pub mod rds;
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,7 +15,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use crate::domain::Capability;
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
 
 /// Size given to a volume whose request names no capacity.
 pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
@@ -29,6 +33,55 @@ pub struct VolumeInfo {
     pub parameters: BTreeMap<String, String>,
     #[serde(with = "humantime_serde_compat")]
     pub created_at: SystemTime,
+    /// What it was made from (CreateVolume's `volume_content_source`); `None`: made empty, or
+    /// not recorded (metadata older than the field; an RDS disk made by the Go driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ContentSource>,
+}
+
+/// Where a new volume's content comes from: a snapshot (a restore) or a volume (a clone).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentSource {
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
+}
+
+impl std::fmt::Display for ContentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Snapshot(s) => write!(f, "snapshot {s}"),
+            Self::Volume(v) => write!(f, "volume {v}"),
+        }
+    }
+}
+
+/// A snapshot: a point-in-time, read-only copy of a volume, independent of it (deleting the
+/// volume keeps its snapshots).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    /// The volume it was taken of; `None` when the storage never recorded it (an RDS snapshot
+    /// made by the Go driver). It may have been deleted since.
+    pub source: Option<VolumeId>,
+    /// The source's size when the snapshot was taken; a restore is at least this large.
+    pub size_bytes: u64,
+    /// When it was taken, if recorded.
+    pub created_at: Option<SystemTime>,
+    /// Whether it can be restored from. Backends only show snapshots that are complete, so
+    /// this is true for every snapshot they list; a half-made one is never shown at all.
+    pub ready: bool,
+}
+
+/// A validated CreateSnapshot.
+#[derive(Clone, Debug)]
+pub struct SnapshotRequest {
+    /// Derived from `name` ([`VolumeBackend::snapshot_id_for`]).
+    pub id: SnapshotId,
+    pub name: String,
+    pub source: VolumeId,
+    /// The VolumeSnapshotClass parameters.
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// A validated CreateVolume. `limit_bytes == 0` means no limit.
@@ -41,6 +94,8 @@ pub struct CreateRequest {
     pub limit_bytes: u64,
     pub capabilities: Vec<Capability>,
     pub parameters: BTreeMap<String, String>,
+    /// Restore from a snapshot or clone a volume; `None`: an empty volume.
+    pub source: Option<ContentSource>,
 }
 
 impl CreateRequest {
@@ -57,6 +112,33 @@ impl CreateRequest {
             (0, limit) => DEFAULT_VOLUME_BYTES.min(limit),
             (required, _) => required,
         })
+    }
+
+    /// The size of a volume made from a source of `source_bytes`: the required size, or the
+    /// source's when none is asked for. Never smaller than the source (CSI: OUT_OF_RANGE "when
+    /// trying to create a volume smaller than the source snapshot"), so a required size below
+    /// the source's, or a limit below it, is `OutOfRange`.
+    pub fn size_from(&self, source_bytes: u64) -> Result<u64, BackendError> {
+        self.size()?;
+        let source = self
+            .source
+            .as_ref()
+            .map_or_else(String::new, |s| s.to_string());
+        if self.required_bytes != 0 && self.required_bytes < source_bytes {
+            return Err(BackendError::OutOfRange(format!(
+                "capacity_range.required_bytes ({}) is smaller than {source} ({source_bytes} \
+                 bytes): a volume is never smaller than its source",
+                self.required_bytes
+            )));
+        }
+        if self.limit_bytes != 0 && self.limit_bytes < source_bytes {
+            return Err(BackendError::OutOfRange(format!(
+                "capacity_range.limit_bytes ({}) is smaller than {source} ({source_bytes} \
+                 bytes): a volume is never smaller than its source",
+                self.limit_bytes
+            )));
+        }
+        Ok(self.required_bytes.max(source_bytes))
     }
 
     /// Whether an existing volume satisfies this request (CreateVolume idempotency): the same
@@ -94,6 +176,18 @@ impl CreateRequest {
                 }
             )));
         }
+        if existing.source != self.source {
+            let show = |s: &Option<ContentSource>| {
+                s.as_ref()
+                    .map_or_else(|| "no content source".to_string(), |s| s.to_string())
+            };
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists, made from {}, not from {}",
+                self.id,
+                show(&existing.source),
+                show(&self.source)
+            )));
+        }
         let mut wanted = self.capabilities.clone();
         let mut have = existing.capabilities.clone();
         wanted.sort();
@@ -118,6 +212,12 @@ pub enum BackendError {
     OutOfRange(String),
     #[error("volume {0} does not exist")]
     NotFound(VolumeId),
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(SnapshotId),
+    /// The operation needs something that is not so now (a volume written while it would be
+    /// copied); it may work later.
+    #[error("{0}")]
+    InUse(String),
     #[error("backend storage is corrupt: {0}")]
     Corrupt(String),
     #[error("backend I/O error while {action}: {source}")]
@@ -155,7 +255,8 @@ impl BackendError {
         match self {
             Self::AlreadyExists(_) => "already_exists",
             Self::OutOfRange(_) => "out_of_range",
-            Self::NotFound(_) => "not_found",
+            Self::NotFound(_) | Self::SnapshotNotFound(_) => "not_found",
+            Self::InUse(_) => "in_use",
             Self::Corrupt(_) => "backend_corrupt",
             Self::Io { .. } => "backend_io",
             Self::InvalidArgument { .. } => "invalid_argument",
@@ -186,11 +287,20 @@ pub trait VolumeBackend: Send + Sync + 'static {
     fn volume_id_for(&self, name: &str) -> Result<VolumeId, crate::Error> {
         VolumeId::for_name(name)
     }
+    /// The snapshot id of a CreateSnapshot `name`: by default [`SnapshotId::for_name`], the Go
+    /// driver's `snap-<uuid5>-at-<hex>`. The same name always gives the same id, which keeps
+    /// CreateSnapshot idempotent across restarts.
+    fn snapshot_id_for(&self, name: &str) -> Result<SnapshotId, crate::Error> {
+        SnapshotId::for_name(name)
+    }
     /// Whether the storage can be reached now; Probe and `/readyz` follow it.
     fn ready(&self) -> bool {
         true
     }
-    /// Creates the volume, or returns the existing one when compatible (else `AlreadyExists`).
+    /// Creates the volume, or returns the existing one when compatible (else `AlreadyExists`),
+    /// made from `req.source` when set: its content is the source's (a snapshot's, or a
+    /// volume's now), its size at least the source's. A missing source is `NotFound` /
+    /// `SnapshotNotFound`.
     async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError>;
     /// Deletes the volume; a missing volume is success.
     async fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;
@@ -206,6 +316,29 @@ pub trait VolumeBackend: Send + Sync + 'static {
     /// A function of the volume's identity only, never of its size: a volume actor keeps it from
     /// its first publish until the volume is deleted (through that actor).
     fn publish_context(&self, volume: &VolumeInfo) -> HashMap<String, String>;
+
+    /// Takes a snapshot of `req.source` (CSI CreateSnapshot), returning it once it is complete
+    /// and durable. Idempotent by name: the same name and source give the existing snapshot;
+    /// the same name with another source is `AlreadyExists`. A missing source is `NotFound`.
+    /// By default a backend keeps no snapshots.
+    async fn create_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, BackendError> {
+        Err(BackendError::Rejected(format!(
+            "the {} backend keeps no snapshots (asked for {})",
+            self.kind(),
+            req.id
+        )))
+    }
+    /// Deletes a snapshot; a missing one is success. Waits for restores from it to finish.
+    async fn delete_snapshot(&self, _id: &SnapshotId) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn get_snapshot(&self, _id: &SnapshotId) -> Result<Option<SnapshotInfo>, BackendError> {
+        Ok(None)
+    }
+    /// Every snapshot, sorted by id.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Serializes `SystemTime` as RFC 3339 text so metadata files stay readable.

@@ -1,9 +1,10 @@
 //! CSI Controller service. Each handler validates its request into a typed message, sends it to
-//! the volume's actor (attachments, delete) or the backend (create, list, capacity), and maps the
-//! answer. The role decides what is served: until it is first decided (boot seeding, or the
-//! Lease not seen yet) every RPC answers UNAVAILABLE; ControllerPublish/Unpublish are served only
-//! by the active controller, and answered only within the term they were admitted in; a standby
-//! answers DeleteVolume from a live list of VolumeAttachments and everything else as usual.
+//! the volume's actor (attachments, delete) or the backend (create, list, capacity, snapshots),
+//! and maps the answer. The role decides what is served: until it is first decided (boot
+//! seeding, or the Lease not seen yet) every RPC answers UNAVAILABLE; ControllerPublish/Unpublish
+//! are served only by the active controller, and answered only within the term they were
+//! admitted in; a standby answers DeleteVolume from a live list of VolumeAttachments and
+//! everything else as usual.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,18 +17,20 @@ use super::{capability, to_proto};
 use crate::actors::messages::{Delete, Publish, Unpublish};
 use crate::actors::state::PublishRequest;
 use crate::actors::Router;
-use crate::backend::{CreateRequest, VolumeBackend};
+use crate::backend::{ContentSource, CreateRequest, SnapshotInfo, SnapshotRequest, VolumeBackend};
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::domain::{migration_timeout, Capability, MIGRATION_TIMEOUT_KEY};
-use crate::ids::{NodeIdRules, VolumeId};
+use crate::ids::{NodeIdRules, SnapshotId, VolumeId};
 use crate::kube::PublishedNodes;
 use crate::metrics::Metrics;
 use crate::role::{DeletePath, Role};
 use crate::Error;
 
 const TOKEN_PREFIX: &str = "v1:";
+/// ListSnapshots tokens: the id of the first snapshot of the next page.
+const SNAPSHOT_TOKEN_PREFIX: &str = "s1:";
 
 pub struct ControllerService {
     pub router: Router,
@@ -133,12 +136,28 @@ impl TryFrom<CreateVolumeRequest> for CreateRequest {
             .iter()
             .map(|c| capability(Some(c), "volume_capabilities"))
             .collect::<Result<Vec<Capability>, Error>>()?;
-        if req.volume_content_source.is_some() {
-            return Err(Error::InvalidArgument {
-                field: "volume_content_source",
-                reason: "is not supported: this driver cannot clone or restore volumes".into(),
-            });
-        }
+        use crate::csi::volume_content_source::Type;
+        let source = match req.volume_content_source {
+            None => None,
+            Some(VolumeContentSource { r#type: None }) => {
+                return Err(Error::InvalidArgument {
+                    field: "volume_content_source",
+                    reason: "names neither a snapshot nor a volume".into(),
+                })
+            }
+            Some(VolumeContentSource {
+                r#type: Some(Type::Snapshot(s)),
+            }) => Some(ContentSource::Snapshot(SnapshotId::parse_field(
+                &s.snapshot_id,
+                "volume_content_source.snapshot.snapshot_id",
+            )?)),
+            Some(VolumeContentSource {
+                r#type: Some(Type::Volume(v)),
+            }) => Some(ContentSource::Volume(VolumeId::parse_field(
+                &v.volume_id,
+                "volume_content_source.volume.volume_id",
+            )?)),
+        };
         let (required_bytes, limit_bytes) = capacity_range(req.capacity_range)?;
         Ok(CreateRequest {
             id,
@@ -147,8 +166,66 @@ impl TryFrom<CreateVolumeRequest> for CreateRequest {
             limit_bytes,
             capabilities,
             parameters: req.parameters.into_iter().collect::<BTreeMap<_, _>>(),
+            source,
         })
     }
+}
+
+/// The CSI form of a volume's content source.
+fn content_source(source: &Option<ContentSource>) -> Option<VolumeContentSource> {
+    use crate::csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    source.as_ref().map(|s| VolumeContentSource {
+        r#type: Some(match s {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.to_string(),
+            }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.to_string(),
+            }),
+        }),
+    })
+}
+
+impl TryFrom<CreateSnapshotRequest> for SnapshotRequest {
+    type Error = Error;
+
+    fn try_from(req: CreateSnapshotRequest) -> Result<Self, Error> {
+        let id = SnapshotId::for_name(&req.name)?;
+        let source = VolumeId::parse_field(&req.source_volume_id, "source_volume_id")?;
+        Ok(SnapshotRequest {
+            id,
+            name: req.name,
+            source,
+            parameters: req.parameters.into_iter().collect(),
+        })
+    }
+}
+
+/// The CSI form of a snapshot.
+fn snapshot(info: SnapshotInfo) -> Snapshot {
+    Snapshot {
+        size_bytes: i64::try_from(info.size_bytes).unwrap_or(i64::MAX),
+        snapshot_id: info.id.to_string(),
+        source_volume_id: info.source.map(|v| v.to_string()).unwrap_or_default(),
+        creation_time: info.created_at.map(prost_types::Timestamp::from),
+        ready_to_use: info.ready,
+        group_snapshot_id: String::new(),
+    }
+}
+
+fn parse_snapshot_token(token: &str) -> Result<Option<SnapshotId>, Error> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(SNAPSHOT_TOKEN_PREFIX)
+        .and_then(|id| SnapshotId::try_from(id).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::Aborted(format!(
+                "starting_token {token:?} was not issued by this driver"
+            ))
+        })
 }
 
 /// `(required_bytes, limit_bytes)` of an optional CapacityRange; negative values are invalid.
@@ -296,7 +373,7 @@ impl Controller for ControllerService {
                     volume_id: info.id.to_string(),
                     // What exists, which on a repeat is what the first call stored.
                     volume_context: info.parameters.into_iter().collect(),
-                    content_source: None,
+                    content_source: content_source(&info.source),
                     accessible_topology: Vec::new(),
                 }),
             })
@@ -447,7 +524,7 @@ impl Controller for ControllerService {
                     capacity_bytes: v.capacity_bytes as i64,
                     volume_id: v.id.to_string(),
                     volume_context: v.parameters.clone().into_iter().collect(),
-                    content_source: None,
+                    content_source: content_source(&v.source),
                     accessible_topology: Vec::new(),
                 }),
                 status: None,
@@ -490,27 +567,110 @@ impl Controller for ControllerService {
                 PublishReadonly,
                 SingleNodeMultiWriter,
                 ExpandVolume,
+                CreateDeleteSnapshot,
+                ListSnapshots,
+                CloneVolume,
             ]),
         }))
     }
 
+    /// CSI §4.3 CreateSnapshot: answers once the snapshot is complete (`ready_to_use`).
+    /// Idempotent by name: the id is derived from the name, so a retry (after a restart too)
+    /// finds the same snapshot; the same name with another source is ALREADY_EXISTS. A missing
+    /// source is NOT_FOUND.
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        self.ready()?;
+        let op = self.operation("create_snapshot");
+        let span = rpc_span("CreateSnapshot", &req.get_ref().source_volume_id, "");
+        let result = async {
+            let mut create = SnapshotRequest::try_from(req.into_inner())?;
+            create.id = self.backend.snapshot_id_for(&create.name)?;
+            let info = self.backend.create_snapshot(create).await?;
+            Ok(CreateSnapshotResponse {
+                snapshot: Some(snapshot(info)),
+            })
+        }
+        .instrument(span)
+        .await;
+        op.finish(result)
     }
+
+    /// CSI §4.3 DeleteSnapshot: idempotent (an id that does not exist is OK); waits for
+    /// restores from the snapshot to finish. Volumes made from it are independent copies.
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        self.ready()?;
+        let op = self.operation("delete_snapshot");
+        let span = rpc_span("DeleteSnapshot", &req.get_ref().snapshot_id, "");
+        let result = async {
+            let id = SnapshotId::try_from(req.get_ref().snapshot_id.as_str())?;
+            self.backend.delete_snapshot(&id).await?;
+            Ok(DeleteSnapshotResponse {})
+        }
+        .instrument(span)
+        .await;
+        op.finish(result)
     }
+
+    /// CSI §4.3 ListSnapshots: by snapshot id, by source volume, or all, in id order, paged;
+    /// an id or source that does not exist lists nothing; a token this driver did not issue is
+    /// ABORTED.
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        self.ready()?;
+        let req = req.into_inner();
+        let max = usize::try_from(req.max_entries).map_err(|_| Error::InvalidArgument {
+            field: "max_entries",
+            reason: "must not be negative".into(),
+        })?;
+        let start = parse_snapshot_token(&req.starting_token)?;
+        let mut all = if req.snapshot_id.is_empty() {
+            self.backend.list_snapshots().await.map_err(Error::from)?
+        } else {
+            match SnapshotId::try_from(req.snapshot_id.as_str()) {
+                Ok(id) => self
+                    .backend
+                    .get_snapshot(&id)
+                    .await
+                    .map_err(Error::from)?
+                    .into_iter()
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        if !req.source_volume_id.is_empty() {
+            all.retain(|s| {
+                s.source
+                    .as_ref()
+                    .is_some_and(|v| v.as_str() == req.source_volume_id)
+            });
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        let from = start.map_or(0, |id| all.partition_point(|s| s.id < id));
+        let take = if max == 0 { usize::MAX } else { max };
+        let next_token = all
+            .get(from.saturating_add(take))
+            .map(|s| format!("{SNAPSHOT_TOKEN_PREFIX}{}", s.id))
+            .unwrap_or_default();
+        let entries = all
+            .into_iter()
+            .skip(from)
+            .take(take)
+            .map(|s| list_snapshots_response::Entry {
+                snapshot: Some(snapshot(s)),
+            })
+            .collect();
+        Ok(Response::new(ListSnapshotsResponse {
+            entries,
+            next_token,
+        }))
     }
     async fn get_snapshot(
         &self,

@@ -24,7 +24,8 @@ impl From<Error> for Status {
             Error::Backend(b) => match b {
                 BackendError::AlreadyExists(_) => Code::AlreadyExists,
                 BackendError::OutOfRange(_) => Code::OutOfRange,
-                BackendError::NotFound(_) => Code::NotFound,
+                BackendError::NotFound(_) | BackendError::SnapshotNotFound(_) => Code::NotFound,
+                BackendError::InUse(_) => Code::FailedPrecondition,
                 BackendError::Corrupt(_) | BackendError::Io { .. } | BackendError::Rejected(_) => {
                     Code::Internal
                 }

@@ -261,13 +261,16 @@ async fn validate_capacity_capabilities_identity_and_node() {
         Rpc::GetCapacity,
         Rpc::PublishReadonly,
         Rpc::ExpandVolume,
+        Rpc::CreateDeleteSnapshot,
+        Rpc::ListSnapshots,
+        Rpc::CloneVolume,
     ] {
         assert!(caps.contains(&(want as i32)), "{want:?} advertised");
     }
     for not in [
-        Rpc::CreateDeleteSnapshot,
-        Rpc::CloneVolume,
         Rpc::ListVolumesPublishedNodes,
+        Rpc::GetVolume,
+        Rpc::ModifyVolume,
     ] {
         assert!(
             !caps.contains(&(not as i32)),

@@ -15,13 +15,13 @@ const GIB: i64 = 1 << 30;
 const GO_VOLUME: &str = "pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8";
 
 /// The fake RDS and the driver (controller only) pointed at it.
-struct Rds {
-    fake: FakeRds,
-    d: Driver,
+pub(crate) struct Rds {
+    pub(crate) fake: FakeRds,
+    pub(crate) d: Driver,
 }
 
 impl Rds {
-    async fn start(extra: &[&str]) -> Rds {
+    pub(crate) async fn start(extra: &[&str]) -> Rds {
         let keys = tempfile::tempdir().unwrap();
         let (key, public) = client_keypair(keys.path());
         let fake = FakeRds::start(FakeRdsConfig::new(public)).await;
@@ -32,7 +32,12 @@ impl Rds {
         Rds { fake, d }
     }
 
-    async fn driver(fake: &FakeRds, key: &Path, host_key: &Path, extra: &[&str]) -> Driver {
+    pub(crate) async fn driver(
+        fake: &FakeRds,
+        key: &Path,
+        host_key: &Path,
+        extra: &[&str],
+    ) -> Driver {
         let address = fake.address().to_string();
         let mut args: Vec<String> = [
             "--mode",
@@ -121,11 +126,11 @@ impl Rds {
             .into_inner()
     }
 
-    async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         self.d.wait_ready().await;
     }
 
-    fn commands(&self) -> Vec<String> {
+    pub(crate) fn commands(&self) -> Vec<String> {
         self.fake
             .commands()
             .into_iter()

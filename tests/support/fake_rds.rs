@@ -21,6 +21,7 @@
 //! | `/disk add type=file copy-from=[find slot=Y] file-path=P slot=X [file-size=S]` | copy of `Y`'s file (size and content); `S` may not be smaller |
 //! | `/disk print detail [where ...]` | the pool partition and the file disks |
 //! | `/disk set [find slot=X] file-size=S` | grows the backing file (shrinking is refused) |
+//! | `/disk set [find slot=X] comment=C` | sets the disk's comment (`comment=C` on `/disk add` too) |
 //! | `/disk remove [find slot=X]` | removes the disk, **not** its file |
 //! | `/file print detail [where ...]` | the mount point, directories and files |
 //! | `/file remove [find name="P"]` | removes a file (not while a disk uses it) and frees its space |
@@ -77,6 +78,9 @@
 //! Byte counts are grouped in threes by spaces (`size=53 687 091 200`); human sizes have one
 //! decimal in the largest binary unit holding at least 2 of it (`50.0GiB`, `1024.0MiB`).
 //! A `where` that matches nothing prints only the legend for `/disk` and nothing for `/file`.
+//! A disk with a comment prints it as RouterOS does, right after the flag columns of the entry's
+//! first line (`;;; text`), its properties starting on the next line; `where comment=...`
+//! matches it.
 
 #![allow(dead_code)]
 
@@ -181,6 +185,8 @@ pub struct Disk {
     pub nvme_tcp_export: bool,
     pub nvme_tcp_server_port: u16,
     pub nvme_tcp_server_nqn: String,
+    /// The disk's `comment` (empty: none).
+    pub comment: String,
 }
 
 impl Disk {
@@ -195,6 +201,7 @@ impl Disk {
             nvme_tcp_export: true,
             nvme_tcp_server_port: GO_NVME_PORT,
             nvme_tcp_server_nqn: format!("{GO_NQN_PREFIX}:{}", slot.to_lowercase()),
+            comment: String::new(),
         }
     }
 
@@ -207,6 +214,7 @@ impl Disk {
             nvme_tcp_export: false,
             nvme_tcp_server_port: 0,
             nvme_tcp_server_nqn: String::new(),
+            comment: String::new(),
         }
     }
 }
@@ -268,6 +276,7 @@ struct DiskEntry {
     export: bool,
     port: u16,
     nqn: String,
+    comment: String,
 }
 
 #[derive(Debug)]
@@ -329,6 +338,7 @@ impl Model {
             nvme_tcp_export: d.export,
             nvme_tcp_server_port: d.port,
             nvme_tcp_server_nqn: d.nqn.clone(),
+            comment: d.comment.clone(),
         }
     }
 
@@ -401,6 +411,7 @@ impl Model {
             export: disk.nvme_tcp_export,
             port: disk.nvme_tcp_server_port,
             nqn: disk.nvme_tcp_server_nqn.clone(),
+            comment: disk.comment.clone(),
         });
         Ok(())
     }
@@ -1126,7 +1137,16 @@ fn disk_rows(model: &Model, only: Option<&str>) -> Vec<DiskRow> {
         if d.export {
             flags[7] = 't';
         }
-        let mut props = vec![
+        let mut props = vec![];
+        if !d.comment.is_empty() {
+            // Not a key=value token: print_rows puts it on the entry's first line.
+            props.push(Prop {
+                key: "comment",
+                raw: d.comment.clone(),
+                token: format!(";;; {}", d.comment),
+            });
+        }
+        props.extend([
             prop("type", "file"),
             qprop("slot", d.slot.clone()),
             qprop("slot-default", ""),
@@ -1140,7 +1160,7 @@ fn disk_rows(model: &Model, only: Option<&str>) -> Vec<DiskRow> {
             prop("sector-size", "512"),
             prop("raid-master", "none"),
             prop("nvme-tcp-export", yes_no(d.export)),
-        ];
+        ]);
         if d.export {
             props.push(prop("nvme-tcp-server-port", d.port.to_string()));
             props.push(qprop("nvme-tcp-server-nqn", d.nqn.clone()));
@@ -1224,8 +1244,24 @@ fn print_rows(
     let width = index_width(selected.len());
     let mut out = crlf(legend);
     for (i, (_, flags, props)) in selected.iter().enumerate() {
-        let tokens: Vec<String> = props.iter().map(|p| p.token.clone()).collect();
-        out.push_str(&crlf(&entry_lines(i, width, flags, &tokens)));
+        let tokens: Vec<String> = props
+            .iter()
+            .filter(|p| p.key != "comment")
+            .map(|p| p.token.clone())
+            .collect();
+        let mut lines = entry_lines(i, width, flags, &tokens);
+        if let Some(comment) = props.iter().find(|p| p.key == "comment") {
+            // `;;; text` after the flag columns; the properties start on the next line.
+            let first = format!("{i:>width$} {flags}  ");
+            let indent = " ".repeat(first.len());
+            for line in &mut lines {
+                if let Some(rest) = line.strip_prefix(&first) {
+                    *line = format!("{indent}{rest}");
+                }
+            }
+            lines.insert(0, format!("{first}{}", comment.token));
+        }
+        out.push_str(&crlf(&lines));
         out.push_str("\r\n");
     }
     Ok(out)
@@ -1488,12 +1524,14 @@ fn disk_add(model: &mut Model, items: &[Item], now: &str) -> Result<String, CliE
         }
         model.create_file(&name, file_size, content, now);
     }
+    let comment = text(&args, "comment")?.unwrap_or_default().to_string();
     model.disks.push(DiskEntry {
         slot,
         file_path: format!("/{name}"),
         export,
         port,
         nqn,
+        comment,
     });
     Ok(String::new())
 }
@@ -1523,6 +1561,7 @@ fn disk_set(model: &mut Model, items: &[Item], now: &str) -> Result<String, CliE
         .transpose()?;
     let port = port(&args)?;
     let nqn = text(&args, "nvme-tcp-server-nqn")?.map(str::to_string);
+    let comment = text(&args, "comment")?.map(str::to_string);
     let found = find_disks(model, &conds)?;
     if found.is_empty() {
         return Err(failure("no such item"));
@@ -1563,6 +1602,9 @@ fn disk_set(model: &mut Model, items: &[Item], now: &str) -> Result<String, CliE
         }
         if let Some(n) = &nqn {
             d.nqn = n.clone();
+        }
+        if let Some(c) = &comment {
+            d.comment = c.clone();
         }
     }
     Ok(String::new())
@@ -2540,6 +2582,7 @@ impl FakeRds {
 
 #[cfg(test)]
 mod tests {
+    // A bench that includes this file is built with cfg(test) but without its #[test]s.
     #[allow(unused_imports)]
     use super::*;
 

@@ -89,27 +89,35 @@ impl Host {
     }
 
     fn cleanup(&self) {
-        for _ in 0..5 {
-            let mounts = self.mounts();
-            if mounts.is_empty() {
-                break;
-            }
-            for m in mounts {
-                if rustix::mount::unmount(&m, rustix::mount::UnmountFlags::NOFOLLOW).is_err() {
-                    // The guard's last resort, so nothing outlives the test; the driver never
-                    // unmounts lazily.
-                    let _ = rustix::mount::unmount(
-                        &m,
-                        rustix::mount::UnmountFlags::NOFOLLOW | rustix::mount::UnmountFlags::DETACH,
-                    );
+        // A mount may hold a loop device busy and a loop device a mount (a filesystem made in
+        // a loop device here, with images of its own attached): unmount, detach, and again.
+        for _ in 0..3 {
+            for _ in 0..5 {
+                let mounts = self.mounts();
+                if mounts.is_empty() {
+                    break;
+                }
+                for m in mounts {
+                    if rustix::mount::unmount(&m, rustix::mount::UnmountFlags::NOFOLLOW).is_err() {
+                        // The guard's last resort, so nothing outlives the test; the driver
+                        // never unmounts lazily.
+                        let _ = rustix::mount::unmount(
+                            &m,
+                            rustix::mount::UnmountFlags::NOFOLLOW
+                                | rustix::mount::UnmountFlags::DETACH,
+                        );
+                    }
                 }
             }
-        }
-        for name in self.loops() {
-            let _ = Command::new("losetup")
-                .arg("--detach")
-                .arg(format!("/dev/{name}"))
-                .status();
+            for name in self.loops() {
+                let _ = Command::new("losetup")
+                    .arg("--detach")
+                    .arg(format!("/dev/{name}"))
+                    .status();
+            }
+            if self.mounts().is_empty() && self.loops().is_empty() {
+                break;
+            }
         }
     }
 }

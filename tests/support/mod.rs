@@ -448,6 +448,7 @@ pub async fn precreate(dir: &Path, volumes: &[&str]) {
                 limit_bytes: 0,
                 capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],
                 parameters: Default::default(),
+                source: None,
             })
             .await
             .unwrap();

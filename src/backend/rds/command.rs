@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::values::{Nqn, RosPath, RosSize, Slot};
+use super::values::{Nqn, Provenance, RosPath, RosSize, Slot};
 
 /// Which disks a listing asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +25,26 @@ pub enum RosCommand {
         port: u16,
         nqn: Nqn,
     },
+    /// `/disk add type=file copy-from=[find slot=…] file-path=… slot=…`: a snapshot (not
+    /// exported), as the Go driver's CreateSnapshot.
+    CreateSnapshot {
+        source: Slot,
+        path: RosPath,
+        slot: Slot,
+    },
+    /// `/disk add type=file copy-from=[find slot=…] file-path=… file-size=… slot=…
+    /// nvme-tcp-export=yes …`: a volume made from a snapshot (the Go driver's RestoreSnapshot)
+    /// or from another volume (a clone).
+    CopyVolume {
+        source: Slot,
+        path: RosPath,
+        size: RosSize,
+        slot: Slot,
+        port: u16,
+        nqn: Nqn,
+    },
+    /// `/disk set [find slot=…] comment=…`: records what a disk was made from.
+    SetComment { slot: Slot, comment: Provenance },
     /// `/disk print detail where slot=…`
     Get { slot: Slot },
     /// `/disk print detail where slot~"pvc"` (or `"snap-"`)
@@ -44,6 +64,9 @@ impl RosCommand {
     pub fn label(&self) -> &'static str {
         match self {
             Self::CreateVolume { .. } => "disk_add",
+            Self::CreateSnapshot { .. } => "disk_add_snapshot",
+            Self::CopyVolume { .. } => "disk_add_copy",
+            Self::SetComment { .. } => "disk_set_comment",
             Self::Get { .. } => "disk_get",
             Self::List(_) => "disk_list",
             Self::Resize { .. } => "disk_set_size",
@@ -55,7 +78,10 @@ impl RosCommand {
 
     /// Whether running it twice is harmless: only those are retried after a lost connection.
     pub fn idempotent(&self) -> bool {
-        !matches!(self, Self::CreateVolume { .. })
+        !matches!(
+            self,
+            Self::CreateVolume { .. } | Self::CreateSnapshot { .. } | Self::CopyVolume { .. }
+        )
     }
 }
 
@@ -73,6 +99,26 @@ impl fmt::Display for RosCommand {
                 "/disk add type=file file-path={path} file-size={size} slot={slot} \
                  nvme-tcp-export=yes nvme-tcp-server-port={port} nvme-tcp-server-nqn={nqn}"
             ),
+            Self::CreateSnapshot { source, path, slot } => write!(
+                f,
+                "/disk add type=file copy-from=[find slot={source}] file-path={path} slot={slot}"
+            ),
+            Self::CopyVolume {
+                source,
+                path,
+                size,
+                slot,
+                port,
+                nqn,
+            } => write!(
+                f,
+                "/disk add type=file copy-from=[find slot={source}] file-path={path} \
+                 file-size={size} slot={slot} nvme-tcp-export=yes nvme-tcp-server-port={port} \
+                 nvme-tcp-server-nqn={nqn}"
+            ),
+            Self::SetComment { slot, comment } => {
+                write!(f, "/disk set [find slot={slot}] comment={comment}")
+            }
             Self::Get { slot } => write!(f, "/disk print detail where slot={slot}"),
             Self::List(Listing::Volumes) => f.write_str("/disk print detail where slot~\"pvc\""),
             Self::List(Listing::Snapshots) => {
@@ -106,6 +152,14 @@ mod tests {
         let path = dir.image(&slot).unwrap();
         let size = RosSize::for_request(10 << 30, 0).unwrap();
         let nqn = NqnPrefix::default().nqn(&slot).unwrap();
+        let snap = Slot::parse(
+            crate::ids::SnapshotId::for_name("snapshot-1")
+                .unwrap()
+                .as_str(),
+            "s",
+        )
+        .unwrap();
+        let restored = Slot::parse("pvc-2", "s").unwrap();
         let cases = [
             (
                 RosCommand::CreateVolume { path: path.clone(), size, slot: slot.clone(), port: 4420, nqn },
@@ -117,7 +171,19 @@ mod tests {
             (RosCommand::Resize { slot: slot.clone(), size }, "/disk set [find slot=pvc-1b2c] file-size=10G"),
             (RosCommand::Remove { slot }, "/disk remove [find slot=pvc-1b2c]"),
             (RosCommand::RemoveFile { path }, "/file remove [find name=\"storage-pool/metal-csi/pvc-1b2c.img\"]"),
-            (RosCommand::Capacity { volume_path: dir }, "/disk print detail where mount-point=\"storage-pool\""),
+            (RosCommand::Capacity { volume_path: dir.clone() }, "/disk print detail where mount-point=\"storage-pool\""),
+            (
+                RosCommand::CreateSnapshot { source: Slot::parse("pvc-1b2c", "s").unwrap(), path: dir.image(&snap).unwrap(), slot: snap.clone() },
+                "/disk add type=file copy-from=[find slot=pvc-1b2c] file-path=/storage-pool/metal-csi/snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc.img slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc",
+            ),
+            (
+                RosCommand::CopyVolume { source: snap.clone(), path: dir.image(&restored).unwrap(), size, slot: restored.clone(), port: 4420, nqn: NqnPrefix::default().nqn(&restored).unwrap() },
+                "/disk add type=file copy-from=[find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] file-path=/storage-pool/metal-csi/pvc-2.img file-size=10G slot=pvc-2 nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-2",
+            ),
+            (
+                RosCommand::SetComment { slot: snap, comment: Provenance { source: Slot::parse("pvc-1b2c", "s").unwrap(), at: 1_739_800_000 } },
+                "/disk set [find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] comment=source-pvc-1b2c-at-1739800000",
+            ),
         ];
         for (cmd, want) in cases {
             assert_eq!(cmd.to_string(), want);

@@ -3,9 +3,19 @@
 //! switch drivers without touching a volume (same ids, slots, file paths, NQNs and StorageClass
 //! parameters).
 //!
-//! Owns the translation between CSI volumes and RouterOS disks; the SSH link is [`ssh`], the
-//! commands [`command`], their output [`parse`], and every value that may enter a command is a
-//! validated type from [`values`] first. Knows nothing of attachments.
+//! Owns the translation between CSI volumes and snapshots and RouterOS disks; the SSH link is
+//! [`ssh`], the commands [`command`], their output [`parse`], and every value that may enter a
+//! command is a validated type from [`values`] first. Knows nothing of attachments.
+//!
+//! Snapshots are the Go driver's: a non-exported file disk copied from the volume
+//! (`copy-from`), its slot `snap-<uuid5(name)>-at-<hex>` derived from the CSI name, so a
+//! CreateSnapshot retried after any restart finds the same slot, and the Go driver's snapshots
+//! are listed and restorable. RouterOS keeps no record of what a disk was copied from (the Go
+//! driver reads a `source-volume` field that RouterOS never prints), so after each copy the
+//! driver writes it into the disk's `comment` ([`values::Provenance`]), which RouterOS does keep
+//! and print. A disk without one (the Go driver's, or one whose copy finished just before a
+//! crash) is matched by its slot, that is by name, and the source it is then asked for is
+//! recorded, after the one check RouterOS allows: a snapshot is never larger than its source.
 
 pub mod command;
 pub mod parse;
@@ -21,10 +31,16 @@ use async_trait::async_trait;
 use self::command::{Listing, RosCommand};
 use self::parse::{Disk, Failure};
 use self::ssh::{SshError, SshPool};
-use self::values::{nvme_timings, NqnPrefix, RosPath, RosSize, Slot};
-use super::{BackendError, CreateRequest, VolumeBackend, VolumeInfo};
+use self::values::{
+    nvme_timings, NqnPrefix, Provenance, RosPath, RosSize, Slot, SNAPSHOT_SLOT_PREFIX,
+};
+use super::locks::{Key, Locks, Mode};
+use super::{
+    BackendError, ContentSource, CreateRequest, SnapshotInfo, SnapshotRequest, VolumeBackend,
+    VolumeInfo,
+};
 use crate::domain::{rds_keys as keys, FsType, PUBLISH_BACKEND_KEY};
-use crate::ids::VolumeId;
+use crate::ids::{SnapshotId, VolumeId};
 use crate::Error;
 
 /// Defaults a StorageClass may override.
@@ -43,6 +59,9 @@ pub struct RdsBackend {
     host: String,
     ssh_port: u16,
     defaults: RdsDefaults,
+    /// Keeps a restore and the delete of its snapshot (or a clone and the delete of its
+    /// volume) apart, and two creates of one slot.
+    locks: Locks,
 }
 
 /// A StorageClass's parameters, validated.
@@ -72,6 +91,7 @@ impl RdsBackend {
             host,
             ssh_port,
             defaults,
+            locks: Locks::default(),
         }
     }
 
@@ -213,7 +233,157 @@ impl RdsBackend {
             capabilities: Vec::new(),
             parameters: context,
             created_at: SystemTime::now(),
+            source: provenance(disk).and_then(|p| content_source(&p.source)),
         }
+    }
+
+    /// Records in a disk's comment what it was made from, now.
+    async fn record(&self, slot: &Slot, source: &Slot) -> Result<Provenance, BackendError> {
+        let comment = Provenance {
+            source: source.clone(),
+            at: SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        self.run(&RosCommand::SetComment {
+            slot: slot.clone(),
+            comment: comment.clone(),
+        })
+        .await
+        .map_err(|e| e.into_backend("recording what the disk was made from"))?;
+        Ok(comment)
+    }
+
+    /// Checks that an existing disk was made from `wanted` (idempotency by name); a disk with
+    /// no record of its source (the Go driver's, or an interrupted copy's) gets `wanted`
+    /// recorded. `what` names it in errors.
+    async fn check_source(
+        &self,
+        what: &str,
+        slot: &Slot,
+        disk: &Disk,
+        wanted: Option<&Slot>,
+    ) -> Result<Option<Provenance>, BackendError> {
+        let recorded = provenance(disk);
+        match (recorded.as_ref().map(|p| &p.source), wanted) {
+            (Some(have), Some(want)) if have == want => Ok(recorded),
+            (None, None) => Ok(None),
+            (None, Some(want)) => Ok(Some(self.record(slot, want).await?)),
+            (have, want) => {
+                let show =
+                    |s: Option<&Slot>| s.map_or_else(|| "nothing".to_string(), |s| s.to_string());
+                Err(BackendError::AlreadyExists(format!(
+                    "{what} exists on the RDS, made from {}, not from {}",
+                    show(have),
+                    show(want)
+                )))
+            }
+        }
+    }
+
+    /// Removes a disk and its backing file (idempotent).
+    async fn remove_disk(&self, slot: &Slot, disk: Option<&Disk>) -> Result<RosPath, BackendError> {
+        if disk.is_some() {
+            match self.run(&RosCommand::Remove { slot: slot.clone() }).await {
+                Ok(_) | Err(RunError::Failed(Failure::NoSuchItem(_))) => {}
+                Err(e) => return Err(e.into_backend("removing the disk")),
+            }
+        }
+        // The backing file outlives its disk on RouterOS; remove it too (again on a retry, in
+        // case an earlier attempt lost it).
+        let path = match disk.and_then(|d| d.file_path.as_deref()) {
+            Some(p) => RosPath::parse(p, "file-path")?,
+            None => self.defaults.volume_path.image(slot)?,
+        };
+        match self
+            .run(&RosCommand::RemoveFile { path: path.clone() })
+            .await
+        {
+            Ok(_) | Err(RunError::Failed(Failure::NoSuchItem(_))) => {}
+            Err(e) => return Err(e.into_backend("removing the backing file")),
+        }
+        Ok(path)
+    }
+
+    fn snapshot_info(&self, id: SnapshotId, disk: &Disk) -> SnapshotInfo {
+        let recorded = provenance(disk);
+        SnapshotInfo {
+            id,
+            source: recorded
+                .as_ref()
+                .and_then(|p| VolumeId::try_from(p.source.as_str()).ok()),
+            size_bytes: disk.size.unwrap_or(0),
+            created_at: recorded.as_ref().map(Provenance::time),
+            ready: true,
+        }
+    }
+
+    /// A volume made from a snapshot or a volume: the Go driver's restore command, with
+    /// `copy-from` naming a volume's slot for a clone.
+    async fn create_from(
+        &self,
+        req: CreateRequest,
+        params: Params,
+        source: ContentSource,
+    ) -> Result<VolumeInfo, BackendError> {
+        let (key, from) = match &source {
+            ContentSource::Snapshot(s) => (Key::Snapshot(s.clone()), snapshot_slot(s)),
+            ContentSource::Volume(v) => (Key::Volume(v.clone()), volume_slot(v)),
+        };
+        let not_found = || match &source {
+            ContentSource::Snapshot(s) => BackendError::SnapshotNotFound(s.clone()),
+            ContentSource::Volume(v) => BackendError::NotFound(v.clone()),
+        };
+        let slot = Slot::of(&req.id)?;
+        let mut wanted = vec![(Key::Volume(req.id.clone()), Mode::Exclusive)];
+        if key != wanted[0].0 {
+            wanted.push((key, Mode::Shared));
+        }
+        let _held = self.locks.acquire(wanted).await;
+        let path = params.volume_path.image(&slot)?;
+        if let Some(disk) = self.disk(&slot).await? {
+            self.check_existing(&req, &disk, &path)?;
+            let what = format!("volume {}", req.id);
+            self.check_source(&what, &slot, &disk, from.as_ref())
+                .await?;
+            let disk = self.disk(&slot).await?.unwrap_or(disk);
+            return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
+        }
+        let from = from.ok_or_else(not_found)?;
+        let source_disk = self.disk(&from).await?.ok_or_else(not_found)?;
+        let size = req.size_from(source_disk.size.unwrap_or(0))?;
+        let size = RosSize::for_request(size, req.limit_bytes)?;
+        let copy = RosCommand::CopyVolume {
+            source: from.clone(),
+            path: path.clone(),
+            size,
+            slot: slot.clone(),
+            port: params.nvme_port,
+            nqn: params.nqn_prefix.nqn(&slot)?,
+        };
+        match self.run(&copy).await {
+            Ok(_) => {}
+            Err(RunError::Failed(Failure::Other(m))) if m.contains("exists") => {}
+            Err(RunError::Failed(Failure::NoSuchItem(_))) => return Err(not_found()),
+            Err(e) => return Err(e.into_backend("copying the disk")),
+        }
+        self.record(&slot, &from).await?;
+        let disk = self.disk(&slot).await?.ok_or_else(|| {
+            BackendError::Rejected(format!(
+                "the RDS accepted the copy for {} but does not list it",
+                req.id
+            ))
+        })?;
+        self.check_existing(&req, &disk, &path)?;
+        if !disk.nvme_export {
+            return Err(BackendError::Rejected(format!(
+                "the RDS created {} without its NVMe/TCP export",
+                req.id
+            )));
+        }
+        tracing::info!(volume_id = %req.id, %source, bytes = size.bytes(), path = %path, "copied on the RDS");
+        Ok(self.info(&req.id, &disk, self.context(&disk, &params)))
     }
 
     /// Checks that an existing disk is what a CreateVolume asks for (idempotency).
@@ -265,6 +435,41 @@ impl RunError {
     }
 }
 
+/// What a disk's comment says it was made from, if this driver wrote it.
+fn provenance(disk: &Disk) -> Option<Provenance> {
+    disk.comment.as_deref().and_then(Provenance::parse)
+}
+
+/// The content source a recorded source slot names: a snapshot's slot or a volume's.
+fn content_source(source: &Slot) -> Option<ContentSource> {
+    if source.as_str().starts_with(SNAPSHOT_SLOT_PREFIX) {
+        SnapshotId::try_from(source.as_str())
+            .ok()
+            .map(ContentSource::Snapshot)
+    } else {
+        VolumeId::try_from(source.as_str())
+            .ok()
+            .map(ContentSource::Volume)
+    }
+}
+
+/// The slot of a snapshot id, if it can be one of this driver's (or the Go driver's)
+/// snapshots: a RouterOS slot starting with `snap-`. Any other id names no snapshot, so a
+/// snapshot call can never reach a volume's disk.
+fn snapshot_slot(id: &SnapshotId) -> Option<Slot> {
+    Slot::parse(id.as_str(), "snapshot_id")
+        .ok()
+        .filter(|s| s.as_str().starts_with(SNAPSHOT_SLOT_PREFIX))
+}
+
+/// The slot of a volume id, if it can be a volume's: a slot that is not a snapshot's, so a
+/// volume call can never reach a snapshot's disk.
+fn volume_slot(id: &VolumeId) -> Option<Slot> {
+    Slot::of(id)
+        .ok()
+        .filter(|s| !s.as_str().starts_with(SNAPSHOT_SLOT_PREFIX))
+}
+
 /// `pvc-` and a UUID-shaped digest of `name`: the slot of a CreateVolume name that is not
 /// already a `pvc-…` slot. Every volume slot then starts with `pvc`, which is how the Go
 /// driver lists volumes (`slot~"pvc"`).
@@ -311,11 +516,20 @@ impl VolumeBackend for RdsBackend {
                     .into(),
             });
         }
+        if let Some(source) = req.source.clone() {
+            return self.create_from(req, params, source).await;
+        }
         let slot = Slot::of(&req.id)?;
         let size = RosSize::for_request(req.required_bytes, req.limit_bytes)?;
         let path = params.volume_path.image(&slot)?;
         if let Some(disk) = self.disk(&slot).await? {
             self.check_existing(&req, &disk, &path)?;
+            if let Some(p) = provenance(&disk) {
+                return Err(BackendError::AlreadyExists(format!(
+                    "volume {} exists on the RDS, made from {}, not empty",
+                    req.id, p.source
+                )));
+            }
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let nqn = params.nqn_prefix.nqn(&slot)?;
@@ -351,29 +565,15 @@ impl VolumeBackend for RdsBackend {
     }
 
     async fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
-        let Ok(slot) = Slot::of(id) else {
+        let Some(slot) = volume_slot(id) else {
             return Ok(());
         };
+        let _held = self
+            .locks
+            .acquire([(Key::Volume(id.clone()), Mode::Exclusive)])
+            .await;
         let disk = self.disk(&slot).await?;
-        if disk.is_some() {
-            match self.run(&RosCommand::Remove { slot: slot.clone() }).await {
-                Ok(_) | Err(RunError::Failed(Failure::NoSuchItem(_))) => {}
-                Err(e) => return Err(e.into_backend("removing the disk")),
-            }
-        }
-        // The backing file outlives its disk on RouterOS; remove it too (again on a retry, in
-        // case an earlier attempt lost it).
-        let path = match disk.as_ref().and_then(|d| d.file_path.as_deref()) {
-            Some(p) => RosPath::parse(p, "file-path")?,
-            None => self.defaults.volume_path.image(&slot)?,
-        };
-        match self
-            .run(&RosCommand::RemoveFile { path: path.clone() })
-            .await
-        {
-            Ok(_) | Err(RunError::Failed(Failure::NoSuchItem(_))) => {}
-            Err(e) => return Err(e.into_backend("removing the backing file")),
-        }
+        let path = self.remove_disk(&slot, disk.as_ref()).await?;
         if disk.is_some() {
             tracing::info!(volume_id = %id, path = %path, "deleted from the RDS");
         }
@@ -381,7 +581,7 @@ impl VolumeBackend for RdsBackend {
     }
 
     async fn get(&self, id: &VolumeId) -> Result<Option<VolumeInfo>, BackendError> {
-        let Ok(slot) = Slot::of(id) else {
+        let Some(slot) = volume_slot(id) else {
             return Ok(None);
         };
         let Some(disk) = self.disk(&slot).await? else {
@@ -429,7 +629,7 @@ impl VolumeBackend for RdsBackend {
     }
 
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
-        let slot = Slot::of(id)?;
+        let slot = volume_slot(id).ok_or_else(|| BackendError::NotFound(id.clone()))?;
         let disk = self
             .disk(&slot)
             .await?
@@ -482,6 +682,125 @@ impl VolumeBackend for RdsBackend {
             .unwrap_or_else(|| "ext4".into());
         ctx.insert(keys::PUBLISH_FS_TYPE.to_string(), fs);
         ctx
+    }
+
+    /// The Go driver's CreateSnapshot command, then the source recorded in the disk's comment.
+    /// The snapshot's directory is the VolumeSnapshotClass's `volumePath`, else
+    /// `--rds-volume-path`.
+    async fn create_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, BackendError> {
+        let slot = snapshot_slot(&req.id).ok_or_else(|| BackendError::InvalidArgument {
+            field: "name",
+            reason: format!(
+                "gives the snapshot id {}, which is not a RouterOS slot",
+                req.id
+            ),
+        })?;
+        let source =
+            volume_slot(&req.source).ok_or_else(|| BackendError::NotFound(req.source.clone()))?;
+        let dir = match req.parameters.get(keys::VOLUME_PATH) {
+            Some(p) => RosPath::parse(p, "parameters[volumePath]")?,
+            None => self.defaults.volume_path.clone(),
+        };
+        let _held = self
+            .locks
+            .acquire([
+                (Key::Snapshot(req.id.clone()), Mode::Exclusive),
+                (Key::Volume(req.source.clone()), Mode::Shared),
+            ])
+            .await;
+        let what = format!("snapshot {:?}", req.name);
+        if let Some(disk) = self.disk(&slot).await? {
+            if provenance(&disk).is_none() {
+                // Nothing recorded: all RouterOS lets us check is that a snapshot is never
+                // larger than its source, which exists.
+                let source_disk = self
+                    .disk(&source)
+                    .await?
+                    .ok_or_else(|| BackendError::NotFound(req.source.clone()))?;
+                if disk.size.unwrap_or(0) > source_disk.size.unwrap_or(0) {
+                    return Err(BackendError::AlreadyExists(format!(
+                        "{what} exists on the RDS and is larger than volume {}",
+                        req.source
+                    )));
+                }
+            }
+            self.check_source(&what, &slot, &disk, Some(&source))
+                .await?;
+            let disk = self.disk(&slot).await?.unwrap_or(disk);
+            return Ok(self.snapshot_info(req.id, &disk));
+        }
+        if self.disk(&source).await?.is_none() {
+            return Err(BackendError::NotFound(req.source.clone()));
+        }
+        let path = dir.image(&slot)?;
+        let add = RosCommand::CreateSnapshot {
+            source: source.clone(),
+            path: path.clone(),
+            slot: slot.clone(),
+        };
+        match self.run(&add).await {
+            Ok(_) => {}
+            Err(RunError::Failed(Failure::Other(m))) if m.contains("exists") => {}
+            Err(RunError::Failed(Failure::NoSuchItem(_))) => {
+                return Err(BackendError::NotFound(req.source.clone()))
+            }
+            Err(e) => return Err(e.into_backend("copying the disk into a snapshot")),
+        }
+        self.record(&slot, &source).await?;
+        let disk = self.disk(&slot).await?.ok_or_else(|| {
+            BackendError::Rejected(format!(
+                "the RDS accepted snapshot {} but does not list it",
+                req.id
+            ))
+        })?;
+        tracing::info!(snapshot_id = %req.id, volume_id = %req.source, path = %path, "snapshot taken on the RDS");
+        Ok(self.snapshot_info(req.id, &disk))
+    }
+
+    /// Removes the snapshot's disk and file, after the restores from it.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError> {
+        let Some(slot) = snapshot_slot(id) else {
+            return Ok(());
+        };
+        let _held = self
+            .locks
+            .acquire([(Key::Snapshot(id.clone()), Mode::Exclusive)])
+            .await;
+        let disk = self.disk(&slot).await?;
+        let path = self.remove_disk(&slot, disk.as_ref()).await?;
+        if disk.is_some() {
+            tracing::info!(snapshot_id = %id, path = %path, "snapshot deleted from the RDS");
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotInfo>, BackendError> {
+        let Some(slot) = snapshot_slot(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .disk(&slot)
+            .await?
+            .map(|d| self.snapshot_info(id.clone(), &d)))
+    }
+
+    /// `/disk print detail where slot~"snap-"`, as the Go driver lists them.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, BackendError> {
+        let text = self
+            .run(&RosCommand::List(Listing::Snapshots))
+            .await
+            .map_err(|e| e.into_backend("listing snapshots"))?;
+        let mut out: Vec<SnapshotInfo> = parse::disks(&text)
+            .map_err(|e| BackendError::Corrupt(e.to_string()))?
+            .iter()
+            .filter(|d| d.slot.starts_with(SNAPSHOT_SLOT_PREFIX))
+            .filter_map(|d| {
+                let id = SnapshotId::try_from(d.slot.as_str()).ok()?;
+                Some(self.snapshot_info(id, d))
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 }
 

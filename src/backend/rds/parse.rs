@@ -397,6 +397,8 @@ pub struct Disk {
     pub nvme_port: Option<u16>,
     pub nqn: Option<String>,
     pub disabled: bool,
+    /// The `;;; comment` RouterOS prints above the entry's properties.
+    pub comment: Option<String>,
 }
 
 impl Disk {
@@ -416,6 +418,7 @@ impl Disk {
                 .and_then(|p| p.parse().ok()),
             nqn: entry.get("nvme-tcp-server-nqn").map(str::to_string),
             disabled: entry.flags.contains('X'),
+            comment: entry.comment.clone(),
         })
     }
 }

@@ -69,6 +69,49 @@ impl Slot {
     }
 }
 
+/// The prefix of every snapshot slot, as the Go driver makes and lists them (`slot~"snap-"`).
+pub const SNAPSHOT_SLOT_PREFIX: &str = "snap-";
+
+/// What a disk was made from and when, kept in its RouterOS `comment` (which `print detail`
+/// shows as `;;; <comment>`), because RouterOS keeps nothing else that says so: a snapshot's
+/// source volume, a restored volume's snapshot, a clone's volume. Rendered as
+/// `source-<slot>-at-<unix seconds>`, only letters, digits and `-` (the slot allowlist), so it
+/// needs no quoting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Provenance {
+    pub source: Slot,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+impl Provenance {
+    const PREFIX: &'static str = "source-";
+    const AT: &'static str = "-at-";
+
+    /// Reads a disk's comment; `None` when it is not one this driver wrote.
+    pub fn parse(comment: &str) -> Option<Self> {
+        let rest = comment.trim().strip_prefix(Self::PREFIX)?;
+        let (source, at) = rest.rsplit_once(Self::AT)?;
+        if at.is_empty() || at.len() > 12 || !at.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self {
+            source: Slot::parse(source, "comment").ok()?,
+            at: at.parse().ok()?,
+        })
+    }
+
+    pub fn time(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.at)
+    }
+}
+
+impl fmt::Display for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}{}{}", Self::PREFIX, self.source, Self::AT, self.at)
+    }
+}
+
 /// An absolute path on the RDS: `/` then segments of `[A-Za-z0-9._-]`, none of them `.` or
 /// `..`, no empty segment, at most 255 bytes.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -490,6 +533,30 @@ mod tests {
             assert!(NqnPrefix::parse(&bad, "f").is_err(), "prefix {bad:?}");
             assert!(port(&bad, "f").is_err(), "port {bad:?}");
             assert!(ip(&bad, "f").is_err(), "ip {bad:?}");
+        }
+    }
+
+    #[test]
+    fn provenance_round_trips_and_refuses_anything_else() {
+        let p = Provenance {
+            source: Slot::parse("pvc-1-at-2", "s").unwrap(),
+            at: 1_739_800_000,
+        };
+        let text = p.to_string();
+        assert_eq!(text, "source-pvc-1-at-2-at-1739800000");
+        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        assert_eq!(Provenance::parse(&text), Some(p));
+        for other in [
+            "",
+            "an operator's note",
+            "source-",
+            "source-pvc-1",
+            "source-pvc-1-at-",
+            "source-pvc-1-at-x1",
+            "source-pvc;1-at-5",
+            "pvc-1-at-5",
+        ] {
+            assert_eq!(Provenance::parse(other), None, "{other:?}");
         }
     }
 

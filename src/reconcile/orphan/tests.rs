@@ -75,6 +75,7 @@ impl Memory {
             capabilities: vec![],
             parameters: BTreeMap::new(),
             created_at: SystemTime::UNIX_EPOCH,
+            source: None,
         };
         self.0.lock().unwrap().insert(vol(v), info);
     }
