@@ -1,14 +1,25 @@
-//! The deployment manifests under `deploy/`, held against the real binary: the driver's
-//! ClusterRole allows every API call the driver makes and nothing it does not make, every flag
-//! the manifests pass exists, and the objects are wired together as Kubernetes and an operator
-//! need them. The YAML files are read directly (no kubectl); `.ci/validate-manifests` checks the
-//! rendered output against the Kubernetes schemas.
+//! The deployment manifests, held against the real binary. They come from one Helm chart
+//! (deploy/helm/rds-csi): deploy/kubernetes is its render with the default values (the file
+//! backend, HA), and deploy/helm/rendered holds its render with each values file in its `ci/`
+//! (a Go-driver-style file unchanged, HA and snapshots on, HA and snapshots off), all written
+//! by `.ci/render-manifests`, whose `--check` fails CI when they and the chart disagree. So the
+//! tests read rendered YAML and need no Helm.
+//!
+//! The driver's roles allow every API call the driver makes and nothing it does not make (the
+//! driver run with the flags of the base and of the Go-style values, the latter against the
+//! fake RouterOS); every flag any render passes exists; the objects are wired together as
+//! Kubernetes and an operator need them; the Go chart's values become the flags and the
+//! StorageClass parameters README.md promises. `.ci/validate-manifests` checks every render
+//! against the Kubernetes schemas.
 
 #[path = "support/mod.rs"]
 mod support;
 
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
+
+#[path = "support/fake_rds.rs"]
+mod fake_rds;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +31,7 @@ use rds_csi::csi::{ControllerGetCapabilitiesRequest, NodeGetInfoRequest};
 use serde_json::{json, Value};
 use tonic::Code;
 
+use fake_rds::{client_keypair, Disk, FakeRds, FakeRdsConfig};
 use support::cluster::{Cluster, DRIVER};
 use support::*;
 
@@ -33,6 +45,11 @@ const CONTROLLER: &str = "rds-csi-controller";
 const NODE: &str = "rds-csi-node";
 /// The driver's container in both workloads.
 const DRIVER_CONTAINER: &str = "rds-csi";
+/// The chart, and its render with the values file a Go-driver user brings along.
+const CHART: &str = "deploy/helm/rds-csi";
+const GO_STYLE: &str = "go-driver";
+/// Where the controller finds the RDS credentials (the Go chart's Secret keys).
+const CREDENTIALS_DIR: &str = "/etc/rds-csi";
 
 /// Rules of the driver's ClusterRole that the scenario below does not exercise, each with the
 /// reason it must stay. Empty: every rule is used. A rule that no call needs is removed from
@@ -57,6 +74,11 @@ const LOCAL_FLAGS: &[&str] = &[
     "stale-attachment-interval",
     "orphan-interval",
     "orphan-grace",
+    // The fake RouterOS on loopback, its host key and a client key it accepts, in place of the
+    // RDS and the Secret's files.
+    "rds-address",
+    "rds-key-file",
+    "rds-host-key",
 ];
 
 /// The reconcilers' periods for a local run of the manifest's driver container.
@@ -74,41 +96,111 @@ fn path(rel: &str) -> PathBuf {
 
 fn read_yaml(file: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
 }
 
-/// The objects a kustomization lists under `resources` (files; the base and the examples have
-/// no nested kustomizations).
-struct Manifests(Vec<Value>);
+/// Where the driver keeps volumes, as a render's controller runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    File,
+    Rds,
+}
+
+/// The objects of one render: the kustomize base (what its kustomization lists) or the chart
+/// rendered with one of its CI values files.
+struct Manifests {
+    name: String,
+    objects: Vec<Value>,
+}
 
 impl Manifests {
+    /// The files a kustomization lists under `resources` (the base and the examples have no
+    /// nested kustomizations).
     fn load(dir: &str) -> Manifests {
-        let dir = path(dir);
-        let kustomization = read_yaml(&dir.join("kustomization.yaml")).remove(0);
+        let root = path(dir);
+        let kustomization = read_yaml(&root.join("kustomization.yaml")).remove(0);
         let objects = strings(&kustomization["resources"])
             .iter()
-            .flat_map(|file| read_yaml(&dir.join(file)))
+            .flat_map(|file| read_yaml(&root.join(file)))
             .collect();
-        Manifests(objects)
+        Manifests {
+            name: dir.to_string(),
+            objects,
+        }
     }
 
     fn base() -> Manifests {
         Manifests::load("deploy/kubernetes")
     }
 
+    /// The chart rendered with `ci/<name>-values.yaml`.
+    fn rendered(name: &str) -> Manifests {
+        let file = format!("deploy/helm/rendered/{name}.yaml");
+        Manifests {
+            objects: read_yaml(&path(&file)),
+            name: file,
+        }
+    }
+
+    /// The base and every render of the chart's CI values files: every way the chart is
+    /// deployed that CI knows of.
+    fn all() -> Vec<Manifests> {
+        let mut names: Vec<String> = std::fs::read_dir(path(&format!("{CHART}/ci")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter_map(|f| f.strip_suffix("-values.yaml").map(String::from))
+            .collect();
+        names.sort();
+        assert!(
+            names.contains(&GO_STYLE.to_string()),
+            "{CHART}/ci has no {GO_STYLE}-values.yaml"
+        );
+        std::iter::once(Manifests::base())
+            .chain(names.iter().map(|n| Manifests::rendered(n)))
+            .collect()
+    }
+
     fn of_kind<'a>(&'a self, kind: &str) -> impl Iterator<Item = &'a Value> + 'a {
         let kind = kind.to_string();
-        self.0.iter().filter(move |o| o["kind"] == kind.as_str())
+        self.objects
+            .iter()
+            .filter(move |o| o["kind"] == kind.as_str())
     }
 
     fn get(&self, kind: &str, name: &str) -> &Value {
         self.of_kind(kind)
             .find(|o| o["metadata"]["name"] == name)
-            .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
+            .unwrap_or_else(|| panic!("{}: no {kind} {name}", self.name))
     }
 
     fn find(&self, kind: &str, name: &str) -> Option<&Value> {
         self.of_kind(kind).find(|o| o["metadata"]["name"] == name)
+    }
+
+    fn controller(&self) -> &Value {
+        self.get("Deployment", CONTROLLER)
+    }
+
+    fn node(&self) -> &Value {
+        self.get("DaemonSet", NODE)
+    }
+
+    fn backend(&self) -> Backend {
+        match flag(container(self.controller(), DRIVER_CONTAINER), "backend").as_str() {
+            "file" => Backend::File,
+            "rds" => Backend::Rds,
+            other => panic!("{}: --backend={other}", self.name),
+        }
+    }
+
+    fn replicas(&self) -> u64 {
+        self.controller()["spec"]["replicas"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: replicas", self.name))
     }
 }
 
@@ -128,15 +220,17 @@ fn containers(workload: &Value) -> &Vec<Value> {
         .expect("containers")
 }
 
+fn find_container<'a>(workload: &'a Value, name: &str) -> Option<&'a Value> {
+    containers(workload).iter().find(|c| c["name"] == name)
+}
+
 fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
-    containers(workload)
-        .iter()
-        .find(|c| c["name"] == name)
+    find_container(workload, name)
         .unwrap_or_else(|| panic!("no container {name} in {}", workload["metadata"]["name"]))
 }
 
 /// A container's `--flag[=value]` arguments, by flag name (the manifests write each as one
-/// argument).
+/// argument; a flag given twice keeps its last value, as the programs read it).
 fn flags(container: &Value) -> BTreeMap<String, Option<String>> {
     strings(&container["args"])
         .iter()
@@ -169,19 +263,23 @@ fn local_args(container: &Value, skip: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The environment the kubelet gives a container from the downward API's `metadata.namespace`,
-/// for a local run in namespace `namespace`. Other `valueFrom` sources are not emulated.
-fn downward_env(container: &Value, namespace: &str) -> Vec<(String, String)> {
+/// The environment the kubelet gives a container, for a local run in namespace `namespace`:
+/// literal values, and `metadata.namespace` from the downward API. Other `valueFrom` sources
+/// are not emulated (the harness sets the node id).
+fn container_env(container: &Value, namespace: &str) -> Vec<(String, String)> {
     container["env"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace")
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_string(),
-                namespace.to_string(),
-            )
+        .filter_map(|e| {
+            let name = e["name"].as_str().unwrap().to_string();
+            if let Some(value) = e["value"].as_str() {
+                Some((name, value.to_string()))
+            } else if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace" {
+                Some((name, namespace.to_string()))
+            } else {
+                None
+            }
         })
         .collect()
 }
@@ -213,7 +311,29 @@ fn show(a: &Access) -> String {
     format!("{} {} ({group})", a.2, a.1)
 }
 
-// ---- 1. The driver's ClusterRole covers every API call it makes ---------------------------
+/// `rds-csi --help`: each flag's entry (the description lines after `--flag <VALUE>`), by name.
+fn help_entries() -> (String, BTreeMap<String, String>) {
+    let help = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("rds-csi --help");
+    assert!(help.status.success());
+    let help = String::from_utf8(help.stdout).unwrap();
+    let mut entries: BTreeMap<String, String> = BTreeMap::new();
+    let mut current = None;
+    for line in help.lines() {
+        let word = line.split_whitespace().next().unwrap_or("");
+        if let Some(name) = word.strip_prefix("--") {
+            current = Some(name.trim_end_matches(',').to_string());
+            entries.insert(current.clone().unwrap(), String::new());
+        } else if let Some(name) = &current {
+            entries.get_mut(name).unwrap().push_str(line);
+        }
+    }
+    (help, entries)
+}
+
+// ---- 1. The driver's roles cover every API call it makes ----------------------------------
 
 /// What the deployment tests read back from the cluster.
 impl Cluster {
@@ -232,9 +352,93 @@ impl Cluster {
     }
 }
 
-/// Runs the controller's driver container, with the manifest's flags (leader election on, both
-/// reconcilers on, with their periods shortened) and the namespace the downward API would give
-/// it, against the fake API server through every path that calls the API: following the
+/// The volumes of the scenario: two with PVs, one orphan. RDS volume ids are slots, as the
+/// csi-provisioner names them.
+struct Volumes {
+    a: &'static str,
+    b: &'static str,
+    orphan: &'static str,
+}
+
+const FILE_VOLUMES: Volumes = Volumes {
+    a: "vol-a",
+    b: "vol-b",
+    orphan: "vol-orphan",
+};
+
+const RDS_VOLUMES: Volumes = Volumes {
+    a: "pvc-0a0a0a0a-0000-4000-8000-00000000000a",
+    b: "pvc-0b0b0b0b-0000-4000-8000-00000000000b",
+    orphan: "pvc-0c0c0c0c-0000-4000-8000-00000000000c",
+};
+
+/// The storage a render's controller runs against locally, holding the scenario's volumes:
+/// files in the driver's own directory, or a fake RouterOS whose only user is the render's
+/// `--rds-user` and whose disks are laid out as the Go driver makes them, under the render's
+/// `--rds-volume-path` with NQNs under its `--rds-nqn-prefix`.
+struct Storage {
+    volumes: Volumes,
+    /// The flags standing in for the RDS's address and the Secret's files.
+    args: Vec<String>,
+    rds: Option<(FakeRds, tempfile::TempDir)>,
+}
+
+impl Storage {
+    /// `dir` is the driver's directory (the file backend's volumes go under it).
+    async fn prepare(m: &Manifests, driver: &Value, dir: &Path) -> Storage {
+        match m.backend() {
+            Backend::File => {
+                let v = FILE_VOLUMES;
+                precreate(dir, &[v.a, v.b, v.orphan]).await;
+                Storage {
+                    volumes: v,
+                    args: vec![],
+                    rds: None,
+                }
+            }
+            Backend::Rds => {
+                let keys = tempfile::tempdir().unwrap();
+                let (key, public) = client_keypair(keys.path());
+                let fake = FakeRds::start(FakeRdsConfig {
+                    user: flag(driver, "rds-user"),
+                    ..FakeRdsConfig::new(public)
+                })
+                .await;
+                let v = RDS_VOLUMES;
+                let path = flag(driver, "rds-volume-path");
+                let prefix = flag(driver, "rds-nqn-prefix");
+                let port: u16 = flag(driver, "rds-nvme-port").parse().unwrap();
+                for id in [v.a, v.b, v.orphan] {
+                    fake.add_disk(Disk {
+                        file_path: format!("{path}/{id}.img"),
+                        nvme_tcp_server_port: port,
+                        nvme_tcp_server_nqn: format!("{prefix}:{id}"),
+                        ..Disk::volume(id, 1 << 30)
+                    })
+                    .unwrap();
+                }
+                let mut args = vec![
+                    format!("--rds-address={}", fake.address()),
+                    format!("--rds-key-file={}", key.display()),
+                ];
+                if !flags(driver).contains_key("rds-insecure-skip-verify") {
+                    let host_key = fake.write_host_key(keys.path());
+                    args.push(format!("--rds-host-key={}", host_key.display()));
+                }
+                Storage {
+                    volumes: v,
+                    args,
+                    rds: Some((fake, keys)),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the controller's driver container of `m`, with its flags (leader election on, both
+/// reconcilers on, with their periods shortened), the literal environment it sets and the
+/// namespace the downward API would give it, against the fake API server (and, for the RDS
+/// backend, the fake RouterOS) through every path that calls the API: following the
 /// csi-attacher's leader Lease (list, watch, and the live read that confirms a takeover), boot
 /// seeding, a publish (annotation and event), a refused publish (live checks of the holder's
 /// Node and VolumeAttachment), a deleted holder node (the stale-attachment reconciler and
@@ -242,23 +446,27 @@ impl Cluster {
 /// DeleteVolume answered by the standby from a live list of VolumeAttachments. Then every call
 /// must be allowed by the driver's ClusterRole or, for the Lease, its Role in the controller's
 /// namespace, and every rule of those roles must have been used.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
-    let base = Manifests::base();
-    let driver = container(base.get("Deployment", CONTROLLER), DRIVER_CONTAINER);
+async fn driver_roles_allow_exactly_the_calls_it_makes(m: &Manifests) {
+    let driver = container(m.controller(), DRIVER_CONTAINER);
     assert_eq!(flag(driver, "kubernetes"), "on");
     assert!(
         flags(driver).contains_key("leader-election"),
-        "the manifest runs the controller with leader election"
+        "{}: the controller runs with leader election",
+        m.name
     );
     assert!(
         !flags(driver).contains_key("orphan-delete"),
-        "orphans are reported, never deleted, unless an operator asks"
+        "{}: orphans are reported, never deleted, unless an operator asks",
+        m.name
     );
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::prepare(m, driver, dir.path()).await;
+    let v = &storage.volumes;
     let mut args = local_args(driver, &["kubernetes"]);
     args.extend(SHORT_RECONCILER_FLAGS.iter().map(|f| f.to_string()));
+    args.extend(storage.args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let env = downward_env(driver, NAMESPACE);
+    let env = container_env(driver, NAMESPACE);
     assert!(
         env.iter().any(|(name, _)| name == "POD_NAMESPACE"),
         "the driver learns its namespace (where the Lease is) from POD_NAMESPACE: {env:?}"
@@ -266,22 +474,20 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     let env: Vec<(&str, &str)> = env.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
 
     let c = Cluster::new(&["n1", "n2", "n3"]).await;
-    c.pv("pv-a", "vol-a", false, None, json!({}));
-    c.pv("pv-b", "vol-b", false, None, json!({}));
-    let va_a_n1 = c.va("pv-a", "vol-a", "n1", true, MINUTE);
+    c.pv("pv-a", v.a, false, None, json!({}));
+    c.pv("pv-b", v.b, false, None, json!({}));
+    let va_a_n1 = c.va("pv-a", v.a, "n1", true, MINUTE);
     // The csi-attacher of this pod holds the Lease; csi-lib-utils names the holder by the
     // hostname (the pod name), which is also the driver's default identity.
     let pod = gethostname::gethostname().into_string().unwrap();
     c.lease(&pod, 3600);
-    let dir = tempfile::tempdir().unwrap();
-    precreate(dir.path(), &["vol-a", "vol-b", "vol-orphan"]).await;
     let d = Driver::start_kube_in_env(dir, &c.kubeconfig, &args, &env).await;
 
     // The Lease names this pod: seeded from the VolumeAttachments, then active.
     d.wait_ready().await;
     assert_eq!(d.metric("rds_csi_leader_active").await, 1.0);
     assert_eq!(
-        d.debug("vol-a").await["nodes"][0]["node"],
+        d.debug(v.a).await["nodes"][0]["node"],
         "n1",
         "seeded from the VolumeAttachment"
     );
@@ -292,13 +498,13 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     .await;
 
     // A publish: the annotation and the VolumeAttached event follow.
-    c.va("pv-b", "vol-b", "n2", false, MINUTE);
-    d.publish("vol-b", "n2", rwo()).await.unwrap();
+    c.va("pv-b", v.b, "n2", false, MINUTE);
+    d.publish(v.b, "n2", rwo()).await.unwrap();
     eventually("pv-b annotated", || async { c.annotation("pv-b") == "n2" }).await;
 
-    // A refused publish: n1 holds vol-a, and the live checks find its Node and VA standing.
-    c.va("pv-a", "vol-a", "n2", false, MINUTE);
-    let err = d.publish("vol-a", "n2", rwo()).await.unwrap_err();
+    // A refused publish: n1 holds volume a, and the live checks find its Node and VA standing.
+    c.va("pv-a", v.a, "n2", false, MINUTE);
+    let err = d.publish(v.a, "n2", rwo()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     let gets: Vec<(String, Option<String>)> = c
         .api
@@ -318,12 +524,12 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     // n1's Node is deleted: its attachment is stale (the reconciler, or the next publish,
     // finds out), and n2 takes over.
     c.api.delete("nodes", None, "n1").unwrap();
-    d.publish("vol-a", "n2", rwo())
+    d.publish(v.a, "n2", rwo())
         .await
         .expect("n1 is gone: its attachment is stale");
 
     // An unpublish clears the annotation.
-    d.unpublish("vol-b", "n2").await.unwrap();
+    d.unpublish(v.b, "n2").await.unwrap();
     eventually("pv-b's annotation cleared", || async {
         c.annotation("pv-b").is_null()
     })
@@ -340,7 +546,7 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         .all(|r| reasons.contains(*r))
     })
     .await;
-    // Both reconcilers pass; vol-orphan, with no PV, is reported (dry run: kept).
+    // Both reconcilers pass; the orphan, with no PV, is reported (dry run: kept).
     eventually("the reconcilers' passes, the orphan reported", || async {
         let m = d.scrape().await;
         sample(
@@ -352,14 +558,23 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     .await;
 
     // The Lease moves to the other pod: a standby answers DeleteVolume from a live list of
-    // VolumeAttachments (vol-orphan has none).
+    // VolumeAttachments (the orphan has none).
     c.move_lease("rds-csi-controller-other");
     eventually("a standby", || async {
         d.ready().await && d.metric("rds_csi_leader_active").await == 0.0
     })
     .await;
-    d.delete("vol-orphan").await.unwrap();
-    assert!(!d.volume_ids().await.unwrap().contains(&"vol-orphan".into()));
+    d.delete(v.orphan).await.unwrap();
+    assert!(!d.volume_ids().await.unwrap().contains(&v.orphan.into()));
+    if let Some((rds, _)) = &storage.rds {
+        assert!(
+            !rds.commands_matching(&format!("/disk remove [find slot={}]", v.orphan))
+                .is_empty(),
+            "{}: the volumes are the RDS's: {:?}",
+            m.name,
+            rds.commands()
+        );
+    }
 
     let calls = c.api.calls();
     let mut observed: BTreeMap<Access, usize> = BTreeMap::new();
@@ -385,7 +600,11 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
             .entry((call.group.clone(), resource, call.verb.clone()))
             .or_default() += 1;
     }
-    println!("API calls the driver made ({} in all):", calls.len());
+    println!(
+        "{}: API calls the driver made ({} in all):",
+        m.name,
+        calls.len()
+    );
     for (access, n) in &observed {
         println!("  {:>4} × {}", n, show(access));
     }
@@ -393,8 +612,8 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         println!("  non-resource path {p}");
     }
 
-    let cluster_wide = grants(base.get("ClusterRole", DRIVER_ROLE));
-    let lease_role = grants(base.get("Role", DRIVER_LEASE_ROLE));
+    let cluster_wide = grants(m.get("ClusterRole", DRIVER_ROLE));
+    let lease_role = grants(m.get("Role", DRIVER_LEASE_ROLE));
     assert!(
         lease_role.iter().all(|(_, r, _)| r == "leases"),
         "{DRIVER_LEASE_ROLE} is for the Lease only: {lease_role:?}"
@@ -407,7 +626,8 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
         .collect();
     assert!(
         denied.is_empty(),
-        "calls {DRIVER_ROLE} and {DRIVER_LEASE_ROLE} do not allow: {denied:?}"
+        "{}: calls {DRIVER_ROLE} and {DRIVER_LEASE_ROLE} do not allow: {denied:?}",
+        m.name
     );
     let allowed_paths: BTreeSet<String> = NON_RESOURCE_PATHS
         .iter()
@@ -441,65 +661,100 @@ async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
     assert_eq!(
         unexercised.iter().map(show).collect::<Vec<_>>(),
         expected.iter().map(show).collect::<Vec<_>>(),
-        "rules nothing used: remove them from the driver's roles, or list them with a reason"
+        "{}: rules nothing used: remove them from the driver's roles, or list them with a reason",
+        m.name
     );
 }
 
-/// The node plugin's container, with the manifest's flags, makes no API call even with a
+/// The kustomize base (the chart's defaults): the file backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_cluster_role_allows_exactly_the_calls_the_driver_makes() {
+    driver_roles_allow_exactly_the_calls_it_makes(&Manifests::base()).await;
+}
+
+/// The chart with a Go-driver user's values file: the RDS backend, against the fake RouterOS,
+/// with every flag the chart renders from the Go chart's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_go_style_values_the_driver_roles_allow_exactly_the_calls_the_driver_makes() {
+    let m = Manifests::rendered(GO_STYLE);
+    assert_eq!(m.backend(), Backend::Rds);
+    driver_roles_allow_exactly_the_calls_it_makes(&m).await;
+}
+
+/// The scenario above runs two renders; the driver's roles are the same in every one, so it
+/// covers them all.
+#[test]
+fn the_driver_roles_are_the_same_in_every_render() {
+    let base = Manifests::base();
+    for m in Manifests::all() {
+        for (kind, name) in [("ClusterRole", DRIVER_ROLE), ("Role", DRIVER_LEASE_ROLE)] {
+            assert_eq!(
+                grants(m.get(kind, name)),
+                grants(base.get(kind, name)),
+                "{}: {kind} {name}",
+                m.name
+            );
+        }
+    }
+}
+
+/// The node plugin's container, with each render's flags, makes no API call even with a
 /// kubeconfig at hand: its ServiceAccount needs no binding and no token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_plugin_makes_no_api_call() {
-    let base = Manifests::base();
-    let node = base.get("DaemonSet", NODE);
-    let driver = container(node, DRIVER_CONTAINER);
-    assert_eq!(flag(driver, "mode"), "node");
-    let args = local_args(driver, &[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for m in Manifests::all() {
+        let node = m.node();
+        let driver = container(node, DRIVER_CONTAINER);
+        assert_eq!(flag(driver, "mode"), "node");
+        let args = local_args(driver, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
-    let c = Cluster::new(&["n1"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("csi.sock");
-    let _child = Killed(Driver::spawn_with(
-        dir.path(),
-        &socket,
-        &[],
-        &args,
-        Some(&c.kubeconfig),
-    ));
-    let channel = wait_for(&socket).await;
-    let info = rds_csi::csi::node_client::NodeClient::new(channel)
-        .node_get_info(NodeGetInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.node_id, "n1");
-    // Any call at start would come before the socket is served.
-    let calls: Vec<String> = c.api.calls().iter().map(|c| c.path.clone()).collect();
-    assert!(
-        calls.is_empty(),
-        "the node plugin called the API: {calls:?}"
-    );
+        let c = Cluster::new(&["n1"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi.sock");
+        let _child = Killed(Driver::spawn_with(
+            dir.path(),
+            &socket,
+            &[],
+            &args,
+            Some(&c.kubeconfig),
+        ));
+        let channel = wait_for(&socket).await;
+        let info = rds_csi::csi::node_client::NodeClient::new(channel)
+            .node_get_info(NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.node_id, "n1");
+        // Any call at start would come before the socket is served.
+        let calls: Vec<String> = c.api.calls().iter().map(|c| c.path.clone()).collect();
+        assert!(
+            calls.is_empty(),
+            "{}: the node plugin called the API: {calls:?}",
+            m.name
+        );
 
-    assert_eq!(
-        node["spec"]["template"]["spec"]["automountServiceAccountToken"],
-        false
-    );
-    let account = node["spec"]["template"]["spec"]["serviceAccountName"]
-        .as_str()
-        .unwrap();
-    let bound: Vec<&Value> = base
-        .0
-        .iter()
-        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
-        .filter(|b| {
-            b["subjects"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["name"] == account)
-        })
-        .collect();
-    assert!(bound.is_empty(), "{account} needs no binding: {bound:?}");
+        assert_eq!(
+            node["spec"]["template"]["spec"]["automountServiceAccountToken"],
+            false
+        );
+        let account = node["spec"]["template"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap();
+        let bound: Vec<&Value> = m
+            .objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+            .filter(|b| {
+                b["subjects"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["name"] == account)
+            })
+            .collect();
+        assert!(bound.is_empty(), "{account} needs no binding: {bound:?}");
+    }
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -514,88 +769,84 @@ impl Drop for Killed {
 
 // ---- 2. The driver flags in the manifests exist ------------------------------------------
 
-/// Every `--flag` and `RDS_CSI_*` variable the manifests give the driver appears in
+/// Every `--flag` and `RDS_CSI_*` variable any render gives the driver appears in
 /// `rds-csi --help`, and every value of a flag with a fixed set of values is one of them.
 #[test]
 fn every_driver_flag_in_the_manifests_exists() {
-    let help = std::process::Command::new(BIN)
-        .arg("--help")
-        .output()
-        .expect("rds-csi --help");
-    assert!(help.status.success());
-    let help = String::from_utf8(help.stdout).unwrap();
-    // "--flag <VALUE>" starts an entry; its description follows on the next line.
-    let mut entries: BTreeMap<String, String> = BTreeMap::new();
-    let mut current = None;
-    for line in help.lines() {
-        let word = line.split_whitespace().next().unwrap_or("");
-        if let Some(name) = word.strip_prefix("--") {
-            current = Some(name.trim_end_matches(',').to_string());
-            entries.insert(current.clone().unwrap(), String::new());
-        } else if let Some(name) = &current {
-            entries.get_mut(name).unwrap().push_str(line);
+    let (help, entries) = help_entries();
+    let mut checked = BTreeSet::new();
+    for m in Manifests::all() {
+        for workload in [m.controller(), m.node()] {
+            let driver = container(workload, DRIVER_CONTAINER);
+            for (name, value) in flags(driver) {
+                let entry = entries.get(&name).unwrap_or_else(|| {
+                    panic!(
+                        "{}: {}: --{name} is not in rds-csi --help",
+                        m.name, workload["metadata"]["name"]
+                    )
+                });
+                if let (Some(value), Some(values)) =
+                    (&value, entry.split("[possible values: ").nth(1))
+                {
+                    let values: Vec<&str> = values.split(']').next().unwrap().split(", ").collect();
+                    assert!(
+                        values.contains(&value.as_str()),
+                        "{}: --{name}={value}: not one of {values:?}",
+                        m.name
+                    );
+                }
+                checked.insert(name);
+            }
+            for env in driver["env"].as_array().into_iter().flatten() {
+                let name = env["name"].as_str().unwrap();
+                if name.starts_with("RDS_CSI_") {
+                    assert!(
+                        help.contains(&format!("[env: {name}=]")),
+                        "{name} is not in rds-csi --help"
+                    );
+                    checked.insert(name.to_string());
+                }
+            }
         }
     }
-
-    let base = Manifests::base();
-    let mut checked = 0;
-    for workload in [
-        base.get("Deployment", CONTROLLER),
-        base.get("DaemonSet", NODE),
+    // The renders cover both backends' flags.
+    for f in [
+        "file-root",
+        "rds-address",
+        "rds-user",
+        "rds-key-file",
+        "rds-host-key",
+        "rds-insecure-skip-verify",
+        "rds-nvme-address",
+        "rds-nvme-port",
+        "rds-volume-path",
+        "rds-nqn-prefix",
+        "orphan-delete",
+        "attachment-grace-period",
     ] {
-        let driver = container(workload, DRIVER_CONTAINER);
-        for (name, value) in flags(driver) {
-            let entry = entries.get(&name).unwrap_or_else(|| {
-                panic!(
-                    "{}: --{name} is not in rds-csi --help",
-                    workload["metadata"]["name"]
-                )
-            });
-            if let (Some(value), Some(values)) = (&value, entry.split("[possible values: ").nth(1))
-            {
-                let values: Vec<&str> = values.split(']').next().unwrap().split(", ").collect();
-                assert!(
-                    values.contains(&value.as_str()),
-                    "--{name}={value}: not one of {values:?}"
-                );
-            }
-            checked += 1;
-        }
-        for env in driver["env"].as_array().into_iter().flatten() {
-            let name = env["name"].as_str().unwrap();
-            if name.starts_with("RDS_CSI_") {
-                assert!(
-                    help.contains(&format!("[env: {name}=]")),
-                    "{name} is not in rds-csi --help"
-                );
-                checked += 1;
-            }
-        }
+        assert!(checked.contains(f), "no render passes --{f}");
     }
-    assert!(checked >= 10, "only {checked} flags found");
 }
 
 // ---- 3. CSIDriver, RBAC shape, wiring ----------------------------------------------------
 
 #[test]
 fn the_csidriver_object_has_what_the_driver_needs() {
-    let base = Manifests::base();
-    let csidriver = base.get("CSIDriver", DRIVER);
-    assert_eq!(csidriver["apiVersion"], "storage.k8s.io/v1");
-    assert_eq!(csidriver["spec"]["attachRequired"], true);
-    assert_eq!(csidriver["spec"]["podInfoOnMount"], true);
-    assert_eq!(
-        csidriver["spec"]["volumeLifecycleModes"],
-        json!(["Persistent"])
-    );
-    for workload in [
-        base.get("Deployment", CONTROLLER),
-        base.get("DaemonSet", NODE),
-    ] {
+    for m in Manifests::all() {
+        let csidriver = m.get("CSIDriver", DRIVER);
+        assert_eq!(csidriver["apiVersion"], "storage.k8s.io/v1");
+        assert_eq!(csidriver["spec"]["attachRequired"], true);
+        assert_eq!(csidriver["spec"]["podInfoOnMount"], true);
         assert_eq!(
-            flag(container(workload, DRIVER_CONTAINER), "driver-name"),
-            DRIVER
+            csidriver["spec"]["volumeLifecycleModes"],
+            json!(["Persistent"])
         );
+        for workload in [m.controller(), m.node()] {
+            assert_eq!(
+                flag(container(workload, DRIVER_CONTAINER), "driver-name"),
+                DRIVER
+            );
+        }
     }
 }
 
@@ -622,13 +873,16 @@ fn every_manifest_file_is_in_its_kustomization() {
     }
 }
 
-/// Every YAML document under deploy/ (base, overlays, examples).
+/// Every YAML document under deploy/ (base, overlays, examples, the chart's values files and
+/// its renders), except the chart's templates, which are not YAML until rendered.
 fn every_deploy_object() -> Vec<(PathBuf, Value)> {
     fn walk(dir: &Path, out: &mut Vec<(PathBuf, Value)>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let p = entry.unwrap().path();
             if p.is_dir() {
-                walk(&p, out);
+                if p.file_name().is_some_and(|n| n != "templates") {
+                    walk(&p, out);
+                }
             } else if p.extension().is_some_and(|e| e == "yaml") {
                 out.extend(read_yaml(&p).into_iter().map(|v| (p.clone(), v)));
             }
@@ -642,11 +896,15 @@ fn every_deploy_object() -> Vec<(PathBuf, Value)> {
 #[test]
 fn no_role_anywhere_uses_a_wildcard() {
     let mut roles = 0;
+    let mut rendered = 0;
     for (file, o) in every_deploy_object() {
         if o["kind"] != "ClusterRole" && o["kind"] != "Role" {
             continue;
         }
         roles += 1;
+        if file.starts_with(path("deploy/helm/rendered")) {
+            rendered += 1;
+        }
         for rule in o["rules"].as_array().expect("rules") {
             for field in [
                 "apiGroups",
@@ -671,13 +929,22 @@ fn no_role_anywhere_uses_a_wildcard() {
         );
     }
     assert!(roles >= 5, "only {roles} roles found");
+    assert!(
+        rendered >= 5,
+        "only {rendered} roles in the chart's renders"
+    );
 }
 
 /// Bindings name roles and ServiceAccounts that exist; every role is bound; every namespaced
 /// object already names the namespace (so these files mean what the rendered output means).
 #[test]
 fn rbac_objects_reference_each_other() {
-    let base = Manifests::base();
+    for m in Manifests::all() {
+        rbac_references(&m);
+    }
+}
+
+fn rbac_references(m: &Manifests) {
     let namespaced = [
         "ServiceAccount",
         "Role",
@@ -688,20 +955,20 @@ fn rbac_objects_reference_each_other() {
         "ServiceMonitor",
         "PodDisruptionBudget",
     ];
-    for o in &base.0 {
+    for o in &m.objects {
         let kind = o["kind"].as_str().unwrap();
         if namespaced.contains(&kind) {
             assert_eq!(
                 o["metadata"]["namespace"], NAMESPACE,
-                "{kind} {}",
-                o["metadata"]["name"]
+                "{}: {kind} {}",
+                m.name, o["metadata"]["name"]
             );
         }
     }
     let mut bound = BTreeSet::new();
-    for binding in base
+    for binding in m
         .of_kind("ClusterRoleBinding")
-        .chain(base.of_kind("RoleBinding"))
+        .chain(m.of_kind("RoleBinding"))
     {
         let role = &binding["roleRef"];
         assert_eq!(role["apiGroup"], "rbac.authorization.k8s.io");
@@ -709,36 +976,44 @@ fn rbac_objects_reference_each_other() {
             role["kind"].as_str().unwrap(),
             role["name"].as_str().unwrap(),
         );
-        assert!(base.find(kind, name).is_some(), "{name}: no {kind} {name}");
+        assert!(
+            m.find(kind, name).is_some(),
+            "{}: {name}: no {kind} {name}",
+            m.name
+        );
         bound.insert((kind.to_string(), name.to_string()));
         for subject in binding["subjects"].as_array().unwrap() {
             assert_eq!(subject["kind"], "ServiceAccount");
             assert_eq!(subject["namespace"], NAMESPACE);
-            base.get("ServiceAccount", subject["name"].as_str().unwrap());
+            m.get("ServiceAccount", subject["name"].as_str().unwrap());
         }
     }
-    for role in base.of_kind("ClusterRole").chain(base.of_kind("Role")) {
+    for role in m.of_kind("ClusterRole").chain(m.of_kind("Role")) {
         let key = (
             role["kind"].as_str().unwrap().to_string(),
             role["metadata"]["name"].as_str().unwrap().to_string(),
         );
-        assert!(bound.contains(&key), "{key:?} is bound to nobody");
+        assert!(
+            bound.contains(&key),
+            "{}: {key:?} is bound to nobody",
+            m.name
+        );
     }
     // The sidecars' leases: leader election needs the Role in the pod's namespace. The driver
     // only follows the csi-attacher's Lease: its own Role reads it and never writes.
-    let controller = base.get("Deployment", CONTROLLER);
-    let leases = grants(base.get("Role", "rds-csi-leader-election"));
+    let leases = grants(m.get("Role", "rds-csi-leader-election"));
     let follow: BTreeSet<Access> = ["get", "list", "watch"]
         .into_iter()
         .map(|v| ("coordination.k8s.io".into(), "leases".into(), v.into()))
         .collect();
-    assert_eq!(grants(base.get("Role", DRIVER_LEASE_ROLE)), follow);
-    for c in containers(controller) {
+    assert_eq!(grants(m.get("Role", DRIVER_LEASE_ROLE)), follow);
+    for c in containers(m.controller()) {
         if flags(c).contains_key("leader-election") && c["name"] != DRIVER_CONTAINER {
             for verb in ["get", "create", "update"] {
                 assert!(
                     leases.contains(&("coordination.k8s.io".into(), "leases".into(), verb.into())),
-                    "{}: leases {verb}",
+                    "{}: {}: leases {verb}",
+                    m.name,
                     c["name"]
                 );
             }
@@ -746,12 +1021,37 @@ fn rbac_objects_reference_each_other() {
     }
 }
 
-/// Sockets, volumes, ports, probes, selectors and security settings line up.
+/// Sockets, volumes, ports, probes, selectors and security settings line up, in every render.
 #[test]
 fn the_workloads_are_wired_together() {
-    let base = Manifests::base();
-    let controller = base.get("Deployment", CONTROLLER);
-    let node = base.get("DaemonSet", NODE);
+    for m in Manifests::all() {
+        workloads_wired(&m);
+    }
+}
+
+fn volumes_by_name(workload: &Value) -> BTreeMap<String, &Value> {
+    workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect()
+}
+
+/// The volume mounted in `c` at the directory holding `file`, and the file's name in it.
+fn mount_of<'a>(c: &'a Value, file: &str) -> Option<(&'a Value, String)> {
+    let (dir, name) = file.rsplit_once('/').unwrap();
+    c["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .map(|m| (m, name.to_string()))
+}
+
+fn workloads_wired(m: &Manifests) {
+    let controller = m.controller();
+    let node = m.node();
+    let n = &m.name;
 
     for workload in [controller, node] {
         let pod = &workload["spec"]["template"];
@@ -760,104 +1060,108 @@ fn the_workloads_are_wired_together() {
             let labels = &pod["metadata"]["labels"];
             json!({"app.kubernetes.io/name": labels["app.kubernetes.io/name"], "app.kubernetes.io/component": labels["app.kubernetes.io/component"]})
         });
-        base.get(
+        m.get(
             "ServiceAccount",
             pod["spec"]["serviceAccountName"].as_str().unwrap(),
         );
-        let volumes: BTreeMap<String, &Value> = pod["spec"]["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| (v["name"].as_str().unwrap().to_string(), v))
-            .collect();
+        let volumes = volumes_by_name(workload);
         // The driver's socket, and where each sidecar looks for it.
         let driver = container(workload, DRIVER_CONTAINER);
         let endpoint = flag(driver, "endpoint");
         let socket = endpoint.strip_prefix("unix://").expect("a unix endpoint");
         let socket_volume = |c: &Value, path: &str| -> String {
-            let (dir, file) = path.rsplit_once('/').unwrap();
-            let mount = c["volumeMounts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["mountPath"] == dir)
-                .unwrap_or_else(|| panic!("{name}/{}: nothing mounted at {dir}", c["name"]));
+            let (mount, file) = mount_of(c, path)
+                .unwrap_or_else(|| panic!("{n}: {name}/{}: nothing mounted at {path}", c["name"]));
             format!("{}/{file}", mount["name"].as_str().unwrap())
         };
         let driver_socket = socket_volume(driver, socket);
         for c in containers(workload) {
-            for m in c["volumeMounts"].as_array().unwrap() {
+            for mount in c["volumeMounts"].as_array().unwrap() {
                 assert!(
-                    volumes.contains_key(m["name"].as_str().unwrap()),
-                    "{name}/{}: no volume {}",
+                    volumes.contains_key(mount["name"].as_str().unwrap()),
+                    "{n}: {name}/{}: no volume {}",
                     c["name"],
-                    m["name"]
+                    mount["name"]
                 );
             }
             if let Some(Some(address)) = flags(c).get("csi-address") {
                 assert_eq!(
                     socket_volume(c, address),
                     driver_socket,
-                    "{name}/{}: --csi-address is not the driver's socket",
+                    "{n}: {name}/{}: --csi-address is not the driver's socket",
                     c["name"]
                 );
             }
             let security = &c["securityContext"];
             if c["name"] != DRIVER_CONTAINER || workload == controller {
-                assert_ne!(security["privileged"], true, "{name}/{}", c["name"]);
+                assert_ne!(security["privileged"], true, "{n}: {name}/{}", c["name"]);
                 assert_eq!(
                     security["allowPrivilegeEscalation"], false,
-                    "{name}/{}",
+                    "{n}: {name}/{}",
                     c["name"]
                 );
                 assert_eq!(
                     security["capabilities"]["drop"],
                     json!(["ALL"]),
-                    "{name}/{}",
+                    "{n}: {name}/{}",
                     c["name"]
                 );
             }
             assert_eq!(
                 security["readOnlyRootFilesystem"], true,
-                "{name}/{}",
+                "{n}: {name}/{}",
                 c["name"]
             );
             assert!(
                 c["resources"]["requests"].is_object(),
-                "{name}/{}: requests",
+                "{n}: {name}/{}: requests",
                 c["name"]
             );
         }
     }
 
-    // Controller: two replicas on different nodes, one active (the csi-attacher's leader) and
-    // one standby; a rollout or a drain takes down one at a time; non-root; probes on the
-    // driver's own port.
-    assert_eq!(controller["spec"]["replicas"], 2);
-    assert_eq!(
-        controller["spec"]["strategy"],
-        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
-    );
+    // Controller: with two replicas or more, on different nodes, one active (the csi-attacher's
+    // leader) and the others standby, a rollout or a drain taking down one at a time; with
+    // one, a new pod first (a Ready standby) and no PodDisruptionBudget. Non-root; probes on the
+    // driver's own port; the driver follows the Lease either way.
     let pod_labels = &controller["spec"]["template"]["metadata"]["labels"];
     let anti = &controller["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
         ["requiredDuringSchedulingIgnoredDuringExecution"];
-    assert_eq!(anti.as_array().map(Vec::len), Some(1), "{anti}");
-    assert_eq!(anti[0]["topologyKey"], "kubernetes.io/hostname");
-    for (k, v) in anti[0]["labelSelector"]["matchLabels"].as_object().unwrap() {
-        assert_eq!(&pod_labels[k], v, "anti-affinity selector {k}");
+    let budget = m.find("PodDisruptionBudget", CONTROLLER);
+    if m.replicas() >= 2 {
+        assert_eq!(
+            controller["spec"]["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}),
+            "{n}"
+        );
+        assert_eq!(anti.as_array().map(Vec::len), Some(1), "{n}: {anti}");
+        assert_eq!(anti[0]["topologyKey"], "kubernetes.io/hostname");
+        for (k, v) in anti[0]["labelSelector"]["matchLabels"].as_object().unwrap() {
+            assert_eq!(&pod_labels[k], v, "{n}: anti-affinity selector {k}");
+        }
+        let budget = budget.unwrap_or_else(|| panic!("{n}: no PodDisruptionBudget"));
+        assert_eq!(budget["apiVersion"], "policy/v1");
+        assert_eq!(budget["metadata"]["namespace"], NAMESPACE);
+        assert_eq!(budget["spec"]["maxUnavailable"], 1);
+        assert_eq!(
+            budget["spec"]["selector"]["matchLabels"],
+            controller["spec"]["selector"]["matchLabels"]
+        );
+    } else {
+        assert_eq!(m.replicas(), 1, "{n}");
+        assert_eq!(
+            controller["spec"]["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+            "{n}"
+        );
+        assert!(anti.is_null(), "{n}: one replica needs no anti-affinity");
+        assert!(budget.is_none(), "{n}: a budget for one replica");
     }
-    let budget = base.get("PodDisruptionBudget", CONTROLLER);
-    assert_eq!(budget["apiVersion"], "policy/v1");
-    assert_eq!(budget["metadata"]["namespace"], NAMESPACE);
-    assert_eq!(budget["spec"]["maxUnavailable"], 1);
-    assert_eq!(
-        budget["spec"]["selector"]["matchLabels"],
-        controller["spec"]["selector"]["matchLabels"]
-    );
     let pod = &controller["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let driver = container(controller, DRIVER_CONTAINER);
     assert_eq!(flag(driver, "mode"), "controller");
+    assert!(flags(driver).contains_key("leader-election"), "{n}");
     let metrics_port = flag(driver, "metrics-address")
         .rsplit_once(':')
         .unwrap()
@@ -879,15 +1183,47 @@ fn the_workloads_are_wired_together() {
         driver["livenessProbe"]["httpGet"],
         json!({"path": "/healthz", "port": "metrics"})
     );
-    let file_root = flag(driver, "file-root");
-    assert!(
-        driver["volumeMounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["mountPath"] == file_root),
-        "--file-root {file_root} is not a mounted volume (the root filesystem is read-only)"
-    );
+    let controller_volumes = volumes_by_name(controller);
+    match m.backend() {
+        Backend::File => {
+            let file_root = flag(driver, "file-root");
+            assert!(
+                driver["volumeMounts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|mount| mount["mountPath"] == file_root),
+                "{n}: --file-root {file_root} is not a mounted volume (the root filesystem is read-only)"
+            );
+        }
+        Backend::Rds => {
+            // The SSH key and the host key are the Go chart's Secret keys, read-only, 0400.
+            let mut secrets = BTreeSet::new();
+            let mut wanted = vec![("rds-key-file", "rds-private-key")];
+            if !flags(driver).contains_key("rds-insecure-skip-verify") {
+                wanted.push(("rds-host-key", "rds-host-key"));
+            }
+            for (f, key) in wanted {
+                let file = flag(driver, f);
+                let (mount, name) = mount_of(driver, &file)
+                    .unwrap_or_else(|| panic!("{n}: --{f} {file} is not on a mounted volume"));
+                assert_eq!(name, key, "{n}: --{f}");
+                assert_eq!(mount["mountPath"], CREDENTIALS_DIR);
+                assert_eq!(
+                    mount["readOnly"], true,
+                    "{n}: the credentials are read-only"
+                );
+                let secret = &controller_volumes[mount["name"].as_str().unwrap()]["secret"];
+                assert_eq!(secret["defaultMode"], 0o400, "{n}: {secret}");
+                secrets.insert(secret["secretName"].as_str().unwrap().to_string());
+            }
+            assert_eq!(secrets.len(), 1, "{n}: one Secret: {secrets:?}");
+            assert!(
+                !flags(driver).contains_key("file-root"),
+                "{n}: the RDS backend keeps no files in the pod"
+            );
+        }
+    }
 
     // Node: only the driver is privileged; it shares its mounts with the host.
     let driver = container(node, DRIVER_CONTAINER);
@@ -897,66 +1233,98 @@ fn the_workloads_are_wired_together() {
     assert_eq!(env["name"], "RDS_CSI_NODE_ID");
     assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     let mounts = driver["volumeMounts"].as_array().unwrap();
-    let kubelet = mounts
-        .iter()
-        .find(|m| m["mountPath"] == "/var/lib/kubelet")
-        .unwrap();
-    assert_eq!(kubelet["mountPropagation"], "Bidirectional");
-    for host in ["/dev", "/sys"] {
-        assert!(mounts.iter().any(|m| m["mountPath"] == host), "{host}");
-    }
-    let volumes = node["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap();
+    let node_volumes = volumes_by_name(node);
     let host_path = |name: &str| -> String {
-        volumes.iter().find(|v| v["name"] == name).unwrap()["hostPath"]["path"]
+        node_volumes[name]["hostPath"]["path"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    // The node only reads sysfs (loop devices' backing files, numbers and sizes).
-    let sys = mounts.iter().find(|m| m["mountPath"] == "/sys").unwrap();
-    assert_eq!(sys["readOnly"], true, "/sys");
+    // The kubelet passes host paths: the kubelet's directory is mounted at its own path.
+    let kubelet = host_path("kubelet-dir");
+    let kubelet_mount = mounts
+        .iter()
+        .find(|mount| mount["name"] == "kubelet-dir")
+        .unwrap();
+    assert_eq!(kubelet_mount["mountPath"], kubelet.as_str(), "{n}");
+    assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
+    for host in ["/dev", "/sys"] {
+        assert!(
+            mounts.iter().any(|mount| mount["mountPath"] == host),
+            "{host}"
+        );
+    }
+    let sys = mounts
+        .iter()
+        .find(|mount| mount["mountPath"] == "/sys")
+        .unwrap();
+    let host_network = &node["spec"]["template"]["spec"]["hostNetwork"];
+    match m.backend() {
+        // The node only reads sysfs (loop devices' backing files, numbers and sizes).
+        Backend::File => {
+            assert_eq!(sys["readOnly"], true, "{n}: /sys");
+            assert!(
+                host_network.is_null(),
+                "{n}: loop devices need no host network"
+            );
+        }
+        // `nvme disconnect` writes a controller's delete_controller in sysfs; an NVMe/TCP
+        // connection is made in the caller's network namespace and must outlive the pod.
+        Backend::Rds => {
+            assert!(sys["readOnly"].is_null(), "{n}: /sys must be writable");
+            assert_eq!(host_network, true, "{n}");
+            assert!(flags(driver).contains_key("rds-nqn-prefix"), "{n}");
+        }
+    }
     // The records of staged volumes outlive the pod: they are on a host directory.
     let state_dir = flag(driver, "node-state-dir");
     let state_mount = mounts
         .iter()
-        .find(|m| {
-            let dir = m["mountPath"].as_str().unwrap();
+        .find(|mount| {
+            let dir = mount["mountPath"].as_str().unwrap();
             state_dir == dir || state_dir.starts_with(&format!("{dir}/"))
         })
         .unwrap_or_else(|| panic!("--node-state-dir {state_dir} is not on a mounted volume"));
-    let state_volume = volumes
-        .iter()
-        .find(|v| v["name"] == state_mount["name"])
-        .unwrap();
     assert!(
-        state_volume["hostPath"]["path"].is_string(),
+        node_volumes[state_mount["name"].as_str().unwrap()]["hostPath"]["path"].is_string(),
         "--node-state-dir {state_dir} must be on a hostPath to survive restarts"
     );
     let registrar = container(node, "node-driver-registrar");
     assert_eq!(
         flag(registrar, "kubelet-registration-path"),
         format!("{}/csi.sock", host_path("socket-dir")),
-        "the kubelet must find the socket the driver serves"
+        "{n}: the kubelet must find the socket the driver serves"
     );
     assert_eq!(
         host_path("socket-dir"),
-        format!("/var/lib/kubelet/plugins/{DRIVER}")
+        format!("{kubelet}/plugins/{DRIVER}")
     );
     assert_eq!(
         host_path("registration-dir"),
-        "/var/lib/kubelet/plugins_registry"
+        format!("{kubelet}/plugins_registry")
+    );
+    // The node driver's liveness is the CSI Probe that livenessprobe serves.
+    let probe_port = flag(container(node, "livenessprobe"), "http-endpoint");
+    assert_eq!(
+        format!(":{}", driver["livenessProbe"]["httpGet"]["port"]),
+        probe_port,
+        "{n}"
     );
 
     // Metrics: the Service selects the controller pod; the ServiceMonitor selects the Service.
-    let service = base.get("Service", "rds-csi-controller-metrics");
+    let Some(service) = m.find("Service", "rds-csi-controller-metrics") else {
+        assert!(
+            m.find("ServiceMonitor", "rds-csi-controller").is_none(),
+            "{n}: a ServiceMonitor without its Service"
+        );
+        return;
+    };
     let labels = &controller["spec"]["template"]["metadata"]["labels"];
     for (k, v) in service["spec"]["selector"].as_object().unwrap() {
         assert_eq!(&labels[k], v, "Service selector {k}");
     }
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
-    let monitor = base.get("ServiceMonitor", "rds-csi-controller");
+    let monitor = m.get("ServiceMonitor", "rds-csi-controller");
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
     for (k, v) in monitor["spec"]["selector"]["matchLabels"]
         .as_object()
@@ -978,9 +1346,11 @@ fn the_workloads_are_wired_together() {
 /// csi-attacher with PUBLISH_UNPUBLISH_VOLUME (and attachRequired), csi-provisioner with
 /// CREATE_DELETE_VOLUME, csi-resizer exactly with EXPAND_VOLUME (it exits at start against
 /// a driver that cannot resize, and without it no PVC ever grows), and csi-snapshotter exactly
-/// with CREATE_DELETE_SNAPSHOT (without it no VolumeSnapshot is ever taken; with it and no such
-/// capability it would fail every one), with the provisioner's snapshot rules (restores) and a
-/// VolumeSnapshotClass example alongside.
+/// with CREATE_DELETE_SNAPSHOT in the base (without it no VolumeSnapshot is ever taken; with
+/// it and no such capability it would fail every one), with the provisioner's snapshot rules
+/// (restores) and a VolumeSnapshotClass example alongside. A render may turn snapshots off
+/// (sidecars.snapshotter.enabled false): then csi-snapshotter, its role, the provisioner's
+/// snapshot rules and every VolumeSnapshotClass go together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecars_match_the_driver_capabilities() {
     let d = Driver::start(&[], &["--mode", "controller"]).await;
@@ -1000,33 +1370,31 @@ async fn the_sidecars_match_the_driver_capabilities() {
     let has = |rpc: Rpc| caps.contains(&(rpc as i32));
 
     let base = Manifests::base();
-    let controller = base.get("Deployment", CONTROLLER);
-    let sidecar = |image: &str| {
-        containers(controller).iter().any(|c| {
+    let snapshots = |m: &Manifests| {
+        containers(m.controller()).iter().any(|c| {
             c["image"]
                 .as_str()
                 .unwrap()
-                .starts_with(&format!("registry.k8s.io/sig-storage/{image}:"))
+                .starts_with("registry.k8s.io/sig-storage/csi-snapshotter:")
         })
     };
-    assert_eq!(sidecar("csi-attacher"), has(Rpc::PublishUnpublishVolume));
     assert_eq!(
-        base.get("CSIDriver", DRIVER)["spec"]["attachRequired"],
-        has(Rpc::PublishUnpublishVolume)
-    );
-    assert_eq!(sidecar("csi-provisioner"), has(Rpc::CreateDeleteVolume));
-    assert_eq!(
-        sidecar("csi-resizer"),
-        has(Rpc::ExpandVolume),
-        "csi-resizer belongs in the base exactly when the driver advertises EXPAND_VOLUME"
-    );
-    assert_eq!(
-        sidecar("csi-snapshotter"),
+        snapshots(&base),
         has(Rpc::CreateDeleteSnapshot),
         "csi-snapshotter belongs in the base exactly when the driver advertises \
          CREATE_DELETE_SNAPSHOT"
     );
-    assert!(sidecar("livenessprobe"));
+    let mut without_snapshots = 0;
+    for m in Manifests::all() {
+        sidecars_match(&m, &has, snapshots(&m));
+        if !snapshots(&m) {
+            without_snapshots += 1;
+        }
+    }
+    assert!(
+        without_snapshots >= 1,
+        "no render turns snapshots off: the chart's switch is untested"
+    );
 
     let examples = Manifests::load("deploy/examples");
     let classes: Vec<&Value> = examples.of_kind("VolumeSnapshotClass").collect();
@@ -1040,9 +1408,57 @@ async fn the_sidecars_match_the_driver_capabilities() {
         assert_eq!(class["driver"], DRIVER);
         assert_eq!(class["deletionPolicy"], "Delete");
     }
+    for class in examples.of_kind("StorageClass") {
+        assert_eq!(
+            class["allowVolumeExpansion"] == true,
+            has(Rpc::ExpandVolume),
+            "{}: allowVolumeExpansion",
+            class["metadata"]["name"]
+        );
+    }
+}
+
+fn sidecars_match(m: &Manifests, has: &dyn Fn(Rpc) -> bool, snapshots: bool) {
+    let n = &m.name;
+    let controller = m.controller();
+    let sidecar = |image: &str| {
+        containers(controller).iter().any(|c| {
+            c["image"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("registry.k8s.io/sig-storage/{image}:"))
+        })
+    };
+    assert_eq!(
+        sidecar("csi-attacher"),
+        has(Rpc::PublishUnpublishVolume),
+        "{n}"
+    );
+    assert_eq!(
+        m.get("CSIDriver", DRIVER)["spec"]["attachRequired"],
+        has(Rpc::PublishUnpublishVolume)
+    );
+    assert_eq!(
+        sidecar("csi-provisioner"),
+        has(Rpc::CreateDeleteVolume),
+        "{n}"
+    );
+    assert_eq!(
+        sidecar("csi-resizer"),
+        has(Rpc::ExpandVolume),
+        "{n}: csi-resizer belongs in the pod exactly when the driver advertises EXPAND_VOLUME"
+    );
+    assert!(sidecar("livenessprobe"), "{n}");
+    if snapshots {
+        assert!(
+            has(Rpc::CreateDeleteSnapshot),
+            "{n}: csi-snapshotter without snapshots"
+        );
+    }
+
     // A restore reads the VolumeSnapshot and its content: the provisioner's role allows it
-    // exactly when the driver can restore.
-    let provisioner = grants(base.get("ClusterRole", "rds-csi-external-provisioner"));
+    // exactly when snapshots are on, and the provisioner sweeps snapshot finalizers only then.
+    let provisioner = grants(m.get("ClusterRole", "rds-csi-external-provisioner"));
     for (resource, verb) in [
         ("volumesnapshots", "get"),
         ("volumesnapshotcontents", "get"),
@@ -1053,20 +1469,18 @@ async fn the_sidecars_match_the_driver_capabilities() {
                 resource.into(),
                 verb.into()
             )),
-            has(Rpc::CreateDeleteSnapshot),
-            "csi-provisioner: {resource} {verb}"
+            snapshots,
+            "{n}: csi-provisioner: {resource} {verb}"
         );
     }
-    for class in examples.of_kind("StorageClass") {
-        assert_eq!(
-            class["allowVolumeExpansion"] == true,
-            has(Rpc::ExpandVolume),
-            "{}: allowVolumeExpansion",
-            class["metadata"]["name"]
-        );
-    }
+    assert_eq!(
+        flags(container(controller, "csi-provisioner")).get("snapshot-orphan-sweep-interval"),
+        (!snapshots).then(|| Some("0".to_string())).as_ref(),
+        "{n}: without snapshot rules the provisioner must not sweep snapshot finalizers"
+    );
 
     // The resizer runs in the controller pod, on the same socket, with its role bound.
+    let driver = container(controller, DRIVER_CONTAINER);
     let resizer = container(controller, "csi-resizer");
     assert_eq!(
         flag(resizer, "csi-address"),
@@ -1074,12 +1488,12 @@ async fn the_sidecars_match_the_driver_capabilities() {
     );
     assert_eq!(
         format!("unix://{}", flag(resizer, "csi-address")),
-        flag(container(controller, DRIVER_CONTAINER), "endpoint"),
+        flag(driver, "endpoint"),
         "csi-resizer talks to the driver's socket"
     );
     assert!(flags(resizer).contains_key("leader-election"));
-    base.get("ClusterRole", "rds-csi-external-resizer");
-    let binding = base
+    m.get("ClusterRole", "rds-csi-external-resizer");
+    let binding = m
         .of_kind("ClusterRoleBinding")
         .find(|b| b["roleRef"]["name"] == "rds-csi-external-resizer")
         .expect("a ClusterRoleBinding of rds-csi-external-resizer");
@@ -1090,18 +1504,28 @@ async fn the_sidecars_match_the_driver_capabilities() {
         controller["spec"]["template"]["spec"]["serviceAccountName"]
     );
 
-    // Likewise the snapshotter, with the rules its documentation lists for snapshots.
+    // Likewise the snapshotter, with the rules its documentation lists for snapshots; or, with
+    // snapshots off, none of it.
+    let role = m.find("ClusterRole", "rds-csi-external-snapshotter");
+    if !snapshots {
+        assert!(role.is_none(), "{n}: the snapshotter's role without it");
+        assert!(
+            m.of_kind("VolumeSnapshotClass").next().is_none(),
+            "{n}: a VolumeSnapshotClass without csi-snapshotter"
+        );
+        return;
+    }
     let snapshotter = container(controller, "csi-snapshotter");
     assert_eq!(
         format!("unix://{}", flag(snapshotter, "csi-address")),
-        flag(container(controller, DRIVER_CONTAINER), "endpoint"),
+        flag(driver, "endpoint"),
         "csi-snapshotter talks to the driver's socket"
     );
     assert!(
         flags(snapshotter).contains_key("leader-election"),
         "one snapshotter acts at a time"
     );
-    let role = grants(base.get("ClusterRole", "rds-csi-external-snapshotter"));
+    let role = grants(role.unwrap_or_else(|| panic!("{n}: no snapshotter role")));
     for (group, resource, verbs) in [
         (
             "snapshot.storage.k8s.io",
@@ -1123,11 +1547,11 @@ async fn the_sidecars_match_the_driver_capabilities() {
         for verb in verbs {
             assert!(
                 role.contains(&(group.into(), resource.into(), verb.to_string())),
-                "csi-snapshotter: {resource} {verb}"
+                "{n}: csi-snapshotter: {resource} {verb}"
             );
         }
     }
-    let binding = base
+    let binding = m
         .of_kind("ClusterRoleBinding")
         .find(|b| b["roleRef"]["name"] == "rds-csi-external-snapshotter")
         .expect("a ClusterRoleBinding of rds-csi-external-snapshotter");
@@ -1135,6 +1559,10 @@ async fn the_sidecars_match_the_driver_capabilities() {
         binding["subjects"][0]["name"],
         controller["spec"]["template"]["spec"]["serviceAccountName"]
     );
+    for class in m.of_kind("VolumeSnapshotClass") {
+        assert_eq!(class["apiVersion"], "snapshot.storage.k8s.io/v1");
+        assert_eq!(class["driver"], DRIVER);
+    }
 }
 
 /// The examples use this driver, the migration class is RWX-ready, and the VM live-migrates on
@@ -1173,21 +1601,22 @@ fn the_examples_use_the_driver_for_live_migration() {
         .any(|v| v["persistentVolumeClaim"]["claimName"] == "vm-disk"));
 }
 
-/// The image the manifests run is this crate's version, runs the binary as its entrypoint, and
-/// is non-root by default as the controller pod expects.
+/// The chart's version and appVersion are this crate's; the image the base runs is this
+/// crate's version, runs the binary as its entrypoint, and is non-root by default as the
+/// controller pod expects.
 #[test]
 fn the_image_matches_the_manifests() {
-    let kustomization = read_yaml(&path("deploy/kubernetes/kustomization.yaml")).remove(0);
-    let image = &kustomization["images"][0];
-    assert_eq!(image["name"], "rds-csi");
-    assert_eq!(image["newTag"], env!("CARGO_PKG_VERSION"));
+    let chart = read_yaml(&path(&format!("{CHART}/Chart.yaml"))).remove(0);
+    assert_eq!(chart["name"], "rds-csi");
+    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(chart["version"], env!("CARGO_PKG_VERSION"));
     let base = Manifests::base();
-    for workload in [
-        base.get("Deployment", CONTROLLER),
-        base.get("DaemonSet", NODE),
-    ] {
+    for workload in [base.controller(), base.node()] {
         let driver = container(workload, DRIVER_CONTAINER);
-        assert_eq!(driver["image"], "rds-csi");
+        assert_eq!(
+            driver["image"],
+            format!("rds-csi:{}", env!("CARGO_PKG_VERSION"))
+        );
         assert!(
             driver.get("command").is_none(),
             "args go to the image's entrypoint"
@@ -1206,7 +1635,7 @@ fn the_image_matches_the_manifests() {
     };
     assert_eq!(last("ENTRYPOINT "), r#"["/usr/local/bin/rds-csi"]"#);
     let user = last("USER ");
-    let pod = &base.get("Deployment", CONTROLLER)["spec"]["template"]["spec"];
+    let pod = &base.controller()["spec"]["template"]["spec"];
     assert_eq!(
         user,
         format!("{0}:{0}", pod["securityContext"]["runAsUser"])
@@ -1218,4 +1647,219 @@ fn the_image_matches_the_manifests() {
     for p in ["target/", "volumes/", ".git"] {
         assert!(ignored.lines().any(|l| l == p), ".dockerignore: {p}");
     }
+}
+
+// ---- 4. The Go chart's values ---------------------------------------------------------------
+
+fn go_style_values() -> Value {
+    read_yaml(&path(&format!("{CHART}/ci/{GO_STYLE}-values.yaml"))).remove(0)
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The Go chart's keys in a Go user's values file become the flags README.md's table promises.
+#[test]
+fn go_style_values_become_the_documented_flags() {
+    let values = go_style_values();
+    let m = Manifests::rendered(GO_STYLE);
+    let rds = &values["rds"];
+    let c = &values["controller"];
+    let driver = container(m.controller(), DRIVER_CONTAINER);
+    let f = flags(driver);
+    let expect = |flag: &str, value: String| {
+        assert_eq!(
+            f.get(flag),
+            Some(&Some(value.clone())),
+            "--{flag} should be {value}"
+        );
+    };
+    expect("backend", "rds".into());
+    expect(
+        "rds-address",
+        format!("{}:{}", text(&rds["managementIP"]), text(&rds["sshPort"])),
+    );
+    expect("rds-user", text(&rds["sshUser"]));
+    expect("rds-nvme-address", text(&rds["storageIP"]));
+    expect("rds-nvme-port", text(&rds["nvmePort"]));
+    expect("rds-volume-path", text(&rds["basePath"]));
+    // "nqn.2000-02.com.mikrotik:pvc-" (the Go node's managed-NQN prefix) is the NQN's first
+    // part followed by the volume id's "pvc-": this driver takes the first part.
+    let go_prefix = text(&rds["nqnPrefix"]);
+    let prefix = go_prefix
+        .strip_suffix(":pvc-")
+        .expect("the Go chart's form");
+    expect("rds-nqn-prefix", prefix.into());
+    assert_eq!(
+        flag(container(m.node(), DRIVER_CONTAINER), "rds-nqn-prefix"),
+        prefix
+    );
+    assert_eq!(prefix, fake_rds::GO_NQN_PREFIX, "the Go driver's NQNs");
+    expect("rds-key-file", format!("{CREDENTIALS_DIR}/rds-private-key"));
+    expect("rds-host-key", format!("{CREDENTIALS_DIR}/rds-host-key"));
+    assert_eq!(rds["insecureSkipVerify"], false);
+    assert!(!f.contains_key("rds-insecure-skip-verify"));
+    let secret = m.controller()["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["secret"]["secretName"].as_str())
+        .unwrap();
+    assert_eq!(secret, text(&rds["secretName"]));
+
+    expect(
+        "stale-attachment-interval",
+        text(&c["attachmentReconcileInterval"]),
+    );
+    expect(
+        "orphan-interval",
+        text(&c["orphanReconciler"]["checkInterval"]),
+    );
+    expect("orphan-grace", text(&c["orphanReconciler"]["gracePeriod"]));
+    assert_eq!(c["orphanReconciler"]["dryRun"], true);
+    assert!(!f.contains_key("orphan-delete"), "dryRun: report only");
+    // 30s is the driver's default: not passed (the_chart_defaults_are_the_drivers holds them
+    // equal).
+    assert_eq!(c["attachmentGracePeriod"], "30s");
+    assert!(!f.contains_key("attachment-grace-period"));
+    // replicas 1: no standby, the driver still follows the Lease.
+    assert_eq!(c["replicas"], 1);
+    assert_eq!(m.replicas(), 1);
+    assert!(f.contains_key("leader-election"));
+    // logLevel 5 (klog's debug range): this driver's debug lines.
+    assert_eq!(c["logLevel"], 5);
+    let env = container_env(driver, NAMESPACE);
+    assert!(
+        env.contains(&("RUST_LOG".into(), "info,rds_csi=debug".into())),
+        "{env:?}"
+    );
+    // The Go chart's sidecar arguments are appended; the later --timeout wins.
+    let attacher = container(m.controller(), "csi-attacher");
+    assert_eq!(flag(attacher, "timeout"), "300s");
+    let node = &m.node()["spec"]["template"]["spec"];
+    assert_eq!(node["terminationGracePeriodSeconds"], 60);
+    // The metrics port, the ServiceMonitor's labels.
+    let port = values["monitoring"]["port"].as_u64().unwrap();
+    assert_eq!(flag(driver, "metrics-address"), format!("0.0.0.0:{port}"));
+    let monitor = m.get("ServiceMonitor", "rds-csi-controller");
+    for (k, v) in values["monitoring"]["serviceMonitor"]["labels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&monitor["metadata"]["labels"][k], v);
+    }
+}
+
+/// A StorageClass's parameters cannot change, so `helm upgrade` from the Go chart updates its
+/// classes in place only if this chart renders exactly the Go chart's parameters from the same
+/// entries: csi.storage.k8s.io/fstype, nvmeAddress (else rds.storageIP), nvmePort (else
+/// rds.nvmePort, as a string) and volumePath (else rds.basePath), nothing more.
+#[test]
+fn go_style_storage_classes_keep_the_go_charts_parameters() {
+    let values = go_style_values();
+    let m = Manifests::rendered(GO_STYLE);
+    let rds = &values["rds"];
+    let entries = values["storageClasses"].as_array().unwrap();
+    let mut rendered = 0;
+    for entry in entries.iter().filter(|e| e["enabled"] != false) {
+        let class = m.get("StorageClass", entry["name"].as_str().unwrap());
+        rendered += 1;
+        let or = |key: &str, fallback: &Value| match &entry[key] {
+            Value::String(s) if s.is_empty() => text(fallback),
+            Value::Null => text(fallback),
+            v => text(v),
+        };
+        assert_eq!(
+            class["parameters"],
+            json!({
+                "csi.storage.k8s.io/fstype": text(&entry["fsType"]),
+                "nvmeAddress": or("nvmeAddress", &rds["storageIP"]),
+                "nvmePort": or("nvmePort", &rds["nvmePort"]),
+                "volumePath": or("volumePath", &rds["basePath"]),
+            }),
+            "{}",
+            entry["name"]
+        );
+        assert_eq!(class["provisioner"], DRIVER);
+        assert_eq!(class["reclaimPolicy"], entry["reclaimPolicy"]);
+        assert_eq!(class["volumeBindingMode"], entry["volumeBindingMode"]);
+        assert_eq!(
+            class["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"]
+                == "true",
+            entry["isDefault"] == true
+        );
+    }
+    assert_eq!(rendered, m.of_kind("StorageClass").count());
+    assert!(
+        rendered >= 2,
+        "the Go-style file has rds-nvme and rds-nvme-rwx"
+    );
+    let class = m.get("VolumeSnapshotClass", "rds-csi-snapclass");
+    assert_eq!(
+        class["deletionPolicy"],
+        values["snapshotClass"]["deletionPolicy"]
+    );
+}
+
+/// Every StorageClass any render makes is one this driver serves: its provisioner, a
+/// filesystem it formats, an nvmeAddress that is an IP address, parameters as strings, and a
+/// migrationTimeoutSeconds within the driver's clamp. Some render has a KubeVirt live-migration
+/// class with migrationTimeoutSeconds.
+#[test]
+fn rendered_storage_classes_are_served_by_the_driver() {
+    let mut migration_classes = 0;
+    for m in Manifests::all() {
+        if m.backend() == Backend::File {
+            assert_eq!(
+                m.of_kind("StorageClass").count(),
+                0,
+                "{}: StorageClasses come with the RDS backend",
+                m.name
+            );
+        }
+        for class in m.of_kind("StorageClass") {
+            let name = format!("{}: {}", m.name, class["metadata"]["name"]);
+            assert_eq!(class["provisioner"], DRIVER, "{name}");
+            let params = class["parameters"].as_object().unwrap();
+            for (k, v) in params {
+                assert!(v.is_string(), "{name}: {k} is not a string");
+            }
+            let fs = params["csi.storage.k8s.io/fstype"].as_str().unwrap();
+            assert!(["ext4", "xfs"].contains(&fs), "{name}: {fs}");
+            if let Some(a) = params.get("nvmeAddress") {
+                a.as_str()
+                    .unwrap()
+                    .parse::<std::net::IpAddr>()
+                    .unwrap_or_else(|e| panic!("{name}: nvmeAddress {a}: {e}"));
+            }
+            if let Some(t) = params.get("migrationTimeoutSeconds") {
+                let t: u64 = t.as_str().unwrap().parse().unwrap();
+                assert!((30..=3600).contains(&t), "{name}: {t}");
+                migration_classes += 1;
+            }
+        }
+    }
+    assert!(
+        migration_classes >= 1,
+        "no render has a live-migration class"
+    );
+}
+
+/// Defaults the chart leaves to the driver are the driver's: the chart passes
+/// --attachment-grace-period only when it differs from its default, so the two must agree.
+#[test]
+fn the_chart_defaults_are_the_drivers() {
+    let values = read_yaml(&path(&format!("{CHART}/values.yaml"))).remove(0);
+    let (_, entries) = help_entries();
+    let default = entries["attachment-grace-period"]
+        .split("[default: ")
+        .nth(1)
+        .and_then(|d| d.split(']').next())
+        .unwrap()
+        .to_string();
+    assert_eq!(values["controller"]["attachmentGracePeriod"], default);
 }
