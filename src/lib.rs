@@ -12,6 +12,7 @@
 //! - [`role`]: whether this controller serves attachments (active, standby), following the
 //!   csi-attacher's leader Lease, and the switch between the two;
 //! - [`reconcile`]: the active controller's reconcilers (stale attachments, orphan volumes);
+//! - [`keyed`]: async locks by key (per volume, per snapshot), shared by `node` and `backend`;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and `/debug/attachments`;
 //! - [`ctl`]: a small CSI client over the socket for humans.
 
@@ -22,6 +23,7 @@ pub mod domain;
 pub mod grpc;
 pub mod http;
 pub mod ids;
+pub mod keyed;
 pub mod kube;
 pub mod metrics;
 pub mod node;

@@ -9,14 +9,10 @@
 //! operations that each need two locks cannot deadlock. Entries nobody holds are pruned as the
 //! map grows.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
-
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::ids::{SnapshotId, VolumeId};
-
-const MIN_PRUNE_AT: usize = 64;
+use crate::keyed::KeyedLocks;
 
 /// What a lock guards.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,13 +32,7 @@ pub enum Mode {
 
 #[derive(Default)]
 pub struct Locks {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    locks: HashMap<Key, Weak<RwLock<()>>>,
-    prune_at: usize,
+    locks: KeyedLocks<Key, RwLock<()>>,
 }
 
 /// Held locks; dropping it releases them. Move it into the blocking task doing the I/O, so
@@ -55,20 +45,6 @@ enum Guard {
 }
 
 impl Locks {
-    fn entry(&self, key: &Key) -> Arc<RwLock<()>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = inner.locks.get(key).and_then(Weak::upgrade) {
-            return lock;
-        }
-        let lock = Arc::new(RwLock::new(()));
-        inner.locks.insert(key.clone(), Arc::downgrade(&lock));
-        if inner.locks.len() >= inner.prune_at.max(MIN_PRUNE_AT) {
-            inner.locks.retain(|_, w| w.strong_count() > 0);
-            inner.prune_at = 2 * inner.locks.len();
-        }
-        lock
-    }
-
     /// Waits for every lock in `wanted` (a key named twice is held exclusively if either asks
     /// for that), taking them in key order.
     pub async fn acquire(&self, wanted: impl IntoIterator<Item = (Key, Mode)>) -> Held {
@@ -85,7 +61,7 @@ impl Locks {
         });
         let mut held = Vec::with_capacity(wanted.len());
         for (key, mode) in wanted {
-            let lock = self.entry(&key);
+            let lock = self.locks.get(&key);
             held.push(match mode {
                 Mode::Shared => Guard::Shared(lock.read_owned().await),
                 Mode::Exclusive => Guard::Exclusive(lock.write_owned().await),
@@ -96,21 +72,19 @@ impl Locks {
 
     /// Keys with an entry (held, or not yet pruned).
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .locks
-            .len()
+        self.locks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.locks.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyed::MIN_PRUNE_AT;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn vol(id: &str) -> Key {

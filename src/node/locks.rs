@@ -2,64 +2,37 @@
 //! different volumes proceed in parallel. Entries of volumes nobody holds are pruned as the map
 //! grows, so random ids cannot grow it without bound.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
-
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::ids::VolumeId;
-
-const MIN_PRUNE_AT: usize = 64;
+use crate::keyed::KeyedLocks;
 
 #[derive(Default)]
 pub struct VolumeLocks {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    locks: HashMap<VolumeId, Weak<tokio::sync::Mutex<()>>>,
-    prune_at: usize,
+    locks: KeyedLocks<VolumeId, Mutex<()>>,
 }
 
 impl VolumeLocks {
     /// Waits for the volume's turn; the guard releases it.
     pub async fn lock(&self, volume: &VolumeId) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            match inner.locks.get(volume).and_then(Weak::upgrade) {
-                Some(lock) => lock,
-                None => {
-                    let lock = Arc::new(tokio::sync::Mutex::new(()));
-                    inner.locks.insert(volume.clone(), Arc::downgrade(&lock));
-                    if inner.locks.len() >= inner.prune_at.max(MIN_PRUNE_AT) {
-                        inner.locks.retain(|_, w| w.strong_count() > 0);
-                        inner.prune_at = 2 * inner.locks.len();
-                    }
-                    lock
-                }
-            }
-        };
-        lock.lock_owned().await
+        self.locks.get(volume).lock_owned().await
     }
 
     /// Volumes with an entry (held, or not yet pruned).
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .locks
-            .len()
+        self.locks.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.locks.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyed::MIN_PRUNE_AT;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn vol(id: &str) -> VolumeId {
