@@ -643,6 +643,44 @@ impl Files {
     }
 }
 
+/// The files of one directory read at open.
+struct Scan {
+    metas: Vec<PathBuf>,
+    images: Vec<PathBuf>,
+    /// Leftovers were removed.
+    changed: bool,
+}
+
+/// Sorts a directory's files into metadata and images, and removes the leftovers (`.partial`)
+/// of interrupted changes of the kind `what`. Subdirectories are not looked into.
+fn scan(entries: std::fs::ReadDir, dir: &str, what: &str) -> Result<Scan, BackendError> {
+    let mut found = Scan {
+        metas: Vec::new(),
+        images: Vec::new(),
+        changed: false,
+    };
+    for entry in entries {
+        let entry = entry.map_err(BackendError::io(format!("reading {dir}")))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(PARTIAL_EXT) => {
+                tracing::info!(path = %path.display(), "removing leftover of an interrupted {what}");
+                found.changed = true;
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove leftover");
+                }
+            }
+            Some(META_EXT) => found.metas.push(path),
+            Some(IMAGE_EXT) => found.images.push(path),
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
 /// Reads the root at open: cleans leftovers of interrupted changes, quarantines what cannot be
 /// served, and returns the volumes that remain. Only an unreadable root is an error.
 fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
@@ -650,27 +688,11 @@ fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
         "reading file root {}",
         root.display()
     )))?;
-    let (mut metas, mut images) = (Vec::new(), Vec::new());
-    let mut changed = false;
-    for entry in entries {
-        let entry = entry.map_err(BackendError::io("reading file root"))?;
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let path = entry.path();
-        match path.extension().and_then(|e| e.to_str()) {
-            Some(PARTIAL_EXT) => {
-                tracing::info!(path = %path.display(), "removing leftover of an interrupted change");
-                changed = true;
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove leftover");
-                }
-            }
-            Some(META_EXT) => metas.push(path),
-            Some(IMAGE_EXT) => images.push(path),
-            _ => {}
-        }
-    }
+    let Scan {
+        metas,
+        images,
+        mut changed,
+    } = scan(entries, "file root", "change")?;
     let mut index = BTreeMap::new();
     // Stems of every metadata file found, served or not: their images are never orphans.
     let mut described = std::collections::HashSet::new();
@@ -825,24 +847,11 @@ fn load_snapshots(root: &Path) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, Bac
             return Err(BackendError::io(format!("reading {}", dir.display()))(e));
         }
     };
-    let (mut metas, mut images) = (Vec::new(), Vec::new());
-    let mut changed = false;
-    for entry in entries {
-        let entry = entry.map_err(BackendError::io("reading snapshots/"))?;
-        let path = entry.path();
-        match path.extension().and_then(|e| e.to_str()) {
-            Some(PARTIAL_EXT) => {
-                tracing::info!(path = %path.display(), "removing leftover of an interrupted snapshot");
-                changed = true;
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove leftover");
-                }
-            }
-            Some(META_EXT) => metas.push(path),
-            Some(IMAGE_EXT) => images.push(path),
-            _ => {}
-        }
-    }
+    let Scan {
+        metas,
+        images,
+        mut changed,
+    } = scan(entries, "snapshots/", "snapshot")?;
     let mut index = BTreeMap::new();
     let mut described = std::collections::HashSet::new();
     for meta in metas {
