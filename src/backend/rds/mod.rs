@@ -282,8 +282,12 @@ impl RdsBackend {
         }
     }
 
-    /// Removes a disk and its backing file (idempotent).
-    async fn remove_disk(&self, slot: &Slot, disk: Option<&Disk>) -> Result<RosPath, BackendError> {
+    /// Removes the disk in `slot` and its backing file (idempotent), holding `key` (the
+    /// volume or snapshot it is) exclusively. Answers the file's path if there was a disk.
+    async fn remove_disk(&self, key: Key, slot: &Slot) -> Result<Option<RosPath>, BackendError> {
+        let _held = self.locks.acquire([(key, Mode::Exclusive)]).await;
+        let disk = self.disk(slot).await?;
+        let disk = disk.as_ref();
         if disk.is_some() {
             match self.run(&RosCommand::Remove { slot: slot.clone() }).await {
                 Ok(_) | Err(RunError::Failed(Failure::NoSuchItem(_))) => {}
@@ -303,7 +307,7 @@ impl RdsBackend {
             Ok(_) | Err(RunError::Failed(Failure::NoSuchItem(_))) => {}
             Err(e) => return Err(e.into_backend("removing the backing file")),
         }
-        Ok(path)
+        Ok(disk.map(|_| path))
     }
 
     fn snapshot_info(&self, id: SnapshotId, disk: &Disk) -> SnapshotInfo {
@@ -568,13 +572,7 @@ impl VolumeBackend for RdsBackend {
         let Some(slot) = volume_slot(id) else {
             return Ok(());
         };
-        let _held = self
-            .locks
-            .acquire([(Key::Volume(id.clone()), Mode::Exclusive)])
-            .await;
-        let disk = self.disk(&slot).await?;
-        let path = self.remove_disk(&slot, disk.as_ref()).await?;
-        if disk.is_some() {
+        if let Some(path) = self.remove_disk(Key::Volume(id.clone()), &slot).await? {
             tracing::info!(volume_id = %id, path = %path, "deleted from the RDS");
         }
         Ok(())
@@ -762,13 +760,7 @@ impl VolumeBackend for RdsBackend {
         let Some(slot) = snapshot_slot(id) else {
             return Ok(());
         };
-        let _held = self
-            .locks
-            .acquire([(Key::Snapshot(id.clone()), Mode::Exclusive)])
-            .await;
-        let disk = self.disk(&slot).await?;
-        let path = self.remove_disk(&slot, disk.as_ref()).await?;
-        if disk.is_some() {
+        if let Some(path) = self.remove_disk(Key::Snapshot(id.clone()), &slot).await? {
             tracing::info!(snapshot_id = %id, path = %path, "snapshot deleted from the RDS");
         }
         Ok(())
