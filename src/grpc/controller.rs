@@ -676,7 +676,9 @@ impl Controller for ControllerService {
         &self,
         _: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        Err(Status::unimplemented(
+            "GetSnapshot is not supported (GET_SNAPSHOT is not advertised): use ListSnapshots with snapshot_id",
+        ))
     }
     /// CSI §4.3 ControllerExpandVolume: grows the backing volume (online: it may be
     /// published); the node then refreshes the device and grows the filesystem, so

@@ -194,6 +194,18 @@ async fn the_snapshot_and_clone_capabilities_are_advertised() {
     ] {
         assert!(caps.contains(&(rpc as i32)), "{rpc:?} in {caps:?}");
     }
+    // GetSnapshot is not advertised, and says what to use instead.
+    assert!(!caps.contains(&(Rpc::GetSnapshot as i32)), "{caps:?}");
+    let err = d
+        .controller()
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: "snap-x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("ListSnapshots"), "{}", err.message());
 }
 
 #[tokio::test]
