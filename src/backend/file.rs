@@ -681,6 +681,27 @@ fn scan(entries: std::fs::ReadDir, dir: &str, what: &str) -> Result<Scan, Backen
     Ok(found)
 }
 
+/// Removes the images no metadata file describes (`what`: "image" or "snapshot image"), the
+/// leftovers of an interrupted `change`. Answers whether it removed any.
+fn remove_undescribed(
+    images: Vec<PathBuf>,
+    described: &std::collections::HashSet<String>,
+    what: &str,
+    change: &str,
+) -> bool {
+    let mut removed = false;
+    for image in images {
+        if !described.contains(&stem(&image)) && image.exists() {
+            tracing::info!(path = %image.display(), "removing {what} without metadata (an interrupted {change})");
+            removed = true;
+            if let Err(e) = std::fs::remove_file(&image) {
+                tracing::warn!(path = %image.display(), error = %e, "cannot remove {what} without metadata");
+            }
+        }
+    }
+    removed
+}
+
 /// Reads the root at open: cleans leftovers of interrupted changes, quarantines what cannot be
 /// served, and returns the volumes that remain. Only an unreadable root is an error.
 fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
@@ -717,15 +738,7 @@ fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
         changed = true;
         quarantine(root, &meta, &image, &problem);
     }
-    for image in images {
-        if !described.contains(&stem(&image)) && image.exists() {
-            tracing::info!(path = %image.display(), "removing image without metadata (an interrupted create or delete)");
-            changed = true;
-            if let Err(e) = std::fs::remove_file(&image) {
-                tracing::warn!(path = %image.display(), error = %e, "cannot remove image without metadata");
-            }
-        }
-    }
+    changed |= remove_undescribed(images, &described, "image", "create or delete");
     if changed {
         sync_dir(root)?;
     }
@@ -876,15 +889,7 @@ fn load_snapshots(root: &Path) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, Bac
         changed = true;
         quarantine(root, &meta, &image, &problem);
     }
-    for image in images {
-        if !described.contains(&stem(&image)) && image.exists() {
-            tracing::info!(path = %image.display(), "removing snapshot image without metadata (an interrupted snapshot or delete)");
-            changed = true;
-            if let Err(e) = std::fs::remove_file(&image) {
-                tracing::warn!(path = %image.display(), error = %e, "cannot remove snapshot image without metadata");
-            }
-        }
-    }
+    changed |= remove_undescribed(images, &described, "snapshot image", "snapshot or delete");
     if changed {
         sync_dir(&dir)?;
     }
