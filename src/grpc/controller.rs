@@ -213,21 +213,6 @@ fn snapshot(info: SnapshotInfo) -> Snapshot {
     }
 }
 
-fn parse_snapshot_token(token: &str) -> Result<Option<SnapshotId>, Error> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    token
-        .strip_prefix(SNAPSHOT_TOKEN_PREFIX)
-        .and_then(|id| SnapshotId::try_from(id).ok())
-        .map(Some)
-        .ok_or_else(|| {
-            Error::Aborted(format!(
-                "starting_token {token:?} was not issued by this driver"
-            ))
-        })
-}
-
 /// `(required_bytes, limit_bytes)` of an optional CapacityRange; negative values are invalid.
 fn capacity_range(range: Option<CapacityRange>) -> Result<(u64, u64), Error> {
     let range = range.unwrap_or_default();
@@ -338,13 +323,18 @@ fn capabilities(types: &[rpc::Type]) -> Vec<ControllerServiceCapability> {
         .collect()
 }
 
-fn parse_token(token: &str) -> Result<Option<VolumeId>, Error> {
+/// The id after `prefix` in a starting token this driver issued (ListVolumes' or
+/// ListSnapshots'); an empty token is the start. Anything else is ABORTED, as CSI asks.
+fn parse_token<Id: for<'a> TryFrom<&'a str>>(
+    token: &str,
+    prefix: &str,
+) -> Result<Option<Id>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
     token
-        .strip_prefix(TOKEN_PREFIX)
-        .and_then(|id| VolumeId::try_from(id).ok())
+        .strip_prefix(prefix)
+        .and_then(|id| Id::try_from(id).ok())
         .map(Some)
         .ok_or_else(|| {
             Error::Aborted(format!(
@@ -507,7 +497,7 @@ impl Controller for ControllerService {
             field: "max_entries",
             reason: "must not be negative".into(),
         })?;
-        let start = parse_token(&req.starting_token)?;
+        let start: Option<VolumeId> = parse_token(&req.starting_token, TOKEN_PREFIX)?;
         let all = self.backend.list().await.map_err(Error::from)?;
         let from = start.map_or(0, |id| all.partition_point(|v| v.id < id));
         let take = if max == 0 { usize::MAX } else { max };
@@ -630,7 +620,7 @@ impl Controller for ControllerService {
             field: "max_entries",
             reason: "must not be negative".into(),
         })?;
-        let start = parse_snapshot_token(&req.starting_token)?;
+        let start: Option<SnapshotId> = parse_token(&req.starting_token, SNAPSHOT_TOKEN_PREFIX)?;
         let mut all = if req.snapshot_id.is_empty() {
             self.backend.list_snapshots().await.map_err(Error::from)?
         } else {
