@@ -41,6 +41,8 @@ pub struct Metrics {
     pub reconciler_runs: IntCounterVec,
     pub orphan_volumes: IntGauge,
     pub orphan_deleted: IntCounter,
+    /// CreateVolumes carrying a StorageClass parameter the Go driver ignores, by parameter.
+    pub storageclass_parameters_ignored: IntCounterVec,
     pub rds: RdsMetrics,
 }
 
@@ -277,8 +279,19 @@ impl Metrics {
             "Orphan volumes deleted by the orphan reconciler (--orphan-delete).",
         ))
         .expect("valid metric");
+        let storageclass_parameters_ignored = IntCounterVec::new(
+            opts(
+                "storageclass",
+                "parameters_ignored_total",
+                "CreateVolume calls carrying a StorageClass parameter the Go driver ignores (and so does this one), by parameter.",
+            ),
+            &["parameter"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(attach_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(storageclass_parameters_ignored.clone())
+                as Box<dyn prometheus::core::Collector>,
+            Box::new(attach_total.clone()),
             Box::new(detach_total.clone()),
             Box::new(conflicts_total.clone()),
             Box::new(grace_period_used_total.clone()),
@@ -362,6 +375,7 @@ impl Metrics {
             reconciler_runs,
             orphan_volumes,
             orphan_deleted,
+            storageclass_parameters_ignored,
         }
     }
 

@@ -275,6 +275,33 @@ pub fn ip(raw: &str, field: &'static str) -> Result<IpAddr, Error> {
         .map_err(|_| invalid(field, format!("{} is not an IP address", shown(raw))))
 }
 
+/// A host a StorageClass's `rdsAddress` may name: an IP address literal, or a DNS name (at
+/// most 253 bytes of letters, digits, `-` and `.`, no empty label). The Go driver only echoes
+/// it into the volume context (and dials it when no `nvmeAddress` is set), so any real address
+/// goes; a value that is no address at all is refused.
+pub fn host(raw: &str, field: &'static str) -> Result<String, Error> {
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let ok = !raw.is_empty()
+        && raw.len() <= 253
+        && raw.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("{} is neither an IP address nor a host name", shown(raw)),
+        ));
+    }
+    Ok(raw.to_string())
+}
+
 /// A size RouterOS accepts in `file-size=`: whole GiB (`10G`), else whole MiB (`1536M`). A
 /// request is rounded *up* to the next MiB, never down (the Go driver truncates, which could
 /// make a volume smaller than asked for); whole-GiB sizes render exactly as the Go driver's.
@@ -533,6 +560,33 @@ mod tests {
             assert!(NqnPrefix::parse(&bad, "f").is_err(), "prefix {bad:?}");
             assert!(port(&bad, "f").is_err(), "port {bad:?}");
             assert!(ip(&bad, "f").is_err(), "ip {bad:?}");
+            assert!(host(&bad, "f").is_err(), "host {bad:?}");
+        }
+    }
+
+    /// `rdsAddress` takes what the Go driver's StorageClasses hold (it only echoes it): an IP
+    /// address or a host name. Catches a host name refused.
+    #[test]
+    fn hosts_are_ip_addresses_or_host_names() {
+        for good in [
+            "10.42.68.1",
+            "fd00::1",
+            "rds",
+            "rds.storage.example.com",
+            "rds-1.lan",
+        ] {
+            assert!(host(good, "f").is_ok(), "{good:?}");
+        }
+        assert_eq!(host("fd00:0::1", "f").unwrap(), "fd00::1");
+        for bad in [
+            "-rds",
+            "rds..lan",
+            "rds.",
+            "rds_1",
+            "10.42.68.1:22",
+            "http://rds",
+        ] {
+            assert!(host(bad, "f").is_err(), "{bad:?}");
         }
     }
 
