@@ -191,13 +191,27 @@ async fn volumes_are_created_listed_grown_and_deleted_with_the_go_drivers_comman
             .count()
     };
     let again = r
-        .create(id, 10 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .create(
+            id,
+            10 * GIB,
+            &[
+                ("nvmeAddress", "10.42.68.1"),
+                ("migrationTimeoutSeconds", "600"),
+            ],
+        )
         .await
         .unwrap();
     assert_eq!(again.volume_id, id);
     assert_eq!(adds(&r), 1);
     let bigger = r
-        .create(id, 20 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .create(
+            id,
+            20 * GIB,
+            &[
+                ("nvmeAddress", "10.42.68.1"),
+                ("migrationTimeoutSeconds", "600"),
+            ],
+        )
         .await
         .unwrap_err();
     assert_eq!(bigger.code(), Code::AlreadyExists, "{}", bigger.message());
@@ -323,11 +337,11 @@ async fn routeros_failure_text_maps_to_csi_codes() {
         "{}",
         err.message()
     );
-    r.fake
-        .fail_matching("/disk set", "failure: something else went wrong\r\n", 0, 1);
     r.create("pvc-grow", GIB, &[("nvmeAddress", "10.0.0.1")])
         .await
         .unwrap();
+    r.fake
+        .fail_matching("/disk set", "failure: something else went wrong\r\n", 0, 1);
     let err = r.expand("pvc-grow", 2 * GIB).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(
@@ -807,9 +821,11 @@ async fn get_capacity_asks_the_pool_of_the_storage_classs_volume_path() {
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
 }
 
-/// A CreateVolume repeated with the same name but parameters that make another disk is
-/// ALREADY_EXISTS (CSI CreateVolume: "compatible with ... parameters"), as with the file
-/// backend. Catches the RDS idempotency check comparing only size and path.
+/// A CreateVolume repeated with the same name but other parameters or capabilities is
+/// ALREADY_EXISTS (CSI CreateVolume: "compatible with the specified capacity_range,
+/// volume_capabilities, parameters"), as with the file backend; the same request again is
+/// the volume. A disk with no record (the Go driver's) takes the first request's. Catches the
+/// RDS idempotency check comparing only size and path.
 #[tokio::test]
 async fn a_repeated_create_volume_with_incompatible_parameters_is_already_exists() {
     let r = Rds::start(&[]).await;
@@ -842,6 +858,32 @@ async fn a_repeated_create_volume_with_incompatible_parameters_is_already_exists
     assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
     let err = r.create(id, 3 * GIB, &params).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    // What RouterOS does not show: another address, timing, or capability.
+    for other in [
+        vec![("nvmeAddress", "10.42.68.2"), ("nvmePort", "4420")],
+        vec![
+            ("nvmeAddress", "10.42.68.1"),
+            ("nvmePort", "4420"),
+            ("ctrlLossTmo", "60"),
+        ],
+    ] {
+        let err = r.create(id, 2 * GIB, &other).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::AlreadyExists,
+            "{other:?}: {}",
+            err.message()
+        );
+    }
+    let err = r
+        .create_with(id, 2 * GIB, rwo_block(), &params)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    // The provisioner's per-claim keys are not the StorageClass's: the same volume.
+    let mut claim = params.to_vec();
+    claim.push(("csi.storage.k8s.io/pvc/name", "claim-1"));
+    r.create(id, 2 * GIB, &claim).await.unwrap();
     assert_eq!(
         r.commands()
             .iter()
@@ -849,4 +891,14 @@ async fn a_repeated_create_volume_with_incompatible_parameters_is_already_exists
             .count(),
         1
     );
+
+    // The Go driver's disk, no record: the first CreateVolume's is kept and held to.
+    r.fake.add_disk(Disk::volume(GO_VOLUME, 5 << 30)).unwrap();
+    r.create(GO_VOLUME, 5 * GIB, &params).await.unwrap();
+    r.create(GO_VOLUME, 5 * GIB, &params).await.unwrap();
+    let err = r
+        .create(GO_VOLUME, 5 * GIB, &[("nvmeAddress", "10.42.68.2")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
 }

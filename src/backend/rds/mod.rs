@@ -16,6 +16,9 @@
 //! and print. A disk without one (the Go driver's, or one whose copy finished just before a
 //! crash) is matched by its slot, that is by name, and the source it is then asked for is
 //! recorded, after the one check RouterOS allows: a snapshot is never larger than its source.
+//! The same comment keeps a digest of a volume's StorageClass parameters and capabilities
+//! ([`values::Record`]), so a repeated CreateVolume is held to the first as the file backend
+//! holds it to its metadata; a volume without one (the Go driver's) takes the first request's.
 
 pub mod command;
 pub mod parse;
@@ -33,7 +36,8 @@ use self::command::{Listing, RosCommand};
 use self::parse::{Disk, Failure};
 use self::ssh::{SshError, SshPool};
 use self::values::{
-    nvme_timings, NqnPrefix, Provenance, RosPath, RosSize, Slot, SNAPSHOT_SLOT_PREFIX,
+    nvme_timings, MadeWith, NqnPrefix, Provenance, Record, RosPath, RosSize, Slot,
+    SNAPSHOT_SLOT_PREFIX,
 };
 use super::locks::{Key, Locks, Mode};
 use super::{
@@ -345,22 +349,47 @@ impl RdsBackend {
         }
     }
 
-    /// Records in a disk's comment what it was made from, now.
-    async fn record(&self, slot: &Slot, source: &Slot) -> Result<Provenance, BackendError> {
-        let comment = Provenance {
-            source: source.clone(),
-            at: SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
+    /// Writes `record` into the disk's comment.
+    async fn write_record(&self, slot: &Slot, record: Record) -> Result<(), BackendError> {
         self.run(&RosCommand::SetComment {
             slot: slot.clone(),
-            comment: comment.clone(),
+            comment: record,
         })
         .await
         .map_err(|e| e.into_backend("recording what the disk was made from"))?;
-        Ok(comment)
+        Ok(())
+    }
+
+    /// Checks that an existing volume's disk was created for this request's parameters and
+    /// capabilities (CreateVolume idempotency, as the file backend checks its metadata); a
+    /// disk with no record of them (the Go driver's, or one whose create was interrupted
+    /// before the record) gets this request's recorded.
+    async fn check_made(
+        &self,
+        req: &CreateRequest,
+        slot: &Slot,
+        disk: &Disk,
+    ) -> Result<(), BackendError> {
+        let record = record_of(disk);
+        let want = MadeWith::of(&req.parameters, &req.capabilities);
+        match record.made {
+            Some(have) if have == want => Ok(()),
+            Some(have) => Err(BackendError::AlreadyExists(format!(
+                "volume {} exists on the RDS, created for other parameters or capabilities \
+                 (recorded {have}; these are {want})",
+                req.id
+            ))),
+            None => {
+                self.write_record(
+                    slot,
+                    Record {
+                        made: Some(want),
+                        ..record
+                    },
+                )
+                .await
+            }
+        }
     }
 
     /// Checks that an existing disk was made from `wanted` (idempotency by name); a disk with
@@ -377,7 +406,18 @@ impl RdsBackend {
         match (recorded.as_ref().map(|p| &p.source), wanted) {
             (Some(have), Some(want)) if have == want => Ok(recorded),
             (None, None) => Ok(None),
-            (None, Some(want)) => Ok(Some(self.record(slot, want).await?)),
+            (None, Some(want)) => {
+                let provenance = copied_now(want);
+                self.write_record(
+                    slot,
+                    Record {
+                        provenance: Some(provenance.clone()),
+                        made: record_of(disk).made,
+                    },
+                )
+                .await?;
+                Ok(Some(provenance))
+            }
             (have, want) => {
                 let show =
                     |s: Option<&Slot>| s.map_or_else(|| "nothing".to_string(), |s| s.to_string());
@@ -460,6 +500,7 @@ impl RdsBackend {
             self.check_source(&what, &slot, &disk, from.as_ref())
                 .await?;
             let disk = self.disk(&slot).await?.unwrap_or(disk);
+            self.check_made(&req, &slot, &disk).await?;
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let from = from.ok_or_else(not_found)?;
@@ -480,7 +521,14 @@ impl RdsBackend {
             Err(RunError::Failed(Failure::NoSuchItem(_))) => return Err(not_found()),
             Err(e) => return Err(e.into_backend("copying the disk")),
         }
-        self.record(&slot, &from).await?;
+        self.write_record(
+            &slot,
+            Record {
+                provenance: Some(copied_now(&from)),
+                made: Some(MadeWith::of(&req.parameters, &req.capabilities)),
+            },
+        )
+        .await?;
         let disk = self.disk(&slot).await?.ok_or_else(|| {
             BackendError::Rejected(format!(
                 "the RDS accepted the copy for {} but does not list it",
@@ -519,11 +567,10 @@ impl RdsBackend {
 
     /// Checks that an existing disk is what a CreateVolume asks for (idempotency), with the
     /// file backend's checks ([`CreateRequest::check_capacity`],
-    /// [`CreateRequest::check_parameters`]) on what RouterOS keeps of a volume: its size, and
-    /// the parameters that shape the disk (`volumePath`, as the file's path, and `nvmePort`).
-    /// RouterOS keeps nothing of the others (addresses, timings, `fsType`) nor of the
-    /// capabilities: they shape only the volume context, which is answered from this
-    /// request's, and every disk serves every capability CreateVolume accepts.
+    /// [`CreateRequest::check_parameters`]) on what RouterOS shows of a volume: its size, and
+    /// the parameters that shape the disk (`volumePath`, as the file's path, and `nvmePort`),
+    /// so the error names them. The rest (addresses, timings, capabilities) is compared
+    /// through the disk's record ([`Self::check_made`]).
     fn check_existing(
         &self,
         req: &CreateRequest,
@@ -591,9 +638,28 @@ impl RunError {
     }
 }
 
-/// What a disk's comment says it was made from, if this driver wrote it.
+/// What a disk's comment says it was made from and for, as far as this driver wrote it.
+fn record_of(disk: &Disk) -> Record {
+    disk.comment
+        .as_deref()
+        .map(Record::parse)
+        .unwrap_or_default()
+}
+
+/// What a disk's comment says it was copied from, if this driver wrote it.
 fn provenance(disk: &Disk) -> Option<Provenance> {
-    disk.comment.as_deref().and_then(Provenance::parse)
+    record_of(disk).provenance
+}
+
+/// A copy of `source` made now.
+fn copied_now(source: &Slot) -> Provenance {
+    Provenance {
+        source: source.clone(),
+        at: SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
 }
 
 /// The content source a recorded source slot names: a snapshot's slot or a volume's.
@@ -687,6 +753,8 @@ impl VolumeBackend for RdsBackend {
                     req.id, p.source
                 )));
             }
+            self.check_made(&req, &slot, &disk).await?;
+            let disk = self.disk(&slot).await?.unwrap_or(disk);
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let nqn = params.nqn_prefix.nqn(&slot)?;
@@ -717,6 +785,7 @@ impl VolumeBackend for RdsBackend {
                 req.id
             )));
         }
+        self.check_made(&req, &slot, &disk).await?;
         tracing::info!(volume_id = %req.id, bytes = size.bytes(), path = %path, "created on the RDS");
         Ok(self.info(&req.id, &disk, self.context(&disk, &params)))
     }
@@ -898,7 +967,14 @@ impl VolumeBackend for RdsBackend {
             }
             Err(e) => return Err(e.into_backend("copying the disk into a snapshot")),
         }
-        self.record(&slot, &source).await?;
+        self.write_record(
+            &slot,
+            Record {
+                provenance: Some(copied_now(&source)),
+                made: None,
+            },
+        )
+        .await?;
         let disk = self.disk(&slot).await?.ok_or_else(|| {
             BackendError::Rejected(format!(
                 "the RDS accepted snapshot {} but does not list it",

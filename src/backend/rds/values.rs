@@ -112,6 +112,94 @@ impl fmt::Display for Provenance {
     }
 }
 
+/// A digest of what a volume was created for: its StorageClass parameters (without the
+/// provisioner's per-claim `csi.storage.k8s.io/…` ones) and its capabilities, so a repeated
+/// CreateVolume can be compared with the first as the file backend compares its metadata
+/// (RouterOS keeps neither). 16 lowercase hex digits of a SHA-256.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MadeWith(String);
+
+impl MadeWith {
+    const LEN: usize = 16;
+
+    pub fn of(
+        parameters: &std::collections::BTreeMap<String, String>,
+        capabilities: &[crate::domain::Capability],
+    ) -> Self {
+        use sha2::Digest;
+        let parameters: Vec<(&String, &String)> = parameters
+            .iter()
+            .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
+            .collect();
+        let mut capabilities = capabilities.to_vec();
+        capabilities.sort();
+        capabilities.dedup();
+        let text = serde_json::to_string(&(parameters, capabilities))
+            .expect("strings and capabilities serialize");
+        Self(hex::encode(
+            &sha2::Sha256::digest(text.as_bytes())[..Self::LEN / 2],
+        ))
+    }
+
+    fn parse(raw: &str) -> Option<Self> {
+        (raw.len() == Self::LEN && raw.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(raw.to_string()))
+    }
+}
+
+/// What this driver keeps in a disk's `comment`: where the disk was copied from
+/// ([`Provenance`]) and what a volume was created for ([`MadeWith`]), rendered as
+/// `source-<slot>-at-<secs>`, `made-<hex>` or `source-<slot>-at-<secs>-made-<hex>`: only
+/// letters, digits and `-`, so it needs no quoting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub provenance: Option<Provenance>,
+    pub made: Option<MadeWith>,
+}
+
+impl Record {
+    const MADE: &'static str = "made-";
+
+    /// Reads a disk's comment; an empty record when it is not one this driver wrote.
+    pub fn parse(comment: &str) -> Self {
+        let comment = comment.trim();
+        if let Some(made) = comment.strip_prefix(Self::MADE).and_then(MadeWith::parse) {
+            return Self {
+                provenance: None,
+                made: Some(made),
+            };
+        }
+        if let Some((rest, made)) = comment.rsplit_once("-made-") {
+            if let (Some(provenance), Some(made)) = (Provenance::parse(rest), MadeWith::parse(made))
+            {
+                return Self {
+                    provenance: Some(provenance),
+                    made: Some(made),
+                };
+            }
+        }
+        Self {
+            provenance: Provenance::parse(comment),
+            made: None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.provenance.is_none() && self.made.is_none()
+    }
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.provenance, &self.made) {
+            (Some(p), Some(m)) => write!(f, "{p}-{}{m}", Self::MADE),
+            (Some(p), None) => write!(f, "{p}"),
+            (None, Some(m)) => write!(f, "{}{m}", Self::MADE),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
 /// An absolute path on the RDS: `/` then segments of `[A-Za-z0-9._-]`, none of them `.` or
 /// `..`, no empty segment, at most 255 bytes.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -466,7 +554,7 @@ macro_rules! displayed {
         }
     )*};
 }
-displayed!(Slot, RosPath, NqnPrefix, Nqn);
+displayed!(Slot, RosPath, NqnPrefix, Nqn, MadeWith);
 
 /// Hostile values every validator above must refuse: RouterOS and shell metacharacters,
 /// quotes, newlines, NUL, look-alike unicode, huge strings. Shared by the tests.
@@ -588,6 +676,58 @@ mod tests {
         ] {
             assert!(host(bad, "f").is_err(), "{bad:?}");
         }
+    }
+
+    /// A disk's comment holds where it was copied from and what it was created for, in
+    /// either order of writing, and reads back exactly. Catches the digest lost from (or
+    /// misread into) a provenance.
+    #[test]
+    fn records_round_trip() {
+        let caps = [crate::domain::Capability::new(
+            crate::domain::AccessMode::SingleNodeWriter,
+            crate::domain::AccessType::Block,
+        )
+        .unwrap()];
+        let params =
+            std::collections::BTreeMap::from([("nvmePort".to_string(), "4420".to_string())]);
+        let made = MadeWith::of(&params, &caps);
+        assert_eq!(made.to_string().len(), 16);
+        assert_ne!(made, MadeWith::of(&params, &[]), "capabilities count");
+        let mut claim = params.clone();
+        claim.insert("csi.storage.k8s.io/pvc/name".into(), "claim-1".into());
+        assert_eq!(
+            made,
+            MadeWith::of(&claim, &caps),
+            "the provisioner's keys do not"
+        );
+        let provenance = Provenance {
+            source: Slot::parse("pvc-made-1-at-2", "s").unwrap(),
+            at: 1_739_800_000,
+        };
+        for record in [
+            Record {
+                provenance: Some(provenance.clone()),
+                made: Some(made.clone()),
+            },
+            Record {
+                provenance: Some(provenance.clone()),
+                made: None,
+            },
+            Record {
+                provenance: None,
+                made: Some(made.clone()),
+            },
+            Record::default(),
+        ] {
+            let text = record.to_string();
+            assert!(
+                text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                "{text}"
+            );
+            assert_eq!(Record::parse(&text), record, "{text}");
+        }
+        assert!(Record::parse("an operator's note").is_empty());
+        assert!(Record::parse("made-xyz").is_empty());
     }
 
     #[test]
