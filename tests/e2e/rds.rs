@@ -506,7 +506,7 @@ async fn hostile_values_are_refused_before_any_command_is_sent() {
         for (key, value) in [
             ("volumePath", format!("/storage-pool/{bad}")),
             ("nvmeAddress", bad.clone()),
-            ("nvmePort", bad.clone()),
+            ("nvmePort", format!("70000{bad}")),
             ("rdsAddress", bad.clone()),
             ("ctrlLossTmo", bad.clone()),
             ("reconnectDelay", bad.clone()),
@@ -553,6 +553,8 @@ async fn hostile_values_are_refused_before_any_command_is_sent() {
             ("nvmeAddress", "10.0.0.1"),
             ("sshPort", hostile),
             ("nqnPrefix", hostile),
+            // No number in it: the Go driver's default port, as it reads it.
+            ("nvmePort", hostile),
         ],
     )
     .await
@@ -735,6 +737,7 @@ async fn parameters_the_go_driver_ignores_are_ignored_with_one_warning_per_stora
                     ("sshPort", "2222"),
                     ("nqnPrefix", "nqn.2014-08.org.example"),
                     ("volumPath", "/storage-pool/typo"),
+                    ("nvmePort", "not a port"),
                     ("csi.storage.k8s.io/pvc/name", &claim),
                     ("csi.storage.k8s.io/pvc/namespace", "default"),
                     ("csi.storage.k8s.io/pv/name", &id),
@@ -756,7 +759,7 @@ async fn parameters_the_go_driver_ignores_are_ignored_with_one_warning_per_stora
     let log = r.d.wait_for_log_count("created on the RDS", 3).await;
     assert_eq!(log.matches(WARNING).count(), 1, "{log}");
     let m = r.d.scrape().await;
-    for p in ["sshPort", "nqnPrefix", "volumPath"] {
+    for p in ["sshPort", "nqnPrefix", "volumPath", "nvmePort"] {
         assert!(
             m.contains(&format!(
                 "rds_csi_storageclass_parameters_ignored_total{{parameter=\"{p}\"}} 3"

@@ -209,9 +209,10 @@ impl RdsBackend {
             (None, None) => self.defaults.nvme_address,
         };
         let nvme_port = match raw.get(keys::NVME_PORT) {
-            Some(p) => values::port(p, "parameters[nvmePort]")?,
-            None => self.defaults.nvme_port,
-        };
+            Some(p) => values::leading_port(p, "parameters[nvmePort]")?,
+            None => None,
+        }
+        .unwrap_or(self.defaults.nvme_port);
         let volume_path = match raw.get(keys::VOLUME_PATH) {
             Some(p) => RosPath::parse(p, "parameters[volumePath]")?,
             None => self.defaults.volume_path.clone(),
@@ -274,10 +275,15 @@ impl RdsBackend {
             .iter()
             .filter(|(k, _)| !k.starts_with(PROVISIONER_PREFIX))
             .collect();
+        // An `nvmePort` with no number in it: the Go driver takes its default, and so do we.
         let ignored: Vec<&str> = class
             .iter()
+            .filter(|(k, v)| {
+                !GO_PARAMETERS.contains(&k.as_str())
+                    || (k.as_str() == keys::NVME_PORT
+                        && values::leading_port(v, "nvmePort").is_ok_and(|p| p.is_none()))
+            })
             .map(|(k, _)| k.as_str())
-            .filter(|k| !GO_PARAMETERS.contains(k))
             .collect();
         if ignored.is_empty() {
             return;

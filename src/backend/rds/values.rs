@@ -356,6 +356,25 @@ pub fn port(raw: &str, field: &'static str) -> Result<u16, Error> {
         .ok_or_else(|| invalid(field, format!("{} is not a TCP port (1-65535)", shown(raw))))
 }
 
+/// A StorageClass's `nvmePort` read as the Go driver reads it (`fmt.Sscanf(value, "%d")`):
+/// the integer at the start of the value, after spaces, with an optional sign. `None` when
+/// there is none (or it overflows): the Go driver then uses its default port, so a
+/// StorageClass that provisioned with it still does. An integer that is no TCP port is
+/// refused (RouterOS would refuse it in `nvme-tcp-server-port=`).
+pub fn leading_port(raw: &str, field: &'static str) -> Result<Option<u16>, Error> {
+    let text = raw.trim_start();
+    let sign = usize::from(text.starts_with(['+', '-']));
+    let digits = text[sign..].bytes().take_while(u8::is_ascii_digit).count();
+    let Ok(n) = text[..sign + digits].parse::<i64>() else {
+        return Ok(None);
+    };
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .map(Some)
+        .ok_or_else(|| invalid(field, format!("{} is not a TCP port (1-65535)", shown(raw))))
+}
+
 /// An IP address literal (what `nvme connect -a` takes for TCP).
 pub fn ip(raw: &str, field: &'static str) -> Result<IpAddr, Error> {
     raw.trim()
@@ -649,6 +668,23 @@ mod tests {
             assert!(port(&bad, "f").is_err(), "port {bad:?}");
             assert!(ip(&bad, "f").is_err(), "ip {bad:?}");
             assert!(host(&bad, "f").is_err(), "host {bad:?}");
+        }
+    }
+
+    /// `nvmePort` as the Go driver's `Sscanf("%d")` reads it. Catches a value the Go driver
+    /// provisioned with (as its default port) being refused.
+    #[test]
+    fn nvme_ports_are_read_as_the_go_driver_reads_them() {
+        let p = |raw| leading_port(raw, "nvmePort");
+        assert_eq!(p("4420").unwrap(), Some(4420));
+        assert_eq!(p(" 4421").unwrap(), Some(4421));
+        assert_eq!(p("+4422").unwrap(), Some(4422));
+        assert_eq!(p("4423abc").unwrap(), Some(4423));
+        for none in ["", " ", "abc", "a;b", "-", "99999999999999999999"] {
+            assert_eq!(p(none).unwrap(), None, "{none:?}");
+        }
+        for bad in ["0", "-1", "65536", "70000"] {
+            assert!(p(bad).is_err(), "{bad:?}");
         }
     }
 
