@@ -190,7 +190,9 @@ fn join(logical: &mut String, piece: &str) {
     let is_pair = |w: &str| w.find('=').is_some_and(|i| i > 0);
     let new_pairs = is_pair(first)
         || (first.bytes().all(|b| b.is_ascii_lowercase()) && words.next().is_some_and(is_pair));
-    if quote_open(logical) || (!new_pairs && !piece.starts_with('=')) {
+    if quote_open(logical) {
+        logical.push_str(piece);
+    } else if !new_pairs && !piece.starts_with('=') {
         if ends_in_byte_groups(logical) && is_digit_group(first, 3) {
             logical.push(' ');
         }
