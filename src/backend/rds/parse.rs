@@ -867,7 +867,7 @@ s - SMB-EXPORT, n - NFS-EXPORT;\r
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PARSER_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+            std::env::var("PARSER_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
         ))]
         /// Whatever RouterOS wraps, and wherever, the parser reads back exactly the pairs
         /// that were printed. Catches a wrapped piece read as a new pair or as free text.
