@@ -1863,3 +1863,168 @@ fn the_chart_defaults_are_the_drivers() {
         .to_string();
     assert_eq!(values["controller"]["attachmentGracePeriod"], default);
 }
+
+// ---- 5. The Kubernetes floor -----------------------------------------------------------------
+
+/// A Kubernetes release 1.x, by its minor number.
+type Minor = u64;
+
+/// Each pinned sidecar (image name and tag) with the lowest Kubernetes it supports, as its
+/// project documents it. Every sidecar image any render runs must be here: a new pin is a new
+/// row, read from that release's notes.
+const SIDECAR_FLOORS: &[(&str, &str, Minor, &str)] = &[
+    (
+        "csi-provisioner",
+        "v6.3.0",
+        20,
+        "README's compatibility table (1.20). The v6 release notes name 1.34 only for the \
+         VolumeAttributesClass v1 API: the provisioner turns that feature off where the API is \
+         missing (#1423), and this driver has no MODIFY_VOLUME (held below)",
+    ),
+    ("csi-attacher", "v4.12.0", 17, "release notes: minimum 1.17"),
+    (
+        "csi-resizer",
+        "v2.2.1",
+        16,
+        "release notes: minimum 1.16 (1.34 recommended for VolumeAttributesClass)",
+    ),
+    (
+        "csi-snapshotter",
+        "v8.6.0",
+        25,
+        "v8 release notes: minimum 1.25",
+    ),
+    (
+        "csi-node-driver-registrar",
+        "v2.17.0",
+        13,
+        "release notes: minimum 1.13",
+    ),
+    (
+        "livenessprobe",
+        "v2.19.0",
+        13,
+        "release notes: minimum 1.13",
+    ),
+];
+
+/// Each kind the renders contain, at its apiVersion, with the first release that serves it by
+/// default. Custom resources count from what their CRDs need (the VolumeSnapshot CRDs of
+/// external-snapshotter v4 and later need 1.20); where only their operator sets a floor, 0.
+/// Fields newer than the chart's floor are left out for older clusters by the templates, which
+/// `.ci/validate-manifests` checks by rendering for the floor and validating against its schema.
+const API_FLOORS: &[(&str, &str, Minor)] = &[
+    ("v1", "Namespace", 0),
+    ("v1", "ServiceAccount", 0),
+    ("v1", "Service", 0),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole", 8),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", 8),
+    ("rbac.authorization.k8s.io/v1", "Role", 8),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", 8),
+    ("apps/v1", "Deployment", 9),
+    ("apps/v1", "DaemonSet", 9),
+    ("policy/v1", "PodDisruptionBudget", 21),
+    ("storage.k8s.io/v1", "StorageClass", 6),
+    ("storage.k8s.io/v1", "CSIDriver", 18),
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass", 20),
+    ("monitoring.coreos.com/v1", "ServiceMonitor", 0),
+    ("cdi.kubevirt.io/v1beta1", "StorageProfile", 0),
+];
+
+/// `>=1.N.0-0` from Chart.yaml's kubeVersion: N.
+fn chart_floor() -> Minor {
+    let chart = read_yaml(&path(&format!("{CHART}/Chart.yaml"))).remove(0);
+    let range = chart["kubeVersion"]
+        .as_str()
+        .expect("Chart.yaml: kubeVersion");
+    range
+        .strip_prefix(">=1.")
+        .and_then(|r| r.strip_suffix(".0-0"))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("Chart.yaml: kubeVersion {range:?} is not \">=1.N.0-0\""))
+}
+
+/// Chart.yaml's kubeVersion is exactly the lowest release that every rendered object and every
+/// pinned sidecar supports: no higher (a Go chart user on an older cluster could not switch,
+/// as with the 1.34 this chart used to demand), no lower (Helm would install what cannot run).
+/// The chart's README says why, and csi-provisioner's 1.34 (VolumeAttributesClass) stays
+/// irrelevant only while the driver does not advertise MODIFY_VOLUME, which is held here too.
+/// Catches: a kubeVersion that is not the computed floor, a new sidecar pin or kind without its
+/// documented floor, a README that does not name the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_kubernetes_floor_is_what_its_objects_and_sidecars_need() {
+    let mut floor: (Minor, String) = (0, String::new());
+    let mut raise = |minor: Minor, why: String| {
+        if minor > floor.0 {
+            floor = (minor, why);
+        }
+    };
+    for m in Manifests::all() {
+        for o in &m.objects {
+            let (api, kind) = (text(&o["apiVersion"]), text(&o["kind"]));
+            let minor = API_FLOORS
+                .iter()
+                .find(|(a, k, _)| *a == api && *k == kind)
+                .map(|(_, _, minor)| *minor)
+                .unwrap_or_else(|| panic!("{}: {kind} {api} has no row in API_FLOORS", m.name));
+            raise(minor, format!("{kind} {api}"));
+        }
+        for workload in [m.controller(), m.node()] {
+            for c in containers(workload) {
+                let image = text(&c["image"]);
+                let Some(pinned) = image.strip_prefix("registry.k8s.io/sig-storage/") else {
+                    continue;
+                };
+                let (name, tag) = pinned.split_once(':').expect("image:tag");
+                let (_, _, minor, _) = SIDECAR_FLOORS
+                    .iter()
+                    .find(|(n, t, _, _)| *n == name && *t == tag)
+                    .unwrap_or_else(|| panic!("{}: {image} has no row in SIDECAR_FLOORS", m.name));
+                raise(*minor, image.clone());
+            }
+        }
+    }
+    assert!(floor.0 > 0, "no object or sidecar found");
+    assert_eq!(
+        chart_floor(),
+        floor.0,
+        "Chart.yaml's kubeVersion should be >=1.{}.0-0, what {} needs",
+        floor.0,
+        floor.1
+    );
+
+    let readme = std::fs::read_to_string(path(&format!("{CHART}/README.md"))).unwrap();
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Kubernetes versions"))
+        .expect("the chart's README has a \"Kubernetes versions\" section");
+    assert!(
+        section.contains(&format!("Kubernetes 1.{} or newer", floor.0)),
+        "the chart's README should name the floor, 1.{}",
+        floor.0
+    );
+    for (name, tag, minor, _) in SIDECAR_FLOORS {
+        assert!(
+            section.contains(&format!("{name} {tag}")) && section.contains(&format!("1.{minor}")),
+            "the chart's README should give {name} {tag}'s floor, 1.{minor}"
+        );
+    }
+
+    let d = Driver::start(&[], &["--mode", "controller"]).await;
+    let modify = d
+        .controller()
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .any(|c| {
+            matches!(c.r#type, Some(CapType::Rpc(rpc)) if rpc.r#type == Rpc::ModifyVolume as i32)
+        });
+    assert!(
+        !modify,
+        "with MODIFY_VOLUME, csi-provisioner's and csi-resizer's VolumeAttributesClass \
+         support needs Kubernetes 1.34: raise the floor"
+    );
+}
