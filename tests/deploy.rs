@@ -2028,3 +2028,313 @@ async fn the_charts_kubernetes_floor_is_what_its_objects_and_sidecars_need() {
          support needs Kubernetes 1.34: raise the floor"
     );
 }
+
+// ---- 6. The Go chart's keys that have no effect ---------------------------------------------
+
+/// The Go chart's values keys this chart accepts and ignores, as NOTES.txt names them (a
+/// StorageClass entry's key as `storageClasses[<name>].<key>`). `storageClasses[].accessModes`
+/// has an effect only where the class's CDI StorageProfile is rendered.
+const GO_KEYS_WITHOUT_EFFECT: &[&str] = &[
+    "controller.vmiSerialization.enabled",
+    "controller.vmiSerialization.cacheTTL",
+    "monitoring.rdsMonitoring.enabled",
+    "scheduledSnapshots.enabled",
+    "scheduledSnapshots.schedules",
+    "scheduledSnapshots.image",
+    "scheduledSnapshots.resources",
+    "storageClasses[].accessModes",
+];
+
+/// The keys NOTES.txt's "IGNORED:" paragraph names, in a render's `-NOTES.txt`.
+fn ignored_in_notes(name: &str) -> BTreeSet<String> {
+    let file = path(&format!("deploy/helm/rendered/{name}-NOTES.txt"));
+    let notes = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e} (run .ci/render-manifests)", file.display()));
+    let Some((_, after)) = notes.split_once("\nIGNORED:") else {
+        return BTreeSet::new();
+    };
+    after
+        .lines()
+        .skip_while(|l| !l.starts_with("  "))
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().split_once(": ").expect("key: why").0.to_string())
+        .collect()
+}
+
+/// The keys of GO_KEYS_WITHOUT_EFFECT that a values file sets and that have no effect in `m`.
+fn ignored_in_values(values: &Value, m: &Manifests) -> BTreeSet<String> {
+    let mut set = BTreeSet::new();
+    for key in GO_KEYS_WITHOUT_EFFECT {
+        if let Some(field) = key.strip_prefix("storageClasses[].") {
+            for class in values["storageClasses"].as_array().into_iter().flatten() {
+                let name = text(&class["name"]);
+                if class.get(field).is_some() && m.find("StorageProfile", &name).is_none() {
+                    set.insert(format!("storageClasses[{name}].{field}"));
+                }
+            }
+        } else if key
+            .split('.')
+            .try_fold(values, |v, part| v.get(part))
+            .is_some()
+        {
+            set.insert(key.to_string());
+        }
+    }
+    set
+}
+
+/// Every Go key this chart accepts with no effect is listed in the chart's README, and the
+/// NOTES of `helm install` name exactly those a values file sets (the Go user's file names
+/// six; the chart's own files none), so a Go user learns what to delete. No template but the
+/// helpers reads these keys, so "no effect" stays true: a template that starts using one must
+/// take it off the list. Catches: a warning line removed from "rds-csi.goKeysWithoutEffect", a
+/// key warned about that is not set, a key missing from the README.
+#[test]
+fn go_keys_without_effect_are_listed_and_warned_about() {
+    let readme = std::fs::read_to_string(path(&format!("{CHART}/README.md"))).unwrap();
+    let section = readme
+        .split("\n### ")
+        .find(|s| s.starts_with("Accepted with no effect"))
+        .expect("the chart's README has an \"Accepted with no effect\" section");
+    for key in GO_KEYS_WITHOUT_EFFECT {
+        assert!(
+            section.contains(&format!("`{key}`")),
+            "the chart's README should list `{key}` under \"Accepted with no effect\""
+        );
+    }
+
+    let mut go_style = 0;
+    for entry in std::fs::read_dir(path(&format!("{CHART}/ci"))).unwrap() {
+        let file = entry.unwrap().path();
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        let Some(name) = name.strip_suffix("-values.yaml") else {
+            continue;
+        };
+        let values = read_yaml(&file).remove(0);
+        let expected = ignored_in_values(&values, &Manifests::rendered(name));
+        assert_eq!(
+            ignored_in_notes(name),
+            expected,
+            "{name}: NOTES.txt should warn about exactly the Go keys without effect it sets"
+        );
+        if name == GO_STYLE {
+            go_style = expected.len();
+        }
+    }
+    assert!(
+        go_style >= 6,
+        "{GO_STYLE}-values.yaml, a Go user's file, sets only {go_style} such keys"
+    );
+
+    for entry in std::fs::read_dir(path(&format!("{CHART}/templates"))).unwrap() {
+        let file = entry.unwrap().path();
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "_helpers.tpl" {
+            continue;
+        }
+        let template = std::fs::read_to_string(&file).unwrap();
+        for key in GO_KEYS_WITHOUT_EFFECT {
+            let last = key.rsplit('.').next().unwrap();
+            let parent = key.split('.').rev().nth(1).unwrap();
+            let used = if parent == "storageClasses[]" {
+                name != "storageprofiles.yaml" && template.contains(&format!(".{last}"))
+            } else {
+                template.contains(parent)
+            };
+            assert!(
+                !used,
+                "templates/{name} reads {key}: it has an effect, take it off the list"
+            );
+        }
+    }
+}
+
+// ---- 7. KubeVirt: CDI StorageProfiles --------------------------------------------------------
+
+/// CDI's StorageProfile spec (cdi.kubevirt.io/v1beta1, containerized-data-importer-api's
+/// `StorageProfileSpec`): its fields, and the values its enums allow.
+const PROFILE_SPEC_FIELDS: &[&str] = &[
+    "cloneStrategy",
+    "claimPropertySets",
+    "dataImportCronSourceFormat",
+    "snapshotClass",
+];
+const CLONE_STRATEGIES: &[&str] = &["copy", "snapshot", "csi-clone"];
+const SOURCE_FORMATS: &[&str] = &["snapshot", "pvc"];
+const ACCESS_MODES: &[&str] = &[
+    "ReadWriteOnce",
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOncePod",
+];
+const VOLUME_MODES: &[&str] = &["Block", "Filesystem"];
+
+/// One claim property set: (access modes, volume mode), checked against CDI's
+/// `ClaimPropertySet` (both fields required, at most 4 legal access modes, a legal mode).
+fn claim_property_set(set: &Value, where_: &str) -> (Vec<String>, String) {
+    let keys: BTreeSet<&str> = set
+        .as_object()
+        .unwrap_or_else(|| panic!("{where_}: a claim property set is an object"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["accessModes", "volumeMode"]),
+        "{where_}: a claim property set has accessModes and volumeMode"
+    );
+    let modes = strings(&set["accessModes"]);
+    assert!(
+        !modes.is_empty() && modes.len() <= 4,
+        "{where_}: accessModes {modes:?}"
+    );
+    for mode in &modes {
+        assert!(ACCESS_MODES.contains(&mode.as_str()), "{where_}: {mode}");
+    }
+    let volume_mode = text(&set["volumeMode"]);
+    assert!(
+        VOLUME_MODES.contains(&volume_mode.as_str()),
+        "{where_}: volumeMode {volume_mode}"
+    );
+    (modes, volume_mode)
+}
+
+/// With `cdi.storageProfiles`, each rendered StorageClass has a CDI StorageProfile of its name,
+/// in CDI's documented shape (no field CDI's spec lacks, enums within theirs, cluster-scoped),
+/// saying what the driver serves: a live-migration class (accessModes ReadWriteMany, or a
+/// migrationTimeoutSeconds) ReadWriteMany Block only, since the driver refuses ReadWriteMany
+/// filesystems; any other class ReadWriteOnce Block, then Filesystem; `csi-clone`, which needs
+/// the driver's CLONE_VOLUME; `dataImportCronSourceFormat: snapshot` exactly where the render
+/// has a VolumeSnapshotClass. Off by default. Catches: a profile missing or extra, a claim
+/// property set the driver would refuse, the source format without snapshots (CDI's golden
+/// images would never become ready), a field CDI does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdi_storage_profiles_fit_each_storage_class() {
+    let d = Driver::start(&[], &["--mode", "controller"]).await;
+    let clone = d
+        .controller()
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .any(|c| {
+            matches!(c.r#type, Some(CapType::Rpc(rpc)) if rpc.r#type == Rpc::CloneVolume as i32)
+        });
+    assert!(clone, "cloneStrategy csi-clone needs CLONE_VOLUME");
+
+    let defaults = read_yaml(&path(&format!("{CHART}/values.yaml"))).remove(0);
+    assert_eq!(
+        defaults["cdi"]["storageProfiles"]["enabled"], false,
+        "StorageProfiles are off by default"
+    );
+
+    let (mut with_snapshots, mut without_snapshots, mut rwx, mut rwo) = (0, 0, 0, 0);
+    for m in Manifests::all() {
+        let profiles: Vec<&Value> = m.of_kind("StorageProfile").collect();
+        if profiles.is_empty() {
+            continue;
+        }
+        let values_file = m
+            .name
+            .strip_prefix("deploy/helm/rendered/")
+            .and_then(|n| n.strip_suffix(".yaml"))
+            .map(|n| path(&format!("{CHART}/ci/{n}-values.yaml")))
+            .unwrap_or_else(|| panic!("{}: StorageProfiles outside a CI render", m.name));
+        let values = read_yaml(&values_file).remove(0);
+        let classes: BTreeSet<String> = m
+            .of_kind("StorageClass")
+            .map(|c| text(&c["metadata"]["name"]))
+            .collect();
+        let named: BTreeSet<String> = profiles
+            .iter()
+            .map(|p| text(&p["metadata"]["name"]))
+            .collect();
+        assert_eq!(
+            named, classes,
+            "{}: one StorageProfile per StorageClass",
+            m.name
+        );
+        let snapshots = m.of_kind("VolumeSnapshotClass").next().is_some();
+
+        for profile in profiles {
+            let name = text(&profile["metadata"]["name"]);
+            let at = format!("{}: StorageProfile {name}", m.name);
+            assert_eq!(profile["apiVersion"], "cdi.kubevirt.io/v1beta1", "{at}");
+            assert!(
+                profile["metadata"].get("namespace").is_none(),
+                "{at}: StorageProfiles are cluster-scoped"
+            );
+            let top: BTreeSet<&str> = profile
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(
+                top,
+                BTreeSet::from(["apiVersion", "kind", "metadata", "spec"]),
+                "{at}: status is CDI's"
+            );
+            let spec = profile["spec"].as_object().expect("spec");
+            for field in spec.keys() {
+                assert!(
+                    PROFILE_SPEC_FIELDS.contains(&field.as_str()),
+                    "{at}: spec.{field} is not in CDI's StorageProfileSpec"
+                );
+            }
+            let strategy = text(&spec["cloneStrategy"]);
+            assert!(CLONE_STRATEGIES.contains(&strategy.as_str()), "{at}");
+            assert_eq!(strategy, "csi-clone", "{at}");
+            match spec.get("dataImportCronSourceFormat") {
+                Some(format) => {
+                    assert!(SOURCE_FORMATS.contains(&text(format).as_str()), "{at}");
+                    assert_eq!(text(format), "snapshot", "{at}");
+                    assert!(snapshots, "{at}: snapshot sources without snapshots");
+                }
+                None => assert!(
+                    !snapshots,
+                    "{at}: snapshots are on: golden images as snapshots"
+                ),
+            }
+
+            let sets = spec["claimPropertySets"]
+                .as_array()
+                .expect("claimPropertySets");
+            assert!(!sets.is_empty() && sets.len() <= 8, "{at}: 1 to 8 sets");
+            let sets: Vec<(Vec<String>, String)> =
+                sets.iter().map(|s| claim_property_set(s, &at)).collect();
+            let class = m.get("StorageClass", &name);
+            let entry = values["storageClasses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name.as_str())
+                .unwrap();
+            let migration = class["parameters"].get("migrationTimeoutSeconds").is_some()
+                || strings(&entry["accessModes"]).contains(&"ReadWriteMany".to_string());
+            let expected: Vec<(Vec<String>, String)> = if migration {
+                rwx += 1;
+                vec![(vec!["ReadWriteMany".into()], "Block".into())]
+            } else {
+                rwo += 1;
+                vec![
+                    (vec!["ReadWriteOnce".into()], "Block".into()),
+                    (vec!["ReadWriteOnce".into()], "Filesystem".into()),
+                ]
+            };
+            assert_eq!(sets, expected, "{at}: claimPropertySets");
+        }
+        if snapshots {
+            with_snapshots += 1;
+        } else {
+            without_snapshots += 1;
+        }
+    }
+    assert!(
+        with_snapshots >= 1 && without_snapshots >= 1 && rwx >= 2 && rwo >= 2,
+        "the CI renders should have StorageProfiles with and without snapshots, of \
+         live-migration and other classes ({with_snapshots}, {without_snapshots}, {rwx}, {rwo})"
+    );
+}
