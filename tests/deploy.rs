@@ -2338,3 +2338,61 @@ async fn cdi_storage_profiles_fit_each_storage_class() {
          live-migration and other classes ({with_snapshots}, {without_snapshots}, {rwx}, {rwo})"
     );
 }
+
+/// README.md's KubeVirt section says what each node needs and why: the runtime's
+/// `device_ownership_from_security_context` (containerd and CRI-O), without which a non-root
+/// virt-launcher cannot open a Block PVC's device, and a unique `/etc/nvme/hostnqn`, by which
+/// NVMe/TCP tells hosts apart. For the host's file to count, every RDS render mounts the host's
+/// /etc/nvme read-only into the node plugin at /etc/nvme: without it nvme-cli reads the image's
+/// own hostnqn, the same on every node. Catches: the section or one of its facts removed, the
+/// mount removed or made writable.
+#[test]
+fn kubevirt_nodes_are_told_what_they_need_and_use_their_own_host_nqn() {
+    let readme = std::fs::read_to_string(path("README.md")).unwrap();
+    let section = readme
+        .split("\n### ")
+        .find(|s| s.starts_with("KubeVirt\n"))
+        .expect("README.md has a \"KubeVirt\" section");
+    for needed in [
+        "device_ownership_from_security_context = true",
+        "containerd",
+        "CRI-O",
+        "non-root",
+        "/etc/nvme/hostnqn",
+        "unique",
+        "host NQN",
+    ] {
+        assert!(
+            section.contains(needed),
+            "README.md's KubeVirt section should say {needed:?}"
+        );
+    }
+
+    let mut rds = 0;
+    for m in Manifests::all() {
+        let node = m.node();
+        let driver = container(node, DRIVER_CONTAINER);
+        let mount = mount_of(driver, "/etc/nvme/hostnqn");
+        if m.backend() != Backend::Rds {
+            assert!(
+                mount.is_none(),
+                "{}: the file backend makes no NVMe connection",
+                m.name
+            );
+            continue;
+        }
+        rds += 1;
+        let (mount, _) = mount
+            .unwrap_or_else(|| panic!("{}: the node plugin must see the host's /etc/nvme", m.name));
+        assert_eq!(mount["mountPath"], "/etc/nvme", "{}", m.name);
+        assert_eq!(
+            mount["readOnly"], true,
+            "{}: the host's identity is only read",
+            m.name
+        );
+        let volumes = volumes_by_name(node);
+        let volume = volumes[mount["name"].as_str().unwrap()];
+        assert_eq!(volume["hostPath"]["path"], "/etc/nvme", "{}", m.name);
+    }
+    assert!(rds >= 3, "only {rds} RDS renders");
+}
