@@ -30,6 +30,8 @@ pub struct Stage {
     pub volume: VolumeId,
     pub staging: AbsPath,
     pub capability: Capability,
+    /// The capability's mount options, validated (default for block access).
+    pub options: MountOptions,
     pub publish_context: HashMap<String, String>,
     pub volume_context: HashMap<String, String>,
 }
@@ -48,6 +50,8 @@ pub struct Publish {
     pub staging: AbsPath,
     pub target: AbsPath,
     pub capability: Capability,
+    /// The capability's mount options, validated.
+    pub options: MountOptions,
     pub readonly: bool,
     pub publish_context: HashMap<String, String>,
     pub volume_context: HashMap<String, String>,
@@ -285,14 +289,9 @@ impl NodePlugin {
                 == Some("true");
         let (fs, options) = match req.capability.access_type() {
             AccessType::Block => (None, MountOptions::default()),
-            AccessType::Mount {
-                fs_type,
-                mount_flags,
-            } => {
+            AccessType::Mount { fs_type, .. } => {
                 let fs = FsType::resolve(fs_type, &req.volume_context)?;
-                let mut options = MountOptions::parse(mount_flags).map_err(|reason| {
-                    NodeError::invalid("volume_capability.mount.mount_flags", reason)
-                })?;
+                let mut options = req.options.clone();
                 if readonly {
                     options.flags |= rustix::mount::MountFlags::RDONLY;
                 }
