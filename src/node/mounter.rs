@@ -46,6 +46,18 @@ pub enum MountOptionError {
     Nul,
 }
 
+/// The flags mount(2) applies per mount rather than per filesystem: the only ones a bind
+/// mount can carry (a remount with `MS_BIND` changes these and ignores the rest).
+pub const PER_MOUNT_FLAGS: MountFlags = MountFlags::RDONLY
+    .union(MountFlags::NOSUID)
+    .union(MountFlags::NODEV)
+    .union(MountFlags::NOEXEC)
+    .union(MountFlags::NOATIME)
+    .union(MountFlags::NODIRATIME)
+    .union(MountFlags::RELATIME)
+    .union(MountFlags::STRICTATIME)
+    .union(MountFlags::NOSYMFOLLOW);
+
 /// Whether mount(8) consumes `option` itself (util-linux libmount's userspace option map):
 /// fstab and utab bookkeeping, who may mount, network ordering, comments. None of them
 /// changes what the kernel mounts, and the kernel answers EINVAL to every one.
@@ -171,6 +183,20 @@ impl MountOptions {
     pub fn read_only(&self) -> bool {
         self.flags.contains(MountFlags::RDONLY)
     }
+
+    /// The flags of a pod's bind mount of this volume: always `nosuid,nodev,noexec`, plus the
+    /// volume's own per-mount flags (`ro`, `noatime`, ...), read-only when asked. Filesystem
+    /// flags (`sync`, `lazytime`, ...) and data belong to the staging mount and are left out.
+    pub fn bind_flags(&self, readonly: bool) -> MountFlags {
+        let mut flags = (self.flags & PER_MOUNT_FLAGS)
+            | MountFlags::NOSUID
+            | MountFlags::NODEV
+            | MountFlags::NOEXEC;
+        if readonly {
+            flags |= MountFlags::RDONLY;
+        }
+        flags
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,9 +240,10 @@ pub trait Mounter: Send + Sync + 'static {
         fs: FsType,
         options: &MountOptions,
     ) -> Result<(), MountError>;
-    /// Bind-mounts the directory `source` at the directory `target`, `nosuid,nodev`, and
-    /// read-only when asked.
-    fn bind(&self, source: &AbsPath, target: &AbsPath, readonly: bool) -> Result<(), MountError>;
+    /// Bind-mounts the directory `source` at the directory `target` with exactly the
+    /// per-mount `flags` (see [`MountOptions::bind_flags`]), or leaves nothing mounted there.
+    fn bind(&self, source: &AbsPath, target: &AbsPath, flags: MountFlags)
+        -> Result<(), MountError>;
     /// Unmounts `target` (never lazily, never through a symlink).
     fn unmount(&self, target: &AbsPath) -> Result<(), MountError>;
     /// Creates a block device node for `device` at `target`, mode 0660 (0440 read-only).
@@ -292,17 +319,21 @@ impl Mounter for SystemMounter {
         .map_err(|e| MountError::new("mounting", format!("{device} at {target}"), e.into()))
     }
 
-    fn bind(&self, source: &AbsPath, target: &AbsPath, readonly: bool) -> Result<(), MountError> {
+    fn bind(
+        &self,
+        source: &AbsPath,
+        target: &AbsPath,
+        flags: MountFlags,
+    ) -> Result<(), MountError> {
         let from = open_dir_nofollow(source)?;
         let to = open_dir_nofollow(target)?;
         rustix::mount::mount_bind(fd_path(&from), fd_path(&to)).map_err(|e| {
             MountError::new("bind-mounting", format!("{source} at {target}"), e.into())
         })?;
-        // A bind mount takes its flags only from a remount of the new mount.
-        let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
-        if readonly {
-            flags |= MountFlags::RDONLY;
-        }
+        // A bind mount takes its flags only from a remount of the new mount, and
+        // MS_REMOUNT|MS_BIND replaces every per-mount flag (only the atime ones are kept when
+        // none is given): all of them are passed, every time.
+        let flags = MountFlags::BIND | (flags & PER_MOUNT_FLAGS);
         let remounted = open_dir_nofollow(target).and_then(|fd| {
             rustix::mount::mount_remount(fd_path(&fd), flags, c"")
                 .map_err(|e| MountError::new("remounting", target, e.into()))
@@ -443,13 +474,37 @@ mod tests {
         );
     }
 
+    /// Catches a bind that drops `noexec` (or any of the volume's per-mount flags) or keeps
+    /// a filesystem-wide flag a bind remount cannot carry.
+    #[test]
+    fn bind_flags_keep_the_safety_flags_and_the_volumes_per_mount_flags() {
+        let o = parse(&["noatime,nodiratime,sync,discard,lazytime"]).unwrap();
+        let rw = o.bind_flags(false);
+        assert_eq!(
+            rw,
+            MountFlags::NOSUID
+                | MountFlags::NODEV
+                | MountFlags::NOEXEC
+                | MountFlags::NOATIME
+                | MountFlags::NODIRATIME
+        );
+        assert_eq!(o.bind_flags(true), rw | MountFlags::RDONLY);
+        let ro = parse(&["ro"]).unwrap();
+        assert!(ro
+            .bind_flags(false)
+            .contains(MountFlags::RDONLY | MountFlags::NOEXEC));
+    }
+
     proptest::proptest! {
-        /// Whatever the input, the parser never panics and lets no refused option through.
+        /// Whatever the input, the parser never panics, and a pod's bind mount is always
+        /// nosuid,nodev,noexec.
         #[test]
-        fn accepted_options_never_carry_a_refused_one(
+        fn any_accepted_options_still_bind_nosuid_nodev_noexec(
             items in proptest::collection::vec("[a-z_=,.-]{0,20}", 0..6)
         ) {
             if let Ok(o) = MountOptions::parse(&items) {
+                let safe = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+                proptest::prop_assert!(o.bind_flags(false).contains(safe));
                 proptest::prop_assert!(!o.data.iter().any(|d| d == "exec" || d.starts_with("journal_path")));
             }
         }

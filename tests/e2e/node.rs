@@ -1317,3 +1317,66 @@ async fn options_naming_another_device_are_refused_before_anything_is_done() {
     n.unstage("v", "stage").await.unwrap();
     n.host.assert_clean();
 }
+
+/// Catches a pod's bind mount without `nosuid,nodev,noexec` or without the PV's per-mount
+/// flags: the MS_REMOUNT|MS_BIND that applies them replaces every per-mount flag, so one
+/// left out of it is gone. Read back from mountinfo's per-mount options.
+#[tokio::test]
+async fn a_pods_bind_mount_is_nosuid_nodev_noexec_with_the_pvs_flags() {
+    if !root_or_skip("bind_flags") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &["noatime,nodiratime"]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("v", "stage", "rw", cap.clone(), false)
+        .await
+        .unwrap();
+    n.publish("v", "stage", "ro", cap.clone(), true)
+        .await
+        .unwrap();
+    for (target, mode) in [("rw", "rw"), ("ro", "ro")] {
+        let options = mount_options_at(&n, target);
+        for want in [mode, "nosuid", "nodev", "noexec", "noatime", "nodiratime"] {
+            assert!(
+                options.iter().any(|o| o == want),
+                "{target}: {want} missing from {options:?}"
+            );
+        }
+    }
+    // An idempotent repeat changes nothing.
+    n.publish("v", "stage", "ro", cap.clone(), true)
+        .await
+        .unwrap();
+    assert!(mount_options_at(&n, "ro").iter().any(|o| o == "noexec"));
+    // noexec is the pods' mounts' own: the staging mount keeps the PV's flags only.
+    let staged = mount_options_at(&n, "stage");
+    assert!(
+        staged.iter().any(|o| o == "nosuid") && !staged.iter().any(|o| o == "noexec"),
+        "{staged:?}"
+    );
+    // A PV mounted `ro` gives read-only binds, and a repeat of such a publish is the same
+    // publish, not another one (ALREADY_EXISTS).
+    let ro_pv = mount_cap(Mode::SingleNodeWriter, "ext4", &["ro", "noatime"]);
+    n.create("r", 64 * MIB, ro_pv.clone()).await;
+    let rctx = n.attach("r", ro_pv.clone()).await;
+    n.stage("r", "rstage", ro_pv.clone(), rctx).await.unwrap();
+    for _ in 0..2 {
+        n.publish("r", "rstage", "rt", ro_pv.clone(), false)
+            .await
+            .unwrap();
+    }
+    let options = mount_options_at(&n, "rt");
+    for want in ["ro", "noexec", "noatime"] {
+        assert!(options.iter().any(|o| o == want), "{want}: {options:?}");
+    }
+    n.unpublish("r", "rt").await.unwrap();
+    n.unstage("r", "rstage").await.unwrap();
+    for target in ["rw", "ro"] {
+        n.unpublish("v", target).await.unwrap();
+    }
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
