@@ -10,7 +10,9 @@ use super::capability;
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
+use crate::domain::{AccessType, Capability};
 use crate::ids::VolumeId;
+use crate::node::mounter::MountOptions;
 use crate::node::paths::AbsPath;
 use crate::node::plugin::{self, VolumePath};
 use crate::node::{NodeError, NodePlugin};
@@ -30,13 +32,30 @@ fn path(raw: &str, field: &'static str) -> Result<AbsPath, NodeError> {
     Ok(AbsPath::parse_field(raw, field)?)
 }
 
+/// The capability's mount options as mount(8) would take them. A refused option (`exec`, one
+/// naming another device, ...) is INVALID_ARGUMENT naming it, before the node does anything;
+/// options only mount(8) understands are dropped with one debug line.
+fn mount_options(cap: &Capability) -> Result<MountOptions, NodeError> {
+    let AccessType::Mount { mount_flags, .. } = cap.access_type() else {
+        return Ok(MountOptions::default());
+    };
+    let options = MountOptions::parse(mount_flags)
+        .map_err(|e| NodeError::invalid("volume_capability.mount.mount_flags", e.to_string()))?;
+    if !options.dropped.is_empty() {
+        tracing::debug!(dropped = ?options.dropped, "mount options mount(8) handles itself are not passed to the kernel");
+    }
+    Ok(options)
+}
+
 impl TryFrom<NodeStageVolumeRequest> for plugin::Stage {
     type Error = NodeError;
     fn try_from(r: NodeStageVolumeRequest) -> Result<Self, NodeError> {
+        let capability = capability(r.volume_capability.as_ref(), "volume_capability")?;
         Ok(Self {
             volume: volume(&r.volume_id)?,
             staging: path(&r.staging_target_path, "staging_target_path")?,
-            capability: capability(r.volume_capability.as_ref(), "volume_capability")?,
+            options: mount_options(&capability)?,
+            capability,
             publish_context: r.publish_context,
             volume_context: r.volume_context,
         })
@@ -59,6 +78,7 @@ impl TryFrom<NodePublishVolumeRequest> for plugin::Publish {
         let volume = volume(&r.volume_id)?;
         let target = path(&r.target_path, "target_path")?;
         let capability = capability(r.volume_capability.as_ref(), "volume_capability")?;
+        let options = mount_options(&capability)?;
         // This plugin advertises STAGE_UNSTAGE_VOLUME, so the CO always names the stage.
         let staging = path(&r.staging_target_path, "staging_target_path")?;
         Ok(Self {
@@ -66,6 +86,7 @@ impl TryFrom<NodePublishVolumeRequest> for plugin::Publish {
             staging,
             target,
             capability,
+            options,
             readonly: r.readonly,
             publish_context: r.publish_context,
             volume_context: r.volume_context,

@@ -30,6 +30,8 @@ pub struct Stage {
     pub volume: VolumeId,
     pub staging: AbsPath,
     pub capability: Capability,
+    /// The capability's mount options, validated (default for block access).
+    pub options: MountOptions,
     pub publish_context: HashMap<String, String>,
     pub volume_context: HashMap<String, String>,
 }
@@ -48,6 +50,8 @@ pub struct Publish {
     pub staging: AbsPath,
     pub target: AbsPath,
     pub capability: Capability,
+    /// The capability's mount options, validated: their per-mount flags go on the bind mount.
+    pub options: MountOptions,
     pub readonly: bool,
     pub publish_context: HashMap<String, String>,
     pub volume_context: HashMap<String, String>,
@@ -285,14 +289,9 @@ impl NodePlugin {
                 == Some("true");
         let (fs, options) = match req.capability.access_type() {
             AccessType::Block => (None, MountOptions::default()),
-            AccessType::Mount {
-                fs_type,
-                mount_flags,
-            } => {
+            AccessType::Mount { fs_type, .. } => {
                 let fs = FsType::resolve(fs_type, &req.volume_context)?;
-                let mut options = MountOptions::parse(mount_flags).map_err(|reason| {
-                    NodeError::invalid("volume_capability.mount.mount_flags", reason)
-                })?;
+                let mut options = req.options.clone();
                 if readonly {
                     options.flags |= rustix::mount::MountFlags::RDONLY;
                 }
@@ -539,7 +538,8 @@ impl NodePlugin {
         .await
     }
 
-    /// CSI NodePublishVolume. Mount: bind mount staging → target (read-only when asked).
+    /// CSI NodePublishVolume. Mount: bind mount staging → target, `nosuid,nodev,noexec` plus
+    /// the capability's per-mount flags (read-only when asked).
     /// Block: a device node at the target file (0660, or 0440 read-only).
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
@@ -569,7 +569,9 @@ impl NodePlugin {
                 describe(&req.capability)
             )));
         }
-        let readonly = req.readonly || record.readonly;
+        // A PV mounted `ro` gives read-only binds: the repeat of such a publish must compare
+        // equal to it.
+        let readonly = req.readonly || record.readonly || req.options.read_only();
         let wanted = PublishRecord {
             capability: req.capability.clone(),
             readonly,
@@ -673,9 +675,10 @@ impl NodePlugin {
             req.staging.clone(),
             req.target.clone(),
         );
+        let flags = req.options.bind_flags(readonly);
         let bound = blocking(move || {
             mounter
-                .bind(&staging, &target, readonly)
+                .bind(&staging, &target, flags)
                 .map_err(NodeError::from)
         })
         .await;
