@@ -668,6 +668,12 @@ async fn a_create_during_an_rds_restart_waits_for_the_reconnect_its_deadline_cov
         outages + 1.0,
         "one outage, one sample:\n{scrape}"
     );
+    // The Go driver's label value: the host, no port.
+    assert!(
+        scrape
+            .contains(r#"rds_csi_rds_connection_state{address="127.0.0.1",host_key="verified"} 1"#),
+        "{scrape}"
+    );
 }
 
 /// A call whose deadline ends before the next dial fails at once, UNAVAILABLE, saying when

@@ -310,7 +310,8 @@ impl SshPool {
             .metrics
             .rds
             .connection_state
-            .with_label_values(&[&c.address(), c.host_keys.label()])
+            // `address` is the host alone, as the Go driver labels it.
+            .with_label_values(&[&c.host, c.host_keys.label()])
             .set(i64::from(up));
     }
 
