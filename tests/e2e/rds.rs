@@ -766,3 +766,26 @@ async fn a_hung_rds_is_answered_within_the_calls_deadline() {
     r.fake.stop_accepting(false);
     r.wait_ready().await;
 }
+
+/// A ControllerPublish that must read its volume from an RDS that is down answers by its
+/// live-check budget (8 s), UNAVAILABLE and saying when the next dial is, not when
+/// `--rds-command-timeout` (a minute) or the Router's 30 s mailbox timeout runs out. Catches the
+/// `deadline::scope` around Publish's checks in `VolumeActor::publish` (without it the call is
+/// DEADLINE_EXCEEDED after 30 s).
+#[tokio::test]
+async fn a_publish_while_the_rds_is_down_answers_by_its_budget() {
+    let r = Rds::start(&["--rds-pool-size", "1", "--rds-command-timeout", "60s"]).await;
+    r.wait_ready().await;
+    r.create_within("pvc-published", Duration::from_secs(30))
+        .await
+        .unwrap();
+    r.fake.begin_restart();
+    let err = r.d.publish("pvc-published", "n1", rwx()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("later than this call can wait"),
+        "{}",
+        err.message()
+    );
+    r.fake.end_restart();
+}
