@@ -218,6 +218,32 @@ enum TryError {
     Final(SshError),
 }
 
+/// A command's place on the least busy connection, given back when dropped, so a command cut
+/// off by its deadline (its future dropped mid-wait) does not count against the connection.
+struct InFlight<'a> {
+    counts: &'a Mutex<Vec<usize>>,
+    index: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn take(counts: &'a Mutex<Vec<usize>>) -> Self {
+        let mut n = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (index, _) = n
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| **n)
+            .expect("at least one connection");
+        n[index] += 1;
+        Self { counts, index }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())[self.index] -= 1;
+    }
+}
+
 struct Connection {
     handle: tokio::sync::Mutex<Option<Arc<Handle<Verifier>>>>,
     /// Channels are opened one at a time per connection.
@@ -386,36 +412,18 @@ impl SshPool {
             .acquire()
             .await
             .map_err(|_| SshError::Unavailable("the SSH pool is closed".into()))?;
-        let index = {
-            let mut in_flight = self
-                .inner
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let (index, _) = in_flight
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, n)| **n)
-                .expect("at least one connection");
-            in_flight[index] += 1;
-            index
-        };
-        let result = loop {
-            match self.exec(index, command, deadline).await {
-                Ok(out) => break Ok(out),
-                Err(TryError::Final(e)) => break Err(e),
+        let place = InFlight::take(&self.inner.in_flight);
+        loop {
+            match self.exec(place.index, command, deadline).await {
+                Ok(out) => return Ok(out),
+                Err(TryError::Final(e)) => return Err(e),
                 // The broken connection is forgotten and its backoff set: the next try waits
                 // for the re-dial or fails saying when it will be.
                 Err(TryError::NotSent(e)) => {
                     tracing::debug!(error = %e, command = command.label(), "trying the command again on a new connection");
                 }
             }
-        };
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())[index] -= 1;
-        result
+        }
     }
 
     async fn exec(
@@ -690,6 +698,26 @@ mod tests {
         for (what, not_before, deadline, want) in cases {
             assert_eq!(when_to_dial(not_before, now, deadline), want, "{what}");
         }
+    }
+
+    /// Catches a command's connection count not given back when its future is dropped (cut off
+    /// by its deadline): the connection would look busy for good.
+    #[test]
+    fn a_commands_place_on_a_connection_is_given_back_however_it_ends() {
+        let counts = Mutex::new(vec![0, 0]);
+        let a = InFlight::take(&counts);
+        let b = InFlight::take(&counts);
+        assert_eq!(
+            (a.index, b.index),
+            (0, 1),
+            "the least busy connection first"
+        );
+        drop(a);
+        assert_eq!(*counts.lock().unwrap(), vec![0, 1]);
+        let c = InFlight::take(&counts);
+        assert_eq!(c.index, 0);
+        drop((b, c));
+        assert_eq!(*counts.lock().unwrap(), vec![0, 0]);
     }
 
     /// The backoff doubles from 0.5 s to its 30 s cap, each delay jittered by at most 20 %, and
