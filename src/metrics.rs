@@ -384,6 +384,7 @@ impl Metrics {
 pub struct RdsMetrics {
     pub connection_state: IntGaugeVec,
     pub reconnect_total: IntCounterVec,
+    pub reconnect_duration: Histogram,
     pub commands_total: IntCounterVec,
     pub command_duration: HistogramVec,
 }
@@ -406,6 +407,16 @@ impl RdsMetrics {
                 "RDS SSH connection attempts by status.",
             ),
             &["status"],
+        )
+        .expect("valid metric");
+        // The Go driver's family: no labels, its buckets, one sample per outage.
+        let reconnect_duration = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "rds",
+                "reconnect_duration_seconds",
+                "Time from losing the RDS's SSH link to being connected again.",
+            ))
+            .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]),
         )
         .expect("valid metric");
         let commands_total = IntCounterVec::new(
@@ -432,6 +443,7 @@ impl RdsMetrics {
         for c in [
             Box::new(connection_state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconnect_total.clone()),
+            Box::new(reconnect_duration.clone()),
             Box::new(commands_total.clone()),
             Box::new(command_duration.clone()),
         ] {
@@ -440,6 +452,7 @@ impl RdsMetrics {
         Self {
             connection_state,
             reconnect_total,
+            reconnect_duration,
             commands_total,
             command_duration,
         }

@@ -511,6 +511,8 @@ impl VolumeActor {
                 })??;
             Ok((publish_context, verdicts))
         };
+        // The backend's waits (an RDS reconnect) are bounded by this publish's budget too.
+        let checks = crate::deadline::scope(Some(deadline), checks);
         let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(
             move |checked, act, ctx| {

@@ -2396,6 +2396,19 @@ impl FakeRds {
         self.shared.refuse.store(on, Ordering::SeqCst);
     }
 
+    /// Starts a restart, as RouterOS rebooting looks from outside: every live connection
+    /// closes at once and new ones are refused (closed before the banner) until
+    /// [`end_restart`](Self::end_restart). The test, not a timer, decides when it ends.
+    pub fn begin_restart(&self) {
+        self.refuse_connections(true);
+        self.drop_all_connections();
+    }
+
+    /// Ends a restart: connections are served again (the disks are as they were).
+    pub fn end_restart(&self) {
+        self.refuse_connections(false);
+    }
+
     /// While on, new connections are not accepted: they wait in the listen backlog with no
     /// banner (as a wedged host); when turned off they are served.
     pub fn stop_accepting(&self, on: bool) {
