@@ -605,12 +605,18 @@ impl NodePlugin {
                 )));
             }
         }
-        let device = self.source.find(&backing).await?.ok_or_else(|| {
-            NodeError::FailedPrecondition(format!(
+        let Some(device) = self.source.find(&backing).await? else {
+            if !is_block(&record.capability)
+                && !mounts_at(&self.mounts().await?, &req.staging).is_empty()
+            {
+                // Still mounted at the staging path, but its device is gone.
+                self.metrics.node.stale_mounts_detected_total.inc();
+            }
+            return Err(NodeError::FailedPrecondition(format!(
                 "volume {}'s device is no longer attached; stage it again",
                 req.volume
-            ))
-        })?;
+            )));
+        };
         if is_block(&req.capability) {
             self.publish_block(&req, &device, readonly, &mut record, wanted)
                 .await

@@ -391,7 +391,8 @@ fn node_ops(m: &str, operation: &str) -> f64 {
 /// NodePublish each count a mount and NodeUnstage an unmount (`mount_op` in the plugin's
 /// `mount_staged`, `publish_mount`, `unmount`), and stage/unstage count as volume operations
 /// (`record` in `grpc::node`). A mount whose loop device is detached behind the plugin's back
-/// is a stale mount to NodeGetVolumeStats (`stale_mounts_detected_total` in `stats`), and the
+/// is a stale mount to NodeGetVolumeStats and to NodePublishVolume
+/// (`stale_mounts_detected_total` in `stats` and `publish`), and the
 /// NodeStage that re-attaches and re-mounts that volume is a recovery
 /// (`stale_recoveries_total` in `stage`).
 #[tokio::test]
@@ -434,6 +435,13 @@ async fn node_work_feeds_the_go_drivers_mount_stale_and_stage_families() {
         sample(&m, r#"rds_csi_stale_recoveries_total{status="success"}"#),
         0.0
     );
+    // A new pod's NodePublish finds the staging mount's device gone too.
+    let refused = n.publish("v", "stage", "t2", cap.clone(), false).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        sample(&n.d.scrape().await, "rds_csi_stale_mounts_detected_total"),
+        2.0
+    );
 
     // Both mounts are taken down by hand, which frees the device; the next NodeStage
     // re-attaches and re-mounts the volume.
@@ -463,7 +471,7 @@ async fn node_work_feeds_the_go_drivers_mount_stale_and_stage_families() {
     );
     assert_eq!(mount_ops(&m, "mount", "failure"), 0.0);
     assert_eq!(node_ops(&m, "unstage"), 1.0);
-    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 1.0);
+    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 2.0);
     n.host.assert_clean();
 }
 
