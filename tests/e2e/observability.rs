@@ -530,3 +530,60 @@ async fn a_node_deletion_feeds_reconcile_actions_and_posted_events() {
     )
     .await;
 }
+
+/// A NodeStage that finds the volume's device gone but its old mount still at the staging
+/// path re-attaches the device, then refuses to mount over the stale mount: one stale mount
+/// detected (in `mount_staged`) and one failed recovery (`stale_recoveries_total` in `stage`).
+#[tokio::test]
+async fn a_stale_mount_left_at_the_staging_path_fails_the_recovery() {
+    use crate::node::{mount_cap, Node};
+    use rds_csi::csi::volume_capability::access_mode::Mode;
+    if !crate::support::host::root_or_skip("stale_recovery_failure") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("w", 64 << 20, cap.clone()).await;
+    let ctx = n.attach("w", cap.clone()).await;
+    n.stage("w", "stage", cap.clone(), ctx.clone())
+        .await
+        .unwrap();
+    let loops = n.host.loops();
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let out = std::process::Command::new("losetup")
+        .args(["--detach", &format!("/dev/{}", loops[0])])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let again = n.stage("w", "stage", cap.clone(), ctx).await;
+    assert_eq!(again.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let m = n.d.scrape().await;
+    assert_eq!(
+        sample(&m, r#"rds_csi_stale_recoveries_total{status="failure"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, r#"rds_csi_stale_recoveries_total{status="success"}"#),
+        0.0
+    );
+    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 1.0);
+    assert_eq!(
+        mount_ops(&m, "mount", "success"),
+        1.0,
+        "nothing mounted over it"
+    );
+
+    // The stale mount is taken down by hand; unstage detaches the re-attached device.
+    rustix::mount::unmount(
+        n.host.at("stage").as_str(),
+        rustix::mount::UnmountFlags::empty(),
+    )
+    .unwrap();
+    n.unstage("w", "stage").await.unwrap();
+    eventually("both loop devices are freed", || async {
+        n.host.loops().is_empty()
+    })
+    .await;
+    n.host.assert_clean();
+}
