@@ -479,7 +479,7 @@ async fn node_work_feeds_the_go_drivers_mount_stale_and_stage_families() {
 /// `reconcile::stale`), the check clears the stale attachment (`clear_stale`, beside
 /// `stale_cleared_total` in the volume actor), and the StaleAttachmentCleared event the API
 /// accepted counts in `rds_csi_events_posted_total` (in `KubeSink::event_writer`), once per
-/// event the API holds.
+/// event the API holds: a post the API refused is retried, and counts only as a failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_deletion_feeds_reconcile_actions_and_posted_events() {
     let c = Cluster::new(&["n1", "n2"]).await;
@@ -495,6 +495,9 @@ async fn a_node_deletion_feeds_reconcile_actions_and_posted_events() {
         ),
         0.0
     );
+    assert!(c.api.list("events", Some("default")).is_empty());
+    // The first post fails: it is retried, and only the accepted one counts as posted.
+    c.api.fail_times("create", "events", 500, 1);
     c.api.delete("nodes", None, "n1").unwrap();
     eventually("the watched deletion clears n1's attachment", || async {
         sample(
@@ -529,6 +532,23 @@ async fn a_node_deletion_feeds_reconcile_actions_and_posted_events() {
         },
     )
     .await;
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_kube_event_write_failures_total{reason="server_error"}"#
+        ),
+        1.0,
+        "the refused first post"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_events_posted_total{reason="StaleAttachmentCleared"}"#
+        ),
+        1.0,
+        "counted once, though posted twice"
+    );
 }
 
 /// A NodeStage that finds the volume's device gone but its old mount still at the staging
