@@ -455,13 +455,14 @@ fn run(args: Args) -> anyhow::Result<()> {
 
         let node_service = match mode {
             Mode::Node | Mode::All => {
-                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir)?;
+                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
                 Some(NodeService {
                     node_id: node_id.to_string(),
                     max_volumes_per_node,
                     plugin: Arc::new(plugin),
+                    metrics: metrics.clone(),
                 })
             }
             Mode::Controller => None,
@@ -622,6 +623,7 @@ fn node_plugin(
     file_root: &std::path::Path,
     nqn_prefix: &str,
     state_dir: &std::path::Path,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<NodePlugin> {
     let source: Arc<dyn DeviceSource> = match backend {
         BackendKind::File => {
@@ -632,7 +634,7 @@ fn node_plugin(
         BackendKind::Rds => {
             let prefix = NqnPrefix::parse(nqn_prefix, "--rds-nqn-prefix")
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Arc::new(NvmeDevices::new(SystemRunner, "/sys", prefix))
+            Arc::new(NvmeDevices::new(SystemRunner, "/sys", prefix).with_metrics(metrics.clone()))
         }
     };
     Ok(NodePlugin::new(NodeDeps {
@@ -640,6 +642,7 @@ fn node_plugin(
         mounter: Arc::new(SystemMounter::default()),
         runner: Arc::new(SystemRunner),
         records: Records::open(state_dir).context("--node-state-dir")?,
+        metrics,
     }))
 }
 

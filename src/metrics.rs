@@ -10,6 +10,26 @@ use prometheus::{
 
 const NAMESPACE: &str = "rds_csi";
 
+/// `rds_csi_attachment_operation_duration_seconds`: every bound the Go driver's dashboards can
+/// name (0.01 … 5 s), plus finer ones below 10 ms, where an in-memory attach answers.
+const ATTACHMENT_BUCKETS: [f64; 13] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// `rds_csi_volume_operation_duration_seconds` and `rds_csi_nvme_connect_duration_seconds`:
+/// the Go driver's bounds (0.1 … 60 s), plus 1 ms and 10 ms for the file backend.
+const VOLUME_OPERATION_BUCKETS: [f64; 11] =
+    [0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The `status` of the Go driver's success-or-failure counters.
+pub fn outcome(ok: bool) -> &'static str {
+    if ok {
+        "success"
+    } else {
+        "failure"
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub attach_total: IntCounterVec,
@@ -41,7 +61,10 @@ pub struct Metrics {
     pub reconciler_runs: IntCounterVec,
     pub orphan_volumes: IntGauge,
     pub orphan_deleted: IntCounter,
+    pub events_posted_total: IntCounterVec,
+    pub attachment_reconcile_total: IntCounterVec,
     pub rds: RdsMetrics,
+    pub node: NodeMetrics,
 }
 
 fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
@@ -101,9 +124,7 @@ impl Metrics {
                 "operation_duration_seconds",
                 "Time to answer ControllerPublishVolume and ControllerUnpublishVolume.",
             ))
-            .buckets(vec![
-                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
-            ]),
+            .buckets(ATTACHMENT_BUCKETS.to_vec()),
             &["operation"],
         )
         .expect("valid metric");
@@ -146,7 +167,7 @@ impl Metrics {
                 "operation_duration_seconds",
                 "Duration of volume operations.",
             ))
-            .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
+            .buckets(VOLUME_OPERATION_BUCKETS.to_vec()),
             &["operation"],
         )
         .expect("valid metric");
@@ -277,6 +298,24 @@ impl Metrics {
             "Orphan volumes deleted by the orphan reconciler (--orphan-delete).",
         ))
         .expect("valid metric");
+        let events_posted_total = IntCounterVec::new(
+            opts(
+                "events",
+                "posted_total",
+                "Kubernetes events this driver created, by reason (a failed post counts once it succeeds).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let attachment_reconcile_total = IntCounterVec::new(
+            opts(
+                "attachment",
+                "reconcile_total",
+                "Stale-attachment reconciler actions: clear_stale (an attachment to a deleted Node dropped), node_watcher_trigger (a Node deletion seen by the watch and checked).",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(attach_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(detach_total.clone()),
@@ -307,6 +346,8 @@ impl Metrics {
             Box::new(reconciler_runs.clone()),
             Box::new(orphan_volumes.clone()),
             Box::new(orphan_deleted.clone()),
+            Box::new(events_posted_total.clone()),
+            Box::new(attachment_reconcile_total.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -329,10 +370,17 @@ impl Metrics {
                 reconciler_runs.with_label_values(&[reconciler, result]);
             }
         }
+        for action in [RECONCILE_CLEAR_STALE, RECONCILE_NODE_WATCHER] {
+            attachment_reconcile_total.with_label_values(&[action]);
+        }
         let rds = RdsMetrics::new(&registry);
+        let node = NodeMetrics::new(&registry);
         Self {
             registry,
             rds,
+            node,
+            events_posted_total,
+            attachment_reconcile_total,
             attach_total,
             detach_total,
             conflicts_total,
@@ -378,6 +426,10 @@ impl Metrics {
         String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 }
+
+/// `rds_csi_attachment_reconcile_total{action}` values (the Go driver's).
+pub const RECONCILE_CLEAR_STALE: &str = "clear_stale";
+pub const RECONCILE_NODE_WATCHER: &str = "node_watcher_trigger";
 
 /// The SSH link to the RDS (`rds_csi_rds_*`), registered with the rest. The connection-state
 /// and reconnect names are the Go driver's.
@@ -459,8 +511,323 @@ impl RdsMetrics {
     }
 }
 
+/// The node plugin's families, the Go driver's names and labels: NVMe/TCP connects, mounts,
+/// stale mounts and orphaned NVMe connections. The node records them where it does the work.
+pub struct NodeMetrics {
+    /// `{status}`: success or failure of each `nvme connect` this node ran.
+    pub nvme_connects_total: IntCounterVec,
+    /// From running `nvme connect` to the namespace's block device appearing; successes only.
+    pub nvme_connect_duration: Histogram,
+    /// `{operation,status}`: operation `mount` (a staging mount or a publish bind mount) or
+    /// `unmount`.
+    pub mount_operations_total: IntCounterVec,
+    pub stale_mounts_detected_total: IntCounter,
+    /// `{status}`.
+    pub stale_recoveries_total: IntCounterVec,
+    pub orphans_cleaned_total: IntCounter,
+}
+
+impl NodeMetrics {
+    fn new(registry: &Registry) -> Self {
+        let nvme_connects_total = IntCounterVec::new(
+            opts(
+                "nvme",
+                "connects_total",
+                "nvme connect runs of the node plugin, by status (failure: the tool failed or no namespace appeared).",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let nvme_connect_duration = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "nvme",
+                "connect_duration_seconds",
+                "Time from running nvme connect to the namespace's block device appearing, for successful connects.",
+            ))
+            .buckets(VOLUME_OPERATION_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let mount_operations_total = IntCounterVec::new(
+            opts(
+                "mount",
+                "operations_total",
+                "Mounts (staging mounts and publish bind mounts) and unmounts the node plugin made, by status.",
+            ),
+            &["operation", "status"],
+        )
+        .expect("valid metric");
+        let stale_mounts_detected_total = IntCounter::with_opts(opts(
+            "stale",
+            "mounts_detected_total",
+            "Mounts of a volume found whose device is gone or is no longer the volume's.",
+        ))
+        .expect("valid metric");
+        let stale_recoveries_total = IntCounterVec::new(
+            opts(
+                "stale",
+                "recoveries_total",
+                "NodeStageVolume runs that re-attached a staged volume whose device was gone, by status.",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let orphans_cleaned_total = IntCounter::with_opts(opts(
+            "orphans",
+            "cleaned_total",
+            "NVMe/TCP subsystems of this driver found connected without a namespace device and disconnected.",
+        ))
+        .expect("valid metric");
+        for c in [
+            Box::new(nvme_connects_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(nvme_connect_duration.clone()),
+            Box::new(mount_operations_total.clone()),
+            Box::new(stale_mounts_detected_total.clone()),
+            Box::new(stale_recoveries_total.clone()),
+            Box::new(orphans_cleaned_total.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        for ok in [true, false] {
+            nvme_connects_total.with_label_values(&[outcome(ok)]);
+            stale_recoveries_total.with_label_values(&[outcome(ok)]);
+            for op in [MOUNT, UNMOUNT] {
+                mount_operations_total.with_label_values(&[op, outcome(ok)]);
+            }
+        }
+        Self {
+            nvme_connects_total,
+            nvme_connect_duration,
+            mount_operations_total,
+            stale_mounts_detected_total,
+            stale_recoveries_total,
+            orphans_cleaned_total,
+        }
+    }
+
+    /// Counts one mount or unmount (`MOUNT` / `UNMOUNT`).
+    pub fn mount_op(&self, operation: &'static str, ok: bool) {
+        self.mount_operations_total
+            .with_label_values(&[operation, outcome(ok)])
+            .inc();
+    }
+}
+
+/// `rds_csi_mount_operations_total{operation}` values (the Go driver's).
+pub const MOUNT: &str = "mount";
+pub const UNMOUNT: &str = "unmount";
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::proto::MetricType;
+
+    /// The Go driver's families (pkg/observability/prometheus.go) that this process serves:
+    /// name, type, label names. `rds_csi_rds_reconnect_duration_seconds` and the storage side
+    /// (`rds_disk_*`, `rds_hardware_*`) belong to the RDS backend's poller and pool.
+    const GO_FAMILIES: &[(&str, MetricType, &[&str])] = &[
+        (
+            "rds_csi_volume_operations_total",
+            MetricType::COUNTER,
+            &["operation", "status"],
+        ),
+        (
+            "rds_csi_volume_operation_duration_seconds",
+            MetricType::HISTOGRAM,
+            &["operation"],
+        ),
+        (
+            "rds_csi_nvme_connects_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        (
+            "rds_csi_nvme_connect_duration_seconds",
+            MetricType::HISTOGRAM,
+            &[],
+        ),
+        ("rds_csi_nvme_connections_active", MetricType::GAUGE, &[]),
+        (
+            "rds_csi_mount_operations_total",
+            MetricType::COUNTER,
+            &["operation", "status"],
+        ),
+        (
+            "rds_csi_stale_mounts_detected_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_stale_recoveries_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        ("rds_csi_orphans_cleaned_total", MetricType::COUNTER, &[]),
+        (
+            "rds_csi_events_posted_total",
+            MetricType::COUNTER,
+            &["reason"],
+        ),
+        (
+            "rds_csi_attachment_attach_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        (
+            "rds_csi_attachment_detach_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        (
+            "rds_csi_attachment_conflicts_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_attachment_reconcile_total",
+            MetricType::COUNTER,
+            &["action"],
+        ),
+        (
+            "rds_csi_attachment_operation_duration_seconds",
+            MetricType::HISTOGRAM,
+            &["operation"],
+        ),
+        (
+            "rds_csi_attachment_grace_period_used_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_attachment_stale_cleared_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_migration_migrations_total",
+            MetricType::COUNTER,
+            &["result"],
+        ),
+        (
+            "rds_csi_migration_duration_seconds",
+            MetricType::HISTOGRAM,
+            &[],
+        ),
+        (
+            "rds_csi_migration_active_migrations",
+            MetricType::GAUGE,
+            &[],
+        ),
+        // Ours adds `host_key`; a query by `address` finds the same series.
+        (
+            "rds_csi_rds_connection_state",
+            MetricType::GAUGE,
+            &["address", "host_key"],
+        ),
+        (
+            "rds_csi_rds_reconnect_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+    ];
+
+    /// Metrics with one sample in each labelled family, so every family is gathered.
+    fn touched() -> Metrics {
+        let m = Metrics::new();
+        m.volume_operations_total
+            .with_label_values(&["stage", "success"]);
+        m.volume_operation_duration.with_label_values(&["stage"]);
+        m.events_posted_total.with_label_values(&["VolumeAttached"]);
+        m.attachment_operation_duration
+            .with_label_values(&["attach"]);
+        m.rds
+            .connection_state
+            .with_label_values(&["10.42.68.1:22", "verified"]);
+        m.rds.reconnect_total.with_label_values(&["success"]);
+        m
+    }
+
+    /// Every Go family is served with the Go driver's name, type and label names; removing a
+    /// family's registration, or renaming a label, fails here.
+    #[test]
+    fn every_go_family_has_the_go_drivers_name_type_and_labels() {
+        let gathered = touched().registry().gather();
+        for (name, kind, labels) in GO_FAMILIES {
+            let family = gathered
+                .iter()
+                .find(|f| f.name() == *name)
+                .unwrap_or_else(|| panic!("{name} is not served"));
+            assert_eq!(family.get_field_type(), *kind, "{name}");
+            let metric = &family.get_metric()[0];
+            let mut have: Vec<&str> = metric.get_label().iter().map(|l| l.name()).collect();
+            have.sort();
+            let mut want = labels.to_vec();
+            want.sort();
+            assert_eq!(have, want, "{name}");
+        }
+    }
+
+    /// Every bucket bound a Go dashboard can name (`le="2.5"`) exists here too.
+    #[test]
+    fn histograms_keep_every_go_bucket_bound() {
+        let go: &[(&str, &[f64])] = &[
+            (
+                "rds_csi_volume_operation_duration_seconds",
+                &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            (
+                "rds_csi_nvme_connect_duration_seconds",
+                &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            (
+                "rds_csi_attachment_operation_duration_seconds",
+                &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+            ),
+            (
+                "rds_csi_migration_duration_seconds",
+                &[15.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0],
+            ),
+        ];
+        let gathered = touched().registry().gather();
+        for (name, bounds) in go {
+            let family = gathered.iter().find(|f| f.name() == *name).unwrap();
+            let ours: Vec<f64> = family.get_metric()[0]
+                .get_histogram()
+                .get_bucket()
+                .iter()
+                .map(|b| b.upper_bound())
+                .collect();
+            for b in *bounds {
+                assert!(ours.contains(b), "{name} lacks le={b}: {ours:?}");
+            }
+        }
+    }
+
+    /// The success-or-failure families start at zero for both outcomes, under the Go
+    /// driver's label values, so a dashboard's rate() sees the first failure.
+    #[test]
+    fn outcome_series_exist_at_zero_with_the_go_label_values() {
+        let text = Metrics::new().render();
+        for series in [
+            r#"rds_csi_nvme_connects_total{status="failure"} 0"#,
+            r#"rds_csi_nvme_connects_total{status="success"} 0"#,
+            r#"rds_csi_mount_operations_total{operation="mount",status="failure"} 0"#,
+            r#"rds_csi_mount_operations_total{operation="unmount",status="success"} 0"#,
+            r#"rds_csi_stale_recoveries_total{status="failure"} 0"#,
+            r#"rds_csi_attachment_reconcile_total{action="clear_stale"} 0"#,
+            r#"rds_csi_attachment_reconcile_total{action="node_watcher_trigger"} 0"#,
+            "rds_csi_stale_mounts_detected_total 0",
+            "rds_csi_orphans_cleaned_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing:\n{text}"
+            );
+        }
     }
 }

@@ -229,6 +229,9 @@ impl VolumeActor {
                 Effect::StaleCleared { node } => {
                     membership_changed = true;
                     m.stale_cleared_total.inc();
+                    m.attachment_reconcile_total
+                        .with_label_values(&[crate::metrics::RECONCILE_CLEAR_STALE])
+                        .inc();
                     tracing::warn!(volume_id = %id, node_id = %node, "cleared attachment to deleted node");
                     sink.event(id, ClusterEvent::StaleAttachmentCleared { node });
                 }

@@ -2,6 +2,7 @@
 //! [`crate::node::NodePlugin`], and maps the answer. Owns no state and touches no device.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -12,6 +13,7 @@ use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::domain::{AccessType, Capability};
 use crate::ids::VolumeId;
+use crate::metrics::Metrics;
 use crate::node::mounter::MountOptions;
 use crate::node::paths::AbsPath;
 use crate::node::plugin::{self, VolumePath};
@@ -22,6 +24,25 @@ pub struct NodeService {
     /// NodeGetInfo's `max_volumes_per_node`; 0 is unlimited.
     pub max_volumes_per_node: u64,
     pub plugin: Arc<NodePlugin>,
+    /// `rds_csi_volume_operations_total{operation="stage"|"unstage"}`, as the Go node counts.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counts and times one NodeStage or NodeUnstage by its outcome, under the Go driver's
+/// operation names.
+fn record<T>(metrics: &Metrics, operation: &str, started: Instant, result: &Result<T, NodeError>) {
+    let status = match result {
+        Ok(_) => "success",
+        Err(e) => e.metric_label(),
+    };
+    metrics
+        .volume_operations_total
+        .with_label_values(&[operation, status])
+        .inc();
+    metrics
+        .volume_operation_duration
+        .with_label_values(&[operation])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 fn volume(raw: &str) -> Result<VolumeId, NodeError> {
@@ -157,8 +178,11 @@ impl Node for NodeService {
         let r = req.get_ref();
         let span = span("NodeStageVolume", &r.volume_id, &r.staging_target_path);
         async {
+            let started = Instant::now();
             let stage = plugin::Stage::try_from(req.into_inner())?;
-            self.plugin.stage(stage).await?;
+            let staged = self.plugin.stage(stage).await;
+            record(&self.metrics, "stage", started, &staged);
+            staged?;
             Ok(Response::new(NodeStageVolumeResponse {}))
         }
         .instrument(span)
@@ -173,8 +197,11 @@ impl Node for NodeService {
         let r = req.get_ref();
         let span = span("NodeUnstageVolume", &r.volume_id, &r.staging_target_path);
         async {
+            let started = Instant::now();
             let unstage = plugin::Unstage::try_from(req.into_inner())?;
-            self.plugin.unstage(unstage).await?;
+            let unstaged = self.plugin.unstage(unstage).await;
+            record(&self.metrics, "unstage", started, &unstaged);
+            unstaged?;
             Ok(Response::new(NodeUnstageVolumeResponse {}))
         }
         .instrument(span)

@@ -23,6 +23,7 @@ use super::records::{PublishRecord, Records, StageRecord};
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
+use crate::metrics::{outcome, Metrics, MOUNT, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
 #[derive(Clone, Debug)]
@@ -131,6 +132,8 @@ pub struct NodeDeps {
     pub mounter: Arc<dyn Mounter>,
     pub runner: Arc<dyn CommandRunner>,
     pub records: Records,
+    /// Where mounts, stale mounts and recoveries are counted (`NodeMetrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct NodePlugin {
@@ -139,6 +142,7 @@ pub struct NodePlugin {
     runner: Arc<dyn CommandRunner>,
     records: Arc<Records>,
     locks: VolumeLocks,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs blocking work on the blocking pool.
@@ -190,6 +194,7 @@ impl NodePlugin {
             runner: deps.runner,
             records: Arc::new(deps.records),
             locks: VolumeLocks::default(),
+            metrics: deps.metrics,
         }
     }
 
@@ -380,6 +385,14 @@ impl NodePlugin {
             Ok::<_, NodeError>(device)
         }
         .await;
+        if existing.is_some() && was_attached.is_none() {
+            // Staged before, but its device was gone: this stage re-attached it.
+            self.metrics
+                .node
+                .stale_recoveries_total
+                .with_label_values(&[outcome(result.is_ok())])
+                .inc();
+        }
         match result {
             Ok(device) => {
                 tracing::info!(volume_id = %req.volume, staging = %req.staging, device = %device, "staged");
@@ -413,6 +426,7 @@ impl NodePlugin {
             if same_device(top, device) {
                 return Ok(());
             }
+            self.metrics.node.stale_mounts_detected_total.inc();
             return Err(NodeError::FailedPrecondition(format!(
                 "staging_target_path {} is already a mount point of {} ({}:{}), not of {device}",
                 req.staging, top.source, top.major, top.minor
@@ -449,12 +463,14 @@ impl NodePlugin {
             req.staging.clone(),
             options.clone(),
         );
-        blocking(move || {
+        let mounted = blocking(move || {
             mounter
                 .mount_device(&device, &staging, fs, &options)
                 .map_err(NodeError::from)
         })
-        .await
+        .await;
+        self.metrics.node.mount_op(MOUNT, mounted.is_ok());
+        mounted
     }
 
     /// CSI NodeUnstageVolume: unmount the staging path, detach the device, forget the record.
@@ -523,7 +539,7 @@ impl NodePlugin {
 
     async fn unmount(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
         let (mounter, p) = (self.mounter.clone(), path.clone());
-        blocking(move || {
+        let unmounted = blocking(move || {
             mounter.unmount(&p).map_err(|e| {
                 if e.busy() {
                     NodeError::FailedPrecondition(format!(
@@ -535,7 +551,9 @@ impl NodePlugin {
                 }
             })
         })
-        .await
+        .await;
+        self.metrics.node.mount_op(UNMOUNT, unmounted.is_ok());
+        unmounted
     }
 
     /// CSI NodePublishVolume. Mount: bind mount staging → target, `nosuid,nodev,noexec` plus
@@ -589,12 +607,18 @@ impl NodePlugin {
                 )));
             }
         }
-        let device = self.source.find(&backing).await?.ok_or_else(|| {
-            NodeError::FailedPrecondition(format!(
+        let Some(device) = self.source.find(&backing).await? else {
+            if !is_block(&record.capability)
+                && !mounts_at(&self.mounts().await?, &req.staging).is_empty()
+            {
+                // Still mounted at the staging path, but its device is gone.
+                self.metrics.node.stale_mounts_detected_total.inc();
+            }
+            return Err(NodeError::FailedPrecondition(format!(
                 "volume {}'s device is no longer attached; stage it again",
                 req.volume
-            ))
-        })?;
+            )));
+        };
         if is_block(&req.capability) {
             self.publish_block(&req, &device, readonly, &mut record, wanted)
                 .await
@@ -613,10 +637,12 @@ impl NodePlugin {
         wanted: PublishRecord,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        let staged = mounts_at(&mounts, &req.staging)
-            .last()
-            .is_some_and(|m| same_device(m, device));
+        let top = mounts_at(&mounts, &req.staging).last().copied();
+        let staged = top.is_some_and(|m| same_device(m, device));
         if !staged {
+            if top.is_some() {
+                self.metrics.node.stale_mounts_detected_total.inc();
+            }
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {} is not mounted at its staging path {}; stage it again",
                 req.volume, req.staging
@@ -682,6 +708,7 @@ impl NodePlugin {
                 .map_err(NodeError::from)
         })
         .await;
+        self.metrics.node.mount_op(MOUNT, bound.is_ok());
         if let Err(e) = bound {
             record.publishes.remove(&req.target);
             self.save(record).await?;
@@ -877,10 +904,15 @@ impl NodePlugin {
             ))),
             Found::Directory => {
                 let mounts = self.mounts().await?;
-                let mounted = match (&device, mounts_at(&mounts, &path).last()) {
+                let top = mounts_at(&mounts, &path).last().copied();
+                let mounted = match (&device, top) {
                     (Some(d), Some(top)) => same_device(top, d),
                     _ => false,
                 };
+                if top.is_some() && !(mounted && healthy) {
+                    // Mounted, but not by the volume's live device.
+                    self.metrics.node.stale_mounts_detected_total.inc();
+                }
                 let abnormal = if !healthy {
                     Some(format!("volume {}'s device is gone", req.volume))
                 } else if !mounted {
