@@ -391,6 +391,8 @@ fn millis(raw: &str) -> Option<f64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     /// The Go driver's test sample, which it describes as captured from an RDS.
     const CAPTURED: &str = "                  slot:    storage-pool
@@ -476,6 +478,137 @@ mod tests {
             traffic(""),
             Err(TrafficError::Missing("read-ops-per-second"))
         );
+    }
+
+    /// A source the test drives: each poll waits for the test's go-ahead (or not), and the
+    /// source counts how many run at once.
+    struct Scripted {
+        calls: AtomicUsize,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+        /// `true`: polls answer at once; `false`: they wait until it turns `true`.
+        open: tokio::sync::watch::Sender<bool>,
+        fail: AtomicBool,
+    }
+
+    impl Scripted {
+        fn new(open: bool, fail: bool) -> Arc<Self> {
+            Arc::new(Self {
+                calls: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+                open: tokio::sync::watch::channel(open).0,
+                fail: AtomicBool::new(fail),
+            })
+        }
+    }
+
+    struct Handle(Arc<Scripted>);
+
+    impl Source for Handle {
+        type Sample = f64;
+        const NAME: &'static str = "disk";
+
+        async fn poll(&self) -> Result<f64, PollError> {
+            let s = &self.0;
+            let n = s.calls.fetch_add(1, SeqCst) + 1;
+            let now = s.in_flight.fetch_add(1, SeqCst) + 1;
+            s.max_in_flight.fetch_max(now, SeqCst);
+            let mut open = s.open.subscribe();
+            open.wait_for(|o| *o)
+                .await
+                .expect("sender lives in the test");
+            s.in_flight.fetch_sub(1, SeqCst);
+            if s.fail.load(SeqCst) {
+                return Err(PollError::Parse("scripted failure".into()));
+            }
+            Ok(n as f64)
+        }
+
+        fn record(sample: &f64, m: &StorageMetrics) {
+            m.disk.read_ops_per_second.set(*sample);
+        }
+    }
+
+    fn storage() -> (crate::metrics::Metrics, Arc<StorageMetrics>) {
+        let m = crate::metrics::Metrics::new();
+        let s = Arc::new(m.storage("storage-pool", false).unwrap());
+        (m, s)
+    }
+
+    fn series(m: &crate::metrics::Metrics, name: &str) -> f64 {
+        let text = m.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    const FAILURES: &str = "rds_csi_storage_poll_failures_total{source=\"disk\"}";
+    const AGE: &str = "rds_csi_storage_poll_age_seconds{source=\"disk\"}";
+    const READ_OPS: &str = "rds_disk_read_ops_per_second{slot=\"storage-pool\"}";
+
+    /// A hung RDS: the poll's own timeout counts one failure at once (catches removing the
+    /// `timeout` around the poll in `run`), the age keeps growing while the scrape answers from
+    /// memory, and no second poll starts while the first is still out (catches removing the
+    /// `is_finished` check). Once the hung poll ends, polling resumes and the age resets.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_poll_is_counted_once_and_never_doubled() {
+        let (m, s) = storage();
+        let src = Scripted::new(false, false);
+        let task = tokio::spawn(run(
+            Handle(src.clone()),
+            s,
+            Duration::from_secs(10),
+            Duration::from_secs(4),
+        ));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(series(&m, FAILURES), 1.0);
+        let age = series(&m, AGE);
+        assert_eq!(age, 5.0);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(src.calls.load(SeqCst), 1, "no second poll while one is out");
+        assert_eq!(src.max_in_flight.load(SeqCst), 1);
+        assert_eq!(series(&m, FAILURES), 1.0);
+        assert_eq!(series(&m, AGE), 65.0);
+        assert_eq!(series(&m, READ_OPS), 0.0);
+        // The RDS answers again: the late answer is dropped, the next tick polls afresh.
+        src.open.send_replace(true);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(src.calls.load(SeqCst), 2);
+        assert_eq!(
+            series(&m, READ_OPS),
+            2.0,
+            "the second poll's sample, not the late first"
+        );
+        assert!(series(&m, AGE) < 10.0);
+        assert_eq!(series(&m, FAILURES), 1.0);
+        assert_eq!(src.max_in_flight.load(SeqCst), 1);
+        task.abort();
+    }
+
+    /// Every failed poll is counted (catches dropping the `inc` in `report`) and leaves the
+    /// gauges and the age alone (catches `succeeded` on a failure).
+    #[tokio::test(start_paused = true)]
+    async fn each_failed_poll_is_counted_and_the_age_grows() {
+        let (m, s) = storage();
+        let src = Scripted::new(true, false);
+        let task = tokio::spawn(run(
+            Handle(src.clone()),
+            s,
+            Duration::from_secs(10),
+            Duration::from_secs(4),
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(series(&m, READ_OPS), 1.0);
+        assert_eq!(series(&m, AGE), 1.0);
+        src.fail.store(true, SeqCst);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(series(&m, FAILURES), 3.0);
+        assert_eq!(series(&m, READ_OPS), 1.0, "the last good sample stays");
+        assert_eq!(series(&m, AGE), 31.0);
+        task.abort();
     }
 
     proptest! {
