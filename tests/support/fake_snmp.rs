@@ -80,15 +80,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub fn rds_health() -> BTreeMap<String, SnmpValue> {
     let o = |arc: u32| format!("{MTXR_HEALTH}.{arc}");
     BTreeMap::from([
-        (o(8), SnmpValue::Integer(121)),      // mtxrHlVoltage: 12.1 V
+        (o(8), SnmpValue::Integer(121)), // mtxrHlVoltage: 12.1 V
         (o(9), SnmpValue::OctetString(b"fan1".to_vec())), // mtxrHlActiveFan
-        (o(10), SnmpValue::Integer(385)),     // mtxrHlTemperature: 38.5 °C
-        (o(11), SnmpValue::Integer(527)),     // mtxrHlProcessorTemperature: 52.7 °C
-        (o(12), SnmpValue::Integer(1234)),    // mtxrHlPower: 123.4 W
-        (o(13), SnmpValue::Integer(5150)),    // mtxrHlCurrent: 5150 mA
-        (o(14), SnmpValue::Integer(2000)),    // mtxrHlProcessorFrequency: MHz
-        (o(17), SnmpValue::Gauge32(5400)),    // mtxrHlFanSpeed1: rpm
-        (o(18), SnmpValue::Gauge32(5520)),    // mtxrHlFanSpeed2: rpm
+        (o(10), SnmpValue::Integer(385)), // mtxrHlTemperature: 38.5 °C
+        (o(11), SnmpValue::Integer(527)), // mtxrHlProcessorTemperature: 52.7 °C
+        (o(12), SnmpValue::Integer(1234)), // mtxrHlPower: 123.4 W
+        (o(13), SnmpValue::Integer(5150)), // mtxrHlCurrent: 5150 mA
+        (o(14), SnmpValue::Integer(2000)), // mtxrHlProcessorFrequency: MHz
+        (o(17), SnmpValue::Gauge32(5400)), // mtxrHlFanSpeed1: rpm
+        (o(18), SnmpValue::Gauge32(5520)), // mtxrHlFanSpeed2: rpm
     ])
 }
 
@@ -184,7 +184,9 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || b.len() < n {
             return None;
         }
-        let len = b[..n].iter().fold(0usize, |acc, x| (acc << 8) | *x as usize);
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |acc, x| (acc << 8) | *x as usize);
         b = &b[n..];
         len
     };
@@ -220,18 +222,36 @@ fn oid(content: &[u8]) -> Option<Vec<u64>> {
 }
 
 fn decode_message(b: &[u8]) -> Option<Message> {
-    let (0x30, body, _) = tlv(b)? else { return None };
-    let (0x02, version, rest) = tlv(body)? else { return None };
-    let (0x04, community, rest) = tlv(rest)? else { return None };
+    let (0x30, body, _) = tlv(b)? else {
+        return None;
+    };
+    let (0x02, version, rest) = tlv(body)? else {
+        return None;
+    };
+    let (0x04, community, rest) = tlv(rest)? else {
+        return None;
+    };
     let (pdu, pdu_body, _) = tlv(rest)?;
-    let (0x02, request_id, rest) = tlv(pdu_body)? else { return None };
-    let (0x02, _, rest) = tlv(rest)? else { return None };
-    let (0x02, _, rest) = tlv(rest)? else { return None };
-    let (0x30, mut binds, _) = tlv(rest)? else { return None };
+    let (0x02, request_id, rest) = tlv(pdu_body)? else {
+        return None;
+    };
+    let (0x02, _, rest) = tlv(rest)? else {
+        return None;
+    };
+    let (0x02, _, rest) = tlv(rest)? else {
+        return None;
+    };
+    let (0x30, mut binds, _) = tlv(rest)? else {
+        return None;
+    };
     let mut oids = vec![];
     while !binds.is_empty() {
-        let (0x30, bind, rest) = tlv(binds)? else { return None };
-        let (0x06, o, _) = tlv(bind)? else { return None };
+        let (0x30, bind, rest) = tlv(binds)? else {
+            return None;
+        };
+        let (0x06, o, _) = tlv(bind)? else {
+            return None;
+        };
         oids.push(oid(o)?);
         binds = rest;
     }
@@ -250,7 +270,11 @@ fn enc(tag: u8, content: &[u8]) -> Vec<u8> {
     if n < 0x80 {
         out.push(n as u8);
     } else {
-        let bytes: Vec<u8> = n.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        let bytes: Vec<u8> = n
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
         out.push(0x80 | bytes.len() as u8);
         out.extend(bytes);
     }
@@ -336,7 +360,19 @@ mod tests {
 
     #[test]
     fn ber_round_trips() {
-        for v in [0i64, 1, 127, 128, 255, 256, -1, -128, -129, 5400, i32::MAX as i64] {
+        for v in [
+            0i64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            -1,
+            -128,
+            -129,
+            5400,
+            i32::MAX as i64,
+        ] {
             let e = enc_int(0x02, v);
             let (_, c, _) = tlv(&e).unwrap();
             assert_eq!(int(c), Some(v), "{v}");
@@ -345,6 +381,9 @@ mod tests {
         let e = enc_oid(&arcs);
         let (_, c, _) = tlv(&e).unwrap();
         assert_eq!(oid(c), Some(arcs));
-        assert_eq!(enc_uint(0x42, 0xffff_ffff), vec![0x42, 5, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            enc_uint(0x42, 0xffff_ffff),
+            vec![0x42, 5, 0, 0xff, 0xff, 0xff, 0xff]
+        );
     }
 }
