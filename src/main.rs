@@ -806,32 +806,6 @@ struct StoragePollArgs {
     snmp_community: String,
 }
 
-/// `HOST[:PORT]`, `[v6]:PORT` or a bare IP address; port 161 by default. A host name is
-/// resolved once, here.
-fn snmp_address(raw: &str) -> anyhow::Result<std::net::SocketAddr> {
-    use std::net::ToSocketAddrs;
-    if let Ok(a) = raw.parse::<std::net::SocketAddr>() {
-        return Ok(a);
-    }
-    if let Ok(ip) = raw
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<std::net::IpAddr>()
-    {
-        return Ok((ip, 161).into());
-    }
-    let with_port = if raw.contains(':') {
-        raw.to_string()
-    } else {
-        format!("{raw}:161")
-    };
-    with_port
-        .to_socket_addrs()
-        .with_context(|| format!("--snmp-address {raw:?}"))?
-        .next()
-        .with_context(|| format!("--snmp-address {raw:?}: no address"))
-}
-
 /// Starts the background poller of the storage metrics (the controller's, RDS backend only):
 /// the pool's disk over the backend's SSH pool, and the hardware over SNMP when
 /// `--snmp-address` is set. Registers the families it fills, and only those.
@@ -842,7 +816,7 @@ fn start_storage_poller(
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
     use rds_csi::backend::rds::monitor::{self, DiskSource};
-    use rds_csi::backend::rds::snmp::{Community, HardwareSource};
+    use rds_csi::backend::rds::snmp::{Community, HardwareSource, SnmpAddress};
     if flags.interval.is_zero() {
         tracing::info!(
             "--storage-poll-interval 0: the rds_disk_* and rds_hardware_* metrics are off"
@@ -858,7 +832,8 @@ fn start_storage_poller(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let hardware = match &flags.snmp_address {
         Some(raw) if !raw.is_empty() => Some(HardwareSource {
-            address: snmp_address(raw)?,
+            address: SnmpAddress::parse(raw, "--snmp-address")
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
             community: Community::parse(&flags.snmp_community, "--snmp-community")
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             timeout: flags.timeout,
@@ -870,7 +845,7 @@ fn start_storage_poller(
             .storage(disk.slot.as_str(), hardware.is_some())
             .context("registering the storage metrics")?,
     );
-    tracing::info!(slot = %disk.slot, snmp = ?hardware.as_ref().map(|h| h.address), interval = ?flags.interval, timeout = ?flags.timeout, "polling the RDS's storage metrics in the background");
+    tracing::info!(slot = %disk.slot, snmp = ?hardware.as_ref().map(|h| h.address.to_string()), interval = ?flags.interval, timeout = ?flags.timeout, "polling the RDS's storage metrics in the background");
     tokio::spawn(monitor::run(
         disk,
         storage.clone(),

@@ -25,7 +25,7 @@
 //! object the agent lacks (noSuchObject) or whose value is not a number leaves its gauge as
 //! it was.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use snmp2::{AsyncSession, Oid, Value};
@@ -186,10 +186,74 @@ impl std::fmt::Debug for Community {
     }
 }
 
+/// An SNMP agent's address: `HOST[:PORT]`, `[v6]:PORT` or a bare IP address, port 161 by
+/// default. A host name is resolved at each poll (inside its timeout), so a name that does not
+/// resolve yet fails polls, not the start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnmpAddress {
+    host: String,
+    port: u16,
+}
+
+impl SnmpAddress {
+    pub fn parse(raw: &str, field: &'static str) -> Result<Self, crate::Error> {
+        let bad = |why: &str| crate::Error::InvalidArgument {
+            field,
+            reason: format!("{raw:?} {why}"),
+        };
+        if let Ok(ip) = raw.parse::<IpAddr>() {
+            return Ok(Self {
+                host: ip.to_string(),
+                port: 161,
+            });
+        }
+        if let Ok(a) = raw.parse::<std::net::SocketAddr>() {
+            return Ok(Self {
+                host: a.ip().to_string(),
+                port: a.port(),
+            });
+        }
+        let (host, port) = match raw.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad("has a bad port"))?,
+            ),
+            None => (raw, 161),
+        };
+        let name = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !name {
+            return Err(bad(
+                "is not HOST[:PORT] (an IPv6 address with a port is [v6]:PORT)",
+            ));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for SnmpAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// The hardware source: one SNMPv2c GET per poll, bounded by `timeout` (one attempt; the next
 /// poll is the retry).
 pub struct HardwareSource {
-    pub address: SocketAddr,
+    pub address: SnmpAddress,
     pub community: Community,
     pub timeout: Duration,
 }
@@ -203,9 +267,13 @@ impl HardwareSource {
             .map(|a| Oid::from(a).map_err(|e| PollError::Snmp(format!("{e:?}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Oid> = oids.iter().collect();
-        let mut session = AsyncSession::new_v2c(self.address, self.community.0.as_bytes(), 1)
-            .await
-            .map_err(|e| PollError::Snmp(format!("{}: {e}", self.address)))?;
+        let mut session = AsyncSession::new_v2c(
+            (self.address.host.as_str(), self.address.port),
+            self.community.0.as_bytes(),
+            1,
+        )
+        .await
+        .map_err(|e| PollError::Snmp(format!("{}: {e}", self.address)))?;
         let pdu = session.get_many(&refs).await.map_err(snmp)?;
         if pdu.error_status != 0 {
             return Err(PollError::Snmp(format!(
@@ -307,6 +375,28 @@ mod tests {
         assert_eq!(h.get(Gauge::Psu2Temperature), Some(1800.0));
         let numeric = vec![(o[5].clone(), Reading::Text(b"24".to_vec()))];
         assert_eq!(health(&numeric).get(Gauge::Psu2Power), Some(240.0));
+    }
+
+    #[test]
+    fn snmp_addresses() {
+        let ok = |raw: &str| SnmpAddress::parse(raw, "a").unwrap().to_string();
+        assert_eq!(ok("10.42.68.1"), "10.42.68.1:161");
+        assert_eq!(ok("10.42.68.1:1161"), "10.42.68.1:1161");
+        assert_eq!(ok("fd00::1"), "[fd00::1]:161");
+        assert_eq!(ok("[fd00::1]:162"), "[fd00::1]:162");
+        assert_eq!(ok("rds.lan"), "rds.lan:161");
+        assert_eq!(ok("rds.lan:9161"), "rds.lan:9161");
+        for bad in [
+            "",
+            "rds.lan:0",
+            "rds.lan:x",
+            "a b",
+            "rds;rm",
+            "[fd00::1]",
+            ":161",
+        ] {
+            assert!(SnmpAddress::parse(bad, "a").is_err(), "{bad:?}");
+        }
     }
 
     #[test]
