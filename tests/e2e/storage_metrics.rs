@@ -258,3 +258,76 @@ async fn an_unknown_pool_is_counted_and_snmp_is_off_without_an_address() {
         None
     );
 }
+
+/// The fake agent answers as a real one, through an independent SNMP client (the `snmp2`
+/// crate): the MIB's value types, `noSuchInstance` for a scalar read without its `.0` (as the
+/// Go driver's OIDs are written), `noSuchObject` for what it does not have, and nothing at all
+/// for a wrong community.
+#[tokio::test]
+async fn the_fake_agent_answers_as_routeros_does() {
+    use snmp2::{AsyncSession, Oid, Value};
+    let snmp = FakeSnmp::start(COMMUNITY).await;
+    let oid = |s: &str| {
+        Oid::from(
+            &s.split('.')
+                .map(|a| a.parse().unwrap())
+                .collect::<Vec<u64>>()[..],
+        )
+        .unwrap()
+    };
+    let oids = [
+        oid(&format!("{MTXR_HEALTH}.10.0")),
+        oid(&format!("{MTXR_HEALTH}.17.0")),
+        oid(&format!("{MTXR_HEALTH}.9.0")),
+        oid(&format!("{MTXR_HEALTH}.10")),
+        oid(&format!("{MTXR_HEALTH}.99.0")),
+    ];
+    let refs: Vec<&Oid> = oids.iter().collect();
+    let mut session = AsyncSession::new_v2c(snmp.address(), COMMUNITY.as_bytes(), 7)
+        .await
+        .unwrap();
+    let pdu = session.get_many(&refs).await.unwrap();
+    assert_eq!(pdu.error_status, 0);
+    let values: Vec<String> = pdu
+        .varbinds
+        .map(|(_, v)| match v {
+            Value::Integer(n) => format!("Integer {n}"),
+            Value::Unsigned32(n) => format!("Gauge32 {n}"),
+            Value::OctetString(s) => format!("OctetString {}", String::from_utf8_lossy(s)),
+            Value::NoSuchInstance => "noSuchInstance".into(),
+            Value::NoSuchObject => "noSuchObject".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        values,
+        [
+            "Integer 385",
+            "Gauge32 5400",
+            "OctetString fan1",
+            "noSuchInstance",
+            "noSuchObject"
+        ]
+    );
+    // A wrong community: the request arrives and is never answered.
+    let wrong = tokio::spawn({
+        let address = snmp.address();
+        let oid = oids[0].to_owned();
+        async move {
+            let mut s = AsyncSession::new_v2c(address, b"public", 1).await.unwrap();
+            s.get(&oid).await.map(|_| ()).map_err(|e| format!("{e:?}"))
+        }
+    });
+    eventually("the wrong-community request arrives", || async {
+        snmp.requests().iter().any(|r| r.community == "public")
+    })
+    .await;
+    let req = snmp
+        .requests()
+        .into_iter()
+        .find(|r| r.community == "public")
+        .unwrap();
+    assert!(!req.answered);
+    assert!(!wrong.is_finished(), "the client got an answer");
+    wrong.abort();
+}

@@ -336,7 +336,7 @@ fn encode_response(
         }
         .unwrap_or_else(|| {
             // A known object at another instance: noSuchInstance; else noSuchObject.
-            let known = (1..o.len()).any(|n| objects.contains_key(&dotted(&o[..n])));
+            let known = (1..=o.len()).any(|n| objects.contains_key(&dotted(&o[..n])));
             enc(if known { 0x81 } else { 0x80 }, &[])
         });
         binds.extend(enc(0x30, &[enc_oid(o), value].concat()));
