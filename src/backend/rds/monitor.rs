@@ -59,7 +59,8 @@ pub trait Source: Send + Sync + 'static {
     fn record(sample: &Self::Sample, metrics: &StorageMetrics);
 }
 
-/// Polls `source` every `every`, until the task is dropped. A poll that outlives `timeout`
+/// Polls `source` every `every`, the first time one interval after the start (the SSH pool's
+/// health check dials the RDS meanwhile), until the task is dropped. A poll that outlives `timeout`
 /// is counted as failed at once (the age gauge keeps growing), and is still awaited, with its
 /// late answer discarded, before the next one starts: a hung RDS never has two of these
 /// commands from this poller. Ticks that fall while a poll is still running are skipped.
@@ -71,7 +72,7 @@ pub async fn run<S: Source>(
 ) {
     let source = Arc::new(source);
     metrics.poll_age.start(S::NAME);
-    let mut ticks = tokio::time::interval(every);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut running: Option<tokio::task::JoinHandle<()>> = None;
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -184,6 +185,13 @@ impl Source for DiskSource {
     const NAME: &'static str = "disk";
 
     async fn poll(&self) -> Result<DiskSample, PollError> {
+        // Reconnecting is the pool's health check's job: a poll never dials (a dial racing the
+        // health check's would only add attempts against an RDS that is down or refusing us).
+        if !self.pool.connected() {
+            return Err(PollError::Link(SshError::Unavailable(
+                "the RDS is not connected (the SSH pool keeps trying)".into(),
+            )));
+        }
         let text = self
             .run(&RosCommand::MonitorTraffic {
                 slot: self.slot.clone(),
@@ -563,15 +571,16 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_secs(4),
         ));
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // The first poll starts at 10 s, and times out at 14 s.
+        tokio::time::sleep(Duration::from_secs(15)).await;
         assert_eq!(series(&m, FAILURES), 1.0);
         let age = series(&m, AGE);
-        assert_eq!(age, 5.0);
+        assert_eq!(age, 15.0);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(src.calls.load(SeqCst), 1, "no second poll while one is out");
         assert_eq!(src.max_in_flight.load(SeqCst), 1);
         assert_eq!(series(&m, FAILURES), 1.0);
-        assert_eq!(series(&m, AGE), 65.0);
+        assert_eq!(series(&m, AGE), 75.0);
         assert_eq!(series(&m, READ_OPS), 0.0);
         // The RDS answers again: the late answer is dropped, the next tick polls afresh.
         src.open.send_replace(true);
@@ -600,7 +609,7 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_secs(4),
         ));
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(11)).await;
         assert_eq!(series(&m, READ_OPS), 1.0);
         assert_eq!(series(&m, AGE), 1.0);
         src.fail.store(true, SeqCst);
