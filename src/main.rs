@@ -191,7 +191,8 @@ struct Args {
         long,
         env = "RDS_CSI_SNMP_COMMUNITY",
         default_value = "public",
-        hide_default_value = true
+        hide_default_value = true,
+        hide_env_values = true
     )]
     snmp_community: String,
     /// Arbiter threads for volume actors [default: one per core]. 0 runs everything (the gRPC

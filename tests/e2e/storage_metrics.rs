@@ -331,3 +331,17 @@ async fn the_fake_agent_answers_as_routeros_does() {
     assert!(!wrong.is_finished(), "the client got an answer");
     wrong.abort();
 }
+
+/// The community is a password: `--help` shows that the env var exists, never its value (clap
+/// prints env values by default; catches dropping `hide_env_values` on `--snmp-community`).
+#[test]
+fn help_never_prints_the_community() {
+    let out = std::process::Command::new(BIN)
+        .arg("--help")
+        .env("RDS_CSI_SNMP_COMMUNITY", "topsecret-community")
+        .output()
+        .expect("rds-csi --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("RDS_CSI_SNMP_COMMUNITY"), "{help}");
+    assert!(!help.contains("topsecret-community"), "{help}");
+}
