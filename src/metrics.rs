@@ -3,9 +3,12 @@
 //! Names match the Go driver (`rds_csi_` namespace, `attachment_*` and `migration_*` subsystems)
 //! so existing dashboards keep working. Only this module defines metrics; everyone else records.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const NAMESPACE: &str = "rds_csi";
@@ -619,6 +622,207 @@ pub const UNMOUNT: &str = "unmount";
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The storage side of the RDS, with the Go driver's families: `rds_disk_*` (one disk's
+/// traffic, const label `slot`) and `rds_hardware_*` (health over SNMP), all gauges. Registered
+/// only by [`Metrics::storage`], which the RDS backend's controller calls when it starts its
+/// poller, so a driver that cannot fill them does not serve them. The poller writes them in the
+/// background; a scrape only reads them.
+pub struct StorageMetrics {
+    pub disk: DiskGauges,
+    /// `None` when SNMP is off (no `--snmp-address`).
+    pub hardware: Option<HardwareGauges>,
+    /// `rds_csi_storage_poll_failures_total{source}`.
+    pub poll_failures: IntCounterVec,
+    /// `rds_csi_storage_poll_age_seconds{source}`.
+    pub poll_age: PollAge,
+}
+
+/// `rds_disk_*`: one sample of `/disk monitor-traffic <slot> once`, plus the pool's size and
+/// use from the same SSH poll.
+pub struct DiskGauges {
+    pub read_ops_per_second: Gauge,
+    pub write_ops_per_second: Gauge,
+    pub read_bytes_per_second: Gauge,
+    pub write_bytes_per_second: Gauge,
+    pub read_latency_milliseconds: Gauge,
+    pub write_latency_milliseconds: Gauge,
+    pub wait_latency_milliseconds: Gauge,
+    pub in_flight_operations: Gauge,
+    pub active_time_milliseconds: Gauge,
+    /// `rds_hardware_disk_pool_size_bytes`: read over SSH (the pool partition's `size`).
+    pub pool_size_bytes: Gauge,
+    /// `rds_hardware_disk_pool_used_bytes`: `size - free` of the pool partition.
+    pub pool_used_bytes: Gauge,
+}
+
+/// The eight `rds_hardware_*` gauges read over SNMP.
+pub struct HardwareGauges {
+    pub cpu_temperature_celsius: Gauge,
+    pub board_temperature_celsius: Gauge,
+    pub fan1_speed_rpm: Gauge,
+    pub fan2_speed_rpm: Gauge,
+    pub psu1_power_watts: Gauge,
+    pub psu2_power_watts: Gauge,
+    pub psu1_temperature_celsius: Gauge,
+    pub psu2_temperature_celsius: Gauge,
+}
+
+/// The two storage poll sources, as the `source` label names them.
+pub const STORAGE_SOURCES: [&str; 2] = ["disk", "hardware"];
+
+/// Seconds since each source's last successful poll, computed when scraped (so it grows
+/// between polls, and while a poll hangs), from tokio's clock (so tests can pause it). Until a
+/// source first succeeds it counts from when its poller started.
+#[derive(Clone)]
+pub struct PollAge {
+    gauge: GaugeVec,
+    since: Arc<Mutex<BTreeMap<&'static str, tokio::time::Instant>>>,
+}
+
+impl PollAge {
+    /// Starts counting for `source` (no-op when it already counts).
+    pub fn start(&self, source: &'static str) {
+        self.lock()
+            .entry(source)
+            .or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// `source` just polled successfully: its age restarts from zero.
+    pub fn succeeded(&self, source: &'static str) {
+        self.lock().insert(source, tokio::time::Instant::now());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, tokio::time::Instant>> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl prometheus::core::Collector for PollAge {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let now = tokio::time::Instant::now();
+        for (source, since) in self.lock().iter() {
+            self.gauge
+                .with_label_values(&[source])
+                .set(now.saturating_duration_since(*since).as_secs_f64());
+        }
+        self.gauge.collect()
+    }
+}
+
+impl Metrics {
+    /// Registers the storage families for the disk `slot` (`rds_hardware_*` from SNMP only
+    /// when `snmp`). Call once: a second call is an error.
+    pub fn storage(&self, slot: &str, snmp: bool) -> prometheus::Result<StorageMetrics> {
+        let disk_gauge = |name: &str, help: &str| {
+            Gauge::with_opts(
+                Opts::new(name, help)
+                    .namespace("rds")
+                    .subsystem("disk")
+                    .const_label("slot", slot),
+            )
+        };
+        let hw_gauge = |name: &str, help: &str| {
+            Gauge::with_opts(Opts::new(name, help).namespace("rds").subsystem("hardware"))
+        };
+        let traffic = "in the last sample of /disk monitor-traffic (SSH)";
+        let disk = DiskGauges {
+            read_ops_per_second: disk_gauge("read_ops_per_second", &format!("Read operations per second {traffic}."))?,
+            write_ops_per_second: disk_gauge("write_ops_per_second", &format!("Write operations per second {traffic}."))?,
+            read_bytes_per_second: disk_gauge("read_bytes_per_second", &format!("Bytes read per second {traffic} (RouterOS prints bits per second)."))?,
+            write_bytes_per_second: disk_gauge("write_bytes_per_second", &format!("Bytes written per second {traffic} (RouterOS prints bits per second)."))?,
+            read_latency_milliseconds: disk_gauge("read_latency_milliseconds", &format!("Read time in milliseconds {traffic}."))?,
+            write_latency_milliseconds: disk_gauge("write_latency_milliseconds", &format!("Write time in milliseconds {traffic}."))?,
+            wait_latency_milliseconds: disk_gauge("wait_latency_milliseconds", &format!("Time requests waited in the queue, in milliseconds, {traffic}."))?,
+            in_flight_operations: disk_gauge("in_flight_operations", &format!("Operations in flight (queue depth) {traffic}."))?,
+            active_time_milliseconds: disk_gauge("active_time_milliseconds", &format!("Time the disk was busy, in milliseconds, {traffic}."))?,
+            pool_size_bytes: hw_gauge("disk_pool_size_bytes", "Size in bytes of the storage pool holding the volumes (its partition's size in /disk print, SSH).")?,
+            pool_used_bytes: hw_gauge("disk_pool_used_bytes", "Bytes used on the storage pool holding the volumes (its partition's size minus free in /disk print, SSH).")?,
+        };
+        let hardware = if snmp {
+            Some(HardwareGauges {
+                cpu_temperature_celsius: hw_gauge("cpu_temperature_celsius", "Temperature in degrees Celsius, MIKROTIK-MIB mtxrHlTemperature (SNMP).")?,
+                board_temperature_celsius: hw_gauge("board_temperature_celsius", "Temperature in degrees Celsius, MIKROTIK-MIB mtxrHlProcessorTemperature (SNMP).")?,
+                fan1_speed_rpm: hw_gauge("fan1_speed_rpm", "Fan 1 speed in revolutions per minute, MIKROTIK-MIB mtxrHlFanSpeed1 (SNMP).")?,
+                fan2_speed_rpm: hw_gauge("fan2_speed_rpm", "Fan 2 speed in revolutions per minute, MIKROTIK-MIB mtxrHlFanSpeed2 (SNMP).")?,
+                psu1_power_watts: hw_gauge("psu1_power_watts", "Estimated power in watts: MIKROTIK-MIB mtxrHlVoltage in volts times 10 A, as the Go driver estimates it (SNMP).")?,
+                psu2_power_watts: hw_gauge("psu2_power_watts", "Estimated power in watts from MIKROTIK-MIB mtxrHlActiveFan, times 10 when it reads as a number, as the Go driver estimates it (SNMP).")?,
+                psu1_temperature_celsius: hw_gauge("psu1_temperature_celsius", "The Go driver's PSU 1 reading: MIKROTIK-MIB mtxrHlPower, scaled by its 0.1 unit (SNMP).")?,
+                psu2_temperature_celsius: hw_gauge("psu2_temperature_celsius", "The Go driver's PSU 2 reading: MIKROTIK-MIB mtxrHlCurrent, as the agent gives it (SNMP).")?,
+            })
+        } else {
+            None
+        };
+        let poll_failures = IntCounterVec::new(
+            opts(
+                "storage",
+                "poll_failures_total",
+                "Background polls of the RDS's storage metrics that failed or timed out, by source (disk: SSH, hardware: SNMP).",
+            ),
+            &["source"],
+        )?;
+        let poll_age = PollAge {
+            gauge: GaugeVec::new(
+                opts(
+                    "storage",
+                    "poll_age_seconds",
+                    "Seconds since the last successful poll of this source (since the poller started, until one succeeds); the rds_disk_* and rds_hardware_* values are that old.",
+                ),
+                &["source"],
+            )?,
+            since: Arc::default(),
+        };
+        let d = &disk;
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(d.read_ops_per_second.clone()),
+            Box::new(d.write_ops_per_second.clone()),
+            Box::new(d.read_bytes_per_second.clone()),
+            Box::new(d.write_bytes_per_second.clone()),
+            Box::new(d.read_latency_milliseconds.clone()),
+            Box::new(d.write_latency_milliseconds.clone()),
+            Box::new(d.wait_latency_milliseconds.clone()),
+            Box::new(d.in_flight_operations.clone()),
+            Box::new(d.active_time_milliseconds.clone()),
+            Box::new(d.pool_size_bytes.clone()),
+            Box::new(d.pool_used_bytes.clone()),
+            Box::new(poll_failures.clone()),
+            Box::new(poll_age.clone()),
+        ];
+        if let Some(h) = &hardware {
+            collectors.extend([
+                Box::new(h.cpu_temperature_celsius.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(h.board_temperature_celsius.clone()),
+                Box::new(h.fan1_speed_rpm.clone()),
+                Box::new(h.fan2_speed_rpm.clone()),
+                Box::new(h.psu1_power_watts.clone()),
+                Box::new(h.psu2_power_watts.clone()),
+                Box::new(h.psu1_temperature_celsius.clone()),
+                Box::new(h.psu2_temperature_celsius.clone()),
+            ]);
+        }
+        for c in collectors {
+            self.registry.register(c)?;
+        }
+        let sources: &[&str] = if snmp {
+            &STORAGE_SOURCES
+        } else {
+            &STORAGE_SOURCES[..1]
+        };
+        for source in sources {
+            poll_failures.with_label_values(&[source]);
+        }
+        Ok(StorageMetrics {
+            disk,
+            hardware,
+            poll_failures,
+            poll_age,
+        })
     }
 }
 

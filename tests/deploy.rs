@@ -2037,7 +2037,6 @@ async fn the_charts_kubernetes_floor_is_what_its_objects_and_sidecars_need() {
 const GO_KEYS_WITHOUT_EFFECT: &[&str] = &[
     "controller.vmiSerialization.enabled",
     "controller.vmiSerialization.cacheTTL",
-    "monitoring.rdsMonitoring.enabled",
     "scheduledSnapshots.enabled",
     "scheduledSnapshots.schedules",
     "scheduledSnapshots.image",

@@ -18,7 +18,9 @@
 //! recorded, after the one check RouterOS allows: a snapshot is never larger than its source.
 
 pub mod command;
+pub mod monitor;
 pub mod parse;
+pub mod snmp;
 pub mod ssh;
 pub mod values;
 

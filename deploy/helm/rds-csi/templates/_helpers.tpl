@@ -127,9 +127,6 @@ user. NOTES.txt prints them; README.md lists them ("Accepted with no effect").
   controller.vmiSerialization.{{ $key }}: the Go driver's per-VMI lock; this driver serializes each volume's operations itself
 {{- end }}
 {{- end }}
-{{- if hasKey ($v.monitoring.rdsMonitoring | default dict) "enabled" }}
-  monitoring.rdsMonitoring.enabled: the RDS connection metrics (rds_csi_rds_*) are always served
-{{- end }}
 {{- $scheduled := $v.scheduledSnapshots | default dict }}
 {{- range $key := list "enabled" "schedules" "image" "resources" }}
 {{- if hasKey $scheduled $key }}
