@@ -15,7 +15,11 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         ca-certificates nvme-cli e2fsprogs xfsprogs util-linux mount \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && rm -f /etc/nvme/hostnqn /etc/nvme/hostid
+# nvme-cli's install generates a host NQN and host id; every node running this image would present
+# the same one. The node plugin's DaemonSet mounts the host's /etc/nvme instead, so each node
+# connects as itself.
 COPY --from=build /usr/local/bin/rds-csi /usr/local/bin/rds-csi
 # Non-root by default, as the controller runs; its default --file-root (./volumes) resolves to
 # /var/lib/rds-csi/volumes. The node plugin's DaemonSet overrides the user with root, which

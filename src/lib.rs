@@ -5,6 +5,7 @@
 //!   `Supervisor` that starts, seeds and reaps them);
 //! - [`grpc`]: CSI Identity, Controller and Node services, translation only;
 //! - [`node`]: the node plugin's volumes (devices, filesystems, mounts) behind small seams;
+//! - [`deadline`]: the caller's deadline (`grpc-timeout`), carried down to what waits on it;
 //! - [`domain`]: the shared vocabulary (capabilities, access classes, context keys);
 //! - [`backend`]: where volumes live (`file` is the embedded default);
 //! - [`kube`]: the cluster behind small traits (standalone implementations included);
@@ -19,6 +20,7 @@
 pub mod actors;
 pub mod backend;
 pub mod ctl;
+pub mod deadline;
 pub mod domain;
 pub mod grpc;
 pub mod http;

@@ -175,6 +175,26 @@ struct Args {
     /// How long one RouterOS command may take, connecting included.
     #[arg(long, env = "RDS_CSI_RDS_COMMAND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     rds_command_timeout: Duration,
+    /// How often the controller reads the RDS's storage metrics (rds_disk_*, and rds_hardware_*
+    /// with --snmp-address) in the background; 0 turns the poller off. RDS backend only.
+    #[arg(long, env = "RDS_CSI_STORAGE_POLL_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    storage_poll_interval: Duration,
+    /// How long one storage poll may take before it counts as failed.
+    #[arg(long, env = "RDS_CSI_STORAGE_POLL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    storage_poll_timeout: Duration,
+    /// SNMP agent of the RDS (`HOST[:PORT]`, port 161 by default) for the rds_hardware_*
+    /// gauges; without it SNMP is off.
+    #[arg(long, env = "RDS_CSI_SNMP_ADDRESS")]
+    snmp_address: Option<String>,
+    /// SNMPv2c community of that agent (the chart reads it from its Secret's `snmp-community`).
+    #[arg(
+        long,
+        env = "RDS_CSI_SNMP_COMMUNITY",
+        default_value = "public",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    snmp_community: String,
     /// Arbiter threads for volume actors [default: one per core]. 0 runs everything (the gRPC
     /// server, the supervisor and every volume actor) on one thread, so no RPC crosses threads.
     #[arg(long, env = "RDS_CSI_ARBITERS")]
@@ -256,6 +276,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         rds_pool_size,
         rds_sessions_per_connection,
         rds_command_timeout,
+        storage_poll_interval,
+        storage_poll_timeout,
+        snmp_address,
+        snmp_community,
         leader_election,
         leader_election_namespace,
         leader_election_lease,
@@ -278,6 +302,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         pool_size: rds_pool_size,
         sessions_per_connection: rds_sessions_per_connection,
         command_timeout: rds_command_timeout,
+    };
+    let storage_poll = StoragePollArgs {
+        interval: storage_poll_interval,
+        timeout: storage_poll_timeout,
+        snmp_address,
+        snmp_community,
     };
     // Dropped when `run` returns, after everything else has logged: that writes out the queue.
     let _log = telemetry::init(log_format);
@@ -381,7 +411,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 BackendKind::File => Arc::new(
                     FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
                 ),
-                BackendKind::Rds => Arc::new(rds_backend(&rds, metrics.clone())?),
+                BackendKind::Rds => {
+                    let rds_backend = rds_backend(&rds, metrics.clone())?;
+                    start_storage_poller(&rds_backend, &rds, &storage_poll, &metrics)?;
+                    Arc::new(rds_backend)
+                }
             };
             storage = Some(backend.clone());
             let (nodes, authority, sink, cluster): Adapters = match &client {
@@ -455,13 +489,14 @@ fn run(args: Args) -> anyhow::Result<()> {
 
         let node_service = match mode {
             Mode::Node | Mode::All => {
-                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir)?;
+                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
                 Some(NodeService {
                     node_id: node_id.to_string(),
                     max_volumes_per_node,
                     plugin: Arc::new(plugin),
+                    metrics: metrics.clone(),
                 })
             }
             Mode::Controller => None,
@@ -622,6 +657,7 @@ fn node_plugin(
     file_root: &std::path::Path,
     nqn_prefix: &str,
     state_dir: &std::path::Path,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<NodePlugin> {
     let source: Arc<dyn DeviceSource> = match backend {
         BackendKind::File => {
@@ -632,7 +668,7 @@ fn node_plugin(
         BackendKind::Rds => {
             let prefix = NqnPrefix::parse(nqn_prefix, "--rds-nqn-prefix")
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Arc::new(NvmeDevices::new(SystemRunner, "/sys", prefix))
+            Arc::new(NvmeDevices::new(SystemRunner, "/sys", prefix).with_metrics(metrics.clone()))
         }
     };
     Ok(NodePlugin::new(NodeDeps {
@@ -640,6 +676,7 @@ fn node_plugin(
         mounter: Arc::new(SystemMounter::default()),
         runner: Arc::new(SystemRunner),
         records: Records::open(state_dir).context("--node-state-dir")?,
+        metrics,
     }))
 }
 
@@ -763,6 +800,71 @@ fn rds_backend(args: &RdsArgs, metrics: Arc<Metrics>) -> anyhow::Result<RdsBacke
     });
     tracing::info!(rds = %address, pool = args.pool_size, sessions_per_connection = args.sessions_per_connection, "RDS backend");
     Ok(RdsBackend::new(pool, defaults).with_metrics(metrics))
+}
+
+/// The storage poller's flags.
+struct StoragePollArgs {
+    interval: Duration,
+    timeout: Duration,
+    snmp_address: Option<String>,
+    snmp_community: String,
+}
+
+/// Starts the background poller of the storage metrics (the controller's, RDS backend only):
+/// the pool's disk over the backend's SSH pool, and the hardware over SNMP when
+/// `--snmp-address` is set. Registers the families it fills, and only those.
+fn start_storage_poller(
+    backend: &RdsBackend,
+    rds: &RdsArgs,
+    flags: &StoragePollArgs,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    use rds_csi::backend::rds::monitor::{self, DiskSource};
+    use rds_csi::backend::rds::snmp::{Community, HardwareSource, SnmpAddress};
+    if flags.interval.is_zero() {
+        tracing::info!(
+            "--storage-poll-interval 0: the rds_disk_* and rds_hardware_* metrics are off"
+        );
+        return Ok(());
+    }
+    if flags.timeout.is_zero() {
+        bail!("--storage-poll-timeout must be longer than zero");
+    }
+    let volume_path = RosPath::parse(&rds.volume_path, "--rds-volume-path")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let disk = DiskSource::for_volume_path(backend.pool().clone(), volume_path)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hardware = match &flags.snmp_address {
+        Some(raw) if !raw.is_empty() => Some(HardwareSource {
+            address: SnmpAddress::parse(raw, "--snmp-address")
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            community: Community::parse(&flags.snmp_community, "--snmp-community")
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            timeout: flags.timeout,
+        }),
+        _ => None,
+    };
+    let storage = Arc::new(
+        metrics
+            .storage(disk.slot.as_str(), hardware.is_some())
+            .context("registering the storage metrics")?,
+    );
+    tracing::info!(slot = %disk.slot, snmp = ?hardware.as_ref().map(|h| h.address.to_string()), interval = ?flags.interval, timeout = ?flags.timeout, "polling the RDS's storage metrics in the background");
+    tokio::spawn(monitor::run(
+        disk,
+        storage.clone(),
+        flags.interval,
+        flags.timeout,
+    ));
+    if let Some(hardware) = hardware {
+        tokio::spawn(monitor::run(
+            hardware,
+            storage,
+            flags.interval,
+            flags.timeout,
+        ));
+    }
+    Ok(())
 }
 
 /// The cluster behind the actors' traits, and the kube-rs cluster when there is one.

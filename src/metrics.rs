@@ -3,12 +3,35 @@
 //! Names match the Go driver (`rds_csi_` namespace, `attachment_*` and `migration_*` subsystems)
 //! so existing dashboards keep working. Only this module defines metrics; everyone else records.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const NAMESPACE: &str = "rds_csi";
+
+/// `rds_csi_attachment_operation_duration_seconds`: every bound the Go driver's dashboards can
+/// name (0.01 … 5 s), plus finer ones below 10 ms, where an in-memory attach answers.
+const ATTACHMENT_BUCKETS: [f64; 13] = [
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// `rds_csi_volume_operation_duration_seconds` and `rds_csi_nvme_connect_duration_seconds`:
+/// the Go driver's bounds (0.1 … 60 s), plus 1 ms and 10 ms for the file backend.
+const VOLUME_OPERATION_BUCKETS: [f64; 11] =
+    [0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The `status` of the Go driver's success-or-failure counters.
+pub fn outcome(ok: bool) -> &'static str {
+    if ok {
+        "success"
+    } else {
+        "failure"
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -41,9 +64,12 @@ pub struct Metrics {
     pub reconciler_runs: IntCounterVec,
     pub orphan_volumes: IntGauge,
     pub orphan_deleted: IntCounter,
+    pub events_posted_total: IntCounterVec,
+    pub attachment_reconcile_total: IntCounterVec,
     /// CreateVolumes carrying a StorageClass parameter the Go driver ignores, by parameter.
     pub storageclass_parameters_ignored: IntCounterVec,
     pub rds: RdsMetrics,
+    pub node: NodeMetrics,
 }
 
 fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
@@ -103,9 +129,7 @@ impl Metrics {
                 "operation_duration_seconds",
                 "Time to answer ControllerPublishVolume and ControllerUnpublishVolume.",
             ))
-            .buckets(vec![
-                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
-            ]),
+            .buckets(ATTACHMENT_BUCKETS.to_vec()),
             &["operation"],
         )
         .expect("valid metric");
@@ -148,7 +172,7 @@ impl Metrics {
                 "operation_duration_seconds",
                 "Duration of volume operations.",
             ))
-            .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0]),
+            .buckets(VOLUME_OPERATION_BUCKETS.to_vec()),
             &["operation"],
         )
         .expect("valid metric");
@@ -279,6 +303,24 @@ impl Metrics {
             "Orphan volumes deleted by the orphan reconciler (--orphan-delete).",
         ))
         .expect("valid metric");
+        let events_posted_total = IntCounterVec::new(
+            opts(
+                "events",
+                "posted_total",
+                "Kubernetes events this driver created, by reason (a failed post counts once it succeeds).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let attachment_reconcile_total = IntCounterVec::new(
+            opts(
+                "attachment",
+                "reconcile_total",
+                "Stale-attachment reconciler actions: clear_stale (an attachment to a deleted Node dropped), node_watcher_trigger (a Node deletion seen by the watch and checked).",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
         let storageclass_parameters_ignored = IntCounterVec::new(
             opts(
                 "storageclass",
@@ -320,6 +362,8 @@ impl Metrics {
             Box::new(reconciler_runs.clone()),
             Box::new(orphan_volumes.clone()),
             Box::new(orphan_deleted.clone()),
+            Box::new(events_posted_total.clone()),
+            Box::new(attachment_reconcile_total.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -342,10 +386,17 @@ impl Metrics {
                 reconciler_runs.with_label_values(&[reconciler, result]);
             }
         }
+        for action in [RECONCILE_CLEAR_STALE, RECONCILE_NODE_WATCHER] {
+            attachment_reconcile_total.with_label_values(&[action]);
+        }
         let rds = RdsMetrics::new(&registry);
+        let node = NodeMetrics::new(&registry);
         Self {
             registry,
             rds,
+            node,
+            events_posted_total,
+            attachment_reconcile_total,
             attach_total,
             detach_total,
             conflicts_total,
@@ -393,11 +444,16 @@ impl Metrics {
     }
 }
 
+/// `rds_csi_attachment_reconcile_total{action}` values (the Go driver's).
+pub const RECONCILE_CLEAR_STALE: &str = "clear_stale";
+pub const RECONCILE_NODE_WATCHER: &str = "node_watcher_trigger";
+
 /// The SSH link to the RDS (`rds_csi_rds_*`), registered with the rest. The connection-state
 /// and reconnect names are the Go driver's.
 pub struct RdsMetrics {
     pub connection_state: IntGaugeVec,
     pub reconnect_total: IntCounterVec,
+    pub reconnect_duration: Histogram,
     pub commands_total: IntCounterVec,
     pub command_duration: HistogramVec,
 }
@@ -420,6 +476,16 @@ impl RdsMetrics {
                 "RDS SSH connection attempts by status.",
             ),
             &["status"],
+        )
+        .expect("valid metric");
+        // The Go driver's family: no labels, its buckets, one sample per outage.
+        let reconnect_duration = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "rds",
+                "reconnect_duration_seconds",
+                "Time from losing the RDS's SSH link to being connected again.",
+            ))
+            .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]),
         )
         .expect("valid metric");
         let commands_total = IntCounterVec::new(
@@ -446,6 +512,7 @@ impl RdsMetrics {
         for c in [
             Box::new(connection_state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconnect_total.clone()),
+            Box::new(reconnect_duration.clone()),
             Box::new(commands_total.clone()),
             Box::new(command_duration.clone()),
         ] {
@@ -454,14 +521,531 @@ impl RdsMetrics {
         Self {
             connection_state,
             reconnect_total,
+            reconnect_duration,
             commands_total,
             command_duration,
         }
     }
 }
 
+/// The node plugin's families, the Go driver's names and labels: NVMe/TCP connects, mounts,
+/// stale mounts and orphaned NVMe connections. The node records them where it does the work.
+pub struct NodeMetrics {
+    /// `{status}`: success or failure of each `nvme connect` this node ran.
+    pub nvme_connects_total: IntCounterVec,
+    /// From running `nvme connect` to the namespace's block device appearing; successes only.
+    pub nvme_connect_duration: Histogram,
+    /// `{operation,status}`: operation `mount` (a staging mount or a publish bind mount) or
+    /// `unmount`.
+    pub mount_operations_total: IntCounterVec,
+    pub stale_mounts_detected_total: IntCounter,
+    /// `{status}`.
+    pub stale_recoveries_total: IntCounterVec,
+    pub orphans_cleaned_total: IntCounter,
+}
+
+impl NodeMetrics {
+    fn new(registry: &Registry) -> Self {
+        let nvme_connects_total = IntCounterVec::new(
+            opts(
+                "nvme",
+                "connects_total",
+                "nvme connect runs of the node plugin, by status (failure: the tool failed or no namespace appeared).",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let nvme_connect_duration = Histogram::with_opts(
+            HistogramOpts::from(opts(
+                "nvme",
+                "connect_duration_seconds",
+                "Time from running nvme connect to the namespace's block device appearing, for successful connects.",
+            ))
+            .buckets(VOLUME_OPERATION_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let mount_operations_total = IntCounterVec::new(
+            opts(
+                "mount",
+                "operations_total",
+                "Mounts (staging mounts and publish bind mounts) and unmounts the node plugin made, by status.",
+            ),
+            &["operation", "status"],
+        )
+        .expect("valid metric");
+        let stale_mounts_detected_total = IntCounter::with_opts(opts(
+            "stale",
+            "mounts_detected_total",
+            "Mounts of a volume found whose device is gone or is no longer the volume's.",
+        ))
+        .expect("valid metric");
+        let stale_recoveries_total = IntCounterVec::new(
+            opts(
+                "stale",
+                "recoveries_total",
+                "NodeStageVolume runs that re-attached a staged volume whose device was gone, by status.",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let orphans_cleaned_total = IntCounter::with_opts(opts(
+            "orphans",
+            "cleaned_total",
+            "NVMe/TCP subsystems of this driver found connected without a namespace device and disconnected.",
+        ))
+        .expect("valid metric");
+        for c in [
+            Box::new(nvme_connects_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(nvme_connect_duration.clone()),
+            Box::new(mount_operations_total.clone()),
+            Box::new(stale_mounts_detected_total.clone()),
+            Box::new(stale_recoveries_total.clone()),
+            Box::new(orphans_cleaned_total.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        for ok in [true, false] {
+            nvme_connects_total.with_label_values(&[outcome(ok)]);
+            stale_recoveries_total.with_label_values(&[outcome(ok)]);
+            for op in [MOUNT, UNMOUNT] {
+                mount_operations_total.with_label_values(&[op, outcome(ok)]);
+            }
+        }
+        Self {
+            nvme_connects_total,
+            nvme_connect_duration,
+            mount_operations_total,
+            stale_mounts_detected_total,
+            stale_recoveries_total,
+            orphans_cleaned_total,
+        }
+    }
+
+    /// Counts one mount or unmount (`MOUNT` / `UNMOUNT`).
+    pub fn mount_op(&self, operation: &'static str, ok: bool) {
+        self.mount_operations_total
+            .with_label_values(&[operation, outcome(ok)])
+            .inc();
+    }
+}
+
+/// `rds_csi_mount_operations_total{operation}` values (the Go driver's).
+pub const MOUNT: &str = "mount";
+pub const UNMOUNT: &str = "unmount";
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The storage side of the RDS, with the Go driver's families: `rds_disk_*` (one disk's
+/// traffic, const label `slot`) and `rds_hardware_*` (health over SNMP), all gauges. Registered
+/// only by [`Metrics::storage`], which the RDS backend's controller calls when it starts its
+/// poller, so a driver that cannot fill them does not serve them. The poller writes them in the
+/// background; a scrape only reads them.
+pub struct StorageMetrics {
+    pub disk: DiskGauges,
+    /// `None` when SNMP is off (no `--snmp-address`).
+    pub hardware: Option<HardwareGauges>,
+    /// `rds_csi_storage_poll_failures_total{source}`.
+    pub poll_failures: IntCounterVec,
+    /// `rds_csi_storage_poll_age_seconds{source}`.
+    pub poll_age: PollAge,
+}
+
+/// `rds_disk_*`: one sample of `/disk monitor-traffic <slot> once`, plus the pool's size and
+/// use from the same SSH poll.
+pub struct DiskGauges {
+    pub read_ops_per_second: Gauge,
+    pub write_ops_per_second: Gauge,
+    pub read_bytes_per_second: Gauge,
+    pub write_bytes_per_second: Gauge,
+    pub read_latency_milliseconds: Gauge,
+    pub write_latency_milliseconds: Gauge,
+    pub wait_latency_milliseconds: Gauge,
+    pub in_flight_operations: Gauge,
+    pub active_time_milliseconds: Gauge,
+    /// `rds_hardware_disk_pool_size_bytes`: read over SSH (the pool partition's `size`).
+    pub pool_size_bytes: Gauge,
+    /// `rds_hardware_disk_pool_used_bytes`: `size - free` of the pool partition.
+    pub pool_used_bytes: Gauge,
+}
+
+/// The eight `rds_hardware_*` gauges read over SNMP.
+pub struct HardwareGauges {
+    pub cpu_temperature_celsius: Gauge,
+    pub board_temperature_celsius: Gauge,
+    pub fan1_speed_rpm: Gauge,
+    pub fan2_speed_rpm: Gauge,
+    pub psu1_power_watts: Gauge,
+    pub psu2_power_watts: Gauge,
+    pub psu1_temperature_celsius: Gauge,
+    pub psu2_temperature_celsius: Gauge,
+}
+
+/// The two storage poll sources, as the `source` label names them.
+pub const STORAGE_SOURCES: [&str; 2] = ["disk", "hardware"];
+
+/// Seconds since each source's last successful poll, computed when scraped (so it grows
+/// between polls, and while a poll hangs), from tokio's clock (so tests can pause it). Until a
+/// source first succeeds it counts from when its poller started.
+#[derive(Clone)]
+pub struct PollAge {
+    gauge: GaugeVec,
+    since: Arc<Mutex<BTreeMap<&'static str, tokio::time::Instant>>>,
+}
+
+impl PollAge {
+    /// Starts counting for `source` (no-op when it already counts).
+    pub fn start(&self, source: &'static str) {
+        self.lock()
+            .entry(source)
+            .or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// `source` just polled successfully: its age restarts from zero.
+    pub fn succeeded(&self, source: &'static str) {
+        self.lock().insert(source, tokio::time::Instant::now());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, tokio::time::Instant>> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl prometheus::core::Collector for PollAge {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let now = tokio::time::Instant::now();
+        for (source, since) in self.lock().iter() {
+            self.gauge
+                .with_label_values(&[source])
+                .set(now.saturating_duration_since(*since).as_secs_f64());
+        }
+        self.gauge.collect()
+    }
+}
+
+impl Metrics {
+    /// Registers the storage families for the disk `slot` (`rds_hardware_*` from SNMP only
+    /// when `snmp`). Call once: a second call is an error.
+    pub fn storage(&self, slot: &str, snmp: bool) -> prometheus::Result<StorageMetrics> {
+        let disk_gauge = |name: &str, help: &str| {
+            Gauge::with_opts(
+                Opts::new(name, help)
+                    .namespace("rds")
+                    .subsystem("disk")
+                    .const_label("slot", slot),
+            )
+        };
+        let hw_gauge = |name: &str, help: &str| {
+            Gauge::with_opts(Opts::new(name, help).namespace("rds").subsystem("hardware"))
+        };
+        let traffic = "in the last sample of /disk monitor-traffic (SSH)";
+        let disk = DiskGauges {
+            read_ops_per_second: disk_gauge("read_ops_per_second", &format!("Read operations per second {traffic}."))?,
+            write_ops_per_second: disk_gauge("write_ops_per_second", &format!("Write operations per second {traffic}."))?,
+            read_bytes_per_second: disk_gauge("read_bytes_per_second", &format!("Bytes read per second {traffic} (RouterOS prints bits per second)."))?,
+            write_bytes_per_second: disk_gauge("write_bytes_per_second", &format!("Bytes written per second {traffic} (RouterOS prints bits per second)."))?,
+            read_latency_milliseconds: disk_gauge("read_latency_milliseconds", &format!("Read time in milliseconds {traffic}."))?,
+            write_latency_milliseconds: disk_gauge("write_latency_milliseconds", &format!("Write time in milliseconds {traffic}."))?,
+            wait_latency_milliseconds: disk_gauge("wait_latency_milliseconds", &format!("Time requests waited in the queue, in milliseconds, {traffic}."))?,
+            in_flight_operations: disk_gauge("in_flight_operations", &format!("Operations in flight (queue depth) {traffic}."))?,
+            active_time_milliseconds: disk_gauge("active_time_milliseconds", &format!("Time the disk was busy, in milliseconds, {traffic}."))?,
+            pool_size_bytes: hw_gauge("disk_pool_size_bytes", "Size in bytes of the storage pool holding the volumes (its partition's size in /disk print, SSH).")?,
+            pool_used_bytes: hw_gauge("disk_pool_used_bytes", "Bytes used on the storage pool holding the volumes (its partition's size minus free in /disk print, SSH).")?,
+        };
+        let hardware = if snmp {
+            Some(HardwareGauges {
+                cpu_temperature_celsius: hw_gauge("cpu_temperature_celsius", "Temperature in degrees Celsius, MIKROTIK-MIB mtxrHlTemperature (SNMP).")?,
+                board_temperature_celsius: hw_gauge("board_temperature_celsius", "Temperature in degrees Celsius, MIKROTIK-MIB mtxrHlProcessorTemperature (SNMP).")?,
+                fan1_speed_rpm: hw_gauge("fan1_speed_rpm", "Fan 1 speed in revolutions per minute, MIKROTIK-MIB mtxrHlFanSpeed1 (SNMP).")?,
+                fan2_speed_rpm: hw_gauge("fan2_speed_rpm", "Fan 2 speed in revolutions per minute, MIKROTIK-MIB mtxrHlFanSpeed2 (SNMP).")?,
+                psu1_power_watts: hw_gauge("psu1_power_watts", "Estimated power in watts: MIKROTIK-MIB mtxrHlVoltage in volts times 10 A, as the Go driver estimates it (SNMP).")?,
+                psu2_power_watts: hw_gauge("psu2_power_watts", "Estimated power in watts from MIKROTIK-MIB mtxrHlActiveFan, times 10 when it reads as a number, as the Go driver estimates it (SNMP).")?,
+                psu1_temperature_celsius: hw_gauge("psu1_temperature_celsius", "The Go driver's PSU 1 reading: MIKROTIK-MIB mtxrHlPower, scaled by its 0.1 unit (SNMP).")?,
+                psu2_temperature_celsius: hw_gauge("psu2_temperature_celsius", "The Go driver's PSU 2 reading: MIKROTIK-MIB mtxrHlCurrent, as the agent gives it (SNMP).")?,
+            })
+        } else {
+            None
+        };
+        let poll_failures = IntCounterVec::new(
+            opts(
+                "storage",
+                "poll_failures_total",
+                "Background polls of the RDS's storage metrics that failed or timed out, by source (disk: SSH, hardware: SNMP).",
+            ),
+            &["source"],
+        )?;
+        let poll_age = PollAge {
+            gauge: GaugeVec::new(
+                opts(
+                    "storage",
+                    "poll_age_seconds",
+                    "Seconds since the last successful poll of this source (since the poller started, until one succeeds); the rds_disk_* and rds_hardware_* values are that old.",
+                ),
+                &["source"],
+            )?,
+            since: Arc::default(),
+        };
+        let d = &disk;
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(d.read_ops_per_second.clone()),
+            Box::new(d.write_ops_per_second.clone()),
+            Box::new(d.read_bytes_per_second.clone()),
+            Box::new(d.write_bytes_per_second.clone()),
+            Box::new(d.read_latency_milliseconds.clone()),
+            Box::new(d.write_latency_milliseconds.clone()),
+            Box::new(d.wait_latency_milliseconds.clone()),
+            Box::new(d.in_flight_operations.clone()),
+            Box::new(d.active_time_milliseconds.clone()),
+            Box::new(d.pool_size_bytes.clone()),
+            Box::new(d.pool_used_bytes.clone()),
+            Box::new(poll_failures.clone()),
+            Box::new(poll_age.clone()),
+        ];
+        if let Some(h) = &hardware {
+            collectors.extend([
+                Box::new(h.cpu_temperature_celsius.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(h.board_temperature_celsius.clone()),
+                Box::new(h.fan1_speed_rpm.clone()),
+                Box::new(h.fan2_speed_rpm.clone()),
+                Box::new(h.psu1_power_watts.clone()),
+                Box::new(h.psu2_power_watts.clone()),
+                Box::new(h.psu1_temperature_celsius.clone()),
+                Box::new(h.psu2_temperature_celsius.clone()),
+            ]);
+        }
+        for c in collectors {
+            self.registry.register(c)?;
+        }
+        let sources: &[&str] = if snmp {
+            &STORAGE_SOURCES
+        } else {
+            &STORAGE_SOURCES[..1]
+        };
+        for source in sources {
+            poll_failures.with_label_values(&[source]);
+        }
+        Ok(StorageMetrics {
+            disk,
+            hardware,
+            poll_failures,
+            poll_age,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::proto::MetricType;
+
+    /// The Go driver's families (pkg/observability/prometheus.go) that this process serves:
+    /// name, type, label names. `rds_csi_rds_reconnect_duration_seconds` and the storage side
+    /// (`rds_disk_*`, `rds_hardware_*`) belong to the RDS backend's poller and pool.
+    const GO_FAMILIES: &[(&str, MetricType, &[&str])] = &[
+        (
+            "rds_csi_volume_operations_total",
+            MetricType::COUNTER,
+            &["operation", "status"],
+        ),
+        (
+            "rds_csi_volume_operation_duration_seconds",
+            MetricType::HISTOGRAM,
+            &["operation"],
+        ),
+        (
+            "rds_csi_nvme_connects_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        (
+            "rds_csi_nvme_connect_duration_seconds",
+            MetricType::HISTOGRAM,
+            &[],
+        ),
+        ("rds_csi_nvme_connections_active", MetricType::GAUGE, &[]),
+        (
+            "rds_csi_mount_operations_total",
+            MetricType::COUNTER,
+            &["operation", "status"],
+        ),
+        (
+            "rds_csi_stale_mounts_detected_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_stale_recoveries_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        ("rds_csi_orphans_cleaned_total", MetricType::COUNTER, &[]),
+        (
+            "rds_csi_events_posted_total",
+            MetricType::COUNTER,
+            &["reason"],
+        ),
+        (
+            "rds_csi_attachment_attach_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        (
+            "rds_csi_attachment_detach_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+        (
+            "rds_csi_attachment_conflicts_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_attachment_reconcile_total",
+            MetricType::COUNTER,
+            &["action"],
+        ),
+        (
+            "rds_csi_attachment_operation_duration_seconds",
+            MetricType::HISTOGRAM,
+            &["operation"],
+        ),
+        (
+            "rds_csi_attachment_grace_period_used_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_attachment_stale_cleared_total",
+            MetricType::COUNTER,
+            &[],
+        ),
+        (
+            "rds_csi_migration_migrations_total",
+            MetricType::COUNTER,
+            &["result"],
+        ),
+        (
+            "rds_csi_migration_duration_seconds",
+            MetricType::HISTOGRAM,
+            &[],
+        ),
+        (
+            "rds_csi_migration_active_migrations",
+            MetricType::GAUGE,
+            &[],
+        ),
+        // Ours adds `host_key`; a query by `address` finds the same series.
+        (
+            "rds_csi_rds_connection_state",
+            MetricType::GAUGE,
+            &["address", "host_key"],
+        ),
+        (
+            "rds_csi_rds_reconnect_total",
+            MetricType::COUNTER,
+            &["status"],
+        ),
+    ];
+
+    /// Metrics with one sample in each labelled family, so every family is gathered.
+    fn touched() -> Metrics {
+        let m = Metrics::new();
+        m.volume_operations_total
+            .with_label_values(&["stage", "success"]);
+        m.volume_operation_duration.with_label_values(&["stage"]);
+        m.events_posted_total.with_label_values(&["VolumeAttached"]);
+        m.attachment_operation_duration
+            .with_label_values(&["attach"]);
+        m.rds
+            .connection_state
+            .with_label_values(&["10.42.68.1:22", "verified"]);
+        m.rds.reconnect_total.with_label_values(&["success"]);
+        m
+    }
+
+    /// Every Go family is served with the Go driver's name, type and label names; removing a
+    /// family's registration, or renaming a label, fails here.
+    #[test]
+    fn every_go_family_has_the_go_drivers_name_type_and_labels() {
+        let gathered = touched().registry().gather();
+        for (name, kind, labels) in GO_FAMILIES {
+            let family = gathered
+                .iter()
+                .find(|f| f.name() == *name)
+                .unwrap_or_else(|| panic!("{name} is not served"));
+            assert_eq!(family.get_field_type(), *kind, "{name}");
+            let metric = &family.get_metric()[0];
+            let mut have: Vec<&str> = metric.get_label().iter().map(|l| l.name()).collect();
+            have.sort();
+            let mut want = labels.to_vec();
+            want.sort();
+            assert_eq!(have, want, "{name}");
+        }
+    }
+
+    /// Every bucket bound a Go dashboard can name (`le="2.5"`) exists here too.
+    #[test]
+    fn histograms_keep_every_go_bucket_bound() {
+        let go: &[(&str, &[f64])] = &[
+            (
+                "rds_csi_volume_operation_duration_seconds",
+                &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            (
+                "rds_csi_nvme_connect_duration_seconds",
+                &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            (
+                "rds_csi_attachment_operation_duration_seconds",
+                &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+            ),
+            (
+                "rds_csi_migration_duration_seconds",
+                &[15.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0],
+            ),
+        ];
+        let gathered = touched().registry().gather();
+        for (name, bounds) in go {
+            let family = gathered.iter().find(|f| f.name() == *name).unwrap();
+            let ours: Vec<f64> = family.get_metric()[0]
+                .get_histogram()
+                .get_bucket()
+                .iter()
+                .map(|b| b.upper_bound())
+                .collect();
+            for b in *bounds {
+                assert!(ours.contains(b), "{name} lacks le={b}: {ours:?}");
+            }
+        }
+    }
+
+    /// The success-or-failure families start at zero for both outcomes, under the Go
+    /// driver's label values, so a dashboard's rate() sees the first failure.
+    #[test]
+    fn outcome_series_exist_at_zero_with_the_go_label_values() {
+        let text = Metrics::new().render();
+        for series in [
+            r#"rds_csi_nvme_connects_total{status="failure"} 0"#,
+            r#"rds_csi_nvme_connects_total{status="success"} 0"#,
+            r#"rds_csi_mount_operations_total{operation="mount",status="failure"} 0"#,
+            r#"rds_csi_mount_operations_total{operation="unmount",status="success"} 0"#,
+            r#"rds_csi_stale_recoveries_total{status="failure"} 0"#,
+            r#"rds_csi_attachment_reconcile_total{action="clear_stale"} 0"#,
+            r#"rds_csi_attachment_reconcile_total{action="node_watcher_trigger"} 0"#,
+            "rds_csi_stale_mounts_detected_total 0",
+            "rds_csi_orphans_cleaned_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing:\n{text}"
+            );
+        }
     }
 }

@@ -1863,3 +1863,535 @@ fn the_chart_defaults_are_the_drivers() {
         .to_string();
     assert_eq!(values["controller"]["attachmentGracePeriod"], default);
 }
+
+// ---- 5. The Kubernetes floor -----------------------------------------------------------------
+
+/// A Kubernetes release 1.x, by its minor number.
+type Minor = u64;
+
+/// Each pinned sidecar (image name and tag) with the lowest Kubernetes it supports, as its
+/// project documents it. Every sidecar image any render runs must be here: a new pin is a new
+/// row, read from that release's notes.
+const SIDECAR_FLOORS: &[(&str, &str, Minor, &str)] = &[
+    (
+        "csi-provisioner",
+        "v6.3.0",
+        20,
+        "README's compatibility table (1.20). The v6 release notes name 1.34 only for the \
+         VolumeAttributesClass v1 API: the provisioner turns that feature off where the API is \
+         missing (#1423), and this driver has no MODIFY_VOLUME (held below)",
+    ),
+    ("csi-attacher", "v4.12.0", 17, "release notes: minimum 1.17"),
+    (
+        "csi-resizer",
+        "v2.2.1",
+        16,
+        "release notes: minimum 1.16 (1.34 recommended for VolumeAttributesClass)",
+    ),
+    (
+        "csi-snapshotter",
+        "v8.6.0",
+        25,
+        "v8 release notes: minimum 1.25",
+    ),
+    (
+        "csi-node-driver-registrar",
+        "v2.17.0",
+        13,
+        "release notes: minimum 1.13",
+    ),
+    (
+        "livenessprobe",
+        "v2.19.0",
+        13,
+        "release notes: minimum 1.13",
+    ),
+];
+
+/// Each kind the renders contain, at its apiVersion, with the first release that serves it by
+/// default. Custom resources count from what their CRDs need (the VolumeSnapshot CRDs of
+/// external-snapshotter v4 and later need 1.20); where only their operator sets a floor, 0.
+/// Fields newer than the chart's floor are left out for older clusters by the templates, which
+/// `.ci/validate-manifests` checks by rendering for the floor and validating against its schema.
+const API_FLOORS: &[(&str, &str, Minor)] = &[
+    ("v1", "Namespace", 0),
+    ("v1", "ServiceAccount", 0),
+    ("v1", "Service", 0),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole", 8),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", 8),
+    ("rbac.authorization.k8s.io/v1", "Role", 8),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", 8),
+    ("apps/v1", "Deployment", 9),
+    ("apps/v1", "DaemonSet", 9),
+    ("policy/v1", "PodDisruptionBudget", 21),
+    ("storage.k8s.io/v1", "StorageClass", 6),
+    ("storage.k8s.io/v1", "CSIDriver", 18),
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass", 20),
+    ("monitoring.coreos.com/v1", "ServiceMonitor", 0),
+    ("cdi.kubevirt.io/v1beta1", "StorageProfile", 0),
+];
+
+/// `>=1.N.0-0` from Chart.yaml's kubeVersion: N.
+fn chart_floor() -> Minor {
+    let chart = read_yaml(&path(&format!("{CHART}/Chart.yaml"))).remove(0);
+    let range = chart["kubeVersion"]
+        .as_str()
+        .expect("Chart.yaml: kubeVersion");
+    range
+        .strip_prefix(">=1.")
+        .and_then(|r| r.strip_suffix(".0-0"))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("Chart.yaml: kubeVersion {range:?} is not \">=1.N.0-0\""))
+}
+
+/// Chart.yaml's kubeVersion is exactly the lowest release that every rendered object and every
+/// pinned sidecar supports: no higher (a Go chart user on an older cluster could not switch,
+/// as with the 1.34 this chart used to demand), no lower (Helm would install what cannot run).
+/// The chart's README says why, and csi-provisioner's 1.34 (VolumeAttributesClass) stays
+/// irrelevant only while the driver does not advertise MODIFY_VOLUME, which is held here too.
+/// Catches: a kubeVersion that is not the computed floor, a new sidecar pin or kind without its
+/// documented floor, a README that does not name the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_kubernetes_floor_is_what_its_objects_and_sidecars_need() {
+    let mut floor: (Minor, String) = (0, String::new());
+    let mut raise = |minor: Minor, why: String| {
+        if minor > floor.0 {
+            floor = (minor, why);
+        }
+    };
+    for m in Manifests::all() {
+        for o in &m.objects {
+            let (api, kind) = (text(&o["apiVersion"]), text(&o["kind"]));
+            let minor = API_FLOORS
+                .iter()
+                .find(|(a, k, _)| *a == api && *k == kind)
+                .map(|(_, _, minor)| *minor)
+                .unwrap_or_else(|| panic!("{}: {kind} {api} has no row in API_FLOORS", m.name));
+            raise(minor, format!("{kind} {api}"));
+        }
+        for workload in [m.controller(), m.node()] {
+            for c in containers(workload) {
+                let image = text(&c["image"]);
+                let Some(pinned) = image.strip_prefix("registry.k8s.io/sig-storage/") else {
+                    continue;
+                };
+                let (name, tag) = pinned.split_once(':').expect("image:tag");
+                let (_, _, minor, _) = SIDECAR_FLOORS
+                    .iter()
+                    .find(|(n, t, _, _)| *n == name && *t == tag)
+                    .unwrap_or_else(|| panic!("{}: {image} has no row in SIDECAR_FLOORS", m.name));
+                raise(*minor, image.clone());
+            }
+        }
+    }
+    assert!(floor.0 > 0, "no object or sidecar found");
+    assert_eq!(
+        chart_floor(),
+        floor.0,
+        "Chart.yaml's kubeVersion should be >=1.{}.0-0, what {} needs",
+        floor.0,
+        floor.1
+    );
+
+    let readme = std::fs::read_to_string(path(&format!("{CHART}/README.md"))).unwrap();
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Kubernetes versions"))
+        .expect("the chart's README has a \"Kubernetes versions\" section");
+    assert!(
+        section.contains(&format!("Kubernetes 1.{} or newer", floor.0)),
+        "the chart's README should name the floor, 1.{}",
+        floor.0
+    );
+    for (name, tag, minor, _) in SIDECAR_FLOORS {
+        assert!(
+            section.contains(&format!("{name} {tag}")) && section.contains(&format!("1.{minor}")),
+            "the chart's README should give {name} {tag}'s floor, 1.{minor}"
+        );
+    }
+
+    let d = Driver::start(&[], &["--mode", "controller"]).await;
+    let modify = d
+        .controller()
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .any(|c| {
+            matches!(c.r#type, Some(CapType::Rpc(rpc)) if rpc.r#type == Rpc::ModifyVolume as i32)
+        });
+    assert!(
+        !modify,
+        "with MODIFY_VOLUME, csi-provisioner's and csi-resizer's VolumeAttributesClass \
+         support needs Kubernetes 1.34: raise the floor"
+    );
+}
+
+// ---- 6. The Go chart's keys that have no effect ---------------------------------------------
+
+/// The Go chart's values keys this chart accepts and ignores, as NOTES.txt names them (a
+/// StorageClass entry's key as `storageClasses[<name>].<key>`). `storageClasses[].accessModes`
+/// has an effect only where the class's CDI StorageProfile is rendered.
+const GO_KEYS_WITHOUT_EFFECT: &[&str] = &[
+    "controller.vmiSerialization.enabled",
+    "controller.vmiSerialization.cacheTTL",
+    "scheduledSnapshots.enabled",
+    "scheduledSnapshots.schedules",
+    "scheduledSnapshots.image",
+    "scheduledSnapshots.resources",
+    "storageClasses[].accessModes",
+];
+
+/// The keys NOTES.txt's "IGNORED:" paragraph names, in a render's `-NOTES.txt`.
+fn ignored_in_notes(name: &str) -> BTreeSet<String> {
+    let file = path(&format!("deploy/helm/rendered/{name}-NOTES.txt"));
+    let notes = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e} (run .ci/render-manifests)", file.display()));
+    let Some((_, after)) = notes.split_once("\nIGNORED:") else {
+        return BTreeSet::new();
+    };
+    after
+        .lines()
+        .skip_while(|l| !l.starts_with("  "))
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.trim().split_once(": ").expect("key: why").0.to_string())
+        .collect()
+}
+
+/// The keys of GO_KEYS_WITHOUT_EFFECT that a values file sets and that have no effect in `m`.
+fn ignored_in_values(values: &Value, m: &Manifests) -> BTreeSet<String> {
+    let mut set = BTreeSet::new();
+    for key in GO_KEYS_WITHOUT_EFFECT {
+        if let Some(field) = key.strip_prefix("storageClasses[].") {
+            for class in values["storageClasses"].as_array().into_iter().flatten() {
+                let name = text(&class["name"]);
+                if class.get(field).is_some() && m.find("StorageProfile", &name).is_none() {
+                    set.insert(format!("storageClasses[{name}].{field}"));
+                }
+            }
+        } else if key
+            .split('.')
+            .try_fold(values, |v, part| v.get(part))
+            .is_some()
+        {
+            set.insert(key.to_string());
+        }
+    }
+    set
+}
+
+/// Every Go key this chart accepts with no effect is listed in the chart's README, and the
+/// NOTES of `helm install` name exactly those a values file sets (the Go user's file names
+/// six; the chart's own files none), so a Go user learns what to delete. No template but the
+/// helpers reads these keys, so "no effect" stays true: a template that starts using one must
+/// take it off the list. Catches: a warning line removed from "rds-csi.goKeysWithoutEffect", a
+/// key warned about that is not set, a key missing from the README.
+#[test]
+fn go_keys_without_effect_are_listed_and_warned_about() {
+    let readme = std::fs::read_to_string(path(&format!("{CHART}/README.md"))).unwrap();
+    let section = readme
+        .split("\n### ")
+        .find(|s| s.starts_with("Accepted with no effect"))
+        .expect("the chart's README has an \"Accepted with no effect\" section");
+    for key in GO_KEYS_WITHOUT_EFFECT {
+        assert!(
+            section.contains(&format!("`{key}`")),
+            "the chart's README should list `{key}` under \"Accepted with no effect\""
+        );
+    }
+
+    let mut go_style = 0;
+    for entry in std::fs::read_dir(path(&format!("{CHART}/ci"))).unwrap() {
+        let file = entry.unwrap().path();
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        let Some(name) = name.strip_suffix("-values.yaml") else {
+            continue;
+        };
+        let values = read_yaml(&file).remove(0);
+        let expected = ignored_in_values(&values, &Manifests::rendered(name));
+        assert_eq!(
+            ignored_in_notes(name),
+            expected,
+            "{name}: NOTES.txt should warn about exactly the Go keys without effect it sets"
+        );
+        if name == GO_STYLE {
+            go_style = expected.len();
+        }
+    }
+    assert!(
+        go_style >= 6,
+        "{GO_STYLE}-values.yaml, a Go user's file, sets only {go_style} such keys"
+    );
+
+    for entry in std::fs::read_dir(path(&format!("{CHART}/templates"))).unwrap() {
+        let file = entry.unwrap().path();
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "_helpers.tpl" {
+            continue;
+        }
+        let template = std::fs::read_to_string(&file).unwrap();
+        for key in GO_KEYS_WITHOUT_EFFECT {
+            let last = key.rsplit('.').next().unwrap();
+            let parent = key.split('.').rev().nth(1).unwrap();
+            let used = if parent == "storageClasses[]" {
+                name != "storageprofiles.yaml" && template.contains(&format!(".{last}"))
+            } else {
+                template.contains(parent)
+            };
+            assert!(
+                !used,
+                "templates/{name} reads {key}: it has an effect, take it off the list"
+            );
+        }
+    }
+}
+
+// ---- 7. KubeVirt: CDI StorageProfiles --------------------------------------------------------
+
+/// CDI's StorageProfile spec (cdi.kubevirt.io/v1beta1, containerized-data-importer-api's
+/// `StorageProfileSpec`): its fields, and the values its enums allow.
+const PROFILE_SPEC_FIELDS: &[&str] = &[
+    "cloneStrategy",
+    "claimPropertySets",
+    "dataImportCronSourceFormat",
+    "snapshotClass",
+];
+const CLONE_STRATEGIES: &[&str] = &["copy", "snapshot", "csi-clone"];
+const SOURCE_FORMATS: &[&str] = &["snapshot", "pvc"];
+const ACCESS_MODES: &[&str] = &[
+    "ReadWriteOnce",
+    "ReadOnlyMany",
+    "ReadWriteMany",
+    "ReadWriteOncePod",
+];
+const VOLUME_MODES: &[&str] = &["Block", "Filesystem"];
+
+/// One claim property set: (access modes, volume mode), checked against CDI's
+/// `ClaimPropertySet` (both fields required, at most 4 legal access modes, a legal mode).
+fn claim_property_set(set: &Value, where_: &str) -> (Vec<String>, String) {
+    let keys: BTreeSet<&str> = set
+        .as_object()
+        .unwrap_or_else(|| panic!("{where_}: a claim property set is an object"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["accessModes", "volumeMode"]),
+        "{where_}: a claim property set has accessModes and volumeMode"
+    );
+    let modes = strings(&set["accessModes"]);
+    assert!(
+        !modes.is_empty() && modes.len() <= 4,
+        "{where_}: accessModes {modes:?}"
+    );
+    for mode in &modes {
+        assert!(ACCESS_MODES.contains(&mode.as_str()), "{where_}: {mode}");
+    }
+    let volume_mode = text(&set["volumeMode"]);
+    assert!(
+        VOLUME_MODES.contains(&volume_mode.as_str()),
+        "{where_}: volumeMode {volume_mode}"
+    );
+    (modes, volume_mode)
+}
+
+/// With `cdi.storageProfiles`, each rendered StorageClass has a CDI StorageProfile of its name,
+/// in CDI's documented shape (no field CDI's spec lacks, enums within theirs, cluster-scoped),
+/// saying what the driver serves: a live-migration class (accessModes ReadWriteMany, or a
+/// migrationTimeoutSeconds) ReadWriteMany Block only, since the driver refuses ReadWriteMany
+/// filesystems; any other class ReadWriteOnce Block, then Filesystem; `csi-clone`, which needs
+/// the driver's CLONE_VOLUME; `dataImportCronSourceFormat: snapshot` exactly where the render
+/// has a VolumeSnapshotClass. Off by default. Catches: a profile missing or extra, a claim
+/// property set the driver would refuse, the source format without snapshots (CDI's golden
+/// images would never become ready), a field CDI does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdi_storage_profiles_fit_each_storage_class() {
+    let d = Driver::start(&[], &["--mode", "controller"]).await;
+    let clone = d
+        .controller()
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .any(|c| {
+            matches!(c.r#type, Some(CapType::Rpc(rpc)) if rpc.r#type == Rpc::CloneVolume as i32)
+        });
+    assert!(clone, "cloneStrategy csi-clone needs CLONE_VOLUME");
+
+    let defaults = read_yaml(&path(&format!("{CHART}/values.yaml"))).remove(0);
+    assert_eq!(
+        defaults["cdi"]["storageProfiles"]["enabled"], false,
+        "StorageProfiles are off by default"
+    );
+
+    let (mut with_snapshots, mut without_snapshots, mut rwx, mut rwo) = (0, 0, 0, 0);
+    for m in Manifests::all() {
+        let profiles: Vec<&Value> = m.of_kind("StorageProfile").collect();
+        if profiles.is_empty() {
+            continue;
+        }
+        let values_file = m
+            .name
+            .strip_prefix("deploy/helm/rendered/")
+            .and_then(|n| n.strip_suffix(".yaml"))
+            .map(|n| path(&format!("{CHART}/ci/{n}-values.yaml")))
+            .unwrap_or_else(|| panic!("{}: StorageProfiles outside a CI render", m.name));
+        let values = read_yaml(&values_file).remove(0);
+        let classes: BTreeSet<String> = m
+            .of_kind("StorageClass")
+            .map(|c| text(&c["metadata"]["name"]))
+            .collect();
+        let named: BTreeSet<String> = profiles
+            .iter()
+            .map(|p| text(&p["metadata"]["name"]))
+            .collect();
+        assert_eq!(
+            named, classes,
+            "{}: one StorageProfile per StorageClass",
+            m.name
+        );
+        let snapshots = m.of_kind("VolumeSnapshotClass").next().is_some();
+
+        for profile in profiles {
+            let name = text(&profile["metadata"]["name"]);
+            let at = format!("{}: StorageProfile {name}", m.name);
+            assert_eq!(profile["apiVersion"], "cdi.kubevirt.io/v1beta1", "{at}");
+            assert!(
+                profile["metadata"].get("namespace").is_none(),
+                "{at}: StorageProfiles are cluster-scoped"
+            );
+            let top: BTreeSet<&str> = profile
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(
+                top,
+                BTreeSet::from(["apiVersion", "kind", "metadata", "spec"]),
+                "{at}: status is CDI's"
+            );
+            let spec = profile["spec"].as_object().expect("spec");
+            for field in spec.keys() {
+                assert!(
+                    PROFILE_SPEC_FIELDS.contains(&field.as_str()),
+                    "{at}: spec.{field} is not in CDI's StorageProfileSpec"
+                );
+            }
+            let strategy = text(&spec["cloneStrategy"]);
+            assert!(CLONE_STRATEGIES.contains(&strategy.as_str()), "{at}");
+            assert_eq!(strategy, "csi-clone", "{at}");
+            match spec.get("dataImportCronSourceFormat") {
+                Some(format) => {
+                    assert!(SOURCE_FORMATS.contains(&text(format).as_str()), "{at}");
+                    assert_eq!(text(format), "snapshot", "{at}");
+                    assert!(snapshots, "{at}: snapshot sources without snapshots");
+                }
+                None => assert!(
+                    !snapshots,
+                    "{at}: snapshots are on: golden images as snapshots"
+                ),
+            }
+
+            let sets = spec["claimPropertySets"]
+                .as_array()
+                .expect("claimPropertySets");
+            assert!(!sets.is_empty() && sets.len() <= 8, "{at}: 1 to 8 sets");
+            let sets: Vec<(Vec<String>, String)> =
+                sets.iter().map(|s| claim_property_set(s, &at)).collect();
+            let class = m.get("StorageClass", &name);
+            let entry = values["storageClasses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name.as_str())
+                .unwrap();
+            let migration = class["parameters"].get("migrationTimeoutSeconds").is_some()
+                || strings(&entry["accessModes"]).contains(&"ReadWriteMany".to_string());
+            let expected: Vec<(Vec<String>, String)> = if migration {
+                rwx += 1;
+                vec![(vec!["ReadWriteMany".into()], "Block".into())]
+            } else {
+                rwo += 1;
+                vec![
+                    (vec!["ReadWriteOnce".into()], "Block".into()),
+                    (vec!["ReadWriteOnce".into()], "Filesystem".into()),
+                ]
+            };
+            assert_eq!(sets, expected, "{at}: claimPropertySets");
+        }
+        if snapshots {
+            with_snapshots += 1;
+        } else {
+            without_snapshots += 1;
+        }
+    }
+    assert!(
+        with_snapshots >= 1 && without_snapshots >= 1 && rwx >= 2 && rwo >= 2,
+        "the CI renders should have StorageProfiles with and without snapshots, of \
+         live-migration and other classes ({with_snapshots}, {without_snapshots}, {rwx}, {rwo})"
+    );
+}
+
+/// README.md's KubeVirt section says what each node needs and why: the runtime's
+/// `device_ownership_from_security_context` (containerd and CRI-O), without which a non-root
+/// virt-launcher cannot open a Block PVC's device, and a unique `/etc/nvme/hostnqn`, by which
+/// NVMe/TCP tells hosts apart. For the host's file to count, every RDS render mounts the host's
+/// /etc/nvme read-only into the node plugin at /etc/nvme: without it nvme-cli reads the image's
+/// own hostnqn, the same on every node. Catches: the section or one of its facts removed, the
+/// mount removed or made writable.
+#[test]
+fn kubevirt_nodes_are_told_what_they_need_and_use_their_own_host_nqn() {
+    let readme = std::fs::read_to_string(path("README.md")).unwrap();
+    let section = readme
+        .split("\n### ")
+        .find(|s| s.starts_with("KubeVirt\n"))
+        .expect("README.md has a \"KubeVirt\" section");
+    for needed in [
+        "device_ownership_from_security_context = true",
+        "containerd",
+        "CRI-O",
+        "non-root",
+        "/etc/nvme/hostnqn",
+        "unique",
+        "host NQN",
+    ] {
+        assert!(
+            section.contains(needed),
+            "README.md's KubeVirt section should say {needed:?}"
+        );
+    }
+
+    let mut rds = 0;
+    for m in Manifests::all() {
+        let node = m.node();
+        let driver = container(node, DRIVER_CONTAINER);
+        let mount = mount_of(driver, "/etc/nvme/hostnqn");
+        if m.backend() != Backend::Rds {
+            assert!(
+                mount.is_none(),
+                "{}: the file backend makes no NVMe connection",
+                m.name
+            );
+            continue;
+        }
+        rds += 1;
+        let (mount, _) = mount
+            .unwrap_or_else(|| panic!("{}: the node plugin must see the host's /etc/nvme", m.name));
+        assert_eq!(mount["mountPath"], "/etc/nvme", "{}", m.name);
+        assert_eq!(
+            mount["readOnly"], true,
+            "{}: the host's identity is only read",
+            m.name
+        );
+        let volumes = volumes_by_name(node);
+        let volume = volumes[mount["name"].as_str().unwrap()];
+        assert_eq!(volume["hostPath"]["path"], "/etc/nvme", "{}", m.name);
+    }
+    assert!(rds >= 3, "only {rds} RDS renders");
+}

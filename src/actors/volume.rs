@@ -229,6 +229,9 @@ impl VolumeActor {
                 Effect::StaleCleared { node } => {
                     membership_changed = true;
                     m.stale_cleared_total.inc();
+                    m.attachment_reconcile_total
+                        .with_label_values(&[crate::metrics::RECONCILE_CLEAR_STALE])
+                        .inc();
                     tracing::warn!(volume_id = %id, node_id = %node, "cleared attachment to deleted node");
                     sink.event(id, ClusterEvent::StaleAttachmentCleared { node });
                 }
@@ -511,6 +514,8 @@ impl VolumeActor {
                 })??;
             Ok((publish_context, verdicts))
         };
+        // The backend's waits (an RDS reconnect) are bounded by this publish's budget too.
+        let checks = crate::deadline::scope(Some(deadline), checks);
         let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(
             move |checked, act, ctx| {

@@ -299,10 +299,16 @@ impl Drop for Operation<'_> {
             .volume_operation_duration
             .with_label_values(&[self.name])
             .observe(elapsed);
-        if matches!(self.name, "publish" | "unpublish") {
+        // The Go driver's operation names for the same two RPCs.
+        let attachment = match self.name {
+            "publish" => Some("attach"),
+            "unpublish" => Some("detach"),
+            _ => None,
+        };
+        if let Some(operation) = attachment {
             self.metrics
                 .attachment_operation_duration
-                .with_label_values(&[self.name])
+                .with_label_values(&[operation])
                 .observe(elapsed);
         }
     }

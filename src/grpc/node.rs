@@ -2,6 +2,7 @@
 //! [`crate::node::NodePlugin`], and maps the answer. Owns no state and touches no device.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -10,7 +11,10 @@ use super::capability;
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
+use crate::domain::{AccessType, Capability};
 use crate::ids::VolumeId;
+use crate::metrics::Metrics;
+use crate::node::mounter::MountOptions;
 use crate::node::paths::AbsPath;
 use crate::node::plugin::{self, VolumePath};
 use crate::node::{NodeError, NodePlugin};
@@ -20,6 +24,25 @@ pub struct NodeService {
     /// NodeGetInfo's `max_volumes_per_node`; 0 is unlimited.
     pub max_volumes_per_node: u64,
     pub plugin: Arc<NodePlugin>,
+    /// `rds_csi_volume_operations_total{operation="stage"|"unstage"}`, as the Go node counts.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counts and times one NodeStage or NodeUnstage by its outcome, under the Go driver's
+/// operation names.
+fn record<T>(metrics: &Metrics, operation: &str, started: Instant, result: &Result<T, NodeError>) {
+    let status = match result {
+        Ok(_) => "success",
+        Err(e) => e.metric_label(),
+    };
+    metrics
+        .volume_operations_total
+        .with_label_values(&[operation, status])
+        .inc();
+    metrics
+        .volume_operation_duration
+        .with_label_values(&[operation])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 fn volume(raw: &str) -> Result<VolumeId, NodeError> {
@@ -30,13 +53,30 @@ fn path(raw: &str, field: &'static str) -> Result<AbsPath, NodeError> {
     Ok(AbsPath::parse_field(raw, field)?)
 }
 
+/// The capability's mount options as mount(8) would take them. A refused option (`exec`, one
+/// naming another device, ...) is INVALID_ARGUMENT naming it, before the node does anything;
+/// options only mount(8) understands are dropped with one debug line.
+fn mount_options(cap: &Capability) -> Result<MountOptions, NodeError> {
+    let AccessType::Mount { mount_flags, .. } = cap.access_type() else {
+        return Ok(MountOptions::default());
+    };
+    let options = MountOptions::parse(mount_flags)
+        .map_err(|e| NodeError::invalid("volume_capability.mount.mount_flags", e.to_string()))?;
+    if !options.dropped.is_empty() {
+        tracing::debug!(dropped = ?options.dropped, "mount options mount(8) handles itself are not passed to the kernel");
+    }
+    Ok(options)
+}
+
 impl TryFrom<NodeStageVolumeRequest> for plugin::Stage {
     type Error = NodeError;
     fn try_from(r: NodeStageVolumeRequest) -> Result<Self, NodeError> {
+        let capability = capability(r.volume_capability.as_ref(), "volume_capability")?;
         Ok(Self {
             volume: volume(&r.volume_id)?,
             staging: path(&r.staging_target_path, "staging_target_path")?,
-            capability: capability(r.volume_capability.as_ref(), "volume_capability")?,
+            options: mount_options(&capability)?,
+            capability,
             publish_context: r.publish_context,
             volume_context: r.volume_context,
         })
@@ -59,6 +99,7 @@ impl TryFrom<NodePublishVolumeRequest> for plugin::Publish {
         let volume = volume(&r.volume_id)?;
         let target = path(&r.target_path, "target_path")?;
         let capability = capability(r.volume_capability.as_ref(), "volume_capability")?;
+        let options = mount_options(&capability)?;
         // This plugin advertises STAGE_UNSTAGE_VOLUME, so the CO always names the stage.
         let staging = path(&r.staging_target_path, "staging_target_path")?;
         Ok(Self {
@@ -66,6 +107,7 @@ impl TryFrom<NodePublishVolumeRequest> for plugin::Publish {
             staging,
             target,
             capability,
+            options,
             readonly: r.readonly,
             publish_context: r.publish_context,
             volume_context: r.volume_context,
@@ -136,8 +178,11 @@ impl Node for NodeService {
         let r = req.get_ref();
         let span = span("NodeStageVolume", &r.volume_id, &r.staging_target_path);
         async {
+            let started = Instant::now();
             let stage = plugin::Stage::try_from(req.into_inner())?;
-            self.plugin.stage(stage).await?;
+            let staged = self.plugin.stage(stage).await;
+            record(&self.metrics, "stage", started, &staged);
+            staged?;
             Ok(Response::new(NodeStageVolumeResponse {}))
         }
         .instrument(span)
@@ -152,8 +197,11 @@ impl Node for NodeService {
         let r = req.get_ref();
         let span = span("NodeUnstageVolume", &r.volume_id, &r.staging_target_path);
         async {
+            let started = Instant::now();
             let unstage = plugin::Unstage::try_from(req.into_inner())?;
-            self.plugin.unstage(unstage).await?;
+            let unstaged = self.plugin.unstage(unstage).await;
+            record(&self.metrics, "unstage", started, &unstaged);
+            unstaged?;
             Ok(Response::new(NodeUnstageVolumeResponse {}))
         }
         .instrument(span)

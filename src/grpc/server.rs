@@ -98,6 +98,7 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
         .layer(super::observe::GrpcMetricsLayer::new(services.metrics))
+        .layer(crate::deadline::DeadlineLayer)
         .add_service(IdentityServer::new(services.identity))
         .add_optional_service(services.controller.map(ControllerServer::new))
         .add_optional_service(services.node.map(NodeServer::new))

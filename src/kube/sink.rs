@@ -348,7 +348,14 @@ impl KubeSink {
                 ..Default::default()
             };
             let api = Api::<Event>::namespaced(self.cluster.client().clone(), &e.claim.namespace);
-            if let Err(failure) = bounded(api.create(&PostParams::default(), &event)).await {
+            let posted = bounded(api.create(&PostParams::default(), &event)).await;
+            if posted.is_ok() {
+                self.metrics
+                    .events_posted_total
+                    .with_label_values(&[e.reason])
+                    .inc();
+            }
+            if let Err(failure) = posted {
                 self.metrics
                     .event_write_failures
                     .with_label_values(&[failure])

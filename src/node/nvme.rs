@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,7 @@ use super::NodeError;
 use crate::backend::rds::values::{Nqn, NqnPrefix, NvmeTarget, Slot};
 use crate::domain::PUBLISH_BACKEND_KEY;
 use crate::ids::VolumeId;
+use crate::metrics::{outcome, Metrics};
 
 /// How long a connected namespace may take to appear as a block device.
 pub const DEVICE_WAIT: Duration = Duration::from_secs(30);
@@ -56,6 +58,7 @@ pub struct NvmeDevices<R> {
     sysfs: PathBuf,
     prefix: NqnPrefix,
     device_wait: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// An NVMe-oF controller as sysfs shows it.
@@ -95,7 +98,16 @@ impl<R: CommandRunner> NvmeDevices<R> {
             sysfs: sysfs.into(),
             prefix,
             device_wait: DEVICE_WAIT,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Counts connects (`rds_csi_nvme_connects_total`, `..._connect_duration_seconds`) and
+    /// orphans cleaned (`rds_csi_orphans_cleaned_total`) in `metrics`; without it they go to
+    /// a registry nobody serves.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn with_device_wait(mut self, wait: Duration) -> Self {
@@ -334,9 +346,22 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
             // Connected, but no namespace device: reconnect rather than wait on a dead path.
             tracing::warn!(nqn = %t.nqn, "subsystem connected without a namespace device; reconnecting");
             self.disconnect(&t.nqn).await?;
+            self.metrics.node.orphans_cleaned_total.inc();
         }
-        self.connect(t).await?;
-        match self.wait_for_device(&t.nqn).await? {
+        let started = tokio::time::Instant::now();
+        let connected = match self.connect(t).await {
+            Ok(()) => self.wait_for_device(&t.nqn).await,
+            Err(e) => Err(e),
+        };
+        let node = &self.metrics.node;
+        node.nvme_connects_total
+            .with_label_values(&[outcome(matches!(connected, Ok(Some(_))))])
+            .inc();
+        if let Ok(Some(_)) = connected {
+            node.nvme_connect_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match connected? {
             Some(dev) => {
                 tracing::info!(nqn = %t.nqn, device = %dev, "NVMe/TCP namespace attached");
                 Ok(dev)
@@ -631,6 +656,109 @@ mod tests {
             runner.calls().last().unwrap(),
             &format!("nvme disconnect -n {NQN}")
         );
+    }
+
+    /// The value of one series in `metrics`' scrape text.
+    fn scraped(metrics: &Metrics, series: &str) -> f64 {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    const CONNECTS_OK: &str = r#"rds_csi_nvme_connects_total{status="success"}"#;
+    const CONNECTS_FAILED: &str = r#"rds_csi_nvme_connects_total{status="failure"}"#;
+    const CONNECT_TIMED: &str = "rds_csi_nvme_connect_duration_seconds_count";
+
+    /// A connect whose namespace appears counts one success and is timed; a stage that finds
+    /// the namespace already there runs no connect and counts none. Catches the
+    /// `nvme_connects_total` and `nvme_connect_duration` lines in `attach`.
+    #[tokio::test]
+    async fn a_connect_is_counted_and_timed_once_and_an_existing_one_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        runner.on("nvme connect", move |_| {
+            fake_controller(&sys2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            ok()
+        });
+        let metrics = Arc::new(Metrics::new());
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())
+            .with_metrics(metrics.clone());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        nvme.attach(&backing).await.unwrap();
+        nvme.attach(&backing).await.unwrap();
+        assert_eq!(runner.calls().len(), 1, "{:?}", runner.calls());
+        assert_eq!(scraped(&metrics, CONNECTS_OK), 1.0);
+        assert_eq!(scraped(&metrics, CONNECTS_FAILED), 0.0);
+        assert_eq!(scraped(&metrics, CONNECT_TIMED), 1.0);
+        assert_eq!(scraped(&metrics, "rds_csi_orphans_cleaned_total"), 0.0);
+    }
+
+    /// A connect the tool refuses, and one whose namespace never appears, each count one
+    /// failure and are not timed (the Go driver times successes only).
+    #[tokio::test(start_paused = true)]
+    async fn failed_connects_are_counted_as_failures_and_not_timed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        let runner = RecordingRunner::default();
+        runner.on("nvme connect", |_| {
+            Ok(Output {
+                code: Some(1),
+                stderr: "could not connect: Connection refused".into(),
+                ..Output::default()
+            })
+        });
+        let metrics = Arc::new(Metrics::new());
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())
+            .with_metrics(metrics.clone());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert!(matches!(
+            nvme.attach(&backing).await,
+            Err(NodeError::Tool { .. })
+        ));
+        let sys2 = sys.clone();
+        runner.on("nvme connect", move |_| {
+            fake_controller(&sys2, 6, NQN, None);
+            ok()
+        });
+        assert!(matches!(
+            nvme.attach(&backing).await,
+            Err(NodeError::FailedPrecondition(_))
+        ));
+        assert_eq!(scraped(&metrics, CONNECTS_FAILED), 2.0);
+        assert_eq!(scraped(&metrics, CONNECTS_OK), 0.0);
+        assert_eq!(scraped(&metrics, CONNECT_TIMED), 0.0);
+    }
+
+    /// A subsystem of ours connected without a namespace device is an orphaned connection:
+    /// its disconnect counts in `rds_csi_orphans_cleaned_total`, the reconnect as a connect.
+    #[tokio::test]
+    async fn an_orphaned_subsystem_disconnected_counts_as_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().to_path_buf();
+        fake_controller(&sys, 1, NQN, None);
+        let runner = RecordingRunner::default();
+        let sys2 = sys.clone();
+        runner.on("nvme disconnect", move |_| {
+            std::fs::remove_dir_all(sys2.join("class/nvme/nvme1")).unwrap();
+            ok()
+        });
+        let sys3 = sys.clone();
+        runner.on("nvme connect", move |_| {
+            fake_controller(&sys3, 1, NQN, Some(("nvme1c1n1", "259:1")));
+            ok()
+        });
+        let metrics = Arc::new(Metrics::new());
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())
+            .with_metrics(metrics.clone());
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        nvme.attach(&backing).await.unwrap();
+        assert_eq!(scraped(&metrics, "rds_csi_orphans_cleaned_total"), 1.0);
+        assert_eq!(scraped(&metrics, CONNECTS_OK), 1.0);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::records::{PublishRecord, Records, StageRecord};
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
+use crate::metrics::{outcome, Metrics, MOUNT, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub struct Stage {
     pub volume: VolumeId,
     pub staging: AbsPath,
     pub capability: Capability,
+    /// The capability's mount options, validated (default for block access).
+    pub options: MountOptions,
     pub publish_context: HashMap<String, String>,
     pub volume_context: HashMap<String, String>,
 }
@@ -48,6 +51,8 @@ pub struct Publish {
     pub staging: AbsPath,
     pub target: AbsPath,
     pub capability: Capability,
+    /// The capability's mount options, validated: their per-mount flags go on the bind mount.
+    pub options: MountOptions,
     pub readonly: bool,
     pub publish_context: HashMap<String, String>,
     pub volume_context: HashMap<String, String>,
@@ -127,6 +132,8 @@ pub struct NodeDeps {
     pub mounter: Arc<dyn Mounter>,
     pub runner: Arc<dyn CommandRunner>,
     pub records: Records,
+    /// Where mounts, stale mounts and recoveries are counted (`NodeMetrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct NodePlugin {
@@ -135,6 +142,7 @@ pub struct NodePlugin {
     runner: Arc<dyn CommandRunner>,
     records: Arc<Records>,
     locks: VolumeLocks,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs blocking work on the blocking pool.
@@ -186,6 +194,7 @@ impl NodePlugin {
             runner: deps.runner,
             records: Arc::new(deps.records),
             locks: VolumeLocks::default(),
+            metrics: deps.metrics,
         }
     }
 
@@ -285,14 +294,9 @@ impl NodePlugin {
                 == Some("true");
         let (fs, options) = match req.capability.access_type() {
             AccessType::Block => (None, MountOptions::default()),
-            AccessType::Mount {
-                fs_type,
-                mount_flags,
-            } => {
+            AccessType::Mount { fs_type, .. } => {
                 let fs = FsType::resolve(fs_type, &req.volume_context)?;
-                let mut options = MountOptions::parse(mount_flags).map_err(|reason| {
-                    NodeError::invalid("volume_capability.mount.mount_flags", reason)
-                })?;
+                let mut options = req.options.clone();
                 if readonly {
                     options.flags |= rustix::mount::MountFlags::RDONLY;
                 }
@@ -381,6 +385,14 @@ impl NodePlugin {
             Ok::<_, NodeError>(device)
         }
         .await;
+        if existing.is_some() && was_attached.is_none() {
+            // Staged before, but its device was gone: this stage re-attached it.
+            self.metrics
+                .node
+                .stale_recoveries_total
+                .with_label_values(&[outcome(result.is_ok())])
+                .inc();
+        }
         match result {
             Ok(device) => {
                 tracing::info!(volume_id = %req.volume, staging = %req.staging, device = %device, "staged");
@@ -414,6 +426,7 @@ impl NodePlugin {
             if same_device(top, device) {
                 return Ok(());
             }
+            self.metrics.node.stale_mounts_detected_total.inc();
             return Err(NodeError::FailedPrecondition(format!(
                 "staging_target_path {} is already a mount point of {} ({}:{}), not of {device}",
                 req.staging, top.source, top.major, top.minor
@@ -450,12 +463,14 @@ impl NodePlugin {
             req.staging.clone(),
             options.clone(),
         );
-        blocking(move || {
+        let mounted = blocking(move || {
             mounter
                 .mount_device(&device, &staging, fs, &options)
                 .map_err(NodeError::from)
         })
-        .await
+        .await;
+        self.metrics.node.mount_op(MOUNT, mounted.is_ok());
+        mounted
     }
 
     /// CSI NodeUnstageVolume: unmount the staging path, detach the device, forget the record.
@@ -524,7 +539,7 @@ impl NodePlugin {
 
     async fn unmount(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
         let (mounter, p) = (self.mounter.clone(), path.clone());
-        blocking(move || {
+        let unmounted = blocking(move || {
             mounter.unmount(&p).map_err(|e| {
                 if e.busy() {
                     NodeError::FailedPrecondition(format!(
@@ -536,10 +551,13 @@ impl NodePlugin {
                 }
             })
         })
-        .await
+        .await;
+        self.metrics.node.mount_op(UNMOUNT, unmounted.is_ok());
+        unmounted
     }
 
-    /// CSI NodePublishVolume. Mount: bind mount staging → target (read-only when asked).
+    /// CSI NodePublishVolume. Mount: bind mount staging → target, `nosuid,nodev,noexec` plus
+    /// the capability's per-mount flags (read-only when asked).
     /// Block: a device node at the target file (0660, or 0440 read-only).
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
@@ -569,7 +587,9 @@ impl NodePlugin {
                 describe(&req.capability)
             )));
         }
-        let readonly = req.readonly || record.readonly;
+        // A PV mounted `ro` gives read-only binds: the repeat of such a publish must compare
+        // equal to it.
+        let readonly = req.readonly || record.readonly || req.options.read_only();
         let wanted = PublishRecord {
             capability: req.capability.clone(),
             readonly,
@@ -587,12 +607,18 @@ impl NodePlugin {
                 )));
             }
         }
-        let device = self.source.find(&backing).await?.ok_or_else(|| {
-            NodeError::FailedPrecondition(format!(
+        let Some(device) = self.source.find(&backing).await? else {
+            if !is_block(&record.capability)
+                && !mounts_at(&self.mounts().await?, &req.staging).is_empty()
+            {
+                // Still mounted at the staging path, but its device is gone.
+                self.metrics.node.stale_mounts_detected_total.inc();
+            }
+            return Err(NodeError::FailedPrecondition(format!(
                 "volume {}'s device is no longer attached; stage it again",
                 req.volume
-            ))
-        })?;
+            )));
+        };
         if is_block(&req.capability) {
             self.publish_block(&req, &device, readonly, &mut record, wanted)
                 .await
@@ -611,10 +637,12 @@ impl NodePlugin {
         wanted: PublishRecord,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        let staged = mounts_at(&mounts, &req.staging)
-            .last()
-            .is_some_and(|m| same_device(m, device));
+        let top = mounts_at(&mounts, &req.staging).last().copied();
+        let staged = top.is_some_and(|m| same_device(m, device));
         if !staged {
+            if top.is_some() {
+                self.metrics.node.stale_mounts_detected_total.inc();
+            }
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {} is not mounted at its staging path {}; stage it again",
                 req.volume, req.staging
@@ -673,12 +701,14 @@ impl NodePlugin {
             req.staging.clone(),
             req.target.clone(),
         );
+        let flags = req.options.bind_flags(readonly);
         let bound = blocking(move || {
             mounter
-                .bind(&staging, &target, readonly)
+                .bind(&staging, &target, flags)
                 .map_err(NodeError::from)
         })
         .await;
+        self.metrics.node.mount_op(MOUNT, bound.is_ok());
         if let Err(e) = bound {
             record.publishes.remove(&req.target);
             self.save(record).await?;
@@ -874,10 +904,15 @@ impl NodePlugin {
             ))),
             Found::Directory => {
                 let mounts = self.mounts().await?;
-                let mounted = match (&device, mounts_at(&mounts, &path).last()) {
+                let top = mounts_at(&mounts, &path).last().copied();
+                let mounted = match (&device, top) {
                     (Some(d), Some(top)) => same_device(top, d),
                     _ => false,
                 };
+                if top.is_some() && !(mounted && healthy) {
+                    // Mounted, but not by the volume's live device.
+                    self.metrics.node.stale_mounts_detected_total.inc();
+                }
                 let abnormal = if !healthy {
                     Some(format!("volume {}'s device is gone", req.volume))
                 } else if !mounted {

@@ -23,7 +23,7 @@ use crate::actors::messages::{ClearStale, Holders, ListHolders};
 use crate::actors::supervisor::Supervisor;
 use crate::ids::NodeId;
 use crate::kube::NodeLiveness;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RECONCILE_NODE_WATCHER};
 
 /// Actors asked for their holders at once.
 const CONCURRENT_ASKS: usize = 256;
@@ -46,12 +46,21 @@ impl StaleAttachments {
             let mut closed = false;
             tokio::select! {
                 _ = tick.tick() => {
+                    let started = tokio::time::Instant::now();
                     let ok = self.pass().await;
                     count(&self.metrics, STALE, ok);
+                    self.metrics
+                        .attachment_operation_duration
+                        .with_label_values(&["reconcile"])
+                        .observe(started.elapsed().as_secs_f64());
                 }
                 deleted = deletions.recv(), if watching => match deleted {
                     Ok(name) => match NodeId::try_from(name.as_str()) {
                         Ok(node) => {
+                            self.metrics
+                                .attachment_reconcile_total
+                                .with_label_values(&[RECONCILE_NODE_WATCHER])
+                                .inc();
                             self.clear_if_gone(vec![node]).await;
                         }
                         Err(_) => tracing::debug!(node = %name, "a deleted Node whose name is no node id; nothing holds it"),
@@ -275,6 +284,14 @@ mod tests {
             assert_eq!(metrics.stale_cleared_total.get(), 2, "n1 from a and from c");
             tokio::time::sleep(INTERVAL * 3).await;
             assert_eq!(runs(), 4);
+            assert_eq!(
+                metrics
+                    .attachment_operation_duration
+                    .with_label_values(&["reconcile"])
+                    .get_sample_count(),
+                4,
+                "each interval pass is timed, as the Go driver's reconcile operation"
+            );
             assert_eq!(metrics.stale_cleared_total.get(), 2, "counted once");
 
             assert_eq!(holders("a").await, Vec::<String>::new());

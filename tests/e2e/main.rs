@@ -9,6 +9,9 @@ mod fake_apiserver;
 #[path = "../support/fake_rds.rs"]
 mod fake_rds;
 
+#[path = "../support/fake_snmp.rs"]
+mod fake_snmp;
+
 mod bad_input;
 mod concurrency;
 mod controller;
@@ -24,3 +27,4 @@ mod reconcilers;
 mod rules;
 mod snapshots;
 mod socket;
+mod storage_metrics;

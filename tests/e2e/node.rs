@@ -1189,3 +1189,194 @@ async fn ctl_mounts_a_volume_in_two_commands() {
     ctl(&["delete", "laptop"]);
     n.host.assert_clean();
 }
+
+/// This driver's per-mount options of the mount at `rel` under the host dir (the topmost).
+fn mount_options_at(n: &Node, rel: &str) -> Vec<String> {
+    let p = n.host.path().join(rel);
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    rds_csi::node::mountinfo::parse(&text)
+        .unwrap()
+        .into_iter()
+        .rfind(|m| m.mount_point == p)
+        .unwrap_or_else(|| panic!("nothing mounted at {}", p.display()))
+        .options
+}
+
+/// PVs written for the Go driver carry fstab words mount(8) consumes itself. Catches any of
+/// `_netdev`, `defaults`, `nofail`, ... reaching mount(2), which answers EINVAL.
+#[tokio::test]
+async fn userspace_only_mount_options_are_dropped_and_the_stage_succeeds() {
+    if !root_or_skip("userspace_options") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(
+        Mode::SingleNodeWriter,
+        "ext4",
+        &[
+            "_netdev,defaults,nofail",
+            "auto",
+            "user",
+            "nouser",
+            "x-systemd.device-timeout=30",
+            "noatime",
+        ],
+    );
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    let staged = mount_options_at(&n, "stage");
+    assert!(staged.iter().any(|o| o == "noatime"), "{staged:?}");
+    n.publish("v", "stage", "t", cap, false).await.unwrap();
+    std::fs::write(n.host.path().join("t/f"), b"ok").unwrap();
+    n.unpublish("v", "t").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// Catches accepting `exec` (Go refuses it): at stage it is refused before anything is done,
+/// at publish before the target is made.
+#[tokio::test]
+async fn exec_is_refused_at_stage_and_publish() {
+    if !root_or_skip("exec_refused") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    let exec = mount_cap(Mode::SingleNodeWriter, "ext4", &["noatime,exec"]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    expect_code(
+        n.stage("v", "stage", exec.clone(), ctx.clone()).await,
+        Code::InvalidArgument,
+        "\"exec\"",
+    );
+    assert!(n.loops().is_empty() && n.host.mounts().is_empty());
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    expect_code(
+        n.publish("v", "stage", "t", exec, false).await,
+        Code::InvalidArgument,
+        "\"exec\"",
+    );
+    assert!(!n.host.path().join("t").exists(), "no target made");
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// Catches an option that points the filesystem at another block device reaching the
+/// kernel, or being refused only after the device was attached, formatted or recorded.
+#[tokio::test]
+async fn options_naming_another_device_are_refused_before_anything_is_done() {
+    if !root_or_skip("device_options") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    let bad = [
+        "journal_path=/dev/x",
+        "journal_dev=259:7",
+        "logdev=/dev/x",
+        "rtdev=/dev/x",
+    ];
+    for option in bad {
+        let c = mount_cap(Mode::SingleNodeWriter, "ext4", &["noatime", option]);
+        expect_code(
+            n.stage("v", "stage", c, ctx.clone()).await,
+            Code::InvalidArgument,
+            option,
+        );
+    }
+    assert!(
+        n.loops().is_empty() && n.host.mounts().is_empty(),
+        "nothing attached or mounted"
+    );
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(n.d.dir.path().join("volumes/v.img"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(head.iter().all(|b| *b == 0), "nothing formatted");
+    let records = std::fs::read_dir(n.d.dir.path().join("node-state"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(records, 0, "no record written");
+
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    for option in bad {
+        let c = mount_cap(Mode::SingleNodeWriter, "ext4", &[option]);
+        expect_code(
+            n.publish("v", "stage", "t", c, false).await,
+            Code::InvalidArgument,
+            option,
+        );
+    }
+    assert!(!n.host.path().join("t").exists(), "no target made");
+    assert_eq!(n.mount_count("t"), 0);
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// Catches a pod's bind mount without `nosuid,nodev,noexec` or without the PV's per-mount
+/// flags: the MS_REMOUNT|MS_BIND that applies them replaces every per-mount flag, so one
+/// left out of it is gone. Read back from mountinfo's per-mount options.
+#[tokio::test]
+async fn a_pods_bind_mount_is_nosuid_nodev_noexec_with_the_pvs_flags() {
+    if !root_or_skip("bind_flags") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &["noatime,nodiratime"]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("v", "stage", "rw", cap.clone(), false)
+        .await
+        .unwrap();
+    n.publish("v", "stage", "ro", cap.clone(), true)
+        .await
+        .unwrap();
+    for (target, mode) in [("rw", "rw"), ("ro", "ro")] {
+        let options = mount_options_at(&n, target);
+        for want in [mode, "nosuid", "nodev", "noexec", "noatime", "nodiratime"] {
+            assert!(
+                options.iter().any(|o| o == want),
+                "{target}: {want} missing from {options:?}"
+            );
+        }
+    }
+    // An idempotent repeat changes nothing.
+    n.publish("v", "stage", "ro", cap.clone(), true)
+        .await
+        .unwrap();
+    assert!(mount_options_at(&n, "ro").iter().any(|o| o == "noexec"));
+    // noexec is the pods' mounts' own: the staging mount keeps the PV's flags only.
+    let staged = mount_options_at(&n, "stage");
+    assert!(
+        staged.iter().any(|o| o == "nosuid") && !staged.iter().any(|o| o == "noexec"),
+        "{staged:?}"
+    );
+    // A PV mounted `ro` gives read-only binds, and a repeat of such a publish is the same
+    // publish, not another one (ALREADY_EXISTS).
+    let ro_pv = mount_cap(Mode::SingleNodeWriter, "ext4", &["ro", "noatime"]);
+    n.create("r", 64 * MIB, ro_pv.clone()).await;
+    let rctx = n.attach("r", ro_pv.clone()).await;
+    n.stage("r", "rstage", ro_pv.clone(), rctx).await.unwrap();
+    for _ in 0..2 {
+        n.publish("r", "rstage", "rt", ro_pv.clone(), false)
+            .await
+            .unwrap();
+    }
+    let options = mount_options_at(&n, "rt");
+    for want in ["ro", "noexec", "noatime"] {
+        assert!(options.iter().any(|o| o == want), "{want}: {options:?}");
+    }
+    n.unpublish("r", "rt").await.unwrap();
+    n.unstage("r", "rstage").await.unwrap();
+    for target in ["rw", "ro"] {
+        n.unpublish("v", target).await.unwrap();
+    }
+    n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}

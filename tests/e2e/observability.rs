@@ -323,7 +323,7 @@ async fn a_cancelled_rpc_leaves_no_request_in_flight_and_is_counted_as_canceled(
     assert_eq!(
         sample(
             &m,
-            r#"rds_csi_attachment_operation_duration_seconds_count{operation="publish"}"#
+            r#"rds_csi_attachment_operation_duration_seconds_count{operation="attach"}"#
         ),
         1.0,
         "and time it, up to the cancellation"
@@ -369,4 +369,241 @@ async fn debug_attachments_lists_a_volume_stuck_in_a_publish_as_unanswered() {
         "{one}"
     );
     s.c.api.remove_fault(s.hang);
+}
+
+/// The Go driver's `rds_csi_mount_operations_total{operation,status}`.
+fn mount_ops(m: &str, operation: &str, status: &str) -> f64 {
+    sample(
+        m,
+        &format!(r#"rds_csi_mount_operations_total{{operation="{operation}",status="{status}"}}"#),
+    )
+}
+
+/// `rds_csi_volume_operations_total{operation,status="success"}`.
+fn node_ops(m: &str, operation: &str) -> f64 {
+    sample(
+        m,
+        &format!(r#"rds_csi_volume_operations_total{{operation="{operation}",status="success"}}"#),
+    )
+}
+
+/// The node's Go families move with the work, on real loop devices and mounts: NodeStage and
+/// NodePublish each count a mount and NodeUnstage an unmount (`mount_op` in the plugin's
+/// `mount_staged`, `publish_mount`, `unmount`), and stage/unstage count as volume operations
+/// (`record` in `grpc::node`). A mount whose loop device is detached behind the plugin's back
+/// is a stale mount to NodeGetVolumeStats and to NodePublishVolume
+/// (`stale_mounts_detected_total` in `stats` and `publish`), and the
+/// NodeStage that re-attaches and re-mounts that volume is a recovery
+/// (`stale_recoveries_total` in `stage`).
+#[tokio::test]
+async fn node_work_feeds_the_go_drivers_mount_stale_and_stage_families() {
+    use crate::node::{mount_cap, Node};
+    use rds_csi::csi::volume_capability::access_mode::Mode;
+    if !crate::support::host::root_or_skip("node_metrics") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 << 20, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx.clone())
+        .await
+        .unwrap();
+    n.publish("v", "stage", "t", cap.clone(), false)
+        .await
+        .unwrap();
+    let m = n.d.scrape().await;
+    assert_eq!(mount_ops(&m, "mount", "success"), 2.0, "staging + bind");
+    assert_eq!(node_ops(&m, "stage"), 1.0);
+    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 0.0);
+
+    // The device goes away under the mounts (the kernel only marks a busy loop device
+    // autoclear): the mount at the target is now stale.
+    let loops = n.host.loops();
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let out = std::process::Command::new("losetup")
+        .args(["--detach", &format!("/dev/{}", loops[0])])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let t = n.host.at("t");
+    let stats = n.stats("v", &t).await.unwrap();
+    assert!(stats.volume_condition.unwrap().abnormal);
+    let m = n.d.scrape().await;
+    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 1.0);
+    assert_eq!(
+        sample(&m, r#"rds_csi_stale_recoveries_total{status="success"}"#),
+        0.0
+    );
+    // A new pod's NodePublish finds the staging mount's device gone too.
+    let refused = n.publish("v", "stage", "t2", cap.clone(), false).await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        sample(&n.d.scrape().await, "rds_csi_stale_mounts_detected_total"),
+        2.0
+    );
+
+    // Both mounts are taken down by hand, which frees the device; the next NodeStage
+    // re-attaches and re-mounts the volume.
+    for p in [t.clone(), n.host.at("stage")] {
+        rustix::mount::unmount(p.as_str(), rustix::mount::UnmountFlags::empty()).unwrap();
+    }
+    eventually("the detached loop device is freed", || async {
+        n.host.loops().is_empty()
+    })
+    .await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    let m = n.d.scrape().await;
+    assert_eq!(
+        sample(&m, r#"rds_csi_stale_recoveries_total{status="success"}"#),
+        1.0
+    );
+    assert_eq!(mount_ops(&m, "mount", "success"), 3.0);
+    assert_eq!(node_ops(&m, "stage"), 2.0);
+
+    n.unpublish("v", "t").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    let m = n.d.scrape().await;
+    assert_eq!(
+        mount_ops(&m, "unmount", "success"),
+        1.0,
+        "only the staging mount was left"
+    );
+    assert_eq!(mount_ops(&m, "mount", "failure"), 0.0);
+    assert_eq!(node_ops(&m, "unstage"), 1.0);
+    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 2.0);
+    n.host.assert_clean();
+}
+
+/// A Node deletion seen by the watch triggers a check (`node_watcher_trigger` in
+/// `reconcile::stale`), the check clears the stale attachment (`clear_stale`, beside
+/// `stale_cleared_total` in the volume actor), and the StaleAttachmentCleared event the API
+/// accepted counts in `rds_csi_events_posted_total` (in `KubeSink::event_writer`), once per
+/// event the API holds: a post the API refused is retried, and counts only as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deletion_feeds_reconcile_actions_and_posted_events() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_attachment_reconcile_total{action="clear_stale"}"#
+        ),
+        0.0
+    );
+    assert!(c.api.list("events", Some("default")).is_empty());
+    // The first post fails: it is retried, and only the accepted one counts as posted.
+    c.api.fail_times("create", "events", 500, 1);
+    c.api.delete("nodes", None, "n1").unwrap();
+    eventually("the watched deletion clears n1's attachment", || async {
+        sample(
+            &d.scrape().await,
+            r#"rds_csi_attachment_reconcile_total{action="clear_stale"}"#,
+        ) == 1.0
+    })
+    .await;
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_attachment_reconcile_total{action="node_watcher_trigger"}"#
+        ),
+        1.0
+    );
+    let posted = |c: &Cluster| {
+        c.api
+            .list("events", Some("default"))
+            .iter()
+            .filter(|e| e["reason"] == "StaleAttachmentCleared")
+            .count() as f64
+    };
+    eventually(
+        "the StaleAttachmentCleared event is posted and counted",
+        || async {
+            posted(&c) == 1.0
+                && sample_or_absent(
+                    &d.scrape().await,
+                    r#"rds_csi_events_posted_total{reason="StaleAttachmentCleared"}"#,
+                ) == Some(1.0)
+        },
+    )
+    .await;
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_kube_event_write_failures_total{reason="server_error"}"#
+        ),
+        1.0,
+        "the refused first post"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_events_posted_total{reason="StaleAttachmentCleared"}"#
+        ),
+        1.0,
+        "counted once, though posted twice"
+    );
+}
+
+/// A NodeStage that finds the volume's device gone but its old mount still at the staging
+/// path re-attaches the device, then refuses to mount over the stale mount: one stale mount
+/// detected (in `mount_staged`) and one failed recovery (`stale_recoveries_total` in `stage`).
+#[tokio::test]
+async fn a_stale_mount_left_at_the_staging_path_fails_the_recovery() {
+    use crate::node::{mount_cap, Node};
+    use rds_csi::csi::volume_capability::access_mode::Mode;
+    if !crate::support::host::root_or_skip("stale_recovery_failure") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("w", 64 << 20, cap.clone()).await;
+    let ctx = n.attach("w", cap.clone()).await;
+    n.stage("w", "stage", cap.clone(), ctx.clone())
+        .await
+        .unwrap();
+    let loops = n.host.loops();
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let out = std::process::Command::new("losetup")
+        .args(["--detach", &format!("/dev/{}", loops[0])])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let again = n.stage("w", "stage", cap.clone(), ctx).await;
+    assert_eq!(again.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let m = n.d.scrape().await;
+    assert_eq!(
+        sample(&m, r#"rds_csi_stale_recoveries_total{status="failure"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, r#"rds_csi_stale_recoveries_total{status="success"}"#),
+        0.0
+    );
+    assert_eq!(sample(&m, "rds_csi_stale_mounts_detected_total"), 1.0);
+    assert_eq!(
+        mount_ops(&m, "mount", "success"),
+        1.0,
+        "nothing mounted over it"
+    );
+
+    // The stale mount is taken down by hand; unstage detaches the re-attached device.
+    rustix::mount::unmount(
+        n.host.at("stage").as_str(),
+        rustix::mount::UnmountFlags::empty(),
+    )
+    .unwrap();
+    n.unstage("w", "stage").await.unwrap();
+    eventually("both loop devices are freed", || async {
+        n.host.loops().is_empty()
+    })
+    .await;
+    n.host.assert_clean();
 }

@@ -48,12 +48,13 @@ impl Rds {
             &address,
             "--rds-key-file",
             key.to_str().unwrap(),
-            "--rds-command-timeout",
-            "3s",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !extra.contains(&"--rds-command-timeout") {
+            args.extend(["--rds-command-timeout".into(), "3s".into()]);
+        }
         if !extra.contains(&"--rds-insecure-skip-verify") && !extra.contains(&"--rds-host-key") {
             args.push("--rds-host-key".into());
             args.push(host_key.display().to_string());
@@ -84,6 +85,27 @@ impl Rds {
                     .collect(),
                 ..Default::default()
             })
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    /// CreateVolume with a deadline: `grpc-timeout` set to `timeout`, as the external-provisioner
+    /// sends its `--timeout`.
+    async fn create_within(&self, name: &str, timeout: Duration) -> Result<Volume, tonic::Status> {
+        let mut req = tonic::Request::new(CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: GIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![rwx()],
+            parameters: [("nvmeAddress".to_string(), "10.0.0.1".to_string())].into(),
+            ..Default::default()
+        });
+        req.set_timeout(timeout);
+        self.d
+            .controller()
+            .create_volume(req)
             .await
             .map(|r| r.into_inner().volume.unwrap())
     }
@@ -475,7 +497,7 @@ async fn rpcs_fail_unavailable_instead_of_hanging_when_the_rds_does() {
         err.message()
     );
     r.fake.hang(false);
-    // The RDS gone altogether: not ready, and RPCs fail at once rather than wait.
+    // The RDS gone altogether: not ready, and RPCs fail by their deadline rather than hang.
     r.fake.refuse_connections(true);
     r.fake.drop_all_connections();
     eventually("not ready while the RDS is unreachable", || async {
@@ -904,4 +926,175 @@ async fn a_repeated_create_volume_with_incompatible_parameters_is_already_exists
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+}
+
+/// The value of an unlabelled sample in a scrape (0 when absent).
+fn sample(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A CreateVolume that arrives while the RDS restarts waits for it and succeeds once the RDS
+/// accepts again, within the call's deadline; the outage is one
+/// `rds_csi_rds_reconnect_duration_seconds` sample. Catches the `Dial::At` wait in
+/// `SshPool::handle` (without it the call is UNAVAILABLE at its first refused dial) and the
+/// re-dial after a failed one (without it, at its second).
+#[tokio::test]
+async fn a_create_during_an_rds_restart_waits_for_the_reconnect_its_deadline_covers() {
+    let r = Rds::start(&["--rds-pool-size", "1", "--rds-command-timeout", "60s"]).await;
+    r.wait_ready().await;
+    r.create_within("pvc-before", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let metrics = format!("{}/metrics", r.d.metrics_url().await);
+    let outages = sample(
+        &http_get(&metrics).await,
+        "rds_csi_rds_reconnect_duration_seconds_count",
+    );
+    r.fake.begin_restart();
+    let refused = r.fake.connections_refused();
+    let create = r.create_within("pvc-during", Duration::from_secs(30));
+    tokio::pin!(create);
+    // The driver has been refused twice since the restart began: the call is re-dialling.
+    tokio::select! {
+        result = &mut create => panic!("the call ended while the RDS was down: {result:?}"),
+        () = r.fake.wait_until("two refused dials", || {
+            r.fake.connections_refused() >= refused + 2
+        }) => {}
+    }
+    assert!(r.fake.disk("pvc-during").is_none());
+    r.fake.end_restart();
+    let volume = create.await.unwrap_or_else(|e| {
+        panic!("{:?}: {}", e.code(), e.message());
+    });
+    assert_eq!(volume.volume_id, "pvc-during");
+    assert!(r.fake.disk("pvc-during").is_some());
+    let scrape = http_get(&metrics).await;
+    assert_eq!(
+        sample(&scrape, "rds_csi_rds_reconnect_duration_seconds_count"),
+        outages + 1.0,
+        "one outage, one sample:\n{scrape}"
+    );
+    // The Go driver's label value: the host, no port.
+    assert!(
+        scrape
+            .contains(r#"rds_csi_rds_connection_state{address="127.0.0.1",host_key="verified"} 1"#),
+        "{scrape}"
+    );
+}
+
+/// A call whose deadline ends before the next dial fails at once, UNAVAILABLE, saying when
+/// that dial is (and the RDS sees no dial from it); one whose deadline covers some dials makes
+/// them, then fails the same way, by its deadline. Catches `Dial::TooLate` (without it the
+/// short call waits and is cut off by tonic, CANCELLED, with no word of the next attempt).
+#[tokio::test]
+async fn a_call_whose_deadline_ends_before_the_next_dial_fails_at_once_and_says_when() {
+    let r = Rds::start(&["--rds-pool-size", "1", "--rds-command-timeout", "60s"]).await;
+    r.wait_ready().await;
+    r.fake.begin_restart();
+    let refused = r.fake.connections_refused();
+    // 5.4 s to spend: dials at about 0, 0.5, 1.5 and 3.5 s (each ±20 %), the next after 6 s.
+    let err = r
+        .create_within("pvc-six-seconds", Duration::from_secs(6))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("next attempt in")
+            && err.message().contains("later than this call can wait"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        r.fake.connections_refused() >= refused + 3,
+        "the call re-dialled while its deadline covered it ({} refused)",
+        r.fake.connections_refused() - refused
+    );
+    // The backoff is now over 3 s: a call with 1.8 s to spend does not wait for it.
+    let refused = r.fake.connections_refused();
+    let err = r
+        .create_within("pvc-two-seconds", Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("is unreachable")
+            && err.message().contains("next attempt in")
+            && err.message().contains("later than this call can wait"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        r.fake.connections_refused(),
+        refused,
+        "no dial from the short call"
+    );
+    assert!(r.fake.commands_matching("pvc-").is_empty());
+    r.fake.end_restart();
+    r.wait_ready().await;
+    r.create_within("pvc-two-seconds", Duration::from_secs(30))
+        .await
+        .unwrap();
+}
+
+/// An RDS that hangs, on its commands or before its SSH banner, still gets the call answered
+/// by the call's deadline, UNAVAILABLE with the reason, though `--rds-command-timeout` is a
+/// minute. Catches the caller's deadline dropped from `SshPool::run` (tonic then cuts the call
+/// off at the deadline, CANCELLED "Timeout expired").
+#[tokio::test]
+async fn a_hung_rds_is_answered_within_the_calls_deadline() {
+    let r = Rds::start(&["--rds-pool-size", "1", "--rds-command-timeout", "60s"]).await;
+    r.wait_ready().await;
+    r.fake.hang(true);
+    let err = r
+        .create_within("pvc-hung", Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("did not answer") && err.message().contains("this call's deadline"),
+        "{}",
+        err.message()
+    );
+    r.fake.hang(false);
+    // A host that takes the TCP connection and never speaks.
+    r.fake.stop_accepting(true);
+    r.fake.drop_all_connections();
+    let err = r
+        .create_within("pvc-wedged", Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("this call's deadline"),
+        "{}",
+        err.message()
+    );
+    r.fake.stop_accepting(false);
+    r.wait_ready().await;
+}
+
+/// A ControllerPublish that must read its volume from an RDS that is down answers by its
+/// live-check budget (8 s), UNAVAILABLE and saying when the next dial is, not when
+/// `--rds-command-timeout` (a minute) or the Router's 30 s mailbox timeout runs out. Catches the
+/// `deadline::scope` around Publish's checks in `VolumeActor::publish` (without it the call is
+/// DEADLINE_EXCEEDED after 30 s).
+#[tokio::test]
+async fn a_publish_while_the_rds_is_down_answers_by_its_budget() {
+    let r = Rds::start(&["--rds-pool-size", "1", "--rds-command-timeout", "60s"]).await;
+    r.wait_ready().await;
+    r.create_within("pvc-published", Duration::from_secs(30))
+        .await
+        .unwrap();
+    r.fake.begin_restart();
+    let err = r.d.publish("pvc-published", "n1", rwx()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("later than this call can wait"),
+        "{}",
+        err.message()
+    );
+    r.fake.end_restart();
 }

@@ -24,6 +24,7 @@
 //! | `/disk set [find slot=X] comment=C` | sets the disk's comment (`comment=C` on `/disk add` too) |
 //! | `/disk remove [find slot=X]` | removes the disk, **not** its file |
 //! | `/file print detail [where ...]` | the mount point, directories and files |
+//! | `/disk monitor-traffic <slot> once` | one traffic sample of the pool's slot or a disk's ([`Traffic`]); an unknown slot: `no such item`; without `once` it never ends |
 //! | `/file remove [find name="P"]` | removes a file (not while a disk uses it) and frees its space |
 //!
 //! Sizes: plain bytes or an integer with `K`, `M`, `G`, `T` (binary units, as the Go driver's
@@ -265,6 +266,109 @@ struct FaultRule {
     remaining: usize,
 }
 
+/// One `/disk monitor-traffic <slot> once` sample: the totals since boot and the rates of the
+/// last second, as RouterOS 7 prints them. Rates are bits per second, times milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub read_ops: u64,
+    pub read_ops_per_second: u64,
+    pub read_bytes: u64,
+    pub read_rate_bps: u64,
+    pub read_merges: u64,
+    pub read_time_ms: u64,
+    pub write_ops: u64,
+    pub write_ops_per_second: u64,
+    pub write_bytes: u64,
+    pub write_rate_bps: u64,
+    pub write_merges: u64,
+    pub write_time_ms: u64,
+    pub in_flight_ops: u64,
+    pub active_time_ms: u64,
+    pub wait_time_ms: u64,
+    pub discard_ops: u64,
+    pub discard_bytes: u64,
+    pub discard_merges: u64,
+    pub discard_time_ms: u64,
+    pub flush_ops: u64,
+    pub flush_time_ms: u64,
+}
+
+impl Traffic {
+    /// The Go driver's captured sample (its `TestParseDiskMetrics`, first case).
+    pub fn go_sample() -> Traffic {
+        Traffic {
+            read_ops: 243_401,
+            read_bytes: 33_131_503_616,
+            write_ops: 17_667_231,
+            write_ops_per_second: 76,
+            write_bytes: 515_659_673_600,
+            write_rate_bps: 12_800_000,
+            ..Default::default()
+        }
+    }
+
+    /// The printout: one `key: value` line per field, the key right-aligned in 22 columns,
+    /// the value right-aligned in 15 after `": "` (the layout of the captured sample), counts
+    /// grouped by thousands, rates as `0bps` / `12.8Mbps`, times as `0ms` / `1s200ms`.
+    fn render(&self, slot: &str) -> String {
+        let lines: Vec<(&str, String)> = vec![
+            ("slot", slot.to_string()),
+            ("read-ops", group_thousands(self.read_ops)),
+            (
+                "read-ops-per-second",
+                group_thousands(self.read_ops_per_second),
+            ),
+            ("read-bytes", group_thousands(self.read_bytes)),
+            ("read-rate", rate_text(self.read_rate_bps)),
+            ("read-merges", group_thousands(self.read_merges)),
+            ("read-time", time_text(self.read_time_ms)),
+            ("write-ops", group_thousands(self.write_ops)),
+            (
+                "write-ops-per-second",
+                group_thousands(self.write_ops_per_second),
+            ),
+            ("write-bytes", group_thousands(self.write_bytes)),
+            ("write-rate", rate_text(self.write_rate_bps)),
+            ("write-merges", group_thousands(self.write_merges)),
+            ("write-time", time_text(self.write_time_ms)),
+            ("in-flight-ops", group_thousands(self.in_flight_ops)),
+            ("active-time", time_text(self.active_time_ms)),
+            ("wait-time", time_text(self.wait_time_ms)),
+            ("discard-ops", group_thousands(self.discard_ops)),
+            ("discard-bytes", group_thousands(self.discard_bytes)),
+            ("discard-merges", group_thousands(self.discard_merges)),
+            ("discard-time", time_text(self.discard_time_ms)),
+            ("flush-ops", group_thousands(self.flush_ops)),
+            ("flush-time", time_text(self.flush_time_ms)),
+        ];
+        lines
+            .iter()
+            .map(|(k, v)| format!("{k:>22}: {v:>15}\r\n"))
+            .collect()
+    }
+}
+
+/// Bits per second as RouterOS prints a rate: `0bps`, `999bps`, `12.8kbps`, `12.8Mbps`,
+/// `1.5Gbps` (powers of 1000, one decimal).
+pub fn rate_text(bps: u64) -> String {
+    match bps {
+        0..=999 => format!("{bps}bps"),
+        1_000..=999_999 => format!("{:.1}kbps", bps as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1}Mbps", bps as f64 / 1e6),
+        _ => format!("{:.1}Gbps", bps as f64 / 1e9),
+    }
+}
+
+/// Milliseconds as RouterOS prints a short duration: `0ms`, `950ms`, `1s`, `1s200ms`.
+pub fn time_text(ms: u64) -> String {
+    let (s, rest) = (ms / 1000, ms % 1000);
+    match (s, rest) {
+        (0, r) => format!("{r}ms"),
+        (s, 0) => format!("{s}s"),
+        (s, r) => format!("{s}s{r}ms"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The model
 // ---------------------------------------------------------------------------------------------
@@ -291,6 +395,8 @@ struct Model {
     /// Directory name -> last-modified.
     dirs: BTreeMap<String, String>,
     next_auto_slot: u64,
+    /// `/disk monitor-traffic` samples by slot; a known slot without one reads all zeros.
+    traffic: BTreeMap<String, Traffic>,
 }
 
 impl Model {
@@ -306,6 +412,7 @@ impl Model {
             files: BTreeMap::new(),
             dirs: BTreeMap::new(),
             next_auto_slot: 1,
+            traffic: BTreeMap::new(),
         }
     }
 
@@ -720,6 +827,7 @@ enum Verb {
     Print,
     Set,
     Remove,
+    MonitorTraffic,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -769,6 +877,10 @@ fn parse(line: &str) -> Result<Parsed, CliError> {
             }
             (Some(_), "remove") => {
                 verb = Verb::Remove;
+                break;
+            }
+            (Some(Menu::Disk), "monitor-traffic") => {
+                verb = Verb::MonitorTraffic;
                 break;
             }
             _ => return Err(CliError::BadCommand { word, col }),
@@ -1303,7 +1415,47 @@ fn run(model: &mut Model, line: &str, now: &str) -> Result<String, CliError> {
         (Menu::Disk, Verb::Set) => disk_set(model, &items, now),
         (Menu::Disk, Verb::Remove) => disk_remove(model, &items),
         (Menu::File, Verb::Remove) => file_remove(model, &items),
-        (Menu::File, Verb::Add | Verb::Set) => unreachable!("not parsed"),
+        (Menu::Disk, Verb::MonitorTraffic) => monitor_traffic(model, &items),
+        (Menu::File, Verb::Add | Verb::Set | Verb::MonitorTraffic) => unreachable!("not parsed"),
+    }
+}
+
+/// `/disk monitor-traffic <slot> once`: one sample, as RouterOS prints it (see [`Traffic`]).
+/// Without `once` RouterOS keeps printing until interrupted; the fake then never answers (see
+/// [`endless`]).
+fn monitor_traffic(model: &Model, items: &[Item]) -> Result<String, CliError> {
+    let mut slot = None;
+    for item in items {
+        match item {
+            Item::Bare { word, .. } if word == "once" || word == "without-paging" => {}
+            Item::Bare { word, .. } if slot.is_none() => slot = Some(word.as_str()),
+            other => return Err(CliError::EndExpected { col: other.col() }),
+        }
+    }
+    let Some(slot) = slot else {
+        return Err(CliError::Plain(
+            "missing value(s) of argument(s) numbers".into(),
+        ));
+    };
+    let known = slot == model.mount_point || model.disk_index(slot).is_some();
+    if !known {
+        return Err(CliError::Plain("no such item".into()));
+    }
+    let t = model.traffic.get(slot).cloned().unwrap_or_default();
+    Ok(t.render(slot))
+}
+
+/// Whether a command never ends on its own (`monitor-traffic` without `once`).
+fn endless(line: &str) -> bool {
+    match parse(line) {
+        Ok(Parsed {
+            menu: Some(Menu::Disk),
+            verb: Some(Verb::MonitorTraffic),
+            items,
+        }) => !items
+            .iter()
+            .any(|i| matches!(i, Item::Bare { word, .. } if word == "once")),
+        _ => false,
     }
 }
 
@@ -2087,11 +2239,16 @@ async fn serve_command(
     let latency = *lock(&shared.latency);
     let mut killed = conn.killed.subscribe();
     let mut hang = shared.hang.subscribe();
+    let forever = endless(&command);
     let wait = async {
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
         let _ = hang.wait_for(|h| !*h).await;
+        if forever {
+            // A monitor without `once` prints until interrupted: no end, no exit status.
+            std::future::pending::<()>().await;
+        }
     };
     tokio::select! {
         _ = wait => {}
@@ -2396,6 +2553,19 @@ impl FakeRds {
         self.shared.refuse.store(on, Ordering::SeqCst);
     }
 
+    /// Starts a restart, as RouterOS rebooting looks from outside: every live connection
+    /// closes at once and new ones are refused (closed before the banner) until
+    /// [`end_restart`](Self::end_restart). The test, not a timer, decides when it ends.
+    pub fn begin_restart(&self) {
+        self.refuse_connections(true);
+        self.drop_all_connections();
+    }
+
+    /// Ends a restart: connections are served again (the disks are as they were).
+    pub fn end_restart(&self) {
+        self.refuse_connections(false);
+    }
+
     /// While on, new connections are not accepted: they wait in the listen backlog with no
     /// banner (as a wedged host); when turned off they are served.
     pub fn stop_accepting(&self, on: bool) {
@@ -2560,6 +2730,14 @@ impl FakeRds {
         file.content = content.into();
     }
 
+    /// What `/disk monitor-traffic <slot> once` prints for `slot` from now on (the pool's
+    /// slot or a disk's; other slots still answer `no such item`).
+    pub fn set_traffic(&self, slot: &str, traffic: Traffic) {
+        lock(&self.shared.model)
+            .traffic
+            .insert(slot.to_string(), traffic);
+    }
+
     /// Free bytes on the pool now.
     pub fn pool_free_bytes(&self) -> u64 {
         lock(&self.shared.model).free()
@@ -2628,6 +2806,62 @@ mod tests {
         let lines = entry_lines(0, 2, "", std::slice::from_ref(&long));
         assert_eq!(lines[0].len(), LINE_WIDTH);
         assert_eq!(lines.concat().replace(' ', "").len(), 101);
+    }
+
+    /// The Go driver's captured monitor-traffic sample, byte for byte (its lines, `\r\n`).
+    #[test]
+    fn monitor_traffic_prints_the_captured_sample() {
+        let mut m = Model::new(&FakeRdsConfig::default(), "2025-01-01 00:00:00");
+        m.traffic
+            .insert("storage-pool".into(), Traffic::go_sample());
+        let want = [
+            "                  slot:    storage-pool",
+            "              read-ops:         243 401",
+            "   read-ops-per-second:               0",
+            "            read-bytes:  33 131 503 616",
+            "             read-rate:            0bps",
+            "           read-merges:               0",
+            "             read-time:             0ms",
+            "             write-ops:      17 667 231",
+            "  write-ops-per-second:              76",
+            "           write-bytes: 515 659 673 600",
+            "            write-rate:        12.8Mbps",
+            "          write-merges:               0",
+            "            write-time:             0ms",
+            "         in-flight-ops:               0",
+            "           active-time:             0ms",
+            "             wait-time:             0ms",
+            "           discard-ops:               0",
+            "         discard-bytes:               0",
+            "        discard-merges:               0",
+            "          discard-time:             0ms",
+            "             flush-ops:               0",
+            "            flush-time:             0ms",
+        ]
+        .map(|l| format!("{l}\r\n"))
+        .concat();
+        let now = "2025-01-01 00:00:00";
+        assert_eq!(
+            execute(&mut m, "/disk monitor-traffic storage-pool once", now),
+            want
+        );
+        assert_eq!(
+            execute(&mut m, "/disk monitor-traffic nope once", now),
+            "no such item\r\n"
+        );
+        assert_eq!(
+            execute(
+                &mut m,
+                "/disk monitor-traffic storage-pool once bogus=1",
+                now
+            ),
+            "expected end of command (line 1 column 41)\r\n"
+        );
+        assert!(endless("/disk monitor-traffic storage-pool"));
+        assert!(!endless("/disk monitor-traffic storage-pool once"));
+        assert_eq!(rate_text(1_500_000_000), "1.5Gbps");
+        assert_eq!(rate_text(500_000), "500.0kbps");
+        assert_eq!(time_text(1200), "1s200ms");
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub enum RosCommand {
     RemoveFile { path: RosPath },
     /// `/disk print detail where mount-point="…"`
     Capacity { volume_path: RosPath },
+    /// `/disk monitor-traffic <slot> once`: one sample of a disk's traffic (the storage poller's;
+    /// without `once` RouterOS never stops printing).
+    MonitorTraffic { slot: Slot },
 }
 
 impl RosCommand {
@@ -73,6 +76,7 @@ impl RosCommand {
             Self::Remove { .. } => "disk_remove",
             Self::RemoveFile { .. } => "file_remove",
             Self::Capacity { .. } => "disk_capacity",
+            Self::MonitorTraffic { .. } => "disk_monitor_traffic",
         }
     }
 
@@ -136,6 +140,7 @@ impl fmt::Display for RosCommand {
                 "/disk print detail where mount-point=\"{}\"",
                 volume_path.mount_point()
             ),
+            Self::MonitorTraffic { slot } => write!(f, "/disk monitor-traffic {slot} once"),
         }
     }
 }
@@ -172,6 +177,7 @@ mod tests {
             (RosCommand::Remove { slot }, "/disk remove [find slot=pvc-1b2c]"),
             (RosCommand::RemoveFile { path }, "/file remove [find name=\"storage-pool/metal-csi/pvc-1b2c.img\"]"),
             (RosCommand::Capacity { volume_path: dir.clone() }, "/disk print detail where mount-point=\"storage-pool\""),
+            (RosCommand::MonitorTraffic { slot: Slot::parse("storage-pool", "s").unwrap() }, "/disk monitor-traffic storage-pool once"),
             (
                 RosCommand::CreateSnapshot { source: Slot::parse("pvc-1b2c", "s").unwrap(), path: dir.image(&snap).unwrap(), slot: snap.clone() },
                 "/disk add type=file copy-from=[find slot=pvc-1b2c] file-path=/storage-pool/metal-csi/snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc.img slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc",

@@ -21,7 +21,9 @@
 //! holds it to its metadata; a volume without one (the Go driver's) takes the first request's.
 
 pub mod command;
+pub mod monitor;
 pub mod parse;
+pub mod snmp;
 pub mod ssh;
 pub mod values;
 

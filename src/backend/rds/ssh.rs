@@ -7,18 +7,28 @@
 //! RouterOS serializes the opening of sessions on one connection, so each connection opens its
 //! channels one at a time and carries at most `sessions_per_connection` commands at once; the
 //! pool spreads commands over `pool_size` connections. A connection that breaks is dropped and
-//! re-dialled on next use, no sooner than its backoff allows; while no connection can be made,
-//! commands fail at once with [`SshError::Unavailable`] rather than waiting.
+//! re-dialled on next use, no sooner than its backoff allows.
+//!
+//! A command may spend until its deadline: the caller's ([`crate::deadline`]), or
+//! `command_timeout` from its start, whichever is sooner. While the RDS cannot be reached, a
+//! command waits for the next dial when its deadline covers it (so a call that arrives during
+//! a reconnect succeeds once the RDS is back), and fails at once with
+//! [`SshError::Unavailable`], saying when that dial will be, when it does not. Whatever the
+//! RDS does (down, refusing, hung before or after the banner), the command answers by its
+//! deadline. A command that never reached RouterOS (its connection was found dead when opening
+//! its session) is tried again on a new connection, within the same deadline; one that may
+//! have reached it is not, as its effect is unknown.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::ChannelMsg;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use super::command::RosCommand;
 use crate::metrics::Metrics;
@@ -173,8 +183,65 @@ impl Backoff {
 fn rand_unit() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u128(std::time::Instant::now().elapsed().as_nanos());
     (h.finish() % 10_000) as f64 / 10_000.0
+}
+
+/// When a command may next dial a connection, given that connection's backoff.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dial {
+    /// Now: no backoff, or it has passed.
+    Now,
+    /// At this instant, before the command's deadline: wait for it.
+    At(Instant),
+    /// Not before this instant, which is at or past the command's deadline: fail now.
+    TooLate(Instant),
+}
+
+/// Decides whether a command with `deadline` waits for the dial its backoff allows at
+/// `not_before`. Waiting is worth it only when the dial can start before the deadline; a dial
+/// that then hangs is ended by the deadline all the same.
+fn when_to_dial(not_before: Option<Instant>, now: Instant, deadline: Instant) -> Dial {
+    match not_before {
+        Some(at) if at > now && at < deadline => Dial::At(at),
+        Some(at) if at > now => Dial::TooLate(at),
+        _ => Dial::Now,
+    }
+}
+
+/// Why one try of a command failed.
+enum TryError {
+    /// Nothing reached RouterOS (the connection was found dead opening the session): the
+    /// command may go again on a new connection.
+    NotSent(SshError),
+    /// The command may have run, or the link cannot be had at all: final.
+    Final(SshError),
+}
+
+/// A command's place on the least busy connection, given back when dropped, so a command cut
+/// off by its deadline (its future dropped mid-wait) does not count against the connection.
+struct InFlight<'a> {
+    counts: &'a Mutex<Vec<usize>>,
+    index: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn take(counts: &'a Mutex<Vec<usize>>) -> Self {
+        let mut n = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (index, _) = n
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| **n)
+            .expect("at least one connection");
+        n[index] += 1;
+        Self { counts, index }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())[self.index] -= 1;
+    }
 }
 
 struct Connection {
@@ -199,6 +266,9 @@ struct Inner {
     permits: Semaphore,
     metrics: Arc<Metrics>,
     connected: AtomicBool,
+    /// Since when no connection has been up, after one was: the start of an outage, which
+    /// `rds_csi_rds_reconnect_duration_seconds` measures to the next connection made.
+    down_since: Mutex<Option<Instant>>,
 }
 
 impl SshPool {
@@ -220,6 +290,7 @@ impl SshPool {
                 config,
                 metrics,
                 connected: AtomicBool::new(false),
+                down_since: Mutex::new(None),
             }),
         };
         pool.set_connected(false);
@@ -235,20 +306,44 @@ impl SshPool {
         self.inner.connected.load(Ordering::Acquire)
     }
 
+    /// Records the link's state; a change from up to down starts an outage, and the next
+    /// change to up ends it (one `reconnect_duration` sample). The first connection after
+    /// start is not a reconnect.
     fn set_connected(&self, up: bool) {
-        self.inner.connected.store(up, Ordering::Release);
+        let was = self.inner.connected.swap(up, Ordering::AcqRel);
+        {
+            let mut down_since = self
+                .inner
+                .down_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match (was, up) {
+                (true, false) => *down_since = Some(Instant::now()),
+                (false, true) => {
+                    if let Some(since) = down_since.take() {
+                        self.inner
+                            .metrics
+                            .rds
+                            .reconnect_duration
+                            .observe(since.elapsed().as_secs_f64());
+                    }
+                }
+                _ => {}
+            }
+        }
         let c = &self.inner.config;
         self.inner
             .metrics
             .rds
             .connection_state
-            .with_label_values(&[&c.address(), c.host_keys.label()])
+            // `address` is the host alone, as the Go driver labels it.
+            .with_label_values(&[&c.host, c.host_keys.label()])
             .set(i64::from(up));
     }
 
     /// The health check: forgets connections that have closed, and when none is left, dials
-    /// one (within its backoff). Keeps `connected()` true to the link's state, so readiness
-    /// follows the RDS even when no command is running.
+    /// one (if its backoff allows now; it never waits). Keeps `connected()` true to the link's
+    /// state, so readiness follows the RDS even when no command is running.
     pub async fn check(&self) -> Result<(), SshError> {
         let mut up = false;
         for c in &self.inner.connections {
@@ -266,21 +361,28 @@ impl SshPool {
             tracing::warn!(rds = %self.inner.config.address(), "every SSH connection to the RDS has closed");
         }
         self.set_connected(false);
-        self.handle(0).await.map(drop)
+        self.handle(0, Instant::now()).await.map(drop)
     }
 
-    /// Runs one command, within `command_timeout` overall.
+    /// Runs one command by its deadline: the caller's ([`crate::deadline::current`]) or
+    /// `command_timeout` from now, whichever is sooner. Waiting for a connection (a session,
+    /// a backoff, a dial) counts against it.
     pub async fn run(&self, command: &RosCommand) -> Result<CommandOutput, SshError> {
         let started = Instant::now();
-        let timeout = self.inner.config.command_timeout;
-        let result = match tokio::time::timeout(timeout, self.run_inner(command)).await {
-            Ok(r) => r,
-            Err(_) => Err(SshError::Unavailable(format!(
-                "the RDS did not answer `{}` within {}s",
-                command.label(),
-                timeout.as_secs_f64()
-            ))),
+        let own = started + self.inner.config.command_timeout;
+        let (deadline, whose) = match crate::deadline::current() {
+            Some(caller) if caller < own => (caller, "this call's deadline"),
+            _ => (own, "--rds-command-timeout"),
         };
+        let result =
+            match tokio::time::timeout_at(deadline, self.run_inner(command, deadline)).await {
+                Ok(r) => r,
+                Err(_) => Err(SshError::Unavailable(format!(
+                    "the RDS did not answer `{}` within {:.1}s ({whose})",
+                    command.label(),
+                    deadline.saturating_duration_since(started).as_secs_f64()
+                ))),
+            };
         let label = match &result {
             Ok(_) => "ok",
             Err(SshError::Unavailable(_)) => "unavailable",
@@ -299,37 +401,41 @@ impl SshPool {
         result
     }
 
-    async fn run_inner(&self, command: &RosCommand) -> Result<CommandOutput, SshError> {
+    async fn run_inner(
+        &self,
+        command: &RosCommand,
+        deadline: Instant,
+    ) -> Result<CommandOutput, SshError> {
         let _permit = self
             .inner
             .permits
             .acquire()
             .await
             .map_err(|_| SshError::Unavailable("the SSH pool is closed".into()))?;
-        let index = {
-            let mut in_flight = self
-                .inner
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let (index, _) = in_flight
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, n)| **n)
-                .expect("at least one connection");
-            in_flight[index] += 1;
-            index
-        };
-        let result = self.exec(index, command).await;
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())[index] -= 1;
-        result
+        let place = InFlight::take(&self.inner.in_flight);
+        loop {
+            match self.exec(place.index, command, deadline).await {
+                Ok(out) => return Ok(out),
+                Err(TryError::Final(e)) => return Err(e),
+                // The broken connection is forgotten and its backoff set: the next try waits
+                // for the re-dial or fails saying when it will be.
+                Err(TryError::NotSent(e)) => {
+                    tracing::debug!(error = %e, command = command.label(), "trying the command again on a new connection");
+                }
+            }
+        }
     }
 
-    async fn exec(&self, index: usize, command: &RosCommand) -> Result<CommandOutput, SshError> {
-        let handle = self.handle(index).await?;
+    async fn exec(
+        &self,
+        index: usize,
+        command: &RosCommand,
+        deadline: Instant,
+    ) -> Result<CommandOutput, TryError> {
+        let handle = self
+            .handle(index, deadline)
+            .await
+            .map_err(TryError::Final)?;
         let conn = &self.inner.connections[index];
         let opened = {
             let _one_at_a_time = conn.opening.lock().await;
@@ -338,15 +444,17 @@ impl SshPool {
         let mut channel = match opened {
             Ok(c) => c,
             Err(e) => {
-                return Err(self
-                    .broken(index, &handle, format!("opening a session: {e}"))
-                    .await)
+                return Err(TryError::NotSent(
+                    self.broken(index, &handle, format!("opening a session: {e}"))
+                        .await,
+                ))
             }
         };
         if let Err(e) = channel.exec(true, command.to_string()).await {
-            return Err(self
-                .broken(index, &handle, format!("sending the command: {e}"))
-                .await);
+            return Err(TryError::Final(
+                self.broken(index, &handle, format!("sending the command: {e}"))
+                    .await,
+            ));
         }
         let mut out = CommandOutput::default();
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -360,13 +468,14 @@ impl SshPool {
             }
         }
         if handle.is_closed() && out.exit_status.is_none() {
-            return Err(self
-                .broken(
+            return Err(TryError::Final(
+                self.broken(
                     index,
                     &handle,
                     "the connection closed during the command".into(),
                 )
-                .await);
+                .await,
+            ));
         }
         out.stdout = String::from_utf8_lossy(&stdout).into_owned();
         out.stderr = String::from_utf8_lossy(&stderr).into_owned();
@@ -406,61 +515,84 @@ impl SshPool {
         false
     }
 
-    async fn handle(&self, index: usize) -> Result<Arc<Handle<Verifier>>, SshError> {
+    /// A live connection at `index`: the one there, or a new one dialled when its backoff
+    /// allows. Waits for that dial when it comes before `deadline`, and dials again after a
+    /// failure while the next dial still does; otherwise fails at once, saying when the next
+    /// dial will be. A host key or key refusal is final.
+    async fn handle(
+        &self,
+        index: usize,
+        deadline: Instant,
+    ) -> Result<Arc<Handle<Verifier>>, SshError> {
         let conn = &self.inner.connections[index];
-        let mut slot = conn.handle.lock().await;
-        if let Some(h) = slot.as_ref() {
-            if !h.is_closed() {
-                return Ok(h.clone());
-            }
-            *slot = None;
-        }
-        {
-            let backoff = conn.backoff.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = backoff.not_before.filter(|at| *at > Instant::now()) {
-                return Err(SshError::Unavailable(format!(
-                    "the RDS at {} is unreachable ({}); next attempt in {:.1}s",
-                    self.inner.config.address(),
-                    backoff.last_error.as_deref().unwrap_or("unknown error"),
-                    at.saturating_duration_since(Instant::now()).as_secs_f64()
-                )));
-            }
-        }
-        match self.connect().await {
-            Ok(h) => {
-                let h = Arc::new(h);
-                *slot = Some(h.clone());
-                conn.backoff
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .succeeded();
-                if !self.connected() {
-                    tracing::info!(rds = %self.inner.config.address(), "connected to the RDS");
+        loop {
+            let mut slot = conn.handle.lock().await;
+            if let Some(h) = slot.as_ref() {
+                if !h.is_closed() {
+                    return Ok(h.clone());
                 }
-                self.inner
-                    .metrics
-                    .rds
-                    .reconnect_total
-                    .with_label_values(&["success"])
-                    .inc();
-                self.set_connected(true);
-                Ok(h)
+                *slot = None;
             }
-            Err(e) => {
-                conn.backoff
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .failed(e.to_string());
-                self.inner
-                    .metrics
-                    .rds
-                    .reconnect_total
-                    .with_label_values(&["failure"])
-                    .inc();
+            let now = Instant::now();
+            let next = {
+                let backoff = conn.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                match when_to_dial(backoff.not_before, now, deadline) {
+                    Dial::TooLate(at) => {
+                        return Err(SshError::Unavailable(format!(
+                            "the RDS at {} is unreachable ({}); next attempt in {:.1}s, later \
+                             than this call can wait ({:.1}s left)",
+                            self.inner.config.address(),
+                            backoff.last_error.as_deref().unwrap_or("unknown error"),
+                            at.saturating_duration_since(now).as_secs_f64(),
+                            deadline.saturating_duration_since(now).as_secs_f64()
+                        )))
+                    }
+                    next => next,
+                }
+            };
+            if let Dial::At(at) = next {
                 drop(slot);
-                let any_up = self.any_connection_up().await;
-                self.set_connected(any_up);
-                Err(e)
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            match self.connect().await {
+                Ok(h) => {
+                    let h = Arc::new(h);
+                    *slot = Some(h.clone());
+                    conn.backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .succeeded();
+                    if !self.connected() {
+                        tracing::info!(rds = %self.inner.config.address(), "connected to the RDS");
+                    }
+                    self.inner
+                        .metrics
+                        .rds
+                        .reconnect_total
+                        .with_label_values(&["success"])
+                        .inc();
+                    self.set_connected(true);
+                    return Ok(h);
+                }
+                Err(e) => {
+                    conn.backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .failed(e.to_string());
+                    self.inner
+                        .metrics
+                        .rds
+                        .reconnect_total
+                        .with_label_values(&["failure"])
+                        .inc();
+                    drop(slot);
+                    let any_up = self.any_connection_up().await;
+                    self.set_connected(any_up);
+                    if !matches!(e, SshError::Unavailable(_)) {
+                        return Err(e);
+                    }
+                }
             }
         }
     }
@@ -520,5 +652,94 @@ impl SshPool {
             )));
         }
         Ok(handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row per branch of [`when_to_dial`]: removing the wait (`At`) makes a call arriving
+    /// during a reconnect fail although its deadline covers the dial; removing `TooLate` makes
+    /// a short call wait past its deadline.
+    #[test]
+    fn a_call_waits_for_a_dial_its_deadline_covers_and_only_then() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let cases = [
+            ("no backoff", None, now + s(1), Dial::Now),
+            ("backoff passed", Some(now - s(1)), now + s(1), Dial::Now),
+            ("backoff ends now", Some(now), now + s(1), Dial::Now),
+            (
+                "dial before the deadline",
+                Some(now + s(1)),
+                now + s(30),
+                Dial::At(now + s(1)),
+            ),
+            (
+                "dial at the deadline",
+                Some(now + s(5)),
+                now + s(5),
+                Dial::TooLate(now + s(5)),
+            ),
+            (
+                "dial after the deadline",
+                Some(now + s(8)),
+                now + s(5),
+                Dial::TooLate(now + s(8)),
+            ),
+            (
+                "no time left at all",
+                Some(now + s(1)),
+                now,
+                Dial::TooLate(now + s(1)),
+            ),
+        ];
+        for (what, not_before, deadline, want) in cases {
+            assert_eq!(when_to_dial(not_before, now, deadline), want, "{what}");
+        }
+    }
+
+    /// Catches a command's connection count not given back when its future is dropped (cut off
+    /// by its deadline): the connection would look busy for good.
+    #[test]
+    fn a_commands_place_on_a_connection_is_given_back_however_it_ends() {
+        let counts = Mutex::new(vec![0, 0]);
+        let a = InFlight::take(&counts);
+        let b = InFlight::take(&counts);
+        assert_eq!(
+            (a.index, b.index),
+            (0, 1),
+            "the least busy connection first"
+        );
+        drop(a);
+        assert_eq!(*counts.lock().unwrap(), vec![0, 1]);
+        let c = InFlight::take(&counts);
+        assert_eq!(c.index, 0);
+        drop((b, c));
+        assert_eq!(*counts.lock().unwrap(), vec![0, 0]);
+    }
+
+    /// The backoff doubles from 0.5 s to its 30 s cap, each delay jittered by at most 20 %, and
+    /// a success forgets it.
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_doubles_to_its_cap_within_its_jitter() {
+        let mut b = Backoff::default();
+        for (failures, nominal) in [(1, 0.5), (2, 1.0), (3, 2.0), (7, 30.0), (40, 30.0)] {
+            while b.failures < failures {
+                b.failed("refused".into());
+            }
+            let delay = b
+                .not_before
+                .expect("a failure sets a backoff")
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            assert!(
+                (nominal * 0.8..=nominal * 1.2).contains(&delay),
+                "after {failures} failures: {delay}s, nominal {nominal}s"
+            );
+        }
+        b.succeeded();
+        assert_eq!(b.not_before, None);
     }
 }

@@ -90,10 +90,10 @@ does not do: rendering fails with what to use instead. README.md lists them.
 */}}
 {{- define "rds-csi.validate" -}}
 {{- $v := .Values }}
-{{- if $v.controller.vmiSerialization.enabled }}
+{{- if ($v.controller.vmiSerialization | default dict).enabled }}
 {{- fail "controller.vmiSerialization.enabled: the Go driver's per-VMI lock is not supported. rds-csi-rs serializes each volume's operations in its own actor and allows a second node only during a live migration, so KubeVirt needs no lock: remove the key or set it to false." }}
 {{- end }}
-{{- if $v.scheduledSnapshots.enabled }}
+{{- if ($v.scheduledSnapshots | default dict).enabled }}
 {{- fail "scheduledSnapshots.enabled: this chart does not schedule snapshots (the Go chart's kubectl CronJobs). Use a snapshot scheduler such as backube/snapscheduler, or a CronJob of your own, with the VolumeSnapshotClass in snapshotClass.name; then remove the key or set it to false." }}
 {{- end }}
 {{- range $part := list "controller" "node" }}
@@ -112,4 +112,41 @@ does not do: rendering fails with what to use instead. README.md lists them.
 {{- if and (eq (include "rds-csi.backend" .) "rds") (not $v.rds.secretName) }}
 {{- fail "rds.secretName: the RDS backend needs a Secret with the keys rds-private-key and rds-host-key (the Go chart's)." }}
 {{- end }}
+{{- end }}
+
+{{/*
+The Go chart's keys that this chart accepts with no effect, those set in these values: one line
+each, "  <key>: <why>", empty when none is. values.yaml sets none of them, so each was set by the
+user. NOTES.txt prints them; README.md lists them ("Accepted with no effect").
+*/}}
+{{- define "rds-csi.goKeysWithoutEffect" -}}
+{{- $v := .Values }}
+{{- $vmi := $v.controller.vmiSerialization | default dict }}
+{{- range $key := list "enabled" "cacheTTL" }}
+{{- if hasKey $vmi $key }}
+  controller.vmiSerialization.{{ $key }}: the Go driver's per-VMI lock; this driver serializes each volume's operations itself
+{{- end }}
+{{- end }}
+{{- $scheduled := $v.scheduledSnapshots | default dict }}
+{{- range $key := list "enabled" "schedules" "image" "resources" }}
+{{- if hasKey $scheduled $key }}
+  scheduledSnapshots.{{ $key }}: this chart does not schedule snapshots
+{{- end }}
+{{- end }}
+{{- $profiles := include "rds-csi.storageProfiles" . }}
+{{- range $sc := $v.storageClasses }}
+{{- if and (hasKey $sc "accessModes") (not $profiles) }}
+  storageClasses[{{ $sc.name }}].accessModes: a StorageClass has no access modes (with cdi.storageProfiles, ReadWriteMany makes its StorageProfile ReadWriteMany Block)
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the CDI StorageProfiles are rendered: cdi.storageProfiles.enabled, the RDS backend
+(the only one with StorageClasses), and CDI's StorageProfile API seen in the cluster or
+cdi.storageProfiles.forceEnable (as the ServiceMonitor and the Prometheus Operator's CRDs).
+*/}}
+{{- define "rds-csi.storageProfiles" -}}
+{{- $p := .Values.cdi.storageProfiles }}
+{{- if and $p.enabled (eq (include "rds-csi.backend" .) "rds") (or $p.forceEnable (.Capabilities.APIVersions.Has "cdi.kubevirt.io/v1beta1/StorageProfile")) }}true{{ end }}
 {{- end }}
