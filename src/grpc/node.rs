@@ -71,10 +71,14 @@ fn mount_options(cap: &Capability) -> Result<MountOptions, NodeError> {
 impl TryFrom<NodeStageVolumeRequest> for plugin::Stage {
     type Error = NodeError;
     fn try_from(r: NodeStageVolumeRequest) -> Result<Self, NodeError> {
+        // The volume id first, then the path, then the capability: the first missing field
+        // is the one named, as the CSI spec lists them.
+        let volume = volume(&r.volume_id)?;
+        let staging = path(&r.staging_target_path, "staging_target_path")?;
         let capability = capability(r.volume_capability.as_ref(), "volume_capability")?;
         Ok(Self {
-            volume: volume(&r.volume_id)?,
-            staging: path(&r.staging_target_path, "staging_target_path")?,
+            volume,
+            staging,
             options: mount_options(&capability)?,
             capability,
             publish_context: r.publish_context,
