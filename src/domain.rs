@@ -171,16 +171,19 @@ pub fn migration_timeout(raw: Option<&str>) -> (Duration, Option<String>) {
 #[serde(rename_all = "lowercase")]
 pub enum FsType {
     Ext4,
+    /// Formatted and grown with the ext tools, as ext4; the Go driver's node formats it too.
+    Ext3,
     Xfs,
 }
 
 /// The `fs_type` values a mount capability may name; empty means "the volume context's, or ext4".
-pub const SUPPORTED_FS_TYPES: &[&str] = &["", "ext4", "xfs"];
+pub const SUPPORTED_FS_TYPES: &[&str] = &["", "ext4", "ext3", "xfs"];
 
 impl FsType {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ext4 => "ext4",
+            Self::Ext3 => "ext3",
             Self::Xfs => "xfs",
         }
     }
@@ -188,6 +191,7 @@ impl FsType {
     pub fn parse(raw: &str) -> Option<Self> {
         match raw {
             "ext4" => Some(Self::Ext4),
+            "ext3" => Some(Self::Ext3),
             "xfs" => Some(Self::Xfs),
             _ => None,
         }
@@ -208,7 +212,7 @@ impl FsType {
         };
         Self::parse(raw).ok_or_else(|| Error::InvalidArgument {
             field,
-            reason: format!("{raw:?} is not a supported filesystem (use ext4 or xfs)"),
+            reason: format!("{raw:?} is not a supported filesystem (use ext4, ext3 or xfs)"),
         })
     }
 }

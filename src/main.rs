@@ -773,7 +773,7 @@ fn rds_backend(args: &RdsArgs, metrics: Arc<Metrics>) -> anyhow::Result<RdsBacke
             connect_timeout: Duration::from_secs(10),
             command_timeout: args.command_timeout,
         },
-        metrics,
+        metrics.clone(),
     );
     let watch = pool.clone();
     tokio::spawn(async move {
@@ -799,7 +799,7 @@ fn rds_backend(args: &RdsArgs, metrics: Arc<Metrics>) -> anyhow::Result<RdsBacke
         }
     });
     tracing::info!(rds = %address, pool = args.pool_size, sessions_per_connection = args.sessions_per_connection, "RDS backend");
-    Ok(RdsBackend::new(pool, defaults))
+    Ok(RdsBackend::new(pool, defaults).with_metrics(metrics))
 }
 
 /// The storage poller's flags.

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub orphan_deleted: IntCounter,
     pub events_posted_total: IntCounterVec,
     pub attachment_reconcile_total: IntCounterVec,
+    /// CreateVolumes carrying a StorageClass parameter the Go driver ignores, by parameter.
+    pub storageclass_parameters_ignored: IntCounterVec,
     pub rds: RdsMetrics,
     pub node: NodeMetrics,
 }
@@ -319,8 +321,19 @@ impl Metrics {
             &["action"],
         )
         .expect("valid metric");
+        let storageclass_parameters_ignored = IntCounterVec::new(
+            opts(
+                "storageclass",
+                "parameters_ignored_total",
+                "CreateVolume calls carrying a StorageClass parameter the Go driver ignores (and so does this one), by parameter.",
+            ),
+            &["parameter"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(attach_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(storageclass_parameters_ignored.clone())
+                as Box<dyn prometheus::core::Collector>,
+            Box::new(attach_total.clone()),
             Box::new(detach_total.clone()),
             Box::new(conflicts_total.clone()),
             Box::new(grace_period_used_total.clone()),
@@ -413,6 +426,7 @@ impl Metrics {
             reconciler_runs,
             orphan_volumes,
             orphan_deleted,
+            storageclass_parameters_ignored,
         }
     }
 

@@ -155,27 +155,8 @@ impl CreateRequest {
                 self.id, self.name
             )));
         }
-        if existing.parameters != self.parameters {
-            return Err(BackendError::AlreadyExists(format!(
-                "volume {} exists with parameters {:?}, not {:?}",
-                self.id, existing.parameters, self.parameters
-            )));
-        }
-        let fits = existing.capacity_bytes >= self.required_bytes
-            && (self.limit_bytes == 0 || existing.capacity_bytes <= self.limit_bytes);
-        if !fits {
-            return Err(BackendError::AlreadyExists(format!(
-                "volume {} exists with {} bytes, outside the requested capacity_range [{}, {}]",
-                self.id,
-                existing.capacity_bytes,
-                self.required_bytes,
-                if self.limit_bytes == 0 {
-                    "unlimited".to_string()
-                } else {
-                    self.limit_bytes.to_string()
-                }
-            )));
-        }
+        self.check_parameters(&existing.parameters, &self.parameters)?;
+        self.check_capacity(existing.capacity_bytes)?;
         if existing.source != self.source {
             let show = |s: &Option<ContentSource>| {
                 s.as_ref()
@@ -188,8 +169,49 @@ impl CreateRequest {
                 show(&self.source)
             )));
         }
+        self.check_capabilities(&existing.capabilities)
+    }
+
+    /// Idempotency, parameters: the existing volume was made with `have`, this request would
+    /// make it with `want` (CSI CreateVolume: ALREADY_EXISTS when they are incompatible). A
+    /// backend that keeps only some of what parameters decide compares those.
+    pub fn check_parameters(
+        &self,
+        have: &BTreeMap<String, String>,
+        want: &BTreeMap<String, String>,
+    ) -> Result<(), BackendError> {
+        if have != want {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists with parameters {have:?}, not {want:?}",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Idempotency, size: the existing volume's `bytes` lie inside the requested range.
+    pub fn check_capacity(&self, bytes: u64) -> Result<(), BackendError> {
+        let fits =
+            bytes >= self.required_bytes && (self.limit_bytes == 0 || bytes <= self.limit_bytes);
+        if !fits {
+            return Err(BackendError::AlreadyExists(format!(
+                "volume {} exists with {bytes} bytes, outside the requested capacity_range [{}, {}]",
+                self.id,
+                self.required_bytes,
+                if self.limit_bytes == 0 {
+                    "unlimited".to_string()
+                } else {
+                    self.limit_bytes.to_string()
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Idempotency, capabilities: the existing volume was created for the same set.
+    pub fn check_capabilities(&self, have: &[Capability]) -> Result<(), BackendError> {
         let mut wanted = self.capabilities.clone();
-        let mut have = existing.capabilities.clone();
+        let mut have = have.to_vec();
         wanted.sort();
         wanted.dedup();
         have.sort();
@@ -309,6 +331,15 @@ pub trait VolumeBackend: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError>;
     /// Bytes available for new volumes.
     async fn capacity(&self) -> Result<u64, BackendError>;
+    /// Bytes available for new volumes of a StorageClass (GetCapacity's `parameters`). By
+    /// default [`VolumeBackend::capacity`]: where a backend keeps volumes does not depend on
+    /// the StorageClass. Invalid parameters are `InvalidArgument`.
+    async fn capacity_for(
+        &self,
+        _parameters: &BTreeMap<String, String>,
+    ) -> Result<u64, BackendError> {
+        self.capacity().await
+    }
     /// Grows a volume to `bytes`; returns the new size. The current size again is success;
     /// less is `OutOfRange` (volumes never shrink).
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError>;

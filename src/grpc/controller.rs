@@ -540,7 +540,12 @@ impl Controller for ControllerService {
         for c in &req.get_ref().volume_capabilities {
             capability(Some(c), "volume_capabilities")?;
         }
-        let available = self.backend.capacity().await.map_err(Error::from)?;
+        let parameters = req.get_ref().parameters.clone().into_iter().collect();
+        let available = self
+            .backend
+            .capacity_for(&parameters)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(GetCapacityResponse {
             available_capacity: i64::try_from(available).unwrap_or(i64::MAX),
             maximum_volume_size: None,

@@ -49,7 +49,7 @@ pub fn capability(
         Some(ProtoAccessType::Mount(m)) => {
             if !SUPPORTED_FS_TYPES.contains(&m.fs_type.as_str()) {
                 return Err(invalid(format!(
-                    "fs_type {:?} is not supported (use ext4 or xfs)",
+                    "fs_type {:?} is not supported (use ext4, ext3 or xfs)",
                     m.fs_type
                 )));
             }

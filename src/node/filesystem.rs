@@ -121,6 +121,10 @@ pub async fn format(
             .arg("-F")
             .arg("-q")
             .arg(device.clone()),
+        FsType::Ext3 => Cmd::new("mkfs.ext3")
+            .arg("-F")
+            .arg("-q")
+            .arg(device.clone()),
         FsType::Xfs => Cmd::new("mkfs.xfs").arg("-q").arg(device.clone()),
     }
     .timeout(LONG_TIMEOUT);
@@ -155,7 +159,7 @@ pub async fn check(
         ))
     };
     match fs {
-        FsType::Ext4 => {
+        FsType::Ext4 | FsType::Ext3 => {
             let dump = Cmd::new("dumpe2fs").arg("-h").arg(device.clone());
             let out = runner.run(&dump).await?;
             if out.success() && ext4_needs_recovery(&out.stdout) {
@@ -204,7 +208,7 @@ pub async fn grow(
     fs: FsType,
 ) -> Result<(), NodeError> {
     let cmd = match fs {
-        FsType::Ext4 => Cmd::new("resize2fs").arg(device.clone()),
+        FsType::Ext4 | FsType::Ext3 => Cmd::new("resize2fs").arg(device.clone()),
         FsType::Xfs => Cmd::new("xfs_growfs").arg(mount_point.clone()),
     }
     .timeout(LONG_TIMEOUT);
@@ -213,7 +217,9 @@ pub async fn grow(
     if out.success() {
         return Ok(());
     }
-    if fs == FsType::Ext4 && out.stderr.contains("Permission denied to resize") {
+    if matches!(fs, FsType::Ext4 | FsType::Ext3)
+        && out.stderr.contains("Permission denied to resize")
+    {
         return Err(NodeError::FailedPrecondition(format!(
             "growing ext4 online on {device} needs CAP_SYS_RESOURCE, which this node plugin does not have; run it privileged (the DaemonSet does). The volume itself has grown"
         )));
@@ -405,5 +411,19 @@ mod tests {
         assert!(runner.calls().is_empty());
         format(&runner, &loop3(), FsType::Ext4).await.unwrap();
         assert_eq!(runner.calls(), vec!["mkfs.ext4 -F -q /dev/loop3"]);
+    }
+
+    /// ext3, which the Go driver's node formats (`mkfs.ext3 -F`), is made, checked and grown
+    /// with the ext tools. Catches ext3 formatted as anything else.
+    #[tokio::test]
+    async fn ext3_uses_the_ext_tools() {
+        let runner = RecordingRunner::default();
+        format(&runner, &loop3(), FsType::Ext3).await.unwrap();
+        let mp = AbsPath::try_from(std::path::PathBuf::from("/mnt/x")).unwrap();
+        grow(&runner, &loop3(), &mp, FsType::Ext3).await.unwrap();
+        assert_eq!(
+            runner.calls(),
+            vec!["mkfs.ext3 -F -q /dev/loop3", "resize2fs /dev/loop3"]
+        );
     }
 }

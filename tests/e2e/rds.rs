@@ -213,13 +213,27 @@ async fn volumes_are_created_listed_grown_and_deleted_with_the_go_drivers_comman
             .count()
     };
     let again = r
-        .create(id, 10 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .create(
+            id,
+            10 * GIB,
+            &[
+                ("nvmeAddress", "10.42.68.1"),
+                ("migrationTimeoutSeconds", "600"),
+            ],
+        )
         .await
         .unwrap();
     assert_eq!(again.volume_id, id);
     assert_eq!(adds(&r), 1);
     let bigger = r
-        .create(id, 20 * GIB, &[("nvmeAddress", "10.42.68.1")])
+        .create(
+            id,
+            20 * GIB,
+            &[
+                ("nvmeAddress", "10.42.68.1"),
+                ("migrationTimeoutSeconds", "600"),
+            ],
+        )
         .await
         .unwrap_err();
     assert_eq!(bigger.code(), Code::AlreadyExists, "{}", bigger.message());
@@ -345,11 +359,11 @@ async fn routeros_failure_text_maps_to_csi_codes() {
         "{}",
         err.message()
     );
-    r.fake
-        .fail_matching("/disk set", "failure: something else went wrong\r\n", 0, 1);
     r.create("pvc-grow", GIB, &[("nvmeAddress", "10.0.0.1")])
         .await
         .unwrap();
+    r.fake
+        .fail_matching("/disk set", "failure: something else went wrong\r\n", 0, 1);
     let err = r.expand("pvc-grow", 2 * GIB).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(
@@ -514,10 +528,8 @@ async fn hostile_values_are_refused_before_any_command_is_sent() {
         for (key, value) in [
             ("volumePath", format!("/storage-pool/{bad}")),
             ("nvmeAddress", bad.clone()),
-            ("nvmePort", bad.clone()),
-            ("nqnPrefix", bad.clone()),
+            ("nvmePort", format!("70000{bad}")),
             ("rdsAddress", bad.clone()),
-            ("sshPort", bad.clone()),
             ("ctrlLossTmo", bad.clone()),
             ("reconnectDelay", bad.clone()),
             ("keepAliveTmo", bad.clone()),
@@ -553,6 +565,27 @@ async fn hostile_values_are_refused_before_any_command_is_sent() {
     }
     let sent = r.commands();
     assert!(sent.is_empty(), "commands were sent: {sent:#?}");
+    // Parameters the Go driver ignores are ignored whatever they hold: nothing of them
+    // reaches the RDS.
+    let hostile = "pvc-1;/system reboot";
+    r.create(
+        "pvc-ignored",
+        GIB,
+        &[
+            ("nvmeAddress", "10.0.0.1"),
+            ("sshPort", hostile),
+            ("nqnPrefix", hostile),
+            // No number in it: the Go driver's default port, as it reads it.
+            ("nvmePort", hostile),
+        ],
+    )
+    .await
+    .unwrap();
+    let sent = r.commands();
+    assert!(
+        !sent.is_empty() && sent.iter().all(|c| !c.contains("/system")),
+        "{sent:#?}"
+    );
 }
 
 #[tokio::test]
@@ -599,24 +632,300 @@ async fn a_volume_the_go_driver_made_is_used_unchanged() {
     );
 }
 
+impl Rds {
+    async fn create_with(
+        &self,
+        name: &str,
+        bytes: i64,
+        capability: VolumeCapability,
+        params: &[(&str, &str)],
+    ) -> Result<Volume, tonic::Status> {
+        self.d
+            .controller()
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![capability],
+                parameters: params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+}
+
+/// The Go README's example StorageClass, verbatim: `rdsAddress` is the RDS's storage address,
+/// not this controller's SSH address (127.0.0.1 here).
+const GO_README_STORAGE_CLASS: [(&str, &str); 6] = [
+    ("rdsAddress", "10.42.68.1"),
+    ("nvmePort", "4420"),
+    ("sshPort", "22"),
+    ("fsType", "ext4"),
+    ("volumePath", "/storage-pool/kubernetes-volumes"),
+    ("nqnPrefix", "nqn.2000-02.com.mikrotik"),
+];
+
+/// A filesystem PVC of the Go README's StorageClass provisions with the `/disk add` the Go
+/// driver sends and answers the Go driver's volume context. Catches `rdsAddress` being checked
+/// against `--rds-address` (it was INVALID_ARGUMENT), `sshPort` against the SSH port, and the
+/// volume context losing Go's `rdsAddress` echo or `migrationTimeoutSeconds` default.
 #[tokio::test]
-async fn a_storage_class_naming_another_rds_is_refused() {
+async fn the_go_readmes_storage_class_provisions_with_the_go_drivers_disk_command() {
     let r = Rds::start(&[]).await;
     r.wait_ready().await;
+    let id = "pvc-6f1e2d3c-0000-4000-8000-00000000a001";
+    let v = r
+        .create_with(id, 10 * GIB, rwo(), &GO_README_STORAGE_CLASS)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.commands()
+            .iter()
+            .filter(|c| c.starts_with("/disk add"))
+            .collect::<Vec<_>>(),
+        vec![&format!(
+            "/disk add type=file file-path=/storage-pool/kubernetes-volumes/{id}.img \
+             file-size=10G slot={id} nvme-tcp-export=yes nvme-tcp-server-port=4420 \
+             nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{id}"
+        )]
+    );
+    let go_context: std::collections::HashMap<String, String> = [
+        ("rdsAddress", "10.42.68.1".to_string()),
+        ("nvmeAddress", "10.42.68.1".to_string()),
+        ("nvmePort", "4420".to_string()),
+        ("nqn", format!("nqn.2000-02.com.mikrotik:{id}")),
+        (
+            "volumePath",
+            format!("/storage-pool/kubernetes-volumes/{id}.img"),
+        ),
+        ("ctrlLossTmo", "-1".to_string()),
+        ("reconnectDelay", "5".to_string()),
+        ("keepAliveTmo", "0".to_string()),
+        ("migrationTimeoutSeconds", "300".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .chain([("fsType".to_string(), "ext4".to_string())])
+    .collect();
+    assert_eq!(v.volume_context, go_context);
+    assert_eq!(v.capacity_bytes, 10 * GIB);
+
+    // The same StorageClass with ext3, which the Go node plugin formats.
+    let ext3 = |mut c: VolumeCapability| {
+        if let Some(volume_capability::AccessType::Mount(m)) = c.access_type.as_mut() {
+            m.fs_type = "ext3".into();
+        }
+        c
+    };
+    let mut params = GO_README_STORAGE_CLASS;
+    params[3] = ("fsType", "ext3");
+    let id3 = "pvc-6f1e2d3c-0000-4000-8000-00000000a003";
+    let v = r.create_with(id3, GIB, ext3(rwo()), &params).await.unwrap();
+    assert_eq!(v.volume_context["fsType"], "ext3");
+    // A filesystem Go's node could not format is refused at once, for a filesystem volume.
+    params[3] = ("fsType", "btrfs");
     let err = r
-        .create("pvc-elsewhere", GIB, &[("rdsAddress", "10.9.9.9")])
+        .create_with("pvc-btrfs", GIB, rwo(), &params)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("another RDS"), "{}", err.message());
-    // Naming this one is fine.
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("fsType"), "{}", err.message());
+}
+
+/// Parameters the Go driver never reads (`sshPort`, `nqnPrefix`, a typo) are accepted and
+/// ignored: the NQN stays the Go driver's, one warning per StorageClass (however many PVCs
+/// it provisions; the provisioner's own `csi.storage.k8s.io/` keys differ per PVC and are not
+/// part of it), and a counter per ignored parameter. Catches `sshPort`/`nqnPrefix` being
+/// refused or obeyed, a warning per call, and the counter not moving.
+#[tokio::test]
+async fn parameters_the_go_driver_ignores_are_ignored_with_one_warning_per_storage_class() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    for i in 0..3 {
+        let id = format!("pvc-6f1e2d3c-0000-4000-8000-00000000b00{i}");
+        let claim = format!("claim-{i}");
+        let v = r
+            .create(
+                &id,
+                GIB,
+                &[
+                    ("nvmeAddress", "10.42.68.1"),
+                    ("sshPort", "2222"),
+                    ("nqnPrefix", "nqn.2014-08.org.example"),
+                    ("volumPath", "/storage-pool/typo"),
+                    ("nvmePort", "not a port"),
+                    ("csi.storage.k8s.io/pvc/name", &claim),
+                    ("csi.storage.k8s.io/pvc/namespace", "default"),
+                    ("csi.storage.k8s.io/pv/name", &id),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            v.volume_context["nqn"],
+            format!("nqn.2000-02.com.mikrotik:{id}")
+        );
+        assert!(!v.volume_context.contains_key("sshPort"));
+        assert_eq!(
+            v.volume_context["volumePath"],
+            format!("/storage-pool/metal-csi/{id}.img")
+        );
+    }
+    const WARNING: &str = "StorageClass parameters the Go driver ignores";
+    let log = r.d.wait_for_log_count("created on the RDS", 3).await;
+    assert_eq!(log.matches(WARNING).count(), 1, "{log}");
+    let m = r.d.scrape().await;
+    for p in ["sshPort", "nqnPrefix", "volumPath", "nvmePort"] {
+        assert!(
+            m.contains(&format!(
+                "rds_csi_storageclass_parameters_ignored_total{{parameter=\"{p}\"}} 3"
+            )),
+            "{p}: {m}"
+        );
+    }
+    assert!(!m.contains("parameter=\"csi.storage.k8s.io"), "{m}");
+
+    // Another StorageClass warns once more.
     r.create(
-        "pvc-here",
+        "pvc-6f1e2d3c-0000-4000-8000-00000000b009",
         GIB,
-        &[("rdsAddress", "127.0.0.1"), ("nvmeAddress", "10.0.0.1")],
+        &[("nvmeAddress", "10.42.68.1"), ("sshPort", "22")],
     )
     .await
     .unwrap();
+    r.d.wait_for_log_count(WARNING, 2).await;
+    let log = r.d.wait_for_log_count("created on the RDS", 4).await;
+    assert_eq!(log.matches(WARNING).count(), 2, "{log}");
+}
+
+/// GetCapacity asks the pool the StorageClass's `volumePath` names, as the Go driver does.
+/// Catches GetCapacity always asking `--rds-volume-path`'s pool.
+#[tokio::test]
+async fn get_capacity_asks_the_pool_of_the_storage_classs_volume_path() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = client_keypair(keys.path());
+    let fake = FakeRds::start(FakeRdsConfig {
+        mount_point: "nvme1".into(),
+        ..FakeRdsConfig::new(public)
+    })
+    .await;
+    let host_key = fake.write_host_key(keys.path());
+    let d = Rds::driver(&fake, &key, &host_key, &[]).await;
+    d.wait_ready().await;
+    let free = d
+        .controller()
+        .get_capacity(GetCapacityRequest {
+            parameters: [("volumePath".to_string(), "/nvme1/kubernetes".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(free.available_capacity as u64, fake.pool_free_bytes());
+    assert!(
+        fake.commands()
+            .iter()
+            .any(|c| c.command == "/disk print detail where mount-point=\"nvme1\""),
+        "{:#?}",
+        fake.commands()
+    );
+    let err = d
+        .controller()
+        .get_capacity(GetCapacityRequest {
+            parameters: [("volumePath".to_string(), "/nvme1/a;b".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+}
+
+/// A CreateVolume repeated with the same name but other parameters or capabilities is
+/// ALREADY_EXISTS (CSI CreateVolume: "compatible with the specified capacity_range,
+/// volume_capabilities, parameters"), as with the file backend; the same request again is
+/// the volume. A disk with no record (the Go driver's) takes the first request's. Catches the
+/// RDS idempotency check comparing only size and path.
+#[tokio::test]
+async fn a_repeated_create_volume_with_incompatible_parameters_is_already_exists() {
+    let r = Rds::start(&[]).await;
+    r.wait_ready().await;
+    let id = "pvc-6f1e2d3c-0000-4000-8000-00000000c001";
+    let params = [("nvmeAddress", "10.42.68.1"), ("nvmePort", "4420")];
+    r.create(id, 2 * GIB, &params).await.unwrap();
+    r.create(id, 2 * GIB, &params).await.unwrap();
+    let err = r
+        .create(
+            id,
+            2 * GIB,
+            &[("nvmeAddress", "10.42.68.1"), ("nvmePort", "4421")],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    assert!(err.message().contains("nvmePort"), "{}", err.message());
+    let err = r
+        .create(
+            id,
+            2 * GIB,
+            &[
+                ("nvmeAddress", "10.42.68.1"),
+                ("volumePath", "/storage-pool/other"),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    let err = r.create(id, 3 * GIB, &params).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    // What RouterOS does not show: another address, timing, or capability.
+    for other in [
+        vec![("nvmeAddress", "10.42.68.2"), ("nvmePort", "4420")],
+        vec![
+            ("nvmeAddress", "10.42.68.1"),
+            ("nvmePort", "4420"),
+            ("ctrlLossTmo", "60"),
+        ],
+    ] {
+        let err = r.create(id, 2 * GIB, &other).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::AlreadyExists,
+            "{other:?}: {}",
+            err.message()
+        );
+    }
+    let err = r
+        .create_with(id, 2 * GIB, rwo_block(), &params)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    // The provisioner's per-claim keys are not the StorageClass's: the same volume.
+    let mut claim = params.to_vec();
+    claim.push(("csi.storage.k8s.io/pvc/name", "claim-1"));
+    r.create(id, 2 * GIB, &claim).await.unwrap();
+    assert_eq!(
+        r.commands()
+            .iter()
+            .filter(|c| c.starts_with("/disk add"))
+            .count(),
+        1
+    );
+
+    // The Go driver's disk, no record: the first CreateVolume's is kept and held to.
+    r.fake.add_disk(Disk::volume(GO_VOLUME, 5 << 30)).unwrap();
+    r.create(GO_VOLUME, 5 * GIB, &params).await.unwrap();
+    r.create(GO_VOLUME, 5 * GIB, &params).await.unwrap();
+    let err = r
+        .create(GO_VOLUME, 5 * GIB, &[("nvmeAddress", "10.42.68.2")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
 }
 
 /// The value of an unlabelled sample in a scrape (0 when absent).

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use super::values::{Nqn, Provenance, RosPath, RosSize, Slot};
+use super::values::{Nqn, Record, RosPath, RosSize, Slot};
 
 /// Which disks a listing asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +43,8 @@ pub enum RosCommand {
         port: u16,
         nqn: Nqn,
     },
-    /// `/disk set [find slot=…] comment=…`: records what a disk was made from.
-    SetComment { slot: Slot, comment: Provenance },
+    /// `/disk set [find slot=…] comment=…`: records what a disk was made from and for.
+    SetComment { slot: Slot, comment: Record },
     /// `/disk print detail where slot=…`
     Get { slot: Slot },
     /// `/disk print detail where slot~"pvc"` (or `"snap-"`)
@@ -147,7 +147,7 @@ impl fmt::Display for RosCommand {
 
 #[cfg(test)]
 mod tests {
-    use super::super::values::{NqnPrefix, DEFAULT_VOLUME_PATH};
+    use super::super::values::{NqnPrefix, Provenance, DEFAULT_VOLUME_PATH};
     use super::*;
 
     #[test]
@@ -187,7 +187,7 @@ mod tests {
                 "/disk add type=file copy-from=[find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] file-path=/storage-pool/metal-csi/pvc-2.img file-size=10G slot=pvc-2 nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-2",
             ),
             (
-                RosCommand::SetComment { slot: snap, comment: Provenance { source: Slot::parse("pvc-1b2c", "s").unwrap(), at: 1_739_800_000 } },
+                RosCommand::SetComment { slot: snap, comment: Record { provenance: Some(Provenance { source: Slot::parse("pvc-1b2c", "s").unwrap(), at: 1_739_800_000 }), made: None } },
                 "/disk set [find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] comment=source-pvc-1b2c-at-1739800000",
             ),
         ];

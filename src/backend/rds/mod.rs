@@ -16,6 +16,9 @@
 //! and print. A disk without one (the Go driver's, or one whose copy finished just before a
 //! crash) is matched by its slot, that is by name, and the source it is then asked for is
 //! recorded, after the one check RouterOS allows: a snapshot is never larger than its source.
+//! The same comment keeps a digest of a volume's StorageClass parameters and capabilities
+//! ([`values::Record`]), so a repeated CreateVolume is held to the first as the file backend
+//! holds it to its metadata; a volume without one (the Go driver's) takes the first request's.
 
 pub mod command;
 pub mod monitor;
@@ -24,8 +27,9 @@ pub mod snmp;
 pub mod ssh;
 pub mod values;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -34,16 +38,44 @@ use self::command::{Listing, RosCommand};
 use self::parse::{Disk, Failure};
 use self::ssh::{SshError, SshPool};
 use self::values::{
-    nvme_timings, NqnPrefix, Provenance, RosPath, RosSize, Slot, SNAPSHOT_SLOT_PREFIX,
+    nvme_timings, MadeWith, NqnPrefix, Provenance, Record, RosPath, RosSize, Slot,
+    SNAPSHOT_SLOT_PREFIX,
 };
 use super::locks::{Key, Locks, Mode};
 use super::{
     BackendError, ContentSource, CreateRequest, SnapshotInfo, SnapshotRequest, VolumeBackend,
     VolumeInfo,
 };
-use crate::domain::{rds_keys as keys, FsType, PUBLISH_BACKEND_KEY};
+use crate::domain::{
+    rds_keys as keys, AccessType, Capability, FsType, CSI_FS_TYPE_KEY, FS_TYPE_KEY,
+    MIGRATION_TIMEOUT_KEY, PUBLISH_BACKEND_KEY,
+};
 use crate::ids::{SnapshotId, VolumeId};
+use crate::metrics::Metrics;
 use crate::Error;
+
+/// The StorageClass parameters the Go driver gives a meaning: those its controller reads, and
+/// `fsType`, which the external-provisioner reads for it. Any other key, bar the
+/// provisioner's own `csi.storage.k8s.io/…`, is accepted and ignored, as the Go driver
+/// ignores it (`sshPort` and `nqnPrefix` included: it declares them and never reads them).
+const GO_PARAMETERS: [&str; 9] = [
+    keys::RDS_ADDRESS,
+    keys::NVME_ADDRESS,
+    keys::NVME_PORT,
+    keys::VOLUME_PATH,
+    keys::CTRL_LOSS_TMO,
+    keys::RECONNECT_DELAY,
+    keys::KEEP_ALIVE_TMO,
+    MIGRATION_TIMEOUT_KEY,
+    FS_TYPE_KEY,
+];
+
+/// The prefix of the parameters the external-provisioner reads or adds itself
+/// (`csi.storage.k8s.io/fstype`, `…/pvc/name`, `…/pv/name`, ...).
+const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// How many distinct StorageClasses' ignored parameters are remembered for warning once.
+const WARNED_CAP: usize = 1024;
 
 /// Defaults a StorageClass may override.
 #[derive(Clone, Debug)]
@@ -57,23 +89,35 @@ pub struct RdsDefaults {
 
 pub struct RdsBackend {
     pool: SshPool,
-    /// `--rds-address`'s host, as StorageClasses' `rdsAddress` must name it.
+    /// `--rds-address`'s host: the volume context's `rdsAddress` when a StorageClass names
+    /// none, as the Go driver writes it.
     host: String,
-    ssh_port: u16,
     defaults: RdsDefaults,
+    /// The StorageClasses (by their parameters) whose ignored parameters were warned about.
+    warned: Mutex<HashSet<u64>>,
+    metrics: Option<Arc<Metrics>>,
     /// Keeps a restore and the delete of its snapshot (or a clone and the delete of its
     /// volume) apart, and two creates of one slot.
     locks: Locks,
 }
 
-/// A StorageClass's parameters, validated.
+/// A StorageClass's parameters with the Go driver's meaning, validated.
 struct Params {
-    /// `None` only when listing (CreateVolume requires it).
+    /// The StorageClass's `rdsAddress`, else `--rds-address`'s host: only echoed into the
+    /// volume context.
+    rds_address: String,
+    /// `nvmeAddress`, else `rdsAddress`, else `--rds-nvme-address`. `None` only when listing
+    /// (CreateVolume requires it).
     nvme_address: Option<IpAddr>,
     nvme_port: u16,
     volume_path: RosPath,
+    /// Always `--rds-nqn-prefix`: the Go driver ignores a StorageClass's `nqnPrefix`.
     nqn_prefix: NqnPrefix,
     timings: (i32, u32, u32),
+    /// Seconds, as the Go driver writes it: clamped to 30..3600, 300 when absent or not a
+    /// positive integer.
+    migration_timeout: u64,
+    /// `fsType` / `csi.storage.k8s.io/fstype`, kept in the volume context for the node.
     extra: BTreeMap<String, String>,
 }
 
@@ -87,14 +131,22 @@ fn backend_error(e: SshError) -> BackendError {
 
 impl RdsBackend {
     pub fn new(pool: SshPool, defaults: RdsDefaults) -> Self {
-        let (host, ssh_port) = (pool.config().host.clone(), pool.config().port);
+        let host = pool.config().host.clone();
         Self {
             pool,
             host,
-            ssh_port,
             defaults,
+            warned: Mutex::new(HashSet::new()),
+            metrics: None,
             locks: Locks::default(),
         }
+    }
+
+    /// Counts ignored StorageClass parameters in `metrics`
+    /// (`rds_csi_storageclass_parameters_ignored_total`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn pool(&self) -> &SshPool {
@@ -132,74 +184,136 @@ impl RdsBackend {
         Ok(disks.into_iter().find(|d| d.slot == slot.as_str()))
     }
 
-    fn params(&self, raw: &BTreeMap<String, String>) -> Result<Params, Error> {
-        if let Some(addr) = raw.get(keys::RDS_ADDRESS) {
-            let same = addr == &self.host
-                || (addr.parse::<IpAddr>().ok())
-                    .zip(self.host.parse::<IpAddr>().ok())
-                    .is_some_and(|(a, b)| a == b);
-            if !same {
-                return Err(Error::InvalidArgument {
-                    field: "parameters[rdsAddress]",
-                    reason: format!(
-                        "{addr:?} names another RDS than this controller's ({}); one driver \
-                         drives one RDS",
-                        self.host
-                    ),
-                });
-            }
-        }
-        if let Some(port) = raw.get(keys::SSH_PORT) {
-            let port = values::port(port, "parameters[sshPort]")?;
-            if port != self.ssh_port {
-                return Err(Error::InvalidArgument {
-                    field: "parameters[sshPort]",
-                    reason: format!(
-                        "{port} is not this controller's RDS SSH port ({})",
-                        self.ssh_port
-                    ),
-                });
-            }
-        }
-        let nvme_address = match raw.get(keys::NVME_ADDRESS).or(raw.get(keys::RDS_ADDRESS)) {
-            Some(a) => Some(values::ip(a, "parameters[nvmeAddress]")?),
-            None => self.defaults.nvme_address,
+    /// Reads a StorageClass's parameters as the Go driver does. `capabilities` are the
+    /// CreateVolume's (none when listing): `fsType` is checked only when a filesystem volume
+    /// will use it. INVALID_ARGUMENT names the parameter.
+    fn params(
+        &self,
+        raw: &BTreeMap<String, String>,
+        capabilities: &[Capability],
+    ) -> Result<Params, Error> {
+        let rds_address = match raw.get(keys::RDS_ADDRESS) {
+            Some(a) => values::host(a, "parameters[rdsAddress]")?,
+            None => self.host.clone(),
+        };
+        let nvme_address = match (raw.get(keys::NVME_ADDRESS), raw.get(keys::RDS_ADDRESS)) {
+            (Some(a), _) => Some(values::ip(a, "parameters[nvmeAddress]")?),
+            // The Go driver's fallback; its node dials only an IP address.
+            (None, Some(a)) => Some(values::ip(a, "parameters[rdsAddress]").map_err(
+                |e| match e {
+                    Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+                        field,
+                        reason: format!("{reason}, and no nvmeAddress is set for nodes to dial"),
+                    },
+                    other => other,
+                },
+            )?),
+            (None, None) => self.defaults.nvme_address,
         };
         let nvme_port = match raw.get(keys::NVME_PORT) {
-            Some(p) => values::port(p, "parameters[nvmePort]")?,
-            None => self.defaults.nvme_port,
-        };
+            Some(p) => values::leading_port(p, "parameters[nvmePort]")?,
+            None => None,
+        }
+        .unwrap_or(self.defaults.nvme_port);
         let volume_path = match raw.get(keys::VOLUME_PATH) {
             Some(p) => RosPath::parse(p, "parameters[volumePath]")?,
             None => self.defaults.volume_path.clone(),
         };
-        let nqn_prefix = match raw.get(keys::NQN_PREFIX) {
-            Some(p) => NqnPrefix::parse(p, "parameters[nqnPrefix]")?,
-            None => self.defaults.nqn_prefix.clone(),
-        };
         let timings = nvme_timings(|k| raw.get(k).cloned())?;
-        FsType::resolve(
-            "",
-            &raw.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        )?;
+        let migration_timeout = match raw.get(MIGRATION_TIMEOUT_KEY) {
+            Some(v) if v.trim().parse::<u64>().is_ok_and(|s| s > 0) => {
+                crate::domain::migration_timeout(Some(v)).0.as_secs()
+            }
+            _ => crate::domain::DEFAULT_MIGRATION_TIMEOUT.as_secs(),
+        };
+        let filesystem = capabilities
+            .iter()
+            .any(|c| matches!(c.access_type(), AccessType::Mount { .. }));
         let mut extra = BTreeMap::new();
-        for key in [
-            crate::domain::MIGRATION_TIMEOUT_KEY,
-            crate::domain::FS_TYPE_KEY,
-            crate::domain::CSI_FS_TYPE_KEY,
-        ] {
-            if let Some(v) = raw.get(key) {
-                extra.insert(key.to_string(), v.clone());
+        for key in [FS_TYPE_KEY, CSI_FS_TYPE_KEY] {
+            let Some(v) = raw.get(key).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            match FsType::parse(v) {
+                Some(_) => {
+                    extra.insert(key.to_string(), v.clone());
+                }
+                // A block volume never reads it, as with the Go driver.
+                None if !filesystem => {}
+                None => {
+                    return Err(Error::InvalidArgument {
+                        field: if key == FS_TYPE_KEY {
+                            "parameters[fsType]"
+                        } else {
+                            "parameters[csi.storage.k8s.io/fstype]"
+                        },
+                        reason: format!(
+                            "{v:?} is not a filesystem the node plugin formats (ext4, ext3 \
+                             or xfs, as the Go driver's)"
+                        ),
+                    })
+                }
             }
         }
         Ok(Params {
+            rds_address,
             nvme_address,
             nvme_port,
             volume_path,
-            nqn_prefix,
+            nqn_prefix: self.defaults.nqn_prefix.clone(),
             timings,
+            migration_timeout,
             extra,
         })
+    }
+
+    /// Warns once per StorageClass about the parameters the Go driver ignores (and so does
+    /// this driver), and counts every CreateVolume that carries one. A StorageClass is known
+    /// by its parameters without the provisioner's `csi.storage.k8s.io/…` ones, which change
+    /// with every claim.
+    fn note_ignored(&self, raw: &BTreeMap<String, String>) {
+        use std::hash::{Hash, Hasher};
+        let class: Vec<(&String, &String)> = raw
+            .iter()
+            .filter(|(k, _)| !k.starts_with(PROVISIONER_PREFIX))
+            .collect();
+        // An `nvmePort` with no number in it: the Go driver takes its default, and so do we.
+        let ignored: Vec<&str> = class
+            .iter()
+            .filter(|(k, v)| {
+                !GO_PARAMETERS.contains(&k.as_str())
+                    || (k.as_str() == keys::NVME_PORT
+                        && values::leading_port(v, "nvmePort").is_ok_and(|p| p.is_none()))
+            })
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if ignored.is_empty() {
+            return;
+        }
+        if let Some(m) = &self.metrics {
+            for key in &ignored {
+                m.storageclass_parameters_ignored
+                    .with_label_values(&[parameter_label(key)])
+                    .inc();
+            }
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        class.hash(&mut hasher);
+        let first = {
+            let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+            if warned.len() >= WARNED_CAP {
+                warned.clear();
+            }
+            warned.insert(hasher.finish())
+        };
+        if first {
+            tracing::warn!(
+                parameters = ?ignored,
+                "StorageClass parameters the Go driver ignores are ignored: {}; this is said \
+                 once per StorageClass",
+                ignored.join(", ")
+            );
+        }
     }
 
     /// The volume context a node needs, with the Go driver's keys (and `volumePath` holding
@@ -207,7 +321,7 @@ impl RdsBackend {
     fn context(&self, disk: &Disk, params: &Params) -> BTreeMap<String, String> {
         let mut ctx = params.extra.clone();
         let (ctrl, delay, keep) = params.timings;
-        ctx.insert(keys::RDS_ADDRESS.into(), self.host.clone());
+        ctx.insert(keys::RDS_ADDRESS.into(), params.rds_address.clone());
         if let Some(addr) = params.nvme_address {
             ctx.insert(keys::NVME_ADDRESS.into(), addr.to_string());
         }
@@ -224,6 +338,10 @@ impl RdsBackend {
         ctx.insert(keys::CTRL_LOSS_TMO.into(), ctrl.to_string());
         ctx.insert(keys::RECONNECT_DELAY.into(), delay.to_string());
         ctx.insert(keys::KEEP_ALIVE_TMO.into(), keep.to_string());
+        ctx.insert(
+            MIGRATION_TIMEOUT_KEY.into(),
+            params.migration_timeout.to_string(),
+        );
         ctx
     }
 
@@ -239,22 +357,47 @@ impl RdsBackend {
         }
     }
 
-    /// Records in a disk's comment what it was made from, now.
-    async fn record(&self, slot: &Slot, source: &Slot) -> Result<Provenance, BackendError> {
-        let comment = Provenance {
-            source: source.clone(),
-            at: SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
+    /// Writes `record` into the disk's comment.
+    async fn write_record(&self, slot: &Slot, record: Record) -> Result<(), BackendError> {
         self.run(&RosCommand::SetComment {
             slot: slot.clone(),
-            comment: comment.clone(),
+            comment: record,
         })
         .await
         .map_err(|e| e.into_backend("recording what the disk was made from"))?;
-        Ok(comment)
+        Ok(())
+    }
+
+    /// Checks that an existing volume's disk was created for this request's parameters and
+    /// capabilities (CreateVolume idempotency, as the file backend checks its metadata); a
+    /// disk with no record of them (the Go driver's, or one whose create was interrupted
+    /// before the record) gets this request's recorded.
+    async fn check_made(
+        &self,
+        req: &CreateRequest,
+        slot: &Slot,
+        disk: &Disk,
+    ) -> Result<(), BackendError> {
+        let record = record_of(disk);
+        let want = MadeWith::of(&req.parameters, &req.capabilities);
+        match record.made {
+            Some(have) if have == want => Ok(()),
+            Some(have) => Err(BackendError::AlreadyExists(format!(
+                "volume {} exists on the RDS, created for other parameters or capabilities \
+                 (recorded {have}; these are {want})",
+                req.id
+            ))),
+            None => {
+                self.write_record(
+                    slot,
+                    Record {
+                        made: Some(want),
+                        ..record
+                    },
+                )
+                .await
+            }
+        }
     }
 
     /// Checks that an existing disk was made from `wanted` (idempotency by name); a disk with
@@ -271,7 +414,18 @@ impl RdsBackend {
         match (recorded.as_ref().map(|p| &p.source), wanted) {
             (Some(have), Some(want)) if have == want => Ok(recorded),
             (None, None) => Ok(None),
-            (None, Some(want)) => Ok(Some(self.record(slot, want).await?)),
+            (None, Some(want)) => {
+                let provenance = copied_now(want);
+                self.write_record(
+                    slot,
+                    Record {
+                        provenance: Some(provenance.clone()),
+                        made: record_of(disk).made,
+                    },
+                )
+                .await?;
+                Ok(Some(provenance))
+            }
             (have, want) => {
                 let show =
                     |s: Option<&Slot>| s.map_or_else(|| "nothing".to_string(), |s| s.to_string());
@@ -349,11 +503,12 @@ impl RdsBackend {
         let _held = self.locks.acquire(wanted).await;
         let path = params.volume_path.image(&slot)?;
         if let Some(disk) = self.disk(&slot).await? {
-            self.check_existing(&req, &disk, &path)?;
+            self.check_existing(&req, &disk, &params)?;
             let what = format!("volume {}", req.id);
             self.check_source(&what, &slot, &disk, from.as_ref())
                 .await?;
             let disk = self.disk(&slot).await?.unwrap_or(disk);
+            self.check_made(&req, &slot, &disk).await?;
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let from = from.ok_or_else(not_found)?;
@@ -374,14 +529,21 @@ impl RdsBackend {
             Err(RunError::Failed(Failure::NoSuchItem(_))) => return Err(not_found()),
             Err(e) => return Err(e.into_backend("copying the disk")),
         }
-        self.record(&slot, &from).await?;
+        self.write_record(
+            &slot,
+            Record {
+                provenance: Some(copied_now(&from)),
+                made: Some(MadeWith::of(&req.parameters, &req.capabilities)),
+            },
+        )
+        .await?;
         let disk = self.disk(&slot).await?.ok_or_else(|| {
             BackendError::Rejected(format!(
                 "the RDS accepted the copy for {} but does not list it",
                 req.id
             ))
         })?;
-        self.check_existing(&req, &disk, &path)?;
+        self.check_existing(&req, &disk, &params)?;
         if !disk.nvme_export {
             return Err(BackendError::Rejected(format!(
                 "the RDS created {} without its NVMe/TCP export",
@@ -392,29 +554,72 @@ impl RdsBackend {
         Ok(self.info(&req.id, &disk, self.context(&disk, &params)))
     }
 
-    /// Checks that an existing disk is what a CreateVolume asks for (idempotency).
+    /// The free bytes of the pool (RouterOS mount point) `path` is on.
+    async fn pool_free(&self, path: &RosPath) -> Result<u64, BackendError> {
+        let text = self
+            .run(&RosCommand::Capacity {
+                volume_path: path.clone(),
+            })
+            .await
+            .map_err(|e| e.into_backend("reading the pool's capacity"))?;
+        let (_, free) = parse::capacity(&text)
+            .map_err(|e| BackendError::Corrupt(e.to_string()))?
+            .ok_or_else(|| {
+                BackendError::Corrupt(format!(
+                    "the RDS printed no size and free for mount point {:?}",
+                    path.mount_point()
+                ))
+            })?;
+        Ok(free)
+    }
+
+    /// Checks that an existing disk is what a CreateVolume asks for (idempotency), with the
+    /// file backend's checks ([`CreateRequest::check_capacity`],
+    /// [`CreateRequest::check_parameters`]) on what RouterOS shows of a volume: its size, and
+    /// the parameters that shape the disk (`volumePath`, as the file's path, and `nvmePort`),
+    /// so the error names them. The rest (addresses, timings, capabilities) is compared
+    /// through the disk's record ([`Self::check_made`]).
     fn check_existing(
         &self,
         req: &CreateRequest,
         disk: &Disk,
-        path: &RosPath,
+        params: &Params,
     ) -> Result<(), BackendError> {
-        let size = disk.size.unwrap_or(0);
-        let fits = size >= req.required_bytes && (req.limit_bytes == 0 || size <= req.limit_bytes);
-        if !fits {
-            return Err(BackendError::AlreadyExists(format!(
-                "volume {} exists on the RDS with {size} bytes, outside the requested range",
-                req.id
-            )));
-        }
-        if disk.file_path.as_deref() != Some(path.as_str()) {
-            return Err(BackendError::AlreadyExists(format!(
-                "volume {} exists on the RDS at {}, not at {path}",
-                req.id,
-                disk.file_path.as_deref().unwrap_or("(no file)")
-            )));
-        }
-        Ok(())
+        req.check_capacity(disk.size.unwrap_or(0))?;
+        let path = params.volume_path.image(&Slot::of(&req.id)?)?;
+        req.check_parameters(
+            &disk_parameters(disk.file_path.as_deref(), disk.nvme_port),
+            &disk_parameters(Some(path.as_str()), Some(params.nvme_port)),
+        )
+    }
+}
+
+/// The parameters a disk shows: `volumePath` (its file) and `nvmePort`.
+fn disk_parameters(file_path: Option<&str>, nvme_port: Option<u16>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            keys::VOLUME_PATH.to_string(),
+            file_path.unwrap_or("(no file)").to_string(),
+        ),
+        (
+            keys::NVME_PORT.to_string(),
+            nvme_port.map_or_else(|| "(not exported)".to_string(), |p| p.to_string()),
+        ),
+    ])
+}
+
+/// A parameter name as a metric label: itself when it could be a StorageClass's (1 to 63
+/// bytes of letters, digits, `.`, `_`, `-`, `/`), else `invalid`, so junk sent straight to
+/// the socket cannot mint label values.
+fn parameter_label(key: &str) -> &str {
+    let ok = (1..=63).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+    if ok {
+        key
+    } else {
+        "invalid"
     }
 }
 
@@ -441,9 +646,28 @@ impl RunError {
     }
 }
 
-/// What a disk's comment says it was made from, if this driver wrote it.
+/// What a disk's comment says it was made from and for, as far as this driver wrote it.
+fn record_of(disk: &Disk) -> Record {
+    disk.comment
+        .as_deref()
+        .map(Record::parse)
+        .unwrap_or_default()
+}
+
+/// What a disk's comment says it was copied from, if this driver wrote it.
 fn provenance(disk: &Disk) -> Option<Provenance> {
-    disk.comment.as_deref().and_then(Provenance::parse)
+    record_of(disk).provenance
+}
+
+/// A copy of `source` made now.
+fn copied_now(source: &Slot) -> Provenance {
+    Provenance {
+        source: source.clone(),
+        at: SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
 }
 
 /// The content source a recorded source slot names: a snapshot's slot or a volume's.
@@ -513,7 +737,8 @@ impl VolumeBackend for RdsBackend {
     }
 
     async fn create(&self, req: CreateRequest) -> Result<VolumeInfo, BackendError> {
-        let params = self.params(&req.parameters)?;
+        let params = self.params(&req.parameters, &req.capabilities)?;
+        self.note_ignored(&req.parameters);
         if params.nvme_address.is_none() {
             return Err(BackendError::InvalidArgument {
                 field: "parameters[nvmeAddress]",
@@ -529,13 +754,15 @@ impl VolumeBackend for RdsBackend {
         let size = RosSize::for_request(req.required_bytes, req.limit_bytes)?;
         let path = params.volume_path.image(&slot)?;
         if let Some(disk) = self.disk(&slot).await? {
-            self.check_existing(&req, &disk, &path)?;
+            self.check_existing(&req, &disk, &params)?;
             if let Some(p) = provenance(&disk) {
                 return Err(BackendError::AlreadyExists(format!(
                     "volume {} exists on the RDS, made from {}, not empty",
                     req.id, p.source
                 )));
             }
+            self.check_made(&req, &slot, &disk).await?;
+            let disk = self.disk(&slot).await?.unwrap_or(disk);
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let nqn = params.nqn_prefix.nqn(&slot)?;
@@ -559,13 +786,14 @@ impl VolumeBackend for RdsBackend {
                 req.id
             ))
         })?;
-        self.check_existing(&req, &disk, &path)?;
+        self.check_existing(&req, &disk, &params)?;
         if !disk.nvme_export {
             return Err(BackendError::Rejected(format!(
                 "the RDS created {} without its NVMe/TCP export",
                 req.id
             )));
         }
+        self.check_made(&req, &slot, &disk).await?;
         tracing::info!(volume_id = %req.id, bytes = size.bytes(), path = %path, "created on the RDS");
         Ok(self.info(&req.id, &disk, self.context(&disk, &params)))
     }
@@ -587,7 +815,7 @@ impl VolumeBackend for RdsBackend {
         let Some(disk) = self.disk(&slot).await? else {
             return Ok(None);
         };
-        let params = self.params(&BTreeMap::new())?;
+        let params = self.params(&BTreeMap::new(), &[])?;
         Ok(Some(self.info(id, &disk, self.context(&disk, &params))))
     }
 
@@ -596,7 +824,7 @@ impl VolumeBackend for RdsBackend {
             .run(&RosCommand::List(Listing::Volumes))
             .await
             .map_err(|e| e.into_backend("listing disks"))?;
-        let params = self.params(&BTreeMap::new())?;
+        let params = self.params(&BTreeMap::new(), &[])?;
         let mut out: Vec<VolumeInfo> = parse::disks(&text)
             .map_err(|e| BackendError::Corrupt(e.to_string()))?
             .iter()
@@ -611,21 +839,22 @@ impl VolumeBackend for RdsBackend {
     }
 
     async fn capacity(&self) -> Result<u64, BackendError> {
-        let text = self
-            .run(&RosCommand::Capacity {
-                volume_path: self.defaults.volume_path.clone(),
-            })
-            .await
-            .map_err(|e| e.into_backend("reading the pool's capacity"))?;
-        let (_, free) = parse::capacity(&text)
-            .map_err(|e| BackendError::Corrupt(e.to_string()))?
-            .ok_or_else(|| {
-                BackendError::Corrupt(format!(
-                    "the RDS printed no size and free for mount point {:?}",
-                    self.defaults.volume_path.mount_point()
-                ))
-            })?;
-        Ok(free)
+        self.pool_free(&self.defaults.volume_path).await
+    }
+
+    /// The free bytes of the pool the StorageClass's `volumePath` is on (else
+    /// `--rds-volume-path`'s), as the Go driver asks.
+    async fn capacity_for(
+        &self,
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<u64, BackendError> {
+        match parameters.get(keys::VOLUME_PATH) {
+            Some(p) => {
+                self.pool_free(&RosPath::parse(p, "parameters[volumePath]")?)
+                    .await
+            }
+            None => self.capacity().await,
+        }
     }
 
     async fn expand(&self, id: &VolumeId, bytes: u64) -> Result<u64, BackendError> {
@@ -746,7 +975,14 @@ impl VolumeBackend for RdsBackend {
             }
             Err(e) => return Err(e.into_backend("copying the disk into a snapshot")),
         }
-        self.record(&slot, &source).await?;
+        self.write_record(
+            &slot,
+            Record {
+                provenance: Some(copied_now(&source)),
+                made: None,
+            },
+        )
+        .await?;
         let disk = self.disk(&slot).await?.ok_or_else(|| {
             BackendError::Rejected(format!(
                 "the RDS accepted snapshot {} but does not list it",

@@ -98,9 +98,8 @@ pub fn failure(output: &str) -> Option<Failure> {
 /// Parses a `print detail` listing. An output that is only a `Flags:` header (or nothing) is
 /// an empty list: what `where` prints when nothing matches.
 ///
-/// RouterOS wraps long values across lines, cutting them before a `-`: a continuation line
-/// that starts with `-`, or that continues a quoted value still open, is joined to the line
-/// before without a space; any other continuation line starts new `key=value` pairs.
+/// RouterOS wraps long values across lines, cutting them anywhere; [`join`] decides whether
+/// a continuation line carries the rest of a value or new pairs.
 pub fn print_detail(text: &str) -> Result<Vec<Entry>, ParseError> {
     let mut entries: Vec<Entry> = Vec::new();
     // The entry being read, its first line number, and its logical text so far.
@@ -161,13 +160,8 @@ pub fn print_detail(text: &str) -> Result<Vec<Entry>, ParseError> {
                 let piece = trimmed.trim_end();
                 if let Some(comment) = piece.strip_prefix(";;;") {
                     entry.comment = Some(comment.trim().to_string());
-                } else if piece.starts_with('-') || quote_open(logical) {
-                    logical.push_str(piece);
                 } else {
-                    if !logical.is_empty() {
-                        logical.push(' ');
-                    }
-                    logical.push_str(piece);
+                    join(logical, piece);
                 }
             }
             None => {
@@ -180,6 +174,44 @@ pub fn print_detail(text: &str) -> Result<Vec<Entry>, ParseError> {
     }
     finish(current, &mut entries)?;
     Ok(entries)
+}
+
+/// Appends a continuation line to the entry's text so far. RouterOS cuts a value too long for
+/// its line anywhere (before a `-`, after a `/`, inside a word or between the groups of a
+/// byte count) and prints the rest on the next line, so a continuation line is the rest of
+/// the value before it when a quote is still open, or when its first word is no `key=`
+/// pair: it is joined without a space (between byte-count groups, with one). A line whose
+/// first word is a pair starts new pairs, and so does a lowercase word right before a pair:
+/// the first half of a key with a space (`file size=`), which a cut never leaves, since
+/// RouterOS gives the pieces of a cut value lines of their own.
+fn join(logical: &mut String, piece: &str) {
+    let mut words = piece.split_whitespace();
+    let first = words.next().unwrap_or_default();
+    let is_pair = |w: &str| w.find('=').is_some_and(|i| i > 0);
+    let new_pairs = is_pair(first)
+        || (first.bytes().all(|b| b.is_ascii_lowercase()) && words.next().is_some_and(is_pair));
+    if quote_open(logical) {
+        logical.push_str(piece);
+    } else if !new_pairs && !piece.starts_with('=') {
+        if ends_in_byte_groups(logical) && is_digit_group(first, 3) {
+            logical.push(' ');
+        }
+        logical.push_str(piece);
+    } else {
+        if !logical.is_empty() {
+            logical.push(' ');
+        }
+        logical.push_str(piece);
+    }
+}
+
+/// Whether `text` ends with an unquoted value of digits grouped by spaces (`size=53 687`).
+fn ends_in_byte_groups(text: &str) -> bool {
+    let Some((_, value)) = text.rsplit_once('=') else {
+        return false;
+    };
+    let mut groups = value.split(' ');
+    groups.next().is_some_and(|g| is_digit_group(g, 1)) && groups.all(|g| is_digit_group(g, 3))
 }
 
 /// Whether `text` ends inside a double-quoted value (escaped quotes do not count).
@@ -558,6 +590,61 @@ s - SMB-EXPORT, n - NFS-EXPORT;\r
         );
     }
 
+    /// The Go driver's recorded one-disk sample (`TestParseVolumeInfo`) with its long values
+    /// lengthened to real ones and wrapped where no `-` is: inside a slot's digits, after a
+    /// `/`, inside `.img`, and a byte count cut between its groups. The Go driver re-joins
+    /// `file-path=` with `(\S+\s+\S+\.img)`; every value here must come back whole. Catches
+    /// a continuation line that is not `-…` being read as new pairs (the value truncated,
+    /// the rest dropped as free text).
+    const WRAPPED_ANYWHERE: &str = "Flags: X - disabled; B - block-device; M - mounted\r
+ 0 B  type=file slot=\"pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8\" slot-default=\"\"\r
+               parent=\"\" fs=-\r
+               model=\"/storage-pool/metal-csi/pvc-0f923194-922a-5dd8-b376-c2c6ccb5\r
+               6dd8.img\"\r
+               size=53 687\r
+               091 200 mount-filesystem=yes mount-read-only=no\r
+               nvme-tcp-export=yes nvme-tcp-server-port=4420\r
+               nvme-tcp-server-nqn=\"nqn.2000-02.com.mikrotik:pvc-0f923194-922a-5dd8-b3\r
+               76-c2c6ccb56dd8\"\r
+               file-path=/storage-pool/metal-csi/pvc-0f923194-922a-5dd8-b376-c2c6ccb56\r
+               dd8.im\r
+               g\r
+               file-size=50.0GiB file-offset=0\r
+\r
+ 1    type=file slot=\"pvc-test-2\" file-path=/storage-pool/kubernetes-volumes/\r
+               pvc-test-2.img file-size=1.0GiB\r
+";
+
+    #[test]
+    fn values_wrapped_anywhere_are_rejoined() {
+        let d = disks(WRAPPED_ANYWHERE).unwrap();
+        assert_eq!(d.len(), 2);
+        let id = "pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8";
+        assert_eq!(d[0].slot, id);
+        assert_eq!(
+            d[0].file_path.as_deref(),
+            Some(format!("/storage-pool/metal-csi/{id}.img").as_str())
+        );
+        assert_eq!(
+            d[0].nqn.as_deref(),
+            Some(format!("nqn.2000-02.com.mikrotik:{id}").as_str())
+        );
+        assert_eq!(d[0].size, Some(53_687_091_200));
+        assert_eq!((d[0].nvme_port, d[0].nvme_export), (Some(4420), true));
+        let e = &print_detail(WRAPPED_ANYWHERE).unwrap()[0];
+        assert_eq!(
+            e.get("model"),
+            Some(format!("/storage-pool/metal-csi/{id}.img").as_str())
+        );
+        assert_eq!(e.get("file-size"), Some("50.0GiB"));
+        assert_eq!(e.get("parent"), Some(""));
+        assert_eq!(
+            d[1].file_path.as_deref(),
+            Some("/storage-pool/kubernetes-volumes/pvc-test-2.img")
+        );
+        assert_eq!(d[1].size, Some(1 << 30));
+    }
+
     #[test]
     fn nothing_after_the_header_is_an_empty_listing() {
         assert!(print_detail("Flags: X - disabled; B - block-device\n")
@@ -678,6 +765,128 @@ s - SMB-EXPORT, n - NFS-EXPORT;\r
             "[ -~]{0,8}",
             "\\PC{0,4}",
         ]
+    }
+
+    /// One entry's pairs, as RouterOS would hold them: a slot, then unquoted values (paths,
+    /// NQNs, ports, words), quoted ones (which may be empty or hold `=`), and byte counts.
+    fn entry_fields() -> impl Strategy<Value = Vec<(String, String, bool)>> {
+        let value = prop_oneof![
+            "[A-Za-z0-9/._:-]{1,90}".prop_map(|v| (v, false)),
+            "[A-Za-z0-9/._:=-]{0,90}".prop_map(|v| (v, true)),
+            (1u64..u64::MAX).prop_map(|n| (group_thousands(n), false)),
+            "[0-9]{1,5}".prop_map(|v| (v, false)),
+        ];
+        proptest::collection::btree_map("[a-z][a-z-]{0,14}", value, 0..12).prop_map(|m| {
+            m.into_iter()
+                .filter(|(k, _)| k != "slot")
+                .map(|(k, (v, q))| (k, v, q))
+                .collect()
+        })
+    }
+
+    fn group_thousands(n: u64) -> String {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                out.push(' ');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    /// Renders entries as `print detail` does: the index and flags, then `key=value` tokens
+    /// filled up to `width` columns, a token longer than a whole line cut at the given
+    /// places (anywhere, not only before `-`) with each piece on a line of its own.
+    fn render(entries: &[Vec<(String, String, bool)>], width: usize, cuts: &[usize]) -> String {
+        let indent = " ".repeat(6);
+        let mut out = String::from("Flags: X - disabled; B - block-device\r\n");
+        let mut next_cut = cuts.iter().cycle();
+        for (i, fields) in entries.iter().enumerate() {
+            let mut cur = format!("{i:>2} B  ");
+            let mut has_content = false;
+            for (k, v, quoted) in fields {
+                let token = if *quoted {
+                    format!("{k}=\"{v}\"")
+                } else {
+                    format!("{k}={v}")
+                };
+                let mut token = token.as_str();
+                if has_content {
+                    if cur.len() + 1 + token.len() <= width {
+                        cur.push(' ');
+                        cur.push_str(token);
+                        continue;
+                    }
+                    out.push_str(&cur);
+                    out.push_str("\r\n");
+                    cur = indent.clone();
+                    has_content = false;
+                }
+                let room = width - indent.len();
+                let mut was_cut = false;
+                // The first piece holds the key, its `=` and the value's first character (a
+                // line has room for a key); later pieces are cut anywhere in the line's room,
+                // never next to a space (RouterOS's padding would hide it).
+                let mut lo = k.len() + 2;
+                while token.len() > room {
+                    let bytes = token.as_bytes();
+                    let clean = |at: usize| bytes[at - 1] != b' ' && bytes[at] != b' ';
+                    let at = lo + next_cut.next().unwrap() % (room + 1 - lo);
+                    let at = (lo..=at)
+                        .rev()
+                        .chain(at + 1..token.len())
+                        .find(|&a| clean(a))
+                        .unwrap();
+                    lo = 1;
+                    cur.push_str(&token[..at]);
+                    out.push_str(&cur);
+                    out.push_str("\r\n");
+                    cur = indent.clone();
+                    token = &token[at..];
+                    was_cut = true;
+                }
+                cur.push_str(token);
+                if was_cut {
+                    out.push_str(&cur);
+                    out.push_str("\r\n");
+                    cur = indent.clone();
+                } else {
+                    has_content = true;
+                }
+            }
+            if has_content || !cur.trim().is_empty() {
+                out.push_str(&cur);
+                out.push_str("\r\n");
+            }
+            out.push_str("\r\n");
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PARSER_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+        ))]
+        /// Whatever RouterOS wraps, and wherever, the parser reads back exactly the pairs
+        /// that were printed. Catches a wrapped piece read as a new pair or as free text.
+        #[test]
+        fn print_detail_round_trips_wrapped_output(
+            entries in proptest::collection::vec(entry_fields(), 1..4),
+            width in 40usize..120,
+            cuts in proptest::collection::vec(0usize..1000, 1..8),
+        ) {
+            let text = render(&entries, width, &cuts);
+            let parsed = print_detail(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            prop_assert_eq!(parsed.len(), entries.len(), "{}", text);
+            for (got, want) in parsed.iter().zip(&entries) {
+                let want: BTreeMap<String, String> =
+                    want.iter().map(|(k, v, _)| (k.clone(), v.clone())).collect();
+                prop_assert_eq!(&got.fields, &want, "{}", text);
+                prop_assert_eq!(got.flags.as_str(), "B");
+            }
+        }
     }
 
     proptest! {

@@ -112,6 +112,94 @@ impl fmt::Display for Provenance {
     }
 }
 
+/// A digest of what a volume was created for: its StorageClass parameters (without the
+/// provisioner's per-claim `csi.storage.k8s.io/…` ones) and its capabilities, so a repeated
+/// CreateVolume can be compared with the first as the file backend compares its metadata
+/// (RouterOS keeps neither). 16 lowercase hex digits of a SHA-256.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MadeWith(String);
+
+impl MadeWith {
+    const LEN: usize = 16;
+
+    pub fn of(
+        parameters: &std::collections::BTreeMap<String, String>,
+        capabilities: &[crate::domain::Capability],
+    ) -> Self {
+        use sha2::Digest;
+        let parameters: Vec<(&String, &String)> = parameters
+            .iter()
+            .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/"))
+            .collect();
+        let mut capabilities = capabilities.to_vec();
+        capabilities.sort();
+        capabilities.dedup();
+        let text = serde_json::to_string(&(parameters, capabilities))
+            .expect("strings and capabilities serialize");
+        Self(hex::encode(
+            &sha2::Sha256::digest(text.as_bytes())[..Self::LEN / 2],
+        ))
+    }
+
+    fn parse(raw: &str) -> Option<Self> {
+        (raw.len() == Self::LEN && raw.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(raw.to_string()))
+    }
+}
+
+/// What this driver keeps in a disk's `comment`: where the disk was copied from
+/// ([`Provenance`]) and what a volume was created for ([`MadeWith`]), rendered as
+/// `source-<slot>-at-<secs>`, `made-<hex>` or `source-<slot>-at-<secs>-made-<hex>`: only
+/// letters, digits and `-`, so it needs no quoting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub provenance: Option<Provenance>,
+    pub made: Option<MadeWith>,
+}
+
+impl Record {
+    const MADE: &'static str = "made-";
+
+    /// Reads a disk's comment; an empty record when it is not one this driver wrote.
+    pub fn parse(comment: &str) -> Self {
+        let comment = comment.trim();
+        if let Some(made) = comment.strip_prefix(Self::MADE).and_then(MadeWith::parse) {
+            return Self {
+                provenance: None,
+                made: Some(made),
+            };
+        }
+        if let Some((rest, made)) = comment.rsplit_once("-made-") {
+            if let (Some(provenance), Some(made)) = (Provenance::parse(rest), MadeWith::parse(made))
+            {
+                return Self {
+                    provenance: Some(provenance),
+                    made: Some(made),
+                };
+            }
+        }
+        Self {
+            provenance: Provenance::parse(comment),
+            made: None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.provenance.is_none() && self.made.is_none()
+    }
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.provenance, &self.made) {
+            (Some(p), Some(m)) => write!(f, "{p}-{}{m}", Self::MADE),
+            (Some(p), None) => write!(f, "{p}"),
+            (None, Some(m)) => write!(f, "{}{m}", Self::MADE),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
 /// An absolute path on the RDS: `/` then segments of `[A-Za-z0-9._-]`, none of them `.` or
 /// `..`, no empty segment, at most 255 bytes.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -268,11 +356,57 @@ pub fn port(raw: &str, field: &'static str) -> Result<u16, Error> {
         .ok_or_else(|| invalid(field, format!("{} is not a TCP port (1-65535)", shown(raw))))
 }
 
+/// A StorageClass's `nvmePort` read as the Go driver reads it (`fmt.Sscanf(value, "%d")`):
+/// the integer at the start of the value, after spaces, with an optional sign. `None` when
+/// there is none (or it overflows): the Go driver then uses its default port, so a
+/// StorageClass that provisioned with it still does. An integer that is no TCP port is
+/// refused (RouterOS would refuse it in `nvme-tcp-server-port=`).
+pub fn leading_port(raw: &str, field: &'static str) -> Result<Option<u16>, Error> {
+    let text = raw.trim_start();
+    let sign = usize::from(text.starts_with(['+', '-']));
+    let digits = text[sign..].bytes().take_while(u8::is_ascii_digit).count();
+    let Ok(n) = text[..sign + digits].parse::<i64>() else {
+        return Ok(None);
+    };
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .map(Some)
+        .ok_or_else(|| invalid(field, format!("{} is not a TCP port (1-65535)", shown(raw))))
+}
+
 /// An IP address literal (what `nvme connect -a` takes for TCP).
 pub fn ip(raw: &str, field: &'static str) -> Result<IpAddr, Error> {
     raw.trim()
         .parse::<IpAddr>()
         .map_err(|_| invalid(field, format!("{} is not an IP address", shown(raw))))
+}
+
+/// A host a StorageClass's `rdsAddress` may name: an IP address literal, or a DNS name (at
+/// most 253 bytes of letters, digits, `-` and `.`, no empty label). The Go driver only echoes
+/// it into the volume context (and dials it when no `nvmeAddress` is set), so any real address
+/// goes; a value that is no address at all is refused.
+pub fn host(raw: &str, field: &'static str) -> Result<String, Error> {
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let ok = !raw.is_empty()
+        && raw.len() <= 253
+        && raw.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("{} is neither an IP address nor a host name", shown(raw)),
+        ));
+    }
+    Ok(raw.to_string())
 }
 
 /// A size RouterOS accepts in `file-size=`: whole GiB (`10G`), else whole MiB (`1536M`). A
@@ -439,7 +573,7 @@ macro_rules! displayed {
         }
     )*};
 }
-displayed!(Slot, RosPath, NqnPrefix, Nqn);
+displayed!(Slot, RosPath, NqnPrefix, Nqn, MadeWith);
 
 /// Hostile values every validator above must refuse: RouterOS and shell metacharacters,
 /// quotes, newlines, NUL, look-alike unicode, huge strings. Shared by the tests.
@@ -533,7 +667,103 @@ mod tests {
             assert!(NqnPrefix::parse(&bad, "f").is_err(), "prefix {bad:?}");
             assert!(port(&bad, "f").is_err(), "port {bad:?}");
             assert!(ip(&bad, "f").is_err(), "ip {bad:?}");
+            assert!(host(&bad, "f").is_err(), "host {bad:?}");
         }
+    }
+
+    /// `nvmePort` as the Go driver's `Sscanf("%d")` reads it. Catches a value the Go driver
+    /// provisioned with (as its default port) being refused.
+    #[test]
+    fn nvme_ports_are_read_as_the_go_driver_reads_them() {
+        let p = |raw| leading_port(raw, "nvmePort");
+        assert_eq!(p("4420").unwrap(), Some(4420));
+        assert_eq!(p(" 4421").unwrap(), Some(4421));
+        assert_eq!(p("+4422").unwrap(), Some(4422));
+        assert_eq!(p("4423abc").unwrap(), Some(4423));
+        for none in ["", " ", "abc", "a;b", "-", "99999999999999999999"] {
+            assert_eq!(p(none).unwrap(), None, "{none:?}");
+        }
+        for bad in ["0", "-1", "65536", "70000"] {
+            assert!(p(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// `rdsAddress` takes what the Go driver's StorageClasses hold (it only echoes it): an IP
+    /// address or a host name. Catches a host name refused.
+    #[test]
+    fn hosts_are_ip_addresses_or_host_names() {
+        for good in [
+            "10.42.68.1",
+            "fd00::1",
+            "rds",
+            "rds.storage.example.com",
+            "rds-1.lan",
+        ] {
+            assert!(host(good, "f").is_ok(), "{good:?}");
+        }
+        assert_eq!(host("fd00:0::1", "f").unwrap(), "fd00::1");
+        for bad in [
+            "-rds",
+            "rds..lan",
+            "rds.",
+            "rds_1",
+            "10.42.68.1:22",
+            "http://rds",
+        ] {
+            assert!(host(bad, "f").is_err(), "{bad:?}");
+        }
+    }
+
+    /// A disk's comment holds where it was copied from and what it was created for, in
+    /// either order of writing, and reads back exactly. Catches the digest lost from (or
+    /// misread into) a provenance.
+    #[test]
+    fn records_round_trip() {
+        let caps = [crate::domain::Capability::new(
+            crate::domain::AccessMode::SingleNodeWriter,
+            crate::domain::AccessType::Block,
+        )
+        .unwrap()];
+        let params =
+            std::collections::BTreeMap::from([("nvmePort".to_string(), "4420".to_string())]);
+        let made = MadeWith::of(&params, &caps);
+        assert_eq!(made.to_string().len(), 16);
+        assert_ne!(made, MadeWith::of(&params, &[]), "capabilities count");
+        let mut claim = params.clone();
+        claim.insert("csi.storage.k8s.io/pvc/name".into(), "claim-1".into());
+        assert_eq!(
+            made,
+            MadeWith::of(&claim, &caps),
+            "the provisioner's keys do not"
+        );
+        let provenance = Provenance {
+            source: Slot::parse("pvc-made-1-at-2", "s").unwrap(),
+            at: 1_739_800_000,
+        };
+        for record in [
+            Record {
+                provenance: Some(provenance.clone()),
+                made: Some(made.clone()),
+            },
+            Record {
+                provenance: Some(provenance.clone()),
+                made: None,
+            },
+            Record {
+                provenance: None,
+                made: Some(made.clone()),
+            },
+            Record::default(),
+        ] {
+            let text = record.to_string();
+            assert!(
+                text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                "{text}"
+            );
+            assert_eq!(Record::parse(&text), record, "{text}");
+        }
+        assert!(Record::parse("an operator's note").is_empty());
+        assert!(Record::parse("made-xyz").is_empty());
     }
 
     #[test]
