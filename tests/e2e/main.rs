@@ -28,3 +28,4 @@ mod rules;
 mod snapshots;
 mod socket;
 mod storage_metrics;
+mod switch;

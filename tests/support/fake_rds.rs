@@ -2478,6 +2478,14 @@ impl FakeRds {
     }
 
     /// Allows one more client key from now on.
+    /// Types `command` at the RDS's own terminal, as an administrator (or another client of
+    /// the RDS, such as the Go driver) would: the model executes it exactly as it executes
+    /// a command that arrives over SSH, but nothing is logged in [`Self::commands`], which
+    /// records what the driver under test sent. Returns RouterOS's output.
+    pub fn console(&self, command: &str) -> String {
+        self.shared.execute(command)
+    }
+
     pub fn authorize_key(&self, key: PublicKey) {
         lock(&self.shared.authorized).push(key);
     }
