@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rds_csi::csi::controller_client::ControllerClient;
 use rds_csi::csi::{ControllerPublishVolumeRequest, GetCapacityRequest, VolumeCapability};
-use serde_json::{json, Value};
+use serde_json::json;
 use tonic::{Code, Status};
 
 use crate::support::cluster::{Cluster, LEASE, LEASE_NAMESPACE};
@@ -62,14 +62,6 @@ fn refused_by(answer: Result<impl std::fmt::Debug, Status>, holder: &str) {
         "{}",
         err.message()
     );
-}
-
-fn holders(view: &Value) -> Vec<String> {
-    view["nodes"].as_array().map_or(vec![], |n| {
-        n.iter()
-            .map(|n| n["node"].as_str().unwrap().to_string())
-            .collect()
-    })
 }
 
 /// What one prober heard.

@@ -12,14 +12,6 @@ use tonic::Code;
 use crate::support::cluster::{ts, Cluster, DRIVER};
 use crate::support::*;
 
-fn holders(view: &Value) -> Vec<String> {
-    view["nodes"].as_array().map_or(vec![], |n| {
-        n.iter()
-            .map(|n| n["node"].as_str().unwrap().to_string())
-            .collect()
-    })
-}
-
 // ---- 1. The seed's success criteria ---------------------------------------------------------
 
 /// Attachment state after a restart is what the attached VolumeAttachments say: at the first

@@ -13,14 +13,6 @@ use tonic::Code;
 use crate::support::cluster::{Cluster, DRIVER};
 use crate::support::*;
 
-fn holders(view: &Value) -> Vec<String> {
-    view["nodes"].as_array().map_or(vec![], |n| {
-        n.iter()
-            .map(|n| n["node"].as_str().unwrap().to_string())
-            .collect()
-    })
-}
-
 // ---- `--kubernetes auto` ------------------------------------------------------------------
 
 /// The driver with `--kubernetes auto`, no kubeconfig, and only the in-cluster signs in `env`

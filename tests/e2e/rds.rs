@@ -662,7 +662,7 @@ impl Rds {
 
 /// The Go README's example StorageClass, verbatim: `rdsAddress` is the RDS's storage address,
 /// not this controller's SSH address (127.0.0.1 here).
-const GO_README_STORAGE_CLASS: [(&str, &str); 6] = [
+pub(crate) const GO_README_STORAGE_CLASS: [(&str, &str); 6] = [
     ("rdsAddress", "10.42.68.1"),
     ("nvmePort", "4420"),
     ("sshPort", "22"),

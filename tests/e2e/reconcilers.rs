@@ -24,14 +24,6 @@ async fn passes(d: &Driver, reconciler: &str, n: f64) {
     .await;
 }
 
-fn holders(view: &Value) -> Vec<String> {
-    view["nodes"].as_array().map_or(vec![], |n| {
-        n.iter()
-            .map(|n| n["node"].as_str().unwrap().to_string())
-            .collect()
-    })
-}
-
 fn stale_events(c: &Cluster, claim: &str) -> usize {
     c.api
         .list("events", Some("default"))

@@ -17,22 +17,13 @@ use tonic::Code;
 
 use crate::fake_rds::{client_keypair, FakeRds, FakeRdsConfig};
 use crate::fake_snmp::FakeSnmp;
+use crate::rds::GO_README_STORAGE_CLASS;
 use crate::snapshots::Snaps;
 use crate::support::cluster::{Cluster, DRIVER};
 use crate::support::*;
 
 const GIB: i64 = 1 << 30;
 const COMMUNITY: &str = "go-switch";
-/// The Go README's example StorageClass, verbatim (`examples/storageclass.yaml` in the Go
-/// repository says the same): its `rdsAddress` is the RDS's storage address, not the SSH one.
-const GO_STORAGE_CLASS: [(&str, &str); 6] = [
-    ("rdsAddress", "10.42.68.1"),
-    ("nvmePort", "4420"),
-    ("sshPort", "22"),
-    ("fsType", "ext4"),
-    ("volumePath", "/storage-pool/kubernetes-volumes"),
-    ("nqnPrefix", "nqn.2000-02.com.mikrotik"),
-];
 const GO_PATH: &str = "/storage-pool/kubernetes-volumes";
 /// A KubeVirt VM's disk (RWX block), mid-migration from n1 to n2 when the switch happens.
 const VM: &str = "pvc-3f0c1a52-9a55-4c1e-a0c8-1f4b7c2d9e01";
@@ -167,14 +158,6 @@ fn go_va(c: &Cluster, pv: &str, id: &str, node: &str, age: Duration) -> String {
     va
 }
 
-fn holders(view: &Value) -> Vec<String> {
-    view["nodes"].as_array().map_or(vec![], |n| {
-        n.iter()
-            .map(|n| n["node"].as_str().unwrap().to_string())
-            .collect()
-    })
-}
-
 /// The switch, controller side. Catches, each with its own assertion: a Go StorageClass
 /// refused (`rdsAddress` checked against the SSH address), Go's disks not found under their
 /// slots and paths, Go's VolumeAttachments (no attach instant, Go's publish context) not
@@ -291,7 +274,7 @@ async fn a_cluster_switches_from_the_go_driver_with_no_edits() {
 
     // A new PVC of the Go README's StorageClass provisions as the Go driver would.
     let new_id = "pvc-0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c04";
-    let mut params: HashMap<String, String> = GO_STORAGE_CLASS
+    let mut params: HashMap<String, String> = GO_README_STORAGE_CLASS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();

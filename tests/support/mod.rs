@@ -455,6 +455,15 @@ pub async fn precreate(dir: &Path, volumes: &[&str]) {
     }
 }
 
+/// The nodes a volume's `/debug/attachments` view says hold it, in attach order.
+pub fn holders(view: &serde_json::Value) -> Vec<String> {
+    view["nodes"].as_array().map_or(vec![], |n| {
+        n.iter()
+            .map(|n| n["node"].as_str().unwrap().to_string())
+            .collect()
+    })
+}
+
 /// Polls `check` every 20 ms until it holds; fails after a generous deadline. A wait for
 /// something asynchronous to happen, not a timing assertion.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
