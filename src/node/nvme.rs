@@ -559,8 +559,11 @@ mod tests {
         assert_eq!((dev.name(), dev.minor), ("nvme5n1".to_string(), 9));
     }
 
+    /// A subsystem of ours connected without a namespace device is an orphaned connection: it
+    /// is disconnected and connected again; the disconnect counts in
+    /// `rds_csi_orphans_cleaned_total`, the reconnect as a connect.
     #[tokio::test]
-    async fn an_orphaned_subsystem_is_reconnected() {
+    async fn an_orphaned_subsystem_is_reconnected_and_counted_as_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
         fake_controller(&sys, 1, NQN, None);
@@ -575,9 +578,13 @@ mod tests {
             fake_controller(&sys3, 1, NQN, Some(("nvme1c1n1", "259:1")));
             ok()
         });
-        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
+        let metrics = Arc::new(Metrics::new());
+        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())
+            .with_metrics(metrics.clone());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         assert_eq!(nvme.attach(&backing).await.unwrap().name(), "nvme1n1");
+        assert_eq!(scraped(&metrics, "rds_csi_orphans_cleaned_total"), 1.0);
+        assert_eq!(scraped(&metrics, CONNECTS_OK), 1.0);
         let calls = runner.calls();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0], format!("nvme disconnect -n {NQN}"));
@@ -732,33 +739,6 @@ mod tests {
         assert_eq!(scraped(&metrics, CONNECTS_FAILED), 2.0);
         assert_eq!(scraped(&metrics, CONNECTS_OK), 0.0);
         assert_eq!(scraped(&metrics, CONNECT_TIMED), 0.0);
-    }
-
-    /// A subsystem of ours connected without a namespace device is an orphaned connection:
-    /// its disconnect counts in `rds_csi_orphans_cleaned_total`, the reconnect as a connect.
-    #[tokio::test]
-    async fn an_orphaned_subsystem_disconnected_counts_as_cleaned() {
-        let dir = tempfile::tempdir().unwrap();
-        let sys = dir.path().to_path_buf();
-        fake_controller(&sys, 1, NQN, None);
-        let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
-        runner.on("nvme disconnect", move |_| {
-            std::fs::remove_dir_all(sys2.join("class/nvme/nvme1")).unwrap();
-            ok()
-        });
-        let sys3 = sys.clone();
-        runner.on("nvme connect", move |_| {
-            fake_controller(&sys3, 1, NQN, Some(("nvme1c1n1", "259:1")));
-            ok()
-        });
-        let metrics = Arc::new(Metrics::new());
-        let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())
-            .with_metrics(metrics.clone());
-        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
-        nvme.attach(&backing).await.unwrap();
-        assert_eq!(scraped(&metrics, "rds_csi_orphans_cleaned_total"), 1.0);
-        assert_eq!(scraped(&metrics, CONNECTS_OK), 1.0);
     }
 
     #[test]
