@@ -70,23 +70,7 @@ impl Rds {
         bytes: i64,
         params: &[(&str, &str)],
     ) -> Result<Volume, tonic::Status> {
-        self.d
-            .controller()
-            .create_volume(CreateVolumeRequest {
-                name: name.into(),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: bytes,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![rwx()],
-                parameters: params
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner().volume.unwrap())
+        self.create_with(name, bytes, rwx(), params).await
     }
 
     /// CreateVolume with a deadline: `grpc-timeout` set to `timeout`, as the external-provisioner
