@@ -23,7 +23,7 @@ use super::records::{Origin, PublishRecord, Records, StageRecord};
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
-use crate::metrics::{outcome, Metrics, MOUNT, UNMOUNT};
+use crate::metrics::{outcome, Metrics, ADOPTED, MOUNT, REFUSED, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
 #[derive(Clone, Debug)]
@@ -271,6 +271,7 @@ impl NodePlugin {
             (None, None) => return Ok(None),
             (Some(d), Some(top)) if same_device(top, &d) && !is_block(capability) => {
                 let Some(fs) = FsType::parse(&top.fs_type) else {
+                    self.count_adoption(REFUSED);
                     return Err(NodeError::FailedPrecondition(format!(
                         "volume {volume} is mounted at {staging} as {}, not a filesystem this                          driver stages; not adopting it",
                         top.fs_type
@@ -279,6 +280,7 @@ impl NodePlugin {
                 (d, Some(fs), top.read_only())
             }
             (device, Some(top)) => {
+                self.count_adoption(REFUSED);
                 return Err(NodeError::FailedPrecondition(format!(
                     "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {};                      not adopting it as volume {volume}",
                     top.source,
@@ -292,7 +294,7 @@ impl NodePlugin {
                         Some(d) => format!("its device {d}"),
                         None => "its device (not attached)".to_string(),
                     }
-                )))
+                )));
             }
             (Some(d), None) if is_block(capability) => (d, None, false),
             (Some(_), None) => return Ok(None),
@@ -309,10 +311,19 @@ impl NodePlugin {
             origin: Origin::Adopted { call: call.into() },
         };
         self.save(&record).await?;
+        self.count_adoption(ADOPTED);
         tracing::info!(volume_id = %volume, staging = %staging, device = %device,
             fs = fs.map(FsType::as_str).unwrap_or("none (block)"), readonly, call,
             "adopted a volume staged without a record (by the Go node plugin or an earlier process)");
         Ok(Some(record))
+    }
+
+    fn count_adoption(&self, result: &'static str) {
+        self.metrics
+            .node
+            .adoptions_total
+            .with_label_values(&[result])
+            .inc();
     }
 
     /// Logs what the node finds at start: every recorded stage, checked against the kernel.

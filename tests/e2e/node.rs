@@ -1402,8 +1402,41 @@ fn attach_by_hand(image: &std::path::Path) -> String {
         .arg(image)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Detaches a loop device the test attached and waits until the kernel has let it go: a
+/// device a udev probe still holds open (just after an unmount, say) is only marked to clear
+/// itself, and is freed when that probe closes it. Bounded: a device still bound after 10 s
+/// fails the test.
+fn detach_by_hand(dev: &str) {
+    run("losetup", &["--detach", dev]);
+    let backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        dev.trim_start_matches("/dev/")
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&backing).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dev} is still bound 10 s after losetup --detach"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `rds_csi_node_adoptions_total{result="adopted"}` and `{result="refused"}`.
+async fn adoptions(n: &Node) -> (f64, f64) {
+    let scrape = n.d.scrape().await;
+    (
+        sample(&scrape, r#"rds_csi_node_adoptions_total{result="adopted"}"#),
+        sample(&scrape, r#"rds_csi_node_adoptions_total{result="refused"}"#),
+    )
 }
 
 /// The node record of `volume`, if one was written.
@@ -1430,7 +1463,7 @@ async fn a_volume_the_go_plugin_staged_is_adopted_by_node_publish() {
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
     n.create("gov", 64 * MIB, cap.clone()).await;
     n.attach("gov", cap.clone()).await;
-    let dev = go_stage(&n, "gov", "stage", Some("ext4"));
+    go_stage(&n, "gov", "stage", Some("ext4"));
     std::fs::write(n.host.path().join("stage/from-go"), b"written under Go").unwrap();
     assert_eq!(record_of(&n, "gov"), None);
 
@@ -1447,7 +1480,9 @@ async fn a_volume_the_go_plugin_staged_is_adopted_by_node_publish() {
         "{record}"
     );
     assert!(record.contains(&n.host.at("stage")), "{record}");
-    let log = n.d.wait_for_log("adopted a volume staged without a record").await;
+    let log =
+        n.d.wait_for_log("adopted a volume staged without a record")
+            .await;
     assert_eq!(log.matches("adopted a volume staged").count(), 1);
     assert_eq!(n.loops().len(), 1, "no second loop device");
     // A repeat is the usual idempotent publish: no second adoption, no second mount.
@@ -1455,6 +1490,7 @@ async fn a_volume_the_go_plugin_staged_is_adopted_by_node_publish() {
         .await
         .unwrap();
     assert_eq!(n.mount_count("target"), 1);
+    assert_eq!(adoptions(&n).await, (1.0, 0.0));
 
     let target = n.host.at("target");
     let stats = n.stats("gov", &target).await.unwrap();
@@ -1481,7 +1517,6 @@ async fn a_volume_the_go_plugin_staged_is_adopted_by_node_publish() {
     n.unpublish("gov", "target").await.unwrap();
     n.unstage("gov", "stage").await.unwrap();
     assert_eq!(record_of(&n, "gov"), None, "unstage forgot the record");
-    assert!(!std::path::Path::new(&format!("/sys/block/{}/loop", &dev[5..])).exists());
     n.d.unpublish("gov", "n1").await.unwrap();
     n.host.assert_clean();
 }
@@ -1512,20 +1547,19 @@ async fn stats_and_expand_adopt_a_volume_the_go_plugin_staged_and_published() {
     assert!(before > 0);
     assert_eq!(record_of(&n, "gox"), None, "stats write nothing");
 
-    let controller = n
-        .d
-        .controller()
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: "gox".into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 1024 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let controller =
+        n.d.controller()
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: "gox".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 1024 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert!(controller.node_expansion_required);
     let expand = |staging: String, capability: Option<VolumeCapability>| NodeExpandVolumeRequest {
         volume_id: "gox".into(),
@@ -1539,22 +1573,20 @@ async fn stats_and_expand_adopt_a_volume_the_go_plugin_staged_and_published() {
         ..Default::default()
     };
     // Without the staging path there is nothing to record: today's NOT_FOUND.
-    let refused = n
-        .d
-        .node()
-        .node_expand_volume(expand(String::new(), Some(cap.clone())))
-        .await
-        .unwrap_err();
+    let refused =
+        n.d.node()
+            .node_expand_volume(expand(String::new(), Some(cap.clone())))
+            .await
+            .unwrap_err();
     assert_eq!(refused.code(), Code::NotFound, "{}", refused.message());
     assert_eq!(record_of(&n, "gox"), None);
-    let bytes = n
-        .d
-        .node()
-        .node_expand_volume(expand(n.host.at("stage"), Some(cap.clone())))
-        .await
-        .unwrap()
-        .into_inner()
-        .capacity_bytes;
+    let bytes =
+        n.d.node()
+            .node_expand_volume(expand(n.host.at("stage"), Some(cap.clone())))
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity_bytes;
     assert_eq!(bytes, 1024 * MIB);
     let record = record_of(&n, "gox").expect("expand wrote the record");
     assert!(record.contains("NodeExpandVolume"), "{record}");
@@ -1615,26 +1647,27 @@ async fn a_staging_path_with_another_device_mounted_is_never_adopted() {
     let err = n.stats("mine", &stage).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(err.message().contains(&other), "{}", err.message());
-    let err = n
-        .d
-        .node()
-        .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: "mine".into(),
-            volume_path: stage.clone(),
-            staging_target_path: stage.clone(),
-            volume_capability: Some(cap),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err =
+        n.d.node()
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: "mine".into(),
+                volume_path: stage.clone(),
+                staging_target_path: stage.clone(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(err.message().contains(&other), "{}", err.message());
     assert_eq!(record_of(&n, "mine"), None);
     assert_eq!(n.loops().len(), 2, "neither loop device was detached");
+    // NodePublish and NodeExpand refused an adoption; stats adopt nothing, so count nothing.
+    assert_eq!(adoptions(&n).await, (0.0, 2.0));
 
     run("umount", &[&stage]);
-    run("losetup", &["--detach", &other]);
-    run("losetup", &["--detach", &own]);
+    detach_by_hand(&other);
+    detach_by_hand(&own);
     n.host.assert_clean();
 }
 
@@ -1662,25 +1695,29 @@ async fn nothing_mounted_at_the_staging_path_keeps_todays_errors() {
         );
         let err = n.stats("bare", &stage).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{}", err.message());
-        let err = n
-            .d
-            .node()
-            .node_expand_volume(NodeExpandVolumeRequest {
-                volume_id: "bare".into(),
-                volume_path: stage.clone(),
-                staging_target_path: stage.clone(),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+        let err =
+            n.d.node()
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: "bare".into(),
+                    volume_path: stage.clone(),
+                    staging_target_path: stage.clone(),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{}", err.message());
         assert_eq!(record_of(&n, "bare"), None, "attached: {attached:?}");
         assert!(!n.host.path().join("target").exists());
         if let Some(dev) = attached {
-            run("losetup", &["--detach", &dev]);
+            detach_by_hand(&dev);
         }
     }
+    assert_eq!(
+        adoptions(&n).await,
+        (0.0, 0.0),
+        "nothing to adopt is not counted"
+    );
     n.host.assert_clean();
 }
 
@@ -1705,11 +1742,15 @@ async fn a_block_volume_the_go_plugin_attached_is_adopted_by_node_publish() {
     let meta = std::fs::metadata(&node).unwrap();
     assert!(meta.file_type().is_block_device());
     assert_eq!(
-        (libc::major(meta.rdev()) as u64, libc::minor(meta.rdev()) as u64),
+        (
+            libc::major(meta.rdev()) as u64,
+            libc::minor(meta.rdev()) as u64
+        ),
         major_minor(&dev)
     );
     let record = record_of(&n, "gob").expect("publish wrote the record");
     assert!(record.contains("\"adopted\""), "{record}");
+    assert_eq!(adoptions(&n).await, (1.0, 0.0));
     let stats = n.stats("gob", &n.host.at("node")).await.unwrap();
     assert_eq!(bytes_of(&stats, volume_usage::Unit::Bytes).total, 16 * MIB);
     n.unpublish("gob", "node").await.unwrap();
