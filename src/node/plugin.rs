@@ -643,6 +643,8 @@ impl NodePlugin {
     /// CSI NodePublishVolume. Mount: bind mount staging → target, `nosuid,nodev,noexec` plus
     /// the capability's per-mount flags (read-only when asked).
     /// Block: a device node at the target file (0660, or 0440 read-only).
+    /// A volume with no record is adopted first when the kernel shows it staged
+    /// (`adopt`); nothing staged is FAILED_PRECONDITION "NodeStageVolume it first".
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let backing = self
@@ -985,7 +987,8 @@ impl NodePlugin {
     }
 
     /// CSI NodeGetVolumeStats: bytes and inodes of a mounted filesystem, bytes of a block
-    /// device; abnormal when the mount or the device is gone.
+    /// device; abnormal when the mount or the device is gone. A volume with no record is
+    /// measured when the kernel shows its own device at the path, and nothing is recorded.
     pub async fn stats(&self, req: Stats) -> Result<VolumeStats, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
@@ -1158,7 +1161,9 @@ impl NodePlugin {
     }
 
     /// CSI NodeExpandVolume: the device learns its new size, then a filesystem grows online.
-    /// Returns the size the volume now has.
+    /// Returns the size the volume now has. A volume with no record is adopted first when the
+    /// request names its staging path and capability and the kernel shows it staged there;
+    /// otherwise NOT_FOUND, as before.
     pub async fn expand(&self, req: Expand) -> Result<u64, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
