@@ -542,6 +542,8 @@ pub struct NodeMetrics {
     /// `{status}`.
     pub stale_recoveries_total: IntCounterVec,
     pub orphans_cleaned_total: IntCounter,
+    /// `{result}`: [`ADOPTED`] or [`REFUSED`]; ours, the Go driver has no such family.
+    pub adoptions_total: IntCounterVec,
 }
 
 impl NodeMetrics {
@@ -594,6 +596,15 @@ impl NodeMetrics {
             "NVMe/TCP subsystems of this driver found connected without a namespace device and disconnected.",
         ))
         .expect("valid metric");
+        let adoptions_total = IntCounterVec::new(
+            opts(
+                "node",
+                "adoptions_total",
+                "Volumes found staged with no record of this plugin (by the Go node plugin): adopted, or refused because another device is mounted at the staging path.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(nvme_connects_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(nvme_connect_duration.clone()),
@@ -601,8 +612,12 @@ impl NodeMetrics {
             Box::new(stale_mounts_detected_total.clone()),
             Box::new(stale_recoveries_total.clone()),
             Box::new(orphans_cleaned_total.clone()),
+            Box::new(adoptions_total.clone()),
         ] {
             registry.register(c).expect("metric registered once");
+        }
+        for result in [ADOPTED, REFUSED] {
+            adoptions_total.with_label_values(&[result]);
         }
         for ok in [true, false] {
             nvme_connects_total.with_label_values(&[outcome(ok)]);
@@ -618,6 +633,7 @@ impl NodeMetrics {
             stale_mounts_detected_total,
             stale_recoveries_total,
             orphans_cleaned_total,
+            adoptions_total,
         }
     }
 
@@ -632,6 +648,10 @@ impl NodeMetrics {
 /// `rds_csi_mount_operations_total{operation}` values (the Go driver's).
 pub const MOUNT: &str = "mount";
 pub const UNMOUNT: &str = "unmount";
+
+/// `rds_csi_node_adoptions_total{result}` values.
+pub const ADOPTED: &str = "adopted";
+pub const REFUSED: &str = "refused";
 
 impl Default for Metrics {
     fn default() -> Self {

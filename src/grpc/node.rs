@@ -143,14 +143,24 @@ impl TryFrom<NodeExpandVolumeRequest> for plugin::Expand {
     type Error = NodeError;
     fn try_from(r: NodeExpandVolumeRequest) -> Result<Self, NodeError> {
         let volume = volume(&r.volume_id)?;
-        let path = VolumePath::parse(&r.volume_path, "volume_path")?;
+        let volume_path = VolumePath::parse(&r.volume_path, "volume_path")?;
         let range = r.capacity_range.unwrap_or_default();
         let bytes = |v: i64, field| {
             u64::try_from(v).map_err(|_| NodeError::invalid(field, format!("{v} is negative")))
         };
+        let staging = match r.staging_target_path.as_str() {
+            "" => None,
+            raw => Some(path(raw, "staging_target_path")?),
+        };
+        let capability = match r.volume_capability.as_ref() {
+            None => None,
+            some => Some(capability(some, "volume_capability")?),
+        };
         Ok(Self {
             volume,
-            path,
+            path: volume_path,
+            staging,
+            capability,
             required_bytes: bytes(range.required_bytes, "capacity_range.required_bytes")?,
             limit_bytes: bytes(range.limit_bytes, "capacity_range.limit_bytes")?,
         })

@@ -6,6 +6,11 @@
 //! attachment state (that is the controller's) and knows nothing of gRPC: `grpc::node`
 //! validates requests into the types here and maps [`NodeError`] to status codes.
 //!
+//! **Adoption.** A volume staged with no record of ours (the Go node plugin writes none) is
+//! adopted by the first NodePublishVolume or NodeExpandVolume that finds the kernel showing it
+//! staged (its own device mounted at the staging path, or for block attached); the record it
+//! writes says so ([`records::Origin::Adopted`]). A mount of another device is never adopted.
+//!
 //! **Serialization.** Node RPCs for one volume never interleave; RPCs for different volumes run
 //! in parallel. This uses a per-volume async lock ([`locks::VolumeLocks`]) rather than an actor
 //! per volume: the node holds no in-memory state worth owning (the kernel and the record files

@@ -19,11 +19,11 @@ use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
 use super::paths::{inspect, AbsPath, BlockDevice, Found};
-use super::records::{PublishRecord, Records, StageRecord};
+use super::records::{Origin, PublishRecord, Records, StageRecord};
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
-use crate::metrics::{outcome, Metrics, MOUNT, UNMOUNT};
+use crate::metrics::{outcome, Metrics, ADOPTED, MOUNT, REFUSED, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
 #[derive(Clone, Debug)]
@@ -122,6 +122,10 @@ pub struct VolumeStats {
 pub struct Expand {
     pub volume: VolumeId,
     pub path: VolumePath,
+    /// The request's `staging_target_path` and `volume_capability` (both optional in CSI; the
+    /// kubelet sends both). With both, a volume staged without a record is adopted.
+    pub staging: Option<AbsPath>,
+    pub capability: Option<Capability>,
     pub required_bytes: u64,
     pub limit_bytes: u64,
 }
@@ -241,6 +245,85 @@ impl NodePlugin {
                 "volume {volume} does not exist on this node ({backing} is missing)"
             )))
         }
+    }
+
+    /// Adopts a volume staged with no record of ours: by the Go node plugin (which writes
+    /// none), or by an earlier process whose record is lost. The kernel must show it staged
+    /// as `capability` says: for mount access the volume's own device (the one its backing
+    /// resolves to now) mounted at `staging`; for block access that device attached and
+    /// nothing mounted at `staging` (the Go plugin leaves nothing there). Then the record is
+    /// written as NodeStageVolume would have, so unpublish and unstage work as usual.
+    ///
+    /// `Ok(None)`: nothing is staged there (the caller keeps its usual answer).
+    /// FAILED_PRECONDITION: something else is mounted at `staging`; nothing is recorded.
+    async fn adopt(
+        &self,
+        volume: &VolumeId,
+        staging: &AbsPath,
+        capability: &Capability,
+        backing: &Backing,
+        call: &'static str,
+    ) -> Result<Option<StageRecord>, NodeError> {
+        let device = self.source.find(backing).await?;
+        let mounts = self.mounts().await?;
+        let top = mounts_at(&mounts, staging).last().copied();
+        let (device, fs, readonly) = match (device, top) {
+            (None, None) => return Ok(None),
+            (Some(d), Some(top)) if same_device(top, &d) && !is_block(capability) => {
+                let Some(fs) = FsType::parse(&top.fs_type) else {
+                    self.count_adoption(REFUSED);
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "volume {volume} is mounted at {staging} as {}, not a filesystem this                          driver stages; not adopting it",
+                        top.fs_type
+                    )));
+                };
+                (d, Some(fs), top.read_only())
+            }
+            (device, Some(top)) => {
+                self.count_adoption(REFUSED);
+                return Err(NodeError::FailedPrecondition(format!(
+                    "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {};                      not adopting it as volume {volume}",
+                    top.source,
+                    top.major,
+                    top.minor,
+                    top.fs_type,
+                    match &device {
+                        Some(d) if is_block(capability) => format!(
+                            "nothing ({d} is a block volume, staged without a mount)"
+                        ),
+                        Some(d) => format!("its device {d}"),
+                        None => "its device (not attached)".to_string(),
+                    }
+                )));
+            }
+            (Some(d), None) if is_block(capability) => (d, None, false),
+            (Some(_), None) => return Ok(None),
+        };
+        let record = StageRecord {
+            volume: volume.clone(),
+            staging: staging.clone(),
+            capability: capability.clone(),
+            fs,
+            readonly,
+            backing: backing.clone(),
+            device: Some(device.clone()),
+            publishes: BTreeMap::new(),
+            origin: Origin::Adopted { call: call.into() },
+        };
+        self.save(&record).await?;
+        self.count_adoption(ADOPTED);
+        tracing::info!(volume_id = %volume, staging = %staging, device = %device,
+            fs = fs.map(FsType::as_str).unwrap_or("none (block)"), readonly, call,
+            "adopted a volume staged without a record (by the Go node plugin or an earlier process)");
+        Ok(Some(record))
+    }
+
+    fn count_adoption(&self, result: &'static str) {
+        self.metrics
+            .node
+            .adoptions_total
+            .with_label_values(&[result])
+            .inc();
     }
 
     /// Logs what the node finds at start: every recorded stage, checked against the kernel.
@@ -368,6 +451,7 @@ impl NodePlugin {
             backing: backing.clone(),
             device: None,
             publishes: BTreeMap::new(),
+            origin: Origin::Staged,
         });
         let result = async {
             if existing.is_none() {
@@ -559,12 +643,27 @@ impl NodePlugin {
     /// CSI NodePublishVolume. Mount: bind mount staging → target, `nosuid,nodev,noexec` plus
     /// the capability's per-mount flags (read-only when asked).
     /// Block: a device node at the target file (0660, or 0440 read-only).
+    /// A volume with no record is adopted first when the kernel shows it staged
+    /// (`adopt`); nothing staged is FAILED_PRECONDITION "NodeStageVolume it first".
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let backing = self
             .source
             .locate(&req.volume, &req.publish_context, &req.volume_context)?;
-        let Some(mut record) = self.load(&req.volume).await? else {
+        let record = match self.load(&req.volume).await? {
+            Some(r) => Some(r),
+            None => {
+                self.adopt(
+                    &req.volume,
+                    &req.staging,
+                    &req.capability,
+                    &backing,
+                    "NodePublishVolume",
+                )
+                .await?
+            }
+        };
+        let Some(mut record) = record else {
             self.require_volume(&req.volume, &backing).await?;
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {} is not staged at {}; NodeStageVolume it first",
@@ -888,14 +987,18 @@ impl NodePlugin {
     }
 
     /// CSI NodeGetVolumeStats: bytes and inodes of a mounted filesystem, bytes of a block
-    /// device; abnormal when the mount or the device is gone.
+    /// device; abnormal when the mount or the device is gone. A volume with no record is
+    /// measured when the kernel shows its own device at the path, and nothing is recorded.
     pub async fn stats(&self, req: Stats) -> Result<VolumeStats, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let record = self.known_path(&req.volume, &path).await?;
-        let device = self.source.find(&record.backing).await?;
+        let backing = match self.load(&req.volume).await? {
+            Some(record) => self.known_path(&req.volume, &path, record).await?.backing,
+            None => self.unrecorded(&req.volume, &path).await?,
+        };
+        let device = self.source.find(&backing).await?;
         let healthy = match &device {
-            Some(d) => self.source.healthy(&record.backing, d).await?,
+            Some(d) => self.source.healthy(&backing, d).await?,
             None => false,
         };
         match self.look(&path).await? {
@@ -974,35 +1077,124 @@ impl NodePlugin {
         }
     }
 
-    /// The record of a volume staged or published at `path`; NOT_FOUND otherwise.
+    /// `record`, if its volume is staged or published at `path`; NOT_FOUND otherwise. For an
+    /// adopted volume, a path the kernel shows its device mounted at also counts: the Go
+    /// plugin's own publishes are in no record.
     async fn known_path(
         &self,
         volume: &VolumeId,
         path: &AbsPath,
+        record: StageRecord,
     ) -> Result<StageRecord, NodeError> {
-        let Some(record) = self.load(volume).await? else {
-            let backing = self
-                .source
-                .locate(volume, &HashMap::new(), &HashMap::new())?;
-            self.require_volume(volume, &backing).await?;
-            return Err(NodeError::NotFound(format!(
-                "volume {volume} is not staged or published on this node"
-            )));
-        };
-        if record.staging != *path && !record.publishes.contains_key(path) {
-            return Err(NodeError::NotFound(format!(
-                "volume {volume} is not staged or published at {path}"
-            )));
+        if record.staging == *path || record.publishes.contains_key(path) {
+            return Ok(record);
         }
-        Ok(record)
+        if matches!(record.origin, Origin::Adopted { .. }) {
+            if let Some(device) = self.source.find(&record.backing).await? {
+                if self.holds(path, &device).await? == Holds::Ours {
+                    return Ok(record);
+                }
+            }
+        }
+        Err(NodeError::NotFound(format!(
+            "volume {volume} is not staged or published at {path}"
+        )))
+    }
+
+    /// The backing of a volume with no record, when the kernel shows its own device at `path`
+    /// (staged or published with no record: by the Go node plugin). Read-only callers
+    /// (NodeGetVolumeStats) answer from it without writing a record: they carry no capability
+    /// to record; the next NodePublishVolume or NodeExpandVolume adopts the volume.
+    /// NOT_FOUND when nothing of the volume is there; FAILED_PRECONDITION when another
+    /// device is mounted there.
+    async fn unrecorded(&self, volume: &VolumeId, path: &AbsPath) -> Result<Backing, NodeError> {
+        let backing = self
+            .source
+            .locate(volume, &HashMap::new(), &HashMap::new())?;
+        self.require_volume(volume, &backing).await?;
+        let not_staged = || {
+            NodeError::NotFound(format!(
+                "volume {volume} is not staged or published on this node"
+            ))
+        };
+        let Some(device) = self.source.find(&backing).await? else {
+            return Err(not_staged());
+        };
+        match self.holds(path, &device).await? {
+            Holds::Ours => {
+                tracing::info!(volume_id = %volume, path = %path, device = %device,
+                    "answering for a volume staged without a record, from the kernel's view");
+                Ok(backing)
+            }
+            Holds::Nothing => Err(not_staged()),
+            Holds::Other(what) => Err(NodeError::FailedPrecondition(format!(
+                "{path} holds {what}, not volume {volume}'s device {device}"
+            ))),
+        }
+    }
+
+    /// What the kernel shows at `path` compared with `device`: the top mount of a directory,
+    /// or a device node.
+    async fn holds(&self, path: &AbsPath, device: &BlockDevice) -> Result<Holds, NodeError> {
+        Ok(match self.look(path).await? {
+            Found::Directory => {
+                let mounts = self.mounts().await?;
+                match mounts_at(&mounts, path).last() {
+                    Some(top) if same_device(top, device) => Holds::Ours,
+                    Some(top) => Holds::Other(format!(
+                        "a mount of {} ({}:{})",
+                        top.source, top.major, top.minor
+                    )),
+                    None => Holds::Nothing,
+                }
+            }
+            Found::BlockDevice { major, minor, .. }
+                if (major, minor) == (device.major, device.minor) =>
+            {
+                Holds::Ours
+            }
+            Found::BlockDevice { major, minor, .. } => {
+                Holds::Other(format!("the device node of {major}:{minor}"))
+            }
+            _ => Holds::Nothing,
+        })
     }
 
     /// CSI NodeExpandVolume: the device learns its new size, then a filesystem grows online.
-    /// Returns the size the volume now has.
+    /// Returns the size the volume now has. A volume with no record is adopted first when the
+    /// request names its staging path and capability and the kernel shows it staged there;
+    /// otherwise NOT_FOUND, as before.
     pub async fn expand(&self, req: Expand) -> Result<u64, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let record = self.known_path(&req.volume, &path).await?;
+        let record = match self.load(&req.volume).await? {
+            Some(r) => Some(r),
+            None => match (&req.staging, &req.capability) {
+                (Some(staging), Some(capability)) => {
+                    let backing =
+                        self.source
+                            .locate(&req.volume, &HashMap::new(), &HashMap::new())?;
+                    self.adopt(
+                        &req.volume,
+                        staging,
+                        capability,
+                        &backing,
+                        "NodeExpandVolume",
+                    )
+                    .await?
+                }
+                _ => None,
+            },
+        };
+        let Some(record) = record else {
+            self.unrecorded(&req.volume, &path).await?;
+            return Err(NodeError::NotFound(format!(
+                "volume {} has no record on this node; NodeExpandVolume adopts it only with \
+                 staging_target_path and volume_capability",
+                req.volume
+            )));
+        };
+        let record = self.known_path(&req.volume, &path, record).await?;
         if self.look(&path).await? == Found::Nothing {
             return Err(NodeError::NotFound(format!(
                 "volume_path {path} does not exist"
@@ -1044,6 +1236,15 @@ impl NodePlugin {
         tracing::info!(volume_id = %req.volume, bytes = size, "expanded on the node");
         Ok(size)
     }
+}
+
+/// What is at a path, measured against a volume's device.
+#[derive(Debug, PartialEq, Eq)]
+enum Holds {
+    Ours,
+    Nothing,
+    /// Another device's mount or node, described for the error.
+    Other(String),
 }
 
 async fn remove_file(path: &AbsPath) -> Result<(), NodeError> {

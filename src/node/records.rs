@@ -28,6 +28,31 @@ pub struct StageRecord {
     /// The device last seen for it; a hint, always checked against the kernel.
     pub device: Option<BlockDevice>,
     pub publishes: BTreeMap<AbsPath, PublishRecord>,
+    /// How the volume came to be staged. Absent in records written before adoption existed,
+    /// which were all staged by this plugin.
+    #[serde(default, skip_serializing_if = "Origin::is_staged")]
+    pub origin: Origin,
+}
+
+/// Who staged a volume. The work that undoes a stage is the same either way; the origin says
+/// which facts came from a request and which were read back from the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "by", rename_all = "lowercase")]
+pub enum Origin {
+    /// NodeStageVolume of this plugin: every field is what the request asked for.
+    #[default]
+    Staged,
+    /// Found staged with no record (by the Go node plugin, or by hand) and adopted by the
+    /// named call. `staging`, `fs`, `readonly` and `device` were read from the kernel (the
+    /// staging mount, or for block the attached device); `capability` is the adopting
+    /// request's.
+    Adopted { call: String },
+}
+
+impl Origin {
+    fn is_staged(&self) -> bool {
+        *self == Self::Staged
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -145,6 +170,30 @@ mod tests {
     use super::*;
     use crate::domain::AccessMode;
 
+    /// A record written before `origin` existed (no such key) reads back as staged by this
+    /// plugin, and a staged record is still written without the key; removing the
+    /// `#[serde(default)]` on `origin` fails this.
+    #[test]
+    fn a_record_without_an_origin_was_staged_by_this_plugin() {
+        let record = StageRecord {
+            volume: VolumeId::try_from("pvc-1").unwrap(),
+            staging: AbsPath::try_from(PathBuf::from("/stage/pvc-1")).unwrap(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            fs: None,
+            readonly: false,
+            backing: Backing::File {
+                image: AbsPath::try_from(PathBuf::from("/v/pvc-1.img")).unwrap(),
+            },
+            device: None,
+            publishes: BTreeMap::new(),
+            origin: Origin::Staged,
+        };
+        let old = serde_json::to_string(&record).unwrap();
+        assert!(!old.contains("origin"), "{old}");
+        let read: StageRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.origin, Origin::Staged);
+    }
+
     #[test]
     fn records_round_trip_and_removal_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
@@ -162,6 +211,7 @@ mod tests {
             },
             device: None,
             publishes: BTreeMap::new(),
+            origin: Origin::Staged,
         };
         record.publishes.insert(
             AbsPath::try_from(PathBuf::from("/t/1")).unwrap(),
@@ -173,6 +223,14 @@ mod tests {
         records.save(&record).unwrap();
         assert_eq!(records.load(&volume).unwrap(), Some(record.clone()));
         assert_eq!(records.all().unwrap().len(), 1);
+        let adopted = StageRecord {
+            origin: Origin::Adopted {
+                call: "NodePublishVolume".into(),
+            },
+            ..record.clone()
+        };
+        records.save(&adopted).unwrap();
+        assert_eq!(records.load(&volume).unwrap(), Some(adopted));
         records.remove(&volume).unwrap();
         records.remove(&volume).unwrap();
         assert_eq!(records.load(&volume).unwrap(), None);

@@ -1380,3 +1380,381 @@ async fn a_pods_bind_mount_is_nosuid_nodev_noexec_with_the_pvs_flags() {
     n.unstage("v", "stage").await.unwrap();
     n.host.assert_clean();
 }
+
+/// Stages `volume` as the Go node plugin does, with no record of ours: its image attached to a
+/// loop device (the stand-in for the NVMe namespace of its NQN) and, with `mkfs`, formatted
+/// and mounted at `staging`. Returns the loop device. The [`Host`] guard detaches and
+/// unmounts it if the test fails.
+fn go_stage(n: &Node, volume: &str, staging: &str, mkfs: Option<&str>) -> String {
+    let dev = attach_by_hand(&n.d.dir.path().join(format!("volumes/{volume}.img")));
+    let path = n.host.at(staging);
+    std::fs::create_dir_all(&path).unwrap();
+    if let Some(fs) = mkfs {
+        run(&format!("mkfs.{fs}"), &["-q", &dev]);
+        run("mount", &["-t", fs, &dev, &path]);
+    }
+    dev
+}
+
+fn attach_by_hand(image: &std::path::Path) -> String {
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Detaches a loop device the test attached and waits until the kernel has let it go: a
+/// device a udev probe still holds open (just after an unmount, say) is only marked to clear
+/// itself, and is freed when that probe closes it. Bounded: a device still bound after 10 s
+/// fails the test.
+fn detach_by_hand(dev: &str) {
+    run("losetup", &["--detach", dev]);
+    let backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        dev.trim_start_matches("/dev/")
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&backing).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dev} is still bound 10 s after losetup --detach"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `rds_csi_node_adoptions_total{result="adopted"}` and `{result="refused"}`.
+async fn adoptions(n: &Node) -> (f64, f64) {
+    let scrape = n.d.scrape().await;
+    (
+        sample(&scrape, r#"rds_csi_node_adoptions_total{result="adopted"}"#),
+        sample(&scrape, r#"rds_csi_node_adoptions_total{result="refused"}"#),
+    )
+}
+
+/// The node record of `volume`, if one was written.
+fn record_of(n: &Node, volume: &str) -> Option<String> {
+    std::fs::read_to_string(n.d.dir.path().join(format!("node-state/{volume}.json"))).ok()
+}
+
+fn major_minor(dev: &str) -> (u64, u64) {
+    let rdev = std::fs::metadata(dev).unwrap().rdev();
+    (libc::major(rdev) as u64, libc::minor(rdev) as u64)
+}
+
+/// A filesystem volume the Go node plugin staged (its device mounted at the staging path, no
+/// record): the kubelet's NodePublish alone adopts it and writes the record, then stats,
+/// expand, unpublish and unstage work as for a volume we staged, and leave nothing. Fails
+/// without the `self.adopt(..)` call in `NodePlugin::publish` (FAILED_PRECONDITION "not
+/// staged"), and without the record it writes (stats and expand answer NOT_FOUND).
+#[tokio::test]
+async fn a_volume_the_go_plugin_staged_is_adopted_by_node_publish() {
+    if !root_or_skip("go_staged_publish") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("gov", 64 * MIB, cap.clone()).await;
+    n.attach("gov", cap.clone()).await;
+    go_stage(&n, "gov", "stage", Some("ext4"));
+    std::fs::write(n.host.path().join("stage/from-go"), b"written under Go").unwrap();
+    assert_eq!(record_of(&n, "gov"), None);
+
+    n.publish("gov", "stage", "target", cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(n.host.path().join("target/from-go")).unwrap(),
+        b"written under Go"
+    );
+    let record = record_of(&n, "gov").expect("publish wrote the record");
+    assert!(
+        record.contains("\"adopted\"") && record.contains("NodePublishVolume"),
+        "{record}"
+    );
+    assert!(record.contains(&n.host.at("stage")), "{record}");
+    let log =
+        n.d.wait_for_log("adopted a volume staged without a record")
+            .await;
+    assert_eq!(log.matches("adopted a volume staged").count(), 1);
+    assert_eq!(n.loops().len(), 1, "no second loop device");
+    // A repeat is the usual idempotent publish: no second adoption, no second mount.
+    n.publish("gov", "stage", "target", cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(n.mount_count("target"), 1);
+    assert_eq!(adoptions(&n).await, (1.0, 0.0));
+
+    let target = n.host.at("target");
+    let stats = n.stats("gov", &target).await.unwrap();
+    assert_eq!(condition(&stats), (false, "volume is healthy".into()));
+    assert!(bytes_of(&stats, volume_usage::Unit::Bytes).total > 0);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let can = rds_csi::node::filesystem::has_capability(
+        &status,
+        rds_csi::node::filesystem::CAP_SYS_RESOURCE,
+    );
+    match n.expand("gov", 128 * MIB, &target).await {
+        Ok(bytes) => {
+            assert!(can, "grew without CAP_SYS_RESOURCE?");
+            assert_eq!(bytes, 128 * MIB);
+        }
+        // Past the record: the refusal is ext4's, not NOT_FOUND.
+        Err(e) => {
+            assert!(!can, "failed with CAP_SYS_RESOURCE: {}", e.message());
+            assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+            assert!(e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message());
+        }
+    }
+
+    n.unpublish("gov", "target").await.unwrap();
+    n.unstage("gov", "stage").await.unwrap();
+    assert_eq!(record_of(&n, "gov"), None, "unstage forgot the record");
+    n.d.unpublish("gov", "n1").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// NodeGetVolumeStats and NodeExpandVolume on a volume the Go plugin staged and published
+/// (bind mount at the pod's target), before any NodePublish of ours: stats answer from the
+/// kernel (read-only, no record: the request carries no capability to record), expand with
+/// `staging_target_path` and `volume_capability` adopts and writes the record, and the Go
+/// plugin's own target then unpublishes. Fails without `unrecorded` in `stats` (NOT_FOUND)
+/// and without the `adopt` call in `expand` (NOT_FOUND).
+#[tokio::test]
+async fn stats_and_expand_adopt_a_volume_the_go_plugin_staged_and_published() {
+    if !root_or_skip("go_staged_stats_expand") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    n.create("gox", 512 * MIB, cap.clone()).await;
+    n.attach("gox", cap.clone()).await;
+    go_stage(&n, "gox", "stage", Some("xfs"));
+    let target = n.host.at("gotarget");
+    std::fs::create_dir(&target).unwrap();
+    run("mount", &["--bind", &n.host.at("stage"), &target]);
+
+    let stats = n.stats("gox", &target).await.unwrap();
+    assert_eq!(condition(&stats), (false, "volume is healthy".into()));
+    let before = bytes_of(&stats, volume_usage::Unit::Bytes).total;
+    assert!(before > 0);
+    assert_eq!(record_of(&n, "gox"), None, "stats write nothing");
+
+    let controller =
+        n.d.controller()
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: "gox".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 1024 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(controller.node_expansion_required);
+    let expand = |staging: String, capability: Option<VolumeCapability>| NodeExpandVolumeRequest {
+        volume_id: "gox".into(),
+        volume_path: target.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 1024 * MIB,
+            limit_bytes: 0,
+        }),
+        staging_target_path: staging,
+        volume_capability: capability,
+        ..Default::default()
+    };
+    // Without the staging path there is nothing to record: today's NOT_FOUND.
+    let refused =
+        n.d.node()
+            .node_expand_volume(expand(String::new(), Some(cap.clone())))
+            .await
+            .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{}", refused.message());
+    assert_eq!(record_of(&n, "gox"), None);
+    let bytes =
+        n.d.node()
+            .node_expand_volume(expand(n.host.at("stage"), Some(cap.clone())))
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity_bytes;
+    assert_eq!(bytes, 1024 * MIB);
+    let record = record_of(&n, "gox").expect("expand wrote the record");
+    assert!(record.contains("NodeExpandVolume"), "{record}");
+    let after = bytes_of(
+        &n.stats("gox", &target).await.unwrap(),
+        volume_usage::Unit::Bytes,
+    )
+    .total;
+    assert!(after > before * 3 / 2, "{before} -> {after}");
+
+    n.unpublish("gox", "gotarget").await.unwrap();
+    n.unstage("gox", "stage").await.unwrap();
+    assert_eq!(record_of(&n, "gox"), None);
+    n.host.assert_clean();
+}
+
+/// Another device mounted at the staging path is never adopted: NodePublish is
+/// FAILED_PRECONDITION naming what is mounted there, nothing is recorded, mounted or
+/// detached, and stats and expand refuse it the same way. Fails without the major:minor
+/// comparison in `adopt` (the foreign mount would be adopted and bind-mounted).
+#[tokio::test]
+async fn a_staging_path_with_another_device_mounted_is_never_adopted() {
+    if !root_or_skip("go_staged_foreign") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("mine", 64 * MIB, cap.clone()).await;
+    n.attach("mine", cap.clone()).await;
+    // The volume's own device is attached (as Go leaves it connected) ...
+    let own = go_stage(&n, "mine", "stage", None);
+    // ... but another filesystem is mounted at its staging path.
+    let other_image = n.host.path().join("other.img");
+    std::fs::File::create(&other_image)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let other = attach_by_hand(&other_image);
+    run("mkfs.ext4", &["-q", &other]);
+    run("mount", &[&other, &n.host.at("stage")]);
+    let (major, minor) = major_minor(&other);
+
+    let err = n
+        .publish("mine", "stage", "target", cap.clone(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains(&other) && err.message().contains(&format!("{major}:{minor}")),
+        "names what is mounted there: {}",
+        err.message()
+    );
+    assert_eq!(record_of(&n, "mine"), None, "nothing recorded");
+    assert!(!n.host.path().join("target").exists(), "no target made");
+    assert_eq!(n.mount_count("stage"), 1);
+
+    let stage = n.host.at("stage");
+    let err = n.stats("mine", &stage).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains(&other), "{}", err.message());
+    let err =
+        n.d.node()
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: "mine".into(),
+                volume_path: stage.clone(),
+                staging_target_path: stage.clone(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains(&other), "{}", err.message());
+    assert_eq!(record_of(&n, "mine"), None);
+    assert_eq!(n.loops().len(), 2, "neither loop device was detached");
+    // NodePublish and NodeExpand refused an adoption; stats adopt nothing, so count nothing.
+    assert_eq!(adoptions(&n).await, (0.0, 2.0));
+
+    run("umount", &[&stage]);
+    detach_by_hand(&other);
+    detach_by_hand(&own);
+    n.host.assert_clean();
+}
+
+/// Nothing mounted at the staging path keeps today's answers, device attached or not:
+/// NodePublish FAILED_PRECONDITION "NodeStageVolume it first", stats and expand NOT_FOUND,
+/// and nothing recorded. Guards the `Ok(None)` arms of `adopt` (adopting an attached but
+/// unmounted filesystem volume would publish an empty directory).
+#[tokio::test]
+async fn nothing_mounted_at_the_staging_path_keeps_todays_errors() {
+    if !root_or_skip("go_staged_nothing") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("bare", 64 * MIB, cap.clone()).await;
+    n.attach("bare", cap.clone()).await;
+    std::fs::create_dir(n.host.path().join("stage")).unwrap();
+    let stage = n.host.at("stage");
+    for attached in [None, Some(go_stage(&n, "bare", "stage", None))] {
+        expect_code(
+            n.publish("bare", "stage", "target", cap.clone(), false)
+                .await,
+            Code::FailedPrecondition,
+            "NodeStageVolume it first",
+        );
+        let err = n.stats("bare", &stage).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+        let err =
+            n.d.node()
+                .node_expand_volume(NodeExpandVolumeRequest {
+                    volume_id: "bare".into(),
+                    volume_path: stage.clone(),
+                    staging_target_path: stage.clone(),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+        assert_eq!(record_of(&n, "bare"), None, "attached: {attached:?}");
+        assert!(!n.host.path().join("target").exists());
+        if let Some(dev) = attached {
+            detach_by_hand(&dev);
+        }
+    }
+    assert_eq!(
+        adoptions(&n).await,
+        (0.0, 0.0),
+        "nothing to adopt is not counted"
+    );
+    n.host.assert_clean();
+}
+
+/// A block volume the Go plugin staged: its device attached, nothing at the staging path (Go
+/// creates nothing there for block). NodePublish adopts it, makes the device node of that very
+/// device, and unpublish + unstage detach it and leave nothing. Fails without the block arm
+/// of `adopt` (FAILED_PRECONDITION "not staged").
+#[tokio::test]
+async fn a_block_volume_the_go_plugin_attached_is_adopted_by_node_publish() {
+    if !root_or_skip("go_staged_block") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = rwo_block();
+    n.create("gob", 16 * MIB, cap.clone()).await;
+    n.attach("gob", cap.clone()).await;
+    let dev = go_stage(&n, "gob", "stage", None);
+    n.publish("gob", "stage", "node", cap.clone(), false)
+        .await
+        .unwrap();
+    let node = n.host.path().join("node");
+    let meta = std::fs::metadata(&node).unwrap();
+    assert!(meta.file_type().is_block_device());
+    assert_eq!(
+        (
+            libc::major(meta.rdev()) as u64,
+            libc::minor(meta.rdev()) as u64
+        ),
+        major_minor(&dev)
+    );
+    let record = record_of(&n, "gob").expect("publish wrote the record");
+    assert!(record.contains("\"adopted\""), "{record}");
+    assert_eq!(adoptions(&n).await, (1.0, 0.0));
+    let stats = n.stats("gob", &n.host.at("node")).await.unwrap();
+    assert_eq!(bytes_of(&stats, volume_usage::Unit::Bytes).total, 16 * MIB);
+    n.unpublish("gob", "node").await.unwrap();
+    n.unstage("gob", "stage").await.unwrap();
+    assert_eq!(record_of(&n, "gob"), None);
+    n.host.assert_clean();
+}
