@@ -5,8 +5,12 @@
 //! against both with no edit: it seeds, publishes, unpublishes, expands, snapshots, provisions
 //! from the Go README's StorageClass, and serves every metric family the Go driver exported.
 //!
-//! The node half of the switch (a volume the Go node plugin staged, adopted by NodePublish) is in
-//! `tests/e2e/node.rs`, as root.
+//! The node half of the switch needs the file backend's loop devices (there is no NVMe/TCP
+//! target here), so it is in `tests/e2e/node.rs`, as root: a volume the Go node plugin staged
+//! (its device mounted at the staging path, no record) is adopted by NodePublish and then
+//! measured, expanded, unpublished and unstaged (`a_volume_the_go_plugin_staged_is_adopted_by_
+//! node_publish`, `stats_and_expand_adopt_a_volume_the_go_plugin_staged_and_published`,
+//! `a_block_volume_the_go_plugin_attached_is_adopted_by_node_publish`).
 
 use std::collections::HashMap;
 use std::time::Duration;
