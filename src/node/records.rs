@@ -170,12 +170,9 @@ mod tests {
     use super::*;
     use crate::domain::AccessMode;
 
-    /// A record written before `origin` existed (no such key) reads back as staged by this
-    /// plugin, and a staged record is still written without the key; removing the
-    /// `#[serde(default)]` on `origin` fails this.
-    #[test]
-    fn a_record_without_an_origin_was_staged_by_this_plugin() {
-        let record = StageRecord {
+    /// A block volume `pvc-1` staged by this plugin from a file image, with no publishes.
+    fn staged_block_record() -> StageRecord {
+        StageRecord {
             volume: VolumeId::try_from("pvc-1").unwrap(),
             staging: AbsPath::try_from(PathBuf::from("/stage/pvc-1")).unwrap(),
             capability: Capability::block(AccessMode::SingleNodeWriter),
@@ -187,7 +184,15 @@ mod tests {
             device: None,
             publishes: BTreeMap::new(),
             origin: Origin::Staged,
-        };
+        }
+    }
+
+    /// A record written before `origin` existed (no such key) reads back as staged by this
+    /// plugin, and a staged record is still written without the key; removing the
+    /// `#[serde(default)]` on `origin` fails this.
+    #[test]
+    fn a_record_without_an_origin_was_staged_by_this_plugin() {
+        let record = staged_block_record();
         let old = serde_json::to_string(&record).unwrap();
         assert!(!old.contains("origin"), "{old}");
         let read: StageRecord = serde_json::from_str(&old).unwrap();
@@ -200,19 +205,7 @@ mod tests {
         let records = Records::open(&dir.path().join("state")).unwrap();
         let volume = VolumeId::try_from("pvc-1").unwrap();
         assert_eq!(records.load(&volume).unwrap(), None);
-        let mut record = StageRecord {
-            volume: volume.clone(),
-            staging: AbsPath::try_from(PathBuf::from("/stage/pvc-1")).unwrap(),
-            capability: Capability::block(AccessMode::SingleNodeWriter),
-            fs: None,
-            readonly: false,
-            backing: Backing::File {
-                image: AbsPath::try_from(PathBuf::from("/v/pvc-1.img")).unwrap(),
-            },
-            device: None,
-            publishes: BTreeMap::new(),
-            origin: Origin::Staged,
-        };
+        let mut record = staged_block_record();
         record.publishes.insert(
             AbsPath::try_from(PathBuf::from("/t/1")).unwrap(),
             PublishRecord {
