@@ -38,6 +38,13 @@ impl Rds {
         host_key: &Path,
         extra: &[&str],
     ) -> Driver {
+        let args = Self::args(fake, key, host_key, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Driver::start(&[], &args).await
+    }
+
+    /// The controller's flags for the RDS backend against `fake`, then `extra`.
+    pub(crate) fn args(fake: &FakeRds, key: &Path, host_key: &Path, extra: &[&str]) -> Vec<String> {
         let address = fake.address().to_string();
         let mut args: Vec<String> = [
             "--mode",
@@ -60,8 +67,7 @@ impl Rds {
             args.push(host_key.display().to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Driver::start(&[], &args).await
+        args
     }
 
     async fn create(

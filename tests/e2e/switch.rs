@@ -21,7 +21,7 @@ use tonic::Code;
 
 use crate::fake_rds::{client_keypair, FakeRds, FakeRdsConfig};
 use crate::fake_snmp::FakeSnmp;
-use crate::rds::GO_README_STORAGE_CLASS;
+use crate::rds::{Rds, GO_README_STORAGE_CLASS};
 use crate::snapshots::Snaps;
 use crate::support::cluster::{Cluster, DRIVER};
 use crate::support::*;
@@ -193,28 +193,23 @@ async fn a_cluster_switches_from_the_go_driver_with_no_edits() {
 
     // This driver, as the chart runs it from a Go values file (rds.basePath is the Go
     // StorageClass's volumePath), with nothing edited.
-    let address = fake.address().to_string();
     let snmp_address = snmp.address().to_string();
-    let args = [
-        "--mode",
-        "controller",
-        "--backend",
-        "rds",
-        "--rds-address",
-        &address,
-        "--rds-key-file",
-        key.to_str().unwrap(),
-        "--rds-host-key",
-        host_key.to_str().unwrap(),
-        "--rds-volume-path",
-        GO_PATH,
-        "--storage-poll-interval",
-        "100ms",
-        "--snmp-address",
-        &snmp_address,
-        "--snmp-community",
-        COMMUNITY,
-    ];
+    let args = Rds::args(
+        &fake,
+        &key,
+        &host_key,
+        &[
+            "--rds-volume-path",
+            GO_PATH,
+            "--storage-poll-interval",
+            "100ms",
+            "--snmp-address",
+            &snmp_address,
+            "--snmp-community",
+            COMMUNITY,
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = Driver::start_kube(&c.kubeconfig, &args).await;
     d.wait_ready().await;
 
