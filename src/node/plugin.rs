@@ -273,7 +273,7 @@ impl NodePlugin {
                 let Some(fs) = FsType::parse(&top.fs_type) else {
                     self.count_adoption(REFUSED);
                     return Err(NodeError::FailedPrecondition(format!(
-                        "volume {volume} is mounted at {staging} as {}, not a filesystem this                          driver stages; not adopting it",
+                        "volume {volume} is mounted at {staging} as {}, not a filesystem this driver stages; not adopting it",
                         top.fs_type
                     )));
                 };
@@ -282,7 +282,7 @@ impl NodePlugin {
             (device, Some(top)) => {
                 self.count_adoption(REFUSED);
                 return Err(NodeError::FailedPrecondition(format!(
-                    "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {};                      not adopting it as volume {volume}",
+                    "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {}; not adopting it as volume {volume}",
                     top.source,
                     top.major,
                     top.minor,
