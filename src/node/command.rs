@@ -112,7 +112,10 @@ pub trait CommandRunner: Send + Sync + 'static {
     fn installed(&self, program: &'static str) -> bool;
 }
 
-/// The real runner: `tokio::process`, stdin closed, the child killed when the timeout passes.
+/// The real runner: `tokio::process`, stdin closed. The child runs in a task of its own, so it
+/// is never killed because its caller went away (a dropped RPC): a SIGKILLed `mkfs` leaves a
+/// half-written superblock, a killed check a volume that never stages. It is killed only when
+/// its own timeout passes, and the error says so.
 #[derive(Clone, Debug, Default)]
 pub struct SystemRunner;
 
@@ -126,8 +129,7 @@ impl CommandRunner for SystemRunner {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let started = std::time::Instant::now();
+            .kill_on_drop(false);
         let spawned = match child.spawn() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -142,28 +144,15 @@ impl CommandRunner for SystemRunner {
                 })
             }
         };
-        let out = match tokio::time::timeout(cmd.timeout, spawned.wait_with_output()).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(source)) => {
-                return Err(CommandError::Spawn {
-                    command: cmd.to_string(),
-                    source,
+        let cmd = cmd.clone();
+        tokio::spawn(run_to_end(spawned, cmd))
+            .await
+            .unwrap_or_else(|e| {
+                Err(CommandError::Spawn {
+                    command: "a node tool".into(),
+                    source: std::io::Error::other(e),
                 })
-            }
-            Err(_) => {
-                return Err(CommandError::Timeout {
-                    command: cmd.to_string(),
-                    timeout: cmd.timeout,
-                })
-            }
-        };
-        let output = Output {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        tracing::debug!(command = %cmd, code = ?output.code, seconds = started.elapsed().as_secs_f64(), "ran");
-        Ok(output)
+            })
     }
 
     fn installed(&self, program: &'static str) -> bool {
@@ -177,6 +166,54 @@ impl CommandRunner for SystemRunner {
                 .unwrap_or(false)
         })
     }
+}
+
+/// All a pipe yields until it closes; a read error ends it with what was read so far.
+async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    if let Some(mut p) = pipe {
+        if let Err(e) = p.read_to_end(&mut buf).await {
+            tracing::debug!(error = %e, "reading a tool's output");
+        }
+    }
+    buf
+}
+
+/// Waits for `child` and collects what it printed; kills it (and reaps it) when `cmd`'s timeout
+/// passes first. Runs in its own task: nothing but that timeout ends the child.
+async fn run_to_end(mut child: tokio::process::Child, cmd: Cmd) -> Result<Output, CommandError> {
+    let started = std::time::Instant::now();
+    let out = tokio::spawn(read_all(child.stdout.take()));
+    let err = tokio::spawn(read_all(child.stderr.take()));
+    let status = match tokio::time::timeout(cmd.timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(source)) => {
+            return Err(CommandError::Spawn {
+                command: cmd.to_string(),
+                source,
+            })
+        }
+        Err(_) => {
+            // SIGKILL and reap: when the error is returned, the tool is gone.
+            if let Err(e) = child.kill().await {
+                tracing::warn!(command = %cmd, error = %e, "could not kill a tool past its timeout");
+            }
+            tracing::warn!(command = %cmd, seconds = cmd.timeout.as_secs(), "killed a tool past its timeout");
+            return Err(CommandError::Timeout {
+                command: cmd.to_string(),
+                timeout: cmd.timeout,
+            });
+        }
+    };
+    let collect = |h: tokio::task::JoinHandle<Vec<u8>>| async move { h.await.unwrap_or_default() };
+    let output = Output {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&collect(out).await).into_owned(),
+        stderr: String::from_utf8_lossy(&collect(err).await).into_owned(),
+    };
+    tracing::debug!(command = %cmd, code = ?output.code, seconds = started.elapsed().as_secs_f64(), "ran");
+    Ok(output)
 }
 
 #[cfg(test)]
@@ -220,5 +257,134 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+    }
+
+    /// `sh -c script`: test scripts carry temporary paths, which no [`CommandArg`] admits.
+    fn sh(script: String) -> Cmd {
+        Cmd {
+            program: "sh",
+            args: vec!["-c".into(), script.into()],
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Test helpers: FIFOs to order a real child against the test without sleeping, and a
+    /// pidfd to wait for a process that is not the test's own child.
+    mod proc {
+        use std::ffi::CString;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
+        use std::path::Path;
+
+        pub fn mkfifo(path: &Path) {
+            let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {path:?}");
+        }
+
+        /// Reads the pid the child wrote to the FIFO `path` (blocks until it does).
+        pub async fn read_pid(path: &Path) -> i32 {
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || {
+                std::fs::read_to_string(&path).unwrap().trim().parse().unwrap()
+            })
+            .await
+            .unwrap()
+        }
+
+        /// A pidfd of `pid`, taken while it is known to be alive.
+        pub fn pidfd(pid: i32) -> OwnedFd {
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            assert!(fd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+            unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        }
+
+        /// Blocks until the process of `fd` has exited (killed or not).
+        pub async fn exited(fd: OwnedFd) {
+            use std::os::fd::AsRawFd;
+            tokio::task::spawn_blocking(move || {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                assert_eq!(unsafe { libc::poll(&mut p, 1, -1) }, 1);
+            })
+            .await
+            .unwrap()
+        }
+
+        /// Whether the process of `fd` has exited, without waiting.
+        pub fn has_exited(fd: &OwnedFd) -> bool {
+            use std::os::fd::AsRawFd;
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        }
+    }
+
+    /// A tool whose caller went away (the kubelet's deadline passed, tonic dropped the RPC)
+    /// runs to the end: a SIGKILLed mkfs leaves a half-written superblock. Catches
+    /// `kill_on_drop(true)`, or the child awaited in the caller's future instead of its own task.
+    #[tokio::test]
+    async fn a_tool_outlives_the_caller_that_went_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let (started, go, done) = (
+            dir.path().join("started"),
+            dir.path().join("go"),
+            dir.path().join("done"),
+        );
+        proc::mkfifo(&started);
+        proc::mkfifo(&go);
+        let script = format!(
+            "echo $$ > {started}; read x < {go}; echo finished > {done}",
+            started = started.display(),
+            go = go.display(),
+            done = done.display()
+        );
+        let caller = tokio::spawn(async move {
+            SystemRunner
+.run(&sh(script)).await
+        });
+        let pid = proc::read_pid(&started).await;
+        let child = proc::pidfd(pid);
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        // O_RDWR opens a FIFO without waiting for a reader, so a killed child cannot hang this.
+        let mut gate = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&go)
+            .unwrap();
+        std::io::Write::write_all(&mut gate, b"go\n").unwrap();
+        proc::exited(child).await;
+        assert_eq!(
+            std::fs::read_to_string(&done).ok().as_deref(),
+            Some("finished\n"),
+            "the tool was killed when its caller went away"
+        );
+    }
+
+    /// A tool past its own timeout is killed, and the error says so. Catches a timeout that
+    /// only stops waiting (with `kill_on_drop(false)`, nothing else kills the child). The clock
+    /// is paused: it cannot advance to the timeout before the child has reported its pid (a
+    /// blocking task is in flight until then).
+    #[tokio::test(start_paused = true)]
+    async fn a_tool_past_its_own_timeout_is_killed_and_the_error_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = dir.path().join("started");
+        proc::mkfifo(&started);
+        let script = format!("echo $$ > {}; exec sleep 1000", started.display());
+        let run = tokio::spawn(async move {
+            SystemRunner
+.run(&sh(script).timeout(Duration::from_secs(30))).await
+        });
+        let child = proc::pidfd(proc::read_pid(&started).await);
+        let err = run.await.unwrap().unwrap_err();
+        assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("was killed"), "{err}");
+        assert!(proc::has_exited(&child), "the child still runs after its timeout");
     }
 }
