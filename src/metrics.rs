@@ -613,6 +613,8 @@ impl NodeMetrics {
             Box::new(stale_recoveries_total.clone()),
             Box::new(orphans_cleaned_total.clone()),
             Box::new(adoptions_total.clone()),
+            // The blocking pool's gauge is the process's, as the pool is (`node::work`).
+            Box::new(crate::node::work::STUCK.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }

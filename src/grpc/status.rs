@@ -40,17 +40,25 @@ impl From<Error> for Status {
 
 impl From<NodeError> for Status {
     fn from(err: NodeError) -> Self {
-        let code = match &err {
-            NodeError::InvalidArgument { .. } => Code::InvalidArgument,
-            NodeError::NotFound(_) => Code::NotFound,
-            NodeError::AlreadyExists(_) => Code::AlreadyExists,
-            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
-            NodeError::OutOfRange(_) => Code::OutOfRange,
-            NodeError::Command(_)
-            | NodeError::Tool { .. }
-            | NodeError::Mount(_)
-            | NodeError::Io { .. } => Code::Internal,
-        };
-        Status::new(code, err.to_string())
+        Status::new(node_code(&err), err.to_string())
+    }
+}
+
+fn node_code(err: &NodeError) -> Code {
+    match err {
+        NodeError::InvalidArgument { .. } => Code::InvalidArgument,
+        NodeError::NotFound(_) => Code::NotFound,
+        NodeError::AlreadyExists(_) => Code::AlreadyExists,
+        NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+        NodeError::OutOfRange(_) => Code::OutOfRange,
+        NodeError::Command(_)
+        | NodeError::Tool { .. }
+        | NodeError::Mount(_)
+        | NodeError::Io { .. } => Code::Internal,
+        NodeError::Aborted(_) => Code::Aborted,
+        NodeError::Busy(_) => Code::Unavailable,
+        // It may still complete: the kubelet treats the volume's state as uncertain.
+        NodeError::Stuck(_) => Code::DeadlineExceeded,
+        NodeError::Joined(inner) => node_code(inner),
     }
 }

@@ -278,14 +278,22 @@ mod tests {
 
         pub fn mkfifo(path: &Path) {
             let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {path:?}");
+            assert_eq!(
+                unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+                0,
+                "mkfifo {path:?}"
+            );
         }
 
         /// Reads the pid the child wrote to the FIFO `path` (blocks until it does).
         pub async fn read_pid(path: &Path) -> i32 {
             let path = path.to_owned();
             tokio::task::spawn_blocking(move || {
-                std::fs::read_to_string(&path).unwrap().trim().parse().unwrap()
+                std::fs::read_to_string(&path)
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap()
             })
             .await
             .unwrap()
@@ -294,7 +302,11 @@ mod tests {
         /// A pidfd of `pid`, taken while it is known to be alive.
         pub fn pidfd(pid: i32) -> OwnedFd {
             let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-            assert!(fd >= 0, "pidfd_open {pid}: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "pidfd_open {pid}: {}",
+                std::io::Error::last_os_error()
+            );
             unsafe { OwnedFd::from_raw_fd(fd as i32) }
         }
 
@@ -344,10 +356,7 @@ mod tests {
             go = go.display(),
             done = done.display()
         );
-        let caller = tokio::spawn(async move {
-            SystemRunner
-.run(&sh(script)).await
-        });
+        let caller = tokio::spawn(async move { SystemRunner.run(&sh(script)).await });
         let pid = proc::read_pid(&started).await;
         let child = proc::pidfd(pid);
         caller.abort();
@@ -379,12 +388,16 @@ mod tests {
         let script = format!("echo $$ > {}; exec sleep 1000", started.display());
         let run = tokio::spawn(async move {
             SystemRunner
-.run(&sh(script).timeout(Duration::from_secs(30))).await
+                .run(&sh(script).timeout(Duration::from_secs(30)))
+                .await
         });
         let child = proc::pidfd(proc::read_pid(&started).await);
         let err = run.await.unwrap().unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
         assert!(err.to_string().contains("was killed"), "{err}");
-        assert!(proc::has_exited(&child), "the child still runs after its timeout");
+        assert!(
+            proc::has_exited(&child),
+            "the child still runs after its timeout"
+        );
     }
 }

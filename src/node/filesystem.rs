@@ -69,12 +69,10 @@ pub async fn probe(runner: &dyn CommandRunner, device: &BlockDevice) -> Result<C
         Some(0) => Ok(classify(&parse_blkid_export(&out.stdout))),
         Some(2) => {
             let path = device.path.clone();
-            let zero = tokio::task::spawn_blocking(move || ends_are_zero(&path))
-                .await
-                .map_err(|e| NodeError::Io {
-                    action: "reading the device".into(),
-                    source: std::io::Error::other(e),
-                })??;
+            let zero = super::work::blocking(format!("reading the ends of {path}"), move || {
+                ends_are_zero(&path)
+            })
+            .await?;
             Ok(if zero {
                 Content::Empty
             } else {

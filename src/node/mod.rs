@@ -18,8 +18,14 @@
 //! overlapping retries only need to wait their turn. An actor would add a mailbox and a thread
 //! hop and own nothing.
 //!
-//! **Blocking work** (syscalls, record files, device reads) runs on tokio's blocking pool;
-//! external tools run as child processes with a timeout. No RPC blocks an async worker.
+//! **Blocking work** (syscalls, record files, device reads) runs on a bounded pool with a
+//! timeout per job ([`work`]); external tools run as child processes with a timeout of their
+//! own, never killed because a caller went away ([`command`]). No RPC blocks an async worker.
+//!
+//! **Cancellation.** A changing call (stage, unstage, publish, unpublish, expand) runs to the
+//! end in a task of its own, holding the volume's lock, whatever happens to the RPC that
+//! asked for it; a repeat joins it, and a caller whose deadline comes first is answered
+//! ABORTED ([`locks`]).
 
 pub mod command;
 pub mod device;
@@ -31,6 +37,7 @@ pub mod nvme;
 pub mod paths;
 pub mod plugin;
 pub mod records;
+pub mod work;
 
 #[cfg(test)]
 pub(crate) mod fakes;
@@ -68,6 +75,19 @@ pub enum NodeError {
         action: String,
         source: std::io::Error,
     },
+    /// Another call for the volume is running and the caller's deadline came first (CSI's
+    /// code for "an operation is pending for the volume").
+    #[error("{0}")]
+    Aborted(String),
+    /// No slot of the blocking pool freed in time; nothing was done.
+    #[error("{0}")]
+    Busy(String),
+    /// A blocking job ran past its timeout; it may still complete.
+    #[error("{0}")]
+    Stuck(String),
+    /// The answer of the same call already in flight, which this repeat waited for.
+    #[error(transparent)]
+    Joined(std::sync::Arc<NodeError>),
 }
 
 impl NodeError {
@@ -89,6 +109,10 @@ impl NodeError {
             Self::Command(_) | Self::Tool { .. } => "tool_failed",
             Self::Mount(_) => "mount_failed",
             Self::Io { .. } => "io",
+            Self::Aborted(_) => "aborted",
+            Self::Busy(_) => "busy",
+            Self::Stuck(_) => "stuck",
+            Self::Joined(inner) => inner.metric_label(),
         }
     }
 }

@@ -20,6 +20,7 @@ use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
 use super::paths::{inspect, AbsPath, BlockDevice, Found};
 use super::records::{Origin, PublishRecord, Records, StageRecord};
+use super::work::blocking;
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
@@ -149,18 +150,6 @@ pub struct NodePlugin {
     metrics: Arc<Metrics>,
 }
 
-/// Runs blocking work on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
-) -> Result<T, NodeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| NodeError::Io {
-            action: "running blocking node work".into(),
-            source: std::io::Error::other(e),
-        })?
-}
-
 fn same_device(entry: &MountEntry, device: &BlockDevice) -> bool {
     entry.major == device.major && entry.minor == device.minor
 }
@@ -205,29 +194,42 @@ impl NodePlugin {
     async fn load(&self, volume: &VolumeId) -> Result<Option<StageRecord>, NodeError> {
         let records = self.records.clone();
         let volume = volume.clone();
-        blocking(move || records.load(&volume)).await
+        blocking(format!("reading the record of {volume}"), move || {
+            records.load(&volume)
+        })
+        .await
     }
 
     async fn save(&self, record: &StageRecord) -> Result<(), NodeError> {
         let records = self.records.clone();
         let record = record.clone();
-        blocking(move || records.save(&record)).await
+        blocking(
+            format!("writing the record of {}", record.volume),
+            move || records.save(&record),
+        )
+        .await
     }
 
     async fn forget(&self, volume: &VolumeId) -> Result<(), NodeError> {
         let records = self.records.clone();
         let volume = volume.clone();
-        blocking(move || records.remove(&volume)).await
+        blocking(format!("removing the record of {volume}"), move || {
+            records.remove(&volume)
+        })
+        .await
     }
 
     async fn mounts(&self) -> Result<Vec<MountEntry>, NodeError> {
         let mounter = self.mounter.clone();
-        blocking(move || mounter.mounts().map_err(NodeError::from)).await
+        blocking("reading the mount table", move || {
+            mounter.mounts().map_err(NodeError::from)
+        })
+        .await
     }
 
     async fn look(&self, path: &AbsPath) -> Result<Found, NodeError> {
         let p = path.clone();
-        blocking(move || {
+        blocking(format!("looking at {p}"), move || {
             inspect(&p).map_err(|source| NodeError::Io {
                 action: format!("looking at {p}"),
                 source,
@@ -334,7 +336,7 @@ impl NodePlugin {
             tracing::warn!("this process lacks CAP_SYS_RESOURCE: growing an ext4 filesystem online will fail (xfs and block volumes are not affected)");
         }
         let records = self.records.clone();
-        let all = blocking(move || records.all()).await?;
+        let all = blocking("reading the node's records", move || records.all()).await?;
         let mounts = self.mounts().await?;
         let mut count = 0;
         for record in all {
@@ -547,7 +549,7 @@ impl NodePlugin {
             req.staging.clone(),
             options.clone(),
         );
-        let mounted = blocking(move || {
+        let mounted = blocking(format!("mount {device} at {staging}"), move || {
             mounter
                 .mount_device(&device, &staging, fs, &options)
                 .map_err(NodeError::from)
@@ -623,7 +625,7 @@ impl NodePlugin {
 
     async fn unmount(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
         let (mounter, p) = (self.mounter.clone(), path.clone());
-        let unmounted = blocking(move || {
+        let unmounted = blocking(format!("unmount {p}"), move || {
             mounter.unmount(&p).map_err(|e| {
                 if e.busy() {
                     NodeError::FailedPrecondition(format!(
@@ -751,7 +753,7 @@ impl NodePlugin {
             Found::Directory => false,
             Found::Nothing => {
                 let t = req.target.clone();
-                blocking(move || {
+                blocking(format!("creating {t}"), move || {
                     std::fs::create_dir(t.as_path()).map_err(|source| NodeError::Io {
                         action: format!("creating target_path {t}"),
                         source,
@@ -801,7 +803,7 @@ impl NodePlugin {
             req.target.clone(),
         );
         let flags = req.options.bind_flags(readonly);
-        let bound = blocking(move || {
+        let bound = blocking(format!("bind mount {staging} at {target}"), move || {
             mounter
                 .bind(&staging, &target, flags)
                 .map_err(NodeError::from)
@@ -879,7 +881,7 @@ impl NodePlugin {
         }
         self.remember_publish(req, record, wanted).await?;
         let (mounter, target, dev) = (self.mounter.clone(), req.target.clone(), device.clone());
-        let made = blocking(move || {
+        let made = blocking(format!("mknod {target}"), move || {
             mounter
                 .make_device_node(&target, &dev, readonly)
                 .map_err(NodeError::from)
@@ -939,19 +941,21 @@ impl NodePlugin {
                     self.unmount(&req.target, "target_path").await?;
                 }
                 let t = req.target.clone();
-                blocking(move || match std::fs::remove_dir(t.as_path()) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                        Err(NodeError::FailedPrecondition(format!(
+                blocking(format!("removing {t}"), move || {
+                    match std::fs::remove_dir(t.as_path()) {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                            Err(NodeError::FailedPrecondition(format!(
                             "target_path {t} is not a mount point and is not empty; refusing to \
                              delete it"
                         )))
+                        }
+                        Err(source) => Err(NodeError::Io {
+                            action: format!("removing target_path {t}"),
+                            source,
+                        }),
                     }
-                    Err(source) => Err(NodeError::Io {
-                        action: format!("removing target_path {t}"),
-                        source,
-                    }),
                 })
                 .await?;
             }
@@ -1036,7 +1040,7 @@ impl NodePlugin {
                     });
                 }
                 let p = path.clone();
-                let st = blocking(move || {
+                let st = blocking(format!("statvfs {p}"), move || {
                     rustix::fs::statvfs(p.as_path()).map_err(|e| NodeError::Io {
                         action: format!("statvfs {p}"),
                         source: e.into(),
@@ -1058,7 +1062,7 @@ impl NodePlugin {
                     .is_some_and(|d| (d.major, d.minor) == (major, minor));
                 let size = if ours && healthy {
                     let p = path.clone();
-                    blocking(move || device_size(&p)).await?
+                    blocking(format!("reading the size of {p}"), move || device_size(&p)).await?
                 } else {
                     0
                 };
@@ -1249,14 +1253,17 @@ enum Holds {
 
 async fn remove_file(path: &AbsPath) -> Result<(), NodeError> {
     let p = path.clone();
-    blocking(move || match std::fs::remove_file(p.as_path()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(NodeError::Io {
-            action: format!("removing {p}"),
-            source,
-        }),
-    })
+    blocking(
+        format!("removing {p}"),
+        move || match std::fs::remove_file(p.as_path()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(NodeError::Io {
+                action: format!("removing {p}"),
+                source,
+            }),
+        },
+    )
     .await
 }
 
