@@ -1,21 +1,66 @@
-//! One async lock per volume id, so the node's RPCs for one volume run one at a time while
-//! different volumes proceed in parallel. Entries of volumes nobody holds are pruned as the map
-//! grows, so random ids cannot grow it without bound.
+//! Who runs for a volume, and when: one changing call at a time per volume, each to the end in
+//! a task of its own, whatever happens to the RPC that asked for it.
+//!
+//! Owns the per-volume locks and the calls in flight. A changing node call (stage, unstage,
+//! publish, unpublish, expand) is spawned with [`VolumeLocks::run`]: the task takes the
+//! volume's lock and keeps it until the call and every blocking job it started have returned
+//! (a stuck mount keeps it too, see [`super::work::holding`]), so the undo of a failed call
+//! always runs and a retry never overlaps the work it retries. A repeat of the same request
+//! while it runs waits for it and gets its answer; a caller whose deadline
+//! ([`crate::deadline`]) comes first is answered ABORTED "operation for volume X is already in
+//! progress" (CSI's code for a pending operation) and the call runs on. A call answered
+//! ABORTED while still waiting for the lock runs when its turn comes, as the kubelet's retry
+//! would; the retry joins it.
+//!
+//! Entries of volumes nobody holds are pruned as the lock map grows, so random ids cannot
+//! grow it without bound. Knows nothing of what the calls do.
 
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex};
 
+use tokio::sync::{oneshot, watch, Mutex, OwnedMutexGuard};
+
+use super::{plugin, NodeError};
 use crate::ids::VolumeId;
 use crate::keyed::KeyedLocks;
+
+tokio::task_local! {
+    /// The volume whose lock the current call's task holds.
+    static HELD: VolumeId;
+}
+
+/// A turn on a volume: the lock, or nothing when the current call's task already holds it.
+pub enum Turn {
+    Own(#[allow(dead_code)] OwnedMutexGuard<()>),
+    Held,
+}
 
 #[derive(Default)]
 pub struct VolumeLocks {
     locks: KeyedLocks<VolumeId, Mutex<()>>,
+    /// The changing calls in flight, by kind.
+    pub calls: Calls,
+}
+
+/// The node's changing calls in flight, one registry per kind of request.
+#[derive(Default)]
+pub struct Calls {
+    pub stage: InFlight<plugin::Stage, ()>,
+    pub unstage: InFlight<plugin::Unstage, ()>,
+    pub publish: InFlight<plugin::Publish, ()>,
+    pub unpublish: InFlight<plugin::Unpublish, ()>,
+    pub expand: InFlight<plugin::Expand, u64>,
 }
 
 impl VolumeLocks {
-    /// Waits for the volume's turn; the guard releases it.
-    pub async fn lock(&self, volume: &VolumeId) -> OwnedMutexGuard<()> {
-        self.locks.get(volume).lock_owned().await
+    /// Waits for the volume's turn; the guard releases it. Inside a call started with
+    /// [`Self::run`] for the same volume the turn is already taken, and this returns at once.
+    pub async fn lock(&self, volume: &VolumeId) -> Turn {
+        if HELD.try_with(|held| held == volume).unwrap_or(false) {
+            return Turn::Held;
+        }
+        Turn::Own(self.locks.get(volume).lock_owned().await)
     }
 
     /// Volumes with an entry (held, or not yet pruned).
@@ -26,6 +71,134 @@ impl VolumeLocks {
     pub fn is_empty(&self) -> bool {
         self.locks.is_empty()
     }
+
+    /// Runs `call` (made from `request` by `start`) in a task of its own that holds `volume`'s
+    /// lock, or joins the identical request already in `calls`; returns its answer, or
+    /// [`NodeError::Aborted`] when the caller's deadline comes first (the call runs on).
+    pub async fn run<R, T, F>(
+        &self,
+        calls: &InFlight<R, T>,
+        volume: &VolumeId,
+        request: R,
+        start: impl FnOnce(R) -> F,
+    ) -> Result<T, NodeError>
+    where
+        R: PartialEq + Clone + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+        F: Future<Output = Result<T, NodeError>> + Send + 'static,
+    {
+        let aborted = || {
+            NodeError::Aborted(format!(
+                "operation for volume {volume} is already in progress"
+            ))
+        };
+        let waiting = {
+            let mut entries = calls.entries.lock().unwrap_or_else(|e| e.into_inner());
+            match entries
+                .iter()
+                .find(|e| e.volume == *volume && e.request == request)
+            {
+                Some(running) => Waiting::Joined(running.done.clone()),
+                None => {
+                    let id = calls.next.fetch_add(1, Ordering::Relaxed);
+                    let (done_tx, done) = watch::channel(None);
+                    let (answer_tx, answer) = oneshot::channel();
+                    entries.push(Entry {
+                        id,
+                        volume: volume.clone(),
+                        request: request.clone(),
+                        done,
+                    });
+                    let call = start(request);
+                    let lock = self.locks.get(volume);
+                    let (entries, volume) = (calls.entries.clone(), volume.clone());
+                    tokio::spawn(async move {
+                        let guard: super::work::Hold = Arc::new(lock.lock_owned().await);
+                        let result = HELD.scope(volume, super::work::holding(guard, call)).await;
+                        let joined = {
+                            let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Some(i) = entries.iter().position(|e| e.id == id) {
+                                drop(entries.swap_remove(i));
+                            }
+                            // Under the registry's lock: nobody can join any more.
+                            done_tx.receiver_count() > 0
+                        };
+                        // Shared only when someone joined: the lone caller gets the error as is.
+                        let result = if joined {
+                            let shared = result.map_err(Arc::new);
+                            done_tx.send_replace(Some(shared.clone()));
+                            shared.map_err(NodeError::Joined)
+                        } else {
+                            result
+                        };
+                        // The caller may have gone: the answer is then nobody's.
+                        answer_tx.send(result).ok();
+                    });
+                    Waiting::Started(answer)
+                }
+            }
+        };
+        let at = crate::deadline::current();
+        let gone = || NodeError::Io {
+            action: format!("a node operation for volume {volume}"),
+            source: std::io::Error::other("it ended without an answer (a panic)"),
+        };
+        match waiting {
+            Waiting::Started(answer) => match within(at, answer).await {
+                None => Err(aborted()),
+                Some(answer) => answer.map_err(|_| gone())?,
+            },
+            Waiting::Joined(mut done) => {
+                let wait = async move {
+                    done.wait_for(Option::is_some)
+                        .await
+                        .map(|v| v.clone().expect("waited for an answer"))
+                };
+                match within(at, wait).await {
+                    None => Err(aborted()),
+                    Some(Err(_)) => Err(gone()),
+                    Some(Ok(answer)) => answer.map_err(NodeError::Joined),
+                }
+            }
+        }
+    }
+}
+
+/// `f`'s output, or `None` when the deadline `at` comes first.
+async fn within<F: Future>(at: Option<tokio::time::Instant>, f: F) -> Option<F::Output> {
+    match at {
+        Some(at) => tokio::time::timeout_at(at, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+/// How a caller waits: for the call it started, or for the identical one it joined.
+enum Waiting<T> {
+    Started(oneshot::Receiver<Result<T, NodeError>>),
+    Joined(watch::Receiver<Option<Result<T, Arc<NodeError>>>>),
+}
+
+/// The calls of one kind (stage, publish, ...) in flight: request and answer types `R`, `T`.
+pub struct InFlight<R, T> {
+    entries: Arc<SyncMutex<Vec<Entry<R, T>>>>,
+    next: AtomicU64,
+}
+
+impl<R, T> Default for InFlight<R, T> {
+    fn default() -> Self {
+        Self {
+            entries: Arc::default(),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+struct Entry<R, T> {
+    id: u64,
+    volume: VolumeId,
+    request: R,
+    /// Where the answer goes for those who joined.
+    done: watch::Receiver<Option<Result<T, Arc<NodeError>>>>,
 }
 
 #[cfg(test)]

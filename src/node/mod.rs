@@ -40,6 +40,8 @@ pub mod records;
 pub mod work;
 
 #[cfg(test)]
+mod cancel_tests;
+#[cfg(test)]
 pub(crate) mod fakes;
 
 pub use plugin::NodePlugin;

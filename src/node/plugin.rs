@@ -27,7 +27,7 @@ use crate::ids::VolumeId;
 use crate::metrics::{outcome, Metrics, ADOPTED, MOUNT, REFUSED, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Stage {
     pub volume: VolumeId,
     pub staging: AbsPath,
@@ -39,14 +39,14 @@ pub struct Stage {
 }
 
 /// A validated NodeUnstageVolumeRequest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Unstage {
     pub volume: VolumeId,
     pub staging: AbsPath,
 }
 
 /// A validated NodePublishVolumeRequest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Publish {
     pub volume: VolumeId,
     pub staging: AbsPath,
@@ -60,7 +60,7 @@ pub struct Publish {
 }
 
 /// A validated NodeUnpublishVolumeRequest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Unpublish {
     pub volume: VolumeId,
     pub target: AbsPath,
@@ -69,7 +69,7 @@ pub struct Unpublish {
 /// A volume path from NodeGetVolumeStats or NodeExpandVolume. A path that is not absolute
 /// and clean cannot name anything the node made, so it is NOT_FOUND, as the spec answers for
 /// a volume path that does not exist.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum VolumePath {
     Valid(AbsPath),
     Invalid { raw: String, reason: String },
@@ -119,7 +119,7 @@ pub struct VolumeStats {
 }
 
 /// A validated NodeExpandVolumeRequest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Expand {
     pub volume: VolumeId,
     pub path: VolumePath,
@@ -369,7 +369,17 @@ impl NodePlugin {
     /// CSI NodeStageVolume. Mount access: attach, probe, format only an empty device, check an
     /// existing filesystem read-only, mount `nosuid,nodev` at the staging path. Block access:
     /// attach only.
-    pub async fn stage(&self, req: Stage) -> Result<(), NodeError> {
+    pub async fn stage(self: &Arc<Self>, req: Stage) -> Result<(), NodeError> {
+        let (this, volume) = (self.clone(), req.volume.clone());
+        let calls = &self.locks.calls.stage;
+        (self.locks)
+            .run(calls, &volume, req, |req| async move {
+                this.stage_now(req).await
+            })
+            .await
+    }
+
+    async fn stage_now(&self, req: Stage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let readonly = req.capability.mode() == AccessMode::SingleNodeReaderOnly
             || req
@@ -561,7 +571,17 @@ impl NodePlugin {
 
     /// CSI NodeUnstageVolume: unmount the staging path, detach the device, forget the record.
     /// Nothing staged there is OK; a volume still published is FAILED_PRECONDITION.
-    pub async fn unstage(&self, req: Unstage) -> Result<(), NodeError> {
+    pub async fn unstage(self: &Arc<Self>, req: Unstage) -> Result<(), NodeError> {
+        let (this, volume) = (self.clone(), req.volume.clone());
+        let calls = &self.locks.calls.unstage;
+        (self.locks)
+            .run(calls, &volume, req, |req| async move {
+                this.unstage_now(req).await
+            })
+            .await
+    }
+
+    async fn unstage_now(&self, req: Unstage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let record = self.load(&req.volume).await?;
         let backing = match &record {
@@ -647,7 +667,17 @@ impl NodePlugin {
     /// Block: a device node at the target file (0660, or 0440 read-only).
     /// A volume with no record is adopted first when the kernel shows it staged
     /// (`adopt`); nothing staged is FAILED_PRECONDITION "NodeStageVolume it first".
-    pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
+    pub async fn publish(self: &Arc<Self>, req: Publish) -> Result<(), NodeError> {
+        let (this, volume) = (self.clone(), req.volume.clone());
+        let calls = &self.locks.calls.publish;
+        (self.locks)
+            .run(calls, &volume, req, |req| async move {
+                this.publish_now(req).await
+            })
+            .await
+    }
+
+    async fn publish_now(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let backing = self
             .source
@@ -899,7 +929,17 @@ impl NodePlugin {
 
     /// CSI NodeUnpublishVolume: unmount and remove the target directory, or remove the device
     /// node. A target that is already gone is OK.
-    pub async fn unpublish(&self, req: Unpublish) -> Result<(), NodeError> {
+    pub async fn unpublish(self: &Arc<Self>, req: Unpublish) -> Result<(), NodeError> {
+        let (this, volume) = (self.clone(), req.volume.clone());
+        let calls = &self.locks.calls.unpublish;
+        (self.locks)
+            .run(calls, &volume, req, |req| async move {
+                this.unpublish_now(req).await
+            })
+            .await
+    }
+
+    async fn unpublish_now(&self, req: Unpublish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let mut record = self.load(&req.volume).await?;
         let backing = match &record {
@@ -1168,7 +1208,17 @@ impl NodePlugin {
     /// Returns the size the volume now has. A volume with no record is adopted first when the
     /// request names its staging path and capability and the kernel shows it staged there;
     /// otherwise NOT_FOUND, as before.
-    pub async fn expand(&self, req: Expand) -> Result<u64, NodeError> {
+    pub async fn expand(self: &Arc<Self>, req: Expand) -> Result<u64, NodeError> {
+        let (this, volume) = (self.clone(), req.volume.clone());
+        let calls = &self.locks.calls.expand;
+        (self.locks)
+            .run(calls, &volume, req, |req| async move {
+                this.expand_now(req).await
+            })
+            .await
+    }
+
+    async fn expand_now(&self, req: Expand) -> Result<u64, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
         let record = match self.load(&req.volume).await? {

@@ -65,7 +65,8 @@ pub async fn blocking<T: Send + 'static>(
     pool().run(what, f).await
 }
 
-type Hold = Arc<dyn Any + Send + Sync>;
+/// What a call keeps until its blocking jobs have returned (see [`holding`]).
+pub type Hold = Arc<dyn Any + Send + Sync>;
 
 tokio::task_local! {
     static HOLD: Hold;
