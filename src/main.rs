@@ -137,6 +137,14 @@ struct Args {
     /// Volumes one node may hold (NodeGetInfo's max_volumes_per_node; 0 = unlimited).
     #[arg(long, env = "RDS_CSI_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     max_volumes_per_node: u64,
+    /// Blocking jobs (mounts, unmounts, sysfs and device reads) the node plugin runs at once. A
+    /// job stuck in the kernel keeps its slot until it returns, so stuck jobs never exceed this.
+    #[arg(long, env = "RDS_CSI_NODE_BLOCKING_JOBS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    node_blocking_jobs: u64,
+    /// How long one blocking job of the node plugin may run, or wait for a slot, before its call
+    /// fails; one that runs on is counted in rds_csi_node_blocking_stuck until it returns.
+    #[arg(long, env = "RDS_CSI_NODE_BLOCKING_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    node_blocking_timeout: Duration,
     /// The RDS to drive (--backend rds): HOST[:PORT], port 22 by default.
     #[arg(long, env = "RDS_CSI_RDS_ADDRESS")]
     rds_address: Option<String>,
@@ -264,6 +272,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         arbiters,
         node_state_dir,
         max_volumes_per_node,
+        node_blocking_jobs,
+        node_blocking_timeout,
         rds_address,
         rds_user,
         rds_key_file,
@@ -489,6 +499,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
         let node_service = match mode {
             Mode::Node | Mode::All => {
+                rds_csi::node::work::configure(node_blocking_jobs as usize, node_blocking_timeout);
                 let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");

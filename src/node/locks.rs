@@ -247,4 +247,62 @@ mod tests {
             locks.len()
         );
     }
+
+    /// A repeat of the request in flight waits for it and gets its answer (here an error, with
+    /// its code), and the work ran once; the same request after it finished runs anew. Catches
+    /// a repeat that starts its own run, and an entry left in the registry after its call.
+    #[tokio::test]
+    async fn a_repeat_joins_the_call_in_flight_and_gets_its_answer() {
+        let locks = Arc::new(VolumeLocks::default());
+        let calls = Arc::new(InFlight::<u32, u32>::default());
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let call = {
+            let (runs, gate) = (runs.clone(), gate.clone());
+            move |_: u32| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                started_tx.send(()).unwrap();
+                gate.acquire().await.unwrap().forget();
+                Err::<u32, _>(NodeError::NotFound("volume v is gone".into()))
+            }
+        };
+        let first = {
+            let (locks, calls) = (locks.clone(), calls.clone());
+            tokio::spawn(async move { locks.run(&calls, &vol("v"), 7, call).await })
+        };
+        started.await.unwrap();
+        let v = vol("v");
+        let repeat = locks.run(&calls, &v, 7, |_| async {
+            unreachable!("a repeat joins; it runs nothing")
+        });
+        tokio::pin!(repeat);
+        assert!(futures::poll!(&mut repeat).is_pending());
+        gate.add_permits(1);
+        let joined = repeat.await.unwrap_err();
+        assert_eq!(joined.metric_label(), "not_found");
+        assert_eq!(
+            tonic::Status::from(joined).code(),
+            tonic::Code::NotFound,
+            "the joined answer keeps its code"
+        );
+        assert!(first.await.unwrap().is_err());
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        let again = locks.run(&calls, &v, 7, |_| async { Ok(8) });
+        assert_eq!(again.await.unwrap(), 8, "a finished call is not joined");
+    }
+
+    /// A lone caller gets its call's error as it is, not wrapped as a joined answer.
+    #[tokio::test]
+    async fn a_lone_caller_gets_the_error_itself() {
+        let (locks, calls) = (VolumeLocks::default(), InFlight::<u32, ()>::default());
+        let err = locks
+            .run(&calls, &vol("v"), 1, |_| async {
+                Err(NodeError::AlreadyExists("staged elsewhere".into()))
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::AlreadyExists(_)), "{err:?}");
+    }
 }
