@@ -19,6 +19,7 @@ mod ha;
 mod kubernetes;
 mod kubernetes_hardening;
 mod node;
+mod node_cancel;
 mod node_snapshots;
 mod observability;
 mod rds;

@@ -54,7 +54,7 @@ impl Driver {
         Self::start_with_env(dir, known, extra, kubeconfig, &[]).await
     }
 
-    async fn start_with_env(
+    pub async fn start_with_env(
         dir: tempfile::TempDir,
         known: &[&str],
         extra: &[&str],
