@@ -112,7 +112,9 @@ impl VolumeLocks {
                     let call = start(request);
                     let lock = self.locks.get(volume);
                     let (entries, volume) = (calls.entries.clone(), volume.clone());
-                    tokio::spawn(async move {
+                    // The RPC's span goes with the call, so its log lines keep the RPC's fields.
+                    let span = tracing::Span::current();
+                    let task = async move {
                         let guard: super::work::Hold = Arc::new(lock.lock_owned().await);
                         let result = HELD.scope(volume, super::work::holding(guard, call)).await;
                         let joined = {
@@ -133,7 +135,8 @@ impl VolumeLocks {
                         };
                         // The caller may have gone: the answer is then nobody's.
                         answer_tx.send(result).ok();
-                    });
+                    };
+                    tokio::spawn(tracing::Instrument::instrument(task, span));
                     Waiting::Started(answer)
                 }
             }
@@ -304,5 +307,24 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, NodeError::AlreadyExists(_)), "{err:?}");
+    }
+
+    /// The call's task runs in the span of the RPC that started it, so the body's log lines
+    /// keep `rpc` and `volume_id`. Catches the spawned task left without the caller's span.
+    #[tokio::test]
+    async fn the_call_runs_in_the_rpcs_span() {
+        use tracing::Instrument;
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber::registry());
+        let (locks, calls) = (VolumeLocks::default(), InFlight::<u32, String>::default());
+        let v = vol("v");
+        let seen = locks
+            .run(&calls, &v, 1, |_| async {
+                let span = tracing::Span::current();
+                Ok(span.metadata().map_or("none", |m| m.name()).to_string())
+            })
+            .instrument(tracing::info_span!("rpc_under_test"))
+            .await
+            .unwrap();
+        assert_eq!(seen, "rpc_under_test");
     }
 }

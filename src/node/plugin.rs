@@ -331,7 +331,10 @@ impl NodePlugin {
     /// Logs what the node finds at start: every recorded stage, checked against the kernel.
     /// Nothing is changed; the next RPC for a volume adopts or repairs what is there.
     pub async fn survey(&self) -> Result<usize, NodeError> {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let status = blocking("reading /proc/self/status", || {
+            Ok(std::fs::read_to_string("/proc/self/status").unwrap_or_default())
+        })
+        .await?;
         if !filesystem::has_capability(&status, filesystem::CAP_SYS_RESOURCE) {
             tracing::warn!("this process lacks CAP_SYS_RESOURCE: growing an ext4 filesystem online will fail (xfs and block volumes are not affected)");
         }
