@@ -115,6 +115,12 @@ impl VolumeLocks {
                     // The RPC's span goes with the call, so its log lines keep the RPC's fields.
                     let span = tracing::Span::current();
                     let task = async move {
+                        // Removes the entry even if the call panics, so a repeat runs anew
+                        // rather than joining an answer that never comes.
+                        let _registered = Registered {
+                            entries: entries.clone(),
+                            id,
+                        };
                         let guard: super::work::Hold = Arc::new(lock.lock_owned().await);
                         let result = HELD.scope(volume, super::work::holding(guard, call)).await;
                         let joined = {
@@ -192,6 +198,21 @@ impl<R, T> Default for InFlight<R, T> {
         Self {
             entries: Arc::default(),
             next: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A call's place in its registry, given up when the call's task ends however it ends.
+struct Registered<R, T> {
+    entries: Arc<SyncMutex<Vec<Entry<R, T>>>>,
+    id: u64,
+}
+
+impl<R, T> Drop for Registered<R, T> {
+    fn drop(&mut self) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = entries.iter().position(|e| e.id == self.id) {
+            entries.swap_remove(i);
         }
     }
 }
@@ -326,5 +347,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(seen, "rpc_under_test");
+    }
+
+    /// A call that panics answers its caller with an error, and leaves no entry a repeat
+    /// would join: the repeat runs anew. Catches an entry removed only on the normal path.
+    #[tokio::test]
+    async fn a_call_that_panics_is_not_joined_by_its_repeat() {
+        let (locks, calls) = (VolumeLocks::default(), InFlight::<u32, u32>::default());
+        let v = vol("v");
+        let err = locks
+            .run(&calls, &v, 1, |_| async { panic!("a bug in the call") })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::Io { .. }), "{err:?}");
+        let again = locks.run(&calls, &v, 1, |_| async { Ok(2) }).await;
+        assert_eq!(again.unwrap(), 2);
     }
 }
