@@ -117,7 +117,20 @@ impl<R: CommandRunner> LoopDevices<R> {
 
     /// Every loop device that has a backing file.
     pub fn loops(&self) -> Result<Vec<LoopInfo>, NodeError> {
-        let block = self.sysfs.join("block");
+        Self::loops_in(&self.sysfs)
+    }
+
+    /// [`Self::loops`], read on the node's blocking pool: never on an async worker.
+    async fn scan(&self) -> Result<Vec<LoopInfo>, NodeError> {
+        let sysfs = self.sysfs.clone();
+        super::work::blocking("listing loop devices in sysfs", move || {
+            Self::loops_in(&sysfs)
+        })
+        .await
+    }
+
+    fn loops_in(sysfs: &Path) -> Result<Vec<LoopInfo>, NodeError> {
+        let block = sysfs.join("block");
         let entries = match std::fs::read_dir(&block) {
             Ok(e) => e,
             Err(source) => {
@@ -153,16 +166,18 @@ impl<R: CommandRunner> LoopDevices<R> {
 
     /// The live loop device of `image`: not one whose image was deleted, and not one already
     /// detached and waiting for its last user to close it.
-    fn loop_for(&self, image: &AbsPath) -> Result<Option<LoopInfo>, NodeError> {
+    async fn loop_for(&self, image: &AbsPath) -> Result<Option<LoopInfo>, NodeError> {
         Ok(self
-            .loops()?
+            .scan()
+            .await?
             .into_iter()
             .find(|l| l.backing_file == image.as_path() && !l.backing_deleted && !l.autoclear))
     }
 
-    fn bound(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
+    async fn bound(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
         Ok(self
-            .loops()?
+            .scan()
+            .await?
             .iter()
             .any(|l| l.name == name && l.backing_file == image.as_path()))
     }
@@ -270,24 +285,33 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
 
     async fn exists(&self, backing: &Backing) -> Result<bool, NodeError> {
         let image = file_image(backing)?;
-        match std::fs::symlink_metadata(image.as_path()) {
-            Ok(meta) => Ok(meta.file_type().is_file()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(NodeError::Io {
-                action: format!("looking at {image}"),
-                source,
-            }),
-        }
+        let image = image.clone();
+        super::work::blocking(
+            format!("looking at {image}"),
+            move || match std::fs::symlink_metadata(image.as_path()) {
+                Ok(meta) => Ok(meta.file_type().is_file()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(source) => Err(NodeError::Io {
+                    action: format!("looking at {image}"),
+                    source,
+                }),
+            },
+        )
+        .await
     }
 
     async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
         let image = file_image(backing)?;
-        self.loop_for(image)?.as_ref().map(Self::device).transpose()
+        self.loop_for(image)
+            .await?
+            .as_ref()
+            .map(Self::device)
+            .transpose()
     }
 
     async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
         let image = file_image(backing)?;
-        if let Some(existing) = self.loop_for(image)? {
+        if let Some(existing) = self.loop_for(image).await? {
             tracing::debug!(image = %image, device = %existing.name, "reusing the loop device already attached");
             return Self::device(&existing);
         }
@@ -311,7 +335,8 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
             message: format!("unexpected output {:?}", out.stdout.trim()),
         })?;
         let info = self
-            .loops()?
+            .scan()
+            .await?
             .into_iter()
             .find(|l| l.name == name && l.backing_file == image.as_path())
             .ok_or_else(|| NodeError::Tool {
@@ -327,7 +352,8 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
         let image = file_image(backing)?;
         // A deleted image's loop device is still ours to release.
         let owned: Vec<LoopInfo> = self
-            .loops()?
+            .scan()
+            .await?
             .into_iter()
             .filter(|l| l.backing_file == image.as_path())
             .collect();
@@ -335,14 +361,14 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
             let device = Self::device(&info)?;
             let cmd = Cmd::new("losetup").arg("--detach").arg(device.clone());
             let out = self.runner.run(&cmd).await?;
-            if !out.success() && self.bound(&info.name, image)? && !info.autoclear {
+            if !out.success() && self.bound(&info.name, image).await? && !info.autoclear {
                 return Err(tool_failed(&cmd, &out));
             }
             // A device someone still has open (another process's probe, say) is freed by
             // the kernel when they close it; wait a moment for that, so an unstage that
             // returns has really let go.
             let deadline = tokio::time::Instant::now() + DETACH_WAIT;
-            while self.bound(&info.name, image)? {
+            while self.bound(&info.name, image).await? {
                 if tokio::time::Instant::now() >= deadline {
                     tracing::warn!(image = %image, device = %info.name,
                         "loop device still open elsewhere; the kernel frees it when the last user closes it");
@@ -373,7 +399,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
         if !out.success() {
             return Err(tool_failed(&cmd, &out));
         }
-        let info = self.loop_for(image)?.ok_or_else(|| {
+        let info = self.loop_for(image).await?.ok_or_else(|| {
             NodeError::FailedPrecondition(format!("{device} vanished while being resized"))
         })?;
         Ok(info.size_bytes)
@@ -382,7 +408,8 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
     async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError> {
         let image = file_image(backing)?;
         Ok(self
-            .loop_for(image)?
+            .loop_for(image)
+            .await?
             .is_some_and(|l| l.major == device.major && l.minor == device.minor))
     }
 }
