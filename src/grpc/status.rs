@@ -62,3 +62,28 @@ fn node_code(err: &NodeError) -> Code {
         NodeError::Joined(inner) => node_code(inner),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// The codes of the node's cancellation and pool errors, and a joined answer keeping the
+    /// code of what it wraps. Catches a joined error mapped as its own kind (INTERNAL, say),
+    /// which would turn the kubelet's NOT_FOUND or ALREADY_EXISTS into a retry loop.
+    #[test]
+    fn pending_stuck_busy_and_joined_node_errors_get_their_codes() {
+        let code = |e: NodeError| Status::from(e).code();
+        assert_eq!(
+            code(NodeError::Aborted("in progress".into())),
+            Code::Aborted
+        );
+        assert_eq!(
+            code(NodeError::Stuck("mount".into())),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(code(NodeError::Busy("full".into())), Code::Unavailable);
+        let joined = NodeError::Joined(Arc::new(NodeError::AlreadyExists("x".into())));
+        assert_eq!(code(joined), Code::AlreadyExists);
+    }
+}
