@@ -13,9 +13,14 @@ pub struct VolumeLocks {
 }
 
 impl VolumeLocks {
-    /// Waits for the volume's turn; the guard releases it.
+    /// Waits for the volume's turn; the guard releases it. Ids that differ only by letter case
+    /// share one turn: they name one RDS volume (its NQN is the id in lowercase), and the
+    /// node refuses the second spelling (`plugin`'s `load`), which only holds if the two never
+    /// run at once.
     pub async fn lock(&self, volume: &VolumeId) -> OwnedMutexGuard<()> {
-        self.locks.get(volume).lock_owned().await
+        let folded = VolumeId::try_from(volume.as_str().to_ascii_lowercase().as_str())
+            .unwrap_or_else(|_| volume.clone());
+        self.locks.get(&folded).lock_owned().await
     }
 
     /// Volumes with an entry (held, or not yet pruned).
@@ -60,6 +65,22 @@ mod tests {
         );
         drop(held);
         assert_eq!(rx.recv().await, Some("a"));
+    }
+
+    /// `PVC-1` waits while `pvc-1` holds its turn: removing the case folding in `lock` lets
+    /// the second spelling run at once.
+    #[tokio::test]
+    async fn ids_differing_only_by_case_share_one_turn() {
+        let locks = VolumeLocks::default();
+        let held = locks.lock(&vol("pvc-1")).await;
+        let upper = vol("PVC-1");
+        let mut other = std::pin::pin!(locks.lock(&upper));
+        assert!(
+            futures::poll!(other.as_mut()).is_pending(),
+            "the other spelling waits"
+        );
+        drop(held);
+        let _turn = other.await;
     }
 
     #[tokio::test]

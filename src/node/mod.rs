@@ -28,6 +28,7 @@ pub mod locks;
 pub mod mounter;
 pub mod mountinfo;
 pub mod nvme;
+pub mod ownership;
 pub mod paths;
 pub mod plugin;
 pub mod records;

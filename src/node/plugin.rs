@@ -18,6 +18,7 @@ use super::filesystem::{self, Content};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
+use super::ownership::{self, AtPath, DeviceNumber, Known, Verdict};
 use super::paths::{inspect, AbsPath, BlockDevice, Found};
 use super::records::{Origin, PublishRecord, Records, StageRecord};
 use super::NodeError;
@@ -165,6 +166,13 @@ fn same_device(entry: &MountEntry, device: &BlockDevice) -> bool {
     entry.major == device.major && entry.minor == device.minor
 }
 
+fn number(device: &BlockDevice) -> DeviceNumber {
+    DeviceNumber {
+        major: device.major,
+        minor: device.minor,
+    }
+}
+
 /// The mounts stacked at `path`, oldest first.
 fn mounts_at<'a>(mounts: &'a [MountEntry], path: &AbsPath) -> Vec<&'a MountEntry> {
     let view = path.kernel_view();
@@ -202,10 +210,81 @@ impl NodePlugin {
         }
     }
 
+    /// The volume's record. A volume with no record whose id differs only by letter case from
+    /// a recorded one is FAILED_PRECONDITION naming both: the two spellings name one RDS
+    /// volume (one NQN, the id in lowercase), so they are refused rather than kept as two
+    /// records over one device. (The per-volume lock is taken on the lowercase id, so the two
+    /// spellings also never run at once.)
     async fn load(&self, volume: &VolumeId) -> Result<Option<StageRecord>, NodeError> {
         let records = self.records.clone();
         let volume = volume.clone();
-        blocking(move || records.load(&volume)).await
+        blocking(move || {
+            let record = records.load(&volume)?;
+            if record.is_none() {
+                if let Some(other) = records.spelled_otherwise(&volume)? {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "volume {volume} differs only by letter case from volume {other}, which \
+                         is staged on this node; ids that differ only by case name one volume \
+                         (one NQN), so this node refuses the second spelling"
+                    )));
+                }
+            }
+            Ok(record)
+        })
+        .await
+    }
+
+    /// Where `volume` lives, as the request's contexts say, checked against where its id
+    /// alone says it lives: a context naming another volume's storage (another NQN in
+    /// `volume_context["nqn"]`, another image) is INVALID_ARGUMENT naming both, so one volume
+    /// id never reaches another volume's device.
+    fn locate(
+        &self,
+        volume: &VolumeId,
+        publish_context: &HashMap<String, String>,
+        volume_context: &HashMap<String, String>,
+    ) -> Result<Backing, NodeError> {
+        let requested = self
+            .source
+            .locate(volume, publish_context, volume_context)?;
+        let derived = self
+            .source
+            .locate(volume, &HashMap::new(), &HashMap::new())?;
+        if !ownership::same_storage(&requested, &derived) {
+            return Err(NodeError::invalid(
+                "volume_context",
+                format!(
+                    "names {requested}, but volume {volume} is {derived}; refusing to use \
+                     another volume's storage"
+                ),
+            ));
+        }
+        Ok(requested)
+    }
+
+    /// Judges what is at `path` (already looked at: `found`) for a volume known by `known`'s
+    /// devices; reads the mount table for a directory. The one place node calls ask.
+    async fn judge(
+        &self,
+        path: &AbsPath,
+        found: &Found,
+        known: Known<'_>,
+    ) -> Result<Verdict, NodeError> {
+        let mounts;
+        let at = match found {
+            Found::Nothing => AtPath::Nothing,
+            Found::Directory => {
+                mounts = self.mounts().await?;
+                AtPath::Directory(mounts_at(&mounts, path))
+            }
+            Found::BlockDevice { major, minor, .. } => AtPath::DeviceNode(DeviceNumber {
+                major: *major,
+                minor: *minor,
+            }),
+            Found::RegularFile { len: 0 } => AtPath::EmptyFile,
+            other => AtPath::Other(format!("{other:?}, which this plugin did not create")),
+        };
+        Ok(ownership::decide(&at, &known))
     }
 
     async fn save(&self, record: &StageRecord) -> Result<(), NodeError> {
@@ -307,6 +386,7 @@ impl NodePlugin {
             readonly,
             backing: backing.clone(),
             device: Some(device.clone()),
+            devices: vec![number(&device)],
             publishes: BTreeMap::new(),
             origin: Origin::Adopted { call: call.into() },
         };
@@ -386,10 +466,16 @@ impl NodePlugin {
                 (Some(fs), options)
             }
         };
-        let backing = self
-            .source
-            .locate(&req.volume, &req.publish_context, &req.volume_context)?;
-        let existing = self.load(&req.volume).await?;
+        let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
+        let (existing, stale) = match self.load(&req.volume).await? {
+            Some(rec) if self.contradicted(&rec).await? => {
+                tracing::info!(volume_id = %req.volume, staged_at = %rec.staging,
+                    "the record says staged, but nothing of the volume is mounted and its device \
+                     is gone or another: replacing the record with this stage");
+                (None, Some(rec))
+            }
+            other => (other, None),
+        };
         match &existing {
             Some(rec) if rec.staging != req.staging => {
                 return Err(NodeError::AlreadyExists(format!(
@@ -450,7 +536,16 @@ impl NodePlugin {
             readonly,
             backing: backing.clone(),
             device: None,
-            publishes: BTreeMap::new(),
+            // A replaced record's paths and devices stay the volume's: what is left at its
+            // targets must still be recognised by the unpublish that cleans it up.
+            devices: stale
+                .as_ref()
+                .map(|s| s.known_devices())
+                .unwrap_or_default(),
+            publishes: stale
+                .as_ref()
+                .map(|s| s.publishes.clone())
+                .unwrap_or_default(),
             origin: Origin::Staged,
         });
         let result = async {
@@ -458,8 +553,7 @@ impl NodePlugin {
                 self.save(&record).await?;
             }
             let device = self.source.attach(&backing).await?;
-            if record.device.as_ref() != Some(&device) {
-                record.device = Some(device.clone());
+            if record.saw(&device) {
                 self.save(&record).await?;
             }
             if let Some(fs) = fs {
@@ -469,7 +563,7 @@ impl NodePlugin {
             Ok::<_, NodeError>(device)
         }
         .await;
-        if existing.is_some() && was_attached.is_none() {
+        if (existing.is_some() || stale.is_some()) && was_attached.is_none() {
             // Staged before, but its device was gone: this stage re-attached it.
             self.metrics
                 .node
@@ -489,12 +583,29 @@ impl NodePlugin {
                         tracing::warn!(volume_id = %req.volume, error = %undo, "could not detach after a failed stage");
                     }
                 }
-                if existing.is_none() {
-                    self.forget(&req.volume).await?;
+                match (&existing, &stale) {
+                    (Some(_), _) => {}
+                    (None, Some(stale)) => self.save(stale).await?,
+                    (None, None) => self.forget(&req.volume).await?,
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Whether the kernel contradicts `record`'s stage (after a reboot, or a detach behind the
+    /// plugin's back): nothing is mounted at its staging path and its backing resolves to no
+    /// device it was ever seen with. Such a record is replaced by the next stage rather than
+    /// answering for a volume that is no longer staged.
+    async fn contradicted(&self, record: &StageRecord) -> Result<bool, NodeError> {
+        let known = record.known_devices();
+        if let Some(current) = self.source.find(&record.backing).await? {
+            if known.contains(&number(&current)) {
+                return Ok(false);
+            }
+        }
+        let mounts = self.mounts().await?;
+        Ok(mounts_at(&mounts, &record.staging).is_empty())
     }
 
     async fn mount_staged(
@@ -557,16 +668,19 @@ impl NodePlugin {
         mounted
     }
 
-    /// CSI NodeUnstageVolume: unmount the staging path, detach the device, forget the record.
-    /// Nothing staged there is OK; a volume still published is FAILED_PRECONDITION.
+    /// CSI NodeUnstageVolume (§4.5.2): unmount what of the volume is mounted at the staging
+    /// path, detach the device, forget the record. Idempotent: nothing left to undo is OK
+    /// (never NOT_FOUND, which the kubelet retries forever). A mount of any device the volume
+    /// was ever seen with is its own, so a device that vanished (NVMe `ctrl_loss_tmo`, a loop
+    /// detached behind our back) or was renumbered does not block the cleanup. The record is
+    /// forgotten only once nothing is mounted at the staging path. FAILED_PRECONDITION: still
+    /// published, another device's mount at the staging path, or its device mounted elsewhere.
     pub async fn unstage(&self, req: Unstage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let record = self.load(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self
-                .source
-                .locate(&req.volume, &HashMap::new(), &HashMap::new())?,
+            None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
         };
         if let Some(r) = &record {
             if r.staging != req.staging {
@@ -589,25 +703,54 @@ impl NodePlugin {
             }
         }
         let device = self.source.find(&backing).await?;
-        if record.is_none() && device.is_none() && !self.source.exists(&backing).await? {
-            return Err(NodeError::NotFound(format!(
-                "volume {} does not exist on this node",
-                req.volume
+        if record.is_none() && device.is_none() {
+            // No record and no device: nothing at the staging path can be proved ours, and
+            // nothing is left to undo.
+            tracing::info!(volume_id = %req.volume, staging = %req.staging,
+                "unstage with nothing staged: nothing to undo");
+            return Ok(());
+        }
+        let history = record
+            .as_ref()
+            .map(|r| r.known_devices())
+            .unwrap_or_default();
+        let known = Known {
+            history: &history,
+            current: device.as_ref().map(number),
+            recorded: record.is_some(),
+        };
+        let found = self.look(&req.staging).await?;
+        if found == Found::Symlink {
+            return Err(NodeError::invalid(
+                "staging_target_path",
+                format!("{} is a symbolic link; refusing to follow it", req.staging),
+            ));
+        }
+        if found == Found::Directory {
+            match self.judge(&req.staging, &found, known).await? {
+                Verdict::Foreign(what) => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "staging_target_path {} holds {what}, not volume {}; not unmounting it",
+                        req.staging, req.volume
+                    )))
+                }
+                Verdict::Empty => {}
+                Verdict::Ours { mounts, .. } => {
+                    for _ in 0..mounts {
+                        self.unmount(&req.staging, "staging_target_path").await?;
+                    }
+                }
+            }
+        }
+        let mounts = self.mounts().await?;
+        if let Some(left) = mounts_at(&mounts, &req.staging).last() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "staging_target_path {} is still a mount point of {} ({}:{}); keeping volume \
+                 {}'s record",
+                req.staging, left.source, left.major, left.minor, req.volume
             )));
         }
         if let Some(device) = &device {
-            let mounts = self.mounts().await?;
-            for top in mounts_at(&mounts, &req.staging).into_iter().rev() {
-                if !same_device(top, device) {
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "staging_target_path {} is a mount point of {} ({}:{}), not of volume {}; \
-                         not unmounting it",
-                        req.staging, top.source, top.major, top.minor, req.volume
-                    )));
-                }
-                self.unmount(&req.staging, "staging_target_path").await?;
-            }
-            let mounts = self.mounts().await?;
             if let Some(elsewhere) = mounts.iter().find(|m| same_device(m, device)) {
                 return Err(NodeError::FailedPrecondition(format!(
                     "{device} is still mounted at {}; not detaching it",
@@ -647,9 +790,7 @@ impl NodePlugin {
     /// (`adopt`); nothing staged is FAILED_PRECONDITION "NodeStageVolume it first".
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
-        let backing = self
-            .source
-            .locate(&req.volume, &req.publish_context, &req.volume_context)?;
+        let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
         let record = match self.load(&req.volume).await? {
             Some(r) => Some(r),
             None => {
@@ -674,6 +815,13 @@ impl NodePlugin {
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {} is staged at {}, not at {}",
                 req.volume, record.staging, req.staging
+            )));
+        }
+        if !ownership::same_storage(&record.backing, &backing) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is staged from {}, but the request names {}; publishing only what \
+                 was staged",
+                req.volume, record.backing, backing
             )));
         }
         if is_block(&record.capability) != is_block(&req.capability)
@@ -706,7 +854,8 @@ impl NodePlugin {
                 )));
             }
         }
-        let Some(device) = self.source.find(&backing).await? else {
+        // The recorded backing, not the request's: the device published is the one staged.
+        let Some(device) = self.source.find(&record.backing).await? else {
             if !is_block(&record.capability)
                 && !mounts_at(&self.mounts().await?, &req.staging).is_empty()
             {
@@ -718,6 +867,9 @@ impl NodePlugin {
                 req.volume
             )));
         };
+        if record.saw(&device) {
+            self.save(&record).await?;
+        }
         if is_block(&req.capability) {
             self.publish_block(&req, &device, readonly, &mut record, wanted)
                 .await
@@ -895,47 +1047,53 @@ impl NodePlugin {
         Ok(())
     }
 
-    /// CSI NodeUnpublishVolume: unmount and remove the target directory, or remove the device
-    /// node. A target that is already gone is OK.
+    /// CSI NodeUnpublishVolume (§4.5.4): unmount and remove the target directory, or remove
+    /// the device node. Idempotent: a target already gone, or a volume with nothing left to
+    /// undo, is OK (never NOT_FOUND, which the kubelet retries forever). What is at the target
+    /// is the volume's when [`ownership::decide`] says so: a mount of any device the volume
+    /// was ever seen with (its device may have vanished or been renumbered since), or at a
+    /// recorded target a node or empty file the plugin made. Anything else is
+    /// FAILED_PRECONDITION and is left alone; a symlink is INVALID_ARGUMENT.
     pub async fn unpublish(&self, req: Unpublish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let mut record = self.load(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self
-                .source
-                .locate(&req.volume, &HashMap::new(), &HashMap::new())?,
+            None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
         };
         let device = self.source.find(&backing).await?;
-        let recorded = record
+        let history = record
             .as_ref()
-            .is_some_and(|r| r.publishes.contains_key(&req.target));
-        match self.look(&req.target).await? {
-            Found::Nothing => {
-                if record.is_none() && device.is_none() && !self.source.exists(&backing).await? {
-                    return Err(NodeError::NotFound(format!(
-                        "volume {} does not exist on this node",
-                        req.volume
-                    )));
-                }
+            .map(|r| r.known_devices())
+            .unwrap_or_default();
+        let known = Known {
+            history: &history,
+            current: device.as_ref().map(number),
+            recorded: record
+                .as_ref()
+                .is_some_and(|r| r.publishes.contains_key(&req.target)),
+        };
+        let found = self.look(&req.target).await?;
+        if found == Found::Symlink {
+            return Err(NodeError::invalid(
+                "target_path",
+                format!("{} is a symbolic link; refusing to follow it", req.target),
+            ));
+        }
+        let mounts = match self.judge(&req.target, &found, known).await? {
+            Verdict::Foreign(what) => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "target_path {} holds {what}, not volume {}; not removing it",
+                    req.target, req.volume
+                )))
             }
-            Found::Symlink => {
-                return Err(NodeError::invalid(
-                    "target_path",
-                    format!("{} is a symbolic link; refusing to follow it", req.target),
-                ))
-            }
+            Verdict::Empty => 0,
+            Verdict::Ours { mounts, .. } => mounts,
+        };
+        match found {
+            Found::Nothing => {}
             Found::Directory => {
-                let mounts = self.mounts().await?;
-                for top in mounts_at(&mounts, &req.target).into_iter().rev() {
-                    let ours = device.as_ref().is_some_and(|d| same_device(top, d));
-                    if !ours {
-                        return Err(NodeError::FailedPrecondition(format!(
-                            "target_path {} is a mount point of {} ({}:{}), not of volume {}; not \
-                             unmounting it",
-                            req.target, top.source, top.major, top.minor, req.volume
-                        )));
-                    }
+                for _ in 0..mounts {
                     self.unmount(&req.target, "target_path").await?;
                 }
                 let t = req.target.clone();
@@ -955,27 +1113,7 @@ impl NodePlugin {
                 })
                 .await?;
             }
-            Found::BlockDevice { major, minor, .. } => {
-                let ours = device
-                    .as_ref()
-                    .is_some_and(|d| (d.major, d.minor) == (major, minor))
-                    || recorded;
-                if !ours {
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "target_path {} is the device node of {major}:{minor}, not of volume {}; \
-                         not removing it",
-                        req.target, req.volume
-                    )));
-                }
-                remove_file(&req.target).await?;
-            }
-            Found::RegularFile { len: 0 } if recorded => remove_file(&req.target).await?,
-            other => {
-                return Err(NodeError::FailedPrecondition(format!(
-                "target_path {} is {other:?}, which this plugin did not create; not removing it",
-                req.target
-            )))
-            }
+            _ => remove_file(&req.target).await?,
         }
         if let Some(r) = record.as_mut() {
             if r.publishes.remove(&req.target).is_some() {
@@ -992,27 +1130,35 @@ impl NodePlugin {
     pub async fn stats(&self, req: Stats) -> Result<VolumeStats, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let backing = match self.load(&req.volume).await? {
-            Some(record) => self.known_path(&req.volume, &path, record).await?.backing,
-            None => self.unrecorded(&req.volume, &path).await?,
+        let (backing, history) = match self.load(&req.volume).await? {
+            Some(record) => {
+                let record = self.known_path(&req.volume, &path, record).await?;
+                let history = record.known_devices();
+                (record.backing, history)
+            }
+            None => (self.unrecorded(&req.volume, &path).await?, Vec::new()),
         };
         let device = self.source.find(&backing).await?;
         let healthy = match &device {
             Some(d) => self.source.healthy(&backing, d).await?,
             None => false,
         };
-        match self.look(&path).await? {
+        let found = self.look(&path).await?;
+        let known = Known {
+            history: &history,
+            current: device.as_ref().map(number),
+            recorded: true,
+        };
+        let verdict = self.judge(&path, &found, known).await?;
+        // Measured only when what is there is the volume's live device.
+        let live = matches!(verdict, Verdict::Ours { live: true, .. });
+        match found {
             Found::Nothing => Err(NodeError::NotFound(format!(
                 "volume_path {path} does not exist"
             ))),
             Found::Directory => {
-                let mounts = self.mounts().await?;
-                let top = mounts_at(&mounts, &path).last().copied();
-                let mounted = match (&device, top) {
-                    (Some(d), Some(top)) => same_device(top, d),
-                    _ => false,
-                };
-                if top.is_some() && !(mounted && healthy) {
+                let mounted = live;
+                if verdict != Verdict::Empty && !(mounted && healthy) {
                     // Mounted, but not by the volume's live device.
                     self.metrics.node.stale_mounts_detected_total.inc();
                 }
@@ -1052,10 +1198,8 @@ impl NodePlugin {
                     abnormal: None,
                 })
             }
-            Found::BlockDevice { major, minor, .. } => {
-                let ours = device
-                    .as_ref()
-                    .is_some_and(|d| (d.major, d.minor) == (major, minor));
+            Found::BlockDevice { .. } => {
+                let ours = live;
                 let size = if ours && healthy {
                     let p = path.clone();
                     blocking(move || device_size(&p)).await?
@@ -1136,27 +1280,19 @@ impl NodePlugin {
     /// What the kernel shows at `path` compared with `device`: the top mount of a directory,
     /// or a device node.
     async fn holds(&self, path: &AbsPath, device: &BlockDevice) -> Result<Holds, NodeError> {
-        Ok(match self.look(path).await? {
-            Found::Directory => {
-                let mounts = self.mounts().await?;
-                match mounts_at(&mounts, path).last() {
-                    Some(top) if same_device(top, device) => Holds::Ours,
-                    Some(top) => Holds::Other(format!(
-                        "a mount of {} ({}:{})",
-                        top.source, top.major, top.minor
-                    )),
-                    None => Holds::Nothing,
-                }
-            }
-            Found::BlockDevice { major, minor, .. }
-                if (major, minor) == (device.major, device.minor) =>
-            {
-                Holds::Ours
-            }
-            Found::BlockDevice { major, minor, .. } => {
-                Holds::Other(format!("the device node of {major}:{minor}"))
-            }
-            _ => Holds::Nothing,
+        let found = self.look(path).await?;
+        if !matches!(found, Found::Directory | Found::BlockDevice { .. }) {
+            return Ok(Holds::Nothing);
+        }
+        let known = Known {
+            history: &[],
+            current: Some(number(device)),
+            recorded: false,
+        };
+        Ok(match self.judge(path, &found, known).await? {
+            Verdict::Ours { .. } => Holds::Ours,
+            Verdict::Empty => Holds::Nothing,
+            Verdict::Foreign(what) => Holds::Other(what),
         })
     }
 
@@ -1270,3 +1406,7 @@ fn device_size(path: &AbsPath) -> Result<u64, NodeError> {
     let mut f = std::fs::File::open(PathBuf::from(path.as_path())).map_err(io)?;
     f.seek(SeekFrom::End(0)).map_err(io)
 }
+
+#[cfg(test)]
+#[path = "plugin_tests.rs"]
+mod tests;
