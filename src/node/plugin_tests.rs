@@ -461,3 +461,81 @@ async fn an_unpublish_or_unstage_with_nothing_to_undo_is_ok() {
         .unwrap();
     assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
 }
+
+/// After a reboot the record says pvc-1 is staged as ext4 at 259:1, but nothing is mounted at
+/// its staging path and its NQN now resolves to 259:7. A NodeStage as block is not
+/// ALREADY_EXISTS against that record: the record is replaced (block, the new device), and it
+/// keeps the old number in its history and the old target. Fails with ALREADY_EXISTS when
+/// `stage` lets a record the kernel contradicts win (`contradicted` removed).
+#[tokio::test]
+async fn a_stale_record_the_kernel_contradicts_is_replaced_by_a_fresh_stage() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    // The reboot: no mounts, the namespace back under another minor.
+    w.mounts.table.lock().unwrap().clear();
+    w.renumber(1, "259:7");
+
+    w.plugin
+        .stage(Stage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            options: MountOptions::default(),
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    let record = w.records.load(&vol("pvc-1")).unwrap().unwrap();
+    assert_eq!(
+        record.capability,
+        Capability::block(AccessMode::SingleNodeWriter)
+    );
+    assert_eq!(record.fs, None);
+    assert_eq!(
+        record.known_devices(),
+        vec![
+            DeviceNumber {
+                major: 259,
+                minor: 1
+            },
+            DeviceNumber {
+                major: 259,
+                minor: 7
+            }
+        ]
+    );
+    assert!(record.publishes.contains_key(&published));
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+}
+
+/// The same record with its staging mount still there (259:1, its device gone) is not
+/// contradicted: the stage keeps answering against it (ALREADY_EXISTS for another
+/// capability), so a live mount is never orphaned by a replaced record.
+#[tokio::test]
+async fn a_record_whose_mount_is_still_there_is_not_replaced() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.vanish(1);
+    let err = w
+        .plugin
+        .stage(Stage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            options: MountOptions::default(),
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::AlreadyExists(_)), "{err:?}");
+    assert_eq!(
+        w.records.load(&vol("pvc-1")).unwrap().unwrap().capability,
+        ext4()
+    );
+}
