@@ -20,6 +20,25 @@
 //!
 //! **Blocking work** (syscalls, record files, device reads) runs on tokio's blocking pool;
 //! external tools run as child processes with a timeout. No RPC blocks an async worker.
+//!
+//! **Ownership** is decided in one place: before any call unmounts, removes, publishes from or
+//! measures a path, [`ownership::decide`] says whether what is there is the volume's, from its
+//! record's device history, the device its backing resolves to now and the mount table. A
+//! mount left by a device that vanished or was renumbered is still the volume's; a mount of
+//! any other device never is.
+//!
+//! **Which file owns what:**
+//! - [`plugin`]: the CSI node calls, in order (stage, unstage, publish, unpublish, stats,
+//!   expand) and the syscalls they make through the seams; `plugin/identity.rs` holds a
+//!   request to its volume's storage and judges paths with `ownership`;
+//!   `plugin/adoption.rs` answers for volumes with no record (adoption, read-only calls).
+//! - [`ownership`]: the pure rule "does what is at this path belong to this volume".
+//! - [`records`]: the per-volume record files (staging path, targets, device history).
+//! - [`device`] (loop devices) and [`nvme`] (NVMe/TCP): where a block device comes from.
+//! - [`mounter`] and [`mountinfo`]: making mounts and device nodes, reading the mount table.
+//! - [`filesystem`] and [`command`]: probing, formatting, checking and growing filesystems
+//!   through external tools run as argument vectors.
+//! - [`paths`]: validated path values; [`locks`]: the per-volume turn.
 
 pub mod command;
 pub mod device;

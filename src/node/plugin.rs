@@ -7,8 +7,12 @@
 //! fails undoes what it did itself (a loop device it attached, a directory it created, a
 //! record it wrote), so nothing is left half-done. What an earlier process made is found in
 //! the kernel (sysfs, mountinfo) and adopted, never made twice.
+//!
+//! What at a path is the volume's is never decided here: every call asks
+//! [`super::ownership::decide`] through `identity.rs`'s `judge`. Volumes with no record live in
+//! `adoption.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,13 +22,13 @@ use super::filesystem::{self, Content};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
-use super::ownership::{self, AtPath, DeviceNumber, Known, Verdict};
+use super::ownership::{self, DeviceNumber, Known, Verdict};
 use super::paths::{inspect, AbsPath, BlockDevice, Found};
 use super::records::{Origin, PublishRecord, Records, StageRecord};
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
-use crate::metrics::{outcome, Metrics, ADOPTED, MOUNT, REFUSED, UNMOUNT};
+use crate::metrics::{outcome, Metrics, MOUNT, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
 #[derive(Clone, Debug)]
@@ -210,81 +214,10 @@ impl NodePlugin {
         }
     }
 
-    /// The volume's record. A volume with no record whose id differs only by letter case from
-    /// a recorded one is FAILED_PRECONDITION naming both: the two spellings name one RDS
-    /// volume (one NQN, the id in lowercase), so they are refused rather than kept as two
-    /// records over one device. (The per-volume lock is taken on the lowercase id, so the two
-    /// spellings also never run at once.)
     async fn load(&self, volume: &VolumeId) -> Result<Option<StageRecord>, NodeError> {
         let records = self.records.clone();
         let volume = volume.clone();
-        blocking(move || {
-            let record = records.load(&volume)?;
-            if record.is_none() {
-                if let Some(other) = records.spelled_otherwise(&volume)? {
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "volume {volume} differs only by letter case from volume {other}, which \
-                         is staged on this node; ids that differ only by case name one volume \
-                         (one NQN), so this node refuses the second spelling"
-                    )));
-                }
-            }
-            Ok(record)
-        })
-        .await
-    }
-
-    /// Where `volume` lives, as the request's contexts say, checked against where its id
-    /// alone says it lives: a context naming another volume's storage (another NQN in
-    /// `volume_context["nqn"]`, another image) is INVALID_ARGUMENT naming both, so one volume
-    /// id never reaches another volume's device.
-    fn locate(
-        &self,
-        volume: &VolumeId,
-        publish_context: &HashMap<String, String>,
-        volume_context: &HashMap<String, String>,
-    ) -> Result<Backing, NodeError> {
-        let requested = self
-            .source
-            .locate(volume, publish_context, volume_context)?;
-        let derived = self
-            .source
-            .locate(volume, &HashMap::new(), &HashMap::new())?;
-        if !ownership::same_storage(&requested, &derived) {
-            return Err(NodeError::invalid(
-                "volume_context",
-                format!(
-                    "names {requested}, but volume {volume} is {derived}; refusing to use \
-                     another volume's storage"
-                ),
-            ));
-        }
-        Ok(requested)
-    }
-
-    /// Judges what is at `path` (already looked at: `found`) for a volume known by `known`'s
-    /// devices; reads the mount table for a directory. The one place node calls ask.
-    async fn judge(
-        &self,
-        path: &AbsPath,
-        found: &Found,
-        known: Known<'_>,
-    ) -> Result<Verdict, NodeError> {
-        let mounts;
-        let at = match found {
-            Found::Nothing => AtPath::Nothing,
-            Found::Directory => {
-                mounts = self.mounts().await?;
-                AtPath::Directory(mounts_at(&mounts, path))
-            }
-            Found::BlockDevice { major, minor, .. } => AtPath::DeviceNode(DeviceNumber {
-                major: *major,
-                minor: *minor,
-            }),
-            Found::RegularFile { len: 0 } => AtPath::EmptyFile,
-            other => AtPath::Other(format!("{other:?}, which this plugin did not create")),
-        };
-        Ok(ownership::decide(&at, &known))
+        blocking(move || records.load(&volume)).await
     }
 
     async fn save(&self, record: &StageRecord) -> Result<(), NodeError> {
@@ -324,86 +257,6 @@ impl NodePlugin {
                 "volume {volume} does not exist on this node ({backing} is missing)"
             )))
         }
-    }
-
-    /// Adopts a volume staged with no record of ours: by the Go node plugin (which writes
-    /// none), or by an earlier process whose record is lost. The kernel must show it staged
-    /// as `capability` says: for mount access the volume's own device (the one its backing
-    /// resolves to now) mounted at `staging`; for block access that device attached and
-    /// nothing mounted at `staging` (the Go plugin leaves nothing there). Then the record is
-    /// written as NodeStageVolume would have, so unpublish and unstage work as usual.
-    ///
-    /// `Ok(None)`: nothing is staged there (the caller keeps its usual answer).
-    /// FAILED_PRECONDITION: something else is mounted at `staging`; nothing is recorded.
-    async fn adopt(
-        &self,
-        volume: &VolumeId,
-        staging: &AbsPath,
-        capability: &Capability,
-        backing: &Backing,
-        call: &'static str,
-    ) -> Result<Option<StageRecord>, NodeError> {
-        let device = self.source.find(backing).await?;
-        let mounts = self.mounts().await?;
-        let top = mounts_at(&mounts, staging).last().copied();
-        let (device, fs, readonly) = match (device, top) {
-            (None, None) => return Ok(None),
-            (Some(d), Some(top)) if same_device(top, &d) && !is_block(capability) => {
-                let Some(fs) = FsType::parse(&top.fs_type) else {
-                    self.count_adoption(REFUSED);
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "volume {volume} is mounted at {staging} as {}, not a filesystem this driver stages; not adopting it",
-                        top.fs_type
-                    )));
-                };
-                (d, Some(fs), top.read_only())
-            }
-            (device, Some(top)) => {
-                self.count_adoption(REFUSED);
-                return Err(NodeError::FailedPrecondition(format!(
-                    "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {}; not adopting it as volume {volume}",
-                    top.source,
-                    top.major,
-                    top.minor,
-                    top.fs_type,
-                    match &device {
-                        Some(d) if is_block(capability) => format!(
-                            "nothing ({d} is a block volume, staged without a mount)"
-                        ),
-                        Some(d) => format!("its device {d}"),
-                        None => "its device (not attached)".to_string(),
-                    }
-                )));
-            }
-            (Some(d), None) if is_block(capability) => (d, None, false),
-            (Some(_), None) => return Ok(None),
-        };
-        let record = StageRecord {
-            volume: volume.clone(),
-            staging: staging.clone(),
-            capability: capability.clone(),
-            fs,
-            readonly,
-            backing: backing.clone(),
-            device: Some(device.clone()),
-            devices: vec![number(&device)],
-            publishes: BTreeMap::new(),
-            origin: Origin::Adopted { call: call.into() },
-        };
-        self.save(&record).await?;
-        self.count_adoption(ADOPTED);
-        tracing::info!(volume_id = %volume, staging = %staging, device = %device,
-            fs = fs.map(FsType::as_str).unwrap_or("none (block)"), readonly, call,
-            "adopted a volume staged without a record (by the Go node plugin or an earlier process)");
-        Ok(Some(record))
-    }
-
-    fn count_adoption(&self, result: &'static str) {
-        self.metrics
-            .node
-            .adoptions_total
-            .with_label_values(&[result])
-            .inc();
     }
 
     /// Logs what the node finds at start: every recorded stage, checked against the kernel.
@@ -467,7 +320,7 @@ impl NodePlugin {
             }
         };
         let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
-        let (existing, stale) = match self.load(&req.volume).await? {
+        let (existing, stale) = match self.record_of(&req.volume).await? {
             Some(rec) if self.contradicted(&rec).await? => {
                 tracing::info!(volume_id = %req.volume, staged_at = %rec.staging,
                     "the record says staged, but nothing of the volume is mounted and its device \
@@ -593,21 +446,6 @@ impl NodePlugin {
         }
     }
 
-    /// Whether the kernel contradicts `record`'s stage (after a reboot, or a detach behind the
-    /// plugin's back): nothing is mounted at its staging path and its backing resolves to no
-    /// device it was ever seen with. Such a record is replaced by the next stage rather than
-    /// answering for a volume that is no longer staged.
-    async fn contradicted(&self, record: &StageRecord) -> Result<bool, NodeError> {
-        let known = record.known_devices();
-        if let Some(current) = self.source.find(&record.backing).await? {
-            if known.contains(&number(&current)) {
-                return Ok(false);
-            }
-        }
-        let mounts = self.mounts().await?;
-        Ok(mounts_at(&mounts, &record.staging).is_empty())
-    }
-
     async fn mount_staged(
         &self,
         req: &Stage,
@@ -677,7 +515,7 @@ impl NodePlugin {
     /// published, another device's mount at the staging path, or its device mounted elsewhere.
     pub async fn unstage(&self, req: Unstage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
-        let record = self.load(&req.volume).await?;
+        let record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
             None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
@@ -791,7 +629,7 @@ impl NodePlugin {
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
-        let record = match self.load(&req.volume).await? {
+        let record = match self.record_of(&req.volume).await? {
             Some(r) => Some(r),
             None => {
                 self.adopt(
@@ -1056,7 +894,7 @@ impl NodePlugin {
     /// FAILED_PRECONDITION and is left alone; a symlink is INVALID_ARGUMENT.
     pub async fn unpublish(&self, req: Unpublish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
-        let mut record = self.load(&req.volume).await?;
+        let mut record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
             None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
@@ -1130,7 +968,7 @@ impl NodePlugin {
     pub async fn stats(&self, req: Stats) -> Result<VolumeStats, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let (backing, history) = match self.load(&req.volume).await? {
+        let (backing, history) = match self.record_of(&req.volume).await? {
             Some(record) => {
                 let record = self.known_path(&req.volume, &path, record).await?;
                 let history = record.known_devices();
@@ -1221,81 +1059,6 @@ impl NodePlugin {
         }
     }
 
-    /// `record`, if its volume is staged or published at `path`; NOT_FOUND otherwise. For an
-    /// adopted volume, a path the kernel shows its device mounted at also counts: the Go
-    /// plugin's own publishes are in no record.
-    async fn known_path(
-        &self,
-        volume: &VolumeId,
-        path: &AbsPath,
-        record: StageRecord,
-    ) -> Result<StageRecord, NodeError> {
-        if record.staging == *path || record.publishes.contains_key(path) {
-            return Ok(record);
-        }
-        if matches!(record.origin, Origin::Adopted { .. }) {
-            if let Some(device) = self.source.find(&record.backing).await? {
-                if self.holds(path, &device).await? == Holds::Ours {
-                    return Ok(record);
-                }
-            }
-        }
-        Err(NodeError::NotFound(format!(
-            "volume {volume} is not staged or published at {path}"
-        )))
-    }
-
-    /// The backing of a volume with no record, when the kernel shows its own device at `path`
-    /// (staged or published with no record: by the Go node plugin). Read-only callers
-    /// (NodeGetVolumeStats) answer from it without writing a record: they carry no capability
-    /// to record; the next NodePublishVolume or NodeExpandVolume adopts the volume.
-    /// NOT_FOUND when nothing of the volume is there; FAILED_PRECONDITION when another
-    /// device is mounted there.
-    async fn unrecorded(&self, volume: &VolumeId, path: &AbsPath) -> Result<Backing, NodeError> {
-        let backing = self
-            .source
-            .locate(volume, &HashMap::new(), &HashMap::new())?;
-        self.require_volume(volume, &backing).await?;
-        let not_staged = || {
-            NodeError::NotFound(format!(
-                "volume {volume} is not staged or published on this node"
-            ))
-        };
-        let Some(device) = self.source.find(&backing).await? else {
-            return Err(not_staged());
-        };
-        match self.holds(path, &device).await? {
-            Holds::Ours => {
-                tracing::info!(volume_id = %volume, path = %path, device = %device,
-                    "answering for a volume staged without a record, from the kernel's view");
-                Ok(backing)
-            }
-            Holds::Nothing => Err(not_staged()),
-            Holds::Other(what) => Err(NodeError::FailedPrecondition(format!(
-                "{path} holds {what}, not volume {volume}'s device {device}"
-            ))),
-        }
-    }
-
-    /// What the kernel shows at `path` compared with `device`: the top mount of a directory,
-    /// or a device node.
-    async fn holds(&self, path: &AbsPath, device: &BlockDevice) -> Result<Holds, NodeError> {
-        let found = self.look(path).await?;
-        if !matches!(found, Found::Directory | Found::BlockDevice { .. }) {
-            return Ok(Holds::Nothing);
-        }
-        let known = Known {
-            history: &[],
-            current: Some(number(device)),
-            recorded: false,
-        };
-        Ok(match self.judge(path, &found, known).await? {
-            Verdict::Ours { .. } => Holds::Ours,
-            Verdict::Empty => Holds::Nothing,
-            Verdict::Foreign(what) => Holds::Other(what),
-        })
-    }
-
     /// CSI NodeExpandVolume: the device learns its new size, then a filesystem grows online.
     /// Returns the size the volume now has. A volume with no record is adopted first when the
     /// request names its staging path and capability and the kernel shows it staged there;
@@ -1303,7 +1066,7 @@ impl NodePlugin {
     pub async fn expand(&self, req: Expand) -> Result<u64, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let record = match self.load(&req.volume).await? {
+        let record = match self.record_of(&req.volume).await? {
             Some(r) => Some(r),
             None => match (&req.staging, &req.capability) {
                 (Some(staging), Some(capability)) => {
@@ -1374,15 +1137,6 @@ impl NodePlugin {
     }
 }
 
-/// What is at a path, measured against a volume's device.
-#[derive(Debug, PartialEq, Eq)]
-enum Holds {
-    Ours,
-    Nothing,
-    /// Another device's mount or node, described for the error.
-    Other(String),
-}
-
 async fn remove_file(path: &AbsPath) -> Result<(), NodeError> {
     let p = path.clone();
     blocking(move || match std::fs::remove_file(p.as_path()) {
@@ -1407,6 +1161,7 @@ fn device_size(path: &AbsPath) -> Result<u64, NodeError> {
     f.seek(SeekFrom::End(0)).map_err(io)
 }
 
+mod adoption;
+mod identity;
 #[cfg(test)]
-#[path = "plugin_tests.rs"]
 mod tests;

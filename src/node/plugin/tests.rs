@@ -3,7 +3,7 @@
 //! `ctrl_loss_tmo` does) and a mount table that behaves like the kernel's: unmounting a path
 //! that is not a mount point is EINVAL, and every mount carries its device's number.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
