@@ -22,7 +22,7 @@ use super::filesystem::{self, Content};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
-use super::ownership::{self, DeviceNumber, Known, Verdict};
+use super::ownership::{self, AtPath, DeviceNumber, Known, Verdict};
 use super::paths::{inspect, AbsPath, BlockDevice, Found};
 use super::records::{Origin, PublishRecord, Records, StageRecord};
 use super::NodeError;
@@ -455,8 +455,16 @@ impl NodePlugin {
         readonly: bool,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        if let Some(top) = mounts_at(&mounts, &req.staging).last() {
-            if same_device(top, device) {
+        let stacked = mounts_at(&mounts, &req.staging);
+        if let Some(top) = stacked.last() {
+            let known = Known {
+                history: &[],
+                current: Some(number(device)),
+                recorded: true,
+            };
+            if let Verdict::Ours { live: true, .. } =
+                ownership::decide(&AtPath::Directory(stacked.clone()), &known)
+            {
                 return Ok(());
             }
             self.metrics.node.stale_mounts_detected_total.inc();
@@ -726,10 +734,20 @@ impl NodePlugin {
         wanted: PublishRecord,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        let top = mounts_at(&mounts, &req.staging).last().copied();
-        let staged = top.is_some_and(|m| same_device(m, device));
-        if !staged {
-            if top.is_some() {
+        let history = record.known_devices();
+        let known = |recorded| Known {
+            history: &history,
+            current: Some(number(device)),
+            recorded,
+        };
+        // Bind only from a staging mount of the live device: a mount left by an earlier
+        // device of the volume is its own but stale.
+        let staged = ownership::decide(
+            &AtPath::Directory(mounts_at(&mounts, &req.staging)),
+            &known(true),
+        );
+        if !matches!(staged, Verdict::Ours { live: true, .. }) {
+            if staged != Verdict::Empty {
                 self.metrics.node.stale_mounts_detected_total.inc();
             }
             return Err(NodeError::FailedPrecondition(format!(
@@ -763,12 +781,27 @@ impl NodePlugin {
                 )))
             }
         };
-        if let Some(top) = mounts_at(&mounts, &req.target).last() {
-            if !same_device(top, device) {
-                return Err(NodeError::FailedPrecondition(format!(
-                    "target_path {} is already a mount point of {} ({}:{})",
-                    req.target, top.source, top.major, top.minor
-                )));
+        let at_target = mounts_at(&mounts, &req.target);
+        if let Some(top) = at_target.last() {
+            match ownership::decide(
+                &AtPath::Directory(at_target.clone()),
+                &known(record.publishes.contains_key(&req.target)),
+            ) {
+                Verdict::Ours { live: true, .. } => {}
+                Verdict::Ours { .. } => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "target_path {} holds a mount of volume {}'s earlier device; \
+                         NodeUnpublishVolume it first",
+                        req.target, req.volume
+                    )))
+                }
+                Verdict::Foreign(what) => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "target_path {} is already a mount point: it holds {what}",
+                        req.target
+                    )))
+                }
+                Verdict::Empty => {}
             }
             if top.read_only() != readonly {
                 return Err(NodeError::AlreadyExists(format!(
@@ -1120,11 +1153,14 @@ impl NodePlugin {
             )));
         }
         if let Some(fs) = record.fs {
-            let mounts = self.mounts().await?;
-            let mounted = mounts_at(&mounts, &record.staging)
-                .last()
-                .is_some_and(|m| same_device(m, &device));
-            if !mounted {
+            let found = Found::Directory;
+            let known = Known {
+                history: &record.known_devices(),
+                current: Some(number(&device)),
+                recorded: true,
+            };
+            let mounted = self.judge(&record.staging, &found, known).await?;
+            if !matches!(mounted, Verdict::Ours { live: true, .. }) {
                 return Err(NodeError::FailedPrecondition(format!(
                     "volume {}'s filesystem is not mounted at {}; it grows online only",
                     req.volume, record.staging

@@ -7,12 +7,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{is_block, mounts_at, number, same_device, NodePlugin};
+use super::{is_block, mounts_at, number, NodePlugin};
 use crate::domain::{Capability, FsType};
 use crate::ids::VolumeId;
 use crate::metrics::{ADOPTED, REFUSED};
 use crate::node::device::Backing;
-use crate::node::ownership::{Known, Verdict};
+use crate::node::ownership::{self, AtPath, Known, Verdict};
 use crate::node::paths::{AbsPath, BlockDevice, Found};
 use crate::node::records::{Origin, StageRecord};
 use crate::node::NodeError;
@@ -37,10 +37,18 @@ impl NodePlugin {
     ) -> Result<Option<StageRecord>, NodeError> {
         let device = self.source.find(backing).await?;
         let mounts = self.mounts().await?;
-        let top = mounts_at(&mounts, staging).last().copied();
-        let (device, fs, readonly) = match (device, top) {
-            (None, None) => return Ok(None),
-            (Some(d), Some(top)) if same_device(top, &d) && !is_block(capability) => {
+        let stacked = mounts_at(&mounts, staging);
+        let top = stacked.last().copied();
+        // No record, so no history: only the device the backing resolves to now is ours.
+        let known = Known {
+            history: &[],
+            current: device.as_ref().map(number),
+            recorded: false,
+        };
+        let verdict = ownership::decide(&AtPath::Directory(stacked), &known);
+        let (device, fs, readonly) = match (device, &verdict, top) {
+            (None, Verdict::Empty, _) => return Ok(None),
+            (Some(d), Verdict::Ours { .. }, Some(top)) if !is_block(capability) => {
                 let Some(fs) = FsType::parse(&top.fs_type) else {
                     self.count_adoption(REFUSED);
                     return Err(NodeError::FailedPrecondition(format!(
@@ -50,14 +58,20 @@ impl NodePlugin {
                 };
                 (d, Some(fs), top.read_only())
             }
-            (device, Some(top)) => {
+            (Some(d), Verdict::Empty, _) if is_block(capability) => (d, None, false),
+            (Some(_), Verdict::Empty, _) => return Ok(None),
+            (device, verdict, top) => {
                 self.count_adoption(REFUSED);
+                let what = match (verdict, top) {
+                    (Verdict::Foreign(what), _) => what.clone(),
+                    (_, Some(top)) => format!(
+                        "a mount of {} ({}:{}, {})",
+                        top.source, top.major, top.minor, top.fs_type
+                    ),
+                    (_, None) => "nothing".to_string(),
+                };
                 return Err(NodeError::FailedPrecondition(format!(
-                    "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {}; not adopting it as volume {volume}",
-                    top.source,
-                    top.major,
-                    top.minor,
-                    top.fs_type,
+                    "staging_target_path {staging} holds {what}, not {}; not adopting it as volume {volume}",
                     match &device {
                         Some(d) if is_block(capability) => format!(
                             "nothing ({d} is a block volume, staged without a mount)"
@@ -67,8 +81,6 @@ impl NodePlugin {
                     }
                 )));
             }
-            (Some(d), None) if is_block(capability) => (d, None, false),
-            (Some(_), None) => return Ok(None),
         };
         let record = StageRecord {
             volume: volume.clone(),

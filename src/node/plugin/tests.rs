@@ -539,3 +539,35 @@ async fn a_record_whose_mount_is_still_there_is_not_replaced() {
         ext4()
     );
 }
+
+/// The staging mount still shows 259:1 but the namespace is now 259:5: the mount is the
+/// volume's (unpublish and unstage may undo it) but stale, so NodePublish refuses to bind
+/// from it and binds nothing. Fails when `publish_mount` accepts any mount `decide` calls the
+/// volume's instead of only a live one.
+#[tokio::test]
+async fn a_publish_never_binds_from_a_staging_mount_of_an_earlier_device() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.renumber(1, "259:5");
+    let second = AbsPath::try_from(w.dir.path().join("pod-2")).unwrap();
+    let err = w
+        .plugin
+        .publish(Publish {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            target: second.clone(),
+            capability: ext4(),
+            options: MountOptions::default(),
+            readonly: false,
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err:?}");
+    assert!(err.to_string().contains("stage it again"), "{err}");
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+    assert!(w.mounts.at(&second).is_empty());
+}
