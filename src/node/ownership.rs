@@ -289,4 +289,37 @@ mod tests {
             assert_eq!(decide(&at, &known), want, "{what}");
         }
     }
+
+    fn any_device() -> impl proptest::strategy::Strategy<Value = DeviceNumber> {
+        use proptest::prelude::*;
+        (0u32..3, 0u32..4).prop_map(|(major, minor)| dev(major, minor))
+    }
+
+    proptest::proptest! {
+        /// Whatever the history, the current device and the stack: a mount of a device the
+        /// volume was never seen with makes the path foreign, and a path called the volume's
+        /// holds only mounts of devices it knows, all of them counted. (The safety rule: no
+        /// call ever unmounts another device's mount.)
+        #[test]
+        fn a_mount_of_an_unknown_device_is_never_the_volumes(
+            history in proptest::collection::vec(any_device(), 0..3),
+            current in proptest::option::of(any_device()),
+            stack in proptest::collection::vec(any_device(), 0..4),
+            recorded in proptest::bool::ANY,
+        ) {
+            let entries: Vec<MountEntry> = stack.iter().map(|d| mount(d.major, d.minor)).collect();
+            let at = AtPath::Directory(entries.iter().collect());
+            let verdict = decide(&at, &k(&history, current, recorded));
+            let known = |d: &DeviceNumber| history.contains(d) || current == Some(*d);
+            match verdict {
+                Verdict::Empty => proptest::prop_assert!(stack.is_empty()),
+                Verdict::Ours { live, mounts } => {
+                    proptest::prop_assert!(stack.iter().all(known));
+                    proptest::prop_assert_eq!(mounts, stack.len());
+                    proptest::prop_assert_eq!(live, stack.iter().all(|d| current == Some(*d)));
+                }
+                Verdict::Foreign(_) => proptest::prop_assert!(!stack.iter().all(known)),
+            }
+        }
+    }
 }
