@@ -280,11 +280,16 @@ impl NodePlugin {
             };
             count += 1;
             let device = self.source.find(&record.backing).await?;
-            let staged_mount = device.as_ref().map(|d| {
-                mounts_at(&mounts, &record.staging)
-                    .iter()
-                    .any(|m| same_device(m, d))
-            });
+            let history = record.known_devices();
+            let known = Known {
+                history: &history,
+                current: device.as_ref().map(number),
+                recorded: true,
+            };
+            let staged_mount = ownership::decide(
+                &AtPath::Directory(mounts_at(&mounts, &record.staging)),
+                &known,
+            );
             tracing::info!(
                 volume_id = %record.volume,
                 staging = %record.staging,

@@ -1074,6 +1074,40 @@ async fn an_unpublish_after_the_device_vanished_unmounts_and_succeeds() {
     n.host.assert_clean();
 }
 
+/// With `V1` staged, every node call for `v1` is FAILED_PRECONDITION naming both ids and
+/// touches nothing (on the RDS both spellings are one NQN; the node refuses the second rather
+/// than keep two records). Once `V1` is unstaged, `v1` gets its ordinary answers again. Fails
+/// when the plugin's `record_of` does not look for another spelling (the unstage of `v1`
+/// answers OK, the stage NOT_FOUND).
+#[tokio::test]
+async fn ids_differing_only_by_case_are_refused_while_one_is_staged() {
+    if !root_or_skip("case_ids") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("V1", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("V1", cap.clone()).await;
+    n.stage("V1", "stage", cap.clone(), ctx).await.unwrap();
+    let both = |r: Result<(), tonic::Status>| {
+        let err = r.expect_err("the other spelling is refused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(
+            err.message().contains("V1") && err.message().contains("v1"),
+            "{}",
+            err.message()
+        );
+    };
+    both(n.stage("v1", "stage-2", cap.clone(), HashMap::new()).await);
+    both(n.publish("v1", "stage", "t", cap.clone(), false).await);
+    both(n.unpublish("v1", "t").await);
+    both(n.unstage("v1", "stage").await);
+    assert_eq!(n.mount_count("stage"), 1, "V1's staging mount is untouched");
+    n.unstage("V1", "stage").await.unwrap();
+    n.unstage("v1", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
 #[tokio::test]
 async fn stats_report_abnormal_when_the_mount_is_gone() {
     if !root_or_skip("stats_abnormal") {
