@@ -22,6 +22,7 @@
 //! external tools run as child processes with a timeout. No RPC blocks an async worker.
 
 pub mod command;
+pub mod confine;
 pub mod device;
 pub mod filesystem;
 pub mod locks;
