@@ -37,7 +37,7 @@ pub struct Node {
 impl Node {
     pub async fn start(extra: &[&str]) -> Node {
         let host = Host::new();
-        let d = Driver::start_in(host.driver_dir(), &[], extra).await;
+        let d = Driver::start_in(host.driver_dir(), &[], &host.kubelet_args(extra)).await;
         Node { d, host }
     }
 
@@ -46,7 +46,7 @@ impl Node {
         let Node { mut d, host } = self;
         d.kill9();
         let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
-        let d = Driver::start_in(dir, &[], extra).await;
+        let d = Driver::start_in(dir, &[], &host.kubelet_args(extra)).await;
         Node { d, host }
     }
 
@@ -900,6 +900,160 @@ async fn a_symlink_planted_at_a_target_is_never_followed() {
         .is_symlink());
     n.unstage("b", "bstage").await.unwrap();
     n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// A driver whose `--kubelet-dir` is `kubelet/` under its host dir, so `out/` beside it is
+/// outside the root and still cleaned by the [`Host`] guard.
+async fn node_with_kubelet_subdir() -> Node {
+    let host = Host::new();
+    let kubelet = host.at("kubelet");
+    std::fs::create_dir(&kubelet).unwrap();
+    std::fs::create_dir(host.path().join("out")).unwrap();
+    let d = Driver::start_in(host.driver_dir(), &[], &["--kubelet-dir", &kubelet]).await;
+    Node { d, host }
+}
+
+async fn unpublish_raw(n: &Node, volume: &str, target: &str) -> Result<(), tonic::Status> {
+    n.d.node()
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: target.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Catches dropping the `confined` checks at the top of stage, publish and unpublish
+/// (plugin.rs) or the target == staging refusal: a path outside `--kubelet-dir` is
+/// INVALID_ARGUMENT, and nothing is mounted, created or removed there.
+#[tokio::test]
+async fn a_staging_path_outside_the_kubelet_root_is_refused() {
+    if !root_or_skip("outside_kubelet_root") {
+        return;
+    }
+    let n = node_with_kubelet_subdir().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    let out = n.host.path().join("out");
+    std::fs::create_dir(out.join("stage")).unwrap();
+    std::fs::create_dir(out.join("keep")).unwrap();
+    expect_code(
+        n.stage_raw("v", &n.host.at("out/stage"), cap.clone(), ctx.clone())
+            .await,
+        Code::InvalidArgument,
+        "--kubelet-dir",
+    );
+    n.stage("v", "kubelet/stage", cap.clone(), ctx)
+        .await
+        .unwrap();
+    let staging = n.host.at("kubelet/stage");
+    expect_code(
+        n.publish_raw("v", &staging, &n.host.at("out/t"), cap.clone(), false)
+            .await,
+        Code::InvalidArgument,
+        "--kubelet-dir",
+    );
+    expect_code(
+        unpublish_raw(&n, "v", &n.host.at("out/keep")).await,
+        Code::InvalidArgument,
+        "--kubelet-dir",
+    );
+    expect_code(
+        n.publish_raw("v", &staging, &staging, cap.clone(), false)
+            .await,
+        Code::InvalidArgument,
+        "staging_target_path",
+    );
+    assert_eq!(n.mount_count("out/stage"), 0);
+    assert!(!out.join("t").exists(), "no target made outside the root");
+    assert!(
+        out.join("keep").is_dir(),
+        "nothing removed outside the root"
+    );
+    n.unstage("v", "kubelet/stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// Catches resolving a request's path by name (only the last component `O_NOFOLLOW`):
+/// a symlink among the parents — to a directory inside the root or outside it — is refused
+/// by stage, publish (mount and block) and unpublish, and nothing is made or removed where it
+/// points.
+#[tokio::test]
+async fn a_symlinked_parent_is_refused() {
+    if !root_or_skip("symlinked_parent") {
+        return;
+    }
+    let n = node_with_kubelet_subdir().await;
+    let (kubelet, out) = (n.host.path().join("kubelet"), n.host.path().join("out"));
+    std::fs::create_dir_all(kubelet.join("real/stage")).unwrap();
+    std::fs::create_dir(out.join("keep")).unwrap();
+    std::os::unix::fs::symlink(kubelet.join("real"), kubelet.join("inner")).unwrap();
+    std::os::unix::fs::symlink(&out, kubelet.join("escape")).unwrap();
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    expect_code(
+        n.stage_raw(
+            "v",
+            &n.host.at("kubelet/inner/stage"),
+            cap.clone(),
+            ctx.clone(),
+        )
+        .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert_eq!(
+        n.mount_count("kubelet/real/stage"),
+        0,
+        "nothing mounted through the link"
+    );
+    n.stage("v", "kubelet/stage", cap.clone(), ctx)
+        .await
+        .unwrap();
+    let staging = n.host.at("kubelet/stage");
+    for target in ["kubelet/inner/t", "kubelet/escape/t"] {
+        expect_code(
+            n.publish_raw("v", &staging, &n.host.at(target), cap.clone(), false)
+                .await,
+            Code::InvalidArgument,
+            "symbolic link",
+        );
+    }
+    expect_code(
+        unpublish_raw(&n, "v", &n.host.at("kubelet/escape/keep")).await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    let block = rwo_block();
+    n.create("b", 16 * MIB, block.clone()).await;
+    let bctx = n.attach("b", block.clone()).await;
+    n.stage("b", "kubelet/bstage", block.clone(), bctx)
+        .await
+        .unwrap();
+    expect_code(
+        n.publish_raw(
+            "b",
+            &n.host.at("kubelet/bstage"),
+            &n.host.at("kubelet/escape/dev"),
+            block.clone(),
+            false,
+        )
+        .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert!(
+        !kubelet.join("real/t").exists() && !out.join("t").exists() && !out.join("dev").exists()
+    );
+    assert!(
+        out.join("keep").is_dir(),
+        "nothing removed through the link"
+    );
+    n.unstage("b", "kubelet/bstage").await.unwrap();
+    n.unstage("v", "kubelet/stage").await.unwrap();
     n.host.assert_clean();
 }
 
