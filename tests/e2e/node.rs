@@ -1912,3 +1912,43 @@ async fn a_block_volume_the_go_plugin_attached_is_adopted_by_node_publish() {
     assert_eq!(record_of(&n, "gob"), None);
     n.host.assert_clean();
 }
+
+/// Catches dropping the `LOOP_GET_STATUS64` check in `LoopDevices::detach` (device.rs): a
+/// loop device that sysfs listed as the volume's image, but that was freed and re-bound to
+/// another image before the detach, stays bound to that other image. Real loop devices on this
+/// test's own images; the [`Host`] guard detaches them even if it fails.
+#[tokio::test]
+async fn loop_detach_refuses_a_loop_rebound_to_another_image() {
+    use rds_csi::node::command::SystemRunner;
+    use rds_csi::node::device::{DeviceSource, LoopDevices};
+    if !root_or_skip("loop_rebound") {
+        return;
+    }
+    let host = Host::new();
+    let root = host.path().join("volumes");
+    std::fs::create_dir(&root).unwrap();
+    let (ours, theirs) = (root.join("v1.img"), root.join("x.img"));
+    for image in [&ours, &theirs] {
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let loops = LoopDevices::new(SystemRunner, &root, "/sys").unwrap();
+    let volume = rds_csi::ids::VolumeId::try_from("v1").unwrap();
+    let backing = loops
+        .locate(&volume, &HashMap::new(), &HashMap::new())
+        .unwrap();
+    let dev = loops.attach(&backing).await.unwrap();
+    let (path, other) = (dev.path.to_string(), theirs.display().to_string());
+    loops.before_next_detach_check(move || {
+        run("losetup", &["--detach", &path]);
+        run("losetup", &[&path, &other]);
+    });
+    loops.detach(&backing).await.unwrap();
+    let bound = std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", dev.name()))
+        .expect("the re-bound loop device is still bound");
+    assert_eq!(bound.trim_end(), theirs.display().to_string());
+    run("losetup", &["--detach", &dev.path.to_string()]);
+    host.assert_clean();
+}
