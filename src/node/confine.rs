@@ -554,4 +554,174 @@ mod tests {
         assert!(root.unlink(&target).unwrap());
         assert!(names_in(&base).is_empty());
     }
+
+    /// Catches `PathLocks` keying on anything but the path: a second call on one path waits
+    /// for the holder (two volumes publishing at one target), a call on another path does not.
+    /// The paused clock only advances when every task is idle, so the timeout fires only if
+    /// the lock really is pending.
+    #[tokio::test(start_paused = true)]
+    async fn two_calls_on_one_path_take_turns() {
+        use std::time::Duration;
+        let locks = PathLocks::default();
+        let (t, u) = (abs("/k/pods/t"), abs("/k/pods/u"));
+        let held = locks.lock(&t).await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), locks.lock(&t))
+                .await
+                .is_err(),
+            "the same path waits for its holder"
+        );
+        drop(
+            tokio::time::timeout(Duration::from_secs(1), locks.lock(&u))
+                .await
+                .expect("another path does not wait"),
+        );
+        drop(held);
+        drop(
+            tokio::time::timeout(Duration::from_secs(1), locks.lock(&t))
+                .await
+                .expect("released"),
+        );
+    }
+
+    /// One attached device for every volume, as a loop device would be: enough for the plugin
+    /// to stage and publish block volumes without a kernel device behind them.
+    struct OneDevice(BlockDevice_);
+    type BlockDevice_ = crate::node::paths::BlockDevice;
+
+    #[async_trait::async_trait]
+    impl crate::node::device::DeviceSource for OneDevice {
+        fn kind(&self) -> &'static str {
+            "file"
+        }
+        fn locate(
+            &self,
+            volume: &crate::ids::VolumeId,
+            _: &std::collections::HashMap<String, String>,
+            _: &std::collections::HashMap<String, String>,
+        ) -> Result<crate::node::device::Backing, crate::node::NodeError> {
+            Ok(crate::node::device::Backing::File {
+                image: abs(format!("/nonexistent/{volume}.img")),
+            })
+        }
+        async fn exists(
+            &self,
+            _: &crate::node::device::Backing,
+        ) -> Result<bool, crate::node::NodeError> {
+            Ok(true)
+        }
+        async fn find(
+            &self,
+            _: &crate::node::device::Backing,
+        ) -> Result<Option<BlockDevice_>, crate::node::NodeError> {
+            Ok(Some(self.0.clone()))
+        }
+        async fn attach(
+            &self,
+            _: &crate::node::device::Backing,
+        ) -> Result<BlockDevice_, crate::node::NodeError> {
+            Ok(self.0.clone())
+        }
+        async fn detach(
+            &self,
+            _: &crate::node::device::Backing,
+        ) -> Result<(), crate::node::NodeError> {
+            Ok(())
+        }
+        async fn refresh_size(
+            &self,
+            _: &crate::node::device::Backing,
+            _: &BlockDevice_,
+        ) -> Result<u64, crate::node::NodeError> {
+            Ok(0)
+        }
+        async fn healthy(
+            &self,
+            _: &crate::node::device::Backing,
+            _: &BlockDevice_,
+        ) -> Result<bool, crate::node::NodeError> {
+            Ok(true)
+        }
+    }
+
+    /// Through the plugin: catches the block publish's cleanup removing the target after a
+    /// failed device node creation (plugin.rs `publish_block`): another volume's node that
+    /// appears at the target while this publish runs is left intact, and the publish answers
+    /// FAILED_PRECONDITION.
+    #[tokio::test]
+    async fn a_block_publish_losing_the_race_through_the_plugin_leaves_the_winner_intact() {
+        use crate::domain::{AccessMode, Capability};
+        use crate::node::mounter::{MountOptions, SystemMounter};
+        use crate::node::plugin::{NodeDeps, NodePlugin, Publish, Stage};
+        use std::sync::Arc;
+        if !root_or_skip(
+            "a_block_publish_losing_the_race_through_the_plugin_leaves_the_winner_intact",
+        ) {
+            return;
+        }
+        let (dir, root) = root();
+        let root = Arc::new(root);
+        let base = root.path().as_path().to_path_buf();
+        std::fs::create_dir(base.join("stage")).unwrap();
+        let device = BlockDevice_ {
+            path: abs("/dev/loop250"),
+            major: 7,
+            minor: 250,
+        };
+        let plugin = NodePlugin::new(NodeDeps {
+            source: Arc::new(OneDevice(device)),
+            mounter: Arc::new(SystemMounter::new(root.clone())),
+            runner: Arc::new(crate::node::fakes::RecordingRunner::default()),
+            records: crate::node::records::Records::open(&dir.path().join("state")).unwrap(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            root: root.clone(),
+        });
+        let volume = crate::ids::VolumeId::try_from("a").unwrap();
+        let cap = Capability::block(AccessMode::SingleNodeWriter);
+        plugin
+            .stage(Stage {
+                volume: volume.clone(),
+                staging: abs(base.join("stage")),
+                capability: cap.clone(),
+                options: MountOptions::default(),
+                publish_context: Default::default(),
+                volume_context: Default::default(),
+            })
+            .await
+            .unwrap();
+        let target = abs(base.join("target"));
+        let (winner, winner_root) = (target.clone(), KubeletRoot::new(root.path().clone()));
+        root.before_next_claim(move || {
+            winner_root
+                .make_device_node(&winner, 7, 251, 0o660)
+                .expect("the winner's publish");
+        });
+        let lost = plugin
+            .publish(Publish {
+                volume,
+                staging: abs(base.join("stage")),
+                target: target.clone(),
+                capability: cap,
+                options: MountOptions::default(),
+                readonly: false,
+                publish_context: Default::default(),
+                volume_context: Default::default(),
+            })
+            .await;
+        assert!(
+            matches!(lost, Err(crate::node::NodeError::FailedPrecondition(_))),
+            "{lost:?}"
+        );
+        assert_eq!(
+            root.inspect(&target).unwrap(),
+            Found::BlockDevice {
+                major: 7,
+                minor: 251,
+                mode: 0o660
+            },
+            "the winner's node is untouched"
+        );
+        assert_eq!(names_in(&base), vec!["stage", "state", "target"]);
+        std::fs::remove_file(target.as_path()).unwrap();
+    }
 }
