@@ -11,12 +11,17 @@
 //! staged (its own device mounted at the staging path, or for block attached); the record it
 //! writes says so ([`records::Origin::Adopted`]). A mount of another device is never adopted.
 //!
+//! **Confinement.** Every staging path and target lies beneath `--kubelet-dir` and is touched
+//! only through [`confine::KubeletRoot`], which resolves it from a directory fd on that root
+//! and never follows a symlink beneath it.
+//!
 //! **Serialization.** Node RPCs for one volume never interleave; RPCs for different volumes run
 //! in parallel. This uses a per-volume async lock ([`locks::VolumeLocks`]) rather than an actor
 //! per volume: the node holds no in-memory state worth owning (the kernel and the record files
 //! are the state), its work is a sequence of blocking tools and syscalls, and the kubelet's
 //! overlapping retries only need to wait their turn. An actor would add a mailbox and a thread
-//! hop and own nothing.
+//! hop and own nothing. Calls on one path wait for each other too ([`confine::PathLocks`]):
+//! two volumes published at one target never interleave.
 //!
 //! **Blocking work** (syscalls, record files, device reads) runs on tokio's blocking pool;
 //! external tools run as child processes with a timeout. No RPC blocks an async worker.
@@ -41,6 +46,7 @@
 //! - [`paths`]: validated path values; [`locks`]: the per-volume turn.
 
 pub mod command;
+pub mod confine;
 pub mod device;
 pub mod filesystem;
 pub mod locks;

@@ -17,13 +17,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::command::CommandRunner;
+use super::confine::{ConfineError, KubeletRoot, PathLocks};
 use super::device::{Backing, DeviceSource};
 use super::filesystem::{self, Content};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
 use super::ownership::{self, AtPath, DeviceNumber, Known, Verdict};
-use super::paths::{inspect, AbsPath, BlockDevice, Found};
+use super::paths::{AbsPath, BlockDevice, Found};
 use super::records::{Origin, PublishRecord, Records, StageRecord};
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
@@ -143,6 +144,8 @@ pub struct NodeDeps {
     pub records: Records,
     /// Where mounts, stale mounts and recoveries are counted (`NodeMetrics`).
     pub metrics: Arc<Metrics>,
+    /// `--kubelet-dir`: every staging path and target lies beneath it.
+    pub root: Arc<KubeletRoot>,
 }
 
 pub struct NodePlugin {
@@ -152,6 +155,9 @@ pub struct NodePlugin {
     records: Arc<Records>,
     locks: VolumeLocks,
     metrics: Arc<Metrics>,
+    root: Arc<KubeletRoot>,
+    /// Per staging path and target, taken after the volume's lock.
+    paths: PathLocks,
 }
 
 /// Runs blocking work on the blocking pool.
@@ -211,6 +217,8 @@ impl NodePlugin {
             records: Arc::new(deps.records),
             locks: VolumeLocks::default(),
             metrics: deps.metrics,
+            root: deps.root,
+            paths: PathLocks::default(),
         }
     }
 
@@ -237,15 +245,25 @@ impl NodePlugin {
         blocking(move || mounter.mounts().map_err(NodeError::from)).await
     }
 
+    /// What is at `path`, resolved beneath `--kubelet-dir`. A path outside it holds nothing
+    /// of a volume's (NOT_FOUND, as for a volume path that does not exist); a symlink among
+    /// its parents is INVALID_ARGUMENT.
     async fn look(&self, path: &AbsPath) -> Result<Found, NodeError> {
-        let p = path.clone();
+        let (root, p) = (self.root.clone(), path.clone());
         blocking(move || {
-            inspect(&p).map_err(|source| NodeError::Io {
-                action: format!("looking at {p}"),
-                source,
+            root.inspect(&p).map_err(|e| match e {
+                ConfineError::Outside { .. } => NodeError::NotFound(e.to_string()),
+                e => confine_error("path", e),
             })
         })
         .await
+    }
+
+    /// INVALID_ARGUMENT unless `path` (the request's `field`) lies beneath `--kubelet-dir`
+    /// with no symlink among its parents.
+    async fn confined(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || root.check(&p).map_err(|e| confine_error(field, e))).await
     }
 
     /// NOT_FOUND unless the volume's storage exists.
@@ -307,6 +325,8 @@ impl NodePlugin {
     /// attach only.
     pub async fn stage(&self, req: Stage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
+        self.confined(&req.staging, "staging_target_path").await?;
+        let _path = self.paths.lock(&req.staging).await;
         let readonly = req.capability.mode() == AccessMode::SingleNodeReaderOnly
             || req
                 .publish_context
@@ -528,6 +548,8 @@ impl NodePlugin {
     /// published, another device's mount at the staging path, or its device mounted elsewhere.
     pub async fn unstage(&self, req: Unstage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
+        self.confined(&req.staging, "staging_target_path").await?;
+        let _path = self.paths.lock(&req.staging).await;
         let record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
@@ -640,7 +662,19 @@ impl NodePlugin {
     /// A volume with no record is adopted first when the kernel shows it staged
     /// (`adopt`); nothing staged is FAILED_PRECONDITION "NodeStageVolume it first".
     pub async fn publish(&self, req: Publish) -> Result<(), NodeError> {
+        if req.target == req.staging {
+            return Err(NodeError::invalid(
+                "target_path",
+                format!(
+                    "{} is the staging_target_path; a volume is published elsewhere",
+                    req.target
+                ),
+            ));
+        }
         let _turn = self.locks.lock(&req.volume).await;
+        self.confined(&req.staging, "staging_target_path").await?;
+        self.confined(&req.target, "target_path").await?;
+        let _path = self.paths.lock(&req.target).await;
         let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
         let record = match self.record_of(&req.volume).await? {
             Some(r) => Some(r),
@@ -763,14 +797,9 @@ impl NodePlugin {
         let created = match self.look(&req.target).await? {
             Found::Directory => false,
             Found::Nothing => {
-                let t = req.target.clone();
-                blocking(move || {
-                    std::fs::create_dir(t.as_path()).map_err(|source| NodeError::Io {
-                        action: format!("creating target_path {t}"),
-                        source,
-                    })
-                })
-                .await?;
+                let (root, t) = (self.root.clone(), req.target.clone());
+                blocking(move || root.mkdir(&t).map_err(|e| confine_error("target_path", e)))
+                    .await?;
                 true
             }
             Found::Symlink => {
@@ -840,7 +869,13 @@ impl NodePlugin {
             record.publishes.remove(&req.target);
             self.save(record).await?;
             if created {
-                let _ = std::fs::remove_dir(req.target.as_path());
+                let (root, t) = (self.root.clone(), req.target.clone());
+                if let Err(undo) =
+                    blocking(move || root.rmdir(&t).map_err(|e| confine_error("target_path", e)))
+                        .await
+                {
+                    tracing::warn!(target = %req.target, error = %undo, "could not remove the target directory this call created");
+                }
             }
             return Err(e);
         }
@@ -914,7 +949,18 @@ impl NodePlugin {
         })
         .await;
         if let Err(e) = made {
-            let _ = std::fs::remove_file(req.target.as_path());
+            let e = match e {
+                NodeError::Mount(m) if m.source.raw_os_error() == Some(libc::EEXIST) => {
+                    NodeError::FailedPrecondition(format!(
+                        "target_path {} was created by another call meanwhile; not touching it",
+                        req.target
+                    ))
+                }
+                e => e,
+            };
+            // Nothing of this call's is at the target: the device node is made under a
+            // temporary name and only renamed onto the target with RENAME_NOREPLACE. What is
+            // there now (another call's node, say) is left as it is.
             record.publishes.remove(&req.target);
             self.save(record).await?;
             return Err(e);
@@ -932,6 +978,8 @@ impl NodePlugin {
     /// FAILED_PRECONDITION and is left alone; a symlink is INVALID_ARGUMENT.
     pub async fn unpublish(&self, req: Unpublish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
+        self.confined(&req.target, "target_path").await?;
+        let _path = self.paths.lock(&req.target).await;
         let mut record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
@@ -972,24 +1020,20 @@ impl NodePlugin {
                 for _ in 0..mounts {
                     self.unmount(&req.target, "target_path").await?;
                 }
-                let t = req.target.clone();
-                blocking(move || match std::fs::remove_dir(t.as_path()) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                let (root, t) = (self.root.clone(), req.target.clone());
+                blocking(move || match root.rmdir(&t) {
+                    Ok(_) => Ok(()),
                     Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
                         Err(NodeError::FailedPrecondition(format!(
                             "target_path {t} is not a mount point and is not empty; refusing to \
                              delete it"
                         )))
                     }
-                    Err(source) => Err(NodeError::Io {
-                        action: format!("removing target_path {t}"),
-                        source,
-                    }),
+                    Err(e) => Err(confine_error("target_path", e)),
                 })
                 .await?;
             }
-            _ => remove_file(&req.target).await?,
+            _ => self.remove_file(&req.target).await?,
         }
         if let Some(r) = record.as_mut() {
             if r.publishes.remove(&req.target).is_some() {
@@ -998,6 +1042,17 @@ impl NodePlugin {
         }
         tracing::info!(volume_id = %req.volume, target = %req.target, "unpublished");
         Ok(())
+    }
+
+    /// Removes the device node (or empty file) at the target; already gone is OK.
+    async fn remove_file(&self, path: &AbsPath) -> Result<(), NodeError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || {
+            root.unlink(&p)
+                .map(|_| ())
+                .map_err(|e| confine_error("target_path", e))
+        })
+        .await
     }
 
     /// CSI NodeGetVolumeStats: bytes and inodes of a mounted filesystem, bytes of a block
@@ -1178,17 +1233,23 @@ impl NodePlugin {
     }
 }
 
-async fn remove_file(path: &AbsPath) -> Result<(), NodeError> {
-    let p = path.clone();
-    blocking(move || match std::fs::remove_file(p.as_path()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(NodeError::Io {
-            action: format!("removing {p}"),
+/// A refused or failed confined operation on the request's `field`: a path outside the
+/// kubelet directory or through a symlink is INVALID_ARGUMENT; an I/O failure stays one.
+fn confine_error(field: &'static str, e: ConfineError) -> NodeError {
+    match e {
+        ConfineError::Outside { .. } | ConfineError::SymlinkInPath { .. } => {
+            NodeError::invalid(field, e.to_string())
+        }
+        ConfineError::Exists { .. } => NodeError::FailedPrecondition(format!("{field} {e}")),
+        ConfineError::Io {
+            action,
+            path,
             source,
-        }),
-    })
-    .await
+        } => NodeError::Io {
+            action: format!("{action} {field} {path}"),
+            source,
+        },
+    }
 }
 
 /// The size of the block device at `path` (its end, found by seeking).

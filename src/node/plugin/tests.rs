@@ -144,6 +144,9 @@ impl World {
             runner: Arc::new(runner),
             records: Records::open(&dir.path().join("state")).unwrap(),
             metrics: Arc::new(Metrics::new()),
+            root: Arc::new(KubeletRoot::new(
+                AbsPath::try_from(dir.path().to_path_buf()).unwrap(),
+            )),
         });
         let records = Records::open(&dir.path().join("state")).unwrap();
         World {
