@@ -33,9 +33,11 @@ use rds_csi::kube::sink::KubeSink;
 use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone};
 use rds_csi::metrics::Metrics;
 use rds_csi::node::command::SystemRunner;
+use rds_csi::node::confine::{KubeletRoot, DEFAULT_KUBELET_DIR};
 use rds_csi::node::device::{DeviceSource, LoopDevices};
 use rds_csi::node::mounter::SystemMounter;
 use rds_csi::node::nvme::NvmeDevices;
+use rds_csi::node::paths::AbsPath;
 use rds_csi::node::plugin::NodeDeps;
 use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
@@ -134,6 +136,11 @@ struct Args {
     /// Where the node plugin keeps its records of staged volumes (survives restarts).
     #[arg(long, env = "RDS_CSI_NODE_STATE_DIR", default_value = "./node-state")]
     node_state_dir: PathBuf,
+    /// The kubelet's root directory: every staging path and target must lie beneath it, and no
+    /// symlink beneath it is followed. A run without a kubelet (standalone, `ctl`, csi-sanity)
+    /// names the directory its staging paths and targets live in.
+    #[arg(long, env = "RDS_CSI_KUBELET_DIR", default_value = DEFAULT_KUBELET_DIR)]
+    kubelet_dir: PathBuf,
     /// Volumes one node may hold (NodeGetInfo's max_volumes_per_node; 0 = unlimited).
     #[arg(long, env = "RDS_CSI_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     max_volumes_per_node: u64,
@@ -271,6 +278,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         shutdown_timeout,
         arbiters,
         node_state_dir,
+        kubelet_dir,
         max_volumes_per_node,
         node_blocking_jobs,
         node_blocking_timeout,
@@ -500,7 +508,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let node_service = match mode {
             Mode::Node | Mode::All => {
                 rds_csi::node::work::configure(node_blocking_jobs as usize, node_blocking_timeout);
-                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, metrics.clone())?;
+                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, &kubelet_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
                 Some(NodeService {
@@ -668,8 +676,22 @@ fn node_plugin(
     file_root: &std::path::Path,
     nqn_prefix: &str,
     state_dir: &std::path::Path,
+    kubelet_dir: &std::path::Path,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<NodePlugin> {
+    let root = std::path::absolute(kubelet_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|p| AbsPath::try_from(p).map_err(|e| anyhow::anyhow!("{e}")))
+        .with_context(|| format!("--kubelet-dir {}", kubelet_dir.display()))?;
+    let root = Arc::new(KubeletRoot::new(root));
+    match root.open() {
+        Ok(()) => {
+            tracing::info!(kubelet_dir = %root.path(), "staging paths and targets are confined beneath the kubelet directory")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the kubelet directory cannot be opened; node calls fail until it can")
+        }
+    }
     let source: Arc<dyn DeviceSource> = match backend {
         BackendKind::File => {
             std::fs::create_dir_all(file_root)
@@ -684,10 +706,11 @@ fn node_plugin(
     };
     Ok(NodePlugin::new(NodeDeps {
         source,
-        mounter: Arc::new(SystemMounter::default()),
+        mounter: Arc::new(SystemMounter::new(root.clone())),
         runner: Arc::new(SystemRunner),
         records: Records::open(state_dir).context("--node-state-dir")?,
         metrics,
+        root,
     }))
 }
 

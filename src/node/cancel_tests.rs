@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::command::{Cmd, CommandError, CommandRunner, Output};
+use super::confine::KubeletRoot;
 use super::device::{Backing, DeviceSource};
 use super::fakes::RecordingRunner;
 use super::mounter::{MountError, MountOptions, Mounter};
@@ -168,7 +169,8 @@ struct Node {
 
 fn node() -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let staging = dir.path().join("staging");
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let staging = root.join("staging");
     std::fs::create_dir(&staging).unwrap();
     // The probe reads the device's ends: a zeroed file stands in for an empty device.
     let dev = dir.path().join("dev");
@@ -212,6 +214,7 @@ fn node() -> Node {
         }),
         records: Records::open(&dir.path().join("records")).unwrap(),
         metrics: Arc::new(Metrics::new()),
+        root: Arc::new(KubeletRoot::new(AbsPath::try_from(root).unwrap())),
     }));
     Node {
         plugin,

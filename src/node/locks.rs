@@ -54,13 +54,17 @@ pub struct Calls {
 }
 
 impl VolumeLocks {
-    /// Waits for the volume's turn; the guard releases it. Inside a call started with
-    /// [`Self::run`] for the same volume the turn is already taken, and this returns at once.
+    /// Waits for the volume's turn; the guard releases it. Ids that differ only by letter case
+    /// share one turn: they name one RDS volume (its NQN is the id in lowercase), and the
+    /// node refuses the second spelling (`plugin`'s `load`), which only holds if the two never
+    /// run at once. Inside a call started with [`Self::run`] for the volume the turn is
+    /// already taken, and this returns at once.
     pub async fn lock(&self, volume: &VolumeId) -> Turn {
-        if HELD.try_with(|held| held == volume).unwrap_or(false) {
+        let folded = fold(volume);
+        if HELD.try_with(|held| *held == folded).unwrap_or(false) {
             return Turn::Held;
         }
-        Turn::Own(self.locks.get(volume).lock_owned().await)
+        Turn::Own(self.locks.get(&folded).lock_owned().await)
     }
 
     /// Volumes with an entry (held, or not yet pruned).
@@ -110,7 +114,7 @@ impl VolumeLocks {
                         done,
                     });
                     let call = start(request);
-                    let lock = self.locks.get(volume);
+                    let lock = self.locks.get(&fold(volume));
                     let (entries, volume) = (calls.entries.clone(), volume.clone());
                     // The RPC's span goes with the call, so its log lines keep the RPC's fields.
                     let span = tracing::Span::current();
@@ -122,7 +126,9 @@ impl VolumeLocks {
                             id,
                         };
                         let guard: super::work::Hold = Arc::new(lock.lock_owned().await);
-                        let result = HELD.scope(volume, super::work::holding(guard, call)).await;
+                        let result = HELD
+                            .scope(fold(&volume), super::work::holding(guard, call))
+                            .await;
                         let joined = {
                             let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
                             if let Some(i) = entries.iter().position(|e| e.id == id) {
@@ -171,6 +177,12 @@ impl VolumeLocks {
             }
         }
     }
+}
+
+/// The key of a volume's turn: its id in lowercase (see [`VolumeLocks::lock`]).
+fn fold(volume: &VolumeId) -> VolumeId {
+    VolumeId::try_from(volume.as_str().to_ascii_lowercase().as_str())
+        .unwrap_or_else(|_| volume.clone())
 }
 
 /// `f`'s output, or `None` when the deadline `at` comes first.
@@ -257,6 +269,22 @@ mod tests {
         );
         drop(held);
         assert_eq!(rx.recv().await, Some("a"));
+    }
+
+    /// `PVC-1` waits while `pvc-1` holds its turn: removing the case folding in `lock` lets
+    /// the second spelling run at once.
+    #[tokio::test]
+    async fn ids_differing_only_by_case_share_one_turn() {
+        let locks = VolumeLocks::default();
+        let held = locks.lock(&vol("pvc-1")).await;
+        let upper = vol("PVC-1");
+        let mut other = std::pin::pin!(locks.lock(&upper));
+        assert!(
+            futures::poll!(other.as_mut()).is_pending(),
+            "the other spelling waits"
+        );
+        drop(held);
+        let _turn = other.await;
     }
 
     #[tokio::test]

@@ -11,12 +11,17 @@
 //! staged (its own device mounted at the staging path, or for block attached); the record it
 //! writes says so ([`records::Origin::Adopted`]). A mount of another device is never adopted.
 //!
+//! **Confinement.** Every staging path and target lies beneath `--kubelet-dir` and is touched
+//! only through [`confine::KubeletRoot`], which resolves it from a directory fd on that root
+//! and never follows a symlink beneath it.
+//!
 //! **Serialization.** Node RPCs for one volume never interleave; RPCs for different volumes run
 //! in parallel. This uses a per-volume async lock ([`locks::VolumeLocks`]) rather than an actor
 //! per volume: the node holds no in-memory state worth owning (the kernel and the record files
 //! are the state), its work is a sequence of blocking tools and syscalls, and the kubelet's
 //! overlapping retries only need to wait their turn. An actor would add a mailbox and a thread
-//! hop and own nothing.
+//! hop and own nothing. Calls on one path wait for each other too ([`confine::PathLocks`]):
+//! two volumes published at one target never interleave.
 //!
 //! **Blocking work** (syscalls, record files, device reads) runs on a bounded pool with a
 //! timeout per job ([`work`]); external tools run as child processes with a timeout of their
@@ -26,14 +31,36 @@
 //! end in a task of its own, holding the volume's lock, whatever happens to the RPC that
 //! asked for it; a repeat joins it, and a caller whose deadline comes first is answered
 //! ABORTED ([`locks`]).
+//!
+//! **Ownership** is decided in one place: before any call unmounts, removes, publishes from or
+//! measures a path, [`ownership::decide`] says whether what is there is the volume's, from its
+//! record's device history, the device its backing resolves to now and the mount table. A
+//! mount left by a device that vanished or was renumbered is still the volume's; a mount of
+//! any other device never is.
+//!
+//! **Which file owns what:**
+//! - [`plugin`]: the CSI node calls, in order (stage, unstage, publish, unpublish, stats,
+//!   expand) and the syscalls they make through the seams; `plugin/identity.rs` holds a
+//!   request to its volume's storage and judges paths with `ownership`;
+//!   `plugin/adoption.rs` answers for volumes with no record (adoption, read-only calls).
+//! - [`ownership`]: the pure rule "does what is at this path belong to this volume".
+//! - [`records`]: the per-volume record files (staging path, targets, device history).
+//! - [`device`] (loop devices) and [`nvme`] (NVMe/TCP): where a block device comes from.
+//! - [`mounter`] and [`mountinfo`]: making mounts and device nodes, reading the mount table.
+//! - [`filesystem`] and [`command`]: probing, formatting, checking and growing filesystems
+//!   through external tools run as argument vectors.
+//! - [`paths`]: validated path values; [`locks`]: the per-volume turn and the calls in
+//!   flight; [`work`]: the bounded pool blocking jobs run on.
 
 pub mod command;
+pub mod confine;
 pub mod device;
 pub mod filesystem;
 pub mod locks;
 pub mod mounter;
 pub mod mountinfo;
 pub mod nvme;
+pub mod ownership;
 pub mod paths;
 pub mod plugin;
 pub mod records;

@@ -3,15 +3,19 @@
 //! `/proc/self/mountinfo` through the pure parser in [`super::mountinfo`].
 //!
 //! Owns the kernel calls and nothing else: it never decides whether something should be
-//! mounted. A target is opened with `O_PATH | O_NOFOLLOW` and mounted through its
-//! `/proc/self/fd` link, so a symlink planted at a target is never followed; unmounts use
-//! `UMOUNT_NOFOLLOW` and are never lazy.
+//! mounted. A target is opened beneath the kubelet directory ([`KubeletRoot::open_dir`]:
+//! `O_PATH`, no symlink at any component) and mounted through its `/proc/self/fd` link, so a
+//! symlink planted at a target or among its parents is never followed; device nodes are made
+//! by [`KubeletRoot::make_device_node`] (temporary name, chmod, `RENAME_NOREPLACE`); unmounts
+//! use `UMOUNT_NOFOLLOW` and are never lazy.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rustix::mount::{MountFlags, UnmountFlags};
 
+use super::confine::{ConfineError, KubeletRoot};
 use super::mountinfo::{self, MountEntry};
 use super::paths::{AbsPath, BlockDevice};
 use crate::domain::FsType;
@@ -246,7 +250,8 @@ pub trait Mounter: Send + Sync + 'static {
         -> Result<(), MountError>;
     /// Unmounts `target` (never lazily, never through a symlink).
     fn unmount(&self, target: &AbsPath) -> Result<(), MountError>;
-    /// Creates a block device node for `device` at `target`, mode 0660 (0440 read-only).
+    /// Creates a block device node for `device` at `target`, mode 0660 (0440 read-only), or
+    /// nothing: a node already there, whoever made it, is EEXIST and left as it is.
     fn make_device_node(
         &self,
         target: &AbsPath,
@@ -259,26 +264,46 @@ pub trait Mounter: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct SystemMounter {
     mountinfo: PathBuf,
+    /// Every mount point and device node lies beneath it.
+    root: Arc<KubeletRoot>,
 }
 
+/// Confined to `/`: no symlink is followed anywhere, but any path is allowed. The node plugin
+/// uses [`SystemMounter::new`] with `--kubelet-dir`.
 impl Default for SystemMounter {
     fn default() -> Self {
-        Self {
-            mountinfo: PathBuf::from("/proc/self/mountinfo"),
-        }
+        Self::new(Arc::new(KubeletRoot::new(
+            AbsPath::try_from(PathBuf::from("/")).expect("/ is a clean absolute path"),
+        )))
     }
 }
 
-/// Opens the directory `target` without following a symlink at it, for mounting through
-/// `/proc/self/fd/N`.
-fn open_dir_nofollow(target: &AbsPath) -> Result<rustix::fd::OwnedFd, MountError> {
-    use rustix::fs::{Mode, OFlags};
-    rustix::fs::open(
-        target.as_path(),
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| MountError::new("opening mount target", target, e.into()))
+impl SystemMounter {
+    pub fn new(root: Arc<KubeletRoot>) -> Self {
+        Self {
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            root,
+        }
+    }
+
+    /// Opens the directory `target` beneath the root without following a symlink anywhere,
+    /// for mounting through `/proc/self/fd/N`.
+    fn open_dir_nofollow(&self, target: &AbsPath) -> Result<rustix::fd::OwnedFd, MountError> {
+        self.root
+            .open_dir(target)
+            .map_err(|e| confine_failure("opening mount target", target, e))
+    }
+}
+
+fn confine_failure(action: &'static str, path: &AbsPath, e: ConfineError) -> MountError {
+    let source = match e {
+        ConfineError::Io { source, .. } => source,
+        ConfineError::Exists { .. } => std::io::Error::from_raw_os_error(libc::EEXIST),
+        e @ (ConfineError::Outside { .. } | ConfineError::SymlinkInPath { .. }) => {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+        }
+    };
+    MountError::new(action, path, source)
 }
 
 fn fd_path(fd: &rustix::fd::OwnedFd) -> PathBuf {
@@ -305,7 +330,7 @@ impl Mounter for SystemMounter {
         fs: FsType,
         options: &MountOptions,
     ) -> Result<(), MountError> {
-        let dir = open_dir_nofollow(target)?;
+        let dir = self.open_dir_nofollow(target)?;
         let data = std::ffi::CString::new(options.data.join(","))
             .map_err(|e| MountError::new("mounting", target, std::io::Error::other(e)))?;
         let flags = options.flags | MountFlags::NOSUID | MountFlags::NODEV;
@@ -325,8 +350,8 @@ impl Mounter for SystemMounter {
         target: &AbsPath,
         flags: MountFlags,
     ) -> Result<(), MountError> {
-        let from = open_dir_nofollow(source)?;
-        let to = open_dir_nofollow(target)?;
+        let from = self.open_dir_nofollow(source)?;
+        let to = self.open_dir_nofollow(target)?;
         rustix::mount::mount_bind(fd_path(&from), fd_path(&to)).map_err(|e| {
             MountError::new("bind-mounting", format!("{source} at {target}"), e.into())
         })?;
@@ -334,7 +359,7 @@ impl Mounter for SystemMounter {
         // MS_REMOUNT|MS_BIND replaces every per-mount flag (only the atime ones are kept when
         // none is given): all of them are passed, every time.
         let flags = MountFlags::BIND | (flags & PER_MOUNT_FLAGS);
-        let remounted = open_dir_nofollow(target).and_then(|fd| {
+        let remounted = self.open_dir_nofollow(target).and_then(|fd| {
             rustix::mount::mount_remount(fd_path(&fd), flags, c"")
                 .map_err(|e| MountError::new("remounting", target, e.into()))
         });
@@ -357,24 +382,10 @@ impl Mounter for SystemMounter {
         device: &BlockDevice,
         readonly: bool,
     ) -> Result<(), MountError> {
-        use rustix::fs::{FileType, Mode};
         let mode = if readonly { 0o440 } else { 0o660 };
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            target.as_path(),
-            FileType::BlockDevice,
-            Mode::from_raw_mode(mode),
-            rustix::fs::makedev(device.major, device.minor),
-        )
-        .map_err(|e| MountError::new("creating device node", target, e.into()))?;
-        // mknod applies the umask; the node's mode is part of the contract.
-        rustix::fs::chmodat(
-            rustix::fs::CWD,
-            target.as_path(),
-            Mode::from_raw_mode(mode),
-            rustix::fs::AtFlags::empty(),
-        )
-        .map_err(|e| MountError::new("setting the mode of", target, e.into()))
+        self.root
+            .make_device_node(target, device.major, device.minor, mode)
+            .map_err(|e| confine_failure("creating device node", target, e))
     }
 }
 

@@ -1,9 +1,9 @@
 //! Validated paths and device names: everything the node layer puts on a command line or
 //! hands to a syscall passes through one of these first.
 //!
-//! Owns path validation and the symlink-safe file operations the node uses on paths a CO
-//! names (create a directory, create a device node, remove what was created). Never resolves
-//! a symlink at the final component of such a path.
+//! Owns path validation and the pure types of what a path holds ([`Found`]). The file
+//! operations on paths a CO names live in [`super::confine`], which resolves them beneath the
+//! kubelet's directory.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -170,7 +170,7 @@ impl CommandArg for BlockDevice {
     }
 }
 
-/// What is at a path, looked at without following a symlink there.
+/// What is at a path, looked at without following a symlink there ([`super::confine`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Found {
     Nothing,
@@ -186,34 +186,6 @@ pub enum Found {
     },
     Symlink,
     Other,
-}
-
-/// Looks at `path` without following a symlink at its last component.
-pub fn inspect(path: &AbsPath) -> std::io::Result<Found> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    match std::fs::symlink_metadata(path.as_path()) {
-        Ok(meta) => {
-            let ft = meta.file_type();
-            Ok(if ft.is_symlink() {
-                Found::Symlink
-            } else if ft.is_dir() {
-                Found::Directory
-            } else if ft.is_block_device() {
-                let rdev = meta.rdev();
-                Found::BlockDevice {
-                    major: libc::major(rdev),
-                    minor: libc::minor(rdev),
-                    mode: meta.mode() & 0o7777,
-                }
-            } else if ft.is_file() {
-                Found::RegularFile { len: meta.len() }
-            } else {
-                Found::Other
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Found::Nothing),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]
@@ -255,21 +227,5 @@ mod tests {
         assert_eq!(ok.to_string(), "/a/b");
         assert!(serde_json::from_str::<AbsPath>("\"/a/../b\"").is_err());
         assert!(serde_json::from_str::<AbsPath>("\"a\"").is_err());
-    }
-
-    #[test]
-    fn inspect_never_follows_a_symlink() {
-        let dir = tempfile::tempdir().unwrap();
-        let real = dir.path().join("real");
-        std::fs::create_dir(&real).unwrap();
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let p = |p: &Path| AbsPath::try_from(p.to_path_buf()).unwrap();
-        assert_eq!(inspect(&p(&link)).unwrap(), Found::Symlink);
-        assert_eq!(inspect(&p(&real)).unwrap(), Found::Directory);
-        assert_eq!(
-            inspect(&p(&dir.path().join("none"))).unwrap(),
-            Found::Nothing
-        );
     }
 }

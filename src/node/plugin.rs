@@ -7,24 +7,30 @@
 //! fails undoes what it did itself (a loop device it attached, a directory it created, a
 //! record it wrote), so nothing is left half-done. What an earlier process made is found in
 //! the kernel (sysfs, mountinfo) and adopted, never made twice.
+//!
+//! What at a path is the volume's is never decided here: every call asks
+//! [`super::ownership::decide`] through `identity.rs`'s `judge`. Volumes with no record live in
+//! `adoption.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::command::CommandRunner;
+use super::confine::{ConfineError, KubeletRoot, PathLocks};
 use super::device::{Backing, DeviceSource};
 use super::filesystem::{self, Content};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
-use super::paths::{inspect, AbsPath, BlockDevice, Found};
+use super::ownership::{self, AtPath, DeviceNumber, Known, Verdict};
+use super::paths::{AbsPath, BlockDevice, Found};
 use super::records::{Origin, PublishRecord, Records, StageRecord};
-use super::work::blocking;
+use super::work;
 use super::NodeError;
 use crate::domain::{AccessMode, AccessType, Capability, FsType, PUBLISH_READONLY_KEY};
 use crate::ids::VolumeId;
-use crate::metrics::{outcome, Metrics, ADOPTED, MOUNT, REFUSED, UNMOUNT};
+use crate::metrics::{outcome, Metrics, MOUNT, UNMOUNT};
 
 /// A validated NodeStageVolumeRequest.
 #[derive(Clone, Debug, PartialEq)]
@@ -139,6 +145,8 @@ pub struct NodeDeps {
     pub records: Records,
     /// Where mounts, stale mounts and recoveries are counted (`NodeMetrics`).
     pub metrics: Arc<Metrics>,
+    /// `--kubelet-dir`: every staging path and target lies beneath it.
+    pub root: Arc<KubeletRoot>,
 }
 
 pub struct NodePlugin {
@@ -148,10 +156,30 @@ pub struct NodePlugin {
     records: Arc<Records>,
     locks: VolumeLocks,
     metrics: Arc<Metrics>,
+    root: Arc<KubeletRoot>,
+    /// Per staging path and target, taken after the volume's lock.
+    paths: PathLocks,
+}
+
+/// Runs blocking work on the node's bounded pool ([`super::work`]), labelled with where it was
+/// asked for; the syscalls that can wedge (mount, unmount, mknod, statvfs) say what they do.
+#[track_caller]
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, NodeError>> {
+    let at = std::panic::Location::caller();
+    work::blocking(format!("node work at {}:{}", at.file(), at.line()), f)
 }
 
 fn same_device(entry: &MountEntry, device: &BlockDevice) -> bool {
     entry.major == device.major && entry.minor == device.minor
+}
+
+fn number(device: &BlockDevice) -> DeviceNumber {
+    DeviceNumber {
+        major: device.major,
+        minor: device.minor,
+    }
 }
 
 /// The mounts stacked at `path`, oldest first.
@@ -188,54 +216,53 @@ impl NodePlugin {
             records: Arc::new(deps.records),
             locks: VolumeLocks::default(),
             metrics: deps.metrics,
+            root: deps.root,
+            paths: PathLocks::default(),
         }
     }
 
     async fn load(&self, volume: &VolumeId) -> Result<Option<StageRecord>, NodeError> {
         let records = self.records.clone();
         let volume = volume.clone();
-        blocking(format!("reading the record of {volume}"), move || {
-            records.load(&volume)
-        })
-        .await
+        blocking(move || records.load(&volume)).await
     }
 
     async fn save(&self, record: &StageRecord) -> Result<(), NodeError> {
         let records = self.records.clone();
         let record = record.clone();
-        blocking(
-            format!("writing the record of {}", record.volume),
-            move || records.save(&record),
-        )
-        .await
+        blocking(move || records.save(&record)).await
     }
 
     async fn forget(&self, volume: &VolumeId) -> Result<(), NodeError> {
         let records = self.records.clone();
         let volume = volume.clone();
-        blocking(format!("removing the record of {volume}"), move || {
-            records.remove(&volume)
-        })
-        .await
+        blocking(move || records.remove(&volume)).await
     }
 
     async fn mounts(&self) -> Result<Vec<MountEntry>, NodeError> {
         let mounter = self.mounter.clone();
-        blocking("reading the mount table", move || {
-            mounter.mounts().map_err(NodeError::from)
+        blocking(move || mounter.mounts().map_err(NodeError::from)).await
+    }
+
+    /// What is at `path`, resolved beneath `--kubelet-dir`. A path outside it holds nothing
+    /// of a volume's (NOT_FOUND, as for a volume path that does not exist); a symlink among
+    /// its parents is INVALID_ARGUMENT.
+    async fn look(&self, path: &AbsPath) -> Result<Found, NodeError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || {
+            root.inspect(&p).map_err(|e| match e {
+                ConfineError::Outside { .. } => NodeError::NotFound(e.to_string()),
+                e => confine_error("path", e),
+            })
         })
         .await
     }
 
-    async fn look(&self, path: &AbsPath) -> Result<Found, NodeError> {
-        let p = path.clone();
-        blocking(format!("looking at {p}"), move || {
-            inspect(&p).map_err(|source| NodeError::Io {
-                action: format!("looking at {p}"),
-                source,
-            })
-        })
-        .await
+    /// INVALID_ARGUMENT unless `path` (the request's `field`) lies beneath `--kubelet-dir`
+    /// with no symlink among its parents.
+    async fn confined(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || root.check(&p).map_err(|e| confine_error(field, e))).await
     }
 
     /// NOT_FOUND unless the volume's storage exists.
@@ -249,97 +276,17 @@ impl NodePlugin {
         }
     }
 
-    /// Adopts a volume staged with no record of ours: by the Go node plugin (which writes
-    /// none), or by an earlier process whose record is lost. The kernel must show it staged
-    /// as `capability` says: for mount access the volume's own device (the one its backing
-    /// resolves to now) mounted at `staging`; for block access that device attached and
-    /// nothing mounted at `staging` (the Go plugin leaves nothing there). Then the record is
-    /// written as NodeStageVolume would have, so unpublish and unstage work as usual.
-    ///
-    /// `Ok(None)`: nothing is staged there (the caller keeps its usual answer).
-    /// FAILED_PRECONDITION: something else is mounted at `staging`; nothing is recorded.
-    async fn adopt(
-        &self,
-        volume: &VolumeId,
-        staging: &AbsPath,
-        capability: &Capability,
-        backing: &Backing,
-        call: &'static str,
-    ) -> Result<Option<StageRecord>, NodeError> {
-        let device = self.source.find(backing).await?;
-        let mounts = self.mounts().await?;
-        let top = mounts_at(&mounts, staging).last().copied();
-        let (device, fs, readonly) = match (device, top) {
-            (None, None) => return Ok(None),
-            (Some(d), Some(top)) if same_device(top, &d) && !is_block(capability) => {
-                let Some(fs) = FsType::parse(&top.fs_type) else {
-                    self.count_adoption(REFUSED);
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "volume {volume} is mounted at {staging} as {}, not a filesystem this driver stages; not adopting it",
-                        top.fs_type
-                    )));
-                };
-                (d, Some(fs), top.read_only())
-            }
-            (device, Some(top)) => {
-                self.count_adoption(REFUSED);
-                return Err(NodeError::FailedPrecondition(format!(
-                    "staging_target_path {staging} is a mount point of {} ({}:{}, {}), not {}; not adopting it as volume {volume}",
-                    top.source,
-                    top.major,
-                    top.minor,
-                    top.fs_type,
-                    match &device {
-                        Some(d) if is_block(capability) => format!(
-                            "nothing ({d} is a block volume, staged without a mount)"
-                        ),
-                        Some(d) => format!("its device {d}"),
-                        None => "its device (not attached)".to_string(),
-                    }
-                )));
-            }
-            (Some(d), None) if is_block(capability) => (d, None, false),
-            (Some(_), None) => return Ok(None),
-        };
-        let record = StageRecord {
-            volume: volume.clone(),
-            staging: staging.clone(),
-            capability: capability.clone(),
-            fs,
-            readonly,
-            backing: backing.clone(),
-            device: Some(device.clone()),
-            publishes: BTreeMap::new(),
-            origin: Origin::Adopted { call: call.into() },
-        };
-        self.save(&record).await?;
-        self.count_adoption(ADOPTED);
-        tracing::info!(volume_id = %volume, staging = %staging, device = %device,
-            fs = fs.map(FsType::as_str).unwrap_or("none (block)"), readonly, call,
-            "adopted a volume staged without a record (by the Go node plugin or an earlier process)");
-        Ok(Some(record))
-    }
-
-    fn count_adoption(&self, result: &'static str) {
-        self.metrics
-            .node
-            .adoptions_total
-            .with_label_values(&[result])
-            .inc();
-    }
-
     /// Logs what the node finds at start: every recorded stage, checked against the kernel.
     /// Nothing is changed; the next RPC for a volume adopts or repairs what is there.
     pub async fn survey(&self) -> Result<usize, NodeError> {
-        let status = blocking("reading /proc/self/status", || {
-            Ok(std::fs::read_to_string("/proc/self/status").unwrap_or_default())
-        })
-        .await?;
+        let status =
+            blocking(|| Ok(std::fs::read_to_string("/proc/self/status").unwrap_or_default()))
+                .await?;
         if !filesystem::has_capability(&status, filesystem::CAP_SYS_RESOURCE) {
             tracing::warn!("this process lacks CAP_SYS_RESOURCE: growing an ext4 filesystem online will fail (xfs and block volumes are not affected)");
         }
         let records = self.records.clone();
-        let all = blocking("reading the node's records", move || records.all()).await?;
+        let all = blocking(move || records.all()).await?;
         let mounts = self.mounts().await?;
         let mut count = 0;
         for record in all {
@@ -352,11 +299,16 @@ impl NodePlugin {
             };
             count += 1;
             let device = self.source.find(&record.backing).await?;
-            let staged_mount = device.as_ref().map(|d| {
-                mounts_at(&mounts, &record.staging)
-                    .iter()
-                    .any(|m| same_device(m, d))
-            });
+            let history = record.known_devices();
+            let known = Known {
+                history: &history,
+                current: device.as_ref().map(number),
+                recorded: true,
+            };
+            let staged_mount = ownership::decide(
+                &AtPath::Directory(mounts_at(&mounts, &record.staging)),
+                &known,
+            );
             tracing::info!(
                 volume_id = %record.volume,
                 staging = %record.staging,
@@ -384,6 +336,8 @@ impl NodePlugin {
 
     async fn stage_now(&self, req: Stage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
+        self.confined(&req.staging, "staging_target_path").await?;
+        let _path = self.paths.lock(&req.staging).await;
         let readonly = req.capability.mode() == AccessMode::SingleNodeReaderOnly
             || req
                 .publish_context
@@ -401,10 +355,16 @@ impl NodePlugin {
                 (Some(fs), options)
             }
         };
-        let backing = self
-            .source
-            .locate(&req.volume, &req.publish_context, &req.volume_context)?;
-        let existing = self.load(&req.volume).await?;
+        let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
+        let (existing, stale) = match self.record_of(&req.volume).await? {
+            Some(rec) if self.contradicted(&rec).await? => {
+                tracing::info!(volume_id = %req.volume, staged_at = %rec.staging,
+                    "the record says staged, but nothing of the volume is mounted and its device \
+                     is gone or another: replacing the record with this stage");
+                (None, Some(rec))
+            }
+            other => (other, None),
+        };
         match &existing {
             Some(rec) if rec.staging != req.staging => {
                 return Err(NodeError::AlreadyExists(format!(
@@ -465,7 +425,16 @@ impl NodePlugin {
             readonly,
             backing: backing.clone(),
             device: None,
-            publishes: BTreeMap::new(),
+            // A replaced record's paths and devices stay the volume's: what is left at its
+            // targets must still be recognised by the unpublish that cleans it up.
+            devices: stale
+                .as_ref()
+                .map(|s| s.known_devices())
+                .unwrap_or_default(),
+            publishes: stale
+                .as_ref()
+                .map(|s| s.publishes.clone())
+                .unwrap_or_default(),
             origin: Origin::Staged,
         });
         let result = async {
@@ -473,8 +442,7 @@ impl NodePlugin {
                 self.save(&record).await?;
             }
             let device = self.source.attach(&backing).await?;
-            if record.device.as_ref() != Some(&device) {
-                record.device = Some(device.clone());
+            if record.saw(&device) {
                 self.save(&record).await?;
             }
             if let Some(fs) = fs {
@@ -484,7 +452,7 @@ impl NodePlugin {
             Ok::<_, NodeError>(device)
         }
         .await;
-        if existing.is_some() && was_attached.is_none() {
+        if (existing.is_some() || stale.is_some()) && was_attached.is_none() {
             // Staged before, but its device was gone: this stage re-attached it.
             self.metrics
                 .node
@@ -504,8 +472,10 @@ impl NodePlugin {
                         tracing::warn!(volume_id = %req.volume, error = %undo, "could not detach after a failed stage");
                     }
                 }
-                if existing.is_none() {
-                    self.forget(&req.volume).await?;
+                match (&existing, &stale) {
+                    (Some(_), _) => {}
+                    (None, Some(stale)) => self.save(stale).await?,
+                    (None, None) => self.forget(&req.volume).await?,
                 }
                 Err(e)
             }
@@ -521,8 +491,16 @@ impl NodePlugin {
         readonly: bool,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        if let Some(top) = mounts_at(&mounts, &req.staging).last() {
-            if same_device(top, device) {
+        let stacked = mounts_at(&mounts, &req.staging);
+        if let Some(top) = stacked.last() {
+            let known = Known {
+                history: &[],
+                current: Some(number(device)),
+                recorded: true,
+            };
+            if let Verdict::Ours { live: true, .. } =
+                ownership::decide(&AtPath::Directory(stacked.clone()), &known)
+            {
                 return Ok(());
             }
             self.metrics.node.stale_mounts_detected_total.inc();
@@ -562,7 +540,7 @@ impl NodePlugin {
             req.staging.clone(),
             options.clone(),
         );
-        let mounted = blocking(format!("mount {device} at {staging}"), move || {
+        let mounted = work::blocking(format!("mount {device} at {staging}"), move || {
             mounter
                 .mount_device(&device, &staging, fs, &options)
                 .map_err(NodeError::from)
@@ -572,8 +550,13 @@ impl NodePlugin {
         mounted
     }
 
-    /// CSI NodeUnstageVolume: unmount the staging path, detach the device, forget the record.
-    /// Nothing staged there is OK; a volume still published is FAILED_PRECONDITION.
+    /// CSI NodeUnstageVolume (§4.5.2): unmount what of the volume is mounted at the staging
+    /// path, detach the device, forget the record. Idempotent: nothing left to undo is OK
+    /// (never NOT_FOUND, which the kubelet retries forever). A mount of any device the volume
+    /// was ever seen with is its own, so a device that vanished (NVMe `ctrl_loss_tmo`, a loop
+    /// detached behind our back) or was renumbered does not block the cleanup. The record is
+    /// forgotten only once nothing is mounted at the staging path. FAILED_PRECONDITION: still
+    /// published, another device's mount at the staging path, or its device mounted elsewhere.
     pub async fn unstage(self: &Arc<Self>, req: Unstage) -> Result<(), NodeError> {
         let (this, volume) = (self.clone(), req.volume.clone());
         let calls = &self.locks.calls.unstage;
@@ -586,12 +569,12 @@ impl NodePlugin {
 
     async fn unstage_now(&self, req: Unstage) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
-        let record = self.load(&req.volume).await?;
+        self.confined(&req.staging, "staging_target_path").await?;
+        let _path = self.paths.lock(&req.staging).await;
+        let record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self
-                .source
-                .locate(&req.volume, &HashMap::new(), &HashMap::new())?,
+            None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
         };
         if let Some(r) = &record {
             if r.staging != req.staging {
@@ -614,25 +597,54 @@ impl NodePlugin {
             }
         }
         let device = self.source.find(&backing).await?;
-        if record.is_none() && device.is_none() && !self.source.exists(&backing).await? {
-            return Err(NodeError::NotFound(format!(
-                "volume {} does not exist on this node",
-                req.volume
+        if record.is_none() && device.is_none() {
+            // No record and no device: nothing at the staging path can be proved ours, and
+            // nothing is left to undo.
+            tracing::info!(volume_id = %req.volume, staging = %req.staging,
+                "unstage with nothing staged: nothing to undo");
+            return Ok(());
+        }
+        let history = record
+            .as_ref()
+            .map(|r| r.known_devices())
+            .unwrap_or_default();
+        let known = Known {
+            history: &history,
+            current: device.as_ref().map(number),
+            recorded: record.is_some(),
+        };
+        let found = self.look(&req.staging).await?;
+        if found == Found::Symlink {
+            return Err(NodeError::invalid(
+                "staging_target_path",
+                format!("{} is a symbolic link; refusing to follow it", req.staging),
+            ));
+        }
+        if found == Found::Directory {
+            match self.judge(&req.staging, &found, known).await? {
+                Verdict::Foreign(what) => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "staging_target_path {} holds {what}, not volume {}; not unmounting it",
+                        req.staging, req.volume
+                    )))
+                }
+                Verdict::Empty => {}
+                Verdict::Ours { mounts, .. } => {
+                    for _ in 0..mounts {
+                        self.unmount(&req.staging, "staging_target_path").await?;
+                    }
+                }
+            }
+        }
+        let mounts = self.mounts().await?;
+        if let Some(left) = mounts_at(&mounts, &req.staging).last() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "staging_target_path {} is still a mount point of {} ({}:{}); keeping volume \
+                 {}'s record",
+                req.staging, left.source, left.major, left.minor, req.volume
             )));
         }
         if let Some(device) = &device {
-            let mounts = self.mounts().await?;
-            for top in mounts_at(&mounts, &req.staging).into_iter().rev() {
-                if !same_device(top, device) {
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "staging_target_path {} is a mount point of {} ({}:{}), not of volume {}; \
-                         not unmounting it",
-                        req.staging, top.source, top.major, top.minor, req.volume
-                    )));
-                }
-                self.unmount(&req.staging, "staging_target_path").await?;
-            }
-            let mounts = self.mounts().await?;
             if let Some(elsewhere) = mounts.iter().find(|m| same_device(m, device)) {
                 return Err(NodeError::FailedPrecondition(format!(
                     "{device} is still mounted at {}; not detaching it",
@@ -648,7 +660,7 @@ impl NodePlugin {
 
     async fn unmount(&self, path: &AbsPath, field: &'static str) -> Result<(), NodeError> {
         let (mounter, p) = (self.mounter.clone(), path.clone());
-        let unmounted = blocking(format!("unmount {p}"), move || {
+        let unmounted = work::blocking(format!("unmount {p}"), move || {
             mounter.unmount(&p).map_err(|e| {
                 if e.busy() {
                     NodeError::FailedPrecondition(format!(
@@ -681,11 +693,21 @@ impl NodePlugin {
     }
 
     async fn publish_now(&self, req: Publish) -> Result<(), NodeError> {
+        if req.target == req.staging {
+            return Err(NodeError::invalid(
+                "target_path",
+                format!(
+                    "{} is the staging_target_path; a volume is published elsewhere",
+                    req.target
+                ),
+            ));
+        }
         let _turn = self.locks.lock(&req.volume).await;
-        let backing = self
-            .source
-            .locate(&req.volume, &req.publish_context, &req.volume_context)?;
-        let record = match self.load(&req.volume).await? {
+        self.confined(&req.staging, "staging_target_path").await?;
+        self.confined(&req.target, "target_path").await?;
+        let _path = self.paths.lock(&req.target).await;
+        let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
+        let record = match self.record_of(&req.volume).await? {
             Some(r) => Some(r),
             None => {
                 self.adopt(
@@ -709,6 +731,13 @@ impl NodePlugin {
             return Err(NodeError::FailedPrecondition(format!(
                 "volume {} is staged at {}, not at {}",
                 req.volume, record.staging, req.staging
+            )));
+        }
+        if !ownership::same_storage(&record.backing, &backing) {
+            return Err(NodeError::FailedPrecondition(format!(
+                "volume {} is staged from {}, but the request names {}; publishing only what \
+                 was staged",
+                req.volume, record.backing, backing
             )));
         }
         if is_block(&record.capability) != is_block(&req.capability)
@@ -741,7 +770,8 @@ impl NodePlugin {
                 )));
             }
         }
-        let Some(device) = self.source.find(&backing).await? else {
+        // The recorded backing, not the request's: the device published is the one staged.
+        let Some(device) = self.source.find(&record.backing).await? else {
             if !is_block(&record.capability)
                 && !mounts_at(&self.mounts().await?, &req.staging).is_empty()
             {
@@ -753,6 +783,9 @@ impl NodePlugin {
                 req.volume
             )));
         };
+        if record.saw(&device) {
+            self.save(&record).await?;
+        }
         if is_block(&req.capability) {
             self.publish_block(&req, &device, readonly, &mut record, wanted)
                 .await
@@ -771,10 +804,20 @@ impl NodePlugin {
         wanted: PublishRecord,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        let top = mounts_at(&mounts, &req.staging).last().copied();
-        let staged = top.is_some_and(|m| same_device(m, device));
-        if !staged {
-            if top.is_some() {
+        let history = record.known_devices();
+        let known = |recorded| Known {
+            history: &history,
+            current: Some(number(device)),
+            recorded,
+        };
+        // Bind only from a staging mount of the live device: a mount left by an earlier
+        // device of the volume is its own but stale.
+        let staged = ownership::decide(
+            &AtPath::Directory(mounts_at(&mounts, &req.staging)),
+            &known(true),
+        );
+        if !matches!(staged, Verdict::Ours { live: true, .. }) {
+            if staged != Verdict::Empty {
                 self.metrics.node.stale_mounts_detected_total.inc();
             }
             return Err(NodeError::FailedPrecondition(format!(
@@ -785,14 +828,9 @@ impl NodePlugin {
         let created = match self.look(&req.target).await? {
             Found::Directory => false,
             Found::Nothing => {
-                let t = req.target.clone();
-                blocking(format!("creating {t}"), move || {
-                    std::fs::create_dir(t.as_path()).map_err(|source| NodeError::Io {
-                        action: format!("creating target_path {t}"),
-                        source,
-                    })
-                })
-                .await?;
+                let (root, t) = (self.root.clone(), req.target.clone());
+                blocking(move || root.mkdir(&t).map_err(|e| confine_error("target_path", e)))
+                    .await?;
                 true
             }
             Found::Symlink => {
@@ -808,12 +846,27 @@ impl NodePlugin {
                 )))
             }
         };
-        if let Some(top) = mounts_at(&mounts, &req.target).last() {
-            if !same_device(top, device) {
-                return Err(NodeError::FailedPrecondition(format!(
-                    "target_path {} is already a mount point of {} ({}:{})",
-                    req.target, top.source, top.major, top.minor
-                )));
+        let at_target = mounts_at(&mounts, &req.target);
+        if let Some(top) = at_target.last() {
+            match ownership::decide(
+                &AtPath::Directory(at_target.clone()),
+                &known(record.publishes.contains_key(&req.target)),
+            ) {
+                Verdict::Ours { live: true, .. } => {}
+                Verdict::Ours { .. } => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "target_path {} holds a mount of volume {}'s earlier device; \
+                         NodeUnpublishVolume it first",
+                        req.target, req.volume
+                    )))
+                }
+                Verdict::Foreign(what) => {
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "target_path {} is already a mount point: it holds {what}",
+                        req.target
+                    )))
+                }
+                Verdict::Empty => {}
             }
             if top.read_only() != readonly {
                 return Err(NodeError::AlreadyExists(format!(
@@ -836,7 +889,7 @@ impl NodePlugin {
             req.target.clone(),
         );
         let flags = req.options.bind_flags(readonly);
-        let bound = blocking(format!("bind mount {staging} at {target}"), move || {
+        let bound = work::blocking(format!("bind mount {staging} at {target}"), move || {
             mounter
                 .bind(&staging, &target, flags)
                 .map_err(NodeError::from)
@@ -847,7 +900,13 @@ impl NodePlugin {
             record.publishes.remove(&req.target);
             self.save(record).await?;
             if created {
-                let _ = std::fs::remove_dir(req.target.as_path());
+                let (root, t) = (self.root.clone(), req.target.clone());
+                if let Err(undo) =
+                    blocking(move || root.rmdir(&t).map_err(|e| confine_error("target_path", e)))
+                        .await
+                {
+                    tracing::warn!(target = %req.target, error = %undo, "could not remove the target directory this call created");
+                }
             }
             return Err(e);
         }
@@ -914,14 +973,25 @@ impl NodePlugin {
         }
         self.remember_publish(req, record, wanted).await?;
         let (mounter, target, dev) = (self.mounter.clone(), req.target.clone(), device.clone());
-        let made = blocking(format!("mknod {target}"), move || {
+        let made = work::blocking(format!("mknod {target}"), move || {
             mounter
                 .make_device_node(&target, &dev, readonly)
                 .map_err(NodeError::from)
         })
         .await;
         if let Err(e) = made {
-            let _ = std::fs::remove_file(req.target.as_path());
+            let e = match e {
+                NodeError::Mount(m) if m.source.raw_os_error() == Some(libc::EEXIST) => {
+                    NodeError::FailedPrecondition(format!(
+                        "target_path {} was created by another call meanwhile; not touching it",
+                        req.target
+                    ))
+                }
+                e => e,
+            };
+            // Nothing of this call's is at the target: the device node is made under a
+            // temporary name and only renamed onto the target with RENAME_NOREPLACE. What is
+            // there now (another call's node, say) is left as it is.
             record.publishes.remove(&req.target);
             self.save(record).await?;
             return Err(e);
@@ -930,8 +1000,13 @@ impl NodePlugin {
         Ok(())
     }
 
-    /// CSI NodeUnpublishVolume: unmount and remove the target directory, or remove the device
-    /// node. A target that is already gone is OK.
+    /// CSI NodeUnpublishVolume (§4.5.4): unmount and remove the target directory, or remove
+    /// the device node. Idempotent: a target already gone, or a volume with nothing left to
+    /// undo, is OK (never NOT_FOUND, which the kubelet retries forever). What is at the target
+    /// is the volume's when [`ownership::decide`] says so: a mount of any device the volume
+    /// was ever seen with (its device may have vanished or been renumbered since), or at a
+    /// recorded target a node or empty file the plugin made. Anything else is
+    /// FAILED_PRECONDITION and is left alone; a symlink is INVALID_ARGUMENT.
     pub async fn unpublish(self: &Arc<Self>, req: Unpublish) -> Result<(), NodeError> {
         let (this, volume) = (self.clone(), req.volume.clone());
         let calls = &self.locks.calls.unpublish;
@@ -944,85 +1019,62 @@ impl NodePlugin {
 
     async fn unpublish_now(&self, req: Unpublish) -> Result<(), NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
-        let mut record = self.load(&req.volume).await?;
+        self.confined(&req.target, "target_path").await?;
+        let _path = self.paths.lock(&req.target).await;
+        let mut record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self
-                .source
-                .locate(&req.volume, &HashMap::new(), &HashMap::new())?,
+            None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
         };
         let device = self.source.find(&backing).await?;
-        let recorded = record
+        let history = record
             .as_ref()
-            .is_some_and(|r| r.publishes.contains_key(&req.target));
-        match self.look(&req.target).await? {
-            Found::Nothing => {
-                if record.is_none() && device.is_none() && !self.source.exists(&backing).await? {
-                    return Err(NodeError::NotFound(format!(
-                        "volume {} does not exist on this node",
-                        req.volume
-                    )));
-                }
+            .map(|r| r.known_devices())
+            .unwrap_or_default();
+        let known = Known {
+            history: &history,
+            current: device.as_ref().map(number),
+            recorded: record
+                .as_ref()
+                .is_some_and(|r| r.publishes.contains_key(&req.target)),
+        };
+        let found = self.look(&req.target).await?;
+        if found == Found::Symlink {
+            return Err(NodeError::invalid(
+                "target_path",
+                format!("{} is a symbolic link; refusing to follow it", req.target),
+            ));
+        }
+        let mounts = match self.judge(&req.target, &found, known).await? {
+            Verdict::Foreign(what) => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "target_path {} holds {what}, not volume {}; not removing it",
+                    req.target, req.volume
+                )))
             }
-            Found::Symlink => {
-                return Err(NodeError::invalid(
-                    "target_path",
-                    format!("{} is a symbolic link; refusing to follow it", req.target),
-                ))
-            }
+            Verdict::Empty => 0,
+            Verdict::Ours { mounts, .. } => mounts,
+        };
+        match found {
+            Found::Nothing => {}
             Found::Directory => {
-                let mounts = self.mounts().await?;
-                for top in mounts_at(&mounts, &req.target).into_iter().rev() {
-                    let ours = device.as_ref().is_some_and(|d| same_device(top, d));
-                    if !ours {
-                        return Err(NodeError::FailedPrecondition(format!(
-                            "target_path {} is a mount point of {} ({}:{}), not of volume {}; not \
-                             unmounting it",
-                            req.target, top.source, top.major, top.minor, req.volume
-                        )));
-                    }
+                for _ in 0..mounts {
                     self.unmount(&req.target, "target_path").await?;
                 }
-                let t = req.target.clone();
-                blocking(format!("removing {t}"), move || {
-                    match std::fs::remove_dir(t.as_path()) {
-                        Ok(()) => Ok(()),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                            Err(NodeError::FailedPrecondition(format!(
+                let (root, t) = (self.root.clone(), req.target.clone());
+                blocking(move || match root.rmdir(&t) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                        Err(NodeError::FailedPrecondition(format!(
                             "target_path {t} is not a mount point and is not empty; refusing to \
                              delete it"
                         )))
-                        }
-                        Err(source) => Err(NodeError::Io {
-                            action: format!("removing target_path {t}"),
-                            source,
-                        }),
                     }
+                    Err(e) => Err(confine_error("target_path", e)),
                 })
                 .await?;
             }
-            Found::BlockDevice { major, minor, .. } => {
-                let ours = device
-                    .as_ref()
-                    .is_some_and(|d| (d.major, d.minor) == (major, minor))
-                    || recorded;
-                if !ours {
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "target_path {} is the device node of {major}:{minor}, not of volume {}; \
-                         not removing it",
-                        req.target, req.volume
-                    )));
-                }
-                remove_file(&req.target).await?;
-            }
-            Found::RegularFile { len: 0 } if recorded => remove_file(&req.target).await?,
-            other => {
-                return Err(NodeError::FailedPrecondition(format!(
-                "target_path {} is {other:?}, which this plugin did not create; not removing it",
-                req.target
-            )))
-            }
+            _ => self.remove_file(&req.target).await?,
         }
         if let Some(r) = record.as_mut() {
             if r.publishes.remove(&req.target).is_some() {
@@ -1033,33 +1085,52 @@ impl NodePlugin {
         Ok(())
     }
 
+    /// Removes the device node (or empty file) at the target; already gone is OK.
+    async fn remove_file(&self, path: &AbsPath) -> Result<(), NodeError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || {
+            root.unlink(&p)
+                .map(|_| ())
+                .map_err(|e| confine_error("target_path", e))
+        })
+        .await
+    }
+
     /// CSI NodeGetVolumeStats: bytes and inodes of a mounted filesystem, bytes of a block
     /// device; abnormal when the mount or the device is gone. A volume with no record is
     /// measured when the kernel shows its own device at the path, and nothing is recorded.
     pub async fn stats(&self, req: Stats) -> Result<VolumeStats, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let backing = match self.load(&req.volume).await? {
-            Some(record) => self.known_path(&req.volume, &path, record).await?.backing,
-            None => self.unrecorded(&req.volume, &path).await?,
+        let (backing, history) = match self.record_of(&req.volume).await? {
+            Some(record) => {
+                let record = self.known_path(&req.volume, &path, record).await?;
+                let history = record.known_devices();
+                (record.backing, history)
+            }
+            None => (self.unrecorded(&req.volume, &path).await?, Vec::new()),
         };
         let device = self.source.find(&backing).await?;
         let healthy = match &device {
             Some(d) => self.source.healthy(&backing, d).await?,
             None => false,
         };
-        match self.look(&path).await? {
+        let found = self.look(&path).await?;
+        let known = Known {
+            history: &history,
+            current: device.as_ref().map(number),
+            recorded: true,
+        };
+        let verdict = self.judge(&path, &found, known).await?;
+        // Measured only when what is there is the volume's live device.
+        let live = matches!(verdict, Verdict::Ours { live: true, .. });
+        match found {
             Found::Nothing => Err(NodeError::NotFound(format!(
                 "volume_path {path} does not exist"
             ))),
             Found::Directory => {
-                let mounts = self.mounts().await?;
-                let top = mounts_at(&mounts, &path).last().copied();
-                let mounted = match (&device, top) {
-                    (Some(d), Some(top)) => same_device(top, d),
-                    _ => false,
-                };
-                if top.is_some() && !(mounted && healthy) {
+                let mounted = live;
+                if verdict != Verdict::Empty && !(mounted && healthy) {
                     // Mounted, but not by the volume's live device.
                     self.metrics.node.stale_mounts_detected_total.inc();
                 }
@@ -1083,7 +1154,7 @@ impl NodePlugin {
                     });
                 }
                 let p = path.clone();
-                let st = blocking(format!("statvfs {p}"), move || {
+                let st = work::blocking(format!("statvfs {p}"), move || {
                     rustix::fs::statvfs(p.as_path()).map_err(|e| NodeError::Io {
                         action: format!("statvfs {p}"),
                         source: e.into(),
@@ -1099,13 +1170,11 @@ impl NodePlugin {
                     abnormal: None,
                 })
             }
-            Found::BlockDevice { major, minor, .. } => {
-                let ours = device
-                    .as_ref()
-                    .is_some_and(|d| (d.major, d.minor) == (major, minor));
+            Found::BlockDevice { .. } => {
+                let ours = live;
                 let size = if ours && healthy {
                     let p = path.clone();
-                    blocking(format!("reading the size of {p}"), move || device_size(&p)).await?
+                    blocking(move || device_size(&p)).await?
                 } else {
                     0
                 };
@@ -1122,89 +1191,6 @@ impl NodePlugin {
                 "volume_path {path} is {other:?}, not a volume"
             ))),
         }
-    }
-
-    /// `record`, if its volume is staged or published at `path`; NOT_FOUND otherwise. For an
-    /// adopted volume, a path the kernel shows its device mounted at also counts: the Go
-    /// plugin's own publishes are in no record.
-    async fn known_path(
-        &self,
-        volume: &VolumeId,
-        path: &AbsPath,
-        record: StageRecord,
-    ) -> Result<StageRecord, NodeError> {
-        if record.staging == *path || record.publishes.contains_key(path) {
-            return Ok(record);
-        }
-        if matches!(record.origin, Origin::Adopted { .. }) {
-            if let Some(device) = self.source.find(&record.backing).await? {
-                if self.holds(path, &device).await? == Holds::Ours {
-                    return Ok(record);
-                }
-            }
-        }
-        Err(NodeError::NotFound(format!(
-            "volume {volume} is not staged or published at {path}"
-        )))
-    }
-
-    /// The backing of a volume with no record, when the kernel shows its own device at `path`
-    /// (staged or published with no record: by the Go node plugin). Read-only callers
-    /// (NodeGetVolumeStats) answer from it without writing a record: they carry no capability
-    /// to record; the next NodePublishVolume or NodeExpandVolume adopts the volume.
-    /// NOT_FOUND when nothing of the volume is there; FAILED_PRECONDITION when another
-    /// device is mounted there.
-    async fn unrecorded(&self, volume: &VolumeId, path: &AbsPath) -> Result<Backing, NodeError> {
-        let backing = self
-            .source
-            .locate(volume, &HashMap::new(), &HashMap::new())?;
-        self.require_volume(volume, &backing).await?;
-        let not_staged = || {
-            NodeError::NotFound(format!(
-                "volume {volume} is not staged or published on this node"
-            ))
-        };
-        let Some(device) = self.source.find(&backing).await? else {
-            return Err(not_staged());
-        };
-        match self.holds(path, &device).await? {
-            Holds::Ours => {
-                tracing::info!(volume_id = %volume, path = %path, device = %device,
-                    "answering for a volume staged without a record, from the kernel's view");
-                Ok(backing)
-            }
-            Holds::Nothing => Err(not_staged()),
-            Holds::Other(what) => Err(NodeError::FailedPrecondition(format!(
-                "{path} holds {what}, not volume {volume}'s device {device}"
-            ))),
-        }
-    }
-
-    /// What the kernel shows at `path` compared with `device`: the top mount of a directory,
-    /// or a device node.
-    async fn holds(&self, path: &AbsPath, device: &BlockDevice) -> Result<Holds, NodeError> {
-        Ok(match self.look(path).await? {
-            Found::Directory => {
-                let mounts = self.mounts().await?;
-                match mounts_at(&mounts, path).last() {
-                    Some(top) if same_device(top, device) => Holds::Ours,
-                    Some(top) => Holds::Other(format!(
-                        "a mount of {} ({}:{})",
-                        top.source, top.major, top.minor
-                    )),
-                    None => Holds::Nothing,
-                }
-            }
-            Found::BlockDevice { major, minor, .. }
-                if (major, minor) == (device.major, device.minor) =>
-            {
-                Holds::Ours
-            }
-            Found::BlockDevice { major, minor, .. } => {
-                Holds::Other(format!("the device node of {major}:{minor}"))
-            }
-            _ => Holds::Nothing,
-        })
     }
 
     /// CSI NodeExpandVolume: the device learns its new size, then a filesystem grows online.
@@ -1224,7 +1210,7 @@ impl NodePlugin {
     async fn expand_now(&self, req: Expand) -> Result<u64, NodeError> {
         let _turn = self.locks.lock(&req.volume).await;
         let path = req.path.valid(&req.volume)?.clone();
-        let record = match self.load(&req.volume).await? {
+        let record = match self.record_of(&req.volume).await? {
             Some(r) => Some(r),
             None => match (&req.staging, &req.capability) {
                 (Some(staging), Some(capability)) => {
@@ -1278,11 +1264,14 @@ impl NodePlugin {
             )));
         }
         if let Some(fs) = record.fs {
-            let mounts = self.mounts().await?;
-            let mounted = mounts_at(&mounts, &record.staging)
-                .last()
-                .is_some_and(|m| same_device(m, &device));
-            if !mounted {
+            let found = Found::Directory;
+            let known = Known {
+                history: &record.known_devices(),
+                current: Some(number(&device)),
+                recorded: true,
+            };
+            let mounted = self.judge(&record.staging, &found, known).await?;
+            if !matches!(mounted, Verdict::Ours { live: true, .. }) {
                 return Err(NodeError::FailedPrecondition(format!(
                     "volume {}'s filesystem is not mounted at {}; it grows online only",
                     req.volume, record.staging
@@ -1295,29 +1284,23 @@ impl NodePlugin {
     }
 }
 
-/// What is at a path, measured against a volume's device.
-#[derive(Debug, PartialEq, Eq)]
-enum Holds {
-    Ours,
-    Nothing,
-    /// Another device's mount or node, described for the error.
-    Other(String),
-}
-
-async fn remove_file(path: &AbsPath) -> Result<(), NodeError> {
-    let p = path.clone();
-    blocking(
-        format!("removing {p}"),
-        move || match std::fs::remove_file(p.as_path()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(NodeError::Io {
-                action: format!("removing {p}"),
-                source,
-            }),
+/// A refused or failed confined operation on the request's `field`: a path outside the
+/// kubelet directory or through a symlink is INVALID_ARGUMENT; an I/O failure stays one.
+fn confine_error(field: &'static str, e: ConfineError) -> NodeError {
+    match e {
+        ConfineError::Outside { .. } | ConfineError::SymlinkInPath { .. } => {
+            NodeError::invalid(field, e.to_string())
+        }
+        ConfineError::Exists { .. } => NodeError::FailedPrecondition(format!("{field} {e}")),
+        ConfineError::Io {
+            action,
+            path,
+            source,
+        } => NodeError::Io {
+            action: format!("{action} {field} {path}"),
+            source,
         },
-    )
-    .await
+    }
 }
 
 /// The size of the block device at `path` (its end, found by seeking).
@@ -1330,3 +1313,8 @@ fn device_size(path: &AbsPath) -> Result<u64, NodeError> {
     let mut f = std::fs::File::open(PathBuf::from(path.as_path())).map_err(io)?;
     f.seek(SeekFrom::End(0)).map_err(io)
 }
+
+mod adoption;
+mod identity;
+#[cfg(test)]
+mod tests;

@@ -37,7 +37,7 @@ pub struct Node {
 impl Node {
     pub async fn start(extra: &[&str]) -> Node {
         let host = Host::new();
-        let d = Driver::start_in(host.driver_dir(), &[], extra).await;
+        let d = Driver::start_in(host.driver_dir(), &[], &host.kubelet_args(extra)).await;
         Node { d, host }
     }
 
@@ -46,7 +46,7 @@ impl Node {
         let Node { mut d, host } = self;
         d.kill9();
         let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
-        let d = Driver::start_in(dir, &[], extra).await;
+        let d = Driver::start_in(dir, &[], &host.kubelet_args(extra)).await;
         Node { d, host }
     }
 
@@ -795,7 +795,6 @@ async fn bad_requests_get_the_specs_codes_and_leave_nothing_behind() {
         ("no volume id", "", t.as_str(), Code::InvalidArgument),
         ("no target", "v", "", Code::InvalidArgument),
         ("relative target", "v", "t", Code::InvalidArgument),
-        ("unknown volume", "nope", t.as_str(), Code::NotFound),
     ] {
         let err = node
             .node_unpublish_volume(NodeUnpublishVolumeRequest {
@@ -809,7 +808,6 @@ async fn bad_requests_get_the_specs_codes_and_leave_nothing_behind() {
     for (what, vol, path, code) in [
         ("no volume id", "", staging.as_str(), Code::InvalidArgument),
         ("no staging path", "v", "", Code::InvalidArgument),
-        ("unknown volume", "nope", staging.as_str(), Code::NotFound),
     ] {
         let err = node
             .node_unstage_volume(NodeUnstageVolumeRequest {
@@ -820,6 +818,19 @@ async fn bad_requests_get_the_specs_codes_and_leave_nothing_behind() {
             .unwrap_err();
         assert_eq!(err.code(), code, "unstage {what}: {}", err.message());
     }
+    // Nothing left to undo is OK, not NOT_FOUND: the kubelet retries NOT_FOUND forever.
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: "nope".into(),
+        target_path: t.clone(),
+    })
+    .await
+    .expect("unpublish of a volume the node has nothing of");
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: "nope".into(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .expect("unstage of a volume the node has nothing of");
     for (what, vol, path, code) in [
         ("no volume id", "", staging.as_str(), Code::InvalidArgument),
         ("no path", "v", "", Code::InvalidArgument),
@@ -900,6 +911,160 @@ async fn a_symlink_planted_at_a_target_is_never_followed() {
         .is_symlink());
     n.unstage("b", "bstage").await.unwrap();
     n.unstage("v", "stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// A driver whose `--kubelet-dir` is `kubelet/` under its host dir, so `out/` beside it is
+/// outside the root and still cleaned by the [`Host`] guard.
+async fn node_with_kubelet_subdir() -> Node {
+    let host = Host::new();
+    let kubelet = host.at("kubelet");
+    std::fs::create_dir(&kubelet).unwrap();
+    std::fs::create_dir(host.path().join("out")).unwrap();
+    let d = Driver::start_in(host.driver_dir(), &[], &["--kubelet-dir", &kubelet]).await;
+    Node { d, host }
+}
+
+async fn unpublish_raw(n: &Node, volume: &str, target: &str) -> Result<(), tonic::Status> {
+    n.d.node()
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: target.into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Catches dropping the `confined` checks at the top of stage, publish and unpublish
+/// (plugin.rs) or the target == staging refusal: a path outside `--kubelet-dir` is
+/// INVALID_ARGUMENT, and nothing is mounted, created or removed there.
+#[tokio::test]
+async fn a_staging_path_outside_the_kubelet_root_is_refused() {
+    if !root_or_skip("outside_kubelet_root") {
+        return;
+    }
+    let n = node_with_kubelet_subdir().await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    let out = n.host.path().join("out");
+    std::fs::create_dir(out.join("stage")).unwrap();
+    std::fs::create_dir(out.join("keep")).unwrap();
+    expect_code(
+        n.stage_raw("v", &n.host.at("out/stage"), cap.clone(), ctx.clone())
+            .await,
+        Code::InvalidArgument,
+        "--kubelet-dir",
+    );
+    n.stage("v", "kubelet/stage", cap.clone(), ctx)
+        .await
+        .unwrap();
+    let staging = n.host.at("kubelet/stage");
+    expect_code(
+        n.publish_raw("v", &staging, &n.host.at("out/t"), cap.clone(), false)
+            .await,
+        Code::InvalidArgument,
+        "--kubelet-dir",
+    );
+    expect_code(
+        unpublish_raw(&n, "v", &n.host.at("out/keep")).await,
+        Code::InvalidArgument,
+        "--kubelet-dir",
+    );
+    expect_code(
+        n.publish_raw("v", &staging, &staging, cap.clone(), false)
+            .await,
+        Code::InvalidArgument,
+        "staging_target_path",
+    );
+    assert_eq!(n.mount_count("out/stage"), 0);
+    assert!(!out.join("t").exists(), "no target made outside the root");
+    assert!(
+        out.join("keep").is_dir(),
+        "nothing removed outside the root"
+    );
+    n.unstage("v", "kubelet/stage").await.unwrap();
+    n.host.assert_clean();
+}
+
+/// Catches resolving a request's path by name (only the last component `O_NOFOLLOW`):
+/// a symlink among the parents — to a directory inside the root or outside it — is refused
+/// by stage, publish (mount and block) and unpublish, and nothing is made or removed where it
+/// points.
+#[tokio::test]
+async fn a_symlinked_parent_is_refused() {
+    if !root_or_skip("symlinked_parent") {
+        return;
+    }
+    let n = node_with_kubelet_subdir().await;
+    let (kubelet, out) = (n.host.path().join("kubelet"), n.host.path().join("out"));
+    std::fs::create_dir_all(kubelet.join("real/stage")).unwrap();
+    std::fs::create_dir(out.join("keep")).unwrap();
+    std::os::unix::fs::symlink(kubelet.join("real"), kubelet.join("inner")).unwrap();
+    std::os::unix::fs::symlink(&out, kubelet.join("escape")).unwrap();
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    expect_code(
+        n.stage_raw(
+            "v",
+            &n.host.at("kubelet/inner/stage"),
+            cap.clone(),
+            ctx.clone(),
+        )
+        .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert_eq!(
+        n.mount_count("kubelet/real/stage"),
+        0,
+        "nothing mounted through the link"
+    );
+    n.stage("v", "kubelet/stage", cap.clone(), ctx)
+        .await
+        .unwrap();
+    let staging = n.host.at("kubelet/stage");
+    for target in ["kubelet/inner/t", "kubelet/escape/t"] {
+        expect_code(
+            n.publish_raw("v", &staging, &n.host.at(target), cap.clone(), false)
+                .await,
+            Code::InvalidArgument,
+            "symbolic link",
+        );
+    }
+    expect_code(
+        unpublish_raw(&n, "v", &n.host.at("kubelet/escape/keep")).await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    let block = rwo_block();
+    n.create("b", 16 * MIB, block.clone()).await;
+    let bctx = n.attach("b", block.clone()).await;
+    n.stage("b", "kubelet/bstage", block.clone(), bctx)
+        .await
+        .unwrap();
+    expect_code(
+        n.publish_raw(
+            "b",
+            &n.host.at("kubelet/bstage"),
+            &n.host.at("kubelet/escape/dev"),
+            block.clone(),
+            false,
+        )
+        .await,
+        Code::InvalidArgument,
+        "symbolic link",
+    );
+    assert!(
+        !kubelet.join("real/t").exists() && !out.join("t").exists() && !out.join("dev").exists()
+    );
+    assert!(
+        out.join("keep").is_dir(),
+        "nothing removed through the link"
+    );
+    n.unstage("b", "kubelet/bstage").await.unwrap();
+    n.unstage("v", "kubelet/stage").await.unwrap();
     n.host.assert_clean();
 }
 
@@ -1022,6 +1187,78 @@ async fn a_damaged_or_foreign_device_is_never_formatted_or_mounted() {
     // Each refused stage detaches its loop device after any formatting it did.
     let log = n.d.wait_for_log_count("detached loop device", 3).await;
     assert!(!log.contains("formatting an empty device"));
+    n.host.assert_clean();
+}
+
+/// Stage and publish an ext4 volume, then detach its loop device out from under the mounts
+/// (`losetup --detach` of a busy device only marks it autoclear: the plugin no longer finds
+/// the volume's device, the mounts keep its number, as after an NVMe `ctrl_loss_tmo`).
+/// NodeUnpublish and NodeUnstage know the mounts from the record's device history, unmount
+/// them and succeed, and so do their retries; nothing is left mounted or attached. Fails with
+/// FAILED_PRECONDITION "not volume v" when unpublish compares the target's mount only with the
+/// device the backing resolves to now (none), and leaves the staging mount behind when unstage
+/// skips the staging path for a device it cannot find.
+#[tokio::test]
+async fn an_unpublish_after_the_device_vanished_unmounts_and_succeeds() {
+    if !root_or_skip("vanished_device") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("v", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("v", cap.clone()).await;
+    n.stage("v", "stage", cap.clone(), ctx).await.unwrap();
+    n.publish("v", "stage", "t", cap, false).await.unwrap();
+    let loops = n.loops();
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    run("losetup", &["--detach", &format!("/dev/{}", loops[0])]);
+
+    n.unpublish("v", "t").await.unwrap();
+    assert_eq!(n.mount_count("t"), 0);
+    assert!(!n.host.path().join("t").exists(), "the target is removed");
+    n.unpublish("v", "t").await.unwrap();
+    n.unstage("v", "stage").await.unwrap();
+    assert_eq!(n.mount_count("stage"), 0);
+    n.unstage("v", "stage").await.unwrap();
+    eventually(
+        "the autoclear loop device is freed with its last mount",
+        || async { n.loops().is_empty() },
+    )
+    .await;
+    n.host.assert_clean();
+}
+
+/// With `V1` staged, every node call for `v1` is FAILED_PRECONDITION naming both ids and
+/// touches nothing (on the RDS both spellings are one NQN; the node refuses the second rather
+/// than keep two records). Once `V1` is unstaged, `v1` gets its ordinary answers again. Fails
+/// when the plugin's `record_of` does not look for another spelling (the unstage of `v1`
+/// answers OK, the stage NOT_FOUND).
+#[tokio::test]
+async fn ids_differing_only_by_case_are_refused_while_one_is_staged() {
+    if !root_or_skip("case_ids") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
+    n.create("V1", 64 * MIB, cap.clone()).await;
+    let ctx = n.attach("V1", cap.clone()).await;
+    n.stage("V1", "stage", cap.clone(), ctx).await.unwrap();
+    let both = |r: Result<(), tonic::Status>| {
+        let err = r.expect_err("the other spelling is refused");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(
+            err.message().contains("V1") && err.message().contains("v1"),
+            "{}",
+            err.message()
+        );
+    };
+    both(n.stage("v1", "stage-2", cap.clone(), HashMap::new()).await);
+    both(n.publish("v1", "stage", "t", cap.clone(), false).await);
+    both(n.unpublish("v1", "t").await);
+    both(n.unstage("v1", "stage").await);
+    assert_eq!(n.mount_count("stage"), 1, "V1's staging mount is untouched");
+    n.unstage("V1", "stage").await.unwrap();
+    n.unstage("v1", "stage").await.unwrap();
     n.host.assert_clean();
 }
 
@@ -1757,4 +1994,44 @@ async fn a_block_volume_the_go_plugin_attached_is_adopted_by_node_publish() {
     n.unstage("gob", "stage").await.unwrap();
     assert_eq!(record_of(&n, "gob"), None);
     n.host.assert_clean();
+}
+
+/// Catches dropping the `LOOP_GET_STATUS64` check in `LoopDevices::detach` (device.rs): a
+/// loop device that sysfs listed as the volume's image, but that was freed and re-bound to
+/// another image before the detach, stays bound to that other image. Real loop devices on this
+/// test's own images; the [`Host`] guard detaches them even if it fails.
+#[tokio::test]
+async fn loop_detach_refuses_a_loop_rebound_to_another_image() {
+    use rds_csi::node::command::SystemRunner;
+    use rds_csi::node::device::{DeviceSource, LoopDevices};
+    if !root_or_skip("loop_rebound") {
+        return;
+    }
+    let host = Host::new();
+    let root = host.path().join("volumes");
+    std::fs::create_dir(&root).unwrap();
+    let (ours, theirs) = (root.join("v1.img"), root.join("x.img"));
+    for image in [&ours, &theirs] {
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let loops = LoopDevices::new(SystemRunner, &root, "/sys").unwrap();
+    let volume = rds_csi::ids::VolumeId::try_from("v1").unwrap();
+    let backing = loops
+        .locate(&volume, &HashMap::new(), &HashMap::new())
+        .unwrap();
+    let dev = loops.attach(&backing).await.unwrap();
+    let (path, other) = (dev.path.to_string(), theirs.display().to_string());
+    loops.before_next_detach_check(move || {
+        run("losetup", &["--detach", &path]);
+        run("losetup", &[&path, &other]);
+    });
+    loops.detach(&backing).await.unwrap();
+    let bound = std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", dev.name()))
+        .expect("the re-bound loop device is still bound");
+    assert_eq!(bound.trim_end(), theirs.display().to_string());
+    run("losetup", &["--detach", &dev.path.to_string()]);
+    host.assert_clean();
 }

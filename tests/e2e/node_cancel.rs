@@ -67,7 +67,14 @@ async fn a_stage_past_its_grpc_deadline_mid_mkfs_runs_on_and_its_retry_converges
     }
     let host = Host::new();
     let (path, log, mut gate) = gated_mkfs(&host);
-    let d = Driver::start_with_env(host.driver_dir(), &[], &[], None, &[("PATH", &path)]).await;
+    let d = Driver::start_with_env(
+        host.driver_dir(),
+        &[],
+        &host.kubelet_args(&[]),
+        None,
+        &[("PATH", &path)],
+    )
+    .await;
     let n = Node { d, host };
     let cap = mount_cap(Mode::SingleNodeWriter, "ext4", &[]);
     n.create("slow", 64 * MIB, cap.clone()).await;

@@ -170,7 +170,7 @@ async fn on_xfs_with_reflinks_a_staged_volume_is_snapshotted_at_its_moment() {
         .prefix("driver-")
         .tempdir_in(&mount)
         .unwrap();
-    let d = Driver::start_in(dir, &[], &[]).await;
+    let d = Driver::start_in(dir, &[], &host.kubelet_args(&[])).await;
     let n = Node { d, host };
     assert!(
         reflinks_under(n.d.dir.path()),

@@ -53,6 +53,16 @@ impl Host {
         self.root.join(name).display().to_string()
     }
 
+    /// `extra` with `--kubelet-dir` set to this test's directory (unless `extra` sets it),
+    /// so the staging paths and targets under it are beneath the driver's kubelet root.
+    pub fn kubelet_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        if extra.contains(&"--kubelet-dir") {
+            return extra.to_vec();
+        }
+        let root = self.root.to_str().expect("a UTF-8 temp dir");
+        [&["--kubelet-dir", root][..], extra].concat()
+    }
+
     /// A fresh directory for a driver's files (socket, images, records, log).
     pub fn driver_dir(&self) -> tempfile::TempDir {
         tempfile::Builder::new()

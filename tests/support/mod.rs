@@ -180,6 +180,9 @@ impl Driver {
             .args(extra)
             .env("RDS_CSI_KNOWN_NODES", known.join(","))
             .env("RUST_LOG", "info")
+            // Confined to the driver's own directory unless a flag says otherwise (a node
+            // test's `Host::kubelet_args`); never the machine's /var/lib/kubelet.
+            .env("RDS_CSI_KUBELET_DIR", dir)
             // Never let the machine's own pod namespace leak into a test.
             .env_remove("POD_NAMESPACE")
             .envs(env.iter().copied())

@@ -1,0 +1,576 @@
+//! The plugin's ownership and identity rules against the real NVMe/TCP device source over a
+//! fake sysfs (renumber a namespace by rewriting its `dev`, delete a controller as
+//! `ctrl_loss_tmo` does) and a mount table that behaves like the kernel's: unmounting a path
+//! that is not a mount point is EINVAL, and every mount carries its device's number.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustix::mount::MountFlags;
+
+use super::*;
+use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
+use crate::node::fakes::RecordingRunner;
+use crate::node::mounter::MountError;
+use crate::node::nvme::{fake_controller, NvmeDevices};
+
+const NQN1: &str = "nqn.2000-02.com.mikrotik:pvc-1";
+const NQN2: &str = "nqn.2000-02.com.mikrotik:pvc-2";
+
+/// A mount table: mounts and device nodes made through it are recorded as the kernel would
+/// show them; `calls` logs every change.
+#[derive(Default)]
+struct FakeMounts {
+    table: Mutex<Vec<MountEntry>>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeMounts {
+    fn add(&self, at: &Path, device: (u32, u32)) {
+        let mut table = self.table.lock().unwrap();
+        let id = 100 + table.len() as u32;
+        table.push(MountEntry {
+            mount_id: id,
+            parent_id: 1,
+            major: device.0,
+            minor: device.1,
+            root: PathBuf::from("/"),
+            mount_point: at.to_path_buf(),
+            options: vec!["rw".into()],
+            fs_type: "ext4".into(),
+            source: format!("/dev/dev{}", device.1),
+            super_options: vec![],
+        });
+    }
+
+    fn at(&self, path: &AbsPath) -> Vec<(u32, u32)> {
+        let view = path.kernel_view();
+        self.table
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.mount_point == view)
+            .map(|m| (m.major, m.minor))
+            .collect()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Mounter for FakeMounts {
+    fn mounts(&self) -> Result<Vec<MountEntry>, MountError> {
+        Ok(self.table.lock().unwrap().clone())
+    }
+
+    fn mount_device(
+        &self,
+        device: &BlockDevice,
+        target: &AbsPath,
+        _: FsType,
+        _: &MountOptions,
+    ) -> Result<(), MountError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("mount {device} {target}"));
+        self.add(&target.kernel_view(), (device.major, device.minor));
+        Ok(())
+    }
+
+    fn bind(&self, source: &AbsPath, target: &AbsPath, _: MountFlags) -> Result<(), MountError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("bind {source} {target}"));
+        let top = self.at(source).last().copied().ok_or_else(|| MountError {
+            action: "bind-mounting",
+            path: source.to_string(),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        self.add(&target.kernel_view(), top);
+        Ok(())
+    }
+
+    fn unmount(&self, target: &AbsPath) -> Result<(), MountError> {
+        self.calls.lock().unwrap().push(format!("unmount {target}"));
+        let view = target.kernel_view();
+        let mut table = self.table.lock().unwrap();
+        let Some(top) = table.iter().rposition(|m| m.mount_point == view) else {
+            return Err(MountError {
+                action: "unmounting",
+                path: target.to_string(),
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        };
+        table.remove(top);
+        Ok(())
+    }
+
+    fn make_device_node(
+        &self,
+        target: &AbsPath,
+        device: &BlockDevice,
+        _: bool,
+    ) -> Result<(), MountError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("mknod {target} {device}"));
+        Ok(())
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    mounts: Arc<FakeMounts>,
+    plugin: Arc<NodePlugin>,
+    records: Records,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys");
+        std::fs::create_dir_all(sys.join("class/nvme")).unwrap();
+        std::fs::create_dir_all(sys.join("class/block")).unwrap();
+        let mounts = Arc::new(FakeMounts::default());
+        let runner = RecordingRunner::default();
+        let plugin = Arc::new(NodePlugin::new(NodeDeps {
+            source: Arc::new(NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())),
+            mounter: mounts.clone(),
+            runner: Arc::new(runner),
+            records: Records::open(&dir.path().join("state")).unwrap(),
+            metrics: Arc::new(Metrics::new()),
+            root: Arc::new(KubeletRoot::new(
+                AbsPath::try_from(dir.path().to_path_buf()).unwrap(),
+            )),
+        }));
+        let records = Records::open(&dir.path().join("state")).unwrap();
+        World {
+            dir,
+            mounts,
+            plugin,
+            records,
+        }
+    }
+
+    fn sys(&self) -> PathBuf {
+        self.dir.path().join("sys")
+    }
+
+    /// A directory under the test's root, created.
+    fn path(&self, name: &str) -> AbsPath {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        AbsPath::try_from(p).unwrap()
+    }
+
+    /// Connects `nqn` as controller `ctrl` with namespace device `nvme<ctrl>n1` at `dev`.
+    fn connect(&self, ctrl: u32, nqn: &str, dev: &str) {
+        fake_controller(
+            &self.sys(),
+            ctrl,
+            nqn,
+            Some((&format!("nvme{ctrl}n1"), dev)),
+        );
+    }
+
+    /// A reconnect that gave the namespace a new minor.
+    fn renumber(&self, ctrl: u32, dev: &str) {
+        let block = self.sys().join(format!("class/block/nvme{ctrl}n1/dev"));
+        std::fs::write(block, format!("{dev}\n")).unwrap();
+    }
+
+    /// The controller deleted after `ctrl_loss_tmo`.
+    fn vanish(&self, ctrl: u32) {
+        std::fs::remove_dir_all(self.sys().join(format!("class/nvme/nvme{ctrl}"))).unwrap();
+        std::fs::remove_dir_all(self.sys().join(format!("class/block/nvme{ctrl}n1"))).unwrap();
+    }
+}
+
+fn vol(id: &str) -> VolumeId {
+    VolumeId::try_from(id).unwrap()
+}
+
+fn ext4() -> Capability {
+    Capability::new(
+        AccessMode::SingleNodeWriter,
+        AccessType::Mount {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+        },
+    )
+    .unwrap()
+}
+
+fn nqn_context(nqn: &str) -> HashMap<String, String> {
+    HashMap::from([("nqn".to_string(), nqn.to_string())])
+}
+
+fn target(nqn: &str) -> Backing {
+    Backing::Nvme(NvmeTarget::from_context(&nqn_context(nqn), || unreachable!()).unwrap())
+}
+
+/// Writes the record a stage of `volume` (ext4 at `staging`, device 259:`minor`) leaves,
+/// published at `published`, and mounts it as the kernel would show it.
+fn staged(w: &World, volume: &str, nqn: &str, staging: &AbsPath, published: &AbsPath, minor: u32) {
+    let device = BlockDevice {
+        path: AbsPath::try_from(PathBuf::from("/dev/nvme1n1")).unwrap(),
+        major: 259,
+        minor,
+    };
+    let mut record = StageRecord {
+        volume: vol(volume),
+        staging: staging.clone(),
+        capability: ext4(),
+        fs: Some(FsType::parse("ext4").unwrap()),
+        readonly: false,
+        backing: target(nqn),
+        device: None,
+        devices: Vec::new(),
+        publishes: BTreeMap::new(),
+        origin: Origin::Staged,
+    };
+    record.saw(&device);
+    record.publishes.insert(
+        published.clone(),
+        PublishRecord {
+            capability: ext4(),
+            readonly: false,
+        },
+    );
+    w.records.save(&record).unwrap();
+    w.mounts.add(&staging.kernel_view(), (259, minor));
+    w.mounts.add(&published.kernel_view(), (259, minor));
+}
+
+/// A reconnect gave the namespace a new minor (259:1 → 259:5); the mounts still show 259:1.
+/// Unpublish and unstage recognise them as the volume's from the record's device history,
+/// unmount them and succeed. Fails (FAILED_PRECONDITION "not volume pvc-1") when `decide`
+/// ignores the history and compares with the current device only.
+#[tokio::test]
+async fn mounts_showing_a_renumbered_devices_old_minor_are_still_the_volumes() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.renumber(1, "259:5");
+
+    w.plugin
+        .unpublish(Unpublish {
+            volume: vol("pvc-1"),
+            target: published.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(w.mounts.at(&published).is_empty());
+    assert!(
+        !published.as_path().exists(),
+        "the target directory is removed"
+    );
+    w.plugin
+        .unstage(Unstage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(w.mounts.at(&staging).is_empty());
+    assert_eq!(w.records.load(&vol("pvc-1")).unwrap(), None);
+}
+
+/// The controller was deleted after `ctrl_loss_tmo`: the backing resolves to no device, the
+/// mounts keep the old number. Unpublish and unstage unmount and succeed, and the record goes
+/// only with the last mount. Fails when `unpublish` requires the current device to match.
+#[tokio::test]
+async fn an_unpublish_and_unstage_after_the_controller_was_deleted_unmount_and_succeed() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.vanish(1);
+
+    w.plugin
+        .unpublish(Unpublish {
+            volume: vol("pvc-1"),
+            target: published.clone(),
+        })
+        .await
+        .unwrap();
+    w.plugin
+        .unstage(Unstage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        w.mounts.table.lock().unwrap().is_empty(),
+        "nothing left mounted"
+    );
+    assert_eq!(w.records.load(&vol("pvc-1")).unwrap(), None);
+}
+
+/// With the device gone and another device's mount over the volume's at the staging path,
+/// unstage unmounts nothing and keeps the record. Fails when unstage checks the staging
+/// mounts only while the device still resolves (the old code skipped them and forgot the
+/// record), or when a foreign mount anywhere in the stack does not refuse the unstage.
+#[tokio::test]
+async fn an_unstage_never_forgets_a_record_while_something_is_mounted_at_its_path() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.plugin
+        .unpublish(Unpublish {
+            volume: vol("pvc-1"),
+            target: published.clone(),
+        })
+        .await
+        .unwrap();
+    w.vanish(1);
+    w.mounts.add(&staging.kernel_view(), (8, 0));
+    let err = w
+        .plugin
+        .unstage(Unstage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err}");
+    assert_eq!(w.mounts.at(&staging), vec![(259, 1), (8, 0)]);
+    assert!(w.records.load(&vol("pvc-1")).unwrap().is_some());
+}
+
+/// pvc-1 is staged; a NodePublish of pvc-1 whose volume_context names pvc-2's NQN (connected,
+/// 259:2) is INVALID_ARGUMENT naming both NQNs, and nothing is made at the target. Fails when
+/// publish trusts `source.locate` of the request (pvc-2's raw disk is mknod'ed at the target).
+#[tokio::test]
+async fn a_publish_naming_another_volumes_nqn_is_refused() {
+    let w = World::new();
+    let staging = w.path("stage");
+    w.connect(1, NQN1, "259:1");
+    w.connect(2, NQN2, "259:2");
+    let mut record = StageRecord {
+        volume: vol("pvc-1"),
+        staging: staging.clone(),
+        capability: Capability::block(AccessMode::SingleNodeWriter),
+        fs: None,
+        readonly: false,
+        backing: target(NQN1),
+        device: None,
+        devices: Vec::new(),
+        publishes: BTreeMap::new(),
+        origin: Origin::Staged,
+    };
+    record.saw(&BlockDevice {
+        path: AbsPath::try_from(PathBuf::from("/dev/nvme1n1")).unwrap(),
+        major: 259,
+        minor: 1,
+    });
+    w.records.save(&record).unwrap();
+    let pod = AbsPath::try_from(w.dir.path().join("pod-dev")).unwrap();
+    let err = w
+        .plugin
+        .publish(Publish {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            target: pod.clone(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            options: MountOptions::default(),
+            readonly: false,
+            publish_context: HashMap::new(),
+            volume_context: nqn_context(NQN2),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::InvalidArgument { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(NQN1) && message.contains(NQN2),
+        "{message}"
+    );
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+    assert!(!pod.as_path().exists());
+}
+
+/// `PVC-1` and `pvc-1` name one NQN: with `pvc-1` staged, every call for `PVC-1` is
+/// FAILED_PRECONDITION naming both ids, and nothing of `pvc-1` is touched. Fails when `load`
+/// does not look for another spelling (the unstage of `PVC-1` answers OK with nothing done,
+/// and a stage of it would make a second record over the same device).
+#[tokio::test]
+async fn ids_differing_only_by_case_are_refused_not_kept_as_two_volumes() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    let other = w.path("stage-upper");
+    let stage = w
+        .plugin
+        .stage(Stage {
+            volume: vol("PVC-1"),
+            staging: other.clone(),
+            capability: ext4(),
+            options: MountOptions::default(),
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await;
+    let unstage = w
+        .plugin
+        .unstage(Unstage {
+            volume: vol("PVC-1"),
+            staging: staging.clone(),
+        })
+        .await;
+    for result in [stage, unstage] {
+        let err = result.unwrap_err();
+        assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains("PVC-1") && message.contains("pvc-1"),
+            "{message}"
+        );
+    }
+    assert_eq!(w.records.load(&vol("PVC-1")).unwrap(), None);
+    assert_eq!(w.mounts.at(&staging), vec![(259, 1)]);
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+}
+
+/// NodeUnpublish and NodeUnstage of a volume the node has nothing of answer OK (the kubelet
+/// retries NOT_FOUND forever). Fails when either keeps its old NOT_FOUND.
+#[tokio::test]
+async fn an_unpublish_or_unstage_with_nothing_to_undo_is_ok() {
+    let w = World::new();
+    let staging = w.path("stage");
+    let gone = AbsPath::try_from(w.dir.path().join("never-published")).unwrap();
+    w.plugin
+        .unpublish(Unpublish {
+            volume: vol("pvc-9"),
+            target: gone,
+        })
+        .await
+        .unwrap();
+    w.plugin
+        .unstage(Unstage {
+            volume: vol("pvc-9"),
+            staging,
+        })
+        .await
+        .unwrap();
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+}
+
+/// After a reboot the record says pvc-1 is staged as ext4 at 259:1, but nothing is mounted at
+/// its staging path and its NQN now resolves to 259:7. A NodeStage as block is not
+/// ALREADY_EXISTS against that record: the record is replaced (block, the new device), and it
+/// keeps the old number in its history and the old target. Fails with ALREADY_EXISTS when
+/// `stage` lets a record the kernel contradicts win (`contradicted` removed).
+#[tokio::test]
+async fn a_stale_record_the_kernel_contradicts_is_replaced_by_a_fresh_stage() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    // The reboot: no mounts, the namespace back under another minor.
+    w.mounts.table.lock().unwrap().clear();
+    w.renumber(1, "259:7");
+
+    w.plugin
+        .stage(Stage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            options: MountOptions::default(),
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    let record = w.records.load(&vol("pvc-1")).unwrap().unwrap();
+    assert_eq!(
+        record.capability,
+        Capability::block(AccessMode::SingleNodeWriter)
+    );
+    assert_eq!(record.fs, None);
+    assert_eq!(
+        record.known_devices(),
+        vec![
+            DeviceNumber {
+                major: 259,
+                minor: 1
+            },
+            DeviceNumber {
+                major: 259,
+                minor: 7
+            }
+        ]
+    );
+    assert!(record.publishes.contains_key(&published));
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+}
+
+/// The same record with its staging mount still there (259:1, its device gone) is not
+/// contradicted: the stage keeps answering against it (ALREADY_EXISTS for another
+/// capability), so a live mount is never orphaned by a replaced record.
+#[tokio::test]
+async fn a_record_whose_mount_is_still_there_is_not_replaced() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.vanish(1);
+    let err = w
+        .plugin
+        .stage(Stage {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            options: MountOptions::default(),
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::AlreadyExists(_)), "{err:?}");
+    assert_eq!(
+        w.records.load(&vol("pvc-1")).unwrap().unwrap().capability,
+        ext4()
+    );
+}
+
+/// The staging mount still shows 259:1 but the namespace is now 259:5: the mount is the
+/// volume's (unpublish and unstage may undo it) but stale, so NodePublish refuses to bind
+/// from it and binds nothing. Fails when `publish_mount` accepts any mount `decide` calls the
+/// volume's instead of only a live one.
+#[tokio::test]
+async fn a_publish_never_binds_from_a_staging_mount_of_an_earlier_device() {
+    let w = World::new();
+    let (staging, published) = (w.path("stage"), w.path("pod"));
+    w.connect(1, NQN1, "259:1");
+    staged(&w, "pvc-1", NQN1, &staging, &published, 1);
+    w.renumber(1, "259:5");
+    let second = AbsPath::try_from(w.dir.path().join("pod-2")).unwrap();
+    let err = w
+        .plugin
+        .publish(Publish {
+            volume: vol("pvc-1"),
+            staging: staging.clone(),
+            target: second.clone(),
+            capability: ext4(),
+            options: MountOptions::default(),
+            readonly: false,
+            publish_context: HashMap::new(),
+            volume_context: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err:?}");
+    assert!(err.to_string().contains("stage it again"), "{err}");
+    assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
+    assert!(w.mounts.at(&second).is_empty());
+}
