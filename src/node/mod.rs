@@ -23,6 +23,8 @@
 
 pub mod command;
 pub mod device;
+#[cfg(test)]
+pub(crate) mod fake_sysfs;
 pub mod filesystem;
 pub mod locks;
 pub mod mounter;
