@@ -32,6 +32,7 @@ pub mod mountinfo;
 pub mod nvme;
 pub mod paths;
 pub mod plugin;
+pub mod reconciler;
 pub mod records;
 
 #[cfg(test)]
