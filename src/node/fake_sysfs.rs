@@ -94,8 +94,9 @@ impl FakeSysfs {
     }
 
     fn subsys_dir(&self, subsys: u32) -> PathBuf {
-        self.root
-            .join(format!("devices/virtual/nvme-subsystem/nvme-subsys{subsys}"))
+        self.root.join(format!(
+            "devices/virtual/nvme-subsystem/nvme-subsys{subsys}"
+        ))
     }
 
     /// `nvme connect` as the kernel shows it: controller `nvme{ctrl}` in subsystem
@@ -197,7 +198,10 @@ impl FakeSysfs {
     /// controller.
     pub fn plain_namespace(&self, ctrl: u32, nsid: u32, number: &str) {
         let mut taken = self.state.lock().unwrap();
-        assert!(taken.controllers.contains_key(&ctrl), "nvme{ctrl} connected");
+        assert!(
+            taken.controllers.contains_key(&ctrl),
+            "nvme{ctrl} connected"
+        );
         let name = format!("nvme{ctrl}n{nsid}");
         self.disk(
             &mut taken,
@@ -210,7 +214,10 @@ impl FakeSysfs {
 
     /// The controller's `state`, one of [`KERNEL_STATES`].
     pub fn set_state(&self, ctrl: u32, state: &str) {
-        assert!(KERNEL_STATES.contains(&state), "the kernel never says {state:?}");
+        assert!(
+            KERNEL_STATES.contains(&state),
+            "the kernel never says {state:?}"
+        );
         let c = self.ctrl_dir(ctrl);
         assert!(c.exists(), "nvme{ctrl} exists");
         std::fs::write(c.join("state"), format!("{state}\n")).unwrap();
@@ -235,7 +242,10 @@ impl FakeSysfs {
         std::fs::remove_file(self.root.join(format!("class/nvme/nvme{ctrl}"))).unwrap();
         std::fs::remove_file(self.subsys_dir(subsys).join(format!("nvme{ctrl}"))).unwrap();
         if !taken.controllers.values().any(|s| *s == subsys) {
-            for e in std::fs::read_dir(self.subsys_dir(subsys)).unwrap().flatten() {
+            for e in std::fs::read_dir(self.subsys_dir(subsys))
+                .unwrap()
+                .flatten()
+            {
                 if e.path().join("dev").exists() {
                     gone.push(e.file_name().to_string_lossy().into_owned());
                 }

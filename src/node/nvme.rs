@@ -75,9 +75,8 @@ pub fn read_host_nqn(file: &std::path::Path) -> Result<HostNqn, NodeError> {
         ))
     })?;
     let nqn = text.trim();
-    let ok = nqn.starts_with("nqn.")
-        && nqn.len() <= 223
-        && nqn.bytes().all(|b| b.is_ascii_graphic());
+    let ok =
+        nqn.starts_with("nqn.") && nqn.len() <= 223 && nqn.bytes().all(|b| b.is_ascii_graphic());
     if !ok {
         return Err(NodeError::FailedPrecondition(format!(
             "{} holds {:?}, not an NVMe host NQN (nqn.YYYY-MM.domain:name); {fix}",
@@ -302,7 +301,8 @@ impl<R: CommandRunner> NvmeDevices<R> {
     }
 
     /// Why `nqn`'s devices are in use, if they are: a holder stacked on a namespace
-    /// (`/sys/class/block/<dev>/holders/*`), a mount of it (`<proc>/self/mountinfo`), or a
+    /// (`/sys/class/block/<dev>/holders/*`), a mount of it or of its `/dev` node
+    /// (`<proc>/self/mountinfo`), or a
     /// process holding it open (`<proc>/<pid>/fd/*` naming `/dev/<dev>`). An unreadable mount
     /// table is an error, never "not in use".
     pub fn in_use(&self, nqn: &Nqn) -> Result<Option<String>, NodeError> {
@@ -318,7 +318,11 @@ impl<R: CommandRunner> NvmeDevices<R> {
             return Ok(None);
         }
         for d in &devices {
-            let holders = self.sysfs.join("class/block").join(d.name()).join("holders");
+            let holders = self
+                .sysfs
+                .join("class/block")
+                .join(d.name())
+                .join("holders");
             let held: Vec<String> = std::fs::read_dir(&holders)
                 .into_iter()
                 .flatten()
@@ -339,10 +343,13 @@ impl<R: CommandRunner> NvmeDevices<R> {
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
         for d in &devices {
-            if let Some(m) = mounts
-                .iter()
-                .find(|m| m.major == d.major && m.minor == d.minor)
-            {
+            // A filesystem on the device, or its /dev node bind-mounted somewhere (the Go node
+            // plugin publishes a block volume so, and the kubelet binds that target again).
+            let node = std::path::Path::new("/").join(d.name());
+            if let Some(m) = mounts.iter().find(|m| {
+                (m.major == d.major && m.minor == d.minor)
+                    || (m.fs_type == "devtmpfs" && m.root == node)
+            }) {
                 return Ok(Some(format!(
                     "{d} is mounted at {}",
                     m.mount_point.display()
@@ -456,7 +463,9 @@ impl<R: CommandRunner> NvmeDevices<R> {
                 Ok(out) => {
                     tracing::warn!(nqn = %nqn, command = %cmd, message = %out.message(), "namespace rescan failed")
                 }
-                Err(e) => tracing::warn!(nqn = %nqn, command = %cmd, error = %e, "namespace rescan failed"),
+                Err(e) => {
+                    tracing::warn!(nqn = %nqn, command = %cmd, error = %e, "namespace rescan failed")
+                }
             }
         }
     }
@@ -1006,7 +1015,10 @@ mod tests {
             )
             .unwrap(),
         );
-        assert_eq!(h.nvme.find(&other).await.unwrap().unwrap().name(), "nvme4n1");
+        assert_eq!(
+            h.nvme.find(&other).await.unwrap().unwrap().name(),
+            "nvme4n1"
+        );
     }
 
     /// A namespace the kernel shows only after a rescan: the wait after connect runs
@@ -1054,7 +1066,11 @@ mod tests {
                 matches!(&err, NodeError::FailedPrecondition(m) if m.contains(state)),
                 "{state}: {err}"
             );
-            assert!(h.runner.calls().is_empty(), "{state}: {:?}", h.runner.calls());
+            assert!(
+                h.runner.calls().is_empty(),
+                "{state}: {:?}",
+                h.runner.calls()
+            );
         }
     }
 
@@ -1073,19 +1089,27 @@ mod tests {
         assert!(h.runner.calls().is_empty());
     }
 
-    /// Before a disconnect the device must be unused: a holder stacked on it, a mount of it
-    /// or a process holding it open each refuse the disconnect (FAILED_PRECONDITION naming
+    /// Before a disconnect the device must be unused: a holder stacked on it, a mount of it,
+    /// its `/dev` node bind-mounted (a block volume the Go plugin published) or a process
+    /// holding it open each refuse the disconnect (FAILED_PRECONDITION naming
     /// it) and nothing is run; with none of them it is disconnected. Catches the `in_use`
     /// check in `disconnect`, and each of its three probes.
     #[tokio::test]
     async fn a_disconnect_is_refused_while_the_device_is_held_mounted_or_open() {
         type Use = fn(&Host);
-        let uses: [(&str, Use); 3] = [
+        let uses: [(&str, Use); 4] = [
             ("held by dm-0", |h| h.sys.add_holder("nvme3n1", "dm-0")),
             ("mounted at /mnt/x", |h| {
                 std::fs::write(
                     h.proc.root().join("self/mountinfo"),
                     "30 1 259:7 / /mnt/x rw,nosuid,nodev - ext4 /dev/nvme3n1 rw\n",
+                )
+                .unwrap()
+            }),
+            ("mounted at /var/lib/kubelet/pods/p/dev", |h| {
+                std::fs::write(
+                    h.proc.root().join("self/mountinfo"),
+                    "31 1 0:5 /nvme3n1 /var/lib/kubelet/pods/p/dev rw,nosuid - devtmpfs udev rw\n",
                 )
                 .unwrap()
             }),
@@ -1134,7 +1158,12 @@ mod tests {
             other => panic!("{other:?}"),
         };
         refused(&file);
-        for bad in ["", "\n", "not-an-nqn\n", "nqn.2014-08.org.nvmexpress:uuid:a b\n"] {
+        for bad in [
+            "",
+            "\n",
+            "not-an-nqn\n",
+            "nqn.2014-08.org.nvmexpress:uuid:a b\n",
+        ] {
             std::fs::write(&file, bad).unwrap();
             refused(&file);
         }
