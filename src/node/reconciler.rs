@@ -16,7 +16,11 @@
 //! - **Orphaned connections.** A subsystem under `--rds-nqn-prefix` that no record stages and
 //!   nothing uses (no holder, mount or open descriptor: [`NvmeDevices::in_use`]) is
 //!   disconnected, counted in `rds_csi_orphans_cleaned_total`. One that something uses is left
-//!   and logged.
+//!   and logged. One with a namespace device must have been an orphan in the previous pass
+//!   too: a volume the Go node plugin staged has no record of ours until a NodePublishVolume
+//!   adopts it, and the kubelet publishes right after it stages, so one interval is the grace
+//!   that keeps such a volume connected. One without a namespace device (the Go driver's only
+//!   kind of orphan) serves nothing and goes at once.
 //!
 //! A volume is repaired holding its volume lock, the one the node RPCs take, so a pass never
 //! interleaves with a NodeStage/Unstage/Publish/Unpublish of it. It never touches a subsystem
@@ -53,6 +57,9 @@ pub struct Pass {
     /// because something uses them.
     pub orphans_cleaned: usize,
     pub orphans_in_use: usize,
+    /// Orphans with a namespace device seen for the first time: disconnected next pass if
+    /// still orphaned and unused.
+    pub orphans_pending: usize,
 }
 
 pub struct NodeReconciler<R> {
@@ -62,6 +69,8 @@ pub struct NodeReconciler<R> {
     /// The node plugin's own locks ([`super::NodePlugin::volume_locks`]).
     locks: Arc<VolumeLocks>,
     metrics: Arc<Metrics>,
+    /// NQNs found orphaned, with a namespace device, by the previous pass.
+    suspects: std::sync::Mutex<BTreeSet<Nqn>>,
 }
 
 /// Runs blocking work (mount table reads, mounts, record files) off the async workers.
@@ -117,6 +126,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
             records: Arc::new(records),
             locks,
             metrics,
+            suspects: Default::default(),
         }
     }
 
@@ -166,13 +176,26 @@ impl<R: CommandRunner> NodeReconciler<R> {
                 self.volume(&record.volume, &mut pass).await;
             }
         }
+        let mut suspects = BTreeSet::new();
         if complete {
+            let before = std::mem::take(&mut *self.suspects.lock().unwrap());
             for (nqn, controllers) in connected {
-                if !staged.contains(nqn.as_str()) {
-                    self.orphan(&nqn, &controllers, &mut pass).await;
+                if staged.contains(nqn.as_str()) {
+                    continue;
+                }
+                let serving = controllers.iter().any(|c| !c.namespaces.is_empty());
+                if serving && !before.contains(&nqn) {
+                    pass.orphans_pending += 1;
+                    tracing::info!(nqn = %nqn, "NVMe/TCP subsystem staged by no record; disconnecting it next pass if still so and unused");
+                    suspects.insert(nqn);
+                    continue;
+                }
+                if !self.orphan(&nqn, &controllers, &mut pass).await {
+                    suspects.insert(nqn);
                 }
             }
         }
+        *self.suspects.lock().unwrap() = suspects;
         pass
     }
 
@@ -331,13 +354,14 @@ impl<R: CommandRunner> NodeReconciler<R> {
 
     /// Disconnects an orphaned subsystem unless something uses it. Under the lock of the
     /// volume its NQN names (`<prefix>:<volume id>`), with the record and the controllers read
-    /// again, so a NodeStageVolume of it cannot interleave.
-    async fn orphan(&self, nqn: &Nqn, controllers: &[Controller], pass: &mut Pass) {
+    /// again, so a NodeStageVolume of it cannot interleave. Whether it is gone (or was never
+    /// an orphan after all).
+    async fn orphan(&self, nqn: &Nqn, controllers: &[Controller], pass: &mut Pass) -> bool {
         if controllers
             .iter()
             .all(|c| c.state.starts_with("deleting") || c.state == "dead")
         {
-            return;
+            return true;
         }
         let volume = nqn
             .as_str()
@@ -349,27 +373,30 @@ impl<R: CommandRunner> NodeReconciler<R> {
                 let turn = self.locks.lock(v).await;
                 let (records, id) = (self.records.clone(), v.clone());
                 if !matches!(blocking(move || records.load(&id)).await, Ok(None)) {
-                    return;
+                    return true;
                 }
                 Some(turn)
             }
             None => None,
         };
         if self.nvme.controllers_of(nqn).is_empty() {
-            return;
+            return true;
         }
         match self.nvme.disconnect(nqn).await {
             Ok(()) => {
                 self.metrics.node.orphans_cleaned_total.inc();
                 pass.orphans_cleaned += 1;
                 tracing::info!(nqn = %nqn, "disconnected an orphaned NVMe/TCP subsystem no record stages");
+                true
             }
             Err(NodeError::FailedPrecondition(why)) => {
                 pass.orphans_in_use += 1;
                 tracing::warn!(nqn = %nqn, reason = %why, "orphaned NVMe/TCP subsystem left connected: it is in use");
+                false
             }
             Err(e) => {
-                tracing::warn!(nqn = %nqn, error = %e, "could not disconnect an orphaned NVMe/TCP subsystem")
+                tracing::warn!(nqn = %nqn, error = %e, "could not disconnect an orphaned NVMe/TCP subsystem");
+                false
             }
         }
     }
@@ -647,9 +674,11 @@ mod tests {
     }
 
     /// Subsystems of this driver that no record stages: the ones with a holder, a mount or an
-    /// open descriptor are NOT disconnected; the unused one is, and counted. A staged
-    /// subsystem and one outside the prefix are never candidates. Catches the `in_use` check
-    /// before a disconnect, the `staged` filter and the prefix filter of `connected`.
+    /// open descriptor are NOT disconnected; the unused one is, and counted, on the second
+    /// pass that finds it orphaned (the first only marks it: a volume the Go plugin staged
+    /// waits for its adopting publish); one with no namespace device goes on the first. A
+    /// staged subsystem and one outside the prefix are never candidates. Catches the `in_use`
+    /// check before a disconnect, the one-pass grace and the prefix filter of `connected`.
     #[tokio::test]
     async fn an_orphan_in_use_is_kept_and_an_unused_one_is_disconnected_and_counted() {
         let n = node();
@@ -668,6 +697,7 @@ mod tests {
             let path = format!("259:{}", dev[4..].parse::<u32>().unwrap() + 1);
             n.sys.multipath_namespace(i, 1, dev, &path);
         }
+        n.sys.connect(6, 6, "nqn.2000-02.com.mikrotik:pvc-empty");
         n.sys
             .connect(9, 9, "nqn.2014-08.org.nvmexpress:uuid:boot-disk");
         n.sys.multipath_namespace(9, 1, "259:30", "259:31");
@@ -694,15 +724,33 @@ mod tests {
             pass,
             Pass {
                 orphans_cleaned: 1,
-                orphans_in_use: 3,
+                orphans_pending: 4,
                 ..Pass::default()
             }
         );
         assert_eq!(
             n.runner.calls(),
-            vec!["nvme disconnect -n nqn.2000-02.com.mikrotik:pvc-unused".to_string()]
+            vec!["nvme disconnect -n nqn.2000-02.com.mikrotik:pvc-empty".to_string()]
         );
-        assert_eq!(n.scraped(ORPHANS), 1.0);
+        let pass = n.reconciler.pass().await;
+        assert_eq!(
+            pass,
+            Pass {
+                orphans_cleaned: 1,
+                orphans_in_use: 3,
+                ..Pass::default()
+            }
+        );
+        assert_eq!(
+            n.runner.calls()[1..],
+            ["nvme disconnect -n nqn.2000-02.com.mikrotik:pvc-unused".to_string()]
+        );
+        assert_eq!(n.scraped(ORPHANS), 2.0);
+        assert_eq!(
+            n.reconciler.pass().await.orphans_in_use,
+            3,
+            "kept, not forgotten"
+        );
         assert!(n.sys.controllers_of(NQN) == vec![1], "the staged one stays");
     }
 
