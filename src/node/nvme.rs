@@ -652,34 +652,43 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
     }
 }
 
-/// Builds a fake sysfs tree for tests: controllers with an NQN and namespaces.
-#[cfg(test)]
-pub(crate) fn fake_controller(
-    sys: &std::path::Path,
-    ctrl: u32,
-    nqn: &str,
-    ns: Option<(&str, &str)>,
-) {
-    let dir = sys.join(format!("class/nvme/nvme{ctrl}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("subsysnqn"), format!("{nqn}\n")).unwrap();
-    std::fs::write(dir.join("state"), "live\n").unwrap();
-    if let Some((entry, dev)) = ns {
-        std::fs::create_dir_all(dir.join(entry)).unwrap();
-        let block = sys
-            .join("class/block")
-            .join(namespace_device(entry).unwrap());
-        std::fs::create_dir_all(&block).unwrap();
-        std::fs::write(block.join("dev"), format!("{dev}\n")).unwrap();
-        std::fs::write(block.join("size"), "20971520\n").unwrap();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::node::command::Output;
     use crate::node::fakes::RecordingRunner;
+
+    use crate::node::fake_sysfs::{FakeProc, FakeSysfs};
+
+    /// Controller `nvme{ctrl}` of `nqn` in the kernel's layout, with the namespace `entry`
+    /// names: `nvmeScCnN` is a hidden multipath path (subsystem `S`, head `nvmeSnN` with
+    /// device `dev`), `nvmeCnN` a namespace without multipath (subsystem numbered as the
+    /// controller).
+    fn controller(fs: &FakeSysfs, ctrl: u32, nqn: &str, ns: Option<(&str, &str)>) {
+        let digits = |s: &str| s.parse::<u32>().unwrap();
+        match ns {
+            None => fs.connect(ctrl, ctrl, nqn),
+            Some((entry, dev)) => {
+                let rest = entry.strip_prefix("nvme").unwrap();
+                let (minor_major, minor) = dev.split_once(':').unwrap();
+                let path = format!("{minor_major}:{}", digits(minor) + 1000);
+                match rest.split_once('c') {
+                    Some((subsys, tail)) => {
+                        let (c, nsid) = tail.split_once('n').unwrap();
+                        assert_eq!(digits(c), ctrl);
+                        fs.connect(ctrl, digits(subsys), nqn);
+                        fs.multipath_namespace(ctrl, digits(nsid), dev, &path);
+                    }
+                    None => {
+                        let (c, nsid) = rest.split_once('n').unwrap();
+                        assert_eq!(digits(c), ctrl);
+                        fs.connect(ctrl, ctrl, nqn);
+                        fs.plain_namespace(ctrl, digits(nsid), dev);
+                    }
+                }
+            }
+        }
+    }
 
     const NQN: &str = "nqn.2000-02.com.mikrotik:pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8";
 
@@ -731,17 +740,18 @@ mod tests {
     async fn stage_connects_with_the_go_drivers_argument_vector_and_finds_the_device_by_nqn() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
-        fake_controller(
-            &sys,
+        let fs = FakeSysfs::new(&sys);
+        controller(
+            &fs,
             0,
             "nqn.2014-08.org.nvmexpress:uuid:host-root",
             Some(("nvme0n1", "259:0")),
         );
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
             // The kernel numbers the new controller 4; the namespace shows as a hidden path.
-            fake_controller(&sys2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            controller(&fs2, 4, NQN, Some(("nvme4c4n1", "259:7")));
             ok()
         });
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
@@ -766,16 +776,16 @@ mod tests {
     async fn a_renumbered_controller_is_resolved_afresh() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
-        fake_controller(&sys, 2, NQN, Some(("nvme2n1", "259:3")));
+        let fs = FakeSysfs::new(&sys);
+        controller(&fs, 2, NQN, Some(("nvme2n1", "259:3")));
         let nvme = NvmeDevices::new(RecordingRunner::default(), &sys, NqnPrefix::default());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         assert_eq!(
             nvme.find(&backing).await.unwrap().unwrap().name(),
             "nvme2n1"
         );
-        std::fs::remove_dir_all(sys.join("class/nvme/nvme2")).unwrap();
-        std::fs::remove_dir_all(sys.join("class/block/nvme2n1")).unwrap();
-        fake_controller(&sys, 5, NQN, Some(("nvme5c5n1", "259:9")));
+        fs.delete_controller(2);
+        controller(&fs, 5, NQN, Some(("nvme5c5n1", "259:9")));
         let dev = nvme.find(&backing).await.unwrap().unwrap();
         assert_eq!((dev.name(), dev.minor), ("nvme5n1".to_string(), 9));
     }
@@ -787,16 +797,17 @@ mod tests {
     async fn an_orphaned_subsystem_is_reconnected_and_counted_as_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
-        fake_controller(&sys, 1, NQN, None);
+        let fs = FakeSysfs::new(&sys);
+        controller(&fs, 1, NQN, None);
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme disconnect", move |_| {
-            std::fs::remove_dir_all(sys2.join("class/nvme/nvme1")).unwrap();
+            fs2.delete_controller(1);
             ok()
         });
-        let sys3 = sys.clone();
+        let fs3 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys3, 1, NQN, Some(("nvme1c1n1", "259:1")));
+            controller(&fs3, 1, NQN, Some(("nvme1c1n1", "259:1")));
             ok()
         });
         let metrics = Arc::new(Metrics::new());
@@ -816,8 +827,9 @@ mod tests {
     async fn a_foreign_nqn_is_never_connected_or_disconnected() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let foreign = "nqn.2014-08.org.nvmexpress:uuid:host-root";
-        fake_controller(&sys, 0, foreign, Some(("nvme0n1", "259:0")));
+        controller(&fs, 0, foreign, Some(("nvme0n1", "259:0")));
         let runner = RecordingRunner::default();
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
         let mut c = ctx();
@@ -845,6 +857,7 @@ mod tests {
     async fn unstage_disconnects_only_what_is_connected() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
         // After a restart the node knows only the volume id: the NQN is derived from it.
@@ -853,10 +866,10 @@ mod tests {
             .unwrap();
         nvme.detach(&backing).await.unwrap();
         assert!(runner.calls().is_empty());
-        fake_controller(&sys, 3, NQN, Some(("nvme3n1", "259:4")));
-        let sys2 = sys.clone();
+        controller(&fs, 3, NQN, Some(("nvme3n1", "259:4")));
+        let fs2 = fs.clone();
         runner.on("nvme disconnect", move |_| {
-            std::fs::remove_dir_all(sys2.join("class/nvme/nvme3")).unwrap();
+            fs2.delete_controller(3);
             ok()
         });
         nvme.detach(&backing).await.unwrap();
@@ -867,10 +880,11 @@ mod tests {
     async fn a_namespace_that_never_appears_is_an_error_and_is_disconnected() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys2, 6, NQN, None);
+            controller(&fs2, 6, NQN, None);
             ok()
         });
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
@@ -907,10 +921,11 @@ mod tests {
     async fn a_connect_is_counted_and_timed_once_and_an_existing_one_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            controller(&fs2, 4, NQN, Some(("nvme4c4n1", "259:7")));
             ok()
         });
         let metrics = Arc::new(Metrics::new());
@@ -932,6 +947,7 @@ mod tests {
     async fn failed_connects_are_counted_as_failures_and_not_timed() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
         runner.on("nvme connect", |_| {
             Ok(Output {
@@ -948,9 +964,9 @@ mod tests {
             nvme.attach(&backing).await,
             Err(NodeError::Tool { .. })
         ));
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys2, 6, NQN, None);
+            controller(&fs2, 6, NQN, None);
             ok()
         });
         assert!(matches!(
@@ -961,8 +977,6 @@ mod tests {
         assert_eq!(scraped(&metrics, CONNECTS_OK), 0.0);
         assert_eq!(scraped(&metrics, CONNECT_TIMED), 0.0);
     }
-
-    use crate::node::fake_sysfs::{FakeProc, FakeSysfs};
 
     /// A fake sysfs and /proc under one temporary directory, and a source reading them.
     struct Host {
