@@ -712,12 +712,16 @@ async fn the_node_plugin_makes_no_api_call() {
         let c = Cluster::new(&["n1"]).await;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi.sock");
-        let _child = Killed(Driver::spawn_with(
+        // The RDS node plugin needs a host NQN (the chart mounts the host's /etc/nvme).
+        let hostnqn = dir.path().join("hostnqn");
+        std::fs::write(&hostnqn, "nqn.2014-08.org.nvmexpress:uuid:deploy-test\n").unwrap();
+        let _child = Killed(Driver::spawn_with_env(
             dir.path(),
             &socket,
             &[],
             &args,
             Some(&c.kubeconfig),
+            &[("RDS_CSI_NVME_HOST_NQN_FILE", hostnqn.to_str().unwrap())],
         ));
         let channel = wait_for(&socket).await;
         let info = rds_csi::csi::node_client::NodeClient::new(channel)
