@@ -1263,6 +1263,7 @@ fn workloads_wired(m: &Manifests) {
         .find(|mount| mount["mountPath"] == "/sys")
         .unwrap();
     let host_network = &node["spec"]["template"]["spec"]["hostNetwork"];
+    let host_pid = &node["spec"]["template"]["spec"]["hostPID"];
     match m.backend() {
         // The node only reads sysfs (loop devices' backing files, numbers and sizes).
         Backend::File => {
@@ -1271,12 +1272,16 @@ fn workloads_wired(m: &Manifests) {
                 host_network.is_null(),
                 "{n}: loop devices need no host network"
             );
+            assert!(host_pid.is_null(), "{n}: loop devices need no host PIDs");
         }
         // `nvme disconnect` writes a controller's delete_controller in sysfs; an NVMe/TCP
         // connection is made in the caller's network namespace and must outlive the pod.
         Backend::Rds => {
             assert!(sys["readOnly"].is_null(), "{n}: /sys must be writable");
             assert_eq!(host_network, true, "{n}");
+            // Before a disconnect the plugin looks for the device open in any process
+            // (/proc/*/fd): a VM's qemu is in another pod.
+            assert_eq!(host_pid, true, "{n}");
             assert!(flags(driver).contains_key("rds-nqn-prefix"), "{n}");
         }
     }
