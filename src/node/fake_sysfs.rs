@@ -450,11 +450,13 @@ impl Mounter for FakeMounter {
         Ok(())
     }
 
+    /// The new mount's per-mount options are `flags`' (`ro`/`rw`, `nosuid`, `nodev`,
+    /// `noexec`), as mountinfo shows a bind mount remounted with them.
     fn bind(
         &self,
         source: &AbsPath,
         target: &AbsPath,
-        _flags: MountFlags,
+        flags: MountFlags,
     ) -> Result<(), MountError> {
         let mut t = self.inner.lock().unwrap();
         t.calls.push(format!("bind {source} {target}"));
@@ -480,6 +482,22 @@ impl Mounter for FakeMounter {
             &under.fs_type,
             "/",
         );
+        let mut options = vec![if flags.contains(MountFlags::RDONLY) {
+            "ro"
+        } else {
+            "rw"
+        }];
+        for (flag, name) in [
+            (MountFlags::NOSUID, "nosuid"),
+            (MountFlags::NODEV, "nodev"),
+            (MountFlags::NOEXEC, "noexec"),
+        ] {
+            if flags.contains(flag) {
+                options.push(name);
+            }
+        }
+        t.entries.last_mut().unwrap().options = options.into_iter().map(String::from).collect();
+        self.write(&t);
         Ok(())
     }
 

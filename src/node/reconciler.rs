@@ -317,18 +317,26 @@ impl<R: CommandRunner> NodeReconciler<R> {
             if record.readonly {
                 options.flags |= rustix::mount::MountFlags::RDONLY;
             }
+            // Each target is bound again as its NodePublishVolume bound it: its capability's
+            // per-mount flags, read-only if it or the stage was.
+            let mut binds = Vec::new();
+            for (target, p) in &record.publishes {
+                let flags = match p.capability.access_type() {
+                    AccessType::Mount { mount_flags, .. } => MountOptions::parse(mount_flags)
+                        .map_err(|e| NodeError::invalid("mount_flags", e.to_string()))?,
+                    AccessType::Block => MountOptions::default(),
+                }
+                .bind_flags(p.readonly || record.readonly);
+                binds.push((target.clone(), flags));
+            }
             let mounter = self.mounter.clone();
-            let (staging, publishes, dev) = (
-                record.staging.clone(),
-                record.publishes.clone(),
-                device.clone(),
-            );
+            let (staging, dev) = (record.staging.clone(), device.clone());
             blocking(move || {
                 let stale_at = |path: &AbsPath| -> Result<bool, NodeError> {
                     Ok(top_at(&mounter.mounts()?, path)
                         .is_some_and(|m| (m.major, m.minor) == (old.major, old.minor)))
                 };
-                for target in publishes.keys() {
+                for (target, _) in &binds {
                     while stale_at(target)? {
                         mounter.unmount(target)?;
                     }
@@ -337,9 +345,9 @@ impl<R: CommandRunner> NodeReconciler<R> {
                     mounter.unmount(&staging)?;
                 }
                 mounter.mount_device(&dev, &staging, fs, &options)?;
-                for (target, p) in &publishes {
-                    if top_at(&mounter.mounts()?, target).is_none() {
-                        mounter.bind(&staging, target, options.bind_flags(p.readonly))?;
+                for (target, flags) in binds {
+                    if top_at(&mounter.mounts()?, &target).is_none() {
+                        mounter.bind(&staging, &target, flags)?;
                     }
                 }
                 Ok(())
@@ -612,6 +620,31 @@ mod tests {
 
         assert_eq!(n.reconciler.pass().await, Pass::default());
         assert_eq!(n.scraped(RECOVERED), 1.0);
+    }
+
+    /// A target published read-only is bound again read-only (and `nosuid,nodev,noexec`), as
+    /// its NodePublishVolume bound it. Catches the per-target flags in `recover`.
+    #[tokio::test]
+    async fn a_read_only_target_is_bound_again_read_only() {
+        let n = node();
+        n.sys.connect(2, 4, NQN);
+        n.sys.multipath_namespace(2, 1, "259:7", "259:8");
+        let (_, target) = n.staged(("nvme1n1", 259, 3));
+        let volume = VolumeId::try_from("pvc-1").unwrap();
+        let mut record = n.records.load(&volume).unwrap().unwrap();
+        record.publishes.get_mut(&target).unwrap().readonly = true;
+        n.records.save(&record).unwrap();
+        assert_eq!(n.reconciler.pass().await.recovered, 1);
+        let view = target.kernel_view();
+        let bound = n
+            .mounter
+            .mounts()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.mount_point == view)
+            .unwrap();
+        assert_eq!((bound.major, bound.minor), (259, 7));
+        assert_eq!(bound.options, ["ro", "nosuid", "nodev", "noexec"]);
     }
 
     /// The controller was deleted after `ctrl_loss_tmo` (no device at all): the reconciler
