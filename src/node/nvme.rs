@@ -1088,6 +1088,29 @@ mod tests {
         }
     }
 
+    /// A controller the kernel is `deleting` is as good as gone: its namespace is not the
+    /// volume's device any more, and a stage connects anew (the kernel adds a controller to
+    /// the same subsystem) rather than waiting on it. Catches `going` in `resolve` and
+    /// `attach`.
+    #[tokio::test]
+    async fn a_deleting_controller_counts_as_gone() {
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        h.sys.set_state(1, "deleting");
+        let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert_eq!(h.nvme.find(&backing).await.unwrap(), None);
+        let sys = h.sys.clone();
+        h.runner.on("nvme connect", move |_| {
+            sys.connect(5, 3, NQN);
+            sys.multipath_namespace(5, 1, "259:7", "259:9");
+            ok()
+        });
+        let dev = h.nvme.attach(&backing).await.unwrap();
+        assert_eq!((dev.name(), dev.minor), ("nvme3n1".to_string(), 7));
+        assert_eq!(h.runner.calls().len(), 1, "{:?}", h.runner.calls());
+    }
+
     /// A controller deleted after `ctrl_loss_tmo` takes its namespace with it: no device, and
     /// an unstage has nothing to disconnect.
     #[tokio::test]
