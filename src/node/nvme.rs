@@ -39,7 +39,7 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 pub const LIVE: &str = "live";
 
 /// Whether a controller in `state` is being torn down: as good as gone.
-fn going(state: &str) -> bool {
+pub fn going(state: &str) -> bool {
     state.starts_with("deleting") || state == "dead"
 }
 

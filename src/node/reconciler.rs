@@ -36,7 +36,7 @@ use super::device::{Backing, DeviceSource};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
 use super::mountinfo::MountEntry;
-use super::nvme::{Controller, NvmeDevices, LIVE};
+use super::nvme::{going, Controller, NvmeDevices, LIVE};
 use super::paths::{AbsPath, BlockDevice};
 use super::records::{Records, StageRecord};
 use super::NodeError;
@@ -98,7 +98,7 @@ fn top_at<'a>(mounts: &'a [MountEntry], path: &AbsPath) -> Option<&'a MountEntry
 fn reconnecting(controllers: &[Controller]) -> Option<&Controller> {
     controllers
         .iter()
-        .find(|c| c.state != LIVE && !c.state.starts_with("deleting") && c.state != "dead")
+        .find(|c| c.state != LIVE && !going(&c.state))
 }
 
 enum Verdict {
@@ -365,10 +365,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
     /// again, so a NodeStageVolume of it cannot interleave. Whether it is gone (or was never
     /// an orphan after all).
     async fn orphan(&self, nqn: &Nqn, controllers: &[Controller], pass: &mut Pass) -> bool {
-        if controllers
-            .iter()
-            .all(|c| c.state.starts_with("deleting") || c.state == "dead")
-        {
+        if controllers.iter().all(|c| going(&c.state)) {
             return true;
         }
         let volume = nqn
