@@ -10,9 +10,11 @@
 //!   `rds_csi_stale_mounts_detected_total` and `rds_csi_stale_recoveries_total{status}`. A
 //!   container already running keeps its own copy of the old mount (its mount namespace took
 //!   it at start) until it restarts; the Go driver recovers the staging mount only, on the
-//!   next NodePublishVolume. A block volume whose controller is gone is reconnected (a
-//!   recovery, not a stale mount); its device nodes at targets keep the number they were made
-//!   with, so a VM holding the old one needs a restart.
+//!   next NodePublishVolume. Only a volume with a stale mount still in place is reconnected:
+//!   that mount shows this node was using it since boot. A block volume without its device is
+//!   only logged: nothing on the node says it is still in use here (after a reboot its pod may
+//!   run elsewhere), its device nodes at targets keep the number they were made with (a VM
+//!   holding the old one needs a restart anyway), and the next NodeStageVolume reconnects it.
 //! - **Orphaned connections.** A subsystem under `--rds-nqn-prefix` that no record stages and
 //!   nothing uses (no holder, mount or open descriptor: [`NvmeDevices::in_use`]) is
 //!   disconnected, counted in `rds_csi_orphans_cleaned_total`. One that something uses is left
@@ -103,13 +105,11 @@ fn reconnecting(controllers: &[Controller]) -> Option<&Controller> {
 
 enum Verdict {
     Fine,
-    /// The staging mount (mount access) shows `old`, not the volume's current device (`now`,
-    /// `None`: no device at all).
+    /// The staging mount (mount access) shows `old`, not the volume's current device (or the
+    /// volume has no device at all).
     StaleMount {
         old: MountEntry,
     },
-    /// A block volume with no device.
-    Detached,
 }
 
 impl<R: CommandRunner> NodeReconciler<R> {
@@ -236,18 +236,12 @@ impl<R: CommandRunner> NodeReconciler<R> {
         };
         let old = match verdict {
             Verdict::Fine => return,
-            Verdict::StaleMount { old } => {
-                self.metrics.node.stale_mounts_detected_total.inc();
-                pass.stale += 1;
-                tracing::warn!(volume_id = %volume, staging = %record.staging, mounted = %format!("{}:{}", old.major, old.minor),
-                    "stale staging mount: its device is gone or is no longer the volume's; recovering");
-                Some(old)
-            }
-            Verdict::Detached => {
-                tracing::warn!(volume_id = %volume, "block volume without its NVMe/TCP device; reconnecting");
-                None
-            }
+            Verdict::StaleMount { old } => old,
         };
+        self.metrics.node.stale_mounts_detected_total.inc();
+        pass.stale += 1;
+        tracing::warn!(volume_id = %volume, staging = %record.staging, mounted = %format!("{}:{}", old.major, old.minor),
+            "stale staging mount: its device is gone or is no longer the volume's; recovering");
         let result = self.recover(record, old).await;
         self.metrics
             .node
@@ -276,11 +270,11 @@ impl<R: CommandRunner> NodeReconciler<R> {
         }
         let now = self.nvme.find(&record.backing).await?;
         if record.fs.is_none() {
-            return Ok(if now.is_none() {
-                Verdict::Detached
-            } else {
-                Verdict::Fine
-            });
+            if now.is_none() {
+                tracing::warn!(volume_id = %record.volume, nqn = %t.nqn,
+                    "block volume staged here without its NVMe/TCP device; the next NodeStageVolume reconnects it");
+            }
+            return Ok(Verdict::Fine);
         }
         let mounter = self.mounter.clone();
         let mounts = blocking(move || mounter.mounts().map_err(NodeError::from)).await?;
@@ -299,13 +293,13 @@ impl<R: CommandRunner> NodeReconciler<R> {
     async fn recover(
         &self,
         mut record: StageRecord,
-        old: Option<MountEntry>,
+        old: MountEntry,
     ) -> Result<BlockDevice, NodeError> {
         let device = match self.nvme.find(&record.backing).await? {
             Some(d) => d,
             None => self.nvme.attach(&record.backing).await?,
         };
-        if let (Some(fs), Some(old)) = (record.fs, old) {
+        if let Some(fs) = record.fs {
             let AccessType::Mount { mount_flags, .. } = record.capability.access_type() else {
                 return Err(NodeError::FailedPrecondition(format!(
                     "volume {} is recorded with a filesystem but block access",
@@ -670,6 +664,30 @@ mod tests {
         );
         assert_eq!(n.mounted(&staging), vec![(259, 9)]);
         assert_eq!(n.mounted(&target), vec![(259, 9)]);
+    }
+
+    /// A block volume without its device is not reconnected by the reconciler: nothing on the
+    /// node shows it still in use here (after a reboot its VM may run elsewhere), and the next
+    /// NodeStageVolume reconnects it. Catches a reconnect of block volumes in `verdict`.
+    #[tokio::test]
+    async fn a_block_volume_without_its_device_is_left_to_the_next_stage() {
+        let n = node();
+        n.staged(("nvme1n1", 259, 3));
+        let volume = VolumeId::try_from("pvc-1").unwrap();
+        let mut record = n.records.load(&volume).unwrap().unwrap();
+        record.capability = Capability::block(AccessMode::SingleNodeWriter);
+        record.fs = None;
+        record.publishes.clear();
+        n.records.save(&record).unwrap();
+        let sys = n.sys.clone();
+        n.runner.on("nvme connect", move |_| {
+            sys.connect(1, 1, NQN);
+            sys.multipath_namespace(1, 1, "259:7", "259:8");
+            ok()
+        });
+        assert_eq!(n.reconciler.pass().await, Pass::default());
+        assert!(n.runner.calls().is_empty(), "{:?}", n.runner.calls());
+        assert_eq!(n.scraped(RECOVERED), 0.0);
     }
 
     /// A stale mount that cannot be unmounted (busy) is a failed recovery, counted, and the
