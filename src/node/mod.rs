@@ -48,6 +48,8 @@
 pub mod command;
 pub mod confine;
 pub mod device;
+#[cfg(test)]
+pub(crate) mod fake_sysfs;
 pub mod filesystem;
 pub mod locks;
 pub mod mounter;
@@ -56,6 +58,7 @@ pub mod nvme;
 pub mod ownership;
 pub mod paths;
 pub mod plugin;
+pub mod reconciler;
 pub mod records;
 
 #[cfg(test)]
