@@ -571,6 +571,25 @@ mod tests {
     const NOT_RECOVERED: &str = r#"rds_csi_stale_recoveries_total{status="failure"}"#;
     const ORPHANS: &str = "rds_csi_orphans_cleaned_total";
 
+    /// Another device mounted over the staging path (one the volume was never seen with) is
+    /// not the volume's stale mount: the pass unmounts nothing and mounts nothing, and counts
+    /// no stale mount. Catches the `known_devices` guard in `verdict`: without it the pass
+    /// would unmount a foreign filesystem and mount the volume over its place.
+    #[tokio::test]
+    async fn a_foreign_mount_over_the_staging_path_is_left_alone() {
+        let n = node();
+        n.sys.connect(1, 1, NQN);
+        n.sys.multipath_namespace(1, 1, "259:3", "259:4");
+        let (staging, _target) = n.staged(("nvme1n1", 259, 3));
+        n.mounter
+            .preload(8, 1, "/dev/sda1", &staging.kernel_view(), "ext4");
+
+        assert_eq!(n.reconciler.pass().await, Pass::default());
+        assert_eq!(n.mounted(&staging), vec![(259, 3), (8, 1)]);
+        assert!(n.mounter.calls().is_empty(), "{:?}", n.mounter.calls());
+        assert_eq!(n.scraped(DETECTED), 0.0);
+    }
+
     /// Staged on `nvme1n1` (259:3); a reconnect renumbered the controller and subsystem, so
     /// the NQN now resolves to `nvme4n1` (259:7). The reconciler unmounts the stale target
     /// and staging mounts, mounts the new device at the staging path, binds the target
