@@ -36,9 +36,10 @@ use rds_csi::node::command::SystemRunner;
 use rds_csi::node::confine::{KubeletRoot, DEFAULT_KUBELET_DIR};
 use rds_csi::node::device::{DeviceSource, LoopDevices};
 use rds_csi::node::mounter::SystemMounter;
-use rds_csi::node::nvme::NvmeDevices;
+use rds_csi::node::nvme::{read_host_nqn, NvmeDevices};
 use rds_csi::node::paths::AbsPath;
 use rds_csi::node::plugin::NodeDeps;
+use rds_csi::node::reconciler::NodeReconciler;
 use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
 use rds_csi::reconcile::orphan::{OrphanConfig, OrphanVolumes};
@@ -141,6 +142,15 @@ struct Args {
     /// names the directory its staging paths and targets live in.
     #[arg(long, env = "RDS_CSI_KUBELET_DIR", default_value = DEFAULT_KUBELET_DIR)]
     kubelet_dir: PathBuf,
+    /// How often the node plugin of the RDS backend checks its staged volumes against the
+    /// kernel (stale mounts recovered, orphaned NVMe/TCP connections disconnected); 0 checks
+    /// only at start.
+    #[arg(long, env = "RDS_CSI_NODE_RECONCILE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    node_reconcile_interval: Duration,
+    /// The node's NVMe host NQN file (the RDS node plugin refuses to start without it). Tests
+    /// point it elsewhere.
+    #[arg(long, env = "RDS_CSI_NVME_HOST_NQN_FILE", default_value = rds_csi::node::nvme::HOST_NQN_FILE, hide = true)]
+    nvme_host_nqn_file: PathBuf,
     /// Volumes one node may hold (NodeGetInfo's max_volumes_per_node; 0 = unlimited).
     #[arg(long, env = "RDS_CSI_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     max_volumes_per_node: u64,
@@ -279,6 +289,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         arbiters,
         node_state_dir,
         kubelet_dir,
+        node_reconcile_interval,
+        nvme_host_nqn_file,
         max_volumes_per_node,
         node_blocking_jobs,
         node_blocking_timeout,
@@ -508,9 +520,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let node_service = match mode {
             Mode::Node | Mode::All => {
                 rds_csi::node::work::configure(node_blocking_jobs as usize, node_blocking_timeout);
-                let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, &kubelet_dir, metrics.clone())?;
+                let (plugin, reconciler) = node_plugin(backend, &file_root, &rds.nqn_prefix, &nvme_host_nqn_file, &node_state_dir, &kubelet_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
+                if let Some(reconciler) = reconciler {
+                    tracing::info!(interval = %humantime::format_duration(node_reconcile_interval), "node reconciler: a pass now, then periodically");
+                    tokio::spawn(reconciler.run(node_reconcile_interval));
+                }
                 Some(NodeService {
                     node_id: node_id.to_string(),
                     max_volumes_per_node,
@@ -669,16 +685,18 @@ impl Takeover for Attachments {
     }
 }
 
-/// The node plugin on the real seams: loop devices for the file backend's images, the
-/// kernel's mounts, external tools on `PATH`.
+/// The node plugin on the real seams: loop devices for the file backend's images, NVMe/TCP
+/// for the RDS's, the kernel's mounts, external tools on `PATH`. For the RDS backend, also its
+/// reconciler, on the same seams and the plugin's volume locks; and the host NQN is required.
 fn node_plugin(
     backend: BackendKind,
     file_root: &std::path::Path,
     nqn_prefix: &str,
+    host_nqn_file: &std::path::Path,
     state_dir: &std::path::Path,
     kubelet_dir: &std::path::Path,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<NodePlugin> {
+) -> anyhow::Result<(NodePlugin, Option<NodeReconciler<SystemRunner>>)> {
     let root = std::path::absolute(kubelet_dir)
         .map_err(anyhow::Error::from)
         .and_then(|p| AbsPath::try_from(p).map_err(|e| anyhow::anyhow!("{e}")))
@@ -692,26 +710,46 @@ fn node_plugin(
             tracing::warn!(error = %e, "the kubelet directory cannot be opened; node calls fail until it can")
         }
     }
-    let source: Arc<dyn DeviceSource> = match backend {
+    let mounter = Arc::new(SystemMounter::new(root.clone()));
+    let records = || Records::open(state_dir).context("--node-state-dir");
+    let (source, nvme): (Arc<dyn DeviceSource>, _) = match backend {
         BackendKind::File => {
             std::fs::create_dir_all(file_root)
                 .with_context(|| format!("--file-root {}", file_root.display()))?;
-            Arc::new(LoopDevices::new(SystemRunner, file_root, "/sys").context("--file-root")?)
+            let loops = LoopDevices::new(SystemRunner, file_root, "/sys").context("--file-root")?;
+            (Arc::new(loops), None)
         }
         BackendKind::Rds => {
+            let host = read_host_nqn(host_nqn_file)
+                .context("the RDS node plugin needs this node's NVMe host NQN")?;
+            tracing::info!(host_nqn = %host, file = %host_nqn_file.display(), "NVMe host NQN in use");
             let prefix = NqnPrefix::parse(nqn_prefix, "--rds-nqn-prefix")
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Arc::new(NvmeDevices::new(SystemRunner, "/sys", prefix).with_metrics(metrics.clone()))
+            let nvme = Arc::new(
+                NvmeDevices::new(SystemRunner, "/sys", prefix).with_metrics(metrics.clone()),
+            );
+            (nvme.clone() as Arc<dyn DeviceSource>, Some(nvme))
         }
     };
-    Ok(NodePlugin::new(NodeDeps {
+    let plugin = NodePlugin::new(NodeDeps {
         source,
-        mounter: Arc::new(SystemMounter::new(root.clone())),
+        mounter: mounter.clone(),
         runner: Arc::new(SystemRunner),
-        records: Records::open(state_dir).context("--node-state-dir")?,
-        metrics,
+        records: records()?,
+        metrics: metrics.clone(),
         root,
-    }))
+    });
+    let reconciler = match nvme {
+        Some(nvme) => Some(NodeReconciler::new(
+            nvme,
+            mounter,
+            records()?,
+            plugin.volume_locks(),
+            metrics,
+        )),
+        None => None,
+    };
+    Ok((plugin, reconciler))
 }
 
 /// The `--rds-*` flags.

@@ -585,7 +585,7 @@ impl NodeMetrics {
             opts(
                 "stale",
                 "recoveries_total",
-                "NodeStageVolume runs that re-attached a staged volume whose device was gone, by status.",
+                "Recoveries of a staged volume whose device was gone or renumbered, by status: by NodeStageVolume, or by the node reconciler (RDS backend), which also remounts it.",
             ),
             &["status"],
         )
@@ -593,7 +593,7 @@ impl NodeMetrics {
         let orphans_cleaned_total = IntCounter::with_opts(opts(
             "orphans",
             "cleaned_total",
-            "NVMe/TCP subsystems of this driver found connected without a namespace device and disconnected.",
+            "NVMe/TCP subsystems of this driver disconnected as orphans: connected without a namespace device (found by a stage), or staged by no record and used by nothing (found by the node reconciler).",
         ))
         .expect("valid metric");
         let adoptions_total = IntCounterVec::new(

@@ -712,12 +712,16 @@ async fn the_node_plugin_makes_no_api_call() {
         let c = Cluster::new(&["n1"]).await;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi.sock");
-        let _child = Killed(Driver::spawn_with(
+        // The RDS node plugin needs a host NQN (the chart mounts the host's /etc/nvme).
+        let hostnqn = dir.path().join("hostnqn");
+        std::fs::write(&hostnqn, "nqn.2014-08.org.nvmexpress:uuid:deploy-test\n").unwrap();
+        let _child = Killed(Driver::spawn_with_env(
             dir.path(),
             &socket,
             &[],
             &args,
             Some(&c.kubeconfig),
+            &[("RDS_CSI_NVME_HOST_NQN_FILE", hostnqn.to_str().unwrap())],
         ));
         let channel = wait_for(&socket).await;
         let info = rds_csi::csi::node_client::NodeClient::new(channel)
@@ -1259,6 +1263,7 @@ fn workloads_wired(m: &Manifests) {
         .find(|mount| mount["mountPath"] == "/sys")
         .unwrap();
     let host_network = &node["spec"]["template"]["spec"]["hostNetwork"];
+    let host_pid = &node["spec"]["template"]["spec"]["hostPID"];
     match m.backend() {
         // The node only reads sysfs (loop devices' backing files, numbers and sizes).
         Backend::File => {
@@ -1267,12 +1272,16 @@ fn workloads_wired(m: &Manifests) {
                 host_network.is_null(),
                 "{n}: loop devices need no host network"
             );
+            assert!(host_pid.is_null(), "{n}: loop devices need no host PIDs");
         }
         // `nvme disconnect` writes a controller's delete_controller in sysfs; an NVMe/TCP
         // connection is made in the caller's network namespace and must outlive the pod.
         Backend::Rds => {
             assert!(sys["readOnly"].is_null(), "{n}: /sys must be writable");
             assert_eq!(host_network, true, "{n}");
+            // Before a disconnect the plugin looks for the device open in any process
+            // (/proc/*/fd): a VM's qemu is in another pod.
+            assert_eq!(host_pid, true, "{n}");
             assert!(flags(driver).contains_key("rds-nqn-prefix"), "{n}");
         }
     }

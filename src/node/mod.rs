@@ -55,6 +55,8 @@
 pub mod command;
 pub mod confine;
 pub mod device;
+#[cfg(test)]
+pub(crate) mod fake_sysfs;
 pub mod filesystem;
 pub mod locks;
 pub mod mounter;
@@ -63,6 +65,7 @@ pub mod nvme;
 pub mod ownership;
 pub mod paths;
 pub mod plugin;
+pub mod reconciler;
 pub mod records;
 pub mod work;
 

@@ -29,6 +29,63 @@ use crate::metrics::{outcome, Metrics};
 /// How long a connected namespace may take to appear as a block device.
 pub const DEVICE_WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
+/// How often a wait for a namespace asks the controller to rescan (`nvme ns-rescan`): a
+/// namespace the target adds after the connect shows only once the host rescans.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// The kernel's `state` of a controller that serves I/O. `new`, `resetting` and `connecting`
+/// are on the way there (the kernel retries until `ctrl_loss_tmo`); `deleting`,
+/// `deleting (no IO)` and `dead` are on the way out.
+pub const LIVE: &str = "live";
+
+/// Whether a controller in `state` is being torn down: as good as gone.
+pub fn going(state: &str) -> bool {
+    state.starts_with("deleting") || state == "dead"
+}
+
+/// Where `nvme connect` reads the host's NQN, which the target uses to know this node.
+pub const HOST_NQN_FILE: &str = "/etc/nvme/hostnqn";
+
+/// This node's NVMe host NQN, read from [`HOST_NQN_FILE`]: `nqn.` and up to 223 bytes of
+/// printable ASCII, as the NVMe base specification (§4.5) allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostNqn(String);
+
+impl HostNqn {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for HostNqn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Reads the host NQN from `file`. Without one, `nvme connect` makes one up per call (or
+/// from the machine's DMI data, the same on every clone of an image), and the RDS would see
+/// two nodes as one host: FAILED_PRECONDITION, saying how to make one.
+pub fn read_host_nqn(file: &std::path::Path) -> Result<HostNqn, NodeError> {
+    let fix = "run `nvme gen-hostnqn > /etc/nvme/hostnqn` on the node (unique per node)";
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        NodeError::FailedPrecondition(format!(
+            "no NVMe host NQN: cannot read {}: {e}; {fix}",
+            file.display()
+        ))
+    })?;
+    let nqn = text.trim();
+    let ok =
+        nqn.starts_with("nqn.") && nqn.len() <= 223 && nqn.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        return Err(NodeError::FailedPrecondition(format!(
+            "{} holds {:?}, not an NVMe host NQN (nqn.YYYY-MM.domain:name); {fix}",
+            file.display(),
+            nqn.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(HostNqn(nqn.to_string()))
+}
 
 impl CommandArg for Nqn {
     fn to_arg(&self) -> OsString {
@@ -56,6 +113,9 @@ fn addr(a: IpAddr) -> Num {
 pub struct NvmeDevices<R> {
     runner: R,
     sysfs: PathBuf,
+    /// `/proc` normally: open file descriptors (`*/fd`) and the mount table (`self/mountinfo`)
+    /// are read there before a disconnect.
+    proc: PathBuf,
     prefix: NqnPrefix,
     device_wait: Duration,
     metrics: Arc<Metrics>,
@@ -96,6 +156,7 @@ impl<R: CommandRunner> NvmeDevices<R> {
         Self {
             runner,
             sysfs: sysfs.into(),
+            proc: PathBuf::from("/proc"),
             prefix,
             device_wait: DEVICE_WAIT,
             metrics: Arc::new(Metrics::new()),
@@ -113,6 +174,17 @@ impl<R: CommandRunner> NvmeDevices<R> {
     pub fn with_device_wait(mut self, wait: Duration) -> Self {
         self.device_wait = wait;
         self
+    }
+
+    /// Reads open file descriptors and the mount table under `proc` instead of `/proc`.
+    pub fn with_proc(mut self, proc: impl Into<PathBuf>) -> Self {
+        self.proc = proc.into();
+        self
+    }
+
+    /// The NQN prefix this source manages.
+    pub fn prefix(&self) -> &NqnPrefix {
+        &self.prefix
     }
 
     /// Every NVMe controller sysfs lists.
@@ -160,7 +232,8 @@ impl<R: CommandRunner> NvmeDevices<R> {
         out
     }
 
-    fn controllers_of(&self, nqn: &Nqn) -> Vec<Controller> {
+    /// The controllers of exactly `nqn`, in any state.
+    pub fn controllers_of(&self, nqn: &Nqn) -> Vec<Controller> {
         self.controllers()
             .into_iter()
             .filter(|c| c.nqn == nqn.as_str())
@@ -190,8 +263,15 @@ impl<R: CommandRunner> NvmeDevices<R> {
         Ok(BlockDevice { path, major, minor })
     }
 
-    fn resolve(&self, nqn: &Nqn) -> Result<Option<BlockDevice>, NodeError> {
+    /// The namespace device of `nqn`: through a `live` controller if `live`, else through any
+    /// controller not being deleted (a reconnecting controller's namespace is still the
+    /// volume's device: with native multipath the head keeps its number while paths come and
+    /// go).
+    fn resolve(&self, nqn: &Nqn, live: bool) -> Result<Option<BlockDevice>, NodeError> {
         for c in self.controllers_of(nqn) {
+            if going(&c.state) || (live && c.state != LIVE) {
+                continue;
+            }
             if let Some(ns) = c.namespaces.first() {
                 return self.block_device(ns).map(Some);
             }
@@ -220,8 +300,98 @@ impl<R: CommandRunner> NvmeDevices<R> {
         }
     }
 
-    async fn disconnect(&self, nqn: &Nqn) -> Result<(), NodeError> {
+    /// Why `nqn`'s devices are in use, if they are: a holder stacked on a namespace
+    /// (`/sys/class/block/<dev>/holders/*`), a mount of it or of its `/dev` node
+    /// (`<proc>/self/mountinfo`), or a
+    /// process holding it open (`<proc>/<pid>/fd/*` naming `/dev/<dev>`). An unreadable mount
+    /// table is an error, never "not in use".
+    pub fn in_use(&self, nqn: &Nqn) -> Result<Option<String>, NodeError> {
+        let mut devices: Vec<BlockDevice> = Vec::new();
+        for c in self.controllers_of(nqn) {
+            for ns in &c.namespaces {
+                if !devices.iter().any(|d| d.name() == *ns) {
+                    devices.push(self.block_device(ns)?);
+                }
+            }
+        }
+        if devices.is_empty() {
+            return Ok(None);
+        }
+        for d in &devices {
+            let holders = self
+                .sysfs
+                .join("class/block")
+                .join(d.name())
+                .join("holders");
+            let held: Vec<String> = std::fs::read_dir(&holders)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            if !held.is_empty() {
+                return Ok(Some(format!("{d} is held by {}", held.join(", "))));
+            }
+        }
+        let table = self.proc.join("self/mountinfo");
+        let text = std::fs::read_to_string(&table).map_err(|source| NodeError::Io {
+            action: format!("reading {}", table.display()),
+            source,
+        })?;
+        let mounts = super::mountinfo::parse(&text).map_err(|e| NodeError::Io {
+            action: format!("parsing {}", table.display()),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        for d in &devices {
+            // A filesystem on the device, or its /dev node bind-mounted somewhere (the Go node
+            // plugin publishes a block volume so, and the kubelet binds that target again).
+            let node = std::path::Path::new("/").join(d.name());
+            if let Some(m) = mounts.iter().find(|m| {
+                (m.major == d.major && m.minor == d.minor)
+                    || (m.fs_type == "devtmpfs" && m.root == node)
+            }) {
+                return Ok(Some(format!(
+                    "{d} is mounted at {}",
+                    m.mount_point.display()
+                )));
+            }
+        }
+        let procs = std::fs::read_dir(&self.proc).map_err(|source| NodeError::Io {
+            action: format!("listing {}", self.proc.display()),
+            source,
+        })?;
+        for p in procs.flatten() {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            // A process that exits meanwhile, or one we may not look into, holds nothing we
+            // could wait for.
+            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                if let Some(d) = devices.iter().find(|d| target == d.path.as_path()) {
+                    return Ok(Some(format!("{d} is open in process {pid}")));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Disconnects every controller of exactly `nqn` (`nvme disconnect -n` matches the whole
+    /// NQN), only if it is under the prefix and nothing uses its devices ([`Self::in_use`]):
+    /// else FAILED_PRECONDITION and nothing is run.
+    pub async fn disconnect(&self, nqn: &Nqn) -> Result<(), NodeError> {
         self.guard(nqn)?;
+        if let Some(why) = self.in_use(nqn)? {
+            return Err(NodeError::FailedPrecondition(format!(
+                "not disconnecting {nqn}: {why}"
+            )));
+        }
         let cmd = Cmd::new("nvme")
             .arg("disconnect")
             .arg("-n")
@@ -277,18 +447,47 @@ impl<R: CommandRunner> NvmeDevices<R> {
         Ok(())
     }
 
-    /// Polls sysfs until the namespace appears (a reconnect may renumber the controller:
-    /// each poll resolves afresh), showing progress every few seconds.
+    /// Asks each live controller of `nqn` to rescan its namespaces. A failure is logged: the
+    /// wait goes on and decides.
+    async fn rescan(&self, nqn: &Nqn) {
+        for c in self.controllers_of(nqn) {
+            if c.state != LIVE {
+                continue;
+            }
+            let Ok(ctrl) = AbsPath::try_from(PathBuf::from(format!("/dev/{}", c.name))) else {
+                continue;
+            };
+            let cmd = Cmd::new("nvme").arg("ns-rescan").arg(ctrl);
+            match self.runner.run(&cmd).await {
+                Ok(out) if out.success() => {}
+                Ok(out) => {
+                    tracing::warn!(nqn = %nqn, command = %cmd, message = %out.message(), "namespace rescan failed")
+                }
+                Err(e) => {
+                    tracing::warn!(nqn = %nqn, command = %cmd, error = %e, "namespace rescan failed")
+                }
+            }
+        }
+    }
+
+    /// Polls sysfs until the namespace appears behind a live controller (a reconnect may
+    /// renumber the controller: each poll resolves afresh), for at most the device wait,
+    /// rescanning namespaces every [`RESCAN_EVERY`] and showing progress every few seconds.
     async fn wait_for_device(&self, nqn: &Nqn) -> Result<Option<BlockDevice>, NodeError> {
         let started = tokio::time::Instant::now();
         let mut next_note = started + Duration::from_secs(5);
+        let mut next_rescan = started;
         loop {
-            if let Some(dev) = self.resolve(nqn)? {
+            if let Some(dev) = self.resolve(nqn, true)? {
                 return Ok(Some(dev));
             }
             let now = tokio::time::Instant::now();
             if now.duration_since(started) >= self.device_wait {
                 return Ok(None);
+            }
+            if now >= next_rescan {
+                self.rescan(nqn).await;
+                next_rescan = now + RESCAN_EVERY;
             }
             if now >= next_note {
                 tracing::info!(nqn = %nqn, waited_s = now.duration_since(started).as_secs(), "waiting for the NVMe namespace to appear");
@@ -332,17 +531,37 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
     }
 
     async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
-        self.resolve(&self.target(backing)?.nqn)
+        self.resolve(&self.target(backing)?.nqn, false)
     }
 
     async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
         let t = self.target(backing)?;
         self.guard(&t.nqn)?;
-        if let Some(dev) = self.resolve(&t.nqn)? {
+        if let Some(dev) = self.resolve(&t.nqn, true)? {
             tracing::debug!(nqn = %t.nqn, device = %dev, "already connected");
             return Ok(dev);
         }
-        if !self.controllers_of(&t.nqn).is_empty() {
+        let present: Vec<Controller> = self
+            .controllers_of(&t.nqn)
+            .into_iter()
+            .filter(|c| !going(&c.state))
+            .collect();
+        if let Some(c) = present.iter().find(|c| c.state != LIVE) {
+            // The kernel is reconnecting it (until ctrl_loss_tmo): a connect would be refused
+            // and a disconnect would end the kernel's own recovery. Wait for it, boundedly.
+            tracing::info!(nqn = %t.nqn, controller = %c.name, state = %c.state, "waiting for the kernel to reconnect the controller");
+            if let Some(dev) = self.wait_for_device(&t.nqn).await? {
+                return Ok(dev);
+            }
+            return Err(NodeError::FailedPrecondition(format!(
+                "controller {} of {} is still {} after {}s; the kernel keeps reconnecting it",
+                c.name,
+                t.nqn,
+                c.state,
+                self.device_wait.as_secs()
+            )));
+        }
+        if !present.is_empty() {
             // Connected, but no namespace device: reconnect rather than wait on a dead path.
             tracing::warn!(nqn = %t.nqn, "subsystem connected without a namespace device; reconnecting");
             self.disconnect(&t.nqn).await?;
@@ -367,7 +586,9 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
                 Ok(dev)
             }
             None => {
-                let _ = self.disconnect(&t.nqn).await;
+                if let Err(e) = self.disconnect(&t.nqn).await {
+                    tracing::warn!(nqn = %t.nqn, error = %e, "could not disconnect after no namespace appeared");
+                }
                 Err(NodeError::FailedPrecondition(format!(
                     "connected to {} but no namespace appeared within {}s; disconnected again",
                     t.nqn,
@@ -427,30 +648,7 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
         Ok(self
             .controllers_of(&t.nqn)
             .iter()
-            .any(|c| c.state == "live" && c.namespaces.iter().any(|n| *n == device.name())))
-    }
-}
-
-/// Builds a fake sysfs tree for tests: controllers with an NQN and namespaces.
-#[cfg(test)]
-pub(crate) fn fake_controller(
-    sys: &std::path::Path,
-    ctrl: u32,
-    nqn: &str,
-    ns: Option<(&str, &str)>,
-) {
-    let dir = sys.join(format!("class/nvme/nvme{ctrl}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("subsysnqn"), format!("{nqn}\n")).unwrap();
-    std::fs::write(dir.join("state"), "live\n").unwrap();
-    if let Some((entry, dev)) = ns {
-        std::fs::create_dir_all(dir.join(entry)).unwrap();
-        let block = sys
-            .join("class/block")
-            .join(namespace_device(entry).unwrap());
-        std::fs::create_dir_all(&block).unwrap();
-        std::fs::write(block.join("dev"), format!("{dev}\n")).unwrap();
-        std::fs::write(block.join("size"), "20971520\n").unwrap();
+            .any(|c| c.state == LIVE && c.namespaces.iter().any(|n| *n == device.name())))
     }
 }
 
@@ -459,6 +657,38 @@ mod tests {
     use super::*;
     use crate::node::command::Output;
     use crate::node::fakes::RecordingRunner;
+
+    use crate::node::fake_sysfs::{FakeProc, FakeSysfs};
+
+    /// Controller `nvme{ctrl}` of `nqn` in the kernel's layout, with the namespace `entry`
+    /// names: `nvmeScCnN` is a hidden multipath path (subsystem `S`, head `nvmeSnN` with
+    /// device `dev`), `nvmeCnN` a namespace without multipath (subsystem numbered as the
+    /// controller).
+    fn controller(fs: &FakeSysfs, ctrl: u32, nqn: &str, ns: Option<(&str, &str)>) {
+        let digits = |s: &str| s.parse::<u32>().unwrap();
+        match ns {
+            None => fs.connect(ctrl, ctrl, nqn),
+            Some((entry, dev)) => {
+                let rest = entry.strip_prefix("nvme").unwrap();
+                let (minor_major, minor) = dev.split_once(':').unwrap();
+                let path = format!("{minor_major}:{}", digits(minor) + 1000);
+                match rest.split_once('c') {
+                    Some((subsys, tail)) => {
+                        let (c, nsid) = tail.split_once('n').unwrap();
+                        assert_eq!(digits(c), ctrl);
+                        fs.connect(ctrl, digits(subsys), nqn);
+                        fs.multipath_namespace(ctrl, digits(nsid), dev, &path);
+                    }
+                    None => {
+                        let (c, nsid) = rest.split_once('n').unwrap();
+                        assert_eq!(digits(c), ctrl);
+                        fs.connect(ctrl, ctrl, nqn);
+                        fs.plain_namespace(ctrl, digits(nsid), dev);
+                    }
+                }
+            }
+        }
+    }
 
     const NQN: &str = "nqn.2000-02.com.mikrotik:pvc-0f923194-922a-5dd8-b376-c2c6ccb56dd8";
 
@@ -510,17 +740,18 @@ mod tests {
     async fn stage_connects_with_the_go_drivers_argument_vector_and_finds_the_device_by_nqn() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
-        fake_controller(
-            &sys,
+        let fs = FakeSysfs::new(&sys);
+        controller(
+            &fs,
             0,
             "nqn.2014-08.org.nvmexpress:uuid:host-root",
             Some(("nvme0n1", "259:0")),
         );
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
             // The kernel numbers the new controller 4; the namespace shows as a hidden path.
-            fake_controller(&sys2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            controller(&fs2, 4, NQN, Some(("nvme4c4n1", "259:7")));
             ok()
         });
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
@@ -545,16 +776,16 @@ mod tests {
     async fn a_renumbered_controller_is_resolved_afresh() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
-        fake_controller(&sys, 2, NQN, Some(("nvme2n1", "259:3")));
+        let fs = FakeSysfs::new(&sys);
+        controller(&fs, 2, NQN, Some(("nvme2n1", "259:3")));
         let nvme = NvmeDevices::new(RecordingRunner::default(), &sys, NqnPrefix::default());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         assert_eq!(
             nvme.find(&backing).await.unwrap().unwrap().name(),
             "nvme2n1"
         );
-        std::fs::remove_dir_all(sys.join("class/nvme/nvme2")).unwrap();
-        std::fs::remove_dir_all(sys.join("class/block/nvme2n1")).unwrap();
-        fake_controller(&sys, 5, NQN, Some(("nvme5c5n1", "259:9")));
+        fs.delete_controller(2);
+        controller(&fs, 5, NQN, Some(("nvme5c5n1", "259:9")));
         let dev = nvme.find(&backing).await.unwrap().unwrap();
         assert_eq!((dev.name(), dev.minor), ("nvme5n1".to_string(), 9));
     }
@@ -566,16 +797,17 @@ mod tests {
     async fn an_orphaned_subsystem_is_reconnected_and_counted_as_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
-        fake_controller(&sys, 1, NQN, None);
+        let fs = FakeSysfs::new(&sys);
+        controller(&fs, 1, NQN, None);
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme disconnect", move |_| {
-            std::fs::remove_dir_all(sys2.join("class/nvme/nvme1")).unwrap();
+            fs2.delete_controller(1);
             ok()
         });
-        let sys3 = sys.clone();
+        let fs3 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys3, 1, NQN, Some(("nvme1c1n1", "259:1")));
+            controller(&fs3, 1, NQN, Some(("nvme1c1n1", "259:1")));
             ok()
         });
         let metrics = Arc::new(Metrics::new());
@@ -595,8 +827,9 @@ mod tests {
     async fn a_foreign_nqn_is_never_connected_or_disconnected() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let foreign = "nqn.2014-08.org.nvmexpress:uuid:host-root";
-        fake_controller(&sys, 0, foreign, Some(("nvme0n1", "259:0")));
+        controller(&fs, 0, foreign, Some(("nvme0n1", "259:0")));
         let runner = RecordingRunner::default();
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
         let mut c = ctx();
@@ -624,6 +857,7 @@ mod tests {
     async fn unstage_disconnects_only_what_is_connected() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
         // After a restart the node knows only the volume id: the NQN is derived from it.
@@ -632,10 +866,10 @@ mod tests {
             .unwrap();
         nvme.detach(&backing).await.unwrap();
         assert!(runner.calls().is_empty());
-        fake_controller(&sys, 3, NQN, Some(("nvme3n1", "259:4")));
-        let sys2 = sys.clone();
+        controller(&fs, 3, NQN, Some(("nvme3n1", "259:4")));
+        let fs2 = fs.clone();
         runner.on("nvme disconnect", move |_| {
-            std::fs::remove_dir_all(sys2.join("class/nvme/nvme3")).unwrap();
+            fs2.delete_controller(3);
             ok()
         });
         nvme.detach(&backing).await.unwrap();
@@ -646,10 +880,11 @@ mod tests {
     async fn a_namespace_that_never_appears_is_an_error_and_is_disconnected() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys2, 6, NQN, None);
+            controller(&fs2, 6, NQN, None);
             ok()
         });
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
@@ -686,10 +921,11 @@ mod tests {
     async fn a_connect_is_counted_and_timed_once_and_an_existing_one_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            controller(&fs2, 4, NQN, Some(("nvme4c4n1", "259:7")));
             ok()
         });
         let metrics = Arc::new(Metrics::new());
@@ -711,6 +947,7 @@ mod tests {
     async fn failed_connects_are_counted_as_failures_and_not_timed() {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
+        let fs = FakeSysfs::new(&sys);
         let runner = RecordingRunner::default();
         runner.on("nvme connect", |_| {
             Ok(Output {
@@ -727,9 +964,9 @@ mod tests {
             nvme.attach(&backing).await,
             Err(NodeError::Tool { .. })
         ));
-        let sys2 = sys.clone();
+        let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            fake_controller(&sys2, 6, NQN, None);
+            controller(&fs2, 6, NQN, None);
             ok()
         });
         assert!(matches!(
@@ -739,6 +976,237 @@ mod tests {
         assert_eq!(scraped(&metrics, CONNECTS_FAILED), 2.0);
         assert_eq!(scraped(&metrics, CONNECTS_OK), 0.0);
         assert_eq!(scraped(&metrics, CONNECT_TIMED), 0.0);
+    }
+
+    /// A fake sysfs and /proc under one temporary directory, and a source reading them.
+    struct Host {
+        _dir: tempfile::TempDir,
+        sys: FakeSysfs,
+        proc: FakeProc,
+        runner: RecordingRunner,
+        nvme: NvmeDevices<RecordingRunner>,
+    }
+
+    fn host() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = FakeSysfs::new(&dir.path().join("sys"));
+        let proc = FakeProc::new(&dir.path().join("proc"));
+        let runner = RecordingRunner::default();
+        let nvme = NvmeDevices::new(runner.clone(), sys.root(), NqnPrefix::default())
+            .with_proc(proc.root());
+        Host {
+            _dir: dir,
+            sys,
+            proc,
+            runner,
+            nvme,
+        }
+    }
+
+    /// Subsystem and controller are numbered apart (`nvme-subsys3` holds controller `nvme1`)
+    /// and native multipath names the visible namespace after the subsystem (`nvme3n1`), the
+    /// controller holding only the hidden path `nvme3c1n1` with a number of its own: the
+    /// volume's device is the head, never `nvme1n1` and never the hidden path's number.
+    #[tokio::test]
+    async fn the_device_is_the_subsystems_head_not_the_controllers_hidden_path() {
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        let dev = h.nvme.find(&backing).await.unwrap().unwrap();
+        assert_eq!(
+            (dev.path.to_string(), dev.major, dev.minor),
+            ("/dev/nvme3n1".into(), 259, 7)
+        );
+        assert!(h.nvme.healthy(&backing, &dev).await.unwrap());
+        // Without multipath the namespace is the controller's own.
+        h.sys.connect(4, 5, &format!("{NQN}x"));
+        h.sys.plain_namespace(4, 1, "259:9");
+        let other = Backing::Nvme(
+            NvmeTarget::from_context(
+                &HashMap::from([("nqn".to_string(), format!("{NQN}x"))]),
+                || unreachable!(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            h.nvme.find(&other).await.unwrap().unwrap().name(),
+            "nvme4n1"
+        );
+    }
+
+    /// A namespace the kernel shows only after a rescan: the wait after connect runs
+    /// `nvme ns-rescan` on the new controller and finds it, instead of failing. Catches the
+    /// `self.rescan(nqn)` call in `wait_for_device`.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_namespace_is_found_after_ns_rescan() {
+        let h = host();
+        let sys = h.sys.clone();
+        h.runner.on("nvme connect", move |_| {
+            sys.connect(1, 3, NQN);
+            ok()
+        });
+        let sys = h.sys.clone();
+        h.runner.on("nvme ns-rescan /dev/nvme1", move |_| {
+            sys.multipath_namespace(1, 1, "259:7", "259:8");
+            ok()
+        });
+        let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        let dev = h.nvme.attach(&backing).await.unwrap();
+        assert_eq!((dev.name(), dev.minor), ("nvme3n1".to_string(), 7));
+        let calls = h.runner.calls();
+        assert!(calls[0].starts_with("nvme connect "), "{calls:?}");
+        assert_eq!(calls[1..], ["nvme ns-rescan /dev/nvme1".to_string()]);
+    }
+
+    /// A controller the kernel is reconnecting (`connecting`, `resetting`) is not live: its
+    /// namespace is not healthy, and a stage neither returns its device at once nor connects
+    /// or disconnects (which would end the kernel's own recovery); it waits, boundedly, and
+    /// says why. Its device is still the volume's (`find`), so nothing calls it stale. Catches
+    /// the `live` argument of `resolve` in `attach` and the wait for a reconnecting controller.
+    #[tokio::test(start_paused = true)]
+    async fn a_connecting_controller_is_not_treated_as_live() {
+        for state in ["connecting", "resetting"] {
+            let h = host();
+            h.sys.connect(1, 3, NQN);
+            h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+            h.sys.set_state(1, state);
+            let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+            let dev = h.nvme.find(&backing).await.unwrap().unwrap();
+            assert_eq!(dev.name(), "nvme3n1");
+            assert!(!h.nvme.healthy(&backing, &dev).await.unwrap(), "{state}");
+            let err = h.nvme.attach(&backing).await.unwrap_err();
+            assert!(
+                matches!(&err, NodeError::FailedPrecondition(m) if m.contains(state)),
+                "{state}: {err}"
+            );
+            assert!(
+                h.runner.calls().is_empty(),
+                "{state}: {:?}",
+                h.runner.calls()
+            );
+        }
+    }
+
+    /// A controller the kernel is `deleting` is as good as gone: its namespace is not the
+    /// volume's device any more, and a stage connects anew (the kernel adds a controller to
+    /// the same subsystem) rather than waiting on it. Catches `going` in `resolve` and
+    /// `attach`.
+    #[tokio::test]
+    async fn a_deleting_controller_counts_as_gone() {
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        h.sys.set_state(1, "deleting");
+        let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert_eq!(h.nvme.find(&backing).await.unwrap(), None);
+        let sys = h.sys.clone();
+        h.runner.on("nvme connect", move |_| {
+            sys.connect(5, 3, NQN);
+            sys.multipath_namespace(5, 1, "259:7", "259:9");
+            ok()
+        });
+        let dev = h.nvme.attach(&backing).await.unwrap();
+        assert_eq!((dev.name(), dev.minor), ("nvme3n1".to_string(), 7));
+        assert_eq!(h.runner.calls().len(), 1, "{:?}", h.runner.calls());
+    }
+
+    /// A controller deleted after `ctrl_loss_tmo` takes its namespace with it: no device, and
+    /// an unstage has nothing to disconnect.
+    #[tokio::test]
+    async fn a_controller_deleted_after_ctrl_loss_tmo_leaves_no_device() {
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert!(h.nvme.find(&backing).await.unwrap().is_some());
+        h.sys.delete_controller(1);
+        assert_eq!(h.nvme.find(&backing).await.unwrap(), None);
+        h.nvme.detach(&backing).await.unwrap();
+        assert!(h.runner.calls().is_empty());
+    }
+
+    /// Before a disconnect the device must be unused: a holder stacked on it, a mount of it,
+    /// its `/dev` node bind-mounted (a block volume the Go plugin published) or a process
+    /// holding it open each refuse the disconnect (FAILED_PRECONDITION naming
+    /// it) and nothing is run; with none of them it is disconnected. Catches the `in_use`
+    /// check in `disconnect`, and each of its three probes.
+    #[tokio::test]
+    async fn a_disconnect_is_refused_while_the_device_is_held_mounted_or_open() {
+        type Use = fn(&Host);
+        let uses: [(&str, Use); 4] = [
+            ("held by dm-0", |h| h.sys.add_holder("nvme3n1", "dm-0")),
+            ("mounted at /mnt/x", |h| {
+                std::fs::write(
+                    h.proc.root().join("self/mountinfo"),
+                    "30 1 259:7 / /mnt/x rw,nosuid,nodev - ext4 /dev/nvme3n1 rw\n",
+                )
+                .unwrap()
+            }),
+            ("mounted at /var/lib/kubelet/pods/p/dev", |h| {
+                std::fs::write(
+                    h.proc.root().join("self/mountinfo"),
+                    "31 1 0:5 /nvme3n1 /var/lib/kubelet/pods/p/dev rw,nosuid - devtmpfs udev rw\n",
+                )
+                .unwrap()
+            }),
+            ("open in process 4242", |h| {
+                h.proc.open_fd(4242, 9, "/dev/nvme3n1")
+            }),
+        ];
+        for (why, make) in uses {
+            let h = host();
+            h.sys.connect(1, 3, NQN);
+            h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+            // Unrelated use that must not count: another process with another device open.
+            h.proc.open_fd(7, 3, "/dev/nvme30n1");
+            make(&h);
+            let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+            let err = h.nvme.detach(&backing).await.unwrap_err();
+            assert!(
+                matches!(&err, NodeError::FailedPrecondition(m) if m.contains(why)),
+                "{why}: {err}"
+            );
+            assert!(h.runner.calls().is_empty(), "{why}: {:?}", h.runner.calls());
+        }
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        h.proc.open_fd(7, 3, "/dev/nvme30n1");
+        let sys = h.sys.clone();
+        h.runner.on("nvme disconnect", move |_| {
+            sys.delete_controller(1);
+            ok()
+        });
+        let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        h.nvme.detach(&backing).await.unwrap();
+        assert_eq!(h.runner.calls(), vec![format!("nvme disconnect -n {NQN}")]);
+    }
+
+    /// The RDS node plugin does not start without a host NQN: a missing, empty or malformed
+    /// `/etc/nvme/hostnqn` is FAILED_PRECONDITION saying how to make one; a real one is read
+    /// (trimmed). `main` calls this before building the RDS node plugin.
+    #[test]
+    fn the_rds_node_plugin_refuses_to_start_without_a_host_nqn() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hostnqn");
+        let refused = |file: &std::path::Path| match read_host_nqn(file) {
+            Err(NodeError::FailedPrecondition(m)) => assert!(m.contains("nvme gen-hostnqn"), "{m}"),
+            other => panic!("{other:?}"),
+        };
+        refused(&file);
+        for bad in [
+            "",
+            "\n",
+            "not-an-nqn\n",
+            "nqn.2014-08.org.nvmexpress:uuid:a b\n",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            refused(&file);
+        }
+        let good = "nqn.2014-08.org.nvmexpress:uuid:4c4c4544-0042-4b10-8050-b4c04f4b4b32";
+        std::fs::write(&file, format!("{good}\n")).unwrap();
+        assert_eq!(read_host_nqn(&file).unwrap().as_str(), good);
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub struct NodePlugin {
     mounter: Arc<dyn Mounter>,
     runner: Arc<dyn CommandRunner>,
     records: Arc<Records>,
-    locks: VolumeLocks,
+    locks: Arc<VolumeLocks>,
     metrics: Arc<Metrics>,
     root: Arc<KubeletRoot>,
     /// Per staging path and target, taken after the volume's lock.
@@ -214,7 +214,7 @@ impl NodePlugin {
             mounter: deps.mounter,
             runner: deps.runner,
             records: Arc::new(deps.records),
-            locks: VolumeLocks::default(),
+            locks: Arc::default(),
             metrics: deps.metrics,
             root: deps.root,
             paths: PathLocks::default(),
@@ -1312,6 +1312,14 @@ fn device_size(path: &AbsPath) -> Result<u64, NodeError> {
     };
     let mut f = std::fs::File::open(PathBuf::from(path.as_path())).map_err(io)?;
     f.seek(SeekFrom::End(0)).map_err(io)
+}
+
+impl NodePlugin {
+    /// The per-volume locks the node RPCs take, for the node reconciler: it repairs a volume
+    /// only holding the same lock, so a repair never interleaves with an RPC of that volume.
+    pub fn volume_locks(&self) -> Arc<VolumeLocks> {
+        self.locks.clone()
+    }
 }
 
 mod adoption;

@@ -1088,3 +1088,66 @@ async fn a_publish_while_the_rds_is_down_answers_by_its_budget() {
     );
     r.fake.end_restart();
 }
+
+/// `rds-csi --mode node --backend rds` with its host NQN file at `hostnqn`, in `dir`; the
+/// prefix matches no subsystem, so the node reconciler's first pass touches nothing here.
+fn spawn_rds_node(dir: &Path, hostnqn: &Path) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("driver.log")).unwrap();
+    std::process::Command::new(BIN)
+        .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
+        .env("RUST_LOG", "info")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.join("csi.sock").display()))
+        .args(["--mode", "node", "--backend", "rds", "--kubernetes", "off"])
+        .args(["--node-id", "n1", "--metrics-address", ""])
+        .args(["--rds-nqn-prefix", "nqn.2000-01.test.invalid"])
+        .arg("--node-state-dir")
+        .arg(dir.join("node-state"))
+        .arg("--nvme-host-nqn-file")
+        .arg(hostnqn)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn rds-csi")
+}
+
+/// The RDS node plugin refuses to start without this node's NVMe host NQN (without one,
+/// `nvme connect` presents a made-up or cloned identity to the RDS), exiting before it serves
+/// and saying how to make one; with one it starts and logs the NQN in use. Catches the
+/// `read_host_nqn` call in main's `node_plugin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rds_node_plugin_refuses_to_start_without_a_host_nqn() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostnqn = dir.path().join("hostnqn");
+    let mut child = spawn_rds_node(dir.path(), &hostnqn);
+    let log = || std::fs::read_to_string(dir.path().join("driver.log")).unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() > deadline || dir.path().join("csi.sock").exists() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the node plugin did not refuse to start:\n{}", log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success());
+    assert!(!dir.path().join("csi.sock").exists());
+    let text = log();
+    assert!(text.contains("NVMe host NQN"), "{text}");
+    assert!(text.contains("nvme gen-hostnqn"), "{text}");
+
+    let nqn = "nqn.2014-08.org.nvmexpress:uuid:0b6c2a8e-4f4e-4f4a-9d6c-1a2b3c4d5e6f";
+    std::fs::write(&hostnqn, format!("{nqn}\n")).unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut child = spawn_rds_node(dir2.path(), &hostnqn);
+    let channel = wait_for(&dir2.path().join("csi.sock")).await;
+    drop(channel);
+    let text = std::fs::read_to_string(dir2.path().join("driver.log")).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(text.contains(nqn), "the host NQN in use is logged:\n{text}");
+}

@@ -11,9 +11,10 @@ use rustix::mount::MountFlags;
 
 use super::*;
 use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
+use crate::node::fake_sysfs::FakeSysfs;
 use crate::node::fakes::RecordingRunner;
 use crate::node::mounter::MountError;
-use crate::node::nvme::{fake_controller, NvmeDevices};
+use crate::node::nvme::NvmeDevices;
 
 const NQN1: &str = "nqn.2000-02.com.mikrotik:pvc-1";
 const NQN2: &str = "nqn.2000-02.com.mikrotik:pvc-2";
@@ -128,14 +129,14 @@ struct World {
     mounts: Arc<FakeMounts>,
     plugin: Arc<NodePlugin>,
     records: Records,
+    sysfs: FakeSysfs,
 }
 
 impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
-        std::fs::create_dir_all(sys.join("class/nvme")).unwrap();
-        std::fs::create_dir_all(sys.join("class/block")).unwrap();
+        let sysfs = FakeSysfs::new(&sys);
         let mounts = Arc::new(FakeMounts::default());
         let runner = RecordingRunner::default();
         let plugin = Arc::new(NodePlugin::new(NodeDeps {
@@ -154,6 +155,7 @@ impl World {
             mounts,
             plugin,
             records,
+            sysfs,
         }
     }
 
@@ -168,26 +170,26 @@ impl World {
         AbsPath::try_from(p).unwrap()
     }
 
-    /// Connects `nqn` as controller `ctrl` with namespace device `nvme<ctrl>n1` at `dev`.
+    /// Connects `nqn` as controller `ctrl` (in subsystem `ctrl`) with namespace device
+    /// `nvme<ctrl>n1` at `dev`.
     fn connect(&self, ctrl: u32, nqn: &str, dev: &str) {
-        fake_controller(
-            &self.sys(),
-            ctrl,
-            nqn,
-            Some((&format!("nvme{ctrl}n1"), dev)),
-        );
+        self.sysfs.connect(ctrl, ctrl, nqn);
+        self.sysfs.plain_namespace(ctrl, 1, dev);
     }
 
-    /// A reconnect that gave the namespace a new minor.
+    /// A reconnect that gave the namespace a new minor: the controller deleted and connected
+    /// again under its NQN.
     fn renumber(&self, ctrl: u32, dev: &str) {
-        let block = self.sys().join(format!("class/block/nvme{ctrl}n1/dev"));
-        std::fs::write(block, format!("{dev}\n")).unwrap();
+        let nqn =
+            std::fs::read_to_string(self.sys().join(format!("class/nvme/nvme{ctrl}/subsysnqn")))
+                .unwrap();
+        self.sysfs.delete_controller(ctrl);
+        self.connect(ctrl, nqn.trim(), dev);
     }
 
     /// The controller deleted after `ctrl_loss_tmo`.
     fn vanish(&self, ctrl: u32) {
-        std::fs::remove_dir_all(self.sys().join(format!("class/nvme/nvme{ctrl}"))).unwrap();
-        std::fs::remove_dir_all(self.sys().join(format!("class/block/nvme{ctrl}n1"))).unwrap();
+        self.sysfs.delete_controller(ctrl);
     }
 }
 
