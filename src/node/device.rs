@@ -17,6 +17,7 @@ use async_trait::async_trait;
 
 use super::command::{Cmd, CommandRunner};
 use super::paths::{AbsPath, BlockDevice};
+use super::work;
 use super::NodeError;
 use crate::domain::{PUBLISH_BACKEND_KEY, PUBLISH_IMAGE_PATH_KEY};
 use crate::ids::VolumeId;
@@ -225,26 +226,32 @@ impl<R: CommandRunner> LoopDevices<R> {
         *self.before_check.lock().expect("hook lock") = Some(Box::new(hook));
     }
 
-    fn status_of(&self, name: &str) -> Result<Option<LoopStatus>, NodeError> {
-        (self.status)(name).map_err(|source| NodeError::Io {
-            action: format!("reading the status of loop device {name}"),
-            source,
+    /// `LOOP_GET_STATUS64` (through the status reader) on the node's blocking pool.
+    async fn status_of(&self, name: &str) -> Result<Option<LoopStatus>, NodeError> {
+        let (status, name) = (self.status.clone(), name.to_string());
+        work::blocking(format!("LOOP_GET_STATUS64 on /dev/{name}"), move || {
+            status(&name).map_err(|source| NodeError::Io {
+                action: format!("reading the status of loop device {name}"),
+                source,
+            })
         })
+        .await
     }
 
     /// Whether `name` is, by the kernel's own record, a live binding of the file `image`
     /// (not an autoclear entry already on its way out).
-    fn bound_to(&self, name: &str, image: FileId) -> Result<bool, NodeError> {
+    async fn bound_to(&self, name: &str, image: FileId) -> Result<bool, NodeError> {
         Ok(self
-            .status_of(name)?
+            .status_of(name)
+            .await?
             .is_some_and(|s| s.backing == image && !s.autoclear))
     }
 
     /// Loop devices the kernel shows bound to the file `image`, live ones only.
-    fn bindings_of(&self, image: FileId) -> Result<Vec<LoopInfo>, NodeError> {
+    async fn bindings_of(&self, image: FileId) -> Result<Vec<LoopInfo>, NodeError> {
         let mut found = Vec::new();
-        for info in self.loops()? {
-            if !info.autoclear && self.bound_to(&info.name, image)? {
+        for info in self.scan().await? {
+            if !info.autoclear && self.bound_to(&info.name, image).await? {
                 found.push(info);
             }
         }
@@ -267,7 +274,7 @@ impl<R: CommandRunner> LoopDevices<R> {
     /// were not before this call (`before`), so a failed attach leaks none. A loop device bound
     /// to anything else is never touched.
     async fn undo_attach(&self, image: FileId, before: &[LoopInfo]) {
-        let now = match self.bindings_of(image) {
+        let now = match self.bindings_of(image).await {
             Ok(now) => now,
             Err(e) => {
                 tracing::warn!(error = %e, "could not list loop devices to undo a failed attach");
@@ -300,7 +307,20 @@ impl<R: CommandRunner> LoopDevices<R> {
 
     /// Every loop device that has a backing file.
     pub fn loops(&self) -> Result<Vec<LoopInfo>, NodeError> {
-        let block = self.sysfs.join("block");
+        Self::loops_in(&self.sysfs)
+    }
+
+    /// [`Self::loops`], read on the node's blocking pool: never on an async worker.
+    async fn scan(&self) -> Result<Vec<LoopInfo>, NodeError> {
+        let sysfs = self.sysfs.clone();
+        work::blocking("listing loop devices in sysfs", move || {
+            Self::loops_in(&sysfs)
+        })
+        .await
+    }
+
+    fn loops_in(sysfs: &Path) -> Result<Vec<LoopInfo>, NodeError> {
+        let block = sysfs.join("block");
         let entries = match std::fs::read_dir(&block) {
             Ok(e) => e,
             Err(source) => {
@@ -336,24 +356,27 @@ impl<R: CommandRunner> LoopDevices<R> {
 
     /// The live loop device of `image`: not one whose image was deleted, and not one already
     /// detached and waiting for its last user to close it.
-    fn loop_for(&self, image: &AbsPath) -> Result<Option<LoopInfo>, NodeError> {
+    async fn loop_for(&self, image: &AbsPath) -> Result<Option<LoopInfo>, NodeError> {
         Ok(self
-            .loops()?
+            .scan()
+            .await?
             .into_iter()
             .find(|l| l.backing_file == image.as_path() && !l.backing_deleted && !l.autoclear))
     }
 
     /// Whether sysfs still shows `name` bound to a deleted file that had `image`'s name.
-    fn still_deleted(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
+    async fn still_deleted(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
         Ok(self
-            .loops()?
+            .scan()
+            .await?
             .iter()
             .any(|l| l.name == name && l.backing_deleted && l.backing_file == image.as_path()))
     }
 
-    fn bound(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
+    async fn bound(&self, name: &str, image: &AbsPath) -> Result<bool, NodeError> {
         Ok(self
-            .loops()?
+            .scan()
+            .await?
             .iter()
             .any(|l| l.name == name && l.backing_file == image.as_path()))
     }
@@ -461,24 +484,33 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
 
     async fn exists(&self, backing: &Backing) -> Result<bool, NodeError> {
         let image = file_image(backing)?;
-        match std::fs::symlink_metadata(image.as_path()) {
-            Ok(meta) => Ok(meta.file_type().is_file()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(NodeError::Io {
-                action: format!("looking at {image}"),
-                source,
-            }),
-        }
+        let image = image.clone();
+        work::blocking(
+            format!("looking at {image}"),
+            move || match std::fs::symlink_metadata(image.as_path()) {
+                Ok(meta) => Ok(meta.file_type().is_file()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(source) => Err(NodeError::Io {
+                    action: format!("looking at {image}"),
+                    source,
+                }),
+            },
+        )
+        .await
     }
 
     async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
         let image = file_image(backing)?;
-        self.loop_for(image)?.as_ref().map(Self::device).transpose()
+        self.loop_for(image)
+            .await?
+            .as_ref()
+            .map(Self::device)
+            .transpose()
     }
 
     async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
         let image = file_image(backing)?;
-        if let Some(existing) = self.loop_for(image)? {
+        if let Some(existing) = self.loop_for(image).await? {
             tracing::debug!(image = %image, device = %existing.name, "reusing the loop device already attached");
             return Self::device(&existing);
         }
@@ -491,7 +523,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
             action: format!("looking at {image}"),
             source,
         })?;
-        let before = self.bindings_of(id)?;
+        let before = self.bindings_of(id).await?;
         let cmd = Cmd::new("losetup")
             .arg("--find")
             .arg("--show")
@@ -509,8 +541,10 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
             })?;
             // The kernel's record, not sysfs's path: the device losetup named may have been
             // freed and re-bound to another image since.
-            let info = match self.loops()?.into_iter().find(|l| l.name == name) {
-                Some(info) if self.bound_to(&name, id)? => info,
+            let found = self.scan().await?.into_iter().find(|l| l.name == name);
+            let bound = found.is_some() && self.bound_to(&name, id).await?;
+            let info = match found {
+                Some(info) if bound => info,
                 _ => {
                     return Err(NodeError::Tool {
                         command: cmd.to_string(),
@@ -548,7 +582,8 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
         };
         // A deleted image's loop device is still ours to release.
         let candidates: Vec<LoopInfo> = self
-            .loops()?
+            .scan()
+            .await?
             .into_iter()
             .filter(|l| l.backing_file == image.as_path())
             .collect();
@@ -560,14 +595,14 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
                 // Detached already; the kernel frees it when its last user closes it.
                 continue;
             }
-            let Some(status) = self.status_of(&info.name)? else {
+            let Some(status) = self.status_of(&info.name).await? else {
                 continue;
             };
             let ours = !status.autoclear
                 && if info.backing_deleted {
                     // Bound to a deleted file that had the image's name: ours while sysfs
                     // still shows that deleted file and the kernel not the live image.
-                    Some(status.backing) != live && self.still_deleted(&info.name, image)?
+                    Some(status.backing) != live && self.still_deleted(&info.name, image).await?
                 } else {
                     Some(status.backing) == live
                 };
@@ -577,7 +612,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
                 continue;
             }
             if let Err(e) = self.losetup_detach(&info).await {
-                if self.bound_to(&info.name, status.backing)? {
+                if self.bound_to(&info.name, status.backing).await? {
                     return Err(e);
                 }
             }
@@ -585,7 +620,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
             // the kernel when they close it; wait a moment for that, so an unstage that
             // returns has really let go.
             let deadline = tokio::time::Instant::now() + DETACH_WAIT;
-            while self.bound(&info.name, image)? {
+            while self.bound(&info.name, image).await? {
                 if tokio::time::Instant::now() >= deadline {
                     tracing::warn!(image = %image, device = %info.name,
                         "loop device still open elsewhere; the kernel frees it when the last user closes it");
@@ -616,7 +651,7 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
         if !out.success() {
             return Err(tool_failed(&cmd, &out));
         }
-        let info = self.loop_for(image)?.ok_or_else(|| {
+        let info = self.loop_for(image).await?.ok_or_else(|| {
             NodeError::FailedPrecondition(format!("{device} vanished while being resized"))
         })?;
         Ok(info.size_bytes)
@@ -625,7 +660,8 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
     async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError> {
         let image = file_image(backing)?;
         Ok(self
-            .loop_for(image)?
+            .loop_for(image)
+            .await?
             .is_some_and(|l| l.major == device.major && l.minor == device.minor))
     }
 }
