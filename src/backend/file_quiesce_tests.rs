@@ -30,11 +30,19 @@ enum Staged {
 struct FakeNode {
     staged: Staged,
     log: Log,
+    /// The volume's image, which its VM writes again once thawed.
+    image: std::path::PathBuf,
 }
+
+/// What the VM writes at [`AT`] as soon as its filesystem is thawed: a copy that read the image
+/// after the thaw holds it.
+const RESUMED: &[u8; 10] = b"after thaw";
+const AT: u64 = 4096;
 
 struct FakeHold {
     still: bool,
     log: Log,
+    image: std::path::PathBuf,
 }
 
 impl Hold for FakeHold {
@@ -46,6 +54,12 @@ impl Hold for FakeHold {
 impl Drop for FakeHold {
     fn drop(&mut self) {
         self.log.lock().unwrap().push("thawed".into());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.image)
+            .unwrap()
+            .write_all_at(RESUMED, AT)
+            .unwrap();
     }
 }
 
@@ -59,6 +73,7 @@ impl Quiescer for FakeNode {
                 Ok(Quiesced::Frozen(Box::new(FakeHold {
                     still: !window_passed,
                     log,
+                    image: self.image.clone(),
                 })))
             }
             Staged::RawBlock => Ok(Quiesced::Unfreezable(
@@ -111,7 +126,7 @@ async fn in_use(staged: Option<Staged>) -> Option<InUse> {
         .write(true)
         .open(dir.path().join("v.img"))
         .unwrap();
-    writer.write_all_at(b"the moment", 4096).unwrap();
+    writer.write_all_at(b"the moment", AT).unwrap();
     let probe = std::fs::File::open(dir.path().join("v.img")).unwrap();
     let other = std::fs::File::create(dir.path().join("probe")).unwrap();
     if super::super::copy::reflink(&probe, &other).is_ok() {
@@ -123,6 +138,7 @@ async fn in_use(staged: Option<Staged>) -> Option<InUse> {
         backend.quiesce_with(Arc::new(FakeNode {
             staged,
             log: log.clone(),
+            image: dir.path().join("v.img"),
         }));
     }
     log.lock().unwrap().clear();
@@ -191,9 +207,9 @@ fn read_at(path: &Path, at: u64, len: usize) -> Vec<u8> {
 }
 
 /// A snapshot and a clone of a volume the node has mounted and the image open for writing are
-/// made between the node's freeze and its thaw, with the image's content. Fails if `copy`
-/// stops asking the quiescer (the copy is refused as in use), or drops the hold before copying
-/// (the log order).
+/// made between the node's freeze and its thaw, with the image's content at the freeze. Fails
+/// if `copy` stops asking the quiescer (the copy is refused as in use), or drops the hold
+/// before copying (the VM's write after the thaw is then in the copy).
 #[tokio::test]
 async fn a_volume_in_use_is_copied_between_its_freeze_and_its_thaw() {
     let Some(t) = in_use(Some(Staged::Mounted {
@@ -224,7 +240,8 @@ async fn a_volume_in_use_is_copied_between_its_freeze_and_its_thaw() {
         .path()
         .join(SNAPSHOT_DIR)
         .join(format!("{}.img", snap.id));
-    assert_eq!(read_at(&image, 4096, 10), b"the moment");
+    assert_eq!(read_at(&image, AT, 10), b"the moment");
+    assert_eq!(read_at(&t.dir.path().join("v.img"), AT, 10), RESUMED);
 
     let clone = CreateRequest {
         source: Some(ContentSource::Volume(VolumeId::try_from("v").unwrap())),
@@ -238,10 +255,7 @@ async fn a_volume_in_use_is_copied_between_its_freeze_and_its_thaw() {
     );
     let written = log.iter().position(|s| s == "CreateWriteMetadata").unwrap();
     assert!(frozen < thawed && thawed < written, "{log:?}");
-    assert_eq!(
-        read_at(&t.dir.path().join("c.img"), 4096, 10),
-        b"the moment"
-    );
+    assert_eq!(read_at(&t.dir.path().join("c.img"), AT, 10), RESUMED);
 }
 
 /// A copy that fails while the volume is frozen still thaws it, and leaves no snapshot; the
