@@ -34,6 +34,7 @@ use rds_csi::kube::{AttachmentAuthority, ClusterSink, NodeDirectory, Standalone}
 use rds_csi::metrics::Metrics;
 use rds_csi::node::command::SystemRunner;
 use rds_csi::node::device::{DeviceSource, LoopDevices};
+use rds_csi::node::freeze::Freezer;
 use rds_csi::node::mounter::SystemMounter;
 use rds_csi::node::nvme::NvmeDevices;
 use rds_csi::node::plugin::NodeDeps;
@@ -406,11 +407,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut arbiter_threads = Vec::new();
         let mut supervisor_addr = None;
         let mut storage: Option<Arc<dyn VolumeBackend>> = None;
+        // The file backend, for the node plugin of this process to freeze what it copies.
+        let mut files: Option<Arc<FileBackend>> = None;
         let controller_service = if controller {
             let backend: Arc<dyn VolumeBackend> = match backend {
-                BackendKind::File => Arc::new(
-                    FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
-                ),
+                BackendKind::File => {
+                    let opened = Arc::new(
+                        FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
+                    );
+                    files = Some(opened.clone());
+                    opened
+                }
                 BackendKind::Rds => {
                     let rds_backend = rds_backend(&rds, metrics.clone())?;
                     start_storage_poller(&rds_backend, &rds, &storage_poll, &metrics)?;
@@ -492,10 +499,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let plugin = node_plugin(backend, &file_root, &rds.nqn_prefix, &node_state_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
+                let plugin = Arc::new(plugin);
+                if let Some(files) = &files {
+                    files.quiesce_with(Arc::new(Freezer::new(plugin.clone(), metrics.snapshot_freezes.clone())));
+                    tracing::info!("snapshots and clones of volumes staged here freeze their filesystem for a copy without reflinks");
+                }
                 Some(NodeService {
                     node_id: node_id.to_string(),
                     max_volumes_per_node,
-                    plugin: Arc::new(plugin),
+                    plugin,
                     metrics: metrics.clone(),
                 })
             }

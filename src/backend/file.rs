@@ -28,7 +28,8 @@
 //! retried CreateSnapshot then makes it again). A restore or a clone is a create whose image is
 //! such a copy. Copies are reflinks where the filesystem can make them, else sparse copies
 //! ([`super::copy`]); a sparse copy of an image that is open for writing is refused, as it
-//! would not be one point in time.
+//! would not be one point in time, unless the node plugin of this process freezes the volume's
+//! filesystem for the copy ([`super::quiesce`], [`FileBackend::quiesce_with`]).
 //!
 //! Never blocks an async thread. File I/O runs on tokio's blocking pool. Every change of a
 //! volume or snapshot holds its lock ([`super::locks`]: exclusive to create, grow or delete it,

@@ -24,6 +24,7 @@
 pub mod command;
 pub mod device;
 pub mod filesystem;
+pub mod freeze;
 pub mod locks;
 pub mod mounter;
 pub mod mountinfo;

@@ -1,0 +1,218 @@
+//! Freezes a staged volume's filesystem for the file backend's copy (a snapshot or clone without
+//! reflinks), so the copy is one point in time while the VM using the volume keeps running:
+//! [`Freezer`] is the node's side of [`crate::backend::quiesce::Quiescer`], present only when
+//! the node plugin runs in the controller's process (`--mode all`).
+//!
+//! Owns the `FIFREEZE`/`FITHAW` of staging mounts and nothing else: it never mounts, unmounts,
+//! attaches or changes a record. A freeze holds the volume's node turn
+//! ([`NodePlugin::hold_staged`]) until it is thawed, so no stage, unstage or publish of it runs
+//! in the middle of a copy. What is frozen is checked to be the volume's own device (the one its
+//! backing is attached as now), never a filesystem reached through a missing mount. Every
+//! freeze is thawed: when its [`Frozen`] hold is dropped (the copy ended, well or not), or when
+//! its window passes first (a watchdog thread thaws it, and the copy is then refused).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounterVec;
+
+use super::paths::BlockDevice;
+use super::plugin::{NodePlugin, Turn};
+use crate::backend::quiesce::{Hold, QuiesceError, Quiesced, Quiescer};
+use crate::domain::AccessType;
+use crate::ids::VolumeId;
+use crate::metrics::{FREEZE_EXPIRED, FREEZE_FAILED, FREEZE_THAWED};
+
+/// `FIFREEZE` and `FITHAW` from `<linux/fs.h>`: `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)`.
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// Freezes volumes staged by `plugin` for the file backend's copies.
+pub struct Freezer {
+    plugin: Arc<NodePlugin>,
+    /// The runtime whose node locks the copy's blocking thread waits for.
+    runtime: tokio::runtime::Handle,
+    freezes: IntCounterVec,
+}
+
+impl Freezer {
+    /// Call inside the runtime that serves `plugin`.
+    pub fn new(plugin: Arc<NodePlugin>, freezes: IntCounterVec) -> Self {
+        Self {
+            plugin,
+            runtime: tokio::runtime::Handle::current(),
+            freezes,
+        }
+    }
+}
+
+impl Quiescer for Freezer {
+    /// Blocking: waits for the volume's node turn, then freezes its staging mount.
+    /// `NotInUse` when this node has no record of it or it is not attached; `Unfreezable` for a
+    /// raw block volume; an error when the staging path does not hold the volume's filesystem
+    /// or the kernel refuses the freeze.
+    fn quiesce(&self, volume: &VolumeId, window: Duration) -> Result<Quiesced, QuiesceError> {
+        let (turn, staged) = self
+            .runtime
+            .block_on(self.plugin.hold_staged(volume))
+            .map_err(|e| QuiesceError(e.to_string()))?;
+        let Some((record, device)) = staged else {
+            return Ok(Quiesced::NotInUse);
+        };
+        let Some(device) = device else {
+            return Ok(Quiesced::NotInUse);
+        };
+        if let AccessType::Block = record.capability.access_type() {
+            return Ok(Quiesced::Unfreezable(format!(
+                "it is staged on this node as a raw block device ({}), which has no filesystem to \
+                 freeze: pause or stop the VM using it and retry, or keep --file-root on a \
+                 filesystem with reflinks (XFS with reflink=1, btrfs), where copies of volumes in \
+                 use are taken at once",
+                device.path
+            )));
+        }
+        let staging = record.staging.as_path().to_path_buf();
+        match Frozen::freeze(&staging, &device, window, turn, self.freezes.clone()) {
+            Ok(frozen) => {
+                tracing::info!(volume_id = %volume, staging = %staging.display(), device = %device.path, window = ?window, "filesystem frozen for a copy");
+                Ok(Quiesced::Frozen(Box::new(frozen)))
+            }
+            Err(e) => {
+                self.freezes.with_label_values(&[FREEZE_FAILED]).inc();
+                tracing::warn!(volume_id = %volume, staging = %staging.display(), error = %e, "cannot freeze the staged filesystem for a copy");
+                Err(QuiesceError(e))
+            }
+        }
+    }
+}
+
+/// A frozen filesystem; thawed on drop, or by its watchdog when the window passes.
+pub struct Frozen {
+    /// The staging directory's descriptor while frozen; taken by whoever thaws.
+    dir: Arc<Mutex<Option<OwnedFd>>>,
+    deadline: Instant,
+    /// Tells the watchdog the copy ended (by being dropped).
+    done: Option<mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+    freezes: IntCounterVec,
+    /// Released after the thaw, when this is dropped.
+    _turn: Option<Turn>,
+}
+
+impl Frozen {
+    /// Freezes the filesystem mounted at `dir`, which must be `device`'s (checked on the open
+    /// descriptor, so a missing mount never freezes the filesystem beneath it), for at most
+    /// `window`, holding `turn` until thawed. An error says why nothing was frozen.
+    pub fn freeze(
+        dir: &Path,
+        device: &BlockDevice,
+        window: Duration,
+        turn: impl Into<Option<Turn>>,
+        freezes: IntCounterVec,
+    ) -> Result<Self, String> {
+        let fd = rustix::fs::open(
+            dir,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (major, minor) = (
+            rustix::fs::major(stat.st_dev),
+            rustix::fs::minor(stat.st_dev),
+        );
+        if (major, minor) != (device.major, device.minor) {
+            return Err(format!(
+                "{} is on device {major}:{minor}, not the volume's {} ({}:{}); it is not mounted \
+                 there",
+                dir.display(),
+                device.path,
+                device.major,
+                device.minor
+            ));
+        }
+        // SAFETY: an ioctl on a descriptor we own; FIFREEZE takes no argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), FIFREEZE as _, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EBUSY) => format!(
+                    "{} is already frozen by someone else, who decides when it thaws",
+                    dir.display()
+                ),
+                _ => format!("freezing {}: {e}", dir.display()),
+            });
+        }
+        let deadline = Instant::now() + window;
+        let dir = Arc::new(Mutex::new(Some(fd)));
+        let (done, ended) = mpsc::channel::<()>();
+        let watchdog = {
+            let dir = dir.clone();
+            let freezes = freezes.clone();
+            std::thread::Builder::new()
+                .name("rds-csi-thaw".into())
+                .spawn(move || {
+                    if let Err(mpsc::RecvTimeoutError::Timeout) =
+                        ended.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        if thaw(&dir) {
+                            freezes.with_label_values(&[FREEZE_EXPIRED]).inc();
+                            tracing::warn!(window = ?window, "a copy outlasted its freeze window; the filesystem was thawed and the copy will be refused");
+                        }
+                    }
+                })
+        };
+        let watchdog = match watchdog {
+            Ok(w) => w,
+            Err(e) => {
+                thaw(&dir);
+                return Err(format!("starting the thaw watchdog: {e}"));
+            }
+        };
+        Ok(Self {
+            dir,
+            deadline,
+            done: Some(done),
+            watchdog: Some(watchdog),
+            freezes,
+            _turn: turn.into(),
+        })
+    }
+}
+
+/// Thaws the filesystem if nobody did yet; true when this call thawed it.
+fn thaw(dir: &Mutex<Option<OwnedFd>>) -> bool {
+    let Some(fd) = dir.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return false;
+    };
+    // SAFETY: an ioctl on a descriptor we own; FITHAW takes no argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), FITHAW as _, 0) } != 0 {
+        tracing::error!(error = %std::io::Error::last_os_error(), "FITHAW failed: the staged filesystem may still be frozen");
+    }
+    true
+}
+
+impl Hold for Frozen {
+    fn still(&self) -> bool {
+        Instant::now() < self.deadline
+            && self.dir.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if thaw(&self.dir) {
+            self.freezes.with_label_values(&[FREEZE_THAWED]).inc();
+            tracing::info!("filesystem thawed after the copy");
+        }
+        drop(self.done.take());
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+    }
+}
