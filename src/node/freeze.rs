@@ -50,14 +50,20 @@ impl Freezer {
 }
 
 impl Quiescer for Freezer {
-    /// Blocking: waits for the volume's node turn, then freezes its staging mount.
+    /// Blocking: waits for the volume's node turn (at most `window`: a stuck node call makes the
+    /// copy fail rather than wait forever), then freezes its staging mount.
     /// `NotInUse` when this node has no record of it or it is not attached; `Unfreezable` for a
     /// raw block volume; an error when the staging path does not hold the volume's filesystem
     /// or the kernel refuses the freeze.
     fn quiesce(&self, volume: &VolumeId, window: Duration) -> Result<Quiesced, QuiesceError> {
         let (turn, staged) = self
             .runtime
-            .block_on(self.plugin.hold_staged(volume))
+            .block_on(async { tokio::time::timeout(window, self.plugin.hold_staged(volume)).await })
+            .map_err(|_| {
+                QuiesceError(format!(
+                    "a node call on it was still running after {window:?}; retry"
+                ))
+            })?
             .map_err(|e| QuiesceError(e.to_string()))?;
         let Some((record, device)) = staged else {
             return Ok(Quiesced::NotInUse);
@@ -214,5 +220,56 @@ impl Drop for Frozen {
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::node::device::LoopDevices;
+    use crate::node::fakes::RecordingRunner;
+    use crate::node::mounter::SystemMounter;
+    use crate::node::plugin::NodeDeps;
+    use crate::node::records::Records;
+
+    /// A copy waits for the volume's node turn at most its window: while a node call holds the
+    /// turn (forced: the test holds it throughout), `quiesce` fails saying so instead of
+    /// waiting. Removing the timeout around `hold_staged` fails this (the outer deadline, which
+    /// only turns a hang into a failure, passes first); nothing is frozen either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_waits_for_a_busy_volume_at_most_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = RecordingRunner::default();
+        let plugin = Arc::new(NodePlugin::new(NodeDeps {
+            source: Arc::new(
+                LoopDevices::new(runner.clone(), dir.path(), dir.path().join("sys")).unwrap(),
+            ),
+            mounter: Arc::new(SystemMounter::default()),
+            runner: Arc::new(runner.clone()),
+            records: Records::open(&dir.path().join("state")).unwrap(),
+            metrics: Arc::new(Metrics::new()),
+        }));
+        let metrics = Metrics::new();
+        let freezer = Freezer::new(plugin.clone(), metrics.snapshot_freezes.clone());
+        let volume = VolumeId::try_from("v").unwrap();
+        let (busy, _) = plugin.hold_staged(&volume).await.unwrap();
+
+        let asked = tokio::task::spawn_blocking({
+            let volume = volume.clone();
+            move || {
+                freezer
+                    .quiesce(&volume, Duration::from_millis(20))
+                    .map(|_| ())
+            }
+        });
+        let answer = tokio::time::timeout(Duration::from_secs(60), asked)
+            .await
+            .expect("quiesce kept waiting for the node turn past its window")
+            .unwrap();
+        let QuiesceError(message) = answer.expect_err("the volume's turn is held");
+        assert!(message.contains("still running"), "{message}");
+        assert!(runner.calls().is_empty(), "nothing was looked up or run");
+        drop(busy);
     }
 }
