@@ -13,8 +13,7 @@ use crate::ids::VolumeId;
 
 /// How long a volume's filesystem may stay frozen for one copy. A VM's writes block while it is
 /// frozen; a copy that needs longer is refused (and the filesystem thawed at this bound), so a
-/// large image does not stall its VM for minutes. Sparse copies run at disk speed: about a GiB
-/// of written data fits.
+/// large image does not stall its VM for minutes.
 pub const FREEZE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Holds volumes still for a copy. Called on the copy's blocking thread, so implementations may

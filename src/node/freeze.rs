@@ -53,22 +53,25 @@ impl Quiescer for Freezer {
     /// Blocking: waits for the volume's node turn (at most `window`: a stuck node call makes the
     /// copy fail rather than wait forever), then freezes its staging mount.
     /// `NotInUse` when this node has no record of it or it is not attached; `Unfreezable` for a
-    /// raw block volume; an error when the staging path does not hold the volume's filesystem
-    /// or the kernel refuses the freeze.
+    /// raw block volume; an error (counted as `failed`) when the turn did not come, the staging
+    /// path does not hold the volume's filesystem, or the kernel refuses the freeze.
     fn quiesce(&self, volume: &VolumeId, window: Duration) -> Result<Quiesced, QuiesceError> {
+        self.freeze(volume, window).map_err(|e| {
+            self.freezes.with_label_values(&[FREEZE_FAILED]).inc();
+            tracing::warn!(volume_id = %volume, error = %e, "cannot freeze the staged filesystem for a copy");
+            QuiesceError(e)
+        })
+    }
+}
+
+impl Freezer {
+    fn freeze(&self, volume: &VolumeId, window: Duration) -> Result<Quiesced, String> {
         let (turn, staged) = self
             .runtime
             .block_on(async { tokio::time::timeout(window, self.plugin.hold_staged(volume)).await })
-            .map_err(|_| {
-                QuiesceError(format!(
-                    "a node call on it was still running after {window:?}; retry"
-                ))
-            })?
-            .map_err(|e| QuiesceError(e.to_string()))?;
-        let Some((record, device)) = staged else {
-            return Ok(Quiesced::NotInUse);
-        };
-        let Some(device) = device else {
+            .map_err(|_| format!("a node call on it was still running after {window:?}; retry"))?
+            .map_err(|e| e.to_string())?;
+        let Some((record, Some(device))) = staged else {
             return Ok(Quiesced::NotInUse);
         };
         if let AccessType::Block = record.capability.access_type() {
@@ -80,18 +83,10 @@ impl Quiescer for Freezer {
                 device.path
             )));
         }
-        let staging = record.staging.as_path().to_path_buf();
-        match Frozen::freeze(&staging, &device, window, turn, self.freezes.clone()) {
-            Ok(frozen) => {
-                tracing::info!(volume_id = %volume, staging = %staging.display(), device = %device.path, window = ?window, "filesystem frozen for a copy");
-                Ok(Quiesced::Frozen(Box::new(frozen)))
-            }
-            Err(e) => {
-                self.freezes.with_label_values(&[FREEZE_FAILED]).inc();
-                tracing::warn!(volume_id = %volume, staging = %staging.display(), error = %e, "cannot freeze the staged filesystem for a copy");
-                Err(QuiesceError(e))
-            }
-        }
+        let staging = record.staging.as_path();
+        let frozen = Frozen::freeze(staging, &device, window, turn, self.freezes.clone())?;
+        tracing::info!(volume_id = %volume, staging = %staging.display(), device = %device.path, window = ?window, "filesystem frozen for a copy");
+        Ok(Quiesced::Frozen(Box::new(frozen)))
     }
 }
 
@@ -269,6 +264,8 @@ mod tests {
             .unwrap();
         let QuiesceError(message) = answer.expect_err("the volume's turn is held");
         assert!(message.contains("still running"), "{message}");
+        let failed = metrics.snapshot_freezes.with_label_values(&[FREEZE_FAILED]);
+        assert_eq!(failed.get(), 1, "counted as a freeze that failed");
         assert!(runner.calls().is_empty(), "nothing was looked up or run");
         drop(busy);
     }
