@@ -94,6 +94,7 @@ impl Freezer {
 pub struct Frozen {
     /// The staging directory's descriptor while frozen; taken by whoever thaws.
     dir: Arc<Mutex<Option<OwnedFd>>>,
+    frozen_at: Instant,
     deadline: Instant,
     /// Tells the watchdog the copy ended (by being dropped).
     done: Option<mpsc::Sender<()>>,
@@ -149,7 +150,8 @@ impl Frozen {
                 _ => format!("freezing {}: {e}", dir.display()),
             });
         }
-        let deadline = Instant::now() + window;
+        let frozen_at = Instant::now();
+        let deadline = frozen_at + window;
         let dir = Arc::new(Mutex::new(Some(fd)));
         let (done, ended) = mpsc::channel::<()>();
         let watchdog = {
@@ -177,6 +179,7 @@ impl Frozen {
         };
         Ok(Self {
             dir,
+            frozen_at,
             deadline,
             done: Some(done),
             watchdog: Some(watchdog),
@@ -209,7 +212,7 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         if thaw(&self.dir) {
             self.freezes.with_label_values(&[FREEZE_THAWED]).inc();
-            tracing::info!("filesystem thawed after the copy");
+            tracing::info!(frozen_for = ?self.frozen_at.elapsed(), "filesystem thawed after the copy");
         }
         drop(self.done.take());
         if let Some(w) = self.watchdog.take() {
