@@ -101,22 +101,23 @@ impl Host {
     fn cleanup(&self) {
         // A mount may hold a loop device busy and a loop device a mount (a filesystem made in
         // a loop device here, with images of its own attached): unmount, detach, and again.
-        for _ in 0..3 {
+        // Only the last round unmounts lazily: a lazily unmounted filesystem that still backs a
+        // loop device would hide that device's backing file from `loops` and leak both.
+        const ROUNDS: usize = 4;
+        for round in 1..=ROUNDS {
             for _ in 0..5 {
-                let mounts = self.mounts();
-                if mounts.is_empty() {
-                    break;
-                }
-                for m in mounts {
-                    if rustix::mount::unmount(&m, rustix::mount::UnmountFlags::NOFOLLOW).is_err() {
+                let before = self.mounts();
+                for m in &before {
+                    let flags = rustix::mount::UnmountFlags::NOFOLLOW;
+                    if rustix::mount::unmount(m, flags).is_err() && round == ROUNDS {
                         // The guard's last resort, so nothing outlives the test; the driver
                         // never unmounts lazily.
-                        let _ = rustix::mount::unmount(
-                            &m,
-                            rustix::mount::UnmountFlags::NOFOLLOW
-                                | rustix::mount::UnmountFlags::DETACH,
-                        );
+                        let _ =
+                            rustix::mount::unmount(m, flags | rustix::mount::UnmountFlags::DETACH);
                     }
+                }
+                if self.mounts().len() == before.len() {
+                    break;
                 }
             }
             for name in self.loops() {
