@@ -247,6 +247,9 @@ mod tests {
             runner: Arc::new(runner.clone()),
             records: Records::open(&dir.path().join("state")).unwrap(),
             metrics: Arc::new(Metrics::new()),
+            root: Arc::new(crate::node::confine::KubeletRoot::new(
+                crate::node::paths::AbsPath::try_from(dir.path().to_path_buf()).unwrap(),
+            )),
         }));
         let metrics = Metrics::new();
         let freezer = Freezer::new(plugin.clone(), metrics.snapshot_freezes.clone());

@@ -316,7 +316,7 @@ async fn on_ext4(bytes: u64) -> (Node, String, std::path::PathBuf) {
         .prefix("driver-")
         .tempdir_in(&mount)
         .unwrap();
-    let d = Driver::start_in(dir, &[], &[]).await;
+    let d = Driver::start_in(dir, &[], &host.kubelet_args(&[])).await;
     let n = Node { d, host };
     assert!(!reflinks_under(n.d.dir.path()), "ext4 makes no reflinks");
     (n, device, mount)

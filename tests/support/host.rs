@@ -90,8 +90,22 @@ impl Host {
     }
 
     /// Fails the test if a mount or a loop device is left under this directory.
+    ///
+    /// A loop device detached while something else had it open for a moment (another test's
+    /// `losetup --find` or status ioctl, run in parallel) is only marked autoclear: the kernel
+    /// frees it when that opener closes it. Such a device, with nothing mounted, is waited for
+    /// (bounded); one that is not autoclear, or outlasts the bound, is left behind.
     pub fn assert_clean(&self) {
-        let (mounts, loops) = (self.mounts(), self.loops());
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (mounts, mut loops) = (self.mounts(), self.loops());
+        while mounts.is_empty()
+            && !loops.is_empty()
+            && loops.iter().all(|l| autoclear(l))
+            && std::time::Instant::now() < give_up
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            loops = self.loops();
+        }
         assert!(
             mounts.is_empty() && loops.is_empty(),
             "left behind: mounts {mounts:?}, loop devices {loops:?}"
@@ -148,6 +162,12 @@ impl Drop for Host {
 }
 
 /// Loop devices whose backing file (without sysfs's " (deleted)" suffix) satisfies `keep`.
+/// Whether loop device `name` is set to detach itself when its last opener closes it.
+fn autoclear(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
+        .is_ok_and(|v| v.trim() == "1")
+}
+
 pub fn loops_backed_by(keep: impl Fn(&Path) -> bool) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
