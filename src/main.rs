@@ -35,6 +35,7 @@ use rds_csi::metrics::Metrics;
 use rds_csi::node::command::SystemRunner;
 use rds_csi::node::confine::{KubeletRoot, DEFAULT_KUBELET_DIR};
 use rds_csi::node::device::{DeviceSource, LoopDevices};
+use rds_csi::node::freeze::Freezer;
 use rds_csi::node::mounter::SystemMounter;
 use rds_csi::node::nvme::{read_host_nqn, NvmeDevices};
 use rds_csi::node::paths::AbsPath;
@@ -436,11 +437,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut arbiter_threads = Vec::new();
         let mut supervisor_addr = None;
         let mut storage: Option<Arc<dyn VolumeBackend>> = None;
+        // The file backend, for the node plugin of this process to freeze what it copies.
+        let mut files: Option<Arc<FileBackend>> = None;
         let controller_service = if controller {
             let backend: Arc<dyn VolumeBackend> = match backend {
-                BackendKind::File => Arc::new(
-                    FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
-                ),
+                BackendKind::File => {
+                    let opened = Arc::new(
+                        FileBackend::open(&file_root).with_context(|| format!("--file-root {}", file_root.display()))?,
+                    );
+                    files = Some(opened.clone());
+                    opened
+                }
                 BackendKind::Rds => {
                     let rds_backend = rds_backend(&rds, metrics.clone())?;
                     start_storage_poller(&rds_backend, &rds, &storage_poll, &metrics)?;
@@ -523,6 +530,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let (plugin, reconciler) = node_plugin(backend, &file_root, &rds.nqn_prefix, &nvme_host_nqn_file, &node_state_dir, &kubelet_dir, metrics.clone())?;
                 let adopted = plugin.survey().await.context("surveying staged volumes")?;
                 tracing::info!(state_dir = %node_state_dir.display(), staged = adopted, max_volumes_per_node, "node plugin started");
+                let plugin = Arc::new(plugin);
+                if let Some(files) = &files {
+                    files.quiesce_with(Arc::new(Freezer::new(plugin.clone(), metrics.snapshot_freezes.clone())));
+                    tracing::info!("snapshots and clones of volumes staged here freeze their filesystem for a copy without reflinks");
+                }
                 if let Some(reconciler) = reconciler {
                     tracing::info!(interval = %humantime::format_duration(node_reconcile_interval), "node reconciler: a pass now, then periodically");
                     tokio::spawn(reconciler.run(node_reconcile_interval));
@@ -530,7 +542,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Some(NodeService {
                     node_id: node_id.to_string(),
                     max_volumes_per_node,
-                    plugin: Arc::new(plugin),
+                    plugin,
                     metrics: metrics.clone(),
                 })
             }

@@ -68,9 +68,17 @@ pub struct Metrics {
     pub attachment_reconcile_total: IntCounterVec,
     /// CreateVolumes carrying a StorageClass parameter the Go driver ignores, by parameter.
     pub storageclass_parameters_ignored: IntCounterVec,
+    /// `{result}`: [`FREEZE_THAWED`], [`FREEZE_EXPIRED`] or [`FREEZE_FAILED`]; ours.
+    pub snapshot_freezes: IntCounterVec,
     pub rds: RdsMetrics,
     pub node: NodeMetrics,
 }
+
+/// `rds_csi_snapshot_freezes_total` results: frozen for a copy and thawed once it ended (it
+/// succeeded or failed), thawed because the freeze window passed first, or not frozen at all.
+pub const FREEZE_THAWED: &str = "thawed";
+pub const FREEZE_EXPIRED: &str = "expired";
+pub const FREEZE_FAILED: &str = "failed";
 
 fn opts(subsystem: &str, name: &str, help: &str) -> Opts {
     Opts::new(name, help)
@@ -330,9 +338,22 @@ impl Metrics {
             &["parameter"],
         )
         .expect("valid metric");
+        let snapshot_freezes = IntCounterVec::new(
+            opts(
+                "snapshot",
+                "freezes_total",
+                "Staged filesystems frozen for a snapshot or clone copy without reflinks (--mode all, file backend), by result: thawed after the copy, thawed when the freeze window expired, or could not be frozen.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in [FREEZE_THAWED, FREEZE_EXPIRED, FREEZE_FAILED] {
+            snapshot_freezes.with_label_values(&[result]);
+        }
         for c in [
             Box::new(storageclass_parameters_ignored.clone())
                 as Box<dyn prometheus::core::Collector>,
+            Box::new(snapshot_freezes.clone()),
             Box::new(attach_total.clone()),
             Box::new(detach_total.clone()),
             Box::new(conflicts_total.clone()),
@@ -427,6 +448,7 @@ impl Metrics {
             orphan_volumes,
             orphan_deleted,
             storageclass_parameters_ignored,
+            snapshot_freezes,
         }
     }
 

@@ -8,7 +8,9 @@
 //! - [`sparse_copy`] walks the data extents (`SEEK_DATA`/`SEEK_HOLE`) and copies only them,
 //!   leaving holes as holes (and skipping all-zero chunks), so a 10 GiB image with 100 MiB
 //!   written copies about 100 MiB. It reads the file over time, so it is one point in time only
-//!   if nobody writes the image meanwhile: [`copy_image`] checks that.
+//!   if nobody writes the image meanwhile: [`copy_image`] checks that, and [`copy_still`] also
+//!   accepts an image open for writing whose writers the caller holds still (a frozen
+//!   filesystem) for the whole copy.
 //! - [`plain_copy`] copies every byte, holes included: what a naive copy does, kept for the
 //!   benchmark that compares the three.
 
@@ -52,6 +54,10 @@ pub enum CopyError {
     /// would not be one point in time.
     #[error("{0}")]
     Busy(String),
+    /// The image's writers were held still for the copy, but no longer when it ended (the
+    /// hold's window passed), so it may not be one point in time.
+    #[error("the copy took longer than the volume could stay frozen, so it was thawed first")]
+    Thawed,
 }
 
 /// Makes `dst` (new and empty) a point-in-time copy of the first `len` bytes of `src`, `len`
@@ -59,26 +65,67 @@ pub enum CopyError {
 /// writes meanwhile. `Busy` when the image is open for writing (a loop device attached
 /// read-write, a VM) before or after the copy, or changed during it. Does not sync `dst`.
 pub fn copy_image(src: &File, dst: &File, len: u64) -> Result<Copied, CopyError> {
+    match try_reflink(src, dst, len)? {
+        Some(copied) => Ok(copied),
+        None => copy_still(src, dst, len, Writers::Unknown),
+    }
+}
+
+/// A reflink of `src` into `dst`, sized to `len`; `None` when this filesystem (or this pair of
+/// files) cannot make one, so the caller copies instead.
+pub fn try_reflink(src: &File, dst: &File, len: u64) -> Result<Option<Copied>, CopyError> {
     match reflink(src, dst) {
         Ok(()) => {
             dst.set_len(len)?;
-            return Ok(Copied {
+            Ok(Some(Copied {
                 method: Method::Reflink,
                 bytes_copied: 0,
-            });
+            }))
         }
-        Err(e) if reflink_unsupported(&e) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) if reflink_unsupported(&e) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    const BUSY: &str = "the image is open for writing (attached to a loop device read-write, or \
-                        used by a VM), and this filesystem cannot make a reflink, so a copy \
-                        would not be one point in time";
-    if open_for_writing(src) == Some(true) {
+}
+
+/// Who may write the image while [`copy_still`] reads it.
+#[derive(Clone, Copy)]
+pub enum Writers<'a> {
+    /// Anyone: an image open for writing is refused, since nothing holds its writers still.
+    Unknown,
+    /// Its writers are held still (the filesystem in it is frozen) for as long as the function
+    /// answers true; it may be open for writing meanwhile.
+    Held(&'a dyn Fn() -> bool),
+}
+
+const BUSY: &str = "the image is open for writing (attached to a loop device read-write, or \
+                    used by a VM), and this filesystem cannot make a reflink, so a copy \
+                    would not be one point in time";
+
+/// A sparse copy of the first `len` bytes of `src` into `dst` that is one point in time or an
+/// error: the image must not change while it is read (its size and times are compared before
+/// and after), and with [`Writers::Unknown`] nobody may hold it open for writing; with
+/// [`Writers::Held`] its writers must still be held when the copy ends (`Thawed` otherwise).
+pub fn copy_still(
+    src: &File,
+    dst: &File,
+    len: u64,
+    writers: Writers<'_>,
+) -> Result<Copied, CopyError> {
+    let writable = || match writers {
+        Writers::Unknown => open_for_writing(src) == Some(true),
+        Writers::Held(_) => false,
+    };
+    if writable() {
         return Err(CopyError::Busy(BUSY.into()));
     }
     let before = Stamp::of(src)?;
     let bytes_copied = sparse_copy(src, dst, len)?;
-    if open_for_writing(src) == Some(true) || Stamp::of(src)? != before {
+    if let Writers::Held(still) = writers {
+        if !still() {
+            return Err(CopyError::Thawed);
+        }
+    }
+    if writable() || Stamp::of(src)? != before {
         return Err(CopyError::Busy(format!(
             "{BUSY} (it was written while being copied)"
         )));

@@ -28,7 +28,8 @@
 //! retried CreateSnapshot then makes it again). A restore or a clone is a create whose image is
 //! such a copy. Copies are reflinks where the filesystem can make them, else sparse copies
 //! ([`super::copy`]); a sparse copy of an image that is open for writing is refused, as it
-//! would not be one point in time.
+//! would not be one point in time, unless the node plugin of this process freezes the volume's
+//! filesystem for the copy ([`super::quiesce`], [`FileBackend::quiesce_with`]).
 //!
 //! Never blocks an async thread. File I/O runs on tokio's blocking pool. Every change of a
 //! volume or snapshot holds its lock ([`super::locks`]: exclusive to create, grow or delete it,
@@ -44,13 +45,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use super::copy::{copy_image, CopyError};
+use super::copy::{copy_still, try_reflink, Copied, CopyError, Writers};
 use super::locks::{Held, Key, Locks, Mode};
+use super::quiesce::{Quiesced, Quiescer, FREEZE_WINDOW};
 use super::{
     BackendError, ContentSource, CreateRequest, SnapshotInfo, SnapshotRequest, VolumeBackend,
     VolumeInfo,
@@ -64,6 +66,19 @@ const PARTIAL_EXT: &str = "partial";
 const QUARANTINE_DIR: &str = "quarantine";
 /// Where snapshots live, under the root.
 const SNAPSHOT_DIR: &str = "snapshots";
+
+/// What every refused copy of an image in use may do instead.
+const REFLINK_HINT: &str =
+    "keep --file-root on a filesystem with reflinks (XFS with reflink=1, btrfs), where copies \
+     of volumes in use are taken at once";
+/// A copy refused with no node plugin in this process to freeze the volume.
+const NO_NODE_PLUGIN: &str = "no node plugin runs in this process to freeze its filesystem for \
+     the copy (only --mode all has one): pause or stop the VM using it, or unstage it, and \
+     retry; or keep --file-root on a filesystem with reflinks (XFS with reflink=1, btrfs)";
+/// A copy refused with a node plugin in this process that does not stage the volume.
+const NOT_STAGED: &str = "this node plugin does not stage it, so it cannot freeze it: stop \
+     whatever writes it and retry; or keep --file-root on a filesystem with reflinks (XFS with \
+     reflink=1, btrfs)";
 
 /// A step of a file operation, named for the action about to happen. Tests stop, fail or stall
 /// an operation just before one through [`Faults`].
@@ -98,6 +113,9 @@ pub enum Step {
     ExpandSyncMetadata,
     /// Snapshot: `snapshots/<id>.img.partial` is copied from the volume (and synced) next.
     SnapshotCopyImage,
+    /// Snapshot: the volume, in use on this node without reflinks, is frozen for the copy
+    /// ([`FileBackend::quiesce_with`]); the image is copied next.
+    SnapshotCopyFrozen,
     /// Snapshot: `snapshots/<id>.json.partial` is written (and synced) next.
     SnapshotWriteMetadata,
     /// Snapshot: the image is renamed into place next.
@@ -180,6 +198,9 @@ struct Files {
     /// The visible snapshots, likewise.
     snapshots: RwLock<BTreeMap<SnapshotId, SnapshotMeta>>,
     faults: Arc<dyn Faults>,
+    /// The node plugin in this process, which freezes a staged volume for a copy without a
+    /// reflink; unset in a controller alone.
+    quiescer: OnceLock<(Arc<dyn Quiescer>, Duration)>,
 }
 
 /// A snapshot's metadata file.
@@ -236,6 +257,7 @@ impl FileBackend {
             index: RwLock::new(index),
             snapshots: RwLock::new(snapshots),
             faults,
+            quiescer: OnceLock::new(),
         };
         Ok(Self {
             files: Arc::new(files),
@@ -246,6 +268,19 @@ impl FileBackend {
 
     pub fn root(&self) -> &Path {
         &self.files.root
+    }
+
+    /// Copies of a volume in use (snapshots and clones, where the filesystem cannot reflink)
+    /// ask `quiescer` to freeze it for the copy ([`FREEZE_WINDOW`] at most) instead of being
+    /// refused: set when the node plugin that stages the volumes runs in this process. Only the
+    /// first call counts.
+    pub fn quiesce_with(&self, quiescer: Arc<dyn Quiescer>) {
+        self.quiesce_within(quiescer, FREEZE_WINDOW);
+    }
+
+    /// [`FileBackend::quiesce_with`] with another window (tests).
+    pub fn quiesce_within(&self, quiescer: Arc<dyn Quiescer>, window: Duration) {
+        let _ = self.files.quiescer.set((quiescer, window));
     }
 
     /// Runs one quick change to the directory on the blocking pool, holding `held` and after
@@ -399,7 +434,8 @@ impl Files {
                 let from = std::fs::File::open(&from)
                     .map_err(BackendError::io(format!("opening {}", from.display())))?;
                 self.create_files(&info, |image| {
-                    copy(&from, image, bytes, info.source.as_ref())?;
+                    let source = info.source.as_ref().expect("a source was found");
+                    self.copy(&from, image, bytes, source, None)?;
                     image
                         .set_len(info.capacity_bytes)
                         .map_err(|e| BackendError::io("sizing image")(e).into())
@@ -463,6 +499,74 @@ impl Files {
         std::fs::rename(&meta_partial, &meta).map_err(BackendError::io("committing metadata"))?;
         self.before(Step::CreateSyncMetadata, id)?;
         Ok(sync_dir(&self.root)?)
+    }
+
+    /// Copies the first `len` bytes of `source`'s image `from` into `to` as one point in time:
+    /// a reflink; else a sparse copy of an image nobody writes, or, for a volume staged by the
+    /// node plugin in this process, a sparse copy while that plugin holds its filesystem frozen
+    /// (consulting `frozen_step` inside the freeze). An image in use that can be neither
+    /// reflinked nor frozen is [`BackendError::InUse`], saying what to do instead.
+    fn copy(
+        &self,
+        from: &std::fs::File,
+        to: &std::fs::File,
+        len: u64,
+        source: &ContentSource,
+        frozen_step: Option<(Step, &str)>,
+    ) -> Result<Copied, Stop> {
+        let refused = |hint: &str, e: CopyError| -> Stop {
+            Stop::Failed(match e {
+                CopyError::Io(e) => BackendError::io(format!("copying {source}"))(e),
+                CopyError::Busy(why) => {
+                    BackendError::InUse(format!("cannot copy {source} now: {why}; {hint}"))
+                }
+                CopyError::Thawed => BackendError::InUse(format!(
+                    "cannot copy {source} now: {}; {hint}",
+                    CopyError::Thawed
+                )),
+            })
+        };
+        if let Some(copied) = try_reflink(from, to, len).map_err(|e| refused("", e))? {
+            return Ok(copied);
+        }
+        let volume = match (source, self.quiescer.get()) {
+            (ContentSource::Volume(v), Some((quiescer, window))) => Some((v, quiescer, *window)),
+            _ => None,
+        };
+        let Some((volume, quiescer, window)) = volume else {
+            return copy_still(from, to, len, Writers::Unknown)
+                .map_err(|e| refused(NO_NODE_PLUGIN, e));
+        };
+        let hold = match quiescer.quiesce(volume, window) {
+            Ok(Quiesced::Frozen(hold)) => hold,
+            Ok(Quiesced::NotInUse) => {
+                return copy_still(from, to, len, Writers::Unknown)
+                    .map_err(|e| refused(NOT_STAGED, e));
+            }
+            Ok(Quiesced::Unfreezable(why)) => {
+                return copy_still(from, to, len, Writers::Unknown).map_err(|e| refused(&why, e));
+            }
+            Err(e) => {
+                return Err(Stop::Failed(BackendError::InUse(format!(
+                    "cannot copy {source} now: it is staged on this node and could not be frozen \
+                     for the copy: {e}; {REFLINK_HINT}"
+                ))));
+            }
+        };
+        if let Some((step, id)) = frozen_step {
+            self.before(step, id)?;
+        }
+        let still = || hold.still();
+        let copied = copy_still(from, to, len, Writers::Held(&still)).map_err(|e| {
+            let hint = format!(
+                "it was frozen for at most {window:?}: pause or stop the VM using it and retry, \
+                 or {REFLINK_HINT}"
+            );
+            refused(&hint, e)
+        })?;
+        drop(hold);
+        tracing::info!(volume_id = %volume, bytes_copied = copied.bytes_copied, "copied while its filesystem was frozen");
+        Ok(copied)
     }
 
     fn create_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, BackendError> {
@@ -532,11 +636,12 @@ impl Files {
             .map_err(BackendError::io(format!("opening {}", source.display())))?;
         self.before(Step::SnapshotCopyImage, id)?;
         let file = new_file(&image_partial).map_err(BackendError::io("creating snapshot image"))?;
-        let copied = copy(
+        let copied = self.copy(
             &from,
             &file,
             meta.size_bytes,
-            Some(&ContentSource::Volume(meta.source.clone())),
+            &ContentSource::Volume(meta.source.clone()),
+            Some((Step::SnapshotCopyFrozen, id)),
         )?;
         tracing::debug!(snapshot_id = %meta.id, method = copied.method.name(), bytes_copied = copied.bytes_copied, "snapshot image copied");
         use std::os::unix::fs::PermissionsExt;
@@ -827,26 +932,6 @@ fn new_file(path: &Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .truncate(true)
         .open(path)
-}
-
-/// Copies the first `len` bytes of the image `from` into `to` ([`copy_image`]); an image in use
-/// that cannot be reflinked is [`BackendError::InUse`], naming what was copied.
-fn copy(
-    from: &std::fs::File,
-    to: &std::fs::File,
-    len: u64,
-    source: Option<&ContentSource>,
-) -> Result<super::copy::Copied, Stop> {
-    copy_image(from, to, len).map_err(|e| {
-        let what = source.map_or_else(|| "the source".to_string(), |s| s.to_string());
-        Stop::Failed(match e {
-            CopyError::Io(e) => BackendError::io(format!("copying {what}"))(e),
-            CopyError::Busy(why) => BackendError::InUse(format!(
-                "cannot copy {what} now: {why}; detach it first, or keep --file-root on a \
-                 filesystem with reflinks (XFS with reflink=1, btrfs)"
-            )),
-        })
-    })
 }
 
 /// Reads `<root>/snapshots/` at open, as [`load`] reads the root: leftovers of interrupted
@@ -1919,3 +2004,7 @@ mod tests {
         assert!(backend.capacity().await.unwrap() > 0);
     }
 }
+
+#[cfg(test)]
+#[path = "file_quiesce_tests.rs"]
+mod quiesce_tests;

@@ -2,11 +2,13 @@
 //! storage: volumes, their snapshots, and volumes made from either; [`file`] is the embedded
 //! default (sparse files on local disk), [`rds`] the ROSE Data Server. Backends know nothing
 //! about attachments. [`copy`] is how the file backend copies an image, [`locks`] how a
-//! backend keeps a copy and a delete of the same volume or snapshot apart.
+//! backend keeps a copy and a delete of the same volume or snapshot apart, [`quiesce`] how it asks
+//! the node plugin in the same process to freeze a volume in use for a copy.
 
 pub mod copy;
 pub mod file;
 pub mod locks;
+pub mod quiesce;
 pub mod rds;
 
 use std::collections::{BTreeMap, HashMap};

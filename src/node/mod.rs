@@ -58,6 +58,7 @@ pub mod device;
 #[cfg(test)]
 pub(crate) mod fake_sysfs;
 pub mod filesystem;
+pub mod freeze;
 pub mod locks;
 pub mod mounter;
 pub mod mountinfo;

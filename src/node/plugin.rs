@@ -1282,7 +1282,24 @@ impl NodePlugin {
         tracing::info!(volume_id = %req.volume, bytes = size, "expanded on the node");
         Ok(size)
     }
+
+    /// For [`super::freeze`]: the volume's turn (held until the guard is dropped, so no node
+    /// call on it runs meanwhile), its record, and the device its backing is attached as now.
+    pub(crate) async fn hold_staged(
+        &self,
+        volume: &VolumeId,
+    ) -> Result<(Turn, Option<(StageRecord, Option<BlockDevice>)>), NodeError> {
+        let turn = self.locks.lock(volume).await;
+        let Some(record) = self.load(volume).await? else {
+            return Ok((turn, None));
+        };
+        let device = self.source.find(&record.backing).await?;
+        Ok((turn, Some((record, device))))
+    }
 }
+
+/// A volume's turn, from [`NodePlugin::hold_staged`].
+pub(crate) use super::locks::Turn;
 
 /// A refused or failed confined operation on the request's `field`: a path outside the
 /// kubelet directory or through a symlink is INVALID_ARGUMENT; an I/O failure stays one.
