@@ -487,33 +487,31 @@ fn ms(d: Duration) -> String {
 }
 
 fn report(results: &HashMap<Cycle, Samples>, rounds: usize) {
-    println!("\n{rounds} rounds; milliseconds (p50 / p99 / max); ratio = driver p50 / that p50");
-    let p50 = |cycle: Cycle, phase: usize| {
-        let mut s = results[&cycle].0[phase].clone();
+    println!(
+        "\n{rounds} rounds; milliseconds (p50 / p99 / max); ratio = the driver's p50 / that \
+         p50, and p99 / p99"
+    );
+    // One phase's samples, sorted; phase 4 is stage + publish of the same cycle.
+    let sorted = |cycle: Cycle, phase: usize| {
+        let r = &results[&cycle].0;
+        let mut s: Vec<Duration> = if phase == 4 {
+            r[0].iter().zip(&r[1]).map(|(a, b)| *a + *b).collect()
+        } else {
+            r[phase].clone()
+        };
         s.sort();
-        percentile(&s, 50.0)
+        s
     };
     for (phase, name) in PHASES.iter().enumerate().chain([(4, &"stage+publish")]) {
         println!("\n{name}");
+        let driver = sorted(Cycle::Driver, phase);
         for cycle in CYCLES {
-            let mut s: Vec<Duration> = if phase == 4 {
-                let r = &results[&cycle].0;
-                r[0].iter().zip(&r[1]).map(|(a, b)| *a + *b).collect()
-            } else {
-                results[&cycle].0[phase].clone()
-            };
-            s.sort();
+            let s = sorted(cycle, phase);
             let ratio = if cycle == Cycle::Driver {
                 String::new()
             } else {
-                let (d, k) = if phase == 4 {
-                    (p50(Cycle::Driver, 0) + p50(Cycle::Driver, 1), {
-                        p50(cycle, 0) + p50(cycle, 1)
-                    })
-                } else {
-                    (p50(Cycle::Driver, phase), p50(cycle, phase))
-                };
-                format!("x{:.1}", d.as_secs_f64() / k.as_secs_f64())
+                let r = |p| percentile(&driver, p).as_secs_f64() / percentile(&s, p).as_secs_f64();
+                format!("x{:.1} / x{:.1}", r(50.0), r(99.0))
             };
             println!(
                 "  {:<16} {:>8} / {:>8} / {:>8}  {ratio}",
