@@ -34,7 +34,8 @@
 //!
 //! Not criterion: a percentile over interleaved cycles is the claim, and each sample is a loop
 //! device's life. `cargo bench --bench stage_publish` runs it (`STAGE_BENCH_ROUNDS`, default
-//! 200, stopping early after 100 s); `-- --test` runs 3 rounds to check the bench works.
+//! 200, stopping early after 100 s); `-- --test`, or running it without cargo bench's `--bench`
+//! (`cargo test --all-targets`), does 3 rounds to check the bench works.
 
 #[allow(dead_code)]
 #[path = "../tests/support/host.rs"]
@@ -525,7 +526,10 @@ fn report(results: &HashMap<Cycle, Samples>, rounds: usize) {
 }
 
 fn main() {
-    let test = std::env::args().any(|a| a == "--test");
+    // As criterion decides: `cargo bench` passes `--bench`; without it (`cargo test
+    // --all-targets`) or with `--test`, a short run that checks the bench works.
+    let args: Vec<String> = std::env::args().collect();
+    let test = args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         println!(
