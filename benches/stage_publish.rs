@@ -550,7 +550,9 @@ fn main() {
         .build()
         .unwrap();
     let host = Host::new();
+    // The kubelet's root exists before the driver starts, as on a node.
     let kubelet = host.path().join("kubelet");
+    std::fs::create_dir(&kubelet).unwrap();
     let dir = host.driver_dir();
     let results = {
         let driver = Driver::start(&rt, dir.path(), &kubelet);
