@@ -1,7 +1,8 @@
 //! Node calls under cancellation: a caller that goes away (the kubelet's deadline, tonic
 //! dropping the RPC) must not cut a call short, and a repeat must join it rather than redo it.
-//! The plugin runs on in-memory seams here: a device source and a mounter that keep their state
-//! in memory, and a command runner whose `mkfs` waits at a gate the test opens.
+//! The plugin runs on fake seams here: a device source that keeps its state in memory, the
+//! kernel-like [`FakeMounter`], and a command runner whose `mkfs` waits at a gate the test
+//! opens.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,14 +16,14 @@ use tokio::sync::{mpsc, Semaphore};
 use super::command::{Cmd, CommandError, CommandRunner, Output};
 use super::confine::KubeletRoot;
 use super::device::{Backing, DeviceSource};
+use super::fake_sysfs::{FakeMounter, FakeProc};
 use super::fakes::RecordingRunner;
-use super::mounter::{MountError, MountOptions, Mounter};
-use super::mountinfo::MountEntry;
+use super::mounter::{MountOptions, Mounter};
 use super::paths::{AbsPath, BlockDevice};
 use super::plugin::{NodeDeps, Stage, Unstage};
 use super::records::Records;
 use super::{NodeError, NodePlugin};
-use crate::domain::{AccessMode, AccessType, Capability, FsType};
+use crate::domain::{AccessMode, AccessType, Capability};
 use crate::ids::VolumeId;
 use crate::metrics::Metrics;
 
@@ -69,68 +70,6 @@ impl DeviceSource for MemorySource {
     }
 }
 
-/// A mount table in memory. Like the kernel, it refuses to unmount what is not mounted.
-#[derive(Default)]
-struct MemoryMounter {
-    table: Mutex<Vec<MountEntry>>,
-}
-
-impl MemoryMounter {
-    fn entry(device: &BlockDevice, target: &AbsPath, fs: &str) -> MountEntry {
-        MountEntry {
-            mount_id: 100,
-            parent_id: 1,
-            major: device.major,
-            minor: device.minor,
-            root: PathBuf::from("/"),
-            mount_point: target.kernel_view(),
-            options: vec!["rw".into(), "nosuid".into(), "nodev".into()],
-            fs_type: fs.into(),
-            source: device.path.to_string(),
-            super_options: vec![],
-        }
-    }
-}
-
-impl Mounter for MemoryMounter {
-    fn mounts(&self) -> Result<Vec<MountEntry>, MountError> {
-        Ok(self.table.lock().unwrap().clone())
-    }
-    fn mount_device(
-        &self,
-        device: &BlockDevice,
-        target: &AbsPath,
-        fs: FsType,
-        _: &MountOptions,
-    ) -> Result<(), MountError> {
-        self.table
-            .lock()
-            .unwrap()
-            .push(Self::entry(device, target, fs.as_str()));
-        Ok(())
-    }
-    fn bind(
-        &self,
-        _: &AbsPath,
-        _: &AbsPath,
-        _: rustix::mount::MountFlags,
-    ) -> Result<(), MountError> {
-        unimplemented!("no publish here")
-    }
-    fn unmount(&self, target: &AbsPath) -> Result<(), MountError> {
-        let mut table = self.table.lock().unwrap();
-        let at = table
-            .iter()
-            .rposition(|m| m.mount_point == target.kernel_view())
-            .expect("unmount of a path with nothing mounted (EINVAL)");
-        table.remove(at);
-        Ok(())
-    }
-    fn make_device_node(&self, _: &AbsPath, _: &BlockDevice, _: bool) -> Result<(), MountError> {
-        unimplemented!("no publish here")
-    }
-}
-
 /// `mkfs.*` waits at a gate: it reports that it started, then runs once the test adds a
 /// permit. Once formatted, `blkid` reports ext4; before, nothing (exit 2). A cancelled mkfs
 /// (its future dropped at the gate) never counts as finished.
@@ -158,7 +97,7 @@ impl CommandRunner for GatedRunner {
 
 struct Node {
     plugin: Arc<NodePlugin>,
-    mounter: Arc<MemoryMounter>,
+    mounter: FakeMounter,
     runner: RecordingRunner,
     mkfs_started: mpsc::UnboundedReceiver<()>,
     gate: Arc<Semaphore>,
@@ -199,13 +138,13 @@ fn node() -> Node {
     });
     let (started, mkfs_started) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(0));
-    let mounter = Arc::new(MemoryMounter::default());
+    let mounter = FakeMounter::new(&FakeProc::new(&dir.path().join("proc")));
     let plugin = Arc::new(NodePlugin::new(NodeDeps {
         source: Arc::new(MemorySource {
             device,
             attached: Mutex::new(false),
         }),
-        mounter: mounter.clone(),
+        mounter: Arc::new(mounter.clone()),
         runner: Arc::new(GatedRunner {
             inner: runner.clone(),
             started,

@@ -317,9 +317,13 @@ impl FakeProc {
     }
 }
 
-/// A [`Mounter`] over a [`FakeProc`]'s mount table: it writes `self/mountinfo` as the kernel
-/// would, refuses to unmount what is not mounted (EINVAL) or to mount on a missing directory
-/// (ENOENT), and logs every call.
+/// The node tests' one [`Mounter`]: it keeps a [`FakeProc`]'s mount table and writes
+/// `self/mountinfo` as the kernel would, and it refuses what the kernel refuses: unmounting a
+/// missing path (ENOENT) or one that is not a mount point (EINVAL), mounting or binding onto a
+/// missing directory (ENOENT), binding from a missing source (ENOENT) or from one nothing is
+/// mounted at (EINVAL, as both earlier fakes did), and a device node where something already is
+/// (EEXIST) or in a missing directory (ENOENT). Every call is logged (`mount`, `bind`, `umount`,
+/// `mknod`), refused or not.
 #[derive(Clone)]
 pub struct FakeMounter {
     proc: FakeProc,
@@ -349,6 +353,26 @@ impl FakeMounter {
         self.inner.lock().unwrap().calls.clone()
     }
 
+    /// The device numbers mounted at `path`, bottom to top, as mountinfo lists them.
+    pub fn at(&self, path: &AbsPath) -> Vec<(u32, u32)> {
+        let view = path.kernel_view();
+        self.inner
+            .lock()
+            .unwrap()
+            .entries
+            .iter()
+            .filter(|e| e.mount_point == view)
+            .map(|e| (e.major, e.minor))
+            .collect()
+    }
+
+    /// The mount table a reboot leaves: empty. Not logged as calls.
+    pub fn reboot(&self) {
+        let mut t = self.inner.lock().unwrap();
+        t.entries.clear();
+        self.write(&t);
+    }
+
     /// Unmounting `path` fails with EBUSY (an open file under it).
     pub fn make_busy(&self, path: &Path) {
         self.inner.lock().unwrap().busy.insert(path.to_path_buf());
@@ -358,6 +382,20 @@ impl FakeMounter {
     pub fn preload(&self, major: u32, minor: u32, source: &str, point: &Path, fs: &str) {
         let mut t = self.inner.lock().unwrap();
         self.push(&mut t, major, minor, source, point, fs, "/");
+    }
+
+    /// `device` mounted (ext4) at each of `points`, in order, before the test: what a stage
+    /// and its publishes leave.
+    pub fn preload_ext4(&self, device: &BlockDevice, points: &[&AbsPath]) {
+        for at in points {
+            self.preload(
+                device.major,
+                device.minor,
+                &device.path.to_string(),
+                &at.kernel_view(),
+                "ext4",
+            );
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -460,6 +498,9 @@ impl Mounter for FakeMounter {
     ) -> Result<(), MountError> {
         let mut t = self.inner.lock().unwrap();
         t.calls.push(format!("bind {source} {target}"));
+        if !source.as_path().exists() {
+            return Err(Self::err("bind-mounting", source, libc::ENOENT));
+        }
         let view = source.kernel_view();
         let Some(under) = t
             .entries
@@ -504,6 +545,9 @@ impl Mounter for FakeMounter {
     fn unmount(&self, target: &AbsPath) -> Result<(), MountError> {
         let mut t = self.inner.lock().unwrap();
         t.calls.push(format!("umount {target}"));
+        if !target.as_path().exists() {
+            return Err(Self::err("unmounting", target, libc::ENOENT));
+        }
         let view = target.kernel_view();
         if t.busy.contains(&view) || t.busy.contains(target.as_path()) {
             return Err(Self::err("unmounting", target, libc::EBUSY));
@@ -516,12 +560,23 @@ impl Mounter for FakeMounter {
         Ok(())
     }
 
+    /// An empty file stands for the node: what the tests look at is that one is there.
     fn make_device_node(
         &self,
         target: &AbsPath,
-        _device: &BlockDevice,
+        device: &BlockDevice,
         _readonly: bool,
     ) -> Result<(), MountError> {
-        Err(Self::err("creating a device node at", target, libc::EPERM))
+        let mut t = self.inner.lock().unwrap();
+        t.calls.push(format!("mknod {target} {device}"));
+        let path = target.as_path();
+        if !path.parent().is_some_and(Path::is_dir) {
+            return Err(Self::err("creating a device node at", target, libc::ENOENT));
+        }
+        if path.symlink_metadata().is_ok() {
+            return Err(Self::err("creating a device node at", target, libc::EEXIST));
+        }
+        std::fs::write(path, "").unwrap();
+        Ok(())
     }
 }

@@ -1,11 +1,62 @@
 //! Recording fakes of the node's seams, for unit tests: a command runner that logs every
-//! command line and answers from a script.
+//! command line and answers from a script; and the record a staged and published volume
+//! leaves, shared by the plugin's and the reconciler's tests. The mounter is
+//! [`super::fake_sysfs::FakeMounter`], beside the `/proc` whose mount table it keeps.
 
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
 use super::command::{Cmd, CommandError, CommandRunner, Output};
+use super::device::Backing;
+use super::paths::{AbsPath, BlockDevice};
+use super::records::{Origin, PublishRecord, StageRecord};
+use crate::domain::{AccessMode, AccessType, Capability, FsType};
+use crate::ids::VolumeId;
+
+/// A single-node-writer ext4 mount capability.
+pub fn ext4() -> Capability {
+    Capability::new(
+        AccessMode::SingleNodeWriter,
+        AccessType::Mount {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+        },
+    )
+    .unwrap()
+}
+
+/// The record NodeStageVolume then NodePublishVolume leave for `volume`: staged as [`ext4`]
+/// at `staging` on `device` (its first and only device), published read-write at `target`.
+pub fn staged_ext4(
+    volume: &str,
+    backing: Backing,
+    staging: &AbsPath,
+    target: &AbsPath,
+    device: &BlockDevice,
+) -> StageRecord {
+    let mut record = StageRecord {
+        volume: VolumeId::try_from(volume).unwrap(),
+        staging: staging.clone(),
+        capability: ext4(),
+        fs: Some(FsType::parse("ext4").unwrap()),
+        readonly: false,
+        backing,
+        device: None,
+        devices: Vec::new(),
+        publishes: [(
+            target.clone(),
+            PublishRecord {
+                capability: ext4(),
+                readonly: false,
+            },
+        )]
+        .into(),
+        origin: Origin::Staged,
+    };
+    record.saw(device);
+    record
+}
 
 type Handler = Arc<dyn Fn(&Cmd) -> Result<Output, CommandError> + Send + Sync>;
 

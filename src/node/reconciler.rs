@@ -417,11 +417,10 @@ impl<R: CommandRunner> NodeReconciler<R> {
 mod tests {
     use super::*;
     use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
-    use crate::domain::{AccessMode, Capability, FsType};
+    use crate::domain::{AccessMode, Capability};
     use crate::node::command::Output;
     use crate::node::fake_sysfs::{FakeMounter, FakeProc, FakeSysfs};
-    use crate::node::fakes::RecordingRunner;
-    use crate::node::records::{Origin, PublishRecord};
+    use crate::node::fakes::{staged_ext4, RecordingRunner};
     use std::collections::HashMap;
     use std::path::PathBuf;
 
@@ -488,14 +487,6 @@ mod tests {
         /// NodeStageVolume and NodePublishVolume write, and their mounts.
         fn staged(&self, device: (&str, u32, u32)) -> (AbsPath, AbsPath) {
             let (staging, target) = (self.path("staging"), self.path("target"));
-            let cap = Capability::new(
-                AccessMode::SingleNodeWriter,
-                AccessType::Mount {
-                    fs_type: "ext4".into(),
-                    mount_flags: vec![],
-                },
-            )
-            .unwrap();
             let context = HashMap::from(
                 [
                     ("nqn", NQN),
@@ -509,50 +500,13 @@ mod tests {
                 major: device.1,
                 minor: device.2,
             };
+            let backing =
+                Backing::Nvme(NvmeTarget::from_context(&context, || unreachable!()).unwrap());
             self.records
-                .save(&StageRecord {
-                    volume: VolumeId::try_from("pvc-1").unwrap(),
-                    staging: staging.clone(),
-                    capability: cap.clone(),
-                    fs: Some(FsType::parse("ext4").unwrap()),
-                    readonly: false,
-                    backing: Backing::Nvme(
-                        NvmeTarget::from_context(&context, || unreachable!()).unwrap(),
-                    ),
-                    device: Some(dev.clone()),
-                    devices: Vec::new(),
-                    publishes: [(
-                        target.clone(),
-                        PublishRecord {
-                            capability: cap,
-                            readonly: false,
-                        },
-                    )]
-                    .into(),
-                    origin: Origin::Staged,
-                })
+                .save(&staged_ext4("pvc-1", backing, &staging, &target, &dev))
                 .unwrap();
-            for at in [&staging, &target] {
-                self.mounter.preload(
-                    dev.major,
-                    dev.minor,
-                    &dev.path.to_string(),
-                    &at.kernel_view(),
-                    "ext4",
-                );
-            }
+            self.mounter.preload_ext4(&dev, &[&staging, &target]);
             (staging, target)
-        }
-
-        fn mounted(&self, at: &AbsPath) -> Vec<(u32, u32)> {
-            let view = at.kernel_view();
-            self.mounter
-                .mounts()
-                .unwrap()
-                .iter()
-                .filter(|m| m.mount_point == view)
-                .map(|m| (m.major, m.minor))
-                .collect()
         }
 
         fn scraped(&self, series: &str) -> f64 {
@@ -584,7 +538,7 @@ mod tests {
             .preload(8, 1, "/dev/sda1", &staging.kernel_view(), "ext4");
 
         assert_eq!(n.reconciler.pass().await, Pass::default());
-        assert_eq!(n.mounted(&staging), vec![(259, 3), (8, 1)]);
+        assert_eq!(n.mounter.at(&staging), vec![(259, 3), (8, 1)]);
         assert!(n.mounter.calls().is_empty(), "{:?}", n.mounter.calls());
         assert_eq!(n.scraped(DETECTED), 0.0);
     }
@@ -619,8 +573,8 @@ mod tests {
                 ..Pass::default()
             }
         );
-        assert_eq!(n.mounted(&staging), vec![(259, 7)]);
-        assert_eq!(n.mounted(&target), vec![(259, 7)]);
+        assert_eq!(n.mounter.at(&staging), vec![(259, 7)]);
+        assert_eq!(n.mounter.at(&target), vec![(259, 7)]);
         assert_eq!(
             n.mounter.calls(),
             vec![
@@ -694,8 +648,8 @@ mod tests {
                 "nvme connect -t tcp -a 10.42.68.1 -s 4420 -n {NQN} -l -1 -c 5"
             )]
         );
-        assert_eq!(n.mounted(&staging), vec![(259, 9)]);
-        assert_eq!(n.mounted(&target), vec![(259, 9)]);
+        assert_eq!(n.mounter.at(&staging), vec![(259, 9)]);
+        assert_eq!(n.mounter.at(&target), vec![(259, 9)]);
     }
 
     /// A block volume without its device is not reconnected by the reconciler: nothing on the
@@ -749,7 +703,7 @@ mod tests {
         let (staging, _) = n.staged(("nvme1n1", 259, 3));
         assert_eq!(n.reconciler.pass().await, Pass::default());
         assert!(n.mounter.calls().is_empty());
-        assert_eq!(n.mounted(&staging), vec![(259, 3)]);
+        assert_eq!(n.mounter.at(&staging), vec![(259, 3)]);
         assert_eq!(n.scraped(DETECTED), 0.0);
     }
 

@@ -1,132 +1,24 @@
 //! The plugin's ownership and identity rules against the real NVMe/TCP device source over a
 //! fake sysfs (renumber a namespace by rewriting its `dev`, delete a controller as
-//! `ctrl_loss_tmo` does) and a mount table that behaves like the kernel's: unmounting a path
+//! `ctrl_loss_tmo` does) and the kernel-like mount table of [`FakeMounter`]: unmounting a path
 //! that is not a mount point is EINVAL, and every mount carries its device's number.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use rustix::mount::MountFlags;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::*;
 use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
-use crate::node::fake_sysfs::FakeSysfs;
-use crate::node::fakes::RecordingRunner;
-use crate::node::mounter::MountError;
+use crate::node::fake_sysfs::{FakeMounter, FakeProc, FakeSysfs};
+use crate::node::fakes::{ext4, staged_ext4, RecordingRunner};
 use crate::node::nvme::NvmeDevices;
 
 const NQN1: &str = "nqn.2000-02.com.mikrotik:pvc-1";
 const NQN2: &str = "nqn.2000-02.com.mikrotik:pvc-2";
 
-/// A mount table: mounts and device nodes made through it are recorded as the kernel would
-/// show them; `calls` logs every change.
-#[derive(Default)]
-struct FakeMounts {
-    table: Mutex<Vec<MountEntry>>,
-    calls: Mutex<Vec<String>>,
-}
-
-impl FakeMounts {
-    fn add(&self, at: &Path, device: (u32, u32)) {
-        let mut table = self.table.lock().unwrap();
-        let id = 100 + table.len() as u32;
-        table.push(MountEntry {
-            mount_id: id,
-            parent_id: 1,
-            major: device.0,
-            minor: device.1,
-            root: PathBuf::from("/"),
-            mount_point: at.to_path_buf(),
-            options: vec!["rw".into()],
-            fs_type: "ext4".into(),
-            source: format!("/dev/dev{}", device.1),
-            super_options: vec![],
-        });
-    }
-
-    fn at(&self, path: &AbsPath) -> Vec<(u32, u32)> {
-        let view = path.kernel_view();
-        self.table
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|m| m.mount_point == view)
-            .map(|m| (m.major, m.minor))
-            .collect()
-    }
-
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-}
-
-impl Mounter for FakeMounts {
-    fn mounts(&self) -> Result<Vec<MountEntry>, MountError> {
-        Ok(self.table.lock().unwrap().clone())
-    }
-
-    fn mount_device(
-        &self,
-        device: &BlockDevice,
-        target: &AbsPath,
-        _: FsType,
-        _: &MountOptions,
-    ) -> Result<(), MountError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("mount {device} {target}"));
-        self.add(&target.kernel_view(), (device.major, device.minor));
-        Ok(())
-    }
-
-    fn bind(&self, source: &AbsPath, target: &AbsPath, _: MountFlags) -> Result<(), MountError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("bind {source} {target}"));
-        let top = self.at(source).last().copied().ok_or_else(|| MountError {
-            action: "bind-mounting",
-            path: source.to_string(),
-            source: std::io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
-        self.add(&target.kernel_view(), top);
-        Ok(())
-    }
-
-    fn unmount(&self, target: &AbsPath) -> Result<(), MountError> {
-        self.calls.lock().unwrap().push(format!("unmount {target}"));
-        let view = target.kernel_view();
-        let mut table = self.table.lock().unwrap();
-        let Some(top) = table.iter().rposition(|m| m.mount_point == view) else {
-            return Err(MountError {
-                action: "unmounting",
-                path: target.to_string(),
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            });
-        };
-        table.remove(top);
-        Ok(())
-    }
-
-    fn make_device_node(
-        &self,
-        target: &AbsPath,
-        device: &BlockDevice,
-        _: bool,
-    ) -> Result<(), MountError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("mknod {target} {device}"));
-        Ok(())
-    }
-}
-
 struct World {
     dir: tempfile::TempDir,
-    mounts: Arc<FakeMounts>,
+    mounts: FakeMounter,
     plugin: Arc<NodePlugin>,
     records: Records,
     sysfs: FakeSysfs,
@@ -137,11 +29,11 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
         let sysfs = FakeSysfs::new(&sys);
-        let mounts = Arc::new(FakeMounts::default());
+        let mounts = FakeMounter::new(&FakeProc::new(&dir.path().join("proc")));
         let runner = RecordingRunner::default();
         let plugin = Arc::new(NodePlugin::new(NodeDeps {
             source: Arc::new(NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())),
-            mounter: mounts.clone(),
+            mounter: Arc::new(mounts.clone()),
             runner: Arc::new(runner),
             records: Records::open(&dir.path().join("state")).unwrap(),
             metrics: Arc::new(Metrics::new()),
@@ -197,17 +89,6 @@ fn vol(id: &str) -> VolumeId {
     VolumeId::try_from(id).unwrap()
 }
 
-fn ext4() -> Capability {
-    Capability::new(
-        AccessMode::SingleNodeWriter,
-        AccessType::Mount {
-            fs_type: "ext4".into(),
-            mount_flags: vec![],
-        },
-    )
-    .unwrap()
-}
-
 fn nqn_context(nqn: &str) -> HashMap<String, String> {
     HashMap::from([("nqn".to_string(), nqn.to_string())])
 }
@@ -224,29 +105,16 @@ fn staged(w: &World, volume: &str, nqn: &str, staging: &AbsPath, published: &Abs
         major: 259,
         minor,
     };
-    let mut record = StageRecord {
-        volume: vol(volume),
-        staging: staging.clone(),
-        capability: ext4(),
-        fs: Some(FsType::parse("ext4").unwrap()),
-        readonly: false,
-        backing: target(nqn),
-        device: None,
-        devices: Vec::new(),
-        publishes: BTreeMap::new(),
-        origin: Origin::Staged,
-    };
-    record.saw(&device);
-    record.publishes.insert(
-        published.clone(),
-        PublishRecord {
-            capability: ext4(),
-            readonly: false,
-        },
-    );
-    w.records.save(&record).unwrap();
-    w.mounts.add(&staging.kernel_view(), (259, minor));
-    w.mounts.add(&published.kernel_view(), (259, minor));
+    w.records
+        .save(&staged_ext4(
+            volume,
+            target(nqn),
+            staging,
+            published,
+            &device,
+        ))
+        .unwrap();
+    w.mounts.preload_ext4(&device, &[staging, published]);
 }
 
 /// A reconnect gave the namespace a new minor (259:1 → 259:5); the mounts still show 259:1.
@@ -310,7 +178,7 @@ async fn an_unpublish_and_unstage_after_the_controller_was_deleted_unmount_and_s
         .await
         .unwrap();
     assert!(
-        w.mounts.table.lock().unwrap().is_empty(),
+        w.mounts.mounts().unwrap().is_empty(),
         "nothing left mounted"
     );
     assert_eq!(w.records.load(&vol("pvc-1")).unwrap(), None);
@@ -334,7 +202,8 @@ async fn an_unstage_never_forgets_a_record_while_something_is_mounted_at_its_pat
         .await
         .unwrap();
     w.vanish(1);
-    w.mounts.add(&staging.kernel_view(), (8, 0));
+    w.mounts
+        .preload(8, 0, "/dev/sda", &staging.kernel_view(), "ext4");
     let err = w
         .plugin
         .unstage(Unstage {
@@ -479,7 +348,7 @@ async fn a_stale_record_the_kernel_contradicts_is_replaced_by_a_fresh_stage() {
     w.connect(1, NQN1, "259:1");
     staged(&w, "pvc-1", NQN1, &staging, &published, 1);
     // The reboot: no mounts, the namespace back under another minor.
-    w.mounts.table.lock().unwrap().clear();
+    w.mounts.reboot();
     w.renumber(1, "259:7");
 
     w.plugin
