@@ -223,6 +223,24 @@ impl std::fmt::Display for FsType {
     }
 }
 
+/// Capabilities the unit tests of several layers share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::{AccessMode, AccessType, Capability};
+
+    /// Single-node writer, mounted as ext4: how most volumes are published and staged.
+    pub fn rwo_ext4() -> Capability {
+        Capability::new(
+            AccessMode::SingleNodeWriter,
+            AccessType::Mount {
+                fs_type: "ext4".into(),
+                mount_flags: vec![],
+            },
+        )
+        .unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 
 use super::*;
+use crate::domain::fixtures::rwo_ext4 as rwo;
 use crate::domain::{
     migration_timeout, AccessMode, AccessType, DEFAULT_MIGRATION_TIMEOUT, MAX_MIGRATION_TIMEOUT,
     MIN_MIGRATION_TIMEOUT,
@@ -16,17 +17,6 @@ const GRACE: Duration = Duration::from_secs(30);
 
 fn node(n: &str) -> NodeId {
     NodeId::try_from(n).unwrap()
-}
-
-fn rwo() -> Capability {
-    Capability::new(
-        AccessMode::SingleNodeWriter,
-        AccessType::Mount {
-            fs_type: "ext4".into(),
-            mount_flags: vec![],
-        },
-    )
-    .unwrap()
 }
 
 fn rwx() -> Capability {

@@ -23,7 +23,7 @@ use super::paths::{AbsPath, BlockDevice};
 use super::plugin::{NodeDeps, Stage, Unstage};
 use super::records::Records;
 use super::{NodeError, NodePlugin};
-use crate::domain::{AccessMode, AccessType, Capability};
+use crate::domain::fixtures::rwo_ext4;
 use crate::ids::VolumeId;
 use crate::metrics::Metrics;
 
@@ -175,14 +175,7 @@ fn stage(node: &Node) -> Stage {
     Stage {
         volume: vol(),
         staging: node.staging.clone(),
-        capability: Capability::new(
-            AccessMode::SingleNodeWriter,
-            AccessType::Mount {
-                fs_type: "ext4".into(),
-                mount_flags: vec![],
-            },
-        )
-        .unwrap(),
+        capability: rwo_ext4(),
         options: MountOptions::default(),
         publish_context: HashMap::new(),
         volume_context: HashMap::new(),

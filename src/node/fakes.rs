@@ -11,22 +11,11 @@ use super::command::{Cmd, CommandError, CommandRunner, Output};
 use super::device::Backing;
 use super::paths::{AbsPath, BlockDevice};
 use super::records::{Origin, PublishRecord, StageRecord};
-use crate::domain::{AccessMode, AccessType, Capability, FsType};
+use crate::domain::fixtures::rwo_ext4;
+use crate::domain::FsType;
 use crate::ids::VolumeId;
 
-/// A single-node-writer ext4 mount capability.
-pub fn ext4() -> Capability {
-    Capability::new(
-        AccessMode::SingleNodeWriter,
-        AccessType::Mount {
-            fs_type: "ext4".into(),
-            mount_flags: vec![],
-        },
-    )
-    .unwrap()
-}
-
-/// The record NodeStageVolume then NodePublishVolume leave for `volume`: staged as [`ext4`]
+/// The record NodeStageVolume then NodePublishVolume leave for `volume`: staged as [`rwo_ext4`]
 /// at `staging` on `device` (its first and only device), published read-write at `target`.
 pub fn staged_ext4(
     volume: &str,
@@ -38,7 +27,7 @@ pub fn staged_ext4(
     let mut record = StageRecord {
         volume: VolumeId::try_from(volume).unwrap(),
         staging: staging.clone(),
-        capability: ext4(),
+        capability: rwo_ext4(),
         fs: Some(FsType::parse("ext4").unwrap()),
         readonly: false,
         backing,
@@ -47,7 +36,7 @@ pub fn staged_ext4(
         publishes: [(
             target.clone(),
             PublishRecord {
-                capability: ext4(),
+                capability: rwo_ext4(),
                 readonly: false,
             },
         )]

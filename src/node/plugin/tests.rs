@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use super::*;
 use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
+use crate::domain::fixtures::rwo_ext4;
 use crate::node::fake_sysfs::{FakeMounter, FakeProc, FakeSysfs};
-use crate::node::fakes::{ext4, staged_ext4, RecordingRunner};
+use crate::node::fakes::{staged_ext4, RecordingRunner};
 use crate::node::nvme::NvmeDevices;
 
 const NQN1: &str = "nqn.2000-02.com.mikrotik:pvc-1";
@@ -285,7 +286,7 @@ async fn ids_differing_only_by_case_are_refused_not_kept_as_two_volumes() {
         .stage(Stage {
             volume: vol("PVC-1"),
             staging: other.clone(),
-            capability: ext4(),
+            capability: rwo_ext4(),
             options: MountOptions::default(),
             publish_context: HashMap::new(),
             volume_context: HashMap::new(),
@@ -410,7 +411,7 @@ async fn a_record_whose_mount_is_still_there_is_not_replaced() {
     assert!(matches!(err, NodeError::AlreadyExists(_)), "{err:?}");
     assert_eq!(
         w.records.load(&vol("pvc-1")).unwrap().unwrap().capability,
-        ext4()
+        rwo_ext4()
     );
 }
 
@@ -432,7 +433,7 @@ async fn a_publish_never_binds_from_a_staging_mount_of_an_earlier_device() {
             volume: vol("pvc-1"),
             staging: staging.clone(),
             target: second.clone(),
-            capability: ext4(),
+            capability: rwo_ext4(),
             options: MountOptions::default(),
             readonly: false,
             publish_context: HashMap::new(),
