@@ -56,6 +56,69 @@ impl World {
         self.dir.path().join("sys")
     }
 
+    /// NodeUnpublishVolume of `volume` at `target`.
+    async fn unpublish(&self, volume: &str, target: &AbsPath) -> Result<(), NodeError> {
+        self.plugin
+            .unpublish(Unpublish {
+                volume: vol(volume),
+                target: target.clone(),
+            })
+            .await
+    }
+
+    /// NodeUnstageVolume of `volume` at `staging`.
+    async fn unstage(&self, volume: &str, staging: &AbsPath) -> Result<(), NodeError> {
+        self.plugin
+            .unstage(Unstage {
+                volume: vol(volume),
+                staging: staging.clone(),
+            })
+            .await
+    }
+
+    /// NodeStageVolume of `volume` at `staging` as `capability`, with no context.
+    async fn stage(
+        &self,
+        volume: &str,
+        staging: &AbsPath,
+        capability: Capability,
+    ) -> Result<(), NodeError> {
+        self.plugin
+            .stage(Stage {
+                volume: vol(volume),
+                staging: staging.clone(),
+                capability,
+                options: MountOptions::default(),
+                publish_context: HashMap::new(),
+                volume_context: HashMap::new(),
+            })
+            .await
+    }
+
+    /// NodePublishVolume of `volume` from `staging` to `target`, read-write, with
+    /// `volume_context`.
+    async fn publish(
+        &self,
+        volume: &str,
+        staging: &AbsPath,
+        target: &AbsPath,
+        capability: Capability,
+        volume_context: HashMap<String, String>,
+    ) -> Result<(), NodeError> {
+        self.plugin
+            .publish(Publish {
+                volume: vol(volume),
+                staging: staging.clone(),
+                target: target.clone(),
+                capability,
+                options: MountOptions::default(),
+                readonly: false,
+                publish_context: HashMap::new(),
+                volume_context,
+            })
+            .await
+    }
+
     /// A directory under the test's root, created.
     fn path(&self, name: &str) -> AbsPath {
         let p = self.dir.path().join(name);
@@ -130,25 +193,13 @@ async fn mounts_showing_a_renumbered_devices_old_minor_are_still_the_volumes() {
     staged(&w, "pvc-1", NQN1, &staging, &published, 1);
     w.renumber(1, "259:5");
 
-    w.plugin
-        .unpublish(Unpublish {
-            volume: vol("pvc-1"),
-            target: published.clone(),
-        })
-        .await
-        .unwrap();
+    w.unpublish("pvc-1", &published).await.unwrap();
     assert!(w.mounts.at(&published).is_empty());
     assert!(
         !published.as_path().exists(),
         "the target directory is removed"
     );
-    w.plugin
-        .unstage(Unstage {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-        })
-        .await
-        .unwrap();
+    w.unstage("pvc-1", &staging).await.unwrap();
     assert!(w.mounts.at(&staging).is_empty());
     assert_eq!(w.records.load(&vol("pvc-1")).unwrap(), None);
 }
@@ -164,20 +215,8 @@ async fn an_unpublish_and_unstage_after_the_controller_was_deleted_unmount_and_s
     staged(&w, "pvc-1", NQN1, &staging, &published, 1);
     w.vanish(1);
 
-    w.plugin
-        .unpublish(Unpublish {
-            volume: vol("pvc-1"),
-            target: published.clone(),
-        })
-        .await
-        .unwrap();
-    w.plugin
-        .unstage(Unstage {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-        })
-        .await
-        .unwrap();
+    w.unpublish("pvc-1", &published).await.unwrap();
+    w.unstage("pvc-1", &staging).await.unwrap();
     assert!(
         w.mounts.mounts().unwrap().is_empty(),
         "nothing left mounted"
@@ -195,24 +234,11 @@ async fn an_unstage_never_forgets_a_record_while_something_is_mounted_at_its_pat
     let (staging, published) = (w.path("stage"), w.path("pod"));
     w.connect(1, NQN1, "259:1");
     staged(&w, "pvc-1", NQN1, &staging, &published, 1);
-    w.plugin
-        .unpublish(Unpublish {
-            volume: vol("pvc-1"),
-            target: published.clone(),
-        })
-        .await
-        .unwrap();
+    w.unpublish("pvc-1", &published).await.unwrap();
     w.vanish(1);
     w.mounts
         .preload(8, 0, "/dev/sda", &staging.kernel_view(), "ext4");
-    let err = w
-        .plugin
-        .unstage(Unstage {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-        })
-        .await
-        .unwrap_err();
+    let err = w.unstage("pvc-1", &staging).await.unwrap_err();
     assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err}");
     assert_eq!(w.mounts.at(&staging), vec![(259, 1), (8, 0)]);
     assert!(w.records.load(&vol("pvc-1")).unwrap().is_some());
@@ -247,17 +273,13 @@ async fn a_publish_naming_another_volumes_nqn_is_refused() {
     w.records.save(&record).unwrap();
     let pod = AbsPath::try_from(w.dir.path().join("pod-dev")).unwrap();
     let err = w
-        .plugin
-        .publish(Publish {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-            target: pod.clone(),
-            capability: Capability::block(AccessMode::SingleNodeWriter),
-            options: MountOptions::default(),
-            readonly: false,
-            publish_context: HashMap::new(),
-            volume_context: nqn_context(NQN2),
-        })
+        .publish(
+            "pvc-1",
+            &staging,
+            &pod,
+            Capability::block(AccessMode::SingleNodeWriter),
+            nqn_context(NQN2),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, NodeError::InvalidArgument { .. }), "{err:?}");
@@ -281,24 +303,8 @@ async fn ids_differing_only_by_case_are_refused_not_kept_as_two_volumes() {
     w.connect(1, NQN1, "259:1");
     staged(&w, "pvc-1", NQN1, &staging, &published, 1);
     let other = w.path("stage-upper");
-    let stage = w
-        .plugin
-        .stage(Stage {
-            volume: vol("PVC-1"),
-            staging: other.clone(),
-            capability: rwo_ext4(),
-            options: MountOptions::default(),
-            publish_context: HashMap::new(),
-            volume_context: HashMap::new(),
-        })
-        .await;
-    let unstage = w
-        .plugin
-        .unstage(Unstage {
-            volume: vol("PVC-1"),
-            staging: staging.clone(),
-        })
-        .await;
+    let stage = w.stage("PVC-1", &other, rwo_ext4()).await;
+    let unstage = w.unstage("PVC-1", &staging).await;
     for result in [stage, unstage] {
         let err = result.unwrap_err();
         assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err:?}");
@@ -320,20 +326,8 @@ async fn an_unpublish_or_unstage_with_nothing_to_undo_is_ok() {
     let w = World::new();
     let staging = w.path("stage");
     let gone = AbsPath::try_from(w.dir.path().join("never-published")).unwrap();
-    w.plugin
-        .unpublish(Unpublish {
-            volume: vol("pvc-9"),
-            target: gone,
-        })
-        .await
-        .unwrap();
-    w.plugin
-        .unstage(Unstage {
-            volume: vol("pvc-9"),
-            staging,
-        })
-        .await
-        .unwrap();
+    w.unpublish("pvc-9", &gone).await.unwrap();
+    w.unstage("pvc-9", &staging).await.unwrap();
     assert!(w.mounts.calls().is_empty(), "{:?}", w.mounts.calls());
 }
 
@@ -352,17 +346,13 @@ async fn a_stale_record_the_kernel_contradicts_is_replaced_by_a_fresh_stage() {
     w.mounts.reboot();
     w.renumber(1, "259:7");
 
-    w.plugin
-        .stage(Stage {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-            capability: Capability::block(AccessMode::SingleNodeWriter),
-            options: MountOptions::default(),
-            publish_context: HashMap::new(),
-            volume_context: HashMap::new(),
-        })
-        .await
-        .unwrap();
+    w.stage(
+        "pvc-1",
+        &staging,
+        Capability::block(AccessMode::SingleNodeWriter),
+    )
+    .await
+    .unwrap();
     let record = w.records.load(&vol("pvc-1")).unwrap().unwrap();
     assert_eq!(
         record.capability,
@@ -397,15 +387,11 @@ async fn a_record_whose_mount_is_still_there_is_not_replaced() {
     staged(&w, "pvc-1", NQN1, &staging, &published, 1);
     w.vanish(1);
     let err = w
-        .plugin
-        .stage(Stage {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-            capability: Capability::block(AccessMode::SingleNodeWriter),
-            options: MountOptions::default(),
-            publish_context: HashMap::new(),
-            volume_context: HashMap::new(),
-        })
+        .stage(
+            "pvc-1",
+            &staging,
+            Capability::block(AccessMode::SingleNodeWriter),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, NodeError::AlreadyExists(_)), "{err:?}");
@@ -428,17 +414,7 @@ async fn a_publish_never_binds_from_a_staging_mount_of_an_earlier_device() {
     w.renumber(1, "259:5");
     let second = AbsPath::try_from(w.dir.path().join("pod-2")).unwrap();
     let err = w
-        .plugin
-        .publish(Publish {
-            volume: vol("pvc-1"),
-            staging: staging.clone(),
-            target: second.clone(),
-            capability: rwo_ext4(),
-            options: MountOptions::default(),
-            readonly: false,
-            publish_context: HashMap::new(),
-            volume_context: HashMap::new(),
-        })
+        .publish("pvc-1", &staging, &second, rwo_ext4(), HashMap::new())
         .await
         .unwrap_err();
     assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err:?}");
