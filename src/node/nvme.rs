@@ -1317,12 +1317,14 @@ mod tests {
     }
 
     /// A pool of one slot that a job holds until the test lets it go.
-    fn held_pool() -> (
-        &'static Pool,
-        tokio::task::JoinHandle<Result<(), NodeError>>,
-        std::sync::mpsc::Sender<()>,
-        tokio::sync::oneshot::Receiver<()>,
-    ) {
+    struct HeldPool {
+        pool: &'static Pool,
+        holder: tokio::task::JoinHandle<Result<(), NodeError>>,
+        release: std::sync::mpsc::Sender<()>,
+        started: tokio::sync::oneshot::Receiver<()>,
+    }
+
+    fn held_pool() -> HeldPool {
         let gauge = prometheus::IntGauge::new("stuck", "test").unwrap();
         let pool: &'static Pool = Box::leak(Box::new(Pool::new(1, Duration::from_secs(30), gauge)));
         let (started_tx, started) = tokio::sync::oneshot::channel();
@@ -1332,7 +1334,12 @@ mod tests {
             wait.recv().unwrap();
             Ok(())
         }));
-        (pool, holder, release, started)
+        HeldPool {
+            pool,
+            holder,
+            release,
+            started,
+        }
     }
 
     /// The scan of every process's open descriptors (`/proc/*/fd`) runs as a job on the
@@ -1347,7 +1354,12 @@ mod tests {
         h.sys.connect(1, 3, NQN);
         h.sys.multipath_namespace(1, 1, "259:7", "259:8");
         h.proc.open_fd(4242, 9, "/dev/nvme3n1");
-        let (pool, holder, release, started) = held_pool();
+        let HeldPool {
+            pool,
+            holder,
+            release,
+            started,
+        } = held_pool();
         let nvme = NvmeDevices::new(h.runner.clone(), h.sys.root(), NqnPrefix::default())
             .with_proc(h.proc.root())
             .with_pool(pool);
@@ -1386,7 +1398,12 @@ mod tests {
         let h = host();
         h.sys.connect(1, 3, NQN);
         h.sys.multipath_namespace(1, 1, "259:7", "259:8");
-        let (pool, holder, release, started) = held_pool();
+        let HeldPool {
+            pool,
+            holder,
+            release,
+            started,
+        } = held_pool();
         let nvme = NvmeDevices::new(h.runner.clone(), h.sys.root(), NqnPrefix::default())
             .with_proc(h.proc.root())
             .with_pool(pool);
