@@ -519,10 +519,17 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
                 "the volume's image {image} does not exist"
             )));
         }
-        let id = FileId::of(image.as_path()).map_err(|source| NodeError::Io {
-            action: format!("looking at {image}"),
-            source,
-        })?;
+        let img = image.clone();
+        let id = work::blocking(
+            format!("stat {image} for its device and inode"),
+            move || {
+                FileId::of(img.as_path()).map_err(|source| NodeError::Io {
+                    action: format!("looking at {img}"),
+                    source,
+                })
+            },
+        )
+        .await?;
         let before = self.bindings_of(id).await?;
         let cmd = Cmd::new("losetup")
             .arg("--find")
@@ -570,7 +577,13 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
 
     async fn detach(&self, backing: &Backing) -> Result<(), NodeError> {
         let image = file_image(backing)?;
-        let live = match FileId::of(image.as_path()) {
+        let img = image.clone();
+        let live = match work::blocking(
+            format!("stat {image} for its device and inode"),
+            move || Ok(FileId::of(img.as_path())),
+        )
+        .await?
+        {
             Ok(id) => Some(id),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {
