@@ -48,7 +48,10 @@ pub trait DeviceSource: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Where `volume` lives, from what the controller put in `publish_context` and the
     /// provisioner in `volume_context` (both empty after a restart: the id must then suffice
-    /// to find and release it). Keys this source does not use are ignored.
+    /// to find and release it). Keys this source does not use are ignored. May look at the
+    /// filesystem when a context names a path (the file backend resolves
+    /// `publish_context["imagePath"]`): a caller passing a request's contexts runs it on the
+    /// blocking pool. With empty contexts it does no I/O.
     fn locate(
         &self,
         volume: &VolumeId,
