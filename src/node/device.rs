@@ -48,7 +48,10 @@ pub trait DeviceSource: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Where `volume` lives, from what the controller put in `publish_context` and the
     /// provisioner in `volume_context` (both empty after a restart: the id must then suffice
-    /// to find and release it). Keys this source does not use are ignored.
+    /// to find and release it). Keys this source does not use are ignored. May look at the
+    /// filesystem when a context names a path (the file backend resolves
+    /// `publish_context["imagePath"]`): a caller passing a request's contexts runs it on the
+    /// blocking pool. With empty contexts it does no I/O.
     fn locate(
         &self,
         volume: &VolumeId,
@@ -519,10 +522,17 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
                 "the volume's image {image} does not exist"
             )));
         }
-        let id = FileId::of(image.as_path()).map_err(|source| NodeError::Io {
-            action: format!("looking at {image}"),
-            source,
-        })?;
+        let img = image.clone();
+        let id = work::blocking(
+            format!("stat {image} for its device and inode"),
+            move || {
+                FileId::of(img.as_path()).map_err(|source| NodeError::Io {
+                    action: format!("looking at {img}"),
+                    source,
+                })
+            },
+        )
+        .await?;
         let before = self.bindings_of(id).await?;
         let cmd = Cmd::new("losetup")
             .arg("--find")
@@ -570,7 +580,13 @@ impl<R: CommandRunner> DeviceSource for LoopDevices<R> {
 
     async fn detach(&self, backing: &Backing) -> Result<(), NodeError> {
         let image = file_image(backing)?;
-        let live = match FileId::of(image.as_path()) {
+        let img = image.clone();
+        let live = match work::blocking(
+            format!("stat {image} for its device and inode"),
+            move || Ok(FileId::of(img.as_path())),
+        )
+        .await?
+        {
             Ok(id) => Some(id),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {

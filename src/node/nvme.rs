@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use super::command::{Cmd, CommandRunner, LONG_TIMEOUT};
 use super::device::{Backing, DeviceSource};
 use super::paths::{AbsPath, BlockDevice, CommandArg};
+use super::work::{self, Pool};
 use super::NodeError;
 use crate::backend::rds::values::{Nqn, NqnPrefix, NvmeTarget, Slot};
 use crate::domain::PUBLISH_BACKEND_KEY;
@@ -112,13 +113,24 @@ fn addr(a: IpAddr) -> Num {
 
 pub struct NvmeDevices<R> {
     runner: R,
+    kernel: Kernel,
+    /// Where the sysfs and `/proc` reads run: never on an async worker, since a read of a
+    /// dead NVMe path's attributes can block in the kernel.
+    pool: &'static Pool,
+    prefix: NqnPrefix,
+    device_wait: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// The kernel's view, read synchronously: sysfs for controllers, namespaces and holders,
+/// `/proc` for the mount table and open file descriptors. Every method blocks; the source
+/// calls them only inside a job on its [`Pool`], one job per logical read.
+#[derive(Clone, Debug)]
+struct Kernel {
     sysfs: PathBuf,
     /// `/proc` normally: open file descriptors (`*/fd`) and the mount table (`self/mountinfo`)
     /// are read there before a disconnect.
     proc: PathBuf,
-    prefix: NqnPrefix,
-    device_wait: Duration,
-    metrics: Arc<Metrics>,
 }
 
 /// An NVMe-oF controller as sysfs shows it.
@@ -151,44 +163,9 @@ pub fn namespace_device(entry: &str) -> Option<String> {
     digits(ns).then(|| format!("nvme{subsys}n{ns}"))
 }
 
-impl<R: CommandRunner> NvmeDevices<R> {
-    pub fn new(runner: R, sysfs: impl Into<PathBuf>, prefix: NqnPrefix) -> Self {
-        Self {
-            runner,
-            sysfs: sysfs.into(),
-            proc: PathBuf::from("/proc"),
-            prefix,
-            device_wait: DEVICE_WAIT,
-            metrics: Arc::new(Metrics::new()),
-        }
-    }
-
-    /// Counts connects (`rds_csi_nvme_connects_total`, `..._connect_duration_seconds`) and
-    /// orphans cleaned (`rds_csi_orphans_cleaned_total`) in `metrics`; without it they go to
-    /// a registry nobody serves.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
-    pub fn with_device_wait(mut self, wait: Duration) -> Self {
-        self.device_wait = wait;
-        self
-    }
-
-    /// Reads open file descriptors and the mount table under `proc` instead of `/proc`.
-    pub fn with_proc(mut self, proc: impl Into<PathBuf>) -> Self {
-        self.proc = proc.into();
-        self
-    }
-
-    /// The NQN prefix this source manages.
-    pub fn prefix(&self) -> &NqnPrefix {
-        &self.prefix
-    }
-
+impl Kernel {
     /// Every NVMe controller sysfs lists.
-    pub fn controllers(&self) -> Vec<Controller> {
+    fn controllers(&self) -> Vec<Controller> {
         let dir = self.sysfs.join("class/nvme");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
@@ -233,7 +210,7 @@ impl<R: CommandRunner> NvmeDevices<R> {
     }
 
     /// The controllers of exactly `nqn`, in any state.
-    pub fn controllers_of(&self, nqn: &Nqn) -> Vec<Controller> {
+    fn controllers_of(&self, nqn: &Nqn) -> Vec<Controller> {
         self.controllers()
             .into_iter()
             .filter(|c| c.nqn == nqn.as_str())
@@ -263,10 +240,7 @@ impl<R: CommandRunner> NvmeDevices<R> {
         Ok(BlockDevice { path, major, minor })
     }
 
-    /// The namespace device of `nqn`: through a `live` controller if `live`, else through any
-    /// controller not being deleted (a reconnecting controller's namespace is still the
-    /// volume's device: with native multipath the head keeps its number while paths come and
-    /// go).
+    /// See [`NvmeDevices::resolve`].
     fn resolve(&self, nqn: &Nqn, live: bool) -> Result<Option<BlockDevice>, NodeError> {
         for c in self.controllers_of(nqn) {
             if going(&c.state) || (live && c.state != LIVE) {
@@ -279,33 +253,8 @@ impl<R: CommandRunner> NvmeDevices<R> {
         Ok(None)
     }
 
-    fn target<'a>(&self, backing: &'a Backing) -> Result<&'a NvmeTarget, NodeError> {
-        match backing {
-            Backing::Nvme(t) => Ok(t),
-            other => Err(NodeError::FailedPrecondition(format!(
-                "{other} is not an NVMe/TCP volume; this node serves the RDS backend"
-            ))),
-        }
-    }
-
-    fn guard(&self, nqn: &Nqn) -> Result<(), NodeError> {
-        if self.prefix.owns(nqn) {
-            Ok(())
-        } else {
-            Err(NodeError::FailedPrecondition(format!(
-                "NQN {nqn} is not under --rds-nqn-prefix {}; this node never connects or \
-                 disconnects a subsystem it does not manage",
-                self.prefix
-            )))
-        }
-    }
-
-    /// Why `nqn`'s devices are in use, if they are: a holder stacked on a namespace
-    /// (`/sys/class/block/<dev>/holders/*`), a mount of it or of its `/dev` node
-    /// (`<proc>/self/mountinfo`), or a
-    /// process holding it open (`<proc>/<pid>/fd/*` naming `/dev/<dev>`). An unreadable mount
-    /// table is an error, never "not in use".
-    pub fn in_use(&self, nqn: &Nqn) -> Result<Option<String>, NodeError> {
+    /// The block devices of every namespace of `nqn`'s controllers.
+    fn devices_of(&self, nqn: &Nqn) -> Result<Vec<BlockDevice>, NodeError> {
         let mut devices: Vec<BlockDevice> = Vec::new();
         for c in self.controllers_of(nqn) {
             for ns in &c.namespaces {
@@ -314,10 +263,14 @@ impl<R: CommandRunner> NvmeDevices<R> {
                 }
             }
         }
-        if devices.is_empty() {
-            return Ok(None);
-        }
-        for d in &devices {
+        Ok(devices)
+    }
+
+    /// A holder stacked on one of `devices` (`/sys/class/block/<dev>/holders/*`), or a mount
+    /// of one of them or of its `/dev` node (`<proc>/self/mountinfo`). An unreadable mount
+    /// table is an error, never "not in use".
+    fn held_or_mounted(&self, devices: &[BlockDevice]) -> Result<Option<String>, NodeError> {
+        for d in devices {
             let holders = self
                 .sysfs
                 .join("class/block")
@@ -342,7 +295,7 @@ impl<R: CommandRunner> NvmeDevices<R> {
             action: format!("parsing {}", table.display()),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
-        for d in &devices {
+        for d in devices {
             // A filesystem on the device, or its /dev node bind-mounted somewhere (the Go node
             // plugin publishes a block volume so, and the kubelet binds that target again).
             let node = std::path::Path::new("/").join(d.name());
@@ -356,6 +309,11 @@ impl<R: CommandRunner> NvmeDevices<R> {
                 )));
             }
         }
+        Ok(None)
+    }
+
+    /// A process holding one of `devices` open (`<proc>/<pid>/fd/*` naming `/dev/<dev>`).
+    fn open_in(&self, devices: &[BlockDevice]) -> Result<Option<String>, NodeError> {
         let procs = std::fs::read_dir(&self.proc).map_err(|source| NodeError::Io {
             action: format!("listing {}", self.proc.display()),
             source,
@@ -382,12 +340,188 @@ impl<R: CommandRunner> NvmeDevices<R> {
         Ok(None)
     }
 
+    /// The size of `device` in bytes, from its sysfs `size` (in 512-byte sectors).
+    fn size(&self, device: &BlockDevice) -> Result<u64, NodeError> {
+        let sectors = std::fs::read_to_string(
+            self.sysfs
+                .join("class/block")
+                .join(device.name())
+                .join("size"),
+        )
+        .map_err(|source| NodeError::Io {
+            action: format!("reading the size of {device}"),
+            source,
+        })?;
+        Ok(sectors
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+            .saturating_mul(512))
+    }
+}
+
+impl<R: CommandRunner> NvmeDevices<R> {
+    pub fn new(runner: R, sysfs: impl Into<PathBuf>, prefix: NqnPrefix) -> Self {
+        Self {
+            runner,
+            kernel: Kernel {
+                sysfs: sysfs.into(),
+                proc: PathBuf::from("/proc"),
+            },
+            pool: work::pool(),
+            prefix,
+            device_wait: DEVICE_WAIT,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// Counts connects (`rds_csi_nvme_connects_total`, `..._connect_duration_seconds`) and
+    /// orphans cleaned (`rds_csi_orphans_cleaned_total`) in `metrics`; without it they go to
+    /// a registry nobody serves.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn with_device_wait(mut self, wait: Duration) -> Self {
+        self.device_wait = wait;
+        self
+    }
+
+    /// Reads open file descriptors and the mount table under `proc` instead of `/proc`.
+    pub fn with_proc(mut self, proc: impl Into<PathBuf>) -> Self {
+        self.kernel.proc = proc.into();
+        self
+    }
+
+    /// Runs the sysfs and `/proc` reads on `pool` instead of the process's
+    /// ([`work::pool`]).
+    pub fn with_pool(mut self, pool: &'static Pool) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// The NQN prefix this source manages.
+    pub fn prefix(&self) -> &NqnPrefix {
+        &self.prefix
+    }
+
+    /// Runs `read` on the kernel's view in one job on the pool, labelled `what`.
+    async fn read<T: Send + 'static>(
+        &self,
+        what: String,
+        read: impl FnOnce(&Kernel) -> Result<T, NodeError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let kernel = self.kernel.clone();
+        self.pool.run(what, move || read(&kernel)).await
+    }
+
+    /// Every NVMe controller sysfs lists.
+    pub async fn controllers(&self) -> Result<Vec<Controller>, NodeError> {
+        self.read("listing NVMe controllers in sysfs".into(), |k| {
+            Ok(k.controllers())
+        })
+        .await
+    }
+
+    /// The controllers of exactly `nqn`, in any state.
+    pub async fn controllers_of(&self, nqn: &Nqn) -> Result<Vec<Controller>, NodeError> {
+        let n = nqn.clone();
+        self.read(
+            format!("listing the NVMe controllers of {nqn} in sysfs"),
+            move |k| Ok(k.controllers_of(&n)),
+        )
+        .await
+    }
+
+    /// The namespace device of `nqn`: through a `live` controller if `live`, else through any
+    /// controller not being deleted (a reconnecting controller's namespace is still the
+    /// volume's device: with native multipath the head keeps its number while paths come and
+    /// go).
+    async fn resolve(&self, nqn: &Nqn, live: bool) -> Result<Option<BlockDevice>, NodeError> {
+        let n = nqn.clone();
+        self.read(
+            format!("finding the namespace device of {nqn} in sysfs"),
+            move |k| k.resolve(&n, live),
+        )
+        .await
+    }
+
+    fn target<'a>(&self, backing: &'a Backing) -> Result<&'a NvmeTarget, NodeError> {
+        match backing {
+            Backing::Nvme(t) => Ok(t),
+            other => Err(NodeError::FailedPrecondition(format!(
+                "{other} is not an NVMe/TCP volume; this node serves the RDS backend"
+            ))),
+        }
+    }
+
+    fn guard(&self, nqn: &Nqn) -> Result<(), NodeError> {
+        if self.prefix.owns(nqn) {
+            Ok(())
+        } else {
+            Err(NodeError::FailedPrecondition(format!(
+                "NQN {nqn} is not under --rds-nqn-prefix {}; this node never connects or \
+                 disconnects a subsystem it does not manage",
+                self.prefix
+            )))
+        }
+    }
+
+    /// Why `nqn`'s devices are in use, if they are: a holder stacked on a namespace
+    /// (`/sys/class/block/<dev>/holders/*`), a mount of it or of its `/dev` node
+    /// (`<proc>/self/mountinfo`), or a process holding it open (`<proc>/<pid>/fd/*` naming
+    /// `/dev/<dev>`). An unreadable mount table is an error, never "not in use". Three jobs on
+    /// the pool: the namespaces, their holders and the mount table, then the scan of every
+    /// process's descriptors (the longest: thousands of links on a busy node).
+    pub async fn in_use(&self, nqn: &Nqn) -> Result<Option<String>, NodeError> {
+        let n = nqn.clone();
+        let devices = self
+            .read(
+                format!("finding the namespaces of {nqn} in sysfs"),
+                move |k| k.devices_of(&n),
+            )
+            .await?;
+        if devices.is_empty() {
+            return Ok(None);
+        }
+        let names = devices
+            .iter()
+            .map(|d| d.path.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (ds, proc) = (devices.clone(), self.kernel.proc.display().to_string());
+        if let Some(why) = self
+            .read(
+                format!("reading the holders and mounts of {names} ({proc}/self/mountinfo)"),
+                move |k| k.held_or_mounted(&ds),
+            )
+            .await?
+        {
+            return Ok(Some(why));
+        }
+        self.open_in(devices, names).await
+    }
+
+    /// A process holding one of `devices` open, scanned on the pool.
+    async fn open_in(
+        &self,
+        devices: Vec<BlockDevice>,
+        names: String,
+    ) -> Result<Option<String>, NodeError> {
+        let proc = self.kernel.proc.display().to_string();
+        self.read(format!("scanning {proc}/*/fd for {names}"), move |k| {
+            k.open_in(&devices)
+        })
+        .await
+    }
+
     /// Disconnects every controller of exactly `nqn` (`nvme disconnect -n` matches the whole
     /// NQN), only if it is under the prefix and nothing uses its devices ([`Self::in_use`]):
     /// else FAILED_PRECONDITION and nothing is run.
     pub async fn disconnect(&self, nqn: &Nqn) -> Result<(), NodeError> {
         self.guard(nqn)?;
-        if let Some(why) = self.in_use(nqn)? {
+        if let Some(why) = self.in_use(nqn).await? {
             return Err(NodeError::FailedPrecondition(format!(
                 "not disconnecting {nqn}: {why}"
             )));
@@ -397,7 +531,7 @@ impl<R: CommandRunner> NvmeDevices<R> {
             .arg("-n")
             .arg(nqn.clone());
         let out = self.runner.run(&cmd).await?;
-        if !out.success() && !self.controllers_of(nqn).is_empty() {
+        if !out.success() && !self.controllers_of(nqn).await?.is_empty() {
             return Err(NodeError::Tool {
                 command: cmd.to_string(),
                 code: out.code,
@@ -450,7 +584,14 @@ impl<R: CommandRunner> NvmeDevices<R> {
     /// Asks each live controller of `nqn` to rescan its namespaces. A failure is logged: the
     /// wait goes on and decides.
     async fn rescan(&self, nqn: &Nqn) {
-        for c in self.controllers_of(nqn) {
+        let controllers = match self.controllers_of(nqn).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(nqn = %nqn, error = %e, "cannot list controllers to rescan");
+                return;
+            }
+        };
+        for c in controllers {
             if c.state != LIVE {
                 continue;
             }
@@ -478,7 +619,7 @@ impl<R: CommandRunner> NvmeDevices<R> {
         let mut next_note = started + Duration::from_secs(5);
         let mut next_rescan = started;
         loop {
-            if let Some(dev) = self.resolve(nqn, true)? {
+            if let Some(dev) = self.resolve(nqn, true).await? {
                 return Ok(Some(dev));
             }
             let now = tokio::time::Instant::now();
@@ -531,18 +672,19 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
     }
 
     async fn find(&self, backing: &Backing) -> Result<Option<BlockDevice>, NodeError> {
-        self.resolve(&self.target(backing)?.nqn, false)
+        self.resolve(&self.target(backing)?.nqn, false).await
     }
 
     async fn attach(&self, backing: &Backing) -> Result<BlockDevice, NodeError> {
         let t = self.target(backing)?;
         self.guard(&t.nqn)?;
-        if let Some(dev) = self.resolve(&t.nqn, true)? {
+        if let Some(dev) = self.resolve(&t.nqn, true).await? {
             tracing::debug!(nqn = %t.nqn, device = %dev, "already connected");
             return Ok(dev);
         }
         let present: Vec<Controller> = self
             .controllers_of(&t.nqn)
+            .await?
             .into_iter()
             .filter(|c| !going(&c.state))
             .collect();
@@ -601,7 +743,7 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
     async fn detach(&self, backing: &Backing) -> Result<(), NodeError> {
         let t = self.target(backing)?;
         self.guard(&t.nqn)?;
-        if self.controllers_of(&t.nqn).is_empty() {
+        if self.controllers_of(&t.nqn).await?.is_empty() {
             return Ok(());
         }
         self.disconnect(&t.nqn).await
@@ -613,7 +755,7 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
         device: &BlockDevice,
     ) -> Result<u64, NodeError> {
         let t = self.target(backing)?;
-        for c in self.controllers_of(&t.nqn) {
+        for c in self.controllers_of(&t.nqn).await? {
             let ctrl = AbsPath::try_from(PathBuf::from(format!("/dev/{}", c.name)))
                 .map_err(|reason| NodeError::invalid("controller", reason))?;
             let cmd = Cmd::new("nvme").arg("ns-rescan").arg(ctrl);
@@ -626,27 +768,18 @@ impl<R: CommandRunner> DeviceSource for NvmeDevices<R> {
                 });
             }
         }
-        let sectors = std::fs::read_to_string(
-            self.sysfs
-                .join("class/block")
-                .join(device.name())
-                .join("size"),
-        )
-        .map_err(|source| NodeError::Io {
-            action: format!("reading the size of {device}"),
-            source,
-        })?;
-        Ok(sectors
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0)
-            .saturating_mul(512))
+        let dev = device.clone();
+        self.read(format!("reading the size of {device} in sysfs"), move |k| {
+            k.size(&dev)
+        })
+        .await
     }
 
     async fn healthy(&self, backing: &Backing, device: &BlockDevice) -> Result<bool, NodeError> {
         let t = self.target(backing)?;
         Ok(self
             .controllers_of(&t.nqn)
+            .await?
             .iter()
             .any(|c| c.state == LIVE && c.namespaces.iter().any(|n| *n == device.name())))
     }
@@ -1181,6 +1314,115 @@ mod tests {
         let backing = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         h.nvme.detach(&backing).await.unwrap();
         assert_eq!(h.runner.calls(), vec![format!("nvme disconnect -n {NQN}")]);
+    }
+
+    /// A pool of one slot that a job holds until the test lets it go.
+    struct HeldPool {
+        pool: &'static Pool,
+        holder: tokio::task::JoinHandle<Result<(), NodeError>>,
+        release: std::sync::mpsc::Sender<()>,
+        started: tokio::sync::oneshot::Receiver<()>,
+    }
+
+    fn held_pool() -> HeldPool {
+        let gauge = prometheus::IntGauge::new("stuck", "test").unwrap();
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(1, Duration::from_secs(30), gauge)));
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::spawn(pool.run("holding the only slot", move || {
+            started_tx.send(()).unwrap();
+            wait.recv().unwrap();
+            Ok(())
+        }));
+        HeldPool {
+            pool,
+            holder,
+            release,
+            started,
+        }
+    }
+
+    /// The scan of every process's open descriptors (`/proc/*/fd`) runs as a job on the
+    /// pool, labelled with what it looks for: with the pool's only slot taken, the scan does
+    /// not answer at once (it would, run on the async worker) but waits, and is BUSY naming
+    /// "scanning <proc>/*/fd for /dev/nvme3n1" when no slot frees; once the slot frees it
+    /// finds the process. Catches the `self.read(..)` around `k.open_in` in
+    /// `NvmeDevices::open_in`.
+    #[tokio::test(start_paused = true)]
+    async fn the_scan_of_open_descriptors_runs_on_the_blocking_pool() {
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        h.proc.open_fd(4242, 9, "/dev/nvme3n1");
+        let HeldPool {
+            pool,
+            holder,
+            release,
+            started,
+        } = held_pool();
+        let nvme = NvmeDevices::new(h.runner.clone(), h.sys.root(), NqnPrefix::default())
+            .with_proc(h.proc.root())
+            .with_pool(pool);
+        let dev = nvme.kernel.block_device("nvme3n1").unwrap();
+        started.await.unwrap();
+
+        let scan = nvme.open_in(vec![dev.clone()], dev.path.to_string());
+        tokio::pin!(scan);
+        assert!(
+            futures::poll!(&mut scan).is_pending(),
+            "the /proc scan answered without a pool slot: it ran on the async worker"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let label = format!("scanning {}/*/fd for /dev/nvme3n1", h.proc.root().display());
+        match scan.await {
+            Err(NodeError::Busy(m)) => assert!(m.starts_with(&label), "{m}"),
+            other => panic!("{other:?}"),
+        }
+
+        assert!(matches!(holder.await.unwrap(), Err(NodeError::Stuck(_))));
+        release.send(()).unwrap();
+        assert_eq!(
+            nvme.open_in(vec![dev], "/dev/nvme3n1".into())
+                .await
+                .unwrap(),
+            Some("/dev/nvme3n1 (259:7) is open in process 4242".to_string())
+        );
+    }
+
+    /// Every sysfs read of a disconnect waits for the pool: with its only slot taken, a
+    /// detach runs no command and is BUSY naming the first read ("listing the NVMe
+    /// controllers of <nqn> in sysfs"), never reading sysfs on the async worker. Catches a
+    /// `controllers_of`/`resolve` that reads `Kernel` directly.
+    #[tokio::test(start_paused = true)]
+    async fn a_detach_reads_sysfs_on_the_blocking_pool() {
+        let h = host();
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:7", "259:8");
+        let HeldPool {
+            pool,
+            holder,
+            release,
+            started,
+        } = held_pool();
+        let nvme = NvmeDevices::new(h.runner.clone(), h.sys.root(), NqnPrefix::default())
+            .with_proc(h.proc.root())
+            .with_pool(pool);
+        let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        started.await.unwrap();
+        let detach = nvme.detach(&backing);
+        tokio::pin!(detach);
+        assert!(futures::poll!(&mut detach).is_pending());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        match detach.await {
+            Err(NodeError::Busy(m)) => assert!(
+                m.starts_with(&format!("listing the NVMe controllers of {NQN} in sysfs")),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(h.runner.calls().is_empty(), "{:?}", h.runner.calls());
+        assert!(matches!(holder.await.unwrap(), Err(NodeError::Stuck(_))));
+        release.send(()).unwrap();
     }
 
     /// The RDS node plugin does not start without a host NQN: a missing, empty or malformed

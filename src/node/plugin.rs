@@ -355,7 +355,9 @@ impl NodePlugin {
                 (Some(fs), options)
             }
         };
-        let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
+        let backing = self
+            .locate(&req.volume, &req.publish_context, &req.volume_context)
+            .await?;
         let (existing, stale) = match self.record_of(&req.volume).await? {
             Some(rec) if self.contradicted(&rec).await? => {
                 tracing::info!(volume_id = %req.volume, staged_at = %rec.staging,
@@ -574,7 +576,10 @@ impl NodePlugin {
         let record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
+            None => {
+                self.locate(&req.volume, &HashMap::new(), &HashMap::new())
+                    .await?
+            }
         };
         if let Some(r) = &record {
             if r.staging != req.staging {
@@ -706,7 +711,9 @@ impl NodePlugin {
         self.confined(&req.staging, "staging_target_path").await?;
         self.confined(&req.target, "target_path").await?;
         let _path = self.paths.lock(&req.target).await;
-        let backing = self.locate(&req.volume, &req.publish_context, &req.volume_context)?;
+        let backing = self
+            .locate(&req.volume, &req.publish_context, &req.volume_context)
+            .await?;
         let record = match self.record_of(&req.volume).await? {
             Some(r) => Some(r),
             None => {
@@ -1024,7 +1031,10 @@ impl NodePlugin {
         let mut record = self.record_of(&req.volume).await?;
         let backing = match &record {
             Some(r) => r.backing.clone(),
-            None => self.locate(&req.volume, &HashMap::new(), &HashMap::new())?,
+            None => {
+                self.locate(&req.volume, &HashMap::new(), &HashMap::new())
+                    .await?
+            }
         };
         let device = self.source.find(&backing).await?;
         let history = record

@@ -151,7 +151,13 @@ impl<R: CommandRunner> NodeReconciler<R> {
         let mut pass = Pass::default();
         // Controllers before records: NodeStageVolume writes its record before it connects,
         // so a controller listed here whose volume is being staged has its record read below.
-        let connected = self.connected();
+        let connected = match self.connected().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "node reconciler cannot list NVMe controllers; skipping this pass");
+                return pass;
+            }
+        };
         let records = self.records.clone();
         let all = match blocking(move || records.all()).await {
             Ok(all) => all,
@@ -200,9 +206,9 @@ impl<R: CommandRunner> NodeReconciler<R> {
     }
 
     /// The subsystems under the prefix that sysfs shows, by NQN.
-    fn connected(&self) -> BTreeMap<Nqn, Vec<Controller>> {
+    async fn connected(&self) -> Result<BTreeMap<Nqn, Vec<Controller>>, NodeError> {
         let mut out: BTreeMap<Nqn, Vec<Controller>> = BTreeMap::new();
-        for c in self.nvme.controllers() {
+        for c in self.nvme.controllers().await? {
             let Ok(nqn) = Nqn::parse(&c.nqn, "subsysnqn") else {
                 continue;
             };
@@ -210,7 +216,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
                 out.entry(nqn).or_default().push(c);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Checks one recorded volume under its lock and recovers it if it is stale.
@@ -264,7 +270,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
         let Backing::Nvme(t) = &record.backing else {
             return Ok(Verdict::Fine);
         };
-        if let Some(c) = reconnecting(&self.nvme.controllers_of(&t.nqn)) {
+        if let Some(c) = reconnecting(&self.nvme.controllers_of(&t.nqn).await?) {
             tracing::debug!(volume_id = %record.volume, controller = %c.name, state = %c.state, "the kernel is reconnecting; left alone");
             return Ok(Verdict::Fine);
         }
@@ -390,8 +396,13 @@ impl<R: CommandRunner> NodeReconciler<R> {
             }
             None => None,
         };
-        if self.nvme.controllers_of(nqn).is_empty() {
-            return true;
+        match self.nvme.controllers_of(nqn).await {
+            Ok(c) if c.is_empty() => return true,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(nqn = %nqn, error = %e, "cannot list the controllers of an orphaned NVMe/TCP subsystem");
+                return false;
+            }
         }
         match self.nvme.disconnect(nqn).await {
             Ok(()) => {

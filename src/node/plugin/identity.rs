@@ -10,10 +10,11 @@ use std::collections::HashMap;
 
 use super::{blocking, mounts_at, number, NodePlugin};
 use crate::ids::VolumeId;
-use crate::node::device::Backing;
+use crate::node::device::{Backing, DeviceSource};
 use crate::node::ownership::{self, AtPath, DeviceNumber, Known, Verdict};
 use crate::node::paths::{AbsPath, Found};
 use crate::node::records::StageRecord;
+use crate::node::work;
 use crate::node::NodeError;
 
 impl NodePlugin {
@@ -51,29 +52,26 @@ impl NodePlugin {
     /// Where `volume` lives, as the request's contexts say, checked against where its id
     /// alone says it lives: a context naming another volume's storage (another NQN in
     /// `volume_context["nqn"]`, another image) is INVALID_ARGUMENT naming both, so one volume
-    /// id never reaches another volume's device.
-    pub(super) fn locate(
+    /// id never reaches another volume's device. One job on the blocking pool: a source may
+    /// look at the filesystem to compare what a context names (the file backend resolves
+    /// `publish_context["imagePath"]`), which must not block an async worker.
+    pub(super) async fn locate(
         &self,
         volume: &VolumeId,
         publish_context: &HashMap<String, String>,
         volume_context: &HashMap<String, String>,
     ) -> Result<Backing, NodeError> {
-        let requested = self
-            .source
-            .locate(volume, publish_context, volume_context)?;
-        let derived = self
-            .source
-            .locate(volume, &HashMap::new(), &HashMap::new())?;
-        if !ownership::same_storage(&requested, &derived) {
-            return Err(NodeError::invalid(
-                "volume_context",
-                format!(
-                    "names {requested}, but volume {volume} is {derived}; refusing to use \
-                     another volume's storage"
-                ),
-            ));
-        }
-        Ok(requested)
+        let source = self.source.clone();
+        let (v, publish, provision) = (
+            volume.clone(),
+            publish_context.clone(),
+            volume_context.clone(),
+        );
+        work::blocking(
+            format!("locating volume {volume}'s storage from the request's contexts"),
+            move || located(&*source, &v, &publish, &provision),
+        )
+        .await
     }
 
     /// Judges what is at `path` (already looked at: `found`) for a volume known by `known`'s
@@ -115,4 +113,25 @@ impl NodePlugin {
         let mounts = self.mounts().await?;
         Ok(mounts_at(&mounts, &record.staging).is_empty())
     }
+}
+
+/// [`NodePlugin::locate`]'s check, run on the blocking pool.
+fn located(
+    source: &dyn DeviceSource,
+    volume: &VolumeId,
+    publish_context: &HashMap<String, String>,
+    volume_context: &HashMap<String, String>,
+) -> Result<Backing, NodeError> {
+    let requested = source.locate(volume, publish_context, volume_context)?;
+    let derived = source.locate(volume, &HashMap::new(), &HashMap::new())?;
+    if !ownership::same_storage(&requested, &derived) {
+        return Err(NodeError::invalid(
+            "volume_context",
+            format!(
+                "names {requested}, but volume {volume} is {derived}; refusing to use \
+                 another volume's storage"
+            ),
+        ));
+    }
+    Ok(requested)
 }
