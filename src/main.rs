@@ -749,7 +749,7 @@ fn node_plugin(
         runner: Arc::new(SystemRunner),
         records: records()?,
         metrics: metrics.clone(),
-        root,
+        root: root.clone(),
     });
     let reconciler = match nvme {
         Some(nvme) => Some(NodeReconciler::new(
@@ -758,6 +758,7 @@ fn node_plugin(
             records()?,
             plugin.volume_locks(),
             metrics,
+            root,
         )),
         None => None,
     };

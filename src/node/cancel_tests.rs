@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::command::{Cmd, CommandError, CommandRunner, Output};
 use super::confine::KubeletRoot;
 use super::device::{Backing, DeviceSource};
-use super::fake_sysfs::{FakeMounter, FakeProc};
+use super::fake_sysfs::{kernel_view, FakeMounter, FakeProc};
 use super::fakes::RecordingRunner;
 use super::mounter::{MountOptions, Mounter};
 use super::paths::{AbsPath, BlockDevice};
@@ -229,7 +229,7 @@ async fn a_stage_cancelled_mid_mkfs_keeps_running_and_its_retry_converges() {
     assert_eq!(mkfs.len(), 1, "mkfs ran once: {mkfs:?}");
     let mounts = node.mounter.mounts().unwrap();
     assert_eq!(mounts.len(), 1, "mounted once: {mounts:?}");
-    assert_eq!(mounts[0].mount_point, node.staging.kernel_view());
+    assert_eq!(mounts[0].mount_point, kernel_view(&node.staging));
 }
 
 /// While a stage runs, the same stage from a caller whose deadline is too short, and an

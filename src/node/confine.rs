@@ -15,7 +15,7 @@
 //! missing.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -72,6 +72,9 @@ type Hook = Box<dyn FnOnce() + Send>;
 pub struct KubeletRoot {
     path: AbsPath,
     dir: OnceLock<OwnedFd>,
+    /// The root as the kernel names it in mountinfo (its symlinks resolved), read once when
+    /// the root is opened.
+    canonical: OnceLock<PathBuf>,
     /// Runs once, inside the next device node creation, just before the target's name is
     /// claimed: where a test lets a racing publish win.
     before_claim: std::sync::Mutex<Option<Hook>>,
@@ -101,6 +104,7 @@ impl KubeletRoot {
         Self {
             path,
             dir: OnceLock::new(),
+            canonical: OnceLock::new(),
             before_claim: std::sync::Mutex::new(None),
         }
     }
@@ -124,9 +128,30 @@ impl KubeletRoot {
             Mode::empty(),
         )
         .map_err(|e| ConfineError::io("opening the kubelet directory", &self.path, e))?;
+        if self.canonical.get().is_none() {
+            let canonical =
+                std::fs::canonicalize(self.path.as_path()).map_err(|e| ConfineError::Io {
+                    action: "resolving the kubelet directory",
+                    path: self.path.to_string(),
+                    source: e,
+                })?;
+            // A racing first use resolved it too; both name the same directory.
+            let _ = self.canonical.set(canonical);
+        }
         // A racing first use opened it too; either fd names the same directory.
         let _ = self.dir.set(fd);
         Ok(self.dir.get().expect("set above"))
+    }
+
+    /// `path` as the kernel names it in mountinfo, for comparing with mount points. Pure once
+    /// the root is open: the root's own symlinks were resolved then, and a path beneath it has
+    /// none (every call refuses one, `RESOLVE_NO_SYMLINKS`), so the rest is taken as it is. A
+    /// path outside the root, or one asked before the root was opened, is its own view.
+    pub fn kernel_view(&self, path: &AbsPath) -> PathBuf {
+        match (self.canonical.get(), self.beneath(path)) {
+            (Some(root), Ok(rel)) => root.join(rel),
+            _ => path.as_path().to_path_buf(),
+        }
     }
 
     /// `path` relative to the root: strictly beneath it (the root itself is no volume path).
@@ -377,6 +402,36 @@ mod tests {
 
     fn abs(p: impl Into<PathBuf>) -> AbsPath {
         AbsPath::try_from(p.into()).unwrap()
+    }
+
+    /// A kubelet directory reached through a symlink (`/var/lib/kubelet` -> `/data/kubelet` on
+    /// some distributions): mountinfo names its mounts by the resolved path, so the view of a
+    /// path beneath it is the resolved root plus the rest, and resolving takes no I/O after the
+    /// root was opened. Removing the resolution in `dir()` (or `kernel_view` returning the
+    /// path as it is) fails this; a path outside the root is its own view.
+    #[test]
+    fn the_kernel_view_of_a_path_resolves_the_roots_own_symlink_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path())
+            .unwrap()
+            .join("data-kubelet");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("kubelet");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let root = KubeletRoot::new(abs(link.clone()));
+        let staging = abs(link.join("plugins/x/globalmount"));
+        assert_eq!(
+            root.kernel_view(&staging),
+            staging.as_path(),
+            "not opened yet"
+        );
+        root.open().unwrap();
+        assert_eq!(
+            root.kernel_view(&staging),
+            real.join("plugins/x/globalmount")
+        );
+        let outside = abs("/elsewhere/x");
+        assert_eq!(root.kernel_view(&outside), outside.as_path());
     }
 
     /// mknod needs CAP_MKNOD: as the node tests, these fail without root unless

@@ -61,6 +61,19 @@ struct Taken {
     devices: BTreeMap<(u32, u32), String>,
 }
 
+/// A path as mountinfo names it: the kernel reports a mount point with every symlink resolved
+/// (its last component is never one here: the plugin refuses those). The fake mounter keys its
+/// table this way, as the kernel does, whatever the code under test compares it with.
+pub fn kernel_view(path: &AbsPath) -> PathBuf {
+    let p = path.as_path();
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .unwrap_or_else(|_| parent.to_path_buf())
+            .join(name),
+        _ => p.to_path_buf(),
+    }
+}
+
 fn dev(s: &str) -> (u32, u32) {
     let (a, b) = s.split_once(':').expect("major:minor");
     (a.parse().unwrap(), b.parse().unwrap())
@@ -355,7 +368,7 @@ impl FakeMounter {
 
     /// The device numbers mounted at `path`, bottom to top, as mountinfo lists them.
     pub fn at(&self, path: &AbsPath) -> Vec<(u32, u32)> {
-        let view = path.kernel_view();
+        let view = kernel_view(path);
         self.inner
             .lock()
             .unwrap()
@@ -392,7 +405,7 @@ impl FakeMounter {
                 device.major,
                 device.minor,
                 &device.path.to_string(),
-                &at.kernel_view(),
+                &kernel_view(at),
                 "ext4",
             );
         }
@@ -475,7 +488,7 @@ impl Mounter for FakeMounter {
         if !target.as_path().is_dir() {
             return Err(Self::err("mounting", target, libc::ENOENT));
         }
-        let point = target.kernel_view();
+        let point = kernel_view(target);
         self.push(
             &mut t,
             device.major,
@@ -501,7 +514,7 @@ impl Mounter for FakeMounter {
         if !source.as_path().exists() {
             return Err(Self::err("bind-mounting", source, libc::ENOENT));
         }
-        let view = source.kernel_view();
+        let view = kernel_view(source);
         let Some(under) = t
             .entries
             .iter()
@@ -519,7 +532,7 @@ impl Mounter for FakeMounter {
             under.major,
             under.minor,
             &under.source,
-            &target.kernel_view(),
+            &kernel_view(target),
             &under.fs_type,
             "/",
         );
@@ -548,7 +561,7 @@ impl Mounter for FakeMounter {
         if !target.as_path().exists() {
             return Err(Self::err("unmounting", target, libc::ENOENT));
         }
-        let view = target.kernel_view();
+        let view = kernel_view(target);
         if t.busy.contains(&view) || t.busy.contains(target.as_path()) {
             return Err(Self::err("unmounting", target, libc::EBUSY));
         }

@@ -84,17 +84,6 @@ impl AbsPath {
     pub fn join(&self, name: &str) -> Result<AbsPath, String> {
         Self::from_path(&self.0.join(name))
     }
-
-    /// The path as the kernel reports it in mountinfo: the parent with its symlinks resolved,
-    /// plus this path's own last component (which is never resolved).
-    pub fn kernel_view(&self) -> PathBuf {
-        match (self.0.parent(), self.0.file_name()) {
-            (Some(parent), Some(name)) => std::fs::canonicalize(parent)
-                .unwrap_or_else(|_| parent.to_path_buf())
-                .join(name),
-            _ => self.0.clone(),
-        }
-    }
 }
 
 impl TryFrom<PathBuf> for AbsPath {

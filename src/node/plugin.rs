@@ -183,8 +183,12 @@ fn number(device: &BlockDevice) -> DeviceNumber {
 }
 
 /// The mounts stacked at `path`, oldest first.
-fn mounts_at<'a>(mounts: &'a [MountEntry], path: &AbsPath) -> Vec<&'a MountEntry> {
-    let view = path.kernel_view();
+fn mounts_at<'a>(
+    root: &KubeletRoot,
+    mounts: &'a [MountEntry],
+    path: &AbsPath,
+) -> Vec<&'a MountEntry> {
+    let view = root.kernel_view(path);
     mounts.iter().filter(|m| m.mount_point == view).collect()
 }
 
@@ -306,7 +310,7 @@ impl NodePlugin {
                 recorded: true,
             };
             let staged_mount = ownership::decide(
-                &AtPath::Directory(mounts_at(&mounts, &record.staging)),
+                &AtPath::Directory(mounts_at(&self.root, &mounts, &record.staging)),
                 &known,
             );
             tracing::info!(
@@ -493,7 +497,7 @@ impl NodePlugin {
         readonly: bool,
     ) -> Result<(), NodeError> {
         let mounts = self.mounts().await?;
-        let stacked = mounts_at(&mounts, &req.staging);
+        let stacked = mounts_at(&self.root, &mounts, &req.staging);
         if let Some(top) = stacked.last() {
             let known = Known {
                 history: &[],
@@ -642,7 +646,7 @@ impl NodePlugin {
             }
         }
         let mounts = self.mounts().await?;
-        if let Some(left) = mounts_at(&mounts, &req.staging).last() {
+        if let Some(left) = mounts_at(&self.root, &mounts, &req.staging).last() {
             return Err(NodeError::FailedPrecondition(format!(
                 "staging_target_path {} is still a mount point of {} ({}:{}); keeping volume \
                  {}'s record",
@@ -780,7 +784,7 @@ impl NodePlugin {
         // The recorded backing, not the request's: the device published is the one staged.
         let Some(device) = self.source.find(&record.backing).await? else {
             if !is_block(&record.capability)
-                && !mounts_at(&self.mounts().await?, &req.staging).is_empty()
+                && !mounts_at(&self.root, &self.mounts().await?, &req.staging).is_empty()
             {
                 // Still mounted at the staging path, but its device is gone.
                 self.metrics.node.stale_mounts_detected_total.inc();
@@ -820,7 +824,7 @@ impl NodePlugin {
         // Bind only from a staging mount of the live device: a mount left by an earlier
         // device of the volume is its own but stale.
         let staged = ownership::decide(
-            &AtPath::Directory(mounts_at(&mounts, &req.staging)),
+            &AtPath::Directory(mounts_at(&self.root, &mounts, &req.staging)),
             &known(true),
         );
         if !matches!(staged, Verdict::Ours { live: true, .. }) {
@@ -853,7 +857,7 @@ impl NodePlugin {
                 )))
             }
         };
-        let at_target = mounts_at(&mounts, &req.target);
+        let at_target = mounts_at(&self.root, &mounts, &req.target);
         if let Some(top) = at_target.last() {
             match ownership::decide(
                 &AtPath::Directory(at_target.clone()),

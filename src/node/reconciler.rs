@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::command::CommandRunner;
+use super::confine::KubeletRoot;
 use super::device::{Backing, DeviceSource};
 use super::locks::VolumeLocks;
 use super::mounter::{MountOptions, Mounter};
@@ -72,6 +73,8 @@ pub struct NodeReconciler<R> {
     /// The node plugin's own locks ([`super::NodePlugin::volume_locks`]).
     locks: Arc<VolumeLocks>,
     metrics: Arc<Metrics>,
+    /// `--kubelet-dir`: how the staging paths and targets look in mountinfo.
+    root: Arc<KubeletRoot>,
     /// NQNs found orphaned, with a namespace device, by the previous pass.
     suspects: std::sync::Mutex<BTreeSet<Nqn>>,
 }
@@ -91,8 +94,12 @@ fn same(m: &MountEntry, d: &BlockDevice) -> bool {
     (m.major, m.minor) == (d.major, d.minor)
 }
 
-fn top_at<'a>(mounts: &'a [MountEntry], path: &AbsPath) -> Option<&'a MountEntry> {
-    let view = path.kernel_view();
+fn top_at<'a>(
+    root: &KubeletRoot,
+    mounts: &'a [MountEntry],
+    path: &AbsPath,
+) -> Option<&'a MountEntry> {
+    let view = root.kernel_view(path);
     mounts.iter().rev().find(|m| m.mount_point == view)
 }
 
@@ -119,6 +126,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
         records: Records,
         locks: Arc<VolumeLocks>,
         metrics: Arc<Metrics>,
+        root: Arc<KubeletRoot>,
     ) -> Self {
         Self {
             nvme,
@@ -126,6 +134,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
             records: Arc::new(records),
             locks,
             metrics,
+            root,
             suspects: Default::default(),
         }
     }
@@ -285,7 +294,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
         let mounter = self.mounter.clone();
         let mounts = blocking(move || mounter.mounts().map_err(NodeError::from)).await?;
         // Nothing mounted at the staging path is not a stale mount: the kubelet stages again.
-        let Some(top) = top_at(&mounts, &record.staging) else {
+        let Some(top) = top_at(&self.root, &mounts, &record.staging) else {
             return Ok(Verdict::Fine);
         };
         match &now {
@@ -341,11 +350,11 @@ impl<R: CommandRunner> NodeReconciler<R> {
                 .bind_flags(p.readonly || record.readonly);
                 binds.push((target.clone(), flags));
             }
-            let mounter = self.mounter.clone();
+            let (mounter, root) = (self.mounter.clone(), self.root.clone());
             let (staging, dev) = (record.staging.clone(), device.clone());
             blocking(move || {
                 let stale_at = |path: &AbsPath| -> Result<bool, NodeError> {
-                    Ok(top_at(&mounter.mounts()?, path)
+                    Ok(top_at(&root, &mounter.mounts()?, path)
                         .is_some_and(|m| (m.major, m.minor) == (old.major, old.minor)))
                 };
                 for (target, _) in &binds {
@@ -358,7 +367,7 @@ impl<R: CommandRunner> NodeReconciler<R> {
                 }
                 mounter.mount_device(&dev, &staging, fs, &options)?;
                 for (target, flags) in binds {
-                    if top_at(&mounter.mounts()?, &target).is_none() {
+                    if top_at(&root, &mounter.mounts()?, &target).is_none() {
                         mounter.bind(&staging, &target, flags)?;
                     }
                 }
@@ -430,7 +439,7 @@ mod tests {
     use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
     use crate::domain::{AccessMode, Capability};
     use crate::node::command::Output;
-    use crate::node::fake_sysfs::{FakeMounter, FakeProc, FakeSysfs};
+    use crate::node::fake_sysfs::{kernel_view, FakeMounter, FakeProc, FakeSysfs};
     use crate::node::fakes::{staged_ext4, RecordingRunner};
     use std::collections::HashMap;
     use std::path::PathBuf;
@@ -474,6 +483,9 @@ mod tests {
             Records::open(&state).unwrap(),
             Arc::new(VolumeLocks::default()),
             metrics.clone(),
+            Arc::new(KubeletRoot::new(
+                AbsPath::try_from(dir.path().to_path_buf()).unwrap(),
+            )),
         );
         Node {
             records: Records::open(&state).unwrap(),
@@ -546,7 +558,7 @@ mod tests {
         n.sys.multipath_namespace(1, 1, "259:3", "259:4");
         let (staging, _target) = n.staged(("nvme1n1", 259, 3));
         n.mounter
-            .preload(8, 1, "/dev/sda1", &staging.kernel_view(), "ext4");
+            .preload(8, 1, "/dev/sda1", &kernel_view(&staging), "ext4");
 
         assert_eq!(n.reconciler.pass().await, Pass::default());
         assert_eq!(n.mounter.at(&staging), vec![(259, 3), (8, 1)]);
@@ -623,7 +635,7 @@ mod tests {
         record.publishes.get_mut(&target).unwrap().readonly = true;
         n.records.save(&record).unwrap();
         assert_eq!(n.reconciler.pass().await.recovered, 1);
-        let view = target.kernel_view();
+        let view = kernel_view(&target);
         let bound = n
             .mounter
             .mounts()
@@ -695,7 +707,7 @@ mod tests {
         n.sys.connect(2, 4, NQN);
         n.sys.multipath_namespace(2, 1, "259:7", "259:8");
         let (_staging, target) = n.staged(("nvme1n1", 259, 3));
-        n.mounter.make_busy(&target.kernel_view());
+        n.mounter.make_busy(&kernel_view(&target));
         let pass = n.reconciler.pass().await;
         assert_eq!((pass.stale, pass.failed), (1, 1), "{pass:?}");
         assert_eq!(n.scraped(NOT_RECOVERED), 1.0);
@@ -751,7 +763,7 @@ mod tests {
             259,
             12,
             "/dev/nvme3n1",
-            &n.path("elsewhere").kernel_view(),
+            &kernel_view(&n.path("elsewhere")),
             "xfs",
         );
         n.proc.open_fd(4242, 7, "/dev/nvme4n1");

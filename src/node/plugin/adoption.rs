@@ -37,7 +37,7 @@ impl NodePlugin {
     ) -> Result<Option<StageRecord>, NodeError> {
         let device = self.source.find(backing).await?;
         let mounts = self.mounts().await?;
-        let stacked = mounts_at(&mounts, staging);
+        let stacked = mounts_at(&self.root, &mounts, staging);
         let top = stacked.last().copied();
         // No record, so no history: only the device the backing resolves to now is ours.
         let known = Known {

@@ -87,7 +87,7 @@ impl NodePlugin {
             Found::Nothing => AtPath::Nothing,
             Found::Directory => {
                 mounts = self.mounts().await?;
-                AtPath::Directory(mounts_at(&mounts, path))
+                AtPath::Directory(mounts_at(&self.root, &mounts, path))
             }
             Found::BlockDevice { major, minor, .. } => AtPath::DeviceNode(DeviceNumber {
                 major: *major,
@@ -111,7 +111,7 @@ impl NodePlugin {
             }
         }
         let mounts = self.mounts().await?;
-        Ok(mounts_at(&mounts, &record.staging).is_empty())
+        Ok(mounts_at(&self.root, &mounts, &record.staging).is_empty())
     }
 }
 

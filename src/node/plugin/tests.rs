@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::*;
 use crate::backend::rds::values::{NqnPrefix, NvmeTarget};
 use crate::domain::fixtures::rwo_ext4;
-use crate::node::fake_sysfs::{FakeMounter, FakeProc, FakeSysfs};
+use crate::node::fake_sysfs::{kernel_view, FakeMounter, FakeProc, FakeSysfs};
 use crate::node::fakes::{staged_ext4, RecordingRunner};
 use crate::node::nvme::NvmeDevices;
 
@@ -237,7 +237,7 @@ async fn an_unstage_never_forgets_a_record_while_something_is_mounted_at_its_pat
     w.unpublish("pvc-1", &published).await.unwrap();
     w.vanish(1);
     w.mounts
-        .preload(8, 0, "/dev/sda", &staging.kernel_view(), "ext4");
+        .preload(8, 0, "/dev/sda", &kernel_view(&staging), "ext4");
     let err = w.unstage("pvc-1", &staging).await.unwrap_err();
     assert!(matches!(err, NodeError::FailedPrecondition(_)), "{err}");
     assert_eq!(w.mounts.at(&staging), vec![(259, 1), (8, 0)]);
