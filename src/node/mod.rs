@@ -49,8 +49,12 @@
 //! - [`mounter`] and [`mountinfo`]: making mounts and device nodes, reading the mount table.
 //! - [`filesystem`] and [`command`]: probing, formatting, checking and growing filesystems
 //!   through external tools run as argument vectors.
-//! - [`paths`]: validated path values; [`locks`]: the per-volume turn and the calls in
-//!   flight; [`work`]: the bounded pool blocking jobs run on.
+//! - [`paths`]: validated path values, pure; [`confine`]: every file operation on a path the
+//!   CO names, beneath `--kubelet-dir`, and how mountinfo names such a path; [`locks`]: the
+//!   per-volume turn and the calls in flight; [`work`]: the bounded pool blocking jobs run on.
+//! - [`reconciler`]: the RDS node's periodic pass (stale staging mounts recovered, orphaned
+//!   NVMe/TCP connections nothing uses disconnected), under the same per-volume locks.
+//! - [`freeze`]: a staged filesystem frozen for the file backend's copy (`--mode all`).
 
 pub mod command;
 pub mod confine;
