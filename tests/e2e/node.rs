@@ -11,7 +11,7 @@ use rds_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use rds_csi::csi::*;
 use tonic::Code;
 
-use crate::support::host::{root_or_skip, Host};
+use crate::support::host::{root_or_skip, wait_released, Host};
 use crate::support::*;
 
 const MIB: i64 = 1 << 20;
@@ -1647,24 +1647,16 @@ fn attach_by_hand(image: &std::path::Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Detaches a loop device the test attached and waits until the kernel has let it go: a
-/// device a udev probe still holds open (just after an unmount, say) is only marked to clear
-/// itself, and is freed when that probe closes it. Bounded: a device still bound after 10 s
-/// fails the test.
+/// Detaches a loop device the test attached and waits (bounded, [`wait_released`]) until the
+/// kernel has let it go: a device a probe still holds open (just after an unmount, say) is only
+/// marked to clear itself. A device still bound after the bound fails the test.
 fn detach_by_hand(dev: &str) {
     run("losetup", &["--detach", dev]);
-    let backing = format!(
-        "/sys/block/{}/loop/backing_file",
-        dev.trim_start_matches("/dev/")
+    let left = wait_released(&[dev.trim_start_matches("/dev/").to_string()]);
+    assert!(
+        left.is_empty(),
+        "{dev} is still bound after losetup --detach"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::path::Path::new(&backing).exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{dev} is still bound 10 s after losetup --detach"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// `rds_csi_node_adoptions_total{result="adopted"}` and `{result="refused"}`.
