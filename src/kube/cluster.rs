@@ -600,6 +600,35 @@ impl AttachmentAuthority for KubeCluster {
             _ => HolderStatus::Released,
         })
     }
+
+    /// By a live, paged list of every VolumeAttachment (resolved to volumes through the PV
+    /// projection, as [`PublishedNodes`]).
+    async fn attached_elsewhere(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Vec<NodeId>, KubeError> {
+        let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
+        let vas = list_all(&api, "VolumeAttachments").await?;
+        let index = read(&self.pvs);
+        let mut nodes: Vec<NodeId> = vas
+            .iter()
+            .filter(|va| va.metadata.deletion_timestamp.is_none())
+            .filter_map(|va| project_va(va, &self.driver))
+            .filter(|va| va.attached && va.node != node.as_str())
+            .filter(|va| {
+                let handle = match (&va.pv_name, &va.inline_handle) {
+                    (Some(pv), _) => index.view(pv).and_then(|v| v.handle),
+                    (None, inline) => inline.as_deref(),
+                };
+                handle == Some(volume.as_str())
+            })
+            .filter_map(|va| NodeId::try_from(va.node.as_str()).ok())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
+    }
 }
 
 #[async_trait]

@@ -59,6 +59,17 @@ pub enum HolderStatus {
 #[async_trait]
 pub trait AttachmentAuthority: Send + Sync + 'static {
     async fn check(&self, volume: &VolumeId, node: &NodeId) -> Result<HolderStatus, KubeError>;
+
+    /// Rules, "High availability": for the first leaseDuration of a term, before a volume with
+    /// no holder is given to `node`, the other nodes whose VolumeAttachment of `volume` a live
+    /// read shows attached (`status.attached`, no deletionTimestamp). An OK the previous term
+    /// answered late may be missing from the list this term was seeded from. Sorted, no
+    /// duplicates, never `node` itself. Any error fails the publish closed.
+    async fn attached_elsewhere(
+        &self,
+        volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Vec<NodeId>, KubeError>;
 }
 
 /// Whether a Node object is gone, by a live GET (never a cache): the stale-attachment
@@ -160,6 +171,15 @@ impl NodeDirectory for Standalone {
 impl AttachmentAuthority for Standalone {
     async fn check(&self, _volume: &VolumeId, _node: &NodeId) -> Result<HolderStatus, KubeError> {
         Ok(HolderStatus::Live)
+    }
+
+    /// No VolumeAttachments and no terms: this process's state is all there is.
+    async fn attached_elsewhere(
+        &self,
+        _volume: &VolumeId,
+        _node: &NodeId,
+    ) -> Result<Vec<NodeId>, KubeError> {
+        Ok(Vec::new())
     }
 }
 
