@@ -1484,6 +1484,8 @@ struct Store {
     history_limit: usize,
     /// Events with a resourceVersion at or below this are forgotten.
     compacted_rv: u64,
+    /// Per resource type, the resourceVersion of its last write (0: never written).
+    written: Vec<u64>,
     watchers: Vec<WatchReg>,
     next_watch_id: u64,
 }
@@ -1625,6 +1627,7 @@ impl Store {
             history: VecDeque::new(),
             history_limit: DEFAULT_HISTORY_LIMIT,
             compacted_rv: 0,
+            written: RESOURCES.iter().map(|_| 0).collect(),
             watchers: vec![],
             next_watch_id: 1,
         }
@@ -1636,6 +1639,7 @@ impl Store {
     }
 
     fn emit(&mut self, ty: usize, key: String, kind: EvKind, object: Value, prev: Option<Value>) {
+        self.written[ty] = self.rv;
         let entry = HistEntry {
             rv: resource_version_of(&object),
             ty,
@@ -2725,17 +2729,27 @@ struct Inner {
     fault_gen: watch::Sender<u64>,
     /// Bumped by `drop_watches`.
     drop_gen: watch::Sender<u64>,
-    /// Serialized list answers by (resource, namespace, query), valid while the store's
-    /// resourceVersion is unchanged. Off unless `cache_lists(true)`: benchmarks use it so the
-    /// fake's own serializing does not hide the client's time.
+    /// Serialized list answers by (resource, namespace, query), valid while nothing of their
+    /// resource type was written and their resourceVersion is not compacted. Off unless
+    /// `cache_lists(true)`: benchmarks use it so the fake's own serializing does not hide the
+    /// client's time.
     list_cache: Mutex<Option<ListCache>>,
 }
 
 #[derive(Default)]
 struct ListCache {
-    /// The store's (resourceVersion, compacted resourceVersion) the pages were served at.
-    rv: (u64, u64),
-    pages: HashMap<(usize, Option<String>, String), Bytes>,
+    pages: HashMap<(usize, Option<String>, String), CachedPage>,
+}
+
+/// One list answer as served. It stays true while its type is not written: a list served
+/// from it again is the same answer at its (older) resourceVersion, which a watch can still
+/// start from while that is not compacted.
+struct CachedPage {
+    bytes: Bytes,
+    /// The store's resourceVersion when it was served.
+    served_at: u64,
+    /// The type's last write then.
+    written: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -3650,18 +3664,28 @@ fn resource_request(
             let store = lock(&inner.store);
             let key = (r.ty, r.namespace.clone(), canonical_query(q));
             if let Some(cache) = lock(&inner.list_cache).as_mut() {
-                if cache.rv != (store.rv, store.compacted_rv) {
-                    cache.pages.clear();
-                    cache.rv = (store.rv, store.compacted_rv);
-                }
-                if let Some(bytes) = cache.pages.get(&key) {
-                    return Ok(bytes_response(bytes.clone()));
+                match cache.pages.get(&key) {
+                    Some(page)
+                        if page.written == store.written[r.ty]
+                            && page.served_at >= store.compacted_rv =>
+                    {
+                        return Ok(bytes_response(page.bytes.clone()));
+                    }
+                    Some(_) => {
+                        cache.pages.remove(&key);
+                    }
+                    None => {}
                 }
             }
             let list = store.list(r.ty, &filter, &opts)?;
             let bytes = Bytes::from(serde_json::to_vec(&list).expect("serializable"));
             if let Some(cache) = lock(&inner.list_cache).as_mut() {
-                cache.pages.insert(key, bytes.clone());
+                let page = CachedPage {
+                    bytes: bytes.clone(),
+                    served_at: store.rv,
+                    written: store.written[r.ty],
+                };
+                cache.pages.insert(key, page);
             }
             Ok(bytes_response(bytes))
         }
