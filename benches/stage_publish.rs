@@ -121,6 +121,8 @@ impl Driver {
             .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
             .env("RDS_CSI_KNOWN_NODES", "")
             .env("RUST_LOG", "info")
+            // No debug listener (an env var, so older builds run too).
+            .env("RDS_CSI_DEBUG_ADDRESS", "")
             .env_remove("POD_NAMESPACE")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -187,6 +187,8 @@ fn spawn_driver(kubeconfig: &Path, dir: &Path, volumes: &Path) -> Child {
         .arg(volumes)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info")
+        // No debug listener (an env var, so older builds run too).
+        .env("RDS_CSI_DEBUG_ADDRESS", "")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("driver.log")).expect("log"))

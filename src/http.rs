@@ -1,7 +1,11 @@
-//! The operator's HTTP endpoint on `--metrics-address`: `/metrics` (Prometheus text), `/healthz`
-//! (the process answers), `/readyz` (attachment state rebuilt) and `/debug/attachments` (live
-//! attachment state as JSON; `?volume=ID` for one volume). Read-only: it never changes state, and
-//! it never waits on a busy volume actor past [`DESCRIBE_DEADLINE`].
+//! The operator's HTTP endpoints. On `--metrics-address`: `/metrics` (Prometheus text),
+//! `/healthz` (the process answers) and `/readyz` (attachment state rebuilt), which Prometheus
+//! and the kubelet must reach. On its own listener, `--debug-address` (loopback by default, a
+//! controller only): `/debug/attachments`, live attachment state as JSON, a page at a time
+//! (`?limit=N&after=ID`, [`DEFAULT_PAGE`] and at most [`MAX_PAGE`] volumes; `next` names the
+//! following page's `after`), or `?volume=ID` for one volume. It names nodes and volumes, so it
+//! is not served where the metrics are. Read-only: nothing here changes state, and the debug
+//! view never waits on a busy volume actor past [`DESCRIBE_DEADLINE`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,12 +29,11 @@ use crate::metrics::Metrics;
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
-    /// Absent in node mode: there is no attachment state to show.
-    pub supervisor: Option<Addr<Supervisor>>,
     /// The controller's storage: `/readyz` is 503 while it cannot be reached.
     pub backend: Option<Arc<dyn crate::backend::VolumeBackend>>,
 }
 
+/// `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
@@ -40,8 +43,21 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/debug/attachments", get(attachments))
         .with_state(Arc::new(state));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `/debug/attachments` on `listener` until `shutdown`: the controller's attachment state.
+pub async fn serve_debug(
+    listener: tokio::net::TcpListener,
+    supervisor: Addr<Supervisor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/debug/attachments", get(attachments))
+        .with_state(supervisor);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -91,20 +107,22 @@ fn error(status: StatusCode, message: String) -> Response {
 /// the listing does not wait for it: it reports the volume as unanswered instead.
 pub const DESCRIBE_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Every volume with an attachment or a grace record, sorted by id, and `unanswered`: the
-/// volumes whose actor did not answer within [`DESCRIBE_DEADLINE`] (busy with an operation),
-/// whose state is therefore not listed. With `?volume=ID`, that volume; 503 if its actor did
-/// not answer in time.
+/// Volumes one page lists unless `?limit=` says otherwise.
+pub const DEFAULT_PAGE: usize = 1000;
+/// The most one page lists: a page is described at once, on the supervisor's thread.
+pub const MAX_PAGE: usize = 5000;
+
+/// One page of the volumes with an attachment or a grace record, sorted by id: `count` and
+/// `volumes` (those listed), `unanswered` (the volumes of this page whose actor did not answer
+/// within [`DESCRIBE_DEADLINE`], busy with an operation, whose state is therefore not listed)
+/// and `next` (the last volume id of this page when more follow, else null: pass it as
+/// `?after=`). `?limit=` of 1 to [`MAX_PAGE`]; 400 for anything else, or an `after` that is
+/// not a volume id. With `?volume=ID`, that volume; 503 if its actor did not answer in time.
 async fn attachments(
-    State(s): State<Arc<HttpState>>,
+    State(supervisor): State<Addr<Supervisor>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(supervisor) = &s.supervisor else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "this process runs no controller".into(),
-        );
-    };
+    let supervisor = &supervisor;
     let deadline = Instant::now() + DESCRIBE_DEADLINE;
     let supervisor_late = || {
         error(
@@ -146,7 +164,23 @@ async fn attachments(
             ),
         };
     }
-    let listing = match timeout_at(deadline, supervisor.send(ListActors)).await {
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEFAULT_PAGE,
+        Some(Ok(l)) if (1..=MAX_PAGE).contains(&l) => l,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+            )
+        }
+    };
+    let after = match query.get("after").map(|a| VolumeId::try_from(a.as_str())) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("after: {e}")),
+    };
+    let page = ListActors { after, limit };
+    let listing = match timeout_at(deadline, supervisor.send(page)).await {
         Ok(Ok(listing)) => listing,
         Ok(Err(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "supervisor stopped".into()),
         Err(_) => return supervisor_late(),
@@ -172,9 +206,10 @@ async fn attachments(
     let count = volumes.len();
     let volumes: Vec<_> = volumes.into_iter().map(|(id, v)| with_id(&id, v)).collect();
     let unanswered: Vec<_> = unanswered.iter().map(VolumeId::as_str).collect();
+    let next = listing.next.as_ref().map(VolumeId::as_str);
     json(
         StatusCode::OK,
-        serde_json::json!({ "count": count, "volumes": volumes, "unanswered": unanswered }),
+        serde_json::json!({ "count": count, "volumes": volumes, "unanswered": unanswered, "next": next }),
     )
 }
 

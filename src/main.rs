@@ -121,6 +121,10 @@ struct Args {
         default_value = "127.0.0.1:9809"
     )]
     metrics_address: String,
+    /// Address for /debug/attachments (a controller's attachment state, nodes and volumes by
+    /// name); empty disables it. Loopback by default: reach it with `kubectl port-forward`.
+    #[arg(long, env = "RDS_CSI_DEBUG_ADDRESS", default_value = "127.0.0.1:9810")]
+    debug_address: String,
     /// Use the Kubernetes API: auto (when a config is found; an error when none is but this runs
     /// in a pod), on, or off (standalone).
     #[arg(long, env = "RDS_CSI_KUBERNETES", value_enum, default_value = "auto")]
@@ -283,6 +287,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         file_root,
         attachment_grace_period,
         metrics_address,
+        debug_address,
         kubernetes,
         service_account_dir,
         log_format,
@@ -405,27 +410,38 @@ fn run(args: Args) -> anyhow::Result<()> {
             Some(_) => NodeIdRules::Kubernetes,
             None => NodeIdRules::Standalone,
         };
-        let leader = match (leader_election, &client) {
-            (false, _) => None,
+        // Where the csi-attacher's Lease is and whom it names for this pod: followed with
+        // --leader-election; without it, watched in Kubernetes mode for an election among
+        // several replicas (rds_csi::role::serve_unelected).
+        let lease_flags = || -> anyhow::Result<LeaderFlags> {
+            let pod_namespace = std::env::var("POD_NAMESPACE").ok();
+            let namespace = lease::resolve_namespace(
+                leader_election_namespace.as_deref(),
+                pod_namespace.as_deref(),
+                &service_account_dir,
+            )?;
+            let identity = match &leader_election_identity {
+                Some(id) if !id.is_empty() => id.clone(),
+                Some(_) => bail!("--leader-election-identity must not be empty"),
+                None => gethostname::gethostname().into_string().map_err(|h| {
+                    anyhow::anyhow!("hostname {h:?} is not UTF-8; pass --leader-election-identity")
+                })?,
+            };
+            let name = leader_election_lease.clone().unwrap_or_else(|| lease::lease_name(&driver_name));
+            Ok(LeaderFlags { namespace, name, identity })
+        };
+        let (leader, unelected) = match (leader_election, &client) {
+            (false, Some(_)) if controller => match lease_flags() {
+                Ok(flags) => (None, Some(flags)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "without --leader-election, the csi-attacher's Lease cannot be watched: run one controller replica only");
+                    (None, None)
+                }
+            },
+            (false, _) => (None, None),
             (true, _) if !controller => bail!("--leader-election is for the controller (--mode controller or all)"),
             (true, None) => bail!("--leader-election needs Kubernetes mode (--kubernetes on, or auto with a cluster): it follows the csi-attacher's Lease"),
-            (true, Some(_)) => {
-                let pod_namespace = std::env::var("POD_NAMESPACE").ok();
-                let namespace = lease::resolve_namespace(
-                    leader_election_namespace.as_deref(),
-                    pod_namespace.as_deref(),
-                    &service_account_dir,
-                )?;
-                let identity = match leader_election_identity {
-                    Some(id) if !id.is_empty() => id,
-                    Some(_) => bail!("--leader-election-identity must not be empty"),
-                    None => gethostname::gethostname().into_string().map_err(|h| {
-                        anyhow::anyhow!("hostname {h:?} is not UTF-8; pass --leader-election-identity")
-                    })?,
-                };
-                let name = leader_election_lease.unwrap_or_else(|| lease::lease_name(&driver_name));
-                Some(LeaderFlags { namespace, name, identity })
-            }
+            (true, Some(_)) => (Some(lease_flags()?), None),
         };
         match &client {
             Some(_) => tracing::info!(driver = %driver_name, node_id = %node_id, mode = ?mode,
@@ -491,7 +507,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                     });
                     match &leader {
                         None => {
-                            tokio::spawn(role::serve_always(role.clone(), takeover, started));
+                            let watch = unelected.as_ref().map(|flags| {
+                                tracing::info!(namespace = %flags.namespace, lease = %flags.name, identity = %flags.identity,
+                                    "no leader election: serving ControllerPublish/Unpublish as the only controller; if the csi-attacher's Lease shows another pod holding it, they stop until a restart with --leader-election");
+                                role::Unelected {
+                                    lease: KubeLease::start(client.clone(), &flags.namespace, &flags.name),
+                                    identity: flags.identity.clone(),
+                                }
+                            });
+                            tokio::spawn(role::serve_unelected(role.clone(), takeover, started, watch));
                         }
                         Some(leader) => {
                             tracing::info!(namespace = %leader.namespace, lease = %leader.name, identity = %leader.identity,
@@ -563,11 +587,25 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("--metrics-address {metrics_address}"))?;
             tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-            let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), supervisor: supervisor_addr, backend: storage.clone() };
+            let state = HttpState { metrics: metrics.clone(), ready: ready.clone(), backend: storage.clone() };
             let stop = stopped(stop_rx.clone());
             tokio::spawn(async move {
                 if let Err(e) = rds_csi::http::serve(listener, state, stop).await {
                     tracing::error!(error = %e, "metrics server failed");
+                }
+            });
+        }
+
+        // The debug view needs attachment state: a node plugin has none to show.
+        if let (Some(supervisor), false) = (supervisor_addr, debug_address.is_empty()) {
+            let listener = tokio::net::TcpListener::bind(&debug_address)
+                .await
+                .with_context(|| format!("--debug-address {debug_address}"))?;
+            tracing::info!(address = %listener.local_addr()?, "serving /debug/attachments");
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = rds_csi::http::serve_debug(listener, supervisor, stop).await {
+                    tracing::error!(error = %e, "debug server failed");
                 }
             });
         }

@@ -3,7 +3,7 @@
 //! Owns the role: *starting* (nothing decided yet), *seeding* (a term began; attachment state
 //! is being rebuilt), *active* (a numbered term, which ends at a monotonic deadline when it
 //! follows a Lease) or *standby*. Only the drivers in this module ([`follow`], [`serve_always`],
-//! [`Role::serve_standalone`]) change it; the gRPC handlers, Probe and `/readyz` read it. It never
+//! [`serve_unelected`], [`Role::serve_standalone`]) change it; the gRPC handlers, Probe and `/readyz` read it. It never
 //! touches attachment state itself: its [`Takeover`] drops that state when a term ends and
 //! rebuilds it, exactly as at boot, when one begins.
 //!
@@ -16,6 +16,10 @@
 //! - Stepping down needs no confirmation; stepping up is confirmed by a live read of the Lease.
 //! - Probe and `/readyz` say ready when active-and-seeded or standby (a healthy standby must not
 //!   be restarted), not while starting or seeding.
+//! - Without `--leader-election` there is one term for life, which cannot follow an election:
+//!   if the csi-attacher's Lease shows another pod holding it live, the attachers run one and
+//!   another replica may serve, so this controller stops serving attachments for good and says
+//!   it is not ready ([`serve_unelected`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -203,6 +207,25 @@ impl Role {
         was
     }
 
+    /// Attachments refused for good, and not ready: a standby that will never take over
+    /// (only a restart ends it). The calls that need no attachment state are still served.
+    fn refuse(&self, why: Why) {
+        let mut s = self.lock();
+        let was = s.phase;
+        s.phase = Phase::Standby;
+        s.until = None;
+        s.why = why;
+        s.decided = true;
+        self.ready.store(false, Ordering::Release);
+        self.metrics.leader_active.set(0);
+        if was != Phase::Standby {
+            self.metrics
+                .leader_transitions
+                .with_label_values(&["standby"])
+                .inc();
+        }
+    }
+
     /// No cluster: nothing to rebuild and nobody to defer to; active for good.
     pub fn serve_standalone(&self, since: std::time::Instant) {
         let term = self.begin();
@@ -231,12 +254,77 @@ pub trait Takeover: Send + Sync + 'static {
 
 /// Without leader election: one term, for the life of the process, once seeded.
 pub async fn serve_always(role: Arc<Role>, takeover: Arc<dyn Takeover>, since: std::time::Instant) {
+    serve_unelected(role, takeover, since, None).await;
+}
+
+/// The csi-attacher's Lease, watched by a controller that runs without `--leader-election`.
+pub struct Unelected {
+    pub lease: Arc<dyn LeaseSource>,
+    /// This pod, as the Lease would name it.
+    pub identity: String,
+}
+
+/// Without leader election: one term, for the life of the process, once seeded; with
+/// `watch`, only until the Lease shows another pod holding it live (an election among the
+/// csi-attachers, so another replica may serve while this one's state goes stale). Then
+/// attachments are refused for good (UNAVAILABLE, not ready, reconcilers stopped, state
+/// dropped), before serving if it is seen by then. A Lease naming this pod, an expired one or
+/// none changes nothing.
+pub async fn serve_unelected(
+    role: Arc<Role>,
+    takeover: Arc<dyn Takeover>,
+    since: std::time::Instant,
+    watch: Option<Unelected>,
+) {
+    let mut rx = watch.as_ref().map(|w| w.lease.subscribe());
     let term = role.begin();
     takeover.seed().await;
-    role.serve(term, None, since);
-    for task in takeover.start_reconcilers() {
-        drop(task);
+    let (Some(watch), Some(rx)) = (watch, rx.as_mut()) else {
+        role.serve(term, None, since);
+        for task in takeover.start_reconcilers() {
+            drop(task);
+        }
+        return;
+    };
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    let mut serving = false;
+    loop {
+        let elsewhere = rx
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|seen| held_elsewhere(seen, &watch.identity));
+        if let Some(holder) = elsewhere {
+            tracing::error!(holder = %holder, identity = %watch.identity,
+                "the csi-attacher's leader Lease is held by another pod: the csi-attachers run an election, so another controller replica may serve attachments while this one, without --leader-election, never re-seeds. ControllerPublish/Unpublish now answer UNAVAILABLE and this controller is not ready until it is restarted with --leader-election");
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+            role.refuse(Why::Unelected(holder));
+            takeover.dismiss().await;
+            return;
+        }
+        if !serving {
+            role.serve(term, None, since);
+            tasks = takeover.start_reconcilers();
+            serving = true;
+        }
+        if rx.changed().await.is_err() {
+            // The watch ended (the process is stopping): nothing more to follow.
+            return;
+        }
     }
+}
+
+/// The holder of a live Lease that is not `me`, as the attacher compares them.
+fn held_elsewhere(seen: &Seen, me: &str) -> Option<String> {
+    let lease = seen.lease.as_ref()?;
+    let Verdict::Standby(Why::Held(holder)) =
+        assess(Some(lease), seen.at, me, seen.at, SKEW_MARGIN)
+    else {
+        return None;
+    };
+    let (renewed, duration) = (lease.renewed?, lease.duration?);
+    (renewed.min(seen.at) + duration > seen.at).then_some(holder)
 }
 
 /// The wall clock, injected so tests can pair it with tokio's paused clock.

@@ -414,3 +414,102 @@ fn without_leader_election_one_term_after_seeding() {
         assert_eq!(metrics.leader_active.get(), 1);
     });
 }
+
+/// Serves without leader election, watching `lease` as this pod ("me").
+fn unelected(gated: bool) -> Harness {
+    let ready = Arc::new(AtomicBool::new(true));
+    let metrics = Arc::new(Metrics::new());
+    let role = Role::new(ready.clone(), metrics.clone());
+    let lease = FakeLease::new();
+    let takeover = Recorder::new(gated);
+    tokio::spawn(serve_unelected(
+        role.clone(),
+        takeover.clone(),
+        std::time::Instant::now(),
+        Some(Unelected {
+            lease: lease.clone(),
+            identity: "me".into(),
+        }),
+    ));
+    Harness {
+        role,
+        ready,
+        metrics,
+        lease,
+        takeover,
+        clock: Clock::new(),
+    }
+}
+
+/// Without `--leader-election`, a csi-attacher Lease held live by another pod means the
+/// attachers run an election and another replica may serve, while this one's state is never
+/// re-seeded: it stops serving attachments for good (UNAVAILABLE naming the flag, not ready),
+/// stops its reconcilers and drops its state; a later Lease naming it changes nothing. A Lease
+/// naming this pod, or an expired one, changes nothing. Catches removing the refusal in
+/// `serve_unelected`'s watch (the Lease would be ignored and stale state served).
+#[test]
+fn without_leader_election_a_live_lease_held_elsewhere_stops_attachments_for_good() {
+    paused(|| async {
+        let h = unelected(false);
+        settle().await;
+        let term = h.role.admit().expect("serving once seeded");
+        h.show(Some(lease("me", &h.clock, 15, 0)));
+        settle().await;
+        assert!(
+            h.role.confirm(term).is_ok(),
+            "this pod's csi-attacher leads"
+        );
+        let mut expired = lease("other", &h.clock, 15, 1);
+        expired.renewed = Some(h.clock.now() - Duration::from_secs(60));
+        h.show(Some(expired));
+        settle().await;
+        assert!(
+            h.role.confirm(term).is_ok(),
+            "an expired Lease is no election"
+        );
+        assert_eq!(h.takeover.log(), ["seed", "seeded", "reconcilers"]);
+
+        h.show(Some(lease("other", &h.clock, 15, 2)));
+        settle().await;
+        let Err(Error::NotActive(why)) = h.role.admit() else {
+            panic!("attachments are refused");
+        };
+        assert!(
+            why.contains("held by other") && why.contains("--leader-election"),
+            "{why}"
+        );
+        assert!(h.role.confirm(term).is_err(), "the term ended");
+        assert!(!h.ready.load(Ordering::Acquire), "not ready");
+        assert_eq!(h.metrics.leader_active.get(), 0);
+        assert_eq!(
+            h.takeover.log(),
+            ["seed", "seeded", "reconcilers", "dismiss"]
+        );
+        assert_eq!(h.takeover.running.load(Ordering::SeqCst), 0);
+        assert!(h.role.volumes().is_ok(), "volumes are still served");
+        assert_eq!(h.role.delete_path().unwrap(), DeletePath::Live);
+
+        h.show(Some(lease("me", &h.clock, 15, 3)));
+        settle().await;
+        assert!(h.role.admit().is_err(), "until restarted");
+        assert!(!h.ready.load(Ordering::Acquire));
+    });
+}
+
+/// The same Lease seen before seeding ends: attachments are never served at all. Catches
+/// removing the check before `serve` in `serve_unelected`.
+#[test]
+fn without_leader_election_a_lease_held_elsewhere_at_start_means_never_serving() {
+    paused(|| async {
+        let h = unelected(true);
+        settle().await;
+        h.show(Some(lease("other", &h.clock, 15, 0)));
+        settle().await;
+        h.takeover.gate.as_ref().unwrap().add_permits(1);
+        settle().await;
+        assert!(matches!(h.role.admit(), Err(Error::NotActive(_))));
+        assert!(!h.ready.load(Ordering::Acquire));
+        assert_eq!(h.transitions("active"), 0, "never active");
+        assert_eq!(h.takeover.log(), ["seed", "seeded", "dismiss"]);
+    });
+}

@@ -135,7 +135,7 @@ impl Harness {
     async fn actors(&self) -> usize {
         self.router
             .supervisor()
-            .send(ListActors)
+            .send(ListActors::first(usize::MAX))
             .await
             .unwrap()
             .actors
@@ -460,7 +460,12 @@ fn seeded_settled_volumes_are_parked_until_their_first_message() {
         assert_eq!(h.metrics.parked_volumes.get(), 2);
         assert_eq!(h.metrics.nvme_connections_active.get(), 3);
         assert_eq!((h.actors_in("attached"), h.actors_in("migrating")), (0, 1));
-        let listing = h.router.supervisor().send(ListActors).await.unwrap();
+        let listing = h
+            .router
+            .supervisor()
+            .send(ListActors::first(usize::MAX))
+            .await
+            .unwrap();
         let mut parked: Vec<_> = listing
             .parked
             .iter()
@@ -497,6 +502,64 @@ fn seeded_settled_volumes_are_parked_until_their_first_message() {
         h.router.send(&vol("x"), unpublish("a")).await.unwrap();
         assert_eq!(h.metrics.nvme_connections_active.get(), 2);
         assert_eq!(h.actors_in("grace"), 1);
+    });
+}
+
+/// The debug view's listing comes a page at a time, so the supervisor never describes every
+/// volume at once: across pages smaller than the whole, every volume with an actor or a parked
+/// record is listed exactly once, in id order, and the last page says nothing follows.
+#[test]
+fn the_listing_pages_through_every_volume_exactly_once() {
+    use super::messages::Seed;
+    use crate::domain::AccessClass::Exclusive;
+    paused(|| async {
+        let names: Vec<String> = (0..23).map(|i| format!("v{i:02}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let h = harness(&refs).await;
+        // v00..v16 seeded (parked); v03, v07 and v11 woken into actors; v17..v22 published
+        // fresh (actors only).
+        let seeded = names[..17]
+            .iter()
+            .map(|v| seed_volume(v, &[("a", 100)], Exclusive))
+            .collect();
+        h.router.supervisor().send(Seed(seeded)).await.unwrap();
+        for v in ["v03", "v07", "v11"]
+            .into_iter()
+            .chain(refs[17..].iter().copied())
+        {
+            h.router
+                .send(&vol(v), publish("a", exclusive()))
+                .await
+                .unwrap();
+        }
+        assert_eq!(h.metrics.parked_volumes.get(), 14);
+        let mut listed = Vec::new();
+        let mut pages = 0;
+        let mut after = None;
+        loop {
+            let page = h
+                .router
+                .supervisor()
+                .send(ListActors { after, limit: 4 })
+                .await
+                .unwrap();
+            pages += 1;
+            let mut ids: Vec<String> = page
+                .actors
+                .iter()
+                .map(|(v, _)| v.as_str().to_string())
+                .chain(page.parked.iter().map(|(v, _)| v.as_str().to_string()))
+                .collect();
+            assert!(ids.len() <= 4, "page {pages}: {ids:?}");
+            ids.sort();
+            listed.extend(ids);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(listed, names, "every volume once, in order");
+        assert_eq!(pages, 6);
     });
 }
 

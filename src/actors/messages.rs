@@ -76,17 +76,31 @@ pub struct Reaped {
 #[rtype(result = "()")]
 pub struct ShareAddresses(pub std::sync::Weak<super::AddressCache>);
 
-/// Supervisor: every live volume actor, and a description of every parked volume, for the
-/// debug view.
+/// Supervisor: one page of the debug view. Of the volumes with a live actor or a parked
+/// record whose ids sort after `after`, the first `limit` in id order: their actors, and a
+/// description of the parked ones. A page at a time, so the supervisor never describes every
+/// volume at once (100k parked views would hold its thread and its memory).
 #[derive(Message)]
 #[rtype(result = "Listing")]
-pub struct ListActors;
+pub struct ListActors {
+    pub after: Option<VolumeId>,
+    pub limit: usize,
+}
+
+impl ListActors {
+    /// The first page.
+    pub fn first(limit: usize) -> Self {
+        Self { after: None, limit }
+    }
+}
 
 pub struct Listing {
     pub actors: Vec<(VolumeId, Addr<VolumeActor>)>,
     /// Parked volumes (seeded, one settled attachment, no actor yet), described as an actor
     /// would describe them.
     pub parked: Vec<(VolumeId, serde_json::Value)>,
+    /// The last volume of this page, when more follow: the next page's `after`.
+    pub next: Option<VolumeId>,
 }
 
 /// Supervisor: the live actor for `volume`, if any. Starts one only for a parked volume, which

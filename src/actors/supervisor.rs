@@ -326,28 +326,57 @@ impl Handler<ShareAddresses> for Supervisor {
 impl Handler<ListActors> for Supervisor {
     type Result = MessageResult<ListActors>;
 
-    fn handle(&mut self, _: ListActors, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, page: ListActors, _ctx: &mut Context<Self>) -> Self::Result {
         let (now, wall) = (tokio::time::Instant::now(), SystemTime::now());
-        let volumes: Vec<VolumeId> = self.actors.keys().cloned().collect();
-        let actors = volumes
-            .into_iter()
-            .filter_map(|volume| match self.find(&volume) {
-                Ok(Found::Live(addr)) => Some((volume, addr)),
-                Ok(Found::Vacant) | Err(_) => None,
-            })
-            .collect();
-        MessageResult(Listing {
-            actors,
-            parked: self
-                .parked
-                .iter()
-                .map(|(k, p)| {
-                    let view = p.state(self.deps.grace_period).describe(now, wall);
-                    (k.clone(), view)
-                })
-                .collect(),
-        })
+        let mut ids = page_of(
+            self.actors.keys().chain(self.parked.keys()),
+            page.after.as_ref(),
+            page.limit,
+        );
+        let next = if ids.len() > page.limit {
+            ids.truncate(page.limit);
+            ids.last().cloned()
+        } else {
+            None
+        };
+        let mut listing = Listing {
+            actors: Vec::new(),
+            parked: Vec::new(),
+            next,
+        };
+        for volume in ids {
+            if let Some(p) = self.parked.get(&volume) {
+                let view = p.state(self.deps.grace_period).describe(now, wall);
+                listing.parked.push((volume, view));
+            } else if let Ok(Found::Live(addr)) = self.find(&volume) {
+                listing.actors.push((volume, addr));
+            }
+        }
+        MessageResult(listing)
     }
+}
+
+/// The first `limit + 1` of `ids` after `after`, in order: one more than a page, to tell
+/// whether another page follows. A bounded heap, so a page costs one pass over the ids and
+/// memory for one page.
+fn page_of<'a>(
+    ids: impl Iterator<Item = &'a VolumeId>,
+    after: Option<&VolumeId>,
+    limit: usize,
+) -> Vec<VolumeId> {
+    let keep = limit.saturating_add(1);
+    let mut heap: std::collections::BinaryHeap<&VolumeId> = std::collections::BinaryHeap::new();
+    for id in ids.filter(|id| after.is_none_or(|a| *id > a)) {
+        if heap.len() < keep {
+            heap.push(id);
+        } else if heap.peek().is_some_and(|top| id < *top) {
+            heap.pop();
+            heap.push(id);
+        }
+    }
+    let mut page: Vec<VolumeId> = heap.into_iter().cloned().collect();
+    page.sort();
+    page
 }
 
 impl Handler<Lookup> for Supervisor {

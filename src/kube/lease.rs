@@ -150,6 +150,9 @@ pub enum Why {
     Unreadable(String),
     /// It names us under a new acquisition: the old term's state is dropped and rebuilt.
     NewTerm,
+    /// Another pod holds it, live, and this controller runs without `--leader-election`: it
+    /// cannot follow the terms, so it serves no attachment until restarted with the flag.
+    Unelected(String),
 }
 
 impl std::fmt::Display for Why {
@@ -170,6 +173,12 @@ impl std::fmt::Display for Why {
             Self::NewTerm => write!(
                 f,
                 "the csi-attacher leader Lease was acquired anew; attachment state is being rebuilt"
+            ),
+            Self::Unelected(holder) => write!(
+                f,
+                "the csi-attacher leader Lease is held by {holder}, so the csi-attachers run an \
+                 election and another controller replica may serve; this one runs without \
+                 --leader-election and serves no attachment until restarted with it"
             ),
         }
     }

@@ -551,3 +551,44 @@ async fn leader_election_needs_kubernetes_and_a_namespace() {
         assert!(!socket.exists(), "{args:?}: served nothing");
     }
 }
+
+/// Kubernetes mode without `--leader-election`: the driver serves as the only controller until
+/// the csi-attacher's Lease shows another pod holding it (the attachers run an election, so
+/// another replica may serve while this one never re-seeds); then Publish and Unpublish answer
+/// UNAVAILABLE naming the flag, Probe says not ready, and the log says why. Catches main.rs not
+/// starting the Lease watch without `--leader-election`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_leader_election_a_lease_held_elsewhere_stops_attachments() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    precreate(dir.path(), &["vol-x"]).await;
+    let args = [
+        "--leader-election-namespace",
+        LEASE_NAMESPACE,
+        "--leader-election-identity",
+        "me",
+    ];
+    let d = Driver::start_kube_in(dir, &c.kubeconfig, &args).await;
+    d.wait_ready().await;
+    let x1 = c.va("pv-x", "vol-x", "n1", false, Duration::ZERO);
+    d.publish("vol-x", "n1", rwo()).await.unwrap();
+    c.attach(&x1);
+    c.lease("me", 15);
+    let _renewing = c.keep_renewing(Duration::from_secs(2));
+    d.publish("vol-x", "n1", rwo())
+        .await
+        .expect("this pod's csi-attacher leads: still served");
+
+    c.move_lease("other");
+    eventually("attachments refused", || async {
+        matches!(d.unpublish("vol-x", "n1").await,
+            Err(s) if s.code() == Code::Unavailable && s.message().contains("--leader-election"))
+    })
+    .await;
+    let err = d.publish("vol-x", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(!d.ready().await, "not ready until restarted");
+    d.wait_for_log("held by another pod").await;
+    assert!(not_active(&d.unpublish("vol-x", "n1").await));
+}

@@ -1134,7 +1134,7 @@ async fn seeding_pages_through_many_volume_attachments() {
             .all(|p| p.get("limit").map(String::as_str) == Some("500")),
         "{pages:?}"
     );
-    let all = http_get(&format!("{}/debug/attachments", d.metrics_url().await)).await;
+    let all = http_get(&format!("{}/debug/attachments", d.debug_url().await)).await;
     let all: Value = serde_json::from_str(&all).unwrap();
     assert_eq!(all["count"], VOLUMES);
     assert_eq!(

@@ -37,6 +37,8 @@ fn spawn_auto(dir: &Path, service_account_dir: &Path, env: &[(&str, &str)]) -> C
             "auto",
             "--metrics-address",
             "",
+            "--debug-address",
+            "",
         ])
         .arg("--file-root")
         .arg(dir.join("volumes"))

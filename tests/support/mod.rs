@@ -177,6 +177,11 @@ impl Driver {
             } else {
                 &["--metrics-address", "127.0.0.1:0"][..]
             })
+            .args(if extra.contains(&"--debug-address") {
+                &[][..]
+            } else {
+                &["--debug-address", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("RDS_CSI_KNOWN_NODES", known.join(","))
             .env("RUST_LOG", "info")
@@ -229,12 +234,22 @@ impl Driver {
 
     /// The metrics address the driver logged at start.
     pub async fn metrics_url(&self) -> String {
-        self.wait_for_log("serving /metrics").await;
+        self.logged_url("serving /metrics").await
+    }
+
+    /// The address of `/debug/attachments` the driver logged at start.
+    pub async fn debug_url(&self) -> String {
+        self.logged_url("serving /debug/attachments").await
+    }
+
+    /// `http://` and the address logged on the line saying `what`.
+    async fn logged_url(&self, what: &str) -> String {
+        self.wait_for_log(what).await;
         let log = self.own_log();
         let line = log
             .lines()
-            .find(|l| l.contains("serving /metrics"))
-            .expect("metrics address logged");
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("{what:?} logged"));
         let addr = match serde_json::from_str::<serde_json::Value>(line) {
             Ok(json) => json["fields"]["address"].as_str().unwrap().to_string(),
             Err(_) => line
@@ -384,7 +399,7 @@ impl Driver {
     pub async fn debug(&self, volume: &str) -> serde_json::Value {
         let body = http_get(&format!(
             "{}/debug/attachments?volume={volume}",
-            self.metrics_url().await
+            self.debug_url().await
         ))
         .await;
         serde_json::from_str(&body).unwrap()
