@@ -123,7 +123,7 @@ struct Args {
     metrics_address: String,
     /// Address for /debug/attachments (a controller's attachment state, nodes and volumes by
     /// name); empty disables it. Loopback by default: reach it with `kubectl port-forward`.
-    #[arg(long, env = "RDS_CSI_DEBUG_ADDRESS", default_value = "127.0.0.1:9810")]
+    #[arg(long, env = "RDS_CSI_DEBUG_ADDRESS", default_value = "127.0.0.1:9811")]
     debug_address: String,
     /// Use the Kubernetes API: auto (when a config is found; an error when none is but this runs
     /// in a pod), on, or off (standalone).

@@ -69,6 +69,7 @@ const LOCAL_FLAGS: &[&str] = &[
     "node-id",         // n1
     "file-root",       // a temporary directory
     "metrics-address", // 127.0.0.1, an ephemeral port
+    "debug-address",   // 127.0.0.1, an ephemeral port
     "node-state-dir",  // a temporary directory
     // The reconcilers' periods, shortened so their passes happen while the test runs.
     "stale-attachment-interval",
@@ -1856,6 +1857,39 @@ fn rendered_storage_classes_are_served_by_the_driver() {
         migration_classes >= 1,
         "no render has a live-migration class"
     );
+}
+
+/// `/debug/attachments` names volumes and nodes: the chart serves it on loopback (reached with
+/// `kubectl port-forward`), never on the metrics port that Prometheus reaches on all
+/// interfaces, and `monitoring.debugAddress` changes it (empty turns it off, as the
+/// no-HA render's values do). Catches the chart dropping `--debug-address` (the driver's own
+/// default is loopback too, but a chart that stops saying so can drift) or exposing it.
+#[test]
+fn the_debug_view_is_on_loopback_unless_the_values_say_otherwise() {
+    let values = read_yaml(&path(&format!("{CHART}/values.yaml"))).remove(0);
+    assert_eq!(values["monitoring"]["debugAddress"], "127.0.0.1:9811");
+    for m in Manifests::all() {
+        let n = &m.name;
+        let driver = container(m.controller(), DRIVER_CONTAINER);
+        let debug = flag(driver, "debug-address");
+        if n.contains("no-ha-no-snapshots") {
+            assert_eq!(debug, "", "{n}: monitoring.debugAddress \"\" turns it off");
+        } else {
+            assert_eq!(debug, "127.0.0.1:9811", "{n}");
+        }
+        let ports: Vec<&Value> = driver["ports"]
+            .as_array()
+            .map_or(vec![], |p| p.iter().collect());
+        assert!(
+            ports.iter().all(|p| p["containerPort"] != 9811),
+            "{n}: the debug port is not a container port: {ports:?}"
+        );
+        let node = container(m.node(), DRIVER_CONTAINER);
+        assert!(
+            !flags(node).contains_key("debug-address"),
+            "{n}: a node plugin has no attachment state to show"
+        );
+    }
 }
 
 /// Defaults the chart leaves to the driver are the driver's: the chart passes
