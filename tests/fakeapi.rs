@@ -262,6 +262,57 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 // Raw HTTP
 // ------------------------------------------------------------------------------------------
 
+/// The benchmarks' list cache (`cache_lists`): a list is answered again from its first answer,
+/// resourceVersion included, while nothing of its type is written, so writes to another type
+/// (a Lease renewed) keep it; a write of its type answers afresh. A watch from the cached
+/// resourceVersion still starts (it is not compacted) and sees the type's later events.
+#[tokio::test]
+async fn cached_lists_stay_valid_until_their_type_is_written() {
+    let s = FakeApiServer::start().await;
+    s.create("volumeattachments", va("va-a")).unwrap();
+    s.cache_lists(true);
+    let first = get(&s, &format!("{VA}?limit=100")).await.body;
+    s.create(
+        "leases",
+        json!({"metadata": {"name": "l", "namespace": "ns"}, "spec": {"holderIdentity": "x"}}),
+    )
+    .unwrap();
+    let again = get(&s, &format!("{VA}?limit=100")).await.body;
+    assert_eq!(
+        again, first,
+        "a Lease write keeps the VolumeAttachment list"
+    );
+    let rv: Value = serde_json::from_str(&first).unwrap();
+    let rv = rv["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.create("volumeattachments", va("va-b")).unwrap();
+    let fresh = get(&s, &format!("{VA}?limit=100")).await.json();
+    assert_eq!(
+        names(&fresh),
+        ["va-a", "va-b"],
+        "a write of its type is seen"
+    );
+    let watch = get(
+        &s,
+        &format!("{VA}?watch=true&resourceVersion={rv}&timeoutSeconds=1"),
+    )
+    .await;
+    assert_eq!(watch.status, 200, "{}", watch.body);
+    let added: Vec<_> = watch
+        .events()
+        .iter()
+        .filter(|e| e["type"] == "ADDED")
+        .map(|e| e["object"]["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(
+        added,
+        [json!("va-b")],
+        "the watch from the cached version sees the later write"
+    );
+}
+
 #[tokio::test]
 async fn list_paginates_over_a_consistent_snapshot() {
     let s = FakeApiServer::start().await;
