@@ -187,16 +187,17 @@ async fn health_grpc_metrics_and_json_logs() {
         ),
         None
     );
-    // The one TCP socket the driver listens on is the metrics endpoint it logged (the CSI
-    // endpoint is a unix socket); the disabled case below relies on this way of looking.
-    let listening = tcp_listeners(d.pid());
-    assert_eq!(
-        listening
-            .iter()
-            .map(|a| format!("http://{a}"))
-            .collect::<Vec<_>>(),
-        [base.as_str()]
-    );
+    // The TCP sockets the driver listens on are the metrics endpoint and the debug view it
+    // logged (the CSI endpoint is a unix socket); the disabled case below relies on this way
+    // of looking.
+    let mut listening: Vec<String> = tcp_listeners(d.pid())
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .collect();
+    listening.sort();
+    let mut logged = vec![base.clone(), d.debug_url().await];
+    logged.sort();
+    assert_eq!(listening, logged);
 
     let log = d.wait_for_log("publish refused").await;
     let lines: Vec<serde_json::Value> = log
@@ -218,16 +219,14 @@ async fn health_grpc_metrics_and_json_logs() {
 
 #[tokio::test]
 async fn an_empty_metrics_address_disables_the_endpoint() {
-    let d = Driver::start(&[], &["--metrics-address", ""]).await;
+    let d = Driver::start(&[], &["--metrics-address", "", "--debug-address", ""]).await;
     d.identity()
         .probe(rds_csi::csi::ProbeRequest {})
         .await
         .unwrap();
     // "serving CSI" is logged after where the metrics address would be.
-    assert!(!d
-        .wait_for_log("serving CSI")
-        .await
-        .contains("serving /metrics"));
+    let log = d.wait_for_log("serving CSI").await;
+    assert!(!log.contains("serving /metrics") && !log.contains("serving /debug"));
     // Nothing to connect to: the process listens on no TCP port at all...
     assert_eq!(tcp_listeners(d.pid()), []);
     // ...and in particular not on the default address: a connection there is refused, or
