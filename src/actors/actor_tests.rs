@@ -887,3 +887,59 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
             .expect("re-seeded: no longer poisoned");
     });
 }
+
+/// A stale drop carries the instant just before its Node's 404 GET was sent, and only holders
+/// older than it go: x (parked, attached long before) is woken and dropped, y (attached to the
+/// same node name after that instant: the Node re-registered and a Publish answered OK) keeps
+/// its holder, and p (seeded after that instant) is not even woken. Catches
+/// `a.confirmed_at < asked_at` in `VolumeState::drop_stale` (y would be dropped) and
+/// `p.attached_at < gone.asked_at` in the supervisor's `ClearStale` (p would be woken).
+#[test]
+fn a_stale_drop_keeps_holders_attached_after_the_404() {
+    use super::messages::{ClearStale, GoneNode, Seed};
+    use crate::domain::AccessClass::Exclusive;
+    paused(|| async {
+        let h = harness(&["x", "y", "p"]).await;
+        let supervisor = h.router.supervisor().clone();
+        supervisor
+            .send(Seed(vec![seed_volume("x", &[("a", 100)], Exclusive)]))
+            .await
+            .unwrap();
+        let asked_at = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.router
+            .send(&vol("y"), publish("a", exclusive()))
+            .await
+            .unwrap();
+        supervisor
+            .send(Seed(vec![seed_volume("p", &[("a", 0)], Exclusive)]))
+            .await
+            .unwrap();
+        assert_eq!(h.metrics.parked_volumes.get(), 2);
+
+        let gone = GoneNode {
+            node: NodeId::try_from("a").unwrap(),
+            asked_at,
+        };
+        supervisor.send(ClearStale(gone)).await.unwrap();
+        let holders = |v: &'static str| {
+            let router = h.router.clone();
+            async move {
+                router
+                    .send(&vol(v), Describe)
+                    .await
+                    .unwrap()
+                    .map_or(0, |view| view["nodes"].as_array().unwrap().len())
+            }
+        };
+        assert_eq!(holders("x").await, 0, "attached before the GET: dropped");
+        assert_eq!(
+            holders("y").await,
+            1,
+            "attached after the GET was sent: kept"
+        );
+        assert_eq!(h.metrics.stale_cleared_total.get(), 1);
+        assert_eq!(h.metrics.parked_volumes.get(), 1, "p stays parked");
+        assert_eq!(holders("p").await, 1);
+    });
+}

@@ -144,16 +144,27 @@ pub struct HolderNodes {
 #[rtype(result = "Vec<NodeId>")]
 pub struct Holders;
 
-/// Supervisor: these nodes' Node objects are confirmed deleted (a live GET answered 404). Sends
-/// [`DropStale`] to every live actor and to the parked volumes those nodes hold (woken for it).
-/// Answers how many volumes it was sent to.
+/// A Node confirmed deleted: a live GET of it answered 404. `asked_at` is the monotonic instant
+/// taken just before that GET was sent. Only an attachment confirmed strictly before it is
+/// certainly older than the 404; one made (or answered OK again) at or after it may belong to a
+/// Node that re-registered under the same name meanwhile, and is kept (rules, High
+/// availability: "only attachments made before that 404 was seen").
+#[derive(Clone, Debug)]
+pub struct GoneNode {
+    pub node: NodeId,
+    pub asked_at: tokio::time::Instant,
+}
+
+/// Supervisor: one node's Node object is confirmed deleted. Wakes the parked volumes it held
+/// from before `asked_at`, and sends [`DropStale`] to every live actor. Answers how many actors
+/// it was sent to; ignored (0) while dismissed.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "usize")]
-pub struct ClearStale(pub std::sync::Arc<Vec<NodeId>>);
+pub struct ClearStale(pub GoneNode);
 
-/// Volume actor: drop any of these nodes that holds the volume, as rule 5.1 does (counted once,
-/// StaleAttachmentCleared posted, a migration involving it resolved). A volume none of them
-/// holds is untouched.
+/// Volume actor: drop the node if it holds the volume from before `asked_at`, as rule 5.1 does
+/// (counted once, StaleAttachmentCleared posted, a migration involving it resolved). A volume
+/// the node does not hold, or holds from `asked_at` on, is untouched.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "()")]
-pub struct DropStale(pub std::sync::Arc<Vec<NodeId>>);
+pub struct DropStale(pub GoneNode);

@@ -77,6 +77,7 @@ impl Parked {
         let holder = Attachment {
             node: self.node.clone(),
             attached_at: self.attached_at,
+            confirmed_at: self.attached_at,
             attached_wall: self.attached_wall,
             recorded_instant: self.recorded_instant,
             class: self.class,
@@ -405,6 +406,7 @@ impl Handler<Seed> for Supervisor {
                 .map(|h| Attachment {
                     node: h.node,
                     attached_at: monotonic(h.attached),
+                    confirmed_at: monotonic(h.attached),
                     attached_wall: h.attached,
                     recorded_instant: h.recorded_instant,
                     class: v.class,
@@ -474,6 +476,9 @@ impl Handler<ListHolders> for Supervisor {
 impl Handler<ClearStale> for Supervisor {
     type Result = usize;
 
+    /// A parked volume is woken only if its holder is the gone node and was attached before the
+    /// 404's GET was sent (a parked record is confirmed at its attach: any later Publish woke
+    /// it); its actor then makes the same check as every live one.
     fn handle(&mut self, ClearStale(gone): ClearStale, ctx: &mut Context<Self>) -> usize {
         if self.dismissed {
             return 0;
@@ -481,7 +486,7 @@ impl Handler<ClearStale> for Supervisor {
         let held: Vec<VolumeId> = self
             .parked
             .iter()
-            .filter(|(_, p)| gone.contains(&p.node))
+            .filter(|(_, p)| p.node == gone.node && p.attached_at < gone.asked_at)
             .map(|(v, _)| v.clone())
             .collect();
         for volume in &held {

@@ -701,17 +701,15 @@ impl Handler<DropStale> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, DropStale(gone): DropStale, ctx: &mut Context<Self>) {
-        if self.retired || !gone.iter().any(|n| self.state.holds(n)) {
+        if self.retired || !self.state.holds(&gone.node) {
             return;
         }
         let before = self.class_label();
         let was_attached = !self.state.nodes().is_empty();
         let holders_before = self.holders();
-        let now = Instant::now();
-        let effects: Vec<Effect> = gone
-            .iter()
-            .flat_map(|node| self.state.drop_holder(node, DropReason::Stale, now))
-            .collect();
+        let effects = self
+            .state
+            .drop_stale(&gone.node, gone.asked_at, Instant::now());
         self.apply(effects);
         self.release_dropped(&holders_before);
         self.track(before, was_attached);
