@@ -424,7 +424,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     })?,
                 };
                 let name = leader_election_lease.unwrap_or_else(|| lease::lease_name(&driver_name));
-                Some(LeaderFlags { namespace, name, identity })
+                Some(LeaderFlags { namespace, name, identity: lease::HolderIdentity::of(&identity) })
             }
         };
         match &client {
@@ -639,7 +639,8 @@ async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Me
 struct LeaderFlags {
     namespace: String,
     name: String,
-    identity: String,
+    /// As the csi-attacher writes it into the Lease (sanitized).
+    identity: lease::HolderIdentity,
 }
 
 /// The reconcilers' flags.

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::kube::lease::{
-    assess, LeaseSource, Seen, TermKey, Verdict, Why, QUIET_DEFAULT, SKEW_MARGIN,
+    assess, HolderIdentity, LeaseSource, Seen, TermKey, Verdict, Why, QUIET_DEFAULT, SKEW_MARGIN,
 };
 use crate::metrics::Metrics;
 use crate::Error;
@@ -252,7 +252,7 @@ pub async fn follow(
     role: Arc<Role>,
     lease: Arc<dyn LeaseSource>,
     takeover: Arc<dyn Takeover>,
-    identity: String,
+    identity: HolderIdentity,
     clock: WallClock,
 ) {
     let rx = lease.subscribe();
@@ -292,7 +292,7 @@ struct Follower {
     role: Arc<Role>,
     lease: Arc<dyn LeaseSource>,
     takeover: Arc<dyn Takeover>,
-    identity: String,
+    identity: HolderIdentity,
     clock: WallClock,
     rx: tokio::sync::watch::Receiver<Option<Seen>>,
     serving: Option<Serving>,

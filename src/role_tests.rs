@@ -180,7 +180,7 @@ fn start(gated: bool) -> Harness {
         role.clone(),
         lease.clone(),
         takeover.clone(),
-        "me".into(),
+        crate::kube::lease::HolderIdentity::of("me"),
         clock.wall(),
     ));
     Harness {

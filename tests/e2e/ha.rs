@@ -363,6 +363,26 @@ async fn an_answer_decided_across_a_lease_move_is_never_ok() {
         .expect("b, seeded after n1's VolumeAttachment went, sees no holder");
 }
 
+// ---- The holder as the csi-attacher writes it -------------------------------------------------
+
+/// csi-lib-utils sanitizes the identity before writing it as the Lease's holder: a pod whose
+/// name has a `.` (`ctrl-0.rds`) is held as `ctrl-0-rds`. The driver with that identity serves.
+/// Catches the comparison of the raw identity in `lease::assess`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_naming_the_sanitized_identity_makes_its_pod_active() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    c.lease("ctrl-0-rds", 3600);
+    let d = start_ha(&c, "ctrl-0.rds", &["vol-x"], &[]).await;
+    eventually("the pod named by the sanitized holder serves", || {
+        is_active(&d)
+    })
+    .await;
+    let x1 = c.va("pv-x", "vol-x", "n1", false, Duration::ZERO);
+    d.publish("vol-x", "n1", rwo()).await.unwrap();
+    c.attach(&x1);
+}
+
 // ---- The expired Lease whose holder did not change ------------------------------------------
 
 /// The holder's csi-attacher stops renewing (it died, or cannot reach the API): once the Lease
