@@ -43,7 +43,7 @@ use rds_csi::node::plugin::NodeDeps;
 use rds_csi::node::reconciler::NodeReconciler;
 use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
-use rds_csi::reconcile::orphan::{OrphanConfig, OrphanVolumes};
+use rds_csi::reconcile::orphan::{self, OrphanConfig, OrphanVolumes};
 use rds_csi::reconcile::stale::StaleAttachments;
 use rds_csi::role::{self, Role, Takeover};
 use rds_csi::telemetry::{self, LogFormat};
@@ -256,6 +256,10 @@ struct Args {
     /// Without it orphans are only reported.
     #[arg(long, env = "RDS_CSI_ORPHAN_DELETE")]
     orphan_delete: bool,
+    /// The shortest --orphan-grace that --orphan-delete accepts [default: 1h]. A test seam (the
+    /// end-to-end tests watch a deletion in seconds); lowering it is logged as a warning.
+    #[arg(long, env = "RDS_CSI_ORPHAN_GRACE_MINIMUM", value_parser = humantime::parse_duration, hide = true)]
+    orphan_grace_minimum: Option<Duration>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -319,6 +323,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         orphan_interval,
         orphan_grace,
         orphan_delete,
+        orphan_grace_minimum,
     } = args;
     let rds = RdsArgs {
         address: rds_address,
@@ -369,6 +374,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         if period.is_zero() {
             bail!("{flag} must be longer than zero");
         }
+    }
+    let minimum = orphan_grace_minimum.unwrap_or(orphan::MIN_DELETE_GRACE);
+    if minimum < orphan::MIN_DELETE_GRACE {
+        tracing::warn!(minimum = %humantime::format_duration(minimum),
+            "--orphan-grace-minimum is lowered: --orphan-delete may delete a volume whose PersistentVolume is still being written");
+    }
+    if orphan_delete && orphan_grace < minimum {
+        bail!(
+            "--orphan-grace {} is too short for --orphan-delete: the minimum is {} (a volume's \
+             PersistentVolume is written after CreateVolume answers, with retries; a shorter \
+             grace could delete it first)",
+            humantime::format_duration(orphan_grace),
+            humantime::format_duration(minimum)
+        );
     }
     let reconcilers = ReconcilerFlags {
         stale_interval: stale_attachment_interval,

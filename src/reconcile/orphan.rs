@@ -31,6 +31,15 @@ use crate::ids::VolumeId;
 use crate::kube::PvCatalog;
 use crate::metrics::Metrics;
 
+/// The shortest `--orphan-grace` that `--orphan-delete` accepts; the driver refuses to start
+/// with less. The grace is what keeps a volume whose PersistentVolume is still on its way from
+/// being deleted: the external-provisioner writes the PV only after CreateVolume answered,
+/// retrying a failed write with a backoff that tops out at its `--retry-interval-max` (5 minutes
+/// by default), and the PV watch then has
+/// to deliver it. An hour covers that several times over, and a short API outage besides; a
+/// grace of seconds (or `0s`) would delete such a volume at the next pass.
+pub const MIN_DELETE_GRACE: Duration = Duration::from_secs(3600);
+
 /// `--orphan-interval`, `--orphan-grace`, `--orphan-delete`.
 #[derive(Clone, Copy, Debug)]
 pub struct OrphanConfig {

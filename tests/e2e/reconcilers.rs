@@ -241,6 +241,45 @@ async fn orphan_volumes_are_reported_and_kept_in_dry_run() {
         .any(|l| l.contains("orphan") && l.contains("vol-kept")));
 }
 
+/// `--orphan-delete` refuses a grace shorter than an hour at start, naming the flag and the
+/// minimum, and serves nothing; a dry run takes any grace. Catches the minimum check in
+/// `main.rs`'s `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_delete_refuses_a_grace_below_the_minimum_at_start() {
+    let c = Cluster::new(&["n1"]).await;
+    for grace in ["0s", "59m"] {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi.sock");
+        let args = [
+            "--kubernetes",
+            "on",
+            "--orphan-delete",
+            "--orphan-grace",
+            grace,
+        ];
+        let mut child = Driver::spawn_with(dir.path(), &socket, &[], &args, Some(&c.kubeconfig));
+        let mut status = None;
+        eventually("the driver exits", || {
+            status = child.try_wait().unwrap();
+            std::future::ready(status.is_some())
+        })
+        .await;
+        assert!(!status.unwrap().success(), "{grace}");
+        let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+        assert!(
+            log.contains(&format!(
+                "--orphan-grace {grace} is too short for --orphan-delete"
+            )) && log.contains("the minimum is 1h"),
+            "{grace}: {log}"
+        );
+        assert!(!socket.exists(), "{grace}: served nothing");
+    }
+    let d = Driver::start_kube(&c.kubeconfig, &["--orphan-grace", "0s"]).await;
+    d.wait_ready().await;
+    let d = Driver::start_kube(&c.kubeconfig, &["--orphan-grace", "1h", "--orphan-delete"]).await;
+    d.wait_ready().await;
+}
+
 /// Delete mode: the orphan goes once its grace has passed; a volume whose PV the driver's cache
 /// missed (the watch was told it was deleted; it exists) is past the grace by the cache and
 /// still never deleted, because a live list of PVs comes first; a volume with a PV is never
@@ -264,6 +303,8 @@ async fn orphan_delete_deletes_past_the_grace_and_never_a_volume_with_a_pv() {
             "1s",
             "--orphan-grace",
             "3s",
+            "--orphan-grace-minimum",
+            "0s",
             "--orphan-delete",
         ],
     )
