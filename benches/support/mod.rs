@@ -71,6 +71,9 @@ impl VolumeBackend for MemBackend {
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
         Ok(Vec::new())
     }
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        Ok(Vec::new())
+    }
     async fn capacity(&self) -> Result<u64, BackendError> {
         Ok(u64::MAX)
     }

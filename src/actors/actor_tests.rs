@@ -714,6 +714,9 @@ impl VolumeBackend for StallingBackend {
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
         Ok(self.volumes.read().await.values().cloned().collect())
     }
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        self.list().await
+    }
     async fn capacity(&self) -> Result<u64, BackendError> {
         Ok(u64::MAX)
     }

@@ -2,6 +2,11 @@
 //! (log, `rds_csi_orphan_volumes`) once a volume has had no PV for longer than the grace, and
 //! deleted only in delete mode; dry run is the default.
 //!
+//! Candidates are only this driver instance's volumes ([`VolumeBackend::list_owned`]: on RDS,
+//! the disks under its `--rds-volume-path` with its `--rds-nqn-prefix`). Another cluster or
+//! driver instance on the same storage has PVs this one never sees, so its volumes would all
+//! look orphaned here.
+//!
 //! Why a volume with a PV is never deleted, including one whose PV is being created
 //! (CreateVolume answered, the external-provisioner about to write the PV):
 //! - the grace runs from when *this process* first saw the volume without a PV, which is never
@@ -144,7 +149,7 @@ impl OrphanVolumes {
     /// One pass. Returns false if the backend or the live PV list could not be read (nothing
     /// is deleted then).
     pub async fn pass(&self, tracker: &mut Tracker) -> bool {
-        let volumes = match self.backend.list().await {
+        let volumes = match self.backend.list_owned().await {
             Ok(list) => list.into_iter().map(|v| v.id).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(error = %e, "orphan volumes: cannot list the backend's volumes");
