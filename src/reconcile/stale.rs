@@ -343,19 +343,26 @@ mod tests {
         }
     }
 
-    /// The order is forced: the pass sends n1's GET (a on n1 is its only holder), then, before
-    /// the 404 comes back and is cleared, n1 re-registers and a Publish attaches b to n1. The
+    /// On tokio's paused clock, the order is forced: the pass sends n1's GET (a on n1 is its
+    /// only holder), a second passes, then, before the 404 comes back and is cleared, n1
+    /// re-registers and a Publish attaches b to n1, and a second later the 404 comes back. The
     /// pass drops a (attached before the GET) and keeps b, which Publish answered OK after it.
-    /// Catches the instant taken before the GET in `clear_if_gone_one` travelling to
-    /// `VolumeState::drop_stale`'s `a.confirmed_at < asked_at`: without that comparison the
-    /// clear drops every holder named n1, b included, and b looks free.
+    /// Catches `VolumeState::drop_stale`'s `a.confirmed_at < asked_at` (without it the clear
+    /// drops every holder named n1, b included, and b looks free) and `asked_at` taken before
+    /// the GET in `clear_if_gone_one` (taken after it, b is older and dropped).
     #[test]
     fn a_publish_between_the_404_and_its_clear_keeps_its_holder() {
         use crate::actors::messages::Publish;
         use crate::actors::state::PublishRequest;
         use crate::backend::{CreateRequest, VolumeBackend};
         use crate::domain::{AccessMode, Capability};
-        let system = actix_rt::System::new();
+        let system = actix_rt::System::with_tokio_rt(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        });
         system.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
@@ -410,6 +417,7 @@ mod tests {
             };
             let pass = tokio::spawn(async move { reconciler.pass().await });
             liveness.sent.wait().await;
+            tokio::time::advance(Duration::from_secs(1)).await;
 
             let router = Router::new(supervisor, Duration::from_secs(5));
             let publish = Publish(PublishRequest {
@@ -419,6 +427,7 @@ mod tests {
                 migration_timeout: Duration::from_secs(60),
             });
             router.send(&vol("b"), publish).await.unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
             liveness.answer.wait().await;
             assert!(pass.await.unwrap(), "the pass succeeded");
 
