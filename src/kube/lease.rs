@@ -206,9 +206,9 @@ impl std::fmt::Display for Why {
 
 /// What `lease` (first seen at `seen`) makes controller `me` at `now`.
 ///
-/// Active exactly while the Lease's holder is `me` (sanitized, as the csi-attacher wrote it) and `min(renewTime, seen) + leaseDurationSeconds -
-/// margin` is ahead. `seen` caps a renewTime in the future (a skewed clock) at the moment we
-/// learned of it. An expired Lease still naming `me` is a standby: another csi-attacher may take
+/// Active exactly while the Lease's holder is `me` (sanitized, as the csi-attacher wrote it)
+/// and `min(renewTime, seen) + leaseDurationSeconds - margin` is ahead. `seen` caps a renewTime
+/// in the future (a skewed clock) at the moment we learned of it. An expired Lease still naming `me` is a standby: another csi-attacher may take
 /// it at any moment, and its acquisition may be what we have not seen yet.
 pub fn assess(
     lease: Option<&LeaseView>,
