@@ -10,7 +10,8 @@
 //! The rules, in the order they matter:
 //! - ControllerPublish and ControllerUnpublish are served only while active ([`Role::admit`]),
 //!   and an answer is given only if the term it was decided in still holds ([`Role::confirm`]):
-//!   a controller never answers OK after its Lease could have passed to another pod.
+//!   a controller never answers OK after its Lease could have passed to another pod. The
+//!   [`Term`] travels with the call to the volume actor, which refuses a call of another term.
 //! - A term begins by dropping whatever state the process held and re-seeding from the
 //!   VolumeAttachments, failing closed (UNAVAILABLE) until that is done; A → B → A re-seeds too.
 //! - Stepping down needs no confirmation; stepping up is confirmed by a live read of the Lease.
@@ -40,9 +41,23 @@ pub enum Phase {
 }
 
 /// One period of serving attachments. A call admitted in one term is answered only if that term
-/// still holds.
+/// still holds, and it travels with the call to the supervisor and the volume actor, which refuse
+/// it (UNAVAILABLE, nothing changed) once they serve another term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Term(u64);
+
+impl Term {
+    /// The first term a [`Role`] begins, and the only one of a standalone controller: a new
+    /// supervisor serves it until a [`crate::actors::messages::Dismiss`] or a seeding says
+    /// otherwise.
+    pub const FIRST: Term = Term(1);
+
+    /// The term after this one, as the role's next [`Takeover::seed`] would see it.
+    #[cfg(test)]
+    pub(crate) fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
 
 /// How DeleteVolume decides "still published?".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,6 +221,7 @@ impl Role {
     /// No cluster: nothing to rebuild and nobody to defer to; active for good.
     pub fn serve_standalone(&self, since: std::time::Instant) {
         let term = self.begin();
+        debug_assert_eq!(term, Term::FIRST);
         self.serve(term, None, since);
     }
 
@@ -222,19 +238,19 @@ pub trait Takeover: Send + Sync + 'static {
     /// Drops all attachment state: every volume actor stops, nothing is evented or annotated
     /// (a controller standing down is not a detach).
     async fn dismiss(&self);
-    /// Rebuilds attachment state from the VolumeAttachments, exactly as at boot; returns once
-    /// done (retrying its reads meanwhile).
-    async fn seed(&self);
-    /// The reconcilers of an active term; aborted when the term ends.
-    fn start_reconcilers(&self) -> Vec<JoinHandle<()>>;
+    /// Rebuilds attachment state for `term` from the VolumeAttachments, exactly as at boot;
+    /// returns once done (retrying its reads meanwhile).
+    async fn seed(&self, term: Term);
+    /// The reconcilers of the active `term`; aborted when it ends.
+    fn start_reconcilers(&self, term: Term) -> Vec<JoinHandle<()>>;
 }
 
 /// Without leader election: one term, for the life of the process, once seeded.
 pub async fn serve_always(role: Arc<Role>, takeover: Arc<dyn Takeover>, since: std::time::Instant) {
     let term = role.begin();
-    takeover.seed().await;
+    takeover.seed(term).await;
     role.serve(term, None, since);
-    for task in takeover.start_reconcilers() {
+    for task in takeover.start_reconcilers(term) {
         drop(task);
     }
 }
@@ -403,7 +419,7 @@ impl Follower {
         self.takeover.dismiss().await;
         let takeover = self.takeover.clone();
         let abandoned = {
-            let seeding = takeover.seed();
+            let seeding = takeover.seed(term);
             tokio::pin!(seeding);
             loop {
                 tokio::select! {
@@ -445,7 +461,7 @@ impl Follower {
             seconds = began.elapsed().as_secs_f64(),
             "active: attachment state rebuilt; serving ControllerPublish/Unpublish"
         );
-        let tasks = self.takeover.start_reconcilers();
+        let tasks = self.takeover.start_reconcilers(term);
         self.serving = Some(Serving { term, key, tasks });
         true
     }

@@ -131,7 +131,7 @@ impl Takeover for Recorder {
         self.log.lock().unwrap().push("dismiss");
     }
 
-    async fn seed(&self) {
+    async fn seed(&self, _term: Term) {
         self.log.lock().unwrap().push("seed");
         if let Some(gate) = &self.gate {
             gate.acquire().await.unwrap().forget();
@@ -139,7 +139,7 @@ impl Takeover for Recorder {
         self.log.lock().unwrap().push("seeded");
     }
 
-    fn start_reconcilers(&self) -> Vec<JoinHandle<()>> {
+    fn start_reconcilers(&self, _term: Term) -> Vec<JoinHandle<()>> {
         self.log.lock().unwrap().push("reconcilers");
         self.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.running.clone());

@@ -19,7 +19,7 @@ use crate::ids::{NodeId, VolumeId};
 use crate::kube::{AttachmentAuthority, ClusterSink, NodeDirectory};
 use crate::metrics::Metrics;
 use crate::Error;
-use messages::{Route, ShareAddresses, Traced};
+use messages::{InTerm, Route, ShareAddresses, Traced};
 use supervisor::Supervisor;
 use volume::VolumeActor;
 
@@ -165,10 +165,18 @@ impl Router {
             .cloned()
     }
 
-    async fn route(&self, volume: &VolumeId) -> Result<Addr<VolumeActor>, Error> {
+    async fn route(
+        &self,
+        volume: &VolumeId,
+        term: Option<crate::role::Term>,
+    ) -> Result<Addr<VolumeActor>, Error> {
+        let route = Route {
+            volume: volume.clone(),
+            term,
+        };
         let addr = self
             .supervisor
-            .send(Route(volume.clone()))
+            .send(route)
             .await
             .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))??;
         self.known
@@ -184,12 +192,13 @@ impl Router {
 
     /// Delivers `msg` to the volume's actor and returns its answer. A message that meets an
     /// actor being reaped (mailbox closed, or `Error::Retired`) is retried through the
-    /// supervisor, which starts a fresh actor: it is never lost. Errors: `Unavailable` if the
-    /// supervisor is gone or the volume is poisoned (its actor died; final, not retried),
-    /// `DeadlineExceeded` if the actor does not answer in time.
+    /// supervisor, which starts a fresh actor: it is never lost. The supervisor routes it only
+    /// in the message's term. Errors: `Unavailable` if the supervisor is gone or the volume is poisoned (its actor
+    /// died; final, not retried), `NotActive` if the supervisor or the actor serves another term
+    /// (final), `DeadlineExceeded` if the actor does not answer in time.
     pub async fn send<M, T>(&self, volume: &VolumeId, msg: M) -> Result<T, Error>
     where
-        M: Message<Result = Result<T, Error>> + Clone + Send + 'static,
+        M: Message<Result = Result<T, Error>> + InTerm + Clone + Send + 'static,
         T: Send + 'static,
         VolumeActor: Handler<M> + Handler<Traced<M>>,
         <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, Traced<M>>,
@@ -199,7 +208,7 @@ impl Router {
         for _ in 0..MAX_ROUTE_ATTEMPTS {
             let addr = match next.take() {
                 Some(addr) => addr,
-                None => self.route(volume).await?,
+                None => self.route(volume, msg.term()).await?,
             };
             let traced = Traced {
                 msg: msg.clone(),

@@ -7,6 +7,9 @@
 //!
 //! Publish asks the backend about its volume once, then answers from what it kept: the volume
 //! is deleted only through this actor, so what it kept is true until its own Delete.
+//!
+//! Each actor serves one term of this controller (see [`crate::role`]): a Publish, Unpublish or
+//! Delete admitted in another term is refused with UNAVAILABLE before anything changes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +23,13 @@ use super::messages::{
     Delete, Describe, DropStale, GraceExpired, Holders, MigrationTimeout, Publish, Published,
     Reaped, StandDown, Traced, Unpublish,
 };
-use super::state::{DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
+use super::state::{DropReason, Effect, MigrationResult, VolumeState};
+use super::supervisor::other_term;
 use super::{VolumeDeps, LIVE_CHECK_BUDGET};
 use crate::domain::{attach_instant_text, PUBLISH_ATTACHED_AT_KEY, PUBLISH_READONLY_KEY};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::{ClusterEvent, HolderStatus};
+use crate::role::Term;
 use crate::Error;
 
 /// At most one AttachmentConflict event per volume per this interval.
@@ -48,6 +53,8 @@ impl Retirement {
 
 pub struct VolumeActor {
     id: VolumeId,
+    /// The term this actor serves; messages of any other are refused.
+    term: Term,
     state: VolumeState,
     deps: Arc<VolumeDeps>,
     supervisor: Recipient<Reaped>,
@@ -71,12 +78,14 @@ pub struct VolumeActor {
 impl VolumeActor {
     pub fn new(
         id: VolumeId,
+        term: Term,
         state: VolumeState,
         deps: Arc<VolumeDeps>,
         supervisor: Recipient<Reaped>,
     ) -> Self {
         Self {
             id,
+            term,
             state,
             deps,
             supervisor,
@@ -95,12 +104,13 @@ impl VolumeActor {
     /// flight, over-attachment) and are applied when it starts.
     pub fn seeded(
         id: VolumeId,
+        term: Term,
         state: VolumeState,
         effects: Vec<Effect>,
         deps: Arc<VolumeDeps>,
         supervisor: Recipient<Reaped>,
     ) -> Self {
-        let mut actor = Self::new(id, state, deps, supervisor);
+        let mut actor = Self::new(id, term, state, deps, supervisor);
         actor.pending = effects;
         actor
     }
@@ -109,11 +119,12 @@ impl VolumeActor {
     /// by the first message for it.
     pub fn unparked(
         id: VolumeId,
+        term: Term,
         state: VolumeState,
         deps: Arc<VolumeDeps>,
         supervisor: Recipient<Reaped>,
     ) -> Self {
-        let mut actor = Self::new(id, state, deps, supervisor);
+        let mut actor = Self::new(id, term, state, deps, supervisor);
         actor.unparked = true;
         actor
     }
@@ -462,7 +473,7 @@ impl Handler<Traced<Publish>> for VolumeActor {
 
     fn handle(&mut self, traced: Traced<Publish>, _ctx: &mut Context<Self>) -> Self::Result {
         let _entered = traced.span.enter();
-        self.publish(traced.msg.0, traced.sent + LIVE_CHECK_BUDGET)
+        self.publish(traced.msg, traced.sent + LIVE_CHECK_BUDGET)
     }
 }
 
@@ -470,21 +481,25 @@ impl Handler<Traced<Publish>> for VolumeActor {
 impl Handler<Publish> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
-    fn handle(&mut self, Publish(req): Publish, _ctx: &mut Context<Self>) -> Self::Result {
-        self.publish(req, Instant::now() + LIVE_CHECK_BUDGET)
+    fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
+        self.publish(msg, Instant::now() + LIVE_CHECK_BUDGET)
     }
 }
 
 impl VolumeActor {
     /// Runs the checks Publish needs (backend, then the live checks until `deadline`), then the
-    /// rules. Past `deadline` the publish fails closed: UNAVAILABLE, nothing changed.
+    /// rules. A Publish of another term is refused (UNAVAILABLE) before anything; past
+    /// `deadline` the publish fails closed: UNAVAILABLE, nothing changed.
     fn publish(
         &mut self,
-        req: PublishRequest,
+        Publish { req, term }: Publish,
         deadline: Instant,
     ) -> AtomicResponse<Self, Result<Published, Error>> {
         if self.retired {
             return retired();
+        }
+        if term != self.term {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(other_term()))));
         }
         let deps = self.deps.clone();
         let id = self.id.clone();
@@ -573,6 +588,9 @@ impl Handler<Unpublish> for VolumeActor {
         if self.retired {
             return Err(Error::Retired);
         }
+        if msg.term != self.term {
+            return Err(other_term());
+        }
         let before = self.class_label();
         let was_attached = !self.state.nodes().is_empty();
         let holders_before = self.holders();
@@ -588,9 +606,12 @@ impl Handler<Unpublish> for VolumeActor {
 impl Handler<Delete> for VolumeActor {
     type Result = AtomicResponse<Self, Result<(), Error>>;
 
-    fn handle(&mut self, _: Delete, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Delete(term): Delete, _ctx: &mut Context<Self>) -> Self::Result {
         if self.retired {
             return retired();
+        }
+        if term != self.term {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(other_term()))));
         }
         if !self.state.nodes().is_empty() {
             let nodes = self.state.nodes().iter().map(|a| a.node.clone()).collect();

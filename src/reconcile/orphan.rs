@@ -30,6 +30,7 @@ use crate::backend::VolumeBackend;
 use crate::ids::VolumeId;
 use crate::kube::PvCatalog;
 use crate::metrics::Metrics;
+use crate::role::Term;
 
 /// `--orphan-interval`, `--orphan-grace`, `--orphan-delete`.
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +116,8 @@ pub struct OrphanVolumes {
     pub pvs: Arc<dyn PvCatalog>,
     /// Deletions go through the volume actors, like DeleteVolume.
     pub router: Router,
+    /// The term this reconciler runs in: its deletions are refused in any other.
+    pub term: Term,
     pub metrics: Arc<Metrics>,
     pub config: OrphanConfig,
 }
@@ -173,7 +176,7 @@ impl OrphanVolumes {
                             orphans -= 1;
                             continue;
                         }
-                        match self.router.send(volume, Delete).await {
+                        match self.router.send(volume, Delete(self.term)).await {
                             Ok(()) => {
                                 tracing::warn!(volume_id = %volume, "deleted orphan volume");
                                 self.metrics.orphan_deleted.inc();

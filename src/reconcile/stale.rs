@@ -231,11 +231,14 @@ mod tests {
                 order_known: true,
             };
             supervisor
-                .send(Seed(vec![
-                    seed("a", &["n1"], AccessClass::Exclusive),
-                    seed("b", &["n2"], AccessClass::Exclusive),
-                    seed("c", &["n1", "n3"], AccessClass::Migratable),
-                ]))
+                .send(Seed {
+                    term: crate::role::Term::FIRST,
+                    volumes: vec![
+                        seed("a", &["n1"], AccessClass::Exclusive),
+                        seed("b", &["n2"], AccessClass::Exclusive),
+                        seed("c", &["n1", "n3"], AccessClass::Migratable),
+                    ],
+                })
                 .await
                 .unwrap();
             let cluster = Arc::new(Nodes(Mutex::new(HashMap::from([
