@@ -24,8 +24,9 @@ pub trait InTerm {
 /// Idempotent: the same node, capability and readonly answer OK with the same publish_context.
 /// Errors: `VolumeNotFound`/`NodeNotFound` (NOT_FOUND), `AlreadyExists`, `Conflict` and
 /// `MigrationLimit` (FAILED_PRECONDITION), `Unavailable` when a cluster check fails or the
-/// checks outrun [`super::LIVE_CHECK_BUDGET`], `NotActive` (UNAVAILABLE), nothing changed, when
-/// the actor serves another term.
+/// backend read and the checks outrun their deadline ([`super::LIVE_CHECK_BUDGET`], or the
+/// caller's own deadline if sooner), `NotActive` (UNAVAILABLE) when the actor serves another
+/// term. Every refusal changes nothing.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<Published, Error>")]
 pub struct Publish {
@@ -140,12 +141,14 @@ pub struct Listing {
 pub struct Lookup(pub VolumeId);
 
 /// A message with the caller's tracing span, so what the actor logs carries the RPC's span
-/// (volume_id, node_id) although it runs on another thread, and the time the caller first sent
-/// it, from which a Publish's [`super::LIVE_CHECK_BUDGET`] runs.
+/// (volume_id, node_id) although it runs on another thread, the time the caller first sent it,
+/// from which a Publish's [`super::LIVE_CHECK_BUDGET`] runs, and the caller's own gRPC
+/// deadline if it has one ([`crate::deadline::current`]), which that budget never outlasts.
 pub struct Traced<M> {
     pub msg: M,
     pub span: tracing::Span,
     pub sent: tokio::time::Instant,
+    pub reply_by: Option<tokio::time::Instant>,
 }
 
 impl<M: Message> Message for Traced<M> {

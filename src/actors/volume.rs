@@ -9,7 +9,8 @@
 //! is deleted only through this actor, so what it kept is true until its own Delete.
 //!
 //! Each actor serves one term of this controller (see [`crate::role`]): a Publish, Unpublish or
-//! Delete admitted in another term is refused with UNAVAILABLE before anything changes.
+//! Delete admitted in another term is refused with UNAVAILABLE before anything changes. A
+//! Publish's backend read and live checks share one deadline; past it nothing changes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -467,17 +468,20 @@ async fn live_checks(
     Ok(verdicts)
 }
 
-/// Through the Router: the live-check budget runs from when the Router sent it.
+/// Through the Router: the budget runs from when the Router sent it, and ends no later than the
+/// caller's own deadline.
 impl Handler<Traced<Publish>> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
     fn handle(&mut self, traced: Traced<Publish>, _ctx: &mut Context<Self>) -> Self::Result {
         let _entered = traced.span.enter();
-        self.publish(traced.msg, traced.sent + LIVE_CHECK_BUDGET)
+        let budget = traced.sent + LIVE_CHECK_BUDGET;
+        let deadline = traced.reply_by.map_or(budget, |by| by.min(budget));
+        self.publish(traced.msg, deadline)
     }
 }
 
-/// Sent straight to the actor: the live-check budget runs from now.
+/// Sent straight to the actor: the budget runs from now.
 impl Handler<Publish> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
@@ -487,9 +491,9 @@ impl Handler<Publish> for VolumeActor {
 }
 
 impl VolumeActor {
-    /// Runs the checks Publish needs (backend, then the live checks until `deadline`), then the
-    /// rules. A Publish of another term is refused (UNAVAILABLE) before anything; past
-    /// `deadline` the publish fails closed: UNAVAILABLE, nothing changed.
+    /// Runs the checks Publish needs until `deadline` (the backend read and the live checks),
+    /// then the rules. A Publish of another term, an error in any check, or reaching `deadline`
+    /// before the rules ran, fails closed: UNAVAILABLE, nothing changed.
     fn publish(
         &mut self,
         Publish { req, term }: Publish,
@@ -518,18 +522,15 @@ impl VolumeActor {
                     deps.backend.publish_context(&volume)
                 }
             };
-            let live = live_checks(&deps, &id, node, blockers);
-            let verdicts = tokio::time::timeout_at(deadline, live)
-                .await
-                .map_err(|_| {
-                    Error::Unavailable(format!(
-                        "the Kubernetes API did not answer this publish's live checks within \
-                         their {LIVE_CHECK_BUDGET:?} budget; nothing changed, retry"
-                    ))
-                })??;
+            let verdicts = live_checks(&deps, &id, node, blockers).await?;
             Ok((publish_context, verdicts))
         };
-        // The backend's waits (an RDS reconnect) are bounded by this publish's budget too.
+        let checks = async move {
+            tokio::time::timeout_at(deadline, checks)
+                .await
+                .map_err(|_| past_deadline())?
+        };
+        // The backend's waits (an RDS reconnect) know this publish's deadline too.
         let checks = crate::deadline::scope(Some(deadline), checks);
         let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(
@@ -543,6 +544,9 @@ impl VolumeActor {
                         act.publish_context = Some(publish_context.clone());
                     }
                     let now = Instant::now();
+                    if now >= deadline {
+                        return Err(past_deadline());
+                    }
                     let mut effects = Vec::new();
                     for (holder, status) in verdicts {
                         let reason = match status {
@@ -579,6 +583,14 @@ impl VolumeActor {
             },
         )))
     }
+}
+
+/// The answer of a Publish whose deadline passed before its rules ran.
+fn past_deadline() -> Error {
+    Error::Unavailable(format!(
+        "this publish's backend read and live checks did not finish within their budget \
+         ({LIVE_CHECK_BUDGET:?}, or the caller's deadline if sooner); nothing changed, retry"
+    ))
 }
 
 impl Handler<Unpublish> for VolumeActor {
