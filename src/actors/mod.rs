@@ -106,7 +106,8 @@ pub const MAILBOX_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The budget of one Publish: how long it may spend on the backend read of its volume (step 2,
 /// on RDS a pool wait and a command), the Node existence check (step 2: a GET when the Node
-/// projection misses) and every live check of rules 5.1 and 5.2 on every holder, all together.
+/// projection misses), every live check of rules 5.1 and 5.2 on every holder, and the
+/// first-lease-duration check of a holderless volume ("High availability"), all together.
 ///
 /// It is a deadline counted from when the [`Router`] sent the Publish, so time spent queued
 /// behind other messages of the same volume counts too, and never later than the caller's own

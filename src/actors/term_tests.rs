@@ -1,5 +1,8 @@
-//! The term a call was admitted in, and the one deadline of a Publish, at the actor level on
-//! tokio's paused clock (rules, "High availability" and "Limits and readiness").
+//! The term a call was admitted in, the one deadline of a Publish, and the first lease duration
+//! of a term, at the actor level on tokio's paused clock (rules, "High availability" and
+//! "Limits and readiness").
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use tokio::time::Instant;
@@ -8,6 +11,7 @@ use super::*;
 use crate::actors::messages::{Delete, Dismiss};
 use crate::actors::{LIVE_CHECK_BUDGET, MAILBOX_TIMEOUT};
 use crate::domain::AccessClass::Exclusive;
+use crate::kube::{AttachmentAuthority, HolderStatus, KubeError};
 
 /// A volume's holders as [`Describe`] shows them (empty when idle).
 async fn holders_of(router: &Router, volume: &str) -> Vec<String> {
@@ -224,5 +228,217 @@ fn past_the_callers_deadline_a_publish_changes_nothing() {
             .send(&vol("v"), publish("b", rwx()))
             .await
             .expect("with time left, the same publish starts the migration");
+    });
+}
+
+/// A cluster whose live read of a volume's VolumeAttachments shows `attached` (or fails), and
+/// counts how often it was asked. The Nodes in `gone` are deleted (rule 5.1); every other
+/// holder is live.
+struct Elsewhere {
+    attached: Mutex<Result<Vec<NodeId>, String>>,
+    gone: Vec<NodeId>,
+    asked: AtomicUsize,
+}
+
+impl Elsewhere {
+    fn showing(nodes: &[&str]) -> Arc<Self> {
+        let nodes = nodes
+            .iter()
+            .map(|n| NodeId::try_from(*n).unwrap())
+            .collect();
+        Arc::new(Self {
+            attached: Mutex::new(Ok(nodes)),
+            gone: Vec::new(),
+            asked: AtomicUsize::new(0),
+        })
+    }
+
+    fn asked(&self) -> usize {
+        self.asked.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl AttachmentAuthority for Elsewhere {
+    async fn check(&self, _: &VolumeId, node: &NodeId) -> Result<HolderStatus, KubeError> {
+        Ok(if self.gone.contains(node) {
+            HolderStatus::NodeGone
+        } else {
+            HolderStatus::Live
+        })
+    }
+
+    async fn attached_elsewhere(
+        &self,
+        _volume: &VolumeId,
+        node: &NodeId,
+    ) -> Result<Vec<NodeId>, KubeError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        match &*self.attached.lock().unwrap() {
+            Ok(nodes) => Ok(nodes.iter().filter(|n| *n != node).cloned().collect()),
+            Err(message) => Err(KubeError::Api {
+                action: "listing VolumeAttachments".into(),
+                message: message.clone(),
+            }),
+        }
+    }
+}
+
+/// Actors over the file backend with volumes `volumes`, nodes a, b and c, and `authority`.
+async fn harness_asking(volumes: &[&str], authority: Arc<Elsewhere>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
+    for v in volumes {
+        backend.create(create_request(v)).await.unwrap();
+    }
+    let cluster = Arc::new(Standalone::new(
+        ["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap()),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    let deps = Arc::new(VolumeDeps {
+        backend,
+        nodes: cluster.clone(),
+        authority,
+        sink: cluster,
+        metrics: metrics.clone(),
+        grace_period: GRACE,
+        node_limit: super::super::NodeLimit::new(0),
+    });
+    let supervisor = Supervisor::new(deps, Vec::new()).start();
+    Harness {
+        router: Router::new(supervisor, Duration::from_secs(5)),
+        metrics,
+        _dir: dir,
+    }
+}
+
+/// The term as `Role::admit` gives it right after a takeover with a 15 s Lease: its
+/// first-lease-duration window ends 15 s from now.
+fn fresh_term() -> Term {
+    Term::FIRST.rechecked_until(Instant::now() + Duration::from_secs(15))
+}
+
+/// Rules, "High availability": for the first lease duration of a term, a holderless volume is
+/// given to a node only after a live read of its other VolumeAttachments; a node found attached
+/// (an OK of the previous term the seeding list missed) is taken as a holder, as seeding would
+/// take it, and the rules decide: an exclusive volume is refused naming it. The live read is
+/// made once: from then on the volume has a holder.
+///
+/// Catches the removal of the window check (`let recheck = ...` in `VolumeActor::publish`
+/// forced to false): b is then given a volume a holds.
+#[test]
+fn inside_the_first_lease_duration_a_holderless_volume_is_given_only_after_a_live_read() {
+    paused(|| async {
+        let cluster = Elsewhere::showing(&["a"]);
+        let h = harness_asking(&["v"], cluster.clone()).await;
+        let term = fresh_term();
+        let err = h
+            .router
+            .send(&vol("v"), publish_in(term, "b", exclusive()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Conflict { holders, .. } if holders[0].as_str() == "a"),
+            "{err}"
+        );
+        assert_eq!(cluster.asked(), 1);
+        assert_eq!(holders_of(&h.router, "v").await, ["a"]);
+        assert_eq!(
+            h.metrics.attach_total.with_label_values(&["success"]).get(),
+            0
+        );
+        let err = h
+            .router
+            .send(&vol("v"), publish_in(term, "c", exclusive()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+        assert_eq!(cluster.asked(), 1, "the volume has a holder now");
+    });
+}
+
+/// The node found is a holder like any: on a migratable volume the Publish starts a
+/// migration from it.
+#[test]
+fn a_node_found_attached_inside_the_window_is_a_migration_source() {
+    paused(|| async {
+        let cluster = Elsewhere::showing(&["a"]);
+        let h = harness_asking(&["v"], cluster.clone()).await;
+        h.router
+            .send(&vol("v"), publish_in(fresh_term(), "b", rwx()))
+            .await
+            .unwrap();
+        let view = h.router.send(&vol("v"), Describe).await.unwrap().unwrap();
+        assert_eq!(view["migration"]["source"], "a", "{view}");
+        assert_eq!(view["migration"]["target"], "b", "{view}");
+        assert_eq!(h.metrics.active_migrations.get(), 1);
+    });
+}
+
+/// After the window, a holderless volume is given without asking.
+#[test]
+fn after_the_first_lease_duration_a_holderless_volume_is_given_without_asking() {
+    paused(|| async {
+        let cluster = Elsewhere::showing(&["a"]);
+        let h = harness_asking(&["v"], cluster.clone()).await;
+        let term = fresh_term();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        h.router
+            .send(&vol("v"), publish_in(term, "b", exclusive()))
+            .await
+            .unwrap();
+        assert_eq!(cluster.asked(), 0);
+        assert_eq!(holders_of(&h.router, "v").await, ["b"]);
+    });
+}
+
+/// A failed live read inside the window fails closed: UNAVAILABLE, nothing changed.
+///
+/// Catches the error of `attached_elsewhere` ignored (taken as "no other node") in
+/// `VolumeActor::publish`.
+#[test]
+fn a_failed_live_read_inside_the_window_fails_closed() {
+    paused(|| async {
+        let cluster = Arc::new(Elsewhere {
+            attached: Mutex::new(Err("connection refused".into())),
+            gone: Vec::new(),
+            asked: AtomicUsize::new(0),
+        });
+        let h = harness_asking(&["v"], cluster.clone()).await;
+        let err = h
+            .router
+            .send(&vol("v"), publish_in(fresh_term(), "b", exclusive()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("connection refused")),
+            "{err}"
+        );
+        assert_eq!(holders_of(&h.router, "v").await, Vec::<String>::new());
+    });
+}
+
+/// A node found attached goes through rules 5.1 and 5.2 like any holder: the VolumeAttachment
+/// of a deleted Node stays attached until the attach-detach controller removes it, and that
+/// node is dropped as stale, so the Publish is OK.
+///
+/// Catches the nodes found left out of the holders checked (`blockers.extend(found...)` in
+/// `live_checks`): the deleted node would then block the volume for the whole window.
+#[test]
+fn a_node_found_attached_whose_node_is_deleted_is_dropped_as_stale() {
+    paused(|| async {
+        let cluster = Arc::new(Elsewhere {
+            attached: Mutex::new(Ok(vec![NodeId::try_from("a").unwrap()])),
+            gone: vec![NodeId::try_from("a").unwrap()],
+            asked: AtomicUsize::new(0),
+        });
+        let h = harness_asking(&["v"], cluster.clone()).await;
+        h.router
+            .send(&vol("v"), publish_in(fresh_term(), "b", exclusive()))
+            .await
+            .unwrap();
+        assert_eq!(holders_of(&h.router, "v").await, ["b"]);
+        assert_eq!(h.metrics.stale_cleared_total.get(), 1);
+        assert_eq!(cluster.asked(), 1);
     });
 }

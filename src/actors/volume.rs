@@ -24,7 +24,7 @@ use super::messages::{
     Delete, Describe, DropStale, GraceExpired, Holders, MigrationTimeout, Publish, Published,
     Reaped, StandDown, Traced, Unpublish,
 };
-use super::state::{DropReason, Effect, MigrationResult, VolumeState};
+use super::state::{Attachment, DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
 use super::supervisor::other_term;
 use super::{VolumeDeps, LIVE_CHECK_BUDGET};
 use crate::domain::{attach_instant_text, PUBLISH_ATTACHED_AT_KEY, PUBLISH_READONLY_KEY};
@@ -440,14 +440,26 @@ macro_rules! traced {
 }
 traced!(Unpublish, Delete, Describe);
 
-/// Publish step 2 (the node exists) and, for each holder in `blockers`, rules 5.1 and 5.2.
-/// Each may be a live API call; the caller bounds them all with one deadline.
+/// What the live checks of one Publish found.
+struct Checked {
+    /// Nodes a live read shows attached to a holderless volume (see [`live_checks`]).
+    found: Vec<NodeId>,
+    /// Rules 5.1 and 5.2 for each blocking holder and each node found.
+    verdicts: Vec<(NodeId, HolderStatus)>,
+}
+
+/// Publish step 2 (the node exists); with `recheck` (a holderless volume inside its term's first
+/// lease duration, rules "High availability"), the other nodes a live read of its
+/// VolumeAttachments shows attached, which then block like holders; and for each holder in
+/// `blockers` and each node found, rules 5.1 and 5.2. Each may be a live API call; the caller
+/// bounds them all with one deadline. Any error fails the publish closed (UNAVAILABLE).
 async fn live_checks(
     deps: &VolumeDeps,
     id: &VolumeId,
     node: NodeId,
-    blockers: Vec<NodeId>,
-) -> Result<Vec<(NodeId, HolderStatus)>, Error> {
+    mut blockers: Vec<NodeId>,
+    recheck: bool,
+) -> Result<Checked, Error> {
     let known = deps
         .nodes
         .exists(&node)
@@ -456,6 +468,20 @@ async fn live_checks(
     if !known {
         return Err(Error::NodeNotFound(node));
     }
+    let found = if recheck {
+        deps.authority
+            .attached_elsewhere(id, &node)
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot read which other nodes hold volume {id} (this controller's term \
+                     began less than a lease duration ago): {e}"
+                ))
+            })?
+    } else {
+        Vec::new()
+    };
+    blockers.extend(found.iter().cloned());
     let mut verdicts = Vec::with_capacity(blockers.len());
     for holder in blockers {
         let status = deps.authority.check(id, &holder).await.map_err(|e| {
@@ -465,7 +491,7 @@ async fn live_checks(
         })?;
         verdicts.push((holder, status));
     }
-    Ok(verdicts)
+    Ok(Checked { found, verdicts })
 }
 
 /// Through the Router: the budget runs from when the Router sent it, and ends no later than the
@@ -491,9 +517,11 @@ impl Handler<Publish> for VolumeActor {
 }
 
 impl VolumeActor {
-    /// Runs the checks Publish needs until `deadline` (the backend read and the live checks),
-    /// then the rules. A Publish of another term, an error in any check, or reaching `deadline`
-    /// before the rules ran, fails closed: UNAVAILABLE, nothing changed.
+    /// Runs the checks Publish needs until `deadline` (the backend read, the live checks, and
+    /// inside the term's first-lease-duration window the live read of a holderless volume's
+    /// other VolumeAttachments), then the rules. A Publish of another term, an error in any
+    /// check, or reaching `deadline` before the rules ran, fails closed: UNAVAILABLE, nothing
+    /// changed.
     fn publish(
         &mut self,
         Publish { req, term }: Publish,
@@ -510,6 +538,12 @@ impl VolumeActor {
         let node = req.node.clone();
         let blockers = self.state.blockers(&node);
         let kept = self.publish_context.clone();
+        // Rules, "High availability": an OK the previous term answered late may be missing from
+        // the list this term was seeded from.
+        let recheck = self.state.nodes().is_empty()
+            && term
+                .recheck_until()
+                .is_some_and(|until| Instant::now() < until);
         let checks = async move {
             let publish_context = match kept {
                 Some(context) => context,
@@ -522,8 +556,8 @@ impl VolumeActor {
                     deps.backend.publish_context(&volume)
                 }
             };
-            let verdicts = live_checks(&deps, &id, node, blockers).await?;
-            Ok((publish_context, verdicts))
+            let checked = live_checks(&deps, &id, node, blockers, recheck).await?;
+            Ok((publish_context, checked))
         };
         let checks = async move {
             tokio::time::timeout_at(deadline, checks)
@@ -539,7 +573,7 @@ impl VolumeActor {
                 let before = act.class_label();
                 let was_attached = !act.state.nodes().is_empty();
                 let holders_before = act.holders();
-                let result = checked.and_then(|(mut publish_context, verdicts)| {
+                let result = checked.and_then(|(mut publish_context, checked)| {
                     if act.publish_context.is_none() {
                         act.publish_context = Some(publish_context.clone());
                     }
@@ -548,7 +582,10 @@ impl VolumeActor {
                         return Err(past_deadline());
                     }
                     let mut effects = Vec::new();
-                    for (holder, status) in verdicts {
+                    if !checked.found.is_empty() {
+                        effects.extend(act.adopt(checked.found, &req, now));
+                    }
+                    for (holder, status) in checked.verdicts {
                         let reason = match status {
                             HolderStatus::Live => continue,
                             HolderStatus::NodeGone => DropReason::Stale,
@@ -582,6 +619,38 @@ impl VolumeActor {
                 result
             },
         )))
+    }
+
+    /// Takes the nodes a live read found attached to this holderless volume as its holders, as
+    /// seeding would have (rules, Boot seeding 3): counted on their nodes, in the request's
+    /// access class (the PV's, which the CO's capability carries), in an order nothing tells
+    /// (the read gives names, not ages). The rules then decide the Publish as for any holder,
+    /// 5.1 and 5.2 first.
+    fn adopt(&mut self, nodes: Vec<NodeId>, req: &PublishRequest, now: Instant) -> Vec<Effect> {
+        tracing::warn!(volume_id = %self.id, nodes = ?nodes,
+            "a live read shows this volume attached to nodes the seeding list did not (an OK \
+             answered late by the previous term); taking them as holders");
+        let wall = SystemTime::now();
+        let holders: Vec<Attachment> = nodes
+            .into_iter()
+            .map(|node| Attachment {
+                node,
+                attached_at: now,
+                attached_wall: wall,
+                recorded_instant: false,
+                class: req.capability.class(),
+                capability: None,
+                readonly: false,
+            })
+            .collect();
+        for holder in &holders {
+            self.deps.node_limit.add(&holder.node);
+        }
+        let effects = self.state.adopt(holders, req.migration_timeout);
+        if self.state.migration().is_some() {
+            self.deps.metrics.active_migrations.inc();
+        }
+        effects
     }
 }
 
