@@ -45,7 +45,7 @@ use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
 use rds_csi::reconcile::orphan::{self, OrphanConfig, OrphanVolumes};
 use rds_csi::reconcile::stale::StaleAttachments;
-use rds_csi::role::{self, Role, Takeover};
+use rds_csi::role::{self, Role, Takeover, Term};
 use rds_csi::telemetry::{self, LogFormat};
 use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
 
@@ -613,7 +613,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// synced too (so no Publish needs a live Node GET to know a node). The role serves only after
 /// it returns: until then Probe says not ready and Controller RPCs answer UNAVAILABLE. Runs at
 /// boot, and again at every takeover, into a supervisor that was just dismissed.
-async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics) {
+async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics, term: Term) {
     cluster.pvs_ready().await;
     let vas = cluster.list_attachments(|_| {}).await;
     let seen = vas.len();
@@ -634,7 +634,13 @@ async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Me
     }
     let holders: usize = plan.volumes.iter().map(|v| v.holders.len()).sum();
     let skipped = plan.skipped.len();
-    let volumes = match supervisor.send(Seed(plan.volumes)).await {
+    let volumes = match supervisor
+        .send(Seed {
+            term,
+            volumes: plan.volumes,
+        })
+        .await
+    {
         Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e, "the supervisor stopped while seeding");
@@ -690,11 +696,11 @@ impl Takeover for Attachments {
         }
     }
 
-    async fn seed(&self) {
-        seed(&self.cluster, &self.supervisor, &self.metrics).await;
+    async fn seed(&self, term: Term) {
+        seed(&self.cluster, &self.supervisor, &self.metrics, term).await;
     }
 
-    fn start_reconcilers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+    fn start_reconcilers(&self, term: Term) -> Vec<tokio::task::JoinHandle<()>> {
         let stale = StaleAttachments {
             supervisor: self.supervisor.clone(),
             nodes: self.cluster.clone(),
@@ -704,6 +710,7 @@ impl Takeover for Attachments {
             backend: self.backend.clone(),
             pvs: self.cluster.clone(),
             router: Router::new(self.supervisor.clone(), MAILBOX_TIMEOUT),
+            term,
             metrics: self.metrics.clone(),
             config: self.reconcilers.orphan,
         };

@@ -18,6 +18,7 @@ use crate::domain::{AccessMode, Capability};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::Standalone;
 use crate::metrics::Metrics;
+use crate::role::Term;
 use crate::Error;
 
 const GRACE: Duration = Duration::from_secs(30);
@@ -96,18 +97,34 @@ fn rwx() -> Capability {
 }
 
 fn publish(node: &str, capability: Capability) -> Publish {
-    Publish(PublishRequest {
-        node: NodeId::try_from(node).unwrap(),
-        capability,
-        readonly: false,
-        migration_timeout: Duration::from_secs(60),
-    })
+    publish_in(Term::FIRST, node, capability)
+}
+
+fn publish_in(term: Term, node: &str, capability: Capability) -> Publish {
+    Publish {
+        req: PublishRequest {
+            node: NodeId::try_from(node).unwrap(),
+            capability,
+            readonly: false,
+            migration_timeout: Duration::from_secs(60),
+        },
+        term,
+    }
 }
 
 fn unpublish(node: &str) -> Unpublish {
+    unpublish_in(Term::FIRST, node)
+}
+
+fn unpublish_in(term: Term, node: &str) -> Unpublish {
     Unpublish {
         node: Some(NodeId::try_from(node).unwrap()),
+        term,
     }
+}
+
+fn seed_in(term: Term, volumes: Vec<crate::kube::seed::SeedVolume>) -> super::messages::Seed {
+    super::messages::Seed { term, volumes }
 }
 
 fn vol(v: &str) -> VolumeId {
@@ -126,7 +143,10 @@ impl Harness {
     async fn actor_of(&self, volume: &str) -> Addr<super::volume::VolumeActor> {
         self.router
             .supervisor()
-            .send(super::messages::Route(vol(volume)))
+            .send(super::messages::Route {
+                volume: vol(volume),
+                term: None,
+            })
             .await
             .unwrap()
             .unwrap()
@@ -389,7 +409,6 @@ fn seed_volume(
 /// holder's answer carried its own, and a parked holder answers with the one its VA recorded.
 #[test]
 fn each_holder_answers_with_its_own_attach_instant() {
-    use super::messages::Seed;
     use crate::domain::{attach_instant_text, AccessClass, PUBLISH_ATTACHED_AT_KEY as KEY};
     use crate::kube::seed::SeedHolder;
     paused(|| async {
@@ -406,7 +425,7 @@ fn each_holder_answers_with_its_own_attach_instant() {
         parked.holders = vec![holder("c", true)];
         h.router
             .supervisor()
-            .send(Seed(vec![migration, parked]))
+            .send(seed_in(Term::FIRST, vec![migration, parked]))
             .await
             .unwrap();
         let ctx = |node: &str, volume: &str| {
@@ -438,18 +457,20 @@ impl Harness {
 
 #[test]
 fn seeded_settled_volumes_are_parked_until_their_first_message() {
-    use super::messages::Seed;
     use crate::domain::AccessClass::{Exclusive, Migratable};
     paused(|| async {
         let h = harness(&["x", "m", "d"]).await;
         let seeded = h
             .router
             .supervisor()
-            .send(Seed(vec![
-                seed_volume("x", &[("a", 100)], Exclusive),
-                seed_volume("m", &[("a", 100)], Migratable),
-                seed_volume("d", &[("a", 100), ("b", 10)], Migratable),
-            ]))
+            .send(seed_in(
+                Term::FIRST,
+                vec![
+                    seed_volume("x", &[("a", 100)], Exclusive),
+                    seed_volume("m", &[("a", 100)], Migratable),
+                    seed_volume("d", &[("a", 100), ("b", 10)], Migratable),
+                ],
+            ))
             .await
             .unwrap();
         assert_eq!(seeded, 3);
@@ -518,12 +539,15 @@ fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
                 router
                     .send(
                         &id,
-                        Publish(PublishRequest {
-                            node,
-                            capability: cap,
-                            readonly: false,
-                            migration_timeout: Duration::from_secs(60),
-                        }),
+                        Publish {
+                            req: PublishRequest {
+                                node,
+                                capability: cap,
+                                readonly: false,
+                                migration_timeout: Duration::from_secs(60),
+                            },
+                            term: Term::FIRST,
+                        },
                     )
                     .await
             }
@@ -552,12 +576,24 @@ fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
         // The refused publish changed nothing: v3 is on no node, so b can take it.
         publish("v3", "b", exclusive()).await.unwrap();
         h.router
-            .send(&VolumeId::try_from("v1").unwrap(), Unpublish { node: None })
+            .send(
+                &VolumeId::try_from("v1").unwrap(),
+                Unpublish {
+                    node: None,
+                    term: Term::FIRST,
+                },
+            )
             .await
             .unwrap();
         publish("v3", "b", exclusive()).await.unwrap();
         h.router
-            .send(&VolumeId::try_from("v3").unwrap(), Unpublish { node: None })
+            .send(
+                &VolumeId::try_from("v3").unwrap(),
+                Unpublish {
+                    node: None,
+                    term: Term::FIRST,
+                },
+            )
             .await
             .unwrap();
         publish("v3", "a", exclusive())
@@ -799,16 +835,19 @@ fn a_file_backend_create_stuck_in_its_io_does_not_delay_a_publish() {
 /// empty state), and the next Seed serves exactly what it rebuilt, poisoned volumes included.
 #[test]
 fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
-    use super::messages::{Dismiss, Seed};
+    use super::messages::Dismiss;
     use crate::domain::AccessClass::{Exclusive, Migratable};
     paused(|| async {
         let h = harness_limited(&["x", "m", "v", "p"], 8).await;
         let supervisor = h.router.supervisor().clone();
         supervisor
-            .send(Seed(vec![
-                seed_volume("x", &[("a", 100)], Exclusive),
-                seed_volume("m", &[("a", 100), ("b", 10)], Migratable),
-            ]))
+            .send(seed_in(
+                Term::FIRST,
+                vec![
+                    seed_volume("x", &[("a", 100)], Exclusive),
+                    seed_volume("m", &[("a", 100), ("b", 10)], Migratable),
+                ],
+            ))
             .await
             .unwrap();
         h.router
@@ -853,7 +892,10 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
         assert_eq!(m.detach_total.with_label_values(&["success"]).get(), 0);
         assert_eq!(m.migrations_total.with_label_values(&["failed"]).get(), 0);
         let route = supervisor
-            .send(super::messages::Route(vol("x")))
+            .send(super::messages::Route {
+                volume: vol("x"),
+                term: Some(Term::FIRST),
+            })
             .await
             .unwrap();
         assert!(
@@ -869,15 +911,22 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
         assert!(matches!(err, Error::NotActive(_)), "{err}");
 
         // The next term: only what the VolumeAttachments say now.
+        let next = Term::FIRST.next();
         supervisor
-            .send(Seed(vec![seed_volume("v", &[("b", 5)], Exclusive)]))
+            .send(seed_in(
+                next,
+                vec![seed_volume("v", &[("b", 5)], Exclusive)],
+            ))
             .await
             .unwrap();
-        let fresh = h.router.send(&vol("x"), publish("b", exclusive())).await;
+        let fresh = h
+            .router
+            .send(&vol("x"), publish_in(next, "b", exclusive()))
+            .await;
         assert!(fresh.is_ok(), "x has no holder now: {fresh:?}");
         let err = h
             .router
-            .send(&vol("v"), publish("c", exclusive()))
+            .send(&vol("v"), publish_in(next, "c", exclusive()))
             .await
             .unwrap_err();
         assert!(
@@ -885,7 +934,7 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
             "{err}"
         );
         h.router
-            .send(&vol("p"), publish("a", exclusive()))
+            .send(&vol("p"), publish_in(next, "a", exclusive()))
             .await
             .expect("re-seeded: no longer poisoned");
     });
@@ -899,13 +948,16 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
 /// `p.attached_at < gone.asked_at` in the supervisor's `ClearStale` (p would be woken).
 #[test]
 fn a_stale_drop_keeps_holders_attached_after_the_404() {
-    use super::messages::{ClearStale, GoneNode, Seed};
+    use super::messages::{ClearStale, GoneNode};
     use crate::domain::AccessClass::Exclusive;
     paused(|| async {
         let h = harness(&["x", "y", "p"]).await;
         let supervisor = h.router.supervisor().clone();
         supervisor
-            .send(Seed(vec![seed_volume("x", &[("a", 100)], Exclusive)]))
+            .send(seed_in(
+                Term::FIRST,
+                vec![seed_volume("x", &[("a", 100)], Exclusive)],
+            ))
             .await
             .unwrap();
         let asked_at = tokio::time::Instant::now();
@@ -915,7 +967,10 @@ fn a_stale_drop_keeps_holders_attached_after_the_404() {
             .await
             .unwrap();
         supervisor
-            .send(Seed(vec![seed_volume("p", &[("a", 0)], Exclusive)]))
+            .send(seed_in(
+                Term::FIRST,
+                vec![seed_volume("p", &[("a", 0)], Exclusive)],
+            ))
             .await
             .unwrap();
         assert_eq!(h.metrics.parked_volumes.get(), 2);
@@ -946,3 +1001,6 @@ fn a_stale_drop_keeps_holders_attached_after_the_404() {
         assert_eq!(holders("p").await, 1);
     });
 }
+
+#[path = "term_tests.rs"]
+mod term;

@@ -215,6 +215,19 @@ impl VolumeState {
         (state, effects)
     }
 
+    /// Takes holders a live read found attached, for a volume with none, as seeding takes them
+    /// (rules, Boot seeding 3 and "High availability"). Nothing orders them (the read gives
+    /// names, not ages), so two on a migratable volume are a migration of unknown direction.
+    /// The grace record goes: the volume is held.
+    pub fn adopt(&mut self, holders: Vec<Attachment>, migration_timeout: Duration) -> Vec<Effect> {
+        debug_assert!(self.nodes.is_empty());
+        let order_known = holders.len() < 2;
+        let (state, effects) =
+            Self::seeded(self.grace_period, holders, migration_timeout, order_known);
+        *self = state;
+        effects
+    }
+
     pub fn nodes(&self) -> &[Attachment] {
         &self.nodes
     }

@@ -35,6 +35,7 @@ use crate::backend::VolumeBackend;
 use crate::ids::VolumeId;
 use crate::kube::PvCatalog;
 use crate::metrics::Metrics;
+use crate::role::Term;
 
 /// The shortest `--orphan-grace` that `--orphan-delete` accepts; the driver refuses to start
 /// with less. The grace is what keeps a volume whose PersistentVolume is still on its way from
@@ -129,6 +130,8 @@ pub struct OrphanVolumes {
     pub pvs: Arc<dyn PvCatalog>,
     /// Deletions go through the volume actors, like DeleteVolume.
     pub router: Router,
+    /// The term this reconciler runs in: its deletions are refused in any other.
+    pub term: Term,
     pub metrics: Arc<Metrics>,
     pub config: OrphanConfig,
 }
@@ -187,7 +190,7 @@ impl OrphanVolumes {
                             orphans -= 1;
                             continue;
                         }
-                        match self.router.send(volume, Delete).await {
+                        match self.router.send(volume, Delete(self.term)).await {
                             Ok(()) => {
                                 tracing::warn!(volume_id = %volume, "deleted orphan volume");
                                 self.metrics.orphan_deleted.inc();

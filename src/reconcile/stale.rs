@@ -239,11 +239,14 @@ mod tests {
                 order_known: true,
             };
             supervisor
-                .send(Seed(vec![
-                    seed("a", &["n1"], AccessClass::Exclusive),
-                    seed("b", &["n2"], AccessClass::Exclusive),
-                    seed("c", &["n1", "n3"], AccessClass::Migratable),
-                ]))
+                .send(Seed {
+                    term: crate::role::Term::FIRST,
+                    volumes: vec![
+                        seed("a", &["n1"], AccessClass::Exclusive),
+                        seed("b", &["n2"], AccessClass::Exclusive),
+                        seed("c", &["n1", "n3"], AccessClass::Migratable),
+                    ],
+                })
                 .await
                 .unwrap();
             let cluster = Arc::new(Nodes(Mutex::new(HashMap::from([
@@ -392,17 +395,20 @@ mod tests {
             });
             let supervisor = Supervisor::new(deps, Vec::new()).start();
             supervisor
-                .send(Seed(vec![SeedVolume {
-                    volume: vol("a"),
-                    holders: vec![SeedHolder {
-                        node: node("n1"),
-                        attached: SystemTime::now() - Duration::from_secs(60),
-                        recorded_instant: true,
+                .send(Seed {
+                    term: crate::role::Term::FIRST,
+                    volumes: vec![SeedVolume {
+                        volume: vol("a"),
+                        holders: vec![SeedHolder {
+                            node: node("n1"),
+                            attached: SystemTime::now() - Duration::from_secs(60),
+                            recorded_instant: true,
+                        }],
+                        class: AccessClass::Exclusive,
+                        migration_timeout: Duration::from_secs(3600),
+                        order_known: true,
                     }],
-                    class: AccessClass::Exclusive,
-                    migration_timeout: Duration::from_secs(3600),
-                    order_known: true,
-                }]))
+                })
                 .await
                 .unwrap();
             let liveness = Arc::new(HeldGet {
@@ -420,12 +426,15 @@ mod tests {
             tokio::time::advance(Duration::from_secs(1)).await;
 
             let router = Router::new(supervisor, Duration::from_secs(5));
-            let publish = Publish(PublishRequest {
-                node: node("n1"),
-                capability: exclusive,
-                readonly: false,
-                migration_timeout: Duration::from_secs(60),
-            });
+            let publish = Publish {
+                req: PublishRequest {
+                    node: node("n1"),
+                    capability: exclusive,
+                    readonly: false,
+                    migration_timeout: Duration::from_secs(60),
+                },
+                term: crate::role::Term::FIRST,
+            };
             router.send(&vol("b"), publish).await.unwrap();
             tokio::time::advance(Duration::from_secs(1)).await;
             liveness.answer.wait().await;

@@ -17,6 +17,7 @@ use crate::backend::{BackendError, CreateRequest, VolumeInfo};
 use crate::domain::{AccessMode, Capability};
 use crate::ids::NodeId;
 use crate::kube::{KubeError, Standalone};
+use crate::role::Term;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -189,6 +190,7 @@ impl Harness {
             backend: self.backend.clone(),
             pvs: self.catalog.clone(),
             router: self.router.clone(),
+            term: Term::FIRST,
             metrics: self.metrics.clone(),
             config: OrphanConfig {
                 interval: HOUR,
@@ -231,12 +233,15 @@ fn delete_mode_deletes_only_past_the_grace_and_never_a_volume_with_a_pv() {
         h.router
             .send(
                 &vol("busy"),
-                Publish(PublishRequest {
-                    node: NodeId::try_from("n1").unwrap(),
-                    capability: Capability::block(AccessMode::SingleNodeWriter),
-                    readonly: false,
-                    migration_timeout: Duration::from_secs(300),
-                }),
+                Publish {
+                    req: PublishRequest {
+                        node: NodeId::try_from("n1").unwrap(),
+                        capability: Capability::block(AccessMode::SingleNodeWriter),
+                        readonly: false,
+                        migration_timeout: Duration::from_secs(300),
+                    },
+                    term: Term::FIRST,
+                },
             )
             .await
             .unwrap();
