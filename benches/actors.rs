@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rds_csi::actors::messages::Route;
 use rds_csi::actors::Router;
+use rds_csi::role::Term;
 use support::{arbiter_counts, cores, cycle, node, rwo_publish, system, unpublish, volume, Actors};
 
 /// Publish then unpublish of one volume, one at a time (latency), and with 64 cycles in flight
@@ -143,7 +144,10 @@ fn routing(c: &mut Criterion) {
                     for _ in 0..iters {
                         actors
                             .supervisor
-                            .send(Route(pick().clone()))
+                            .send(Route {
+                                volume: pick().clone(),
+                                term: Some(Term::FIRST),
+                            })
                             .await
                             .expect("route")
                             .expect("a live volume");

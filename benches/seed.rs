@@ -17,6 +17,7 @@ use rds_csi::actors::messages::Seed;
 use rds_csi::actors::volume::VolumeActor;
 use rds_csi::domain::AccessClass;
 use rds_csi::kube::seed::{plan, PvView, VaView};
+use rds_csi::role::Term;
 use rds_csi::VolumeId;
 use support::{cores, system, Actors};
 
@@ -91,7 +92,10 @@ fn actor_memory() {
         let plan = plan(&vas, lookup(&pvs));
         let seeded = actors
             .supervisor
-            .send(Seed(plan.volumes))
+            .send(Seed {
+                term: Term::FIRST,
+                volumes: plan.volumes,
+            })
             .await
             .expect("seed");
         actors.drain_arbiters().await;
@@ -150,7 +154,10 @@ fn seeding(c: &mut Criterion) {
                         let start = Instant::now();
                         let seeded = actors
                             .supervisor
-                            .send(Seed(plan(&vas, lookup(&pvs)).volumes))
+                            .send(Seed {
+                                term: Term::FIRST,
+                                volumes: plan(&vas, lookup(&pvs)).volumes,
+                            })
                             .await
                             .expect("seed");
                         actors.drain_arbiters().await;

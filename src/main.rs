@@ -43,9 +43,9 @@ use rds_csi::node::plugin::NodeDeps;
 use rds_csi::node::reconciler::NodeReconciler;
 use rds_csi::node::records::Records;
 use rds_csi::node::NodePlugin;
-use rds_csi::reconcile::orphan::{OrphanConfig, OrphanVolumes};
+use rds_csi::reconcile::orphan::{self, OrphanConfig, OrphanVolumes};
 use rds_csi::reconcile::stale::StaleAttachments;
-use rds_csi::role::{self, Role, Takeover};
+use rds_csi::role::{self, Role, Takeover, Term};
 use rds_csi::telemetry::{self, LogFormat};
 use rds_csi::{ctl, NodeId, DEFAULT_DRIVER_NAME};
 
@@ -260,6 +260,10 @@ struct Args {
     /// Without it orphans are only reported.
     #[arg(long, env = "RDS_CSI_ORPHAN_DELETE")]
     orphan_delete: bool,
+    /// The shortest --orphan-grace that --orphan-delete accepts [default: 1h]. A test seam (the
+    /// end-to-end tests watch a deletion in seconds); lowering it is logged as a warning.
+    #[arg(long, env = "RDS_CSI_ORPHAN_GRACE_MINIMUM", value_parser = humantime::parse_duration, hide = true)]
+    orphan_grace_minimum: Option<Duration>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -324,6 +328,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         orphan_interval,
         orphan_grace,
         orphan_delete,
+        orphan_grace_minimum,
     } = args;
     let rds = RdsArgs {
         address: rds_address,
@@ -374,6 +379,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         if period.is_zero() {
             bail!("{flag} must be longer than zero");
         }
+    }
+    let minimum = orphan_grace_minimum.unwrap_or(orphan::MIN_DELETE_GRACE);
+    if minimum < orphan::MIN_DELETE_GRACE {
+        tracing::warn!(minimum = %humantime::format_duration(minimum),
+            "--orphan-grace-minimum is lowered: --orphan-delete may delete a volume whose PersistentVolume is still being written");
+    }
+    if orphan_delete && orphan_grace < minimum {
+        bail!(
+            "--orphan-grace {} is too short for --orphan-delete: the minimum is {} (a volume's \
+             PersistentVolume is written after CreateVolume answers, with retries; a shorter \
+             grace could delete it first)",
+            humantime::format_duration(orphan_grace),
+            humantime::format_duration(minimum)
+        );
     }
     let reconcilers = ReconcilerFlags {
         stale_interval: stale_attachment_interval,
@@ -428,7 +447,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 })?,
             };
             let name = leader_election_lease.clone().unwrap_or_else(|| lease::lease_name(&driver_name));
-            Ok(LeaderFlags { namespace, name, identity })
+            Ok(LeaderFlags { namespace, name, identity: lease::HolderIdentity::of(&identity) })
         };
         let (leader, unelected) = match (leader_election, &client) {
             (false, Some(_)) if controller => match lease_flags() {
@@ -632,7 +651,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// synced too (so no Publish needs a live Node GET to know a node). The role serves only after
 /// it returns: until then Probe says not ready and Controller RPCs answer UNAVAILABLE. Runs at
 /// boot, and again at every takeover, into a supervisor that was just dismissed.
-async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics) {
+async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics, term: Term) {
     cluster.pvs_ready().await;
     let vas = cluster.list_attachments(|_| {}).await;
     let seen = vas.len();
@@ -653,7 +672,13 @@ async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Me
     }
     let holders: usize = plan.volumes.iter().map(|v| v.holders.len()).sum();
     let skipped = plan.skipped.len();
-    let volumes = match supervisor.send(Seed(plan.volumes)).await {
+    let volumes = match supervisor
+        .send(Seed {
+            term,
+            volumes: plan.volumes,
+        })
+        .await
+    {
         Ok(n) => n,
         Err(e) => {
             tracing::error!(error = %e, "the supervisor stopped while seeding");
@@ -677,7 +702,8 @@ async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Me
 struct LeaderFlags {
     namespace: String,
     name: String,
-    identity: String,
+    /// As the csi-attacher writes it into the Lease (sanitized).
+    identity: lease::HolderIdentity,
 }
 
 /// The reconcilers' flags.
@@ -708,11 +734,11 @@ impl Takeover for Attachments {
         }
     }
 
-    async fn seed(&self) {
-        seed(&self.cluster, &self.supervisor, &self.metrics).await;
+    async fn seed(&self, term: Term) {
+        seed(&self.cluster, &self.supervisor, &self.metrics, term).await;
     }
 
-    fn start_reconcilers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+    fn start_reconcilers(&self, term: Term) -> Vec<tokio::task::JoinHandle<()>> {
         let stale = StaleAttachments {
             supervisor: self.supervisor.clone(),
             nodes: self.cluster.clone(),
@@ -722,6 +748,7 @@ impl Takeover for Attachments {
             backend: self.backend.clone(),
             pvs: self.cluster.clone(),
             router: Router::new(self.supervisor.clone(), MAILBOX_TIMEOUT),
+            term,
             metrics: self.metrics.clone(),
             config: self.reconcilers.orphan,
         };

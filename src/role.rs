@@ -10,7 +10,10 @@
 //! The rules, in the order they matter:
 //! - ControllerPublish and ControllerUnpublish are served only while active ([`Role::admit`]),
 //!   and an answer is given only if the term it was decided in still holds ([`Role::confirm`]):
-//!   a controller never answers OK after its Lease could have passed to another pod.
+//!   a controller never answers OK after its Lease could have passed to another pod. The
+//!   [`Term`] travels with the call to the volume actor, which refuses a call of another term.
+//! - For the first lease duration of a term, a volume with no holder is given to a node only
+//!   after a live check of its other VolumeAttachments ([`Term::recheck_until`]).
 //! - A term begins by dropping whatever state the process held and re-seeding from the
 //!   VolumeAttachments, failing closed (UNAVAILABLE) until that is done; A → B → A re-seeds too.
 //! - Stepping down needs no confirmation; stepping up is confirmed by a live read of the Lease.
@@ -23,14 +26,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::kube::lease::{
-    assess, LeaseSource, Seen, TermKey, Verdict, Why, QUIET_DEFAULT, SKEW_MARGIN,
+    assess, HolderIdentity, LeaseSource, Seen, TermKey, Verdict, Why, QUIET_DEFAULT, SKEW_MARGIN,
 };
 use crate::metrics::Metrics;
 use crate::Error;
@@ -44,9 +47,69 @@ pub enum Phase {
 }
 
 /// One period of serving attachments. A call admitted in one term is answered only if that term
-/// still holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Term(u64);
+/// still holds, and it travels with the call to the supervisor and the volume actor, which refuse
+/// it (UNAVAILABLE, nothing changed) once they serve another term. Two values are the same term
+/// when their numbers match; the one [`Role::admit`] gives also says until when the term's
+/// first-lease-duration window lasts.
+#[derive(Clone, Copy, Debug)]
+pub struct Term {
+    id: u64,
+    /// Rules, "High availability": until this instant a volume with no holder is given to a node
+    /// only after a live check of its other VolumeAttachments. `None`: no such window (a
+    /// standalone controller, or a term whose window is not known yet).
+    recheck_until: Option<Instant>,
+}
+
+impl PartialEq for Term {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Term {}
+
+impl Term {
+    /// The first term a [`Role`] begins, and the only one of a standalone controller: a new
+    /// supervisor serves it until a [`crate::actors::messages::Dismiss`] or a seeding says
+    /// otherwise.
+    pub const FIRST: Term = Term {
+        id: 1,
+        recheck_until: None,
+    };
+
+    /// The end of this term's first-lease-duration window, if it has one (see [`Term`]).
+    pub fn recheck_until(&self) -> Option<Instant> {
+        self.recheck_until
+    }
+
+    /// The term after this one, as the role's next [`Takeover::seed`] would see it.
+    #[cfg(test)]
+    pub(crate) fn next(self) -> Self {
+        Self {
+            id: self.id + 1,
+            recheck_until: None,
+        }
+    }
+
+    /// This term with a first-lease-duration window ending at `at`, as [`Role::admit`] gives it.
+    #[cfg(test)]
+    pub(crate) fn rechecked_until(self, at: Instant) -> Self {
+        Self {
+            recheck_until: Some(at),
+            ..self
+        }
+    }
+}
+
+/// The first-lease-duration window of a term when there is no Lease to read it from
+/// ([`serve_always`]) or the Lease gives none: the csi-attacher's default
+/// `--leader-election-lease-duration`, which is also its default `--timeout`. An OK answered late
+/// by a process of this driver that served before this one (a rolling update with several
+/// replicas and no leader election) was answered to a call the attacher sent at most that long
+/// before; the attacher records `attached: true` right after such an answer, so a window this
+/// long covers the writes the seeding list can miss. The window costs one live read for the
+/// first Publish of each holderless volume, never a refusal of its own.
+pub const RECHECK_WITHOUT_LEASE: Duration = Duration::from_secs(15);
 
 /// How DeleteVolume decides "still published?".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +125,8 @@ struct State {
     term: u64,
     /// When the active term ends unless the Lease is seen renewed; `None`: never (no Lease).
     until: Option<Instant>,
+    /// The end of the active term's first-lease-duration window (see [`Term`]).
+    recheck_until: Option<Instant>,
     why: Why,
     /// Active or standby at least once: the calls that need no attachment state are served.
     decided: bool,
@@ -83,6 +148,7 @@ impl Role {
                 phase: Phase::Starting,
                 term: 0,
                 until: None,
+                recheck_until: None,
                 why: Why::NoLease,
                 decided: false,
             }),
@@ -110,7 +176,10 @@ impl Role {
             Phase::Active if s.until.is_some_and(|u| Instant::now() >= u) => {
                 Err(Error::NotActive(Why::Expired.to_string()))
             }
-            Phase::Active => Ok(Term(s.term)),
+            Phase::Active => Ok(Term {
+                id: s.term,
+                recheck_until: s.recheck_until,
+            }),
         }
     }
 
@@ -120,7 +189,7 @@ impl Role {
     pub fn confirm(&self, term: Term) -> Result<(), Error> {
         let s = self.lock();
         let holds = s.phase == Phase::Active
-            && s.term == term.0
+            && s.term == term.id
             && s.until.is_none_or(|u| Instant::now() < u);
         if holds {
             Ok(())
@@ -156,18 +225,31 @@ impl Role {
         s.term += 1;
         s.phase = Phase::Seeding;
         s.until = None;
+        s.recheck_until = None;
         self.ready.store(false, Ordering::Release);
         self.metrics.leader_active.set(0);
-        Term(s.term)
+        Term {
+            id: s.term,
+            recheck_until: None,
+        }
     }
 
     /// The term's state is rebuilt: serve, until `until` unless extended. `since` is when the
-    /// term began (or the process started), for `seeding_seconds_to_ready`.
-    fn serve(&self, term: Term, until: Option<Instant>, since: std::time::Instant) {
+    /// term began (or the process started), for `seeding_seconds_to_ready`. `recheck` is the
+    /// term's first-lease-duration window, counted from now: from when the first call can be
+    /// admitted, so it covers at least a lease duration after the seeding list was read.
+    fn serve(
+        &self,
+        term: Term,
+        until: Option<Instant>,
+        since: std::time::Instant,
+        recheck: Option<Duration>,
+    ) {
         let mut s = self.lock();
-        debug_assert_eq!(s.term, term.0);
+        debug_assert_eq!(s.term, term.id);
         s.phase = Phase::Active;
         s.until = until;
+        s.recheck_until = recheck.map(|window| Instant::now() + window);
         s.decided = true;
         self.ready.store(true, Ordering::Release);
         self.metrics.leader_active.set(1);
@@ -183,7 +265,7 @@ impl Role {
     /// The Lease was seen renewed.
     fn extend(&self, term: Term, until: Instant) {
         let mut s = self.lock();
-        if s.term == term.0 && s.phase == Phase::Active {
+        if s.term == term.id && s.phase == Phase::Active {
             s.until = Some(until);
         }
     }
@@ -229,7 +311,8 @@ impl Role {
     /// No cluster: nothing to rebuild and nobody to defer to; active for good.
     pub fn serve_standalone(&self, since: std::time::Instant) {
         let term = self.begin();
-        self.serve(term, None, since);
+        debug_assert_eq!(term, Term::FIRST);
+        self.serve(term, None, since, None);
     }
 
     /// The active term's deadline, if it has one.
@@ -245,14 +328,15 @@ pub trait Takeover: Send + Sync + 'static {
     /// Drops all attachment state: every volume actor stops, nothing is evented or annotated
     /// (a controller standing down is not a detach).
     async fn dismiss(&self);
-    /// Rebuilds attachment state from the VolumeAttachments, exactly as at boot; returns once
-    /// done (retrying its reads meanwhile).
-    async fn seed(&self);
-    /// The reconcilers of an active term; aborted when the term ends.
-    fn start_reconcilers(&self) -> Vec<JoinHandle<()>>;
+    /// Rebuilds attachment state for `term` from the VolumeAttachments, exactly as at boot;
+    /// returns once done (retrying its reads meanwhile).
+    async fn seed(&self, term: Term);
+    /// The reconcilers of the active `term`; aborted when it ends.
+    fn start_reconcilers(&self, term: Term) -> Vec<JoinHandle<()>>;
 }
 
-/// Without leader election: one term, for the life of the process, once seeded.
+/// Without leader election: one term, for the life of the process, once seeded. Its
+/// first-lease-duration window is [`RECHECK_WITHOUT_LEASE`].
 pub async fn serve_always(role: Arc<Role>, takeover: Arc<dyn Takeover>, since: std::time::Instant) {
     serve_unelected(role, takeover, since, None).await;
 }
@@ -261,7 +345,7 @@ pub async fn serve_always(role: Arc<Role>, takeover: Arc<dyn Takeover>, since: s
 pub struct Unelected {
     pub lease: Arc<dyn LeaseSource>,
     /// This pod, as the Lease would name it.
-    pub identity: String,
+    pub identity: HolderIdentity,
 }
 
 /// Without leader election: one term, for the life of the process, once seeded; with
@@ -278,10 +362,10 @@ pub async fn serve_unelected(
 ) {
     let mut rx = watch.as_ref().map(|w| w.lease.subscribe());
     let term = role.begin();
-    takeover.seed().await;
+    takeover.seed(term).await;
     let (Some(watch), Some(rx)) = (watch, rx.as_mut()) else {
-        role.serve(term, None, since);
-        for task in takeover.start_reconcilers() {
+        role.serve(term, None, since, Some(RECHECK_WITHOUT_LEASE));
+        for task in takeover.start_reconcilers(term) {
             drop(task);
         }
         return;
@@ -304,8 +388,8 @@ pub async fn serve_unelected(
             return;
         }
         if !serving {
-            role.serve(term, None, since);
-            tasks = takeover.start_reconcilers();
+            role.serve(term, None, since, Some(RECHECK_WITHOUT_LEASE));
+            tasks = takeover.start_reconcilers(term);
             serving = true;
         }
         if rx.changed().await.is_err() {
@@ -316,7 +400,7 @@ pub async fn serve_unelected(
 }
 
 /// The holder of a live Lease that is not `me`, as the attacher compares them.
-fn held_elsewhere(seen: &Seen, me: &str) -> Option<String> {
+fn held_elsewhere(seen: &Seen, me: &HolderIdentity) -> Option<String> {
     let lease = seen.lease.as_ref()?;
     let Verdict::Standby(Why::Held(holder)) =
         assess(Some(lease), seen.at, me, seen.at, SKEW_MARGIN)
@@ -340,7 +424,7 @@ pub async fn follow(
     role: Arc<Role>,
     lease: Arc<dyn LeaseSource>,
     takeover: Arc<dyn Takeover>,
-    identity: String,
+    identity: HolderIdentity,
     clock: WallClock,
 ) {
     let rx = lease.subscribe();
@@ -380,7 +464,7 @@ struct Follower {
     role: Arc<Role>,
     lease: Arc<dyn LeaseSource>,
     takeover: Arc<dyn Takeover>,
-    identity: String,
+    identity: HolderIdentity,
     clock: WallClock,
     rx: tokio::sync::watch::Receiver<Option<Seen>>,
     serving: Option<Serving>,
@@ -470,6 +554,13 @@ impl Follower {
     async fn take_over(&mut self) -> bool {
         let began = std::time::Instant::now();
         let fetched = self.lease.fetch().await;
+        let recheck = fetched
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .and_then(|lease| lease.duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(RECHECK_WITHOUT_LEASE);
         let confirmed = match fetched {
             Ok(lease) => self.judge(&Seen {
                 lease,
@@ -491,7 +582,7 @@ impl Follower {
         self.takeover.dismiss().await;
         let takeover = self.takeover.clone();
         let abandoned = {
-            let seeding = takeover.seed();
+            let seeding = takeover.seed(term);
             tokio::pin!(seeding);
             loop {
                 tokio::select! {
@@ -528,12 +619,12 @@ impl Follower {
                 return false;
             }
         }
-        self.role.serve(term, Some(until), began);
+        self.role.serve(term, Some(until), began, Some(recheck));
         tracing::info!(
             seconds = began.elapsed().as_secs_f64(),
             "active: attachment state rebuilt; serving ControllerPublish/Unpublish"
         );
-        let tasks = self.takeover.start_reconcilers();
+        let tasks = self.takeover.start_reconcilers(term);
         self.serving = Some(Serving { term, key, tasks });
         true
     }

@@ -98,6 +98,8 @@ impl LeaseSource for FakeLease {
 /// Records dismiss/seed/reconcilers; seeding waits for a permit when `gated`.
 struct Recorder {
     log: Mutex<Vec<&'static str>>,
+    /// The term each seeding and each start of the reconcilers was for.
+    terms: Mutex<Vec<Term>>,
     gate: Option<Semaphore>,
     /// Reconciler tasks that are still running.
     running: Arc<AtomicUsize>,
@@ -107,6 +109,7 @@ impl Recorder {
     fn new(gated: bool) -> Arc<Self> {
         Arc::new(Self {
             log: Mutex::new(Vec::new()),
+            terms: Mutex::new(Vec::new()),
             gate: gated.then(|| Semaphore::new(0)),
             running: Arc::new(AtomicUsize::new(0)),
         })
@@ -131,7 +134,8 @@ impl Takeover for Recorder {
         self.log.lock().unwrap().push("dismiss");
     }
 
-    async fn seed(&self) {
+    async fn seed(&self, term: Term) {
+        self.terms.lock().unwrap().push(term);
         self.log.lock().unwrap().push("seed");
         if let Some(gate) = &self.gate {
             gate.acquire().await.unwrap().forget();
@@ -139,7 +143,8 @@ impl Takeover for Recorder {
         self.log.lock().unwrap().push("seeded");
     }
 
-    fn start_reconcilers(&self) -> Vec<JoinHandle<()>> {
+    fn start_reconcilers(&self, term: Term) -> Vec<JoinHandle<()>> {
+        self.terms.lock().unwrap().push(term);
         self.log.lock().unwrap().push("reconcilers");
         self.running.fetch_add(1, Ordering::SeqCst);
         let running = Running(self.running.clone());
@@ -180,7 +185,7 @@ fn start(gated: bool) -> Harness {
         role.clone(),
         lease.clone(),
         takeover.clone(),
-        "me".into(),
+        crate::kube::lease::HolderIdentity::of("me"),
         clock.wall(),
     ));
     Harness {
@@ -405,13 +410,63 @@ fn without_leader_election_one_term_after_seeding() {
         settle().await;
         assert!(!ready.load(Ordering::Acquire));
         assert!(matches!(role.volumes(), Err(Error::NotReady)));
+        let served = Instant::now();
         takeover.gate.as_ref().unwrap().add_permits(1);
         settle().await;
         let term = role.admit().unwrap();
+        let window = term.recheck_until().expect("a first-lease-duration window");
+        assert!(
+            window >= served + RECHECK_WITHOUT_LEASE
+                && window <= Instant::now() + RECHECK_WITHOUT_LEASE,
+            "without a Lease, the window is {RECHECK_WITHOUT_LEASE:?} from serving"
+        );
+        assert_eq!(*takeover.terms.lock().unwrap(), [term, term]);
         tokio::time::sleep(Duration::from_secs(86_400 * 365)).await;
         assert!(role.confirm(term).is_ok(), "no deadline");
         assert_eq!(takeover.log(), ["seed", "seeded", "reconcilers"]);
         assert_eq!(metrics.leader_active.get(), 1);
+    });
+}
+
+/// A term is seeded for, and its reconcilers run in, the very term its calls are admitted in
+/// (the supervisor and the actors refuse any other). Its first-lease-duration window is the
+/// Lease's duration counted from when it began serving, after seeding: it covers a whole lease
+/// duration after the seeding list was read, however long seeding took.
+///
+/// Catches the window counted from the term's beginning (before seeding), or taken from
+/// anything but the Lease's duration.
+#[test]
+fn a_term_is_seeded_in_what_it_admits_and_rechecks_for_one_lease_duration_after_seeding() {
+    paused(|| async {
+        let h = start(true);
+        h.show(Some(lease("me", &h.clock, 40, 0)));
+        settle().await;
+        assert_eq!(h.takeover.log(), ["dismiss", "seed"]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let served = Instant::now();
+        h.takeover.gate.as_ref().unwrap().add_permits(1);
+        settle().await;
+        let term = h.role.admit().unwrap();
+        let window = term.recheck_until().expect("a first-lease-duration window");
+        let lease_duration = Duration::from_secs(40);
+        assert!(
+            window >= served + lease_duration && window <= Instant::now() + lease_duration,
+            "{:?} after serving",
+            window - served
+        );
+        assert_eq!(*h.takeover.terms.lock().unwrap(), [term, term]);
+    });
+}
+
+/// Standalone: one term, the first, with no window (no VolumeAttachments to read).
+#[test]
+fn a_standalone_controller_serves_the_first_term_without_a_window() {
+    paused(|| async {
+        let role = Role::new(Arc::new(AtomicBool::new(false)), Arc::new(Metrics::new()));
+        role.serve_standalone(std::time::Instant::now());
+        let term = role.admit().unwrap();
+        assert_eq!(term, Term::FIRST);
+        assert_eq!(term.recheck_until(), None);
     });
 }
 
@@ -428,7 +483,7 @@ fn unelected(gated: bool) -> Harness {
         std::time::Instant::now(),
         Some(Unelected {
             lease: lease.clone(),
-            identity: "me".into(),
+            identity: HolderIdentity::of("me"),
         }),
     ));
     Harness {

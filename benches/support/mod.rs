@@ -18,6 +18,7 @@ use rds_csi::backend::{BackendError, CreateRequest, VolumeBackend, VolumeInfo};
 use rds_csi::domain::{AccessMode, Capability};
 use rds_csi::kube::Standalone;
 use rds_csi::metrics::Metrics;
+use rds_csi::role::Term;
 use rds_csi::{NodeId, VolumeId};
 
 pub const GRACE: Duration = Duration::from_secs(30);
@@ -69,6 +70,9 @@ impl VolumeBackend for MemBackend {
         }))
     }
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        Ok(Vec::new())
+    }
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
         Ok(Vec::new())
     }
     async fn capacity(&self) -> Result<u64, BackendError> {
@@ -165,17 +169,21 @@ impl Actors {
 }
 
 pub fn rwo_publish(node: &NodeId) -> Publish {
-    Publish(PublishRequest {
-        node: node.clone(),
-        capability: Capability::block(AccessMode::SingleNodeWriter),
-        readonly: false,
-        migration_timeout: Duration::from_secs(300),
-    })
+    Publish {
+        req: PublishRequest {
+            node: node.clone(),
+            capability: Capability::block(AccessMode::SingleNodeWriter),
+            readonly: false,
+            migration_timeout: Duration::from_secs(300),
+        },
+        term: Term::FIRST,
+    }
 }
 
 pub fn unpublish(node: &NodeId) -> Unpublish {
     Unpublish {
         node: Some(node.clone()),
+        term: Term::FIRST,
     }
 }
 

@@ -18,6 +18,7 @@ use crate::domain::{AccessMode, Capability};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::Standalone;
 use crate::metrics::Metrics;
+use crate::role::Term;
 use crate::Error;
 
 const GRACE: Duration = Duration::from_secs(30);
@@ -96,18 +97,34 @@ fn rwx() -> Capability {
 }
 
 fn publish(node: &str, capability: Capability) -> Publish {
-    Publish(PublishRequest {
-        node: NodeId::try_from(node).unwrap(),
-        capability,
-        readonly: false,
-        migration_timeout: Duration::from_secs(60),
-    })
+    publish_in(Term::FIRST, node, capability)
+}
+
+fn publish_in(term: Term, node: &str, capability: Capability) -> Publish {
+    Publish {
+        req: PublishRequest {
+            node: NodeId::try_from(node).unwrap(),
+            capability,
+            readonly: false,
+            migration_timeout: Duration::from_secs(60),
+        },
+        term,
+    }
 }
 
 fn unpublish(node: &str) -> Unpublish {
+    unpublish_in(Term::FIRST, node)
+}
+
+fn unpublish_in(term: Term, node: &str) -> Unpublish {
     Unpublish {
         node: Some(NodeId::try_from(node).unwrap()),
+        term,
     }
+}
+
+fn seed_in(term: Term, volumes: Vec<crate::kube::seed::SeedVolume>) -> super::messages::Seed {
+    super::messages::Seed { term, volumes }
 }
 
 fn vol(v: &str) -> VolumeId {
@@ -126,7 +143,10 @@ impl Harness {
     async fn actor_of(&self, volume: &str) -> Addr<super::volume::VolumeActor> {
         self.router
             .supervisor()
-            .send(super::messages::Route(vol(volume)))
+            .send(super::messages::Route {
+                volume: vol(volume),
+                term: None,
+            })
             .await
             .unwrap()
             .unwrap()
@@ -389,7 +409,6 @@ fn seed_volume(
 /// holder's answer carried its own, and a parked holder answers with the one its VA recorded.
 #[test]
 fn each_holder_answers_with_its_own_attach_instant() {
-    use super::messages::Seed;
     use crate::domain::{attach_instant_text, AccessClass, PUBLISH_ATTACHED_AT_KEY as KEY};
     use crate::kube::seed::SeedHolder;
     paused(|| async {
@@ -406,7 +425,7 @@ fn each_holder_answers_with_its_own_attach_instant() {
         parked.holders = vec![holder("c", true)];
         h.router
             .supervisor()
-            .send(Seed(vec![migration, parked]))
+            .send(seed_in(Term::FIRST, vec![migration, parked]))
             .await
             .unwrap();
         let ctx = |node: &str, volume: &str| {
@@ -438,18 +457,20 @@ impl Harness {
 
 #[test]
 fn seeded_settled_volumes_are_parked_until_their_first_message() {
-    use super::messages::Seed;
     use crate::domain::AccessClass::{Exclusive, Migratable};
     paused(|| async {
         let h = harness(&["x", "m", "d"]).await;
         let seeded = h
             .router
             .supervisor()
-            .send(Seed(vec![
-                seed_volume("x", &[("a", 100)], Exclusive),
-                seed_volume("m", &[("a", 100)], Migratable),
-                seed_volume("d", &[("a", 100), ("b", 10)], Migratable),
-            ]))
+            .send(seed_in(
+                Term::FIRST,
+                vec![
+                    seed_volume("x", &[("a", 100)], Exclusive),
+                    seed_volume("m", &[("a", 100)], Migratable),
+                    seed_volume("d", &[("a", 100), ("b", 10)], Migratable),
+                ],
+            ))
             .await
             .unwrap();
         assert_eq!(seeded, 3);
@@ -510,7 +531,6 @@ fn seeded_settled_volumes_are_parked_until_their_first_message() {
 /// record is listed exactly once, in id order, and the last page says nothing follows.
 #[test]
 fn the_listing_pages_through_every_volume_exactly_once() {
-    use super::messages::Seed;
     use crate::domain::AccessClass::Exclusive;
     paused(|| async {
         let names: Vec<String> = (0..23).map(|i| format!("v{i:02}")).collect();
@@ -522,7 +542,11 @@ fn the_listing_pages_through_every_volume_exactly_once() {
             .iter()
             .map(|v| seed_volume(v, &[("a", 100)], Exclusive))
             .collect();
-        h.router.supervisor().send(Seed(seeded)).await.unwrap();
+        h.router
+            .supervisor()
+            .send(seed_in(Term::FIRST, seeded))
+            .await
+            .unwrap();
         for v in ["v03", "v07", "v11"]
             .into_iter()
             .chain(refs[17..].iter().copied())
@@ -581,12 +605,15 @@ fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
                 router
                     .send(
                         &id,
-                        Publish(PublishRequest {
-                            node,
-                            capability: cap,
-                            readonly: false,
-                            migration_timeout: Duration::from_secs(60),
-                        }),
+                        Publish {
+                            req: PublishRequest {
+                                node,
+                                capability: cap,
+                                readonly: false,
+                                migration_timeout: Duration::from_secs(60),
+                            },
+                            term: Term::FIRST,
+                        },
                     )
                     .await
             }
@@ -615,12 +642,24 @@ fn a_node_at_its_volume_limit_is_refused_until_one_detaches() {
         // The refused publish changed nothing: v3 is on no node, so b can take it.
         publish("v3", "b", exclusive()).await.unwrap();
         h.router
-            .send(&VolumeId::try_from("v1").unwrap(), Unpublish { node: None })
+            .send(
+                &VolumeId::try_from("v1").unwrap(),
+                Unpublish {
+                    node: None,
+                    term: Term::FIRST,
+                },
+            )
             .await
             .unwrap();
         publish("v3", "b", exclusive()).await.unwrap();
         h.router
-            .send(&VolumeId::try_from("v3").unwrap(), Unpublish { node: None })
+            .send(
+                &VolumeId::try_from("v3").unwrap(),
+                Unpublish {
+                    node: None,
+                    term: Term::FIRST,
+                },
+            )
             .await
             .unwrap();
         publish("v3", "a", exclusive())
@@ -777,6 +816,9 @@ impl VolumeBackend for StallingBackend {
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
         Ok(self.volumes.read().await.values().cloned().collect())
     }
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        self.list().await
+    }
     async fn capacity(&self) -> Result<u64, BackendError> {
         Ok(u64::MAX)
     }
@@ -859,16 +901,19 @@ fn a_file_backend_create_stuck_in_its_io_does_not_delay_a_publish() {
 /// empty state), and the next Seed serves exactly what it rebuilt, poisoned volumes included.
 #[test]
 fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
-    use super::messages::{Dismiss, Seed};
+    use super::messages::Dismiss;
     use crate::domain::AccessClass::{Exclusive, Migratable};
     paused(|| async {
         let h = harness_limited(&["x", "m", "v", "p"], 8).await;
         let supervisor = h.router.supervisor().clone();
         supervisor
-            .send(Seed(vec![
-                seed_volume("x", &[("a", 100)], Exclusive),
-                seed_volume("m", &[("a", 100), ("b", 10)], Migratable),
-            ]))
+            .send(seed_in(
+                Term::FIRST,
+                vec![
+                    seed_volume("x", &[("a", 100)], Exclusive),
+                    seed_volume("m", &[("a", 100), ("b", 10)], Migratable),
+                ],
+            ))
             .await
             .unwrap();
         h.router
@@ -913,7 +958,10 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
         assert_eq!(m.detach_total.with_label_values(&["success"]).get(), 0);
         assert_eq!(m.migrations_total.with_label_values(&["failed"]).get(), 0);
         let route = supervisor
-            .send(super::messages::Route(vol("x")))
+            .send(super::messages::Route {
+                volume: vol("x"),
+                term: Some(Term::FIRST),
+            })
             .await
             .unwrap();
         assert!(
@@ -929,15 +977,22 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
         assert!(matches!(err, Error::NotActive(_)), "{err}");
 
         // The next term: only what the VolumeAttachments say now.
+        let next = Term::FIRST.next();
         supervisor
-            .send(Seed(vec![seed_volume("v", &[("b", 5)], Exclusive)]))
+            .send(seed_in(
+                next,
+                vec![seed_volume("v", &[("b", 5)], Exclusive)],
+            ))
             .await
             .unwrap();
-        let fresh = h.router.send(&vol("x"), publish("b", exclusive())).await;
+        let fresh = h
+            .router
+            .send(&vol("x"), publish_in(next, "b", exclusive()))
+            .await;
         assert!(fresh.is_ok(), "x has no holder now: {fresh:?}");
         let err = h
             .router
-            .send(&vol("v"), publish("c", exclusive()))
+            .send(&vol("v"), publish_in(next, "c", exclusive()))
             .await
             .unwrap_err();
         assert!(
@@ -945,8 +1000,73 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
             "{err}"
         );
         h.router
-            .send(&vol("p"), publish("a", exclusive()))
+            .send(&vol("p"), publish_in(next, "a", exclusive()))
             .await
             .expect("re-seeded: no longer poisoned");
     });
 }
+
+/// A stale drop carries the instant just before its Node's 404 GET was sent, and only holders
+/// older than it go: x (parked, attached long before) is woken and dropped, y (attached to the
+/// same node name after that instant: the Node re-registered and a Publish answered OK) keeps
+/// its holder, and p (seeded after that instant) is not even woken. Catches
+/// `a.confirmed_at < asked_at` in `VolumeState::drop_stale` (y would be dropped) and
+/// `p.attached_at < gone.asked_at` in the supervisor's `ClearStale` (p would be woken).
+#[test]
+fn a_stale_drop_keeps_holders_attached_after_the_404() {
+    use super::messages::{ClearStale, GoneNode};
+    use crate::domain::AccessClass::Exclusive;
+    paused(|| async {
+        let h = harness(&["x", "y", "p"]).await;
+        let supervisor = h.router.supervisor().clone();
+        supervisor
+            .send(seed_in(
+                Term::FIRST,
+                vec![seed_volume("x", &[("a", 100)], Exclusive)],
+            ))
+            .await
+            .unwrap();
+        let asked_at = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.router
+            .send(&vol("y"), publish("a", exclusive()))
+            .await
+            .unwrap();
+        supervisor
+            .send(seed_in(
+                Term::FIRST,
+                vec![seed_volume("p", &[("a", 0)], Exclusive)],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(h.metrics.parked_volumes.get(), 2);
+
+        let gone = GoneNode {
+            node: NodeId::try_from("a").unwrap(),
+            asked_at,
+        };
+        supervisor.send(ClearStale(gone)).await.unwrap();
+        let holders = |v: &'static str| {
+            let router = h.router.clone();
+            async move {
+                router
+                    .send(&vol(v), Describe)
+                    .await
+                    .unwrap()
+                    .map_or(0, |view| view["nodes"].as_array().unwrap().len())
+            }
+        };
+        assert_eq!(holders("x").await, 0, "attached before the GET: dropped");
+        assert_eq!(
+            holders("y").await,
+            1,
+            "attached after the GET was sent: kept"
+        );
+        assert_eq!(h.metrics.stale_cleared_total.get(), 1);
+        assert_eq!(h.metrics.parked_volumes.get(), 1, "p stays parked");
+        assert_eq!(holders("p").await, 1);
+    });
+}
+
+#[path = "term_tests.rs"]
+mod term;

@@ -8,17 +8,31 @@ use actix::prelude::*;
 use super::state::PublishRequest;
 use super::volume::VolumeActor;
 use crate::ids::{NodeId, VolumeId};
+use crate::role::Term;
 use crate::Error;
+
+/// A message that changes attachment state, and the term it was admitted in. The [`super::Router`]
+/// routes it in that term only, and the volume actor refuses it if it serves another.
+pub trait InTerm {
+    /// `None` for a message that changes nothing (a [`Describe`]): routed in whatever term
+    /// the supervisor serves.
+    fn term(&self) -> Option<Term>;
+}
 
 /// ControllerPublishVolume for one volume (rules, Publish steps 2 to 6).
 ///
 /// Idempotent: the same node, capability and readonly answer OK with the same publish_context.
 /// Errors: `VolumeNotFound`/`NodeNotFound` (NOT_FOUND), `AlreadyExists`, `Conflict` and
 /// `MigrationLimit` (FAILED_PRECONDITION), `Unavailable` when a cluster check fails or the
-/// checks outrun [`super::LIVE_CHECK_BUDGET`].
+/// backend read and the checks outrun their deadline ([`super::LIVE_CHECK_BUDGET`], or the
+/// caller's own deadline if sooner), `NotActive` (UNAVAILABLE) when the actor serves another
+/// term. Every refusal changes nothing.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<Published, Error>")]
-pub struct Publish(pub PublishRequest);
+pub struct Publish {
+    pub req: PublishRequest,
+    pub term: Term,
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Published {
@@ -26,18 +40,45 @@ pub struct Published {
 }
 
 /// ControllerUnpublishVolume. `None` detaches from every node. Detaching a node that does not
-/// hold the volume succeeds with no side effects.
+/// hold the volume succeeds with no side effects. `NotActive` (UNAVAILABLE), nothing changed,
+/// when the actor serves another term.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<(), Error>")]
 pub struct Unpublish {
     pub node: Option<NodeId>,
+    pub term: Term,
 }
 
 /// DeleteVolume, serialized with the volume's publishes. FAILED_PRECONDITION (`StillPublished`)
-/// while any node holds it; deleting a missing volume succeeds.
+/// while any node holds it; deleting a missing volume succeeds. `NotActive` (UNAVAILABLE),
+/// nothing deleted, when the actor serves another term.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<(), Error>")]
-pub struct Delete;
+pub struct Delete(pub Term);
+
+impl InTerm for Publish {
+    fn term(&self) -> Option<Term> {
+        Some(self.term)
+    }
+}
+
+impl InTerm for Unpublish {
+    fn term(&self) -> Option<Term> {
+        Some(self.term)
+    }
+}
+
+impl InTerm for Delete {
+    fn term(&self) -> Option<Term> {
+        Some(self.0)
+    }
+}
+
+impl InTerm for Describe {
+    fn term(&self) -> Option<Term> {
+        None
+    }
+}
 
 /// The migration timer of the current migration fired.
 #[derive(Clone, Debug, Message)]
@@ -57,10 +98,14 @@ pub struct Describe;
 /// Supervisor: the live actor for the volume, started (or woken from its parked record) if it
 /// has none or its actor retired. A caller that found its actor stopping simply asks again.
 /// `Unavailable` if the volume's actor died without retiring (poisoned): that answer is final
-/// until the process restarts.
+/// until the process restarts. `NotActive` (UNAVAILABLE), no actor started or woken, unless the
+/// supervisor serves `term` (any term, for `None`; never after a [`Dismiss`]).
 #[derive(Message)]
 #[rtype(result = "Result<Addr<VolumeActor>, Error>")]
-pub struct Route(pub VolumeId);
+pub struct Route {
+    pub volume: VolumeId,
+    pub term: Option<Term>,
+}
 
 /// Supervisor: a volume actor retired itself (grace expired, idle, or deleted). Sent before the
 /// actor stops.
@@ -110,29 +155,36 @@ pub struct Listing {
 pub struct Lookup(pub VolumeId);
 
 /// A message with the caller's tracing span, so what the actor logs carries the RPC's span
-/// (volume_id, node_id) although it runs on another thread, and the time the caller first sent
-/// it, from which a Publish's [`super::LIVE_CHECK_BUDGET`] runs.
+/// (volume_id, node_id) although it runs on another thread, the time the caller first sent it,
+/// from which a Publish's [`super::LIVE_CHECK_BUDGET`] runs, and the caller's own gRPC
+/// deadline if it has one ([`crate::deadline::current`]), which that budget never outlasts.
 pub struct Traced<M> {
     pub msg: M,
     pub span: tracing::Span,
     pub sent: tokio::time::Instant,
+    pub reply_by: Option<tokio::time::Instant>,
 }
 
 impl<M: Message> Message for Traced<M> {
     type Result = M::Result;
 }
 
-/// Supervisor: rebuild volume actors from VolumeAttachments at boot. Answers how many volumes
-/// were seeded.
+/// Supervisor: rebuild volume actors from VolumeAttachments for `term` (at boot, or when a term
+/// begins). From then on the supervisor and every actor it starts serve `term` only. Answers
+/// how many volumes were seeded.
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub struct Seed(pub Vec<crate::kube::seed::SeedVolume>);
+pub struct Seed {
+    pub term: Term,
+    pub volumes: Vec<crate::kube::seed::SeedVolume>,
+}
 
 /// Supervisor: this controller stopped serving attachments (it stood down, or a new term is
 /// about to be seeded). Every volume actor stops without any effect (no event, no annotation:
 /// standing down is not a detach), parked and poisoned volumes are forgotten, and the routers'
 /// caches are emptied. Until the next [`Seed`], `Route` answers `NotActive`, so no call admitted
-/// in the old term starts an actor from empty state. Answers how many volumes were dropped.
+/// in the old term starts an actor from empty state; after it, only calls of the seeded term are
+/// routed. Answers how many volumes were dropped.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Dismiss;
@@ -158,16 +210,27 @@ pub struct HolderNodes {
 #[rtype(result = "Vec<NodeId>")]
 pub struct Holders;
 
-/// Supervisor: these nodes' Node objects are confirmed deleted (a live GET answered 404). Sends
-/// [`DropStale`] to every live actor and to the parked volumes those nodes hold (woken for it).
-/// Answers how many volumes it was sent to.
+/// A Node confirmed deleted: a live GET of it answered 404. `asked_at` is the monotonic instant
+/// taken just before that GET was sent. Only an attachment confirmed strictly before it is
+/// certainly older than the 404; one made (or answered OK again) at or after it may belong to a
+/// Node that re-registered under the same name meanwhile, and is kept (rules, High
+/// availability: "only attachments made before that 404 was seen").
+#[derive(Clone, Debug)]
+pub struct GoneNode {
+    pub node: NodeId,
+    pub asked_at: tokio::time::Instant,
+}
+
+/// Supervisor: one node's Node object is confirmed deleted. Wakes the parked volumes it held
+/// from before `asked_at`, and sends [`DropStale`] to every live actor. Answers how many actors
+/// it was sent to; ignored (0) while dismissed.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "usize")]
-pub struct ClearStale(pub std::sync::Arc<Vec<NodeId>>);
+pub struct ClearStale(pub GoneNode);
 
-/// Volume actor: drop any of these nodes that holds the volume, as rule 5.1 does (counted once,
-/// StaleAttachmentCleared posted, a migration involving it resolved). A volume none of them
-/// holds is untouched.
+/// Volume actor: drop the node if it holds the volume from before `asked_at`, as rule 5.1 does
+/// (counted once, StaleAttachmentCleared posted, a migration involving it resolved). A volume
+/// the node does not hold, or holds from `asked_at` on, is untouched.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "()")]
-pub struct DropStale(pub std::sync::Arc<Vec<NodeId>>);
+pub struct DropStale(pub GoneNode);

@@ -19,7 +19,7 @@ use crate::ids::{NodeId, VolumeId};
 use crate::kube::{AttachmentAuthority, ClusterSink, NodeDirectory};
 use crate::metrics::Metrics;
 use crate::Error;
-use messages::{Route, ShareAddresses, Traced};
+use messages::{InTerm, Route, ShareAddresses, Traced};
 use supervisor::Supervisor;
 use volume::VolumeActor;
 
@@ -104,20 +104,20 @@ impl NodeLimit {
 /// How long the [`Router`] waits for a volume actor's answer before DEADLINE_EXCEEDED.
 pub const MAILBOX_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The live-check budget of one Publish: how long it may spend waiting on the Kubernetes API
-/// for the Node existence check (step 2: a GET when the Node projection misses) and for every
-/// live check of rules 5.1 and 5.2 on every holder, all together.
+/// The budget of one Publish: how long it may spend on the backend read of its volume (step 2,
+/// on RDS a pool wait and a command), the Node existence check (step 2: a GET when the Node
+/// projection misses), every live check of rules 5.1 and 5.2 on every holder, and the
+/// first-lease-duration check of a holderless volume ("High availability"), all together.
 ///
 /// It is a deadline counted from when the [`Router`] sent the Publish, so time spent queued
-/// behind other messages of the same volume counts too. Past it, the checks still waiting are
-/// abandoned and the Publish fails closed: UNAVAILABLE, nothing changed; the external-attacher
-/// retries. A Publish that needs no API call (a projection hit and no holder to check) is never
-/// refused by it.
+/// behind other messages of the same volume counts too, and never later than the caller's own
+/// gRPC deadline. Past it, whatever is still waiting is abandoned and the Publish fails closed:
+/// UNAVAILABLE, nothing changed, never a late OK; the external-attacher retries.
 ///
 /// 8 s keeps every Publish answered below the external-attacher's default `--timeout` (15 s),
 /// after which it would give up on the call and retry while the attach could still happen, and
 /// well below [`MAILBOX_TIMEOUT`] (30 s), after which the Router answers DEADLINE_EXCEEDED for
-/// an attach that may still happen. The margin is for the backend and the actor's own work.
+/// an attach that may still happen. The margin is for the actor's own work.
 pub const LIVE_CHECK_BUDGET: Duration = Duration::from_secs(8);
 const _: () = assert!(
     LIVE_CHECK_BUDGET.as_secs() < 15 && LIVE_CHECK_BUDGET.as_secs() * 2 < MAILBOX_TIMEOUT.as_secs()
@@ -165,10 +165,18 @@ impl Router {
             .cloned()
     }
 
-    async fn route(&self, volume: &VolumeId) -> Result<Addr<VolumeActor>, Error> {
+    async fn route(
+        &self,
+        volume: &VolumeId,
+        term: Option<crate::role::Term>,
+    ) -> Result<Addr<VolumeActor>, Error> {
+        let route = Route {
+            volume: volume.clone(),
+            term,
+        };
         let addr = self
             .supervisor
-            .send(Route(volume.clone()))
+            .send(route)
             .await
             .map_err(|_| Error::Unavailable("the volume supervisor has stopped".into()))??;
         self.known
@@ -184,27 +192,31 @@ impl Router {
 
     /// Delivers `msg` to the volume's actor and returns its answer. A message that meets an
     /// actor being reaped (mailbox closed, or `Error::Retired`) is retried through the
-    /// supervisor, which starts a fresh actor: it is never lost. Errors: `Unavailable` if the
-    /// supervisor is gone or the volume is poisoned (its actor died; final, not retried),
-    /// `DeadlineExceeded` if the actor does not answer in time.
+    /// supervisor, which starts a fresh actor: it is never lost. The supervisor routes it only
+    /// in the message's term. The caller's gRPC deadline, if its task has one, goes with it.
+    /// Errors: `Unavailable` if the supervisor is gone or the volume is poisoned (its actor
+    /// died; final, not retried), `NotActive` if the supervisor or the actor serves another term
+    /// (final), `DeadlineExceeded` if the actor does not answer in time.
     pub async fn send<M, T>(&self, volume: &VolumeId, msg: M) -> Result<T, Error>
     where
-        M: Message<Result = Result<T, Error>> + Clone + Send + 'static,
+        M: Message<Result = Result<T, Error>> + InTerm + Clone + Send + 'static,
         T: Send + 'static,
         VolumeActor: Handler<M> + Handler<Traced<M>>,
         <VolumeActor as Actor>::Context: ToEnvelope<VolumeActor, Traced<M>>,
     {
         let mut next = self.remembered(volume);
         let sent = tokio::time::Instant::now();
+        let reply_by = crate::deadline::current();
         for _ in 0..MAX_ROUTE_ATTEMPTS {
             let addr = match next.take() {
                 Some(addr) => addr,
-                None => self.route(volume).await?,
+                None => self.route(volume, msg.term()).await?,
             };
             let traced = Traced {
                 msg: msg.clone(),
                 span: tracing::Span::current(),
                 sent,
+                reply_by,
             };
             match addr.send(traced).timeout(self.mailbox_timeout).await {
                 Ok(Err(Error::Retired)) | Err(MailboxError::Closed) => {}

@@ -19,6 +19,11 @@ use crate::Error;
 pub struct Attachment {
     pub node: NodeId,
     pub attached_at: Instant,
+    /// The last instant a Publish for this node answered OK: its attach, or a later idempotent
+    /// repeat (which confirmed the node exists). A seeded holder starts at `attached_at`. The
+    /// stale reconciler drops the holder only if this is older than its Node's 404
+    /// ([`VolumeState::drop_stale`]).
+    pub confirmed_at: Instant,
     pub attached_wall: SystemTime,
     /// Whether `attached_wall` is this driver's own attach instant, which publish_context
     /// carries under [`crate::domain::PUBLISH_ATTACHED_AT_KEY`]. False only for a holder rebuilt
@@ -210,6 +215,19 @@ impl VolumeState {
         (state, effects)
     }
 
+    /// Takes holders a live read found attached, for a volume with none, as seeding takes them
+    /// (rules, Boot seeding 3 and "High availability"). Nothing orders them (the read gives
+    /// names, not ages), so two on a migratable volume are a migration of unknown direction.
+    /// The grace record goes: the volume is held.
+    pub fn adopt(&mut self, holders: Vec<Attachment>, migration_timeout: Duration) -> Vec<Effect> {
+        debug_assert!(self.nodes.is_empty());
+        let order_known = holders.len() < 2;
+        let (state, effects) =
+            Self::seeded(self.grace_period, holders, migration_timeout, order_known);
+        *self = state;
+        effects
+    }
+
     pub fn nodes(&self) -> &[Attachment] {
         &self.nodes
     }
@@ -276,6 +294,21 @@ impl VolumeState {
         effects
     }
 
+    /// The stale reconciler's drop (rules, High availability): `node`'s Node answered 404 to a
+    /// GET sent just after `asked_at`. Drops `node` as [`Self::drop_holder`] does only if its
+    /// attachment was last confirmed strictly before `asked_at`; a holder attached or answered OK
+    /// at or after it may be a Node that re-registered under the same name, and is kept.
+    pub fn drop_stale(&mut self, node: &NodeId, asked_at: Instant, now: Instant) -> Vec<Effect> {
+        let older = self
+            .nodes
+            .iter()
+            .any(|a| &a.node == node && a.confirmed_at < asked_at);
+        if !older {
+            return Vec::new();
+        }
+        self.drop_holder(node, DropReason::Stale, now)
+    }
+
     /// ControllerPublishVolume, steps 3 to 5 of the rules (5.3 onwards: blockers have already
     /// been resolved by the caller).
     ///
@@ -296,6 +329,7 @@ impl VolumeState {
             if existing.capability.as_ref() == Some(&req.capability)
                 && existing.readonly == req.readonly
             {
+                existing.confirmed_at = existing.confirmed_at.max(now);
                 return Ok(Published {
                     effects: Vec::new(),
                     idempotent: true,
@@ -315,6 +349,7 @@ impl VolumeState {
         let attachment = Attachment {
             node: req.node.clone(),
             attached_at: now,
+            confirmed_at: now,
             attached_wall: wall,
             recorded_instant: true,
             class: req.capability.class(),

@@ -140,6 +140,7 @@ fn a_seeded_holder_answers_with_the_instant_its_va_recorded_or_none() {
     let holder = |n: &str, wall: SystemTime, recorded_instant: bool| Attachment {
         node: node(n),
         attached_at: t0,
+        confirmed_at: t0,
         attached_wall: wall,
         recorded_instant,
         class: AccessClass::Migratable,
@@ -175,6 +176,7 @@ fn a_migration_of_unknown_direction_ends_as_unknown_on_either_side() {
     let holder = |n: &str| Attachment {
         node: node(n),
         attached_at: t0,
+        confirmed_at: t0,
         attached_wall: created,
         recorded_instant: false,
         class: AccessClass::Migratable,
@@ -438,12 +440,45 @@ fn stale_and_released_holders_are_dropped_before_publish() {
     );
 }
 
+/// The stale reconciler drops a holder only if its attachment is strictly older than the
+/// instant its Node's 404 GET was sent: one attached at or after it, or answered OK again by an
+/// idempotent repeat after it, may be a Node that re-registered under the same name. Catches
+/// `a.confirmed_at < asked_at` in `drop_stale` (without it every holder of that name is dropped)
+/// and `existing.confirmed_at = ...` in `publish` step 3 (without it the repeat is dropped).
+#[test]
+fn a_stale_drop_keeps_holders_confirmed_at_or_after_the_404() {
+    let mut f = Fixture::new();
+    let asked_at = f.t0 + Duration::from_secs(10);
+    f.advance(Duration::from_secs(10));
+    f.publish(&req("a", rwo())).unwrap();
+    assert!(f.state.drop_stale(&node("a"), asked_at, f.now).is_empty());
+    assert_eq!(f.holders(), ["a"], "attached at the GET's instant: kept");
+    let later = asked_at + Duration::from_millis(1);
+    let effects = f.state.drop_stale(&node("a"), later, f.now);
+    assert_eq!(effects, vec![Effect::StaleCleared { node: node("a") }]);
+    assert!(f.holders().is_empty());
+
+    let mut f = Fixture::new();
+    f.publish(&req("b", rwo())).unwrap();
+    f.advance(Duration::from_secs(20));
+    assert!(f.publish(&req("b", rwo())).unwrap().idempotent);
+    let asked_at = f.t0 + Duration::from_secs(10);
+    assert!(f.state.drop_stale(&node("b"), asked_at, f.now).is_empty());
+    assert_eq!(
+        f.holders(),
+        ["b"],
+        "answered OK after the GET was sent: kept"
+    );
+    assert!(f.state.drop_stale(&node("c"), f.now, f.now).is_empty());
+}
+
 #[test]
 fn seeding_rebuilds_migration_from_the_newer_holder() {
     let t0 = Instant::now();
     let holder = |n: &str, at: Instant| Attachment {
         node: node(n),
         attached_at: at,
+        confirmed_at: at,
         attached_wall: SystemTime::now(),
         recorded_instant: true,
         class: AccessClass::Migratable,
@@ -486,6 +521,7 @@ fn a_seeded_holder_adopts_the_capability_of_its_first_republish() {
     let holder = Attachment {
         node: node("a"),
         attached_at: t0,
+        confirmed_at: t0,
         attached_wall: SystemTime::now(),
         recorded_instant: false,
         class: AccessClass::Exclusive,

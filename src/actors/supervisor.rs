@@ -33,7 +33,10 @@
 //! holds the leader Lease), [`Dismiss`] stops every actor without any effect, forgets parked and
 //! poisoned volumes, and refuses every route until the next [`Seed`] rebuilds state from the
 //! VolumeAttachments. So a call admitted before the stand-down never starts an actor from empty
-//! state, and a poisoned volume is healed by the next term's seeding.
+//! state, and a poisoned volume is healed by the next term's seeding. A [`Seed`] names the term
+//! it seeds for: from then on `Route` serves calls of that term only, and every actor started
+//! (seeded, woken from a parked record, or fresh) serves it and refuses a call of another, so a
+//! call admitted in an earlier term never changes the state a later one rebuilt.
 //!
 //! Parking: a volume seeded with one settled attachment (no migration, no over-attachment, so
 //! no timer and no pending effect) has nothing to do until a message arrives. It is kept as a
@@ -57,6 +60,7 @@ use super::volume::{Retirement, VolumeActor};
 use super::{AddressCache, VolumeDeps};
 use crate::domain::AccessClass;
 use crate::ids::{NodeId, VolumeId};
+use crate::role::Term;
 use crate::Error;
 
 /// Longer than any migration timeout or grace period.
@@ -77,6 +81,7 @@ impl Parked {
         let holder = Attachment {
             node: self.node.clone(),
             attached_at: self.attached_at,
+            confirmed_at: self.attached_at,
             attached_wall: self.attached_wall,
             recorded_instant: self.recorded_instant,
             class: self.class,
@@ -117,8 +122,9 @@ pub struct Supervisor {
     arbiters: Vec<ArbiterHandle>,
     hasher: std::collections::hash_map::RandomState,
     deps: Arc<VolumeDeps>,
-    /// Set by [`Dismiss`], cleared by [`Seed`]: no term is being served, so no actor starts.
-    dismissed: bool,
+    /// The term served: set by [`Seed`], cleared by [`Dismiss`]. Every actor started here
+    /// serves it; with none, no actor starts.
+    term: Option<Term>,
 }
 
 impl Supervisor {
@@ -131,7 +137,7 @@ impl Supervisor {
             arbiters,
             hasher: Default::default(),
             deps,
-            dismissed: false,
+            term: Some(Term::FIRST),
         }
     }
 
@@ -207,9 +213,15 @@ impl Supervisor {
         });
     }
 
-    fn start_fresh(&mut self, volume: &VolumeId, ctx: &mut Context<Self>) -> Addr<VolumeActor> {
+    fn start_fresh(
+        &mut self,
+        volume: &VolumeId,
+        term: Term,
+        ctx: &mut Context<Self>,
+    ) -> Addr<VolumeActor> {
         let actor = VolumeActor::new(
             volume.clone(),
+            term,
             VolumeState::new(self.deps.grace_period),
             self.deps.clone(),
             ctx.address().recipient(),
@@ -217,17 +229,19 @@ impl Supervisor {
         self.spawn(actor, volume)
     }
 
-    /// Starts an actor holding rebuilt state (seeding). Replaces nothing: seeding runs before
-    /// any RPC is served, at boot or after a [`Dismiss`] emptied the maps.
+    /// Starts an actor of `term` holding rebuilt state (seeding). Replaces nothing: seeding runs
+    /// before any RPC is served, at boot or after a [`Dismiss`] emptied the maps.
     pub fn seed(
         &mut self,
         volume: VolumeId,
+        term: Term,
         state: VolumeState,
         effects: Vec<Effect>,
         ctx: &mut Context<Self>,
     ) {
         let actor = VolumeActor::seeded(
             volume.clone(),
+            term,
             state,
             effects,
             self.deps.clone(),
@@ -236,12 +250,15 @@ impl Supervisor {
         self.spawn(actor, &volume);
     }
 
-    /// Starts the actor of a parked volume, handing it the seeded state.
+    /// Starts the actor of a parked volume, handing it the seeded state. Parked records exist
+    /// only while a term is served (a [`Dismiss`] drops them), and the actor serves that term.
     fn wake(&mut self, volume: &VolumeId, ctx: &mut Context<Self>) -> Option<Addr<VolumeActor>> {
+        let term = self.term?;
         let parked = self.parked.remove(volume)?;
         self.deps.metrics.parked_volumes.dec();
         let actor = VolumeActor::unparked(
             volume.clone(),
+            term,
             parked.state(self.deps.grace_period),
             self.deps.clone(),
             ctx.address().recipient(),
@@ -277,6 +294,14 @@ impl Actor for Supervisor {
     }
 }
 
+/// The answer for a message of a term this controller no longer (or not yet) serves. The
+/// caller's client retries, with whichever controller serves now.
+pub(crate) fn other_term() -> Error {
+    Error::NotActive(
+        "this call was admitted in another term of this controller; nothing changed, retry".into(),
+    )
+}
+
 /// The answer for a volume whose actor died.
 fn poisoned(volume: &VolumeId) -> Error {
     Error::Unavailable(format!(
@@ -288,11 +313,14 @@ fn poisoned(volume: &VolumeId) -> Error {
 impl Handler<Route> for Supervisor {
     type Result = Result<Addr<VolumeActor>, Error>;
 
-    fn handle(&mut self, Route(volume): Route, ctx: &mut Context<Self>) -> Self::Result {
-        if self.dismissed {
+    fn handle(&mut self, Route { volume, term }: Route, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(serving) = self.term else {
             return Err(Error::NotActive(
                 "attachment state was dropped when this controller stood down".into(),
             ));
+        };
+        if term.is_some_and(|term| term != serving) {
+            return Err(other_term());
         }
         if let Found::Live(addr) = self.find(&volume)? {
             return Ok(addr);
@@ -300,7 +328,7 @@ impl Handler<Route> for Supervisor {
         if let Some(addr) = self.wake(&volume, ctx) {
             return Ok(addr);
         }
-        Ok(self.start_fresh(&volume, ctx))
+        Ok(self.start_fresh(&volume, serving, ctx))
     }
 }
 
@@ -397,8 +425,8 @@ impl Handler<Seed> for Supervisor {
     /// creation); they map onto the monotonic clock so a migration's deadline keeps counting
     /// from the newer holder's attach. A volume with one holder is parked; any other starts its
     /// actor now (a migration has a timer to arm, an over-attachment an event to post).
-    fn handle(&mut self, Seed(volumes): Seed, ctx: &mut Context<Self>) -> usize {
-        self.dismissed = false;
+    fn handle(&mut self, Seed { term, volumes }: Seed, ctx: &mut Context<Self>) -> usize {
+        self.term = Some(term);
         let now = tokio::time::Instant::now();
         let wall = std::time::SystemTime::now();
         // Ages beyond two hours all mean "every deadline has passed"; clamping keeps the
@@ -434,6 +462,7 @@ impl Handler<Seed> for Supervisor {
                 .map(|h| Attachment {
                     node: h.node,
                     attached_at: monotonic(h.attached),
+                    confirmed_at: monotonic(h.attached),
                     attached_wall: h.attached,
                     recorded_instant: h.recorded_instant,
                     class: v.class,
@@ -447,7 +476,7 @@ impl Handler<Seed> for Supervisor {
                 v.migration_timeout,
                 v.order_known,
             );
-            self.seed(v.volume, state, effects, ctx);
+            self.seed(v.volume, term, state, effects, ctx);
         }
         count
     }
@@ -460,7 +489,7 @@ impl Handler<Dismiss> for Supervisor {
     /// parked record is dropped with what it counted, poisoned volumes get a fresh start at the
     /// next seeding, and the routers forget every address.
     fn handle(&mut self, _: Dismiss, _ctx: &mut Context<Self>) -> usize {
-        self.dismissed = true;
+        self.term = None;
         let metrics = &self.deps.metrics;
         let dropped = self.actors.len() + self.parked.len() + self.poisoned.len();
         for (_, slot) in self.actors.drain() {
@@ -503,14 +532,17 @@ impl Handler<ListHolders> for Supervisor {
 impl Handler<ClearStale> for Supervisor {
     type Result = usize;
 
+    /// A parked volume is woken only if its holder is the gone node and was attached before the
+    /// 404's GET was sent (a parked record is confirmed at its attach: any later Publish woke
+    /// it); its actor then makes the same check as every live one.
     fn handle(&mut self, ClearStale(gone): ClearStale, ctx: &mut Context<Self>) -> usize {
-        if self.dismissed {
+        if self.term.is_none() {
             return 0;
         }
         let held: Vec<VolumeId> = self
             .parked
             .iter()
-            .filter(|(_, p)| gone.contains(&p.node))
+            .filter(|(_, p)| p.node == gone.node && p.attached_at < gone.asked_at)
             .map(|(v, _)| v.clone())
             .collect();
         for volume in &held {

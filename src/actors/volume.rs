@@ -7,6 +7,10 @@
 //!
 //! Publish asks the backend about its volume once, then answers from what it kept: the volume
 //! is deleted only through this actor, so what it kept is true until its own Delete.
+//!
+//! Each actor serves one term of this controller (see [`crate::role`]): a Publish, Unpublish or
+//! Delete admitted in another term is refused with UNAVAILABLE before anything changes. A
+//! Publish's backend read and live checks share one deadline; past it nothing changes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +24,13 @@ use super::messages::{
     Delete, Describe, DropStale, GraceExpired, Holders, MigrationTimeout, Publish, Published,
     Reaped, StandDown, Traced, Unpublish,
 };
-use super::state::{DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
+use super::state::{Attachment, DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
+use super::supervisor::other_term;
 use super::{VolumeDeps, LIVE_CHECK_BUDGET};
 use crate::domain::{attach_instant_text, PUBLISH_ATTACHED_AT_KEY, PUBLISH_READONLY_KEY};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::{ClusterEvent, HolderStatus};
+use crate::role::Term;
 use crate::Error;
 
 /// At most one AttachmentConflict event per volume per this interval.
@@ -48,6 +54,8 @@ impl Retirement {
 
 pub struct VolumeActor {
     id: VolumeId,
+    /// The term this actor serves; messages of any other are refused.
+    term: Term,
     state: VolumeState,
     deps: Arc<VolumeDeps>,
     supervisor: Recipient<Reaped>,
@@ -71,12 +79,14 @@ pub struct VolumeActor {
 impl VolumeActor {
     pub fn new(
         id: VolumeId,
+        term: Term,
         state: VolumeState,
         deps: Arc<VolumeDeps>,
         supervisor: Recipient<Reaped>,
     ) -> Self {
         Self {
             id,
+            term,
             state,
             deps,
             supervisor,
@@ -95,12 +105,13 @@ impl VolumeActor {
     /// flight, over-attachment) and are applied when it starts.
     pub fn seeded(
         id: VolumeId,
+        term: Term,
         state: VolumeState,
         effects: Vec<Effect>,
         deps: Arc<VolumeDeps>,
         supervisor: Recipient<Reaped>,
     ) -> Self {
-        let mut actor = Self::new(id, state, deps, supervisor);
+        let mut actor = Self::new(id, term, state, deps, supervisor);
         actor.pending = effects;
         actor
     }
@@ -109,11 +120,12 @@ impl VolumeActor {
     /// by the first message for it.
     pub fn unparked(
         id: VolumeId,
+        term: Term,
         state: VolumeState,
         deps: Arc<VolumeDeps>,
         supervisor: Recipient<Reaped>,
     ) -> Self {
-        let mut actor = Self::new(id, state, deps, supervisor);
+        let mut actor = Self::new(id, term, state, deps, supervisor);
         actor.unparked = true;
         actor
     }
@@ -428,14 +440,26 @@ macro_rules! traced {
 }
 traced!(Unpublish, Delete, Describe);
 
-/// Publish step 2 (the node exists) and, for each holder in `blockers`, rules 5.1 and 5.2.
-/// Each may be a live API call; the caller bounds them all with one deadline.
+/// What the live checks of one Publish found.
+struct Checked {
+    /// Nodes a live read shows attached to a holderless volume (see [`live_checks`]).
+    found: Vec<NodeId>,
+    /// Rules 5.1 and 5.2 for each blocking holder and each node found.
+    verdicts: Vec<(NodeId, HolderStatus)>,
+}
+
+/// Publish step 2 (the node exists); with `recheck` (a holderless volume inside its term's first
+/// lease duration, rules "High availability"), the other nodes a live read of its
+/// VolumeAttachments shows attached, which then block like holders; and for each holder in
+/// `blockers` and each node found, rules 5.1 and 5.2. Each may be a live API call; the caller
+/// bounds them all with one deadline. Any error fails the publish closed (UNAVAILABLE).
 async fn live_checks(
     deps: &VolumeDeps,
     id: &VolumeId,
     node: NodeId,
-    blockers: Vec<NodeId>,
-) -> Result<Vec<(NodeId, HolderStatus)>, Error> {
+    mut blockers: Vec<NodeId>,
+    recheck: bool,
+) -> Result<Checked, Error> {
     let known = deps
         .nodes
         .exists(&node)
@@ -444,6 +468,20 @@ async fn live_checks(
     if !known {
         return Err(Error::NodeNotFound(node));
     }
+    let found = if recheck {
+        deps.authority
+            .attached_elsewhere(id, &node)
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot read which other nodes hold volume {id} (this controller's term \
+                     began less than a lease duration ago): {e}"
+                ))
+            })?
+    } else {
+        Vec::new()
+    };
+    blockers.extend(found.iter().cloned());
     let mut verdicts = Vec::with_capacity(blockers.len());
     for holder in blockers {
         let status = deps.authority.check(id, &holder).await.map_err(|e| {
@@ -453,44 +491,59 @@ async fn live_checks(
         })?;
         verdicts.push((holder, status));
     }
-    Ok(verdicts)
+    Ok(Checked { found, verdicts })
 }
 
-/// Through the Router: the live-check budget runs from when the Router sent it.
+/// Through the Router: the budget runs from when the Router sent it, and ends no later than the
+/// caller's own deadline.
 impl Handler<Traced<Publish>> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
     fn handle(&mut self, traced: Traced<Publish>, _ctx: &mut Context<Self>) -> Self::Result {
         let _entered = traced.span.enter();
-        self.publish(traced.msg.0, traced.sent + LIVE_CHECK_BUDGET)
+        let budget = traced.sent + LIVE_CHECK_BUDGET;
+        let deadline = traced.reply_by.map_or(budget, |by| by.min(budget));
+        self.publish(traced.msg, deadline)
     }
 }
 
-/// Sent straight to the actor: the live-check budget runs from now.
+/// Sent straight to the actor: the budget runs from now.
 impl Handler<Publish> for VolumeActor {
     type Result = AtomicResponse<Self, Result<Published, Error>>;
 
-    fn handle(&mut self, Publish(req): Publish, _ctx: &mut Context<Self>) -> Self::Result {
-        self.publish(req, Instant::now() + LIVE_CHECK_BUDGET)
+    fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
+        self.publish(msg, Instant::now() + LIVE_CHECK_BUDGET)
     }
 }
 
 impl VolumeActor {
-    /// Runs the checks Publish needs (backend, then the live checks until `deadline`), then the
-    /// rules. Past `deadline` the publish fails closed: UNAVAILABLE, nothing changed.
+    /// Runs the checks Publish needs until `deadline` (the backend read, the live checks, and
+    /// inside the term's first-lease-duration window the live read of a holderless volume's
+    /// other VolumeAttachments), then the rules. A Publish of another term, an error in any
+    /// check, or reaching `deadline` before the rules ran, fails closed: UNAVAILABLE, nothing
+    /// changed.
     fn publish(
         &mut self,
-        req: PublishRequest,
+        Publish { req, term }: Publish,
         deadline: Instant,
     ) -> AtomicResponse<Self, Result<Published, Error>> {
         if self.retired {
             return retired();
+        }
+        if term != self.term {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(other_term()))));
         }
         let deps = self.deps.clone();
         let id = self.id.clone();
         let node = req.node.clone();
         let blockers = self.state.blockers(&node);
         let kept = self.publish_context.clone();
+        // Rules, "High availability": an OK the previous term answered late may be missing from
+        // the list this term was seeded from.
+        let recheck = self.state.nodes().is_empty()
+            && term
+                .recheck_until()
+                .is_some_and(|until| Instant::now() < until);
         let checks = async move {
             let publish_context = match kept {
                 Some(context) => context,
@@ -503,18 +556,15 @@ impl VolumeActor {
                     deps.backend.publish_context(&volume)
                 }
             };
-            let live = live_checks(&deps, &id, node, blockers);
-            let verdicts = tokio::time::timeout_at(deadline, live)
-                .await
-                .map_err(|_| {
-                    Error::Unavailable(format!(
-                        "the Kubernetes API did not answer this publish's live checks within \
-                         their {LIVE_CHECK_BUDGET:?} budget; nothing changed, retry"
-                    ))
-                })??;
-            Ok((publish_context, verdicts))
+            let checked = live_checks(&deps, &id, node, blockers, recheck).await?;
+            Ok((publish_context, checked))
         };
-        // The backend's waits (an RDS reconnect) are bounded by this publish's budget too.
+        let checks = async move {
+            tokio::time::timeout_at(deadline, checks)
+                .await
+                .map_err(|_| past_deadline())?
+        };
+        // The backend's waits (an RDS reconnect) know this publish's deadline too.
         let checks = crate::deadline::scope(Some(deadline), checks);
         let span = tracing::Span::current();
         AtomicResponse::new(Box::pin(checks.into_actor(self).map(
@@ -523,13 +573,19 @@ impl VolumeActor {
                 let before = act.class_label();
                 let was_attached = !act.state.nodes().is_empty();
                 let holders_before = act.holders();
-                let result = checked.and_then(|(mut publish_context, verdicts)| {
+                let result = checked.and_then(|(mut publish_context, checked)| {
                     if act.publish_context.is_none() {
                         act.publish_context = Some(publish_context.clone());
                     }
                     let now = Instant::now();
+                    if now >= deadline {
+                        return Err(past_deadline());
+                    }
                     let mut effects = Vec::new();
-                    for (holder, status) in verdicts {
+                    if !checked.found.is_empty() {
+                        effects.extend(act.adopt(checked.found, &req, now));
+                    }
+                    for (holder, status) in checked.verdicts {
                         let reason = match status {
                             HolderStatus::Live => continue,
                             HolderStatus::NodeGone => DropReason::Stale,
@@ -564,6 +620,47 @@ impl VolumeActor {
             },
         )))
     }
+
+    /// Takes the nodes a live read found attached to this holderless volume as its holders, as
+    /// seeding would have (rules, Boot seeding 3): counted on their nodes, in the request's
+    /// access class (the PV's, which the CO's capability carries), in an order nothing tells
+    /// (the read gives names, not ages). The rules then decide the Publish as for any holder,
+    /// 5.1 and 5.2 first.
+    fn adopt(&mut self, nodes: Vec<NodeId>, req: &PublishRequest, now: Instant) -> Vec<Effect> {
+        tracing::warn!(volume_id = %self.id, nodes = ?nodes,
+            "a live read shows this volume attached to nodes the seeding list did not (an OK \
+             answered late by the previous term); taking them as holders");
+        let wall = SystemTime::now();
+        let holders: Vec<Attachment> = nodes
+            .into_iter()
+            .map(|node| Attachment {
+                node,
+                attached_at: now,
+                confirmed_at: now,
+                attached_wall: wall,
+                recorded_instant: false,
+                class: req.capability.class(),
+                capability: None,
+                readonly: false,
+            })
+            .collect();
+        for holder in &holders {
+            self.deps.node_limit.add(&holder.node);
+        }
+        let effects = self.state.adopt(holders, req.migration_timeout);
+        if self.state.migration().is_some() {
+            self.deps.metrics.active_migrations.inc();
+        }
+        effects
+    }
+}
+
+/// The answer of a Publish whose deadline passed before its rules ran.
+fn past_deadline() -> Error {
+    Error::Unavailable(format!(
+        "this publish's backend read and live checks did not finish within their budget \
+         ({LIVE_CHECK_BUDGET:?}, or the caller's deadline if sooner); nothing changed, retry"
+    ))
 }
 
 impl Handler<Unpublish> for VolumeActor {
@@ -572,6 +669,9 @@ impl Handler<Unpublish> for VolumeActor {
     fn handle(&mut self, msg: Unpublish, ctx: &mut Context<Self>) -> Self::Result {
         if self.retired {
             return Err(Error::Retired);
+        }
+        if msg.term != self.term {
+            return Err(other_term());
         }
         let before = self.class_label();
         let was_attached = !self.state.nodes().is_empty();
@@ -588,9 +688,12 @@ impl Handler<Unpublish> for VolumeActor {
 impl Handler<Delete> for VolumeActor {
     type Result = AtomicResponse<Self, Result<(), Error>>;
 
-    fn handle(&mut self, _: Delete, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Delete(term): Delete, _ctx: &mut Context<Self>) -> Self::Result {
         if self.retired {
             return retired();
+        }
+        if term != self.term {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(other_term()))));
         }
         if !self.state.nodes().is_empty() {
             let nodes = self.state.nodes().iter().map(|a| a.node.clone()).collect();
@@ -701,17 +804,15 @@ impl Handler<DropStale> for VolumeActor {
     type Result = ();
 
     fn handle(&mut self, DropStale(gone): DropStale, ctx: &mut Context<Self>) {
-        if self.retired || !gone.iter().any(|n| self.state.holds(n)) {
+        if self.retired || !self.state.holds(&gone.node) {
             return;
         }
         let before = self.class_label();
         let was_attached = !self.state.nodes().is_empty();
         let holders_before = self.holders();
-        let now = Instant::now();
-        let effects: Vec<Effect> = gone
-            .iter()
-            .flat_map(|node| self.state.drop_holder(node, DropReason::Stale, now))
-            .collect();
+        let effects = self
+            .state
+            .drop_stale(&gone.node, gone.asked_at, Instant::now());
         self.apply(effects);
         self.release_dropped(&holders_before);
         self.track(before, was_attached);

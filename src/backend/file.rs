@@ -1028,6 +1028,12 @@ impl VolumeBackend for FileBackend {
         Ok(self.files.read().values().cloned().collect())
     }
 
+    /// Every volume: the root (`--data-dir`) is this instance's alone, so it already scopes
+    /// them to this instance; a second instance has a root of its own.
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        self.list().await
+    }
+
     async fn capacity(&self) -> Result<u64, BackendError> {
         let root = self.files.root.clone();
         tokio::task::spawn_blocking(move || free_bytes(&root))

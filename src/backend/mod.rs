@@ -331,6 +331,12 @@ pub trait VolumeBackend: Send + Sync + 'static {
     async fn get(&self, id: &VolumeId) -> Result<Option<VolumeInfo>, BackendError>;
     /// Every volume, sorted by id.
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError>;
+    /// The volumes this driver instance may take for its own when no PersistentVolume names
+    /// them: the orphan reconciler's candidates, which it may delete. Storage shared with
+    /// another cluster or driver instance must leave that instance's volumes out (rules, High
+    /// availability: "only volumes of this driver instance"). Sorted by id. No default: a
+    /// backend decides what is its own.
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError>;
     /// Bytes available for new volumes.
     async fn capacity(&self) -> Result<u64, BackendError>;
     /// Bytes available for new volumes of a StorageClass (GetCapacity's `parameters`). By

@@ -2,8 +2,8 @@
 //! the volume's actor (attachments, delete) or the backend (create, list, capacity, snapshots),
 //! and maps the answer. The role decides what is served: until it is first decided (boot
 //! seeding, or the Lease not seen yet) every RPC answers UNAVAILABLE; ControllerPublish/Unpublish
-//! are served only by the active controller, and answered only within the term they were
-//! admitted in; a standby answers DeleteVolume from a live list of VolumeAttachments and
+//! are served only by the active controller, carry the term they were admitted in to the
+//! volume's actor (so does DeleteVolume), and are answered only within it; a standby answers DeleteVolume from a live list of VolumeAttachments and
 //! everything else as usual.
 
 use std::collections::BTreeMap;
@@ -22,7 +22,7 @@ use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::domain::{migration_timeout, Capability, MIGRATION_TIMEOUT_KEY};
-use crate::ids::{NodeIdRules, SnapshotId, VolumeId};
+use crate::ids::{NodeId, NodeIdRules, SnapshotId, VolumeId};
 use crate::kube::PublishedNodes;
 use crate::metrics::Metrics;
 use crate::role::{DeletePath, Role};
@@ -46,7 +46,7 @@ pub struct ControllerService {
 /// A validated ControllerPublishVolumeRequest.
 pub struct PublishCall {
     pub volume: VolumeId,
-    pub msg: Publish,
+    pub req: PublishRequest,
 }
 
 /// Standalone rules for node ids; the controller uses [`PublishCall::parse`].
@@ -77,12 +77,12 @@ impl PublishCall {
         }
         Ok(Self {
             volume,
-            msg: Publish(PublishRequest {
+            req: PublishRequest {
                 node,
                 capability,
                 readonly: req.readonly,
                 migration_timeout,
-            }),
+            },
         })
     }
 }
@@ -90,7 +90,8 @@ impl PublishCall {
 /// A validated ControllerUnpublishVolumeRequest; an empty node_id means every node.
 pub struct UnpublishCall {
     pub volume: VolumeId,
-    pub msg: Unpublish,
+    /// `None`: every node.
+    pub node: Option<NodeId>,
 }
 
 /// Standalone rules for node ids; the controller uses [`UnpublishCall::parse`].
@@ -113,10 +114,7 @@ impl UnpublishCall {
             "" => None,
             raw => Some(node_ids.parse(raw, "node_id")?),
         };
-        Ok(Self {
-            volume,
-            msg: Unpublish { node },
-        })
+        Ok(Self { volume, node })
     }
 }
 
@@ -390,7 +388,10 @@ impl Controller for ControllerService {
         let result = async {
             let volume = VolumeId::try_from(req.get_ref().volume_id.as_str())?;
             match self.role.delete_path()? {
-                DeletePath::Actors(_) => self.router.send(&volume, Delete).await?,
+                DeletePath::Actors(term) => {
+                    self.router.send(&volume, Delete(term)).await?;
+                    self.role.confirm(term)?;
+                }
                 DeletePath::Live => self.delete_on_standby(&volume).await?,
             }
             Ok(DeleteVolumeResponse {})
@@ -415,7 +416,11 @@ impl Controller for ControllerService {
         let result = async {
             let call = PublishCall::parse(req.into_inner(), self.node_ids)?;
             let term = self.role.admit()?;
-            let published = self.router.send(&call.volume, call.msg).await?;
+            let msg = Publish {
+                req: call.req,
+                term,
+            };
+            let published = self.router.send(&call.volume, msg).await?;
             self.role.confirm(term)?;
             Ok(ControllerPublishVolumeResponse {
                 publish_context: published.publish_context,
@@ -441,7 +446,11 @@ impl Controller for ControllerService {
         let result = async {
             let call = UnpublishCall::parse(req.into_inner(), self.node_ids)?;
             let term = self.role.admit()?;
-            self.router.send(&call.volume, call.msg).await?;
+            let msg = Unpublish {
+                node: call.node,
+                term,
+            };
+            self.router.send(&call.volume, msg).await?;
             self.role.confirm(term)?;
             Ok(ControllerUnpublishVolumeResponse {})
         }

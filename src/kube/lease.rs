@@ -34,11 +34,12 @@ pub const SKEW_MARGIN: Duration = Duration::from_secs(2);
 /// Lease names no duration to go by. A live csi-attacher renews every few seconds.
 pub const QUIET_DEFAULT: Duration = Duration::from_secs(15);
 
-/// The Lease the csi-attacher of driver `driver` elects its leader with: csi-lib-utils'
-/// `external-attacher-leader-<driver>`, every character outside `[A-Za-z0-9-]` replaced by `-`,
-/// and an `X` appended if the name would end in `-`.
-pub fn lease_name(driver: &str) -> String {
-    let mut name: String = format!("external-attacher-leader-{driver}")
+/// csi-lib-utils' `sanitizeName` (leaderelection/leader_election.go), which its leader election
+/// applies to both the lock name and the holder identity before anything reaches the Lease:
+/// every character outside `[A-Za-z0-9-]` becomes `-`, and an `X` is appended if the result
+/// ends in `-`. Nothing is truncated.
+fn sanitize(name: &str) -> String {
+    let mut name: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
@@ -52,6 +53,34 @@ pub fn lease_name(driver: &str) -> String {
         name.push('X');
     }
     name
+}
+
+/// The Lease the csi-attacher of driver `driver` elects its leader with: csi-lib-utils'
+/// `external-attacher-leader-<driver>`, sanitized ([`sanitize`]).
+pub fn lease_name(driver: &str) -> String {
+    sanitize(&format!("external-attacher-leader-{driver}"))
+}
+
+/// The `holderIdentity` that means this pod, as the csi-attacher writes it: its identity (the
+/// pod's hostname, or `--leader-election-identity`) sanitized as csi-lib-utils does, so a pod
+/// name with a `.` is recognised. Built once at start; [`assess`] takes only this.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderIdentity(String);
+
+impl HolderIdentity {
+    pub fn of(identity: &str) -> Self {
+        Self(sanitize(identity))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for HolderIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The namespace of the Lease: `--leader-election-namespace`, else `POD_NAMESPACE`, else the
@@ -186,14 +215,14 @@ impl std::fmt::Display for Why {
 
 /// What `lease` (first seen at `seen`) makes controller `me` at `now`.
 ///
-/// Active exactly while the Lease names `me` and `min(renewTime, seen) + leaseDurationSeconds -
-/// margin` is ahead. `seen` caps a renewTime in the future (a skewed clock) at the moment we
-/// learned of it. An expired Lease still naming `me` is a standby: another csi-attacher may take
+/// Active exactly while the Lease's holder is `me` (sanitized, as the csi-attacher wrote it)
+/// and `min(renewTime, seen) + leaseDurationSeconds - margin` is ahead. `seen` caps a renewTime
+/// in the future (a skewed clock) at the moment we learned of it. An expired Lease still naming `me` is a standby: another csi-attacher may take
 /// it at any moment, and its acquisition may be what we have not seen yet.
 pub fn assess(
     lease: Option<&LeaseView>,
     seen: SystemTime,
-    me: &str,
+    me: &HolderIdentity,
     now: SystemTime,
     margin: Duration,
 ) -> Verdict {
@@ -202,7 +231,7 @@ pub fn assess(
     };
     match lease.holder.as_deref() {
         None => return Verdict::Standby(Why::NoHolder),
-        Some(holder) if holder != me => return Verdict::Standby(Why::Held(holder.into())),
+        Some(holder) if holder != me.as_str() => return Verdict::Standby(Why::Held(holder.into())),
         Some(_) => {}
     }
     let (Some(renewed), Some(duration)) = (lease.renewed, lease.duration) else {
@@ -394,6 +423,7 @@ mod tests {
     fn assess_reads_holder_expiry_and_skew() {
         let me = "pod-a";
         let fresh = lease(me, 100, 15);
+        let identity = HolderIdentity::of(me);
         // One row per case: lease, first seen, now, verdict.
         let cases: Vec<(Option<LeaseView>, u64, u64, Verdict)> = vec![
             (None, 100, 100, Verdict::Standby(Why::NoLease)),
@@ -489,11 +519,28 @@ mod tests {
         ];
         for (i, (lease, seen, now, want)) in cases.into_iter().enumerate() {
             assert_eq!(
-                assess(lease.as_ref(), at(seen), me, at(now), MARGIN),
+                assess(lease.as_ref(), at(seen), &identity, at(now), MARGIN),
                 want,
                 "case {i}"
             );
         }
+    }
+
+    /// csi-lib-utils writes the holder identity through its `sanitizeName`: a pod name with a
+    /// `.` is held as `-`. Catches the comparison of the raw identity in `assess`.
+    #[test]
+    fn the_holder_is_compared_as_the_attacher_writes_it() {
+        let written = lease("ctrl-0-rds-X", 100, 15);
+        let me = HolderIdentity::of("ctrl-0.rds.");
+        assert_eq!(me.as_str(), "ctrl-0-rds-X");
+        let verdict = assess(Some(&written), at(100), &me, at(101), MARGIN);
+        assert_eq!(
+            verdict,
+            Verdict::Active {
+                until: at(113),
+                term: written.term()
+            }
+        );
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! (log, `rds_csi_orphan_volumes`) once a volume has had no PV for longer than the grace, and
 //! deleted only in delete mode; dry run is the default.
 //!
+//! Candidates are only this driver instance's volumes ([`VolumeBackend::list_owned`]: on RDS,
+//! the disks under its `--rds-volume-path` with its `--rds-nqn-prefix`). Another cluster or
+//! driver instance on the same storage has PVs this one never sees, so its volumes would all
+//! look orphaned here.
+//!
 //! Why a volume with a PV is never deleted, including one whose PV is being created
 //! (CreateVolume answered, the external-provisioner about to write the PV):
 //! - the grace runs from when *this process* first saw the volume without a PV, which is never
@@ -30,6 +35,16 @@ use crate::backend::VolumeBackend;
 use crate::ids::VolumeId;
 use crate::kube::PvCatalog;
 use crate::metrics::Metrics;
+use crate::role::Term;
+
+/// The shortest `--orphan-grace` that `--orphan-delete` accepts; the driver refuses to start
+/// with less. The grace is what keeps a volume whose PersistentVolume is still on its way from
+/// being deleted: the external-provisioner writes the PV only after CreateVolume answered,
+/// retrying a failed write with a backoff that tops out at its `--retry-interval-max` (5 minutes
+/// by default), and the PV watch then has
+/// to deliver it. An hour covers that several times over, and a short API outage besides; a
+/// grace of seconds (or `0s`) would delete such a volume at the next pass.
+pub const MIN_DELETE_GRACE: Duration = Duration::from_secs(3600);
 
 /// `--orphan-interval`, `--orphan-grace`, `--orphan-delete`.
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +130,8 @@ pub struct OrphanVolumes {
     pub pvs: Arc<dyn PvCatalog>,
     /// Deletions go through the volume actors, like DeleteVolume.
     pub router: Router,
+    /// The term this reconciler runs in: its deletions are refused in any other.
+    pub term: Term,
     pub metrics: Arc<Metrics>,
     pub config: OrphanConfig,
 }
@@ -135,7 +152,7 @@ impl OrphanVolumes {
     /// One pass. Returns false if the backend or the live PV list could not be read (nothing
     /// is deleted then).
     pub async fn pass(&self, tracker: &mut Tracker) -> bool {
-        let volumes = match self.backend.list().await {
+        let volumes = match self.backend.list_owned().await {
             Ok(list) => list.into_iter().map(|v| v.id).collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(error = %e, "orphan volumes: cannot list the backend's volumes");
@@ -173,7 +190,7 @@ impl OrphanVolumes {
                             orphans -= 1;
                             continue;
                         }
-                        match self.router.send(volume, Delete).await {
+                        match self.router.send(volume, Delete(self.term)).await {
                             Ok(()) => {
                                 tracing::warn!(volume_id = %volume, "deleted orphan volume");
                                 self.metrics.orphan_deleted.inc();

@@ -3,7 +3,9 @@
 //! reconciler drops them ahead of that: at once when the Node watch reports a deletion, and
 //! every interval for deletions the watch missed. A node is dropped only once a live GET
 //! confirms its Node is gone (404): a cache or a watch event alone never drops anything, and a
-//! Node that is merely NotReady is not gone.
+//! Node that is merely NotReady is not gone. Each node is cleared right after its own 404, and
+//! only of attachments made before its GET was sent ([`GoneNode`]): a Node that re-registered
+//! under the same name and was published to meanwhile keeps what it was given.
 //!
 //! It changes only the driver's attachment state, through the volume actors (so each drop is
 //! counted once and evented once, as in a publish). VolumeAttachment objects belong to the
@@ -19,7 +21,7 @@ use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
 
 use super::{count, LIVE_READ_TIMEOUT, STALE};
-use crate::actors::messages::{ClearStale, Holders, ListHolders};
+use crate::actors::messages::{ClearStale, GoneNode, Holders, ListHolders};
 use crate::actors::supervisor::Supervisor;
 use crate::ids::NodeId;
 use crate::kube::NodeLiveness;
@@ -27,6 +29,10 @@ use crate::metrics::{Metrics, RECONCILE_NODE_WATCHER};
 
 /// Actors asked for their holders at once.
 const CONCURRENT_ASKS: usize = 256;
+
+/// Nodes checked live at once: a pass over many holders is not serialized behind one slow GET,
+/// and the API server sees a bounded burst.
+const CONCURRENT_NODE_CHECKS: usize = 8;
 
 pub struct StaleAttachments {
     pub supervisor: Addr<Supervisor>,
@@ -98,37 +104,39 @@ impl StaleAttachments {
         self.clear_if_gone(holders).await
     }
 
-    /// Confirms each node's deletion with a live GET and drops the confirmed ones. Returns
-    /// false if any check failed.
+    /// Confirms each node's deletion with a live GET, a few nodes at a time, and clears each
+    /// confirmed node right after its own 404. Returns false if any check (or clear) failed.
     async fn clear_if_gone(&self, nodes: Vec<NodeId>) -> bool {
-        let mut gone = Vec::new();
-        let mut ok = true;
-        for node in nodes {
-            match tokio::time::timeout(LIVE_READ_TIMEOUT, self.nodes.gone(&node)).await {
-                Ok(Ok(true)) => gone.push(node),
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    ok = false;
-                    tracing::warn!(node_id = %node, error = %e, "cannot confirm whether the Node is gone; its attachments stay");
-                }
-                Err(_) => {
-                    ok = false;
-                    tracing::warn!(node_id = %node, "the API did not say in time whether the Node is gone; its attachments stay");
-                }
+        futures::stream::iter(nodes)
+            .map(|node| self.clear_if_gone_one(node))
+            .buffer_unordered(CONCURRENT_NODE_CHECKS)
+            .fold(true, |ok, one| async move { ok && one })
+            .await
+    }
+
+    /// One node: the instant taken just before its GET is sent travels with its clear, so the
+    /// volume actors drop only attachments older than it (a Node that re-registered after the
+    /// 404 and was published to meanwhile keeps its attachment).
+    async fn clear_if_gone_one(&self, node: NodeId) -> bool {
+        let asked_at = tokio::time::Instant::now();
+        match tokio::time::timeout(LIVE_READ_TIMEOUT, self.nodes.gone(&node)).await {
+            Ok(Ok(true)) => {
+                tracing::info!(node_id = %node, "Node confirmed deleted: dropping its attachments made before the check");
+                self.supervisor
+                    .send(ClearStale(GoneNode { node, asked_at }))
+                    .await
+                    .is_ok()
+            }
+            Ok(Ok(false)) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(node_id = %node, error = %e, "cannot confirm whether the Node is gone; its attachments stay");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(node_id = %node, "the API did not say in time whether the Node is gone; its attachments stay");
+                false
             }
         }
-        if !gone.is_empty() {
-            tracing::info!(nodes = ?gone, "Nodes confirmed deleted: dropping their attachments");
-            if self
-                .supervisor
-                .send(ClearStale(Arc::new(gone)))
-                .await
-                .is_err()
-            {
-                ok = false;
-            }
-        }
-        ok
     }
 }
 
@@ -231,11 +239,14 @@ mod tests {
                 order_known: true,
             };
             supervisor
-                .send(Seed(vec![
-                    seed("a", &["n1"], AccessClass::Exclusive),
-                    seed("b", &["n2"], AccessClass::Exclusive),
-                    seed("c", &["n1", "n3"], AccessClass::Migratable),
-                ]))
+                .send(Seed {
+                    term: crate::role::Term::FIRST,
+                    volumes: vec![
+                        seed("a", &["n1"], AccessClass::Exclusive),
+                        seed("b", &["n2"], AccessClass::Exclusive),
+                        seed("c", &["n1", "n3"], AccessClass::Migratable),
+                    ],
+                })
                 .await
                 .unwrap();
             let cluster = Arc::new(Nodes(Mutex::new(HashMap::from([
@@ -313,6 +324,139 @@ mod tests {
                 [("a".into(), "n1".into()), ("c".into(), "n1".into())],
                 "evented once each: {events:?}"
             );
+        });
+    }
+
+    /// Answers 404 for every Node, but holds the GET of `held` between two barriers: the test
+    /// learns the GET was sent, and says when its 404 may come back.
+    struct HeldGet {
+        held: NodeId,
+        sent: tokio::sync::Barrier,
+        answer: tokio::sync::Barrier,
+    }
+
+    #[async_trait]
+    impl NodeLiveness for HeldGet {
+        async fn gone(&self, node: &NodeId) -> Result<bool, KubeError> {
+            if *node == self.held {
+                self.sent.wait().await;
+                self.answer.wait().await;
+            }
+            Ok(true)
+        }
+    }
+
+    /// On tokio's paused clock, the order is forced: the pass sends n1's GET (a on n1 is its
+    /// only holder), a second passes, then, before the 404 comes back and is cleared, n1
+    /// re-registers and a Publish attaches b to n1, and a second later the 404 comes back. The
+    /// pass drops a (attached before the GET) and keeps b, which Publish answered OK after it.
+    /// Catches `VolumeState::drop_stale`'s `a.confirmed_at < asked_at` (without it the clear
+    /// drops every holder named n1, b included, and b looks free) and `asked_at` taken before
+    /// the GET in `clear_if_gone_one` (taken after it, b is older and dropped).
+    #[test]
+    fn a_publish_between_the_404_and_its_clear_keeps_its_holder() {
+        use crate::actors::messages::Publish;
+        use crate::actors::state::PublishRequest;
+        use crate::backend::{CreateRequest, VolumeBackend};
+        use crate::domain::{AccessMode, Capability};
+        let system = actix_rt::System::with_tokio_rt(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        });
+        system.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
+            let exclusive = Capability::block(AccessMode::SingleNodeWriter);
+            backend
+                .create(CreateRequest {
+                    id: vol("b"),
+                    name: "b".into(),
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                    capabilities: vec![exclusive.clone()],
+                    parameters: Default::default(),
+                    source: None,
+                })
+                .await
+                .unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let standalone = Arc::new(Standalone::new([node("n1"), node("n2")]));
+            let deps = Arc::new(VolumeDeps {
+                backend,
+                nodes: standalone.clone(),
+                authority: standalone.clone(),
+                sink: standalone,
+                metrics: metrics.clone(),
+                grace_period: Duration::from_secs(30),
+                node_limit: NodeLimit::new(0),
+            });
+            let supervisor = Supervisor::new(deps, Vec::new()).start();
+            supervisor
+                .send(Seed {
+                    term: crate::role::Term::FIRST,
+                    volumes: vec![SeedVolume {
+                        volume: vol("a"),
+                        holders: vec![SeedHolder {
+                            node: node("n1"),
+                            attached: SystemTime::now() - Duration::from_secs(60),
+                            recorded_instant: true,
+                        }],
+                        class: AccessClass::Exclusive,
+                        migration_timeout: Duration::from_secs(3600),
+                        order_known: true,
+                    }],
+                })
+                .await
+                .unwrap();
+            let liveness = Arc::new(HeldGet {
+                held: node("n1"),
+                sent: tokio::sync::Barrier::new(2),
+                answer: tokio::sync::Barrier::new(2),
+            });
+            let reconciler = StaleAttachments {
+                supervisor: supervisor.clone(),
+                nodes: liveness.clone(),
+                metrics: metrics.clone(),
+            };
+            let pass = tokio::spawn(async move { reconciler.pass().await });
+            liveness.sent.wait().await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+
+            let router = Router::new(supervisor, Duration::from_secs(5));
+            let publish = Publish {
+                req: PublishRequest {
+                    node: node("n1"),
+                    capability: exclusive,
+                    readonly: false,
+                    migration_timeout: Duration::from_secs(60),
+                },
+                term: crate::role::Term::FIRST,
+            };
+            router.send(&vol("b"), publish).await.unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
+            liveness.answer.wait().await;
+            assert!(pass.await.unwrap(), "the pass succeeded");
+
+            let holders = |v: &'static str| {
+                let router = router.clone();
+                async move {
+                    router
+                        .send(&vol(v), Describe)
+                        .await
+                        .unwrap()
+                        .map_or(0, |view| view["nodes"].as_array().unwrap().len())
+                }
+            };
+            assert_eq!(holders("a").await, 0, "attached before the GET: dropped");
+            assert_eq!(
+                holders("b").await,
+                1,
+                "published after the GET was sent: kept"
+            );
+            assert_eq!(metrics.stale_cleared_total.get(), 1);
         });
     }
 }

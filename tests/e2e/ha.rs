@@ -363,6 +363,73 @@ async fn an_answer_decided_across_a_lease_move_is_never_ok() {
         .expect("b, seeded after n1's VolumeAttachment went, sees no holder");
 }
 
+// ---- The holder as the csi-attacher writes it -------------------------------------------------
+
+/// csi-lib-utils sanitizes the identity before writing it as the Lease's holder: a pod whose
+/// name has a `.` (`ctrl-0.rds`) is held as `ctrl-0-rds`. The driver with that identity serves.
+/// Catches the comparison of the raw identity in `lease::assess`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_naming_the_sanitized_identity_makes_its_pod_active() {
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    c.lease("ctrl-0-rds", 3600);
+    let d = start_ha(&c, "ctrl-0.rds", &["vol-x"], &[]).await;
+    eventually("the pod named by the sanitized holder serves", || {
+        is_active(&d)
+    })
+    .await;
+    let x1 = c.va("pv-x", "vol-x", "n1", false, Duration::ZERO);
+    d.publish("vol-x", "n1", rwo()).await.unwrap();
+    c.attach(&x1);
+}
+
+// ---- An OK of the previous term that the new term's list missed -------------------------------
+
+/// a answers OK for x on n1, and the Lease moves to b before the external-attacher records it
+/// (the VolumeAttachment still says `attached: false` when b lists them, so b seeds x with no
+/// holder). The attacher's write lands after b serves. Inside b's first lease duration, b gives
+/// the holderless x to n2 only after a live read of x's other VolumeAttachments: it finds n1
+/// and refuses n2 naming it (rules, "High availability").
+///
+/// Catches the removal of the window check in `VolumeActor::publish` (`let recheck = ...`
+/// forced to false): b then answers OK for n2 while n1 holds x.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ok_of_the_previous_term_recorded_after_the_takeover_blocks_another_node() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    c.pv("pv-x", "vol-x", false, None, json!({}));
+    c.lease("a", 3600);
+    let a = start_ha(&c, "a", &["vol-x"], &[]).await;
+    let b = start_ha(&c, "b", &["vol-x"], &[]).await;
+    eventually("a serves, b stands by", || async {
+        is_active(&a).await && is_standby(&b).await
+    })
+    .await;
+    let x1 = c.va("pv-x", "vol-x", "n1", false, Duration::ZERO);
+    a.publish("vol-x", "n1", rwo()).await.unwrap();
+
+    c.move_lease("b");
+    eventually("b serves, a stands by", || async {
+        is_active(&b).await && is_standby(&a).await
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &b.scrape().await,
+            "rds_csi_seeding_volumeattachments_seen_total"
+        ),
+        1.0,
+        "b listed n1's VolumeAttachment while it was still pending"
+    );
+    c.attach(&x1);
+    c.va("pv-x", "vol-x", "n2", false, Duration::ZERO);
+    refused_by(b.publish("vol-x", "n2", rwo()).await, "n1");
+    let x = b.debug("vol-x").await;
+    assert_eq!(holders(&x), ["n1"], "{x}");
+    b.publish("vol-x", "n1", rwo())
+        .await
+        .expect("n1 holds x: its repeat is OK");
+}
+
 // ---- The expired Lease whose holder did not change ------------------------------------------
 
 /// The holder's csi-attacher stops renewing (it died, or cannot reach the API): once the Lease

@@ -963,10 +963,29 @@ async fn on_with_no_reachable_api_is_an_error_at_start() {
 async fn a_successful_publish_makes_no_synchronous_api_call() {
     let c = Cluster::new(&["n1"]).await;
     c.pv("pv", "vol", false, None, json!({}));
-    let d = c.start_with_volumes(&["vol"]).await;
+    let d = c.start_with_volumes(&["vol", "probe"]).await;
     d.wait_ready().await;
     eventually("node cache filled", || async {
         c.api.count_calls("watch", "nodes") >= 1
+    })
+    .await;
+    // For the first lease duration of a term (15 s without leader election), a holderless
+    // volume's publish reads its other VolumeAttachments live (rules, "High availability").
+    // This test is about the path after it: a probe volume is published until its publish
+    // makes no such read.
+    eventually("the term's first lease duration is over", || async {
+        c.api.clear_calls();
+        d.publish("probe", "n1", rwo()).await.unwrap();
+        d.unpublish("probe", "n1").await.unwrap();
+        let read = c
+            .api
+            .calls()
+            .iter()
+            .any(|call| call.resource == "volumeattachments" && call.verb != "watch");
+        if read {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        !read
     })
     .await;
     c.va("pv", "vol", "n1", false, Duration::ZERO);

@@ -241,6 +241,110 @@ async fn orphan_volumes_are_reported_and_kept_in_dry_run() {
         .any(|l| l.contains("orphan") && l.contains("vol-kept")));
 }
 
+/// Two driver instances share one RDS: this one has the default `--rds-volume-path` and
+/// `--rds-nqn-prefix`. In delete mode, past any grace, only its own orphan disk goes; a disk of
+/// another instance (its own volume path, or its own NQN prefix), although no PV of this
+/// cluster names it either, is never a candidate: not reported, not deleted. Catches
+/// `RdsBackend::owns` in `list_owned` (with every `pvc-*` disk listed, both foreign disks are
+/// deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_shared_rds_only_this_instances_disks_are_orphan_candidates() {
+    use crate::fake_rds::{client_keypair, Disk, FakeRds, FakeRdsConfig};
+    const OURS: &str = "pvc-0a000000-0000-4000-8000-000000000001";
+    const OTHER_PATH: &str = "pvc-0b000000-0000-4000-8000-000000000002";
+    const OTHER_NQN: &str = "pvc-0c000000-0000-4000-8000-000000000003";
+    let c = Cluster::new(&["n1"]).await;
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = client_keypair(keys.path());
+    let fake = FakeRds::start(FakeRdsConfig::new(public)).await;
+    let host_key = fake.write_host_key(keys.path());
+    fake.add_disk(Disk::volume(OURS, 1 << 30)).unwrap();
+    fake.add_disk(Disk {
+        file_path: format!("/storage-pool/cluster-b/{OTHER_PATH}.img"),
+        ..Disk::volume(OTHER_PATH, 1 << 30)
+    })
+    .unwrap();
+    fake.add_disk(Disk {
+        nvme_tcp_server_nqn: format!("nqn.2000-02.com.mikrotik:cluster-b:{OTHER_NQN}"),
+        ..Disk::volume(OTHER_NQN, 1 << 30)
+    })
+    .unwrap();
+    let args = crate::rds::Rds::args(
+        &fake,
+        &key,
+        &host_key,
+        &[
+            "--orphan-interval",
+            "1s",
+            "--orphan-grace",
+            "0s",
+            "--orphan-grace-minimum",
+            "0s",
+            "--orphan-delete",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Driver::start_kube_in(tempfile::tempdir().unwrap(), &c.kubeconfig, &args).await;
+    d.wait_ready().await;
+
+    eventually("this instance's orphan is deleted", || {
+        std::future::ready(fake.disk(OURS).is_none())
+    })
+    .await;
+    passes(&d, "orphan_volumes", 3.0).await;
+    assert!(fake.disk(OTHER_PATH).is_some(), "another volume path");
+    assert!(fake.disk(OTHER_NQN).is_some(), "another NQN prefix");
+    assert_eq!(d.metric("rds_csi_orphan_volumes_deleted_total").await, 1.0);
+    assert_eq!(d.metric("rds_csi_orphan_volumes").await, 0.0);
+    let log = d.log();
+    for foreign in [OTHER_PATH, OTHER_NQN] {
+        assert!(
+            !log.lines().any(|l| l.contains(foreign)),
+            "{foreign} was never a candidate: {log}"
+        );
+    }
+    drop(keys);
+}
+
+/// `--orphan-delete` refuses a grace shorter than an hour at start, naming the flag and the
+/// minimum, and serves nothing; a dry run takes any grace. Catches the minimum check in
+/// `main.rs`'s `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_delete_refuses_a_grace_below_the_minimum_at_start() {
+    let c = Cluster::new(&["n1"]).await;
+    for grace in ["0s", "59m"] {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi.sock");
+        let args = [
+            "--kubernetes",
+            "on",
+            "--orphan-delete",
+            "--orphan-grace",
+            grace,
+        ];
+        let mut child = Driver::spawn_with(dir.path(), &socket, &[], &args, Some(&c.kubeconfig));
+        let mut status = None;
+        eventually("the driver exits", || {
+            status = child.try_wait().unwrap();
+            std::future::ready(status.is_some())
+        })
+        .await;
+        assert!(!status.unwrap().success(), "{grace}");
+        let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap();
+        assert!(
+            log.contains(&format!(
+                "--orphan-grace {grace} is too short for --orphan-delete"
+            )) && log.contains("the minimum is 1h"),
+            "{grace}: {log}"
+        );
+        assert!(!socket.exists(), "{grace}: served nothing");
+    }
+    let d = Driver::start_kube(&c.kubeconfig, &["--orphan-grace", "0s"]).await;
+    d.wait_ready().await;
+    let d = Driver::start_kube(&c.kubeconfig, &["--orphan-grace", "1h", "--orphan-delete"]).await;
+    d.wait_ready().await;
+}
+
 /// Delete mode: the orphan goes once its grace has passed; a volume whose PV the driver's cache
 /// missed (the watch was told it was deleted; it exists) is past the grace by the cache and
 /// still never deleted, because a live list of PVs comes first; a volume with a PV is never
@@ -264,6 +368,8 @@ async fn orphan_delete_deletes_past_the_grace_and_never_a_volume_with_a_pv() {
             "1s",
             "--orphan-grace",
             "3s",
+            "--orphan-grace-minimum",
+            "0s",
             "--orphan-delete",
         ],
     )

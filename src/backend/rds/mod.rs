@@ -316,6 +316,43 @@ impl RdsBackend {
         }
     }
 
+    /// The volumes (`pvc-*` disks) that `keep` keeps, sorted by id.
+    async fn volumes(&self, keep: impl Fn(&Disk) -> bool) -> Result<Vec<VolumeInfo>, BackendError> {
+        let text = self
+            .run(&RosCommand::List(Listing::Volumes))
+            .await
+            .map_err(|e| e.into_backend("listing disks"))?;
+        let params = self.params(&BTreeMap::new(), &[])?;
+        let mut out: Vec<VolumeInfo> = parse::disks(&text)
+            .map_err(|e| BackendError::Corrupt(e.to_string()))?
+            .iter()
+            .filter(|d| d.slot.starts_with("pvc-") && keep(d))
+            .filter_map(|d| {
+                let id = VolumeId::try_from(d.slot.as_str()).ok()?;
+                Some(self.info(&id, d, self.context(d, &params)))
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Whether `disk` is where this instance's defaults put a volume in its slot (see
+    /// `list_owned`). A disk with no backing file or no NQN is not.
+    fn owns(&self, disk: &Disk) -> bool {
+        let Ok(slot) = Slot::parse(&disk.slot, "slot") else {
+            return false;
+        };
+        let (Ok(path), Ok(nqn)) = (
+            self.defaults.volume_path.image(&slot),
+            self.defaults.nqn_prefix.nqn(&slot),
+        ) else {
+            return false;
+        };
+        let relative = |p: &str| p.trim_start_matches('/').to_string();
+        disk.file_path.as_deref().map(relative) == Some(relative(path.as_str()))
+            && disk.nqn.as_deref() == Some(nqn.as_str())
+    }
+
     /// The volume context a node needs, with the Go driver's keys (and `volumePath` holding
     /// the image's full path, as it writes it).
     fn context(&self, disk: &Disk, params: &Params) -> BTreeMap<String, String> {
@@ -820,22 +857,17 @@ impl VolumeBackend for RdsBackend {
     }
 
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
-        let text = self
-            .run(&RosCommand::List(Listing::Volumes))
-            .await
-            .map_err(|e| e.into_backend("listing disks"))?;
-        let params = self.params(&BTreeMap::new(), &[])?;
-        let mut out: Vec<VolumeInfo> = parse::disks(&text)
-            .map_err(|e| BackendError::Corrupt(e.to_string()))?
-            .iter()
-            .filter(|d| d.slot.starts_with("pvc-"))
-            .filter_map(|d| {
-                let id = VolumeId::try_from(d.slot.as_str()).ok()?;
-                Some(self.info(&id, d, self.context(d, &params)))
-            })
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
+        self.volumes(|_| true).await
+    }
+
+    /// Only the disks this instance would have made for a volume with its own defaults: the
+    /// backing file is `<--rds-volume-path>/<slot>.img` and the NQN `<--rds-nqn-prefix>:<slot>`.
+    /// Another cluster or driver instance on the same RDS (its own volume path and NQN prefix)
+    /// is never a candidate, nor is a disk under a StorageClass's own `volumePath` (another
+    /// instance may use that path as its default). Exact matches, not prefixes: `/pool/a` does
+    /// not own `/pool/a/b/…`, nor a prefix `nqn.x` the NQNs of a prefix `nqn.x:b`.
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        self.volumes(|d| self.owns(d)).await
     }
 
     async fn capacity(&self) -> Result<u64, BackendError> {

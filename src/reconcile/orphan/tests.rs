@@ -17,6 +17,7 @@ use crate::backend::{BackendError, CreateRequest, VolumeInfo};
 use crate::domain::{AccessMode, Capability};
 use crate::ids::NodeId;
 use crate::kube::{KubeError, Standalone};
+use crate::role::Term;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -58,9 +59,13 @@ fn the_tracker_counts_the_grace_from_first_sight_and_resets_it_on_a_pv() {
 }
 
 /// Volumes in memory: every call answers at once (a file backend's blocking I/O would let the
-/// paused clock run ahead while it waits).
+/// paused clock run ahead while it waits). The second set holds the volumes of another driver
+/// instance sharing the storage: listed, never owned.
 #[derive(Default)]
-struct Memory(Mutex<BTreeMap<VolumeId, VolumeInfo>>);
+struct Memory(
+    Mutex<BTreeMap<VolumeId, VolumeInfo>>,
+    Mutex<HashSet<VolumeId>>,
+);
 
 impl Memory {
     fn has(&self, v: &str) -> bool {
@@ -99,6 +104,12 @@ impl VolumeBackend for Memory {
     }
     async fn list(&self) -> Result<Vec<VolumeInfo>, BackendError> {
         Ok(self.0.lock().unwrap().values().cloned().collect())
+    }
+    async fn list_owned(&self) -> Result<Vec<VolumeInfo>, BackendError> {
+        let mut all = self.list().await?;
+        let foreign = self.1.lock().unwrap();
+        all.retain(|v| !foreign.contains(&v.id));
+        Ok(all)
     }
     async fn capacity(&self) -> Result<u64, BackendError> {
         Ok(u64::MAX)
@@ -179,6 +190,7 @@ impl Harness {
             backend: self.backend.clone(),
             pvs: self.catalog.clone(),
             router: self.router.clone(),
+            term: Term::FIRST,
             metrics: self.metrics.clone(),
             config: OrphanConfig {
                 interval: HOUR,
@@ -221,12 +233,15 @@ fn delete_mode_deletes_only_past_the_grace_and_never_a_volume_with_a_pv() {
         h.router
             .send(
                 &vol("busy"),
-                Publish(PublishRequest {
-                    node: NodeId::try_from("n1").unwrap(),
-                    capability: Capability::block(AccessMode::SingleNodeWriter),
-                    readonly: false,
-                    migration_timeout: Duration::from_secs(300),
-                }),
+                Publish {
+                    req: PublishRequest {
+                        node: NodeId::try_from("n1").unwrap(),
+                        capability: Capability::block(AccessMode::SingleNodeWriter),
+                        readonly: false,
+                        migration_timeout: Duration::from_secs(300),
+                    },
+                    term: Term::FIRST,
+                },
             )
             .await
             .unwrap();
@@ -283,6 +298,26 @@ fn a_restart_never_shortens_the_grace() {
         );
         tokio::time::sleep_until(t0 + HOUR * 36 + HOUR / 2).await;
         assert!(!h.backend.has("orphan"));
+    });
+}
+
+/// A volume of another driver instance on the same storage (the backend lists it, but it is
+/// not this instance's) is never a candidate: in delete mode, ten graces on, it is neither
+/// reported nor deleted, while this instance's orphan goes at 24 h. Catches `list_owned` in
+/// `pass` (with `list` the foreign volume is deleted at 24 h too).
+#[test]
+fn another_instances_volume_is_never_a_candidate() {
+    paused(async {
+        let h = harness(&["orphan", "theirs"]);
+        h.backend.1.lock().unwrap().insert(vol("theirs"));
+        let t0 = Instant::now();
+        let _run = h.start(true);
+        at(t0, 24).await;
+        assert!(!h.backend.has("orphan"));
+        at(t0, 240).await;
+        assert!(h.backend.has("theirs"));
+        assert_eq!(h.metrics.orphan_deleted.get(), 1);
+        assert_eq!(h.metrics.orphan_volumes.get(), 0, "not even reported");
     });
 }
 
