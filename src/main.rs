@@ -590,16 +590,38 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
+/// Seeding's retries of a live PV lookup: 500 ms doubling to 30 s.
+const SEED_BACKOFF_START: Duration = Duration::from_millis(500);
+const SEED_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Rebuilds attachment state from VolumeAttachments, and returns once the Node projection has
 /// synced too (so no Publish needs a live Node GET to know a node). The role serves only after
 /// it returns: until then Probe says not ready and Controller RPCs answer UNAVAILABLE. Runs at
 /// boot, and again at every takeover, into a supervisor that was just dismissed.
 async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics) {
     cluster.pvs_ready().await;
-    let vas = cluster.list_attachments(|_| {}).await;
+    let retried = |step: &str| metrics.seeding_retries.with_label_values(&[step]).inc();
+    let vas = cluster
+        .list_attachments(|_| retried("volumeattachment_list"))
+        .await;
     let seen = vas.len();
     metrics.seeding_seen.inc_by(seen as u64);
-    let plan = cluster.plan_seed(&vas);
+    // Rules, "Boot seeding" 1: a PV the projection misses is looked up live before anything is
+    // decided; until every lookup answers (found, or 404) the driver stays not ready.
+    let mut backoff = SEED_BACKOFF_START;
+    let looked_up = loop {
+        match cluster.look_up_unknown_pvs(&vas).await {
+            Ok(found) => break found,
+            Err(e) => {
+                retried("pv_lookup");
+                tracing::warn!(error = %e, retry_in = ?backoff, "looking up a PersistentVolume the cache does not know failed; staying not ready and retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SEED_BACKOFF_MAX);
+            }
+        }
+    };
+    let plan = cluster.plan_seed(&vas, &looked_up);
+    drop(looked_up);
     // The VolumeAttachment views are not needed past the plan; free them before the actors'
     // state is built, so the two never peak together.
     drop(vas);

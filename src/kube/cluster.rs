@@ -230,7 +230,28 @@ impl PvEntry {
     fn migration_timeout(&self) -> Option<&str> {
         (self.has & HAS_TIMEOUT != 0).then(|| self.part(4))
     }
+
+    /// Seeding's view of this PV, borrowed.
+    fn view(&self) -> PvView<'_> {
+        PvView {
+            handle: Some(self.handle()),
+            class: self.class,
+            migration_timeout: self.migration_timeout(),
+        }
+    }
 }
+
+/// PVs of this driver that seeding looked up live because the PV projection did not hold them,
+/// by name.
+#[derive(Default)]
+pub struct LivePvs(HashMap<Box<str>, PvEntry>);
+
+/// Live GETs of PVs the projection misses, at most this many at once.
+pub const LOOKUP_CONCURRENCY: usize = 16;
+
+/// How long one live GET of seeding or of a standby's delete decision may take before it counts
+/// as failed (and the caller retries, or answers UNAVAILABLE).
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// This driver's PVs by name, and which PV each volume handle was last seen on. Every PV stays
 /// resolvable by name even when two name the same handle, so seeding never skips a
@@ -258,11 +279,7 @@ impl PvIndex {
 
     /// Seeding's view of PV `name`, borrowed from the index.
     fn view(&self, name: &str) -> Option<PvView<'_>> {
-        self.by_name.get(name).map(|e| PvView {
-            handle: Some(e.handle()),
-            class: e.class,
-            migration_timeout: e.migration_timeout(),
-        })
+        self.by_name.get(name).map(PvEntry::view)
     }
 
     /// The PV name and entry of a volume handle.
@@ -495,10 +512,56 @@ impl KubeCluster {
         Some((name.to_string(), entry.claim()))
     }
 
-    /// The seed plan for `vas`, against the PV projection (read in place, not copied).
-    pub fn plan_seed(&self, vas: &[VaView]) -> super::seed::SeedPlan {
+    /// The seed plan for `vas`, against the PV projection (read in place, not copied) and the
+    /// PVs `looked_up` live because the projection did not hold them.
+    pub fn plan_seed(&self, vas: &[VaView], looked_up: &LivePvs) -> super::seed::SeedPlan {
         let index = read(&self.pvs);
-        super::seed::plan(vas, |name| index.view(name))
+        super::seed::plan(vas, |name| {
+            index
+                .view(name)
+                .or_else(|| looked_up.0.get(name).map(PvEntry::view))
+        })
+    }
+
+    /// Rules, "Boot seeding" 1: the PVs `vas` name that the PV projection does not hold (at a
+    /// takeover it can be behind the API), each by a live GET, at most [`LOOKUP_CONCURRENCY`]
+    /// at once and each within [`LOOKUP_TIMEOUT`]. A 404 leaves the PV out (seeding then skips
+    /// its VolumeAttachments as `unknown_pv`), and so does a PV of another driver; any other
+    /// answer, or a GET past its timeout, is an error, and the caller must decide nothing.
+    pub async fn look_up_unknown_pvs(&self, vas: &[VaView]) -> Result<LivePvs, KubeError> {
+        let unknown: HashSet<String> = {
+            let index = read(&self.pvs);
+            vas.iter()
+                .filter_map(|va| va.pv_name.as_deref())
+                .filter(|name| !index.by_name.contains_key(*name))
+                .map(str::to_string)
+                .collect()
+        };
+        let mut lookups = tokio::task::JoinSet::new();
+        let mut found = HashMap::new();
+        for name in unknown {
+            if lookups.len() >= LOOKUP_CONCURRENCY {
+                if let Some(done) = lookups.join_next().await {
+                    found.extend(joined(done)??);
+                }
+            }
+            let api = Api::<lean::PersistentVolume>::all(self.client.clone());
+            let driver = self.driver.clone();
+            lookups.spawn(async move {
+                let pv =
+                    tokio::time::timeout(LOOKUP_TIMEOUT, live_get(api, &name, "PersistentVolume"))
+                        .await
+                        .map_err(|_| KubeError::Api {
+                            action: format!("getting PersistentVolume {name}"),
+                            message: format!("no answer within {LOOKUP_TIMEOUT:?}"),
+                        })??;
+                Ok::<_, KubeError>(pv.and_then(|pv| project_pv(&pv, &driver)))
+            });
+        }
+        while let Some(done) = lookups.join_next().await {
+            found.extend(joined(done)??);
+        }
+        Ok(LivePvs(found))
     }
 
     /// The first complete list of this driver's VolumeAttachments (those of other drivers are
@@ -545,6 +608,14 @@ where
             None => return Ok(items),
         }
     }
+}
+
+/// A lookup task's result; a task that panicked is an error like any other.
+fn joined<T>(done: Result<T, tokio::task::JoinError>) -> Result<T, KubeError> {
+    done.map_err(|e| KubeError::Api {
+        action: "a live lookup".into(),
+        message: e.to_string(),
+    })
 }
 
 fn api_error(action: String) -> impl FnOnce(kube::Error) -> KubeError {

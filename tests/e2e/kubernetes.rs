@@ -925,6 +925,91 @@ async fn a_boot_list_failure_keeps_it_not_ready_until_the_api_recovers() {
     assert_eq!(holders(&d.debug("vol").await), ["n1"]);
 }
 
+/// Starts the driver with its PV watch cache blind to what comes next: the PV list is served,
+/// the PV watch is held, and so is the VolumeAttachment list until `release` runs. The PV `pv`
+/// (handle `vol`) and its VolumeAttachment attached on n1 are created in between, so the list
+/// seeding reads names a PV the cache has never seen; `pv-gone` is named by a VolumeAttachment
+/// on n3 and exists nowhere.
+async fn seed_with_a_pv_the_cache_missed(c: &Cluster) -> (Driver, u64) {
+    c.api.hang("watch", "persistentvolumes");
+    let held_list = c.api.hang("list", "volumeattachments");
+    let d = c.start_with_volumes(&["vol"]).await;
+    eventually("the PV list is served and seeding is listing", || async {
+        c.api.count_calls("watch", "persistentvolumes") >= 1
+            && c.api
+                .calls_matching("list", "volumeattachments")
+                .iter()
+                .any(|call| call.in_flight())
+    })
+    .await;
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    c.va("pv-gone", "gone", "n3", true, Duration::from_secs(60));
+    (d, held_list)
+}
+
+/// Rules, "Boot seeding" 1: a PV the cache does not know is looked up live, so its attached
+/// VolumeAttachment is a holder and another node is refused; a live 404 skips as `unknown_pv`.
+/// Catches the removal of `look_up_unknown_pvs` from `seed()` (main.rs): the volume is then
+/// seeded holderless and n2's Publish is OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeding_looks_up_a_pv_the_cache_missed() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    let (d, held_list) = seed_with_a_pv_the_cache_missed(&c).await;
+    c.api.remove_fault(held_list);
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol").await), ["n1"]);
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"rds_csi_seeding_volumeattachments_skipped_total{reason="unknown_pv"}"#
+        ),
+        1.0,
+        "only the live 404 is skipped"
+    );
+    let gets: Vec<_> = c
+        .api
+        .calls_matching("get", "persistentvolumes")
+        .into_iter()
+        .map(|call| (call.name.unwrap_or_default(), call.status))
+        .collect();
+    assert!(gets.contains(&("pv".into(), Some(200))), "{gets:?}");
+    assert!(gets.contains(&("pv-gone".into(), Some(404))), "{gets:?}");
+}
+
+/// Rules, "Boot seeding" 1: a live PV lookup that fails keeps the driver not ready (Publish
+/// UNAVAILABLE), retried and counted, until it heals; then the holder is seeded. Catches
+/// seeding going on without the lookup's answer (treating an error like a 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_pv_lookup_keeps_seeding_not_ready_until_it_heals() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    let (d, held_list) = seed_with_a_pv_the_cache_missed(&c).await;
+    let failing = c.api.fail("get", "persistentvolumes", 500);
+    c.api.remove_fault(held_list);
+    eventually("the lookup was retried", || async {
+        sample(
+            &d.scrape().await,
+            r#"rds_csi_seeding_retries_total{step="pv_lookup"}"#,
+        ) >= 2.0
+    })
+    .await;
+    assert!(!d.ready().await);
+    assert_eq!(
+        d.publish("vol", "n2", rwo()).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    c.api.remove_fault(failing);
+    d.wait_ready().await;
+    assert_eq!(holders(&d.debug("vol").await), ["n1"]);
+    c.va("pv", "vol", "n2", false, Duration::ZERO);
+    let err = d.publish("vol", "n2", rwo()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_with_no_reachable_api_is_an_error_at_start() {
     let dir = tempfile::tempdir().unwrap();
