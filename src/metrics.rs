@@ -263,6 +263,9 @@ impl Metrics {
             &["step"],
         )
         .expect("valid metric");
+        for step in ["volumeattachment_list", "pv_lookup"] {
+            seeding_retries.with_label_values(&[step]);
+        }
         let seeding_seconds_to_ready = prometheus::Gauge::with_opts(opts(
             "seeding",
             "seconds_to_ready",
