@@ -255,24 +255,68 @@ pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 
 /// This driver's PVs by name, and which PV each volume handle was last seen on. Every PV stays
 /// resolvable by name even when two name the same handle, so seeding never skips a
-/// VolumeAttachment because another PV shares its volume.
+/// VolumeAttachment because another PV shares its volume; and a handle stays resolvable while
+/// any PV names it.
 #[derive(Default)]
 struct PvIndex {
     by_name: HashMap<Box<str>, PvEntry>,
+    /// The PV each handle was last seen on.
     by_handle: HashMap<Box<str>, Box<str>>,
+    /// Only for handles more than one PV names (a volume re-bound by hand while its old PV
+    /// lingers; rare): every such PV, oldest first, so the common case costs one name.
+    shared: HashMap<Box<str>, Vec<Box<str>>>,
 }
 
 impl PvIndex {
     fn insert(&mut self, (name, entry): (Box<str>, PvEntry)) {
         self.remove(&name);
-        self.by_handle.insert(entry.handle().into(), name.clone());
+        let handle = entry.handle();
+        if let Some(other) = self.by_handle.get(handle) {
+            self.shared
+                .entry(handle.into())
+                .or_insert_with(|| vec![other.clone()])
+                .push(name.clone());
+        }
+        self.by_handle.insert(handle.into(), name.clone());
         self.by_name.insert(name, entry);
     }
 
+    /// Every PV name that names `handle`, oldest first.
+    fn names_for_handle(&self, handle: &str) -> Vec<&str> {
+        match self.shared.get(handle) {
+            Some(names) => names.iter().map(|n| &**n).collect(),
+            None => self
+                .by_handle
+                .get(handle)
+                .map(|n| &**n)
+                .into_iter()
+                .collect(),
+        }
+    }
+
     fn remove(&mut self, name: &str) {
-        if let Some(old) = self.by_name.remove(name) {
-            if self.by_handle.get(old.handle()).map(|n| &**n) == Some(name) {
-                self.by_handle.remove(old.handle());
+        let Some(old) = self.by_name.remove(name) else {
+            return;
+        };
+        let handle = old.handle();
+        let remaining = self.shared.get_mut(handle).and_then(|names| {
+            names.retain(|n| &**n != name);
+            names.last().cloned()
+        });
+        match remaining {
+            Some(last) => {
+                if self.shared.get(handle).is_some_and(|n| n.len() < 2) {
+                    self.shared.remove(handle);
+                }
+                if self.by_handle.get(handle).map(|n| &**n) == Some(name) {
+                    self.by_handle.insert(handle.into(), last);
+                }
+            }
+            None => {
+                self.shared.remove(handle);
+                if self.by_handle.get(handle).map(|n| &**n) == Some(name) {
+                    self.by_handle.remove(handle);
+                }
             }
         }
     }
@@ -836,6 +880,30 @@ mod tests {
         assert!(index.for_handle("h-a").is_none());
         index.remove("pv-b");
         assert!(index.by_name.is_empty() && index.by_handle.is_empty());
+    }
+
+    /// Removing the PV a handle is indexed under, while another PV still names that handle,
+    /// keeps the handle resolvable (to the remaining PV). Catches `remove` dropping the
+    /// by-handle entry without falling back to the PVs that share it.
+    #[test]
+    fn removing_the_indexed_pv_of_a_shared_handle_keeps_the_other() {
+        let mut index = PvIndex::default();
+        for name in ["pv-a", "pv-b", "pv-c"] {
+            index.insert(project_pv(&lean_pv(pv_json(name, "h", "d")), "d").unwrap());
+        }
+        assert_eq!(index.for_handle("h").unwrap().0, "pv-c");
+        assert_eq!(index.names_for_handle("h"), ["pv-a", "pv-b", "pv-c"]);
+        index.remove("pv-c");
+        assert_eq!(index.for_handle("h").unwrap().0, "pv-b");
+        index.remove("pv-a");
+        assert_eq!(index.for_handle("h").unwrap().0, "pv-b");
+        assert_eq!(index.names_for_handle("h"), ["pv-b"]);
+        // Re-applying a PV with a new handle moves it.
+        index.insert(project_pv(&lean_pv(pv_json("pv-b", "h2", "d")), "d").unwrap());
+        assert!(index.for_handle("h").is_none());
+        assert_eq!(index.for_handle("h2").unwrap().0, "pv-b");
+        index.remove("pv-b");
+        assert!(index.by_name.is_empty() && index.by_handle.is_empty() && index.shared.is_empty());
     }
 
     #[test]
