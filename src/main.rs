@@ -480,7 +480,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let supervisor = Supervisor::new(deps, handles).start();
             supervisor_addr = Some(supervisor.clone());
             let role = Role::new(ready.clone(), metrics.clone());
-            let published: Option<Arc<dyn rds_csi::kube::PublishedNodes>> = match (&cluster, &client) {
+            match (&cluster, &client) {
                 (Some(cluster), Some(client)) => {
                     let takeover: Arc<dyn Takeover> = Arc::new(Attachments {
                         cluster: cluster.clone(),
@@ -500,19 +500,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                             tokio::spawn(role::follow(role.clone(), lease, takeover, leader.identity.clone(), role::system_clock()));
                         }
                     }
-                    Some(cluster.clone())
+                    role.decide_standby_deletes_by(cluster.clone());
                 }
-                _ => {
-                    role.serve_standalone(started);
-                    None
-                }
-            };
+                _ => role.serve_standalone(started),
+            }
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
                 router: Router::new(supervisor, MAILBOX_TIMEOUT),
                 backend,
                 role,
-                published,
                 metrics: metrics.clone(),
                 node_ids,
             })
