@@ -174,6 +174,7 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     c.pv("pv-y", "vol-y", false, None, json!({}));
     c.pv("pv-m", "vol-m", true, None, json!({}));
     c.pv("pv-z", "vol-z", false, None, json!({}));
+    c.pv("pv-probe", "vol-probe", false, None, json!({}));
     c.lease("a", 3600);
     let volumes = ["vol-x", "vol-y", "vol-m", "vol-z", "vol-free"];
     let a = start_ha(&c, "a", &volumes, &[]).await;
@@ -211,7 +212,17 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
         .get_capacity(GetCapacityRequest::default())
         .await
         .expect("GetCapacity on a standby");
-    // DeleteVolume on a standby asks the API, not its (empty) memory.
+    // DeleteVolume on a standby asks the API, not its (empty) memory: candidates from its
+    // VolumeAttachment projection, confirmed live. That projection is fed by one watch stream,
+    // in order, so once it has seen a VolumeAttachment created after those above it has seen
+    // them too; a probe's refusal says so (refused: nothing is deleted).
+    // (`vol-probe` is in no backend: an early OK deletes nothing.)
+    let probe = c.va("pv-probe", "vol-probe", "n3", false, Duration::ZERO);
+    eventually("b's VolumeAttachment projection has caught up", || async {
+        matches!(b.delete("vol-probe").await, Err(s) if s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    c.remove_va(&probe);
     let err = b.delete("vol-x").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(err.message().contains("n1"), "{}", err.message());
