@@ -604,19 +604,29 @@ async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Me
     metrics.seeding_seen.inc_by(seen as u64);
     // Rules, "Boot seeding" 1: a PV the projection misses is looked up live before anything is
     // decided; until every lookup answers (found, or 404) the driver stays not ready.
+    // Rules, "Boot seeding" 3: ages are measured against the API server's clock, read after
+    // the list so no VolumeAttachment in it is younger than that now.
     let mut backoff = SEED_BACKOFF_START;
-    let looked_up = loop {
-        match cluster.look_up_unknown_pvs(&vas).await {
-            Ok(found) => break found,
-            Err(e) => {
-                retried("pv_lookup");
-                tracing::warn!(error = %e, retry_in = ?backoff, "looking up a PersistentVolume the cache does not know failed; staying not ready and retrying");
+    let (looked_up, server_now) = loop {
+        let read = async {
+            let found = cluster
+                .look_up_unknown_pvs(&vas)
+                .await
+                .map_err(|e| ("pv_lookup", e))?;
+            let now = cluster.server_now().await.map_err(|e| ("server_time", e))?;
+            Ok::<_, (&str, rds_csi::kube::KubeError)>((found, now))
+        };
+        match read.await {
+            Ok(done) => break done,
+            Err((step, e)) => {
+                retried(step);
+                tracing::warn!(error = %e, step, retry_in = ?backoff, "a read seeding needs failed; staying not ready and retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(SEED_BACKOFF_MAX);
             }
         }
     };
-    let plan = cluster.plan_seed(&vas, &looked_up);
+    let plan = cluster.plan_seed(&vas, &looked_up, server_now);
     drop(looked_up);
     // The VolumeAttachment views are not needed past the plan; free them before the actors'
     // state is built, so the two never peak together.

@@ -258,12 +258,12 @@ impl Metrics {
             opts(
                 "seeding",
                 "retries_total",
-                "Reads seeding retried before deciding anything, by step (the VolumeAttachment list, a live PV lookup).",
+                "Reads seeding retried before deciding anything, by step (the VolumeAttachment list, a live PV lookup, the API server's clock).",
             ),
             &["step"],
         )
         .expect("valid metric");
-        for step in ["volumeattachment_list", "pv_lookup"] {
+        for step in ["volumeattachment_list", "pv_lookup", "server_time"] {
             seeding_retries.with_label_values(&[step]);
         }
         let seeding_seconds_to_ready = prometheus::Gauge::with_opts(opts(

@@ -659,13 +659,43 @@ impl KubeCluster {
 
     /// The seed plan for `vas`, against the PV projection (read in place, not copied) and the
     /// PVs `looked_up` live because the projection did not hold them.
-    pub fn plan_seed(&self, vas: &[VaView], looked_up: &LivePvs) -> super::seed::SeedPlan {
+    pub fn plan_seed(
+        &self,
+        vas: &[VaView],
+        looked_up: &LivePvs,
+        server_now: SystemTime,
+    ) -> super::seed::SeedPlan {
         let index = read(&self.pvs);
-        super::seed::plan(vas, |name| {
+        super::seed::plan(vas, server_now, |name| {
             index
                 .view(name)
                 .or_else(|| looked_up.0.get(name).map(PvEntry::view))
         })
+    }
+
+    /// The API server's clock now (rules, "Boot seeding" 3: seeded ages come from the API
+    /// server's timestamps), from the `Date` header of a live `GET /version`. An HTTP date has
+    /// whole seconds, truncated; the response's travel time adds to that. So an age measured
+    /// against it is within about one second of the truth: the same resolution as the
+    /// creationTimestamps it is subtracted from.
+    pub async fn server_now(&self) -> Result<SystemTime, KubeError> {
+        let failed = |message: String| KubeError::Api {
+            action: "reading the API server's clock".into(),
+            message,
+        };
+        let request = axum::http::Request::get("/version")
+            .body(kube::client::Body::from(Vec::new()))
+            .map_err(|e| failed(e.to_string()))?;
+        let response = tokio::time::timeout(LOOKUP_TIMEOUT, self.client.send(request))
+            .await
+            .map_err(|_| failed(format!("no answer within {LOOKUP_TIMEOUT:?}")))?
+            .map_err(|e| failed(e.to_string()))?;
+        let date = response
+            .headers()
+            .get(axum::http::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| failed("the response has no Date header".into()))?;
+        parse_http_date(date).ok_or_else(|| failed(format!("unreadable Date header {date:?}")))
     }
 
     /// Rules, "Boot seeding" 1: the PVs `vas` name that the PV projection does not hold (at a
@@ -753,6 +783,25 @@ where
             None => return Ok(items),
         }
     }
+}
+
+/// An HTTP date in its preferred form (RFC 9110 IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`),
+/// the only one servers may send.
+fn parse_http_date(text: &str) -> Option<SystemTime> {
+    let [_weekday, day, month, year, clock, "GMT"] = text.split(' ').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)?;
+    let month = time::Month::try_from(u8::try_from(month + 1).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year.parse().ok()?, month, day.parse().ok()?).ok()?;
+    let [h, m, s] = clock.split(':').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    let clock = time::Time::from_hms(h.parse().ok()?, m.parse().ok()?, s.parse().ok()?).ok()?;
+    Some(SystemTime::from(date.with_time(clock).assume_utc()))
 }
 
 /// A lookup task's result; a task that panicked is an error like any other.
@@ -1078,6 +1127,29 @@ mod tests {
         assert!(index.for_handle("h-a").is_none());
         index.remove("pv-b");
         assert!(index.by_name.is_empty() && index.by_handle.is_empty());
+    }
+
+    #[test]
+    fn http_dates_are_read_in_their_preferred_form_only() {
+        let at = |secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(at(784_111_777))
+        );
+        assert_eq!(
+            parse_http_date("Fri, 04 Dec 2026 23:01:28 GMT"),
+            Some(at(1_796_425_288))
+        );
+        for bad in [
+            "",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 31 Feb 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad:?}");
+        }
     }
 
     /// Removing the PV a handle is indexed under, while another PV still names that handle,

@@ -224,6 +224,7 @@ mod tests {
                         node: node(n),
                         attached: now,
                         recorded_instant: true,
+                        age: Duration::ZERO,
                     })
                     .collect(),
                 class,
