@@ -738,3 +738,46 @@ async fn attached_elsewhere_confirms_the_projections_candidates_live() {
         .is_err());
     c.api.remove_fault(fault);
 }
+
+/// Rules, "Boot seeding" 1, for a standby's DeleteVolume: a VolumeAttachment naming a PV the
+/// PV projection does not know has that PV looked up live; a PV that names the volume makes the
+/// VolumeAttachment a candidate (refused), a failing lookup is UNAVAILABLE, and both delete
+/// nothing. Catches the removal of the unknown-PV lookup in `va_candidates`: the volume's only
+/// VolumeAttachment is then no candidate and the delete answers OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_looks_up_a_pv_its_cache_missed_before_deleting() {
+    let c = Cluster::new(&["n1"]).await;
+    c.lease("someone-else", 3600);
+    c.pv("pv-probe", "vol-probe", false, None, json!({}));
+    c.api.hang("watch", "persistentvolumes");
+    let b = start_ha(&c, "b", &["vol"], &[]).await;
+    eventually("b stands by, its projections synced", || async {
+        is_standby(&b).await && c.api.open_watches(Some("volumeattachments")) >= 1
+    })
+    .await;
+    // The PV arrives while b's PV watch is held; its VolumeAttachment reaches b's projection,
+    // and so has every earlier one once a later probe's is refused (one stream, in order;
+    // `vol-probe` is in no backend, so an early OK deletes nothing).
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    c.va("pv-probe", "vol-probe", "n1", false, Duration::ZERO);
+    eventually("b's VolumeAttachment projection has caught up", || async {
+        matches!(b.delete("vol-probe").await, Err(s) if s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    let err = b.delete("vol").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("n1"), "{}", err.message());
+    let gets: Vec<_> = c
+        .api
+        .calls_matching("get", "persistentvolumes")
+        .into_iter()
+        .map(|call| (call.name.unwrap_or_default(), call.status))
+        .collect();
+    assert!(gets.contains(&("pv".into(), Some(200))), "{gets:?}");
+    let fault = c.api.fail("get", "persistentvolumes", 500);
+    let err = b.delete("vol").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    c.api.remove_fault(fault);
+    assert!(b.volume_ids().await.unwrap().contains(&"vol".into()));
+}
