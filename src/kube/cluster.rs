@@ -1,5 +1,7 @@
-//! The kube-rs side of the cluster traits: connecting, the PV and Node projections kept by
-//! watchers, the boot list of VolumeAttachments, and the live checks of Publish 5.1 and 5.2.
+//! The kube-rs side of the cluster traits: connecting, the PV, Node and VolumeAttachment
+//! projections kept by watchers, the boot list of VolumeAttachments, the live lookups seeding
+//! needs (PVs the projection misses, the API server's clock), the live checks of Publish 5.1
+//! and 5.2, and the bounded live reads a standby decides DeleteVolume from.
 //!
 //! Caches hold only the projection the driver uses (never whole objects). Nothing here changes
 //! attachment state; it only answers questions.
