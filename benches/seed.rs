@@ -89,7 +89,7 @@ fn actor_memory() {
     };
     let actors = system.block_on(async {
         let actors = Actors::start(cores());
-        let plan = plan(&vas, lookup(&pvs));
+        let plan = plan(&vas, std::time::SystemTime::now(), lookup(&pvs));
         let seeded = actors
             .supervisor
             .send(Seed {
@@ -142,7 +142,13 @@ fn seeding(c: &mut Criterion) {
         group.throughput(Throughput::Elements(n as u64));
         let (vas, pvs) = fixture(n);
         group.bench_function(BenchmarkId::new("plan", n), |b| {
-            b.iter(|| plan(std::hint::black_box(&vas), lookup(&pvs)))
+            b.iter(|| {
+                plan(
+                    std::hint::black_box(&vas),
+                    std::time::SystemTime::now(),
+                    lookup(&pvs),
+                )
+            })
         });
         group.bench_function(BenchmarkId::new("plan+Seed", n), |b| {
             b.iter_custom(|iters| {
@@ -156,7 +162,8 @@ fn seeding(c: &mut Criterion) {
                             .supervisor
                             .send(Seed {
                                 term: Term::FIRST,
-                                volumes: plan(&vas, lookup(&pvs)).volumes,
+                                volumes: plan(&vas, std::time::SystemTime::now(), lookup(&pvs))
+                                    .volumes,
                             })
                             .await
                             .expect("seed");

@@ -515,7 +515,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let supervisor = Supervisor::new(deps, handles).start();
             supervisor_addr = Some(supervisor.clone());
             let role = Role::new(ready.clone(), metrics.clone());
-            let published: Option<Arc<dyn rds_csi::kube::PublishedNodes>> = match (&cluster, &client) {
+            match (&cluster, &client) {
                 (Some(cluster), Some(client)) => {
                     let takeover: Arc<dyn Takeover> = Arc::new(Attachments {
                         cluster: cluster.clone(),
@@ -543,19 +543,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                             tokio::spawn(role::follow(role.clone(), lease, takeover, leader.identity.clone(), role::system_clock()));
                         }
                     }
-                    Some(cluster.clone())
+                    role.decide_standby_deletes_by(cluster.clone());
                 }
-                _ => {
-                    role.serve_standalone(started);
-                    None
-                }
-            };
+                _ => role.serve_standalone(started),
+            }
             tracing::info!(backend = backend.kind(), arbiters = arbiter_count, "controller started");
             Some(ControllerService {
                 router: Router::new(supervisor, MAILBOX_TIMEOUT),
                 backend,
                 role,
-                published,
                 metrics: metrics.clone(),
                 node_ids,
             })
@@ -647,16 +643,48 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
+/// Seeding's retries of a live PV lookup: 500 ms doubling to 30 s.
+const SEED_BACKOFF_START: Duration = Duration::from_millis(500);
+const SEED_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Rebuilds attachment state from VolumeAttachments, and returns once the Node projection has
 /// synced too (so no Publish needs a live Node GET to know a node). The role serves only after
 /// it returns: until then Probe says not ready and Controller RPCs answer UNAVAILABLE. Runs at
 /// boot, and again at every takeover, into a supervisor that was just dismissed.
 async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics, term: Term) {
     cluster.pvs_ready().await;
-    let vas = cluster.list_attachments(|_| {}).await;
+    let retried = |step: &str| metrics.seeding_retries.with_label_values(&[step]).inc();
+    let vas = cluster
+        .list_attachments(|_| retried("volumeattachment_list"))
+        .await;
     let seen = vas.len();
     metrics.seeding_seen.inc_by(seen as u64);
-    let plan = cluster.plan_seed(&vas);
+    // Rules, "Boot seeding" 1: a PV the projection misses is looked up live before anything is
+    // decided; until every lookup answers (found, or 404) the driver stays not ready.
+    // Rules, "Boot seeding" 3: ages are measured against the API server's clock, read after
+    // the list so no VolumeAttachment in it is younger than that now.
+    let mut backoff = SEED_BACKOFF_START;
+    let (looked_up, server_now) = loop {
+        let read = async {
+            let found = cluster
+                .look_up_unknown_pvs(&vas)
+                .await
+                .map_err(|e| ("pv_lookup", e))?;
+            let now = cluster.server_now().await.map_err(|e| ("server_time", e))?;
+            Ok::<_, (&str, rds_csi::kube::KubeError)>((found, now))
+        };
+        match read.await {
+            Ok(done) => break done,
+            Err((step, e)) => {
+                retried(step);
+                tracing::warn!(error = %e, step, retry_in = ?backoff, "a read seeding needs failed; staying not ready and retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SEED_BACKOFF_MAX);
+            }
+        }
+    };
+    let plan = cluster.plan_seed(&vas, &looked_up, server_now);
+    drop(looked_up);
     // The VolumeAttachment views are not needed past the plan; free them before the actors'
     // state is built, so the two never peak together.
     drop(vas);

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub grpc_in_flight: IntGaugeVec,
     pub seeding_seen: IntCounter,
     pub seeding_skipped: IntCounterVec,
+    pub seeding_retries: IntCounterVec,
     pub seeding_seconds_to_ready: prometheus::Gauge,
     pub annotation_write_failures: IntCounterVec,
     pub event_write_failures: IntCounterVec,
@@ -253,6 +254,18 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let seeding_retries = IntCounterVec::new(
+            opts(
+                "seeding",
+                "retries_total",
+                "Reads seeding retried before deciding anything, by step (the VolumeAttachment list, a live PV lookup, the API server's clock).",
+            ),
+            &["step"],
+        )
+        .expect("valid metric");
+        for step in ["volumeattachment_list", "pv_lookup", "server_time"] {
+            seeding_retries.with_label_values(&[step]);
+        }
         let seeding_seconds_to_ready = prometheus::Gauge::with_opts(opts(
             "seeding",
             "seconds_to_ready",
@@ -375,6 +388,7 @@ impl Metrics {
             Box::new(grpc_in_flight.clone()),
             Box::new(seeding_seen.clone()),
             Box::new(seeding_skipped.clone()),
+            Box::new(seeding_retries.clone()),
             Box::new(seeding_seconds_to_ready.clone()),
             Box::new(annotation_write_failures.clone()),
             Box::new(event_write_failures.clone()),
@@ -439,6 +453,7 @@ impl Metrics {
             grpc_in_flight,
             seeding_seen,
             seeding_skipped,
+            seeding_retries,
             seeding_seconds_to_ready,
             annotation_write_failures,
             event_write_failures,

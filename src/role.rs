@@ -25,16 +25,18 @@
 //!   it is not ready ([`serve_unelected`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::ids::VolumeId;
 use crate::kube::lease::{
     assess, HolderIdentity, LeaseSource, Seen, TermKey, Verdict, Why, QUIET_DEFAULT, SKEW_MARGIN,
 };
+use crate::kube::PublishedNodes;
 use crate::metrics::Metrics;
 use crate::Error;
 
@@ -116,7 +118,8 @@ pub const RECHECK_WITHOUT_LEASE: Duration = Duration::from_secs(15);
 pub enum DeletePath {
     /// Through the volume's actor, serialized with its publishes.
     Actors(Term),
-    /// A standby has no attachment state: from a live list of VolumeAttachments.
+    /// A standby has no attachment state: from live VolumeAttachment reads
+    /// ([`Role::unpublished_everywhere`]).
     Live,
 }
 
@@ -137,6 +140,8 @@ pub struct Role {
     /// What Probe and `/readyz` read.
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// What a standby asks before deleting a volume; set once, with a cluster.
+    published: OnceLock<Arc<dyn PublishedNodes>>,
 }
 
 impl Role {
@@ -154,7 +159,39 @@ impl Role {
             }),
             ready,
             metrics,
+            published: OnceLock::new(),
         })
+    }
+
+    /// With a cluster: where a standby's DeleteVolume asks whether the volume is still
+    /// published. Set once; later calls change nothing.
+    pub fn decide_standby_deletes_by(&self, published: Arc<dyn PublishedNodes>) {
+        let _ = self.published.set(published);
+    }
+
+    /// A standby's DeleteVolume decision (rules, "High availability": from live
+    /// VolumeAttachment reads, never from its empty state). Ok when no VolumeAttachment of this
+    /// driver names `volume`; StillPublished (FAILED_PRECONDITION) naming the nodes of those
+    /// that do, attached or not, being deleted or not (the active controller may be attaching
+    /// or detaching right now); Unavailable when that cannot be told (no cluster, an API error,
+    /// a projection not synced, the deadline).
+    pub async fn unpublished_everywhere(&self, volume: &VolumeId) -> Result<(), Error> {
+        let published = self.published.get().ok_or_else(|| {
+            Error::Unavailable("no cluster to ask whether the volume is published".into())
+        })?;
+        let nodes = published.published_nodes(volume).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot tell whether volume {volume} is still published: {e}"
+            ))
+        })?;
+        if nodes.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::StillPublished {
+                volume: volume.clone(),
+                nodes,
+            })
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

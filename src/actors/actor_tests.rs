@@ -396,6 +396,7 @@ fn seed_volume(
                 node: NodeId::try_from(*n).unwrap(),
                 attached: now - Duration::from_secs(*age),
                 recorded_instant: false,
+                age: Duration::from_secs(*age),
             })
             .collect(),
         class,
@@ -418,6 +419,9 @@ fn each_holder_answers_with_its_own_attach_instant() {
             node: NodeId::try_from(n).unwrap(),
             attached: recorded,
             recorded_instant,
+            age: std::time::SystemTime::now()
+                .duration_since(recorded)
+                .unwrap_or_default(),
         };
         let mut migration = seed_volume("m", &[], AccessClass::Migratable);
         migration.holders = vec![holder("a", false), holder("b", true)];

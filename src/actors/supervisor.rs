@@ -421,24 +421,17 @@ impl Handler<Lookup> for Supervisor {
 impl Handler<Seed> for Supervisor {
     type Result = usize;
 
-    /// Holder times are wall-clock attach times (a VolumeAttachment's attach instant, or its
-    /// creation); they map onto the monotonic clock so a migration's deadline keeps counting
-    /// from the newer holder's attach. A volume with one holder is parked; any other starts its
-    /// actor now (a migration has a timer to arm, an over-attachment an event to post).
+    /// Holder ages (the API server's now minus the VolumeAttachment's creationTimestamp, never
+    /// this process's wall clock) map onto the monotonic clock, so a migration's deadline keeps
+    /// counting from the newer VolumeAttachment's creation (rules, "Boot seeding" 3). A volume
+    /// with one holder is parked; any other starts its actor now (a migration has a timer to
+    /// arm, an over-attachment an event to post).
     fn handle(&mut self, Seed { term, volumes }: Seed, ctx: &mut Context<Self>) -> usize {
         self.term = Some(term);
         let now = tokio::time::Instant::now();
-        let wall = std::time::SystemTime::now();
         // Ages beyond two hours all mean "every deadline has passed"; clamping keeps the
         // subtraction inside the monotonic clock's range.
-        let monotonic = |created: SystemTime| {
-            now.checked_sub(
-                wall.duration_since(created)
-                    .unwrap_or_default()
-                    .min(SEED_AGE_CAP),
-            )
-            .unwrap_or(now)
-        };
+        let monotonic = |age: Duration| now.checked_sub(age.min(SEED_AGE_CAP)).unwrap_or(now);
         let count = volumes.len();
         self.parked.reserve(count);
         for v in volumes {
@@ -448,7 +441,7 @@ impl Handler<Seed> for Supervisor {
             if let [h] = &v.holders[..] {
                 let parked = Parked {
                     node: h.node.clone(),
-                    attached_at: monotonic(h.attached),
+                    attached_at: monotonic(h.age),
                     attached_wall: h.attached,
                     recorded_instant: h.recorded_instant,
                     class: v.class,
@@ -461,8 +454,8 @@ impl Handler<Seed> for Supervisor {
                 .into_iter()
                 .map(|h| Attachment {
                     node: h.node,
-                    attached_at: monotonic(h.attached),
-                    confirmed_at: monotonic(h.attached),
+                    attached_at: monotonic(h.age),
+                    confirmed_at: monotonic(h.age),
                     attached_wall: h.attached,
                     recorded_instant: h.recorded_instant,
                     class: v.class,

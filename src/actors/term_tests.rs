@@ -289,6 +289,11 @@ impl AttachmentAuthority for Elsewhere {
 
 /// Actors over the file backend with volumes `volumes`, nodes a, b and c, and `authority`.
 async fn harness_asking(volumes: &[&str], authority: Arc<Elsewhere>) -> Harness {
+    harness_limited(volumes, authority, 0).await
+}
+
+/// [`harness_asking`] with `--max-volumes-per-node` `limit`.
+async fn harness_limited(volumes: &[&str], authority: Arc<Elsewhere>, limit: u64) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
     for v in volumes {
@@ -305,7 +310,7 @@ async fn harness_asking(volumes: &[&str], authority: Arc<Elsewhere>) -> Harness 
         sink: cluster,
         metrics: metrics.clone(),
         grace_period: GRACE,
-        node_limit: super::super::NodeLimit::new(0),
+        node_limit: super::super::NodeLimit::new(limit),
     });
     let supervisor = Supervisor::new(deps, Vec::new()).start();
     Harness {
@@ -443,5 +448,31 @@ fn a_node_found_attached_whose_node_is_deleted_is_dropped_as_stale() {
         assert_eq!(holders_of(&h.router, "v").await, ["b"]);
         assert_eq!(h.metrics.stale_cleared_total.get(), 1);
         assert_eq!(cluster.asked(), 1);
+    });
+}
+
+/// A node found attached and then dropped (its Node is deleted) gives back the per-node slot
+/// adopting it took: with `--max-volumes-per-node 1`, a can take another volume afterwards.
+///
+/// Catches `holders_before = act.holders()` after the adoption in `VolumeActor::publish`
+/// removed: a's slot stays taken and w answers RESOURCE_EXHAUSTED.
+#[test]
+fn a_found_node_dropped_as_stale_gives_its_slot_back() {
+    paused(|| async {
+        let cluster = Arc::new(Elsewhere {
+            attached: Mutex::new(Ok(vec![NodeId::try_from("a").unwrap()])),
+            gone: vec![NodeId::try_from("a").unwrap()],
+            asked: AtomicUsize::new(0),
+        });
+        let h = harness_limited(&["v", "w"], cluster.clone(), 1).await;
+        h.router
+            .send(&vol("v"), publish_in(fresh_term(), "b", exclusive()))
+            .await
+            .unwrap();
+        assert_eq!(holders_of(&h.router, "v").await, ["b"]);
+        h.router
+            .send(&vol("w"), publish_in(Term::FIRST, "a", exclusive()))
+            .await
+            .expect("a holds nothing: its slot is free");
     });
 }

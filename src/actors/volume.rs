@@ -572,7 +572,7 @@ impl VolumeActor {
                 let _entered = span.enter();
                 let before = act.class_label();
                 let was_attached = !act.state.nodes().is_empty();
-                let holders_before = act.holders();
+                let mut holders_before = act.holders();
                 let result = checked.and_then(|(mut publish_context, checked)| {
                     if act.publish_context.is_none() {
                         act.publish_context = Some(publish_context.clone());
@@ -584,6 +584,8 @@ impl VolumeActor {
                     let mut effects = Vec::new();
                     if !checked.found.is_empty() {
                         effects.extend(act.adopt(checked.found, &req, now));
+                        // Counted on their nodes by `adopt`: given back if 5.1 or 5.2 drops them.
+                        holders_before = act.holders();
                     }
                     for (holder, status) in checked.verdicts {
                         let reason = match status {

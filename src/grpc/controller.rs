@@ -3,7 +3,8 @@
 //! and maps the answer. The role decides what is served: until it is first decided (boot
 //! seeding, or the Lease not seen yet) every RPC answers UNAVAILABLE; ControllerPublish/Unpublish
 //! are served only by the active controller, carry the term they were admitted in to the
-//! volume's actor (so does DeleteVolume), and are answered only within it; a standby answers DeleteVolume from a live list of VolumeAttachments and
+//! volume's actor (so does DeleteVolume), and are answered only within it; a standby answers
+//! DeleteVolume from live VolumeAttachment reads and
 //! everything else as usual.
 
 use std::collections::BTreeMap;
@@ -23,7 +24,6 @@ use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::domain::{migration_timeout, Capability, MIGRATION_TIMEOUT_KEY};
 use crate::ids::{NodeId, NodeIdRules, SnapshotId, VolumeId};
-use crate::kube::PublishedNodes;
 use crate::metrics::Metrics;
 use crate::role::{DeletePath, Role};
 use crate::Error;
@@ -36,8 +36,6 @@ pub struct ControllerService {
     pub router: Router,
     pub backend: Arc<dyn VolumeBackend>,
     pub role: Arc<Role>,
-    /// "Still published?" for a standby, which has no attachment state; `None` standalone.
-    pub published: Option<Arc<dyn PublishedNodes>>,
     pub metrics: Arc<Metrics>,
     /// Kubernetes mode refuses node ids that cannot be Node names, before any API call.
     pub node_ids: NodeIdRules,
@@ -233,22 +231,9 @@ impl ControllerService {
     }
 
     /// DeleteVolume on a standby: refused while any VolumeAttachment of this driver names the
-    /// volume, by a live list (its own state is empty, and says nothing).
+    /// volume, as the role tells from live reads (its own state is empty, and says nothing).
     async fn delete_on_standby(&self, volume: &VolumeId) -> Result<(), Error> {
-        let published = self.published.as_ref().ok_or_else(|| {
-            Error::Unavailable("no cluster to ask whether the volume is published".into())
-        })?;
-        let nodes = published.published_nodes(volume).await.map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot tell whether volume {volume} is still published: {e}"
-            ))
-        })?;
-        if !nodes.is_empty() {
-            return Err(Error::StillPublished {
-                volume: volume.clone(),
-                nodes,
-            });
-        }
+        self.role.unpublished_everywhere(volume).await?;
         self.backend.delete(volume).await.map_err(Error::from)
     }
 

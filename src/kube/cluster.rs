@@ -1,5 +1,7 @@
-//! The kube-rs side of the cluster traits: connecting, the PV and Node projections kept by
-//! watchers, the boot list of VolumeAttachments, and the live checks of Publish 5.1 and 5.2.
+//! The kube-rs side of the cluster traits: connecting, the PV, Node and VolumeAttachment
+//! projections kept by watchers, the boot list of VolumeAttachments, the live lookups seeding
+//! needs (PVs the projection misses, the API server's clock), the live checks of Publish 5.1
+//! and 5.2, and the bounded live reads a standby decides DeleteVolume from.
 //!
 //! Caches hold only the projection the driver uses (never whole objects). Nothing here changes
 //! attachment state; it only answers questions.
@@ -17,7 +19,7 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Semaphore};
 
 use super::lean;
 use super::seed::{PvView, VaView};
@@ -230,39 +232,168 @@ impl PvEntry {
     fn migration_timeout(&self) -> Option<&str> {
         (self.has & HAS_TIMEOUT != 0).then(|| self.part(4))
     }
+
+    /// Seeding's view of this PV, borrowed.
+    fn view(&self) -> PvView<'_> {
+        PvView {
+            handle: Some(self.handle()),
+            class: self.class,
+            migration_timeout: self.migration_timeout(),
+        }
+    }
+}
+
+/// PVs of this driver that seeding looked up live because the PV projection did not hold them,
+/// by name.
+#[derive(Default)]
+pub struct LivePvs(HashMap<Box<str>, PvEntry>);
+
+/// Live GETs of PVs the projection misses, at most this many at once.
+pub const LOOKUP_CONCURRENCY: usize = 16;
+
+/// How long one live GET of seeding or of a standby's delete decision may take before it counts
+/// as failed (and the caller retries, or answers UNAVAILABLE).
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Live GETs in flight at once across every standby DeleteVolume and `attached_elsewhere`
+/// call: 100 provisioner workers deleting at once never open 100 × candidates requests.
+pub const LIVE_READ_CONCURRENCY: usize = 32;
+
+/// How long one decision from the VolumeAttachment projection and its live GETs may take,
+/// waiting for its turn included: past it the answer is an error (UNAVAILABLE; the provisioner
+/// retries a DeleteVolume).
+pub const LIVE_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// This driver's VolumeAttachments, projected by a watcher: for each source (a PV name, or an
+/// inline volume handle) the nodes that have one. A VolumeAttachment's spec is immutable, so an
+/// update never moves one; a node is listed once per source. About a hundred bytes a
+/// VolumeAttachment: no names, no status (the live GETs read those).
+#[derive(Default)]
+struct VaIndex {
+    by_pv: BySource,
+    inline: BySource,
+}
+
+/// Node names, each once.
+type Nodes = Vec<Box<str>>;
+/// Source (PV name or inline handle) → the nodes with a VolumeAttachment of it.
+type BySource = HashMap<Box<str>, Nodes>;
+
+impl VaIndex {
+    /// Which map, source and node `va` is kept under; `None` for another driver's or one with
+    /// no node or no source.
+    fn slot<'v>(
+        &mut self,
+        va: &'v lean::VolumeAttachment,
+        driver: &str,
+    ) -> Option<(&mut BySource, &'v str, &'v str)> {
+        if va.spec.attacher != driver || va.spec.node_name.is_empty() {
+            return None;
+        }
+        let node = va.spec.node_name.as_str();
+        let source = &va.spec.source;
+        match (&source.persistent_volume_name, &source.inline_volume_spec) {
+            (Some(pv), _) => Some((&mut self.by_pv, pv.as_str(), node)),
+            (None, Some(inline)) => {
+                let handle = inline.csi.as_ref()?.volume_handle.as_str();
+                Some((&mut self.inline, handle, node))
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn add(&mut self, va: &lean::VolumeAttachment, driver: &str) {
+        if let Some((map, source, node)) = self.slot(va, driver) {
+            let nodes = map.entry(source.into()).or_default();
+            if !nodes.iter().any(|n| &**n == node) {
+                nodes.push(node.into());
+            }
+        }
+    }
+
+    fn remove(&mut self, va: &lean::VolumeAttachment, driver: &str) {
+        if let Some((map, source, node)) = self.slot(va, driver) {
+            if let Some(nodes) = map.get_mut(source) {
+                nodes.retain(|n| &**n != node);
+                if nodes.is_empty() {
+                    map.remove(source);
+                }
+            }
+        }
+    }
 }
 
 /// This driver's PVs by name, and which PV each volume handle was last seen on. Every PV stays
 /// resolvable by name even when two name the same handle, so seeding never skips a
-/// VolumeAttachment because another PV shares its volume.
+/// VolumeAttachment because another PV shares its volume; and a handle stays resolvable while
+/// any PV names it.
 #[derive(Default)]
 struct PvIndex {
     by_name: HashMap<Box<str>, PvEntry>,
+    /// The PV each handle was last seen on.
     by_handle: HashMap<Box<str>, Box<str>>,
+    /// Only for handles more than one PV names (a volume re-bound by hand while its old PV
+    /// lingers; rare): every such PV, oldest first, so the common case costs one name.
+    shared: HashMap<Box<str>, Vec<Box<str>>>,
 }
 
 impl PvIndex {
     fn insert(&mut self, (name, entry): (Box<str>, PvEntry)) {
         self.remove(&name);
-        self.by_handle.insert(entry.handle().into(), name.clone());
+        let handle = entry.handle();
+        if let Some(other) = self.by_handle.get(handle) {
+            self.shared
+                .entry(handle.into())
+                .or_insert_with(|| vec![other.clone()])
+                .push(name.clone());
+        }
+        self.by_handle.insert(handle.into(), name.clone());
         self.by_name.insert(name, entry);
     }
 
+    /// Every PV name that names `handle`, oldest first.
+    fn names_for_handle(&self, handle: &str) -> Vec<&str> {
+        match self.shared.get(handle) {
+            Some(names) => names.iter().map(|n| &**n).collect(),
+            None => self
+                .by_handle
+                .get(handle)
+                .map(|n| &**n)
+                .into_iter()
+                .collect(),
+        }
+    }
+
     fn remove(&mut self, name: &str) {
-        if let Some(old) = self.by_name.remove(name) {
-            if self.by_handle.get(old.handle()).map(|n| &**n) == Some(name) {
-                self.by_handle.remove(old.handle());
+        let Some(old) = self.by_name.remove(name) else {
+            return;
+        };
+        let handle = old.handle();
+        let remaining = self.shared.get_mut(handle).and_then(|names| {
+            names.retain(|n| &**n != name);
+            names.last().cloned()
+        });
+        match remaining {
+            Some(last) => {
+                if self.shared.get(handle).is_some_and(|n| n.len() < 2) {
+                    self.shared.remove(handle);
+                }
+                if self.by_handle.get(handle).map(|n| &**n) == Some(name) {
+                    self.by_handle.insert(handle.into(), last);
+                }
+            }
+            None => {
+                self.shared.remove(handle);
+                if self.by_handle.get(handle).map(|n| &**n) == Some(name) {
+                    self.by_handle.remove(handle);
+                }
             }
         }
     }
 
     /// Seeding's view of PV `name`, borrowed from the index.
     fn view(&self, name: &str) -> Option<PvView<'_>> {
-        self.by_name.get(name).map(|e| PvView {
-            handle: Some(e.handle()),
-            class: e.class,
-            migration_timeout: e.migration_timeout(),
-        })
+        self.by_name.get(name).map(PvEntry::view)
     }
 
     /// The PV name and entry of a volume handle.
@@ -353,6 +484,10 @@ pub struct KubeCluster {
     nodes_ready: watch::Receiver<bool>,
     /// Names of Nodes the watch saw deleted, for the stale-attachment reconciler.
     node_deletions: broadcast::Sender<String>,
+    vas: Arc<RwLock<VaIndex>>,
+    vas_ready: watch::Receiver<bool>,
+    /// Bounds the live GETs of every standby DeleteVolume and `attached_elsewhere` together.
+    live_reads: Arc<Semaphore>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -387,6 +522,7 @@ impl KubeCluster {
         let (ready_tx, pvs_ready) = watch::channel(false);
         let (nodes_ready_tx, nodes_ready) = watch::channel(false);
         let (node_deletions, _) = broadcast::channel(1024);
+        let (vas_ready_tx, vas_ready) = watch::channel(false);
         let cluster = Arc::new(Self {
             client: client.clone(),
             driver: driver.clone(),
@@ -395,7 +531,11 @@ impl KubeCluster {
             pvs_ready,
             nodes_ready,
             node_deletions: node_deletions.clone(),
+            vas: Default::default(),
+            vas_ready,
+            live_reads: Arc::new(Semaphore::new(LIVE_READ_CONCURRENCY)),
         });
+        let va_driver = driver.clone();
         let pvs = cluster.pvs.clone();
         tokio::spawn(async move {
             let mut buffer: Option<PvIndex> = None;
@@ -420,6 +560,30 @@ impl KubeCluster {
                     Event::Delete(pv) => {
                         write(&pvs).remove(pv.metadata.name.as_deref().unwrap_or_default())
                     }
+                },
+            )
+            .await;
+        });
+        let vas = cluster.vas.clone();
+        let va_client = cluster.client.clone();
+        tokio::spawn(async move {
+            let mut buffer: Option<VaIndex> = None;
+            follow(
+                Api::<lean::VolumeAttachment>::all(va_client),
+                "VolumeAttachments",
+                |event| match event {
+                    Event::Init => buffer = Some(VaIndex::default()),
+                    Event::InitApply(va) => {
+                        if let Some(b) = buffer.as_mut() {
+                            b.add(&va, &va_driver);
+                        }
+                    }
+                    Event::InitDone => {
+                        *write(&vas) = buffer.take().unwrap_or_default();
+                        let _ = vas_ready_tx.send(true);
+                    }
+                    Event::Apply(va) => write(&vas).add(&va, &va_driver),
+                    Event::Delete(va) => write(&vas).remove(&va, &va_driver),
                 },
             )
             .await;
@@ -495,10 +659,86 @@ impl KubeCluster {
         Some((name.to_string(), entry.claim()))
     }
 
-    /// The seed plan for `vas`, against the PV projection (read in place, not copied).
-    pub fn plan_seed(&self, vas: &[VaView]) -> super::seed::SeedPlan {
+    /// The seed plan for `vas`, against the PV projection (read in place, not copied) and the
+    /// PVs `looked_up` live because the projection did not hold them.
+    pub fn plan_seed(
+        &self,
+        vas: &[VaView],
+        looked_up: &LivePvs,
+        server_now: SystemTime,
+    ) -> super::seed::SeedPlan {
         let index = read(&self.pvs);
-        super::seed::plan(vas, |name| index.view(name))
+        super::seed::plan(vas, server_now, |name| {
+            index
+                .view(name)
+                .or_else(|| looked_up.0.get(name).map(PvEntry::view))
+        })
+    }
+
+    /// The API server's clock now (rules, "Boot seeding" 3: seeded ages come from the API
+    /// server's timestamps), from the `Date` header of a live `GET /version`. An HTTP date has
+    /// whole seconds, truncated; the response's travel time adds to that. So an age measured
+    /// against it is within about one second of the truth: the same resolution as the
+    /// creationTimestamps it is subtracted from.
+    pub async fn server_now(&self) -> Result<SystemTime, KubeError> {
+        let failed = |message: String| KubeError::Api {
+            action: "reading the API server's clock".into(),
+            message,
+        };
+        let request = axum::http::Request::get("/version")
+            .body(kube::client::Body::from(Vec::new()))
+            .map_err(|e| failed(e.to_string()))?;
+        let response = tokio::time::timeout(LOOKUP_TIMEOUT, self.client.send(request))
+            .await
+            .map_err(|_| failed(format!("no answer within {LOOKUP_TIMEOUT:?}")))?
+            .map_err(|e| failed(e.to_string()))?;
+        let date = response
+            .headers()
+            .get(axum::http::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| failed("the response has no Date header".into()))?;
+        parse_http_date(date).ok_or_else(|| failed(format!("unreadable Date header {date:?}")))
+    }
+
+    /// Rules, "Boot seeding" 1: the PVs `vas` name that the PV projection does not hold (at a
+    /// takeover it can be behind the API), each by a live GET, at most [`LOOKUP_CONCURRENCY`]
+    /// at once and each within [`LOOKUP_TIMEOUT`]. A 404 leaves the PV out (seeding then skips
+    /// its VolumeAttachments as `unknown_pv`), and so does a PV of another driver; any other
+    /// answer, or a GET past its timeout, is an error, and the caller must decide nothing.
+    pub async fn look_up_unknown_pvs(&self, vas: &[VaView]) -> Result<LivePvs, KubeError> {
+        let unknown: HashSet<String> = {
+            let index = read(&self.pvs);
+            vas.iter()
+                .filter_map(|va| va.pv_name.as_deref())
+                .filter(|name| !index.by_name.contains_key(*name))
+                .map(str::to_string)
+                .collect()
+        };
+        let mut lookups = tokio::task::JoinSet::new();
+        let mut found = HashMap::new();
+        for name in unknown {
+            if lookups.len() >= LOOKUP_CONCURRENCY {
+                if let Some(done) = lookups.join_next().await {
+                    found.extend(joined(done)??);
+                }
+            }
+            let api = Api::<lean::PersistentVolume>::all(self.client.clone());
+            let driver = self.driver.clone();
+            lookups.spawn(async move {
+                let pv =
+                    tokio::time::timeout(LOOKUP_TIMEOUT, live_get(api, &name, "PersistentVolume"))
+                        .await
+                        .map_err(|_| KubeError::Api {
+                            action: format!("getting PersistentVolume {name}"),
+                            message: format!("no answer within {LOOKUP_TIMEOUT:?}"),
+                        })??;
+                Ok::<_, KubeError>(pv.and_then(|pv| project_pv(&pv, &driver)))
+            });
+        }
+        while let Some(done) = lookups.join_next().await {
+            found.extend(joined(done)??);
+        }
+        Ok(LivePvs(found))
     }
 
     /// The first complete list of this driver's VolumeAttachments (those of other drivers are
@@ -545,6 +785,33 @@ where
             None => return Ok(items),
         }
     }
+}
+
+/// An HTTP date in its preferred form (RFC 9110 IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`),
+/// the only one servers may send.
+fn parse_http_date(text: &str) -> Option<SystemTime> {
+    let [_weekday, day, month, year, clock, "GMT"] = text.split(' ').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)?;
+    let month = time::Month::try_from(u8::try_from(month + 1).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(year.parse().ok()?, month, day.parse().ok()?).ok()?;
+    let [h, m, s] = clock.split(':').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    let clock = time::Time::from_hms(h.parse().ok()?, m.parse().ok()?, s.parse().ok()?).ok()?;
+    Some(SystemTime::from(date.with_time(clock).assume_utc()))
+}
+
+/// A lookup task's result; a task that panicked is an error like any other.
+fn joined<T>(done: Result<T, tokio::task::JoinError>) -> Result<T, KubeError> {
+    done.map_err(|e| KubeError::Api {
+        action: "a live lookup".into(),
+        message: e.to_string(),
+    })
 }
 
 fn api_error(action: String) -> impl FnOnce(kube::Error) -> KubeError {
@@ -601,33 +868,21 @@ impl AttachmentAuthority for KubeCluster {
         })
     }
 
-    /// By a live, paged list of every VolumeAttachment (resolved to volumes through the PV
-    /// projection, as [`PublishedNodes`]).
+    /// Candidates from the VolumeAttachment projection ([`KubeCluster::live_attachments`]),
+    /// each confirmed by a live GET of its deterministic name: attached, and no
+    /// deletionTimestamp.
     async fn attached_elsewhere(
         &self,
         volume: &VolumeId,
         node: &NodeId,
     ) -> Result<Vec<NodeId>, KubeError> {
-        let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
-        let vas = list_all(&api, "VolumeAttachments").await?;
-        let index = read(&self.pvs);
-        let mut nodes: Vec<NodeId> = vas
-            .iter()
-            .filter(|va| va.metadata.deletion_timestamp.is_none())
-            .filter_map(|va| project_va(va, &self.driver))
-            .filter(|va| va.attached && va.node != node.as_str())
-            .filter(|va| {
-                let handle = match (&va.pv_name, &va.inline_handle) {
-                    (Some(pv), _) => index.view(pv).and_then(|v| v.handle),
-                    (None, inline) => inline.as_deref(),
-                };
-                handle == Some(volume.as_str())
-            })
-            .filter_map(|va| NodeId::try_from(va.node.as_str()).ok())
-            .collect();
-        nodes.sort();
-        nodes.dedup();
-        Ok(nodes)
+        let found = self.live_attachments(volume, Some(node)).await?;
+        Ok(found
+            .into_iter()
+            .filter(|(_, va)| va.metadata.deletion_timestamp.is_none())
+            .filter(|(_, va)| va.status.as_ref().is_some_and(|s| s.attached))
+            .map(|(node, _)| node)
+            .collect())
     }
 }
 
@@ -658,34 +913,143 @@ impl PvCatalog for KubeCluster {
 
 #[async_trait]
 impl PublishedNodes for KubeCluster {
-    /// A VolumeAttachment names the volume by its PV (resolved through the PV projection; the
-    /// external-attacher's finalizer keeps an attached PV from going away) or inline. Refused
-    /// until the PV projection has its first complete list: an unknown PV would hide a VA.
+    /// Candidates from the VolumeAttachment projection, each confirmed by a live GET of its
+    /// deterministic name; any that exists counts ([`KubeCluster::live_attachments`]).
     async fn published_nodes(&self, volume: &VolumeId) -> Result<Vec<NodeId>, KubeError> {
-        if !*self.pvs_ready.borrow() {
+        let found = self.live_attachments(volume, None).await?;
+        Ok(found.into_iter().map(|(node, _)| node).collect())
+    }
+}
+
+impl KubeCluster {
+    /// The VolumeAttachments of `volume` (on any node but `except`) that exist now: candidates
+    /// from the VolumeAttachment projection, each confirmed by a live GET of the name Kubernetes
+    /// gives it ([`va_name`]). Sorted by node, no duplicates. The GETs share the process-wide
+    /// [`LIVE_READ_CONCURRENCY`] permits, and the whole answer must come within
+    /// [`LIVE_READ_DEADLINE`].
+    ///
+    /// Errors (the caller answers UNAVAILABLE): a projection (PVs or VolumeAttachments) that has
+    /// not synced yet; a GET that fails; the deadline.
+    ///
+    /// What the projection can miss, and so this too: a VolumeAttachment created after the
+    /// last watch event this process has seen (the watch lags the API by its delivery time,
+    /// longer while it re-lists). The live GETs only confirm candidates; they cannot find a
+    /// VolumeAttachment the projection has not heard of, nor one named other than Kubernetes
+    /// names it. For DeleteVolume this is the window between a VolumeAttachment's creation
+    /// and its event; Kubernetes creates none for a volume whose claim is gone, which is when
+    /// the provisioner deletes it.
+    pub async fn live_attachments(
+        &self,
+        volume: &VolumeId,
+        except: Option<&NodeId>,
+    ) -> Result<Vec<(NodeId, lean::VolumeAttachment)>, KubeError> {
+        let decide = async {
+            let mut nodes = self.va_candidates(volume).await?;
+            nodes.retain(|n| Some(n.as_str()) != except.map(NodeId::as_str));
+            let names: Vec<(String, NodeId)> = nodes
+                .into_iter()
+                .map(|n| (va_name(volume.as_str(), &self.driver, n.as_str()), n))
+                .collect();
+            let found = self
+                .get_all::<lean::VolumeAttachment, NodeId>(names, "VolumeAttachment")
+                .await?;
+            let mut found: Vec<(NodeId, lean::VolumeAttachment)> = found
+                .into_iter()
+                .filter_map(|(node, va)| Some((node, va?)))
+                .collect();
+            found.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(found)
+        };
+        tokio::time::timeout(LIVE_READ_DEADLINE, decide)
+            .await
+            .map_err(|_| KubeError::Api {
+                action: format!("reading the VolumeAttachments of volume {volume}"),
+                message: format!("no complete answer within {LIVE_READ_DEADLINE:?}"),
+            })?
+    }
+
+    /// The nodes the VolumeAttachment projection says have a VolumeAttachment of `volume`: by
+    /// its inline handle, or by any PV the PV projection says names it. A VolumeAttachment
+    /// naming a PV the PV projection does not know has that PV looked up live (rules, "Boot
+    /// seeding" 1, as for seeding): only a 404 rules it out.
+    async fn va_candidates(&self, volume: &VolumeId) -> Result<Vec<NodeId>, KubeError> {
+        if !*self.pvs_ready.borrow() || !*self.vas_ready.borrow() {
             return Err(KubeError::Api {
-                action: "resolving VolumeAttachments to volumes".into(),
-                message: "the PersistentVolume list has not synced yet".into(),
+                action: format!("reading the VolumeAttachments of volume {volume}"),
+                message: "the PersistentVolume or VolumeAttachment list has not synced yet".into(),
             });
         }
-        let api = Api::<lean::VolumeAttachment>::all(self.client.clone());
-        let vas = list_all(&api, "VolumeAttachments").await?;
-        let index = read(&self.pvs);
-        let mut nodes: Vec<NodeId> = vas
+        let handle = volume.as_str();
+        let (mut nodes, unknown): (Nodes, Vec<(String, Nodes)>) = {
+            let pvs = read(&self.pvs);
+            let vas = read(&self.vas);
+            let mut nodes = vas.inline.get(handle).cloned().unwrap_or_default();
+            for pv in pvs.names_for_handle(handle) {
+                nodes.extend(vas.by_pv.get(pv).into_iter().flatten().cloned());
+            }
+            let unknown = vas
+                .by_pv
+                .iter()
+                .filter(|(pv, _)| !pvs.by_name.contains_key(&***pv))
+                .map(|(pv, nodes)| (pv.to_string(), nodes.clone()))
+                .collect();
+            (nodes, unknown)
+        };
+        let found = self
+            .get_all::<lean::PersistentVolume, Nodes>(unknown, "PersistentVolume")
+            .await?;
+        for (their_nodes, pv) in found {
+            let names_it = pv
+                .as_ref()
+                .and_then(|pv| project_pv(pv, &self.driver))
+                .is_some_and(|(_, entry)| entry.handle() == handle);
+            if names_it {
+                nodes.extend(their_nodes);
+            }
+        }
+        let mut nodes: Vec<NodeId> = nodes
             .iter()
-            .filter_map(|va| project_va(va, &self.driver))
-            .filter(|va| {
-                let handle = match (&va.pv_name, &va.inline_handle) {
-                    (Some(pv), _) => index.view(pv).and_then(|v| v.handle),
-                    (None, inline) => inline.as_deref(),
-                };
-                handle == Some(volume.as_str())
-            })
-            .filter_map(|va| NodeId::try_from(va.node.as_str()).ok())
+            .filter_map(|n| NodeId::try_from(&**n).ok())
             .collect();
         nodes.sort();
         nodes.dedup();
         Ok(nodes)
+    }
+
+    /// Live GETs of `names` (each with a tag handed back beside its answer, `None` for a 404),
+    /// in parallel under the shared [`LIVE_READ_CONCURRENCY`] permits. The first error wins;
+    /// the other GETs are abandoned.
+    async fn get_all<K, T>(
+        &self,
+        names: Vec<(String, T)>,
+        what: &'static str,
+    ) -> Result<Vec<(T, Option<K>)>, KubeError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let mut gets = tokio::task::JoinSet::new();
+        for (name, tag) in names {
+            let api = Api::<K>::all(self.client.clone());
+            let permits = self.live_reads.clone();
+            gets.spawn(async move {
+                let _permit = permits.acquire_owned().await.map_err(|e| KubeError::Api {
+                    action: format!("getting {what} {name}"),
+                    message: e.to_string(),
+                })?;
+                Ok::<_, KubeError>((tag, live_get(api, &name, what).await?))
+            });
+        }
+        let mut found = Vec::with_capacity(gets.len());
+        while let Some(done) = gets.join_next().await {
+            found.push(joined(done)??);
+        }
+        Ok(found)
     }
 }
 
@@ -765,6 +1129,53 @@ mod tests {
         assert!(index.for_handle("h-a").is_none());
         index.remove("pv-b");
         assert!(index.by_name.is_empty() && index.by_handle.is_empty());
+    }
+
+    #[test]
+    fn http_dates_are_read_in_their_preferred_form_only() {
+        let at = |secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(at(784_111_777))
+        );
+        assert_eq!(
+            parse_http_date("Fri, 04 Dec 2026 23:01:28 GMT"),
+            Some(at(1_796_425_288))
+        );
+        for bad in [
+            "",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 31 Feb 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Removing the PV a handle is indexed under, while another PV still names that handle,
+    /// keeps the handle resolvable (to the remaining PV). Catches `remove` dropping the
+    /// by-handle entry without falling back to the PVs that share it.
+    #[test]
+    fn removing_the_indexed_pv_of_a_shared_handle_keeps_the_other() {
+        let mut index = PvIndex::default();
+        for name in ["pv-a", "pv-b", "pv-c"] {
+            index.insert(project_pv(&lean_pv(pv_json(name, "h", "d")), "d").unwrap());
+        }
+        assert_eq!(index.for_handle("h").unwrap().0, "pv-c");
+        assert_eq!(index.names_for_handle("h"), ["pv-a", "pv-b", "pv-c"]);
+        index.remove("pv-c");
+        assert_eq!(index.for_handle("h").unwrap().0, "pv-b");
+        index.remove("pv-a");
+        assert_eq!(index.for_handle("h").unwrap().0, "pv-b");
+        assert_eq!(index.names_for_handle("h"), ["pv-b"]);
+        // Re-applying a PV with a new handle moves it.
+        index.insert(project_pv(&lean_pv(pv_json("pv-b", "h2", "d")), "d").unwrap());
+        assert!(index.for_handle("h").is_none());
+        assert_eq!(index.for_handle("h2").unwrap().0, "pv-b");
+        index.remove("pv-b");
+        assert!(index.by_name.is_empty() && index.by_handle.is_empty() && index.shared.is_empty());
     }
 
     #[test]

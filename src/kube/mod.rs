@@ -90,9 +90,10 @@ pub trait PvCatalog: Send + Sync + 'static {
 }
 
 /// "Still published?" for a controller without attachment state (a standby): the nodes of the
-/// VolumeAttachments of this driver that name the volume, by a live, paged list. Any of them
-/// counts, attached or not, being deleted or not: the active controller may be attaching or
-/// detaching it right now.
+/// VolumeAttachments of this driver that name the volume, by live reads bounded in time and
+/// number (never a list per call). Any of them counts, attached or not, being deleted or not:
+/// the active controller may be attaching or detaching it right now. Any error, or no answer in
+/// time, fails the delete closed (UNAVAILABLE).
 #[async_trait]
 pub trait PublishedNodes: Send + Sync + 'static {
     async fn published_nodes(&self, volume: &VolumeId) -> Result<Vec<NodeId>, KubeError>;

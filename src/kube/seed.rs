@@ -2,13 +2,14 @@
 //! the attachment state to rebuild (rules, "Boot seeding"). VolumeAttachments are the only
 //! source of truth; PV annotations are never read.
 //!
-//! Holders are ordered by the attach instant each VolumeAttachment recorded (the driver's
-//! publish_context, which the external-attacher stores in `status.attachmentMetadata`), because
-//! `creationTimestamp` has whole seconds and a migration often starts within the second of its
-//! volume's attach. A volume whose VolumeAttachments do not all carry one (made through the Go
-//! driver, or an older version of this one) is ordered by `creationTimestamp` alone: an exact
-//! instant and a whole second cannot be compared. Holders nothing orders are reported as such,
-//! never ordered by their VolumeAttachment names, which are hashes.
+//! Holders are ordered by `creationTimestamp`, the API server's one clock; within one creation
+//! second by the attach instant each VolumeAttachment recorded (the driver's publish_context,
+//! which the external-attacher stores in `status.attachmentMetadata`), because a migration often
+//! starts within the second of its volume's attach. An instant was written on the clock of the
+//! replica that answered, so it never reorders VolumeAttachments created in different seconds,
+//! and never measures an age: ages are the API server's now minus `creationTimestamp`. Holders
+//! nothing orders (one second, not every one with an instant, or equal instants) are reported
+//! as such, never ordered by their VolumeAttachment names, which are hashes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -47,6 +48,11 @@ pub struct SeedHolder {
     pub attached: SystemTime,
     /// Whether `attached` is the attach instant the VolumeAttachment recorded.
     pub recorded_instant: bool,
+    /// How long ago its VolumeAttachment was created, both ends on the API server's clock
+    /// (its creationTimestamp, and the server's now): what a migration's deadline counts
+    /// from. The attach instant was written on whichever replica answered, on its own clock,
+    /// so it never measures an age.
+    pub age: Duration,
 }
 
 /// One volume to rebuild: its holders oldest first.
@@ -98,26 +104,33 @@ pub struct SeedPlan {
 /// A volume's PV (name and view, if known) and its holders with their VolumeAttachments.
 type Group<'a, 'p> = (Option<(&'a str, PvView<'p>)>, Vec<(NodeId, &'a VaView)>);
 
-/// Sorts one volume's holders oldest first and says whether that order is known: by attach
-/// instant then creationTimestamp when every VolumeAttachment recorded an instant, else by
-/// creationTimestamp alone. Ties fall back to the VA name, only so the order is stable.
+/// Sorts one volume's holders oldest first and says whether that order is known (rules, "Boot
+/// seeding" 3): by creationTimestamp, the API server's one clock; within one creation second by
+/// the attach instants, when every VolumeAttachment of that second recorded one. An instant was
+/// written on the clock of whichever replica answered, so it never reorders VolumeAttachments
+/// created in different seconds. Ties fall back to the VA name, only so the order is stable.
 fn order(holders: &mut [(NodeId, &VaView)]) -> bool {
-    let by_instant = holders.iter().all(|(_, va)| va.attached_at.is_some());
-    let key = |va: &VaView| {
-        if by_instant {
-            (va.attached_at, va.created)
-        } else {
-            (None, va.created)
-        }
-    };
-    holders.sort_by(|(_, a), (_, b)| key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name)));
-    holders.windows(2).all(|w| key(w[0].1) != key(w[1].1))
+    holders.sort_by(|(_, a), (_, b)| {
+        (a.created, a.attached_at)
+            .cmp(&(b.created, b.attached_at))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    holders.windows(2).all(|w| {
+        let (a, b) = (w[0].1, w[1].1);
+        a.created != b.created
+            || matches!((a.attached_at, b.attached_at), (Some(x), Some(y)) if x != y)
+    })
 }
 
 /// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
 /// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
-/// `pvs` looks a PV up by name.
-pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> SeedPlan {
+/// `pvs` looks a PV up by name; `server_now` is the API server's clock now, against which
+/// each holder's age is measured.
+pub fn plan<'p>(
+    vas: &[VaView],
+    server_now: SystemTime,
+    pvs: impl Fn(&str) -> Option<PvView<'p>>,
+) -> SeedPlan {
     let mut plan = SeedPlan::default();
     let mut groups: BTreeMap<VolumeId, Group<'_, 'p>> = BTreeMap::new();
     for va in vas {
@@ -169,6 +182,7 @@ pub fn plan<'p>(vas: &[VaView], pvs: impl Fn(&str) -> Option<PvView<'p>>) -> See
                     node,
                     attached: va.attached_at.unwrap_or(va.created),
                     recorded_instant: va.attached_at.is_some(),
+                    age: server_now.duration_since(va.created).unwrap_or_default(),
                 })
                 .collect(),
             order_known,
@@ -242,7 +256,7 @@ mod tests {
             va("va-old", "pv-static", "node-a", true, 10),
             va("va-rwo", "pv-rwo", "node-c", true, 5),
         ];
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         assert!(p.skipped.is_empty());
         assert_eq!(p.volumes.len(), 2);
         let x = &p.volumes[0];
@@ -280,7 +294,7 @@ mod tests {
             inline,
             nothing,
         ];
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         let mut skipped = p.skipped.clone();
         skipped.sort();
         assert_eq!(
@@ -318,7 +332,7 @@ mod tests {
             va("va-2", "pv-odd", "n2", true, 20),
             va("va-3", "pv-ok", "n1", true, 10),
         ];
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         assert_eq!(
             p.unparsable_timeouts,
             vec![("pv-odd".to_string(), "ten minutes".to_string())]
@@ -333,7 +347,7 @@ mod tests {
         let vas: Vec<_> = (0..3)
             .map(|i| va(&format!("va-{i}"), "pv", &format!("n{i}"), true, 10 - i))
             .collect();
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         let nodes: Vec<&str> = p.volumes[0]
             .holders
             .iter()
@@ -352,7 +366,7 @@ mod tests {
                 va_at(target_va, "target", 10, 700),
                 va_at(source_va, "source", 10, 200),
             ];
-            let p = plan(&vas, |n| pvs.get(n).copied());
+            let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
             assert_eq!(
                 order_of(&p),
                 (vec!["source", "target"], true),
@@ -364,28 +378,59 @@ mod tests {
         }
     }
 
-    /// When every VolumeAttachment carries an instant, the instants decide even against the
-    /// creation seconds (the attacher may create a VA and publish it later): they are the order
-    /// of the publishes, which is the order the driver held in memory.
+    /// Rules, "Boot seeding" 3: instants order VolumeAttachments only within one creation
+    /// second; across seconds creationTimestamp (the API server's clock) decides, whatever the
+    /// instants (written by replicas whose clocks differ) say. This replaced a test that
+    /// asserted the opposite (instants before creation seconds); catches `order` comparing
+    /// instants ahead of `created`.
     #[test]
-    fn instants_come_before_creation_seconds() {
+    fn instants_never_reorder_different_creation_seconds() {
         let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
+        // The replica that answered second had a clock 1.8 s behind.
         let vas = vec![
-            va_at("va-1", "published-first", 11, 100),
+            va_at("va-1", "created-second", 11, 100),
             va_at("va-2", "created-first", 10, 1_900),
         ];
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         assert_eq!(
             order_of(&p),
-            (vec!["published-first", "created-first"], true)
+            (vec!["created-first", "created-second"], true)
         );
-        // Equal instants (never seen from one clock, but possible in data) fall to creation.
+        // Equal instants in one second: nothing orders them.
+        let vas = vec![va_at("va-1", "x", 10, 500), va_at("va-2", "y", 10, 500)];
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
+        assert!(!p.volumes[0].order_known);
+    }
+
+    /// Rules, "Boot seeding" 3: a holder's age is the API server's now minus its
+    /// creationTimestamp, whatever this process's clock says and whatever instant the
+    /// VolumeAttachment recorded: here the server's now is a day away from the local clock, and
+    /// the target's instant (written on a replica 30 s ahead) is 30 s after its creation.
+    /// Catches measuring ages against the local `SystemTime::now()` or from the instant.
+    #[test]
+    fn ages_come_from_the_api_servers_clock() {
+        let pvs = HashMap::from([pv("pv", "h", AccessClass::Migratable, None)]);
         let vas = vec![
-            va_at("va-1", "later", 11, 0),
-            va_at("va-2", "earlier", 10, 1_000),
+            va_at("va-1", "source", 10, 0),
+            va_at("va-2", "target", 100, 30_000),
         ];
-        let p = plan(&vas, |n| pvs.get(n).copied());
-        assert_eq!(order_of(&p), (vec!["earlier", "later"], true));
+        let server_now = SystemTime::now() + Duration::from_secs(86_400);
+        let created = |secs| server_now - Duration::from_secs(secs);
+        let vas: Vec<VaView> = vas
+            .into_iter()
+            .zip([created(400), created(310)])
+            .map(|(va, c)| VaView {
+                created: c,
+                attached_at: va.attached_at.map(|_| c + Duration::from_secs(30)),
+                ..va
+            })
+            .collect();
+        let p = plan(&vas, server_now, |n| pvs.get(n).copied());
+        let ages: Vec<Duration> = p.volumes[0].holders.iter().map(|h| h.age).collect();
+        assert_eq!(ages, [Duration::from_secs(400), Duration::from_secs(310)]);
+        // A creationTimestamp ahead of the server's now (never from one clock) is age zero.
+        let p = plan(&vas, created(350), |n| pvs.get(n).copied());
+        assert_eq!(p.volumes[0].holders[1].age, Duration::ZERO);
     }
 
     /// Without instants (the Go driver, an older version of this one), creationTimestamp
@@ -398,13 +443,13 @@ mod tests {
                 va(second, "pv", "newer", true, 11),
                 va(first, "pv", "older", true, 10),
             ];
-            let p = plan(&vas, |n| pvs.get(n).copied());
+            let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
             assert_eq!(order_of(&p), (vec!["older", "newer"], true));
             let vas = vec![
                 va(second, "pv", "x", true, 10),
                 va(first, "pv", "y", true, 10),
             ];
-            let p = plan(&vas, |n| pvs.get(n).copied());
+            let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
             assert!(!p.volumes[0].order_known, "an exact tie");
             assert_eq!(p.volumes[0].holders[0].attached, at(10));
         }
@@ -420,7 +465,7 @@ mod tests {
             va_at("va-a", "newer", 12, 100),
             va("va-b", "pv", "older", true, 10),
         ];
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         assert_eq!(order_of(&p), (vec!["older", "newer"], true));
         let newer = &p.volumes[0].holders[1];
         assert_eq!(
@@ -428,7 +473,7 @@ mod tests {
             (at(12) + Duration::from_millis(100), true)
         );
         let vas = vec![va_at("va-a", "x", 10, 100), va("va-b", "pv", "y", true, 10)];
-        let p = plan(&vas, |n| pvs.get(n).copied());
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
         assert!(!p.volumes[0].order_known, "one second, one instant: a tie");
     }
 }

@@ -232,6 +232,7 @@ mod tests {
                         node: node(n),
                         attached: now,
                         recorded_instant: true,
+                        age: Duration::ZERO,
                     })
                     .collect(),
                 class,
@@ -402,6 +403,7 @@ mod tests {
                         holders: vec![SeedHolder {
                             node: node("n1"),
                             attached: SystemTime::now() - Duration::from_secs(60),
+                            age: Duration::from_secs(60),
                             recorded_instant: true,
                         }],
                         class: AccessClass::Exclusive,

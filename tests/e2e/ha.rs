@@ -14,7 +14,7 @@ use rds_csi::csi::{ControllerPublishVolumeRequest, GetCapacityRequest, VolumeCap
 use serde_json::json;
 use tonic::{Code, Status};
 
-use crate::support::cluster::{Cluster, LEASE, LEASE_NAMESPACE};
+use crate::support::cluster::{Cluster, DRIVER, LEASE, LEASE_NAMESPACE};
 use crate::support::*;
 
 /// A controller that follows the Lease as `identity` (its pod name, in a cluster).
@@ -174,6 +174,7 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
     c.pv("pv-y", "vol-y", false, None, json!({}));
     c.pv("pv-m", "vol-m", true, None, json!({}));
     c.pv("pv-z", "vol-z", false, None, json!({}));
+    c.pv("pv-probe", "vol-probe", false, None, json!({}));
     c.lease("a", 3600);
     let volumes = ["vol-x", "vol-y", "vol-m", "vol-z", "vol-free"];
     let a = start_ha(&c, "a", &volumes, &[]).await;
@@ -211,7 +212,17 @@ async fn the_lease_moves_a_b_a_and_each_new_holder_serves_from_the_volume_attach
         .get_capacity(GetCapacityRequest::default())
         .await
         .expect("GetCapacity on a standby");
-    // DeleteVolume on a standby asks the API, not its (empty) memory.
+    // DeleteVolume on a standby asks the API, not its (empty) memory: candidates from its
+    // VolumeAttachment projection, confirmed live. That projection is fed by one watch stream,
+    // in order, so once it has seen a VolumeAttachment created after those above it has seen
+    // them too; a probe's refusal says so (refused: nothing is deleted).
+    // (`vol-probe` is in no backend: an early OK deletes nothing.)
+    let probe = c.va("pv-probe", "vol-probe", "n3", false, Duration::ZERO);
+    eventually("b's VolumeAttachment projection has caught up", || async {
+        matches!(b.delete("vol-probe").await, Err(s) if s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    c.remove_va(&probe);
     let err = b.delete("vol-x").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     assert!(err.message().contains("n1"), "{}", err.message());
@@ -617,6 +628,225 @@ async fn leader_election_needs_kubernetes_and_a_namespace() {
         assert!(log.contains(says), "{args:?}: {log}");
         assert!(!socket.exists(), "{args:?}: served nothing");
     }
+}
+
+// ---- A standby's DeleteVolume ------------------------------------------------------------------
+
+/// Rules, "High availability": a standby decides DeleteVolume from live VolumeAttachment reads,
+/// bounded: candidates from its VolumeAttachment projection, each confirmed by a live GET of
+/// the name Kubernetes gives it, and never a list of every VolumeAttachment per call. Any
+/// VolumeAttachment still there (attached, pending, or being deleted) refuses with
+/// FAILED_PRECONDITION naming its node; a failing GET or an unsynced projection is UNAVAILABLE
+/// and deletes nothing. The list-per-call decision this replaced hangs at the first delete
+/// (the VolumeAttachment list is held) and fails the no-list count; deciding from the
+/// projection alone (`published_nodes` without `live_attachments`' GETs) fails at `vol-gone`,
+/// whose VolumeAttachment was deleted behind the watch's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_deletes_by_live_gets_of_its_projections_candidates() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    for (pv, vol) in [
+        ("pv-attached", "vol-attached"),
+        ("pv-pending", "vol-pending"),
+        ("pv-leaving", "vol-leaving"),
+        ("pv-free", "vol-free"),
+        ("pv-gone", "vol-gone"),
+    ] {
+        c.pv(pv, vol, false, None, json!({}));
+    }
+    c.va(
+        "pv-attached",
+        "vol-attached",
+        "n1",
+        true,
+        Duration::from_secs(60),
+    );
+    c.va(
+        "pv-pending",
+        "vol-pending",
+        "n2",
+        false,
+        Duration::from_secs(60),
+    );
+    let leaving = c.va(
+        "pv-leaving",
+        "vol-leaving",
+        "n3",
+        true,
+        Duration::from_secs(60),
+    );
+    c.lease("someone-else", 3600);
+    let held = c.api.hang("list", "volumeattachments");
+    let volumes = [
+        "vol-attached",
+        "vol-pending",
+        "vol-leaving",
+        "vol-free",
+        "vol-gone",
+    ];
+    let b = start_ha(&c, "b", &volumes, &[]).await;
+    eventually("b stands by", || is_standby(&b)).await;
+    let err = b.delete("vol-free").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "projection not synced: {}",
+        err.message()
+    );
+    c.api.remove_fault(held);
+    eventually("the VolumeAttachment projection has synced", || async {
+        c.api.open_watches(Some("volumeattachments")) >= 1
+    })
+    .await;
+    // Being deleted (the attacher's finalizer holds it): still there.
+    let _ = c.api.delete("volumeattachments", None, &leaving);
+    // A VolumeAttachment the projection saw, deleted behind its back: the live GET says 404.
+    let gone = c.va("pv-gone", "vol-gone", "n1", true, Duration::ZERO);
+    eventually("b's projection saw it", || async {
+        let answer = b.delete("vol-gone").await;
+        matches!(answer, Err(s) if s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    c.api
+        .delete_unwatched("volumeattachments", None, &gone)
+        .unwrap();
+
+    c.api.clear_calls();
+    for (volume, node) in [
+        ("vol-attached", "n1"),
+        ("vol-pending", "n2"),
+        ("vol-leaving", "n3"),
+    ] {
+        let err = b.delete(volume).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::FailedPrecondition,
+            "{volume}: {}",
+            err.message()
+        );
+        assert!(err.message().contains(node), "{volume}: {}", err.message());
+        assert!(b.volume_ids().await.unwrap().contains(&volume.to_string()));
+    }
+    b.delete("vol-free")
+        .await
+        .expect("no VolumeAttachment names it");
+    b.delete("vol-gone")
+        .await
+        .expect("its VolumeAttachment is gone");
+    let ids = b.volume_ids().await.unwrap();
+    assert!(!ids.contains(&"vol-free".into()) && !ids.contains(&"vol-gone".into()));
+    let vas_listed = c.api.count_calls("list", "volumeattachments");
+    assert_eq!(vas_listed, 0, "no VolumeAttachment list per DeleteVolume");
+    let gets = c.api.count_calls("get", "volumeattachments");
+    assert_eq!(gets, 4, "one GET per candidate, none for vol-free");
+
+    let fault = c.api.fail("get", "volumeattachments", 500);
+    let err = b.delete("vol-attached").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    c.api.remove_fault(fault);
+    assert!(b
+        .volume_ids()
+        .await
+        .unwrap()
+        .contains(&"vol-attached".into()));
+}
+
+/// The first-leaseDuration check's read (`AttachmentAuthority::attached_elsewhere`): candidates
+/// from the VolumeAttachment projection, confirmed by live GETs; only attached ones without a
+/// deletionTimestamp count, never the asking node, and no VolumeAttachment is listed per call.
+/// A failing GET is an error. Deciding from the projection alone fails at n4, deleted behind
+/// the watch's back; dropping the attached filter fails at n2, the deletion filter at n3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_elsewhere_confirms_the_projections_candidates_live() {
+    use rds_csi::ids::{NodeId, VolumeId};
+    use rds_csi::kube::AttachmentAuthority;
+
+    let c = Cluster::new(&["n1", "n2", "n3", "n4", "n5"]).await;
+    c.pv("pv", "vol", true, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    c.va("pv", "vol", "n2", false, Duration::from_secs(60));
+    let leaving = c.va("pv", "vol", "n3", true, Duration::from_secs(60));
+    let _ = c.api.delete("volumeattachments", None, &leaving);
+    let gone = c.va("pv", "vol", "n4", true, Duration::from_secs(60));
+    let kubeconfig = kube::config::Kubeconfig::read_from(&c.kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let cluster = rds_csi::kube::cluster::KubeCluster::start(client, DRIVER.into());
+    let volume = VolumeId::try_from("vol").unwrap();
+    let node = |n: &str| NodeId::try_from(n).unwrap();
+    eventually("the projections have synced", || async {
+        cluster
+            .attached_elsewhere(&volume, &node("n5"))
+            .await
+            .is_ok()
+    })
+    .await;
+    c.api
+        .delete_unwatched("volumeattachments", None, &gone)
+        .unwrap();
+    c.api.clear_calls();
+    let others = cluster
+        .attached_elsewhere(&volume, &node("n5"))
+        .await
+        .unwrap();
+    assert_eq!(others, [node("n1")]);
+    let others = cluster
+        .attached_elsewhere(&volume, &node("n1"))
+        .await
+        .unwrap();
+    assert!(others.is_empty(), "never the asking node: {others:?}");
+    assert_eq!(c.api.count_calls("list", "volumeattachments"), 0);
+    assert_eq!(c.api.count_calls("get", "volumeattachments"), 4 + 3);
+    let fault = c.api.fail("get", "volumeattachments", 500);
+    assert!(cluster
+        .attached_elsewhere(&volume, &node("n5"))
+        .await
+        .is_err());
+    c.api.remove_fault(fault);
+}
+
+/// Rules, "Boot seeding" 1, for a standby's DeleteVolume: a VolumeAttachment naming a PV the
+/// PV projection does not know has that PV looked up live; a PV that names the volume makes the
+/// VolumeAttachment a candidate (refused), a failing lookup is UNAVAILABLE, and both delete
+/// nothing. Catches the removal of the unknown-PV lookup in `va_candidates`: the volume's only
+/// VolumeAttachment is then no candidate and the delete answers OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_looks_up_a_pv_its_cache_missed_before_deleting() {
+    let c = Cluster::new(&["n1"]).await;
+    c.lease("someone-else", 3600);
+    c.pv("pv-probe", "vol-probe", false, None, json!({}));
+    c.api.hang("watch", "persistentvolumes");
+    let b = start_ha(&c, "b", &["vol"], &[]).await;
+    eventually("b stands by, its projections synced", || async {
+        is_standby(&b).await && c.api.open_watches(Some("volumeattachments")) >= 1
+    })
+    .await;
+    // The PV arrives while b's PV watch is held; its VolumeAttachment reaches b's projection,
+    // and so has every earlier one once a later probe's is refused (one stream, in order;
+    // `vol-probe` is in no backend, so an early OK deletes nothing).
+    c.pv("pv", "vol", false, None, json!({}));
+    c.va("pv", "vol", "n1", true, Duration::from_secs(60));
+    c.va("pv-probe", "vol-probe", "n1", false, Duration::ZERO);
+    eventually("b's VolumeAttachment projection has caught up", || async {
+        matches!(b.delete("vol-probe").await, Err(s) if s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    let err = b.delete("vol").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("n1"), "{}", err.message());
+    let gets: Vec<_> = c
+        .api
+        .calls_matching("get", "persistentvolumes")
+        .into_iter()
+        .map(|call| (call.name.unwrap_or_default(), call.status))
+        .collect();
+    assert!(gets.contains(&("pv".into(), Some(200))), "{gets:?}");
+    let fault = c.api.fail("get", "persistentvolumes", 500);
+    let err = b.delete("vol").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    c.api.remove_fault(fault);
+    assert!(b.volume_ids().await.unwrap().contains(&"vol".into()));
 }
 
 /// Kubernetes mode without `--leader-election`: the driver serves as the only controller until
