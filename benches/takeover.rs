@@ -21,9 +21,9 @@
 //! The fake API server runs in this process on one tokio thread, on the same two cores as the
 //! driver, and would take far longer to serialize 100k VolumeAttachments than the driver takes
 //! to read them. So it caches list answers (valid while nothing of their type is written; the
-//! Lease's writes do not touch them): the first takeover ("run 0") is served uncached and
-//! printed, and fills the cache; the measured runs are served from it, so their time is the
-//! driver's.
+//! Lease's writes do not touch them): the first takeover ("run 0", printed, not counted) fills
+//! the cache with whatever the standby did not list already; the measured runs are served from
+//! it, so their time is the driver's.
 
 #[path = "../tests/support/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -399,7 +399,7 @@ fn main() {
                 let _ = child.wait();
             }
             let s = takeover_once(&api, &kubeconfig, &volumes, &prepared[0]).await;
-            print_sample("run 0 (uncached fake, fills its list cache)", &s);
+            print_sample("run 0 (not counted: it fills the fake's list cache)", &s);
             let mut samples = Vec::new();
             for (run, volume) in prepared[1..].iter().enumerate() {
                 let s = takeover_once(&api, &kubeconfig, &volumes, volume).await;
