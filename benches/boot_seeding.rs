@@ -195,25 +195,8 @@ fn print_sample(label: &str, s: &Sample) {
 }
 
 fn main() {
-    let test_mode = std::env::args().any(|a| a == "--test");
-    let sizes: Vec<usize> = std::env::var("BOOT_SEED_VOLUMES")
-        .unwrap_or_else(|_| if test_mode { "1000" } else { "100000" }.into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .expect("BOOT_SEED_VOLUMES: comma-separated counts")
-        })
-        .collect();
-    let runs: usize = std::env::var("BOOT_SEED_RUNS")
-        .ok()
-        .map(|s| s.parse().expect("BOOT_SEED_RUNS"))
-        .unwrap_or(if test_mode { 1 } else { 3 });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (sizes, runs) = fleet::sizes_and_runs("BOOT_SEED", "100000");
+    let runtime = fleet::runtime();
     runtime.block_on(async {
         for n in sizes {
             let api = FakeApiServer::start().await;

@@ -307,15 +307,25 @@ impl Role {
         }
     }
 
-    /// Standby (again): returns the phase it left.
+    /// Standby (again), ready: returns the phase it left.
     fn stand_by(&self, why: Why) -> Phase {
+        self.stand_by_as(why, true)
+    }
+
+    /// Attachments refused for good, and not ready: a standby that will never take over
+    /// (only a restart ends it). The calls that need no attachment state are still served.
+    fn refuse(&self, why: Why) {
+        self.stand_by_as(why, false);
+    }
+
+    fn stand_by_as(&self, why: Why, ready: bool) -> Phase {
         let mut s = self.lock();
         let was = s.phase;
         s.phase = Phase::Standby;
         s.until = None;
         s.why = why;
         s.decided = true;
-        self.ready.store(true, Ordering::Release);
+        self.ready.store(ready, Ordering::Release);
         self.metrics.leader_active.set(0);
         if was != Phase::Standby {
             self.metrics
@@ -324,25 +334,6 @@ impl Role {
                 .inc();
         }
         was
-    }
-
-    /// Attachments refused for good, and not ready: a standby that will never take over
-    /// (only a restart ends it). The calls that need no attachment state are still served.
-    fn refuse(&self, why: Why) {
-        let mut s = self.lock();
-        let was = s.phase;
-        s.phase = Phase::Standby;
-        s.until = None;
-        s.why = why;
-        s.decided = true;
-        self.ready.store(false, Ordering::Release);
-        self.metrics.leader_active.set(0);
-        if was != Phase::Standby {
-            self.metrics
-                .leader_transitions
-                .with_label_values(&["standby"])
-                .inc();
-        }
     }
 
     /// No cluster: nothing to rebuild and nobody to defer to; active for good.

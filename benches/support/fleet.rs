@@ -117,3 +117,36 @@ pub fn median(mut v: Vec<f64>) -> f64 {
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
+
+/// The sizes and run count a bench was asked for: `<PREFIX>_VOLUMES` (comma-separated counts,
+/// else `default_sizes`, or 1000 under `-- --test`) and `<PREFIX>_RUNS` (else 3, or 1 under
+/// `--test`).
+pub fn sizes_and_runs(prefix: &str, default_sizes: &str) -> (Vec<usize>, usize) {
+    let test_mode = std::env::args().any(|a| a == "--test");
+    let sizes_var = format!("{prefix}_VOLUMES");
+    let sizes = std::env::var(&sizes_var)
+        .unwrap_or_else(|_| if test_mode { "1000" } else { default_sizes }.into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{sizes_var}: comma-separated counts"))
+        })
+        .collect();
+    let runs_var = format!("{prefix}_RUNS");
+    let runs = std::env::var(&runs_var)
+        .ok()
+        .map(|s| s.parse().unwrap_or_else(|_| panic!("{runs_var}: a count")))
+        .unwrap_or(if test_mode { 1 } else { 3 });
+    (sizes, runs)
+}
+
+/// The runtime the benches drive the fake API server on: one worker, so the driver under test
+/// has the other core.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
