@@ -123,6 +123,14 @@ const _: () = assert!(
     LIVE_CHECK_BUDGET.as_secs() < 15 && LIVE_CHECK_BUDGET.as_secs() * 2 < MAILBOX_TIMEOUT.as_secs()
 );
 
+/// The answer for a message of a term this controller no longer (or not yet) serves. The
+/// caller's client retries, with whichever controller serves now.
+pub(crate) fn other_term() -> Error {
+    Error::NotActive(
+        "this call was admitted in another term of this controller; nothing changed, retry".into(),
+    )
+}
+
 /// How many times a message is re-routed after finding its actor stopping.
 const MAX_ROUTE_ATTEMPTS: usize = 16;
 

@@ -57,7 +57,7 @@ use super::messages::{
 };
 use super::state::{Attachment, Effect, VolumeState};
 use super::volume::{Retirement, VolumeActor};
-use super::{AddressCache, VolumeDeps};
+use super::{other_term, AddressCache, VolumeDeps};
 use crate::domain::AccessClass;
 use crate::ids::{NodeId, VolumeId};
 use crate::role::Term;
@@ -292,14 +292,6 @@ impl Actor for Supervisor {
         // Routing is on every RPC's path; never let the mailbox cap stall it.
         ctx.set_mailbox_capacity(1 << 16);
     }
-}
-
-/// The answer for a message of a term this controller no longer (or not yet) serves. The
-/// caller's client retries, with whichever controller serves now.
-pub(crate) fn other_term() -> Error {
-    Error::NotActive(
-        "this call was admitted in another term of this controller; nothing changed, retry".into(),
-    )
 }
 
 /// The answer for a volume whose actor died.

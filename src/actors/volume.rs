@@ -25,8 +25,7 @@ use super::messages::{
     Reaped, StandDown, Traced, Unpublish,
 };
 use super::state::{Attachment, DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
-use super::supervisor::other_term;
-use super::{VolumeDeps, LIVE_CHECK_BUDGET};
+use super::{other_term, VolumeDeps, LIVE_CHECK_BUDGET};
 use crate::domain::{attach_instant_text, PUBLISH_ATTACHED_AT_KEY, PUBLISH_READONLY_KEY};
 use crate::ids::{NodeId, VolumeId};
 use crate::kube::{ClusterEvent, HolderStatus};
