@@ -1052,13 +1052,7 @@ fn a_stale_drop_keeps_holders_attached_after_the_404() {
         supervisor.send(ClearStale(gone)).await.unwrap();
         let holders = |v: &'static str| {
             let router = h.router.clone();
-            async move {
-                router
-                    .send(&vol(v), Describe)
-                    .await
-                    .unwrap()
-                    .map_or(0, |view| view["nodes"].as_array().unwrap().len())
-            }
+            async move { super::holders_of(&router, v).await.len() }
         };
         assert_eq!(holders("x").await, 0, "attached before the GET: dropped");
         assert_eq!(

@@ -243,5 +243,24 @@ impl Router {
     }
 }
 
+/// Tests: a volume's holders as [`messages::Describe`] shows them, in attach order (empty when
+/// idle).
+#[cfg(test)]
+pub(crate) async fn holders_of(router: &Router, volume: &str) -> Vec<String> {
+    let volume = VolumeId::try_from(volume).expect("a valid volume id");
+    let view = router
+        .send(&volume, messages::Describe)
+        .await
+        .expect("Describe answers");
+    view.map_or_else(Vec::new, |view| {
+        view["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["node"].as_str().expect("node").to_string())
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod actor_tests;

@@ -9,22 +9,9 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::actors::messages::{Delete, Dismiss};
-use crate::actors::{LIVE_CHECK_BUDGET, MAILBOX_TIMEOUT};
+use crate::actors::{holders_of, LIVE_CHECK_BUDGET, MAILBOX_TIMEOUT};
 use crate::domain::AccessClass::Exclusive;
 use crate::kube::{AttachmentAuthority, HolderStatus, KubeError};
-
-/// A volume's holders as [`Describe`] shows them (empty when idle).
-async fn holders_of(router: &Router, volume: &str) -> Vec<String> {
-    let view = router.send(&vol(volume), Describe).await.unwrap();
-    view.map_or_else(Vec::new, |view| {
-        view["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["node"].as_str().unwrap().to_string())
-            .collect()
-    })
-}
 
 /// A call admitted in term t reaches the volume after this controller was dismissed and seeded
 /// for t+1 (forced: admitted, then dismiss and seed, then delivered): the stale Unpublish is

@@ -150,7 +150,8 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::actors::messages::{Describe, Seed};
+    use crate::actors::holders_of;
+    use crate::actors::messages::Seed;
     use crate::actors::{NodeLimit, Router, VolumeDeps};
     use crate::backend::file::FileBackend;
     use crate::domain::AccessClass;
@@ -265,17 +266,7 @@ mod tests {
             let router = Router::new(supervisor, Duration::from_secs(5));
             let holders = |v: &'static str| {
                 let router = router.clone();
-                async move {
-                    let view = router.send(&vol(v), Describe).await.unwrap();
-                    view.map_or(vec![], |view| {
-                        view["nodes"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|n| n["node"].as_str().unwrap().to_string())
-                            .collect::<Vec<_>>()
-                    })
-                }
+                async move { holders_of(&router, v).await }
             };
             let runs = || {
                 metrics
@@ -444,13 +435,7 @@ mod tests {
 
             let holders = |v: &'static str| {
                 let router = router.clone();
-                async move {
-                    router
-                        .send(&vol(v), Describe)
-                        .await
-                        .unwrap()
-                        .map_or(0, |view| view["nodes"].as_array().unwrap().len())
-                }
+                async move { holders_of(&router, v).await.len() }
             };
             assert_eq!(holders("a").await, 0, "attached before the GET: dropped");
             assert_eq!(
