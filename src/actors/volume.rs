@@ -441,9 +441,11 @@ traced!(Unpublish, Delete, Describe);
 
 /// What the live checks of one Publish found.
 struct Checked {
-    /// Nodes a live read shows attached to a holderless volume (see [`live_checks`]).
+    /// Nodes a live read shows attached to a holderless volume whose Node and
+    /// VolumeAttachment rules 5.1 and 5.2 confirm (see [`live_checks`]): they are taken as
+    /// holders.
     found: Vec<NodeId>,
-    /// Rules 5.1 and 5.2 for each blocking holder and each node found.
+    /// Rules 5.1 and 5.2 for each blocking holder.
     verdicts: Vec<(NodeId, HolderStatus)>,
 }
 
@@ -452,6 +454,11 @@ struct Checked {
 /// VolumeAttachments shows attached, which then block like holders; and for each holder in
 /// `blockers` and each node found, rules 5.1 and 5.2. Each may be a live API call; the caller
 /// bounds them all with one deadline. Any error fails the publish closed (UNAVAILABLE).
+///
+/// A node found whose Node is gone or whose VolumeAttachment is released is not taken: it was
+/// never a holder of this term, so nothing is cleared (no stale count, no event). The stale
+/// reconciler may already have cleared and counted that very attachment in this term, when it
+/// was a seeded holder.
 async fn live_checks(
     deps: &VolumeDeps,
     id: &VolumeId,
@@ -480,17 +487,30 @@ async fn live_checks(
     } else {
         Vec::new()
     };
-    blockers.extend(found.iter().cloned());
+    let check = |holder: NodeId| async move {
+        match deps.authority.check(id, &holder).await {
+            Ok(status) => Ok((holder, status)),
+            Err(e) => Err(Error::Unavailable(format!(
+                "cannot confirm node {holder} still holds volume {id}: {e}"
+            ))),
+        }
+    };
     let mut verdicts = Vec::with_capacity(blockers.len());
     for holder in blockers {
-        let status = deps.authority.check(id, &holder).await.map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot confirm node {holder} still holds volume {id}: {e}"
-            ))
-        })?;
-        verdicts.push((holder, status));
+        verdicts.push(check(holder).await?);
     }
-    Ok(Checked { found, verdicts })
+    let mut taken = Vec::with_capacity(found.len());
+    for node in found {
+        match check(node).await? {
+            (node, HolderStatus::Live) => taken.push(node),
+            (node, status) => tracing::info!(volume_id = %id, node_id = %node, ?status,
+                "a live read shows this volume attached to a node rules 5.1/5.2 rule out; not taken"),
+        }
+    }
+    Ok(Checked {
+        found: taken,
+        verdicts,
+    })
 }
 
 /// Through the Router: the budget runs from when the Router sent it, and ends no later than the
@@ -571,7 +591,7 @@ impl VolumeActor {
                 let _entered = span.enter();
                 let before = act.class_label();
                 let was_attached = !act.state.nodes().is_empty();
-                let mut holders_before = act.holders();
+                let holders_before = act.holders();
                 let result = checked.and_then(|(mut publish_context, checked)| {
                     if act.publish_context.is_none() {
                         act.publish_context = Some(publish_context.clone());
@@ -583,8 +603,6 @@ impl VolumeActor {
                     let mut effects = Vec::new();
                     if !checked.found.is_empty() {
                         effects.extend(act.adopt(checked.found, &req, now));
-                        // Counted on their nodes by `adopt`: given back if 5.1 or 5.2 drops them.
-                        holders_before = act.holders();
                     }
                     for (holder, status) in checked.verdicts {
                         let reason = match status {

@@ -358,6 +358,13 @@ async fn a_deleted_node_clears_the_stale_attachment() {
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
     c.api.delete("nodes", None, "n1").unwrap();
+    // The stale reconciler hears the deletion and clears n1 first; the publish then comes inside
+    // the term's first lease duration, whose live read still finds n1's VolumeAttachment. That
+    // attachment is cleared, evented and counted once, not again by the publish.
+    eventually("the stale reconciler cleared n1", || async {
+        d.metric("rds_csi_attachment_stale_cleared_total").await == 1.0
+    })
+    .await;
     c.va("pv", "vol", "n2", false, Duration::ZERO);
     d.publish("vol", "n2", rwo())
         .await
