@@ -886,7 +886,12 @@ fn same(s: &VolumeState, m: &Model, origin: Instant, vol: usize) -> Result<(), T
             )
         })
         .collect();
-    prop_assert_eq!(got, want, "holders of volume {}", vol);
+    prop_assert_eq!(
+        got,
+        want,
+        "holders of volume {} (left: the state, right: the model)",
+        vol
+    );
     prop_assert_eq!(
         s.class(),
         m.holders.first().map(|h| h.class.of_impl()),
@@ -913,7 +918,12 @@ fn same(s: &VolumeState, m: &Model, origin: Instant, vol: usize) -> Result<(), T
             x.direction_known,
         )
     });
-    prop_assert_eq!(got, want, "migration of volume {}", vol);
+    prop_assert_eq!(
+        got,
+        want,
+        "migration of volume {} (left: the state, right: the model)",
+        vol
+    );
     let got = s.grace().map(|g| (g.last_node.clone(), g.detached_at));
     let want = m
         .grace
@@ -1067,10 +1077,37 @@ fn run(starts: Vec<Option<Seed>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     wall,
                 );
                 let answer = Answer::of(&req.node, &got).map_err(TestCaseError::fail)?;
-                prop_assert_eq!(&answer, &want, "{:?}: the state answered {:?}", op, got);
+                prop_assert_eq!(
+                    &answer,
+                    &want,
+                    "{:?}: the state (left) answered {:?}, the rules' model (right)",
+                    op,
+                    got
+                );
+                // Vocabulary, independent of the model: a publish never takes a volume beyond
+                // one node (exclusive) or two (migratable); only seeding keeps more.
+                if let Answer::Ok {
+                    idempotent: false, ..
+                } = answer
+                {
+                    let allowed = match cap.class() {
+                        Class::Exclusive => 1,
+                        Class::Migratable => 2,
+                    };
+                    prop_assert!(
+                        states[vol].nodes().len() <= allowed,
+                        "{:?}: attached to {:?}",
+                        op,
+                        states[vol]
+                            .nodes()
+                            .iter()
+                            .map(|a| a.node.as_str())
+                            .collect::<Vec<_>>()
+                    );
+                }
                 prop_assert!(
                     same_effects(&got_effects, &want_effects),
-                    "{:?}: effects {:?}, the model's {:?}",
+                    "{:?}: the state's effects {:?}, the model's {:?}",
                     op,
                     got_effects,
                     want_effects
@@ -1082,7 +1119,7 @@ fn run(starts: Vec<Option<Seed>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let want = models[*vol].unpublish(*node, now);
                 prop_assert!(
                     same_effects(&effects, &want),
-                    "{:?}: effects {:?}, the model's {:?}",
+                    "{:?}: the state's effects {:?}, the model's {:?}",
                     op,
                     effects,
                     want
@@ -1099,7 +1136,7 @@ fn run(starts: Vec<Option<Seed>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let want = models[*vol].drop_stale(*node, asked_at, now);
                 prop_assert!(
                     same_effects(&effects, &want),
-                    "{:?} at {:?}: effects {:?}, the model's {:?}",
+                    "{:?} at {:?}: the state's effects {:?}, the model's {:?}",
                     op,
                     now,
                     effects,
@@ -1111,7 +1148,13 @@ fn run(starts: Vec<Option<Seed>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::MigrationTimer { vol } => {
                 let effects = states[*vol].migration_timeout(at);
                 let want = models[*vol].migration_timer(now);
-                prop_assert_eq!(&effects, &want, "{:?} at {:?}", op, now);
+                prop_assert_eq!(
+                    &effects,
+                    &want,
+                    "{:?} at {:?} (left: the state, right: the model)",
+                    op,
+                    now
+                );
                 counted[*vol] += count_resolutions(&effects);
             }
             Op::GraceTimer { vol } => {
@@ -1119,7 +1162,7 @@ fn run(starts: Vec<Option<Seed>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(
                     reaped,
                     models[*vol].grace_timer(now),
-                    "{:?} at {:?}",
+                    "{:?} at {:?} (left: the state, right: the model)",
                     op,
                     now
                 );
