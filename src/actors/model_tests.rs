@@ -1219,14 +1219,24 @@ proptest! {
     /// Random starts (fresh or seeded) and operations on three volumes and four nodes; the
     /// state must give every answer, effect, record and deadline the rules' model gives.
     ///
-    /// Catches (each shown failing): dropping the access-class comparison in `publish` step 3
-    /// (a seeded holder re-published in another class answers OK); dropping `overfull` in 5.3
-    /// (an over-attached volume answers "migration limit"); dropping
-    /// `held_class == AccessClass::Exclusive` in 5.3 (an exclusive volume starts a migration);
-    /// dropping the grace period check in `grace_expired` (a volume is reaped inside its
-    /// window); dropping `!m.direction_known` in `end_migration` (an unknown migration is
-    /// counted as success or failed); dropping `all_migratable` in `seeded` (two holders of an
-    /// exclusive volume become a migration).
+    /// Catches, in `state.rs` (each shown failing in every one of 20 runs):
+    /// - step 3: dropping `existing.class == req.capability.class()` (a seeded holder
+    ///   re-published in another access class answers OK instead of ALREADY_EXISTS), and
+    ///   dropping the `confirmed_at` update (a stale drop takes a holder confirmed after the 404);
+    /// - 5.3: dropping `held_class == AccessClass::Exclusive` (an exclusive volume starts a
+    ///   migration), dropping `req.capability.class() != held_class` (a migratable volume takes an
+    ///   exclusive second node), dropping `overfull` or only its two-holders-without-a-migration
+    ///   half (an over-attached volume answers "migration limit");
+    /// - step 4: dropping `inside` (a handoff counted after the grace window);
+    /// - `seeded`: dropping `all_migratable` (two holders of an exclusive volume become a
+    ///   migration); `adopt`: `order_known = true` (a live read's two holders get a direction);
+    /// - `end_migration`: dropping `!m.direction_known` (an unknown migration counted as success or
+    ///   failed); `unpublish(None)` oldest first (a migration counted as a success);
+    /// - `migration_timeout`: dropping `now >= started_at + timeout` (a timer that fires early
+    ///   counts a timeout); `grace_expired`: dropping the period check (reaped inside the window);
+    /// - `drop_stale`: dropping `a.confirmed_at < asked_at` (a holder attached after the 404 is
+    ///   dropped);
+    /// - `domain::migration_timeout`: dropping the clamp (a 3601 s migration timeout).
     #[test]
     fn the_state_follows_the_rules_model(
         starts in proptest::collection::vec(start(), VOLS),
