@@ -264,3 +264,6 @@ pub(crate) async fn holders_of(router: &Router, volume: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod actor_tests;
+
+#[cfg(test)]
+mod model_tests;
