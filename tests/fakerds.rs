@@ -1032,3 +1032,57 @@ async fn the_log_records_connection_session_command_and_answer() {
     s.rds.clear_commands();
     assert!(s.rds.commands().is_empty());
 }
+
+/// A line RouterOS would read as two commands, or with a substitution, is answered with an
+/// error, runs not at all, and is recorded; dropping the fake with a recorded violation fails
+/// the test that used it, so no test can pass while the driver sends one.
+///
+/// Catches: the violation check removed from the fake's `Drop for Guard`, or `Shared::execute`
+/// no longer recording violations.
+#[tokio::test]
+async fn a_violation_is_refused_and_fails_the_test_when_the_fake_is_dropped() {
+    let s = setup().await;
+    let ssh = connect(&s.rds, &s.key).await;
+    let line = format!("{};/system reboot", add_volume_cmd("x", "1G"));
+    // The column of the second command's first character.
+    let col = line.find(";/system").unwrap() + 2;
+    assert_eq!(
+        run(&ssh, &line).await,
+        format!("fake RouterOS refuses a second command in one line (line 1 column {col})\r\n")
+    );
+    assert_eq!(
+        run(&ssh, "/disk print detail where slot=\"$x\"").await,
+        "fake RouterOS refuses a `$` substitution in a quoted value (line 1 column 32)\r\n"
+    );
+    assert!(s.rds.disk("x").is_none(), "nothing of the line ran");
+    let seen: Vec<(String, String)> = s
+        .rds
+        .violations()
+        .into_iter()
+        .map(|v| (v.command, v.what))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (line.clone(), "a second command in one line".to_string()),
+            (
+                "/disk print detail where slot=\"$x\"".to_string(),
+                "a `$` substitution in a quoted value".to_string()
+            ),
+        ]
+    );
+    // Taken: the fake drops quietly.
+    assert_eq!(s.rds.take_violations().len(), 2);
+    run(&ssh, "/disk remove [find slot=$y]").await;
+    drop(ssh);
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(s)));
+    let message = dropped.expect_err("dropping a fake with a violation fails");
+    let message = message
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.contains("syntax the driver must never send") && message.contains("slot=$y"),
+        "{message}"
+    );
+}

@@ -576,6 +576,7 @@ async fn hostile_values_are_refused_before_any_command_is_sent() {
         !sent.is_empty() && sent.iter().all(|c| !c.contains("/system")),
         "{sent:#?}"
     );
+    assert_eq!(r.fake.violations(), [], "one plain command per line");
 }
 
 #[tokio::test]
@@ -1154,4 +1155,161 @@ async fn the_rds_node_plugin_refuses_to_start_without_a_host_nqn() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(text.contains(nqn), "the host NQN in use is logged:\n{text}");
+}
+
+/// Every command the driver can render, from every value its validators accept, reads on the
+/// strict fake RouterOS as exactly one command without substitutions, and its values arrive
+/// as rendered (the model holds the same slot, path, NQN and comment). Candidates are `a?b`
+/// for every printable ASCII character `?` and a few look-alikes, in each place a value
+/// reaches a command line: slot, volume directory, NQN.
+///
+/// Catches: `$` allowed in `RosPath::parse` (values.rs): `file-path=/storage-pool/a$b/...`
+/// is a variable substitution on RouterOS. Catches: `;` allowed in `Slot::parse`: `slot=a;b`
+/// is a second command.
+#[tokio::test]
+async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
+    use rds_csi::backend::rds::command::RosCommand;
+    use rds_csi::backend::rds::values::{Nqn, NqnPrefix, Record, RosPath, RosSize, Slot};
+
+    let fake = FakeRds::start(FakeRdsConfig::default()).await;
+    let run = |command: RosCommand| -> String {
+        let line = command.to_string();
+        let out = fake.run_local(&line);
+        let violations = fake.take_violations();
+        assert!(
+            violations.is_empty(),
+            "{line:?} is not one plain command: {violations:#?}"
+        );
+        for refusal in [
+            "syntax error",
+            "expected end of command",
+            "bad command name",
+        ] {
+            assert!(!out.starts_with(refusal), "{line:?}: {out}");
+        }
+        out
+    };
+    let mut chars: Vec<String> = (0x20u8..0x7f).map(|b| char::from(b).to_string()).collect();
+    chars.extend(["\u{2010}", "\u{200b}", "\u{0430}", "\t", "\n"].map(String::from));
+    let candidates =
+        |f: &dyn Fn(&str) -> String| -> Vec<String> { chars.iter().map(|c| f(c)).collect() };
+    let slots: Vec<Slot> = candidates(&|c| format!("a{c}b"))
+        .iter()
+        .filter_map(|s| Slot::parse(s, "slot").ok())
+        .collect();
+    let dirs: Vec<RosPath> = candidates(&|c| format!("/storage-pool/a{c}b"))
+        .iter()
+        .filter_map(|s| RosPath::parse(s, "volumePath").ok())
+        .collect();
+    let nqns: Vec<Nqn> = candidates(&|c| format!("nqn.2000-02.com.mikrotik:a{c}b"))
+        .iter()
+        .filter_map(|s| Nqn::parse(s, "nqn").ok())
+        .collect();
+    assert!(
+        slots.len() > 60 && dirs.len() > 60 && nqns.len() > 30,
+        "the allowlists"
+    );
+
+    let size = RosSize::for_request(GIB as u64, 0).unwrap();
+    let base = RosPath::parse("/storage-pool/metal-csi", "volumePath").unwrap();
+    let prefix = NqnPrefix::default();
+    for (i, slot) in slots.iter().enumerate() {
+        // The slot alone first: a lookup of a disk that is not there yet.
+        assert!(!run(RosCommand::Get { slot: slot.clone() }).contains(slot.as_str()));
+        let path = base.image(slot).unwrap();
+        let nqn = prefix.nqn(slot).unwrap();
+        run(RosCommand::CreateVolume {
+            path: path.clone(),
+            size,
+            slot: slot.clone(),
+            port: 4420,
+            nqn: nqn.clone(),
+        });
+        let disk = fake.disk(slot.as_str()).expect("created");
+        assert_eq!(
+            (disk.file_path.as_str(), disk.nvme_tcp_server_nqn.as_str()),
+            (path.as_str(), nqn.as_str())
+        );
+        assert!(run(RosCommand::Get { slot: slot.clone() }).contains(slot.as_str()));
+        run(RosCommand::Resize {
+            slot: slot.clone(),
+            size: RosSize::for_request(2 * GIB as u64, 0).unwrap(),
+        });
+        let snap = Slot::parse(&format!("snap-{i}"), "slot").unwrap();
+        run(RosCommand::CreateSnapshot {
+            source: slot.clone(),
+            path: base.image(&snap).unwrap(),
+            slot: snap.clone(),
+        });
+        let comment = Record {
+            provenance: Some(rds_csi::backend::rds::values::Provenance {
+                source: slot.clone(),
+                at: 1_739_800_000,
+            }),
+            made: None,
+        };
+        run(RosCommand::SetComment {
+            slot: snap.clone(),
+            comment: comment.clone(),
+        });
+        assert_eq!(
+            fake.disk(snap.as_str()).unwrap().comment,
+            comment.to_string()
+        );
+        let copy = Slot::parse(&format!("copy-{i}"), "slot").unwrap();
+        run(RosCommand::CopyVolume {
+            source: snap.clone(),
+            path: base.image(&copy).unwrap(),
+            size: RosSize::for_request(2 * GIB as u64, 0).unwrap(),
+            slot: copy.clone(),
+            port: 4420,
+            nqn: prefix.nqn(&copy).unwrap(),
+        });
+        assert!(fake.disk(copy.as_str()).is_some(), "{copy}");
+        run(RosCommand::MonitorTraffic { slot: slot.clone() });
+        for gone in [slot, &snap, &copy] {
+            run(RosCommand::Remove { slot: gone.clone() });
+            run(RosCommand::RemoveFile {
+                path: base.image(gone).unwrap(),
+            });
+            assert!(fake.disk(gone.as_str()).is_none(), "{gone}");
+            assert!(fake.file(base.image(gone).unwrap().as_str()).is_none());
+        }
+    }
+    let slot = Slot::parse("pvc-1", "slot").unwrap();
+    for dir in &dirs {
+        let path = dir.image(&slot).unwrap();
+        run(RosCommand::CreateVolume {
+            path: path.clone(),
+            size,
+            slot: slot.clone(),
+            port: 4420,
+            nqn: prefix.nqn(&slot).unwrap(),
+        });
+        assert_eq!(fake.disk("pvc-1").unwrap().file_path, path.as_str());
+        assert!(run(RosCommand::Capacity {
+            volume_path: dir.clone()
+        })
+        .contains("storage-pool"));
+        run(RosCommand::Remove { slot: slot.clone() });
+        run(RosCommand::RemoveFile { path: path.clone() });
+        assert!(fake.file(path.as_str()).is_none(), "{path}");
+    }
+    for nqn in &nqns {
+        run(RosCommand::CreateVolume {
+            path: base.image(&slot).unwrap(),
+            size,
+            slot: slot.clone(),
+            port: 4420,
+            nqn: nqn.clone(),
+        });
+        assert_eq!(
+            fake.disk("pvc-1").unwrap().nvme_tcp_server_nqn,
+            nqn.as_str()
+        );
+        run(RosCommand::Remove { slot: slot.clone() });
+        run(RosCommand::RemoveFile {
+            path: base.image(&slot).unwrap(),
+        });
+    }
 }

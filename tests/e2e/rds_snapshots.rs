@@ -293,6 +293,16 @@ async fn a_snapshot_without_a_recorded_source_is_adopted_honestly() {
     );
 }
 
+/// Every snapshot RPC validates its ids before the RDS hears a word: each hostile value gets
+/// its CSI answer (INVALID_ARGUMENT naming the field, or an empty list for ListSnapshots'
+/// filters, as CSI §4.3 asks) and the fake RouterOS's log stays exactly as it was, request by
+/// request.
+///
+/// Catches: ListSnapshots listing every snapshot when `snapshot_id` is no valid id (the
+/// `Err(_) => Vec::new()` arm in `grpc/controller.rs` replaced by the full listing): a
+/// `/disk print detail where slot~"snap-"` reaches the RDS. Catches: VolumeId's character
+/// check removed (`ids.rs`): CreateSnapshot of `a;b` answers NOT_FOUND (the backend finds no
+/// such slot) instead of INVALID_ARGUMENT.
 #[tokio::test]
 async fn snapshot_values_are_validated_before_any_command() {
     let r = Rds::start(&[]).await;
@@ -300,12 +310,68 @@ async fn snapshot_values_are_validated_before_any_command() {
     let s = Snaps(&r.d);
     s.create_volume(A, GIB, None).await.unwrap();
     r.fake.clear_commands();
+    let invalid = |what: &str, bad: &str, field: &str, result: Result<(), tonic::Status>| {
+        let err = result.expect_err(&format!("{what} {bad:?} was accepted"));
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what} {bad:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(field),
+            "{what} {bad:?}: the message names {field}: {}",
+            err.message()
+        );
+        let sent = r.commands();
+        assert!(sent.is_empty(), "{what} {bad:?} reached the RDS: {sent:#?}");
+    };
     for bad in rds_csi::backend::rds::values::hostile_corpus() {
-        let _ = s.snapshot("x", &bad).await.unwrap_err();
-        let _ = s.delete_snapshot(&bad).await;
-        let _ = s.list(&bad, &bad, 0, "").await;
-        let _ = s.create_volume("pvc-y", GIB, from_snapshot(&bad)).await;
-        let _ = s.create_volume("pvc-y", GIB, from_volume(&bad)).await;
+        let bad = bad.as_str();
+        invalid(
+            "CreateSnapshot source",
+            bad,
+            "source_volume_id",
+            s.snapshot("x", bad).await.map(drop),
+        );
+        invalid(
+            "DeleteSnapshot",
+            bad,
+            "snapshot_id",
+            s.delete_snapshot(bad).await,
+        );
+        invalid(
+            "restore from",
+            bad,
+            "volume_content_source.snapshot.snapshot_id",
+            s.create_volume("pvc-y", GIB, from_snapshot(bad))
+                .await
+                .map(drop),
+        );
+        invalid(
+            "clone of",
+            bad,
+            "volume_content_source.volume.volume_id",
+            s.create_volume("pvc-y", GIB, from_volume(bad))
+                .await
+                .map(drop),
+        );
+        if !bad.is_empty() {
+            // An empty filter means "all"; any other id that is not valid names nothing.
+            let listed = s.list(bad, bad, 0, "").await.unwrap_or_else(|e| {
+                panic!("ListSnapshots {bad:?}: {:?} {}", e.code(), e.message())
+            });
+            assert_eq!(
+                (listed.entries.len(), listed.next_token.as_str()),
+                (0, ""),
+                "ListSnapshots {bad:?}"
+            );
+            let sent = r.commands();
+            assert!(
+                sent.is_empty(),
+                "ListSnapshots {bad:?} reached the RDS: {sent:#?}"
+            );
+        }
     }
     let bad_path =
         r.d.controller()
@@ -316,16 +382,6 @@ async fn snapshot_values_are_validated_before_any_command() {
                 ..Default::default()
             })
             .await
-            .unwrap_err();
-    assert_eq!(bad_path.code(), Code::InvalidArgument);
-    let sent: Vec<String> = r
-        .commands()
-        .into_iter()
-        .filter(|c| !c.starts_with("/disk print detail where slot~"))
-        .collect();
-    assert!(
-        sent.iter()
-            .all(|c| c.starts_with("/disk print detail where slot=")),
-        "only lookups of valid slots: {sent:#?}"
-    );
+            .map(drop);
+    invalid("volumePath", "/storage-pool/a;b", "volumePath", bad_path);
 }

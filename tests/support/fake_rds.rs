@@ -12,8 +12,9 @@
 //!
 //! The ones the Go driver sends (see the Go-driver facts, section 1), parsed properly: menu path
 //! (`/disk add` or `/disk/add`), `key=value` arguments with unquoted or double-quoted values
-//! (`\"`, `\\` escapes), `[find slot=X]` / `[find where name="X"]`, `where` with `=`, `!=` and
-//! `~` (regular expression, as RouterOS) joined by optional `and`.
+//! (the escapes of RouterOS's scripting manual decoded), `[find slot=X]` /
+//! `[find where name="X"]`, `where` with `=`, `!=` and `~` (regular expression, as RouterOS)
+//! joined by optional `and`.
 //!
 //! | command | effect |
 //! | --- | --- |
@@ -31,6 +32,18 @@
 //! `formatBytes` writes them). A `file-path` must lie under the pool's mount point; missing
 //! parent directories are created.
 //!
+//! # As strict as RouterOS's command line
+//!
+//! RouterOS ends a command at `;` or a line break, substitutes `$name`, `$(...)` and `$[...]`
+//! in unquoted and double-quoted values alike, runs `[...]` as a command substitution, and
+//! reads `(`, `{` and `"` inside an unquoted value as an expression, a scope and a string. The
+//! driver sends one plain command per session and no `[...]` but `[find ...]`, so each of
+//! these is a **violation**: the fake answers `fake RouterOS refuses WHAT (line 1 column N)`,
+//! runs nothing of the line, and records it ([`FakeRds::violations`]); dropping the fake with a
+//! violation recorded fails the test ([`FakeRds::take_violations`] clears them for a test that
+//! sends one on purpose). A `\` outside a string and a `]` that closes nothing are syntax
+//! errors, as in RouterOS.
+//!
 //! # Answers
 //!
 //! Everything is written to the channel's stdout with `\r\n` line ends, then exit-status, EOF
@@ -41,7 +54,8 @@
 //! | --- | --- |
 //! | unknown menu or command word | `bad command name WORD (line 1 column N)` |
 //! | unknown argument, stray word | `expected end of command (line 1 column N)` |
-//! | unterminated quote or bracket | `syntax error (line 1 column N)` |
+//! | unterminated quote or bracket, `\` outside a string | `syntax error (line 1 column N)` |
+//! | a second command, a substitution (see above) | `fake RouterOS refuses WHAT (line 1 column N)` |
 //! | bad value (size, yes/no, port, type) | `input does not match any value of ARG` |
 //! | `/disk add` with a slot in use | `failure: item with such slot already exists` |
 //! | not enough free space (add, copy, grow) | `failure: not enough space` |
@@ -246,6 +260,17 @@ pub struct CommandRecord {
     /// `None` while hung or delayed, or if the connection went before an answer.
     pub output: Option<String>,
     pub exit_status: Option<u32>,
+}
+
+/// A line the fake refused because RouterOS would have read syntax in it that the driver must
+/// never send (a second command, a substitution); see [`CliError::Violation`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The line exactly as received.
+    pub command: String,
+    pub what: String,
+    /// 1-based column of the offending character.
+    pub col: usize,
 }
 
 /// What a fault rule does to a matching command.
@@ -547,6 +572,14 @@ enum CliError {
     Failure(String),
     /// A bare message (`no such item`).
     Plain(String),
+    /// Syntax RouterOS would act on and the driver must never send: a second command, a
+    /// `$` substitution, a `[...]` command substitution other than the driver's own
+    /// `[find ...]`. Answered as an error, run not at all, and recorded as a violation
+    /// ([`FakeRds::violations`]).
+    Violation {
+        what: String,
+        col: usize,
+    },
 }
 
 impl fmt::Display for CliError {
@@ -562,6 +595,9 @@ impl fmt::Display for CliError {
             CliError::BadValue { arg } => write!(f, "input does not match any value of {arg}"),
             CliError::Failure(m) => write!(f, "failure: {m}"),
             CliError::Plain(m) => f.write_str(m),
+            CliError::Violation { what, col } => {
+                write!(f, "fake RouterOS refuses {what} (line 1 column {col})")
+            }
         }
     }
 }
@@ -640,9 +676,34 @@ impl<'a> Lexer<'a> {
     }
 
     fn skip_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\r' | b'\n')) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
             self.pos += 1;
         }
+    }
+
+    /// Whether the command ends here: the line's end, or a `;` or line break, which end a
+    /// RouterOS command line.
+    fn at_command_end(&self) -> bool {
+        matches!(self.peek(), None | Some(b';' | b'\r' | b'\n'))
+    }
+
+    fn violation(&self, what: impl Into<String>, col: usize) -> CliError {
+        CliError::Violation {
+            what: what.into(),
+            col,
+        }
+    }
+
+    /// After the first command: only separators and blanks may follow. Anything else is a
+    /// second command, which RouterOS would run and the driver never sends.
+    fn end_of_line(&mut self) -> Result<(), CliError> {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b';' | b'\r' | b'\n')) {
+            self.pos += 1;
+        }
+        if self.at_end() {
+            return Ok(());
+        }
+        Err(self.violation("a second command in one line", self.col()))
     }
 
     fn word(&mut self) -> String {
@@ -654,6 +715,11 @@ impl<'a> Lexer<'a> {
         String::from_utf8_lossy(&self.s[start..self.pos]).into_owned()
     }
 
+    /// A double-quoted string, its escapes decoded as RouterOS's scripting manual lists them:
+    /// `\"`, `\\`, `\$`, `\?`, `\n`, `\r`, `\t`, `\_` (space), `\a`, `\b`, `\f`, `\v` and
+    /// `\XX` (two upper-case hex digits). Any other escaped character stands for itself (the
+    /// manual does not say RouterOS refuses it). An unescaped `$` substitutes a variable or
+    /// (`$(...)`, `$[...]`) an expression even inside quotes: a violation.
     fn quoted(&mut self) -> Result<String, CliError> {
         let open = self.col();
         self.pos += 1;
@@ -665,16 +731,35 @@ impl<'a> Lexer<'a> {
                     self.pos += 1;
                     return Ok(String::from_utf8_lossy(&out).into_owned());
                 }
+                Some(b'$') => {
+                    return Err(self.violation("a `$` substitution in a quoted value", self.col()))
+                }
                 Some(b'\\') => {
                     self.pos += 1;
                     let Some(c) = self.peek() else {
                         return Err(CliError::Syntax { col: open });
                     };
+                    let hex = |b: Option<&u8>| match b {
+                        Some(d @ b'0'..=b'9') => Some(d - b'0'),
+                        Some(d @ b'A'..=b'F') => Some(d - b'A' + 10),
+                        _ => None,
+                    };
+                    if let (Some(hi), Some(lo)) =
+                        (hex(self.s.get(self.pos)), hex(self.s.get(self.pos + 1)))
+                    {
+                        out.push(hi * 16 + lo);
+                        self.pos += 2;
+                        continue;
+                    }
                     out.push(match c {
                         b'n' => b'\n',
                         b'r' => b'\r',
                         b't' => b'\t',
                         b'_' => b' ',
+                        b'a' => 0x07,
+                        b'b' => 0x08,
+                        b'f' => 0x0c,
+                        b'v' => 0x0b,
                         other => other,
                     });
                     self.pos += 1;
@@ -687,6 +772,11 @@ impl<'a> Lexer<'a> {
         }
     }
 
+    /// A value: quoted, a `[find ...]`, or unquoted up to a blank, a command's end or (inside
+    /// brackets) the closing `]`. In an unquoted value RouterOS reads `$` as a substitution,
+    /// `[` as a command substitution, `(`/`)` as an expression, `{`/`}` as a scope and `"` as
+    /// the start of a string: all violations here. A `\` outside a string is illegal in
+    /// RouterOS (a syntax error), as is a `]` that closes nothing.
     fn value(&mut self, nested: bool) -> Result<Value, CliError> {
         match self.peek() {
             Some(b'"') => Ok(Value::Text(self.quoted()?)),
@@ -694,8 +784,20 @@ impl<'a> Lexer<'a> {
             _ => {
                 let start = self.pos;
                 while let Some(c) = self.peek() {
-                    if c.is_ascii_whitespace() || (nested && c == b']') {
+                    if matches!(c, b' ' | b'\t') || self.at_command_end() || (nested && c == b']') {
                         break;
+                    }
+                    let what = match c {
+                        b'$' => "a `$` substitution in an unquoted value",
+                        b'[' => "a `[...]` command substitution inside a value",
+                        b'(' | b')' => "an expression `(...)` in an unquoted value",
+                        b'{' | b'}' => "a scope `{...}` in an unquoted value",
+                        b'"' => "a quote inside an unquoted value",
+                        b'\\' | b']' => return Err(CliError::Syntax { col: self.col() }),
+                        _ => "",
+                    };
+                    if !what.is_empty() {
+                        return Err(self.violation(what, self.col()));
                     }
                     self.pos += 1;
                 }
@@ -706,7 +808,8 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    /// `[find ...]` or `[/disk find where ...]`: returns the conditions.
+    /// `[find ...]` or `[/disk find where ...]`: returns the conditions. Any other command in
+    /// brackets is a command substitution RouterOS would run: a violation.
     fn find(&mut self) -> Result<Vec<Cond>, CliError> {
         let open = self.col();
         self.pos += 1;
@@ -722,7 +825,12 @@ impl<'a> Lexer<'a> {
                 "find" => break,
                 "disk" | "file" => continue,
                 "" => return Err(CliError::Syntax { col }),
-                _ => return Err(CliError::BadCommand { word, col }),
+                _ => {
+                    return Err(self.violation(
+                        format!("the command substitution `[{word} ...]` (only `[find ...]`)"),
+                        col,
+                    ))
+                }
             }
         }
         let items = self.items(true)?;
@@ -741,7 +849,12 @@ impl<'a> Lexer<'a> {
             let col = self.col();
             match self.peek() {
                 None => break,
+                Some(b';' | b'\r' | b'\n') if nested => {
+                    return Err(self.violation("a second command inside `[...]`", col))
+                }
+                Some(b';' | b'\r' | b'\n') => break,
                 Some(b']') if nested => break,
+                Some(b'$') => return Err(self.violation("a `$` substitution as an argument", col)),
                 Some(b'[') => {
                     let conds = self.find()?;
                     items.push(Item::Find { conds, col });
@@ -779,7 +892,8 @@ impl<'a> Lexer<'a> {
                     });
                 }
                 None => {
-                    let ends = matches!(self.peek(), None | Some(b' ' | b'\t' | b'\r' | b'\n'))
+                    let ends = matches!(self.peek(), Some(b' ' | b'\t'))
+                        || self.at_command_end()
                         || (nested && self.peek() == Some(b']'));
                     if !ends {
                         return Err(CliError::EndExpected { col: self.col() });
@@ -847,7 +961,8 @@ fn parse(line: &str) -> Result<Parsed, CliError> {
             lx.pos += 1;
             lx.skip_ws();
         }
-        if lx.at_end() {
+        if lx.at_command_end() {
+            lx.end_of_line()?;
             // A bare menu path only changes the current menu: no output.
             return Ok(Parsed {
                 menu,
@@ -887,6 +1002,7 @@ fn parse(line: &str) -> Result<Parsed, CliError> {
         }
     }
     let items = lx.items(false)?;
+    lx.end_of_line()?;
     Ok(Parsed {
         menu,
         verb: Some(verb),
@@ -1385,7 +1501,12 @@ fn print_rows(
 
 /// Runs one command line; returns its output (RouterOS text, `\r\n` line ends).
 fn execute(model: &mut Model, line: &str, now: &str) -> String {
-    match run(model, line, now) {
+    answer(run(model, line, now))
+}
+
+/// A command's output (RouterOS text, `\r\n` line ends), its error included.
+fn answer(result: Result<String, CliError>) -> String {
+    match result {
         Ok(out) => out,
         Err(e) => format!("{e}\r\n"),
     }
@@ -1924,6 +2045,7 @@ struct Shared {
     faults: Mutex<Vec<FaultRule>>,
     next_fault: AtomicU64,
     log: Mutex<Vec<CommandRecord>>,
+    violations: Mutex<Vec<Violation>>,
     next_seq: AtomicU64,
     stats: Mutex<Stats>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
@@ -1993,7 +2115,15 @@ impl Shared {
 
     fn execute(&self, command: &str) -> String {
         let now = self.now();
-        execute(&mut lock(&self.model), command, &now)
+        let result = run(&mut lock(&self.model), command, &now);
+        if let Err(CliError::Violation { what, col }) = &result {
+            lock(&self.violations).push(Violation {
+                command: command.into(),
+                what: what.clone(),
+                col: *col,
+            });
+        }
+        answer(result)
     }
 
     fn session_opened(&self, conn: &Conn, channel: u32) {
@@ -2354,11 +2484,17 @@ struct Guard {
 }
 
 impl Drop for Guard {
+    /// Stops serving and fails the test that used this fake if a line it was sent had syntax
+    /// the driver must never send ([`FakeRds::violations`]), unless that test already failed.
     fn drop(&mut self) {
         self.task.abort();
         let conns: Vec<Arc<Conn>> = lock(&self.shared.conns).values().cloned().collect();
         for conn in conns {
             conn.kill();
+        }
+        let violations = std::mem::take(&mut *lock(&self.shared.violations));
+        if !violations.is_empty() && !std::thread::panicking() {
+            panic!("the fake RouterOS was sent syntax the driver must never send: {violations:#?}");
         }
     }
 }
@@ -2418,6 +2554,7 @@ impl FakeRds {
             faults: Mutex::new(vec![]),
             next_fault: AtomicU64::new(1),
             log: Mutex::new(vec![]),
+            violations: Mutex::new(vec![]),
             next_seq: AtomicU64::new(1),
             stats: Mutex::new(Stats::default()),
             conns: Mutex::new(HashMap::new()),
@@ -2603,6 +2740,17 @@ impl FakeRds {
 
     pub fn clear_commands(&self) {
         lock(&self.shared.log).clear();
+    }
+
+    /// The lines refused as violations so far. Each is also a test failure when the fake is
+    /// dropped, unless taken with [`FakeRds::take_violations`] first.
+    pub fn violations(&self) -> Vec<Violation> {
+        lock(&self.shared.violations).clone()
+    }
+
+    /// The violations so far, cleared: for a test that sends a violating line on purpose.
+    pub fn take_violations(&self) -> Vec<Violation> {
+        std::mem::take(&mut *lock(&self.shared.violations))
     }
 
     /// Waits until at least `n` commands have been received (fails after a generous
@@ -2870,6 +3018,168 @@ mod tests {
         assert_eq!(rate_text(1_500_000_000), "1.5Gbps");
         assert_eq!(rate_text(500_000), "500.0kbps");
         assert_eq!(time_text(1200), "1s200ms");
+    }
+
+    fn violation_of(line: &str) -> (String, usize) {
+        match parse(line) {
+            Err(CliError::Violation { what, col }) => (what, col),
+            other => panic!("{line:?} is no violation: {other:?}"),
+        }
+    }
+
+    fn text_of(line: &str, key: &str) -> String {
+        let parsed = parse(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        parsed
+            .items
+            .iter()
+            .find_map(|i| match i {
+                Item::Pair {
+                    key: k,
+                    value: Value::Text(v),
+                    ..
+                } if k == key => Some(v.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{line:?} has no {key}=: {parsed:?}"))
+    }
+
+    /// RouterOS's scripting manual: a command line ends at `;` or a line break, so `a;b` is
+    /// two commands. The driver sends one per session, so a second is a violation wherever it
+    /// hides: after a value, after a bare menu, inside `[...]`; a trailing `;` is no second
+    /// command.
+    #[test]
+    fn a_semicolon_or_line_break_starts_a_second_command() {
+        for (line, col) in [
+            ("/disk print;/system reboot", 13),
+            ("/disk print detail where slot=a;/system reboot", 33),
+            ("/disk remove [find slot=a];/disk remove 0", 28),
+            ("/disk print detail where slot=pvc-1\n/disk remove 0", 37),
+            ("/disk print detail where slot=pvc-1\r/disk remove 0", 37),
+            ("/disk; /file remove 0", 8),
+        ] {
+            let (what, at) = violation_of(line);
+            assert_eq!(
+                (what.as_str(), at),
+                ("a second command in one line", col),
+                "{line:?}"
+            );
+        }
+        assert_eq!(
+            violation_of("/disk remove [find slot=a;/system reboot]").0,
+            "a second command inside `[...]`"
+        );
+        assert!(parse("/disk print detail where slot=a;").is_ok());
+        assert!(parse("/disk print detail where slot=a ; ").is_ok());
+        assert!(parse("/disk print detail where slot=a\r\n").is_ok());
+    }
+
+    /// `$` links a variable (`$x`) or substitutes an expression (`$(...)`, `$[...]`) in an
+    /// unquoted value and inside double quotes alike; `\$` is a literal `$`. `[...]` other
+    /// than the driver's `[find ...]` is a command substitution, also inside a value; `(` and
+    /// `{` open an expression and a scope.
+    #[test]
+    fn substitutions_are_violations_in_unquoted_and_quoted_values() {
+        for (line, what, col) in [
+            (
+                "/disk print detail where slot=$x",
+                "a `$` substitution in an unquoted value",
+                31,
+            ),
+            (
+                "/disk print detail where slot=a$x",
+                "a `$` substitution in an unquoted value",
+                32,
+            ),
+            (
+                "/disk print detail where slot=\"$x\"",
+                "a `$` substitution in a quoted value",
+                32,
+            ),
+            (
+                "/disk print detail where slot=\"a$[/system reboot]\"",
+                "a `$` substitution in a quoted value",
+                33,
+            ),
+            (
+                "/disk print detail where slot=\"$(1+1)\"",
+                "a `$` substitution in a quoted value",
+                32,
+            ),
+            (
+                "/disk print detail where slot=a[find]",
+                "a `[...]` command substitution inside a value",
+                32,
+            ),
+            (
+                "/disk print detail where slot=a(1)",
+                "an expression `(...)` in an unquoted value",
+                32,
+            ),
+            (
+                "/disk print detail where slot=a{b}",
+                "a scope `{...}` in an unquoted value",
+                32,
+            ),
+            (
+                "/disk print detail where slot=a\"b\"",
+                "a quote inside an unquoted value",
+                32,
+            ),
+            ("/disk remove $x", "a `$` substitution as an argument", 14),
+            (
+                "/disk remove [/system reboot]",
+                "the command substitution `[system ...]` (only `[find ...]`)",
+                16,
+            ),
+            (
+                "/disk add copy-from=[/system/script/run x]",
+                "the command substitution `[system ...]` (only `[find ...]`)",
+                23,
+            ),
+        ] {
+            assert_eq!(violation_of(line), (what.to_string(), col), "{line:?}");
+        }
+        // `[find ...]` is the one command substitution the driver sends.
+        assert!(matches!(
+            parse("/disk remove [find slot=a]").unwrap().items[..],
+            [Item::Find { .. }]
+        ));
+        // A backslash outside a string, or a `]` that closes nothing, is a syntax error.
+        assert_eq!(
+            parse("/disk print detail where slot=a\\b"),
+            Err(CliError::Syntax { col: 32 })
+        );
+        assert_eq!(
+            parse("/disk print detail where slot=a]"),
+            Err(CliError::Syntax { col: 32 })
+        );
+    }
+
+    /// Inside double quotes the manual's escapes decode: `\"`, `\\`, `\$`, `\?`, `\n`, `\r`,
+    /// `\t`, `\_` (space), `\a`, `\b`, `\f`, `\v` and `\XX` in upper-case hex; `;`, `[` and
+    /// `]` are plain text there.
+    #[test]
+    fn quoted_values_decode_routeros_escapes() {
+        for (quoted, text) in [
+            (r#""a\$b""#, "a$b"),
+            (r#""a\"b""#, "a\"b"),
+            (r#""a\\b""#, "a\\b"),
+            (r#""a\?b""#, "a?b"),
+            (r#""a\nb\rc\td""#, "a\nb\rc\td"),
+            (r#""a\_b""#, "a b"),
+            (r#""\a\b\f\v""#, "\x07\x08\x0c\x0b"),
+            (r#""\48\45\4C\4C\4F""#, "HELLO"),
+            (r#""a;b[find]c""#, "a;b[find]c"),
+            (r#""a b""#, "a b"),
+        ] {
+            let line = format!("/disk set [find slot=x] comment={quoted}");
+            assert_eq!(text_of(&line, "comment"), text, "{quoted}");
+        }
+        assert_eq!(
+            text_of("/disk set [find slot=x] comment=a-b.c_d/e:f", "comment"),
+            "a-b.c_d/e:f",
+            "unquoted text without syntax is itself"
+        );
     }
 
     #[test]

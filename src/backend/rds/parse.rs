@@ -749,6 +749,291 @@ s - SMB-EXPORT, n - NFS-EXPORT;\r
         assert_eq!(failure(""), None);
     }
 
+    /// The case count a property runs: `PARSER_CASES` when set, else `default`.
+    fn cases(default: u32) -> u32 {
+        let raw = std::env::var("PARSER_CASES");
+        match case_count(raw.as_deref().ok(), default) {
+            Ok(n) => n,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `PARSER_CASES` read strictly: a positive integer, or absent. A value that is neither
+    /// is an error, so a typo cannot silently run the default count.
+    fn case_count(raw: Option<&str>, default: u32) -> Result<u32, String> {
+        let Some(raw) = raw else {
+            return Ok(default);
+        };
+        match raw.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "PARSER_CASES={raw:?} is not a positive number of cases"
+            )),
+        }
+    }
+
+    /// Catches: `case_count` falling back to the default on a value it cannot read.
+    #[test]
+    fn an_unreadable_case_count_is_an_error() {
+        assert_eq!(case_count(None, 7), Ok(7));
+        assert_eq!(case_count(Some("250"), 7), Ok(250));
+        for bad in ["garbage", "", "0", "-3", "1e5", "10 000"] {
+            let err = case_count(Some(bad), 7).unwrap_err();
+            assert!(err.contains("PARSER_CASES"), "{bad:?}: {err}");
+        }
+    }
+
+    /// One token of a `print detail` entry and how RouterOS may cut it: never inside its
+    /// `key=` (and opening quote) nor inside a number, and a byte count only between its
+    /// groups, where the line break takes the place of the space.
+    struct Token {
+        text: String,
+        /// The shortest first piece when the token is cut.
+        unit: usize,
+        grouped: bool,
+    }
+
+    fn pair(key: &str, value: &str, quoted: bool) -> Token {
+        let text = if quoted {
+            format!("{key}=\"{value}\"")
+        } else {
+            format!("{key}={value}")
+        };
+        let number = !quoted && !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+        let unit = if number {
+            text.len()
+        } else {
+            (key.len() + 2 + usize::from(quoted)).min(text.len())
+        };
+        Token {
+            text,
+            unit,
+            grouped: false,
+        }
+    }
+
+    fn bytes_pair(key: &str, n: u64) -> Token {
+        let text = format!("{key}={}", group_thousands(n));
+        let unit = text.find(' ').unwrap_or(text.len());
+        Token {
+            text,
+            unit,
+            grouped: true,
+        }
+    }
+
+    /// A disk's properties in the order and quoting of the recorded `/disk print detail`
+    /// output (the Go driver's `TestParseVolumeInfo`): slot, model and NQN quoted, file-path
+    /// not, the exact size as grouped bytes, the rounded one as `file-size`.
+    fn disk_tokens(d: &Disk) -> Vec<Token> {
+        let path = d.file_path.as_deref().unwrap_or_default();
+        let mut t = vec![
+            pair("type", &d.kind, false),
+            pair("slot", &d.slot, true),
+            pair("slot-default", "", true),
+            pair("parent", "", true),
+            pair("fs", "-", false),
+            pair("model", path, true),
+            bytes_pair("size", d.size.unwrap_or_default()),
+            pair("mount-filesystem", "yes", false),
+            pair("mount-read-only", "no", false),
+            pair("compress", "no", false),
+            pair("sector-size", "512", false),
+            pair("raid-master", "none", false),
+            pair(
+                "nvme-tcp-export",
+                if d.nvme_export { "yes" } else { "no" },
+                false,
+            ),
+        ];
+        if let Some(port) = d.nvme_port {
+            t.push(pair("nvme-tcp-server-port", &port.to_string(), false));
+        }
+        if let Some(nqn) = &d.nqn {
+            t.push(pair("nvme-tcp-server-nqn", nqn, true));
+        }
+        t.extend([
+            pair("nvme-tcp-server-allow-host-name", "", true),
+            pair("iscsi-export", "no", false),
+            pair("nfs-sharing", "no", false),
+            pair("swap", "no", false),
+            pair("file-path", path, false),
+            pair("file-size", "50.0GiB", false),
+            pair("file-offset", "0", false),
+        ]);
+        t
+    }
+
+    /// The pieces of a token longer than a line's `room`: cut before its last `-` that fits,
+    /// at the margin if none does (as the recorded outputs wrap `model=`, `file-path=` and
+    /// `nvme-tcp-server-nqn=`), never inside its unit; a byte count between groups.
+    fn pieces(t: &Token, room: usize) -> Vec<String> {
+        if t.grouped {
+            let mut out: Vec<String> = vec![];
+            let mut cur = String::new();
+            for group in t.text.split(' ') {
+                if !cur.is_empty() && cur.len() + 1 + group.len() > room {
+                    out.push(std::mem::take(&mut cur));
+                }
+                if !cur.is_empty() {
+                    cur.push(' ');
+                }
+                cur.push_str(group);
+            }
+            out.push(cur);
+            return out;
+        }
+        let mut out = vec![];
+        let mut rest = t.text.as_str();
+        let mut lo = t.unit;
+        while rest.len() > room && lo < rest.len() {
+            let at = (lo..=room)
+                .rev()
+                .find(|&i| rest.as_bytes()[i] == b'-')
+                .unwrap_or(room.max(lo));
+            out.push(rest[..at].to_string());
+            rest = &rest[at..];
+            lo = 1;
+        }
+        out.push(rest.to_string());
+        out
+    }
+
+    /// One entry as RouterOS prints it `width` columns wide: the right-aligned index, ten
+    /// flag columns (`X` disabled, `B`, `t` exported), two spaces, then the tokens filled
+    /// greedily; continuation lines are indented to the first token's column (15, or 16 from
+    /// index 100 on); a cut token has its lines to itself. A comment goes on the first line
+    /// as `;;; text`, the properties below it.
+    fn entry(
+        index: u32,
+        index_width: usize,
+        flags: [char; 3],
+        comment: Option<&str>,
+        tokens: &[Token],
+        width: usize,
+    ) -> Vec<String> {
+        let [x, b, t] = flags;
+        let prefix = format!("{index:>index_width$} {x}{b}     {t}    ");
+        let indent = " ".repeat(prefix.len());
+        let room = width.saturating_sub(indent.len()).max(1);
+        let mut lines = vec![];
+        let mut cur = prefix;
+        if let Some(comment) = comment {
+            cur.push_str(";;; ");
+            cur.push_str(comment);
+            lines.push(std::mem::replace(&mut cur, indent.clone()));
+        }
+        let mut has_content = false;
+        for token in tokens {
+            if has_content {
+                if cur.len() + 1 + token.text.len() <= width {
+                    cur.push(' ');
+                    cur.push_str(&token.text);
+                    continue;
+                }
+                lines.push(std::mem::replace(&mut cur, indent.clone()));
+                has_content = false;
+            }
+            if token.text.len() <= room {
+                cur.push_str(&token.text);
+                has_content = true;
+                continue;
+            }
+            for piece in pieces(token, room) {
+                cur.push_str(&piece);
+                lines.push(std::mem::replace(&mut cur, indent.clone()));
+            }
+        }
+        if has_content {
+            lines.push(cur);
+        }
+        lines
+    }
+
+    /// A `/disk print detail` listing: the legend, the pool's partition, then the disks,
+    /// each entry followed by a blank line, `\r\n` line ends.
+    fn listing(pool: (u64, u64), disks: &[Disk], first: u32, width: usize) -> String {
+        let last = first + disks.len() as u32;
+        let index_width = last.to_string().len().max(2);
+        let mut lines: Vec<String> = WRAPPED.lines().take(5).map(str::to_string).collect();
+        let pool_tokens = [
+            pair("type", "partition", false),
+            pair("slot", "storage-pool", true),
+            pair("mount-point", "storage-pool", true),
+            pair("file-system", "btrfs", false),
+            bytes_pair("size", pool.0),
+            bytes_pair("free", pool.1),
+            pair("use", "25%", false),
+        ];
+        lines.extend(entry(
+            first,
+            index_width,
+            [' ', 'B', ' '],
+            None,
+            &pool_tokens,
+            width,
+        ));
+        lines.push(String::new());
+        for (i, d) in disks.iter().enumerate() {
+            let flags = [
+                if d.disabled { 'X' } else { ' ' },
+                'B',
+                if d.nvme_export { 't' } else { ' ' },
+            ];
+            let index = first + 1 + i as u32;
+            let tokens = disk_tokens(d);
+            lines.extend(entry(
+                index,
+                index_width,
+                flags,
+                d.comment.as_deref(),
+                &tokens,
+                width,
+            ));
+            lines.push(String::new());
+        }
+        lines
+            .iter()
+            .map(|l| format!("{}\r\n", l.trim_end_matches('\r')))
+            .collect()
+    }
+
+    /// A file disk as the driver makes or finds them: slots of volumes, snapshots and other
+    /// names RouterOS allows, paths under the pool, any size, exported or not, a comment or
+    /// none.
+    fn listed_disk() -> impl Strategy<Value = Disk> {
+        let slot = prop_oneof![
+            "pvc-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "snap-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-at-[0-9a-f]{10}",
+            "[A-Za-z0-9][A-Za-z0-9-]{0,127}",
+        ];
+        let dir = "/storage-pool(/[A-Za-z0-9._-]{1,24}){0,3}";
+        let comment = proptest::option::of("[a-z0-9][a-z0-9-]{0,60}( [a-z0-9-]{1,20})?");
+        (
+            slot,
+            dir,
+            1u64..=16 << 40,
+            any::<bool>(),
+            proptest::option::of(1u16..),
+            any::<bool>(),
+            any::<bool>(),
+            comment,
+        )
+            .prop_map(
+                |(slot, dir, size, nvme_export, nvme_port, nqn, disabled, comment)| Disk {
+                    kind: "file".into(),
+                    file_path: Some(format!("{dir}/{slot}.img")),
+                    size: Some(size),
+                    nvme_export,
+                    nvme_port,
+                    nqn: nqn.then(|| format!("nqn.2000-02.com.mikrotik:{}", slot.to_lowercase())),
+                    disabled,
+                    comment,
+                    slot,
+                },
+            )
+    }
+
     fn token() -> impl Strategy<Value = String> {
         prop_oneof![
             "[a-z-]{1,12}=[a-zA-Z0-9/._:-]{0,20}",
@@ -866,9 +1151,7 @@ s - SMB-EXPORT, n - NFS-EXPORT;\r
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PARSER_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(cases(10_000)))]
         /// Whatever RouterOS wraps, and wherever, the parser reads back exactly the pairs
         /// that were printed. Catches a wrapped piece read as a new pair or as free text.
         #[test]
@@ -890,9 +1173,44 @@ s - SMB-EXPORT, n - NFS-EXPORT;\r
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PARSER_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(cases(48)))]
+        /// Records rendered as RouterOS prints `/disk print detail` and wrapped at every width
+        /// from 20 to 200 columns read back as exactly those records: every disk's slot,
+        /// path, size, export, port, NQN, disabled flag and comment, and the pool's capacity.
+        /// Catches: a continuation line joined with a space (`join`), a field dropped by
+        /// `Disk::from_entry`, an index of three digits read as a continuation.
+        #[test]
+        fn listings_read_back_their_records_at_every_width(
+            total in 1u64..=1 << 50,
+            used in 0u64..=100,
+            disks_in in proptest::collection::vec(listed_disk(), 0..4),
+            first in prop_oneof![0u32..3, 95u32..105, 995u32..1005],
+        ) {
+            let pool = (total, total / 100 * (100 - used));
+            let mut want = vec![Disk {
+                slot: "storage-pool".into(),
+                kind: "partition".into(),
+                file_path: None,
+                size: Some(pool.0),
+                nvme_export: false,
+                nvme_port: None,
+                nqn: None,
+                disabled: false,
+                comment: None,
+            }];
+            want.extend(disks_in.iter().cloned());
+            for width in 20..=200 {
+                let text = listing(pool, &disks_in, first, width);
+                let got = disks(&text)
+                    .map_err(|e| TestCaseError::fail(format!("width {width}: {e}\n{text}")))?;
+                prop_assert_eq!(&got, &want, "width {}:\n{}", width, text);
+                prop_assert_eq!(capacity(&text), Ok(Some(pool)), "width {}:\n{}", width, text);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(100_000)))]
         #[test]
         fn random_text_never_panics(text in "\\PC{0,300}") {
             let _ = print_detail(&text);
