@@ -501,6 +501,101 @@ async fn get_missing_is_a_not_found_status() {
         .any(|r| r["name"] == "nodes/status"));
 }
 
+/// The system fields of ObjectMeta are the server's (apiserver's `FillObjectMetaSystemFields`
+/// on create, `BeforeUpdate` on update and patch): a POST's `creationTimestamp` and `uid` are
+/// replaced by the server's, a set `resourceVersion` is refused with the storage layer's bare
+/// 500, and a PUT or patch that changes `creationTimestamp` or `generation` is silently given
+/// the stored value back. Only the harness's seeding path (`FakeApiServer::create`: state that
+/// exists before the test) sets them, which is how tests get an object created minutes ago.
+///
+/// Catches: keeping a client-set `creationTimestamp` on create (the `given(m,
+/// "creationTimestamp")` check in `Store::create` answering true for a request), likewise for
+/// `uid`, dropping the resourceVersion refusal, and dropping `creationTimestamp` or
+/// `generation` from the fields `commit_update` carries over from the stored object.
+#[tokio::test]
+async fn system_fields_are_the_servers_and_only_the_harness_seeds_them() {
+    let s = FakeApiServer::start().await;
+    let before = fake_apiserver::now_rfc3339();
+    let mut body = va("a");
+    body["metadata"]["creationTimestamp"] = json!("2020-01-02T03:04:05Z");
+    body["metadata"]["uid"] = json!("11111111-2222-4333-8444-555555555555");
+    body["metadata"]["generation"] = json!(7);
+    let r = post(&s, VA, &body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let a = r.json();
+    // Both RFC 3339 in whole seconds, UTC: they compare as strings.
+    let after = fake_apiserver::now_rfc3339();
+    let created = a["metadata"]["creationTimestamp"].as_str().unwrap();
+    assert!(
+        before.as_str() <= created && created <= after.as_str(),
+        "creationTimestamp {created} is not the server's clock at the request ({before}..{after})"
+    );
+    let uid = a["metadata"]["uid"].as_str().unwrap();
+    assert_ne!(
+        uid, "11111111-2222-4333-8444-555555555555",
+        "a client-set uid was kept"
+    );
+    assert_eq!(uid.len(), 36, "{uid}");
+
+    let mut with_rv = va("b");
+    with_rv["metadata"]["resourceVersion"] = json!("5");
+    let r = post(&s, VA, &with_rv).await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "resourceVersion should not be set on objects to be created",
+               "code": 500}),
+        "a storage error, not an API status: no reason"
+    );
+    assert!(s.get("volumeattachments", None, "b").is_none());
+
+    // An update or patch cannot move the creation time or the generation: the stored ones stay.
+    let path = format!("{VA}/a");
+    let mut moved = a.clone();
+    moved["metadata"]["creationTimestamp"] = json!("2000-01-01T00:00:00Z");
+    moved["metadata"]["generation"] = json!(99);
+    moved["metadata"]["labels"] = json!({"put": "yes"});
+    let r = put(&s, &path, &moved).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    assert_eq!(r["metadata"]["labels"], json!({"put": "yes"}));
+    assert_eq!(
+        r["metadata"]["creationTimestamp"],
+        a["metadata"]["creationTimestamp"]
+    );
+    assert_eq!(r["metadata"]["generation"], a["metadata"]["generation"]);
+    let r = merge(
+        &s,
+        &path,
+        &json!({"metadata": {"creationTimestamp": "2000-01-01T00:00:00Z", "generation": 99}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    assert_eq!(
+        r["metadata"]["creationTimestamp"],
+        a["metadata"]["creationTimestamp"]
+    );
+    assert_eq!(r["metadata"]["generation"], a["metadata"]["generation"]);
+    assert_eq!(r["metadata"]["uid"], a["metadata"]["uid"]);
+
+    // The harness seeds what existed before the test, system fields and status included.
+    let mut seeded = va("seeded");
+    seeded["metadata"]["creationTimestamp"] = json!("2019-01-01T00:00:00Z");
+    seeded["metadata"]["uid"] = json!("11111111-2222-4333-8444-555555555555");
+    let seeded = s.create("volumeattachments", seeded).unwrap();
+    assert_eq!(
+        seeded["metadata"]["creationTimestamp"],
+        "2019-01-01T00:00:00Z"
+    );
+    assert_eq!(
+        seeded["metadata"]["uid"],
+        "11111111-2222-4333-8444-555555555555"
+    );
+    assert_eq!(get(&s, &format!("{VA}/seeded")).await.json(), seeded);
+}
+
 #[tokio::test]
 async fn create_sets_server_fields_and_conflicts() {
     let s = FakeApiServer::start().await;
@@ -537,10 +632,6 @@ async fn create_sets_server_fields_and_conflicts() {
     noname["metadata"] = json!({});
     assert_status(&post(&s, VA, &noname).await, 422, "Invalid");
 
-    let mut old = va("old");
-    old["metadata"]["creationTimestamp"] = json!("2020-01-02T03:04:05Z");
-    let o = post(&s, VA, &old).await.json();
-    assert_eq!(o["metadata"]["creationTimestamp"], "2020-01-02T03:04:05Z");
     let helper = s
         .create("volumeattachments", {
             let mut v = va("older");

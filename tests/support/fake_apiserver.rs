@@ -361,9 +361,12 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        // `reason` is omitted when empty (metav1.Status `omitempty`).
+        if !self.reason.is_empty() {
+            s["reason"] = json!(self.reason);
+        }
         if let Some(d) = &self.details {
             s["details"] = d.clone();
         }
@@ -1611,6 +1614,16 @@ fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
     Ok((rv, start.to_string()))
 }
 
+/// Who writes an object into the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A REST request: the server sets the system fields (uid, creationTimestamp,
+    /// resourceVersion) and applies the create strategy.
+    Request,
+    /// The harness, seeding state that exists before the test: stored as given.
+    Seed,
+}
+
 fn strip_type_meta(mut obj: Value) -> Value {
     if let Some(o) = obj.as_object_mut() {
         o.remove("apiVersion");
@@ -1841,20 +1854,33 @@ impl Store {
         obj["kind"] = json!(def.kind);
     }
 
-    /// Creates an object. `namespace` is the request path's; for the internal helper it is the
-    /// object's own. `api` applies the create strategy (status reset) of the real server.
+    /// Creates an object. `namespace` is the request path's; for a seed it is the object's own.
+    /// `origin` decides who sets the system fields: a [`Origin::Request`] gets the real server's
+    /// create path (a set resourceVersion refused, uid and creationTimestamp the server's own,
+    /// status reset by the create strategy); a [`Origin::Seed`] is stored as given.
     fn create(
         &mut self,
         ty: usize,
         namespace: Option<&str>,
         mut obj: Value,
-        api: bool,
+        origin: Origin,
     ) -> Result<Value, ApiError> {
         let def = &RESOURCES[ty];
         if !obj.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
             ));
+        }
+        // The storage layer (etcd3 `Create`) refuses a set resourceVersion before anything is
+        // written; the error is no API status, so the handler serves it as a bare 500.
+        if origin == Origin::Request
+            && meta_str(&obj, "resourceVersion").is_some_and(|rv| !rv.is_empty() && rv != "0")
+        {
+            return Err(ApiError::new(
+                500,
+                "resourceVersion should not be set on objects to be created",
+            )
+            .with_reason(""));
         }
         Self::check_type_meta(def, &obj)?;
         Self::set_type_meta(def, &mut obj);
@@ -1901,11 +1927,18 @@ impl Store {
             m.insert("name".into(), json!(name));
         }
         let ns = m.get("namespace").and_then(Value::as_str).map(String::from);
-        m.insert("uid".into(), json!(new_uid()));
-        if m.get("creationTimestamp")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-        {
+        // The server's own (apiserver `FillObjectMetaSystemFields`): whatever a request sent is
+        // replaced. A seed keeps what the harness gave, as etcd holds it.
+        let given = |m: &Map<String, Value>, key: &str| {
+            origin == Origin::Seed
+                && m.get(key)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| !v.is_empty())
+        };
+        if !given(m, "uid") {
+            m.insert("uid".into(), json!(new_uid()));
+        }
+        if !given(m, "creationTimestamp") {
             m.insert("creationTimestamp".into(), json!(now_rfc3339()));
         }
         m.remove("deletionTimestamp");
@@ -1916,7 +1949,7 @@ impl Store {
         if self.objects[ty].contains_key(&key) {
             return Err(ApiError::already_exists(def, &name));
         }
-        if api {
+        if origin == Origin::Request {
             match def.plural {
                 "volumeattachments" => obj["status"] = json!({"attached": false}),
                 "persistentvolumes" | "persistentvolumeclaims" => {
@@ -1965,6 +1998,7 @@ impl Store {
                 "creationTimestamp",
                 "deletionTimestamp",
                 "deletionGracePeriodSeconds",
+                "generation",
                 "name",
                 "namespace",
             ] {
@@ -2867,10 +2901,12 @@ impl FakeApiServer {
 
     // ----- store helpers (not logged, no faults; same logic and watch events as the API) -----
 
-    /// Creates an object (its namespace from `metadata.namespace`, default `default`). Unlike an
-    /// API create it keeps a given `status`, so tests can build any state in one step.
+    /// Seeds an object: cluster state that exists before the test, as etcd would hold it (its
+    /// namespace from `metadata.namespace`, default `default`). Unlike a create over HTTP, it
+    /// keeps a given `status`, `uid` and `creationTimestamp` (an object created minutes ago), so
+    /// tests can build any state in one step; a REST request can set none of them.
     pub fn create(&self, resource: &str, obj: Value) -> Result<Value, ApiError> {
-        lock(&self.inner.store).create(resource_id(resource), None, obj, false)
+        lock(&self.inner.store).create(resource_id(resource), None, obj, Origin::Seed)
     }
 
     pub fn get(&self, resource: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
@@ -3701,7 +3737,7 @@ fn resource_request(
             let obj = parse_body(content_type, body)?;
             Ok(json_response(
                 201,
-                &lock(&inner.store).create(r.ty, ns, obj, true)?,
+                &lock(&inner.store).create(r.ty, ns, obj, Origin::Request)?,
             ))
         }
         "update" => {
