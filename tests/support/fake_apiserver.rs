@@ -21,6 +21,9 @@
 
 #![allow(dead_code)]
 
+#[path = "fake_rbac.rs"]
+pub mod rbac;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
@@ -37,12 +40,16 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use rbac::{Attributes, Identity, Policy};
+
 /// How many watch events are kept for watches that resume from a resourceVersion.
 pub const DEFAULT_HISTORY_LIMIT: usize = 10_000;
 /// How often a watch that asked for bookmarks gets one (the real server: about a minute).
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024 * 1024;
+/// The bearer token of [`Identity::Harness`], which [`FakeApiServer::kubeconfig`] carries.
+pub const HARNESS_TOKEN: &str = "fake-harness";
 
 // ---------------------------------------------------------------------------------------------
 // Resource definitions
@@ -2674,6 +2681,8 @@ pub struct Call {
     pub id: u64,
     /// HTTP method.
     pub method: String,
+    /// The authenticated user (`system:anonymous` without a token).
+    pub user: String,
     /// The RBAC verb: list, watch, get, create, update, patch, delete, deletecollection
     /// (non-resource requests: the lowercase HTTP method, e.g. get).
     pub verb: String,
@@ -2729,6 +2738,7 @@ impl Call {
         json!({
             "id": self.id,
             "method": self.method,
+            "user": self.user,
             "verb": self.verb,
             "group": self.group,
             "resource": self.resource,
@@ -2768,6 +2778,12 @@ struct Inner {
     /// `cache_lists(true)`: benchmarks use it so the fake's own serializing does not hide the
     /// client's time.
     list_cache: Mutex<Option<ListCache>>,
+    /// Bearer tokens and whom they authenticate.
+    tokens: Mutex<HashMap<String, Identity>>,
+    /// What the identities may do: the chart's RBAC unless a test sets another.
+    policy: Mutex<Arc<Policy>>,
+    /// Every request RBAC refused (403), kept apart from the call log, which tests clear.
+    denials: Mutex<Vec<Call>>,
 }
 
 #[derive(Default)]
@@ -2843,6 +2859,12 @@ impl FakeApiServer {
             fault_gen: watch::channel(0).0,
             drop_gen: watch::channel(0).0,
             list_cache: Mutex::new(None),
+            tokens: Mutex::new(HashMap::from([(
+                HARNESS_TOKEN.to_string(),
+                Identity::Harness,
+            )])),
+            policy: Mutex::new(Arc::new(Policy::chart().clone())),
+            denials: Mutex::new(vec![]),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -2866,9 +2888,40 @@ impl FakeApiServer {
         format!("http://{}", self.inner.addr)
     }
 
-    /// The kubeconfig text: one cluster (this server, plain http), one context, one user
-    /// without credentials; namespace `default`.
+    /// The kubeconfig text of the harness (allowed everything): one cluster (this server,
+    /// plain http), one context, one user with [`HARNESS_TOKEN`]; namespace `default`.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with_token(HARNESS_TOKEN)
+    }
+
+    /// A kubeconfig like [`Self::kubeconfig`] whose user is `who`.
+    pub fn kubeconfig_as(&self, who: Identity) -> String {
+        let token = self.token_for(who);
+        self.kubeconfig_with_token(&token)
+    }
+
+    /// A bearer token that authenticates `who` (the same token for the same identity).
+    pub fn token_for(&self, who: Identity) -> String {
+        let mut tokens = lock(&self.inner.tokens);
+        if let Some((t, _)) = tokens.iter().find(|(_, i)| **i == who) {
+            return t.clone();
+        }
+        let token = format!("fake-token-{}", tokens.len());
+        tokens.insert(token.clone(), who);
+        token
+    }
+
+    /// Every request RBAC answered 403, in order (not emptied by [`Self::clear_calls`]).
+    pub fn rbac_denials(&self) -> Vec<Call> {
+        lock(&self.inner.denials).clone()
+    }
+
+    /// Replaces the RBAC policy requests are authorized by (default: [`Policy::chart`]).
+    pub fn set_policy(&self, policy: Policy) {
+        *lock(&self.inner.policy) = Arc::new(policy);
+    }
+
+    fn kubeconfig_with_token(&self, token: &str) -> String {
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
@@ -2879,7 +2932,8 @@ impl FakeApiServer {
                  server: {url}\n\
              users:\n\
              - name: fake\n  \
-               user: {{}}\n\
+               user:\n    \
+                 token: {token}\n\
              contexts:\n\
              - name: fake\n  \
                context:\n    \
@@ -2893,9 +2947,18 @@ impl FakeApiServer {
 
     /// Writes [`kubeconfig`](Self::kubeconfig) to `dir/kubeconfig` and returns the path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.write_kubeconfig_text(dir, &self.kubeconfig())
+    }
+
+    /// Writes [`kubeconfig_as`](Self::kubeconfig_as) `who` to `dir/kubeconfig`.
+    pub fn write_kubeconfig_as(&self, dir: &Path, who: Identity) -> PathBuf {
+        self.write_kubeconfig_text(dir, &self.kubeconfig_as(who))
+    }
+
+    fn write_kubeconfig_text(&self, dir: &Path, text: &str) -> PathBuf {
         std::fs::create_dir_all(dir).expect("create kubeconfig dir");
         let path = dir.join("kubeconfig");
-        std::fs::write(&path, self.kubeconfig()).expect("write kubeconfig");
+        std::fs::write(&path, text).expect("write kubeconfig");
         path
     }
 
@@ -3519,6 +3582,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -3538,10 +3606,28 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         return admin(&inner, &method, &path, &body);
     }
     let q = parse_query(&query);
+    // Authentication, then authorization, come before the request is routed (apiserver's
+    // filter chain): an unknown token is 401, a request RBAC does not allow 403, whatever
+    // the path names.
+    let who = match &token {
+        None => Some(Identity::Anonymous),
+        Some(t) => lock(&inner.tokens).get(t).cloned(),
+    };
+    let attributes = Attributes::from_request(method.as_str(), &path, &q);
+    let denied = match &who {
+        None => Some(error_response(
+            &ApiError::new(401, "Unauthorized").with_details(json!({})),
+        )),
+        Some(who) if !lock(&inner.policy).allows(who, &attributes) => {
+            Some(json_response(403, &attributes.forbidden(&who.user())))
+        }
+        Some(_) => None,
+    };
     let target = route(&method, &path, &q, inner.addr);
     let mut call = Call {
         id: inner.next_call.fetch_add(1, Ordering::Relaxed),
         method: method.to_string(),
+        user: who.as_ref().map(Identity::user).unwrap_or_default(),
         // Non-resource requests: the lowercase HTTP method, as RBAC names their verbs.
         verb: method.as_str().to_ascii_lowercase(),
         group: String::new(),
@@ -3575,6 +3661,22 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         call.name = r.name.clone();
     }
     let call_id = call.id;
+    if let Some(resp) = denied {
+        // Logged as authorization read it, served resource or not.
+        call.verb = attributes.verb.clone();
+        call.group = attributes.group.clone();
+        call.resource = attributes.resource.clone();
+        call.subresource = attributes.subresource.clone();
+        call.namespace = attributes.namespace.clone();
+        call.name = attributes.name.clone();
+        call.status = Some(resp.status().as_u16());
+        call.answered_at = Some(Instant::now());
+        if call.status == Some(403) {
+            lock(&inner.denials).push(call.clone());
+        }
+        lock(&inner.calls).push(call);
+        return resp;
+    }
     let plan = if call.resource.is_empty() {
         FaultPlan::default()
     } else {
