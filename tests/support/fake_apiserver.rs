@@ -18,6 +18,15 @@
 //! Everything is kept as `serde_json::Value`; one global resourceVersion counts every write, as
 //! etcd's revision does. Resources are named in the helpers by plural, optionally qualified by
 //! group (`"events.events.k8s.io"`), or by kind (`"VolumeAttachment"`).
+//!
+//! Two ways in, kept apart on purpose:
+//! - **REST requests** are authenticated by bearer token and authorized by RBAC (module
+//!   [`rbac`]: the chart's rendered roles by default) before anything else, and go through the
+//!   real server's create and update strategies: the server sets uid, creationTimestamp and
+//!   resourceVersion, and no request can set or change them.
+//! - **The harness helpers** (`create`, `patch`, `delete`, ...) write the store directly, as
+//!   etcd's contents before a test: no authorization, no call log, and `create` keeps a given
+//!   status, uid and creationTimestamp (an object made minutes ago).
 
 #![allow(dead_code)]
 
