@@ -2925,6 +2925,11 @@ impl FakeApiServer {
         lock(&self.inner.denials).clone()
     }
 
+    /// Returns and forgets the RBAC refusals: a test that provokes one on purpose takes it.
+    pub fn take_rbac_denials(&self) -> Vec<Call> {
+        std::mem::take(&mut *lock(&self.inner.denials))
+    }
+
     /// Replaces the RBAC policy requests are authorized by (default: [`Policy::chart`]).
     pub fn set_policy(&self, policy: Policy) {
         *lock(&self.inner.policy) = Arc::new(policy);
