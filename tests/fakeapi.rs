@@ -6,7 +6,7 @@ mod fake_apiserver;
 
 use std::time::{Duration, Instant};
 
-use fake_apiserver::{DeleteOutcome, FakeApiServer, FaultRule};
+use fake_apiserver::{DeleteOutcome, FakeApiServer, FaultRule, Identity, Policy, HARNESS_TOKEN};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, PersistentVolumeClaim};
@@ -81,8 +81,29 @@ fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
     }
 }
 
+/// A request as the harness (allowed everything).
 async fn http(
     server: &FakeApiServer,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Option<&Value>,
+) -> Resp {
+    http_as(
+        server,
+        Some(HARNESS_TOKEN),
+        method,
+        path,
+        content_type,
+        body,
+    )
+    .await
+}
+
+/// A request with bearer token `token` (None: anonymous).
+async fn http_as(
+    server: &FakeApiServer,
+    token: Option<&str>,
     method: &str,
     path: &str,
     content_type: Option<&str>,
@@ -94,6 +115,9 @@ async fn http(
         "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
         server.addr()
     );
+    if let Some(token) = token {
+        req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
     if let Some(ct) = content_type {
         req.push_str(&format!("Content-Type: {ct}\r\n"));
     }
@@ -148,7 +172,7 @@ async fn http(
 async fn watch_events(server: &FakeApiServer, path: &str, n: usize) -> Vec<Value> {
     let mut stream = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer {HARNESS_TOKEN}\r\n\r\n",
         server.addr()
     );
     stream.write_all(req.as_bytes()).await.unwrap();
@@ -501,6 +525,289 @@ async fn get_missing_is_a_not_found_status() {
         .any(|r| r["name"] == "nodes/status"));
 }
 
+/// The system fields of ObjectMeta are the server's (apiserver's `FillObjectMetaSystemFields`
+/// on create, `BeforeUpdate` on update and patch): a POST's `creationTimestamp` and `uid` are
+/// replaced by the server's, a set `resourceVersion` is refused with the storage layer's bare
+/// 500, and a PUT or patch that changes `creationTimestamp` or `generation` is silently given
+/// the stored value back. Only the harness's seeding path (`FakeApiServer::create`: state that
+/// exists before the test) sets them, which is how tests get an object created minutes ago.
+///
+/// Catches: keeping a client-set `creationTimestamp` on create (the `given(m,
+/// "creationTimestamp")` check in `Store::create` answering true for a request), likewise for
+/// `uid`, dropping the resourceVersion refusal, and dropping `creationTimestamp` or
+/// `generation` from the fields `commit_update` carries over from the stored object.
+#[tokio::test]
+async fn system_fields_are_the_servers_and_only_the_harness_seeds_them() {
+    let s = FakeApiServer::start().await;
+    let before = fake_apiserver::now_rfc3339();
+    let mut body = va("a");
+    body["metadata"]["creationTimestamp"] = json!("2020-01-02T03:04:05Z");
+    body["metadata"]["uid"] = json!("11111111-2222-4333-8444-555555555555");
+    body["metadata"]["generation"] = json!(7);
+    let r = post(&s, VA, &body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let a = r.json();
+    // Both RFC 3339 in whole seconds, UTC: they compare as strings.
+    let after = fake_apiserver::now_rfc3339();
+    let created = a["metadata"]["creationTimestamp"].as_str().unwrap();
+    assert!(
+        before.as_str() <= created && created <= after.as_str(),
+        "creationTimestamp {created} is not the server's clock at the request ({before}..{after})"
+    );
+    let uid = a["metadata"]["uid"].as_str().unwrap();
+    assert_ne!(
+        uid, "11111111-2222-4333-8444-555555555555",
+        "a client-set uid was kept"
+    );
+    assert_eq!(uid.len(), 36, "{uid}");
+
+    let mut with_rv = va("b");
+    with_rv["metadata"]["resourceVersion"] = json!("5");
+    let r = post(&s, VA, &with_rv).await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "resourceVersion should not be set on objects to be created",
+               "code": 500}),
+        "a storage error, not an API status: no reason"
+    );
+    assert!(s.get("volumeattachments", None, "b").is_none());
+
+    // An update or patch cannot move the creation time or the generation: the stored ones stay.
+    let path = format!("{VA}/a");
+    let mut moved = a.clone();
+    moved["metadata"]["creationTimestamp"] = json!("2000-01-01T00:00:00Z");
+    moved["metadata"]["generation"] = json!(99);
+    moved["metadata"]["labels"] = json!({"put": "yes"});
+    let r = put(&s, &path, &moved).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    assert_eq!(r["metadata"]["labels"], json!({"put": "yes"}));
+    assert_eq!(
+        r["metadata"]["creationTimestamp"],
+        a["metadata"]["creationTimestamp"]
+    );
+    assert_eq!(r["metadata"]["generation"], a["metadata"]["generation"]);
+    let r = merge(
+        &s,
+        &path,
+        &json!({"metadata": {"creationTimestamp": "2000-01-01T00:00:00Z", "generation": 99}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = r.json();
+    assert_eq!(
+        r["metadata"]["creationTimestamp"],
+        a["metadata"]["creationTimestamp"]
+    );
+    assert_eq!(r["metadata"]["generation"], a["metadata"]["generation"]);
+    assert_eq!(r["metadata"]["uid"], a["metadata"]["uid"]);
+
+    // The harness seeds what existed before the test, system fields and status included.
+    let mut seeded = va("seeded");
+    seeded["metadata"]["creationTimestamp"] = json!("2019-01-01T00:00:00Z");
+    seeded["metadata"]["uid"] = json!("11111111-2222-4333-8444-555555555555");
+    let seeded = s.create("volumeattachments", seeded).unwrap();
+    assert_eq!(
+        seeded["metadata"]["creationTimestamp"],
+        "2019-01-01T00:00:00Z"
+    );
+    assert_eq!(
+        seeded["metadata"]["uid"],
+        "11111111-2222-4333-8444-555555555555"
+    );
+    assert_eq!(get(&s, &format!("{VA}/seeded")).await.json(), seeded);
+}
+
+/// Authorization by the RBAC rendered from the chart (deploy/kubernetes/rbac.yaml), before
+/// anything else: the driver's identity (the controller's ServiceAccount held to the driver's
+/// roles) may make the calls those roles list and gets the real server's 403 Status for any
+/// other, served resource or not; a Role reaches only its namespace; the whole account holds
+/// the union of its bindings (the sidecars' roles too); the node's account, bound to nothing,
+/// may only discover; an anonymous request may read `/version` and nothing else; an unknown
+/// token is 401; resourceNames restrict by name, a list or watch naming one by field selector.
+/// Every refusal is logged with its user and kept apart from the call log.
+///
+/// Catches: dropping the authorization check in `handle` (the `denied` answer), a RoleBinding
+/// granting outside its namespace (the namespace filter in `Policy::allows`), ignoring
+/// `resourceNames` in `Rule::allows`, and ignoring an identity's role restriction.
+#[tokio::test]
+async fn requests_outside_the_rendered_rbac_are_forbidden() {
+    let s = FakeApiServer::start().await;
+    s.create("volumeattachments", va("a")).unwrap();
+    s.create("nodes", json!({"metadata": {"name": "n1"}}))
+        .unwrap();
+    let driver = s.token_for(Identity::service_account_with_roles(
+        "rds-csi",
+        "rds-csi-controller",
+        &["rds-csi-driver", "rds-csi-driver-leases"],
+    ));
+    let account = s.token_for(Identity::service_account("rds-csi", "rds-csi-controller"));
+    let node = s.token_for(Identity::service_account("rds-csi", "rds-csi-node"));
+    let user = "system:serviceaccount:rds-csi:rds-csi-controller";
+    let leases = "/apis/coordination.k8s.io/v1/namespaces";
+
+    // What the driver's roles allow.
+    for (method, path) in [
+        ("GET", format!("{VA}/a")),
+        ("GET", format!("{VA}?limit=500")),
+        ("GET", "/api/v1/nodes/n1".to_string()),
+        (
+            "GET",
+            format!("{leases}/rds-csi/leases?fieldSelector=metadata.name%3Dx"),
+        ),
+        ("GET", "/version".to_string()),
+        ("GET", "/apis".to_string()),
+    ] {
+        let r = http_as(&s, Some(&driver), method, &path, None, None).await;
+        assert_ne!(r.status, 403, "{method} {path}: {}", r.body);
+    }
+    let event = json!({"metadata": {"name": "e1"}, "involvedObject": {"kind": "PersistentVolumeClaim", "namespace": "default", "name": "c"}, "reason": "R", "message": "m", "type": "Normal"});
+    let r = http_as(
+        &s,
+        Some(&driver),
+        "POST",
+        "/api/v1/namespaces/default/events",
+        Some("application/json"),
+        Some(&event),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // And what they do not: the real server's Status, naming user, verb, resource and scope.
+    let r = http_as(&s, Some(&driver), "DELETE", &format!("{VA}/a"), None, None).await;
+    assert_eq!(
+        r.json(),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("volumeattachments.storage.k8s.io \"a\" is forbidden: User \"{user}\" cannot delete resource \"volumeattachments\" in API group \"storage.k8s.io\" at the cluster scope"),
+               "reason": "Forbidden",
+               "details": {"name": "a", "group": "storage.k8s.io", "kind": "volumeattachments"},
+               "code": 403})
+    );
+    assert!(
+        s.get("volumeattachments", None, "a").is_some(),
+        "nothing was deleted"
+    );
+    let denied = [
+        ("PATCH", format!("{VA}/a/status"), format!("volumeattachments.storage.k8s.io \"a\" is forbidden: User \"{user}\" cannot patch resource \"volumeattachments/status\" in API group \"storage.k8s.io\" at the cluster scope")),
+        // The driver's Lease Role is in rds-csi only.
+        ("GET", format!("{leases}/default/leases/x"), format!("leases.coordination.k8s.io \"x\" is forbidden: User \"{user}\" cannot get resource \"leases\" in API group \"coordination.k8s.io\" in the namespace \"default\"")),
+        ("PUT", format!("{leases}/rds-csi/leases/x"), format!("leases.coordination.k8s.io \"x\" is forbidden: User \"{user}\" cannot update resource \"leases\" in API group \"coordination.k8s.io\" in the namespace \"rds-csi\"")),
+        // Authorization comes first: a resource the fake does not serve is 403, not 404.
+        ("GET", "/api/v1/namespaces/rds-csi/secrets".to_string(), format!("secrets is forbidden: User \"{user}\" cannot list resource \"secrets\" in API group \"\" in the namespace \"rds-csi\"")),
+        ("POST", "/api/v1/nodes".to_string(), format!("nodes is forbidden: User \"{user}\" cannot create resource \"nodes\" in API group \"\" at the cluster scope")),
+    ];
+    for (method, path, message) in &denied {
+        let r = http_as(
+            &s,
+            Some(&driver),
+            method,
+            path,
+            Some("application/merge-patch+json"),
+            Some(&json!({})),
+        )
+        .await;
+        assert_status(&r, 403, "Forbidden");
+        assert_eq!(r.json()["message"], *message, "{method} {path}");
+    }
+
+    // The whole account holds its sidecars' roles too: the csi-attacher's status patch.
+    let r = http_as(
+        &s,
+        Some(&account),
+        "PATCH",
+        &format!("{VA}/a/status"),
+        Some("application/merge-patch+json"),
+        Some(&json!({"status": {"attached": true}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The node's account is bound to nothing: discovery only.
+    assert_eq!(
+        http_as(&s, Some(&node), "GET", "/api/v1", None, None)
+            .await
+            .status,
+        200
+    );
+    let r = http_as(&s, Some(&node), "GET", "/api/v1/nodes", None, None).await;
+    assert_status(&r, 403, "Forbidden");
+    // Anonymous: /version, nothing else.
+    assert_eq!(
+        http_as(&s, None, "GET", "/version", None, None)
+            .await
+            .status,
+        200
+    );
+    let r = http_as(&s, None, "GET", "/api", None, None).await;
+    assert_status(&r, 403, "Forbidden");
+    assert_eq!(
+        r.json()["message"],
+        "forbidden: User \"system:anonymous\" cannot get path \"/api\""
+    );
+    assert_status(
+        &http_as(&s, Some("no-such-token"), "GET", "/api", None, None).await,
+        401,
+        "Unauthorized",
+    );
+
+    let refused: Vec<(String, String, u16)> = s
+        .rbac_denials()
+        .iter()
+        .map(|c| (c.user.clone(), c.verb.clone(), c.status.unwrap()))
+        .collect();
+    assert_eq!(refused.len(), 1 + denied.len() + 2, "{refused:?}");
+    assert_eq!(refused[0], (user.to_string(), "delete".to_string(), 403));
+    s.clear_calls();
+    assert_eq!(
+        s.rbac_denials().len(),
+        refused.len(),
+        "kept apart from the call log"
+    );
+
+    // resourceNames: one object by name, a list or watch only when it names that object.
+    s.set_policy(
+        Policy::from_yaml(
+            "kind: Role\napiVersion: rbac.authorization.k8s.io/v1\nmetadata: {name: one, namespace: rds-csi}\n\
+             rules: [{apiGroups: [coordination.k8s.io], resources: [leases], resourceNames: [x], verbs: [get, list, watch]}]\n\
+             ---\nkind: RoleBinding\napiVersion: rbac.authorization.k8s.io/v1\nmetadata: {name: one, namespace: rds-csi}\n\
+             subjects: [{kind: ServiceAccount, name: rds-csi-node, namespace: rds-csi}]\n\
+             roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: one}\n",
+        )
+        .unwrap(),
+    );
+    for (path, allowed) in [
+        ("/rds-csi/leases/x", true),
+        ("/rds-csi/leases/y", false),
+        ("/rds-csi/leases?fieldSelector=metadata.name%3Dx", true),
+        (
+            "/rds-csi/leases?watch=1&fieldSelector=metadata.name%3Dx",
+            true,
+        ),
+        ("/rds-csi/leases", false),
+        ("/default/leases/x", false),
+    ] {
+        let path = format!("{leases}{path}");
+        let status = if path.contains("watch=1") {
+            // A watch stays open: its answer's status line is enough.
+            let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {node}\r\n\r\n");
+            stream.write_all(req.as_bytes()).await.unwrap();
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[9..12])
+                .parse::<u16>()
+                .unwrap()
+        } else {
+            http_as(&s, Some(&node), "GET", &path, None, None)
+                .await
+                .status
+        };
+        assert_eq!(status != 403, allowed, "{path}: {status}");
+    }
+}
+
 #[tokio::test]
 async fn create_sets_server_fields_and_conflicts() {
     let s = FakeApiServer::start().await;
@@ -537,10 +844,6 @@ async fn create_sets_server_fields_and_conflicts() {
     noname["metadata"] = json!({});
     assert_status(&post(&s, VA, &noname).await, 422, "Invalid");
 
-    let mut old = va("old");
-    old["metadata"]["creationTimestamp"] = json!("2020-01-02T03:04:05Z");
-    let o = post(&s, VA, &old).await.json();
-    assert_eq!(o["metadata"]["creationTimestamp"], "2020-01-02T03:04:05Z");
     let helper = s
         .create("volumeattachments", {
             let mut v = va("older");
@@ -1519,7 +1822,7 @@ async fn faults_fail_hang_delay_and_conflict() {
     client
         .write_all(
             format!(
-                "PATCH /api/v1/nodes/n1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/merge-patch+json\r\nContent-Length: {}\r\n\r\n{body}",
+                "PATCH /api/v1/nodes/n1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {HARNESS_TOKEN}\r\nContent-Type: application/merge-patch+json\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )
             .as_bytes(),

@@ -520,3 +520,60 @@ async fn seen_counts_only_this_drivers_volume_attachments() {
         1.0
     );
 }
+
+// ---- Who the driver is to the API server ----------------------------------------------------
+
+/// The driver calls the API server as the controller's ServiceAccount held to the driver's
+/// roles of the rendered RBAC, never as the all-powerful harness: so the chart's RBAC decides
+/// every call of every Kubernetes-mode test, and `Cluster` fails a test on any 403. The same
+/// kubeconfig is refused what only a sidecar's role of that account allows (the csi-attacher's
+/// VolumeAttachment status patch).
+///
+/// Catches: `Cluster::new` writing the harness's kubeconfig for the driver, and
+/// `driver_identity` leaving out the driver's roles (the account's sidecar roles would then
+/// hide a rule missing from the driver's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_calls_the_api_as_the_controller_account_with_the_driver_roles() {
+    use k8s_openapi::api::storage::v1::VolumeAttachment;
+    use kube::api::{Api, Patch, PatchParams};
+
+    let c = Cluster::new(&["n1"]).await;
+    c.pv("pv", "vol", false, None, json!({}));
+    let d = c.start_with_volumes(&["vol"]).await;
+    d.wait_ready().await;
+    let va = c.va("pv", "vol", "n1", false, Duration::ZERO);
+    d.publish("vol", "n1", rwo()).await.unwrap();
+    eventually("pv annotated", || async { annotation(&c, "pv") == "n1" }).await;
+    let users: std::collections::BTreeSet<String> =
+        c.api.calls().iter().map(|call| call.user.clone()).collect();
+    assert_eq!(
+        users.into_iter().collect::<Vec<_>>(),
+        ["system:serviceaccount:rds-csi:rds-csi-controller"],
+        "every call the driver made"
+    );
+
+    let kubeconfig = kube::config::Kubeconfig::read_from(&c.kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let api: Api<VolumeAttachment> = Api::all(kube::Client::try_from(config).unwrap());
+    let err = api
+        .patch_status(
+            &va,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"attached": true}})),
+        )
+        .await
+        .expect_err("the csi-attacher's rule is not the driver's");
+    match err {
+        kube::Error::Api(s) => assert_eq!(
+            (s.code, s.reason.as_str()),
+            (403, "Forbidden"),
+            "{}",
+            s.message
+        ),
+        other => panic!("not an API error: {other:?}"),
+    }
+    let refused = c.api.take_rbac_denials();
+    assert_eq!(refused.len(), 1, "only the provoked refusal: {refused:?}");
+}

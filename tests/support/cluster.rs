@@ -10,12 +10,23 @@ use rds_csi::kube::cluster::va_name;
 use serde_json::{json, Value};
 
 use super::{precreate, Driver};
-use crate::fake_apiserver::FakeApiServer;
+use crate::fake_apiserver::{FakeApiServer, Identity};
 
 pub const DRIVER: &str = rds_csi::DEFAULT_DRIVER_NAME;
 
 /// Where the controller pods, and so the csi-attacher's leader Lease, live.
 pub const LEASE_NAMESPACE: &str = "rds-csi";
+
+/// The controller pod's ServiceAccount, and the roles the chart writes for the driver
+/// container (the sidecars beside it hold the account's other roles).
+pub const CONTROLLER_ACCOUNT: &str = "rds-csi-controller";
+pub const DRIVER_ROLES: &[&str] = &["rds-csi-driver", "rds-csi-driver-leases"];
+
+/// Who the driver is to the fake API server: the controller's ServiceAccount, held to the
+/// driver's roles of the rendered RBAC, so a call those roles do not allow is answered 403.
+pub fn driver_identity() -> Identity {
+    Identity::service_account_with_roles(LEASE_NAMESPACE, CONTROLLER_ACCOUNT, DRIVER_ROLES)
+}
 
 /// The csi-attacher's leader Lease for [`DRIVER`]: csi-lib-utils names it
 /// `external-attacher-leader-` + the driver name with every character outside `[A-Za-z0-9-]`
@@ -40,6 +51,7 @@ pub struct Cluster {
     pub api: FakeApiServer,
     /// Holds the kubeconfig.
     _dir: tempfile::TempDir,
+    /// The driver's kubeconfig: [`driver_identity`]'s token.
     pub kubeconfig: PathBuf,
 }
 
@@ -47,7 +59,7 @@ impl Cluster {
     pub async fn new(nodes: &[&str]) -> Cluster {
         let api = FakeApiServer::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
+        let kubeconfig = api.write_kubeconfig_as(&dir.path().join("kube"), driver_identity());
         for n in nodes {
             api.create("nodes", json!({"metadata": {"name": n}}))
                 .unwrap();
@@ -206,6 +218,25 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         precreate(dir.path(), volumes).await;
         Driver::start_kube_in(dir, &self.kubeconfig, &[]).await
+    }
+}
+
+/// Every call the driver makes must be one the rendered RBAC allows: a 403 the driver
+/// retried, logged or counted (an event, an annotation) would otherwise leave the test green.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let denied: Vec<String> = self
+            .api
+            .rbac_denials()
+            .iter()
+            .map(|c| format!("{} {} {} ({})", c.user, c.method, c.path, c.verb))
+            .collect();
+        if !denied.is_empty() && !std::thread::panicking() {
+            panic!(
+                "calls the rendered RBAC ({}) does not allow, answered 403: {denied:#?}",
+                crate::fake_apiserver::rbac::CHART_RBAC
+            );
+        }
     }
 }
 

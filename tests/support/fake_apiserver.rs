@@ -18,8 +18,20 @@
 //! Everything is kept as `serde_json::Value`; one global resourceVersion counts every write, as
 //! etcd's revision does. Resources are named in the helpers by plural, optionally qualified by
 //! group (`"events.events.k8s.io"`), or by kind (`"VolumeAttachment"`).
+//!
+//! Two ways in, kept apart on purpose:
+//! - **REST requests** are authenticated by bearer token and authorized by RBAC (module
+//!   [`rbac`]: the chart's rendered roles by default) before anything else, and go through the
+//!   real server's create and update strategies: the server sets uid, creationTimestamp and
+//!   resourceVersion, and no request can set or change them.
+//! - **The harness helpers** (`create`, `patch`, `delete`, ...) write the store directly, as
+//!   etcd's contents before a test: no authorization, no call log, and `create` keeps a given
+//!   status, uid and creationTimestamp (an object made minutes ago).
 
 #![allow(dead_code)]
+
+#[path = "fake_rbac.rs"]
+pub mod rbac;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -37,12 +49,16 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+pub use rbac::{Attributes, Identity, Policy};
+
 /// How many watch events are kept for watches that resume from a resourceVersion.
 pub const DEFAULT_HISTORY_LIMIT: usize = 10_000;
 /// How often a watch that asked for bookmarks gets one (the real server: about a minute).
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024 * 1024;
+/// The bearer token of [`Identity::Harness`], which [`FakeApiServer::kubeconfig`] carries.
+pub const HARNESS_TOKEN: &str = "fake-harness";
 
 // ---------------------------------------------------------------------------------------------
 // Resource definitions
@@ -361,9 +377,12 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        // `reason` is omitted when empty (metav1.Status `omitempty`).
+        if !self.reason.is_empty() {
+            s["reason"] = json!(self.reason);
+        }
         if let Some(d) = &self.details {
             s["details"] = d.clone();
         }
@@ -1611,6 +1630,16 @@ fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
     Ok((rv, start.to_string()))
 }
 
+/// Who writes an object into the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A REST request: the server sets the system fields (uid, creationTimestamp,
+    /// resourceVersion) and applies the create strategy.
+    Request,
+    /// The harness, seeding state that exists before the test: stored as given.
+    Seed,
+}
+
 fn strip_type_meta(mut obj: Value) -> Value {
     if let Some(o) = obj.as_object_mut() {
         o.remove("apiVersion");
@@ -1841,20 +1870,33 @@ impl Store {
         obj["kind"] = json!(def.kind);
     }
 
-    /// Creates an object. `namespace` is the request path's; for the internal helper it is the
-    /// object's own. `api` applies the create strategy (status reset) of the real server.
+    /// Creates an object. `namespace` is the request path's; for a seed it is the object's own.
+    /// `origin` decides who sets the system fields: a [`Origin::Request`] gets the real server's
+    /// create path (a set resourceVersion refused, uid and creationTimestamp the server's own,
+    /// status reset by the create strategy); a [`Origin::Seed`] is stored as given.
     fn create(
         &mut self,
         ty: usize,
         namespace: Option<&str>,
         mut obj: Value,
-        api: bool,
+        origin: Origin,
     ) -> Result<Value, ApiError> {
         let def = &RESOURCES[ty];
         if !obj.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
             ));
+        }
+        // The storage layer (etcd3 `Create`) refuses a set resourceVersion before anything is
+        // written; the error is no API status, so the handler serves it as a bare 500.
+        if origin == Origin::Request
+            && meta_str(&obj, "resourceVersion").is_some_and(|rv| !rv.is_empty() && rv != "0")
+        {
+            return Err(ApiError::new(
+                500,
+                "resourceVersion should not be set on objects to be created",
+            )
+            .with_reason(""));
         }
         Self::check_type_meta(def, &obj)?;
         Self::set_type_meta(def, &mut obj);
@@ -1901,11 +1943,18 @@ impl Store {
             m.insert("name".into(), json!(name));
         }
         let ns = m.get("namespace").and_then(Value::as_str).map(String::from);
-        m.insert("uid".into(), json!(new_uid()));
-        if m.get("creationTimestamp")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-        {
+        // The server's own (apiserver `FillObjectMetaSystemFields`): whatever a request sent is
+        // replaced. A seed keeps what the harness gave, as etcd holds it.
+        let given = |m: &Map<String, Value>, key: &str| {
+            origin == Origin::Seed
+                && m.get(key)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| !v.is_empty())
+        };
+        if !given(m, "uid") {
+            m.insert("uid".into(), json!(new_uid()));
+        }
+        if !given(m, "creationTimestamp") {
             m.insert("creationTimestamp".into(), json!(now_rfc3339()));
         }
         m.remove("deletionTimestamp");
@@ -1916,7 +1965,7 @@ impl Store {
         if self.objects[ty].contains_key(&key) {
             return Err(ApiError::already_exists(def, &name));
         }
-        if api {
+        if origin == Origin::Request {
             match def.plural {
                 "volumeattachments" => obj["status"] = json!({"attached": false}),
                 "persistentvolumes" | "persistentvolumeclaims" => {
@@ -1965,6 +2014,7 @@ impl Store {
                 "creationTimestamp",
                 "deletionTimestamp",
                 "deletionGracePeriodSeconds",
+                "generation",
                 "name",
                 "namespace",
             ] {
@@ -2640,6 +2690,8 @@ pub struct Call {
     pub id: u64,
     /// HTTP method.
     pub method: String,
+    /// The authenticated user (`system:anonymous` without a token).
+    pub user: String,
     /// The RBAC verb: list, watch, get, create, update, patch, delete, deletecollection
     /// (non-resource requests: the lowercase HTTP method, e.g. get).
     pub verb: String,
@@ -2695,6 +2747,7 @@ impl Call {
         json!({
             "id": self.id,
             "method": self.method,
+            "user": self.user,
             "verb": self.verb,
             "group": self.group,
             "resource": self.resource,
@@ -2734,6 +2787,12 @@ struct Inner {
     /// `cache_lists(true)`: benchmarks use it so the fake's own serializing does not hide the
     /// client's time.
     list_cache: Mutex<Option<ListCache>>,
+    /// Bearer tokens and whom they authenticate.
+    tokens: Mutex<HashMap<String, Identity>>,
+    /// What the identities may do: the chart's RBAC unless a test sets another.
+    policy: Mutex<Arc<Policy>>,
+    /// Every request RBAC refused (403), kept apart from the call log, which tests clear.
+    denials: Mutex<Vec<Call>>,
 }
 
 #[derive(Default)]
@@ -2809,6 +2868,12 @@ impl FakeApiServer {
             fault_gen: watch::channel(0).0,
             drop_gen: watch::channel(0).0,
             list_cache: Mutex::new(None),
+            tokens: Mutex::new(HashMap::from([(
+                HARNESS_TOKEN.to_string(),
+                Identity::Harness,
+            )])),
+            policy: Mutex::new(Arc::new(Policy::chart().clone())),
+            denials: Mutex::new(vec![]),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -2832,9 +2897,45 @@ impl FakeApiServer {
         format!("http://{}", self.inner.addr)
     }
 
-    /// The kubeconfig text: one cluster (this server, plain http), one context, one user
-    /// without credentials; namespace `default`.
+    /// The kubeconfig text of the harness (allowed everything): one cluster (this server,
+    /// plain http), one context, one user with [`HARNESS_TOKEN`]; namespace `default`.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with_token(HARNESS_TOKEN)
+    }
+
+    /// A kubeconfig like [`Self::kubeconfig`] whose user is `who`.
+    pub fn kubeconfig_as(&self, who: Identity) -> String {
+        let token = self.token_for(who);
+        self.kubeconfig_with_token(&token)
+    }
+
+    /// A bearer token that authenticates `who` (the same token for the same identity).
+    pub fn token_for(&self, who: Identity) -> String {
+        let mut tokens = lock(&self.inner.tokens);
+        if let Some((t, _)) = tokens.iter().find(|(_, i)| **i == who) {
+            return t.clone();
+        }
+        let token = format!("fake-token-{}", tokens.len());
+        tokens.insert(token.clone(), who);
+        token
+    }
+
+    /// Every request RBAC answered 403, in order (not emptied by [`Self::clear_calls`]).
+    pub fn rbac_denials(&self) -> Vec<Call> {
+        lock(&self.inner.denials).clone()
+    }
+
+    /// Returns and forgets the RBAC refusals: a test that provokes one on purpose takes it.
+    pub fn take_rbac_denials(&self) -> Vec<Call> {
+        std::mem::take(&mut *lock(&self.inner.denials))
+    }
+
+    /// Replaces the RBAC policy requests are authorized by (default: [`Policy::chart`]).
+    pub fn set_policy(&self, policy: Policy) {
+        *lock(&self.inner.policy) = Arc::new(policy);
+    }
+
+    fn kubeconfig_with_token(&self, token: &str) -> String {
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
@@ -2845,7 +2946,8 @@ impl FakeApiServer {
                  server: {url}\n\
              users:\n\
              - name: fake\n  \
-               user: {{}}\n\
+               user:\n    \
+                 token: {token}\n\
              contexts:\n\
              - name: fake\n  \
                context:\n    \
@@ -2859,18 +2961,29 @@ impl FakeApiServer {
 
     /// Writes [`kubeconfig`](Self::kubeconfig) to `dir/kubeconfig` and returns the path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.write_kubeconfig_text(dir, &self.kubeconfig())
+    }
+
+    /// Writes [`kubeconfig_as`](Self::kubeconfig_as) `who` to `dir/kubeconfig`.
+    pub fn write_kubeconfig_as(&self, dir: &Path, who: Identity) -> PathBuf {
+        self.write_kubeconfig_text(dir, &self.kubeconfig_as(who))
+    }
+
+    fn write_kubeconfig_text(&self, dir: &Path, text: &str) -> PathBuf {
         std::fs::create_dir_all(dir).expect("create kubeconfig dir");
         let path = dir.join("kubeconfig");
-        std::fs::write(&path, self.kubeconfig()).expect("write kubeconfig");
+        std::fs::write(&path, text).expect("write kubeconfig");
         path
     }
 
     // ----- store helpers (not logged, no faults; same logic and watch events as the API) -----
 
-    /// Creates an object (its namespace from `metadata.namespace`, default `default`). Unlike an
-    /// API create it keeps a given `status`, so tests can build any state in one step.
+    /// Seeds an object: cluster state that exists before the test, as etcd would hold it (its
+    /// namespace from `metadata.namespace`, default `default`). Unlike a create over HTTP, it
+    /// keeps a given `status`, `uid` and `creationTimestamp` (an object created minutes ago), so
+    /// tests can build any state in one step; a REST request can set none of them.
     pub fn create(&self, resource: &str, obj: Value) -> Result<Value, ApiError> {
-        lock(&self.inner.store).create(resource_id(resource), None, obj, false)
+        lock(&self.inner.store).create(resource_id(resource), None, obj, Origin::Seed)
     }
 
     pub fn get(&self, resource: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
@@ -3483,6 +3596,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -3502,10 +3620,28 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         return admin(&inner, &method, &path, &body);
     }
     let q = parse_query(&query);
+    // Authentication, then authorization, come before the request is routed (apiserver's
+    // filter chain): an unknown token is 401, a request RBAC does not allow 403, whatever
+    // the path names.
+    let who = match &token {
+        None => Some(Identity::Anonymous),
+        Some(t) => lock(&inner.tokens).get(t).cloned(),
+    };
+    let attributes = Attributes::from_request(method.as_str(), &path, &q);
+    let denied = match &who {
+        None => Some(error_response(
+            &ApiError::new(401, "Unauthorized").with_details(json!({})),
+        )),
+        Some(who) if !lock(&inner.policy).allows(who, &attributes) => {
+            Some(json_response(403, &attributes.forbidden(&who.user())))
+        }
+        Some(_) => None,
+    };
     let target = route(&method, &path, &q, inner.addr);
     let mut call = Call {
         id: inner.next_call.fetch_add(1, Ordering::Relaxed),
         method: method.to_string(),
+        user: who.as_ref().map(Identity::user).unwrap_or_default(),
         // Non-resource requests: the lowercase HTTP method, as RBAC names their verbs.
         verb: method.as_str().to_ascii_lowercase(),
         group: String::new(),
@@ -3539,6 +3675,22 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         call.name = r.name.clone();
     }
     let call_id = call.id;
+    if let Some(resp) = denied {
+        // Logged as authorization read it, served resource or not.
+        call.verb = attributes.verb.clone();
+        call.group = attributes.group.clone();
+        call.resource = attributes.resource.clone();
+        call.subresource = attributes.subresource.clone();
+        call.namespace = attributes.namespace.clone();
+        call.name = attributes.name.clone();
+        call.status = Some(resp.status().as_u16());
+        call.answered_at = Some(Instant::now());
+        if call.status == Some(403) {
+            lock(&inner.denials).push(call.clone());
+        }
+        lock(&inner.calls).push(call);
+        return resp;
+    }
     let plan = if call.resource.is_empty() {
         FaultPlan::default()
     } else {
@@ -3701,7 +3853,7 @@ fn resource_request(
             let obj = parse_body(content_type, body)?;
             Ok(json_response(
                 201,
-                &lock(&inner.store).create(r.ty, ns, obj, true)?,
+                &lock(&inner.store).create(r.ty, ns, obj, Origin::Request)?,
             ))
         }
         "update" => {
