@@ -398,6 +398,18 @@ mod tests {
         ));
     }
 
+    /// The XFS check is `xfs_repair -n`: xfs_repair without `-n` writes its repair to the
+    /// device, and a damaged filesystem is left exactly as it is (xfs_repair(8): with `-n` it
+    /// exits 1 when it found corruption, 0 otherwise). Catches: removing `.arg("-n")` from the
+    /// xfs_repair invocation in `check`.
+    #[tokio::test]
+    async fn the_xfs_check_runs_xfs_repair_in_no_modify_mode() {
+        let runner = RecordingRunner::default();
+        runner.on("xfs_repair -n /dev/loop3", |_| exits(0, ""));
+        check(&runner, &loop3(), FsType::Xfs).await.unwrap();
+        assert_eq!(runner.calls(), vec!["xfs_repair -n /dev/loop3"]);
+    }
+
     #[tokio::test]
     async fn formatting_needs_the_tool_and_says_which() {
         let runner = RecordingRunner::default().without("mkfs.xfs");
