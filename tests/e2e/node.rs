@@ -1190,6 +1190,65 @@ async fn a_damaged_or_foreign_device_is_never_formatted_or_mounted() {
     n.host.assert_clean();
 }
 
+/// SHA-256 of the whole file at `path`.
+fn file_sha256(path: &std::path::Path) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut hasher).unwrap();
+    hasher.finalize().into()
+}
+
+/// An XFS whose allocation-group 0 free-space header (AGF, the sector after the superblock)
+/// has lost its `XAGF` magic: blkid still recognises the XFS superblock, `xfs_repair -n`
+/// reports the corruption (exit 1) and changes nothing. NodeStageVolume is FAILED_PRECONDITION
+/// naming the damage, and the image is byte for byte what it was before the stage.
+/// Catches: removing `-n` from the xfs_repair invocation in src/node/filesystem.rs `check`
+/// (xfs_repair then rewrites the AGF and exits 0, so the stage mounts a filesystem it changed).
+#[tokio::test]
+async fn a_damaged_xfs_is_refused_and_left_byte_for_byte_unchanged() {
+    if !root_or_skip("damaged_xfs") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let xfs = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    n.create("badxfs", 512 * MIB, xfs.clone()).await;
+    prepare_image(&n, "badxfs", |dev| run("mkfs.xfs", &["-q", dev]));
+    let image = n.d.dir.path().join("volumes/badxfs.img");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .unwrap();
+        // The superblock's sb_sectsize (big-endian u16 at byte 102); the AGF is sector 1.
+        let mut sectsize = [0u8; 2];
+        f.seek(SeekFrom::Start(102)).unwrap();
+        f.read_exact(&mut sectsize).unwrap();
+        let agf = u64::from(u16::from_be_bytes(sectsize));
+        let mut magic = [0u8; 4];
+        f.seek(SeekFrom::Start(agf)).unwrap();
+        f.read_exact(&mut magic).unwrap();
+        assert_eq!(&magic, b"XAGF", "AG 0's AGF at byte {agf}");
+        f.seek(SeekFrom::Start(agf)).unwrap();
+        f.write_all(&[0; 4]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let before = file_sha256(&image);
+    let ctx = n.attach("badxfs", xfs.clone()).await;
+    expect_code(
+        n.stage("badxfs", "s1", xfs.clone(), ctx).await,
+        Code::FailedPrecondition,
+        "is damaged",
+    );
+    n.d.wait_for_log_count("detached loop device", 1).await;
+    assert_eq!(n.mount_count("s1"), 0, "the damaged xfs was mounted");
+    assert!(
+        file_sha256(&image) == before,
+        "the damaged xfs image changed during the stage: the check wrote to it"
+    );
+    n.host.assert_clean();
+}
+
 /// Stage and publish an ext4 volume, then detach its loop device out from under the mounts
 /// (`losetup --detach` of a busy device only marks it autoclear: the plugin no longer finds
 /// the volume's device, the mounts keep its number, as after an NVMe `ctrl_loss_tmo`).
