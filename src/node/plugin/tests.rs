@@ -126,10 +126,11 @@ impl World {
         AbsPath::try_from(p).unwrap()
     }
 
-    /// Connects `nqn` as controller `ctrl` (in subsystem `ctrl`) with namespace device
-    /// `nvme<ctrl>n1` at `dev`.
+    /// Connects `nqn` as controller `ctrl` in subsystem `ctrl + 10` (founded by a controller
+    /// since gone) with namespace device `nvme<ctrl>n1` at `dev`: without native multipath
+    /// the kernel names the namespace after the controller.
     fn connect(&self, ctrl: u32, nqn: &str, dev: &str) {
-        self.sysfs.connect(ctrl, ctrl, nqn);
+        self.sysfs.connect(ctrl, ctrl + 10, nqn);
         self.sysfs.plain_namespace(ctrl, 1, dev);
     }
 
