@@ -413,6 +413,7 @@ mod tests {
     #[tokio::test]
     async fn formatting_needs_the_tool_and_says_which() {
         let runner = RecordingRunner::default().without("mkfs.xfs");
+        runner.ok("mkfs.ext4 -F -q /dev/loop3");
         let err = format(&runner, &loop3(), FsType::Xfs).await.unwrap_err();
         assert!(
             matches!(&err, NodeError::FailedPrecondition(m) if m.contains("mkfs.xfs")),
@@ -428,6 +429,8 @@ mod tests {
     #[tokio::test]
     async fn ext3_uses_the_ext_tools() {
         let runner = RecordingRunner::default();
+        runner.ok("mkfs.ext3 -F -q /dev/loop3");
+        runner.ok("resize2fs /dev/loop3");
         format(&runner, &loop3(), FsType::Ext3).await.unwrap();
         let mp = AbsPath::try_from(std::path::PathBuf::from("/mnt/x")).unwrap();
         grow(&runner, &loop3(), &mp, FsType::Ext3).await.unwrap();

@@ -1023,6 +1023,8 @@ mod tests {
             controller(&fs2, 6, NQN, None);
             ok()
         });
+        runner.ok("nvme ns-rescan /dev/nvme6");
+        runner.disconnects_in(&fs);
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         let err = nvme.attach(&backing).await.unwrap_err();
@@ -1105,6 +1107,8 @@ mod tests {
             controller(&fs2, 6, NQN, None);
             ok()
         });
+        runner.ok("nvme ns-rescan /dev/nvme6");
+        runner.disconnects_in(&fs);
         assert!(matches!(
             nvme.attach(&backing).await,
             Err(NodeError::FailedPrecondition(_))

@@ -32,6 +32,7 @@ impl World {
         let sysfs = FakeSysfs::new(&sys);
         let mounts = FakeMounter::new(&FakeProc::new(&dir.path().join("proc")));
         let runner = RecordingRunner::default();
+        runner.disconnects_in(&sysfs);
         let plugin = Arc::new(NodePlugin::new(NodeDeps {
             source: Arc::new(NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())),
             mounter: Arc::new(mounts.clone()),
