@@ -31,6 +31,7 @@ pub const NODE_TOOLS: &[&str] = &[
     "mkfs.xfs",
     "xfs_repair",
     "xfs_growfs",
+    "xfs_io",
 ];
 
 /// Where skips are recorded: `$RDS_CSI_SKIP_LEDGER`, or `skipped-tests.txt` above the test

@@ -1249,6 +1249,57 @@ async fn a_damaged_xfs_is_refused_and_left_byte_for_byte_unchanged() {
     n.host.assert_clean();
 }
 
+/// An XFS whose node crashed while it was mounted: its last changes are in the log only
+/// (written and synced, then the filesystem shut down as a power loss leaves it).
+/// `xfs_repair -n` ignores the log and, exiting 1, reports what replaying it resolves; the
+/// stage must not call that damage: it mounts, the mount replays the log, and the files are
+/// there. Catches: dropping the `xfs_log_needs_replay` arm of src/node/filesystem.rs `check`
+/// (the stage is FAILED_PRECONDITION "is damaged").
+#[tokio::test]
+async fn an_xfs_left_with_a_dirty_log_by_a_crash_is_staged_and_its_log_replayed() {
+    if !root_or_skip("dirty_xfs_log") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let xfs = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    n.create("crashed", 512 * MIB, xfs.clone()).await;
+    let before_crash = n.host.path().join("before-crash");
+    std::fs::create_dir(&before_crash).unwrap();
+    prepare_image(&n, "crashed", |dev| {
+        run("mkfs.xfs", &["-q", dev]);
+        let at = before_crash.to_str().unwrap();
+        run("mount", &[dev, at]);
+        for i in 0..20 {
+            std::fs::write(before_crash.join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+        run("sync", &["-f", at]);
+        run("xfs_io", &["-x", "-c", "shutdown", at]);
+        run("umount", &[at]);
+        let check = std::process::Command::new("xfs_repair")
+            .args(["-n", dev])
+            .output()
+            .unwrap();
+        assert_eq!(
+            check.status.code(),
+            Some(1),
+            "the premise: xfs_repair -n reports the unreplayed log as inconsistencies"
+        );
+        assert!(
+            String::from_utf8_lossy(&check.stderr).contains("valuable metadata changes in a log"),
+            "the premise: xfs_repair -n says the log needs replaying"
+        );
+    });
+    let ctx = n.attach("crashed", xfs.clone()).await;
+    n.stage("crashed", "s1", xfs.clone(), ctx).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(n.host.path().join("s1/f19")).unwrap(),
+        "19\n",
+        "the log was replayed by the mount"
+    );
+    n.unstage("crashed", "s1").await.unwrap();
+    n.host.assert_clean();
+}
+
 /// Stage and publish an ext4 volume, then detach its loop device out from under the mounts
 /// (`losetup --detach` of a busy device only marks it autoclear: the plugin no longer finds
 /// the volume's device, the mounts keep its number, as after an NVMe `ctrl_loss_tmo`).
