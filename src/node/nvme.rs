@@ -880,7 +880,7 @@ mod tests {
             &fs,
             0,
             "nqn.2014-08.org.nvmexpress:uuid:host-root",
-            Some(("nvme0n1", "259:0")),
+            Some(("nvme0c0n1", "259:0")),
         );
         let runner = RecordingRunner::default();
         let fs2 = fs.clone();
@@ -913,7 +913,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
         let fs = FakeSysfs::new(&sys);
-        controller(&fs, 2, NQN, Some(("nvme2n1", "259:3")));
+        controller(&fs, 2, NQN, Some(("nvme2c2n1", "259:3")));
         let nvme = NvmeDevices::new(RecordingRunner::default(), &sys, NqnPrefix::default());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         assert_eq!(
