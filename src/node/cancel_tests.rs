@@ -136,6 +136,7 @@ fn node() -> Node {
             }
         })
     });
+    runner.ok("mkfs.ext4 -F -q ");
     let (started, mkfs_started) = mpsc::unbounded_channel();
     let gate = Arc::new(Semaphore::new(0));
     let mounter = FakeMounter::new(&FakeProc::new(&dir.path().join("proc")));

@@ -435,18 +435,10 @@ mod tests {
     }
 
     /// mknod needs CAP_MKNOD: as the node tests, these fail without root unless
-    /// `RDS_CSI_SKIP_ROOT_TESTS=1` says the skip is deliberate.
+    /// `RDS_CSI_SKIP_ROOT_TESTS=1` says the skip is deliberate, and then record the skip
+    /// (see [`crate::node::skips`]). They run no external tool.
     fn root_or_skip(test: &str) -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            return true;
-        }
-        assert_eq!(
-            std::env::var("RDS_CSI_SKIP_ROOT_TESTS").as_deref(),
-            Ok("1"),
-            "{test} makes device nodes and needs root"
-        );
-        false
+        crate::node::skips::can_run_or_skip(test, &[])
     }
 
     /// Catches `beneath` accepting a path by string prefix or the root itself: `/x/rootother`

@@ -897,6 +897,7 @@ mod tests {
             fake_loop(&sys2, 7, &img, 8);
             exit(1, "")
         });
+        runner.ok("losetup --detach /dev/loop7");
         let loops = loop_devices(runner.clone(), &root, &sys);
         let err = loops.attach(&file_backing(&image)).await.unwrap_err();
         assert!(err.to_string().contains("losetup"), "{err}");
@@ -930,6 +931,7 @@ mod tests {
             fake_loop(&sys2, 8, &img, 8);
             exit(0, "/dev/loop7\n")
         });
+        runner.ok("losetup --detach /dev/loop8");
         let loops = loop_devices(runner.clone(), &root, &sys);
         let err = loops.attach(&file_backing(&image)).await.unwrap_err();
         assert!(err.to_string().contains("not bound"), "{err}");

@@ -7,8 +7,13 @@
 //! - a fabrics controller is the device `devices/virtual/nvme-fabrics/ctl/nvmeC`, linked from
 //!   `class/nvme/nvmeC`, with `subsysnqn`, `state` and `transport`;
 //! - its subsystem is `devices/virtual/nvme-subsystem/nvme-subsysS`, linked from
-//!   `class/nvme-subsystem/nvme-subsysS`, holding a link `nvmeC` to each controller; the
-//!   subsystem's instance `S` is numbered apart from the controller's `C`;
+//!   `class/nvme-subsystem/nvme-subsysS`, holding a link `nvmeC` to each controller;
+//! - controllers and subsystems draw their instance numbers from one pool (the core's
+//!   `nvme_instance_ida`): a new subsystem takes the number of the controller that founded it
+//!   and keeps it after that controller is gone, so a subsystem's later controllers (another
+//!   path, a reconnect while the old one is still being torn down) are numbered apart from it
+//!   (`nvme-subsys3` holding `nvme1`), and no controller is ever numbered as another live
+//!   subsystem;
 //! - with native multipath the visible namespace is the subsystem's head `nvmeSnN` (under the
 //!   subsystem, in `class/block` and `block`), and each controller holds a hidden path
 //!   `nvmeScCnN` (a disk with its own device number and no `/dev` node); without multipath the
@@ -16,9 +21,9 @@
 //! - every disk has `dev` (`major:minor`), `size` (512-byte sectors) and `holders/`.
 //!
 //! The fake is as strict as the kernel where a test could otherwise pass on a layout the kernel
-//! never shows: a controller or subsystem instance is never reused while it exists, a device
-//! number is never given to two disks, a subsystem has one NQN, and `state` takes only the
-//! kernel's words.
+//! never shows: a controller or subsystem instance is never reused while it exists, nor given
+//! to a controller while a subsystem holds it, a device number is never given to two disks, a
+//! subsystem has one NQN, and `state` takes only the kernel's words.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::symlink;
@@ -114,11 +119,22 @@ impl FakeSysfs {
 
     /// `nvme connect` as the kernel shows it: controller `nvme{ctrl}` in subsystem
     /// `nvme-subsys{subsys}` (created with `nqn` if new), state `live`, no namespace yet.
+    /// A new subsystem numbered apart from `ctrl` is one whose founding controller
+    /// `nvme{subsys}` has gone since; its number stays the subsystem's.
     pub fn connect(&self, ctrl: u32, subsys: u32, nqn: &str) {
         let mut taken = self.state.lock().unwrap();
         assert!(
             !taken.controllers.contains_key(&ctrl),
             "the kernel never reuses a live controller instance: nvme{ctrl} exists"
+        );
+        assert!(
+            ctrl == subsys || !taken.subsystems.contains_key(&ctrl),
+            "controllers and subsystems share one instance pool: nvme-subsys{ctrl} holds {ctrl}"
+        );
+        assert!(
+            taken.subsystems.contains_key(&subsys) || !taken.controllers.contains_key(&subsys),
+            "a new subsystem takes its founding controller's number, and nvme{subsys} is \
+             another live controller"
         );
         match taken.subsystems.get(&subsys) {
             Some(existing) => assert_eq!(existing, nqn, "nvme-subsys{subsys} has one NQN"),
@@ -591,5 +607,45 @@ impl Mounter for FakeMounter {
         }
         std::fs::write(path, "").unwrap();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fake refuses numbers the kernel's one instance pool never hands out: a controller
+    /// numbered as a live subsystem it did not found, and a new subsystem numbered as another
+    /// live controller.
+    #[test]
+    fn instance_numbers_come_from_one_pool() {
+        let nqn = "nqn.2000-02.com.mikrotik:pvc-a";
+        let refused = |setup: fn(&FakeSysfs)| {
+            let dir = tempfile::tempdir().unwrap();
+            let fs = FakeSysfs::new(dir.path());
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| setup(&fs))).is_err()
+        };
+        assert!(refused(|fs| {
+            fs.connect(1, 3, "nqn.2000-02.com.mikrotik:pvc-a");
+            fs.connect(3, 7, "nqn.2000-02.com.mikrotik:pvc-b");
+        }));
+        assert!(refused(|fs| {
+            fs.connect(3, 3, "nqn.2000-02.com.mikrotik:pvc-a");
+            fs.connect(1, 3, "nqn.2000-02.com.mikrotik:pvc-a");
+            fs.delete_controller(3);
+            fs.connect(3, 9, "nqn.2000-02.com.mikrotik:pvc-b");
+        }));
+        assert!(refused(|fs| {
+            fs.connect(1, 1, "nqn.2000-02.com.mikrotik:pvc-a");
+            fs.connect(2, 1, "nqn.2000-02.com.mikrotik:pvc-a");
+            fs.connect(5, 2, "nqn.2000-02.com.mikrotik:pvc-b");
+        }));
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FakeSysfs::new(dir.path());
+        fs.connect(3, 3, nqn);
+        fs.connect(1, 3, nqn);
+        fs.delete_controller(3);
+        fs.connect(4, 3, nqn);
+        assert_eq!(fs.controllers_of(nqn), vec![1, 4]);
     }
 }

@@ -56,6 +56,12 @@ pub fn ext4_needs_recovery(dumpe2fs: &str) -> bool {
         .is_some_and(|f| f.split_whitespace().any(|w| w == "needs_recovery"))
 }
 
+/// Whether `xfs_repair -n` output says the log holds changes it ignored (the log needs
+/// replaying by a mount before a check means anything).
+pub fn xfs_log_needs_replay(xfs_repair: &str) -> bool {
+    xfs_repair.contains("valuable metadata changes in a log")
+}
+
 /// Looks at what `device` holds: `blkid -p` (exit 2 = no signature), then, when blkid finds
 /// nothing, the first and last MiB must be all zero before the device counts as empty.
 pub async fn probe(runner: &dyn CommandRunner, device: &BlockDevice) -> Result<Content, NodeError> {
@@ -183,11 +189,20 @@ pub async fn check(
                 .arg(device.clone())
                 .timeout(LONG_TIMEOUT);
             let out = runner.run(&cmd).await?;
+            // xfs_repair(8): with -n, 1 means corruption found and 0 none. A dirty log (the
+            // node crashed with the filesystem mounted) is not replayed by -n, which says so
+            // and reports the inconsistencies that replay resolves: exit 1 with that alert.
+            // The mount replays the log, so, as for ext4's needs_recovery, the check is
+            // skipped. 2 is xfs_repair(8)'s own status for a dirty log it will not work on.
             match out.code {
                 Some(0) => {}
-                // A dirty log: the mount replays it.
+                Some(1)
+                    if xfs_log_needs_replay(&out.stderr) || xfs_log_needs_replay(&out.stdout) =>
+                {
+                    tracing::info!(device = %device, "xfs log needs replay; the mount replays it, so the read-only check is skipped")
+                }
                 Some(2) => {
-                    tracing::info!(device = %device, "xfs log needs replay; the mount does it")
+                    tracing::info!(device = %device, "xfs log needs replay; the mount replays it")
                 }
                 Some(1) => return Err(damaged(&cmd, &out)),
                 _ => return Err(tool_error(&cmd, &out)),
@@ -385,8 +400,25 @@ mod tests {
         assert_eq!(runner.calls(), vec!["dumpe2fs -h /dev/loop3"]);
     }
 
+    /// A dirty log is left to the mount to replay: xfs_repair -n's alert about it (exit 1,
+    /// on stderr, as xfsprogs 6.1 prints it) and exit 2 pass; corruption without the alert
+    /// does not. Catches: dropping the `xfs_log_needs_replay` arm of `check`, which refuses
+    /// every XFS whose node crashed while it was mounted as damaged.
     #[tokio::test]
     async fn xfs_dirty_log_passes_corruption_does_not() {
+        let runner = RecordingRunner::default();
+        runner.on("xfs_repair -n /dev/loop3", |_| {
+            Ok(Output {
+                code: Some(1),
+                stdout: "Phase 1 - find and verify superblock...\n".into(),
+                stderr: "ALERT: The filesystem has valuable metadata changes in a log which is \
+                         being\nignored because the -n option was used.  Expect spurious \
+                         inconsistencies\nwhich may be resolved by first mounting the \
+                         filesystem to replay the log.\n"
+                    .into(),
+            })
+        });
+        check(&runner, &loop3(), FsType::Xfs).await.unwrap();
         let runner = RecordingRunner::default();
         runner.on("xfs_repair", |_| exits(2, ""));
         check(&runner, &loop3(), FsType::Xfs).await.unwrap();
@@ -398,9 +430,22 @@ mod tests {
         ));
     }
 
+    /// The XFS check is `xfs_repair -n`: xfs_repair without `-n` writes its repair to the
+    /// device, and a damaged filesystem is left exactly as it is (xfs_repair(8): with `-n` it
+    /// exits 1 when it found corruption, 0 otherwise). Catches: removing `.arg("-n")` from the
+    /// xfs_repair invocation in `check`.
+    #[tokio::test]
+    async fn the_xfs_check_runs_xfs_repair_in_no_modify_mode() {
+        let runner = RecordingRunner::default();
+        runner.on("xfs_repair -n /dev/loop3", |_| exits(0, ""));
+        check(&runner, &loop3(), FsType::Xfs).await.unwrap();
+        assert_eq!(runner.calls(), vec!["xfs_repair -n /dev/loop3"]);
+    }
+
     #[tokio::test]
     async fn formatting_needs_the_tool_and_says_which() {
         let runner = RecordingRunner::default().without("mkfs.xfs");
+        runner.ok("mkfs.ext4 -F -q /dev/loop3");
         let err = format(&runner, &loop3(), FsType::Xfs).await.unwrap_err();
         assert!(
             matches!(&err, NodeError::FailedPrecondition(m) if m.contains("mkfs.xfs")),
@@ -416,6 +461,8 @@ mod tests {
     #[tokio::test]
     async fn ext3_uses_the_ext_tools() {
         let runner = RecordingRunner::default();
+        runner.ok("mkfs.ext3 -F -q /dev/loop3");
+        runner.ok("resize2fs /dev/loop3");
         format(&runner, &loop3(), FsType::Ext3).await.unwrap();
         let mp = AbsPath::try_from(std::path::PathBuf::from("/mnt/x")).unwrap();
         grow(&runner, &loop3(), &mp, FsType::Ext3).await.unwrap();

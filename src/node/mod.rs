@@ -78,6 +78,10 @@ pub mod work;
 mod cancel_tests;
 #[cfg(test)]
 pub(crate) mod fakes;
+#[cfg(test)]
+pub(crate) mod skips;
+#[cfg(test)]
+mod skips_tests;
 
 pub use plugin::NodePlugin;
 

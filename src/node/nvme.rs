@@ -795,12 +795,14 @@ mod tests {
 
     /// Controller `nvme{ctrl}` of `nqn` in the kernel's layout, with the namespace `entry`
     /// names: `nvmeScCnN` is a hidden multipath path (subsystem `S`, head `nvmeSnN` with
-    /// device `dev`), `nvmeCnN` a namespace without multipath (subsystem numbered as the
-    /// controller).
+    /// device `dev`), `nvmeCnN` a namespace without multipath, which the kernel names after
+    /// the controller. Without a multipath entry the subsystem is `nvme-subsys{ctrl + 10}`,
+    /// founded by a controller since gone: no fixture has a subsystem numbered as its
+    /// controller unless it says so.
     fn controller(fs: &FakeSysfs, ctrl: u32, nqn: &str, ns: Option<(&str, &str)>) {
         let digits = |s: &str| s.parse::<u32>().unwrap();
         match ns {
-            None => fs.connect(ctrl, ctrl, nqn),
+            None => fs.connect(ctrl, ctrl + 10, nqn),
             Some((entry, dev)) => {
                 let rest = entry.strip_prefix("nvme").unwrap();
                 let (minor_major, minor) = dev.split_once(':').unwrap();
@@ -815,7 +817,7 @@ mod tests {
                     None => {
                         let (c, nsid) = rest.split_once('n').unwrap();
                         assert_eq!(digits(c), ctrl);
-                        fs.connect(ctrl, ctrl, nqn);
+                        fs.connect(ctrl, ctrl + 10, nqn);
                         fs.plain_namespace(ctrl, digits(nsid), dev);
                     }
                 }
@@ -878,13 +880,14 @@ mod tests {
             &fs,
             0,
             "nqn.2014-08.org.nvmexpress:uuid:host-root",
-            Some(("nvme0n1", "259:0")),
+            Some(("nvme0c0n1", "259:0")),
         );
         let runner = RecordingRunner::default();
         let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            // The kernel numbers the new controller 4; the namespace shows as a hidden path.
-            controller(&fs2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            // The kernel numbers the new controller 4 in subsystem 6; the namespace shows as
+            // a hidden path named after both.
+            controller(&fs2, 4, NQN, Some(("nvme6c4n1", "259:7")));
             ok()
         });
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
@@ -892,7 +895,7 @@ mod tests {
         let dev = nvme.attach(&backing).await.unwrap();
         assert_eq!(
             (dev.path.to_string(), dev.major, dev.minor),
-            ("/dev/nvme4n1".into(), 259, 7)
+            ("/dev/nvme6n1".into(), 259, 7)
         );
         assert_eq!(
             runner.calls(),
@@ -910,7 +913,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().to_path_buf();
         let fs = FakeSysfs::new(&sys);
-        controller(&fs, 2, NQN, Some(("nvme2n1", "259:3")));
+        controller(&fs, 2, NQN, Some(("nvme2c2n1", "259:3")));
         let nvme = NvmeDevices::new(RecordingRunner::default(), &sys, NqnPrefix::default());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         assert_eq!(
@@ -918,9 +921,9 @@ mod tests {
             "nvme2n1"
         );
         fs.delete_controller(2);
-        controller(&fs, 5, NQN, Some(("nvme5c5n1", "259:9")));
+        controller(&fs, 5, NQN, Some(("nvme7c5n1", "259:9")));
         let dev = nvme.find(&backing).await.unwrap().unwrap();
-        assert_eq!((dev.name(), dev.minor), ("nvme5n1".to_string(), 9));
+        assert_eq!((dev.name(), dev.minor), ("nvme7n1".to_string(), 9));
     }
 
     /// A subsystem of ours connected without a namespace device is an orphaned connection: it
@@ -940,14 +943,14 @@ mod tests {
         });
         let fs3 = fs.clone();
         runner.on("nvme connect", move |_| {
-            controller(&fs3, 1, NQN, Some(("nvme1c1n1", "259:1")));
+            controller(&fs3, 1, NQN, Some(("nvme3c1n1", "259:1")));
             ok()
         });
         let metrics = Arc::new(Metrics::new());
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())
             .with_metrics(metrics.clone());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
-        assert_eq!(nvme.attach(&backing).await.unwrap().name(), "nvme1n1");
+        assert_eq!(nvme.attach(&backing).await.unwrap().name(), "nvme3n1");
         assert_eq!(scraped(&metrics, "rds_csi_orphans_cleaned_total"), 1.0);
         assert_eq!(scraped(&metrics, CONNECTS_OK), 1.0);
         let calls = runner.calls();
@@ -1020,6 +1023,8 @@ mod tests {
             controller(&fs2, 6, NQN, None);
             ok()
         });
+        runner.ok("nvme ns-rescan /dev/nvme6");
+        runner.disconnects_in(&fs);
         let nvme = NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default());
         let backing = nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
         let err = nvme.attach(&backing).await.unwrap_err();
@@ -1058,7 +1063,7 @@ mod tests {
         let runner = RecordingRunner::default();
         let fs2 = fs.clone();
         runner.on("nvme connect", move |_| {
-            controller(&fs2, 4, NQN, Some(("nvme4c4n1", "259:7")));
+            controller(&fs2, 4, NQN, Some(("nvme6c4n1", "259:7")));
             ok()
         });
         let metrics = Arc::new(Metrics::new());
@@ -1102,6 +1107,8 @@ mod tests {
             controller(&fs2, 6, NQN, None);
             ok()
         });
+        runner.ok("nvme ns-rescan /dev/nvme6");
+        runner.disconnects_in(&fs);
         assert!(matches!(
             nvme.attach(&backing).await,
             Err(NodeError::FailedPrecondition(_))
@@ -1166,6 +1173,49 @@ mod tests {
             h.nvme.find(&other).await.unwrap().unwrap().name(),
             "nvme4n1"
         );
+    }
+
+    /// A host as the kernel numbers it after some reconnects: the boot disk's subsystem
+    /// `nvme-subsys0` with its founding controller `nvme0`; another volume's `nvme-subsys2`
+    /// reached through `nvme5`; this volume's `nvme-subsys3` reached through `nvme1` and
+    /// `nvme4` (two paths, one head). Each volume is its own subsystem's head (`nvme3n1`,
+    /// `nvme2n1`), with the head's device number, never a hidden path's. Catches: building the
+    /// block device name from the controller's number instead of the subsystem's
+    /// (`nvme{ctrl}n{ns}` for the path `nvme{subsys}c{ctrl}n{ns}` in `namespace_device`).
+    #[tokio::test]
+    async fn each_volume_is_its_subsystems_head_on_a_host_of_several_subsystems() {
+        let h = host();
+        h.sys
+            .connect(0, 0, "nqn.2014-08.org.nvmexpress:uuid:boot-disk");
+        h.sys.multipath_namespace(0, 1, "259:0", "259:1");
+        let other = format!("{NQN}x");
+        h.sys.connect(5, 2, &other);
+        h.sys.multipath_namespace(5, 1, "259:2", "259:3");
+        h.sys.connect(1, 3, NQN);
+        h.sys.multipath_namespace(1, 1, "259:4", "259:5");
+        h.sys.connect(4, 3, NQN);
+        h.sys.multipath_namespace(4, 1, "259:4", "259:6");
+
+        let device = |d: Option<BlockDevice>| d.map(|d| (d.path.to_string(), d.major, d.minor));
+        let ours = h.nvme.locate(&vol(), &HashMap::new(), &ctx()).unwrap();
+        assert_eq!(
+            device(h.nvme.find(&ours).await.unwrap()),
+            Some(("/dev/nvme3n1".to_string(), 259, 4)),
+            "this volume's device"
+        );
+        let theirs = Backing::Nvme(
+            NvmeTarget::from_context(
+                &HashMap::from([("nqn".to_string(), other)]),
+                || unreachable!(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            device(h.nvme.find(&theirs).await.unwrap()),
+            Some(("/dev/nvme2n1".to_string(), 259, 2)),
+            "the other volume's device"
+        );
+        assert!(h.runner.calls().is_empty(), "{:?}", h.runner.calls());
     }
 
     /// A namespace the kernel shows only after a rescan: the wait after connect runs

@@ -1190,6 +1190,116 @@ async fn a_damaged_or_foreign_device_is_never_formatted_or_mounted() {
     n.host.assert_clean();
 }
 
+/// SHA-256 of the whole file at `path`.
+fn file_sha256(path: &std::path::Path) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).unwrap(), &mut hasher).unwrap();
+    hasher.finalize().into()
+}
+
+/// An XFS whose allocation-group 0 free-space header (AGF, the sector after the superblock)
+/// has lost its `XAGF` magic: blkid still recognises the XFS superblock, `xfs_repair -n`
+/// reports the corruption (exit 1) and changes nothing. NodeStageVolume is FAILED_PRECONDITION
+/// naming the damage, and the image is byte for byte what it was before the stage.
+/// Catches: removing `-n` from the xfs_repair invocation in src/node/filesystem.rs `check`
+/// (xfs_repair then rewrites the AGF and exits 0, so the stage mounts a filesystem it changed).
+#[tokio::test]
+async fn a_damaged_xfs_is_refused_and_left_byte_for_byte_unchanged() {
+    if !root_or_skip("damaged_xfs") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let xfs = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    n.create("badxfs", 512 * MIB, xfs.clone()).await;
+    prepare_image(&n, "badxfs", |dev| run("mkfs.xfs", &["-q", dev]));
+    let image = n.d.dir.path().join("volumes/badxfs.img");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .unwrap();
+        // The superblock's sb_sectsize (big-endian u16 at byte 102); the AGF is sector 1.
+        let mut sectsize = [0u8; 2];
+        f.seek(SeekFrom::Start(102)).unwrap();
+        f.read_exact(&mut sectsize).unwrap();
+        let agf = u64::from(u16::from_be_bytes(sectsize));
+        let mut magic = [0u8; 4];
+        f.seek(SeekFrom::Start(agf)).unwrap();
+        f.read_exact(&mut magic).unwrap();
+        assert_eq!(&magic, b"XAGF", "AG 0's AGF at byte {agf}");
+        f.seek(SeekFrom::Start(agf)).unwrap();
+        f.write_all(&[0; 4]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let before = file_sha256(&image);
+    let ctx = n.attach("badxfs", xfs.clone()).await;
+    expect_code(
+        n.stage("badxfs", "s1", xfs.clone(), ctx).await,
+        Code::FailedPrecondition,
+        "is damaged",
+    );
+    n.d.wait_for_log_count("detached loop device", 1).await;
+    assert_eq!(n.mount_count("s1"), 0, "the damaged xfs was mounted");
+    assert!(
+        file_sha256(&image) == before,
+        "the damaged xfs image changed during the stage: the check wrote to it"
+    );
+    n.host.assert_clean();
+}
+
+/// An XFS whose node crashed while it was mounted: its last changes are in the log only
+/// (written and synced, then the filesystem shut down as a power loss leaves it).
+/// `xfs_repair -n` ignores the log and, exiting 1, reports what replaying it resolves; the
+/// stage must not call that damage: it mounts, the mount replays the log, and the files are
+/// there. Catches: dropping the `xfs_log_needs_replay` arm of src/node/filesystem.rs `check`
+/// (the stage is FAILED_PRECONDITION "is damaged").
+#[tokio::test]
+async fn an_xfs_left_with_a_dirty_log_by_a_crash_is_staged_and_its_log_replayed() {
+    if !root_or_skip("dirty_xfs_log") {
+        return;
+    }
+    let n = Node::start(&[]).await;
+    let xfs = mount_cap(Mode::SingleNodeWriter, "xfs", &[]);
+    n.create("crashed", 512 * MIB, xfs.clone()).await;
+    let before_crash = n.host.path().join("before-crash");
+    std::fs::create_dir(&before_crash).unwrap();
+    prepare_image(&n, "crashed", |dev| {
+        run("mkfs.xfs", &["-q", dev]);
+        let at = before_crash.to_str().unwrap();
+        run("mount", &[dev, at]);
+        for i in 0..20 {
+            std::fs::write(before_crash.join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+        run("sync", &["-f", at]);
+        run("xfs_io", &["-x", "-c", "shutdown", at]);
+        run("umount", &[at]);
+        let check = std::process::Command::new("xfs_repair")
+            .args(["-n", dev])
+            .output()
+            .unwrap();
+        assert_eq!(
+            check.status.code(),
+            Some(1),
+            "the premise: xfs_repair -n reports the unreplayed log as inconsistencies"
+        );
+        assert!(
+            String::from_utf8_lossy(&check.stderr).contains("valuable metadata changes in a log"),
+            "the premise: xfs_repair -n says the log needs replaying"
+        );
+    });
+    let ctx = n.attach("crashed", xfs.clone()).await;
+    n.stage("crashed", "s1", xfs.clone(), ctx).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(n.host.path().join("s1/f19")).unwrap(),
+        "19\n",
+        "the log was replayed by the mount"
+    );
+    n.unstage("crashed", "s1").await.unwrap();
+    n.host.assert_clean();
+}
+
 /// Stage and publish an ext4 volume, then detach its loop device out from under the mounts
 /// (`losetup --detach` of a busy device only marks it autoclear: the plugin no longer finds
 /// the volume's device, the mounts keep its number, as after an NVMe `ctrl_loss_tmo`).

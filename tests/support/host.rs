@@ -14,21 +14,15 @@ pub struct Host {
     root: PathBuf,
 }
 
-/// Node tests need root (CI runs them as root). Without root they fail, unless
-/// `RDS_CSI_SKIP_ROOT_TESTS=1` says the skip is deliberate.
+/// The gate and skip ledger the crate's own root-gated unit tests use too.
+#[path = "../../src/node/skips.rs"]
+pub mod skips;
+
+/// Node tests need root and the filesystem tools (CI runs them as root with the tools
+/// installed). Without them they fail, unless `RDS_CSI_SKIP_ROOT_TESTS=1` says the skip is
+/// deliberate; a deliberate skip is recorded in the skip ledger, which `.ci/run` checks.
 pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("RDS_CSI_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: skipped (not root, RDS_CSI_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} makes loop devices and mounts and needs root (CI runs as root); \
-         set RDS_CSI_SKIP_ROOT_TESTS=1 to skip node tests knowingly"
-    );
+    skips::can_run_or_skip(test, skips::NODE_TOOLS)
 }
 
 impl Host {

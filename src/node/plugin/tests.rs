@@ -32,6 +32,7 @@ impl World {
         let sysfs = FakeSysfs::new(&sys);
         let mounts = FakeMounter::new(&FakeProc::new(&dir.path().join("proc")));
         let runner = RecordingRunner::default();
+        runner.disconnects_in(&sysfs);
         let plugin = Arc::new(NodePlugin::new(NodeDeps {
             source: Arc::new(NvmeDevices::new(runner.clone(), &sys, NqnPrefix::default())),
             mounter: Arc::new(mounts.clone()),
@@ -126,10 +127,11 @@ impl World {
         AbsPath::try_from(p).unwrap()
     }
 
-    /// Connects `nqn` as controller `ctrl` (in subsystem `ctrl`) with namespace device
-    /// `nvme<ctrl>n1` at `dev`.
+    /// Connects `nqn` as controller `ctrl` in subsystem `ctrl + 10` (founded by a controller
+    /// since gone) with namespace device `nvme<ctrl>n1` at `dev`: without native multipath
+    /// the kernel names the namespace after the controller.
     fn connect(&self, ctrl: u32, nqn: &str, dev: &str) {
-        self.sysfs.connect(ctrl, ctrl, nqn);
+        self.sysfs.connect(ctrl, ctrl + 10, nqn);
         self.sysfs.plain_namespace(ctrl, 1, dev);
     }
 
