@@ -7,12 +7,16 @@
 //! - create writes and syncs `<id>.img.partial` and `<id>.json.partial`, renames the image into
 //!   place, syncs the directory, then renames the metadata (the commit point) and syncs the
 //!   directory again. A create that fails undoes itself, metadata first;
-//! - delete removes the metadata (the commit point), syncs the directory, then removes the image;
-//!   the volume leaves the index only once its files are gone, so a failed delete is retried in
-//!   full rather than answered OK with its metadata still on disk;
+//! - delete removes the metadata (the commit point), syncs the directory, then removes the image
+//!   and syncs the directory again; the volume leaves the index only once its files are gone, so
+//!   a failed delete is retried in full rather than answered OK with its metadata still on disk;
 //! - expand grows and syncs the image, writes and syncs `<id>.json.partial` with the new size,
 //!   renames it over the metadata (the commit point) and syncs the directory. An image larger
 //!   than its metadata says is harmless: the retried expand finishes.
+//!
+//! A call answers only once all it changed is durable. The test seam ([`Faults`]) is told of each
+//! write, rename, removal and sync as it happens ([`Io`]), so tests check these rules on the
+//! record, not only the order of the steps.
 //!
 //! At open, leftovers of an interrupted change are cleaned: `*.partial` files and images without
 //! metadata are removed. What cannot be served (metadata without its image, metadata that cannot
@@ -144,11 +148,39 @@ pub enum Fault {
     Fail(std::io::ErrorKind),
 }
 
+/// A change to the disk, or the flush that makes changes durable, as the backend made it;
+/// reported to [`Faults::done`] right after it succeeded. Paths are absolute.
+///
+/// The name a new file gets when it is made (a `.partial`) is not reported: it matters only
+/// once the file is renamed into place, and the sync of the directory after that rename makes
+/// the new name durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// A file's content changed: made, sized, copied into, grown or written.
+    Wrote(PathBuf),
+    /// A file's content was flushed (`fsync` of the file).
+    SyncedFile(PathBuf),
+    /// A directory was made in its parent.
+    MadeDir(PathBuf),
+    /// A name was moved: the directories of both names changed.
+    Renamed { from: PathBuf, to: PathBuf },
+    /// A name was removed from its directory.
+    Removed(PathBuf),
+    /// A directory's names were flushed (`fsync` of the directory): every change of a name in
+    /// it before this is durable.
+    SyncedDir(PathBuf),
+}
+
 /// The test seam of the file backend: consulted just before each [`Step`] of the volume or
-/// snapshot `id`, on the thread doing the operation's I/O. Production uses [`NoFaults`]. A test
-/// may also block in `before` to stall an operation in the middle of its I/O.
+/// snapshot `id`, on the thread doing the operation's I/O, and told of each change to the disk
+/// and each flush in the order they happened. Production uses [`NoFaults`]. A test may also
+/// block in `before` to stall an operation in the middle of its I/O.
 pub trait Faults: Send + Sync + 'static {
     fn before(&self, step: Step, id: &str) -> Option<Fault>;
+
+    /// Called after each [`Io`], at open too; what a test records to check that each change
+    /// was durable before the next.
+    fn done(&self, _io: &Io) {}
 }
 
 /// Every step runs.
@@ -250,8 +282,8 @@ impl FileBackend {
             "resolving file root {}",
             root.display()
         )))?;
-        let index = load(&root)?;
-        let snapshots = load_snapshots(&root)?;
+        let index = load(&*faults, &root)?;
+        let snapshots = load_snapshots(&*faults, &root)?;
         let files = Files {
             root,
             index: RwLock::new(index),
@@ -360,6 +392,10 @@ impl Files {
         self.snapshots.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn seam(&self) -> &dyn Faults {
+        &*self.faults
+    }
+
     fn before(&self, step: Step, id: &str) -> Result<(), Stop> {
         match self.faults.before(step, id) {
             None => Ok(()),
@@ -462,16 +498,15 @@ impl Files {
             format!("{IMAGE_EXT}.{PARTIAL_EXT}"),
         ] {
             let path = self.path(id, &ext);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                // Open removes it, or quarantines metadata left without its image.
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot clean up after a failed create")
-                }
+            // Open removes it, or quarantines metadata left without its image.
+            if let Err(e) = remove_if_present(self.seam(), &path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot clean up after a failed create");
             }
         }
-        let _ = sync_dir(&self.root);
+        // Best effort: what a crash brings back, open cleans up.
+        if let Err(e) = sync_dir(self.seam(), &self.root) {
+            tracing::warn!(error = %e, "cannot sync the file root after a failed create");
+        }
     }
 
     /// Writes a volume's files; `fill` gives the new image its size and content.
@@ -485,20 +520,22 @@ impl Files {
         let meta = self.path(&info.id, META_EXT);
         let image_partial = self.path(&info.id, &format!("{IMAGE_EXT}.{PARTIAL_EXT}"));
         let meta_partial = self.path(&info.id, &format!("{META_EXT}.{PARTIAL_EXT}"));
+        let seam = self.seam();
         self.before(Step::CreateWriteImage, id)?;
-        let file = new_file(&image_partial).map_err(BackendError::io("creating image"))?;
+        let file = new_file(seam, &image_partial).map_err(BackendError::io("creating image"))?;
         fill(&file)?;
-        file.sync_all().map_err(BackendError::io("syncing image"))?;
+        wrote(seam, &image_partial);
+        sync_file(seam, &file, &image_partial).map_err(BackendError::io("syncing image"))?;
         self.before(Step::CreateWriteMetadata, id)?;
-        write_meta(&meta_partial, info)?;
+        write_json(seam, &meta_partial, info)?;
         self.before(Step::CreateRenameImage, id)?;
-        std::fs::rename(&image_partial, &image).map_err(BackendError::io("committing image"))?;
+        rename(seam, &image_partial, &image).map_err(BackendError::io("committing image"))?;
         self.before(Step::CreateSyncImage, id)?;
-        sync_dir(&self.root)?;
+        sync_dir(seam, &self.root)?;
         self.before(Step::CreateRenameMetadata, id)?;
-        std::fs::rename(&meta_partial, &meta).map_err(BackendError::io("committing metadata"))?;
+        rename(seam, &meta_partial, &meta).map_err(BackendError::io("committing metadata"))?;
         self.before(Step::CreateSyncMetadata, id)?;
-        Ok(sync_dir(&self.root)?)
+        Ok(sync_dir(seam, &self.root)?)
     }
 
     /// Copies the first `len` bytes of `source`'s image `from` into `to` as one point in time:
@@ -600,11 +637,8 @@ impl Files {
         let source = self
             .get(&req.source)
             .ok_or_else(|| BackendError::NotFound(req.source.clone()))?;
-        let dir = self.snapshot_dir();
-        if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).map_err(BackendError::io("creating snapshots/"))?;
-            sync_dir(&self.root)?;
-        }
+        make_dir(self.seam(), &self.root, &self.snapshot_dir())
+            .map_err(BackendError::io("making snapshots/"))?;
         let meta = SnapshotMeta {
             id: req.id,
             name: req.name,
@@ -634,8 +668,10 @@ impl Files {
         let source = self.path(&meta.source, IMAGE_EXT);
         let from = std::fs::File::open(&source)
             .map_err(BackendError::io(format!("opening {}", source.display())))?;
+        let seam = self.seam();
         self.before(Step::SnapshotCopyImage, id)?;
-        let file = new_file(&image_partial).map_err(BackendError::io("creating snapshot image"))?;
+        let file =
+            new_file(seam, &image_partial).map_err(BackendError::io("creating snapshot image"))?;
         let copied = self.copy(
             &from,
             &file,
@@ -647,20 +683,21 @@ impl Files {
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(0o444))
             .map_err(BackendError::io("making the snapshot image read-only"))?;
-        file.sync_all()
+        wrote(seam, &image_partial);
+        sync_file(seam, &file, &image_partial)
             .map_err(BackendError::io("syncing snapshot image"))?;
         self.before(Step::SnapshotWriteMetadata, id)?;
-        write_json(&json_partial, meta)?;
+        write_json(seam, &json_partial, meta)?;
         self.before(Step::SnapshotRenameImage, id)?;
-        std::fs::rename(&image_partial, &image)
+        rename(seam, &image_partial, &image)
             .map_err(BackendError::io("committing snapshot image"))?;
         self.before(Step::SnapshotSyncImage, id)?;
-        sync_dir(&dir)?;
+        sync_dir(seam, &dir)?;
         self.before(Step::SnapshotRenameMetadata, id)?;
-        std::fs::rename(&json_partial, &json)
+        rename(seam, &json_partial, &json)
             .map_err(BackendError::io("committing snapshot metadata"))?;
         self.before(Step::SnapshotSyncMetadata, id)?;
-        Ok(sync_dir(&dir)?)
+        Ok(sync_dir(seam, &dir)?)
     }
 
     /// Removes what a failed snapshot left, metadata first.
@@ -672,11 +709,14 @@ impl Files {
             format!("{IMAGE_EXT}.{PARTIAL_EXT}"),
         ] {
             let path = self.snapshot_path(id, &ext);
-            if let Err(e) = remove_if_present(&path) {
+            if let Err(e) = remove_if_present(self.seam(), &path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot clean up after a failed snapshot");
             }
         }
-        let _ = sync_dir(&self.snapshot_dir());
+        // Best effort: what a crash brings back, open cleans up.
+        if let Err(e) = sync_dir(self.seam(), &self.snapshot_dir()) {
+            tracing::warn!(error = %e, "cannot sync snapshots/ after a failed snapshot");
+        }
     }
 
     fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), BackendError> {
@@ -684,14 +724,17 @@ impl Files {
             return Ok(());
         }
         let key = id.as_str();
+        let seam = self.seam();
+        let dir = self.snapshot_dir();
         self.before(Step::SnapshotDeleteMetadata, key)?;
-        remove_if_present(&self.snapshot_path(id, META_EXT))
+        remove_if_present(seam, &self.snapshot_path(id, META_EXT))
             .map_err(BackendError::io("removing snapshot metadata"))?;
         self.before(Step::SnapshotDeleteSync, key)?;
-        sync_dir(&self.snapshot_dir())?;
+        sync_dir(seam, &dir)?;
         self.before(Step::SnapshotDeleteImage, key)?;
-        remove_if_present(&self.snapshot_path(id, IMAGE_EXT))
+        remove_if_present(seam, &self.snapshot_path(id, IMAGE_EXT))
             .map_err(BackendError::io("removing snapshot image"))?;
+        sync_dir(seam, &dir)?;
         self.snapshots_mut().remove(id);
         tracing::info!(snapshot_id = %id, "snapshot deleted");
         Ok(())
@@ -701,13 +744,16 @@ impl Files {
         if self.get(id).is_none() {
             return Ok(());
         }
+        let seam = self.seam();
         self.before(Step::DeleteRemoveMetadata, id.as_str())?;
-        remove_if_present(&self.path(id, META_EXT))
+        remove_if_present(seam, &self.path(id, META_EXT))
             .map_err(BackendError::io("removing metadata"))?;
         self.before(Step::DeleteSyncMetadata, id.as_str())?;
-        sync_dir(&self.root)?;
+        sync_dir(seam, &self.root)?;
         self.before(Step::DeleteRemoveImage, id.as_str())?;
-        remove_if_present(&self.path(id, IMAGE_EXT)).map_err(BackendError::io("removing image"))?;
+        remove_if_present(seam, &self.path(id, IMAGE_EXT))
+            .map_err(BackendError::io("removing image"))?;
+        sync_dir(seam, &self.root)?;
         self.write().remove(id);
         Ok(())
     }
@@ -725,24 +771,27 @@ impl Files {
         if bytes == info.capacity_bytes {
             return Ok(bytes);
         }
+        let seam = self.seam();
+        let image = self.path(id, IMAGE_EXT);
         self.before(Step::ExpandGrowImage, id.as_str())?;
         let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(self.path(id, IMAGE_EXT))
+            .open(&image)
             .map_err(BackendError::io("opening image"))?;
         file.set_len(bytes)
             .map_err(BackendError::io("growing image"))?;
-        file.sync_all().map_err(BackendError::io("syncing image"))?;
+        wrote(seam, &image);
+        sync_file(seam, &file, &image).map_err(BackendError::io("syncing image"))?;
         let mut grown = info;
         grown.capacity_bytes = bytes;
         let partial = self.path(id, &format!("{META_EXT}.{PARTIAL_EXT}"));
         self.before(Step::ExpandWriteMetadata, id.as_str())?;
-        write_meta(&partial, &grown)?;
+        write_json(seam, &partial, &grown)?;
         self.before(Step::ExpandRenameMetadata, id.as_str())?;
-        std::fs::rename(&partial, self.path(id, META_EXT))
+        rename(seam, &partial, &self.path(id, META_EXT))
             .map_err(BackendError::io("committing metadata"))?;
         self.before(Step::ExpandSyncMetadata, id.as_str())?;
-        sync_dir(&self.root)?;
+        sync_dir(seam, &self.root)?;
         self.write().insert(id.clone(), grown);
         Ok(bytes)
     }
@@ -758,7 +807,12 @@ struct Scan {
 
 /// Sorts a directory's files into metadata and images, and removes the leftovers (`.partial`)
 /// of interrupted changes of the kind `what`. Subdirectories are not looked into.
-fn scan(entries: std::fs::ReadDir, dir: &str, what: &str) -> Result<Scan, BackendError> {
+fn scan(
+    seam: &dyn Faults,
+    entries: std::fs::ReadDir,
+    dir: &str,
+    what: &str,
+) -> Result<Scan, BackendError> {
     let mut found = Scan {
         metas: Vec::new(),
         images: Vec::new(),
@@ -774,7 +828,7 @@ fn scan(entries: std::fs::ReadDir, dir: &str, what: &str) -> Result<Scan, Backen
             Some(PARTIAL_EXT) => {
                 tracing::info!(path = %path.display(), "removing leftover of an interrupted {what}");
                 found.changed = true;
-                if let Err(e) = std::fs::remove_file(&path) {
+                if let Err(e) = remove_if_present(seam, &path) {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove leftover");
                 }
             }
@@ -789,6 +843,7 @@ fn scan(entries: std::fs::ReadDir, dir: &str, what: &str) -> Result<Scan, Backen
 /// Removes the images no metadata file describes (`what`: "image" or "snapshot image"), the
 /// leftovers of an interrupted `change`. Answers whether it removed any.
 fn remove_undescribed(
+    seam: &dyn Faults,
     images: Vec<PathBuf>,
     described: &std::collections::HashSet<String>,
     what: &str,
@@ -799,7 +854,7 @@ fn remove_undescribed(
         if !described.contains(&stem(&image)) && image.exists() {
             tracing::info!(path = %image.display(), "removing {what} without metadata (an interrupted {change})");
             removed = true;
-            if let Err(e) = std::fs::remove_file(&image) {
+            if let Err(e) = remove_if_present(seam, &image) {
                 tracing::warn!(path = %image.display(), error = %e, "cannot remove {what} without metadata");
             }
         }
@@ -809,7 +864,7 @@ fn remove_undescribed(
 
 /// Reads the root at open: cleans leftovers of interrupted changes, quarantines what cannot be
 /// served, and returns the volumes that remain. Only an unreadable root is an error.
-fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
+fn load(seam: &dyn Faults, root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
     let entries = std::fs::read_dir(root).map_err(BackendError::io(format!(
         "reading file root {}",
         root.display()
@@ -818,7 +873,7 @@ fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
         metas,
         images,
         mut changed,
-    } = scan(entries, "file root", "change")?;
+    } = scan(seam, entries, "file root", "change")?;
     let mut index = BTreeMap::new();
     // Stems of every metadata file found, served or not: their images are never orphans.
     let mut described = std::collections::HashSet::new();
@@ -841,11 +896,11 @@ fn load(root: &Path) -> Result<BTreeMap<VolumeId, VolumeInfo>, BackendError> {
             }
         };
         changed = true;
-        quarantine(root, &meta, &image, &problem);
+        quarantine(seam, root, &meta, &image, &problem);
     }
-    changed |= remove_undescribed(images, &described, "image", "create or delete");
+    changed |= remove_undescribed(seam, images, &described, "image", "create or delete");
     if changed {
-        sync_dir(root)?;
+        sync_dir(seam, root)?;
     }
     Ok(index)
 }
@@ -858,10 +913,12 @@ fn stem(path: &Path) -> String {
 
 /// Moves a volume's metadata, and its image if there is one, to `<root>/quarantine/`, so it is
 /// neither served nor cleaned up; an operator decides. A name already taken there gets a
-/// numbered suffix. If the move fails, both stay where they are, unserved.
-fn quarantine(root: &Path, meta: &Path, image: &Path, problem: &str) {
+/// numbered suffix. If the move fails, both stay where they are, unserved. The quarantine is
+/// durable before anything is moved into it, and what is moved is durable there when this
+/// returns; the directory it left is synced by the caller, once all are moved.
+fn quarantine(seam: &dyn Faults, root: &Path, meta: &Path, image: &Path, problem: &str) {
     let dir = root.join(QUARANTINE_DIR);
-    let moved = std::fs::create_dir_all(&dir).and_then(|()| {
+    let moved = make_dir(seam, root, &dir).and_then(|()| {
         let mut moved = Vec::new();
         for file in [meta, image] {
             let Some(name) = file.file_name() else {
@@ -876,10 +933,10 @@ fn quarantine(root: &Path, meta: &Path, image: &Path, problem: &str) {
                 n += 1;
                 to = dir.join(format!("{}.{n}", name.to_string_lossy()));
             }
-            std::fs::rename(file, &to)?;
+            rename(seam, file, &to)?;
             moved.push(to.display().to_string());
         }
-        std::fs::File::open(&dir)?.sync_all()?;
+        sync_dir_io(seam, &dir)?;
         Ok(moved)
     });
     match moved {
@@ -894,11 +951,63 @@ fn quarantine(root: &Path, meta: &Path, image: &Path, problem: &str) {
     }
 }
 
-fn remove_if_present(path: &Path) -> std::io::Result<()> {
+/// Removes `path`; a name already gone is not an error.
+fn remove_if_present(seam: &dyn Faults, path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
+        Ok(()) => {
+            seam.done(&Io::Removed(path.to_path_buf()));
+            Ok(())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+        Err(e) => Err(e),
     }
+}
+
+/// Moves `from` to `to`, replacing what `to` named. Durable only once the directories of both
+/// are synced.
+fn rename(seam: &dyn Faults, from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    seam.done(&Io::Renamed {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+    });
+    Ok(())
+}
+
+/// Flushes `file`'s content, so a rename of it after this names what was written.
+fn sync_file(seam: &dyn Faults, file: &std::fs::File, path: &Path) -> std::io::Result<()> {
+    file.sync_all()?;
+    seam.done(&Io::SyncedFile(path.to_path_buf()));
+    Ok(())
+}
+
+/// Reports that `path`'s content changed (sized, copied into, grown): it is not durable until
+/// [`sync_file`].
+fn wrote(seam: &dyn Faults, path: &Path) {
+    seam.done(&Io::Wrote(path.to_path_buf()));
+}
+
+/// Makes `dir` in `parent` unless it is there, and syncs `parent`, so nothing is put in a
+/// directory that a crash could lose.
+fn make_dir(seam: &dyn Faults, parent: &Path, dir: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    seam.done(&Io::MadeDir(dir.to_path_buf()));
+    sync_dir_io(seam, parent)
+}
+
+/// Flushes `dir`'s names: every rename, removal and new name in it before this is durable.
+fn sync_dir_io(seam: &dyn Faults, dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    seam.done(&Io::SyncedDir(dir.to_path_buf()));
+    Ok(())
+}
+
+fn sync_dir(seam: &dyn Faults, dir: &Path) -> Result<(), BackendError> {
+    sync_dir_io(seam, dir).map_err(BackendError::io(format!("syncing {}", dir.display())))
 }
 
 fn read_meta(path: &Path) -> Result<VolumeInfo, BackendError> {
@@ -908,35 +1017,41 @@ fn read_meta(path: &Path) -> Result<VolumeInfo, BackendError> {
         .map_err(|e| BackendError::Corrupt(format!("{}: {e}", path.display())))
 }
 
-fn write_meta(path: &Path, info: &VolumeInfo) -> Result<(), BackendError> {
-    write_json(path, info)
-}
-
-fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), BackendError> {
+/// Writes `value` as the JSON file `path` and syncs it, so a rename of it names all of it.
+fn write_json(
+    seam: &dyn Faults,
+    path: &Path,
+    value: &impl serde::Serialize,
+) -> Result<(), BackendError> {
     use std::io::Write;
     let bytes =
         serde_json::to_vec_pretty(value).map_err(|e| BackendError::Corrupt(e.to_string()))?;
     let mut file = std::fs::File::create(path).map_err(BackendError::io("writing metadata"))?;
     file.write_all(&bytes)
         .map_err(BackendError::io("writing metadata"))?;
-    file.sync_all()
-        .map_err(BackendError::io("syncing metadata"))
+    wrote(seam, path);
+    sync_file(seam, &file, path).map_err(BackendError::io("syncing metadata"))
 }
 
 /// A new, empty file for an image, opened to read and write (a reflink needs that), replacing
 /// a leftover of an interrupted change.
-fn new_file(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+fn new_file(seam: &dyn Faults, path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(path)
+        .open(path)?;
+    wrote(seam, path);
+    Ok(file)
 }
 
 /// Reads `<root>/snapshots/` at open, as [`load`] reads the root: leftovers of interrupted
 /// snapshots are removed, what cannot be served is quarantined, the rest is returned.
-fn load_snapshots(root: &Path) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, BackendError> {
+fn load_snapshots(
+    seam: &dyn Faults,
+    root: &Path,
+) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, BackendError> {
     let dir = root.join(SNAPSHOT_DIR);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -949,7 +1064,7 @@ fn load_snapshots(root: &Path) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, Bac
         metas,
         images,
         mut changed,
-    } = scan(entries, "snapshots/", "snapshot")?;
+    } = scan(seam, entries, "snapshots/", "snapshot")?;
     let mut index = BTreeMap::new();
     let mut described = std::collections::HashSet::new();
     for meta in metas {
@@ -972,19 +1087,19 @@ fn load_snapshots(root: &Path) -> Result<BTreeMap<SnapshotId, SnapshotMeta>, Bac
             }
         };
         changed = true;
-        quarantine(root, &meta, &image, &problem);
+        quarantine(seam, root, &meta, &image, &problem);
     }
-    changed |= remove_undescribed(images, &described, "snapshot image", "snapshot or delete");
+    changed |= remove_undescribed(
+        seam,
+        images,
+        &described,
+        "snapshot image",
+        "snapshot or delete",
+    );
     if changed {
-        sync_dir(&dir)?;
+        sync_dir(seam, &dir)?;
     }
     Ok(index)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), BackendError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(BackendError::io("syncing file root"))
 }
 
 #[async_trait]
@@ -1117,11 +1232,164 @@ fn free_bytes(root: &Path) -> Result<u64, BackendError> {
 /// Test seams built on [`Faults`].
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::collections::BTreeSet;
+    use std::path::{Path, PathBuf};
     use std::sync::mpsc;
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use super::{Fault, Faults, Step};
+    use super::{Fault, Faults, Io, Step};
+
+    /// Every step and every change to the disk, in the order they happened.
+    #[derive(Default)]
+    pub(crate) struct Journal(Mutex<Vec<Entry>>);
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub(crate) enum Entry {
+        Step(Step),
+        Io(Io),
+    }
+
+    impl Journal {
+        /// What was recorded since the last take.
+        pub(crate) fn take(&self) -> Vec<Entry> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl Faults for Journal {
+        fn before(&self, step: Step, _: &str) -> Option<Fault> {
+            self.0.lock().unwrap().push(Entry::Step(step));
+            None
+        }
+
+        fn done(&self, io: &Io) {
+            self.0.lock().unwrap().push(Entry::Io(io.clone()));
+        }
+    }
+
+    /// How one call must order its changes of names.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Order {
+        /// Each change of a name is durable (its directories synced) before the next change
+        /// of a name and before the call returns: the steps of a create, expand, delete or
+        /// snapshot, where a later name relies on an earlier one.
+        EachBeforeTheNext,
+        /// Changes may be batched, as long as all are durable before the call returns: open's
+        /// cleanup, whose removals and moves do not rely on one another.
+        AllBeforeReturn,
+    }
+
+    /// `path` relative to `root`, for messages and expectations (`.` for the root itself).
+    pub(crate) fn rel(root: &Path, path: &Path) -> String {
+        match path.strip_prefix(root) {
+            Ok(p) if p.as_os_str().is_empty() => ".".into(),
+            Ok(p) => p.display().to_string(),
+            Err(_) => path.display().to_string(),
+        }
+    }
+
+    /// The changes of names in `log`, one line each ("rename a b", "remove a", "mkdir d"),
+    /// relative to `root`.
+    pub(crate) fn changes(log: &[Entry], root: &Path) -> Vec<String> {
+        log.iter()
+            .filter_map(|entry| match entry {
+                Entry::Io(Io::Renamed { from, to }) => {
+                    Some(format!("rename {} {}", rel(root, from), rel(root, to)))
+                }
+                Entry::Io(Io::Removed(p)) => Some(format!("remove {}", rel(root, p))),
+                Entry::Io(Io::MadeDir(p)) => Some(format!("mkdir {}", rel(root, p))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The durability rules the recorded call `log` broke, one line each; empty when it kept
+    /// them all. The rules, for what survives a power loss on a POSIX filesystem (a file's
+    /// content is durable once it is synced, a name once its directory is):
+    /// - no name changes while a file written in this call is not synced since, so a file is
+    ///   never renamed into place, nor named by metadata, before its content is durable;
+    /// - nothing is put into a directory this call made before that directory's parent is
+    ///   synced;
+    /// - with [`Order::EachBeforeTheNext`], no name changes before the directories of the
+    ///   change before it are synced;
+    /// - the call returns only once every file it wrote and every directory it changed is
+    ///   synced.
+    pub(crate) fn broken(log: &[Entry], root: &Path, order: Order) -> Vec<String> {
+        let mut broken = Vec::new();
+        let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut unsynced: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut made: BTreeSet<PathBuf> = BTreeSet::new();
+        let at = |p: &Path| rel(root, p);
+        let parent = |p: &Path| p.parent().map(Path::to_path_buf).unwrap_or_default();
+        for entry in log {
+            let Entry::Io(io) = entry else { continue };
+            let (what, dirs, removed): (String, Vec<PathBuf>, Option<&PathBuf>) = match io {
+                Io::Wrote(p) => {
+                    dirty.insert(p.clone());
+                    continue;
+                }
+                Io::SyncedFile(p) => {
+                    dirty.remove(p);
+                    continue;
+                }
+                Io::SyncedDir(d) => {
+                    unsynced.remove(d);
+                    made.retain(|m| m.parent() != Some(d.as_path()));
+                    continue;
+                }
+                Io::Renamed { from, to } => (
+                    format!("rename {} {}", at(from), at(to)),
+                    vec![parent(from), parent(to)],
+                    None,
+                ),
+                Io::Removed(p) => (format!("remove {}", at(p)), vec![parent(p)], Some(p)),
+                Io::MadeDir(p) => (format!("mkdir {}", at(p)), vec![parent(p)], None),
+            };
+            for p in dirty.iter().filter(|p| Some(*p) != removed) {
+                broken.push(format!(
+                    "`{what}` while {} was written and not synced",
+                    at(p)
+                ));
+            }
+            for m in made.iter().filter(|m| dirs.contains(m)) {
+                broken.push(format!(
+                    "`{what}` inside {} before its parent was synced",
+                    at(m)
+                ));
+            }
+            if order == Order::EachBeforeTheNext {
+                for d in &unsynced {
+                    broken.push(format!(
+                        "`{what}` before the change before it was made durable (sync of {})",
+                        at(d)
+                    ));
+                }
+            }
+            if let Some(p) = removed {
+                dirty.remove(p);
+            }
+            if let Io::Renamed { from, to } = io {
+                if dirty.remove(from) {
+                    dirty.insert(to.clone());
+                }
+            }
+            if let Io::MadeDir(p) = io {
+                made.insert(p.clone());
+            }
+            unsynced.extend(dirs);
+        }
+        for p in &dirty {
+            broken.push(format!("returned with {} written and not synced", at(p)));
+        }
+        for d in &unsynced {
+            broken.push(format!(
+                "returned before the changes in {} were made durable",
+                at(d)
+            ));
+        }
+        broken
+    }
 
     /// Stalls one volume's operation just before `step`, as a disk that stops answering would,
     /// until the test releases it. It blocks the thread doing the I/O, for real.
@@ -1380,6 +1648,298 @@ mod tests {
             taken(),
             [DeleteRemoveMetadata, DeleteSyncMetadata, DeleteRemoveImage],
             "the metadata goes first: never metadata without its image"
+        );
+    }
+
+    /// A backend on `dir` whose seam journals every step and change, and the journal, empty.
+    fn journaled(dir: &Path) -> (FileBackend, Arc<testing::Journal>) {
+        let journal = Arc::new(testing::Journal::default());
+        let backend = FileBackend::open_with_faults(dir, journal.clone()).unwrap();
+        journal.take();
+        (backend, journal)
+    }
+
+    /// The changes to the disk in `log`, one line each, relative to `root`.
+    fn ios(log: &[testing::Entry], root: &Path) -> Vec<String> {
+        let at = |p: &Path| testing::rel(root, p);
+        log.iter()
+            .filter_map(|entry| match entry {
+                testing::Entry::Step(_) => None,
+                testing::Entry::Io(io) => Some(match io {
+                    Io::Wrote(p) => format!("write {}", at(p)),
+                    Io::SyncedFile(p) => format!("fsync {}", at(p)),
+                    Io::MadeDir(p) => format!("mkdir {}", at(p)),
+                    Io::Renamed { from, to } => format!("rename {} {}", at(from), at(to)),
+                    Io::Removed(p) => format!("remove {}", at(p)),
+                    Io::SyncedDir(p) => format!("fsync dir {}", at(p)),
+                }),
+            })
+            .collect()
+    }
+
+    /// Checks the call just journaled: first that it broke no durability rule
+    /// ([`testing::broken`]), then that it did exactly `want` (so the rules were checked on the
+    /// sequence meant, not on nothing). With [`testing::Order::AllBeforeReturn`] the order of
+    /// `want` is not checked.
+    fn assert_durable(
+        journal: &testing::Journal,
+        root: &Path,
+        order: testing::Order,
+        want: &[&str],
+    ) {
+        let log = journal.take();
+        let broken = testing::broken(&log, root, order);
+        assert!(
+            broken.is_empty(),
+            "durability rules broken:\n{}",
+            broken.join("\n")
+        );
+        let mut did = ios(&log, root);
+        let mut want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
+        if order == testing::Order::AllBeforeReturn {
+            did.sort();
+            want.sort();
+        }
+        assert_eq!(did, want);
+        let steps = testing::changes(&log, root);
+        assert!(!steps.is_empty(), "the call changed some name");
+    }
+
+    /// A create's image and metadata are synced before either is renamed into place, the
+    /// image's name is durable before the metadata (the commit point) names it, and the
+    /// metadata's before the create answers.
+    ///
+    /// Catches: removing `sync_file` of the image in `create_files` (`write v.img.partial`
+    /// unsynced at the rename), `sync_file` in `write_json`, the `sync_dir` after the image's
+    /// rename (`CreateSyncImage`) or the last `sync_dir` of `create_files`.
+    #[tokio::test]
+    async fn a_create_makes_each_change_durable_before_the_next_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, journal) = journaled(dir.path());
+        backend.create(req("v", 1 << 20)).await.unwrap();
+        assert_durable(
+            &journal,
+            backend.root(),
+            testing::Order::EachBeforeTheNext,
+            &[
+                "write v.img.partial",
+                "write v.img.partial",
+                "fsync v.img.partial",
+                "write v.json.partial",
+                "fsync v.json.partial",
+                "rename v.img.partial v.img",
+                "fsync dir .",
+                "rename v.json.partial v.json",
+                "fsync dir .",
+            ],
+        );
+    }
+
+    /// A restore and a clone are creates whose image is a copy: the copy is synced before
+    /// it is renamed into place, and each name is durable before the next step.
+    ///
+    /// Catches: the same lines as
+    /// [`a_create_makes_each_change_durable_before_the_next_step`], on the copying path.
+    #[tokio::test]
+    async fn a_restore_and_a_clone_make_each_change_durable_before_the_next_step() {
+        let dir = root_with(false).await;
+        let (backend, journal) = journaled(dir.path());
+        backend.create_snapshot(snap_req("s", "v")).await.unwrap();
+        journal.take();
+        let mut restore = req("r", 1 << 20);
+        restore.source = Some(ContentSource::Snapshot(snap_req("s", "v").id));
+        let mut clone = req("c", 1 << 20);
+        clone.source = Some(ContentSource::Volume(VolumeId::try_from("v").unwrap()));
+        for (r, id) in [(restore, "r"), (clone, "c")] {
+            backend.create(r).await.unwrap();
+            assert_durable(
+                &journal,
+                backend.root(),
+                testing::Order::EachBeforeTheNext,
+                &[
+                    format!("write {id}.img.partial").as_str(),
+                    &format!("write {id}.img.partial"),
+                    &format!("fsync {id}.img.partial"),
+                    &format!("write {id}.json.partial"),
+                    &format!("fsync {id}.json.partial"),
+                    &format!("rename {id}.img.partial {id}.img"),
+                    "fsync dir .",
+                    &format!("rename {id}.json.partial {id}.json"),
+                    "fsync dir .",
+                ],
+            );
+        }
+    }
+
+    /// An expand syncs the grown image before the metadata with the new size is renamed over
+    /// the old (the commit point), and that rename is durable before the expand answers.
+    ///
+    /// Catches: removing `sync_file` of the grown image in `expand`, or its `sync_dir`.
+    #[tokio::test]
+    async fn an_expand_makes_each_change_durable_before_the_next_step() {
+        let dir = root_with(false).await;
+        let (backend, journal) = journaled(dir.path());
+        let id = VolumeId::try_from("v").unwrap();
+        backend.expand(&id, 2 << 20).await.unwrap();
+        assert_durable(
+            &journal,
+            backend.root(),
+            testing::Order::EachBeforeTheNext,
+            &[
+                "write v.img",
+                "fsync v.img",
+                "write v.json.partial",
+                "fsync v.json.partial",
+                "rename v.json.partial v.json",
+                "fsync dir .",
+            ],
+        );
+    }
+
+    /// A delete's removal of the metadata (the commit point) is durable before the image is
+    /// removed, and the image's removal before the delete answers.
+    ///
+    /// Catches: removing either `sync_dir` of `delete`.
+    #[tokio::test]
+    async fn a_delete_makes_each_change_durable_before_the_next_step() {
+        let dir = root_with(false).await;
+        let (backend, journal) = journaled(dir.path());
+        backend
+            .delete(&VolumeId::try_from("v").unwrap())
+            .await
+            .unwrap();
+        assert_durable(
+            &journal,
+            backend.root(),
+            testing::Order::EachBeforeTheNext,
+            &[
+                "remove v.json",
+                "fsync dir .",
+                "remove v.img",
+                "fsync dir .",
+            ],
+        );
+    }
+
+    /// A snapshot is made like a volume, in `snapshots/`, which is itself durable in the root
+    /// before anything is put in it; a snapshot delete is durable step by step like a volume's.
+    ///
+    /// Catches: removing `sync_file` of the copied image in `snapshot_files`, either of its
+    /// `sync_dir`s, the parent's sync in `make_dir`, or either `sync_dir` of
+    /// `delete_snapshot`.
+    #[tokio::test]
+    async fn a_snapshot_and_its_delete_make_each_change_durable_before_the_next_step() {
+        use testing::Order::EachBeforeTheNext;
+        let dir = root_with(false).await;
+        let (backend, journal) = journaled(dir.path());
+        let root = backend.root().to_path_buf();
+        let snap = |name: &str| {
+            let id = snap_id(name);
+            [
+                format!("write snapshots/{id}.img.partial"),
+                format!("write snapshots/{id}.img.partial"),
+                format!("fsync snapshots/{id}.img.partial"),
+                format!("write snapshots/{id}.json.partial"),
+                format!("fsync snapshots/{id}.json.partial"),
+                format!("rename snapshots/{id}.img.partial snapshots/{id}.img"),
+                "fsync dir snapshots".to_string(),
+                format!("rename snapshots/{id}.json.partial snapshots/{id}.json"),
+                "fsync dir snapshots".to_string(),
+            ]
+        };
+        backend.create_snapshot(snap_req("s", "v")).await.unwrap();
+        let first: Vec<String> = ["mkdir snapshots", "fsync dir ."]
+            .map(String::from)
+            .into_iter()
+            .chain(snap("s"))
+            .collect();
+        let first: Vec<&str> = first.iter().map(String::as_str).collect();
+        assert_durable(&journal, &root, EachBeforeTheNext, &first);
+
+        backend.create_snapshot(snap_req("t", "v")).await.unwrap();
+        let second = snap("t");
+        let second: Vec<&str> = second.iter().map(String::as_str).collect();
+        assert_durable(&journal, &root, EachBeforeTheNext, &second);
+
+        backend
+            .delete_snapshot(&snap_req("s", "v").id)
+            .await
+            .unwrap();
+        let id = snap_id("s");
+        assert_durable(
+            &journal,
+            &root,
+            EachBeforeTheNext,
+            &[
+                &format!("remove snapshots/{id}.json"),
+                "fsync dir snapshots",
+                &format!("remove snapshots/{id}.img"),
+                "fsync dir snapshots",
+            ],
+        );
+    }
+
+    /// Open's cleanup (leftovers removed, what cannot be served quarantined) is durable before
+    /// open returns, and the quarantine is durable in the root before anything is moved into
+    /// it, also when only a snapshot is quarantined.
+    ///
+    /// Catches: removing the `sync_dir` at the end of `load` or of `load_snapshots`, the sync
+    /// of the quarantine in `quarantine`, or the parent's sync in `make_dir`.
+    #[tokio::test]
+    async fn open_makes_its_cleanup_durable_before_it_serves() {
+        use testing::Order::AllBeforeReturn;
+        let dir = root_with(false).await;
+        let backend = FileBackend::open(dir.path()).unwrap();
+        backend.create(req("lost", 1 << 20)).await.unwrap();
+        backend.create_snapshot(snap_req("s", "v")).await.unwrap();
+        drop(backend);
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::remove_file(root.join("lost.img")).unwrap();
+        std::fs::write(root.join("orphan.img"), b"").unwrap();
+        std::fs::write(root.join("half.json.partial"), b"{}").unwrap();
+        let snapshots = root.join(SNAPSHOT_DIR);
+        std::fs::write(snapshots.join("snap-x.img.partial"), b"").unwrap();
+
+        let journal = Arc::new(testing::Journal::default());
+        FileBackend::open_with_faults(&root, journal.clone()).unwrap();
+        assert_durable(
+            &journal,
+            &root,
+            AllBeforeReturn,
+            &[
+                "remove half.json.partial",
+                "mkdir quarantine",
+                "fsync dir .",
+                "rename lost.json quarantine/lost.json",
+                "fsync dir quarantine",
+                "remove orphan.img",
+                "fsync dir .",
+                "remove snapshots/snap-x.img.partial",
+                "fsync dir snapshots",
+            ],
+        );
+
+        // Only a snapshot to quarantine: the quarantine is made while reading snapshots/.
+        let dir = root_with(false).await;
+        let backend = FileBackend::open(dir.path()).unwrap();
+        backend.create_snapshot(snap_req("s", "v")).await.unwrap();
+        drop(backend);
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let id = snap_id("s");
+        std::fs::remove_file(root.join(SNAPSHOT_DIR).join(format!("{id}.img"))).unwrap();
+        let journal = Arc::new(testing::Journal::default());
+        FileBackend::open_with_faults(&root, journal.clone()).unwrap();
+        assert_durable(
+            &journal,
+            &root,
+            AllBeforeReturn,
+            &[
+                "mkdir quarantine",
+                "fsync dir .",
+                &format!("rename snapshots/{id}.json quarantine/{id}.json"),
+                "fsync dir quarantine",
+                "fsync dir snapshots",
+            ],
         );
     }
 
