@@ -691,6 +691,13 @@ async fn an_expand_that_failed_changes_nothing_visible_and_can_be_retried() {
 
 /// What the backend logs while `f` runs, as text.
 fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    // While at most one dispatcher is registered, tracing-core decides whether a callsite is
+    // ever enabled, at its first use, from the dispatcher of the thread using it: another test
+    // logging the same warning on its thread, without a subscriber, would switch it off for
+    // good while this one is capturing. A second dispatcher, kept for the whole test process,
+    // makes every such decision ask all registered dispatchers, this capture included.
+    static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     #[derive(Clone, Default)]
     struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Buffer {
