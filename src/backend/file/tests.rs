@@ -255,6 +255,83 @@ fn assert_durable(journal: &testing::Journal, root: &Path, order: testing::Order
     assert!(!steps.is_empty(), "the call changed some name");
 }
 
+/// The checker itself, on written logs: a log that keeps the rules passes, and each rule, broken
+/// alone, is reported (so a green durability test means the rules held, not that the checker
+/// never looks).
+#[test]
+fn the_durability_checker_reports_each_rule_broken_alone() {
+    use testing::{broken, Entry, Order};
+    let root = Path::new("/r");
+    let p = |name: &str| root.join(name);
+    let write = |n: &str| Entry::Io(Io::Wrote(p(n)));
+    let fsync = |n: &str| Entry::Io(Io::SyncedFile(p(n)));
+    let mv = |a: &str, b: &str| {
+        Entry::Io(Io::Renamed {
+            from: p(a),
+            to: p(b),
+        })
+    };
+    let rm = |n: &str| Entry::Io(Io::Removed(p(n)));
+    let mkdir = |n: &str| Entry::Io(Io::MadeDir(p(n)));
+    let dsync = |n: &str| Entry::Io(Io::SyncedDir(if n == "." { p("") } else { p(n) }));
+    let good = vec![
+        mkdir("d"),
+        dsync("."),
+        write("d/a.partial"),
+        fsync("d/a.partial"),
+        mv("d/a.partial", "d/a"),
+        dsync("d"),
+        rm("d/b"),
+        dsync("d"),
+    ];
+    assert_eq!(
+        broken(&good, root, Order::EachBeforeTheNext),
+        Vec::<String>::new()
+    );
+    let without = |i: usize| {
+        let mut log = good.clone();
+        log.remove(i);
+        broken(&log, root, Order::EachBeforeTheNext)
+    };
+    assert_eq!(
+        without(1),
+        [
+            "`rename d/a.partial d/a` inside d before its parent was synced",
+            "`rename d/a.partial d/a` before the change before it was made durable (sync of .)",
+            "`remove d/b` inside d before its parent was synced",
+            "`remove d/b` before the change before it was made durable (sync of .)",
+            "returned before the changes in . were made durable",
+        ]
+    );
+    assert_eq!(
+        without(3),
+        [
+            "`rename d/a.partial d/a` while d/a.partial was written and not synced",
+            "`remove d/b` while d/a was written and not synced",
+            "returned with d/a written and not synced",
+        ]
+    );
+    assert_eq!(
+        without(5),
+        ["`remove d/b` before the change before it was made durable (sync of d)"]
+    );
+    assert_eq!(
+        without(7),
+        ["returned before the changes in d were made durable"]
+    );
+    // Batched changes are fine at open, as long as all are durable before it returns.
+    let batched = vec![rm("x"), rm("y"), dsync(".")];
+    assert!(broken(&batched, root, Order::AllBeforeReturn).is_empty());
+    assert_eq!(
+        broken(&batched, root, Order::EachBeforeTheNext),
+        ["`remove y` before the change before it was made durable (sync of .)"]
+    );
+    assert_eq!(
+        broken(&batched[..2], root, Order::AllBeforeReturn),
+        ["returned before the changes in . were made durable"]
+    );
+}
+
 /// A create's image and metadata are synced before either is renamed into place, the
 /// image's name is durable before the metadata (the commit point) names it, and the
 /// metadata's before the create answers.
