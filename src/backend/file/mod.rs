@@ -402,4 +402,7 @@ pub(crate) mod testing;
 mod tests;
 
 #[cfg(test)]
+mod durability_tests;
+
+#[cfg(test)]
 mod quiesce_tests;
