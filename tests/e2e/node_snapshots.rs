@@ -221,10 +221,10 @@ async fn on_xfs_with_reflinks_a_staged_volume_is_snapshotted_at_its_moment() {
 /// it with the image's content.
 ///
 /// The kill lands mid-copy for sure: the driver's file root is an ext4 of its own (no
-/// reflinks, whose copy has no middle), and once the copy has written some of the image the
-/// test freezes that filesystem, so the copy's next write blocks in the kernel. While it is
-/// held the test checks that the copy is part way (its partial file has less than the image's
-/// data, and no snapshot image exists), sends SIGKILL, and only then thaws.
+/// reflinks, whose copy has no middle), and once the copy has written its first chunk the test
+/// stops the driver (SIGSTOP, every thread seen stopped). While it is held the test checks that
+/// the copy is part way (its partial file has less than the image's data, and no snapshot image
+/// exists), then sends SIGKILL.
 ///
 /// Catches: the removal of `*.partial` leftovers when the file backend opens (`scan` in
 /// `backend/file.rs`).
@@ -277,45 +277,32 @@ async fn kill_9_in_the_middle_of_a_snapshot_copy_leaves_none_ready_and_a_retry_c
                 .await
         }
     });
-    eventually("the copy under way", || {
-        let written = allocated(&partial);
-        async move { written.is_ok_and(|b| b >= 8 << 20) }
+    // Watched without a pause between looks, so the stop follows the first written chunk
+    // closely and most of the image is still to copy; the check below proves it either way.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !allocated(&partial).is_ok_and(|b| b >= 1 << 20) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: the copy under way"
+        );
+        tokio::task::yield_now().await;
+    }
+    let pid = n.d.pid();
+    // SAFETY: a signal to our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    eventually("every thread of the driver stopped", || async move {
+        stopped(pid)
     })
     .await;
-    let frozen = std::fs::File::open(&mount).unwrap();
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: an ioctl without an argument on a descriptor we own.
-        let froze = unsafe { libc::ioctl(frozen.as_raw_fd(), FIFREEZE as _, 0) };
-        assert_eq!(froze, 0, "{}", std::io::Error::last_os_error());
-    }
-    let thaw = || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as above.
-        let thawed = unsafe { libc::ioctl(frozen.as_raw_fd(), FITHAW as _, 0) };
-        assert_eq!(thawed, 0, "{}", std::io::Error::last_os_error());
-    };
     let written = allocated(&partial);
-    let mid_copy = written.as_ref().is_ok_and(|&b| b < DATA) && !image.exists();
-    if !mid_copy {
-        thaw();
-    }
     assert!(
-        mid_copy,
+        written.as_ref().is_ok_and(|&b| b < DATA) && !image.exists(),
         "the copy is held part way when the kill is sent: {written:?} of {DATA} bytes in the \
          partial file, snapshot image present: {}",
         image.exists()
     );
     println!("killed with {written:?} of {DATA} bytes copied");
-    let Node { mut d, host } = n;
-    d.kill9_then(thaw);
-    drop(frozen);
-    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
-    drop(d);
-    let n = Node {
-        d: Driver::start_in(dir, &[], &host.kubelet_args(&[])).await,
-        host,
-    };
+    let n = n.crash_and_restart(&[]).await;
     let answer = copy.await.unwrap();
     assert!(
         answer.is_err(),
@@ -342,6 +329,17 @@ async fn kill_9_in_the_middle_of_a_snapshot_copy_leaves_none_ready_and_a_retry_c
         .unwrap();
     assert!(status.success(), "the snapshot holds the image's bytes");
     tear_down(n, &device, &mount);
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn stopped(pid: i32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.into_iter().all(|task| {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
 }
 
 /// A driver (all services: the node plugin is in the controller's process) whose `--file-root`

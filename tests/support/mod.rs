@@ -126,16 +126,6 @@ impl Driver {
         child.wait().unwrap();
     }
 
-    /// [`Self::kill9`], with `meanwhile` run after the signal is sent and before the process is
-    /// reaped: a process blocked in the kernel where SIGKILL cannot interrupt it (a write to a
-    /// frozen filesystem) dies only once `meanwhile` lets that call return.
-    pub fn kill9_then(&mut self, meanwhile: impl FnOnce()) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        meanwhile();
-        child.wait().unwrap();
-    }
-
     pub fn spawn(dir: &Path, socket: &Path, known: &[&str], extra: &[&str]) -> Child {
         Self::spawn_with(dir, socket, known, extra, None)
     }
