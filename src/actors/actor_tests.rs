@@ -71,25 +71,30 @@ fn harness_on(
     dir: tempfile::TempDir,
     max_per_node: u64,
 ) -> Harness {
-    let cluster = Arc::new(Standalone::new(
-        ["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap()),
-    ));
-    let metrics = Arc::new(Metrics::new());
-    let deps = Arc::new(VolumeDeps {
-        backend,
-        nodes: cluster.clone(),
-        authority: cluster.clone(),
-        sink: cluster,
-        metrics: metrics.clone(),
-        grace_period: GRACE,
-        node_limit: super::NodeLimit::new(max_per_node),
-    });
+    let deps = deps_on(backend, max_per_node);
+    let metrics = deps.metrics.clone();
     let supervisor = Supervisor::new(deps, Vec::new()).start();
     Harness {
         router: Router::new(supervisor, Duration::from_secs(5)),
         metrics,
         _dir: dir,
     }
+}
+
+/// What every actor needs, over `backend`, with standalone nodes a, b and c.
+fn deps_on(backend: Arc<dyn VolumeBackend>, max_per_node: u64) -> Arc<VolumeDeps> {
+    let cluster = Arc::new(Standalone::new(
+        ["a", "b", "c"].map(|n| NodeId::try_from(n).unwrap()),
+    ));
+    Arc::new(VolumeDeps {
+        backend,
+        nodes: cluster.clone(),
+        authority: cluster.clone(),
+        sink: cluster,
+        metrics: Arc::new(Metrics::new()),
+        grace_period: GRACE,
+        node_limit: super::NodeLimit::new(max_per_node),
+    })
 }
 
 fn rwx() -> Capability {
@@ -1063,6 +1068,53 @@ fn a_stale_drop_keeps_holders_attached_after_the_404() {
         assert_eq!(h.metrics.stale_cleared_total.get(), 1);
         assert_eq!(h.metrics.parked_volumes.get(), 1, "p stays parked");
         assert_eq!(holders("p").await, 1);
+    });
+}
+
+/// Seeding answers only once every actor it started has started: readiness follows the
+/// answer, so by then each seeded migration is counted in `migration_active_migrations`, each
+/// actor in its class gauge, and its timer armed. The actor's arbiter is held busy, so its
+/// `started` cannot run until the test lets it: an answer before that is the bug.
+///
+/// Catches: the supervisor's Seed handler answering without awaiting the seeded actors'
+/// `Settled` replies.
+#[test]
+fn seeding_answers_after_the_seeded_actors_started() {
+    actix_rt::System::new().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
+        let deps = deps_on(backend, 0);
+        let metrics = deps.metrics.clone();
+        let arbiter = actix_rt::Arbiter::new();
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let (busy, is_busy) = tokio::sync::oneshot::channel();
+        arbiter.spawn_fn(move || {
+            busy.send(()).unwrap();
+            // Also released when the test ends early (the sender dropped).
+            held.recv().unwrap_or(());
+        });
+        is_busy.await.unwrap();
+        let supervisor = Supervisor::new(deps, vec![arbiter.handle()]).start();
+        use crate::domain::AccessClass::Migratable;
+        let mut seeded = std::pin::pin!(supervisor.send(seed_in(
+            Term::FIRST,
+            vec![seed_volume("m", &[("a", 20), ("b", 10)], Migratable)],
+        )));
+        // Queued behind the Seed: once it is answered, the Seed was handled.
+        supervisor.send(ListActors::first(1)).await.unwrap();
+        assert!(
+            futures::poll!(seeded.as_mut()).is_pending(),
+            "seeding answered while its migration's actor had not started"
+        );
+        assert_eq!(metrics.active_migrations.get(), 0);
+        hold.send(()).unwrap();
+        assert_eq!(seeded.await.unwrap(), 1);
+        assert_eq!(
+            metrics.active_migrations.get(),
+            1,
+            "seeding answered before its migration was counted"
+        );
+        arbiter.stop();
     });
 }
 

@@ -90,6 +90,12 @@ pub struct MigrationTimeout;
 #[rtype(result = "()")]
 pub struct GraceExpired;
 
+/// Volume actor: answers once the actor has started, so its gauges are raised, the effects it
+/// was seeded with are applied and its timers armed. Changes nothing.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct Settled;
+
 /// The volume's attachment state as JSON (`None` when idle).
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<Option<serde_json::Value>, Error>")]
@@ -171,7 +177,8 @@ impl<M: Message> Message for Traced<M> {
 
 /// Supervisor: rebuild volume actors from VolumeAttachments for `term` (at boot, or when a term
 /// begins). From then on the supervisor and every actor it starts serve `term` only. Answers
-/// how many volumes were seeded.
+/// how many volumes were seeded, once every actor it started has started (a caller that turns
+/// ready on the answer shows the seeded migrations in its gauges).
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Seed {

@@ -53,7 +53,7 @@ use actix::prelude::*;
 
 use super::messages::{
     ClearStale, Dismiss, DropStale, HolderNodes, ListActors, ListHolders, Listing, Lookup, Reaped,
-    Route, Seed, ShareAddresses, StandDown,
+    Route, Seed, Settled, ShareAddresses, StandDown,
 };
 use super::state::{Attachment, Effect, VolumeState};
 use super::volume::{Retirement, VolumeActor};
@@ -238,7 +238,7 @@ impl Supervisor {
         state: VolumeState,
         effects: Vec<Effect>,
         ctx: &mut Context<Self>,
-    ) {
+    ) -> Addr<VolumeActor> {
         let actor = VolumeActor::seeded(
             volume.clone(),
             term,
@@ -247,7 +247,7 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        self.spawn(actor, &volume);
+        self.spawn(actor, &volume)
     }
 
     /// Starts the actor of a parked volume, handing it the seeded state. Parked records exist
@@ -411,14 +411,20 @@ impl Handler<Lookup> for Supervisor {
 }
 
 impl Handler<Seed> for Supervisor {
-    type Result = usize;
+    type Result = ResponseFuture<usize>;
 
     /// Holder ages (the API server's now minus the VolumeAttachment's creationTimestamp, never
     /// this process's wall clock) map onto the monotonic clock, so a migration's deadline keeps
     /// counting from the newer VolumeAttachment's creation (rules, "Boot seeding" 3). A volume
     /// with one holder is parked; any other starts its actor now (a migration has a timer to
     /// arm, an over-attachment an event to post).
-    fn handle(&mut self, Seed { term, volumes }: Seed, ctx: &mut Context<Self>) -> usize {
+    ///
+    /// Answers once each started actor answered a [`Settled`]: actors start on their arbiters,
+    /// and the caller turns ready on this answer, so until then a seeded migration would be
+    /// missing from `migration_active_migrations` and the actor gauges of a ready driver. The
+    /// supervisor keeps serving other messages meanwhile. An actor that stopped before
+    /// answering (a [`Dismiss`] in between) is not waited for.
+    fn handle(&mut self, Seed { term, volumes }: Seed, ctx: &mut Context<Self>) -> Self::Result {
         self.term = Some(term);
         let now = tokio::time::Instant::now();
         // Ages beyond two hours all mean "every deadline has passed"; clamping keeps the
@@ -426,6 +432,7 @@ impl Handler<Seed> for Supervisor {
         let monotonic = |age: Duration| now.checked_sub(age.min(SEED_AGE_CAP)).unwrap_or(now);
         let count = volumes.len();
         self.parked.reserve(count);
+        let mut started = Vec::new();
         for v in volumes {
             for h in &v.holders {
                 self.deps.node_limit.add(&h.node);
@@ -461,9 +468,17 @@ impl Handler<Seed> for Supervisor {
                 v.migration_timeout,
                 v.order_known,
             );
-            self.seed(v.volume, term, state, effects, ctx);
+            started.push(self.seed(v.volume, term, state, effects, ctx));
         }
-        count
+        Box::pin(async move {
+            let settled = futures::future::join_all(started.iter().map(|a| a.send(Settled)));
+            for answer in settled.await {
+                if let Err(e) = answer {
+                    tracing::debug!(error = %e, "a seeded actor stopped before it settled");
+                }
+            }
+            count
+        })
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::messages::{
     Delete, Describe, DropStale, GraceExpired, Holders, MigrationTimeout, Publish, Published,
-    Reaped, StandDown, Traced, Unpublish,
+    Reaped, Settled, StandDown, Traced, Unpublish,
 };
 use super::state::{Attachment, DropReason, Effect, MigrationResult, PublishRequest, VolumeState};
 use super::{other_term, VolumeDeps, LIVE_CHECK_BUDGET};
@@ -780,6 +780,13 @@ impl Handler<Describe> for VolumeActor {
         }
         Ok(Some(self.state.describe(Instant::now(), SystemTime::now())))
     }
+}
+
+impl Handler<Settled> for VolumeActor {
+    type Result = ();
+
+    /// A mailbox is read only after `started` returned, so the answer alone is the proof.
+    fn handle(&mut self, _: Settled, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<StandDown> for VolumeActor {

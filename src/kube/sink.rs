@@ -288,6 +288,8 @@ impl KubeSink {
                         tokio::time::sleep(wait).await;
                         if lock(&sink.annotations).retry_due(&pv, generation) {
                             sink.annotations_ready.notify_one();
+                        } else {
+                            tracing::info!(pv = %pv, "annotation retry dropped: a newer value replaced the one that failed");
                         }
                     });
                 }

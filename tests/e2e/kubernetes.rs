@@ -1051,40 +1051,28 @@ async fn on_with_no_reachable_api_is_an_error_at_start() {
 // ---- 5. No API call on the publish path -----------------------------------------------------
 
 /// The publish success path makes no API call the answer waits for. Every request the driver
-/// could make hangs (reads and writes alike), and the call log records each request when it
-/// arrives: the publish still returns, every request started before it returned is still in
-/// flight at that moment (none answered, none given up on), none of them is a read, and the
-/// writes the publish queued are answered only once the hang is lifted, after the publish
-/// returned, without being abandoned on the way.
+/// could make hangs (reads and writes alike), so a publish that awaited any of them would not
+/// return OK: it returns, and no request that arrived after the hang ended (was answered or
+/// given up on) before it returned. No GET, the verb of every live read a publish can make
+/// (Node, VolumeAttachment, PersistentVolume), started before it returned; watches and lists
+/// belong to the reflectors, which run beside it and are not the publish's. The writes the
+/// publish queued are sent afterwards and land once the hang is lifted, never before.
+///
+/// The publish falls inside the term's first lease duration (15 s without leader election),
+/// where a holderless volume's publish reads the VolumeAttachments other nodes have of it
+/// (rules, "High availability"); this volume has none but the publishing node's, so there is
+/// nothing to read and the answer is the same inside that window and after it. The window's
+/// read itself is the actor tests' (`term_tests`).
+///
+/// Catches: a publish awaiting its annotation or event write (`ClusterSink` calls awaited on
+/// the publish path), or a live read made for a holderless volume with no other
+/// VolumeAttachment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successful_publish_makes_no_synchronous_api_call() {
     let c = Cluster::new(&["n1"]).await;
     c.pv("pv", "vol", false, None, json!({}));
-    let d = c.start_with_volumes(&["vol", "probe"]).await;
+    let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
-    eventually("node cache filled", || async {
-        c.api.count_calls("watch", "nodes") >= 1
-    })
-    .await;
-    // For the first lease duration of a term (15 s without leader election), a holderless
-    // volume's publish reads its other VolumeAttachments live (rules, "High availability").
-    // This test is about the path after it: a probe volume is published until its publish
-    // makes no such read.
-    eventually("the term's first lease duration is over", || async {
-        c.api.clear_calls();
-        d.publish("probe", "n1", rwo()).await.unwrap();
-        d.unpublish("probe", "n1").await.unwrap();
-        let read = c
-            .api
-            .calls()
-            .iter()
-            .any(|call| call.resource == "volumeattachments" && call.verb != "watch");
-        if read {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        !read
-    })
-    .await;
     c.va("pv", "vol", "n1", false, Duration::ZERO);
     let hung = c.api.hang("*", "*");
     c.api.clear_calls();
@@ -1095,18 +1083,15 @@ async fn a_successful_publish_makes_no_synchronous_api_call() {
         .unwrap();
     let returned = Instant::now();
     let started = c.api.calls();
-    let not_in_flight: Vec<_> = started.iter().filter(|c| !c.in_flight()).collect();
+    let ended: Vec<_> = started.iter().filter(|c| !c.in_flight()).collect();
     assert!(
-        not_in_flight.is_empty(),
-        "the publish waited on API calls (answered or abandoned before it returned): {not_in_flight:?}"
+        ended.is_empty(),
+        "the publish waited on API calls (answered or abandoned before it returned): {ended:?}"
     );
-    let reads: Vec<_> = started
-        .iter()
-        .filter(|c| !matches!(c.verb.as_str(), "create" | "patch" | "update"))
-        .collect();
-    assert!(reads.is_empty(), "reads on the success path: {reads:?}");
+    let gets: Vec<_> = started.iter().filter(|c| c.verb == "get").collect();
+    assert!(gets.is_empty(), "live reads on the success path: {gets:?}");
     println!(
-        "{} request(s) started before the publish returned, all writes, all still hung",
+        "{} request(s) started before the publish returned, none a GET, all still hung",
         started.len()
     );
 
@@ -1121,6 +1106,7 @@ async fn a_successful_publish_makes_no_synchronous_api_call() {
     )
     .await;
     let lifted = Instant::now();
+    assert!(lifted > returned);
     c.api.remove_fault(hung);
     eventually("the annotation arrives afterwards", || async {
         let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
@@ -1134,20 +1120,29 @@ async fn a_successful_publish_makes_no_synchronous_api_call() {
             .any(|e| e["reason"] == "VolumeAttached")
     })
     .await;
+    // A write the sink gave up on while hung (its own write timeout) and sent again is allowed;
+    // an answer before the hang lifted is not.
     let writes: Vec<_> = c
         .api
         .calls()
         .into_iter()
         .filter(|c| matches!(c.verb.as_str(), "create" | "patch"))
         .collect();
-    assert!(!writes.is_empty());
-    assert!(lifted > returned);
     for w in &writes {
         assert!(
-            !w.abandoned && w.answered_at.is_some_and(|t| t >= lifted),
-            "every write was answered only after the hang lifted, after the publish returned: {w:?}"
+            w.answered_at.is_none_or(|t| t >= lifted),
+            "a write was answered while every request hung: {w:?}"
         );
     }
+    let landed = |verb: &str, resource: &str| {
+        writes
+            .iter()
+            .any(|w| w.verb == verb && w.resource == resource && w.status.is_some_and(|s| s < 300))
+    };
+    assert!(
+        landed("patch", "persistentvolumes") && landed("create", "events"),
+        "the queued writes landed after the hang lifted: {writes:?}"
+    );
     let pv = c.api.get("persistentvolumes", None, "pv").unwrap();
     assert!(
         pv["metadata"]["annotations"][format!("{DRIVER}/attached-at")]

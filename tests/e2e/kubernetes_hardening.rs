@@ -350,6 +350,20 @@ fn annotation(c: &Cluster, pv: &str) -> Value {
     .clone()
 }
 
+/// The attach's annotation write fails and waits for its retry; the detach comes meanwhile and
+/// its write is held in flight while the failed write's retry comes due. That retry is dropped
+/// (the detach's value replaced the one that failed), the detach's write lands, and it is the
+/// last: the PV never says attached after the detach.
+///
+/// The order is forced and checked, not hoped for: the attach's write fails three times, so its
+/// next retry waits 800 ms (backoff 200 ms doubling), and the test checks that the first write
+/// after the failures is the detach's (had the unpublish come after the retry, it would be the
+/// attach's). The retry's chance to run while the detach's write is held is witnessed by the
+/// driver's log line for a dropped retry, not by a sleep.
+///
+/// Catches: `AnnotationQueue::set` keeping the failed value for its retry instead of taking
+/// the newer one (`entry.value = value` skipped while a retry is pending): the held write then
+/// says attached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_annotation_never_overwrites_a_newer_one() {
     let c = Cluster::new(&["n1"]).await;
@@ -357,33 +371,43 @@ async fn a_retried_annotation_never_overwrites_a_newer_one() {
     let d = c.start_with_volumes(&["vol"]).await;
     d.wait_ready().await;
     c.va("pv", "vol", "n1", false, Duration::ZERO);
-    // The first write (attached to n1) fails; the next one (cleared) is held in flight.
-    c.api.fail_times("patch", "persistentvolumes", 500, 1);
+    // The first three writes (attached to n1) fail; the next one is held in flight.
+    const FAILURES: usize = 3;
+    let failing = c
+        .api
+        .fail_times("patch", "persistentvolumes", 500, FAILURES as u32);
     let held = c.api.hang("patch", "persistentvolumes");
     d.publish("vol", "n1", rwo()).await.unwrap();
-    eventually("the first write failed", || async {
+    eventually("the attach's write failed three times", || async {
         c.api
             .calls_matching("patch", "persistentvolumes")
             .iter()
-            .any(|p| p.status == Some(500))
+            .filter(|p| p.status == Some(500))
+            .count()
+            == FAILURES
     })
     .await;
     d.unpublish("vol", "n1").await.unwrap();
-    eventually("a write is held in flight", || async {
-        c.api
-            .calls_matching("patch", "persistentvolumes")
-            .iter()
-            .any(|p| p.status.is_none())
-    })
-    .await;
-    // Long enough for the failed write's retry to come due while the held write (normally the
-    // detach's) is in flight.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    c.api.remove_fault(held);
     let clears = |p: &crate::fake_apiserver::Call| {
         p.body.as_ref().unwrap()["metadata"]["annotations"][format!("{DRIVER}/attached-node")]
             .is_null()
     };
+    eventually("a write is held in flight", || async {
+        c.api
+            .calls_matching("patch", "persistentvolumes")
+            .iter()
+            .any(|p| p.in_flight())
+    })
+    .await;
+    let patches = c.api.calls_matching("patch", "persistentvolumes");
+    assert!(
+        patches.len() == FAILURES + 1 && clears(&patches[FAILURES]),
+        "the write after the failures is the detach's, clearing the annotations (had the \
+         unpublish come after the failed write's retry, that retry would be next): {patches:?}"
+    );
+    d.wait_for_log("annotation retry dropped").await;
+    c.api.remove_fault(held);
+    c.api.remove_fault(failing);
     eventually("the detach's write landed", || async {
         c.api
             .calls_matching("patch", "persistentvolumes")
@@ -391,24 +415,25 @@ async fn a_retried_annotation_never_overwrites_a_newer_one() {
             .any(|p| p.status == Some(200) && clears(p))
     })
     .await;
-    // Give a stale retry every chance to land after it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         annotation(&c, "pv").is_null(),
         "the detached volume's PV says attached to {}",
         annotation(&c, "pv")
     );
-    let last = c
-        .api
-        .calls_matching("patch", "persistentvolumes")
-        .pop()
-        .unwrap();
-    assert!(
-        clears(&last) && last.status == Some(200),
-        "the last write is not the newest: {last:?}"
+    let patches = c.api.calls_matching("patch", "persistentvolumes");
+    assert_eq!(
+        patches.len(),
+        FAILURES + 1,
+        "nothing was written after the detach's value: {patches:?}"
     );
 }
 
+/// A write that finds its PV deleted (404) ends that PV's queue: counted, logged once, never
+/// retried; the volume's next change is tried afresh. "Never retried" is read after the
+/// writer's logged decision, not after a wait.
+///
+/// Catches: a 404 taken as a failure to retry (`Err(NOT_FOUND) => Outcome::Gone` in the
+/// annotation writer made `Outcome::Failed`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pv_ends_its_annotation_queue() {
     let c = Cluster::new(&["n1"]).await;
@@ -428,8 +453,9 @@ async fn a_deleted_pv_ends_its_annotation_queue() {
             .any(|p| p.status == Some(404))
     })
     .await;
-    // Long enough for several retries, had there been any.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The writer's decision after the 404, logged once it is made: this PV's queue ends, so
+    // no retry of it is scheduled.
+    let log = d.wait_for_log("PV is gone").await;
     assert_eq!(
         c.api.count_calls("patch", "persistentvolumes"),
         1,
@@ -442,7 +468,6 @@ async fn a_deleted_pv_ends_its_annotation_queue() {
         ),
         1.0
     );
-    let log = d.wait_for_log("PV is gone").await;
     let lines = log
         .lines()
         .filter(|l| l.contains("PV is gone") && l.contains("pv"))
@@ -450,10 +475,15 @@ async fn a_deleted_pv_ends_its_annotation_queue() {
     assert_eq!(lines, 1, "logged once:\n{log}");
     // The next change of the volume is attempted afresh (and ends the same way).
     d.unpublish("vol", "n1").await.unwrap();
-    eventually("the next write was tried", || async {
-        c.api.count_calls("patch", "persistentvolumes") == 2
-    })
-    .await;
+    d.wait_for_log_count("PV is gone", 2).await;
+    let patches = c.api.calls_matching("patch", "persistentvolumes");
+    assert!(
+        patches.len() == 2
+            && patches[1].body.as_ref().unwrap()["metadata"]["annotations"]
+                [format!("{DRIVER}/attached-node")]
+            .is_null(),
+        "the second write is the detach's, and the last: {patches:?}"
+    );
     c.api.clear_faults();
 }
 

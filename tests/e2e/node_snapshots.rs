@@ -216,47 +216,55 @@ async fn on_xfs_with_reflinks_a_staged_volume_is_snapshotted_at_its_moment() {
     host.assert_clean();
 }
 
-/// `kill -9` while a snapshot of a multi-GiB sparse image is being copied: after the restart
-/// nothing claims to be a snapshot, and the retried CreateSnapshot completes it with the image's
-/// content.
+/// `kill -9` while a snapshot of a sparse image is being copied: after the restart nothing
+/// claims to be a snapshot, the half-made copy is gone, and the retried CreateSnapshot completes
+/// it with the image's content.
+///
+/// The kill lands mid-copy for sure: the driver's file root is an ext4 of its own (no
+/// reflinks, whose copy has no middle), and once the copy has written its first chunk the test
+/// stops the driver (SIGSTOP, every thread seen stopped). While it is held the test checks that
+/// the copy is part way (its partial file has less than the image's data, and no snapshot image
+/// exists), then sends SIGKILL.
+///
+/// Catches: the removal of `*.partial` leftovers when the file backend opens (`scan` in
+/// `backend/file.rs`).
 #[tokio::test]
 async fn kill_9_in_the_middle_of_a_snapshot_copy_leaves_none_ready_and_a_retry_completes_it() {
     if !root_or_skip("kill_9_snapshot") {
         return;
     }
-    let n = Node::start(&[]).await;
+    // Room for the image and its snapshot, each counted at its full size.
+    let (n, device, mount) = on_ext4(3 << 29).await;
     let volumes = n.d.dir.path().join("volumes");
-    if reflinks_under(n.d.dir.path()) {
-        eprintln!("kill_9_snapshot: this filesystem reflinks; a reflink has no middle to kill");
-        return;
-    }
     let s = Snaps(&n.d);
-    // 4 GiB, with 1 GiB of data in 64 runs of 16 MiB spread over it.
-    s.create_volume("big", 4 << 30, None).await.unwrap();
+    // 512 MiB, with 128 MiB of data in 64 runs of 2 MiB spread over it.
+    const DATA: u64 = 128 << 20;
+    s.create_volume("big", 512 << 20, None).await.unwrap();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(volumes.join("big.img"))
             .unwrap();
-        let mut chunk = vec![0u8; 16 << 20];
+        let mut chunk = vec![0u8; 2 << 20];
         for i in 0..64u64 {
             chunk
                 .iter_mut()
                 .enumerate()
                 .for_each(|(j, b)| *b = (i as usize + j % 241 + 1) as u8);
-            f.write_all_at(&chunk, i * (64 << 20)).unwrap();
+            f.write_all_at(&chunk, i * (8 << 20)).unwrap();
         }
         f.sync_all().unwrap();
-        // Out of the page cache, so the copy reads the disk and takes a while.
-        use std::os::fd::AsRawFd;
-        // SAFETY: posix_fadvise on a descriptor we own.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
     let id = rds_csi::SnapshotId::for_name("big-backup")
         .unwrap()
         .to_string();
     let partial = volumes.join(format!("snapshots/{id}.img.partial"));
+    let image = volumes.join(format!("snapshots/{id}.img"));
+    let allocated = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.blocks() * 512)
+    };
     let copy = tokio::spawn({
         let channel = n.d.channel.clone();
         async move {
@@ -269,25 +277,41 @@ async fn kill_9_in_the_middle_of_a_snapshot_copy_leaves_none_ready_and_a_retry_c
                 .await
         }
     });
-    // Wait until the copy has written some of the image, but not all of it.
-    eventually("the copy under way", || {
-        let partial = partial.clone();
-        async move {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(&partial).is_ok_and(|m| m.blocks() * 512 >= 32 << 20)
-        }
+    // Watched without a pause between looks, so the stop follows the first written chunk
+    // closely and most of the image is still to copy; the check below proves it either way.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !allocated(&partial).is_ok_and(|b| b >= 1 << 20) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: the copy under way"
+        );
+        tokio::task::yield_now().await;
+    }
+    let pid = n.d.pid();
+    // SAFETY: a signal to our own child, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    eventually("every thread of the driver stopped", || async move {
+        stopped(pid)
     })
     .await;
+    let written = allocated(&partial);
+    assert!(
+        written.as_ref().is_ok_and(|&b| b < DATA) && !image.exists(),
+        "the copy is held part way when the kill is sent: {written:?} of {DATA} bytes in the \
+         partial file, snapshot image present: {}",
+        image.exists()
+    );
+    println!("killed with {written:?} of {DATA} bytes copied");
     let n = n.crash_and_restart(&[]).await;
-    let _ = copy.await;
-    let written = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&partial).map(|m| m.blocks() * 512)
-    };
+    let answer = copy.await.unwrap();
+    assert!(
+        answer.is_err(),
+        "the killed driver never answered the CreateSnapshot: {answer:?}"
+    );
     let s = Snaps(&n.d);
     assert!(
         s.all_ids(0).await.is_empty(),
-        "no snapshot claims to exist after the crash (the copy had {written:?} bytes)"
+        "no snapshot claims to exist after the crash"
     );
     assert!(
         !partial.exists(),
@@ -297,14 +321,25 @@ async fn kill_9_in_the_middle_of_a_snapshot_copy_leaves_none_ready_and_a_retry_c
     let snap = s.snapshot("big-backup", "big").await.unwrap();
     assert!(snap.ready_to_use);
     assert_eq!(snap.snapshot_id, id);
-    assert_eq!(snap.size_bytes, 4 << 30);
+    assert_eq!(snap.size_bytes, 512 << 20);
     let status = Command::new("cmp")
         .arg(volumes.join("big.img"))
-        .arg(volumes.join(format!("snapshots/{id}.img")))
+        .arg(&image)
         .status()
         .unwrap();
     assert!(status.success(), "the snapshot holds the image's bytes");
-    n.host.assert_clean();
+    tear_down(n, &device, &mount);
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn stopped(pid: i32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.into_iter().all(|task| {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
 }
 
 /// A driver (all services: the node plugin is in the controller's process) whose `--file-root`

@@ -447,21 +447,19 @@ async fn the_driver_reconnects_after_the_rds_drops_every_connection() {
     let accepted = r.fake.connections_accepted();
     r.fake.drop_all_connections();
     // The next RPCs may meet the dead connection once; the driver re-dials and carries on.
-    let mut ok = false;
-    for _ in 0..20 {
+    eventually("the driver reconnected and created the volume", || async {
         match r
             .create("pvc-after", GIB, &[("nvmeAddress", "10.0.0.1")])
             .await
         {
-            Ok(_) => {
-                ok = true;
-                break;
+            Ok(_) => true,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+                false
             }
-            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{}", e.message()),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(ok, "the driver never reconnected");
+    })
+    .await;
     assert!(
         r.fake.connections_accepted() > accepted,
         "a new connection was made"
