@@ -1795,7 +1795,7 @@ async fn faults_fail_hang_delay_and_conflict() {
     let s2 = s.clone();
     let pending = tokio::spawn(async move { get(&s2, "/api/v1/nodes/n1").await });
     assert!(s.wait_for_calls("get", "nodes", 4, DEADLINE).await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the request reached its hang", || s.held_requests() == 1).await;
     assert!(!pending.is_finished(), "a hung request answers nothing");
     assert_eq!(
         s.calls_matching("get", "nodes").last().unwrap().status,
@@ -2080,6 +2080,7 @@ async fn watch_streams_events_bookmarks_and_errors() {
     // Live events, through a label selector: entering is ADDED, leaving is DELETED.
     let s2 = s.clone();
     let now = s.resource_version();
+    let watches = s.calls_matching("watch", "volumeattachments").len();
     let live = tokio::spawn(async move {
         watch_events(
             &s2,
@@ -2088,7 +2089,7 @@ async fn watch_streams_events_bookmarks_and_errors() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    watch_established(&s, watches + 1).await;
     s.patch(
         "volumeattachments",
         None,

@@ -967,12 +967,21 @@ async fn hang_holds_commands_unrun_until_released() {
     let log = s.rds.wait_for_commands(1).await;
     assert_eq!(log[0].command, add);
     assert_eq!(log[0].output, None);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The witness that the command reached the hang, rather than a pause that hopes so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.rds.held_commands() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the command never reached the hang"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(!hung.is_finished(), "not answered while hung");
     assert!(s.rds.disks().is_empty(), "not run while hung");
 
     s.rds.hang(false);
     let answer = hung.await.unwrap();
+    assert_eq!(s.rds.held_commands(), 0);
     assert_eq!((answer.stdout.as_str(), answer.exit_status), ("", Some(0)));
     assert_eq!(s.rds.disks().len(), 1);
 }

@@ -2780,6 +2780,8 @@ struct Inner {
     bookmark_interval: Mutex<Duration>,
     /// Bumped whenever faults change (hung requests re-check).
     fault_gen: watch::Sender<u64>,
+    /// Requests waiting on a hang right now.
+    held: std::sync::atomic::AtomicUsize,
     /// Bumped by `drop_watches`.
     drop_gen: watch::Sender<u64>,
     /// Serialized list answers by (resource, namespace, query), valid while nothing of their
@@ -2866,6 +2868,7 @@ impl FakeApiServer {
             next_call: AtomicU64::new(1),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             fault_gen: watch::channel(0).0,
+            held: std::sync::atomic::AtomicUsize::new(0),
             drop_gen: watch::channel(0).0,
             list_cache: Mutex::new(None),
             tokens: Mutex::new(HashMap::from([(
@@ -3211,6 +3214,12 @@ impl FakeApiServer {
     /// Ends every open watch stream abruptly (the connection is cut mid-stream).
     pub fn drop_watches(&self) {
         self.inner.drop_gen.send_modify(|g| *g += 1);
+    }
+
+    /// How many requests a hang holds right now: the witness that a request reached its hang
+    /// (and so is answered only once the hang is removed).
+    pub fn held_requests(&self) -> usize {
+        self.inner.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Removes every fault and the latency; hung requests proceed.
@@ -3709,6 +3718,22 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
 }
 
 /// A logged call waiting for its answer; dropped unanswered, it marks the call abandoned.
+/// Counts one request as held by a hang while it waits (also when its client goes).
+struct HeldRequest<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> HeldRequest<'a> {
+    fn count(counter: &'a std::sync::atomic::AtomicUsize) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for HeldRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 struct PendingCall {
     inner: Arc<Inner>,
     id: u64,
@@ -3756,6 +3781,7 @@ async fn respond(
     }
     if let Some(id) = plan.hang {
         let mut rx = inner.fault_gen.subscribe();
+        let _held = HeldRequest::count(&inner.held);
         loop {
             rx.borrow_and_update();
             if !lock(&inner.faults).rules.iter().any(|(i, _)| *i == id) {

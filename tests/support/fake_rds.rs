@@ -104,7 +104,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -2040,6 +2040,8 @@ struct Shared {
     model: Mutex<Model>,
     latency: Mutex<Duration>,
     hang: watch::Sender<bool>,
+    /// Commands waiting on [`FakeRds::hang`] right now.
+    held: AtomicUsize,
     refuse: AtomicBool,
     paused: watch::Sender<bool>,
     faults: Mutex<Vec<FaultRule>>,
@@ -2356,6 +2358,22 @@ impl russh::server::Handler for ConnHandler {
     }
 }
 
+/// Counts one command in a counter while it lives (also when its connection is killed).
+struct Held<'a>(&'a AtomicUsize);
+
+impl<'a> Held<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Runs one exec: waits out latency and hangs, applies faults, answers.
 async fn serve_command(
     shared: Arc<Shared>,
@@ -2374,7 +2392,10 @@ async fn serve_command(
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        let _ = hang.wait_for(|h| !*h).await;
+        if *hang.borrow_and_update() {
+            let _held = Held::count(&shared.held);
+            let _ = hang.wait_for(|h| !*h).await;
+        }
         if forever {
             // A monitor without `once` prints until interrupted: no end, no exit status.
             std::future::pending::<()>().await;
@@ -2549,6 +2570,7 @@ impl FakeRds {
             model: Mutex::new(Model::new(&config, &now)),
             latency: Mutex::new(config.latency),
             hang: watch::channel(false).0,
+            held: AtomicUsize::new(0),
             refuse: AtomicBool::new(false),
             paused: watch::channel(false).0,
             faults: Mutex::new(vec![]),
@@ -2721,6 +2743,12 @@ impl FakeRds {
     /// runs and answers them.
     pub fn hang(&self, on: bool) {
         self.shared.hang.send_replace(on);
+    }
+
+    /// How many commands are held by [`hang`](Self::hang) right now: the witness that a
+    /// command reached the hang (and so can be neither run nor answered until it lifts).
+    pub fn held_commands(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
     }
 
     // ----- observability -----
