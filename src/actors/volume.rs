@@ -463,7 +463,7 @@ async fn live_checks(
     deps: &VolumeDeps,
     id: &VolumeId,
     node: NodeId,
-    mut blockers: Vec<NodeId>,
+    blockers: Vec<NodeId>,
     recheck: bool,
 ) -> Result<Checked, Error> {
     let known = deps
