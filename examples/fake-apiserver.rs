@@ -3,10 +3,13 @@
 //!
 //! ```sh
 //! cargo run --example fake-apiserver -- --port 0 --node node-b --node node-c
-//! # prints:  kubeconfig: /tmp/fake-apiserver-1234/kubeconfig
+//! # prints:  server: http://127.0.0.1:PORT
+//! #          token: fake-harness
+//! #          kubeconfig: /tmp/fake-apiserver-1234/kubeconfig
 //! KUBECONFIG=/tmp/fake-apiserver-1234/kubeconfig kubectl get volumeattachments
 //! curl -s http://127.0.0.1:PORT/__fake/calls                      # the call log
 //! curl -s -XPOST http://127.0.0.1:PORT/api/v1/nodes -H 'content-type: application/json' \
+//!      -H 'authorization: Bearer fake-harness' \
 //!      -d '{"metadata":{"name":"node-d"}}'                         # JSON only, as the real one
 //! curl -s -XPOST http://127.0.0.1:PORT/__fake/faults -d '{"fail_writes":500}'
 //! curl -s -XDELETE http://127.0.0.1:PORT/__fake/faults            # clear faults
@@ -14,6 +17,8 @@
 //!
 //! Flags: `--port N` (0: any free port; default 0), `--kubeconfig-dir DIR` (default: a new
 //! directory under the system temp dir), `--node NAME` (repeatable: Node objects to create).
+//! The API enforces the chart's RBAC: a request without a token is anonymous and refused, the
+//! printed token (also in the kubeconfig) may do anything; `/__fake/` needs none.
 //! Serves until Ctrl-C.
 
 #[path = "../tests/support/fake_apiserver.rs"]
@@ -80,6 +85,7 @@ async fn main() -> std::io::Result<()> {
     let path = server.write_kubeconfig(&dir);
     let mut out = std::io::stdout().lock();
     writeln!(out, "server: {}", server.url())?;
+    writeln!(out, "token: {}", fake_apiserver::HARNESS_TOKEN)?;
     writeln!(out, "kubeconfig: {}", path.display())?;
     out.flush()?;
     drop(out);
