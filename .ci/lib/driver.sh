@@ -5,6 +5,21 @@
 #   bin      the rds-csi binary;
 #   pids     an array the started processes are appended to (the caller's trap kills them).
 
+# cleanup: the EXIT trap. Stops the started processes, then unmounts and detaches what a failed
+# node step left under $work (never deleting through a mount) and removes $work.
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2> /dev/null || true; done
+    findmnt -rn -o TARGET | grep "^$work/" | sort -r | xargs -r umount 2> /dev/null || true
+    losetup -nl -O NAME,BACK-FILE | awk -v w="$work/" 'index($2, w) == 1 {print $1}' \
+        | xargs -r -n1 losetup -d 2> /dev/null || true
+    if findmnt -rn -o TARGET | grep -q "^$work/"; then
+        echo "$ci_name: mounts left under $work; not removing it" >&2
+    else
+        rm -rf "$work"
+    fi
+}
+
 fail() {
     echo "$ci_name: $*" >&2
     exit 1

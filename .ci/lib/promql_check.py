@@ -12,8 +12,9 @@ expression:
    nothing and fails;
 3. every label named in a grouping clause (`by`, `without`, `on`, `ignoring`, `group_left`,
    `group_right`) must be a label of some series those selectors return;
-4. a dashboard query (or a recording rule) must return data as a whole, and not only NaN (a
-   quantile of nothing, 0/0: an empty panel to its reader). An alert expression need not: most compare a
+4. a dashboard query (or a recording rule) must return data as a whole. A result of only NaN
+   (a quantile of a histogram with no observations in the window, 0/0) is data, flagged in the
+   table: some events (an NVMe/TCP connect, an RDS reconnect) cannot happen on loopback. An alert expression need not: most compare a
    healthy value against a threshold and return nothing while healthy. Checks 2 and 3 are what
    make its left-hand side honest: each input the comparison reads exists, with the labels the
    expression uses. Whether it returns data now, and the rule's state in Prometheus (inactive,
@@ -212,14 +213,19 @@ def check(prom, families, expr, need_data):
         return len(result), first, f"grouping label(s) {', '.join(sorted(missing))} on no series it reads"
     if need_data and not result:
         return 0, "-", "returns no data"
-    if need_data and all(value_of(r).lower() == "nan" for r in result):
-        return len(result), first, "returns only NaN"
     return len(result), first, None
 
 
 def value_of(series):
     value = series.get("value") or (series.get("values") or [[0, "-"]])[-1]
     return value[1]
+
+
+def result_of(prom, expr):
+    try:
+        return prom.query(expr)
+    except PromQLError:
+        return []
 
 
 def dashboard_queries(path):
@@ -237,6 +243,17 @@ def dashboard_queries(path):
             walk(panel.get("panels"))
 
     walk(board.get("panels"))
+    # A query variable's label_values(SELECTOR, LABEL) lists LABEL's values on SELECTOR's series:
+    # checked as the query that has them.
+    for var in (board.get("templating") or {}).get("list") or []:
+        query = var.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*", query or "")
+        if var.get("type") == "query" and m:
+            out.append((f"variable ${var.get('name')}",
+                        f"count by ({m.group(2)}) ({m.group(1)})"))
+        elif var.get("type") == "query":
+            raise SystemExit(f"variable {var.get('name')}: cannot check query {query!r}")
     return out
 
 
@@ -287,13 +304,17 @@ def main():
     states = active_alerts(prom)
     failures = 0
     passes = 0
+    nan_only = 0
     print(f"{'source':<48} {'series':>6} {'first':>14} {'state':>8}  result  expression")
     for src, raw, need_data in items:
         expr = substitute(raw)
         count, first, reason = check(prom, families, expr, need_data)
-        one_line = " ".join(expr.split())
+        one_line = " ".join(re.sub(r"#[^\n]*", "", expr).split())
         state = states.get(src.split(" ", 1)[1], "-") if src.startswith("alert ") else "-"
         verdict = "PASS" if reason is None else f"FAIL ({reason})"
+        if reason is None and count and all(value_of(r).lower() == "nan" for r in result_of(prom, expr)):
+            verdict = "PASS (only NaN: no observations)"
+            nan_only += 1
         if reason is None:
             passes += 1
         else:
@@ -311,7 +332,8 @@ def main():
         print(f"{failures} of {len(items)} expressions failed", file=sys.stderr)
         bad = True
     else:
-        print(f"all {len(items)} expressions evaluated, every selector returns data")
+        print(f"all {len(items)} expressions evaluated, every selector returns data "
+              f"({nan_only} only NaN)")
 
     if args.expect_active:
         rules = [(src.split(" ", 1)[1], expr) for path in args.rules
