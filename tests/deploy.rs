@@ -2018,6 +2018,7 @@ const API_FLOORS: &[(&str, &str, Minor)] = &[
     ("v1", "Namespace", 0),
     ("v1", "ServiceAccount", 0),
     ("v1", "Service", 0),
+    ("v1", "ConfigMap", 0),
     ("rbac.authorization.k8s.io/v1", "ClusterRole", 8),
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", 8),
     ("rbac.authorization.k8s.io/v1", "Role", 8),
