@@ -965,6 +965,7 @@ fn rbac_references(m: &Manifests) {
         "DaemonSet",
         "Service",
         "ServiceMonitor",
+        "PrometheusRule",
         "PodDisruptionBudget",
     ];
     for o in &m.objects {
@@ -1357,6 +1358,56 @@ fn workloads_wired(m: &Manifests) {
         service["spec"]["ports"][0]["name"]
     );
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+}
+
+/// A render with alerts on carries every alert of the chart's rules file, each with a severity and
+/// a runbook, under the labels its values give a Prometheus to select it by; the rules themselves
+/// are `.ci/check-alerts`'s (promtool). At least one CI values file renders one.
+#[test]
+fn the_prometheus_rule_carries_the_rules_file() {
+    let file = &read_yaml(&path(&format!("{CHART}/files/alerts.yaml")))[0];
+    let alerts = |groups: &Value| -> Vec<String> {
+        groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap().iter())
+            .map(|r| r["alert"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let want = alerts(&file["groups"]);
+    let mut rendered = 0;
+    for m in Manifests::all() {
+        let Some(rule) = m.find("PrometheusRule", "rds-csi-alerts") else {
+            continue;
+        };
+        rendered += 1;
+        assert_eq!(alerts(&rule["spec"]["groups"]), want, "{}", m.name);
+        let ci = m
+            .name
+            .strip_prefix("deploy/helm/rendered/")
+            .and_then(|n| n.strip_suffix(".yaml"))
+            .unwrap_or_else(|| panic!("{}: a PrometheusRule in the kustomize base", m.name));
+        let values = &read_yaml(&path(&format!("{CHART}/ci/{ci}-values.yaml")))[0];
+        let labels = values["monitoring"]["alerts"]["labels"].as_object();
+        for (k, v) in labels.into_iter().flatten() {
+            assert_eq!(&rule["metadata"]["labels"][k], v, "{}: label {k}", m.name);
+        }
+        for group in rule["spec"]["groups"].as_array().unwrap() {
+            for r in group["rules"].as_array().unwrap() {
+                let name = &r["alert"];
+                assert!(r["labels"]["severity"].is_string(), "{}: {name}", m.name);
+                assert!(
+                    r["annotations"]["runbook_url"]
+                        .as_str()
+                        .is_some_and(|u| u.contains("README.md#")),
+                    "{}: {name}",
+                    m.name
+                );
+            }
+        }
+    }
+    assert!(rendered > 0, "no CI values file renders the PrometheusRule");
 }
 
 /// The sidecars in the controller pod are the ones the driver's capabilities call for:
@@ -1967,6 +2018,7 @@ const API_FLOORS: &[(&str, &str, Minor)] = &[
     ("v1", "Namespace", 0),
     ("v1", "ServiceAccount", 0),
     ("v1", "Service", 0),
+    ("v1", "ConfigMap", 0),
     ("rbac.authorization.k8s.io/v1", "ClusterRole", 8),
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", 8),
     ("rbac.authorization.k8s.io/v1", "Role", 8),
@@ -1978,6 +2030,7 @@ const API_FLOORS: &[(&str, &str, Minor)] = &[
     ("storage.k8s.io/v1", "CSIDriver", 18),
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass", 20),
     ("monitoring.coreos.com/v1", "ServiceMonitor", 0),
+    ("monitoring.coreos.com/v1", "PrometheusRule", 0),
     ("cdi.kubevirt.io/v1beta1", "StorageProfile", 0),
 ];
 
