@@ -965,6 +965,7 @@ fn rbac_references(m: &Manifests) {
         "DaemonSet",
         "Service",
         "ServiceMonitor",
+        "PodMonitor",
         "PrometheusRule",
         "PodDisruptionBudget",
     ];
@@ -1335,8 +1336,39 @@ fn workloads_wired(m: &Manifests) {
             m.find("ServiceMonitor", "rds-csi-controller").is_none(),
             "{n}: a ServiceMonitor without its Service"
         );
+        assert!(
+            m.find("PodMonitor", "rds-csi-node").is_none(),
+            "{n}: a PodMonitor with monitoring off"
+        );
         return;
     };
+    // The node plugins' metrics (mounts, stages, NVMe, stale mounts: the dashboard's node panels
+    // and RdsCsiStaleMountRecoveriesFailing) are scraped from each node pod's metrics port by the
+    // PodMonitor, in a job apart from the controller's.
+    let pods = m.get("PodMonitor", "rds-csi-node");
+    assert_eq!(pods["apiVersion"], "monitoring.coreos.com/v1", "{n}");
+    let node_labels = &m.node()["spec"]["template"]["metadata"]["labels"];
+    let controller_labels = &controller["spec"]["template"]["metadata"]["labels"];
+    let selector = pods["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    for (k, v) in selector {
+        assert_eq!(&node_labels[k], v, "{n}: PodMonitor selector {k}");
+    }
+    assert!(
+        selector.iter().any(|(k, v)| &controller_labels[k] != v),
+        "{n}: the PodMonitor also selects the controller pod"
+    );
+    let endpoint = &pods["spec"]["podMetricsEndpoints"][0];
+    let node_driver = container(m.node(), DRIVER_CONTAINER);
+    assert!(
+        node_driver["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == endpoint["port"]),
+        "{n}: the PodMonitor's port {} is no port of the node's driver container",
+        endpoint["port"]
+    );
+    assert_eq!(endpoint["path"], "/metrics", "{n}");
     let labels = &controller["spec"]["template"]["metadata"]["labels"];
     for (k, v) in service["spec"]["selector"].as_object().unwrap() {
         assert_eq!(&labels[k], v, "Service selector {k}");
@@ -1814,11 +1846,13 @@ fn go_style_values_become_the_documented_flags() {
     let port = values["monitoring"]["port"].as_u64().unwrap();
     assert_eq!(flag(driver, "metrics-address"), format!("0.0.0.0:{port}"));
     let monitor = m.get("ServiceMonitor", "rds-csi-controller");
+    let pods = m.get("PodMonitor", "rds-csi-node");
     for (k, v) in values["monitoring"]["serviceMonitor"]["labels"]
         .as_object()
         .unwrap()
     {
         assert_eq!(&monitor["metadata"]["labels"][k], v);
+        assert_eq!(&pods["metadata"]["labels"][k], v);
     }
 }
 
@@ -2030,6 +2064,7 @@ const API_FLOORS: &[(&str, &str, Minor)] = &[
     ("storage.k8s.io/v1", "CSIDriver", 18),
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass", 20),
     ("monitoring.coreos.com/v1", "ServiceMonitor", 0),
+    ("monitoring.coreos.com/v1", "PodMonitor", 0),
     ("monitoring.coreos.com/v1", "PrometheusRule", 0),
     ("cdi.kubevirt.io/v1beta1", "StorageProfile", 0),
 ];
