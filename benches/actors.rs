@@ -147,6 +147,7 @@ fn routing(c: &mut Criterion) {
                             .send(Route {
                                 volume: pick().clone(),
                                 term: Some(Term::FIRST),
+                                caller: None,
                             })
                             .await
                             .expect("route")

@@ -633,7 +633,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             controller: controller_service,
             node: node_service,
         };
-        server::serve(listener, &socket, services, stopped(stop_rx), shutdown_timeout).await?;
+        let serving_arbiters: Vec<_> = arbiter_threads.iter().map(|a| a.handle()).collect();
+        server::serve(listener, &socket, services, stopped(stop_rx), shutdown_timeout, &serving_arbiters).await?;
         tracing::info!("shut down cleanly");
         for arbiter in arbiter_threads {
             arbiter.stop();

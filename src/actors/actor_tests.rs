@@ -151,6 +151,7 @@ impl Harness {
             .send(super::messages::Route {
                 volume: vol(volume),
                 term: None,
+                caller: None,
             })
             .await
             .unwrap()
@@ -970,6 +971,7 @@ fn dismissing_drops_all_state_and_refuses_until_the_next_seed() {
             .send(super::messages::Route {
                 volume: vol("x"),
                 term: Some(Term::FIRST),
+                caller: None,
             })
             .await
             .unwrap();
@@ -1120,3 +1122,104 @@ fn seeding_answers_after_the_seeded_actors_started() {
 
 #[path = "term_tests.rs"]
 mod term;
+
+/// Which thread runs an actor: the test's window onto placement.
+struct ThreadOf;
+
+impl Message for ThreadOf {
+    type Result = std::thread::ThreadId;
+}
+
+impl Handler<ThreadOf> for super::volume::VolumeActor {
+    type Result = MessageResult<ThreadOf>;
+
+    fn handle(&mut self, _: ThreadOf, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(std::thread::current().id())
+    }
+}
+
+/// A volume's actor starts on the arbiter its first caller runs on, so the caller's messages and
+/// the actor's answers never wake another thread; a caller on no arbiter of the supervisor's
+/// (here the test's own thread) gets the arbiter the volume hashes to, which spreads volumes
+/// over all of them. Placement is only where an actor runs: each volume still has one actor,
+/// whoever asks first.
+///
+/// Catches: the Router not saying where its caller runs, or the supervisor starting every
+/// actor on the hashed arbiter.
+#[test]
+fn a_volumes_actor_starts_on_its_first_callers_arbiter() {
+    actix_rt::System::new().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(FileBackend::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..2).map(|_| actix_rt::Arbiter::new()).collect();
+        let handles: Vec<_> = threads.iter().map(|a| a.handle()).collect();
+        let supervisor = Supervisor::new(deps_on(backend, 0), handles.clone()).start();
+        let router = Router::new(supervisor, Duration::from_secs(5));
+        let thread_of = |arbiter: &actix_rt::ArbiterHandle| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            arbiter.spawn_fn(move || tx.send(std::thread::current().id()).unwrap());
+            rx
+        };
+        let arbiter_threads = [
+            thread_of(&handles[0]).await.unwrap(),
+            thread_of(&handles[1]).await.unwrap(),
+        ];
+        // From each arbiter in turn, the first message for volumes no one asked for yet.
+        let ask = |arbiter: &actix_rt::ArbiterHandle, volume: String| {
+            let router = router.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            arbiter.spawn(async move {
+                let volume = vol(&volume);
+                router.send(&volume, Describe).await.unwrap();
+                let actor = router.supervisor().send(super::messages::Route {
+                    volume,
+                    term: None,
+                    caller: None,
+                });
+                let actor = actor.await.unwrap().unwrap();
+                tx.send(actor.send(ThreadOf).await.unwrap()).unwrap();
+            });
+            rx
+        };
+        for i in 0..8 {
+            for (slot, arbiter) in handles.iter().enumerate() {
+                let ran_on = ask(arbiter, format!("v-{slot}-{i}")).await.unwrap();
+                assert_eq!(
+                    ran_on, arbiter_threads[slot],
+                    "v-{slot}-{i}'s first caller ran on arbiter {slot}; its actor did not"
+                );
+            }
+        }
+        // The same volume asked again from the other arbiter keeps its one actor.
+        let again = ask(&handles[1], "v-0-0".into()).await.unwrap();
+        assert_eq!(
+            again, arbiter_threads[0],
+            "one actor per volume, wherever it runs"
+        );
+        // From no arbiter of the set: spread by hash over both.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..32 {
+            let volume = vol(&format!("w-{i}"));
+            router.send(&volume, Describe).await.unwrap();
+            let actor = router.supervisor().send(super::messages::Route {
+                volume,
+                term: None,
+                caller: None,
+            });
+            let ran_on = actor.await.unwrap().unwrap().send(ThreadOf).await.unwrap();
+            assert!(
+                arbiter_threads.contains(&ran_on),
+                "an actor ran off the arbiters"
+            );
+            seen.insert(format!("{ran_on:?}"));
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "32 volumes asked from elsewhere all landed on one arbiter"
+        );
+        for a in threads {
+            a.stop();
+        }
+    });
+}

@@ -111,6 +111,9 @@ pub struct Describe;
 pub struct Route {
     pub volume: VolumeId,
     pub term: Option<Term>,
+    /// The arbiter the sender runs on, where a new actor for the volume starts
+    /// ([`super::placement`]).
+    pub caller: Option<super::placement::Caller>,
 }
 
 /// Supervisor: a volume actor retired itself (grace expired, idle, or deleted). Sent before the

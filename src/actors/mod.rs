@@ -3,6 +3,7 @@
 //! a volume without ever touching its state.
 
 pub mod messages;
+pub mod placement;
 pub mod state;
 pub mod supervisor;
 pub mod volume;
@@ -181,6 +182,7 @@ impl Router {
         let route = Route {
             volume: volume.clone(),
             term,
+            caller: placement::caller(),
         };
         let addr = self
             .supervisor

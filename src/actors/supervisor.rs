@@ -1,7 +1,7 @@
 //! Owns the map from volume id to volume actor, and nothing of any live volume's state.
 //!
-//! Starts an actor on first use, on the arbiter chosen by the volume id's hash so one slow
-//! volume never stalls the others; seeds actors at boot; forgets an actor once it retired. A
+//! Starts an actor on first use, on its first caller's arbiter or else the one the volume id
+//! hashes to ([`super::placement`]); seeds actors at boot, spread by hash; forgets an actor once it retired. A
 //! caller that found an actor stopping asks again, and gets a new actor: that is how no message
 //! is lost to a reap.
 //!
@@ -45,7 +45,6 @@
 //! a decision: every change to a volume's state still happens in its one actor.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -55,6 +54,7 @@ use super::messages::{
     ClearStale, Dismiss, DropStale, HolderNodes, ListActors, ListHolders, Listing, Lookup, Reaped,
     Route, Seed, Settled, ShareAddresses, StandDown,
 };
+use super::placement::{Arbiters, Caller};
 use super::state::{Attachment, Effect, VolumeState};
 use super::volume::{Retirement, VolumeActor};
 use super::{other_term, AddressCache, VolumeDeps};
@@ -119,8 +119,7 @@ pub struct Supervisor {
     /// The routers' address caches, cleaned when an actor is reaped.
     routers: Vec<std::sync::Weak<AddressCache>>,
     /// One arbiter per core. Empty: actors run on the supervisor's own arbiter (tests).
-    arbiters: Vec<ArbiterHandle>,
-    hasher: std::collections::hash_map::RandomState,
+    arbiters: Arbiters,
     deps: Arc<VolumeDeps>,
     /// The term served: set by [`Seed`], cleared by [`Dismiss`]. Every actor started here
     /// serves it; with none, no actor starts.
@@ -134,25 +133,22 @@ impl Supervisor {
             parked: HashMap::new(),
             poisoned: HashSet::new(),
             routers: Vec::new(),
-            arbiters,
-            hasher: Default::default(),
+            arbiters: Arbiters::new(arbiters),
             deps,
             term: Some(Term::FIRST),
         }
     }
 
-    fn arbiter_for(&self, volume: &VolumeId) -> Option<&ArbiterHandle> {
-        if self.arbiters.is_empty() {
-            return None;
-        }
-        let slot = self.hasher.hash_one(volume) % self.arbiters.len() as u64;
-        Some(&self.arbiters[slot as usize])
-    }
-
-    /// Starts `actor` and records it as `volume`'s actor.
-    fn spawn(&mut self, actor: VolumeActor, volume: &VolumeId) -> Addr<VolumeActor> {
+    /// Starts `actor` and records it as `volume`'s actor, on `caller`'s arbiter if it runs on
+    /// one of ours (see [`super::placement`]).
+    fn spawn(
+        &mut self,
+        actor: VolumeActor,
+        volume: &VolumeId,
+        caller: Option<Caller>,
+    ) -> Addr<VolumeActor> {
         let retirement = actor.retirement();
-        let addr = match self.arbiter_for(volume) {
+        let addr = match self.arbiters.choose(volume, caller) {
             Some(arbiter) => VolumeActor::start_in_arbiter(arbiter, move |_| actor),
             None => actor.start(),
         };
@@ -217,6 +213,7 @@ impl Supervisor {
         &mut self,
         volume: &VolumeId,
         term: Term,
+        caller: Option<Caller>,
         ctx: &mut Context<Self>,
     ) -> Addr<VolumeActor> {
         let actor = VolumeActor::new(
@@ -226,7 +223,7 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        self.spawn(actor, volume)
+        self.spawn(actor, volume, caller)
     }
 
     /// Starts an actor of `term` holding rebuilt state (seeding). Replaces nothing: seeding runs
@@ -247,12 +244,17 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        self.spawn(actor, &volume)
+        self.spawn(actor, &volume, None)
     }
 
     /// Starts the actor of a parked volume, handing it the seeded state. Parked records exist
     /// only while a term is served (a [`Dismiss`] drops them), and the actor serves that term.
-    fn wake(&mut self, volume: &VolumeId, ctx: &mut Context<Self>) -> Option<Addr<VolumeActor>> {
+    fn wake(
+        &mut self,
+        volume: &VolumeId,
+        caller: Option<Caller>,
+        ctx: &mut Context<Self>,
+    ) -> Option<Addr<VolumeActor>> {
         let term = self.term?;
         let parked = self.parked.remove(volume)?;
         self.deps.metrics.parked_volumes.dec();
@@ -263,7 +265,7 @@ impl Supervisor {
             self.deps.clone(),
             ctx.address().recipient(),
         );
-        Some(self.spawn(actor, volume))
+        Some(self.spawn(actor, volume, caller))
     }
 
     fn park(&mut self, volume: VolumeId, parked: Parked) {
@@ -305,7 +307,12 @@ fn poisoned(volume: &VolumeId) -> Error {
 impl Handler<Route> for Supervisor {
     type Result = Result<Addr<VolumeActor>, Error>;
 
-    fn handle(&mut self, Route { volume, term }: Route, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, route: Route, ctx: &mut Context<Self>) -> Self::Result {
+        let Route {
+            volume,
+            term,
+            caller,
+        } = route;
         let Some(serving) = self.term else {
             return Err(Error::NotActive(
                 "attachment state was dropped when this controller stood down".into(),
@@ -317,10 +324,10 @@ impl Handler<Route> for Supervisor {
         if let Found::Live(addr) = self.find(&volume)? {
             return Ok(addr);
         }
-        if let Some(addr) = self.wake(&volume, ctx) {
+        if let Some(addr) = self.wake(&volume, caller, ctx) {
             return Ok(addr);
         }
-        Ok(self.start_fresh(&volume, serving, ctx))
+        Ok(self.start_fresh(&volume, serving, caller, ctx))
     }
 }
 
@@ -405,7 +412,7 @@ impl Handler<Lookup> for Supervisor {
     fn handle(&mut self, Lookup(volume): Lookup, ctx: &mut Context<Self>) -> Self::Result {
         match self.find(&volume)? {
             Found::Live(addr) => Ok(Some(addr)),
-            Found::Vacant => Ok(self.wake(&volume, ctx)),
+            Found::Vacant => Ok(self.wake(&volume, None, ctx)),
         }
     }
 }
@@ -546,7 +553,7 @@ impl Handler<ClearStale> for Supervisor {
             .map(|(v, _)| v.clone())
             .collect();
         for volume in &held {
-            self.wake(volume, ctx);
+            self.wake(volume, None, ctx);
         }
         let mut sent = 0;
         for slot in self.actors.values() {

@@ -1,14 +1,25 @@
 //! The CSI unix socket: endpoint parsing, safe binding (stale sockets removed, live ones refused,
 //! mode 0660) and graceful serving (in-flight RPCs finish, then the socket file is removed).
+//!
+//! Where connections are served: with actor arbiters (the controller's default, one per core),
+//! each accepted connection is handed whole to one arbiter, round robin, and served there by that
+//! arbiter's own gRPC server; the supervisor starts a volume's actor on the arbiter its first
+//! caller runs on (`crate::actors::placement`). A publish then reaches its actor, and the answer
+//! its handler, on one thread: no wake-up of another thread, which is what a Probe costs and an
+//! attach did not. Without arbiters (`--arbiters 0`, or the node plugin alone) the connections
+//! are served on the tokio runtime's workers.
 
 use std::future::Future;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use actix_rt::ArbiterHandle;
+use futures::StreamExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::wrappers::{UnboundedReceiverStream, UnixListenerStream};
 use tonic::transport::Server;
 
 use super::controller::ControllerService;
@@ -36,6 +47,8 @@ pub enum ServeError {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("an arbiter serving gRPC connections stopped")]
+    Arbiter,
 }
 
 /// `unix://PATH` (or `unix:PATH`) to a path. Relative paths stay relative to the working dir.
@@ -85,32 +98,81 @@ pub struct Services {
     pub node: Option<NodeService>,
 }
 
+/// The services, shared by every server that serves a share of the connections.
+#[derive(Clone)]
+struct Shared {
+    metrics: Arc<crate::metrics::Metrics>,
+    identity: Arc<IdentityService>,
+    controller: Option<Arc<ControllerService>>,
+    node: Option<Arc<NodeService>>,
+}
+
+impl From<Services> for Shared {
+    fn from(s: Services) -> Self {
+        Self {
+            metrics: s.metrics,
+            identity: Arc::new(s.identity),
+            controller: s.controller.map(Arc::new),
+            node: s.node.map(Arc::new),
+        }
+    }
+}
+
+impl Shared {
+    /// One gRPC server over `incoming`, with the layers every RPC goes through, until `stop`;
+    /// then it lets its connections' in-flight RPCs finish.
+    async fn serve<I>(
+        self,
+        incoming: I,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        I: futures::Stream<Item = std::io::Result<UnixStream>>,
+    {
+        Server::builder()
+            .layer(super::observe::GrpcMetricsLayer::new(self.metrics))
+            .layer(crate::deadline::DeadlineLayer)
+            .add_service(IdentityServer::from_arc(self.identity))
+            .add_optional_service(self.controller.map(ControllerServer::from_arc))
+            .add_optional_service(self.node.map(NodeServer::from_arc))
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+    }
+}
+
 /// Serves until `shutdown` resolves, lets in-flight RPCs finish (for at most `drain`: a client
 /// that keeps an idle connection open must not hold the process hostage), then removes the
-/// socket file.
+/// socket file. With `arbiters`, each connection is served on one of them (see the module docs);
+/// without, on the current runtime.
 pub async fn serve(
     listener: UnixListener,
     path: &Path,
     services: Services,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
+    arbiters: &[ArbiterHandle],
 ) -> Result<(), ServeError> {
+    let shared = Shared::from(services);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
-        .layer(super::observe::GrpcMetricsLayer::new(services.metrics))
-        .layer(crate::deadline::DeadlineLayer)
-        .add_service(IdentityServer::new(services.identity))
-        .add_optional_service(services.controller.map(ControllerServer::new))
-        .add_optional_service(services.node.map(NodeServer::new))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            shutdown.await;
-            let _ = stopping_tx.send(());
-        });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
     let drained = async move {
         if stopping_rx.await.is_ok() {
             tokio::time::sleep(drain).await;
         } else {
             std::future::pending::<()>().await;
+        }
+    };
+    let server = async {
+        if arbiters.is_empty() {
+            shared
+                .serve(UnixListenerStream::new(listener), shutdown)
+                .await
+                .map_err(ServeError::from)
+        } else {
+            serve_on(arbiters, listener, shared, shutdown).await
         }
     };
     let result = tokio::select! {
@@ -123,5 +185,65 @@ pub async fn serve(
     if let Err(e) = std::fs::remove_file(path) {
         tracing::warn!(path = %path.display(), error = %e, "could not remove socket");
     }
-    result.map_err(ServeError::from)
+    result
+}
+
+/// Accepts here and hands each connection to the next arbiter's server, round robin, until
+/// `shutdown`; then stops every server and waits for their connections to finish.
+async fn serve_on(
+    arbiters: &[ArbiterHandle],
+    listener: UnixListener,
+    shared: Shared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut lanes = Vec::with_capacity(arbiters.len());
+    let mut finished = Vec::with_capacity(arbiters.len());
+    for arbiter in arbiters {
+        let (lane, accepted) =
+            tokio::sync::mpsc::unbounded_channel::<std::os::unix::net::UnixStream>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let shared = shared.clone();
+        let mut stop = stop_rx.clone();
+        let spawned = arbiter.spawn(async move {
+            // Registered with this arbiter's reactor, so its I/O wakes this thread only.
+            let incoming = UnboundedReceiverStream::new(accepted).map(UnixStream::from_std);
+            let stop = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            let _ = done_tx.send(shared.serve(incoming, stop).await);
+        });
+        if !spawned {
+            return Err(ServeError::Arbiter);
+        }
+        lanes.push(lane);
+        finished.push(done_rx);
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut next = 0;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let stream = match accepted.and_then(|(stream, _)| stream.into_std()) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "error accepting a connection");
+                        continue;
+                    }
+                };
+                if lanes[next].send(stream).is_err() {
+                    return Err(ServeError::Arbiter);
+                }
+                next = (next + 1) % lanes.len();
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(lanes);
+    for done in finished {
+        done.await.map_err(|_| ServeError::Arbiter)??;
+    }
+    Ok(())
 }
