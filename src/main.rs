@@ -225,8 +225,9 @@ struct Args {
         hide_env_values = true
     )]
     snmp_community: String,
-    /// Arbiter threads for volume actors [default: one per core]. 0 runs everything (the gRPC
-    /// server, the supervisor and every volume actor) on one thread, so no RPC crosses threads.
+    /// Arbiter threads [default: one per core]: each serves a share of the CSI connections,
+    /// each connection on one, and runs the volume actors its connections start. 0 runs
+    /// everything (the gRPC server, the supervisor and every volume actor) on one thread.
     #[arg(long, env = "RDS_CSI_ARBITERS")]
     arbiters: Option<usize>,
     /// Follow the csi-attacher's leader Lease (never written): serve ControllerPublish/Unpublish
