@@ -73,7 +73,7 @@ one_run() {
         [[ -S $dir/csi.sock ]] && break
         sleep 0.01
     done
-    local json=$OUT/$label-${conns}x${threads}x${inflight}-$run.json
+    local json=$OUT/$label-${conns}x${threads}x${inflight}c${cores/-/d}-$run.json
     taskset -c "$GENERATOR_CPUS" "$GEN" --endpoint "unix://$dir/csi.sock" \
         --volumes "$VOLUMES" --workers "$inflight" --connections "$conns" --threads "$threads" \
         --compare --duration "$DURATION" --warmup "$WARMUP" --driver-pid "$pid" --json --quiet \
@@ -124,12 +124,13 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         probe["driver_cpu_cores"] / probe["rpc_per_s"] * 1e6,
         attach["driver_cpu_cores"] / attach["rpc_per_s"] * 1e6,
     ))
-print("| shape (conns x threads x in flight) | driver | Probe RPC/s | attach RPC/s | ratio (runs) | "
+print("| shape (conns x threads x in flight, c: driver threads, d: its default) | driver | Probe RPC/s | attach RPC/s | ratio (runs) | "
       "Probe p50 us | publish p50 us | p50 ratio (runs) | driver CPU per RPC, Probe / attach us |")
 print("|---|---|---|---|---|---|---|---|---|")
 def key(item):
-    c, t, f = (int(x) for x in item[0][0].split("x"))
-    return (f == 1, c, t, labels.index(item[0][1]))
+    dims, cores = item[0][0].split("c")
+    c, t, f = (int(x) for x in dims.split("x"))
+    return (f == 1, cores == "d", c, t, labels.index(item[0][1]))
 for (shape, label), samples in sorted(rows.items(), key=key):
     med = [statistics.median(col) for col in zip(*samples)]
     ratios = " · ".join(f"{s[2]:.3f}" for s in samples)
