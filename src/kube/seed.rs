@@ -11,7 +11,7 @@
 //! nothing orders (one second, not every one with an instant, or equal instants) are reported
 //! as such, never ordered by their VolumeAttachment names, which are hashes.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use crate::domain::{migration_timeout, AccessClass};
@@ -132,7 +132,12 @@ pub fn plan<'p>(
     pvs: impl Fn(&str) -> Option<PvView<'p>>,
 ) -> SeedPlan {
     let mut plan = SeedPlan::default();
-    let mut groups: BTreeMap<VolumeId, Group<'_, 'p>> = BTreeMap::new();
+    // Nearly every volume has one VolumeAttachment: groups are found by hashing the handle and
+    // sorted once at the end, rather than kept sorted through every insert.
+    let mut slots: HashMap<&str, usize> = HashMap::with_capacity(vas.len());
+    let mut groups: Vec<(VolumeId, Group<'_, 'p>)> = Vec::with_capacity(vas.len());
+    // A few hundred nodes hold every volume: each name is checked once and its id shared.
+    let mut nodes: HashMap<&str, NodeId> = HashMap::new();
     for va in vas {
         let pv = va.pv_name.as_deref().and_then(&pvs);
         let handle = match (&va.pv_name, pv, &va.inline_handle) {
@@ -142,12 +147,22 @@ pub fn plan<'p>(
             (None, _, None) => Err(SkipReason::NoHandle),
         };
         let checked = handle
-            .and_then(|h| VolumeId::try_from(h).map_err(|_| SkipReason::InvalidHandle))
-            .and_then(|volume| match va.node.as_str() {
+            .and_then(|h| match slots.get(h) {
+                Some(&slot) => Ok((h, Ok(slot))),
+                None => VolumeId::try_from(h)
+                    .map(|volume| (h, Err(volume)))
+                    .map_err(|_| SkipReason::InvalidHandle),
+            })
+            .and_then(|found| match va.node.as_str() {
                 "" => Err(SkipReason::NoNode),
-                node => NodeId::try_from(node)
-                    .map(|n| (volume, n))
-                    .map_err(|_| SkipReason::InvalidNode),
+                node => match nodes.get(node) {
+                    Some(id) => Ok((found, id.clone())),
+                    None => {
+                        let id = NodeId::try_from(node).map_err(|_| SkipReason::InvalidNode)?;
+                        nodes.insert(node, id.clone());
+                        Ok((found, id))
+                    }
+                },
             })
             .and_then(|ids| {
                 if va.attached {
@@ -158,14 +173,21 @@ pub fn plan<'p>(
             });
         let pv = va.pv_name.as_deref().zip(pv);
         match checked {
-            Ok((volume, node)) => {
-                let entry = groups.entry(volume).or_insert((pv, Vec::new()));
-                entry.0 = entry.0.or(pv);
-                entry.1.push((node, va));
+            Ok(((_, Ok(slot)), node)) => {
+                let group = &mut groups[slot].1;
+                group.0 = group.0.or(pv);
+                group.1.push((node, va));
+            }
+            Ok(((handle, Err(volume)), node)) => {
+                slots.insert(handle, groups.len());
+                groups.push((volume, (pv, vec![(node, va)])));
             }
             Err(reason) => plan.skipped.push((va.name.clone(), reason)),
         }
     }
+    drop(slots);
+    groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    plan.volumes.reserve_exact(groups.len());
     for (volume, (pv, mut holders)) in groups {
         let order_known = order(&mut holders);
         let (timeout, unparsable) = migration_timeout(pv.and_then(|(_, p)| p.migration_timeout));
