@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch, Semaphore};
 
 use super::lean;
-use super::seed::{PvView, VaView};
+use super::seed::{NodeNames, PvView, VaView};
 use super::{
     AttachmentAuthority, HolderStatus, KubeError, NodeDirectory, NodeLiveness, PublishedNodes,
     PvCatalog,
@@ -437,22 +437,27 @@ fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, Pv
     ))
 }
 
-/// This driver's VolumeAttachments, projected for seeding.
-pub fn project_va(va: &lean::VolumeAttachment, driver: &str) -> Option<VaView> {
+/// This driver's VolumeAttachments, projected for seeding; `nodes` shares node names across
+/// one list.
+pub fn project_va(
+    va: &lean::VolumeAttachment,
+    driver: &str,
+    nodes: &mut NodeNames,
+) -> Option<VaView> {
     if va.spec.attacher != driver {
         return None;
     }
     Some(VaView {
-        name: va.metadata.name.clone().unwrap_or_default(),
-        pv_name: va.spec.source.persistent_volume_name.clone(),
+        name: va.metadata.name.as_deref().unwrap_or_default().into(),
+        pv_name: va.spec.source.persistent_volume_name.as_deref().map(Into::into),
         inline_handle: va
             .spec
             .source
             .inline_volume_spec
             .as_ref()
             .and_then(|s| s.csi.as_ref())
-            .map(|c| c.volume_handle.clone()),
-        node: va.spec.node_name.clone(),
+            .map(|c| c.volume_handle.as_str().into()),
+        node: nodes.intern(&va.spec.node_name),
         attached: va.status.as_ref().is_some_and(|s| s.attached),
         created: va
             .metadata
@@ -651,27 +656,27 @@ impl KubeCluster {
         tokio::spawn(async move {
             let mut buffer: Option<VaIndex> = None;
             // Seeding's views of the list in progress, while the boot list is wanted.
-            let mut views: Option<Vec<VaView>> = None;
+            let mut views: Option<(Vec<VaView>, NodeNames)> = None;
             follow_counting(
                 Api::<lean::VolumeAttachment>::all(va_client),
                 "VolumeAttachments",
                 |event| match event {
                     Event::Init => {
                         buffer = Some(VaIndex::default());
-                        views = boot.wanted().then(Vec::new);
+                        views = boot.wanted().then(Default::default);
                     }
                     Event::InitApply(va) => {
                         if let Some(b) = buffer.as_mut() {
                             b.add(&va, &va_driver);
                         }
-                        if let Some(v) = views.as_mut() {
-                            v.extend(project_va(&va, &va_driver));
+                        if let Some((v, nodes)) = views.as_mut() {
+                            v.extend(project_va(&va, &va_driver, nodes));
                         }
                     }
                     Event::InitDone => {
                         *write(&vas) = buffer.take().unwrap_or_default();
                         let _ = vas_ready_tx.send(true);
-                        if let Some(v) = views.take() {
+                        if let Some((v, _)) = views.take() {
                             boot.complete(v);
                         }
                     }
@@ -885,10 +890,13 @@ impl KubeCluster {
             .default_backoff()
             .boxed();
         let mut buffer = Vec::new();
+        let mut nodes = NodeNames::default();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(Event::Init) => buffer.clear(),
-                Ok(Event::InitApply(va)) => buffer.extend(project_va(&va, &self.driver)),
+                Ok(Event::InitApply(va)) => {
+                    buffer.extend(project_va(&va, &self.driver, &mut nodes))
+                }
                 Ok(Event::InitDone) => break,
                 Ok(Event::Apply(_) | Event::Delete(_)) => {}
                 Err(e) => {

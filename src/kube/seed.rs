@@ -11,24 +11,43 @@
 //! nothing orders (one second, not every one with an instant, or equal instants) are reported
 //! as such, never ordered by their VolumeAttachment names, which are hashes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::domain::{migration_timeout, AccessClass};
 use crate::ids::{NodeId, VolumeId};
 
 /// What seeding needs of a VolumeAttachment (already filtered to `spec.attacher == driver`).
+/// A boot holds one per VolumeAttachment at once, so strings are exactly sized and a node name
+/// is shared by every VolumeAttachment of that node ([`NodeNames`]).
 #[derive(Clone, Debug)]
 pub struct VaView {
-    pub name: String,
-    pub pv_name: Option<String>,
-    pub inline_handle: Option<String>,
-    pub node: String,
+    pub name: Box<str>,
+    pub pv_name: Option<Box<str>>,
+    pub inline_handle: Option<Box<str>>,
+    pub node: Arc<str>,
     pub attached: bool,
     pub created: SystemTime,
     /// The attach instant the VolumeAttachment recorded (`status.attachmentMetadata` under
     /// [`crate::domain::PUBLISH_ATTACHED_AT_KEY`]), if it carries a readable one.
     pub attached_at: Option<SystemTime>,
+}
+
+/// Node names seen in one list, each kept once.
+#[derive(Default)]
+pub struct NodeNames(HashSet<Arc<str>>);
+
+impl NodeNames {
+    /// `name`, shared with every earlier VolumeAttachment of the same node.
+    pub fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.0.insert(name.clone());
+        name
+    }
 }
 
 /// What seeding needs of a PersistentVolume, borrowed from wherever the PVs are kept.
@@ -143,7 +162,7 @@ pub fn plan<'p>(
         let handle = match (&va.pv_name, pv, &va.inline_handle) {
             (Some(_), None, _) => Err(SkipReason::UnknownPv),
             (Some(_), Some(pv), _) => pv.handle.ok_or(SkipReason::NoHandle),
-            (None, _, Some(inline)) => Ok(inline.as_str()),
+            (None, _, Some(inline)) => Ok(&**inline),
             (None, _, None) => Err(SkipReason::NoHandle),
         };
         let checked = handle
@@ -153,7 +172,7 @@ pub fn plan<'p>(
                     .map(|volume| (h, Err(volume)))
                     .map_err(|_| SkipReason::InvalidHandle),
             })
-            .and_then(|found| match va.node.as_str() {
+            .and_then(|found| match &*va.node {
                 "" => Err(SkipReason::NoNode),
                 node => match nodes.get(node) {
                     Some(id) => Ok((found, id.clone())),
@@ -182,7 +201,7 @@ pub fn plan<'p>(
                 slots.insert(handle, groups.len());
                 groups.push((volume, (pv, vec![(node, va)])));
             }
-            Err(reason) => plan.skipped.push((va.name.clone(), reason)),
+            Err(reason) => plan.skipped.push((va.name.to_string(), reason)),
         }
     }
     drop(slots);
