@@ -7,6 +7,11 @@
 //! Not criterion: each sample is a process start. `cargo bench --bench boot_seeding` runs it;
 //! `BOOT_SEED_VOLUMES` (comma-separated sizes, default 100000) and `BOOT_SEED_RUNS` (default 3)
 //! choose what; `BOOT_SEED_DRIVER` runs another build of the driver (e.g. one for profiling).
+//! `BOOT_SEED_REFERENCE=/path/to/rds-csi` also boots that build (the previous tree) in every
+//! measured run, interleaved with the one under test (reference, new, reference, new, ...) so
+//! the machine's noise hits both alike, and prints the two side by side.
+//! `BOOT_SEED_FLOOR=0` skips timing the fake alone (the uncached list floor costs half a
+//! minute at 100k).
 //! `-- --test` (as criterion benches take it) checks that the bench works: 1,000 volumes, one
 //! measured run, unless the variables say otherwise.
 //!
@@ -110,11 +115,10 @@ struct Sample {
     cpu_s: f64,
 }
 
-async fn boot_once(kubeconfig: &Path, dir: &Path) -> Sample {
+async fn boot_once(bin: &str, kubeconfig: &Path, dir: &Path) -> Sample {
     let socket = dir.join("csi.sock");
     let log = std::fs::File::create(dir.join("driver.log")).expect("log");
     let start = Instant::now();
-    let bin = std::env::var("BOOT_SEED_DRIVER").unwrap_or_else(|_| BIN.to_string());
     let mut child = Command::new(bin)
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
@@ -194,8 +198,50 @@ fn print_sample(label: &str, s: &Sample) {
     );
 }
 
+/// The builds to boot: the reference (if `BOOT_SEED_REFERENCE` names one) first, then the one
+/// under test (`BOOT_SEED_DRIVER`, else this tree's).
+fn builds() -> Vec<(&'static str, String)> {
+    let reference = std::env::var("BOOT_SEED_REFERENCE")
+        .ok()
+        .filter(|r| !r.is_empty());
+    let new = std::env::var("BOOT_SEED_DRIVER").unwrap_or_else(|_| BIN.to_string());
+    reference
+        .map(|r| ("reference", r))
+        .into_iter()
+        .chain([("new", new)])
+        .collect()
+}
+
+/// One line per build: medians, then the raw runs.
+fn print_summary(n: usize, builds: &[(&str, String)], samples: &[Vec<Sample>]) {
+    println!("boot_seeding {n}: | build | Ready | driver CPU to Ready | peak RSS (VmHWM) | RSS at Ready |");
+    for ((label, bin), runs) in builds.iter().zip(samples) {
+        let col = |f: &dyn Fn(&Sample) -> f64, unit: &str, digits: usize| {
+            let raw: Vec<String> = runs
+                .iter()
+                .map(|s| format!("{:.*}", digits, f(s)))
+                .collect();
+            format!(
+                "{:.*} {unit} ({})",
+                digits,
+                median(runs.iter().map(f).collect()),
+                raw.join(", ")
+            )
+        };
+        println!(
+            "boot_seeding {n}: | {label} ({bin}) | {} | {} | {} | {} |",
+            col(&|s| s.to_ready.as_secs_f64(), "s", 3),
+            col(&|s| s.cpu_s, "s", 2),
+            col(&|s| s.hwm_mib, "MiB", 1),
+            col(&|s| s.rss_mib, "MiB", 1),
+        );
+    }
+}
+
 fn main() {
     let (sizes, runs) = fleet::sizes_and_runs("BOOT_SEED", "100000");
+    let floor = std::env::var("BOOT_SEED_FLOOR").map_or(true, |v| v != "0");
+    let builds = builds();
     let runtime = fleet::runtime();
     runtime.block_on(async {
         for n in sizes {
@@ -205,34 +251,39 @@ fn main() {
             let loaded = loaded.elapsed();
             let dir = tempfile::tempdir().expect("tempdir");
             let kubeconfig = api.write_kubeconfig(&dir.path().join("kube"));
-            let (raw, bytes, typed) = list_floor(&kubeconfig).await;
-            println!(
-                "boot_seeding: {n} PVs + {n} VolumeAttachments loaded in {loaded:.2?}; list floor, 500/page, PVs and VAs in parallel: raw text {raw:.2?} ({:.0} MiB), typed (k8s-openapi) {typed:.2?}",
-                bytes as f64 / (1 << 20) as f64
-            );
-            // Run 0 boots against the fake serializing every page (what the numbers were before
-            // the cache) and fills its list cache; the measured runs are then served from
-            // memory, so their time is the driver's own.
-            api.cache_lists(true);
-            let run_dir = tempfile::tempdir().expect("tempdir");
-            let s = boot_once(&kubeconfig, run_dir.path()).await;
-            print_sample("run 0 (uncached fake, fills its list cache)", &s);
-            let (raw, _, typed) = list_floor(&kubeconfig).await;
-            println!(
-                "  list floor from the fake's cache: raw text {raw:.2?}, typed (k8s-openapi) {typed:.2?}"
-            );
-            let mut samples = Vec::new();
-            for run in 0..runs {
-                let run_dir = tempfile::tempdir().expect("tempdir");
-                let s = boot_once(&kubeconfig, run_dir.path()).await;
-                print_sample(&format!("run {}", run + 1), &s);
-                samples.push(s);
+            println!("boot_seeding: {n} PVs + {n} VolumeAttachments loaded in {loaded:.2?}");
+            if floor {
+                let (raw, bytes, typed) = list_floor(&kubeconfig).await;
+                println!(
+                    "  list floor, 500/page, PVs and VAs in parallel: raw text {raw:.2?} ({:.0} MiB), typed (k8s-openapi) {typed:.2?}",
+                    bytes as f64 / (1 << 20) as f64
+                );
             }
-            println!(
-                "boot_seeding {n}: median Ready {:.3} s, median peak RSS {:.1} MiB (targets: <= 2 s, <= 150 MB)",
-                median(samples.iter().map(|s| s.to_ready.as_secs_f64()).collect()),
-                median(samples.iter().map(|s| s.hwm_mib).collect())
-            );
+            // Run 0 of each build boots against the fake serializing every page it asks for
+            // and fills the fake's list cache; the measured runs are then served from memory,
+            // so their time is the driver's own.
+            api.cache_lists(true);
+            for (label, bin) in &builds {
+                let run_dir = tempfile::tempdir().expect("tempdir");
+                let s = boot_once(bin, &kubeconfig, run_dir.path()).await;
+                print_sample(&format!("{label} run 0 (fills the fake's list cache)"), &s);
+            }
+            if floor {
+                let (raw, _, typed) = list_floor(&kubeconfig).await;
+                println!(
+                    "  list floor from the fake's cache: raw text {raw:.2?}, typed (k8s-openapi) {typed:.2?}"
+                );
+            }
+            let mut samples: Vec<Vec<Sample>> = builds.iter().map(|_| Vec::new()).collect();
+            for run in 0..runs {
+                for ((label, bin), samples) in builds.iter().zip(&mut samples) {
+                    let run_dir = tempfile::tempdir().expect("tempdir");
+                    let s = boot_once(bin, &kubeconfig, run_dir.path()).await;
+                    print_sample(&format!("{label} run {}", run + 1), &s);
+                    samples.push(s);
+                }
+            }
+            print_summary(n, &builds, &samples);
         }
     });
 }

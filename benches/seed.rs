@@ -40,10 +40,10 @@ pub fn fixture(n: usize) -> (Vec<VaView>, Pvs) {
     let created = SystemTime::now() - Duration::from_secs(3600);
     let vas = (0..n)
         .map(|i| VaView {
-            name: format!("csi-{i:064x}"),
-            pv_name: Some(format!("pvc-{i:08}")),
+            name: format!("csi-{i:064x}").into(),
+            pv_name: Some(format!("pvc-{i:08}").into()),
             inline_handle: None,
-            node: format!("node-{}", i % 100),
+            node: format!("node-{}", i % 100).into(),
             attached: true,
             created,
             attached_at: None,

@@ -493,7 +493,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             storage = Some(backend.clone());
             let (nodes, authority, sink, cluster): Adapters = match &client {
                     Some(client) => {
-                        let cluster = KubeCluster::start(client.clone(), driver_name.clone());
+                        // Without leader election the first term begins with the process, so
+                        // its seeding can use the VolumeAttachment watcher's first list.
+                        let cluster = match (&leader, controller) {
+                            (None, true) => KubeCluster::start_with_boot_list(client.clone(), driver_name.clone()),
+                            _ => KubeCluster::start(client.clone(), driver_name.clone()),
+                        };
                         let sink = KubeSink::start(cluster.clone(), metrics.clone());
                         (cluster.clone(), cluster.clone(), sink, Some(cluster))
                     }
@@ -654,11 +659,27 @@ const SEED_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// it returns: until then Probe says not ready and Controller RPCs answer UNAVAILABLE. Runs at
 /// boot, and again at every takeover, into a supervisor that was just dismissed.
 async fn seed(cluster: &KubeCluster, supervisor: &Addr<Supervisor>, metrics: &Metrics, term: Term) {
-    cluster.pvs_ready().await;
     let retried = |step: &str| metrics.seeding_retries.with_label_values(&[step]).inc();
-    let vas = cluster
-        .list_attachments(|_| retried("volumeattachment_list"))
-        .await;
+    // The term that begins with the process takes the VolumeAttachment watcher's first list
+    // instead of reading every VolumeAttachment a second time; any other lists afresh. Either
+    // is read while the PV projection fills: nothing is decided from either until both are
+    // complete.
+    let listed = async {
+        match cluster.boot_attachments().await {
+            Some((vas, failures)) => {
+                for _ in 0..failures {
+                    retried("volumeattachment_list");
+                }
+                vas
+            }
+            None => {
+                cluster
+                    .list_attachments(|_| retried("volumeattachment_list"))
+                    .await
+            }
+        }
+    };
+    let (vas, ()) = tokio::join!(listed, cluster.pvs_ready());
     let seen = vas.len();
     metrics.seeding_seen.inc_by(seen as u64);
     // Rules, "Boot seeding" 1: a PV the projection misses is looked up live before anything is

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch, Semaphore};
 
 use super::lean;
-use super::seed::{PvView, VaView};
+use super::seed::{NodeNames, PvView, VaView};
 use super::{
     AttachmentAuthority, HolderStatus, KubeError, NodeDirectory, NodeLiveness, PublishedNodes,
     PvCatalog,
@@ -437,22 +437,27 @@ fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, Pv
     ))
 }
 
-/// This driver's VolumeAttachments, projected for seeding.
-pub fn project_va(va: &lean::VolumeAttachment, driver: &str) -> Option<VaView> {
+/// This driver's VolumeAttachments, projected for seeding; `nodes` shares node names across
+/// one list.
+pub fn project_va(
+    va: &lean::VolumeAttachment,
+    driver: &str,
+    nodes: &mut NodeNames,
+) -> Option<VaView> {
     if va.spec.attacher != driver {
         return None;
     }
     Some(VaView {
-        name: va.metadata.name.clone().unwrap_or_default(),
-        pv_name: va.spec.source.persistent_volume_name.clone(),
+        name: va.metadata.name.as_deref().unwrap_or_default().into(),
+        pv_name: va.spec.source.persistent_volume_name.as_deref().map(Into::into),
         inline_handle: va
             .spec
             .source
             .inline_volume_spec
             .as_ref()
             .and_then(|s| s.csi.as_ref())
-            .map(|c| c.volume_handle.clone()),
-        node: va.spec.node_name.clone(),
+            .map(|c| c.volume_handle.as_str().into()),
+        node: nodes.intern(&va.spec.node_name),
         attached: va.status.as_ref().is_some_and(|s| s.attached),
         created: va
             .metadata
@@ -488,6 +493,50 @@ pub struct KubeCluster {
     vas_ready: watch::Receiver<bool>,
     /// Bounds the live GETs of every standby DeleteVolume and `attached_elsewhere` together.
     live_reads: Arc<Semaphore>,
+    /// The VolumeAttachment watcher's first complete list, projected for seeding, when
+    /// [`KubeCluster::start_with_boot_list`] asked for it.
+    boot_list: Arc<BootList>,
+}
+
+/// The VolumeAttachment watcher's first complete list, kept for the one seeding that may use
+/// it (see [`KubeCluster::boot_attachments`]), so a boot does not list every VolumeAttachment
+/// twice. Nothing is kept unless it was asked for at start, and it is given away once.
+#[derive(Default)]
+struct BootList {
+    state: std::sync::Mutex<BootListState>,
+    /// Set when the first list is complete (or was never asked for).
+    done: tokio::sync::Notify,
+    /// Failed attempts at the first list, for the seeding retry count.
+    failures: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+enum BootListState {
+    /// Not asked for, or already given away.
+    #[default]
+    Off,
+    /// Asked for; the watcher's first list has not completed yet.
+    Wanted,
+    Ready(Vec<VaView>),
+}
+
+impl BootList {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BootListState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wanted(&self) -> bool {
+        matches!(*self.lock(), BootListState::Wanted)
+    }
+
+    /// Hands over the first complete list, if it is still wanted.
+    fn complete(&self, views: Vec<VaView>) {
+        let mut state = self.lock();
+        if matches!(*state, BootListState::Wanted) {
+            *state = BootListState::Ready(views);
+            self.done.notify_waiters();
+        }
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -499,8 +548,22 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 /// Feeds one projection from a watcher: rebuilt on every (re)list, patched by each event.
-async fn follow<K, F>(api: Api<K>, what: &'static str, mut apply: F)
+async fn follow<K, F>(api: Api<K>, what: &'static str, apply: F)
 where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+    F: FnMut(Event<K>),
+{
+    follow_counting(api, what, apply, || {}).await
+}
+
+/// [`follow`], calling `failed` on every failed list or watch.
+async fn follow_counting<K, F>(
+    api: Api<K>,
+    what: &'static str,
+    mut apply: F,
+    mut failed: impl FnMut(),
+) where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     K::DynamicType: Default,
     F: FnMut(Event<K>),
@@ -511,14 +574,28 @@ where
     while let Some(event) = stream.next().await {
         match event {
             Ok(event) => apply(event),
-            Err(e) => tracing::warn!(error = %e, "watching {what} failed; retrying with backoff"),
+            Err(e) => {
+                failed();
+                tracing::warn!(error = %e, "watching {what} failed; retrying with backoff")
+            }
         }
     }
 }
 
 impl KubeCluster {
-    /// Starts the PV and Node watchers.
+    /// Starts the PV, VolumeAttachment and Node watchers.
     pub fn start(client: Client, driver: String) -> Arc<Self> {
+        Self::started(client, driver, false)
+    }
+
+    /// [`KubeCluster::start`], and keeps the VolumeAttachment watcher's first complete list
+    /// for [`KubeCluster::boot_attachments`]: for a controller whose first term begins at
+    /// process start (no leader election).
+    pub fn start_with_boot_list(client: Client, driver: String) -> Arc<Self> {
+        Self::started(client, driver, true)
+    }
+
+    fn started(client: Client, driver: String, boot_list: bool) -> Arc<Self> {
         let (ready_tx, pvs_ready) = watch::channel(false);
         let (nodes_ready_tx, nodes_ready) = watch::channel(false);
         let (node_deletions, _) = broadcast::channel(1024);
@@ -534,6 +611,14 @@ impl KubeCluster {
             vas: Default::default(),
             vas_ready,
             live_reads: Arc::new(Semaphore::new(LIVE_READ_CONCURRENCY)),
+            boot_list: Arc::new(BootList {
+                state: std::sync::Mutex::new(if boot_list {
+                    BootListState::Wanted
+                } else {
+                    BootListState::Off
+                }),
+                ..BootList::default()
+            }),
         });
         let va_driver = driver.clone();
         let pvs = cluster.pvs.clone();
@@ -566,24 +651,44 @@ impl KubeCluster {
         });
         let vas = cluster.vas.clone();
         let va_client = cluster.client.clone();
+        let boot = cluster.boot_list.clone();
+        let boot_failures = cluster.boot_list.clone();
         tokio::spawn(async move {
             let mut buffer: Option<VaIndex> = None;
-            follow(
+            // Seeding's views of the list in progress, while the boot list is wanted.
+            let mut views: Option<(Vec<VaView>, NodeNames)> = None;
+            follow_counting(
                 Api::<lean::VolumeAttachment>::all(va_client),
                 "VolumeAttachments",
                 |event| match event {
-                    Event::Init => buffer = Some(VaIndex::default()),
+                    Event::Init => {
+                        buffer = Some(VaIndex::default());
+                        views = boot.wanted().then(Default::default);
+                    }
                     Event::InitApply(va) => {
                         if let Some(b) = buffer.as_mut() {
                             b.add(&va, &va_driver);
+                        }
+                        if let Some((v, nodes)) = views.as_mut() {
+                            v.extend(project_va(&va, &va_driver, nodes));
                         }
                     }
                     Event::InitDone => {
                         *write(&vas) = buffer.take().unwrap_or_default();
                         let _ = vas_ready_tx.send(true);
+                        if let Some((v, _)) = views.take() {
+                            boot.complete(v);
+                        }
                     }
                     Event::Apply(va) => write(&vas).add(&va, &va_driver),
                     Event::Delete(va) => write(&vas).remove(&va, &va_driver),
+                },
+                || {
+                    if boot_failures.wanted() {
+                        boot_failures
+                            .failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 },
             )
             .await;
@@ -741,6 +846,41 @@ impl KubeCluster {
         Ok(LivePvs(found))
     }
 
+    /// The VolumeAttachment watcher's first complete list of this driver's VolumeAttachments,
+    /// once, if [`KubeCluster::start_with_boot_list`] kept it: waits for it, and answers with
+    /// how many attempts at it failed. `None` when it was not kept or was already given: the
+    /// caller lists afresh ([`KubeCluster::list_attachments`]).
+    ///
+    /// For the term that begins at process start and only for it: that list began when this
+    /// process did, and no term of this process served anything before it. Any later term must
+    /// see the VolumeAttachments as they are once it begins, so it lists afresh.
+    pub async fn boot_attachments(&self) -> Option<(Vec<VaView>, u64)> {
+        loop {
+            let done = self.boot_list.done.notified();
+            tokio::pin!(done);
+            // Registered before the state is read, so a list completed in between wakes it.
+            done.as_mut().enable();
+            let taken = {
+                let mut state = self.boot_list.lock();
+                match *state {
+                    BootListState::Wanted => None,
+                    _ => Some(std::mem::take(&mut *state)),
+                }
+            };
+            match taken {
+                None => done.await,
+                Some(BootListState::Ready(views)) => {
+                    let failures = self
+                        .boot_list
+                        .failures
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    return Some((views, failures));
+                }
+                Some(_) => return None,
+            }
+        }
+    }
+
     /// The first complete list of this driver's VolumeAttachments (those of other drivers are
     /// dropped as they arrive), paginated. Failures are logged and retried with capped backoff;
     /// this returns only with a complete list.
@@ -750,10 +890,13 @@ impl KubeCluster {
             .default_backoff()
             .boxed();
         let mut buffer = Vec::new();
+        let mut nodes = NodeNames::default();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(Event::Init) => buffer.clear(),
-                Ok(Event::InitApply(va)) => buffer.extend(project_va(&va, &self.driver)),
+                Ok(Event::InitApply(va)) => {
+                    buffer.extend(project_va(&va, &self.driver, &mut nodes))
+                }
                 Ok(Event::InitDone) => break,
                 Ok(Event::Apply(_) | Event::Delete(_)) => {}
                 Err(e) => {

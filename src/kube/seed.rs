@@ -11,24 +11,43 @@
 //! nothing orders (one second, not every one with an instant, or equal instants) are reported
 //! as such, never ordered by their VolumeAttachment names, which are hashes.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::domain::{migration_timeout, AccessClass};
 use crate::ids::{NodeId, VolumeId};
 
 /// What seeding needs of a VolumeAttachment (already filtered to `spec.attacher == driver`).
+/// A boot holds one per VolumeAttachment at once, so strings are exactly sized and a node name
+/// is shared by every VolumeAttachment of that node ([`NodeNames`]).
 #[derive(Clone, Debug)]
 pub struct VaView {
-    pub name: String,
-    pub pv_name: Option<String>,
-    pub inline_handle: Option<String>,
-    pub node: String,
+    pub name: Box<str>,
+    pub pv_name: Option<Box<str>>,
+    pub inline_handle: Option<Box<str>>,
+    pub node: Arc<str>,
     pub attached: bool,
     pub created: SystemTime,
     /// The attach instant the VolumeAttachment recorded (`status.attachmentMetadata` under
     /// [`crate::domain::PUBLISH_ATTACHED_AT_KEY`]), if it carries a readable one.
     pub attached_at: Option<SystemTime>,
+}
+
+/// Node names seen in one list, each kept once.
+#[derive(Default)]
+pub struct NodeNames(HashSet<Arc<str>>);
+
+impl NodeNames {
+    /// `name`, shared with every earlier VolumeAttachment of the same node.
+    pub fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.0.insert(name.clone());
+        name
+    }
 }
 
 /// What seeding needs of a PersistentVolume, borrowed from wherever the PVs are kept.
@@ -132,22 +151,37 @@ pub fn plan<'p>(
     pvs: impl Fn(&str) -> Option<PvView<'p>>,
 ) -> SeedPlan {
     let mut plan = SeedPlan::default();
-    let mut groups: BTreeMap<VolumeId, Group<'_, 'p>> = BTreeMap::new();
+    // Nearly every volume has one VolumeAttachment: groups are found by hashing the handle and
+    // sorted once at the end, rather than kept sorted through every insert.
+    let mut slots: HashMap<&str, usize> = HashMap::with_capacity(vas.len());
+    let mut groups: Vec<(VolumeId, Group<'_, 'p>)> = Vec::with_capacity(vas.len());
+    // A few hundred nodes hold every volume: each name is checked once and its id shared.
+    let mut nodes: HashMap<&str, NodeId> = HashMap::new();
     for va in vas {
         let pv = va.pv_name.as_deref().and_then(&pvs);
         let handle = match (&va.pv_name, pv, &va.inline_handle) {
             (Some(_), None, _) => Err(SkipReason::UnknownPv),
             (Some(_), Some(pv), _) => pv.handle.ok_or(SkipReason::NoHandle),
-            (None, _, Some(inline)) => Ok(inline.as_str()),
+            (None, _, Some(inline)) => Ok(&**inline),
             (None, _, None) => Err(SkipReason::NoHandle),
         };
         let checked = handle
-            .and_then(|h| VolumeId::try_from(h).map_err(|_| SkipReason::InvalidHandle))
-            .and_then(|volume| match va.node.as_str() {
+            .and_then(|h| match slots.get(h) {
+                Some(&slot) => Ok((h, Ok(slot))),
+                None => VolumeId::try_from(h)
+                    .map(|volume| (h, Err(volume)))
+                    .map_err(|_| SkipReason::InvalidHandle),
+            })
+            .and_then(|found| match &*va.node {
                 "" => Err(SkipReason::NoNode),
-                node => NodeId::try_from(node)
-                    .map(|n| (volume, n))
-                    .map_err(|_| SkipReason::InvalidNode),
+                node => match nodes.get(node) {
+                    Some(id) => Ok((found, id.clone())),
+                    None => {
+                        let id = NodeId::try_from(node).map_err(|_| SkipReason::InvalidNode)?;
+                        nodes.insert(node, id.clone());
+                        Ok((found, id))
+                    }
+                },
             })
             .and_then(|ids| {
                 if va.attached {
@@ -158,14 +192,21 @@ pub fn plan<'p>(
             });
         let pv = va.pv_name.as_deref().zip(pv);
         match checked {
-            Ok((volume, node)) => {
-                let entry = groups.entry(volume).or_insert((pv, Vec::new()));
-                entry.0 = entry.0.or(pv);
-                entry.1.push((node, va));
+            Ok(((_, Ok(slot)), node)) => {
+                let group = &mut groups[slot].1;
+                group.0 = group.0.or(pv);
+                group.1.push((node, va));
             }
-            Err(reason) => plan.skipped.push((va.name.clone(), reason)),
+            Ok(((handle, Err(volume)), node)) => {
+                slots.insert(handle, groups.len());
+                groups.push((volume, (pv, vec![(node, va)])));
+            }
+            Err(reason) => plan.skipped.push((va.name.to_string(), reason)),
         }
     }
+    drop(slots);
+    groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    plan.volumes.reserve_exact(groups.len());
     for (volume, (pv, mut holders)) in groups {
         let order_known = order(&mut holders);
         let (timeout, unparsable) = migration_timeout(pv.and_then(|(_, p)| p.migration_timeout));

@@ -1186,6 +1186,43 @@ async fn publish_succeeds_while_every_write_fails_and_failures_are_counted() {
     .await;
 }
 
+/// Without leader election the first term begins with the process: its seeding takes the
+/// VolumeAttachment watcher's first complete list instead of paging through every
+/// VolumeAttachment a second time, and still rebuilds every holder and migration from it.
+/// Catches the boot seeding listing on its own again (two first pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_boot_seeding_reads_the_volume_attachments_once() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    const VOLUMES: usize = 600;
+    for i in 0..VOLUMES {
+        let (pv, handle) = (format!("pv-{i}"), format!("vol-{i}"));
+        c.pv(&pv, &handle, true, None, json!({}));
+        c.va(&pv, &handle, "n1", true, Duration::from_secs(100));
+        if i % 5 == 0 {
+            c.va(&pv, &handle, "n2", true, Duration::from_secs(50));
+        }
+    }
+    let d = c.start_with_volumes(&["vol-1"]).await;
+    d.wait_ready().await;
+    let vas = VOLUMES + VOLUMES.div_ceil(5);
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        vas as f64
+    );
+    assert_eq!(
+        sample(&m, "rds_csi_migration_active_migrations"),
+        VOLUMES.div_ceil(5) as f64
+    );
+    let lists = c.api.calls_matching("list", "volumeattachments");
+    let first_pages = lists
+        .iter()
+        .filter(|call| !call.params().contains_key("continue"))
+        .count();
+    assert_eq!(first_pages, 1, "one list of the VolumeAttachments at boot");
+    assert_eq!(lists.len(), vas.div_ceil(500), "pages of that one list");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeding_pages_through_many_volume_attachments() {
     let c = Cluster::new(&["n1", "n2"]).await;
