@@ -13,8 +13,9 @@
 //! The ones the Go driver sends (see the Go-driver facts, section 1), parsed properly: menu path
 //! (`/disk add` or `/disk/add`), `key=value` arguments with unquoted or double-quoted values
 //! (the escapes of RouterOS's scripting manual decoded), `[find slot=X]` /
-//! `[find where name="X"]`, `where` with `=`, `!=` and `~` (regular expression, as RouterOS)
-//! joined by optional `and`.
+//! `[find where name="X"]`, `where` with `=`, `!=` and `~` (regular expression, as RouterOS:
+//! POSIX, so `a|b` alternates, but `{}` bounds and an empty `()` are refused) joined by
+//! optional `and`.
 //!
 //! | command | effect |
 //! | --- | --- |
@@ -1134,6 +1135,11 @@ fn compile(conds: &[Cond], known: &[&'static str]) -> Result<Vec<Matcher>, CliEr
             Ok(match c.op {
                 Op::Eq => Matcher::Eq(key, c.value.clone()),
                 Op::Ne => Matcher::Ne(key, c.value.clone()),
+                // RouterOS's regular expressions are POSIX ones without `{}` bounds and
+                // without empty `()` (its Regular Expressions manual).
+                Op::Match if c.value.contains('{') || c.value.contains("()") => {
+                    return Err(failure("invalid regular expression"))
+                }
                 Op::Match => Matcher::Re(
                     key,
                     regex::Regex::new(&c.value)
