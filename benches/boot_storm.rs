@@ -59,6 +59,7 @@ use rds_csi::csi::node_server::NodeServer;
 use rds_csi::csi::volume_capability::access_mode::Mode;
 use rds_csi::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
 use rds_csi::csi::*;
+use rds_csi::domain::FsType;
 use rds_csi::grpc::node::NodeService;
 use rds_csi::ids::VolumeId;
 use rds_csi::metrics::Metrics;
@@ -69,10 +70,9 @@ use rds_csi::node::mounter::{MountError, MountOptions, Mounter};
 use rds_csi::node::mountinfo::MountEntry;
 use rds_csi::node::nvme::NvmeDevices;
 use rds_csi::node::paths::{AbsPath, BlockDevice};
-use rds_csi::node::records::Records;
 use rds_csi::node::plugin::NodeDeps;
+use rds_csi::node::records::Records;
 use rds_csi::node::{NodeError, NodePlugin};
-use rds_csi::domain::FsType;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
@@ -286,8 +286,23 @@ impl Drop for Killed {
 }
 
 struct Controller {
-    _child: Killed,
+    child: Killed,
     channel: Channel,
+}
+
+/// CPU seconds (user + system) process `pid` has used, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line; 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn start_controller(
@@ -304,7 +319,14 @@ async fn start_controller(
     let child = Command::new(bin)
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
-        .args(["--mode", "controller", "--kubernetes", "off", "--backend", "rds"])
+        .args([
+            "--mode",
+            "controller",
+            "--kubernetes",
+            "off",
+            "--backend",
+            "rds",
+        ])
         .args(["--node-id", &nodes[0]])
         .args(["--metrics-address", "127.0.0.1:0"])
         .arg("--rds-address")
@@ -340,10 +362,7 @@ async fn start_controller(
                 .probe(ProbeRequest {})
                 .await;
             if probe.is_ok_and(|p| p.into_inner().ready == Some(true)) {
-                return Controller {
-                    _child: child,
-                    channel,
-                };
+                return Controller { child, channel };
             }
         }
         assert!(
@@ -389,6 +408,10 @@ struct Sample {
     max_total: usize,
     opened: u64,
     refused: u64,
+    /// CPU seconds the controller and this process (the fake RDS, the nodes, the sidecars'
+    /// stand-ins) used during the storm.
+    controller_cpu: f64,
+    bench_cpu: f64,
 }
 
 async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &FakeRds) -> Sample {
@@ -400,6 +423,8 @@ async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &F
     let attacher = Arc::new(Semaphore::new(ATTACHER_WORKERS));
     // Two sidecars, two connections.
     let create_client = ControllerClient::new(controller.channel.clone());
+    let pid = controller.child.0.id().to_string();
+    let (controller_cpu, bench_cpu) = (cpu_seconds(&pid), cpu_seconds("self"));
     let attach_client = ControllerClient::new(controller.channel.clone());
     let started = Instant::now();
     let tasks: Vec<_> = (0..volumes)
@@ -504,6 +529,8 @@ async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &F
         max_total: fake.max_concurrent_sessions_total(),
         opened: fake.sessions_opened() - opened_before,
         refused: fake.sessions_refused() - refused_before,
+        controller_cpu: cpu_seconds(&pid) - controller_cpu,
+        bench_cpu: cpu_seconds("self") - bench_cpu,
     }
 }
 
@@ -530,14 +557,20 @@ async fn run(bin: &str, volumes: usize, latency: Duration, node_count: usize) ->
         let controller = start_controller(bin, &here, &fake, &key, &host_key, &names).await;
         let sample = storm(&controller, &nodes, volumes, &fake).await;
         assert_eq!(
-            fake.disks().iter().filter(|d| d.slot.starts_with("pvc-")).count(),
+            fake.disks()
+                .iter()
+                .filter(|d| d.slot.starts_with("pvc-"))
+                .count(),
             volumes,
             "{scenario}: every volume is on the RDS"
         );
         out.push(sample);
     }
     let violations = fake.take_violations();
-    assert!(violations.is_empty(), "the fake refused commands: {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "the fake refused commands: {violations:?}"
+    );
     out.try_into().ok().unwrap()
 }
 
@@ -597,7 +630,7 @@ fn main() {
                     "run {r} {label:>9} {scenario:>7}: wall {:>7.0} ms  create p50/p99 {:.0}/{:.0}  \
                      publish {:.0}/{:.0}  stage {:.1}/{:.1}  node-publish {:.1}/{:.1} ms  \
                      commands {}  sessions/conn {}  sessions {}  opened {}  refused {}  \
-                     serialized {:.0} ms  speed-up {:.2}x",
+                     cpu s controller {:.2} bench {:.2}  serialized {:.0} ms  speed-up {:.2}x",
                     ms(s.wall),
                     ms(percentile(&s.steps.create, 0.5)),
                     ms(percentile(&s.steps.create, 0.99)),
@@ -612,6 +645,8 @@ fn main() {
                     s.max_total,
                     s.opened,
                     s.refused,
+                    s.controller_cpu,
+                    s.bench_cpu,
                     ms(bound),
                     bound.as_secs_f64() / s.wall.as_secs_f64(),
                 );

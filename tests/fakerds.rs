@@ -1164,9 +1164,7 @@ mod backend {
         const N: usize = 10;
         let s = setup().await;
         for i in 0..N / 2 {
-            s.rds
-                .add_disk(Disk::volume(id(i).as_str(), GIB))
-                .unwrap();
+            s.rds.add_disk(Disk::volume(id(i).as_str(), GIB)).unwrap();
         }
         let b = backend(&s, 1, 1);
         b.capacity().await.unwrap(); // dialled
@@ -1176,7 +1174,9 @@ mod backend {
             let b = b.clone();
             tokio::spawn(async move { b.get(&id(0)).await })
         };
-        s.rds.wait_until("the first lookup held", || s.rds.held_commands() == 1).await;
+        s.rds
+            .wait_until("the first lookup held", || s.rds.held_commands() == 1)
+            .await;
         let rest: Vec<_> = (1..N)
             .map(|i| {
                 let b = b.clone();
@@ -1214,7 +1214,9 @@ mod backend {
             let b = b.clone();
             tokio::spawn(async move { b.get(&id(0)).await })
         };
-        s.rds.wait_until("the first lookup held", || s.rds.held_commands() == 1).await;
+        s.rds
+            .wait_until("the first lookup held", || s.rds.held_commands() == 1)
+            .await;
         let rest: Vec<_> = (1..4)
             .map(|i| {
                 let b = b.clone();
@@ -1222,7 +1224,8 @@ mod backend {
             })
             .collect();
         tokio::task::yield_now().await;
-        s.rds.fail_matching("slot~", "failure: out of memory\r\n", 0, 1);
+        s.rds
+            .fail_matching("slot~", "failure: out of memory\r\n", 0, 1);
         s.rds.hang(false);
         assert!(first.await.unwrap().unwrap().is_none());
         for r in rest {

@@ -188,13 +188,12 @@ impl RdsBackend {
         }
     }
 
-    /// A volume's lookup through [`reads`]: joins the open batch, or leads one, waiting for
-    /// the lookup in flight and then for a session before closing it.
+    /// A volume's lookup through [`reads`]: joins the open batch, or leads one, closing it when
+    /// a session is had.
     async fn coalesced(&self, slot: &Slot) -> Result<Option<Disk>, BackendError> {
         loop {
             let entered = self.reads.enter(slot);
             if let Some(lead) = entered.lead {
-                let _turn = self.reads.turn().await;
                 let mut closed = None;
                 let ran = self
                     .pool

@@ -7,10 +7,8 @@
 //! the volume listing the driver already sends (`/disk print detail where slot~"pvc"`, every
 //! disk whose slot has `pvc` in it, which is every volume slot).
 //!
-//! One such command is in flight at a time ([`Coalescer::turn`]): a listing prints every
-//! volume, so rather than each free session carrying a listing for the two or three lookups
-//! that arrived since the last, the lookups that arrive while one is in flight gather for the
-//! next. Writes keep the other sessions.
+//! A batch forms only while its leader waits for a session: with a session free, a lookup is
+//! sent at once, as itself. Reads and writes wait for sessions in one queue, in order.
 //!
 //! Owns the open batch and who is in it; running the command is the caller's (the backend's,
 //! through [`super::ssh::SshPool::run_chosen`]). The rules:
@@ -51,8 +49,6 @@ pub(super) fn listed(slot: &Slot) -> bool {
 #[derive(Default)]
 pub(super) struct Coalescer {
     state: Mutex<State>,
-    /// Held by the leader whose command is in flight, and waited for by the next.
-    turn: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -93,11 +89,6 @@ pub(super) struct Closed {
 impl Coalescer {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A leader's turn to send: after the command in flight, if any, is answered.
-    pub(super) async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.turn.lock().await
     }
 
     /// Joins the open batch, or opens one led by this lookup.
@@ -268,7 +259,12 @@ mod tests {
         let c = Coalescer::default();
         let a = c.enter(&slot("pvc-a"));
         let closed = a.lead.unwrap().close();
-        assert_eq!(closed.command(), RosCommand::Get { slot: slot("pvc-a") });
+        assert_eq!(
+            closed.command(),
+            RosCommand::Get {
+                slot: slot("pvc-a")
+            }
+        );
     }
 
     /// The never-join-a-sent-listing rule: a lookup arriving after its batch closed (its
@@ -296,9 +292,12 @@ mod tests {
         let c = Coalescer::default();
         let a = c.enter(&slot("pvc-a"));
         let b = c.enter(&slot("pvc-b"));
-        a.lead.unwrap().close().answer(Err(BackendError::Unavailable(
-            "the RDS failed listing disks: boom".into(),
-        )));
+        a.lead
+            .unwrap()
+            .close()
+            .answer(Err(BackendError::Unavailable(
+                "the RDS failed listing disks: boom".into(),
+            )));
         for mut r in [a.answer, b.answer] {
             match r.try_recv().unwrap() {
                 Err(BackendError::Unavailable(m)) => assert!(m.contains("boom"), "{m}"),
@@ -325,7 +324,12 @@ mod tests {
     #[test]
     fn only_slots_the_listing_shows_are_coalesced() {
         assert!(listed(&slot("pvc-0a1b")));
-        assert!(!listed(&slot("snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc")));
-        assert!(!listed(&slot("PVC-upper")), "RouterOS's ~ is case-sensitive");
+        assert!(!listed(&slot(
+            "snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc"
+        )));
+        assert!(
+            !listed(&slot("PVC-upper")),
+            "RouterOS's ~ is case-sensitive"
+        );
     }
 }

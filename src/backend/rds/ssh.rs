@@ -403,11 +403,11 @@ impl SshPool {
             }
         };
         let command = choose();
-        let result = match tokio::time::timeout_at(deadline, self.run_held(&command, deadline)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(Self::late(&command, started, deadline, whose)),
-        };
+        let result =
+            match tokio::time::timeout_at(deadline, self.run_held(&command, deadline)).await {
+                Ok(r) => r,
+                Err(_) => Err(Self::late(&command, started, deadline, whose)),
+            };
         drop(permit);
         self.count(&command, started, &result);
         result.map(|out| (command, out))
@@ -431,7 +431,12 @@ impl SshPool {
         ))
     }
 
-    fn count(&self, command: &RosCommand, started: Instant, result: &Result<CommandOutput, SshError>) {
+    fn count(
+        &self,
+        command: &RosCommand,
+        started: Instant,
+        result: &Result<CommandOutput, SshError>,
+    ) {
         let label = match result {
             Ok(_) => "ok",
             Err(SshError::Unavailable(_)) => "unavailable",
