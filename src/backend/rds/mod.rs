@@ -206,7 +206,7 @@ impl RdsBackend {
                     .await;
                 let Some(batch) = closed else {
                     // No session came: the batch was disbanded unsent.
-                    return Err(backend_error(ran.err().expect("no command, no output")));
+                    return Err(backend_error(ran.expect_err("no command, no output")));
                 };
                 let lookups = batch.len();
                 let disks = ran
