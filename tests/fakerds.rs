@@ -463,6 +463,14 @@ async fn errors_are_routeros_texts_with_exit_status_zero() {
         ),
         ("/disk remove [find slot=nope]", "no such item\r\n"),
         (
+            "/disk print detail where slot~\"a{1}\"",
+            "failure: invalid regular expression\r\n",
+        ),
+        (
+            "/disk print detail where slot~\"a()\"",
+            "failure: invalid regular expression\r\n",
+        ),
+        (
             "/disk set [find slot=nope] file-size=2G",
             "failure: no such item\r\n",
         ),
@@ -776,6 +784,7 @@ async fn a_session_limit_refuses_extra_channels() {
     let _second = ssh.channel_open_session().await.unwrap();
     assert!(ssh.channel_open_session().await.is_err());
     assert_eq!(s.rds.max_concurrent_sessions_per_connection(), 2);
+    assert_eq!((s.rds.sessions_opened(), s.rds.sessions_refused()), (2, 1));
     // Closing one frees its place.
     first.close().await.unwrap();
     let third = ssh.channel_open_session().await.unwrap();
@@ -1094,4 +1103,166 @@ async fn a_violation_is_refused_and_fails_the_test_when_the_fake_is_dropped() {
         message.contains("syntax the driver must never send") && message.contains("slot=$y"),
         "{message}"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// The driver's RDS backend against the fake: round trips
+// ------------------------------------------------------------------------------------------
+
+mod backend {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rds_csi::backend::rds::ssh::{HostKeys, SshConfig, SshPool};
+    use rds_csi::backend::rds::values::{NqnPrefix, RosPath, DEFAULT_VOLUME_PATH};
+    use rds_csi::backend::rds::{RdsBackend, RdsDefaults};
+    use rds_csi::backend::{CreateRequest, VolumeBackend};
+    use rds_csi::domain::{AccessMode, Capability};
+    use rds_csi::metrics::Metrics;
+    use rds_csi::VolumeId;
+
+    use super::{setup, Disk, Setup, GIB};
+
+    fn backend(s: &Setup, pool_size: usize, sessions_per_connection: usize) -> Arc<RdsBackend> {
+        let key = russh::keys::load_secret_key(&s.key, None).unwrap();
+        let pool = SshPool::new(
+            SshConfig {
+                host: s.rds.address().ip().to_string(),
+                port: s.rds.address().port(),
+                user: "admin".into(),
+                key: Arc::new(key),
+                host_keys: HostKeys::Verify(vec![s.rds.host_public_key()]),
+                pool_size,
+                sessions_per_connection,
+                connect_timeout: Duration::from_secs(10),
+                command_timeout: Duration::from_secs(60),
+            },
+            Arc::new(Metrics::new()),
+        );
+        Arc::new(RdsBackend::new(
+            pool,
+            RdsDefaults {
+                nvme_address: Some("10.0.0.1".parse().unwrap()),
+                nvme_port: 4420,
+                volume_path: RosPath::parse(DEFAULT_VOLUME_PATH, "volumePath").unwrap(),
+                nqn_prefix: NqnPrefix::default(),
+            },
+        ))
+    }
+
+    fn id(i: usize) -> VolumeId {
+        VolumeId::try_from(format!("pvc-00000000-0000-4000-8000-{i:012x}").as_str()).unwrap()
+    }
+
+    /// N lookups that wait together for the one session cost one command, not N, and
+    /// each gets its own volume (or none). The order is forced: the first lookup holds the only
+    /// session, hung in the fake, until the others have all asked. Catches lookups not joining
+    /// (N + 1 commands).
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_lookups_cost_fewer_commands_than_lookups() {
+        const N: usize = 10;
+        let s = setup().await;
+        for i in 0..N / 2 {
+            s.rds.add_disk(Disk::volume(id(i).as_str(), GIB)).unwrap();
+        }
+        let b = backend(&s, 1, 1);
+        b.capacity().await.unwrap(); // dialled
+        s.rds.clear_commands();
+        s.rds.hang(true);
+        let first = {
+            let b = b.clone();
+            tokio::spawn(async move { b.get(&id(0)).await })
+        };
+        s.rds
+            .wait_until("the first lookup held", || s.rds.held_commands() == 1)
+            .await;
+        let rest: Vec<_> = (1..N)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { (i, b.get(&id(i)).await) })
+            })
+            .collect();
+        // One thread: each spawned lookup runs to its wait for the session before this goes on.
+        tokio::task::yield_now().await;
+        s.rds.hang(false);
+        assert!(first.await.unwrap().unwrap().is_some());
+        for r in rest {
+            let (i, got) = r.await.unwrap();
+            assert_eq!(got.unwrap().is_some(), i < N / 2, "volume {i}");
+        }
+        let commands: Vec<String> = s.rds.commands().into_iter().map(|c| c.command).collect();
+        let rest: Vec<String> = (1..N).map(|i| id(i).to_string()).collect();
+        assert_eq!(
+            commands,
+            [
+                format!("/disk print detail where slot={}", id(0)),
+                format!("/disk print detail where slot~\"{}\"", rest.join("|")),
+            ],
+            "{N} lookups, two commands"
+        );
+    }
+
+    /// A failed listing fails every lookup that joined it, saying what failed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_listing_fails_every_lookup_in_it() {
+        let s = setup().await;
+        let b = backend(&s, 1, 1);
+        b.capacity().await.unwrap();
+        s.rds.hang(true);
+        let first = {
+            let b = b.clone();
+            tokio::spawn(async move { b.get(&id(0)).await })
+        };
+        s.rds
+            .wait_until("the first lookup held", || s.rds.held_commands() == 1)
+            .await;
+        let rest: Vec<_> = (1..4)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.get(&id(i)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        s.rds
+            .fail_matching("slot~", "failure: out of memory\r\n", 0, 1);
+        s.rds.hang(false);
+        assert!(first.await.unwrap().unwrap().is_none());
+        for r in rest {
+            let e = r.await.unwrap().unwrap_err().to_string();
+            assert!(
+                e.contains("looking up 3 disks at once") && e.contains("out of memory"),
+                "{e}"
+            );
+        }
+    }
+
+    /// CreateVolume of a volume that exists with this request's record is one lookup: the
+    /// disk just read is the answer. Catches a second read of the disk after the check.
+    #[tokio::test]
+    async fn creating_an_existing_volume_is_one_lookup() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        let request = || CreateRequest {
+            id: id(1),
+            name: id(1).to_string(),
+            required_bytes: GIB,
+            limit_bytes: 0,
+            capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],
+            parameters: BTreeMap::new(),
+            source: None,
+        };
+        let made = b.create(request()).await.unwrap();
+        s.rds.clear_commands();
+        let again = b.create(request()).await.unwrap();
+        assert_eq!(
+            (again.capacity_bytes, &again.parameters),
+            (made.capacity_bytes, &made.parameters)
+        );
+        let commands: Vec<String> = s.rds.commands().into_iter().map(|c| c.command).collect();
+        assert_eq!(
+            commands,
+            [format!("/disk print detail where slot={}", id(1))]
+        );
+    }
 }

@@ -13,8 +13,9 @@
 //! The ones the Go driver sends (see the Go-driver facts, section 1), parsed properly: menu path
 //! (`/disk add` or `/disk/add`), `key=value` arguments with unquoted or double-quoted values
 //! (the escapes of RouterOS's scripting manual decoded), `[find slot=X]` /
-//! `[find where name="X"]`, `where` with `=`, `!=` and `~` (regular expression, as RouterOS)
-//! joined by optional `and`.
+//! `[find where name="X"]`, `where` with `=`, `!=` and `~` (regular expression, as RouterOS:
+//! POSIX, so `a|b` alternates, but `{}` bounds and an empty `()` are refused) joined by
+//! optional `and`.
 //!
 //! | command | effect |
 //! | --- | --- |
@@ -1134,6 +1135,11 @@ fn compile(conds: &[Cond], known: &[&'static str]) -> Result<Vec<Matcher>, CliEr
             Ok(match c.op {
                 Op::Eq => Matcher::Eq(key, c.value.clone()),
                 Op::Ne => Matcher::Ne(key, c.value.clone()),
+                // RouterOS's regular expressions are POSIX ones without `{}` bounds and
+                // without empty `()` (its Regular Expressions manual).
+                Op::Match if c.value.contains('{') || c.value.contains("()") => {
+                    return Err(failure("invalid regular expression"))
+                }
                 Op::Match => Matcher::Re(
                     key,
                     regex::Regex::new(&c.value)
@@ -2006,6 +2012,10 @@ struct Stats {
     open_total: usize,
     max_total: usize,
     max_per_connection: usize,
+    /// Sessions ever opened (accepted channel opens).
+    opened: u64,
+    /// Channel opens refused for `max_sessions_per_connection`.
+    sessions_refused: u64,
 }
 
 /// One live TCP connection.
@@ -2135,6 +2145,7 @@ impl Shared {
             open.len()
         };
         let mut stats = lock(&self.stats);
+        stats.opened += 1;
         stats.open_total += 1;
         stats.max_total = stats.max_total.max(stats.open_total);
         stats.max_per_connection = stats.max_per_connection.max(per_conn);
@@ -2257,6 +2268,7 @@ impl russh::server::Handler for ConnHandler {
         drop(channel);
         if let Some(max) = self.shared.max_sessions_per_connection {
             if lock(&self.conn.open).len() >= max {
+                lock(&self.shared.stats).sessions_refused += 1;
                 reply
                     .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                     .await;
@@ -2811,6 +2823,18 @@ impl FakeRds {
     /// The most sessions open at once over all connections.
     pub fn max_concurrent_sessions_total(&self) -> usize {
         lock(&self.shared.stats).max_total
+    }
+
+    /// Sessions opened since the fake started.
+    pub fn sessions_opened(&self) -> u64 {
+        lock(&self.shared.stats).opened
+    }
+
+    /// Session opens refused because the connection already had
+    /// [`FakeRdsConfig::max_sessions_per_connection`] open: a client that asked RouterOS for
+    /// more than it allows.
+    pub fn sessions_refused(&self) -> u64 {
+        lock(&self.shared.stats).sessions_refused
     }
 
     /// Sessions open now.

@@ -47,6 +47,10 @@ pub enum RosCommand {
     SetComment { slot: Slot, comment: Record },
     /// `/disk print detail where slot=…`
     Get { slot: Slot },
+    /// `/disk print detail where slot~"a|b|…"`: the disks of several slots at once (a POSIX
+    /// alternation, which RouterOS's `~` takes; slot names hold no character special to it).
+    /// It matches a slot containing any of them: the caller picks each slot's disk exactly.
+    GetMany { slots: Vec<Slot> },
     /// `/disk print detail where slot~"pvc"` (or `"snap-"`)
     List(Listing),
     /// `/disk set [find slot=…] file-size=…`
@@ -71,6 +75,7 @@ impl RosCommand {
             Self::CopyVolume { .. } => "disk_add_copy",
             Self::SetComment { .. } => "disk_set_comment",
             Self::Get { .. } => "disk_get",
+            Self::GetMany { .. } => "disk_get_many",
             Self::List(_) => "disk_list",
             Self::Resize { .. } => "disk_set_size",
             Self::Remove { .. } => "disk_remove",
@@ -124,6 +129,16 @@ impl fmt::Display for RosCommand {
                 write!(f, "/disk set [find slot={slot}] comment={comment}")
             }
             Self::Get { slot } => write!(f, "/disk print detail where slot={slot}"),
+            Self::GetMany { slots } => {
+                f.write_str("/disk print detail where slot~\"")?;
+                for (i, slot) in slots.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("|")?;
+                    }
+                    f.write_str(slot.as_str())?;
+                }
+                f.write_str("\"")
+            }
             Self::List(Listing::Volumes) => f.write_str("/disk print detail where slot~\"pvc\""),
             Self::List(Listing::Snapshots) => {
                 f.write_str("/disk print detail where slot~\"snap-\"")
@@ -171,6 +186,7 @@ mod tests {
                 "/disk add type=file file-path=/storage-pool/metal-csi/pvc-1b2c.img file-size=10G slot=pvc-1b2c nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-1b2c",
             ),
             (RosCommand::Get { slot: slot.clone() }, "/disk print detail where slot=pvc-1b2c"),
+            (RosCommand::GetMany { slots: vec![slot.clone(), restored.clone()] }, "/disk print detail where slot~\"pvc-1b2c|pvc-2\""),
             (RosCommand::List(Listing::Volumes), "/disk print detail where slot~\"pvc\""),
             (RosCommand::List(Listing::Snapshots), "/disk print detail where slot~\"snap-\""),
             (RosCommand::Resize { slot: slot.clone(), size }, "/disk set [find slot=pvc-1b2c] file-size=10G"),

@@ -23,6 +23,7 @@
 pub mod command;
 pub mod monitor;
 pub mod parse;
+mod reads;
 pub mod snmp;
 pub mod ssh;
 pub mod values;
@@ -99,6 +100,8 @@ pub struct RdsBackend {
     /// Keeps a restore and the delete of its snapshot (or a clone and the delete of its
     /// volume) apart, and two creates of one slot.
     locks: Locks,
+    /// Lookups of volume disks waiting for a session, answered by one command ([`reads`]).
+    reads: reads::Coalescer,
 }
 
 /// A StorageClass's parameters with the Go driver's meaning, validated.
@@ -139,6 +142,7 @@ impl RdsBackend {
             warned: Mutex::new(HashSet::new()),
             metrics: None,
             locks: Locks::default(),
+            reads: reads::Coalescer::default(),
         }
     }
 
@@ -156,32 +160,76 @@ impl RdsBackend {
     /// Runs a command; RouterOS's failure text (often with exit status 0) becomes an error.
     async fn run(&self, command: &RosCommand) -> Result<String, RunError> {
         let out = self.pool.run(command).await.map_err(RunError::Link)?;
-        let all = format!("{}\n{}", out.stdout, out.stderr);
-        if let Some(failure) = parse::failure(&all) {
-            return Err(RunError::Failed(failure));
-        }
-        if out.exit_status.is_some_and(|s| s != 0) {
-            let text = if out.stderr.trim().is_empty() {
-                &out.stdout
-            } else {
-                &out.stderr
-            };
-            return Err(RunError::Failed(Failure::Other(format!(
-                "exit status {}: {}",
-                out.exit_status.unwrap_or_default(),
-                text.trim()
-            ))));
-        }
-        Ok(out.stdout)
+        checked(out)
     }
 
+    /// The disk in `slot`, if there is one. A volume's lookup that arrives while another waits
+    /// for a session joins it ([`reads`]); any other is its own command.
     async fn disk(&self, slot: &Slot) -> Result<Option<Disk>, BackendError> {
-        let text = self
-            .run(&RosCommand::Get { slot: slot.clone() })
-            .await
-            .map_err(|e| e.into_backend("looking up the disk"))?;
-        let disks = parse::disks(&text).map_err(|e| BackendError::Corrupt(e.to_string()))?;
-        Ok(disks.into_iter().find(|d| d.slot == slot.as_str()))
+        if !reads::listed(slot) {
+            let text = self
+                .run(&RosCommand::Get { slot: slot.clone() })
+                .await
+                .map_err(|e| e.into_backend("looking up the disk"))?;
+            let disks = parse::disks(&text).map_err(|e| BackendError::Corrupt(e.to_string()))?;
+            return Ok(disks.into_iter().find(|d| d.slot == slot.as_str()));
+        }
+        // A member's own caller's deadline bounds its wait, whoever leads; a leader cut off
+        // by it disbands its batch, whose members then look up again.
+        match crate::deadline::current() {
+            Some(by) => tokio::time::timeout_at(by, self.coalesced(slot))
+                .await
+                .map_err(|_| {
+                    BackendError::Unavailable(format!(
+                        "the RDS did not answer the lookup of {slot} by this call's deadline"
+                    ))
+                })?,
+            None => self.coalesced(slot).await,
+        }
+    }
+
+    /// A volume's lookup through [`reads`]: joins the open batch, or leads one, closing it when
+    /// a session is had.
+    async fn coalesced(&self, slot: &Slot) -> Result<Option<Disk>, BackendError> {
+        loop {
+            let entered = self.reads.enter(slot);
+            if let Some(lead) = entered.lead {
+                let mut closed = None;
+                let ran = self
+                    .pool
+                    .run_chosen(|| {
+                        let batch = lead.close();
+                        let command = batch.command();
+                        closed = Some(batch);
+                        command
+                    })
+                    .await;
+                let Some(batch) = closed else {
+                    // No session came: the batch was disbanded unsent.
+                    return Err(backend_error(ran.expect_err("no command, no output")));
+                };
+                let lookups = batch.len();
+                let disks = ran
+                    .map_err(RunError::Link)
+                    .and_then(|(_, out)| checked(out))
+                    .map_err(|e| {
+                        e.into_backend(&if lookups == 1 {
+                            "looking up the disk".to_string()
+                        } else {
+                            format!("looking up {lookups} disks at once")
+                        })
+                    })
+                    .and_then(|text| {
+                        parse::disks(&text).map_err(|e| BackendError::Corrupt(e.to_string()))
+                    });
+                batch.answer(disks);
+            }
+            match entered.answer.await {
+                Ok(answer) => return answer,
+                // The batch's leader was dropped (its caller gave up) before answering.
+                Err(_) => continue,
+            }
+        }
     }
 
     /// Reads a StorageClass's parameters as the Go driver does. `capabilities` are the
@@ -660,6 +708,27 @@ fn parameter_label(key: &str) -> &str {
     }
 }
 
+/// What a command printed, or RouterOS's failure text (often with exit status 0) as an error.
+fn checked(out: ssh::CommandOutput) -> Result<String, RunError> {
+    let all = format!("{}\n{}", out.stdout, out.stderr);
+    if let Some(failure) = parse::failure(&all) {
+        return Err(RunError::Failed(failure));
+    }
+    if out.exit_status.is_some_and(|s| s != 0) {
+        let text = if out.stderr.trim().is_empty() {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        return Err(RunError::Failed(Failure::Other(format!(
+            "exit status {}: {}",
+            out.exit_status.unwrap_or_default(),
+            text.trim()
+        ))));
+    }
+    Ok(out.stdout)
+}
+
 /// How running a command went wrong: the link, or RouterOS said no.
 enum RunError {
     Link(SshError),
@@ -798,8 +867,9 @@ impl VolumeBackend for RdsBackend {
                     req.id, p.source
                 )));
             }
+            // What the answer is made of (size, file, export, NQN, provenance) is what was
+            // just read; a record written now changes none of it.
             self.check_made(&req, &slot, &disk).await?;
-            let disk = self.disk(&slot).await?.unwrap_or(disk);
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let nqn = params.nqn_prefix.nqn(&slot)?;

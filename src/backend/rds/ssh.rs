@@ -369,21 +369,75 @@ impl SshPool {
     /// a backoff, a dial) counts against it.
     pub async fn run(&self, command: &RosCommand) -> Result<CommandOutput, SshError> {
         let started = Instant::now();
+        let (deadline, whose) = self.deadline(started);
+        let result = match tokio::time::timeout_at(deadline, async {
+            let _permit = self.session().await?;
+            self.run_held(command, deadline).await
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Self::late(command, started, deadline, whose)),
+        };
+        self.count(command, started, &result);
+        result
+    }
+
+    /// Runs the command `choose` picks at the moment a session is free, by the same deadline
+    /// as [`Self::run`]: for a caller that decides what to send only once it can be sent (a
+    /// lookup that others may still join until then). `choose` is not called when no session
+    /// comes by the deadline or the pool is closed.
+    pub async fn run_chosen(
+        &self,
+        choose: impl FnOnce() -> RosCommand,
+    ) -> Result<(RosCommand, CommandOutput), SshError> {
+        let started = Instant::now();
+        let (deadline, whose) = self.deadline(started);
+        let permit = match tokio::time::timeout_at(deadline, self.session()).await {
+            Ok(p) => p?,
+            Err(_) => {
+                return Err(SshError::Unavailable(format!(
+                    "every session to the RDS stayed busy for {:.1}s ({whose})",
+                    deadline.saturating_duration_since(started).as_secs_f64()
+                )))
+            }
+        };
+        let command = choose();
+        let result =
+            match tokio::time::timeout_at(deadline, self.run_held(&command, deadline)).await {
+                Ok(r) => r,
+                Err(_) => Err(Self::late(&command, started, deadline, whose)),
+            };
+        drop(permit);
+        self.count(&command, started, &result);
+        result.map(|out| (command, out))
+    }
+
+    /// The caller's deadline or `command_timeout` from `started`, whichever is sooner, and
+    /// whose it is.
+    fn deadline(&self, started: Instant) -> (Instant, &'static str) {
         let own = started + self.inner.config.command_timeout;
-        let (deadline, whose) = match crate::deadline::current() {
+        match crate::deadline::current() {
             Some(caller) if caller < own => (caller, "this call's deadline"),
             _ => (own, "--rds-command-timeout"),
-        };
-        let result =
-            match tokio::time::timeout_at(deadline, self.run_inner(command, deadline)).await {
-                Ok(r) => r,
-                Err(_) => Err(SshError::Unavailable(format!(
-                    "the RDS did not answer `{}` within {:.1}s ({whose})",
-                    command.label(),
-                    deadline.saturating_duration_since(started).as_secs_f64()
-                ))),
-            };
-        let label = match &result {
+        }
+    }
+
+    fn late(command: &RosCommand, started: Instant, deadline: Instant, whose: &str) -> SshError {
+        SshError::Unavailable(format!(
+            "the RDS did not answer `{}` within {:.1}s ({whose})",
+            command.label(),
+            deadline.saturating_duration_since(started).as_secs_f64()
+        ))
+    }
+
+    fn count(
+        &self,
+        command: &RosCommand,
+        started: Instant,
+        result: &Result<CommandOutput, SshError>,
+    ) {
+        let label = match result {
             Ok(_) => "ok",
             Err(SshError::Unavailable(_)) => "unavailable",
             Err(SshError::HostKey(_)) => "host_key",
@@ -398,20 +452,23 @@ impl SshPool {
             .command_duration
             .with_label_values(&[command.label()])
             .observe(started.elapsed().as_secs_f64());
-        result
     }
 
-    async fn run_inner(
+    /// One of the pool's `pool_size * sessions_per_connection` sessions, held until dropped.
+    async fn session(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SshError> {
+        self.inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SshError::Unavailable("the SSH pool is closed".into()))
+    }
+
+    /// Runs `command` on the least busy connection; the caller holds a session.
+    async fn run_held(
         &self,
         command: &RosCommand,
         deadline: Instant,
     ) -> Result<CommandOutput, SshError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| SshError::Unavailable("the SSH pool is closed".into()))?;
         let place = InFlight::take(&self.inner.in_flight);
         loop {
             match self.exec(place.index, command, deadline).await {
