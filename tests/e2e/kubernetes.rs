@@ -1186,6 +1186,33 @@ async fn publish_succeeds_while_every_write_fails_and_failures_are_counted() {
     .await;
 }
 
+/// `volumes` PVs attached to n1, every `every`th also to n2 (a migration), then the driver
+/// started and ready; checks that seeding saw every VolumeAttachment and counted every migration.
+/// Returns the driver and the number of VolumeAttachments.
+async fn seeded_migrating_every(c: &Cluster, volumes: usize, every: usize) -> (Driver, usize) {
+    for i in 0..volumes {
+        let (pv, handle) = (format!("pv-{i}"), format!("vol-{i}"));
+        c.pv(&pv, &handle, true, None, json!({}));
+        c.va(&pv, &handle, "n1", true, Duration::from_secs(100));
+        if i % every == 0 {
+            c.va(&pv, &handle, "n2", true, Duration::from_secs(50));
+        }
+    }
+    let d = c.start_with_volumes(&["vol-1"]).await;
+    d.wait_ready().await;
+    let vas = volumes + volumes.div_ceil(every);
+    let m = d.scrape().await;
+    assert_eq!(
+        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
+        vas as f64
+    );
+    assert_eq!(
+        sample(&m, "rds_csi_migration_active_migrations"),
+        volumes.div_ceil(every) as f64
+    );
+    (d, vas)
+}
+
 /// Without leader election the first term begins with the process: its seeding takes the
 /// VolumeAttachment watcher's first complete list instead of paging through every
 /// VolumeAttachment a second time, and still rebuilds every holder and migration from it.
@@ -1194,26 +1221,7 @@ async fn publish_succeeds_while_every_write_fails_and_failures_are_counted() {
 async fn the_boot_seeding_reads_the_volume_attachments_once() {
     let c = Cluster::new(&["n1", "n2"]).await;
     const VOLUMES: usize = 600;
-    for i in 0..VOLUMES {
-        let (pv, handle) = (format!("pv-{i}"), format!("vol-{i}"));
-        c.pv(&pv, &handle, true, None, json!({}));
-        c.va(&pv, &handle, "n1", true, Duration::from_secs(100));
-        if i % 5 == 0 {
-            c.va(&pv, &handle, "n2", true, Duration::from_secs(50));
-        }
-    }
-    let d = c.start_with_volumes(&["vol-1"]).await;
-    d.wait_ready().await;
-    let vas = VOLUMES + VOLUMES.div_ceil(5);
-    let m = d.scrape().await;
-    assert_eq!(
-        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
-        vas as f64
-    );
-    assert_eq!(
-        sample(&m, "rds_csi_migration_active_migrations"),
-        VOLUMES.div_ceil(5) as f64
-    );
+    let (_d, vas) = seeded_migrating_every(&c, VOLUMES, 5).await;
     let lists = c.api.calls_matching("list", "volumeattachments");
     let first_pages = lists
         .iter()
@@ -1227,26 +1235,8 @@ async fn the_boot_seeding_reads_the_volume_attachments_once() {
 async fn seeding_pages_through_many_volume_attachments() {
     let c = Cluster::new(&["n1", "n2"]).await;
     const VOLUMES: usize = 700;
-    for i in 0..VOLUMES {
-        let (pv, handle) = (format!("pv-{i}"), format!("vol-{i}"));
-        c.pv(&pv, &handle, true, None, json!({}));
-        c.va(&pv, &handle, "n1", true, Duration::from_secs(100));
-        if i % 7 == 0 {
-            c.va(&pv, &handle, "n2", true, Duration::from_secs(50));
-        }
-    }
-    let d = c.start_with_volumes(&["vol-1"]).await;
-    d.wait_ready().await;
-    let vas = VOLUMES + VOLUMES.div_ceil(7);
+    let (d, vas) = seeded_migrating_every(&c, VOLUMES, 7).await;
     let m = d.scrape().await;
-    assert_eq!(
-        sample(&m, "rds_csi_seeding_volumeattachments_seen_total"),
-        vas as f64
-    );
-    assert_eq!(
-        sample(&m, "rds_csi_migration_active_migrations"),
-        VOLUMES.div_ceil(7) as f64
-    );
     // Only the migrations need actors; the settled volumes are parked, and all are attached.
     let migrating = VOLUMES.div_ceil(7) as f64;
     assert_eq!(
