@@ -977,14 +977,11 @@ async fn hang_holds_commands_unrun_until_released() {
     assert_eq!(log[0].command, add);
     assert_eq!(log[0].output, None);
     // The witness that the command reached the hang, rather than a pause that hopes so.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.rds.held_commands() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the command never reached the hang"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    s.rds
+        .wait_until("the command to reach the hang", || {
+            s.rds.held_commands() == 1
+        })
+        .await;
     assert!(!hung.is_finished(), "not answered while hung");
     assert!(s.rds.disks().is_empty(), "not run while hung");
 

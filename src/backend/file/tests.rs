@@ -513,21 +513,34 @@ async fn delete_is_idempotent_and_expand_grows() {
     ));
 }
 
-#[tokio::test]
-async fn reads_answer_while_a_create_is_stuck_in_its_io() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = FileBackend::open(dir.path()).unwrap();
-    let a = backend.create(req("a", 1 << 20)).await.unwrap();
-    drop(backend);
+/// The backend over `root`, with a create of "slow" spawned and held inside its I/O (before
+/// its image is renamed into place) until the returned release is sent.
+async fn a_create_stalled_in_its_io(
+    root: &std::path::Path,
+) -> (
+    std::sync::Arc<FileBackend>,
+    tokio::task::JoinHandle<Result<VolumeInfo, BackendError>>,
+    testing::Release,
+) {
     let (stall, release, stalled) = testing::Stall::new(Step::CreateRenameImage, "slow");
     let backend = std::sync::Arc::new(
-        FileBackend::open_with_faults(dir.path(), std::sync::Arc::new(stall)).unwrap(),
+        FileBackend::open_with_faults(root, std::sync::Arc::new(stall)).unwrap(),
     );
     let create = tokio::spawn({
         let backend = backend.clone();
         async move { backend.create(req("slow", 1 << 20)).await }
     });
     stalled.await.unwrap();
+    (backend, create, release)
+}
+
+#[tokio::test]
+async fn reads_answer_while_a_create_is_stuck_in_its_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::open(dir.path()).unwrap();
+    let a = backend.create(req("a", 1 << 20)).await.unwrap();
+    drop(backend);
+    let (backend, create, release) = a_create_stalled_in_its_io(dir.path()).await;
     let id = VolumeId::try_from("a").unwrap();
     assert_eq!(backend.get(&id).await.unwrap().as_ref(), Some(&a));
     assert_eq!(backend.list().await.unwrap(), vec![a.clone()]);
@@ -543,15 +556,7 @@ async fn reads_answer_while_a_create_is_stuck_in_its_io() {
 #[tokio::test]
 async fn a_create_whose_caller_gave_up_still_completes_before_the_next_change() {
     let dir = tempfile::tempdir().unwrap();
-    let (stall, release, stalled) = testing::Stall::new(Step::CreateRenameImage, "slow");
-    let backend = std::sync::Arc::new(
-        FileBackend::open_with_faults(dir.path(), std::sync::Arc::new(stall)).unwrap(),
-    );
-    let create = tokio::spawn({
-        let backend = backend.clone();
-        async move { backend.create(req("slow", 1 << 20)).await }
-    });
-    stalled.await.unwrap();
+    let (backend, create, release) = a_create_stalled_in_its_io(dir.path()).await;
     create.abort();
     assert!(create.await.unwrap_err().is_cancelled());
     let next = tokio::spawn({
