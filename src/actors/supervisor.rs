@@ -1,9 +1,9 @@
 //! Owns the map from volume id to volume actor, and nothing of any live volume's state.
 //!
 //! Starts an actor on first use, on its first caller's arbiter or else the one the volume id
-//! hashes to ([`super::placement`]); seeds actors at boot, spread by hash; forgets an actor once it retired. A
-//! caller that found an actor stopping asks again, and gets a new actor: that is how no message
-//! is lost to a reap.
+//! hashes to ([`super::placement`]); seeds actors at boot, spread by hash; forgets an actor once
+//! it retired. A caller that found an actor stopping asks again, and gets a new actor: that is
+//! how no message is lost to a reap.
 //!
 //! Fail closed when an actor dies. A volume actor stops in one planned way only: it retires (idle,
 //! grace expired, or deleted, so no node holds the volume), marking its [`Retirement`] and sending
