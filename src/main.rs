@@ -267,6 +267,12 @@ struct Args {
     orphan_grace_minimum: Option<Duration>,
 }
 
+/// jemalloc, not the system allocator: on the attach path glibc's malloc and free were about an
+/// eighth of the driver's CPU per RPC (perf, BENCHMARKS.md "Issue 25"), and jemalloc's per-thread
+/// caches take most of that off while keeping boot seeding's peak memory within a few MiB.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
