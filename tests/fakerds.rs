@@ -427,6 +427,64 @@ async fn comments_are_kept_printed_and_matched() {
     assert_eq!(s.rds.disk(SNAP).unwrap().comment, "note");
 }
 
+/// `comment=` given on a plain `/disk add` (a property of the new item, as RouterOS's `add`
+/// takes every writable property of a `/disk` entry) leaves the disk exactly as the same add
+/// followed by `/disk set comment=`: the same listing, byte for byte, `;;; text` line included.
+/// The add stays as strict as without it: a misspelt property, or a bad value beside a comment,
+/// is refused and leaves nothing behind.
+#[tokio::test]
+async fn a_comment_given_on_the_add_is_the_comment_set_after_it() {
+    let s = setup().await;
+    let ssh = connect(&s.rds, &s.key).await;
+    let comment = "made-0123456789abcdef";
+    let print = format!("/disk print detail where slot={V1}");
+
+    assert_eq!(run(&ssh, &add_volume_cmd(V1, "10G")).await, "");
+    assert_eq!(
+        run(
+            &ssh,
+            &format!("/disk set [find slot={V1}] comment={comment}")
+        )
+        .await,
+        ""
+    );
+    let set_after = run(&ssh, &print).await;
+    run(&ssh, &format!("/disk remove [find slot={V1}]")).await;
+    run(
+        &ssh,
+        &format!("/file remove [find name=\"storage-pool/metal-csi/{V1}.img\"]"),
+    )
+    .await;
+    assert!(s.rds.disk(V1).is_none());
+
+    let add = format!("{} comment={comment}", add_volume_cmd(V1, "10G"));
+    assert_eq!(run(&ssh, &add).await, "");
+    assert_eq!(s.rds.disk(V1).unwrap().comment, comment);
+    let given_on_add = run(&ssh, &print).await;
+    assert_eq!(given_on_add, set_after);
+    assert!(
+        given_on_add.contains(&format!(";;; {comment}\r\n")),
+        "{given_on_add}"
+    );
+
+    let misspelt = format!("{} comments={comment}", add_volume_cmd(V2, "10G"));
+    let column = misspelt.find("comments=").unwrap() + 1;
+    let refused = [
+        (
+            misspelt.clone(),
+            format!("expected end of command (line 1 column {column})\r\n"),
+        ),
+        (
+            format!("{} comment={comment}", add_volume_cmd(V2, "lots")),
+            "input does not match any value of file-size\r\n".to_string(),
+        ),
+    ];
+    for (command, expected) in &refused {
+        assert_eq!(&run(&ssh, command).await, expected, "{command}");
+    }
+    assert!(s.rds.disk(V2).is_none(), "a refused add made nothing");
+}
+
 #[tokio::test]
 async fn errors_are_routeros_texts_with_exit_status_zero() {
     let s = setup().await;
