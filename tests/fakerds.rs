@@ -1170,10 +1170,11 @@ mod backend {
     use std::time::Duration;
 
     use rds_csi::backend::rds::ssh::{HostKeys, SshConfig, SshPool};
-    use rds_csi::backend::rds::values::{NqnPrefix, RosPath, DEFAULT_VOLUME_PATH};
+    use rds_csi::backend::rds::values::{MadeWith, NqnPrefix, RosPath, DEFAULT_VOLUME_PATH};
     use rds_csi::backend::rds::{RdsBackend, RdsDefaults};
-    use rds_csi::backend::{CreateRequest, VolumeBackend};
+    use rds_csi::backend::{ContentSource, CreateRequest, SnapshotRequest, VolumeBackend};
     use rds_csi::domain::{AccessMode, Capability};
+    use rds_csi::ids::SnapshotId;
     use rds_csi::metrics::Metrics;
     use rds_csi::VolumeId;
 
@@ -1319,5 +1320,135 @@ mod backend {
             commands,
             [format!("/disk print detail where slot={}", id(1))]
         );
+    }
+
+    fn request(i: usize, source: Option<ContentSource>) -> CreateRequest {
+        CreateRequest {
+            id: id(i),
+            name: id(i).to_string(),
+            required_bytes: GIB,
+            limit_bytes: 0,
+            capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],
+            parameters: BTreeMap::new(),
+            source,
+        }
+    }
+
+    fn commands(s: &Setup) -> Vec<String> {
+        s.rds.commands().into_iter().map(|c| c.command).collect()
+    }
+
+    /// A fresh CreateVolume is one write: the Go driver's `/disk add` with the volume's record
+    /// as its `comment=`, between the lookup and the read that verifies it, and the disk holds
+    /// the record from the add on. Catches the record dropped from the add (`CreateVolume`'s
+    /// ` comment=` in command.rs): a `/disk set … comment=` follows it, four commands.
+    #[tokio::test]
+    async fn a_fresh_create_is_one_write_that_carries_its_record() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.capacity().await.unwrap();
+        s.rds.clear_commands();
+        b.create(request(1, None)).await.unwrap();
+        let v = id(1);
+        let record = format!(
+            "made-{}",
+            MadeWith::of(
+                &BTreeMap::new(),
+                &[Capability::block(AccessMode::MultiNodeMultiWriter)]
+            )
+        );
+        assert_eq!(
+            commands(&s),
+            [
+                format!("/disk print detail where slot={v}"),
+                format!(
+                    "/disk add type=file file-path=/storage-pool/metal-csi/{v}.img \
+                     file-size=1G slot={v} nvme-tcp-export=yes nvme-tcp-server-port=4420 \
+                     nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{v} comment={record}"
+                ),
+                format!("/disk print detail where slot={v}"),
+            ]
+        );
+        assert_eq!(s.rds.disk(v.as_str()).unwrap().comment, record);
+    }
+
+    /// A CreateVolume whose `/disk add` ran but whose answer was lost fails, and its retry finds
+    /// the disk with its record already there (no window between the add and the record):
+    /// one lookup, no write.
+    #[tokio::test]
+    async fn a_create_retried_after_its_answer_was_lost_writes_nothing() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.capacity().await.unwrap();
+        s.rds.drop_connection_on("/disk add", true, 1);
+        b.create(request(1, None)).await.unwrap_err();
+        assert!(s
+            .rds
+            .disk(id(1).as_str())
+            .unwrap()
+            .comment
+            .starts_with("made-"));
+        s.rds.clear_commands();
+        b.create(request(1, None)).await.unwrap();
+        assert_eq!(
+            commands(&s),
+            [format!("/disk print detail where slot={}", id(1))]
+        );
+    }
+
+    /// A snapshot, a restore from it and a clone are one write each: the Go driver's
+    /// `copy-from` adds with the record (the source, and a volume's parameters) as their
+    /// `comment=`. Catches the record dropped from `CreateSnapshot` or `CopyVolume` (a
+    /// `/disk set … comment=` follows the add).
+    #[tokio::test]
+    async fn a_snapshot_a_restore_and_a_clone_are_one_write_each() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.create(request(1, None)).await.unwrap();
+        let writes = |s: &Setup| -> Vec<String> {
+            commands(s)
+                .into_iter()
+                .filter(|c| !c.starts_with("/disk print"))
+                .collect()
+        };
+
+        s.rds.clear_commands();
+        let snap = b
+            .create_snapshot(SnapshotRequest {
+                id: SnapshotId::for_name("backup").unwrap(),
+                name: "backup".into(),
+                source: id(1),
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let written = writes(&s);
+        assert_eq!(written.len(), 1, "{written:#?}");
+        let disk = s.rds.disk(snap.id.as_str()).unwrap();
+        assert!(
+            written[0].starts_with("/disk add type=file copy-from=")
+                && written[0].ends_with(&format!(" comment={}", disk.comment))
+                && disk.comment.starts_with(&format!("source-{}-at-", id(1))),
+            "{written:#?} {}",
+            disk.comment
+        );
+
+        for (i, source) in [
+            (2, ContentSource::Snapshot(snap.id.clone())),
+            (3, ContentSource::Volume(id(1))),
+        ] {
+            s.rds.clear_commands();
+            b.create(request(i, Some(source))).await.unwrap();
+            let written = writes(&s);
+            assert_eq!(written.len(), 1, "{written:#?}");
+            let disk = s.rds.disk(id(i).as_str()).unwrap();
+            assert!(
+                written[0].starts_with("/disk add type=file copy-from=")
+                    && written[0].ends_with(&format!(" comment={}", disk.comment))
+                    && disk.comment.contains("-made-"),
+                "{written:#?} {}",
+                disk.comment
+            );
+        }
     }
 }
