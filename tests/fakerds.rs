@@ -1396,6 +1396,112 @@ mod backend {
         );
     }
 
+    /// A snapshot's add answered "already exists" (the slot was taken after this call's lookup,
+    /// by a copy of another volume) is held to what is there: ALREADY_EXISTS, and the other
+    /// copy's record is kept. The order is forced: the call's first lookup is answered empty.
+    /// Catches the source check after the add removed (`create_snapshot`'s
+    /// `if provenance(&disk)… != Some(source…)` block): the call answers the other volume's
+    /// snapshot as its own.
+    #[tokio::test]
+    async fn a_snapshot_add_that_finds_another_copy_is_already_exists() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.create(request(1, None)).await.unwrap();
+        b.create(request(2, None)).await.unwrap();
+        let snap = SnapshotId::for_name("backup").unwrap();
+        let theirs = format!("source-{}-at-1739800000", id(2));
+        s.rds
+            .add_disk(Disk {
+                comment: theirs.clone(),
+                ..Disk::snapshot(snap.as_str(), GIB)
+            })
+            .unwrap();
+        s.rds
+            .fail_matching(&format!("where slot={snap}"), super::LEGEND, 0, 1);
+        s.rds.clear_commands();
+        let err = b
+            .create_snapshot(SnapshotRequest {
+                id: snap.clone(),
+                name: "backup".into(),
+                source: id(1),
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
+            "{err:?}"
+        );
+        let adds: Vec<Option<String>> = s
+            .rds
+            .commands_matching("copy-from=")
+            .into_iter()
+            .map(|c| c.output)
+            .collect();
+        assert_eq!(
+            adds,
+            [Some(
+                "failure: item with such slot already exists\r\n".to_string()
+            )],
+            "the add was sent and RouterOS answered that the slot exists"
+        );
+        assert_eq!(s.rds.disk(snap.as_str()).unwrap().comment, theirs);
+    }
+
+    /// A restore's add answered "already exists" (the slot was taken after this call's lookup,
+    /// by a clone of another volume) is held to what is there: ALREADY_EXISTS, and the other
+    /// copy's record is kept. The order is forced: the call's first lookup is answered empty.
+    /// Catches `check_copied` after the copy's add removed (`create_from`): the call answers
+    /// the other volume's clone as its restore.
+    #[tokio::test]
+    async fn a_restore_add_that_finds_another_copy_is_already_exists() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.create(request(1, None)).await.unwrap();
+        b.create(request(2, None)).await.unwrap();
+        let snap = b
+            .create_snapshot(SnapshotRequest {
+                id: SnapshotId::for_name("backup").unwrap(),
+                name: "backup".into(),
+                source: id(1),
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let theirs = format!("source-{}-at-1739800000", id(2));
+        s.rds
+            .add_disk(Disk {
+                comment: theirs.clone(),
+                ..Disk::volume(id(3).as_str(), GIB)
+            })
+            .unwrap();
+        s.rds
+            .fail_matching(&format!("where slot={}", id(3)), super::LEGEND, 0, 1);
+        s.rds.clear_commands();
+        let err = b
+            .create(request(3, Some(ContentSource::Snapshot(snap.id))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
+            "{err:?}"
+        );
+        let adds: Vec<Option<String>> = s
+            .rds
+            .commands_matching("copy-from=")
+            .into_iter()
+            .map(|c| c.output)
+            .collect();
+        assert_eq!(
+            adds,
+            [Some(
+                "failure: item with such slot already exists\r\n".to_string()
+            )],
+            "the add was sent and RouterOS answered that the slot exists"
+        );
+        assert_eq!(s.rds.disk(id(3).as_str()).unwrap().comment, theirs);
+    }
+
     /// A snapshot, a restore from it and a clone are one write each: the Go driver's
     /// `copy-from` adds with the record (the source, and a volume's parameters) as their
     /// `comment=`. Catches the record dropped from `CreateSnapshot` or `CopyVolume` (a
