@@ -19,7 +19,9 @@
 //! volume exists: every CreateVolume creates) and "restart" (every volume exists on the RDS, as
 //! after a cluster outage: CreateVolume is the lookup). Reports the wall time, p50/p99 of each
 //! step, RouterOS commands, SSH sessions (the most open at once on one connection and in total,
-//! and how many were opened), and the serialized bound: the Go driver's commands for the same
+//! and how many were opened), the pool's occupancy (the mean share of its sessions in use, and
+//! how often all were; sampled every millisecond), when the last CreateVolume answered, and
+//! the serialized bound: the Go driver's commands for the same
 //! work, one SSH session at a time, at the injected latency. The Go driver's commands per
 //! volume (pkg/driver/controller.go, pkg/rds/commands.go): CreateVolume runs `GetVolume`
 //! (`/disk print detail where slot=…`), then `/disk add …` and `VerifyVolumeExists` (another
@@ -45,7 +47,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -412,6 +414,14 @@ struct Sample {
     /// stand-ins) used during the storm.
     controller_cpu: f64,
     bench_cpu: f64,
+    /// The pool's occupancy, sampled every millisecond from the fake's open sessions (one per
+    /// command in flight): the mean share of the pool's sessions in use, and the share of the
+    /// samples with every session in use.
+    busy: f64,
+    full: f64,
+    /// When the last CreateVolume answered, from the storm's start: what comes after it is the
+    /// pipeline's drain (the last volumes' publish, stage and node publish).
+    creates_done: Duration,
 }
 
 async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &FakeRds) -> Sample {
@@ -455,6 +465,7 @@ async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &F
                     .volume
                     .unwrap();
                 let create = at.elapsed();
+                let created = Instant::now();
                 drop(permit);
                 let permit = attacher.acquire().await.unwrap();
                 let at = Instant::now();
@@ -508,18 +519,41 @@ async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &F
                     })
                     .await
                     .unwrap_or_else(|e| panic!("NodePublishVolume {name}: {e}"));
-                (create, publish, stage, at.elapsed())
+                (create, created, publish, stage, at.elapsed())
             })
         })
         .collect();
-    let mut steps = Steps::default();
-    for t in tasks {
-        let (c, p, s, n) = t.await.unwrap();
-        steps.create.push(c);
-        steps.publish.push(p);
-        steps.stage.push(s);
-        steps.node_publish.push(n);
-    }
+    let done = AtomicBool::new(false);
+    let collect = async {
+        let mut steps = Steps::default();
+        let mut creates_done = started;
+        for t in tasks {
+            let (c, created, p, s, n) = t.await.unwrap();
+            steps.create.push(c);
+            creates_done = creates_done.max(created);
+            steps.publish.push(p);
+            steps.stage.push(s);
+            steps.node_publish.push(n);
+        }
+        done.store(true, Ordering::SeqCst);
+        (steps, creates_done - started)
+    };
+    let pool = POOL_SIZE * SESSIONS_PER_CONNECTION;
+    let occupancy = async {
+        let (mut open, mut full, mut samples) = (0usize, 0usize, 0usize);
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        while !done.load(Ordering::SeqCst) {
+            tick.tick().await;
+            let now = fake.open_sessions();
+            open += now;
+            full += usize::from(now >= pool);
+            samples += 1;
+        }
+        let samples = samples.max(1) as f64;
+        (open as f64 / samples / pool as f64, full as f64 / samples)
+    };
+    let ((steps, creates_done), (busy, full)) = tokio::join!(collect, occupancy);
     let wall = started.elapsed();
     Sample {
         wall,
@@ -531,6 +565,9 @@ async fn storm(controller: &Controller, nodes: &[Node], volumes: usize, fake: &F
         refused: fake.sessions_refused() - refused_before,
         controller_cpu: cpu_seconds(&pid) - controller_cpu,
         bench_cpu: cpu_seconds("self") - bench_cpu,
+        busy,
+        full,
+        creates_done,
     }
 }
 
@@ -630,7 +667,8 @@ fn main() {
                     "run {r} {label:>9} {scenario:>7}: wall {:>7.0} ms  create p50/p99 {:.0}/{:.0}  \
                      publish {:.0}/{:.0}  stage {:.1}/{:.1}  node-publish {:.1}/{:.1} ms  \
                      commands {}  sessions/conn {}  sessions {}  opened {}  refused {}  \
-                     cpu s controller {:.2} bench {:.2}  serialized {:.0} ms  speed-up {:.2}x",
+                     cpu s controller {:.2} bench {:.2}  pool busy {:.0}% full {:.0}%  \
+                     creates done {:.0} ms  serialized {:.0} ms  speed-up {:.2}x",
                     ms(s.wall),
                     ms(percentile(&s.steps.create, 0.5)),
                     ms(percentile(&s.steps.create, 0.99)),
@@ -647,6 +685,9 @@ fn main() {
                     s.refused,
                     s.controller_cpu,
                     s.bench_cpu,
+                    s.busy * 100.0,
+                    s.full * 100.0,
+                    ms(s.creates_done),
                     ms(bound),
                     bound.as_secs_f64() / s.wall.as_secs_f64(),
                 );
@@ -667,7 +708,8 @@ fn main() {
     println!();
     println!(
         "median of {runs}: build scenario wall_ms create_p50 create_p99 publish_p50 publish_p99 \
-         stage_p50 stage_p99 nodepub_p50 nodepub_p99 commands serialized_ms speedup"
+         stage_p50 stage_p99 nodepub_p50 nodepub_p99 commands busy% full% creates_done_ms \
+         serialized_ms speedup"
     );
     for (label, _) in &builds {
         for scenario in ["fresh", "restart"] {
@@ -682,7 +724,7 @@ fn main() {
             let wall = m(&|s| ms(s.wall));
             println!(
                 "{label:>9} {scenario:>7} {wall:>8.0} {:>6.0} {:>6.0} {:>6.0} {:>6.0} {:>6.1} {:>6.1} \
-                 {:>6.1} {:>6.1} {:>6.0} {bound:>8.0} {:>6.2}x",
+                 {:>6.1} {:>6.1} {:>6.0} {:>5.0} {:>5.0} {:>6.0} {bound:>8.0} {:>6.2}x",
                 m(&|s| ms(percentile(&s.steps.create, 0.5))),
                 m(&|s| ms(percentile(&s.steps.create, 0.99))),
                 m(&|s| ms(percentile(&s.steps.publish, 0.5))),
@@ -692,6 +734,9 @@ fn main() {
                 m(&|s| ms(percentile(&s.steps.node_publish, 0.5))),
                 m(&|s| ms(percentile(&s.steps.node_publish, 0.99))),
                 m(&|s| s.commands as f64),
+                m(&|s| s.busy * 100.0),
+                m(&|s| s.full * 100.0),
+                m(&|s| ms(s.creates_done)),
                 bound / wall,
             );
         }

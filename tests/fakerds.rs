@@ -427,6 +427,64 @@ async fn comments_are_kept_printed_and_matched() {
     assert_eq!(s.rds.disk(SNAP).unwrap().comment, "note");
 }
 
+/// `comment=` given on a plain `/disk add` (a property of the new item, as RouterOS's `add`
+/// takes every writable property of a `/disk` entry) leaves the disk exactly as the same add
+/// followed by `/disk set comment=`: the same listing, byte for byte, `;;; text` line included.
+/// The add stays as strict as without it: a misspelt property, or a bad value beside a comment,
+/// is refused and leaves nothing behind.
+#[tokio::test]
+async fn a_comment_given_on_the_add_is_the_comment_set_after_it() {
+    let s = setup().await;
+    let ssh = connect(&s.rds, &s.key).await;
+    let comment = "made-0123456789abcdef";
+    let print = format!("/disk print detail where slot={V1}");
+
+    assert_eq!(run(&ssh, &add_volume_cmd(V1, "10G")).await, "");
+    assert_eq!(
+        run(
+            &ssh,
+            &format!("/disk set [find slot={V1}] comment={comment}")
+        )
+        .await,
+        ""
+    );
+    let set_after = run(&ssh, &print).await;
+    run(&ssh, &format!("/disk remove [find slot={V1}]")).await;
+    run(
+        &ssh,
+        &format!("/file remove [find name=\"storage-pool/metal-csi/{V1}.img\"]"),
+    )
+    .await;
+    assert!(s.rds.disk(V1).is_none());
+
+    let add = format!("{} comment={comment}", add_volume_cmd(V1, "10G"));
+    assert_eq!(run(&ssh, &add).await, "");
+    assert_eq!(s.rds.disk(V1).unwrap().comment, comment);
+    let given_on_add = run(&ssh, &print).await;
+    assert_eq!(given_on_add, set_after);
+    assert!(
+        given_on_add.contains(&format!(";;; {comment}\r\n")),
+        "{given_on_add}"
+    );
+
+    let misspelt = format!("{} comments={comment}", add_volume_cmd(V2, "10G"));
+    let column = misspelt.find("comments=").unwrap() + 1;
+    let refused = [
+        (
+            misspelt.clone(),
+            format!("expected end of command (line 1 column {column})\r\n"),
+        ),
+        (
+            format!("{} comment={comment}", add_volume_cmd(V2, "lots")),
+            "input does not match any value of file-size\r\n".to_string(),
+        ),
+    ];
+    for (command, expected) in &refused {
+        assert_eq!(&run(&ssh, command).await, expected, "{command}");
+    }
+    assert!(s.rds.disk(V2).is_none(), "a refused add made nothing");
+}
+
 #[tokio::test]
 async fn errors_are_routeros_texts_with_exit_status_zero() {
     let s = setup().await;
@@ -1112,10 +1170,11 @@ mod backend {
     use std::time::Duration;
 
     use rds_csi::backend::rds::ssh::{HostKeys, SshConfig, SshPool};
-    use rds_csi::backend::rds::values::{NqnPrefix, RosPath, DEFAULT_VOLUME_PATH};
+    use rds_csi::backend::rds::values::{MadeWith, NqnPrefix, RosPath, DEFAULT_VOLUME_PATH};
     use rds_csi::backend::rds::{RdsBackend, RdsDefaults};
-    use rds_csi::backend::{CreateRequest, VolumeBackend};
+    use rds_csi::backend::{ContentSource, CreateRequest, SnapshotRequest, VolumeBackend};
     use rds_csi::domain::{AccessMode, Capability};
+    use rds_csi::ids::SnapshotId;
     use rds_csi::metrics::Metrics;
     use rds_csi::VolumeId;
 
@@ -1261,5 +1320,241 @@ mod backend {
             commands,
             [format!("/disk print detail where slot={}", id(1))]
         );
+    }
+
+    fn request(i: usize, source: Option<ContentSource>) -> CreateRequest {
+        CreateRequest {
+            id: id(i),
+            name: id(i).to_string(),
+            required_bytes: GIB,
+            limit_bytes: 0,
+            capabilities: vec![Capability::block(AccessMode::MultiNodeMultiWriter)],
+            parameters: BTreeMap::new(),
+            source,
+        }
+    }
+
+    fn commands(s: &Setup) -> Vec<String> {
+        s.rds.commands().into_iter().map(|c| c.command).collect()
+    }
+
+    /// A fresh CreateVolume is one write: the Go driver's `/disk add` with the volume's record
+    /// as its `comment=`, between the lookup and the read that verifies it, and the disk holds
+    /// the record from the add on. Catches the record dropped from the add (`CreateVolume`'s
+    /// ` comment=` in command.rs): a `/disk set … comment=` follows it, four commands.
+    #[tokio::test]
+    async fn a_fresh_create_is_one_write_that_carries_its_record() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.capacity().await.unwrap();
+        s.rds.clear_commands();
+        b.create(request(1, None)).await.unwrap();
+        let v = id(1);
+        let record = format!(
+            "made-{}",
+            MadeWith::of(
+                &BTreeMap::new(),
+                &[Capability::block(AccessMode::MultiNodeMultiWriter)]
+            )
+        );
+        assert_eq!(
+            commands(&s),
+            [
+                format!("/disk print detail where slot={v}"),
+                format!(
+                    "/disk add type=file file-path=/storage-pool/metal-csi/{v}.img \
+                     file-size=1G slot={v} nvme-tcp-export=yes nvme-tcp-server-port=4420 \
+                     nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{v} comment={record}"
+                ),
+                format!("/disk print detail where slot={v}"),
+            ]
+        );
+        assert_eq!(s.rds.disk(v.as_str()).unwrap().comment, record);
+    }
+
+    /// A CreateVolume whose `/disk add` ran but whose answer was lost fails, and its retry finds
+    /// the disk with its record already there (no window between the add and the record):
+    /// one lookup, no write.
+    #[tokio::test]
+    async fn a_create_retried_after_its_answer_was_lost_writes_nothing() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.capacity().await.unwrap();
+        s.rds.drop_connection_on("/disk add", true, 1);
+        b.create(request(1, None)).await.unwrap_err();
+        assert!(s
+            .rds
+            .disk(id(1).as_str())
+            .unwrap()
+            .comment
+            .starts_with("made-"));
+        s.rds.clear_commands();
+        b.create(request(1, None)).await.unwrap();
+        assert_eq!(
+            commands(&s),
+            [format!("/disk print detail where slot={}", id(1))]
+        );
+    }
+
+    /// A snapshot's add answered "already exists" (the slot was taken after this call's lookup,
+    /// by a copy of another volume) is held to what is there: ALREADY_EXISTS, and the other
+    /// copy's record is kept. The order is forced: the call's first lookup is answered empty.
+    /// Catches the source check after the add removed (`create_snapshot`'s
+    /// `if provenance(&disk)… != Some(source…)` block): the call answers the other volume's
+    /// snapshot as its own.
+    #[tokio::test]
+    async fn a_snapshot_add_that_finds_another_copy_is_already_exists() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.create(request(1, None)).await.unwrap();
+        b.create(request(2, None)).await.unwrap();
+        let snap = SnapshotId::for_name("backup").unwrap();
+        let theirs = format!("source-{}-at-1739800000", id(2));
+        s.rds
+            .add_disk(Disk {
+                comment: theirs.clone(),
+                ..Disk::snapshot(snap.as_str(), GIB)
+            })
+            .unwrap();
+        s.rds
+            .fail_matching(&format!("where slot={snap}"), super::LEGEND, 0, 1);
+        s.rds.clear_commands();
+        let err = b
+            .create_snapshot(SnapshotRequest {
+                id: snap.clone(),
+                name: "backup".into(),
+                source: id(1),
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
+            "{err:?}"
+        );
+        let adds: Vec<Option<String>> = s
+            .rds
+            .commands_matching("copy-from=")
+            .into_iter()
+            .map(|c| c.output)
+            .collect();
+        assert_eq!(
+            adds,
+            [Some(
+                "failure: item with such slot already exists\r\n".to_string()
+            )],
+            "the add was sent and RouterOS answered that the slot exists"
+        );
+        assert_eq!(s.rds.disk(snap.as_str()).unwrap().comment, theirs);
+    }
+
+    /// A restore's add answered "already exists" (the slot was taken after this call's lookup,
+    /// by a clone of another volume) is held to what is there: ALREADY_EXISTS, and the other
+    /// copy's record is kept. The order is forced: the call's first lookup is answered empty.
+    /// Catches `check_copied` after the copy's add removed (`create_from`): the call answers
+    /// the other volume's clone as its restore.
+    #[tokio::test]
+    async fn a_restore_add_that_finds_another_copy_is_already_exists() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.create(request(1, None)).await.unwrap();
+        b.create(request(2, None)).await.unwrap();
+        let snap = b
+            .create_snapshot(SnapshotRequest {
+                id: SnapshotId::for_name("backup").unwrap(),
+                name: "backup".into(),
+                source: id(1),
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let theirs = format!("source-{}-at-1739800000", id(2));
+        s.rds
+            .add_disk(Disk {
+                comment: theirs.clone(),
+                ..Disk::volume(id(3).as_str(), GIB)
+            })
+            .unwrap();
+        s.rds
+            .fail_matching(&format!("where slot={}", id(3)), super::LEGEND, 0, 1);
+        s.rds.clear_commands();
+        let err = b
+            .create(request(3, Some(ContentSource::Snapshot(snap.id))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
+            "{err:?}"
+        );
+        let adds: Vec<Option<String>> = s
+            .rds
+            .commands_matching("copy-from=")
+            .into_iter()
+            .map(|c| c.output)
+            .collect();
+        assert_eq!(
+            adds,
+            [Some(
+                "failure: item with such slot already exists\r\n".to_string()
+            )],
+            "the add was sent and RouterOS answered that the slot exists"
+        );
+        assert_eq!(s.rds.disk(id(3).as_str()).unwrap().comment, theirs);
+    }
+
+    /// A snapshot, a restore from it and a clone are one write each: the Go driver's
+    /// `copy-from` adds with the record (the source, and a volume's parameters) as their
+    /// `comment=`. Catches the record dropped from `CreateSnapshot` or `CopyVolume` (a
+    /// `/disk set … comment=` follows the add).
+    #[tokio::test]
+    async fn a_snapshot_a_restore_and_a_clone_are_one_write_each() {
+        let s = setup().await;
+        let b = backend(&s, 1, 2);
+        b.create(request(1, None)).await.unwrap();
+        let writes = |s: &Setup| -> Vec<String> {
+            commands(s)
+                .into_iter()
+                .filter(|c| !c.starts_with("/disk print"))
+                .collect()
+        };
+
+        s.rds.clear_commands();
+        let snap = b
+            .create_snapshot(SnapshotRequest {
+                id: SnapshotId::for_name("backup").unwrap(),
+                name: "backup".into(),
+                source: id(1),
+                parameters: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let written = writes(&s);
+        assert_eq!(written.len(), 1, "{written:#?}");
+        let disk = s.rds.disk(snap.id.as_str()).unwrap();
+        assert!(
+            written[0].starts_with("/disk add type=file copy-from=")
+                && written[0].ends_with(&format!(" comment={}", disk.comment))
+                && disk.comment.starts_with(&format!("source-{}-at-", id(1))),
+            "{written:#?} {}",
+            disk.comment
+        );
+
+        for (i, source) in [
+            (2, ContentSource::Snapshot(snap.id.clone())),
+            (3, ContentSource::Volume(id(1))),
+        ] {
+            s.rds.clear_commands();
+            b.create(request(i, Some(source))).await.unwrap();
+            let written = writes(&s);
+            assert_eq!(written.len(), 1, "{written:#?}");
+            let disk = s.rds.disk(id(i).as_str()).unwrap();
+            assert!(
+                written[0].starts_with("/disk add type=file copy-from=")
+                    && written[0].ends_with(&format!(" comment={}", disk.comment))
+                    && disk.comment.contains("-made-"),
+                "{written:#?} {}",
+                disk.comment
+            );
+        }
     }
 }

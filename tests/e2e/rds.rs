@@ -186,13 +186,19 @@ async fn volumes_are_created_listed_grown_and_deleted_with_the_go_drivers_comman
     );
     assert_eq!(ctx["migrationTimeoutSeconds"], "600");
     let sent = r.commands();
+    let disk = r.fake.disk(id).unwrap();
+    assert!(disk.comment.starts_with("made-"), "{}", disk.comment);
     assert!(
         sent.contains(&format!(
-            "/disk add type=file file-path=/storage-pool/metal-csi/{id}.img file-size=10G slot={id} nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{id}"
+            "/disk add type=file file-path=/storage-pool/metal-csi/{id}.img file-size=10G slot={id} nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{id} comment={}",
+            disk.comment
         )),
-        "{sent:#?}"
+        "the Go driver's add, its record given on it: {sent:#?}"
     );
-    let disk = r.fake.disk(id).unwrap();
+    assert!(
+        !sent.iter().any(|c| c.starts_with("/disk set")),
+        "one write: {sent:#?}"
+    );
     assert!(disk.nvme_tcp_export && disk.file_size == 10 << 30);
 
     // Idempotent: the same name and size again answers the existing volume, sends no add.
@@ -681,7 +687,8 @@ async fn the_go_readmes_storage_class_provisions_with_the_go_drivers_disk_comman
         vec![&format!(
             "/disk add type=file file-path=/storage-pool/kubernetes-volumes/{id}.img \
              file-size=10G slot={id} nvme-tcp-export=yes nvme-tcp-server-port=4420 \
-             nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{id}"
+             nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:{id} comment={}",
+            r.fake.disk(id).unwrap().comment
         )]
     );
     let go_context: std::collections::HashMap<String, String> = [
@@ -1167,7 +1174,9 @@ async fn the_rds_node_plugin_refuses_to_start_without_a_host_nqn() {
 #[tokio::test]
 async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
     use rds_csi::backend::rds::command::RosCommand;
-    use rds_csi::backend::rds::values::{Nqn, NqnPrefix, Record, RosPath, RosSize, Slot};
+    use rds_csi::backend::rds::values::{
+        MadeWith, Nqn, NqnPrefix, Provenance, Record, RosPath, RosSize, Slot,
+    };
 
     let fake = FakeRds::start(FakeRdsConfig::default()).await;
     let run = |command: RosCommand| -> String {
@@ -1211,22 +1220,32 @@ async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
     let size = RosSize::for_request(GIB as u64, 0).unwrap();
     let base = RosPath::parse("/storage-pool/metal-csi", "volumePath").unwrap();
     let prefix = NqnPrefix::default();
+    let made = MadeWith::of(&Default::default(), &[]);
     for (i, slot) in slots.iter().enumerate() {
         // The slot alone first: a lookup of a disk that is not there yet.
         assert!(!run(RosCommand::Get { slot: slot.clone() }).contains(slot.as_str()));
         let path = base.image(slot).unwrap();
         let nqn = prefix.nqn(slot).unwrap();
+        let record = Record {
+            provenance: None,
+            made: Some(made.clone()),
+        };
         run(RosCommand::CreateVolume {
             path: path.clone(),
             size,
             slot: slot.clone(),
             port: 4420,
             nqn: nqn.clone(),
+            record: record.clone(),
         });
         let disk = fake.disk(slot.as_str()).expect("created");
         assert_eq!(
-            (disk.file_path.as_str(), disk.nvme_tcp_server_nqn.as_str()),
-            (path.as_str(), nqn.as_str())
+            (
+                disk.file_path.as_str(),
+                disk.nvme_tcp_server_nqn.as_str(),
+                disk.comment
+            ),
+            (path.as_str(), nqn.as_str(), record.to_string())
         );
         assert!(run(RosCommand::Get { slot: slot.clone() }).contains(slot.as_str()));
         run(RosCommand::Resize {
@@ -1234,18 +1253,23 @@ async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
             size: RosSize::for_request(2 * GIB as u64, 0).unwrap(),
         });
         let snap = Slot::parse(&format!("snap-{i}"), "slot").unwrap();
-        run(RosCommand::CreateSnapshot {
-            source: slot.clone(),
-            path: base.image(&snap).unwrap(),
-            slot: snap.clone(),
-        });
         let comment = Record {
-            provenance: Some(rds_csi::backend::rds::values::Provenance {
+            provenance: Some(Provenance {
                 source: slot.clone(),
                 at: 1_739_800_000,
             }),
             made: None,
         };
+        run(RosCommand::CreateSnapshot {
+            source: slot.clone(),
+            path: base.image(&snap).unwrap(),
+            slot: snap.clone(),
+            record: comment.clone(),
+        });
+        assert_eq!(
+            fake.disk(snap.as_str()).unwrap().comment,
+            comment.to_string()
+        );
         run(RosCommand::SetComment {
             slot: snap.clone(),
             comment: comment.clone(),
@@ -1255,6 +1279,13 @@ async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
             comment.to_string()
         );
         let copy = Slot::parse(&format!("copy-{i}"), "slot").unwrap();
+        let copied = Record {
+            provenance: Some(Provenance {
+                source: snap.clone(),
+                at: 1_739_800_000,
+            }),
+            made: Some(made.clone()),
+        };
         run(RosCommand::CopyVolume {
             source: snap.clone(),
             path: base.image(&copy).unwrap(),
@@ -1262,8 +1293,13 @@ async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
             slot: copy.clone(),
             port: 4420,
             nqn: prefix.nqn(&copy).unwrap(),
+            record: copied.clone(),
         });
-        assert!(fake.disk(copy.as_str()).is_some(), "{copy}");
+        assert_eq!(
+            fake.disk(copy.as_str()).map(|d| d.comment),
+            Some(copied.to_string()),
+            "{copy}"
+        );
         run(RosCommand::MonitorTraffic { slot: slot.clone() });
         for gone in [slot, &snap, &copy] {
             run(RosCommand::Remove { slot: gone.clone() });
@@ -1283,6 +1319,7 @@ async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
             slot: slot.clone(),
             port: 4420,
             nqn: prefix.nqn(&slot).unwrap(),
+            record: Record::default(),
         });
         assert_eq!(fake.disk("pvc-1").unwrap().file_path, path.as_str());
         assert!(run(RosCommand::Capacity {
@@ -1300,6 +1337,7 @@ async fn rendered_commands_are_single_commands_on_a_strict_routeros() {
             slot: slot.clone(),
             port: 4420,
             nqn: nqn.clone(),
+            record: Record::default(),
         });
         assert_eq!(
             fake.disk("pvc-1").unwrap().nvme_tcp_server_nqn,

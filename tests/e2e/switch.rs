@@ -299,11 +299,13 @@ async fn a_cluster_switches_from_the_go_driver_with_no_edits() {
         .volume
         .unwrap();
     assert_eq!(created.volume_id, new_id);
+    let record = fake.disk(new_id).unwrap().comment;
+    assert!(record.starts_with("made-"), "{record}");
     assert!(
         fake.commands()
             .iter()
-            .any(|c| c.command == go_disk_add(new_id, 10)),
-        "the Go driver's /disk add: {:?}",
+            .any(|c| c.command == format!("{} comment={record}", go_disk_add(new_id, 10))),
+        "the Go driver's /disk add, with this driver's record: {:?}",
         fake.commands()
     );
     for (key, want) in [

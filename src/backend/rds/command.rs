@@ -15,26 +15,43 @@ pub enum Listing {
     Snapshots,
 }
 
+/// One RouterOS command.
+///
+/// The three `/disk add`s carry the disk's [`Record`] as `comment=`, so a disk made by this
+/// driver exists with its record from its first instant, in one write: a crash can no longer
+/// leave it between the add and a `/disk set comment=`. Why RouterOS takes it there:
+/// `comment` is a writable property of a `/disk` entry like `type`, `slot`, `file-path`,
+/// `file-size`, `nvme-tcp-export` and `nvme-tcp-server-port` (the community.routeros
+/// collection's API model of the `disk` path, RouterOS 7.15 and later, marked fully
+/// understood); that collection creates a missing entry with one `add` carrying all of its
+/// properties; and RouterOS's command reference lists `comment` ("short description of the
+/// item") and `copy-from` among the arguments of a menu's `add`. Otherwise the adds are the
+/// Go driver's commands byte for byte, with ` comment=…` after them. An empty record is not
+/// rendered (`comment=` with nothing is not sent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RosCommand {
-    /// `/disk add type=file file-path=… file-size=… slot=… nvme-tcp-export=yes …`
+    /// `/disk add type=file file-path=… file-size=… slot=… nvme-tcp-export=yes …
+    /// comment=…`: the Go driver's command, with the disk's [`Record`] given as a property of
+    /// the add (see [`RosCommand`]).
     CreateVolume {
         path: RosPath,
         size: RosSize,
         slot: Slot,
         port: u16,
         nqn: Nqn,
+        record: Record,
     },
-    /// `/disk add type=file copy-from=[find slot=…] file-path=… slot=…`: a snapshot (not
-    /// exported), as the Go driver's CreateSnapshot.
+    /// `/disk add type=file copy-from=[find slot=…] file-path=… slot=… comment=…`: a snapshot
+    /// (not exported), as the Go driver's CreateSnapshot, with its [`Record`].
     CreateSnapshot {
         source: Slot,
         path: RosPath,
         slot: Slot,
+        record: Record,
     },
     /// `/disk add type=file copy-from=[find slot=…] file-path=… file-size=… slot=…
-    /// nvme-tcp-export=yes …`: a volume made from a snapshot (the Go driver's RestoreSnapshot)
-    /// or from another volume (a clone).
+    /// nvme-tcp-export=yes … comment=…`: a volume made from a snapshot (the Go driver's
+    /// RestoreSnapshot) or from another volume (a clone), with its [`Record`].
     CopyVolume {
         source: Slot,
         path: RosPath,
@@ -42,6 +59,7 @@ pub enum RosCommand {
         slot: Slot,
         port: u16,
         nqn: Nqn,
+        record: Record,
     },
     /// `/disk set [find slot=…] comment=…`: records what a disk was made from and for.
     SetComment { slot: Slot, comment: Record },
@@ -103,15 +121,28 @@ impl fmt::Display for RosCommand {
                 slot,
                 port,
                 nqn,
-            } => write!(
-                f,
-                "/disk add type=file file-path={path} file-size={size} slot={slot} \
-                 nvme-tcp-export=yes nvme-tcp-server-port={port} nvme-tcp-server-nqn={nqn}"
-            ),
-            Self::CreateSnapshot { source, path, slot } => write!(
-                f,
-                "/disk add type=file copy-from=[find slot={source}] file-path={path} slot={slot}"
-            ),
+                record,
+            } => {
+                write!(
+                    f,
+                    "/disk add type=file file-path={path} file-size={size} slot={slot} \
+                     nvme-tcp-export=yes nvme-tcp-server-port={port} nvme-tcp-server-nqn={nqn}"
+                )?;
+                comment(f, record)
+            }
+            Self::CreateSnapshot {
+                source,
+                path,
+                slot,
+                record,
+            } => {
+                write!(
+                    f,
+                    "/disk add type=file copy-from=[find slot={source}] file-path={path} \
+                     slot={slot}"
+                )?;
+                comment(f, record)
+            }
             Self::CopyVolume {
                 source,
                 path,
@@ -119,12 +150,16 @@ impl fmt::Display for RosCommand {
                 slot,
                 port,
                 nqn,
-            } => write!(
-                f,
-                "/disk add type=file copy-from=[find slot={source}] file-path={path} \
-                 file-size={size} slot={slot} nvme-tcp-export=yes nvme-tcp-server-port={port} \
-                 nvme-tcp-server-nqn={nqn}"
-            ),
+                record,
+            } => {
+                write!(
+                    f,
+                    "/disk add type=file copy-from=[find slot={source}] file-path={path} \
+                     file-size={size} slot={slot} nvme-tcp-export=yes \
+                     nvme-tcp-server-port={port} nvme-tcp-server-nqn={nqn}"
+                )?;
+                comment(f, record)
+            }
             Self::SetComment { slot, comment } => {
                 write!(f, "/disk set [find slot={slot}] comment={comment}")
             }
@@ -160,9 +195,18 @@ impl fmt::Display for RosCommand {
     }
 }
 
+/// ` comment=<record>`, the last property of an add; nothing for an empty record.
+fn comment(f: &mut fmt::Formatter<'_>, record: &Record) -> fmt::Result {
+    if record.is_empty() {
+        Ok(())
+    } else {
+        write!(f, " comment={record}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::values::{NqnPrefix, Provenance, DEFAULT_VOLUME_PATH};
+    use super::super::values::{MadeWith, NqnPrefix, Provenance, DEFAULT_VOLUME_PATH};
     use super::*;
 
     #[test]
@@ -180,9 +224,24 @@ mod tests {
         )
         .unwrap();
         let restored = Slot::parse("pvc-2", "s").unwrap();
+        let made = Record {
+            provenance: None,
+            made: Some(MadeWith::of(
+                &[("nvmeAddress".to_string(), "10.0.0.1".to_string())].into(),
+                &[],
+            )),
+        };
+        let from_volume = Provenance {
+            source: Slot::parse("pvc-1b2c", "s").unwrap(),
+            at: 1_739_800_000,
+        };
         let cases = [
             (
-                RosCommand::CreateVolume { path: path.clone(), size, slot: slot.clone(), port: 4420, nqn },
+                RosCommand::CreateVolume { path: path.clone(), size, slot: slot.clone(), port: 4420, nqn: nqn.clone(), record: made.clone() },
+                "/disk add type=file file-path=/storage-pool/metal-csi/pvc-1b2c.img file-size=10G slot=pvc-1b2c nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-1b2c comment=made-999bcc6d83e353ab",
+            ),
+            (
+                RosCommand::CreateVolume { path: path.clone(), size, slot: slot.clone(), port: 4420, nqn, record: Record::default() },
                 "/disk add type=file file-path=/storage-pool/metal-csi/pvc-1b2c.img file-size=10G slot=pvc-1b2c nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-1b2c",
             ),
             (RosCommand::Get { slot: slot.clone() }, "/disk print detail where slot=pvc-1b2c"),
@@ -195,15 +254,15 @@ mod tests {
             (RosCommand::Capacity { volume_path: dir.clone() }, "/disk print detail where mount-point=\"storage-pool\""),
             (RosCommand::MonitorTraffic { slot: Slot::parse("storage-pool", "s").unwrap() }, "/disk monitor-traffic storage-pool once"),
             (
-                RosCommand::CreateSnapshot { source: Slot::parse("pvc-1b2c", "s").unwrap(), path: dir.image(&snap).unwrap(), slot: snap.clone() },
-                "/disk add type=file copy-from=[find slot=pvc-1b2c] file-path=/storage-pool/metal-csi/snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc.img slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc",
+                RosCommand::CreateSnapshot { source: Slot::parse("pvc-1b2c", "s").unwrap(), path: dir.image(&snap).unwrap(), slot: snap.clone(), record: Record { provenance: Some(from_volume.clone()), made: None } },
+                "/disk add type=file copy-from=[find slot=pvc-1b2c] file-path=/storage-pool/metal-csi/snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc.img slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc comment=source-pvc-1b2c-at-1739800000",
             ),
             (
-                RosCommand::CopyVolume { source: snap.clone(), path: dir.image(&restored).unwrap(), size, slot: restored.clone(), port: 4420, nqn: NqnPrefix::default().nqn(&restored).unwrap() },
-                "/disk add type=file copy-from=[find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] file-path=/storage-pool/metal-csi/pvc-2.img file-size=10G slot=pvc-2 nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-2",
+                RosCommand::CopyVolume { source: snap.clone(), path: dir.image(&restored).unwrap(), size, slot: restored.clone(), port: 4420, nqn: NqnPrefix::default().nqn(&restored).unwrap(), record: Record { provenance: Some(Provenance { source: snap.clone(), at: 1_739_800_000 }), made: made.made.clone() } },
+                "/disk add type=file copy-from=[find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] file-path=/storage-pool/metal-csi/pvc-2.img file-size=10G slot=pvc-2 nvme-tcp-export=yes nvme-tcp-server-port=4420 nvme-tcp-server-nqn=nqn.2000-02.com.mikrotik:pvc-2 comment=source-snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc-at-1739800000-made-999bcc6d83e353ab",
             ),
             (
-                RosCommand::SetComment { slot: snap, comment: Record { provenance: Some(Provenance { source: Slot::parse("pvc-1b2c", "s").unwrap(), at: 1_739_800_000 }), made: None } },
+                RosCommand::SetComment { slot: snap, comment: Record { provenance: Some(from_volume), made: None } },
                 "/disk set [find slot=snap-6a68ee75-bc83-5a99-a647-c2bf3ee96f67-at-6a68ee75bc] comment=source-pvc-1b2c-at-1739800000",
             ),
         ];

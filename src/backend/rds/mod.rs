@@ -11,14 +11,16 @@
 //! (`copy-from`), its slot `snap-<uuid5(name)>-at-<hex>` derived from the CSI name, so a
 //! CreateSnapshot retried after any restart finds the same slot, and the Go driver's snapshots
 //! are listed and restorable. RouterOS keeps no record of what a disk was copied from (the Go
-//! driver reads a `source-volume` field that RouterOS never prints), so after each copy the
-//! driver writes it into the disk's `comment` ([`values::Provenance`]), which RouterOS does keep
-//! and print. A disk without one (the Go driver's, or one whose copy finished just before a
-//! crash) is matched by its slot, that is by name, and the source it is then asked for is
-//! recorded, after the one check RouterOS allows: a snapshot is never larger than its source.
-//! The same comment keeps a digest of a volume's StorageClass parameters and capabilities
-//! ([`values::Record`]), so a repeated CreateVolume is held to the first as the file backend
-//! holds it to its metadata; a volume without one (the Go driver's) takes the first request's.
+//! driver reads a `source-volume` field that RouterOS never prints), so each copy's `/disk add`
+//! gives the disk a `comment` saying so ([`values::Provenance`]), which RouterOS keeps and
+//! prints. A disk without one (the Go driver's, or one some other add made) is matched by its
+//! slot, that is by name, and the source it is then asked for is recorded with `/disk set`,
+//! after the one check RouterOS allows: a snapshot is never larger than its source. The same
+//! comment keeps a digest of a volume's StorageClass parameters and capabilities
+//! ([`values::Record`]), given on the volume's `/disk add` too, so a repeated CreateVolume is
+//! held to the first as the file backend holds it to its metadata; a volume without one (the
+//! Go driver's) takes the first request's. Because the record is a property of the add, a
+//! disk this driver makes is never seen without it, and a fresh volume costs one write.
 
 pub mod command;
 pub mod monitor;
@@ -455,8 +457,8 @@ impl RdsBackend {
 
     /// Checks that an existing volume's disk was created for this request's parameters and
     /// capabilities (CreateVolume idempotency, as the file backend checks its metadata); a
-    /// disk with no record of them (the Go driver's, or one whose create was interrupted
-    /// before the record) gets this request's recorded.
+    /// disk with no record of them (the Go driver's, or one some other add made) gets this
+    /// request's recorded.
     async fn check_made(
         &self,
         req: &CreateRequest,
@@ -486,7 +488,7 @@ impl RdsBackend {
     }
 
     /// Checks that an existing disk was made from `wanted` (idempotency by name); a disk with
-    /// no record of its source (the Go driver's, or an interrupted copy's) gets `wanted`
+    /// no record of its source (the Go driver's, or one some other add made) gets `wanted`
     /// recorded. `what` names it in errors.
     async fn check_source(
         &self,
@@ -521,6 +523,30 @@ impl RdsBackend {
                 )))
             }
         }
+    }
+
+    /// Checks that the existing disk of a volume made from `from` records that source and this
+    /// request's parameters ([`Self::check_source`], [`Self::check_made`]), recording what it
+    /// lacks; answers the disk as it is after that. A disk that already records both costs no
+    /// command.
+    async fn check_copied(
+        &self,
+        req: &CreateRequest,
+        slot: &Slot,
+        disk: Disk,
+        from: Option<&Slot>,
+    ) -> Result<Disk, BackendError> {
+        let record = record_of(&disk);
+        let want = MadeWith::of(&req.parameters, &req.capabilities);
+        let recorded_source = record.provenance.as_ref().map(|p| &p.source);
+        if from.is_some() && recorded_source == from && record.made.as_ref() == Some(&want) {
+            return Ok(disk);
+        }
+        let what = format!("volume {}", req.id);
+        self.check_source(&what, slot, &disk, from).await?;
+        let disk = self.disk(slot).await?.unwrap_or(disk);
+        self.check_made(req, slot, &disk).await?;
+        Ok(disk)
     }
 
     /// Removes the disk in `slot` and its backing file (idempotent), holding `key` (the
@@ -589,11 +615,7 @@ impl RdsBackend {
         let path = params.volume_path.image(&slot)?;
         if let Some(disk) = self.disk(&slot).await? {
             self.check_existing(&req, &disk, &params)?;
-            let what = format!("volume {}", req.id);
-            self.check_source(&what, &slot, &disk, from.as_ref())
-                .await?;
-            let disk = self.disk(&slot).await?.unwrap_or(disk);
-            self.check_made(&req, &slot, &disk).await?;
+            let disk = self.check_copied(&req, &slot, disk, from.as_ref()).await?;
             return Ok(self.info(&req.id, &disk, self.context(&disk, &params)));
         }
         let from = from.ok_or_else(not_found)?;
@@ -607,21 +629,19 @@ impl RdsBackend {
             slot: slot.clone(),
             port: params.nvme_port,
             nqn: params.nqn_prefix.nqn(&slot)?,
+            record: Record {
+                provenance: Some(copied_now(&from)),
+                made: Some(MadeWith::of(&req.parameters, &req.capabilities)),
+            },
         };
         match self.run(&copy).await {
             Ok(_) => {}
+            // A copy that raced another (or a retry of one that completed): what is there is
+            // checked below as an existing disk is.
             Err(RunError::Failed(Failure::Other(m))) if m.contains("exists") => {}
             Err(RunError::Failed(Failure::NoSuchItem(_))) => return Err(not_found()),
             Err(e) => return Err(e.into_backend("copying the disk")),
         }
-        self.write_record(
-            &slot,
-            Record {
-                provenance: Some(copied_now(&from)),
-                made: Some(MadeWith::of(&req.parameters, &req.capabilities)),
-            },
-        )
-        .await?;
         let disk = self.disk(&slot).await?.ok_or_else(|| {
             BackendError::Rejected(format!(
                 "the RDS accepted the copy for {} but does not list it",
@@ -635,6 +655,8 @@ impl RdsBackend {
                 req.id
             )));
         }
+        // The record came with the copy; only a disk some other add made lacks it.
+        let disk = self.check_copied(&req, &slot, disk, Some(&from)).await?;
         tracing::info!(volume_id = %req.id, %source, bytes = size.bytes(), path = %path, "copied on the RDS");
         Ok(self.info(&req.id, &disk, self.context(&disk, &params)))
     }
@@ -879,6 +901,10 @@ impl VolumeBackend for RdsBackend {
             slot: slot.clone(),
             port: params.nvme_port,
             nqn,
+            record: Record {
+                provenance: None,
+                made: Some(MadeWith::of(&req.parameters, &req.capabilities)),
+            },
         };
         match self.run(&add).await {
             Ok(_) => {}
@@ -1015,7 +1041,7 @@ impl VolumeBackend for RdsBackend {
         ctx
     }
 
-    /// The Go driver's CreateSnapshot command, then the source recorded in the disk's comment.
+    /// The Go driver's CreateSnapshot command, with the source recorded in the disk's comment.
     /// The snapshot's directory is the VolumeSnapshotClass's `volumePath`, else
     /// `--rds-volume-path`.
     async fn create_snapshot(&self, req: SnapshotRequest) -> Result<SnapshotInfo, BackendError> {
@@ -1041,7 +1067,8 @@ impl VolumeBackend for RdsBackend {
             .await;
         let what = format!("snapshot {:?}", req.name);
         if let Some(disk) = self.disk(&slot).await? {
-            if provenance(&disk).is_none() {
+            let recorded = provenance(&disk).is_some();
+            if !recorded {
                 // Nothing recorded: all RouterOS lets us check is that a snapshot is never
                 // larger than its source, which exists.
                 let source_disk = self
@@ -1057,7 +1084,12 @@ impl VolumeBackend for RdsBackend {
             }
             self.check_source(&what, &slot, &disk, Some(&source))
                 .await?;
-            let disk = self.disk(&slot).await?.unwrap_or(disk);
+            // Read again only if the check just recorded the source.
+            let disk = if recorded {
+                disk
+            } else {
+                self.disk(&slot).await?.unwrap_or(disk)
+            };
             return Ok(self.snapshot_info(req.id, &disk));
         }
         if self.disk(&source).await?.is_none() {
@@ -1068,29 +1100,34 @@ impl VolumeBackend for RdsBackend {
             source: source.clone(),
             path: path.clone(),
             slot: slot.clone(),
+            record: Record {
+                provenance: Some(copied_now(&source)),
+                made: None,
+            },
         };
         match self.run(&add).await {
             Ok(_) => {}
+            // A copy that raced another (or a retry of one that completed): its source is
+            // checked below.
             Err(RunError::Failed(Failure::Other(m))) if m.contains("exists") => {}
             Err(RunError::Failed(Failure::NoSuchItem(_))) => {
                 return Err(BackendError::NotFound(req.source.clone()))
             }
             Err(e) => return Err(e.into_backend("copying the disk into a snapshot")),
         }
-        self.write_record(
-            &slot,
-            Record {
-                provenance: Some(copied_now(&source)),
-                made: None,
-            },
-        )
-        .await?;
-        let disk = self.disk(&slot).await?.ok_or_else(|| {
+        let listed = || {
             BackendError::Rejected(format!(
                 "the RDS accepted snapshot {} but does not list it",
                 req.id
             ))
-        })?;
+        };
+        let mut disk = self.disk(&slot).await?.ok_or_else(listed)?;
+        if provenance(&disk).map(|p| p.source) != Some(source.clone()) {
+            // The record came with the copy; only a disk some other add made lacks it.
+            self.check_source(&what, &slot, &disk, Some(&source))
+                .await?;
+            disk = self.disk(&slot).await?.ok_or_else(listed)?;
+        }
         tracing::info!(snapshot_id = %req.id, volume_id = %req.source, path = %path, "snapshot taken on the RDS");
         Ok(self.snapshot_info(req.id, &disk))
     }
