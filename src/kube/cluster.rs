@@ -266,60 +266,106 @@ pub const LIVE_READ_DEADLINE: std::time::Duration = std::time::Duration::from_se
 
 /// This driver's VolumeAttachments, projected by a watcher: for each source (a PV name, or an
 /// inline volume handle) the nodes that have one. A VolumeAttachment's spec is immutable, so an
-/// update never moves one; a node is listed once per source. About a hundred bytes a
-/// VolumeAttachment: no names, no status (the live GETs read those).
+/// update never moves one; a node is listed once per source. About sixty bytes a
+/// VolumeAttachment: no names, no status (the live GETs read those), each node name stored once
+/// for the whole index, and a source's only node kept inline.
 #[derive(Default)]
 struct VaIndex {
     by_pv: BySource,
     inline: BySource,
+    /// Every node name some source lists, shared by all of them.
+    names: NodeNames,
 }
 
-/// Node names, each once.
-type Nodes = Vec<Box<str>>;
 /// Source (PV name or inline handle) → the nodes with a VolumeAttachment of it.
 type BySource = HashMap<Box<str>, Nodes>;
 
+/// The nodes with a VolumeAttachment of one source, each once and never none. Nearly every
+/// source has one (two only during a live migration), so one is kept inline, without an
+/// allocation of its own.
+#[derive(Clone, Debug)]
+enum Nodes {
+    One(Arc<str>),
+    Many(Box<[Arc<str>]>),
+}
+
+impl Nodes {
+    fn as_slice(&self) -> &[Arc<str>] {
+        match self {
+            Self::One(node) => std::slice::from_ref(node),
+            Self::Many(nodes) => nodes,
+        }
+    }
+
+    fn from_vec(mut nodes: Vec<Arc<str>>) -> Option<Self> {
+        match nodes.len() {
+            0 => None,
+            1 => nodes.pop().map(Self::One),
+            _ => Some(Self::Many(nodes.into_boxed_slice())),
+        }
+    }
+}
+
 impl VaIndex {
-    /// Which map, source and node `va` is kept under; `None` for another driver's or one with
-    /// no node or no source.
-    fn slot<'v>(
-        &mut self,
-        va: &'v lean::VolumeAttachment,
-        driver: &str,
-    ) -> Option<(&mut BySource, &'v str, &'v str)> {
+    /// Which map (inline or not), source and node `va` is kept under; `None` for another
+    /// driver's or one with no node or no source.
+    fn slot<'v>(va: &'v lean::VolumeAttachment, driver: &str) -> Option<(bool, &'v str, &'v str)> {
         if va.spec.attacher != driver || va.spec.node_name.is_empty() {
             return None;
         }
         let node = va.spec.node_name.as_str();
         let source = &va.spec.source;
         match (&source.persistent_volume_name, &source.inline_volume_spec) {
-            (Some(pv), _) => Some((&mut self.by_pv, pv.as_str(), node)),
-            (None, Some(inline)) => {
-                let handle = inline.csi.as_ref()?.volume_handle.as_str();
-                Some((&mut self.inline, handle, node))
-            }
+            (Some(pv), _) => Some((false, pv.as_str(), node)),
+            (None, Some(inline)) => Some((true, inline.csi.as_ref()?.volume_handle.as_str(), node)),
             (None, None) => None,
         }
     }
 
+    fn map(&mut self, inline: bool) -> &mut BySource {
+        if inline {
+            &mut self.inline
+        } else {
+            &mut self.by_pv
+        }
+    }
+
     fn add(&mut self, va: &lean::VolumeAttachment, driver: &str) {
-        if let Some((map, source, node)) = self.slot(va, driver) {
-            let nodes = map.entry(source.into()).or_default();
-            if !nodes.iter().any(|n| &**n == node) {
-                nodes.push(node.into());
+        let Some((inline, source, node)) = Self::slot(va, driver) else {
+            return;
+        };
+        let node = self.names.intern(node);
+        let map = self.map(inline);
+        match map.get_mut(source) {
+            None => {
+                map.insert(source.into(), Nodes::One(node));
+            }
+            Some(nodes) if nodes.as_slice().contains(&node) => {}
+            Some(nodes) => {
+                let mut more = nodes.as_slice().to_vec();
+                more.push(node);
+                *nodes = Nodes::Many(more.into_boxed_slice());
             }
         }
     }
 
     fn remove(&mut self, va: &lean::VolumeAttachment, driver: &str) {
-        if let Some((map, source, node)) = self.slot(va, driver) {
-            if let Some(nodes) = map.get_mut(source) {
-                nodes.retain(|n| &**n != node);
-                if nodes.is_empty() {
-                    map.remove(source);
-                }
+        let Some((inline, source, node)) = Self::slot(va, driver) else {
+            return;
+        };
+        let map = self.map(inline);
+        let Some(nodes) = map.get_mut(source) else {
+            return;
+        };
+        let mut left = nodes.as_slice().to_vec();
+        left.retain(|n| &**n != node);
+        match Nodes::from_vec(left) {
+            Some(left) => *nodes = left,
+            None => {
+                map.remove(source);
             }
         }
+        self.names.forget_unused(node);
     }
 }
 
@@ -530,7 +576,9 @@ impl BootList {
     }
 
     /// Hands over the first complete list, if it is still wanted.
-    fn complete(&self, views: Vec<VaView>) {
+    fn complete(&self, mut views: Vec<VaView>) {
+        // Grown by doubling: up to half its capacity is unused, and it is kept until seeded.
+        views.shrink_to_fit();
         let mut state = self.lock();
         if matches!(*state, BootListState::Wanted) {
             *state = BootListState::Ready(views);
@@ -897,7 +945,11 @@ impl KubeCluster {
                 Ok(Event::InitApply(va)) => {
                     buffer.extend(project_va(&va, &self.driver, &mut nodes))
                 }
-                Ok(Event::InitDone) => break,
+                Ok(Event::InitDone) => {
+                    // Grown by doubling: up to half its capacity is unused.
+                    buffer.shrink_to_fit();
+                    break;
+                }
                 Ok(Event::Apply(_) | Event::Delete(_)) => {}
                 Err(e) => {
                     let message = e.to_string();
@@ -1123,12 +1175,23 @@ impl KubeCluster {
             });
         }
         let handle = volume.as_str();
-        let (mut nodes, unknown): (Nodes, Vec<(String, Nodes)>) = {
+        let (mut nodes, unknown): (Vec<Arc<str>>, Vec<(String, Nodes)>) = {
             let pvs = read(&self.pvs);
             let vas = read(&self.vas);
-            let mut nodes = vas.inline.get(handle).cloned().unwrap_or_default();
+            let mut nodes: Vec<Arc<str>> = vas
+                .inline
+                .get(handle)
+                .map(|n| n.as_slice().to_vec())
+                .unwrap_or_default();
             for pv in pvs.names_for_handle(handle) {
-                nodes.extend(vas.by_pv.get(pv).into_iter().flatten().cloned());
+                nodes.extend(
+                    vas.by_pv
+                        .get(pv)
+                        .map(Nodes::as_slice)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
             }
             let unknown = vas
                 .by_pv
@@ -1147,7 +1210,7 @@ impl KubeCluster {
                 .and_then(|pv| project_pv(pv, &self.driver))
                 .is_some_and(|(_, entry)| entry.handle() == handle);
             if names_it {
-                nodes.extend(their_nodes);
+                nodes.extend(their_nodes.as_slice().iter().cloned());
             }
         }
         let mut nodes: Vec<NodeId> = nodes
