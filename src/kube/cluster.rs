@@ -1277,6 +1277,80 @@ mod tests {
         })
     }
 
+    fn lean_va(name: &str, pv: &str, node: &str) -> lean::VolumeAttachment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"attacher": "d", "nodeName": node, "source": {"persistentVolumeName": pv}},
+            "status": {"attached": true}
+        }))
+        .unwrap()
+    }
+
+    /// The VolumeAttachment projection holds 100k sources at boot: a node's name is stored
+    /// once for the whole index, a source's only node is kept inline (no allocation of its
+    /// own), and a name nothing lists any more is let go. Catches a name copied per
+    /// VolumeAttachment, or a list allocated per source.
+    #[test]
+    fn the_va_projection_stores_each_node_name_once_and_a_lone_node_inline() {
+        let mut index = VaIndex::default();
+        for (va, pv, node) in [
+            ("a", "pv-1", "n1"),
+            ("b", "pv-2", "n1"),
+            ("c", "pv-1", "n2"),
+        ] {
+            index.add(&lean_va(va, pv, node), "d");
+        }
+        index.add(&lean_va("b", "pv-2", "n1"), "d");
+        let nodes = |pv: &str| -> Vec<String> {
+            index.by_pv.get(pv).map_or(Vec::new(), |n| {
+                n.as_slice().iter().map(|n| n.to_string()).collect()
+            })
+        };
+        assert_eq!(nodes("pv-1"), ["n1", "n2"]);
+        assert_eq!(nodes("pv-2"), ["n1"], "listed once, however often added");
+        let (Some(Nodes::Many(one)), Some(Nodes::One(two))) =
+            (index.by_pv.get("pv-1"), index.by_pv.get("pv-2"))
+        else {
+            panic!("a lone node is kept inline, two in a list");
+        };
+        assert!(Arc::ptr_eq(&one[0], two), "one allocation for node n1");
+
+        index.remove(&lean_va("c", "pv-1", "n2"), "d");
+        assert!(matches!(index.by_pv.get("pv-1"), Some(Nodes::One(n)) if &**n == "n1"));
+        assert!(
+            !index.names.contains("n2"),
+            "a name nothing lists is let go"
+        );
+        index.remove(&lean_va("a", "pv-1", "n1"), "d");
+        assert!(index.by_pv.get("pv-1").is_none());
+        assert!(index.names.contains("n1"), "pv-2 still lists n1");
+    }
+
+    /// The boot list is kept from the end of the VolumeAttachment list until seeding takes it:
+    /// without the capacity its doubling left unused. Catches dropping the `shrink_to_fit`.
+    #[test]
+    fn the_boot_list_is_handed_over_without_unused_capacity() {
+        let boot = BootList {
+            state: std::sync::Mutex::new(BootListState::Wanted),
+            ..BootList::default()
+        };
+        let mut nodes = NodeNames::default();
+        let mut views = Vec::new();
+        for i in 0..5 {
+            views.extend(project_va(
+                &lean_va(&format!("va-{i}"), "pv", "n"),
+                "d",
+                &mut nodes,
+            ));
+        }
+        assert!(views.capacity() > views.len());
+        boot.complete(views);
+        let BootListState::Ready(views) = std::mem::take(&mut *boot.lock()) else {
+            panic!("the list was wanted");
+        };
+        assert_eq!((views.len(), views.capacity()), (5, 5));
+    }
+
     #[test]
     fn the_pv_projection_keeps_name_claim_class_and_timeout() {
         let (name, entry) = project_pv(&lean_pv(pv_json("pv-1", "h-1", "d")), "d").unwrap();

@@ -50,6 +50,11 @@ impl NodeNames {
         name
     }
 
+    #[cfg(test)]
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
     /// Drops `name` if nothing but this set holds it any more.
     pub fn forget_unused(&mut self, name: &str) {
         if self.0.get(name).is_some_and(|n| Arc::strong_count(n) == 1) {
@@ -331,6 +336,79 @@ mod tests {
         );
         assert_eq!(p.volumes[1].class, AccessClass::Exclusive);
         assert_eq!(p.volumes[1].migration_timeout, Duration::from_secs(300));
+    }
+
+    /// A plan for 100k volumes lives beside the views of every VolumeAttachment until the
+    /// supervisor takes it: the volumes and each volume's holders are allocated at their exact
+    /// size, never grown. Catches the `reserve_exact` (or a holder list grown by pushes).
+    #[test]
+    fn the_plan_is_allocated_at_its_exact_size() {
+        let pvs: HashMap<String, PvView<'static>> = (0..5)
+            .map(|i| {
+                let handle: &'static str = Box::leak(format!("h-{i}").into_boxed_str());
+                (
+                    format!("pv-{i}"),
+                    PvView {
+                        handle: Some(handle),
+                        class: AccessClass::Migratable,
+                        migration_timeout: None,
+                    },
+                )
+            })
+            .collect();
+        let mut vas: Vec<VaView> = (0..5)
+            .map(|i| va(&format!("va-{i}"), &format!("pv-{i}"), "n1", true, 10))
+            .collect();
+        vas.extend((0..3).map(|i| va(&format!("va-m{i}"), "pv-0", &format!("m{i}"), true, 20 + i)));
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
+        assert_eq!(p.volumes.len(), 5);
+        assert_eq!(p.volumes.capacity(), p.volumes.len());
+        assert_eq!(p.volumes[0].holders.len(), 4);
+        for v in &p.volumes {
+            assert_eq!(
+                v.holders.capacity(),
+                v.holders.len(),
+                "{}",
+                v.volume.as_str()
+            );
+        }
+    }
+
+    /// Two PVs naming one handle (a volume re-bound by hand): the volume takes the PV of its
+    /// VolumeAttachment that comes first in the list, whichever holder is older. Catches taking
+    /// the oldest holder's PV instead.
+    #[test]
+    fn a_volume_named_by_two_pvs_takes_the_pv_of_its_first_listed_va() {
+        let pvs = HashMap::from([
+            pv("pv-a", "h", AccessClass::Exclusive, Some("60")),
+            pv("pv-b", "h", AccessClass::Migratable, Some("90")),
+        ]);
+        for (first, second, class, timeout) in [
+            (
+                ("va-1", "pv-b", 20),
+                ("va-2", "pv-a", 10),
+                AccessClass::Migratable,
+                90,
+            ),
+            (
+                ("va-1", "pv-a", 20),
+                ("va-2", "pv-b", 10),
+                AccessClass::Exclusive,
+                60,
+            ),
+        ] {
+            let vas = vec![
+                va(first.0, first.1, "newer", true, first.2),
+                va(second.0, second.1, "older", true, second.2),
+            ];
+            let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
+            let v = &p.volumes[0];
+            assert_eq!(order_of(&p), (vec!["older", "newer"], true));
+            assert_eq!(
+                (v.class, v.migration_timeout),
+                (class, Duration::from_secs(timeout))
+            );
+        }
     }
 
     #[test]
