@@ -1322,7 +1322,7 @@ mod tests {
             "a name nothing lists is let go"
         );
         index.remove(&lean_va("a", "pv-1", "n1"), "d");
-        assert!(index.by_pv.get("pv-1").is_none());
+        assert!(!index.by_pv.contains_key("pv-1"));
         assert!(index.names.contains("n1"), "pv-2 still lists n1");
     }
 
