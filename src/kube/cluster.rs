@@ -246,7 +246,7 @@ impl PvEntry {
 /// PVs of this driver that seeding looked up live because the PV projection did not hold them,
 /// by name.
 #[derive(Default)]
-pub struct LivePvs(HashMap<Box<str>, PvEntry>);
+pub struct LivePvs(HashMap<Arc<str>, PvEntry>);
 
 /// Live GETs of PVs the projection misses, at most this many at once.
 pub const LOOKUP_CONCURRENCY: usize = 16;
@@ -372,19 +372,20 @@ impl VaIndex {
 /// This driver's PVs by name, and which PV each volume handle was last seen on. Every PV stays
 /// resolvable by name even when two name the same handle, so seeding never skips a
 /// VolumeAttachment because another PV shares its volume; and a handle stays resolvable while
-/// any PV names it.
+/// any PV names it. A PV's name is allocated once, shared by both maps: 100k of them stay
+/// resident.
 #[derive(Default)]
 struct PvIndex {
-    by_name: HashMap<Box<str>, PvEntry>,
+    by_name: HashMap<Arc<str>, PvEntry>,
     /// The PV each handle was last seen on.
-    by_handle: HashMap<Box<str>, Box<str>>,
+    by_handle: HashMap<Box<str>, Arc<str>>,
     /// Only for handles more than one PV names (a volume re-bound by hand while its old PV
     /// lingers; rare): every such PV, oldest first, so the common case costs one name.
-    shared: HashMap<Box<str>, Vec<Box<str>>>,
+    shared: HashMap<Box<str>, Vec<Arc<str>>>,
 }
 
 impl PvIndex {
-    fn insert(&mut self, (name, entry): (Box<str>, PvEntry)) {
+    fn insert(&mut self, (name, entry): (Arc<str>, PvEntry)) {
         self.remove(&name);
         let handle = entry.handle();
         if let Some(other) = self.by_handle.get(handle) {
@@ -451,7 +452,7 @@ impl PvIndex {
 
 /// This driver's PVs, projected: handle, access class, migration timeout, claim.
 /// Keyed by PV name.
-fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, PvEntry)> {
+fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Arc<str>, PvEntry)> {
     let name = pv.metadata.name.as_deref()?;
     let spec = pv.spec.as_ref()?;
     let csi = spec.csi.as_ref().filter(|c| c.driver == driver)?;
@@ -1395,6 +1396,11 @@ mod tests {
         assert_eq!(index.view("pv-a").unwrap().handle, Some("h-a"));
         assert_eq!(index.view("pv-b").unwrap().migration_timeout, Some("900"));
         assert_eq!(index.for_handle("h-b").unwrap().0, "pv-b");
+        let (name, _) = index.by_name.get_key_value("pv-b").unwrap();
+        assert!(
+            Arc::ptr_eq(name, &index.by_handle["h-b"]),
+            "a PV's name is stored once for both maps"
+        );
 
         // Two PVs naming one handle (a volume re-bound by hand while its old PV lingers): both
         // still resolve for seeding, so a VolumeAttachment of either is never skipped; the
