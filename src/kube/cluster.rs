@@ -266,14 +266,15 @@ pub const LIVE_READ_DEADLINE: std::time::Duration = std::time::Duration::from_se
 
 /// This driver's VolumeAttachments, projected by a watcher: for each source (a PV name, or an
 /// inline volume handle) the nodes that have one. A VolumeAttachment's spec is immutable, so an
-/// update never moves one; a node is listed once per source. About sixty bytes a
-/// VolumeAttachment: no names, no status (the live GETs read those), each node name stored once
-/// for the whole index, and a source's only node kept inline.
+/// update never moves one; a node is listed once per source. About a hundred bytes a
+/// VolumeAttachment, its source's name and map slot: no VolumeAttachment names, no status (the
+/// live GETs read those), each node name allocated once for the whole index, and a source's
+/// only node kept inline.
 #[derive(Default)]
 struct VaIndex {
     by_pv: BySource,
     inline: BySource,
-    /// Every node name some source lists, shared by all of them.
+    /// The node names the sources list, each allocated once and shared.
     names: NodeNames,
 }
 
