@@ -246,7 +246,7 @@ impl PvEntry {
 /// PVs of this driver that seeding looked up live because the PV projection did not hold them,
 /// by name.
 #[derive(Default)]
-pub struct LivePvs(HashMap<Box<str>, PvEntry>);
+pub struct LivePvs(HashMap<Arc<str>, PvEntry>);
 
 /// Live GETs of PVs the projection misses, at most this many at once.
 pub const LOOKUP_CONCURRENCY: usize = 16;
@@ -267,78 +267,126 @@ pub const LIVE_READ_DEADLINE: std::time::Duration = std::time::Duration::from_se
 /// This driver's VolumeAttachments, projected by a watcher: for each source (a PV name, or an
 /// inline volume handle) the nodes that have one. A VolumeAttachment's spec is immutable, so an
 /// update never moves one; a node is listed once per source. About a hundred bytes a
-/// VolumeAttachment: no names, no status (the live GETs read those).
+/// VolumeAttachment, its source's name and map slot: no VolumeAttachment names, no status (the
+/// live GETs read those), each node name allocated once for the whole index, and a source's
+/// only node kept inline.
 #[derive(Default)]
 struct VaIndex {
     by_pv: BySource,
     inline: BySource,
+    /// The node names the sources list, each allocated once and shared.
+    names: NodeNames,
 }
 
-/// Node names, each once.
-type Nodes = Vec<Box<str>>;
 /// Source (PV name or inline handle) → the nodes with a VolumeAttachment of it.
 type BySource = HashMap<Box<str>, Nodes>;
 
+/// The nodes with a VolumeAttachment of one source, each once and never none. Nearly every
+/// source has one (two only during a live migration), so one is kept inline, without an
+/// allocation of its own.
+#[derive(Clone, Debug)]
+enum Nodes {
+    One(Arc<str>),
+    Many(Box<[Arc<str>]>),
+}
+
+impl Nodes {
+    fn as_slice(&self) -> &[Arc<str>] {
+        match self {
+            Self::One(node) => std::slice::from_ref(node),
+            Self::Many(nodes) => nodes,
+        }
+    }
+
+    fn from_vec(mut nodes: Vec<Arc<str>>) -> Option<Self> {
+        match nodes.len() {
+            0 => None,
+            1 => nodes.pop().map(Self::One),
+            _ => Some(Self::Many(nodes.into_boxed_slice())),
+        }
+    }
+}
+
 impl VaIndex {
-    /// Which map, source and node `va` is kept under; `None` for another driver's or one with
-    /// no node or no source.
-    fn slot<'v>(
-        &mut self,
-        va: &'v lean::VolumeAttachment,
-        driver: &str,
-    ) -> Option<(&mut BySource, &'v str, &'v str)> {
+    /// Which map (inline or not), source and node `va` is kept under; `None` for another
+    /// driver's or one with no node or no source.
+    fn slot<'v>(va: &'v lean::VolumeAttachment, driver: &str) -> Option<(bool, &'v str, &'v str)> {
         if va.spec.attacher != driver || va.spec.node_name.is_empty() {
             return None;
         }
         let node = va.spec.node_name.as_str();
         let source = &va.spec.source;
         match (&source.persistent_volume_name, &source.inline_volume_spec) {
-            (Some(pv), _) => Some((&mut self.by_pv, pv.as_str(), node)),
-            (None, Some(inline)) => {
-                let handle = inline.csi.as_ref()?.volume_handle.as_str();
-                Some((&mut self.inline, handle, node))
-            }
+            (Some(pv), _) => Some((false, pv.as_str(), node)),
+            (None, Some(inline)) => Some((true, inline.csi.as_ref()?.volume_handle.as_str(), node)),
             (None, None) => None,
         }
     }
 
+    fn map(&mut self, inline: bool) -> &mut BySource {
+        if inline {
+            &mut self.inline
+        } else {
+            &mut self.by_pv
+        }
+    }
+
     fn add(&mut self, va: &lean::VolumeAttachment, driver: &str) {
-        if let Some((map, source, node)) = self.slot(va, driver) {
-            let nodes = map.entry(source.into()).or_default();
-            if !nodes.iter().any(|n| &**n == node) {
-                nodes.push(node.into());
+        let Some((inline, source, node)) = Self::slot(va, driver) else {
+            return;
+        };
+        let node = self.names.intern(node);
+        let map = self.map(inline);
+        match map.get_mut(source) {
+            None => {
+                map.insert(source.into(), Nodes::One(node));
+            }
+            Some(nodes) if nodes.as_slice().contains(&node) => {}
+            Some(nodes) => {
+                let mut more = nodes.as_slice().to_vec();
+                more.push(node);
+                *nodes = Nodes::Many(more.into_boxed_slice());
             }
         }
     }
 
     fn remove(&mut self, va: &lean::VolumeAttachment, driver: &str) {
-        if let Some((map, source, node)) = self.slot(va, driver) {
-            if let Some(nodes) = map.get_mut(source) {
-                nodes.retain(|n| &**n != node);
-                if nodes.is_empty() {
-                    map.remove(source);
-                }
+        let Some((inline, source, node)) = Self::slot(va, driver) else {
+            return;
+        };
+        let map = self.map(inline);
+        let Some(nodes) = map.get_mut(source) else {
+            return;
+        };
+        let mut left = nodes.as_slice().to_vec();
+        left.retain(|n| &**n != node);
+        match Nodes::from_vec(left) {
+            Some(left) => *nodes = left,
+            None => {
+                map.remove(source);
             }
         }
+        self.names.forget_unused(node);
     }
 }
 
 /// This driver's PVs by name, and which PV each volume handle was last seen on. Every PV stays
 /// resolvable by name even when two name the same handle, so seeding never skips a
 /// VolumeAttachment because another PV shares its volume; and a handle stays resolvable while
-/// any PV names it.
+/// any PV names it. A PV's name is allocated once, shared by both maps: 100k of them stay
+/// resident.
 #[derive(Default)]
 struct PvIndex {
-    by_name: HashMap<Box<str>, PvEntry>,
+    by_name: HashMap<Arc<str>, PvEntry>,
     /// The PV each handle was last seen on.
-    by_handle: HashMap<Box<str>, Box<str>>,
+    by_handle: HashMap<Box<str>, Arc<str>>,
     /// Only for handles more than one PV names (a volume re-bound by hand while its old PV
     /// lingers; rare): every such PV, oldest first, so the common case costs one name.
-    shared: HashMap<Box<str>, Vec<Box<str>>>,
+    shared: HashMap<Box<str>, Vec<Arc<str>>>,
 }
 
 impl PvIndex {
-    fn insert(&mut self, (name, entry): (Box<str>, PvEntry)) {
+    fn insert(&mut self, (name, entry): (Arc<str>, PvEntry)) {
         self.remove(&name);
         let handle = entry.handle();
         if let Some(other) = self.by_handle.get(handle) {
@@ -405,7 +453,7 @@ impl PvIndex {
 
 /// This driver's PVs, projected: handle, access class, migration timeout, claim.
 /// Keyed by PV name.
-fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Box<str>, PvEntry)> {
+fn project_pv(pv: &lean::PersistentVolume, driver: &str) -> Option<(Arc<str>, PvEntry)> {
     let name = pv.metadata.name.as_deref()?;
     let spec = pv.spec.as_ref()?;
     let csi = spec.csi.as_ref().filter(|c| c.driver == driver)?;
@@ -530,7 +578,9 @@ impl BootList {
     }
 
     /// Hands over the first complete list, if it is still wanted.
-    fn complete(&self, views: Vec<VaView>) {
+    fn complete(&self, mut views: Vec<VaView>) {
+        // Grown by doubling: up to half its capacity is unused, and it is kept until seeded.
+        views.shrink_to_fit();
         let mut state = self.lock();
         if matches!(*state, BootListState::Wanted) {
             *state = BootListState::Ready(views);
@@ -897,7 +947,11 @@ impl KubeCluster {
                 Ok(Event::InitApply(va)) => {
                     buffer.extend(project_va(&va, &self.driver, &mut nodes))
                 }
-                Ok(Event::InitDone) => break,
+                Ok(Event::InitDone) => {
+                    // Grown by doubling: up to half its capacity is unused.
+                    buffer.shrink_to_fit();
+                    break;
+                }
                 Ok(Event::Apply(_) | Event::Delete(_)) => {}
                 Err(e) => {
                     let message = e.to_string();
@@ -1123,12 +1177,23 @@ impl KubeCluster {
             });
         }
         let handle = volume.as_str();
-        let (mut nodes, unknown): (Nodes, Vec<(String, Nodes)>) = {
+        let (mut nodes, unknown): (Vec<Arc<str>>, Vec<(String, Nodes)>) = {
             let pvs = read(&self.pvs);
             let vas = read(&self.vas);
-            let mut nodes = vas.inline.get(handle).cloned().unwrap_or_default();
+            let mut nodes: Vec<Arc<str>> = vas
+                .inline
+                .get(handle)
+                .map(|n| n.as_slice().to_vec())
+                .unwrap_or_default();
             for pv in pvs.names_for_handle(handle) {
-                nodes.extend(vas.by_pv.get(pv).into_iter().flatten().cloned());
+                nodes.extend(
+                    vas.by_pv
+                        .get(pv)
+                        .map(Nodes::as_slice)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
             }
             let unknown = vas
                 .by_pv
@@ -1147,7 +1212,7 @@ impl KubeCluster {
                 .and_then(|pv| project_pv(pv, &self.driver))
                 .is_some_and(|(_, entry)| entry.handle() == handle);
             if names_it {
-                nodes.extend(their_nodes);
+                nodes.extend(their_nodes.as_slice().iter().cloned());
             }
         }
         let mut nodes: Vec<NodeId> = nodes
@@ -1214,6 +1279,80 @@ mod tests {
         })
     }
 
+    fn lean_va(name: &str, pv: &str, node: &str) -> lean::VolumeAttachment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"attacher": "d", "nodeName": node, "source": {"persistentVolumeName": pv}},
+            "status": {"attached": true}
+        }))
+        .unwrap()
+    }
+
+    /// The VolumeAttachment projection holds 100k sources at boot: a node's name is stored
+    /// once for the whole index, a source's only node is kept inline (no allocation of its
+    /// own), and a name nothing lists any more is let go. Catches a name copied per
+    /// VolumeAttachment, or a list allocated per source.
+    #[test]
+    fn the_va_projection_stores_each_node_name_once_and_a_lone_node_inline() {
+        let mut index = VaIndex::default();
+        for (va, pv, node) in [
+            ("a", "pv-1", "n1"),
+            ("b", "pv-2", "n1"),
+            ("c", "pv-1", "n2"),
+        ] {
+            index.add(&lean_va(va, pv, node), "d");
+        }
+        index.add(&lean_va("b", "pv-2", "n1"), "d");
+        let nodes = |pv: &str| -> Vec<String> {
+            index.by_pv.get(pv).map_or(Vec::new(), |n| {
+                n.as_slice().iter().map(|n| n.to_string()).collect()
+            })
+        };
+        assert_eq!(nodes("pv-1"), ["n1", "n2"]);
+        assert_eq!(nodes("pv-2"), ["n1"], "listed once, however often added");
+        let (Some(Nodes::Many(one)), Some(Nodes::One(two))) =
+            (index.by_pv.get("pv-1"), index.by_pv.get("pv-2"))
+        else {
+            panic!("a lone node is kept inline, two in a list");
+        };
+        assert!(Arc::ptr_eq(&one[0], two), "one allocation for node n1");
+
+        index.remove(&lean_va("c", "pv-1", "n2"), "d");
+        assert!(matches!(index.by_pv.get("pv-1"), Some(Nodes::One(n)) if &**n == "n1"));
+        assert!(
+            !index.names.contains("n2"),
+            "a name nothing lists is let go"
+        );
+        index.remove(&lean_va("a", "pv-1", "n1"), "d");
+        assert!(!index.by_pv.contains_key("pv-1"));
+        assert!(index.names.contains("n1"), "pv-2 still lists n1");
+    }
+
+    /// The boot list is kept from the end of the VolumeAttachment list until seeding takes it:
+    /// without the capacity its doubling left unused. Catches dropping the `shrink_to_fit`.
+    #[test]
+    fn the_boot_list_is_handed_over_without_unused_capacity() {
+        let boot = BootList {
+            state: std::sync::Mutex::new(BootListState::Wanted),
+            ..BootList::default()
+        };
+        let mut nodes = NodeNames::default();
+        let mut views = Vec::new();
+        for i in 0..5 {
+            views.extend(project_va(
+                &lean_va(&format!("va-{i}"), "pv", "n"),
+                "d",
+                &mut nodes,
+            ));
+        }
+        assert!(views.capacity() > views.len());
+        boot.complete(views);
+        let BootListState::Ready(views) = std::mem::take(&mut *boot.lock()) else {
+            panic!("the list was wanted");
+        };
+        assert_eq!((views.len(), views.capacity()), (5, 5));
+    }
+
     #[test]
     fn the_pv_projection_keeps_name_claim_class_and_timeout() {
         let (name, entry) = project_pv(&lean_pv(pv_json("pv-1", "h-1", "d")), "d").unwrap();
@@ -1258,6 +1397,11 @@ mod tests {
         assert_eq!(index.view("pv-a").unwrap().handle, Some("h-a"));
         assert_eq!(index.view("pv-b").unwrap().migration_timeout, Some("900"));
         assert_eq!(index.for_handle("h-b").unwrap().0, "pv-b");
+        let (name, _) = index.by_name.get_key_value("pv-b").unwrap();
+        assert!(
+            Arc::ptr_eq(name, &index.by_handle["h-b"]),
+            "a PV's name is stored once for both maps"
+        );
 
         // Two PVs naming one handle (a volume re-bound by hand while its old PV lingers): both
         // still resolve for seeding, so a VolumeAttachment of either is never skipped; the

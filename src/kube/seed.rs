@@ -34,12 +34,13 @@ pub struct VaView {
     pub attached_at: Option<SystemTime>,
 }
 
-/// Node names seen in one list, each kept once.
+/// Node names, each kept once and shared by everything that names that node (the views of one
+/// list; the VolumeAttachment projection).
 #[derive(Default)]
 pub struct NodeNames(HashSet<Arc<str>>);
 
 impl NodeNames {
-    /// `name`, shared with every earlier VolumeAttachment of the same node.
+    /// `name`, shared with every earlier holder of the same name.
     pub fn intern(&mut self, name: &str) -> Arc<str> {
         if let Some(known) = self.0.get(name) {
             return known.clone();
@@ -47,6 +48,18 @@ impl NodeNames {
         let name: Arc<str> = name.into();
         self.0.insert(name.clone());
         name
+    }
+
+    #[cfg(test)]
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    /// Drops `name` if nothing but this set holds it any more.
+    pub fn forget_unused(&mut self, name: &str) {
+        if self.0.get(name).is_some_and(|n| Arc::strong_count(n) == 1) {
+            self.0.remove(name);
+        }
     }
 }
 
@@ -120,66 +133,63 @@ pub struct SeedPlan {
     pub unparsable_timeouts: Vec<(String, String)>,
 }
 
-/// A volume's PV (name and view, if known) and its holders with their VolumeAttachments.
-type Group<'a, 'p> = (Option<(&'a str, PvView<'p>)>, Vec<(NodeId, &'a VaView)>);
+/// Whether `a` and `b`, one volume's holders sorted by [`holder_order`], are ordered by something
+/// other than their names (rules, "Boot seeding" 3): different creation seconds, or, within one,
+/// an attach instant recorded by each, and different.
+fn ordered(a: &VaView, b: &VaView) -> bool {
+    a.created != b.created || matches!((a.attached_at, b.attached_at), (Some(x), Some(y)) if x != y)
+}
 
-/// Sorts one volume's holders oldest first and says whether that order is known (rules, "Boot
-/// seeding" 3): by creationTimestamp, the API server's one clock; within one creation second by
-/// the attach instants, when every VolumeAttachment of that second recorded one. An instant was
+/// One volume's holders oldest first (rules, "Boot seeding" 3): by creationTimestamp, the API
+/// server's one clock; within one creation second by the attach instants. An instant was
 /// written on the clock of whichever replica answered, so it never reorders VolumeAttachments
 /// created in different seconds. Ties fall back to the VA name, only so the order is stable.
-fn order(holders: &mut [(NodeId, &VaView)]) -> bool {
-    holders.sort_by(|(_, a), (_, b)| {
-        (a.created, a.attached_at)
-            .cmp(&(b.created, b.attached_at))
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    holders.windows(2).all(|w| {
-        let (a, b) = (w[0].1, w[1].1);
-        a.created != b.created
-            || matches!((a.attached_at, b.attached_at), (Some(x), Some(y)) if x != y)
-    })
+fn holder_order(a: &VaView, b: &VaView) -> std::cmp::Ordering {
+    (a.created, a.attached_at)
+        .cmp(&(b.created, b.attached_at))
+        .then_with(|| a.name.cmp(&b.name))
 }
 
 /// Groups attached VolumeAttachments by volume handle, oldest first. The access class and the
 /// migration timeout come from the PV; a missing PV (inline volume) counts as exclusive.
 /// `pvs` looks a PV up by name; `server_now` is the API server's clock now, against which
 /// each holder's age is measured.
+///
+/// Nothing is kept per volume until the volume's entry is built: each holder is one row
+/// (volume, node, position in `vas`), the rows are sorted by volume and then oldest first, so
+/// a volume's holders lie side by side, and each volume is then built once, at its exact size.
+/// At boot `vas` is every VolumeAttachment of the cluster, alive while the plan is built: any
+/// per-volume structure built on the way would peak together with it.
 pub fn plan<'p>(
     vas: &[VaView],
     server_now: SystemTime,
     pvs: impl Fn(&str) -> Option<PvView<'p>>,
 ) -> SeedPlan {
     let mut plan = SeedPlan::default();
-    // Nearly every volume has one VolumeAttachment: groups are found by hashing the handle and
-    // sorted once at the end, rather than kept sorted through every insert.
-    let mut slots: HashMap<&str, usize> = HashMap::with_capacity(vas.len());
-    let mut groups: Vec<(VolumeId, Group<'_, 'p>)> = Vec::with_capacity(vas.len());
+    let mut rows: Vec<(VolumeId, NodeId, usize)> = Vec::with_capacity(vas.len());
     // A few hundred nodes hold every volume: each name is checked once and its id shared.
     let mut nodes: HashMap<&str, NodeId> = HashMap::new();
-    for va in vas {
-        let pv = va.pv_name.as_deref().and_then(&pvs);
-        let handle = match (&va.pv_name, pv, &va.inline_handle) {
+    for (at, va) in vas.iter().enumerate() {
+        let handle = match (
+            &va.pv_name,
+            va.pv_name.as_deref().and_then(&pvs),
+            &va.inline_handle,
+        ) {
             (Some(_), None, _) => Err(SkipReason::UnknownPv),
             (Some(_), Some(pv), _) => pv.handle.ok_or(SkipReason::NoHandle),
             (None, _, Some(inline)) => Ok(&**inline),
             (None, _, None) => Err(SkipReason::NoHandle),
         };
         let checked = handle
-            .and_then(|h| match slots.get(h) {
-                Some(&slot) => Ok((h, Ok(slot))),
-                None => VolumeId::try_from(h)
-                    .map(|volume| (h, Err(volume)))
-                    .map_err(|_| SkipReason::InvalidHandle),
-            })
-            .and_then(|found| match &*va.node {
+            .and_then(|h| VolumeId::try_from(h).map_err(|_| SkipReason::InvalidHandle))
+            .and_then(|volume| match &*va.node {
                 "" => Err(SkipReason::NoNode),
                 node => match nodes.get(node) {
-                    Some(id) => Ok((found, id.clone())),
+                    Some(id) => Ok((volume, id.clone())),
                     None => {
                         let id = NodeId::try_from(node).map_err(|_| SkipReason::InvalidNode)?;
                         nodes.insert(node, id.clone());
-                        Ok((found, id))
+                        Ok((volume, id))
                     }
                 },
             })
@@ -190,40 +200,49 @@ pub fn plan<'p>(
                     Err(SkipReason::NotAttached)
                 }
             });
-        let pv = va.pv_name.as_deref().zip(pv);
         match checked {
-            Ok(((_, Ok(slot)), node)) => {
-                let group = &mut groups[slot].1;
-                group.0 = group.0.or(pv);
-                group.1.push((node, va));
-            }
-            Ok(((handle, Err(volume)), node)) => {
-                slots.insert(handle, groups.len());
-                groups.push((volume, (pv, vec![(node, va)])));
-            }
+            Ok((volume, node)) => rows.push((volume, node, at)),
             Err(reason) => plan.skipped.push((va.name.to_string(), reason)),
         }
     }
-    drop(slots);
-    groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    plan.volumes.reserve_exact(groups.len());
-    for (volume, (pv, mut holders)) in groups {
-        let order_known = order(&mut holders);
+    let view = |row: &(VolumeId, NodeId, usize)| &vas[row.2];
+    // The position breaks a tie of equal names too, as a stable sort would.
+    rows.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| holder_order(view(a), view(b)))
+            .then(a.2.cmp(&b.2))
+    });
+    let same_volume = |a: &(VolumeId, NodeId, usize), b: &(VolumeId, NodeId, usize)| a.0 == b.0;
+    plan.volumes
+        .reserve_exact(rows.chunk_by(same_volume).count());
+    for holders in rows.chunk_by(same_volume) {
+        let order_known = holders
+            .windows(2)
+            .all(|w| ordered(view(&w[0]), view(&w[1])));
+        // The volume's PV is that of its first VolumeAttachment in the list that names one.
+        let pv = holders
+            .iter()
+            .filter_map(|row| Some((row.2, view(row).pv_name.as_deref()?)))
+            .min_by_key(|(at, _)| *at)
+            .and_then(|(_, name)| Some((name, pvs(name)?)));
         let (timeout, unparsable) = migration_timeout(pv.and_then(|(_, p)| p.migration_timeout));
         if let (Some((name, _)), Some(raw)) = (pv, unparsable) {
             plan.unparsable_timeouts.push((name.to_string(), raw));
         }
         plan.volumes.push(SeedVolume {
-            volume,
+            volume: holders[0].0.clone(),
             class: pv.map_or(AccessClass::Exclusive, |(_, p)| p.class),
             migration_timeout: timeout,
             holders: holders
-                .into_iter()
-                .map(|(node, va)| SeedHolder {
-                    node,
-                    attached: va.attached_at.unwrap_or(va.created),
-                    recorded_instant: va.attached_at.is_some(),
-                    age: server_now.duration_since(va.created).unwrap_or_default(),
+                .iter()
+                .map(|row| {
+                    let va = view(row);
+                    SeedHolder {
+                        node: row.1.clone(),
+                        attached: va.attached_at.unwrap_or(va.created),
+                        recorded_instant: va.attached_at.is_some(),
+                        age: server_now.duration_since(va.created).unwrap_or_default(),
+                    }
                 })
                 .collect(),
             order_known,
@@ -317,6 +336,79 @@ mod tests {
         );
         assert_eq!(p.volumes[1].class, AccessClass::Exclusive);
         assert_eq!(p.volumes[1].migration_timeout, Duration::from_secs(300));
+    }
+
+    /// A plan for 100k volumes lives beside the views of every VolumeAttachment until the
+    /// supervisor takes it: the volumes and each volume's holders are allocated at their exact
+    /// size, never grown. Catches the `reserve_exact` (or a holder list grown by pushes).
+    #[test]
+    fn the_plan_is_allocated_at_its_exact_size() {
+        let pvs: HashMap<String, PvView<'static>> = (0..5)
+            .map(|i| {
+                let handle: &'static str = Box::leak(format!("h-{i}").into_boxed_str());
+                (
+                    format!("pv-{i}"),
+                    PvView {
+                        handle: Some(handle),
+                        class: AccessClass::Migratable,
+                        migration_timeout: None,
+                    },
+                )
+            })
+            .collect();
+        let mut vas: Vec<VaView> = (0..5)
+            .map(|i| va(&format!("va-{i}"), &format!("pv-{i}"), "n1", true, 10))
+            .collect();
+        vas.extend((0..3).map(|i| va(&format!("va-m{i}"), "pv-0", &format!("m{i}"), true, 20 + i)));
+        let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
+        assert_eq!(p.volumes.len(), 5);
+        assert_eq!(p.volumes.capacity(), p.volumes.len());
+        assert_eq!(p.volumes[0].holders.len(), 4);
+        for v in &p.volumes {
+            assert_eq!(
+                v.holders.capacity(),
+                v.holders.len(),
+                "{}",
+                v.volume.as_str()
+            );
+        }
+    }
+
+    /// Two PVs naming one handle (a volume re-bound by hand): the volume takes the PV of its
+    /// VolumeAttachment that comes first in the list, whichever holder is older. Catches taking
+    /// the oldest holder's PV instead.
+    #[test]
+    fn a_volume_named_by_two_pvs_takes_the_pv_of_its_first_listed_va() {
+        let pvs = HashMap::from([
+            pv("pv-a", "h", AccessClass::Exclusive, Some("60")),
+            pv("pv-b", "h", AccessClass::Migratable, Some("90")),
+        ]);
+        for (first, second, class, timeout) in [
+            (
+                ("va-1", "pv-b", 20),
+                ("va-2", "pv-a", 10),
+                AccessClass::Migratable,
+                90,
+            ),
+            (
+                ("va-1", "pv-a", 20),
+                ("va-2", "pv-b", 10),
+                AccessClass::Exclusive,
+                60,
+            ),
+        ] {
+            let vas = vec![
+                va(first.0, first.1, "newer", true, first.2),
+                va(second.0, second.1, "older", true, second.2),
+            ];
+            let p = plan(&vas, at(1_000), |n| pvs.get(n).copied());
+            let v = &p.volumes[0];
+            assert_eq!(order_of(&p), (vec!["older", "newer"], true));
+            assert_eq!(
+                (v.class, v.migration_timeout),
+                (class, Duration::from_secs(timeout))
+            );
+        }
     }
 
     #[test]
