@@ -10,11 +10,14 @@
 //! ends: dropping it writes out what is buffered, so `main` holds it and drops it last, after a
 //! SIGTERM shutdown too. A SIGKILL, or an abort, loses at most the last interval's lines.
 
+use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -53,6 +56,7 @@ pub fn init(format: LogFormat) -> LogGuard {
     let (writer, guard) = buffered(std::io::stderr(), FLUSH_INTERVAL);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(Rfc3339Micros)
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
@@ -60,6 +64,40 @@ pub fn init(format: LogFormat) -> LogGuard {
         LogFormat::Json => builder.json().try_init(),
     };
     guard
+}
+
+/// Each line's time as RFC 3339 in UTC with microseconds (`2026-12-05T04:36:03.884405Z`), the
+/// text tracing-subscriber's default timer writes, with the date and time of day formatted once
+/// per second per thread instead of for every line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rfc3339Micros;
+
+impl Rfc3339Micros {
+    fn write(at: SystemTime, w: &mut impl std::fmt::Write) -> std::fmt::Result {
+        thread_local! {
+            /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`.
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        }
+        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (secs, micros) = (since.as_secs(), since.subsec_micros());
+        SECOND.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != secs {
+                let whole = UNIX_EPOCH + Duration::from_secs(secs);
+                let text = humantime::format_rfc3339_seconds(whole).to_string();
+                cached.1.clear();
+                cached.1.push_str(text.trim_end_matches('Z'));
+                cached.0 = secs;
+            }
+            write!(w, "{}.{micros:06}Z", cached.1)
+        })
+    }
+}
+
+impl FormatTime for Rfc3339Micros {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        Self::write(SystemTime::now(), w)
+    }
 }
 
 struct State {
@@ -212,6 +250,35 @@ mod tests {
     /// reach the sink only when the guard goes, in one write, all of them, in order.
     ///
     /// Catches: a writer woken (or writing) per line.
+    #[test]
+    fn the_time_is_written_as_tracing_subscribers_default_timer_writes_it() {
+        use super::Rfc3339Micros;
+        use std::time::{Duration, UNIX_EPOCH};
+        // Instants in and across seconds, days, a leap day and years, each against the text of
+        // humantime's RFC 3339 with microseconds (the format tracing-subscriber's `SystemTime`
+        // timer writes).
+        let instants = [
+            0,
+            1_709_164_799_999_999,
+            1_709_164_800_000_001,
+            1_764_910_563_884_405,
+            1_764_910_563_999_999,
+            1_764_910_564_000_000,
+            1_764_910_563_000_007,
+            4_102_444_799_500_000,
+        ];
+        for micros in instants {
+            let at = UNIX_EPOCH + Duration::from_micros(micros);
+            let mut ours = String::new();
+            Rfc3339Micros::write(at, &mut ours).unwrap();
+            assert_eq!(
+                ours,
+                humantime::format_rfc3339_micros(at).to_string(),
+                "{micros}"
+            );
+        }
+    }
+
     #[test]
     fn lines_wait_for_the_interval_and_the_guard_writes_them_out() {
         let sink = Sink::default();
