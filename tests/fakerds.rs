@@ -1432,6 +1432,12 @@ mod backend {
             matches!(err, rds_csi::BackendError::AlreadyExists(_)),
             "{err:?}"
         );
+        assert_one_copy_add_refused_as_existing(&s);
+        assert_eq!(s.rds.disk(snap.as_str()).unwrap().comment, theirs);
+    }
+
+    /// The call sent one `copy-from` add, and RouterOS answered that the slot exists.
+    fn assert_one_copy_add_refused_as_existing(s: &Setup) {
         let adds: Vec<Option<String>> = s
             .rds
             .commands_matching("copy-from=")
@@ -1445,7 +1451,6 @@ mod backend {
             )],
             "the add was sent and RouterOS answered that the slot exists"
         );
-        assert_eq!(s.rds.disk(snap.as_str()).unwrap().comment, theirs);
     }
 
     /// A restore's add answered "already exists" (the slot was taken after this call's lookup,
@@ -1486,19 +1491,7 @@ mod backend {
             matches!(err, rds_csi::BackendError::AlreadyExists(_)),
             "{err:?}"
         );
-        let adds: Vec<Option<String>> = s
-            .rds
-            .commands_matching("copy-from=")
-            .into_iter()
-            .map(|c| c.output)
-            .collect();
-        assert_eq!(
-            adds,
-            [Some(
-                "failure: item with such slot already exists\r\n".to_string()
-            )],
-            "the add was sent and RouterOS answered that the slot exists"
-        );
+        assert_one_copy_add_refused_as_existing(&s);
         assert_eq!(s.rds.disk(id(3).as_str()).unwrap().comment, theirs);
     }
 
