@@ -3,9 +3,10 @@
 //! Method labels come only from CSI paths, so a client sending junk paths cannot blow up label
 //! cardinality.
 //!
-//! The CSI methods' series are resolved once each (on a method's first request, so a method never
-//! called shows no series), not per request: a label lookup hashes both labels and takes the
-//! family's lock, and four of them were a visible part of an attach RPC's cost.
+//! The CSI methods' series are resolved once each, when a label lookup would first have made
+//! them (so the exposition is the same: no series for a method never called, no OK series
+//! before a method's first OK), not per request: a label lookup hashes both labels and takes
+//! the family's lock, and four of them were a visible part of an attach RPC's cost.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -128,11 +129,12 @@ struct Method {
     series: OnceLock<Series>,
 }
 
-/// One method's series: those every request of it touches.
+/// One method's series: those every request of it touches. The OK series is made on the
+/// method's first OK answer, not before, as a label lookup would make it.
 struct Series {
     started: IntCounter,
     in_flight: IntGauge,
-    handled_ok: IntCounter,
+    handled_ok: OnceLock<IntCounter>,
 }
 
 impl Table {
@@ -146,9 +148,7 @@ impl Table {
             Series {
                 started: m.grpc_started.with_label_values(&labels),
                 in_flight: m.grpc_in_flight.with_label_values(&labels),
-                handled_ok: m
-                    .grpc_handled
-                    .with_label_values(&[labels[0], labels[1], "OK"]),
+                handled_ok: OnceLock::new(),
             }
         });
         Some((index, series))
@@ -267,7 +267,13 @@ impl Drop for InFlight {
                 let series = method.series.get().expect("made when the request entered");
                 series.in_flight.dec();
                 if code == tonic::Code::Ok {
-                    series.handled_ok.inc();
+                    series
+                        .handled_ok
+                        .get_or_init(|| {
+                            m.grpc_handled
+                                .with_label_values(&[method.service, method.method, "OK"])
+                        })
+                        .inc();
                     return;
                 }
                 (method.service, method.method)
@@ -424,6 +430,16 @@ mod tests {
                 .with_label_values(&["csi.v1.Controller", method])
                 .get()
         };
+        // Read before the lookups below make series: nothing was answered OK, so no OK
+        // series exists (a scrape shows none), for the listed method as for the other.
+        let codes: Vec<String> = prometheus::core::Collector::collect(&metrics.grpc_handled)
+            .iter()
+            .flat_map(|family| family.get_metric().to_vec())
+            .flat_map(|m| m.get_label().to_vec())
+            .filter(|l| l.name() == "grpc_code")
+            .map(|l| l.value().to_string())
+            .collect();
+        assert_eq!(codes, ["FailedPrecondition", "FailedPrecondition"]);
         for method in ["ControllerPublishVolume", "NotInTheProto"] {
             assert_eq!(started(method), 1, "{method}");
             assert_eq!(in_flight(method), 0, "{method}");
