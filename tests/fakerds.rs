@@ -1436,6 +1436,18 @@ mod backend {
         assert_eq!(s.rds.disk(snap.as_str()).unwrap().comment, theirs);
     }
 
+    /// The snapshot named "backup" of volume 1.
+    async fn backup_of_volume_1(b: &RdsBackend) -> rds_csi::backend::SnapshotInfo {
+        b.create_snapshot(SnapshotRequest {
+            id: SnapshotId::for_name("backup").unwrap(),
+            name: "backup".into(),
+            source: id(1),
+            parameters: BTreeMap::new(),
+        })
+        .await
+        .unwrap()
+    }
+
     /// The call sent one `copy-from` add, and RouterOS answered that the slot exists.
     fn assert_one_copy_add_refused_as_existing(s: &Setup) {
         let adds: Vec<Option<String>> = s
@@ -1464,15 +1476,7 @@ mod backend {
         let b = backend(&s, 1, 2);
         b.create(request(1, None)).await.unwrap();
         b.create(request(2, None)).await.unwrap();
-        let snap = b
-            .create_snapshot(SnapshotRequest {
-                id: SnapshotId::for_name("backup").unwrap(),
-                name: "backup".into(),
-                source: id(1),
-                parameters: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
+        let snap = backup_of_volume_1(&b).await;
         let theirs = format!("source-{}-at-1739800000", id(2));
         s.rds
             .add_disk(Disk {
@@ -1512,15 +1516,7 @@ mod backend {
         };
 
         s.rds.clear_commands();
-        let snap = b
-            .create_snapshot(SnapshotRequest {
-                id: SnapshotId::for_name("backup").unwrap(),
-                name: "backup".into(),
-                source: id(1),
-                parameters: BTreeMap::new(),
-            })
-            .await
-            .unwrap();
+        let snap = backup_of_volume_1(&b).await;
         let written = writes(&s);
         assert_eq!(written.len(), 1, "{written:#?}");
         let disk = s.rds.disk(snap.id.as_str()).unwrap();
