@@ -1419,25 +1419,15 @@ mod backend {
         s.rds
             .fail_matching(&format!("where slot={snap}"), super::LEGEND, 0, 1);
         s.rds.clear_commands();
-        let err = b
-            .create_snapshot(SnapshotRequest {
-                id: snap.clone(),
-                name: "backup".into(),
-                source: id(1),
-                parameters: BTreeMap::new(),
-            })
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
-            "{err:?}"
-        );
-        assert_one_copy_add_refused_as_existing(&s);
+        let err = backup_of_volume_1(&b).await.unwrap_err();
+        assert_already_exists_after_a_refused_copy_add(&s, &err);
         assert_eq!(s.rds.disk(snap.as_str()).unwrap().comment, theirs);
     }
 
-    /// The snapshot named "backup" of volume 1.
-    async fn backup_of_volume_1(b: &RdsBackend) -> rds_csi::backend::SnapshotInfo {
+    /// CreateSnapshot of the snapshot named "backup" of volume 1.
+    async fn backup_of_volume_1(
+        b: &RdsBackend,
+    ) -> Result<rds_csi::backend::SnapshotInfo, rds_csi::BackendError> {
         b.create_snapshot(SnapshotRequest {
             id: SnapshotId::for_name("backup").unwrap(),
             name: "backup".into(),
@@ -1445,11 +1435,15 @@ mod backend {
             parameters: BTreeMap::new(),
         })
         .await
-        .unwrap()
     }
 
-    /// The call sent one `copy-from` add, and RouterOS answered that the slot exists.
-    fn assert_one_copy_add_refused_as_existing(s: &Setup) {
+    /// The call answered ALREADY_EXISTS after sending one `copy-from` add, which RouterOS
+    /// answered with "the slot exists".
+    fn assert_already_exists_after_a_refused_copy_add(s: &Setup, err: &rds_csi::BackendError) {
+        assert!(
+            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
+            "{err:?}"
+        );
         let adds: Vec<Option<String>> = s
             .rds
             .commands_matching("copy-from=")
@@ -1476,7 +1470,7 @@ mod backend {
         let b = backend(&s, 1, 2);
         b.create(request(1, None)).await.unwrap();
         b.create(request(2, None)).await.unwrap();
-        let snap = backup_of_volume_1(&b).await;
+        let snap = backup_of_volume_1(&b).await.unwrap();
         let theirs = format!("source-{}-at-1739800000", id(2));
         s.rds
             .add_disk(Disk {
@@ -1491,11 +1485,7 @@ mod backend {
             .create(request(3, Some(ContentSource::Snapshot(snap.id))))
             .await
             .unwrap_err();
-        assert!(
-            matches!(err, rds_csi::BackendError::AlreadyExists(_)),
-            "{err:?}"
-        );
-        assert_one_copy_add_refused_as_existing(&s);
+        assert_already_exists_after_a_refused_copy_add(&s, &err);
         assert_eq!(s.rds.disk(id(3).as_str()).unwrap().comment, theirs);
     }
 
@@ -1516,7 +1506,7 @@ mod backend {
         };
 
         s.rds.clear_commands();
-        let snap = backup_of_volume_1(&b).await;
+        let snap = backup_of_volume_1(&b).await.unwrap();
         let written = writes(&s);
         assert_eq!(written.len(), 1, "{written:#?}");
         let disk = s.rds.disk(snap.id.as_str()).unwrap();
