@@ -3,8 +3,9 @@
 //! Names match the Go driver (`rds_csi_` namespace, `attachment_*` and `migration_*` subsystems)
 //! so existing dashboards keep working. Only this module defines metrics; everyone else records.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -73,6 +74,70 @@ pub struct Metrics {
     pub snapshot_freezes: IntCounterVec,
     pub rds: RdsMetrics,
     pub node: NodeMetrics,
+    /// The series every publish and unpublish touches, resolved once (see [`AttachSeries`]).
+    pub attach_series: AttachSeries,
+}
+
+/// One series of a labelled family, made by its first use (exactly when a label lookup would
+/// have made it, so the exposition is the same) and then kept: a label lookup hashes the labels
+/// and takes the family's lock, and the attach path made about six of them per RPC.
+pub struct LazySeries<M>(OnceLock<M>);
+
+impl<M> LazySeries<M> {
+    const fn new() -> Self {
+        Self(OnceLock::new())
+    }
+
+    pub fn get(&self, make: impl FnOnce() -> M) -> &M {
+        self.0.get_or_init(make)
+    }
+}
+
+/// The series of one of the two attachment RPCs that its success path touches.
+pub struct OperationSeries {
+    /// `volume_operations_total{operation, status="success"}`.
+    pub succeeded: LazySeries<IntCounter>,
+    /// `volume_operation_duration_seconds{operation}`.
+    pub duration: LazySeries<Histogram>,
+    /// `attachment_operation_duration_seconds{operation}` under the Go driver's name.
+    pub attachment_duration: LazySeries<Histogram>,
+}
+
+impl OperationSeries {
+    const fn new() -> Self {
+        Self {
+            succeeded: LazySeries::new(),
+            duration: LazySeries::new(),
+            attachment_duration: LazySeries::new(),
+        }
+    }
+}
+
+/// The attach path's series. The ones made at start (`attach_total` and `detach_total`
+/// `{status="success"}`, `volume_actors{state}` for attached, migrating and grace) are held
+/// directly; the others are [`LazySeries`].
+pub struct AttachSeries {
+    pub publish: OperationSeries,
+    pub unpublish: OperationSeries,
+    pub attached: IntCounter,
+    pub detached: IntCounter,
+    actors_attached: IntGauge,
+    actors_migrating: IntGauge,
+    actors_grace: IntGauge,
+    actors_idle: LazySeries<IntGauge>,
+}
+
+impl AttachSeries {
+    /// The `volume_actors{state}` series of `state`; a label lookup for a state not held here.
+    pub fn volume_actors<'a>(&'a self, family: &IntGaugeVec, state: &str) -> Cow<'a, IntGauge> {
+        match state {
+            "attached" => Cow::Borrowed(&self.actors_attached),
+            "migrating" => Cow::Borrowed(&self.actors_migrating),
+            "grace" => Cow::Borrowed(&self.actors_grace),
+            "idle" => Cow::Borrowed(self.actors_idle.get(|| family.with_label_values(&["idle"]))),
+            other => Cow::Owned(family.with_label_values(&[other])),
+        }
+    }
 }
 
 /// `rds_csi_snapshot_freezes_total` results: frozen for a copy and thawed once it ended (it
@@ -426,7 +491,18 @@ impl Metrics {
         }
         let rds = RdsMetrics::new(&registry);
         let node = NodeMetrics::new(&registry);
+        let attach_series = AttachSeries {
+            publish: OperationSeries::new(),
+            unpublish: OperationSeries::new(),
+            attached: attach_total.with_label_values(&["success"]),
+            detached: detach_total.with_label_values(&["success"]),
+            actors_attached: volume_actors.with_label_values(&["attached"]),
+            actors_migrating: volume_actors.with_label_values(&["migrating"]),
+            actors_grace: volume_actors.with_label_values(&["grace"]),
+            actors_idle: LazySeries::new(),
+        };
         Self {
+            attach_series,
             registry,
             rds,
             node,
@@ -1104,6 +1180,49 @@ mod tests {
             assert!(
                 text.lines().any(|l| l == series),
                 "{series} missing:\n{text}"
+            );
+        }
+    }
+
+    /// The attach path's held series are the families' own series, and a lazy one appears in
+    /// the exposition only once used, as a label lookup would have made it.
+    #[test]
+    fn the_attach_paths_resolved_series_are_the_families_series() {
+        let m = Metrics::new();
+        let a = &m.attach_series;
+        a.attached.inc();
+        a.detached.inc_by(2);
+        for state in ["attached", "migrating", "grace", "idle", "stopped-by-test"] {
+            a.volume_actors(&m.volume_actors, state).add(3);
+        }
+        let text = m.render();
+        assert!(!text.contains(r#"operation="publish""#), "{text}");
+        a.publish
+            .succeeded
+            .get(|| {
+                m.volume_operations_total
+                    .with_label_values(&["publish", "success"])
+            })
+            .inc();
+        a.publish
+            .succeeded
+            .get(|| unreachable!("resolved once"))
+            .inc();
+        let text = m.render();
+        for series in [
+            r#"rds_csi_attachment_attach_total{status="success"} 1"#,
+            r#"rds_csi_attachment_detach_total{status="success"} 2"#,
+            r#"rds_csi_attachment_volume_actors{state="attached"} 3"#,
+            r#"rds_csi_attachment_volume_actors{state="migrating"} 3"#,
+            r#"rds_csi_attachment_volume_actors{state="grace"} 3"#,
+            r#"rds_csi_attachment_volume_actors{state="idle"} 3"#,
+            r#"rds_csi_attachment_volume_actors{state="stopped-by-test"} 3"#,
+            r#"rds_csi_volume_operations_total{operation="publish",status="success"} 2"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing:
+{text}"
             );
         }
     }

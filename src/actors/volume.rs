@@ -151,12 +151,13 @@ impl VolumeActor {
             self.class_label()
         };
         if before != after {
-            let gauge = &self.deps.metrics.volume_actors;
+            let m = &self.deps.metrics;
+            let gauge = |state| m.attach_series.volume_actors(&m.volume_actors, state);
             if before != "stopped" {
-                gauge.with_label_values(&[before]).dec();
+                gauge(before).dec();
             }
             if after != "stopped" {
-                gauge.with_label_values(&[after]).inc();
+                gauge(after).inc();
             }
         }
         let attached = !self.state.nodes().is_empty();
@@ -229,7 +230,7 @@ impl VolumeActor {
             match effect {
                 Effect::Attached { node } => {
                     membership_changed = true;
-                    m.attach_total.with_label_values(&["success"]).inc();
+                    m.attach_series.attached.inc();
                     tracing::info!(volume_id = %id, node_id = %node, "attached");
                     sink.event(id, ClusterEvent::VolumeAttached { node });
                 }
@@ -248,7 +249,7 @@ impl VolumeActor {
                 }
                 Effect::Detached { node, remaining } => {
                     membership_changed = true;
-                    m.detach_total.with_label_values(&["success"]).inc();
+                    m.attach_series.detached.inc();
                     tracing::info!(volume_id = %id, node_id = %node, remaining = remaining.len(), "detached");
                     if remaining.is_empty() {
                         sink.event(id, ClusterEvent::VolumeDetached { node });

@@ -274,24 +274,31 @@ impl Drop for Operation<'_> {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed().as_secs_f64();
         let status = self.status.unwrap_or("cancelled");
-        self.metrics
-            .volume_operations_total
-            .with_label_values(&[self.name, status])
-            .inc();
-        self.metrics
-            .volume_operation_duration
-            .with_label_values(&[self.name])
-            .observe(elapsed);
-        // The Go driver's operation names for the same two RPCs.
-        let attachment = match self.name {
-            "publish" => Some("attach"),
-            "unpublish" => Some("detach"),
-            _ => None,
+        let m = self.metrics;
+        // The Go driver's operation names for the same two RPCs, and their resolved series.
+        let (attachment, series) = match self.name {
+            "publish" => (Some("attach"), Some(&m.attach_series.publish)),
+            "unpublish" => (Some("detach"), Some(&m.attach_series.unpublish)),
+            _ => (None, None),
         };
-        if let Some(operation) = attachment {
-            self.metrics
-                .attachment_operation_duration
-                .with_label_values(&[operation])
+        let labels = [self.name, status];
+        let total = || m.volume_operations_total.with_label_values(&labels);
+        let duration = || m.volume_operation_duration.with_label_values(&[self.name]);
+        match series {
+            Some(series) if status == "success" => series.succeeded.get(total).inc(),
+            _ => total().inc(),
+        }
+        match series {
+            Some(series) => series.duration.get(duration).observe(elapsed),
+            None => duration().observe(elapsed),
+        }
+        if let (Some(operation), Some(series)) = (attachment, series) {
+            series
+                .attachment_duration
+                .get(|| {
+                    m.attachment_operation_duration
+                        .with_label_values(&[operation])
+                })
                 .observe(elapsed);
         }
     }
