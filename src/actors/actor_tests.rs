@@ -241,6 +241,41 @@ fn grace_expiry_reaps_the_actor() {
     });
 }
 
+/// The grace timer of a first detach stays armed through a republish and a second detach (it
+/// is not re-armed per detach); when it fires, the handler reads the state: the second grace
+/// period still runs, so the actor is kept until that one ends.
+#[test]
+fn a_grace_timer_left_from_an_earlier_detach_does_not_reap_early() {
+    paused(|| async {
+        let h = harness(&["v"]).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        h.router.send(&vol("v"), publish("a", rwx())).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        h.router.send(&vol("v"), unpublish("a")).await.unwrap();
+        // The first detach's timer fires at GRACE; the second detach's grace ends at 20 s + GRACE.
+        tokio::time::sleep(GRACE - Duration::from_secs(20) + Duration::from_secs(1)).await;
+        assert_eq!(h.actors().await, 1, "kept: the second grace period runs");
+        assert_eq!(
+            h.metrics.volume_actors.with_label_values(&["grace"]).get(),
+            1
+        );
+        tokio::time::sleep(Duration::from_secs(18)).await;
+        assert_eq!(h.actors().await, 1, "kept until 20 s + GRACE");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            h.actors().await,
+            0,
+            "reaped when the second grace period ends"
+        );
+        assert_eq!(
+            h.metrics.volume_actors.with_label_values(&["grace"]).get(),
+            0
+        );
+    });
+}
+
 #[test]
 fn handoff_inside_the_grace_window_is_counted() {
     paused(|| async {

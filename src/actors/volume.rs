@@ -181,8 +181,18 @@ impl VolumeActor {
                 self.migration_timer = Some((at, handle));
             }
         }
+        // A grace timer stays armed when the grace ends (a Publish) or moves later (another
+        // Unpublish): its handler reads the state and re-arms for what is left. So a volume that
+        // attaches and detaches many times within a grace period arms one timer, not one per
+        // detach. One that would fire after the new deadline is replaced.
         let want = self.state.grace_deadline();
-        if self.grace_timer.as_ref().map(|(at, _)| *at) != want {
+        let armed = self.grace_timer.as_ref().map(|(at, _)| *at);
+        let keep = match (armed, want) {
+            (Some(at), Some(want)) => at <= want,
+            (Some(_), None) => true,
+            (None, want) => want.is_none(),
+        };
+        if !keep {
             if let Some((_, handle)) = self.grace_timer.take() {
                 ctx.cancel_future(handle);
             }
