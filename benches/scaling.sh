@@ -18,6 +18,10 @@
 #   cargo build --release --locked --bin rds-csi --bin rds-csi-bench
 #   REFERENCE=/tmp/ref/rds-csi benches/scaling.sh            # RUNS=3 DURATION=5s by default
 #
+# More builds can join the same runs: EXTRA="label=/path/to/rds-csi ..." (labels of letters and
+# digits), each booted after the reference and this tree in every run, in the order given. A
+# path may be a wrapper script that sets the driver's environment and `exec`s it.
+#
 # Prints one line per run and phase pair, then the medians. Raw JSON stays in $OUT.
 set -euo pipefail
 
@@ -25,6 +29,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 NEW=${NEW:-$here/target/release/rds-csi}
 GEN=${GEN:-$here/target/release/rds-csi-bench}
 REFERENCE=${REFERENCE:-}
+EXTRA=${EXTRA:-}
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
@@ -35,13 +40,24 @@ SHAPES=${SHAPES:-"1/1/64/1 2/2/64/2 4/4/64/4 8/8/64/8 16/16/256/16 4/2/64/- 1/1/
 OUT=${OUT:-$(mktemp -d /tmp/rds-csi-scaling.XXXXXX)}
 mkdir -p "$OUT"
 
-for bin in "$NEW" "$GEN" ${REFERENCE:+"$REFERENCE"}; do
+drivers=(new)
+[[ -n $REFERENCE ]] && drivers=(reference new)
+declare -A extra_bins=()
+for pair in $EXTRA; do
+    label=${pair%%=*}
+    [[ $pair == *=* && $label =~ ^[A-Za-z0-9]+$ && $label != new && $label != reference ]] || {
+        echo "scaling.sh: EXTRA wants label=path with a label of letters and digits: $pair" >&2
+        exit 1
+    }
+    [[ -z ${extra_bins[$label]:-} ]] || { echo "scaling.sh: EXTRA names $label twice" >&2; exit 1; }
+    extra_bins[$label]=${pair#*=}
+    drivers+=("$label")
+done
+
+for bin in "$NEW" "$GEN" ${REFERENCE:+"$REFERENCE"} "${extra_bins[@]}"; do
     [[ -x $bin ]] || { echo "scaling.sh: $bin is not built (see the header)" >&2; exit 1; }
 done
 command -v taskset >/dev/null || { echo "scaling.sh: taskset (util-linux) is needed" >&2; exit 1; }
-
-drivers=(new)
-[[ -n $REFERENCE ]] && drivers=(reference new)
 
 pid=
 stop_driver() {
@@ -100,8 +116,11 @@ EOF
 for shape in $SHAPES; do
     for run in $(seq "$RUNS"); do
         for label in "${drivers[@]}"; do
-            bin=$NEW
-            [[ $label == reference ]] && bin=$REFERENCE
+            case $label in
+                new) bin=$NEW ;;
+                reference) bin=$REFERENCE ;;
+                *) bin=${extra_bins[$label]} ;;
+            esac
             one_run "$label" "$bin" "$shape" "$run"
         done
     done
