@@ -78,44 +78,32 @@ pub struct Metrics {
     pub attach_series: AttachSeries,
 }
 
-/// One series of a labelled family, made by its first use (exactly when a label lookup would
-/// have made it, so the exposition is the same) and then kept: a label lookup hashes the labels
-/// and takes the family's lock, and the attach path made about six of them per RPC.
-pub struct LazySeries<M>(OnceLock<M>);
-
-impl<M> LazySeries<M> {
-    const fn new() -> Self {
-        Self(OnceLock::new())
-    }
-
-    pub fn get(&self, make: impl FnOnce() -> M) -> &M {
-        self.0.get_or_init(make)
-    }
-}
-
-/// The series of one of the two attachment RPCs that its success path touches.
+/// The series of one of the two attachment RPCs that its success path touches, each made by its
+/// first use (exactly when a label lookup would have made it, so the exposition is the same) and
+/// then kept: a label lookup hashes the labels and takes the family's lock, and the attach path
+/// made about six of them per RPC.
 pub struct OperationSeries {
     /// `volume_operations_total{operation, status="success"}`.
-    pub succeeded: LazySeries<IntCounter>,
+    pub succeeded: OnceLock<IntCounter>,
     /// `volume_operation_duration_seconds{operation}`.
-    pub duration: LazySeries<Histogram>,
+    pub duration: OnceLock<Histogram>,
     /// `attachment_operation_duration_seconds{operation}` under the Go driver's name.
-    pub attachment_duration: LazySeries<Histogram>,
+    pub attachment_duration: OnceLock<Histogram>,
 }
 
 impl OperationSeries {
     const fn new() -> Self {
         Self {
-            succeeded: LazySeries::new(),
-            duration: LazySeries::new(),
-            attachment_duration: LazySeries::new(),
+            succeeded: OnceLock::new(),
+            duration: OnceLock::new(),
+            attachment_duration: OnceLock::new(),
         }
     }
 }
 
 /// The attach path's series. The ones made at start (`attach_total` and `detach_total`
 /// `{status="success"}`, `volume_actors{state}` for attached, migrating and grace) are held
-/// directly; the others are [`LazySeries`].
+/// directly; the others are made on first use, as in [`OperationSeries`].
 pub struct AttachSeries {
     pub publish: OperationSeries,
     pub unpublish: OperationSeries,
@@ -124,18 +112,23 @@ pub struct AttachSeries {
     actors_attached: IntGauge,
     actors_migrating: IntGauge,
     actors_grace: IntGauge,
-    actors_idle: LazySeries<IntGauge>,
+    actors_idle: OnceLock<IntGauge>,
 }
 
-impl AttachSeries {
-    /// The `volume_actors{state}` series of `state`; a label lookup for a state not held here.
-    pub fn volume_actors<'a>(&'a self, family: &IntGaugeVec, state: &str) -> Cow<'a, IntGauge> {
+impl Metrics {
+    /// The `volume_actors{state}` series of `state`: held for the states the attach path moves
+    /// between, a label lookup for any other.
+    pub fn volume_actors_in(&self, state: &str) -> Cow<'_, IntGauge> {
+        let held = &self.attach_series;
         match state {
-            "attached" => Cow::Borrowed(&self.actors_attached),
-            "migrating" => Cow::Borrowed(&self.actors_migrating),
-            "grace" => Cow::Borrowed(&self.actors_grace),
-            "idle" => Cow::Borrowed(self.actors_idle.get(|| family.with_label_values(&["idle"]))),
-            other => Cow::Owned(family.with_label_values(&[other])),
+            "attached" => Cow::Borrowed(&held.actors_attached),
+            "migrating" => Cow::Borrowed(&held.actors_migrating),
+            "grace" => Cow::Borrowed(&held.actors_grace),
+            "idle" => Cow::Borrowed(
+                held.actors_idle
+                    .get_or_init(|| self.volume_actors.with_label_values(&["idle"])),
+            ),
+            other => Cow::Owned(self.volume_actors.with_label_values(&[other])),
         }
     }
 }
@@ -499,7 +492,7 @@ impl Metrics {
             actors_attached: volume_actors.with_label_values(&["attached"]),
             actors_migrating: volume_actors.with_label_values(&["migrating"]),
             actors_grace: volume_actors.with_label_values(&["grace"]),
-            actors_idle: LazySeries::new(),
+            actors_idle: OnceLock::new(),
         };
         Self {
             attach_series,
@@ -1193,20 +1186,20 @@ mod tests {
         a.attached.inc();
         a.detached.inc_by(2);
         for state in ["attached", "migrating", "grace", "idle", "stopped-by-test"] {
-            a.volume_actors(&m.volume_actors, state).add(3);
+            m.volume_actors_in(state).add(3);
         }
         let text = m.render();
         assert!(!text.contains(r#"operation="publish""#), "{text}");
         a.publish
             .succeeded
-            .get(|| {
+            .get_or_init(|| {
                 m.volume_operations_total
                     .with_label_values(&["publish", "success"])
             })
             .inc();
         a.publish
             .succeeded
-            .get(|| unreachable!("resolved once"))
+            .get_or_init(|| unreachable!("resolved once"))
             .inc();
         let text = m.render();
         for series in [

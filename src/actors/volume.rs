@@ -152,7 +152,7 @@ impl VolumeActor {
         };
         if before != after {
             let m = &self.deps.metrics;
-            let gauge = |state| m.attach_series.volume_actors(&m.volume_actors, state);
+            let gauge = |state| m.volume_actors_in(state);
             if before != "stopped" {
                 gauge(before).dec();
             }

@@ -285,17 +285,17 @@ impl Drop for Operation<'_> {
         let total = || m.volume_operations_total.with_label_values(&labels);
         let duration = || m.volume_operation_duration.with_label_values(&[self.name]);
         match series {
-            Some(series) if status == "success" => series.succeeded.get(total).inc(),
+            Some(series) if status == "success" => series.succeeded.get_or_init(total).inc(),
             _ => total().inc(),
         }
         match series {
-            Some(series) => series.duration.get(duration).observe(elapsed),
+            Some(series) => series.duration.get_or_init(duration).observe(elapsed),
             None => duration().observe(elapsed),
         }
         if let (Some(operation), Some(series)) = (attachment, series) {
             series
                 .attachment_duration
-                .get(|| {
+                .get_or_init(|| {
                     m.attachment_operation_duration
                         .with_label_values(&[operation])
                 })
